@@ -1,0 +1,318 @@
+"""Saga definitions: pure data built from decorated async functions.
+
+A definition does no I/O and holds no connection. It is bound to a runtime only when an
+:class:`~saga.Orchestrator` registers it, so one module of definitions can serve a web
+process, worker processes and tests alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import re
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from uuid import UUID
+
+from pydantic import BaseModel
+
+from saga._errors import DefinitionError, PermanentError
+
+if TYPE_CHECKING:
+    from saga._orchestrator import Orchestrator
+    from saga._run import RunHandle
+
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT")
+R = TypeVar("R")
+
+StepFn = Callable[["Context[InT]"], Awaitable[OutT]]
+CompensateFn = Callable[["Context[InT]", OutT], Awaitable[None]]
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
+
+
+def validate_name(name: str, what: str) -> str:
+    """Names are stored as data, but they also appear in logs, CLIs and metrics."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise DefinitionError(
+            f"invalid {what} name {name!r}: use 1-128 characters, letters, digits, "
+            "'_', '.', ':' or '-', starting with a letter or '_'"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How a step or compensation is retried.
+
+    Attempt ``n`` (1-based) that fails with a retryable error waits
+    ``min(max_delay, initial_delay * multiplier ** (n - 1))``, reduced by a random
+    fraction of up to ``jitter`` so that many runs failing together do not retry in step.
+    ``max_attempts`` counts every attempt, including one whose worker crashed.
+    ``PermanentError`` and the types in ``non_retryable`` fail at once.
+    """
+
+    max_attempts: int = 3
+    initial_delay: float = 0.5
+    max_delay: float = 60.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise DefinitionError(f"Retry.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_delay < 0 or self.max_delay < 0:
+            raise DefinitionError("Retry delays must be >= 0")
+        if self.multiplier < 1:
+            raise DefinitionError(f"Retry.multiplier must be >= 1, got {self.multiplier}")
+        if not 0 <= self.jitter <= 1:
+            raise DefinitionError(f"Retry.jitter must be within [0, 1], got {self.jitter}")
+        for exc_type in self.non_retryable:
+            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                raise DefinitionError(f"Retry.non_retryable holds a non-exception {exc_type!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        return base * (1 - self.jitter * random.random())
+
+    def retryable(self, exc: BaseException) -> bool:
+        return not isinstance(exc, (PermanentError, *self.non_retryable))
+
+
+DEFAULT_STEP_RETRY = Retry()
+DEFAULT_COMPENSATION_RETRY = Retry(max_attempts=10)
+
+
+def _check_async(fn: Any, what: str, params: int) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise DefinitionError(
+            f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function"
+        )
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover - builtins only
+        return
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    if len(positional) != params and not varargs:
+        expected = "(ctx)" if params == 1 else "(ctx, result)"
+        raise DefinitionError(
+            f"{what} {fn.__qualname__!r} must take {expected}, it takes {len(positional)} "
+            "required positional parameter(s)"
+        )
+
+
+def _return_annotation(fn: Callable[..., Any]) -> Any:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        return Any
+    ann = hints.get("return", Any)
+    return Any if ann is type(None) else ann
+
+
+@dataclass(slots=True)
+class Compensation(Generic[InT, OutT]):
+    """The action that undoes a completed step. Receives that step's result."""
+
+    fn: CompensateFn[InT, OutT]
+    step: Step[InT, OutT]
+    retry: Retry
+    timeout: float | None
+
+
+@dataclass(slots=True, eq=False)
+class Step(Generic[InT, OutT]):
+    """One forward step of a saga. Created by :meth:`Saga.step`."""
+
+    name: str
+    fn: StepFn[InT, OutT]
+    saga: Saga[InT]
+    index: int
+    retry: Retry
+    timeout: float | None
+    result_type: Any
+    compensation: Compensation[InT, OutT] | None = None
+
+    @overload
+    def compensate(self, fn: CompensateFn[InT, OutT], /) -> Compensation[InT, OutT]: ...
+
+    @overload
+    def compensate(
+        self, /, *, retry: Retry | None = None, timeout: float | None = None
+    ) -> Callable[[CompensateFn[InT, OutT]], Compensation[InT, OutT]]: ...
+
+    def compensate(
+        self,
+        fn: CompensateFn[InT, OutT] | None = None,
+        /,
+        *,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Compensation[InT, OutT] | Callable[[CompensateFn[InT, OutT]], Compensation[InT, OutT]]:
+        """Declare the compensation of this step: ``async def undo(ctx, result)``.
+
+        Usable bare (``@step.compensate``) or with options
+        (``@step.compensate(retry=Retry(max_attempts=20), timeout=5)``). Compensations
+        are retried ten times by default: giving up means an operator must step in.
+        """
+
+        def register(f: CompensateFn[InT, OutT]) -> Compensation[InT, OutT]:
+            self.saga._check_open()
+            if self.compensation is not None:
+                raise DefinitionError(
+                    f"step {self.name!r} of saga {self.saga.name!r} already has a compensation"
+                )
+            _check_async(f, "compensation", 2)
+            _check_timeout(timeout)
+            self.compensation = Compensation(
+                fn=f, step=self, retry=retry or DEFAULT_COMPENSATION_RETRY, timeout=timeout
+            )
+            return self.compensation
+
+        return register if fn is None else register(fn)
+
+    def __repr__(self) -> str:
+        return f"<Step {self.saga.name}.{self.name}>"
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise DefinitionError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
+class Saga(Generic[InT]):
+    """A named, versioned sequence of steps over one pydantic input model.
+
+    ``version`` is recorded with every run: an orchestrator only claims runs whose
+    (name, version) it has registered, so a deploy that changes the steps bumps it and
+    old runs finish on workers that still have the old definition.
+    """
+
+    def __init__(self, name: str, *, input: type[InT], version: int = 1) -> None:
+        self.name = validate_name(name, "saga")
+        if not (isinstance(input, type) and issubclass(input, BaseModel)):
+            raise DefinitionError(f"saga {name!r}: input must be a pydantic BaseModel subclass")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DefinitionError(f"saga {name!r}: version must be a positive int")
+        self.input_type: type[InT] = input
+        self.version = version
+        self.steps: list[Step[InT, Any]] = []
+        self._by_name: dict[str, Step[InT, Any]] = {}
+        self._frozen = False
+        self._orchestrators: list[Orchestrator] = []
+
+    def __repr__(self) -> str:
+        return f"<Saga {self.name} v{self.version} ({len(self.steps)} steps)>"
+
+    def _check_open(self) -> None:
+        if self._frozen:
+            raise DefinitionError(
+                f"saga {self.name!r} is registered with an orchestrator; its steps can no "
+                "longer change"
+            )
+
+    def step(
+        self,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[StepFn[InT, OutT]], Step[InT, OutT]]:
+        """Declare the next step: ``async def step(ctx) -> result``.
+
+        Steps run in declaration order. The return annotation is the result's type:
+        the result is stored as JSON and read back as that type by later steps and by
+        the compensation.
+        """
+
+        def register(fn: StepFn[InT, OutT]) -> Step[InT, OutT]:
+            self._check_open()
+            _check_async(fn, "step", 1)
+            _check_timeout(timeout)
+            step_name = validate_name(name or fn.__name__, "step")
+            if step_name in self._by_name:
+                raise DefinitionError(f"saga {self.name!r} already has a step named {step_name!r}")
+            step: Step[InT, OutT] = Step(
+                name=step_name,
+                fn=fn,
+                saga=self,
+                index=len(self.steps),
+                retry=retry or DEFAULT_STEP_RETRY,
+                timeout=timeout,
+                result_type=_return_annotation(fn),
+            )
+            self.steps.append(step)
+            self._by_name[step_name] = step
+            return step
+
+        return register
+
+    def get_step(self, name: str) -> Step[InT, Any]:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise DefinitionError(f"saga {self.name!r} has no step {name!r}") from None
+
+    def _freeze(self) -> None:
+        if not self.steps:
+            raise DefinitionError(f"saga {self.name!r} has no steps")
+        self._frozen = True
+
+    async def start(self, input: InT, *, key: str | None = None) -> RunHandle:
+        """Durably start a run of this saga through the orchestrator it is registered with.
+
+        Returns once the run is committed. With ``key``, a second start with the same key
+        returns the existing run instead of creating one. Equivalent to
+        ``orchestrator.start(saga, input, key=key)``.
+        """
+        live = [o for o in self._orchestrators if o.is_open]
+        if len(live) != 1:
+            raise DefinitionError(
+                f"saga {self.name!r} is registered with {len(live)} open orchestrators; "
+                "start it with `orchestrator.start(saga, input)`"
+                if live
+                else f"saga {self.name!r} is not registered with an open Orchestrator"
+            )
+        return await live[0].start(self, input, key=key)
+
+
+@dataclass(slots=True)
+class Context(Generic[InT]):
+    """What a step or compensation knows about its run.
+
+    ``idempotency_key`` is the same for every attempt of a step on any worker, and
+    different for its compensation: pass it to external services so that a retried
+    side effect happens once.
+    """
+
+    run_id: UUID
+    saga: str
+    step: str
+    attempt: int
+    input: InT
+    idempotency_key: str
+    is_compensation: bool
+    _results: dict[str, Any] = field(repr=False)
+    _definition: Saga[InT] = field(repr=False)
+
+    def result(self, step: Step[Any, R]) -> R:
+        """The typed result of an earlier completed step of this run."""
+        if step.saga is not self._definition:
+            raise DefinitionError(f"{step!r} does not belong to saga {self.saga!r}")
+        if step.name not in self._results:
+            raise DefinitionError(
+                f"step {step.name!r} has not completed in run {self.run_id}; only earlier "
+                "steps' results can be read"
+            )
+        value: R = self._results[step.name]
+        return value

@@ -1,0 +1,388 @@
+"""Executing leased work: run a step or compensation, then record what comes next.
+
+The engine never sees SQL: it computes a :class:`~saga._store.Transition` and asks the
+store to apply it, fenced by the lease token. When the next item of the same run is
+runnable at once, the same transition leases it to this worker, so the happy path costs
+one commit per step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
+
+import anyio
+import structlog
+
+from saga._codec import decode, encode
+from saga._definition import Context, Retry, Saga, Step
+from saga._errors import SagaError
+from saga._store import ClaimedItem, Store, Transition
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+logger = structlog.get_logger("saga")
+
+
+@dataclass(slots=True)
+class Lease:
+    """A lease this worker holds; the token changes when the run moves to its next item."""
+
+    run_id: UUID
+    token: int
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    lost: bool = False
+
+
+class Runtime(Protocol):
+    """What the engine needs from its orchestrator."""
+
+    worker_id: str
+    lease_seconds: float
+    max_payload_bytes: int
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def wake_later(self, delay: float) -> None: ...
+
+
+def _error_dict(exc: BaseException, step: str) -> dict[str, Any]:
+    cls = type(exc)
+    module = "saga" if cls.__module__.startswith("saga._") else cls.__module__
+    name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+    return {"type": name, "message": str(exc)[:4000], "step": step}
+
+
+@dataclass(slots=True)
+class _RunState:
+    run_id: UUID
+    saga: Saga[Any]
+    status: str
+    step_name: str
+    attempt: int
+    input: BaseModel
+    results: dict[str, Any]  # decoded results of completed steps
+    completed: list[str]
+    cancel_requested: bool
+    has_error: bool
+
+
+class Engine:
+    def __init__(self, store: Store, runtime: Runtime) -> None:
+        self._store = store
+        self._rt = runtime
+
+    async def process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
+        """Drive one claimed run until it ends, waits (backoff), or the lease is lost."""
+        raw_results = json.loads(item.results)
+        state = _RunState(
+            run_id=item.run_id,
+            saga=saga,
+            status=item.status,
+            step_name=item.step_name,
+            attempt=item.attempt,
+            input=saga.input_type.model_validate_json(item.input),
+            results={
+                name: decode_result(saga, name, json.dumps(value))
+                for name, value in raw_results.items()
+            },
+            completed=item.completed_steps,
+            cancel_requested=item.cancel_requested,
+            has_error=item.has_error,
+        )
+        if item.expired_owner is not None:
+            logger.warning(
+                "lease_expired",
+                run_id=str(item.run_id),
+                saga=saga.name,
+                step=item.step_name,
+                previous_worker=item.expired_owner,
+            )
+        while True:
+            change, completed_result = await self._step(state, lease)
+            if change is None:
+                return  # lease lost while the step ran; another worker owns the run now
+            outcome = await self._store.transition(
+                self._rt.worker_id, state.run_id, lease.token, change
+            )
+            log = logger.bind(run_id=str(state.run_id), saga=saga.name)
+            if outcome is None:
+                lease.lost = True
+                log.warning("stale_write_refused", step=state.step_name, attempt=state.attempt)
+                return
+            for event in change.events:
+                _log_event(log, event)
+            if change.due_in is not None and change.lease_owner is None and change.due_in > 0:
+                self._rt.wake_later(change.due_in)
+            if change.lease_owner is None:
+                return
+            # The transition leased the run's next item to us: go on in this task.
+            lease.token = outcome.lease_token
+            if change.completed_step is not None:
+                state.completed.append(change.completed_step)
+                state.results[change.completed_step] = completed_result
+            if change.error is not None:
+                state.has_error = True
+            assert change.step_name is not None
+            state.status = change.status
+            state.step_name = change.step_name
+            state.attempt = change.attempt
+            state.cancel_requested = outcome.cancel_requested
+
+    async def _step(self, state: _RunState, lease: Lease) -> tuple[Transition | None, Any]:
+        """Run the current item; return the transition to record (None: lease lost)."""
+        saga = state.saga
+        if state.status != "compensating" and state.cancel_requested:
+            return self._rollback(state, None, events=[]), None
+        step = saga.get_step(state.step_name)
+        compensating = state.status == "compensating"
+        comp = step.compensation
+        if compensating and comp is None:  # pragma: no cover - plan only names these
+            raise SagaError(f"step {step.name!r} has no compensation to run")
+        policy = comp.retry if compensating and comp else step.retry
+        kind = "compensation" if compensating else "step"
+        ctx: Context[Any] = Context(
+            run_id=state.run_id,
+            saga=saga.name,
+            step=step.name,
+            attempt=state.attempt,
+            input=state.input,
+            idempotency_key=f"{state.run_id}:{step.name}" + (":compensate" if compensating else ""),
+            is_compensation=compensating,
+            _results=state.results,
+            _definition=saga,
+        )
+        log = logger.bind(
+            run_id=str(state.run_id), saga=saga.name, step=step.name, attempt=state.attempt
+        )
+        error: dict[str, Any] | None = None
+        retryable = False
+        result: Any = None
+        if state.attempt > policy.max_attempts:
+            # The previous attempt's worker stopped (crash, kill, lost connection) before
+            # recording an outcome: it counts as an attempt, and there are none left.
+            error = {
+                "type": "saga.AttemptLost",
+                "message": f"the worker running attempt {state.attempt - 1} stopped before "
+                "recording an outcome, and no attempts are left",
+                "step": step.name,
+            }
+        else:
+            log.debug(f"{kind}_attempt_started")
+            timeout = comp.timeout if compensating and comp else step.timeout
+            if lease.lost:
+                return None, None
+            # A fresh scope per attempt: the heartbeat cancels it if the lease is lost.
+            lease.scope = anyio.CancelScope()
+            with lease.scope:
+                try:
+                    with anyio.fail_after(timeout):
+                        if compensating and comp is not None:
+                            await comp.fn(ctx, state.results.get(step.name))
+                        else:
+                            result = await step.fn(ctx)
+                except Exception as exc:
+                    error = _error_dict(exc, step.name)
+                    retryable = policy.retryable(exc)
+            if lease.scope.cancel_called:
+                lease.lost = True
+                log.warning(f"{kind}_cancelled_lease_lost")
+                return None, None
+        if compensating:
+            return self._after_compensation(state, error, retryable, policy), None
+        if error is None:
+            try:
+                result_json = encode(
+                    result,
+                    step.result_type,
+                    what=f"result of step {step.name!r}",
+                    max_bytes=self._rt.max_payload_bytes,
+                )
+            except SagaError as exc:
+                error, retryable = _error_dict(exc, step.name), False
+            else:
+                decoded = decode_result(saga, step.name, result_json)
+                return self._after_success(state, step, result_json), decoded
+        assert error is not None
+        return self._after_failure(state, error, retryable, policy, "step"), None
+
+    def _continue(self) -> tuple[float, str | None]:
+        """(due_in, owner) for a next item runnable now: ours unless shutting down."""
+        if self._rt.stopping:
+            return 0.0, None
+        return self._rt.lease_seconds, self._rt.worker_id
+
+    def _event(
+        self, kind: str, step: str | None, attempt: int | None, **data: Any
+    ) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "step": step,
+            "attempt": attempt,
+            "worker": self._rt.worker_id,
+            "data": data or None,
+        }
+
+    def _after_success(
+        self, state: _RunState, step: Step[Any, Any], result_json: str
+    ) -> Transition:
+        done = self._event("step_completed", step.name, state.attempt)
+        steps = state.saga.steps
+        if step.index + 1 < len(steps):
+            nxt = steps[step.index + 1]
+            due_in, owner = self._continue()
+            events = [done]
+            if owner is not None:
+                events.append(self._event("step_started", nxt.name, 1))
+            return Transition(
+                status="running",
+                step_name=nxt.name,
+                attempt=1 if owner else 0,
+                events=events,
+                completed_step=step.name,
+                result_json=result_json,
+                due_in=due_in,
+                lease_owner=owner,
+            )
+        return Transition(
+            status="completed",
+            step_name=None,
+            attempt=state.attempt,
+            events=[done, self._event("run_completed", None, None)],
+            completed_step=step.name,
+            result_json=result_json,
+            output_json=result_json,
+        )
+
+    def _after_failure(
+        self,
+        state: _RunState,
+        error: dict[str, Any],
+        retryable: bool,
+        policy: Retry,
+        kind: str,
+    ) -> Transition:
+        if retryable and state.attempt < policy.max_attempts:
+            delay = policy.delay(state.attempt)
+            return Transition(
+                status=state.status,
+                step_name=state.step_name,
+                attempt=state.attempt,
+                events=[
+                    self._event(
+                        f"{kind}_failed",
+                        state.step_name,
+                        state.attempt,
+                        error=error,
+                        retry_in=delay,
+                    )
+                ],
+                due_in=delay,
+            )
+        failed = self._event(f"{kind}_failed", state.step_name, state.attempt, error=error)
+        return self._rollback(state, error, events=[failed])
+
+    def _rollback(
+        self, state: _RunState, error: dict[str, Any] | None, events: list[dict[str, Any]]
+    ) -> Transition:
+        """Start compensating the completed steps, newest first (or end if none need it)."""
+        plan = self._plan(state)
+        events.append(
+            self._event(
+                "run_compensating", None, None, plan=plan, reason="failure" if error else "cancel"
+            )
+        )
+        if not plan:
+            return self._finish_rollback(state, error, events)
+        due_in, owner = self._continue()
+        if owner is not None:
+            events.append(self._event("compensation_started", plan[0], 1))
+        return Transition(
+            status="compensating",
+            step_name=plan[0],
+            attempt=1 if owner else 0,
+            events=events,
+            error=error,
+            due_in=due_in,
+            lease_owner=owner,
+        )
+
+    def _finish_rollback(
+        self, state: _RunState, error: dict[str, Any] | None, events: list[dict[str, Any]]
+    ) -> Transition:
+        failed_forward = error is not None or state.has_error
+        status = "compensated" if failed_forward else "cancelled"
+        events.append(self._event(f"run_{status}", None, None))
+        return Transition(status=status, step_name=None, attempt=0, events=events, error=error)
+
+    def _plan(self, state: _RunState) -> list[str]:
+        return [
+            name
+            for name in reversed(state.completed)
+            if state.saga.get_step(name).compensation is not None
+        ]
+
+    def _after_compensation(
+        self, state: _RunState, error: dict[str, Any] | None, retryable: bool, policy: Retry
+    ) -> Transition:
+        if error is not None:
+            if retryable and state.attempt < policy.max_attempts:
+                return self._after_failure(state, error, retryable, policy, "compensation")
+            return Transition(
+                status="failed",
+                step_name=state.step_name,
+                attempt=state.attempt,
+                events=[
+                    self._event("compensation_failed", state.step_name, state.attempt, error=error),
+                    self._event("run_failed", None, None),
+                ],
+                compensation_error=error,
+            )
+        done = self._event("compensation_completed", state.step_name, state.attempt)
+        plan = self._plan(state)
+        rest = plan[plan.index(state.step_name) + 1 :]
+        if not rest:
+            return self._finish_rollback(state, None, [done])
+        due_in, owner = self._continue()
+        events = [done]
+        if owner is not None:
+            events.append(self._event("compensation_started", rest[0], 1))
+        return Transition(
+            status="compensating",
+            step_name=rest[0],
+            attempt=1 if owner else 0,
+            events=events,
+            due_in=due_in,
+            lease_owner=owner,
+        )
+
+
+def decode_result(saga: Saga[Any], step_name: str, text: str) -> Any:
+    return decode(text, saga.get_step(step_name).result_type)
+
+
+def _log_event(log: Any, event: dict[str, Any]) -> None:
+    kind = event["kind"]
+    fields: dict[str, Any] = {}
+    if event.get("step"):
+        fields["step"] = event["step"]
+    if event.get("attempt"):
+        fields["attempt"] = event["attempt"]
+    data = event.get("data") or {}
+    if "error" in data:
+        # Only the type: messages may carry payload data and secrets.
+        fields["error_type"] = data["error"]["type"]
+    if "retry_in" in data:
+        fields["retry_in"] = round(data["retry_in"], 3)
+    if kind in ("step_failed", "compensation_failed"):
+        log.warning(kind, **fields)
+    elif kind == "run_failed":
+        log.error(kind, **fields)
+    elif kind.startswith("run_"):
+        log.info(kind, **fields)
+    else:
+        log.debug(kind, **fields)

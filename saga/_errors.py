@@ -1,0 +1,152 @@
+"""Exceptions raised by saga.
+
+Every exception the library raises derives from one root, so ``except saga.SagaError``
+catches all of them. The user's own exception, where there is one in this process,
+travels as ``__cause__``; a failure that happened in another process is described by an
+:class:`ErrorInfo` (type name and message), never flattened into a string.
+
+Hierarchy::
+
+    SagaError
+    ├── DefinitionError          a saga or step definition is broken (raised at definition)
+    ├── ConfigurationError       a bad argument to the runtime (schema name, sizes, ...)
+    ├── InvalidInputError        start() input failed pydantic validation; nothing written
+    ├── SerializationError       a payload cannot be stored as JSON (NaN, bytes, objects, NUL)
+    │   └── PayloadTooLargeError a payload is above the configured size cap
+    ├── PermanentError           raised by a step to fail at once, without retries
+    ├── LifecycleError           an orchestrator used before open, after close, or twice
+    ├── RunNotFoundError         no run with that id
+    ├── InvalidRunStateError     cancel/retry asked of a run in a state that forbids it
+    ├── RunTimeoutError          result(timeout=...) expired; the run goes on (also TimeoutError)
+    ├── RunError                 the run ended without completing
+    │   ├── RunCompensatedError  a step failed for good and every compensation succeeded
+    │   ├── RunCancelledError    cancelled; what had completed was compensated
+    │   └── RunFailedError       a compensation exhausted its retries; needs an operator
+    └── DatabaseError            a database error, translated at the store boundary
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A recorded failure: the exception's qualified type name and its message.
+
+    The exception object itself cannot cross processes, so this is what the history and
+    :class:`RunError` carry. ``step`` names the step (or compensation) that raised it.
+    """
+
+    type: str
+    message: str
+    step: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> ErrorInfo | None:
+        if not isinstance(data, dict):
+            return None
+        return cls(
+            type=str(data.get("type", "")),
+            message=str(data.get("message", "")),
+            step=data.get("step"),
+        )
+
+    def __str__(self) -> str:
+        where = f" in step {self.step!r}" if self.step else ""
+        return f"{self.type}{where}: {self.message}" if self.message else f"{self.type}{where}"
+
+
+class SagaError(Exception):
+    """Root of every exception raised by saga."""
+
+
+class DefinitionError(SagaError):
+    """A saga, step or compensation definition is invalid."""
+
+
+class ConfigurationError(SagaError):
+    """An argument to the runtime is invalid (schema name, sizes, intervals...)."""
+
+
+class InvalidInputError(SagaError):
+    """The input given to ``start()`` failed validation; nothing was written.
+
+    The pydantic ``ValidationError`` is the ``__cause__``.
+    """
+
+
+class SerializationError(SagaError):
+    """A value cannot be stored as JSON without loss (NaN, bytes, sets, objects, NUL...)."""
+
+
+class PayloadTooLargeError(SerializationError):
+    """A serialized payload is larger than the configured ``max_payload_bytes``."""
+
+
+class PermanentError(SagaError):
+    """Raise from a step or compensation to fail at once, without further retries."""
+
+
+class LifecycleError(SagaError):
+    """An object was used outside its lifecycle (not open, already open, closed)."""
+
+
+class RunNotFoundError(SagaError):
+    """No run exists with the given id."""
+
+    def __init__(self, run_id: UUID) -> None:
+        super().__init__(f"no run with id {run_id}")
+        self.run_id = run_id
+
+
+class InvalidRunStateError(SagaError):
+    """An operation is not allowed in the run's current state."""
+
+
+class RunTimeoutError(SagaError, TimeoutError):
+    """Waiting for a run's result timed out. The run itself goes on."""
+
+
+class RunError(SagaError):
+    """The run ended without completing.
+
+    ``error`` is the failure that started the rollback (``None`` for a cancel);
+    ``compensation_error`` is set when a compensation exhausted its retries.
+    """
+
+    def __init__(
+        self,
+        run_id: UUID,
+        status: str,
+        error: ErrorInfo | None,
+        compensation_error: ErrorInfo | None,
+    ) -> None:
+        parts = [f"run {run_id} ended {status}"]
+        if error is not None:
+            parts.append(f"failure: {error}")
+        if compensation_error is not None:
+            parts.append(f"compensation failure: {compensation_error}")
+        super().__init__("; ".join(parts))
+        self.run_id = run_id
+        self.status = status
+        self.error = error
+        self.compensation_error = compensation_error
+
+
+class RunCompensatedError(RunError):
+    """A step failed for good; every needed compensation ran and succeeded."""
+
+
+class RunCancelledError(RunError):
+    """The run was cancelled; the steps that had completed were compensated."""
+
+
+class RunFailedError(RunError):
+    """A compensation exhausted its retries; the run waits for an operator (``retry()``)."""
+
+
+class DatabaseError(SagaError):
+    """A database operation failed. The driver's exception is the ``__cause__``."""

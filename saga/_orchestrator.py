@@ -1,0 +1,447 @@
+"""The orchestrator: the runtime that starts runs and leases and executes their work.
+
+One anyio task group, owned by ``async with Orchestrator(...)``, holds every loop: the
+claim loop, the LISTEN connection, the heartbeat, and one task per leased run. Entering
+returns only once claiming is live; leaving stops claiming, lets running steps finish up
+to ``shutdown_timeout``, then cancels the rest and gives their leases back so another
+process can take them at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+import asyncpg
+import pydantic
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode
+from saga._definition import Saga
+from saga._engine import Engine, Lease
+from saga._errors import (
+    ConfigurationError,
+    DatabaseError,
+    DefinitionError,
+    InvalidInputError,
+    LifecycleError,
+)
+from saga._run import RunHandle
+from saga._store import ClaimedItem, Store, translate_errors, validate_schema
+
+InT = TypeVar("InT", bound=pydantic.BaseModel)
+
+logger = structlog.get_logger("saga")
+
+_MAX_KEY_LENGTH = 512
+
+
+def _setter(event: anyio.Event) -> Any:
+    return lambda _conn: event.set()
+
+
+def _positive(name: str, value: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class Orchestrator:
+    """Starts runs and, unless ``concurrency=0``, executes the registered sagas' work.
+
+    ``dsn_or_pool`` is a PostgreSQL DSN (the orchestrator then owns its pool) or an
+    ``asyncpg.Pool`` the application owns. Any number of orchestrators, in any number of
+    processes, may share one database: work is leased with ``FOR UPDATE SKIP LOCKED``.
+
+    ``concurrency`` bounds how many runs this orchestrator executes at once; ``0`` makes
+    it a client that only starts runs and waits for them. ``lease_seconds`` is how long a
+    claim lasts without a heartbeat (heartbeats go every third of it); a worker that
+    dies is replaced after at most that long. ``poll_interval`` bounds the wait for work
+    and results when notifications are lost.
+    """
+
+    def __init__(
+        self,
+        dsn_or_pool: str | asyncpg.Pool,
+        *,
+        sagas: Sequence[Saga[Any]],
+        schema: str = "saga",
+        concurrency: int = 32,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 1.0,
+        shutdown_timeout: float = 10.0,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        migrate: bool = True,
+        worker_id: str | None = None,
+    ) -> None:
+        if not isinstance(dsn_or_pool, str | asyncpg.Pool):
+            raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
+        self._dsn_or_pool = dsn_or_pool
+        self.schema = validate_schema(schema)
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 0:
+            raise ConfigurationError(f"concurrency must be an int >= 0, got {concurrency!r}")
+        self.concurrency = concurrency
+        self.lease_seconds = _positive("lease_seconds", lease_seconds)
+        self.poll_interval = _positive("poll_interval", poll_interval)
+        self.shutdown_timeout = _positive("shutdown_timeout", shutdown_timeout)
+        if not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+            raise ConfigurationError("max_payload_bytes must be a positive int")
+        self.max_payload_bytes = max_payload_bytes
+        self._migrate = migrate
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+        self._sagas: dict[tuple[str, int], Saga[Any]] = {}
+        for saga in sagas:
+            if not isinstance(saga, Saga):
+                raise ConfigurationError(f"sagas must hold saga.Saga objects, got {saga!r}")
+            key = (saga.name, saga.version)
+            if key in self._sagas and self._sagas[key] is not saga:
+                raise DefinitionError(
+                    f"two different definitions of saga {saga.name!r} version {saga.version}"
+                )
+            self._sagas[key] = saga
+
+        self._state = "new"  # new -> opening -> open -> closing -> closed
+        self._pool: asyncpg.Pool | None = None
+        self._owns_pool = isinstance(dsn_or_pool, str)
+        self._store: Store | None = None
+        self._tg: TaskGroup | None = None
+        self._engine: Engine | None = None
+        self._stopping = False
+        self._wake = anyio.Event()
+        self._more_work = False
+        self._inflight: dict[uuid.UUID, Lease] = {}
+        self._drained = anyio.Event()
+        self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise LifecycleError(f"this Orchestrator is {self._state}; create a new one")
+        self._state = "opening"
+        for saga in self._sagas.values():
+            saga._freeze()
+        try:
+            if isinstance(self._dsn_or_pool, str):
+                async with translate_errors("connecting"):
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn_or_pool,
+                        min_size=1,
+                        max_size=max(4, min(self.concurrency + 2, 20)),
+                    )
+            else:
+                self._pool = self._dsn_or_pool
+            assert self._pool is not None
+            self._store = Store(self._pool, self.schema)
+            if self._migrate:
+                await self._store.migrate()
+            self._engine = Engine(self._store, self)
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+            try:
+                await self._tg.start(self._listen_loop)
+                if self.concurrency > 0:
+                    await self._tg.start(self._claim_loop)
+                    await self._tg.start(self._heartbeat_loop)
+            except BaseException:
+                self._tg.cancel_scope.cancel()
+                await self._tg.__aexit__(None, None, None)
+                raise
+        except BaseException:
+            self._state = "closed"
+            await self._close_pool()
+            raise
+        for saga in self._sagas.values():
+            saga._orchestrators.append(self)
+        self._state = "open"
+        logger.info(
+            "orchestrator_started",
+            worker=self.worker_id,
+            schema=self.schema,
+            sagas=[f"{n}:v{v}" for n, v in self._sagas],
+            concurrency=self.concurrency,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop claiming, let running steps finish (up to ``shutdown_timeout``), release
+        the leases of the rest, and close. Safe to call more than once."""
+        if self._state in ("closing", "closed", "new"):
+            self._state = "closed" if self._state == "new" else self._state
+            return
+        self._state = "closing"
+        self._stopping = True
+        self._wake.set()
+        for saga in self._sagas.values():
+            if self in saga._orchestrators:
+                saga._orchestrators.remove(self)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout):
+            while self._inflight:
+                self._drained = anyio.Event()
+                await self._drained.wait()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_leases()
+                await self._close_pool()
+            self._state = "closed"
+            logger.info("orchestrator_stopped", worker=self.worker_id)
+
+    async def _release_leases(self) -> None:
+        leases = [
+            (lease.run_id, lease.token) for lease in self._inflight.values() if not lease.lost
+        ]
+        self._inflight.clear()
+        if not leases or self._store is None:
+            return
+        with anyio.move_on_after(5):
+            try:
+                released = await self._store.release(self.worker_id, leases)
+                logger.info("leases_released", count=released, worker=self.worker_id)
+            except DatabaseError as exc:
+                logger.warning("lease_release_failed", error_type=type(exc.__cause__).__name__)
+
+    async def _close_pool(self) -> None:
+        if self._owns_pool and self._pool is not None:
+            with anyio.move_on_after(5) as scope:
+                await self._pool.close()
+            if scope.cancelled_caught:
+                self._pool.terminate()
+
+    def _store_or_raise(self) -> Store:
+        if self._state != "open" or self._store is None:
+            raise LifecycleError(
+                "the Orchestrator is not open; use `async with Orchestrator(...)`"
+                if self._state in ("new", "opening")
+                else "the Orchestrator is closed"
+            )
+        return self._store
+
+    def _definition(self, name: str, version: int) -> Saga[Any] | None:
+        return self._sagas.get((name, version))
+
+    # -- starting and looking up runs -------------------------------------------------
+
+    async def start(
+        self, saga: Saga[InT], input: InT | Mapping[str, Any], *, key: str | None = None
+    ) -> RunHandle:
+        """Validate ``input``, durably record a new run, and return its handle.
+
+        When this returns the run is committed; cancelling the caller afterwards does not
+        cancel the run. With ``key``, a run already started with that key for this saga
+        is returned instead (``handle.created`` is then False).
+        """
+        store = self._store_or_raise()
+        if self._sagas.get((saga.name, saga.version)) is not saga:
+            raise DefinitionError(
+                f"saga {saga.name!r} v{saga.version} is not registered with this orchestrator"
+            )
+        if key is not None and (
+            not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x00" in key
+        ):
+            raise InvalidInputError(
+                f"idempotency key must be a non-empty str of at most {_MAX_KEY_LENGTH} "
+                "characters without NUL"
+            )
+        try:
+            model = saga.input_type.model_validate(input)
+        except pydantic.ValidationError as exc:
+            raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
+        input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
+        # Shielded: once the INSERT is sent, its outcome must be known to the caller.
+        with anyio.CancelScope(shield=True):
+            run_id, created = await store.start_run(
+                uuid.uuid4(), saga.name, saga.version, key, input_json, saga.steps[0].name
+            )
+        if created:
+            logger.debug("run_started", run_id=str(run_id), saga=saga.name)
+            if (saga.name, saga.version) in self._sagas and self.concurrency > 0:
+                self._wake.set()
+        return RunHandle(self, run_id, created=created)
+
+    def get_run(self, run_id: uuid.UUID | str) -> RunHandle:
+        """A handle on an existing run (by id), e.g. one started by another process."""
+        self._store_or_raise()
+        return RunHandle(self, run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(run_id))
+
+    # -- result waiters -----------------------------------------------------------------
+
+    def _subscribe(self, run_id: uuid.UUID) -> anyio.Event:
+        event = anyio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        return event
+
+    def _unsubscribe(self, run_id: uuid.UUID, event: anyio.Event) -> None:
+        waiters = self._waiters.get(run_id)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[run_id]
+
+    def _on_done(self, run_id: uuid.UUID) -> None:
+        for event in self._waiters.get(run_id, ()):
+            event.set()
+
+    # -- loops ----------------------------------------------------------------------------
+
+    def wake_later(self, delay: float) -> None:
+        """Claim again once ``delay`` passes (a retry this worker scheduled comes due)."""
+        if self._tg is not None and not self._stopping:
+            self._tg.start_soon(self._wake_after, delay)
+
+    async def _wake_after(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        self._wake.set()
+
+    async def _listen_loop(self, *, task_status: TaskStatus[None]) -> None:
+        """Hold a LISTEN connection; reconnect with backoff. Polling covers the gaps."""
+        assert self._pool is not None
+        assert self._store is not None
+        store = self._store
+        started = False
+        delay = 0.1
+
+        def on_notify(_conn: Any, _pid: int, channel: str, payload: object) -> None:
+            if channel == store.done_channel:
+                with contextlib.suppress(ValueError):
+                    self._on_done(uuid.UUID(str(payload)))
+            elif any(name == payload for name, _ in self._sagas):
+                self._wake.set()
+
+        while True:
+            lost = anyio.Event()
+            on_lost = _setter(lost)
+            try:
+                async with translate_errors("listening"), self._pool.acquire() as conn:
+                    conn.add_termination_listener(on_lost)
+                    await conn.add_listener(store.work_channel, on_notify)
+                    await conn.add_listener(store.done_channel, on_notify)
+                    try:
+                        if not started:
+                            started = True
+                            task_status.started()
+                        else:
+                            logger.info("listener_reconnected", worker=self.worker_id)
+                            self._wake.set()
+                            for run_id in list(self._waiters):
+                                self._on_done(run_id)
+                        delay = 0.1
+                        while not lost.is_set() and not conn.is_closed():
+                            with anyio.move_on_after(5):
+                                await lost.wait()
+                    finally:
+                        if not conn.is_closed():
+                            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                                await conn.remove_listener(store.work_channel, on_notify)
+                                await conn.remove_listener(store.done_channel, on_notify)
+            except DatabaseError as exc:
+                if not started:
+                    raise
+                logger.warning("listener_lost", error_type=type(exc.__cause__).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _claim_loop(self, *, task_status: TaskStatus[None]) -> None:
+        assert self._store is not None
+        assert self._tg is not None
+        store, tg = self._store, self._tg
+        registered = list(self._sagas)
+        task_status.started()
+        delay = 0.1
+        while not self._stopping:
+            free = self.concurrency - len(self._inflight)
+            if free > 0:
+                self._wake = anyio.Event()
+                try:
+                    items = await store.claim(self.worker_id, free, self.lease_seconds, registered)
+                except DatabaseError as exc:
+                    logger.warning("claim_failed", error_type=type(exc.__cause__).__name__)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                delay = 0.1
+                for item in items:
+                    lease = Lease(item.run_id, item.lease_token)
+                    self._inflight[item.run_id] = lease
+                    tg.start_soon(self._run_item, item, lease)
+                self._more_work = len(items) == free
+                if self._more_work:
+                    continue
+            with anyio.move_on_after(self.poll_interval):
+                await self._wake.wait()
+
+    async def _run_item(self, item: ClaimedItem, lease: Lease) -> None:
+        assert self._engine is not None
+        saga = self._sagas[(item.saga_name, item.saga_version)]
+        finished = False
+        try:
+            await self._engine.process(item, saga, lease)
+            finished = True
+        except DatabaseError as exc:
+            finished = True  # the lease runs out and any worker takes the run again
+            logger.warning(
+                "run_interrupted",
+                run_id=str(item.run_id),
+                saga=item.saga_name,
+                error_type=type(exc.__cause__).__name__,
+            )
+        except Exception:
+            finished = True
+            logger.exception("internal_error", run_id=str(item.run_id), saga=item.saga_name)
+        finally:
+            # When cancelled by shutdown, the lease stays listed so aclose() releases it.
+            if finished:
+                self._inflight.pop(item.run_id, None)
+                if self._more_work:
+                    self._wake.set()
+                if not self._inflight:
+                    self._drained.set()
+
+    async def _heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
+        assert self._store is not None
+        store = self._store
+        task_status.started()
+        while True:
+            await anyio.sleep(self.lease_seconds / 3)
+            sent = {run_id: lease.token for run_id, lease in self._inflight.items()}
+            if not sent:
+                continue
+            try:
+                held = await store.heartbeat(self.worker_id, list(sent.items()), self.lease_seconds)
+            except DatabaseError as exc:
+                logger.warning("heartbeat_failed", error_type=type(exc.__cause__).__name__)
+                continue
+            for run_id, token in sent.items():
+                lease = self._inflight.get(run_id)
+                if run_id in held or lease is None or lease.token != token:
+                    continue  # still ours, or the run moved on to a new lease meanwhile
+                lease.lost = True
+                lease.scope.cancel()
+                logger.warning("lease_lost", run_id=str(run_id), worker=self.worker_id)

@@ -1,0 +1,324 @@
+"""The store: every database operation of saga, and the only module that runs SQL.
+
+Queries are named blocks in ``sql/queries.sql``; migrations are numbered files in
+``sql/migrations``. The schema name is validated against a strict pattern and quoted
+before it is placed in any statement. asyncpg errors are translated here into
+:class:`saga.DatabaseError`, so no driver type escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from saga._errors import ConfigurationError, DatabaseError
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+# Key for the transaction-scoped advisory lock serializing migrations of one schema.
+_MIGRATION_LOCK_NAMESPACE = "saga.migrate:"
+
+
+def validate_schema(schema: str) -> str:
+    if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
+        raise ConfigurationError(
+            f"invalid schema name {schema!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$"
+        )
+    return schema
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@cache
+def _raw_queries() -> dict[str, str]:
+    text = (resources.files("saga") / "sql" / "queries.sql").read_text("utf-8")
+    parts = _NAME_LINE.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+@cache
+def _migrations() -> tuple[tuple[int, str, str], ...]:
+    folder = resources.files("saga") / "sql" / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append((int(match[1]), match[2], entry.read_text("utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise RuntimeError(f"saga migrations are not numbered 1..n: {versions}")
+    return tuple(found)
+
+
+def latest_migration() -> int:
+    return len(_migrations())
+
+
+@asynccontextmanager
+async def translate_errors(what: str) -> AsyncIterator[None]:
+    """Turn driver and connection errors into DatabaseError, keeping them as the cause."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise DatabaseError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedItem:
+    run_id: UUID
+    saga_name: str
+    saga_version: int
+    status: str
+    step_name: str
+    attempt: int
+    lease_token: int
+    input: str
+    results: str
+    completed_steps: list[str]
+    cancel_requested: bool
+    has_error: bool
+    expired_owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    lease_token: int
+    cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One fenced state change of a leased run; see the ``transition`` query."""
+
+    status: str
+    step_name: str | None
+    attempt: int
+    events: list[dict[str, Any]]
+    completed_step: str | None = None
+    result_json: str | None = None
+    output_json: str | None = None
+    error: dict[str, Any] | None = None
+    compensation_error: dict[str, Any] | None = None
+    due_in: float | None = None
+    lease_owner: str | None = None
+
+
+class Store:
+    """Database operations on one schema through an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:
+        self.pool = pool
+        self.schema = validate_schema(schema)
+        quoted = _quote_ident(self.schema)
+        self._q = {name: sql.replace("__schema__", quoted) for name, sql in _raw_queries().items()}
+        self.work_channel = f"{self.schema}_work"
+        self.done_channel = f"{self.schema}_done"
+
+    # -- migrations ---------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations, one transaction each, under an advisory lock.
+
+        Safe when several processes migrate at once: each transaction takes the lock,
+        then re-reads what is applied. Returns the versions this call applied.
+        """
+        quoted = _quote_ident(self.schema)
+        applied_now: list[int] = []
+        async with translate_errors("migration"), self.pool.acquire() as conn:
+            for version, name, sql in _migrations():
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext($1))",
+                        _MIGRATION_LOCK_NAMESPACE + self.schema,
+                    )
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+                    await conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {quoted}.migrations ("
+                        " version integer PRIMARY KEY, name text NOT NULL,"
+                        " applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                    done = await conn.fetchval(
+                        f"SELECT EXISTS (SELECT 1 FROM {quoted}.migrations WHERE version = $1)",
+                        version,
+                    )
+                    if done:
+                        continue
+                    await conn.execute(sql.replace("__schema__", quoted))
+                    await conn.execute(
+                        f"INSERT INTO {quoted}.migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                    applied_now.append(version)
+        return applied_now
+
+    async def applied_migrations(self) -> list[int]:
+        async with translate_errors("reading migrations"):
+            exists = await self.pool.fetchval(
+                "SELECT to_regclass($1) IS NOT NULL",
+                f"{_quote_ident(self.schema)}.migrations",
+            )
+            if not exists:
+                return []
+            rows = await self.pool.fetch(
+                f"SELECT version FROM {_quote_ident(self.schema)}.migrations ORDER BY version"
+            )
+        return [r["version"] for r in rows]
+
+    # -- runs ---------------------------------------------------------------------------
+
+    async def start_run(
+        self,
+        run_id: UUID,
+        saga_name: str,
+        saga_version: int,
+        key: str | None,
+        input_json: str,
+        first_step: str,
+    ) -> tuple[UUID, bool]:
+        """Insert a run; returns (id, created). An existing key returns that run."""
+        async with translate_errors("starting a run"):
+            for _ in range(5):
+                row = await self.pool.fetchrow(
+                    self._q["start_run"],
+                    run_id,
+                    saga_name,
+                    saga_version,
+                    key,
+                    input_json,
+                    first_step,
+                    self.work_channel,
+                )
+                if row is not None:
+                    return row["id"], True
+                existing = await self.pool.fetchval(self._q["find_run_by_key"], saga_name, key)
+                if existing is not None:
+                    return existing, False
+                # The conflicting run was deleted in between (pruned); try again.
+        raise DatabaseError(f"could not start run with key {key!r}: it keeps conflicting")
+
+    async def claim(
+        self,
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        sagas: Sequence[tuple[str, int]],
+    ) -> list[ClaimedItem]:
+        async with translate_errors("claiming work"):
+            rows = await self.pool.fetch(
+                self._q["claim"],
+                worker,
+                limit,
+                lease_seconds,
+                [name for name, _ in sagas],
+                [version for _, version in sagas],
+            )
+        return [
+            ClaimedItem(
+                run_id=r["id"],
+                saga_name=r["saga_name"],
+                saga_version=r["saga_version"],
+                status=r["status"],
+                step_name=r["step_name"],
+                attempt=r["attempt"],
+                lease_token=r["lease_token"],
+                input=r["input"],
+                results=r["results"],
+                completed_steps=list(r["completed_steps"]),
+                cancel_requested=r["cancel_requested"],
+                has_error=r["has_error"],
+                expired_owner=r["prev_owner"],
+            )
+            for r in rows
+        ]
+
+    async def transition(
+        self, worker: str, run_id: UUID, lease_token: int, change: Transition
+    ) -> TransitionResult | None:
+        """Apply a fenced transition; ``None`` means the lease was lost and nothing changed."""
+        async with translate_errors("recording a transition"):
+            row = await self.pool.fetchrow(
+                self._q["transition"],
+                run_id,
+                lease_token,
+                change.status,
+                change.step_name,
+                change.attempt,
+                change.completed_step,
+                change.result_json,
+                change.output_json,
+                _json_or_none(change.error),
+                _json_or_none(change.compensation_error),
+                change.due_in,
+                change.lease_owner,
+                json.dumps(change.events, separators=(",", ":")),
+                self.done_channel,
+                worker,
+            )
+        if row is None:
+            return None
+        return TransitionResult(row["lease_token"], row["cancel_requested"])
+
+    async def heartbeat(
+        self, worker: str, leases: Sequence[tuple[UUID, int]], lease_seconds: float
+    ) -> dict[UUID, bool]:
+        """Extend leases; returns {run id: cancel requested} for the leases still held."""
+        async with translate_errors("heartbeat"):
+            rows = await self.pool.fetch(
+                self._q["heartbeat"],
+                worker,
+                [run_id for run_id, _ in leases],
+                [token for _, token in leases],
+                lease_seconds,
+            )
+        return {r["id"]: r["cancel_requested"] for r in rows}
+
+    async def release(self, worker: str, leases: Sequence[tuple[UUID, int]]) -> int:
+        async with translate_errors("releasing leases"):
+            rows = await self.pool.fetch(
+                self._q["release"],
+                worker,
+                [run_id for run_id, _ in leases],
+                [token for _, token in leases],
+                self.work_channel,
+            )
+        return len(rows)
+
+    async def get_run(self, run_id: UUID) -> asyncpg.Record | None:
+        async with translate_errors("reading a run"):
+            return await self.pool.fetchrow(self._q["get_run"], run_id)
+
+    async def get_events(self, run_id: UUID) -> list[asyncpg.Record]:
+        async with translate_errors("reading a run's history"):
+            return await self.pool.fetch(self._q["get_events"], run_id)
+
+    async def request_cancel(self, run_id: UUID) -> bool:
+        async with translate_errors("cancelling a run"):
+            row = await self.pool.fetchrow(self._q["request_cancel"], run_id, self.work_channel)
+        return row is not None
+
+    async def retry_run(self, run_id: UUID) -> bool:
+        async with translate_errors("retrying a run"):
+            row = await self.pool.fetchrow(self._q["retry_run"], run_id, self.work_channel)
+        return row is not None
+
+
+def _json_or_none(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))

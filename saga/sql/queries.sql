@@ -1,0 +1,184 @@
+-- Named queries, read only by saga/_store.py. Each block starts with "-- name: NAME",
+-- then a line saying what it does and a line per positional parameter. __schema__ is
+-- replaced by the validated, quoted schema identifier when the store loads the file.
+
+-- name: start_run
+-- Insert a new pending run, its first history event, and wake the workers; returns no
+-- row when a run with the same (saga, idempotency key) already exists.
+-- $1 run id, $2 saga name, $3 saga version, $4 idempotency key or NULL,
+-- $5 input JSON text, $6 first step name, $7 work notification channel
+WITH ins AS (
+    INSERT INTO __schema__.runs
+        (id, saga_name, saga_version, idempotency_key, input, step_name, due_at)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6, now())
+    ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, data)
+    SELECT id, 'run_started',
+           jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text)
+    FROM ins
+)
+SELECT id, pg_notify($7, $2)::text AS notified FROM ins;
+
+-- name: find_run_by_key
+-- The id of the run started with this idempotency key.
+-- $1 saga name, $2 idempotency key
+SELECT id FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
+
+-- name: claim
+-- Lease up to $2 runnable items (due, or whose lease expired) of registered sagas in one
+-- statement, bumping each fencing token and attempt, and log the start (and any expired
+-- lease) in the history.
+-- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions (pairwise)
+WITH candidates AS (
+    SELECT r.id, r.lease_owner AS prev_owner
+    FROM __schema__.runs r
+    WHERE r.due_at <= now()
+      AND (r.saga_name, r.saga_version) IN (SELECT * FROM unnest($4::text[], $5::integer[]))
+    ORDER BY r.due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE __schema__.runs r SET
+        lease_owner = $1,
+        lease_token = r.lease_token + 1,
+        attempt = r.attempt + 1,
+        due_at = now() + make_interval(secs => $3),
+        status = CASE WHEN r.status = 'pending' THEN 'running' ELSE r.status END,
+        updated_at = now()
+    FROM candidates c
+    WHERE r.id = c.id
+    RETURNING r.id, r.saga_name, r.saga_version, r.status, r.step_name, r.attempt,
+              r.lease_token, r.input::text AS input, r.results::text AS results,
+              r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
+              c.prev_owner
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
+    SELECT run_id, kind, step, attempt, worker FROM (
+        SELECT id AS run_id, 1 AS ord, 'lease_expired' AS kind, step_name AS step,
+               attempt - 1 AS attempt, prev_owner AS worker
+        FROM claimed WHERE prev_owner IS NOT NULL
+        UNION ALL
+        SELECT id, 2,
+               CASE WHEN status = 'compensating' THEN 'compensation_started'
+                    ELSE 'step_started' END,
+               step_name, attempt, $1
+        FROM claimed WHERE NOT cancel_requested
+    ) e
+    ORDER BY run_id, ord
+)
+SELECT * FROM claimed;
+
+-- name: transition
+-- Apply one state transition of a leased run, fenced by its lease token, append its
+-- events in order, and notify result waiters when the run ends. No row: lease lost.
+-- $1 run id, $2 lease token held, $3 new status, $4 next item's step name (NULL when
+-- terminal), $5 next item's attempt, $6 completed step name or NULL, $7 its result JSON,
+-- $8 output JSON or NULL, $9 error JSON or NULL (keeps the old), $10 compensation error
+-- JSON or NULL (keeps the old), $11 seconds until due (NULL when terminal), $12 new lease
+-- owner (NULL releases), $13 events JSON array, $14 done notification channel, $15 the
+-- worker holding the lease (with $2, a replayed transition can never apply twice)
+WITH upd AS (
+    UPDATE __schema__.runs SET
+        status = $3,
+        step_name = $4,
+        attempt = $5,
+        results = CASE WHEN $6::text IS NULL THEN results
+                       ELSE results || jsonb_build_object($6::text, $7::jsonb) END,
+        completed_steps = CASE WHEN $6::text IS NULL THEN completed_steps
+                               ELSE array_append(completed_steps, $6::text) END,
+        output = coalesce($8::jsonb, output),
+        error = coalesce($9::jsonb, error),
+        compensation_error = coalesce($10::jsonb, compensation_error),
+        due_at = CASE WHEN $11::float8 IS NULL THEN NULL
+                      ELSE now() + make_interval(secs => $11::float8) END,
+        lease_owner = $12,
+        lease_token = CASE WHEN $12::text IS NULL THEN lease_token ELSE lease_token + 1 END,
+        finished_at = CASE WHEN $11::float8 IS NULL THEN now() END,
+        updated_at = now()
+    WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
+    RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
+    SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
+           e.ev->>'worker', e.ev->'data'
+    FROM upd, jsonb_array_elements($13::jsonb) WITH ORDINALITY AS e(ev, ord)
+    ORDER BY e.ord
+)
+SELECT lease_token, cancel_requested,
+       CASE WHEN finished THEN pg_notify($14, id::text)::text END AS notified
+FROM upd;
+
+-- name: heartbeat
+-- Extend the leases this worker still holds; rows missing from the result were lost.
+-- $1 worker id, $2 run ids, $3 lease tokens (pairwise), $4 lease seconds
+UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => $4)
+FROM unnest($2::uuid[], $3::bigint[]) AS h(id, token)
+WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
+RETURNING r.id, r.cancel_requested;
+
+-- name: release
+-- Give back leases at shutdown so another worker can claim them at once; the interrupted
+-- attempt is not counted.
+-- $1 worker id, $2 run ids, $3 lease tokens (pairwise), $4 work notification channel
+WITH upd AS (
+    UPDATE __schema__.runs r SET
+        lease_owner = NULL, due_at = now(), attempt = greatest(r.attempt - 1, 0),
+        updated_at = now()
+    FROM unnest($2::uuid[], $3::bigint[]) AS h(id, token)
+    WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
+    RETURNING r.id, r.saga_name, r.step_name, r.attempt
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
+    SELECT id, 'lease_released', step_name, attempt + 1, $1 FROM upd
+)
+SELECT id, pg_notify($4, saga_name)::text AS notified FROM upd;
+
+-- name: get_run
+-- One run's current state, without the input and results payloads.
+-- $1 run id
+SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
+       completed_steps, output::text AS output, error::text AS error,
+       compensation_error::text AS compensation_error, cancel_requested, lease_owner,
+       created_at, updated_at, finished_at
+FROM __schema__.runs WHERE id = $1;
+
+-- name: get_events
+-- One run's history in order.
+-- $1 run id
+SELECT id, at, kind, step, attempt, worker, data::text AS data
+FROM __schema__.events WHERE run_id = $1 ORDER BY id;
+
+-- name: request_cancel
+-- Mark an active run for cancellation and make it claimable now if no worker holds it;
+-- the worker that claims it rolls back what completed. No row: not active or already
+-- cancelling.
+-- $1 run id, $2 work notification channel
+WITH upd AS (
+    UPDATE __schema__.runs SET
+        cancel_requested = true,
+        due_at = CASE WHEN lease_owner IS NULL THEN now() ELSE due_at END,
+        updated_at = now()
+    WHERE id = $1 AND status IN ('pending', 'running', 'compensating')
+      AND NOT cancel_requested
+    RETURNING id, saga_name
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind) SELECT id, 'cancel_requested' FROM upd
+)
+SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
+
+-- name: retry_run
+-- Resume a failed run at the compensation that exhausted its retries, attempts reset.
+-- $1 run id, $2 work notification channel
+WITH upd AS (
+    UPDATE __schema__.runs SET
+        status = 'compensating', attempt = 0, due_at = now(), lease_owner = NULL,
+        compensation_error = NULL, finished_at = NULL, updated_at = now()
+    WHERE id = $1 AND status = 'failed'
+    RETURNING id, saga_name, step_name
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step)
+    SELECT id, 'run_retried', step_name FROM upd
+)
+SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
