@@ -239,7 +239,7 @@ class Saga(Generic[InT]):
             self._check_open()
             _check_async(fn, "step", 1)
             _check_timeout(timeout)
-            step_name = validate_name(name or fn.__name__, "step")
+            step_name = validate_name(fn.__name__ if name is None else name, "step")
             if step_name in self._by_name:
                 raise DefinitionError(f"saga {self.name!r} already has a step named {step_name!r}")
             step: Step[InT, OutT] = Step(

@@ -9,6 +9,7 @@ process can take them at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -113,6 +114,8 @@ class Orchestrator:
         self._owns_pool = isinstance(dsn_or_pool, str)
         self._store: Store | None = None
         self._tg: TaskGroup | None = None
+        self._host: asyncio.Task[None] | None = None
+        self._stop = anyio.Event()
         self._engine: Engine | None = None
         self._stopping = False
         self._wake = anyio.Event()
@@ -152,19 +155,17 @@ class Orchestrator:
             if self._migrate:
                 await self._store.migrate()
             self._engine = Engine(self._store, self)
-            self._tg = anyio.create_task_group()
-            await self._tg.__aenter__()
-            try:
-                await self._tg.start(self._listen_loop)
-                if self.concurrency > 0:
-                    await self._tg.start(self._claim_loop)
-                    await self._tg.start(self._heartbeat_loop)
-            except BaseException:
-                self._tg.cancel_scope.cancel()
-                await self._tg.__aexit__(None, None, None)
-                raise
+            started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._host = asyncio.create_task(
+                self._host_main(started), name=f"saga-orchestrator:{self.worker_id}"
+            )
+            await started
         except BaseException:
             self._state = "closed"
+            if self._host is not None:
+                self._stop.set()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([self._host])
             await self._close_pool()
             raise
         for saga in self._sagas.values():
@@ -199,20 +200,51 @@ class Orchestrator:
         for saga in self._sagas.values():
             if self in saga._orchestrators:
                 saga._orchestrators.remove(self)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout):
-            while self._inflight:
-                self._drained = anyio.Event()
-                await self._drained.wait()
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
+        self._stop.set()
         try:
-            await self._tg.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):
+                assert self._host is not None
+                await asyncio.wait([self._host])
+                error = self._host.exception()
+                if error is not None:
+                    logger.error(
+                        "orchestrator_crashed",
+                        worker=self.worker_id,
+                        error_type=type(error).__name__,
+                    )
+                await self._close_pool()
+        finally:
+            self._state = "closed"
+            logger.info("orchestrator_stopped", worker=self.worker_id)
+
+    async def _host_main(self, started: asyncio.Future[None]) -> None:
+        """Own the task group in one task, so `async with` may enter and exit in
+        different tasks (pytest fixtures, aiohttp cleanup contexts)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self._listen_loop)
+                if self.concurrency > 0:
+                    await tg.start(self._claim_loop)
+                    await tg.start(self._heartbeat_loop)
+                started.set_result(None)
+                await self._stop.wait()
+                # Drain: no new claims; running steps get shutdown_timeout to finish.
+                with anyio.move_on_after(self.shutdown_timeout):
+                    while self._inflight:
+                        self._drained = anyio.Event()
+                        await self._drained.wait()
+                tg.cancel_scope.cancel()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(
+                    exc if isinstance(exc, Exception) else LifecycleError("startup cancelled")
+                )
+                return
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_leases()
-                await self._close_pool()
-            self._state = "closed"
-            logger.info("orchestrator_stopped", worker=self.worker_id)
 
     async def _release_leases(self) -> None:
         leases = [

@@ -1,0 +1,293 @@
+"""Leases, fencing, restarts and shutdown on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+from pydantic import BaseModel
+
+import saga
+from saga._store import Store, Transition
+from tests.conftest import OrchestratorFactory
+
+
+class Job(BaseModel):
+    n: int
+
+
+async def test_stale_fencing_token_write_changes_nothing(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """A transition written with an old lease token (or by another worker) is refused and
+    leaves the run and its history untouched."""
+    parked = saga.Saga("parked", input=Job)
+
+    @parked.step()
+    async def only(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    client = await orchestrator(parked, concurrency=0)
+    run = await client.start(parked, Job(n=1))
+    pool = await asyncpg.create_pool(client._dsn_or_pool, min_size=1, max_size=2)
+    try:
+        store = Store(pool)
+        [item] = await store.claim("w1", 1, 30, [("parked", 1)])
+        before = await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id)
+        events_before = await db.fetchval("SELECT count(*) FROM saga.events")
+        done = Transition(status="completed", step_name=None, attempt=1, events=[])
+        assert await store.transition("w1", run.id, item.lease_token - 1, done) is None
+        assert await store.transition("w2", run.id, item.lease_token, done) is None
+        assert await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id) == before
+        assert await db.fetchval("SELECT count(*) FROM saga.events") == events_before
+        # The holder's write goes through, exactly once.
+        assert await store.transition("w1", run.id, item.lease_token, done) is not None
+        assert await store.transition("w1", run.id, item.lease_token, done) is None
+    finally:
+        await pool.close()
+
+
+async def test_expired_lease_is_reclaimed_and_counts_as_an_attempt(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """A run whose worker vanished mid-step (its lease expired) is reclaimed by another
+    orchestrator without help; the lost attempt counts, so a step that kills its worker on
+    its last attempt fails for good and the completed steps are compensated."""
+    undone: list[str] = []
+    crashy = saga.Saga("crashy", input=Job)
+
+    @crashy.step()
+    async def first(ctx: saga.Context[Job]) -> str:
+        return "one"
+
+    @first.compensate
+    async def undo(ctx: saga.Context[Job], value: str) -> None:
+        undone.append(value)
+
+    @crashy.step(retry=saga.Retry(max_attempts=2))
+    async def kills_worker(ctx: saga.Context[Job]) -> None:  # pragma: no cover - never reached
+        raise AssertionError("the last attempt was lost, no attempt is left")
+
+    client = await orchestrator(crashy, concurrency=0)
+    run = await client.start(crashy, Job(n=1))
+    # Simulate: step 1 completed, and the worker running attempt 2 of step 2 died.
+    await db.execute(
+        """UPDATE saga.runs SET status = 'running', step_name = 'kills_worker', attempt = 2,
+               results = '{"first": "one"}', completed_steps = '{first}',
+               lease_owner = 'dead-worker', lease_token = 7,
+               due_at = now() - interval '1 second'
+           WHERE id = $1""",
+        run.id,
+    )
+    worker = saga.Orchestrator(client._dsn_or_pool, sagas=[crashy], poll_interval=0.2)
+    crashy._frozen = True
+    async with worker:
+        with pytest.raises(saga.RunCompensatedError) as raised:
+            await worker.get_run(run.id).result(timeout=10)
+    assert raised.value.error is not None
+    assert raised.value.error.type == "saga.AttemptLost"
+    assert undone == ["one"]
+    history = await run.history()
+    expired = next(e for e in history if e.kind == "lease_expired")
+    assert (expired.worker, expired.step, expired.attempt) == ("dead-worker", "kills_worker", 2)
+
+
+async def test_lost_lease_cancels_the_running_step(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """When a heartbeat finds the lease taken over (token bumped), the worker cancels the
+    running step and writes nothing; the run is later reclaimed and completes."""
+    cancelled = anyio.Event()
+    entered = anyio.Event()
+    attempts: list[int] = []
+    longstep = saga.Saga("longstep", input=Job)
+
+    @longstep.step()
+    async def work(ctx: saga.Context[Job]) -> int:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            entered.set()
+            try:
+                await anyio.sleep(30)
+            except BaseException:
+                cancelled.set()
+                raise
+        return ctx.attempt
+
+    await orchestrator(longstep, lease_seconds=0.6)
+    run = await longstep.start(Job(n=1))
+    with anyio.fail_after(5):
+        await entered.wait()
+    # Another worker "steals" the lease: only the token changes.
+    await db.execute("UPDATE saga.runs SET lease_token = lease_token + 1 WHERE id = $1", run.id)
+    with anyio.fail_after(5):
+        await cancelled.wait()
+    assert await run.result(timeout=10) == 2
+    assert attempts == [1, 2]
+
+
+async def test_backoff_survives_an_orchestrator_restart(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """A retry's wait lives in the database: after the orchestrator that scheduled it
+    stops, a new one does not run the next attempt before the wait is over."""
+    patient = saga.Saga("patient", input=Job)
+
+    @patient.step(retry=saga.Retry(max_attempts=2, initial_delay=1.5, jitter=0))
+    async def call(ctx: saga.Context[Job]) -> int:
+        if ctx.attempt == 1:
+            raise ConnectionError("try later")
+        return ctx.attempt
+
+    first = await orchestrator(patient)
+    run = await patient.start(Job(n=1))
+    failed_query = "SELECT count(*) FROM saga.events WHERE run_id = $1 AND kind = 'step_failed'"
+    with anyio.fail_after(5):
+        while not await db.fetchval(failed_query, run.id):  # noqa: ASYNC110 - polling the DB
+            await anyio.sleep(0.02)
+    await first.aclose()
+
+    patient2 = saga.Saga("patient", input=Job)
+    patient2.step(name="call", retry=saga.Retry(max_attempts=2))(call.fn)
+    second = await orchestrator(patient2)
+    assert await second.get_run(run.id).result(timeout=10) == 2
+    gap = await db.fetchval(
+        """SELECT extract(epoch FROM
+               (SELECT at FROM saga.events WHERE run_id = $1 AND kind = 'step_started'
+                ORDER BY id DESC LIMIT 1)
+             - (SELECT at FROM saga.events WHERE run_id = $1 AND kind = 'step_failed'))""",
+        run.id,
+    )
+    assert gap >= 1.5
+
+
+async def test_shutdown_releases_leases_for_another_worker(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """Closing an orchestrator whose step outlives shutdown_timeout cancels the step and
+    releases its lease: another orchestrator takes the run at once, long before the lease
+    would have expired, and the interrupted attempt is not counted."""
+    entered = anyio.Event()
+    sticky = saga.Saga("sticky", input=Job)
+
+    @sticky.step(retry=saga.Retry(max_attempts=1))
+    async def block(ctx: saga.Context[Job]) -> str:
+        if ctx.attempt == 1 and not entered.is_set():
+            entered.set()
+            await anyio.sleep(60)
+        return "done"
+
+    first = await orchestrator(sticky, lease_seconds=60, shutdown_timeout=0.2)
+    run = await sticky.start(Job(n=1))
+    with anyio.fail_after(5):
+        await entered.wait()
+    await first.aclose()
+    row = await db.fetchrow("SELECT lease_owner, due_at <= now() AS due FROM saga.runs")
+    assert row["lease_owner"] is None
+    assert row["due"]
+    sticky2 = saga.Saga("sticky", input=Job)
+    sticky2.step(name="block", retry=saga.Retry(max_attempts=1))(block.fn)
+    second = await orchestrator(sticky2, lease_seconds=60)
+    with anyio.fail_after(5):
+        assert await second.get_run(run.id).result() == "done"
+    history = await second.get_run(run.id).history()
+    assert "lease_released" in [e.kind for e in history]
+    assert [e.attempt for e in history if e.kind == "step_started"] == [1, 1]
+
+
+async def test_lifecycle_errors(dsn: str) -> None:
+    """Using an orchestrator before opening or after closing raises LifecycleError;
+    closing twice is harmless; it cannot be reopened."""
+    s = saga.Saga("life", input=Job)
+
+    @s.step()
+    async def one(ctx: saga.Context[Job]) -> None:
+        return None
+
+    orch = saga.Orchestrator(dsn, sagas=[s], concurrency=0)
+    with pytest.raises(saga.LifecycleError):
+        orch.get_run(uuid.uuid4())
+    with pytest.raises(saga.DefinitionError, match="not registered with an open"):
+        await s.start(Job(n=1))
+    async with orch:
+        with pytest.raises(saga.RunNotFoundError):
+            await orch.get_run(uuid.uuid4()).status()
+    await orch.aclose()
+    with pytest.raises(saga.LifecycleError):
+        await orch.start(s, Job(n=1))
+    with pytest.raises(saga.LifecycleError):
+        await orch.__aenter__()
+
+
+async def test_unreachable_database_raises_database_error() -> None:
+    """Opening an orchestrator on a database that does not answer raises DatabaseError
+    with the driver's error as the cause."""
+    s = saga.Saga("nowhere", input=Job)
+
+    @s.step()
+    async def one(ctx: saga.Context[Job]) -> None:
+        return None
+
+    dsn = "postgresql://postgres@/postgres?host=/nonexistent-socket-dir&port=5432"
+    with pytest.raises(saga.DatabaseError) as raised:
+        async with saga.Orchestrator(dsn, sagas=[s]):
+            pass  # pragma: no cover
+    assert raised.value.__cause__ is not None
+
+
+WORKER_SCRIPT = Path(__file__).with_name("_worker_process.py")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_two_orchestrator_processes_share_work_without_overlap(
+    dsn: str, db: asyncpg.Connection, orchestrator: OrchestratorFactory
+) -> None:
+    """Two orchestrators in separate processes on one database both execute runs, every
+    step of every run executes exactly once, and no run ever has two step attempts
+    executing at the same moment."""
+    from tests._worker_process import build_saga
+
+    await db.execute(
+        "CREATE TABLE effects (run_id uuid, step text, worker text,"
+        " started timestamptz, finished timestamptz)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(WORKER_SCRIPT.parent.parent)}
+    procs = [
+        subprocess.Popen(  # noqa: ASYNC220 - starting is instant; waits happen off the loop
+            [sys.executable, "-m", "tests._worker_process", dsn, f"proc-{i}"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    try:
+        client = await orchestrator(build_saga(), concurrency=0)
+        runs = [await client.start(client._sagas[("relay", 1)], {"n": i}) for i in range(40)]
+        for run in runs:
+            assert await run.result(timeout=60) == 3
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            _, err = p.communicate(timeout=20)
+            assert p.returncode == 0, err.decode()[-3000:]
+    rows = await db.fetch("SELECT run_id, step, worker, started, finished FROM effects")
+    assert len(rows) == 40 * 3
+    assert len({(r["run_id"], r["step"]) for r in rows}) == 40 * 3
+    assert {r["worker"] for r in rows} == {"proc-0", "proc-1"}
+    by_run: dict[uuid.UUID, list[asyncpg.Record]] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], []).append(r)
+    for steps in by_run.values():
+        steps.sort(key=lambda r: r["started"])
+        for earlier, later in itertools.pairwise(steps):
+            assert earlier["finished"] <= later["started"]
