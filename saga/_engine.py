@@ -18,13 +18,16 @@ import structlog
 
 from saga._codec import decode, encode
 from saga._definition import Context, Retry, Saga, Step
-from saga._errors import SagaError
-from saga._store import ClaimedItem, Store, Transition
+from saga._errors import DatabaseError, SagaError
+from saga._store import ClaimedItem, Store, Transition, TransitionResult
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
 logger = structlog.get_logger("saga")
+
+# Waits between attempts to write a transition through connection errors (seconds).
+_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0, 3.0)
 
 
 @dataclass(slots=True)
@@ -106,10 +109,8 @@ class Engine:
             change, completed_result = await self._step(state, lease)
             if change is None:
                 return  # lease lost while the step ran; another worker owns the run now
-            outcome = await self._store.transition(
-                self._rt.worker_id, state.run_id, lease.token, change
-            )
             log = logger.bind(run_id=str(state.run_id), saga=saga.name)
+            outcome = await self._apply(state, lease, change, log)
             if outcome is None:
                 lease.lost = True
                 log.warning("stale_write_refused", step=state.step_name, attempt=state.attempt)
@@ -132,6 +133,52 @@ class Engine:
             state.step_name = change.step_name
             state.attempt = change.attempt
             state.cancel_requested = outcome.cancel_requested
+
+    async def _apply(
+        self, state: _RunState, lease: Lease, change: Transition, log: Any
+    ) -> TransitionResult | None:
+        """Write a transition, retrying through connection errors.
+
+        A write whose connection broke may or may not have committed. Replaying it is safe
+        (the fence refuses a second application), and when the replay is refused the run
+        is re-read to tell "it committed" from "the lease was lost", never guessed.
+        """
+        uncertain = False
+        for delay in (*_WRITE_RETRY_DELAYS, None):
+            try:
+                outcome = await self._store.transition(
+                    self._rt.worker_id, state.run_id, lease.token, change
+                )
+            except DatabaseError as exc:
+                if delay is None:
+                    raise
+                uncertain = True
+                log.warning("transition_retry", error_type=type(exc.__cause__).__name__)
+                await anyio.sleep(delay)
+                continue
+            if outcome is None and uncertain:
+                return await self._resolve(state, change, log)
+            return outcome
+        return None  # pragma: no cover - the loop returns or raises
+
+    async def _resolve(
+        self, state: _RunState, change: Transition, log: Any
+    ) -> TransitionResult | None:
+        record = await self._store.get_run(state.run_id)
+        applied = (
+            record is not None
+            and record["status"] == change.status
+            and record["step_name"] == change.step_name
+            and record["attempt"] == change.attempt
+            and record["lease_owner"] == change.lease_owner
+            and (
+                change.completed_step is None or change.completed_step in record["completed_steps"]
+            )
+        )
+        log.info("ambiguous_commit_resolved", committed=applied)
+        if not applied or record is None:
+            return None
+        return TransitionResult(record["lease_token"], record["cancel_requested"])
 
     async def _step(self, state: _RunState, lease: Lease) -> tuple[Transition | None, Any]:
         """Run the current item; return the transition to record (None: lease lost)."""

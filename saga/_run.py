@@ -135,7 +135,7 @@ class HistoryEvent:
             parts.append("undo=" + ",".join(self.data["plan"]) if self.data["plan"] else "undo=-")
         if self.worker:
             parts.append(f"[{self.worker}]")
-        return " ".join(parts)
+        return " ".join(parts).rstrip()
 
 
 def _loads(text: str | None) -> Any:

@@ -291,3 +291,43 @@ async def test_two_orchestrator_processes_share_work_without_overlap(
         steps.sort(key=lambda r: r["started"])
         for earlier, later in itertools.pairwise(steps):
             assert earlier["finished"] <= later["started"]
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["lost-reply", "lost-request"])
+async def test_connection_lost_during_a_write_is_resolved_by_rereading(
+    orchestrator: OrchestratorFactory, committed: bool
+) -> None:
+    """When the connection breaks during a step's checkpoint, whether or not the commit
+    went through, the worker retries, re-reads the run when the retry is refused, and the
+    run completes with every step executed exactly once."""
+    calls: list[str] = []
+    shaky = saga.Saga("shaky", input=Job)
+
+    for name in ("a", "b", "c"):
+
+        async def step(ctx: saga.Context[Job]) -> str:
+            calls.append(ctx.step)
+            return ctx.step
+
+        shaky.step(name=name, retry=saga.Retry(max_attempts=1))(step)
+
+    orch = await orchestrator(shaky)
+    assert orch._store is not None
+    real = orch._store.transition
+    broken = {"a", "b"}
+
+    async def flaky_transition(
+        worker: str, run_id: uuid.UUID, token: int, change: Transition
+    ) -> object:
+        if change.completed_step in broken:
+            broken.discard(change.completed_step)
+            if committed:
+                await real(worker, run_id, token, change)
+            raise saga.DatabaseError("connection lost") from ConnectionResetError()
+        return await real(worker, run_id, token, change)
+
+    orch._store.transition = flaky_transition  # type: ignore[method-assign,assignment]
+    run = await shaky.start(Job(n=1))
+    assert await run.result(timeout=10) == "c"
+    assert calls == ["a", "b", "c"]
+    assert [e.kind for e in await run.history()].count("step_completed") == 3

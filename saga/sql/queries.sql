@@ -141,7 +141,7 @@ SELECT id, pg_notify($4, saga_name)::text AS notified FROM upd;
 SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        completed_steps, output::text AS output, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-       created_at, updated_at, finished_at
+       lease_token, created_at, updated_at, finished_at
 FROM __schema__.runs WHERE id = $1;
 
 -- name: get_events
