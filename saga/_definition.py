@@ -141,6 +141,7 @@ class Step(Generic[InT, OutT]):
     retry: Retry
     timeout: float | None
     result_type: Any
+    lease_seconds: float | None = None
     compensation: Compensation[InT, OutT] | None = None
 
     @overload
@@ -227,18 +228,23 @@ class Saga(Generic[InT]):
         name: str | None = None,
         retry: Retry | None = None,
         timeout: float | None = None,
+        lease_seconds: float | None = None,
     ) -> Callable[[StepFn[InT, OutT]], Step[InT, OutT]]:
         """Declare the next step: ``async def step(ctx) -> result``.
 
         Steps run in declaration order. The return annotation is the result's type:
         the result is stored as JSON and read back as that type by later steps and by
-        the compensation.
+        the compensation. ``lease_seconds`` overrides the orchestrator's lease for this
+        step and its compensation: how long a crashed worker holds it before another
+        takes over (heartbeats renew it every third of that while it runs).
         """
 
         def register(fn: StepFn[InT, OutT]) -> Step[InT, OutT]:
             self._check_open()
             _check_async(fn, "step", 1)
             _check_timeout(timeout)
+            if lease_seconds is not None and not lease_seconds > 0:
+                raise DefinitionError(f"lease_seconds must be positive, got {lease_seconds!r}")
             step_name = validate_name(fn.__name__ if name is None else name, "step")
             if step_name in self._by_name:
                 raise DefinitionError(f"saga {self.name!r} already has a step named {step_name!r}")
@@ -250,6 +256,7 @@ class Saga(Generic[InT]):
                 retry=retry or DEFAULT_STEP_RETRY,
                 timeout=timeout,
                 result_type=_return_annotation(fn),
+                lease_seconds=lease_seconds,
             )
             self.steps.append(step)
             self._by_name[step_name] = step

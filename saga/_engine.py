@@ -9,6 +9,7 @@ one commit per step.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
@@ -36,8 +37,31 @@ class Lease:
 
     run_id: UUID
     token: int
+    seconds: float  # lease length of the item held now; heartbeats renew by this much
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     lost: bool = False
+
+
+class SimulatedCrash(BaseException):
+    """Raised by saga.testing hooks: the worker 'dies' here, writing nothing more.
+
+    A BaseException so that user code's ``except Exception`` cannot swallow it.
+    """
+
+
+class Hooks(Protocol):
+    """Fault-injection points (see saga.testing). Production runs have none."""
+
+    async def before_call(self, ctx: Context[Any], store: Store, runtime: Runtime) -> None:
+        """Before the step or compensation function; may raise to fail the attempt."""
+
+    async def before_checkpoint(self, ctx: Context[Any]) -> None:
+        """After the function returned, before its outcome is written."""
+
+    async def write(
+        self, ctx: Context[Any], attempt_write: Callable[[], Awaitable[TransitionResult | None]]
+    ) -> TransitionResult | None:
+        """Around the write of the attempt's outcome."""
 
 
 class Runtime(Protocol):
@@ -46,6 +70,9 @@ class Runtime(Protocol):
     worker_id: str
     lease_seconds: float
     max_payload_bytes: int
+    hooks: Hooks | None
+
+    def wake(self) -> None: ...
 
     @property
     def stopping(self) -> bool: ...
@@ -72,6 +99,7 @@ class _RunState:
     completed: list[str]
     cancel_requested: bool
     has_error: bool
+    ctx: Context[Any] | None = None  # of the attempt whose outcome is being written
 
 
 class Engine:
@@ -144,10 +172,17 @@ class Engine:
         is re-read to tell "it committed" from "the lease was lost", never guessed.
         """
         uncertain = False
+        hooks, ctx = self._rt.hooks, state.ctx
+
+        async def write() -> TransitionResult | None:
+            return await self._store.transition(
+                self._rt.worker_id, state.run_id, lease.token, change
+            )
+
         for delay in (*_WRITE_RETRY_DELAYS, None):
             try:
-                outcome = await self._store.transition(
-                    self._rt.worker_id, state.run_id, lease.token, change
+                outcome = await (
+                    write() if hooks is None or ctx is None else hooks.write(ctx, write)
                 )
             except DatabaseError as exc:
                 if delay is None:
@@ -183,9 +218,11 @@ class Engine:
     async def _step(self, state: _RunState, lease: Lease) -> tuple[Transition | None, Any]:
         """Run the current item; return the transition to record (None: lease lost)."""
         saga = state.saga
+        state.ctx = None
         if state.status != "compensating" and state.cancel_requested:
             return self._rollback(state, None, events=[]), None
         step = saga.get_step(state.step_name)
+        lease.seconds = self._lease_for(step)
         compensating = state.status == "compensating"
         comp = step.compensation
         if compensating and comp is None:  # pragma: no cover - plan only names these
@@ -225,8 +262,12 @@ class Engine:
                 return None, None
             # A fresh scope per attempt: the heartbeat cancels it if the lease is lost.
             lease.scope = anyio.CancelScope()
+            state.ctx = ctx
+            hooks = self._rt.hooks
             with lease.scope:
                 try:
+                    if hooks is not None:
+                        await hooks.before_call(ctx, self._store, self._rt)
                     with anyio.fail_after(timeout):
                         if compensating and comp is not None:
                             await comp.fn(ctx, state.results.get(step.name))
@@ -239,6 +280,8 @@ class Engine:
                 lease.lost = True
                 log.warning(f"{kind}_cancelled_lease_lost")
                 return None, None
+            if hooks is not None and error is None:
+                await hooks.before_checkpoint(ctx)
         if compensating:
             return self._after_compensation(state, error, retryable, policy), None
         if error is None:
@@ -257,11 +300,14 @@ class Engine:
         assert error is not None
         return self._after_failure(state, error, retryable, policy, "step"), None
 
-    def _continue(self) -> tuple[float, str | None]:
+    def _lease_for(self, step: Step[Any, Any]) -> float:
+        return step.lease_seconds or self._rt.lease_seconds
+
+    def _continue(self, state: _RunState, step_name: str) -> tuple[float, str | None]:
         """(due_in, owner) for a next item runnable now: ours unless shutting down."""
         if self._rt.stopping:
             return 0.0, None
-        return self._rt.lease_seconds, self._rt.worker_id
+        return self._lease_for(state.saga.get_step(step_name)), self._rt.worker_id
 
     def _event(
         self, kind: str, step: str | None, attempt: int | None, **data: Any
@@ -281,7 +327,7 @@ class Engine:
         steps = state.saga.steps
         if step.index + 1 < len(steps):
             nxt = steps[step.index + 1]
-            due_in, owner = self._continue()
+            due_in, owner = self._continue(state, nxt.name)
             events = [done]
             if owner is not None:
                 events.append(self._event("step_started", nxt.name, 1))
@@ -345,7 +391,7 @@ class Engine:
         )
         if not plan:
             return self._finish_rollback(state, error, events)
-        due_in, owner = self._continue()
+        due_in, owner = self._continue(state, plan[0])
         if owner is not None:
             events.append(self._event("compensation_started", plan[0], 1))
         return Transition(
@@ -394,7 +440,7 @@ class Engine:
         rest = plan[plan.index(state.step_name) + 1 :]
         if not rest:
             return self._finish_rollback(state, None, [done])
-        due_in, owner = self._continue()
+        due_in, owner = self._continue(state, rest[0])
         events = [done]
         if owner is not None:
             events.append(self._event("compensation_started", rest[0], 1))

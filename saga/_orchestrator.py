@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode
 from saga._definition import Saga
-from saga._engine import Engine, Lease
+from saga._engine import Engine, Hooks, Lease, SimulatedCrash
 from saga._errors import (
     ConfigurationError,
     DatabaseError,
@@ -123,6 +123,7 @@ class Orchestrator:
         self._inflight: dict[uuid.UUID, Lease] = {}
         self._drained = anyio.Event()
         self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
+        self.hooks: Hooks | None = None  # fault injection, set only by saga.testing
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -343,6 +344,10 @@ class Orchestrator:
 
     # -- loops ----------------------------------------------------------------------------
 
+    def wake(self) -> None:
+        """Claim again now."""
+        self._wake.set()
+
     def wake_later(self, delay: float) -> None:
         """Claim again once ``delay`` passes (a retry this worker scheduled comes due)."""
         if self._tg is not None and not self._stopping:
@@ -420,7 +425,7 @@ class Orchestrator:
                     continue
                 delay = 0.1
                 for item in items:
-                    lease = Lease(item.run_id, item.lease_token)
+                    lease = Lease(item.run_id, item.lease_token, self.lease_seconds)
                     self._inflight[item.run_id] = lease
                     tg.start_soon(self._run_item, item, lease)
                 self._more_work = len(items) == free
@@ -436,6 +441,12 @@ class Orchestrator:
         try:
             await self._engine.process(item, saga, lease)
             finished = True
+        except SimulatedCrash:
+            # saga.testing: behave as a dead worker would: write nothing, hold the lease
+            # until it expires, and never release it.
+            finished = True
+            lease.lost = True
+            logger.warning("simulated_crash", run_id=str(item.run_id), saga=item.saga_name)
         except DatabaseError as exc:
             finished = True  # the lease runs out and any worker takes the run again
             logger.warning(
@@ -449,8 +460,10 @@ class Orchestrator:
             logger.exception("internal_error", run_id=str(item.run_id), saga=item.saga_name)
         finally:
             # When cancelled by shutdown, the lease stays listed so aclose() releases it.
-            if finished:
-                self._inflight.pop(item.run_id, None)
+            # The same run may have been claimed again meanwhile (our own lease expired
+            # during a stall): only drop the entry if it is still this lease.
+            if finished and self._inflight.get(item.run_id) is lease:
+                del self._inflight[item.run_id]
                 if self._more_work:
                     self._wake.set()
                 if not self._inflight:
@@ -459,14 +472,26 @@ class Orchestrator:
     async def _heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
         assert self._store is not None
         store = self._store
+        shortest = min(
+            [self.lease_seconds]
+            + [
+                s.lease_seconds
+                for saga in self._sagas.values()
+                for s in saga.steps
+                if s.lease_seconds
+            ]
+        )
         task_status.started()
         while True:
-            await anyio.sleep(self.lease_seconds / 3)
-            sent = {run_id: lease.token for run_id, lease in self._inflight.items()}
+            await anyio.sleep(shortest / 3)
+            leases = list(self._inflight.values())
+            sent = {lease.run_id: lease.token for lease in leases}
             if not sent:
                 continue
             try:
-                held = await store.heartbeat(self.worker_id, list(sent.items()), self.lease_seconds)
+                held = await store.heartbeat(
+                    self.worker_id, [(ls.run_id, ls.token, ls.seconds) for ls in leases]
+                )
             except DatabaseError as exc:
                 logger.warning("heartbeat_failed", error_type=type(exc.__cause__).__name__)
                 continue

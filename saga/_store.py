@@ -277,16 +277,17 @@ class Store:
         return TransitionResult(row["lease_token"], row["cancel_requested"])
 
     async def heartbeat(
-        self, worker: str, leases: Sequence[tuple[UUID, int]], lease_seconds: float
+        self, worker: str, leases: Sequence[tuple[UUID, int, float]]
     ) -> dict[UUID, bool]:
-        """Extend leases; returns {run id: cancel requested} for the leases still held."""
+        """Extend (run id, token, seconds) leases; returns {run id: cancel requested} for
+        the leases still held."""
         async with translate_errors("heartbeat"):
             rows = await self.pool.fetch(
                 self._q["heartbeat"],
                 worker,
-                [run_id for run_id, _ in leases],
-                [token for _, token in leases],
-                lease_seconds,
+                [run_id for run_id, _, _ in leases],
+                [token for _, token, _ in leases],
+                [seconds for _, _, seconds in leases],
             )
         return {r["id"]: r["cancel_requested"] for r in rows}
 
@@ -313,6 +314,10 @@ class Store:
         async with translate_errors("cancelling a run"):
             row = await self.pool.fetchrow(self._q["request_cancel"], run_id, self.work_channel)
         return row is not None
+
+    async def expire_lease(self, run_id: UUID) -> bool:
+        async with translate_errors("expiring a lease"):
+            return await self.pool.fetchval(self._q["expire_lease"], run_id) is not None
 
     async def retry_run(self, run_id: UUID) -> bool:
         async with translate_errors("retrying a run"):

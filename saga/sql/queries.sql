@@ -112,9 +112,9 @@ FROM upd;
 
 -- name: heartbeat
 -- Extend the leases this worker still holds; rows missing from the result were lost.
--- $1 worker id, $2 run ids, $3 lease tokens (pairwise), $4 lease seconds
-UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => $4)
-FROM unnest($2::uuid[], $3::bigint[]) AS h(id, token)
+-- $1 worker id, $2 run ids, $3 lease tokens, $4 lease seconds (the three pairwise)
+UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => h.seconds)
+FROM unnest($2::uuid[], $3::bigint[], $4::float8[]) AS h(id, token, seconds)
 WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
 RETURNING r.id, r.cancel_requested;
 
@@ -182,3 +182,11 @@ WITH upd AS (
     SELECT id, 'run_retried', step_name FROM upd
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
+
+-- name: expire_lease
+-- saga.testing only: make a held lease look expired, as if its worker had stalled past
+-- it, so that the claim path of any orchestrator takes the run over.
+-- $1 run id
+UPDATE __schema__.runs SET due_at = now() - interval '1 millisecond'
+WHERE id = $1 AND lease_owner IS NOT NULL
+RETURNING id;

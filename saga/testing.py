@@ -1,0 +1,184 @@
+"""Deterministic fault injection for your own tests against a real PostgreSQL.
+
+Sagas are only as safe as their steps are idempotent. These faults let a test prove it:
+make a step's worker die after the side effect but before the checkpoint, expire a lease
+under a running step, fail a compensation, or break the connection while a checkpoint
+commits, then assert on the outcome. Each fault fires a set number of times for one
+step (every run, unless ``run_id`` narrows it)::
+
+    from saga.testing import Faults
+
+    faults = Faults()
+    faults.crash_after(charge_card)              # effect happens, checkpoint never does
+    async with saga.Orchestrator(dsn, sagas=[checkout], lease_seconds=1) as orch:
+        faults.attach(orch)
+        run = await checkout.start(order)
+        await run.result(timeout=30)
+    assert faults.fired["crash_after"] == 1
+
+A crash or an expired lease is recovered by lease expiry, so give the orchestrator a
+short ``lease_seconds`` in such tests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from saga._definition import Context, Step
+from saga._engine import Runtime, SimulatedCrash
+from saga._errors import DatabaseError, LifecycleError, PermanentError
+from saga._orchestrator import Orchestrator
+from saga._store import Store, TransitionResult
+
+__all__ = ["Faults", "InjectedFault", "SimulatedCrash"]
+
+
+class InjectedFault(Exception):
+    """The error raised by :meth:`Faults.fail_compensation` (retryable by default)."""
+
+
+class _PermanentInjectedFault(InjectedFault, PermanentError):
+    pass
+
+
+@dataclass
+class _Rule:
+    kind: str
+    step: str
+    compensation: bool
+    remaining: int | None  # None: every time
+    run_id: UUID | None
+    option: bool = False
+
+    def matches(self, ctx: Context[Any]) -> bool:
+        return (
+            ctx.step == self.step
+            and ctx.is_compensation == self.compensation
+            and (self.run_id is None or ctx.run_id == self.run_id)
+            and (self.remaining is None or self.remaining > 0)
+        )
+
+    def take(self) -> None:
+        if self.remaining is not None:
+            self.remaining -= 1
+
+
+def _name(step: Step[Any, Any] | str) -> str:
+    return step if isinstance(step, str) else step.name
+
+
+class Faults:
+    """A plan of faults, attached to one or more orchestrators.
+
+    ``fired`` counts the faults that actually happened, by kind, so a test can check its
+    premise (the fault really fired) as well as the outcome.
+    """
+
+    def __init__(self) -> None:
+        self._rules: list[_Rule] = []
+        self.fired: Counter[str] = Counter()
+
+    def attach(self, orchestrator: Orchestrator) -> Faults:
+        """Inject this plan into an orchestrator's execution (open or not)."""
+        if orchestrator.hooks is not None and orchestrator.hooks is not self:
+            raise LifecycleError("this orchestrator already has a fault plan attached")
+        orchestrator.hooks = self
+        return self
+
+    # -- declaring faults -------------------------------------------------------------
+
+    def crash_after(
+        self,
+        step: Step[Any, Any] | str,
+        *,
+        times: int = 1,
+        compensation: bool = False,
+        run_id: UUID | None = None,
+    ) -> None:
+        """The step (or its compensation) runs to completion, then its worker dies before
+        writing the outcome: nothing is recorded and the lease is never released, so the
+        run waits for the lease to expire and another attempt runs the step again."""
+        self._add("crash_after", step, times, compensation, run_id)
+
+    def expire_lease(
+        self, step: Step[Any, Any] | str, *, times: int = 1, run_id: UUID | None = None
+    ) -> None:
+        """When the step starts, its lease is made to look expired in the database, as if
+        its worker had stalled; the claim path takes the run over with a new fencing token
+        while the first attempt still runs, and that attempt's writes are refused."""
+        self._add("expire_lease", step, times, False, run_id)
+
+    def fail_compensation(
+        self,
+        step: Step[Any, Any] | str,
+        *,
+        times: int | None = None,
+        permanent: bool = False,
+        run_id: UUID | None = None,
+    ) -> None:
+        """The compensation of ``step`` raises :class:`InjectedFault` on its next ``times``
+        attempts (all of them when None); ``permanent`` makes it skip retries."""
+        self._add("fail_compensation", step, times, True, run_id, option=permanent)
+
+    def drop_connection_at_commit(
+        self,
+        step: Step[Any, Any] | str,
+        *,
+        committed: bool = True,
+        times: int = 1,
+        compensation: bool = False,
+        run_id: UUID | None = None,
+    ) -> None:
+        """The connection breaks while the step's outcome is written: after the commit
+        reached the database (``committed=True``, the reply is lost) or before it."""
+        self._add("drop_connection", step, times, compensation, run_id, option=committed)
+
+    def _add(
+        self,
+        kind: str,
+        step: Step[Any, Any] | str,
+        times: int | None,
+        compensation: bool,
+        run_id: UUID | None,
+        option: bool = False,
+    ) -> None:
+        if times is not None and times < 1:
+            raise ValueError("times must be >= 1 (or None for every time)")
+        self._rules.append(_Rule(kind, _name(step), compensation, times, run_id, option))
+
+    def _match(self, kind: str, ctx: Context[Any]) -> _Rule | None:
+        for rule in self._rules:
+            if rule.kind == kind and rule.matches(ctx):
+                rule.take()
+                self.fired[kind] += 1
+                return rule
+        return None
+
+    # -- the engine's hooks -------------------------------------------------------------
+
+    async def before_call(self, ctx: Context[Any], store: Store, runtime: Runtime) -> None:
+        if self._match("expire_lease", ctx) is not None:
+            await store.expire_lease(ctx.run_id)
+            runtime.wake()
+        rule = self._match("fail_compensation", ctx)
+        if rule is not None:
+            error = _PermanentInjectedFault if rule.option else InjectedFault
+            raise error(f"injected failure of the compensation of {ctx.step!r}")
+
+    async def before_checkpoint(self, ctx: Context[Any]) -> None:
+        if self._match("crash_after", ctx) is not None:
+            raise SimulatedCrash(f"injected crash after {ctx.step!r}")
+
+    async def write(
+        self, ctx: Context[Any], attempt_write: Callable[[], Awaitable[TransitionResult | None]]
+    ) -> TransitionResult | None:
+        rule = self._match("drop_connection", ctx)
+        if rule is None:
+            return await attempt_write()
+        if rule.option:
+            await attempt_write()
+        raise DatabaseError("injected: connection lost at commit") from ConnectionResetError()

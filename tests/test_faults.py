@@ -1,0 +1,217 @@
+"""saga.testing fault injection, and what each fault proves about the engine."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import anyio
+import pytest
+from pydantic import BaseModel
+from structlog.testing import capture_logs
+
+import saga
+from saga.testing import Faults
+from tests.conftest import OrchestratorFactory
+
+
+class Job(BaseModel):
+    n: int
+
+
+class Effects:
+    """An external service's ledger: raw executions, and net effect per idempotency key."""
+
+    def __init__(self) -> None:
+        self.raw: Counter[str] = Counter()
+        self.net: Counter[str] = Counter()
+
+    def apply(self, key: str) -> None:
+        self.raw[key] += 1
+        self.net[key] = 1  # deduplicated by key, as a real service would
+
+    def undo(self, key: str) -> None:
+        self.raw[key + ":undo"] += 1
+        self.net[key] = 0
+
+
+def ledger_saga(effects: Effects, name: str = "ledger") -> saga.Saga[Job]:
+    s = saga.Saga(name, input=Job)
+    for step_name in ("debit", "credit", "notify"):
+
+        async def forward(ctx: saga.Context[Job]) -> str:
+            effects.apply(ctx.idempotency_key)
+            if ctx.step == "notify" and ctx.input.n < 0:
+                raise saga.PermanentError("refused")
+            return ctx.idempotency_key
+
+        async def undo(ctx: saga.Context[Job], key: str) -> None:
+            effects.undo(key)
+
+        step = s.step(name=step_name, retry=saga.Retry(max_attempts=3, initial_delay=0.01))(forward)
+        step.compensate(retry=saga.Retry(max_attempts=3, initial_delay=0.01))(undo)
+    return s
+
+
+async def test_crash_after_side_effect_reruns_the_step_once_more(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A worker dying between a step's side effect and its checkpoint loses nothing: the
+    lease expires, the step runs again with the same idempotency key (two raw executions,
+    net effect one), and the outcome is recorded once."""
+    effects = Effects()
+    s = ledger_saga(effects)
+    faults = Faults()
+    faults.crash_after("credit")
+    orch = await orchestrator(s, lease_seconds=0.5)
+    faults.attach(orch)
+    run = await s.start(Job(n=1))
+    assert await run.result(timeout=15) == f"{run.id}:notify"
+    assert faults.fired["crash_after"] == 1
+    assert effects.raw[f"{run.id}:credit"] == 2
+    assert all(v == 1 for v in effects.net.values())
+    history = await run.history()
+    assert [e.kind for e in history].count("step_completed") == 3
+    assert "lease_expired" in [e.kind for e in history]
+
+
+async def test_a_step_that_kills_its_worker_every_time_ends_compensated(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A crash counts as an attempt: a step whose worker dies on every attempt exhausts
+    its attempts and the run is compensated instead of looping forever."""
+    effects = Effects()
+    s = ledger_saga(effects)
+    faults = Faults()
+    faults.crash_after("credit", times=10)
+    orch = await orchestrator(s, lease_seconds=0.3)
+    faults.attach(orch)
+    run = await s.start(Job(n=1))
+    with pytest.raises(saga.RunCompensatedError) as raised:
+        await run.result(timeout=20)
+    assert raised.value.error is not None
+    assert raised.value.error.type == "saga.AttemptLost"
+    assert faults.fired["crash_after"] == 3
+    assert effects.net == {f"{run.id}:debit": 0, f"{run.id}:credit": 1}
+
+
+async def test_expired_lease_fences_out_the_old_attempt(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """When a running step's lease expires and another attempt takes over, the old
+    attempt's write is refused (logged as stale_write_refused) and changes nothing; the
+    step's outcome is recorded once."""
+    gate = anyio.Event()
+    s = saga.Saga("fenced", input=Job)
+    attempts: list[int] = []
+
+    @s.step()
+    async def slow(ctx: saga.Context[Job]) -> int:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await gate.wait()  # the takeover happens while attempt 1 is here
+        else:
+            gate.set()
+        return ctx.attempt
+
+    faults = Faults()
+    faults.expire_lease(slow)
+    orch = await orchestrator(s, lease_seconds=30)
+    faults.attach(orch)
+    with capture_logs() as logs:
+        run = await s.start(Job(n=1))
+        assert await run.result(timeout=10) == 2
+        with anyio.fail_after(5):
+            while not any(e["event"] == "stale_write_refused" for e in logs):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    assert attempts == [1, 2]
+    history = await run.history()
+    assert [e.kind for e in history].count("step_completed") == 1
+    assert [e.attempt for e in history if e.kind == "step_completed"] == [2]
+
+
+async def test_failing_compensation_is_retried_then_can_fail_the_run(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """fail_compensation(times=2) is absorbed by retries (compensated); a permanent one
+    leaves the run failed with the injected error recorded."""
+    effects = Effects()
+    s = ledger_saga(effects)
+    faults = Faults()
+    orch = await orchestrator(s)
+    faults.attach(orch)
+    first = await s.start(Job(n=-1))
+    faults.fail_compensation("credit", times=2, run_id=first.id)
+    with pytest.raises(saga.RunCompensatedError):
+        await first.result(timeout=10)
+    assert effects.net[f"{first.id}:credit"] == 0
+
+    second = await s.start(Job(n=-2))
+    faults.fail_compensation("debit", permanent=True, run_id=second.id)
+    with pytest.raises(saga.RunFailedError) as raised:
+        await second.result(timeout=10)
+    assert raised.value.compensation_error is not None
+    assert raised.value.compensation_error.step == "debit"
+    assert "InjectedFault" in raised.value.compensation_error.type
+    assert effects.net[f"{second.id}:debit"] == 1  # the undo never happened: operator's turn
+
+
+@pytest.mark.parametrize("committed", [True, False])
+async def test_dropped_connection_at_commit_loses_and_doubles_nothing(
+    orchestrator: OrchestratorFactory, committed: bool
+) -> None:
+    """Breaking the connection while checkpoints commit (with the commit applied or not)
+    neither loses a step nor records one twice."""
+    effects = Effects()
+    s = ledger_saga(effects)
+    faults = Faults()
+    for step in ("debit", "credit", "notify"):
+        faults.drop_connection_at_commit(step, committed=committed)
+    orch = await orchestrator(s)
+    faults.attach(orch)
+    run = await s.start(Job(n=1))
+    await run.result(timeout=15)
+    assert faults.fired["drop_connection"] == 3
+    assert [e.kind for e in await run.history()].count("step_completed") == 3
+    assert set(effects.raw.values()) == {1}
+
+
+async def test_crash_during_rollback_resumes_the_rollback(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A worker dying after a compensation's effect but before its checkpoint: the
+    rollback resumes at that compensation and still undoes every completed step, newest
+    first."""
+    effects = Effects()
+    s = ledger_saga(effects)
+    faults = Faults()
+    faults.crash_after("credit", compensation=True)
+    orch = await orchestrator(s, lease_seconds=0.5)
+    faults.attach(orch)
+    run = await s.start(Job(n=-1))
+    with pytest.raises(saga.RunCompensatedError):
+        await run.result(timeout=15)
+    assert effects.raw[f"{run.id}:credit:undo"] == 2
+    assert effects.net == {f"{run.id}:debit": 0, f"{run.id}:credit": 0, f"{run.id}:notify": 1}
+    undone = [e.step for e in await run.history() if e.kind == "compensation_completed"]
+    assert undone == ["credit", "debit"]
+
+
+async def test_step_lease_is_renewed_at_its_own_pace(orchestrator: OrchestratorFactory) -> None:
+    """A step with a short lease_seconds, running longer than that lease, keeps it through
+    heartbeats: another orchestrator polling the same database never takes it over."""
+    s = saga.Saga("steady", input=Job)
+    attempts: list[int] = []
+
+    @s.step(lease_seconds=0.6)
+    async def long_running(ctx: saga.Context[Job]) -> int:
+        attempts.append(ctx.attempt)
+        await anyio.sleep(2)
+        return 1
+
+    other = saga.Saga("steady", input=Job)
+    other.step(name="long_running", lease_seconds=0.6)(long_running.fn)
+    await orchestrator(s)
+    await orchestrator(other)
+    run = await s.start(Job(n=1))
+    assert await run.result(timeout=10) == 1
+    assert attempts == [1]
