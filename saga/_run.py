@@ -14,6 +14,7 @@ import anyio
 
 from saga._codec import decode
 from saga._errors import (
+    DatabaseError,
     ErrorInfo,
     InvalidRunStateError,
     RunCancelledError,
@@ -199,7 +200,15 @@ class RunHandle:
         while True:
             waiter = orch._subscribe(self.id)
             try:
-                record = await store.get_run(self.id)
+                try:
+                    record = await store.get_run(self.id)
+                except DatabaseError:
+                    # The database is away (restart, failover): keep waiting until the
+                    # deadline, as the run itself will resume when it is back.
+                    if anyio.current_time() >= deadline:
+                        raise
+                    await anyio.sleep(min(orch.poll_interval, deadline - anyio.current_time()))
+                    continue
                 if record is None:
                     raise RunNotFoundError(self.id)
                 status = RunStatus(record["status"])

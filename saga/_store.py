@@ -76,7 +76,13 @@ async def translate_errors(what: str) -> AsyncIterator[None]:
     """Turn driver and connection errors into DatabaseError, keeping them as the cause."""
     try:
         yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        # Raised on a connection broken in the middle of an operation (server gone).
+        asyncpg.InternalClientError,
+        OSError,
+    ) as exc:
         raise DatabaseError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 

@@ -53,7 +53,16 @@ async def template_dsn(base_dsn: str) -> AsyncIterator[str]:
             await pool.close()
         yield dsn
     finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        await admin.close()
+        await _drop(base_dsn, TEMPLATE)
+
+
+async def _drop(base_dsn: str, database: str) -> None:
+    # A fresh connection: a test may have restarted the server meanwhile.
+    admin = await asyncpg.connect(base_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    finally:
         await admin.close()
 
 
@@ -64,10 +73,12 @@ async def dsn(base_dsn: str, template_dsn: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(base_dsn)
     try:
         await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    finally:
+        await admin.close()
+    try:
         yield _with_database(base_dsn, name)
     finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+        await _drop(base_dsn, name)
 
 
 @pytest.fixture
@@ -77,7 +88,8 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     try:
         yield conn
     finally:
-        await conn.close()
+        if not conn.is_closed():
+            conn.terminate()
 
 
 OrchestratorFactory = Callable[..., Any]
