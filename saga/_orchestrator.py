@@ -42,6 +42,7 @@ InT = TypeVar("InT", bound=pydantic.BaseModel)
 logger = structlog.get_logger("saga")
 
 _MAX_KEY_LENGTH = 512
+_CENSUS_INTERVAL = 60.0
 
 
 def _setter(event: anyio.Event) -> Any:
@@ -228,6 +229,7 @@ class Orchestrator:
                 if self.concurrency > 0:
                     await tg.start(self._claim_loop)
                     await tg.start(self._heartbeat_loop)
+                    tg.start_soon(self._census_loop)
                 started.set_result(None)
                 await self._stop.wait()
                 # Drain: no new claims; running steps get shutdown_timeout to finish.
@@ -318,6 +320,14 @@ class Orchestrator:
             if (saga.name, saga.version) in self._sagas and self.concurrency > 0:
                 self._wake.set()
         return RunHandle(self, run_id, created=created)
+
+    async def unclaimable_runs(self) -> dict[tuple[str, int], int]:
+        """Active runs of (saga name, version) pairs this orchestrator did not register.
+
+        They are not claimed, failed or lost: they wait for an orchestrator that knows
+        their definition (e.g. during a rolling deploy). Watch this during deploys.
+        """
+        return await self._store_or_raise().count_unclaimable(list(self._sagas))
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle:
         """A handle on an existing run (by id), e.g. one started by another process."""
@@ -468,6 +478,18 @@ class Orchestrator:
                     self._wake.set()
                 if not self._inflight:
                     self._drained.set()
+
+    async def _census_loop(self) -> None:
+        """Log, once a minute, work waiting for definitions this worker does not have."""
+        assert self._store is not None
+        while True:
+            await anyio.sleep(_CENSUS_INTERVAL)
+            try:
+                waiting = await self._store.count_unclaimable(list(self._sagas))
+            except DatabaseError:
+                continue
+            for (name, version), runs in waiting.items():
+                logger.warning("unknown_definition_waiting", saga=name, version=version, runs=runs)
 
     async def _heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
         assert self._store is not None

@@ -321,6 +321,17 @@ class Store:
             row = await self.pool.fetchrow(self._q["request_cancel"], run_id, self.work_channel)
         return row is not None
 
+    async def count_unclaimable(
+        self, sagas: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        async with translate_errors("counting unclaimable runs"):
+            rows = await self.pool.fetch(
+                self._q["count_unclaimable"],
+                [name for name, _ in sagas],
+                [version for _, version in sagas],
+            )
+        return {(r["saga_name"], r["saga_version"]): r["runs"] for r in rows}
+
     async def expire_lease(self, run_id: UUID) -> bool:
         async with translate_errors("expiring a lease"):
             return await self.pool.fetchval(self._q["expire_lease"], run_id) is not None

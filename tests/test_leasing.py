@@ -331,3 +331,31 @@ async def test_connection_lost_during_a_write_is_resolved_by_rereading(
     assert await run.result(timeout=10) == "c"
     assert calls == ["a", "b", "c"]
     assert [e.kind for e in await run.history()].count("step_completed") == 3
+
+
+async def test_work_for_unknown_versions_waits_untouched_and_is_counted(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """During a deploy, runs of a saga version a worker does not know are neither claimed
+    nor failed: they are counted, and a worker that has the version runs them."""
+
+    def define(version: int) -> saga.Saga[Job]:
+        s = saga.Saga("deployed", input=Job, version=version)
+
+        @s.step()
+        async def work(ctx: saga.Context[Job]) -> int:
+            return version
+
+        return s
+
+    client = await orchestrator(define(2), concurrency=0)
+    run = await client.start(client._sagas[("deployed", 2)], Job(n=1))
+    old_worker = await orchestrator(define(1))
+    old_worker.wake()
+    await anyio.sleep(0.6)  # three poll intervals of the old worker
+    row = await db.fetchrow("SELECT status, attempt, lease_owner FROM saga.runs")
+    assert tuple(row) == ("pending", 0, None)
+    assert await old_worker.unclaimable_runs() == {("deployed", 2): 1}
+    await orchestrator(define(2))
+    assert await run.result(timeout=10) == 2
+    assert await old_worker.unclaimable_runs() == {}

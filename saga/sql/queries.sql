@@ -190,3 +190,14 @@ SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 UPDATE __schema__.runs SET due_at = now() - interval '1 millisecond'
 WHERE id = $1 AND lease_owner IS NOT NULL
 RETURNING id;
+
+-- name: count_unclaimable
+-- Active runs of sagas (name, version) this orchestrator has not registered: they wait,
+-- untouched, for one that has. Reads only the partial index of active runs.
+-- $1 saga names, $2 saga versions (pairwise)
+SELECT saga_name, saga_version, count(*) AS runs
+FROM __schema__.runs
+WHERE due_at IS NOT NULL
+  AND (saga_name, saga_version) NOT IN (SELECT * FROM unnest($1::text[], $2::integer[]))
+GROUP BY saga_name, saga_version
+ORDER BY saga_name, saga_version;
