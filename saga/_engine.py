@@ -8,6 +8,7 @@ one commit per step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 logger = structlog.get_logger("saga")
+
+_NO_TIMEOUT = contextlib.nullcontext()
 
 # Waits between attempts to write a transition through connection errors (seconds).
 _WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0, 3.0)
@@ -133,11 +136,12 @@ class Engine:
                 step=item.step_name,
                 previous_worker=item.expired_owner,
             )
+        # One bound logger per claimed run: binding resolves structlog's configuration.
+        log = logger.bind(run_id=str(state.run_id), saga=saga.name)
         while True:
-            change, completed_result = await self._step(state, lease)
+            change, completed_result = await self._step(state, lease, log)
             if change is None:
                 return  # lease lost while the step ran; another worker owns the run now
-            log = logger.bind(run_id=str(state.run_id), saga=saga.name)
             outcome = await self._apply(state, lease, change, log)
             if outcome is None:
                 lease.lost = True
@@ -215,7 +219,9 @@ class Engine:
             return None
         return TransitionResult(record["lease_token"], record["cancel_requested"])
 
-    async def _step(self, state: _RunState, lease: Lease) -> tuple[Transition | None, Any]:
+    async def _step(
+        self, state: _RunState, lease: Lease, run_log: Any
+    ) -> tuple[Transition | None, Any]:
         """Run the current item; return the transition to record (None: lease lost)."""
         saga = state.saga
         state.ctx = None
@@ -240,9 +246,7 @@ class Engine:
             _results=state.results,
             _definition=saga,
         )
-        log = logger.bind(
-            run_id=str(state.run_id), saga=saga.name, step=step.name, attempt=state.attempt
-        )
+        log = run_log.bind(step=step.name, attempt=state.attempt)
         error: dict[str, Any] | None = None
         retryable = False
         result: Any = None
@@ -256,7 +260,6 @@ class Engine:
                 "step": step.name,
             }
         else:
-            log.debug(f"{kind}_attempt_started")
             timeout = comp.timeout if compensating and comp else step.timeout
             if lease.lost:
                 return None, None
@@ -268,7 +271,7 @@ class Engine:
                 try:
                     if hooks is not None:
                         await hooks.before_call(ctx, self._store, self._rt)
-                    with anyio.fail_after(timeout):
+                    with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
                         if compensating and comp is not None:
                             await comp.fn(ctx, state.results.get(step.name))
                         else:

@@ -45,6 +45,17 @@ _MAX_KEY_LENGTH = 512
 _CENSUS_INTERVAL = 60.0
 
 
+async def _keep_session(_conn: Any) -> None:
+    """Pool reset for the orchestrator's own pool: nothing to undo.
+
+    asyncpg's default reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL``) is a round trip and a transaction on every release, which doubled the commits
+    per step. saga's sessions keep no server-side state: no session advisory locks (only
+    transaction-scoped ones), no cursors, no settings, and the listener removes its
+    LISTENs explicitly. asyncpg still rolls back any open transaction before this runs.
+    """
+
+
 def _setter(event: anyio.Event) -> Any:
     return lambda _conn: event.set()
 
@@ -149,6 +160,7 @@ class Orchestrator:
                         self._dsn_or_pool,
                         min_size=1,
                         max_size=max(4, min(self.concurrency + 2, 20)),
+                        reset=_keep_session,
                     )
             else:
                 self._pool = self._dsn_or_pool
