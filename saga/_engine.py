@@ -9,6 +9,7 @@ one commit per step.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ if TYPE_CHECKING:
 logger = structlog.get_logger("saga")
 
 _NO_TIMEOUT = contextlib.nullcontext()
+
+
+class _Committed(enum.Enum):
+    """An uncertain write turned out committed, and the run has moved on since."""
+
+    COMMITTED = "committed"
+
+
+COMMITTED = _Committed.COMMITTED
 
 # Waits between attempts to write a transition through connection errors (seconds).
 _WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0, 3.0)
@@ -149,6 +159,8 @@ class Engine:
                 return
             for event in change.events:
                 _log_event(log, event)
+            if outcome is COMMITTED:
+                return  # committed, but the run has moved on since: nothing more for us
             if change.due_in is not None and change.lease_owner is None and change.due_in > 0:
                 self._rt.wake_later(change.due_in)
             if change.lease_owner is None:
@@ -168,7 +180,7 @@ class Engine:
 
     async def _apply(
         self, state: _RunState, lease: Lease, change: Transition, log: Any
-    ) -> TransitionResult | None:
+    ) -> TransitionResult | _Committed | None:
         """Write a transition, retrying through connection errors.
 
         A write whose connection broke may or may not have committed. Replaying it is safe
@@ -202,22 +214,30 @@ class Engine:
 
     async def _resolve(
         self, state: _RunState, change: Transition, log: Any
-    ) -> TransitionResult | None:
-        record = await self._store.get_run(state.run_id)
-        applied = (
-            record is not None
-            and record["status"] == change.status
-            and record["step_name"] == change.step_name
-            and record["attempt"] == change.attempt
-            and record["lease_owner"] == change.lease_owner
-            and (
-                change.completed_step is None or change.completed_step in record["completed_steps"]
-            )
+    ) -> TransitionResult | _Committed | None:
+        """After an uncertain write was refused on replay: did the first one commit?
+
+        The history answers exactly (an attempt writes its outcome once). If it committed
+        and leased the run's next item to us, and nothing moved since, carry on holding it.
+        """
+        first = change.events[0]
+        committed = await self._store.has_event(
+            state.run_id, first["kind"], first["step"], first["attempt"], self._rt.worker_id
         )
-        log.info("ambiguous_commit_resolved", committed=applied)
-        if not applied or record is None:
+        log.info("ambiguous_commit_resolved", committed=committed)
+        if not committed:
             return None
-        return TransitionResult(record["lease_token"], record["cancel_requested"])
+        if change.lease_owner is not None:
+            record = await self._store.get_run(state.run_id)
+            if (
+                record is not None
+                and record["lease_owner"] == change.lease_owner
+                and record["status"] == change.status
+                and record["step_name"] == change.step_name
+                and record["attempt"] == change.attempt
+            ):
+                return TransitionResult(record["lease_token"], record["cancel_requested"])
+        return COMMITTED
 
     async def _step(
         self, state: _RunState, lease: Lease, run_log: Any

@@ -332,6 +332,15 @@ class Store:
             )
         return {(r["saga_name"], r["saga_version"]): r["runs"] for r in rows}
 
+    async def has_event(
+        self, run_id: UUID, kind: str, step: str | None, attempt: int | None, worker: str
+    ) -> bool:
+        async with translate_errors("reading a run's history"):
+            found = await self.pool.fetchval(
+                self._q["has_event"], run_id, kind, step, attempt, worker
+            )
+        return bool(found)
+
     async def expire_lease(self, run_id: UUID) -> bool:
         async with translate_errors("expiring a lease"):
             return await self.pool.fetchval(self._q["expire_lease"], run_id) is not None

@@ -215,3 +215,37 @@ async def test_step_lease_is_renewed_at_its_own_pace(orchestrator: OrchestratorF
     run = await s.start(Job(n=1))
     assert await run.result(timeout=10) == 1
     assert attempts == [1]
+
+
+async def test_uncertain_write_that_committed_is_not_reported_stale(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A failure write whose reply is lost after it committed (releasing the lease) is
+    resolved from the history as committed: its events are logged once, and it is not
+    counted as a stale write even though the run has moved on."""
+    s = saga.Saga("unsure", input=Job)
+
+    @s.step(retry=saga.Retry(max_attempts=2, initial_delay=0, jitter=0))
+    async def flaky(ctx: saga.Context[Job]) -> int:
+        if ctx.attempt == 1:
+            raise ConnectionError("first attempt fails")
+        return ctx.attempt
+
+    faults = Faults()
+    faults.drop_connection_at_commit(flaky, committed=True)
+    # Polling every 10 ms, the worker reclaims the run (attempt 2) before the first
+    # runner replays its write (50 ms later): the run has moved on when it re-reads.
+    orch = await orchestrator(s, poll_interval=0.01)
+    faults.attach(orch)
+    with capture_logs() as logs:
+        run = await s.start(Job(n=1))
+        assert await run.result(timeout=10) == 2
+        with anyio.fail_after(5):
+            while not any(e["event"] == "ambiguous_commit_resolved" for e in logs):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    resolved = [e for e in logs if e["event"] == "ambiguous_commit_resolved"]
+    assert [e["committed"] for e in resolved] == [True]
+    assert not [e for e in logs if e["event"] == "stale_write_refused"]
+    failed = [e for e in logs if e["event"] == "step_failed"]
+    assert [e["error_type"] for e in failed] == ["ConnectionError"]
+    assert [e.kind for e in await run.history()].count("step_failed") == 1

@@ -201,3 +201,13 @@ WHERE due_at IS NOT NULL
   AND (saga_name, saga_version) NOT IN (SELECT * FROM unnest($1::text[], $2::integer[]))
 GROUP BY saga_name, saga_version
 ORDER BY saga_name, saga_version;
+
+-- name: has_event
+-- Whether this worker's write with this first event committed: an attempt writes its
+-- outcome once, so (kind, step, attempt, worker) identifies it in the run's history.
+-- $1 run id, $2 kind, $3 step or NULL, $4 attempt or NULL, $5 worker id
+SELECT EXISTS (
+    SELECT 1 FROM __schema__.events
+    WHERE run_id = $1 AND kind = $2 AND step IS NOT DISTINCT FROM $3
+      AND attempt IS NOT DISTINCT FROM $4 AND worker = $5
+);
