@@ -100,13 +100,25 @@ class ClaimedItem:
     completed_steps: list[str]
     cancel_requested: bool
     has_error: bool
+    trace_context: str | None
+    age: float  # seconds since the run was created, by the database clock
     expired_owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Census:
+    """Runs per state (active ones and failed), oldest active age, scheduler lag (s)."""
+
+    runs_by_status: dict[str, int]
+    oldest_active_age: float
+    scheduler_lag: float
 
 
 @dataclass(frozen=True, slots=True)
 class TransitionResult:
     lease_token: int
     cancel_requested: bool
+    age: float = 0.0  # seconds since the run was created, by the database clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +210,7 @@ class Store:
         key: str | None,
         input_json: str,
         first_step: str,
+        trace_context: str | None = None,
     ) -> tuple[UUID, bool]:
         """Insert a run; returns (id, created). An existing key returns that run."""
         async with translate_errors("starting a run"):
@@ -211,6 +224,7 @@ class Store:
                     input_json,
                     first_step,
                     self.work_channel,
+                    trace_context,
                 )
                 if row is not None:
                     return row["id"], True
@@ -250,6 +264,8 @@ class Store:
                 completed_steps=list(r["completed_steps"]),
                 cancel_requested=r["cancel_requested"],
                 has_error=r["has_error"],
+                trace_context=r["trace_context"],
+                age=r["age"],
                 expired_owner=r["prev_owner"],
             )
             for r in rows
@@ -280,7 +296,7 @@ class Store:
             )
         if row is None:
             return None
-        return TransitionResult(row["lease_token"], row["cancel_requested"])
+        return TransitionResult(row["lease_token"], row["cancel_requested"], row["age"])
 
     async def heartbeat(
         self, worker: str, leases: Sequence[tuple[UUID, int, float]]
@@ -331,6 +347,18 @@ class Store:
                 [version for _, version in sagas],
             )
         return {(r["saga_name"], r["saga_version"]): r["runs"] for r in rows}
+
+    async def census(self, sagas: Sequence[tuple[str, int]]) -> Census:
+        async with translate_errors("reading run statistics"):
+            rows = await self.pool.fetch(
+                self._q["census"], [n for n, _ in sagas], [v for _, v in sagas]
+            )
+        ages = [r["oldest_age"] for r in rows if r["oldest_age"] is not None]
+        return Census(
+            runs_by_status={r["status"]: r["runs"] for r in rows},
+            oldest_active_age=max(ages, default=0.0),
+            scheduler_lag=max((r["lag"] for r in rows), default=0.0),
+        )
 
     async def has_event(
         self, run_id: UUID, kind: str, step: str | None, attempt: int | None, worker: str

@@ -6,11 +6,13 @@
 -- Insert a new pending run, its first history event, and wake the workers; returns no
 -- row when a run with the same (saga, idempotency key) already exists.
 -- $1 run id, $2 saga name, $3 saga version, $4 idempotency key or NULL,
--- $5 input JSON text, $6 first step name, $7 work notification channel
+-- $5 input JSON text, $6 first step name, $7 work notification channel, $8 trace
+-- context JSON (W3C carrier of the starting span) or NULL
 WITH ins AS (
     INSERT INTO __schema__.runs
-        (id, saga_name, saga_version, idempotency_key, input, step_name, due_at)
-    VALUES ($1, $2, $3, $4, $5::jsonb, $6, now())
+        (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
+         trace_context)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6, now(), $8::jsonb)
     ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), ev AS (
@@ -52,7 +54,8 @@ WITH candidates AS (
     RETURNING r.id, r.saga_name, r.saga_version, r.status, r.step_name, r.attempt,
               r.lease_token, r.input::text AS input, r.results::text AS results,
               r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
-              c.prev_owner
+              r.trace_context::text AS trace_context,
+              extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
     SELECT run_id, kind, step, attempt, worker FROM (
@@ -98,7 +101,8 @@ WITH upd AS (
         finished_at = CASE WHEN $11::float8 IS NULL THEN now() END,
         updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
-    RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished
+    RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
+              extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
@@ -106,7 +110,7 @@ WITH upd AS (
     FROM upd, jsonb_array_elements($13::jsonb) WITH ORDINALITY AS e(ev, ord)
     ORDER BY e.ord
 )
-SELECT lease_token, cancel_requested,
+SELECT lease_token, cancel_requested, age,
        CASE WHEN finished THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
 
@@ -211,3 +215,23 @@ SELECT EXISTS (
     WHERE run_id = $1 AND kind = $2 AND step IS NOT DISTINCT FROM $3
       AND attempt IS NOT DISTINCT FROM $4 AND worker = $5
 );
+
+-- name: census
+-- What operators watch, at a cost bounded by the active runs (partial index) and the
+-- failed ones: runs per state, the oldest active run's age, and the scheduler lag (now
+-- minus the due time of the oldest runnable item of a registered saga; 0 when none).
+-- $1 saga names, $2 saga versions (pairwise): the sagas this orchestrator runs
+WITH active AS (
+    SELECT status, count(*) AS runs,
+           extract(epoch FROM now() - min(created_at))::float8 AS oldest_age
+    FROM __schema__.runs WHERE due_at IS NOT NULL GROUP BY status
+), lag AS (
+    SELECT coalesce(extract(epoch FROM now() - min(due_at))::float8, 0) AS lag
+    FROM __schema__.runs
+    WHERE due_at <= now() AND lease_owner IS NULL
+      AND (saga_name, saga_version) IN (SELECT * FROM unnest($1::text[], $2::integer[]))
+)
+SELECT status, runs, oldest_age, (SELECT lag FROM lag) AS lag FROM active
+UNION ALL
+SELECT 'failed', count(*), NULL, (SELECT lag FROM lag)
+FROM __schema__.runs WHERE status = 'failed';

@@ -1,0 +1,7 @@
+-- 0002: the trace context of the span that started each run (W3C traceparent carrier),
+-- so every step attempt, in any process, joins the run's one trace; and a partial index
+-- for the few runs waiting for an operator (failed), counted by the metrics.
+
+ALTER TABLE __schema__.runs ADD COLUMN trace_context jsonb;
+
+CREATE INDEX runs_failed ON __schema__.runs (created_at) WHERE status = 'failed';
