@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,11 +19,14 @@ from uuid import UUID
 
 import anyio
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from saga._codec import decode, encode
 from saga._definition import Context, Retry, Saga, Step
 from saga._errors import DatabaseError, SagaError
 from saga._store import ClaimedItem, Store, Transition, TransitionResult
+from saga._telemetry import SAGA, TERMINAL, Telemetry
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -84,6 +88,7 @@ class Runtime(Protocol):
     lease_seconds: float
     max_payload_bytes: int
     hooks: Hooks | None
+    telemetry: Telemetry
 
     def wake(self) -> None: ...
 
@@ -112,7 +117,14 @@ class _RunState:
     completed: list[str]
     cancel_requested: bool
     has_error: bool
+    trace_context: str | None = None
     ctx: Context[Any] | None = None  # of the attempt whose outcome is being written
+    # The attempt being run: its span, start time, and how it went.
+    span: Span | None = None
+    started: float = 0.0
+    kind: str = "step"
+    outcome: str = "success"
+    error_type: str | None = None
 
 
 class Engine:
@@ -137,8 +149,11 @@ class Engine:
             completed=item.completed_steps,
             cancel_requested=item.cancel_requested,
             has_error=item.has_error,
+            trace_context=item.trace_context,
         )
+        telemetry = self._rt.telemetry
         if item.expired_owner is not None:
+            telemetry.leases_expired.add(1, {SAGA: saga.name})
             logger.warning(
                 "lease_expired",
                 run_id=str(item.run_id),
@@ -148,15 +163,30 @@ class Engine:
             )
         # One bound logger per claimed run: binding resolves structlog's configuration.
         log = logger.bind(run_id=str(state.run_id), saga=saga.name)
+        try:
+            await self._drive(state, lease, log)
+        finally:
+            self._end_attempt(state, "interrupted")  # crash, cancellation, database error
+
+    async def _drive(self, state: _RunState, lease: Lease, log: Any) -> None:
+        telemetry, saga = self._rt.telemetry, state.saga
         while True:
             change, completed_result = await self._step(state, lease, log)
             if change is None:
+                self._end_attempt(state, "lease_lost")
                 return  # lease lost while the step ran; another worker owns the run now
             outcome = await self._apply(state, lease, change, log)
             if outcome is None:
                 lease.lost = True
+                telemetry.writes_refused.add(1, {SAGA: saga.name})
+                self._end_attempt(state, "refused")
                 log.warning("stale_write_refused", step=state.step_name, attempt=state.attempt)
                 return
+            ended = change.status if change.status in TERMINAL else None
+            self._end_attempt(state, state.outcome, ended)
+            if ended is not None:
+                age = outcome.age if isinstance(outcome, TransitionResult) else None
+                telemetry.run_ended(saga.name, ended, age)
             for event in change.events:
                 _log_event(log, event)
             if outcome is COMMITTED:
@@ -177,6 +207,21 @@ class Engine:
             state.step_name = change.step_name
             state.attempt = change.attempt
             state.cancel_requested = outcome.cancel_requested
+
+    def _end_attempt(self, state: _RunState, outcome: str, run_status: str | None = None) -> None:
+        span, state.span = state.span, None
+        if span is None:
+            return
+        self._rt.telemetry.end_attempt(
+            span,
+            kind=state.kind,
+            saga=state.saga.name,
+            step=state.step_name,
+            outcome=outcome,
+            error_type=state.error_type,
+            duration=time.perf_counter() - state.started,
+            run_status=run_status,
+        )
 
     async def _apply(
         self, state: _RunState, lease: Lease, change: Transition, log: Any
@@ -270,6 +315,18 @@ class Engine:
         error: dict[str, Any] | None = None
         retryable = False
         result: Any = None
+        state.kind, state.outcome, state.error_type = kind, "success", None
+        state.started = time.perf_counter()
+        state.span = self._rt.telemetry.attempt_span(
+            state.trace_context,
+            saga=saga.name,
+            version=saga.version,
+            run_id=str(state.run_id),
+            step=step.name,
+            attempt=state.attempt,
+            kind=kind,
+            worker=self._rt.worker_id,
+        )
         if state.attempt > policy.max_attempts:
             # The previous attempt's worker stopped (crash, kill, lost connection) before
             # recording an outcome: it counts as an attempt, and there are none left.
@@ -287,7 +344,7 @@ class Engine:
             lease.scope = anyio.CancelScope()
             state.ctx = ctx
             hooks = self._rt.hooks
-            with lease.scope:
+            with lease.scope, trace.use_span(state.span, end_on_exit=False):
                 try:
                     if hooks is not None:
                         await hooks.before_call(ctx, self._store, self._rt)
@@ -382,7 +439,10 @@ class Engine:
         policy: Retry,
         kind: str,
     ) -> Transition:
+        state.error_type = error["type"]
+        state.outcome = "failure"
         if retryable and state.attempt < policy.max_attempts:
+            state.outcome = "retry"
             delay = policy.delay(state.attempt)
             return Transition(
                 status=state.status,
@@ -448,6 +508,7 @@ class Engine:
         if error is not None:
             if retryable and state.attempt < policy.max_attempts:
                 return self._after_failure(state, error, retryable, policy, "compensation")
+            state.error_type, state.outcome = error["type"], "failure"
             return Transition(
                 status="failed",
                 step_name=state.step_name,

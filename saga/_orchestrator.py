@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import uuid
@@ -23,6 +24,8 @@ import asyncpg
 import pydantic
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode
 from saga._definition import Saga
@@ -36,13 +39,14 @@ from saga._errors import (
 )
 from saga._run import RunHandle
 from saga._store import ClaimedItem, Store, translate_errors, validate_schema
+from saga._telemetry import CREATED, RUN_ID, SAGA, Telemetry
 
 InT = TypeVar("InT", bound=pydantic.BaseModel)
 
 logger = structlog.get_logger("saga")
 
 _MAX_KEY_LENGTH = 512
-_CENSUS_INTERVAL = 60.0
+_UNCLAIMABLE_LOG_INTERVAL = 60.0
 
 
 async def _keep_session(_conn: Any) -> None:
@@ -93,6 +97,9 @@ class Orchestrator:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         migrate: bool = True,
         worker_id: str | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        census_interval: float = 15.0,
     ) -> None:
         if not isinstance(dsn_or_pool, str | asyncpg.Pool):
             raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
@@ -108,6 +115,8 @@ class Orchestrator:
             raise ConfigurationError("max_payload_bytes must be a positive int")
         self.max_payload_bytes = max_payload_bytes
         self._migrate = migrate
+        self.census_interval = _positive("census_interval", census_interval)
+        self.telemetry = Telemetry.for_providers(tracer_provider, meter_provider)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
         self._sagas: dict[tuple[str, int], Saga[Any]] = {}
@@ -238,10 +247,10 @@ class Orchestrator:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await tg.start(self._listen_loop)
+                tg.start_soon(self._census_loop)
                 if self.concurrency > 0:
                     await tg.start(self._claim_loop)
                     await tg.start(self._heartbeat_loop)
-                    tg.start_soon(self._census_loop)
                 started.set_result(None)
                 await self._stop.wait()
                 # Drain: no new claims; running steps get shutdown_timeout to finish.
@@ -323,11 +332,23 @@ class Orchestrator:
             raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
         input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
         # Shielded: once the INSERT is sent, its outcome must be known to the caller.
-        with anyio.CancelScope(shield=True):
+        with (
+            self.telemetry.start_span(saga, key) as (span, carrier),
+            anyio.CancelScope(shield=True),
+        ):
             run_id, created = await store.start_run(
-                uuid.uuid4(), saga.name, saga.version, key, input_json, saga.steps[0].name
+                uuid.uuid4(),
+                saga.name,
+                saga.version,
+                key,
+                input_json,
+                saga.steps[0].name,
+                carrier,
             )
+            span.set_attribute(RUN_ID, str(run_id))
+            span.set_attribute(CREATED, created)
         if created:
+            self.telemetry.runs_started.add(1, {SAGA: saga.name})
             logger.debug("run_started", run_id=str(run_id), saga=saga.name)
             if (saga.name, saga.version) in self._sagas and self.concurrency > 0:
                 self._wake.set()
@@ -492,16 +513,29 @@ class Orchestrator:
                     self._drained.set()
 
     async def _census_loop(self) -> None:
-        """Log, once a minute, work waiting for definitions this worker does not have."""
+        """Refresh the database-wide gauges (runs per state, oldest active run, scheduler
+        lag, unclaimable work) every ``census_interval``; warn about unclaimable work at
+        most once a minute. Two small queries over the active and failed runs only."""
         assert self._store is not None
-        while True:
-            await anyio.sleep(_CENSUS_INTERVAL)
-            try:
-                waiting = await self._store.count_unclaimable(list(self._sagas))
-            except DatabaseError:
-                continue
-            for (name, version), runs in waiting.items():
-                logger.warning("unknown_definition_waiting", saga=name, version=version, runs=runs)
+        store, registered, warned_at = self._store, list(self._sagas), -math.inf
+        try:
+            while True:
+                try:
+                    census = await store.census(registered)
+                    waiting = await store.count_unclaimable(registered)
+                except DatabaseError:
+                    pass
+                else:
+                    self.telemetry.gauges.update(self.schema, census, waiting)
+                    if waiting and anyio.current_time() - warned_at >= _UNCLAIMABLE_LOG_INTERVAL:
+                        warned_at = anyio.current_time()
+                        for (name, version), runs in waiting.items():
+                            logger.warning(
+                                "unknown_definition_waiting", saga=name, version=version, runs=runs
+                            )
+                await anyio.sleep(self.census_interval)
+        finally:
+            self.telemetry.gauges.forget(self.schema)
 
     async def _heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
         assert self._store is not None

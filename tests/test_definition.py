@@ -86,8 +86,10 @@ async def test_saga_without_steps_cannot_be_registered() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a b", "x'; DROP TABLE runs; --", "$$", "a$$b", "line\nbreak", "é", "a" * 129, "1st"]
-    + ["q" * 10_240, 'quote"d', "semi;colon", "nul\x00"],
+    [
+        *["", "a b", "x'; DROP TABLE runs; --", "$$", "a$$b", "line\nbreak", "é", "a" * 129],
+        *["1st", "q" * 10_240, 'quote"d', "semi;colon", "nul\x00"],
+    ],
 )
 def test_hostile_names_are_rejected(name: str) -> None:
     """Saga and step names outside [A-Za-z_][A-Za-z0-9_.:-]{0,127} are refused."""

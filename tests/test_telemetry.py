@@ -1,0 +1,322 @@
+"""OpenTelemetry: one trace per run across orchestrators, metrics that move as documented,
+the OTLP wire path, and no payloads in spans."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import anyio
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from pydantic import BaseModel
+
+import saga
+from saga.testing import Faults
+from tests.conftest import OrchestratorFactory
+
+SECRET = "sentinel-7777-never-in-spans"
+
+
+class Order(BaseModel):
+    order_id: str
+
+
+class Tracing:
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+
+def build(fail: bool = False, name: str = "traced") -> saga.Saga[Order]:
+    s = saga.Saga(name, input=Order)
+
+    @s.step(retry=saga.Retry(max_attempts=3, initial_delay=0.01))
+    async def reserve(ctx: saga.Context[Order]) -> str:
+        if ctx.attempt == 1:
+            raise ConnectionError(f"flaky {SECRET}")
+        return f"r-{ctx.input.order_id}"
+
+    @reserve.compensate
+    async def release(ctx: saga.Context[Order], r: str) -> None:
+        return None
+
+    @s.step()
+    async def charge(ctx: saga.Context[Order]) -> str:
+        if fail:
+            raise saga.PermanentError(f"declined {SECRET}")
+        return "c"
+
+    return s
+
+
+def by_name(spans: list[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
+    out: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        out.setdefault(span.name, []).append(span)
+    return out
+
+
+async def test_completed_run_is_one_trace_under_the_caller(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """start() inside a request span records a child span; every step attempt (retries
+    as separate spans carrying their attempt number) is a child of the start span in the
+    same trace; a failed attempt records its error type and an error status; the last
+    attempt carries the run's outcome."""
+    tracing = Tracing()
+    s = build()
+    await orchestrator(s, tracer_provider=tracing.provider)
+    tracer = tracing.provider.get_tracer("app")
+    with tracer.start_as_current_span("POST /orders") as request:
+        run = await s.start(Order(order_id=SECRET))
+    assert await run.result(timeout=10) == "c"
+    with anyio.fail_after(5):
+        while "saga.step charge" not in by_name(tracing.spans()):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    spans = by_name(tracing.spans())
+    [start] = spans["saga.start traced"]
+    assert start.parent is not None
+    assert start.parent.span_id == request.get_span_context().span_id
+    assert start.attributes is not None
+    assert start.attributes["saga.run.id"] == str(run.id)
+    reserve = sorted(spans["saga.step reserve"], key=lambda sp: sp.start_time or 0)
+    assert [sp.attributes and sp.attributes["saga.attempt"] for sp in reserve] == [1, 2]
+    assert [sp.attributes and sp.attributes["saga.outcome"] for sp in reserve] == [
+        "retry",
+        "success",
+    ]
+    assert reserve[0].status.status_code is StatusCode.ERROR
+    assert reserve[0].attributes is not None
+    assert reserve[0].attributes["error.type"] == "ConnectionError"
+    [charge] = spans["saga.step charge"]
+    assert charge.attributes is not None
+    assert charge.attributes["saga.run.status"] == "completed"
+    trace_id = request.get_span_context().trace_id
+    for span in [*reserve, charge]:
+        assert span.context is not None
+        assert span.context.trace_id == trace_id
+        assert span.parent is not None
+        assert span.parent.span_id == start.context.span_id if start.context else False
+    assert_no_secret(tracing.spans())
+
+
+async def test_compensated_run_traced_across_orchestrators(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A run started by a client orchestrator and executed (forward and compensation) by
+    another, with its own tracer provider as another process would have, still forms one
+    trace: the worker's spans are children of the client's start span."""
+    client_tracing, worker_tracing = Tracing(), Tracing()
+    client = await orchestrator(
+        build(fail=True), concurrency=0, tracer_provider=client_tracing.provider
+    )
+    await orchestrator(build(fail=True), tracer_provider=worker_tracing.provider)
+    run = await client.start(client._sagas[("traced", 1)], Order(order_id="o-2"))
+    with pytest.raises(saga.RunCompensatedError):
+        await run.result(timeout=10)
+    with anyio.fail_after(5):
+        while "saga.compensate reserve" not in by_name(worker_tracing.spans()):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    [start] = client_tracing.spans()
+    assert start.context is not None
+    worker_spans = by_name(worker_tracing.spans())
+    assert set(worker_spans) == {"saga.step reserve", "saga.step charge", "saga.compensate reserve"}
+    for spans in worker_spans.values():
+        for span in spans:
+            assert span.context is not None
+            assert span.context.trace_id == start.context.trace_id
+            assert span.parent is not None
+            assert span.parent.span_id == start.context.span_id
+    [charge] = worker_spans["saga.step charge"]
+    assert charge.attributes is not None
+    assert charge.attributes["saga.outcome"] == "failure"
+    assert charge.attributes["error.type"] == "saga.PermanentError"
+    [undo] = worker_spans["saga.compensate reserve"]
+    assert undo.attributes is not None
+    assert undo.attributes["saga.kind"] == "compensation"
+    assert undo.attributes["saga.run.status"] == "compensated"
+    assert_no_secret([*client_tracing.spans(), *worker_tracing.spans()])
+
+
+def assert_no_secret(spans: list[ReadableSpan]) -> None:
+    texts = [repr(dict(span.attributes or {})) for span in spans]
+    texts += [repr(dict(event.attributes or {})) for span in spans for event in span.events]
+    texts += [span.status.description or "" for span in spans]
+    assert spans
+    assert not [t for t in texts if SECRET in t]
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
+    data = reader.get_metrics_data()
+    out: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    value = getattr(point, "value", None)
+                    if value is None:
+                        value = point.count  # type: ignore[union-attr]
+                    out.setdefault(metric.name, []).append((dict(point.attributes or {}), value))
+    return out
+
+
+def total(found: dict[str, list[tuple[dict[str, Any], Any]]], name: str, **attrs: Any) -> Any:
+    return sum(
+        value
+        for point_attrs, value in found.get(name, [])
+        if all(point_attrs.get(k) == v for k, v in attrs.items())
+    )
+
+
+async def test_metrics_move_as_documented(orchestrator: OrchestratorFactory) -> None:
+    """Counters and histograms for runs, attempts, durations, expired leases and refused
+    writes, and the database-wide gauges, each move as the README documents."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    s = build()
+    failing = build(fail=True, name="declined")
+    faults = Faults()
+    faults.crash_after("charge", run_id=None)
+    worker = await orchestrator(s, meter_provider=meters, census_interval=0.1, lease_seconds=0.5)
+    faults.attach(worker)
+    ok = await s.start(Order(order_id="a"))
+    assert await ok.result(timeout=15) == "c"
+
+    other = await orchestrator(failing, meter_provider=meters, census_interval=0.1)
+    bad = await other.start(failing, Order(order_id="b"))
+    with pytest.raises(saga.RunCompensatedError):
+        await bad.result(timeout=10)
+
+    found = points(reader)
+    assert total(found, "saga.runs.started", **{"saga.name": "traced"}) == 1
+    assert total(found, "saga.runs.started", **{"saga.name": "declined"}) == 1
+    assert total(found, "saga.runs.completed") == 1
+    assert total(found, "saga.runs.compensated") == 1
+    assert total(found, "saga.step.attempts", **{"saga.outcome": "retry"}) == 2
+    assert total(found, "saga.step.attempts", **{"saga.outcome": "failure"}) == 1
+    crashed = {"saga.step": "charge", "saga.outcome": "interrupted"}
+    assert total(found, "saga.step.attempts", **crashed) == 1
+    assert total(found, "saga.compensation.attempts", **{"saga.outcome": "success"}) == 1
+    assert total(found, "saga.step.duration") >= 5  # histogram: number of attempts timed
+    assert total(found, "saga.run.duration") == 2
+    assert total(found, "saga.leases.expired") == 1
+    pending = {"saga.run.status": "pending"}
+    with anyio.fail_after(5):  # gauges show the last census (every 0.1 s here)
+        while total(points(reader), "saga.runs.active", **pending) != 0:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+    # A run of an unknown version waits, counted; the lag of runnable work shows.
+    ghost = saga.Saga("ghost", input=Order, version=9)
+
+    @ghost.step()
+    async def boo(ctx: saga.Context[Order]) -> None:
+        return None
+
+    client = await orchestrator(ghost, concurrency=0, meter_provider=meters, census_interval=0.1)
+    await client.start(ghost, Order(order_id="g"))
+    await anyio.sleep(0.5)
+    found = points(reader)
+    assert total(found, "saga.runs.unclaimable", **{"saga.name": "ghost"}) >= 1
+    assert total(found, "saga.runs.active", **pending) >= 1
+    assert max(v for _, v in found["saga.runs.oldest_active_age"]) > 0
+
+
+async def test_stale_writes_are_counted(orchestrator: OrchestratorFactory) -> None:
+    """A write refused because its lease was taken over moves saga.writes.refused."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    gate = anyio.Event()
+    s = saga.Saga("refused", input=Order)
+
+    @s.step()
+    async def slow(ctx: saga.Context[Order]) -> int:
+        if ctx.attempt == 1:
+            await gate.wait()
+        else:
+            gate.set()
+        return ctx.attempt
+
+    faults = Faults()
+    faults.expire_lease(slow)
+    faults.attach(await orchestrator(s, meter_provider=meters))
+    run = await s.start(Order(order_id="x"))
+    assert await run.result(timeout=10) == 2
+    with anyio.fail_after(5):
+        while not total(points(reader), "saga.writes.refused"):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    assert total(points(reader), "saga.writes.refused") == 1
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[ExportTraceServiceRequest] = []  # noqa: RUF012 - test-only state
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v1/traces":
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            self.received.append(request)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[str]:
+    """A local OTLP/HTTP receiver on 127.0.0.1 that decodes the trace requests it gets."""
+    _Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+async def test_spans_arrive_over_otlp(
+    orchestrator: OrchestratorFactory, otlp_receiver: str
+) -> None:
+    """With the OTLP/HTTP exporter and a batch processor, a run's spans reach a real
+    receiver over the wire, decode, and carry the saga.* attributes."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_receiver)))
+    s = build()
+    await orchestrator(s, tracer_provider=provider)
+    run = await s.start(Order(order_id="w"))
+    await run.result(timeout=10)
+    await anyio.sleep(0.1)  # the last span ends just after the result is visible
+    await anyio.to_thread.run_sync(provider.force_flush)
+    provider.shutdown()
+    names: dict[str, dict[str, Any]] = {}
+    for request in _Receiver.received:
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    attrs = {a.key: a.value for a in span.attributes}
+                    names[span.name] = attrs
+    assert {"saga.start traced", "saga.step reserve", "saga.step charge"} <= set(names)
+    assert names["saga.step charge"]["saga.run.id"].string_value == str(run.id)
+    assert names["saga.step charge"]["saga.run.status"].string_value == "completed"
