@@ -47,6 +47,8 @@ logger = structlog.get_logger("saga")
 
 _MAX_KEY_LENGTH = 512
 _UNCLAIMABLE_LOG_INTERVAL = 60.0
+# At most one start NOTIFY per saga per window from one process (see _claim_notify).
+_NOTIFY_WINDOW = 0.005
 
 
 async def _keep_session(_conn: Any) -> None:
@@ -145,6 +147,8 @@ class Orchestrator:
         self._drained = anyio.Event()
         self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
         self.hooks: Hooks | None = None  # fault injection, set only by saga.testing
+        self._notified_at: dict[str, float] = {}
+        self._trailing_notify: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -331,6 +335,7 @@ class Orchestrator:
         except pydantic.ValidationError as exc:
             raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
         input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
+        notify = self._claim_notify(saga.name)
         # Shielded: once the INSERT is sent, its outcome must be known to the caller.
         with (
             self.telemetry.start_span(saga, key) as (span, carrier),
@@ -344,6 +349,7 @@ class Orchestrator:
                 input_json,
                 saga.steps[0].name,
                 carrier,
+                notify,
             )
             span.set_attribute(RUN_ID, str(run_id))
             span.set_attribute(CREATED, created)
@@ -361,6 +367,30 @@ class Orchestrator:
         their definition (e.g. during a rolling deploy). Watch this during deploys.
         """
         return await self._store_or_raise().count_unclaimable(list(self._sagas))
+
+    def _claim_notify(self, saga_name: str) -> bool:
+        """Whether this start should NOTIFY the workers itself.
+
+        A NOTIFY takes a cluster-wide lock at commit, so under load one start per
+        ``_NOTIFY_WINDOW`` notifies; the others are covered by one trailing NOTIFY at the
+        end of the window (workers woken by the first claim everything due by then).
+        """
+        now = anyio.current_time()
+        if now - self._notified_at.get(saga_name, -math.inf) >= _NOTIFY_WINDOW:
+            self._notified_at[saga_name] = now
+            return True
+        if saga_name not in self._trailing_notify and self._tg is not None:
+            self._trailing_notify.add(saga_name)
+            self._tg.start_soon(self._notify_later, saga_name)
+        return False
+
+    async def _notify_later(self, saga_name: str) -> None:
+        await anyio.sleep(_NOTIFY_WINDOW)
+        self._trailing_notify.discard(saga_name)
+        self._notified_at[saga_name] = anyio.current_time()
+        assert self._store is not None
+        with contextlib.suppress(DatabaseError):  # workers still poll
+            await self._store.notify_work(saga_name)
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle:
         """A handle on an existing run (by id), e.g. one started by another process."""

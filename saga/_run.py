@@ -197,10 +197,14 @@ class RunHandle:
         orch = self._orch
         store = orch._store_or_raise()
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        watched = False
         while True:
             waiter = orch._subscribe(self.id)
             try:
                 try:
+                    if not watched:  # only watched runs NOTIFY when they end
+                        await store.watch_run(self.id)
+                        watched = True
                     record = await store.get_run(self.id)
                 except DatabaseError:
                     # The database is away (restart, failover): keep waiting until the

@@ -211,6 +211,7 @@ class Store:
         input_json: str,
         first_step: str,
         trace_context: str | None = None,
+        notify: bool = True,
     ) -> tuple[UUID, bool]:
         """Insert a run; returns (id, created). An existing key returns that run."""
         async with translate_errors("starting a run"):
@@ -225,6 +226,7 @@ class Store:
                     first_step,
                     self.work_channel,
                     trace_context,
+                    notify,
                 )
                 if row is not None:
                     return row["id"], True
@@ -328,6 +330,14 @@ class Store:
         async with translate_errors("reading a run"):
             return await self.pool.fetchrow(self._q["get_run"], run_id)
 
+    async def watch_run(self, run_id: UUID) -> None:
+        async with translate_errors("watching a run"):
+            await self.pool.execute(self._q["watch_run"], run_id)
+
+    async def notify_work(self, saga_name: str) -> None:
+        async with translate_errors("notifying workers"):
+            await self.pool.execute(self._q["notify_work"], self.work_channel, saga_name)
+
     async def get_events(self, run_id: UUID) -> list[asyncpg.Record]:
         async with translate_errors("reading a run's history"):
             return await self.pool.fetch(self._q["get_events"], run_id)
@@ -377,6 +387,48 @@ class Store:
         async with translate_errors("retrying a run"):
             row = await self.pool.fetchrow(self._q["retry_run"], run_id, self.work_channel)
         return row is not None
+
+    # -- operators (saga._operator, the CLI) ----------------------------------------------
+
+    async def list_runs(
+        self,
+        *,
+        saga_name: str | None,
+        statuses: Sequence[str] | None,
+        older_than: float | None,
+        newer_than: float | None,
+        before: UUID | None,
+        limit: int,
+    ) -> list[asyncpg.Record]:
+        """Runs newest first, filtered; ``before`` is the page cursor (a run's id)."""
+        async with translate_errors("listing runs"):
+            return await self.pool.fetch(
+                self._q["list_runs"],
+                saga_name,
+                None if statuses is None else list(statuses),
+                older_than,
+                newer_than,
+                before,
+                limit,
+            )
+
+    async def prune_runs(
+        self, older_than: float, statuses: Sequence[str], batch_size: int
+    ) -> tuple[int, int]:
+        """Delete one batch of finished runs and their events; returns (runs, events)."""
+        async with translate_errors("pruning runs"):
+            row = await self.pool.fetchrow(
+                self._q["prune_runs"], older_than, list(statuses), batch_size
+            )
+        assert row is not None
+        return row["runs"], row["events"]
+
+    async def count_prunable(self, older_than: float, statuses: Sequence[str]) -> tuple[int, int]:
+        """What :meth:`prune_runs` would delete: (runs, events)."""
+        async with translate_errors("counting prunable runs"):
+            row = await self.pool.fetchrow(self._q["count_prunable"], older_than, list(statuses))
+        assert row is not None
+        return row["runs"], row["events"]
 
 
 def _json_or_none(value: dict[str, Any] | None) -> str | None:

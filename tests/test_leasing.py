@@ -359,3 +359,40 @@ async def test_work_for_unknown_versions_waits_untouched_and_is_counted(
     await orchestrator(define(2))
     assert await run.result(timeout=10) == 2
     assert await old_worker.unclaimable_runs() == {}
+
+
+async def test_notifications_wake_workers_and_waiters_without_polling(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """With polling effectively off (30 s), a burst of starts is picked up by a worker in
+    another orchestrator (coalesced start notifications, including the trailing one), and
+    a result() waiter is woken by the end-of-run notification; runs nobody waits on do
+    not notify when they end."""
+    gate = anyio.Event()
+
+    def define() -> saga.Saga[Job]:
+        s = saga.Saga("prompt", input=Job)
+
+        @s.step()
+        async def one(ctx: saga.Context[Job]) -> int:
+            if ctx.input.n == 0:
+                await gate.wait()
+            return ctx.input.n
+
+        return s
+
+    client = await orchestrator(define(), concurrency=0, poll_interval=30)
+    await orchestrator(define(), poll_interval=30)
+    saga_def = client._sagas[("prompt", 1)]
+    with anyio.fail_after(10):
+        runs = [await client.start(saga_def, Job(n=i)) for i in range(25)]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runs[0].result)  # waits while the run is still active
+            while not await db.fetchval(  # noqa: ASYNC110 - polling the database
+                "SELECT watched FROM saga.runs WHERE id = $1", runs[0].id
+            ):
+                await anyio.sleep(0.01)
+            gate.set()
+        assert [await run.result() for run in runs] == list(range(25))
+    watched = await db.fetch("SELECT id, watched FROM saga.runs")
+    assert {r["id"] for r in watched if r["watched"]} == {runs[0].id}

@@ -7,7 +7,8 @@
 -- row when a run with the same (saga, idempotency key) already exists.
 -- $1 run id, $2 saga name, $3 saga version, $4 idempotency key or NULL,
 -- $5 input JSON text, $6 first step name, $7 work notification channel, $8 trace
--- context JSON (W3C carrier of the starting span) or NULL
+-- context JSON (W3C carrier of the starting span) or NULL, $9 whether to NOTIFY the
+-- workers (the caller coalesces: NOTIFY serializes commits cluster-wide)
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
@@ -21,7 +22,7 @@ WITH ins AS (
            jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text)
     FROM ins
 )
-SELECT id, pg_notify($7, $2)::text AS notified FROM ins;
+SELECT id, CASE WHEN $9 THEN pg_notify($7, $2)::text END AS notified FROM ins;
 
 -- name: find_run_by_key
 -- The id of the run started with this idempotency key.
@@ -75,7 +76,8 @@ SELECT * FROM claimed;
 
 -- name: transition
 -- Apply one state transition of a leased run, fenced by its lease token, append its
--- events in order, and notify result waiters when the run ends. No row: lease lost.
+-- events in order, and notify result waiters (if any: see watch_run) when the run
+-- ends. No row: lease lost.
 -- $1 run id, $2 lease token held, $3 new status, $4 next item's step name (NULL when
 -- terminal), $5 next item's attempt, $6 completed step name or NULL, $7 its result JSON,
 -- $8 output JSON or NULL, $9 error JSON or NULL (keeps the old), $10 compensation error
@@ -101,7 +103,7 @@ WITH upd AS (
         finished_at = CASE WHEN $11::float8 IS NULL THEN now() END,
         updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
-    RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
+    RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished, watched,
               extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
@@ -111,7 +113,7 @@ WITH upd AS (
     ORDER BY e.ord
 )
 SELECT lease_token, cancel_requested, age,
-       CASE WHEN finished THEN pg_notify($14, id::text)::text END AS notified
+       CASE WHEN finished AND watched THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
 
 -- name: heartbeat
@@ -147,6 +149,18 @@ SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
        lease_token, created_at, updated_at, finished_at
 FROM __schema__.runs WHERE id = $1;
+
+-- name: watch_run
+-- Ask for a NOTIFY when this active run ends (result() waits on it). A no-op once set
+-- or once the run ended; the row lock orders it against the run's final transition.
+-- $1 run id
+UPDATE __schema__.runs SET watched = true
+WHERE id = $1 AND NOT watched AND due_at IS NOT NULL;
+
+-- name: notify_work
+-- Wake the workers of a saga (a trailing notification for coalesced starts).
+-- $1 work notification channel, $2 saga name
+SELECT pg_notify($1, $2)::text;
 
 -- name: get_events
 -- One run's history in order.
@@ -235,3 +249,78 @@ SELECT status, runs, oldest_age, (SELECT lag FROM lag) AS lag FROM active
 UNION ALL
 SELECT 'failed', count(*), NULL, (SELECT lag FROM lag)
 FROM __schema__.runs WHERE status = 'failed';
+
+-- name: list_runs
+-- Runs matching the filters, newest first (created_at, id), at most $6 of them. Active
+-- runs (partial index runs_due) and finished ones (runs_finished_created) are read apart
+-- and merged, so the cost is bounded by the active runs plus the page, whatever the
+-- number of finished runs.
+-- $1 saga name or NULL, $2 statuses (text[]) or NULL for all, $3 created at least this
+-- many seconds ago or NULL, $4 created at most this many seconds ago or NULL, $5 the page
+-- cursor, a run id: only runs strictly older (by created_at, id) than it, or NULL,
+-- $6 page size
+SELECT * FROM (
+    (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
+            completed_steps, error::text AS error,
+            compensation_error::text AS compensation_error, cancel_requested, lease_owner,
+            created_at, updated_at, finished_at
+     FROM __schema__.runs
+     WHERE due_at IS NOT NULL
+       AND ($1::text IS NULL OR saga_name = $1)
+       AND ($2::text[] IS NULL OR status = ANY($2::text[]))
+       AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
+       AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
+       AND ($5::uuid IS NULL OR (created_at, id) < (SELECT c.created_at, c.id
+                                                    FROM __schema__.runs c WHERE c.id = $5))
+     ORDER BY created_at DESC, id DESC
+     LIMIT $6)
+    UNION ALL
+    (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
+            completed_steps, error::text AS error,
+            compensation_error::text AS compensation_error, cancel_requested, lease_owner,
+            created_at, updated_at, finished_at
+     FROM __schema__.runs
+     WHERE due_at IS NULL
+       AND ($1::text IS NULL OR saga_name = $1)
+       AND ($2::text[] IS NULL OR status = ANY($2::text[]))
+       AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
+       AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
+       AND ($5::uuid IS NULL OR (created_at, id) < (SELECT c.created_at, c.id
+                                                    FROM __schema__.runs c WHERE c.id = $5))
+     ORDER BY created_at DESC, id DESC
+     LIMIT $6)
+) AS page
+ORDER BY created_at DESC, id DESC
+LIMIT $6;
+
+-- name: prune_runs
+-- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first,
+-- and their events (there is no foreign key to cascade). Rows another statement holds
+-- are skipped, never waited for; the batch is one short transaction. Returns the counts.
+-- $1 seconds since finished, $2 statuses (text[], terminal ones), $3 batch size
+WITH doomed AS (
+    SELECT id FROM __schema__.runs
+    WHERE due_at IS NULL
+      AND finished_at < now() - make_interval(secs => $1::float8)
+      AND status = ANY($2::text[])
+    ORDER BY finished_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), gone_events AS (
+    DELETE FROM __schema__.events e USING doomed d WHERE e.run_id = d.id RETURNING 1
+), gone_runs AS (
+    DELETE FROM __schema__.runs r USING doomed d WHERE r.id = d.id RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone_runs) AS runs, (SELECT count(*) FROM gone_events) AS events;
+
+-- name: count_prunable
+-- What prune_runs would delete with the same arguments (a dry run): runs and events.
+-- $1 seconds since finished, $2 statuses (text[], terminal ones)
+WITH doomed AS (
+    SELECT id FROM __schema__.runs
+    WHERE due_at IS NULL
+      AND finished_at < now() - make_interval(secs => $1::float8)
+      AND status = ANY($2::text[])
+)
+SELECT (SELECT count(*) FROM doomed) AS runs,
+       (SELECT count(*) FROM __schema__.events e JOIN doomed d ON e.run_id = d.id) AS events;
