@@ -26,6 +26,15 @@ from saga._errors import (
     SagaError,
     SerializationError,
 )
+from saga._operator import (
+    PruneResult,
+    RunPage,
+    StepAttempt,
+    list_runs,
+    migrate,
+    prune,
+    timeline,
+)
 from saga._orchestrator import Orchestrator
 from saga._run import HistoryEvent, RunHandle, RunInfo, RunStatus
 
@@ -45,6 +54,7 @@ __all__ = [
     "Orchestrator",
     "PayloadTooLargeError",
     "PermanentError",
+    "PruneResult",
     "Retry",
     "RunCancelledError",
     "RunCompensatedError",
@@ -53,10 +63,16 @@ __all__ = [
     "RunHandle",
     "RunInfo",
     "RunNotFoundError",
+    "RunPage",
     "RunStatus",
     "RunTimeoutError",
     "Saga",
     "SagaError",
     "SerializationError",
     "Step",
+    "StepAttempt",
+    "list_runs",
+    "migrate",
+    "prune",
+    "timeline",
 ]

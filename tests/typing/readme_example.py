@@ -6,6 +6,9 @@ so the documented code cannot drift from what mypy checks. Not collected by pyte
 
 from __future__ import annotations
 
+import uuid
+from datetime import timedelta
+
 from pydantic import BaseModel
 
 import saga
@@ -76,3 +79,26 @@ async def main(dsn: str) -> None:
             print(event.describe())
         status: saga.RunStatus = await orch.get_run(run.id).status()
         print(status, receipt)
+
+
+async def operate(dsn: str, run_id: uuid.UUID) -> None:
+    """The README's operator API example."""
+    async with saga.Orchestrator(dsn, sagas=[], concurrency=0) as ops:
+        page = await saga.list_runs(ops, status="failed", older_than=timedelta(hours=1))
+        for info in page.runs:
+            print(info.id, info.saga, info.status, info.error)
+
+        run = ops.get_run(run_id)
+        info = await run.info()
+        for attempt in saga.timeline(await run.history()):
+            print(attempt.step, attempt.compensation, attempt.outcome, attempt.duration)
+        if info.status is saga.RunStatus.FAILED:
+            await run.retry()
+        else:
+            await run.cancel()
+
+        pruned = await saga.prune(ops, older_than=timedelta(days=30), batch_size=1000)
+        print(pruned.runs, pruned.events)
+
+    applied = await saga.migrate(dsn)
+    print(applied)

@@ -1,0 +1,1 @@
+"""Runnable examples of saga in applications (see each module's docstring)."""

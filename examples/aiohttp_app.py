@@ -1,0 +1,134 @@
+"""saga in an aiohttp app: the FastAPI example's API, with a cleanup context.
+
+    SAGA_DSN=postgresql://localhost/shop python -m aiohttp.web -P 8080 \\
+        examples.aiohttp_app:init_app
+
+``create_app()`` appends a cleanup context that opens the orchestrator on startup and
+closes it on shutdown (leases of unfinished steps are handed back to other workers). The
+routes are those of ``examples/fastapi_app.py``: ``POST /orders[?wait=5]`` answers
+``202`` with the run id at once (``200`` when it waited for the outcome),
+``GET /orders/{run_id}`` returns status and timeline, ``GET
+/orders/{run_id}/result?timeout=10`` long-polls, ``POST /orders/{run_id}/cancel``
+cancels. ``create_app(concurrency=0)`` is a client that executes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pydantic
+from aiohttp import web
+
+import saga
+from examples.checkout import SAGAS, Order, checkout
+from examples.responses import MAX_WAIT, describe, outcome
+
+ORCHESTRATOR = web.AppKey("orchestrator", saga.Orchestrator)
+
+
+def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) -> web.Application:
+    """The app. ``dsn`` defaults to ``$SAGA_DSN``, read on startup; ``options`` go to
+    :class:`saga.Orchestrator`."""
+
+    async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with saga.Orchestrator(
+            dsn or os.environ["SAGA_DSN"], sagas=SAGAS, concurrency=concurrency, **options
+        ) as orchestrator:
+            app[ORCHESTRATOR] = orchestrator
+            yield
+
+    app = web.Application()
+    app.cleanup_ctx.append(orchestrator_ctx)
+    app.add_routes(routes)
+    return app
+
+
+def init_app(argv: list[str]) -> web.Application:
+    """Entry point for ``python -m aiohttp.web examples.aiohttp_app:init_app``."""
+    return create_app()
+
+
+routes = web.RouteTableDef()
+
+
+def _seconds(request: web.Request, name: str, default: float | None) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_WAIT:
+        raise web.HTTPUnprocessableEntity(
+            text=f"{name} must be a number of seconds from 0 to {MAX_WAIT:g}"
+        )
+    return value
+
+
+def _run(request: web.Request) -> saga.RunHandle:
+    try:
+        run_id = uuid.UUID(request.match_info["run_id"])
+    except ValueError:
+        raise web.HTTPUnprocessableEntity(text="run_id must be a UUID") from None
+    return request.app[ORCHESTRATOR].get_run(run_id)
+
+
+@routes.post("/orders")
+async def create_order(request: web.Request) -> web.Response:
+    """Start the checkout saga for this order; answer at once, or after ``wait`` s."""
+    wait = _seconds(request, "wait", None)
+    try:
+        order = Order.model_validate_json(await request.read())
+    except pydantic.ValidationError as exc:
+        raise web.HTTPUnprocessableEntity(
+            text=exc.json(include_url=False), content_type="application/json"
+        ) from None
+    run = await request.app[ORCHESTRATOR].start(checkout, order, key=order.order_id)
+    headers = {"Location": f"/orders/{run.id}"}
+    if wait is None:
+        body = {"run_id": str(run.id), "status": "pending", "created": run.created}
+        return web.json_response(body, status=202, headers=headers)
+    code, body = await outcome(run, wait)
+    return web.json_response({**body, "created": run.created}, status=code, headers=headers)
+
+
+@routes.get("/orders/{run_id}")
+async def get_order(request: web.Request) -> web.Response:
+    """The run's state and timeline."""
+    run = _run(request)
+    try:
+        info = await run.info()
+        history = await run.history()
+    except saga.RunNotFoundError:
+        raise web.HTTPNotFound(text=f"no order run {run.id}") from None
+    return web.json_response(describe(info, history))
+
+
+@routes.get("/orders/{run_id}/result")
+async def get_result(request: web.Request) -> web.Response:
+    """Wait up to ``timeout`` seconds for the outcome (long-poll)."""
+    run = _run(request)
+    timeout = _seconds(request, "timeout", 10.0)
+    assert timeout is not None
+    try:
+        code, body = await outcome(run, timeout)
+    except saga.RunNotFoundError:
+        raise web.HTTPNotFound(text=f"no order run {run.id}") from None
+    return web.json_response(body, status=code)
+
+
+@routes.post("/orders/{run_id}/cancel")
+async def cancel_order(request: web.Request) -> web.Response:
+    """Cancel the order: what completed is compensated."""
+    run = _run(request)
+    try:
+        await run.cancel()
+    except saga.RunNotFoundError:
+        raise web.HTTPNotFound(text=f"no order run {run.id}") from None
+    except saga.InvalidRunStateError as exc:
+        raise web.HTTPConflict(text=str(exc)) from None
+    return web.json_response({"run_id": str(run.id), "status": "cancel_requested"}, status=202)

@@ -1,0 +1,328 @@
+"""Operator actions as a Python API: list runs, read a run's timeline, prune, migrate.
+
+The ``saga`` command line is a thin layer over these functions, so whatever an operator
+does at a shell a script can do from Python with the same semantics. They take an open
+:class:`~saga.Orchestrator` (a client one, ``concurrency=0``, is enough and executes
+nothing); cancelling and retrying a run are :meth:`RunHandle.cancel` and
+:meth:`RunHandle.retry` on ``orchestrator.get_run(run_id)``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import anyio
+import asyncpg
+
+from saga._errors import ConfigurationError, ErrorInfo, RunNotFoundError
+from saga._run import HistoryEvent, RunInfo, RunStatus
+from saga._store import Store, latest_migration, translate_errors, validate_schema
+
+if TYPE_CHECKING:
+    from saga._orchestrator import Orchestrator
+
+#: Largest page :func:`list_runs` returns.
+MAX_PAGE_SIZE = 1000
+
+#: What :func:`prune` deletes unless told otherwise: failed runs wait for an operator, so
+#: they are kept until asked for explicitly.
+PRUNABLE_BY_DEFAULT = (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED)
+
+_TERMINAL = frozenset(s for s in RunStatus if s.is_terminal)
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    """One page of :func:`list_runs`, newest first.
+
+    ``next_before`` is the cursor for the next (older) page, to pass as ``before=``;
+    ``None`` when this page is the last.
+    """
+
+    runs: list[RunInfo]
+    next_before: uuid.UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What :func:`prune` deleted (or, with ``dry_run=True``, would delete)."""
+
+    runs: int
+    events: int
+    batches: int
+    dry_run: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StepAttempt:
+    """One attempt of a step or compensation, assembled from a run's history.
+
+    ``outcome`` is ``completed``, ``failed`` (``retry_in`` is set when another attempt is
+    scheduled), ``lease_expired`` (its worker stopped heartbeating; the attempt counts),
+    ``released`` (its worker shut down and gave the run back; it does not count) or
+    ``running`` (no outcome recorded yet).
+    """
+
+    step: str
+    compensation: bool
+    attempt: int
+    worker: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    outcome: str
+    error: ErrorInfo | None = None
+    retry_in: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start to outcome, or ``None`` while either is unknown."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+def _seconds(name: str, value: timedelta | None) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, timedelta):
+        raise ConfigurationError(f"{name} must be a datetime.timedelta, got {value!r}")
+    seconds = value.total_seconds()
+    if seconds < 0:
+        raise ConfigurationError(f"{name} must not be negative, got {value}")
+    return seconds
+
+
+def _statuses(values: Iterable[RunStatus | str] | RunStatus | str | None) -> list[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str):  # RunStatus is a str too
+        values = [values]
+    out: list[str] = []
+    for value in values:
+        try:
+            out.append(RunStatus(value).value)
+        except ValueError:
+            known = ", ".join(s.value for s in RunStatus)
+            raise ConfigurationError(f"unknown run status {value!r}; use one of: {known}") from None
+    if not out:
+        raise ConfigurationError("status filter is empty; pass None to list every status")
+    return sorted(set(out))
+
+
+async def list_runs(
+    orchestrator: Orchestrator,
+    *,
+    saga: str | None = None,
+    status: Iterable[RunStatus | str] | RunStatus | str | None = None,
+    older_than: timedelta | None = None,
+    newer_than: timedelta | None = None,
+    before: uuid.UUID | str | None = None,
+    limit: int = 50,
+) -> RunPage:
+    """List runs newest first (by creation time), with optional filters, one page at a time.
+
+    ``saga`` filters by saga name; ``status`` by one or several states; ``older_than`` /
+    ``newer_than`` by age (created at least / at most that long ago, by the database
+    clock). Pages are keyset-paged: pass the previous page's ``next_before`` as ``before``
+    to get the next one, which stays correct while runs are being added or pruned. The
+    cost is bounded by the active runs plus the page, however many finished runs exist.
+
+    Raises :class:`ConfigurationError` for a bad argument and :class:`RunNotFoundError`
+    when ``before`` names no run.
+    """
+    store = orchestrator._store_or_raise()
+    if saga is not None and (not isinstance(saga, str) or not saga):
+        raise ConfigurationError(f"saga must be a non-empty str, got {saga!r}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
+    cursor = _run_id(before) if before is not None else None
+    if cursor is not None and await store.get_run(cursor) is None:
+        raise RunNotFoundError(cursor)
+    records = await store.list_runs(
+        saga_name=saga,
+        statuses=_statuses(status),
+        older_than=_seconds("older_than", older_than),
+        newer_than=_seconds("newer_than", newer_than),
+        before=cursor,
+        limit=limit + 1,  # one more tells whether another page follows
+    )
+    runs = [RunInfo.from_record(r) for r in records[:limit]]
+    return RunPage(runs=runs, next_before=runs[-1].id if len(records) > limit else None)
+
+
+async def prune(
+    orchestrator: Orchestrator,
+    *,
+    older_than: timedelta,
+    status: Iterable[RunStatus | str] | RunStatus | str = PRUNABLE_BY_DEFAULT,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+) -> PruneResult:
+    """Delete finished runs that ended more than ``older_than`` ago, with their history.
+
+    Only terminal states can be pruned; by default ``completed``, ``compensated`` and
+    ``cancelled`` (add ``failed`` to ``status`` to prune runs that waited for an operator
+    too). Runs go oldest first, ``batch_size`` per transaction, each batch one short
+    statement that skips rows another transaction holds, so pruning never blocks
+    workers for long. ``dry_run=True`` only counts. Safe to run from several processes
+    at once, and to interrupt: every batch is complete or absent.
+    """
+    store = orchestrator._store_or_raise()
+    seconds = _seconds("older_than", older_than)
+    if seconds is None:
+        raise ConfigurationError("older_than is required")
+    statuses = _statuses(status)
+    assert statuses is not None
+    active = [s for s in statuses if RunStatus(s) not in _TERMINAL]
+    if active:
+        raise ConfigurationError(
+            f"only finished runs can be pruned; {', '.join(active)} is not a final status"
+        )
+    if (
+        not isinstance(batch_size, int)
+        or isinstance(batch_size, bool)
+        or not 1 <= batch_size <= 100_000
+    ):
+        raise ConfigurationError(f"batch_size must be an int from 1 to 100000, got {batch_size!r}")
+    if dry_run:
+        runs, events = await store.count_prunable(seconds, statuses)
+        return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
+    total_runs = total_events = batches = 0
+    while True:
+        runs, events = await store.prune_runs(seconds, statuses, batch_size)
+        total_runs += runs
+        total_events += events
+        if runs == 0:
+            break
+        batches += 1
+        if runs < batch_size:
+            break
+    return PruneResult(runs=total_runs, events=total_events, batches=batches, dry_run=False)
+
+
+def timeline(history: Sequence[HistoryEvent]) -> list[StepAttempt]:
+    """Assemble a run's history into its attempts, in the order they started.
+
+    Each step and compensation attempt appears once, with its worker, start, outcome,
+    duration and error: what ``saga show`` prints. Works on any run, including runs of
+    sagas this process has not registered.
+    """
+    attempts: list[StepAttempt] = []
+    open_: dict[tuple[bool, str, int], int] = {}  # (compensation, step, attempt) -> index
+    compensating = False
+
+    def close(
+        key: tuple[bool, str, int],
+        event: HistoryEvent,
+        outcome: str,
+        *,
+        retry_in: float | None = None,
+    ) -> None:
+        index = open_.pop(key, None)
+        if index is None:  # no start recorded (e.g. claimed while a cancel was pending)
+            attempts.append(
+                StepAttempt(
+                    step=key[1],
+                    compensation=key[0],
+                    attempt=key[2],
+                    worker=event.worker,
+                    started_at=None,
+                    ended_at=event.at,
+                    outcome=outcome,
+                    error=event.error,
+                    retry_in=retry_in,
+                )
+            )
+            return
+        begun = attempts[index]
+        attempts[index] = StepAttempt(
+            step=begun.step,
+            compensation=begun.compensation,
+            attempt=begun.attempt,
+            worker=begun.worker or event.worker,
+            started_at=begun.started_at,
+            ended_at=event.at,
+            outcome=outcome,
+            error=event.error,
+            retry_in=retry_in,
+        )
+
+    for event in history:
+        kind, step, attempt = event.kind, event.step, event.attempt or 0
+        if kind in ("run_compensating", "run_retried"):
+            compensating = True
+        elif step is None:
+            continue
+        elif kind in ("step_started", "compensation_started"):
+            is_comp = kind == "compensation_started"
+            compensating = compensating or is_comp
+            open_[(is_comp, step, attempt)] = len(attempts)
+            attempts.append(
+                StepAttempt(
+                    step=step,
+                    compensation=is_comp,
+                    attempt=attempt,
+                    worker=event.worker,
+                    started_at=event.at,
+                    ended_at=None,
+                    outcome="running",
+                )
+            )
+        elif kind in ("step_completed", "compensation_completed"):
+            close((kind == "compensation_completed", step, attempt), event, "completed")
+        elif kind in ("step_failed", "compensation_failed"):
+            retry_in = event.data.get("retry_in")
+            close(
+                (kind == "compensation_failed", step, attempt),
+                event,
+                "failed",
+                retry_in=float(retry_in) if isinstance(retry_in, int | float) else None,
+            )
+        elif kind in ("lease_expired", "lease_released"):
+            key = (compensating, step, attempt)
+            if key not in open_ and (not compensating, step, attempt) in open_:
+                key = (not compensating, step, attempt)
+            close(key, event, "lease_expired" if kind == "lease_expired" else "released")
+    return attempts
+
+
+async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> list[int]:
+    """Apply the pending schema migrations; return the versions applied now.
+
+    What ``Orchestrator(..., migrate=True)`` does on open, for deployments that migrate
+    in a separate step (``saga migrate``) and open orchestrators with ``migrate=False``.
+    Safe to run from several processes at once.
+    """
+    schema = validate_schema(schema)
+    if isinstance(dsn_or_pool, asyncpg.Pool):
+        return await Store(dsn_or_pool, schema).migrate()
+    if not isinstance(dsn_or_pool, str):
+        raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
+    async with translate_errors("connecting"):
+        pool = await asyncpg.create_pool(dsn_or_pool, min_size=1, max_size=1)
+    try:
+        return await Store(pool, schema).migrate()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5) as scope:
+            await pool.close()
+        if scope.cancelled_caught:
+            pool.terminate()
+
+
+async def schema_version(orchestrator: Orchestrator) -> tuple[int, int]:
+    """(applied, latest) migration versions of the orchestrator's schema."""
+    applied = await orchestrator._store_or_raise().applied_migrations()
+    return (max(applied, default=0), latest_migration())
+
+
+def _run_id(value: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ConfigurationError(f"not a run id (a UUID): {value!r}") from None
