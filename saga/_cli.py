@@ -449,9 +449,24 @@ async def _worker(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> i
             ctx.note(
                 f"saga worker {orch.worker_id} ready: {names} (concurrency {orch.concurrency})"
             )
-            async for signum in signals:
-                ctx.note(f"saga worker: {signal.Signals(signum).name} received, shutting down")
-                break
+            failure: list[BaseException] = []
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    try:
+                        await orch.wait_stopped()
+                    except Exception as exc:
+                        failure.append(exc)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                async for signum in signals:
+                    ctx.note(f"saga worker: {signal.Signals(signum).name} received, shutting down")
+                    break
+                tg.cancel_scope.cancel()
+    if failure:
+        ctx.note(f"saga worker: stopped by an internal error: {type(failure[0]).__name__}")
+        return EXIT_ERROR
     ctx.note("saga worker: stopped")
     return EXIT_OK
 

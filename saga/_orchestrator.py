@@ -269,10 +269,25 @@ class Orchestrator:
                     exc if isinstance(exc, Exception) else LifecycleError("startup cancelled")
                 )
                 return
+            if isinstance(exc, Exception):
+                logger.exception("orchestrator_crashed", worker=self.worker_id)
             raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_leases()
+
+    async def wait_stopped(self) -> None:
+        """Wait until this orchestrator's loops stop: return after ``aclose()``, or raise
+        the error that stopped them (a bug; the orchestrator no longer works and should be
+        closed). A worker process races this against its shutdown signals."""
+        if self._host is None:
+            raise LifecycleError("the Orchestrator was never opened")
+        await asyncio.wait([self._host])
+        error = None if self._host.cancelled() else self._host.exception()
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]  # the task group's wrapping of the one failure
+        if error is not None:
+            raise error
 
     async def _release_leases(self) -> None:
         leases = [

@@ -396,3 +396,32 @@ async def test_notifications_wake_workers_and_waiters_without_polling(
         assert [await run.result() for run in runs] == list(range(25))
     watched = await db.fetch("SELECT id, watched FROM saga.runs")
     assert {r["id"] for r in watched if r["watched"]} == {runs[0].id}
+
+
+async def test_wait_stopped_reports_a_crashed_orchestrator(dsn: str) -> None:
+    """If an orchestrator's loops die of an unexpected error, wait_stopped() raises it
+    (so a worker process can exit instead of idling forever); after a normal close it
+    returns."""
+    s = saga.Saga("fragile_loop", input=Job)
+
+    @s.step()
+    async def one(ctx: saga.Context[Job]) -> None:
+        return None
+
+    orch = saga.Orchestrator(dsn, sagas=[s], poll_interval=0.05)
+    async with orch:
+        assert orch._store is not None
+
+        async def broken_claim(*args: object) -> list[object]:
+            raise RuntimeError("bug in a loop")
+
+        orch._store.claim = broken_claim  # type: ignore[method-assign,assignment]
+        with anyio.fail_after(5), pytest.raises(RuntimeError, match="bug in a loop"):
+            await orch.wait_stopped()
+    healthy = saga.Saga("fine_loop", input=Job)
+    healthy.step(name="one")(one.fn)
+    other = saga.Orchestrator(dsn, sagas=[healthy])
+    async with other:
+        pass
+    with anyio.fail_after(5):
+        await other.wait_stopped()
