@@ -474,12 +474,22 @@ class Engine:
         )
         if not plan:
             return self._finish_rollback(state, error, events)
-        due_in, owner = self._continue(state, plan[0])
+        return self._compensate_next(state, plan[0], events, error)
+
+    def _compensate_next(
+        self,
+        state: _RunState,
+        step_name: str,
+        events: list[dict[str, Any]],
+        error: dict[str, Any] | None = None,
+    ) -> Transition:
+        """Make the compensation of ``step_name`` the run's next item (ours if we go on)."""
+        due_in, owner = self._continue(state, step_name)
         if owner is not None:
-            events.append(self._event("compensation_started", plan[0], 1))
+            events.append(self._event("compensation_started", step_name, 1))
         return Transition(
             status="compensating",
-            step_name=plan[0],
+            step_name=step_name,
             attempt=1 if owner else 0,
             events=events,
             error=error,
@@ -524,18 +534,7 @@ class Engine:
         rest = plan[plan.index(state.step_name) + 1 :]
         if not rest:
             return self._finish_rollback(state, None, [done])
-        due_in, owner = self._continue(state, rest[0])
-        events = [done]
-        if owner is not None:
-            events.append(self._event("compensation_started", rest[0], 1))
-        return Transition(
-            status="compensating",
-            step_name=rest[0],
-            attempt=1 if owner else 0,
-            events=events,
-            due_in=due_in,
-            lease_owner=owner,
-        )
+        return self._compensate_next(state, rest[0], [done])
 
 
 def decode_result(saga: Saga[Any], step_name: str, text: str) -> Any:
