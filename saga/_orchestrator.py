@@ -37,6 +37,7 @@ from saga._errors import (
     InvalidInputError,
     LifecycleError,
 )
+from saga._listener import Listener
 from saga._run import RunHandle
 from saga._store import ClaimedItem, Store, translate_errors, validate_schema
 from saga._telemetry import CREATED, RUN_ID, SAGA, Telemetry
@@ -60,10 +61,6 @@ async def _keep_session(_conn: Any) -> None:
     transaction-scoped ones), no cursors, no settings, and the listener removes its
     LISTENs explicitly. asyncpg still rolls back any open transaction before this runs.
     """
-
-
-def _setter(event: anyio.Event) -> Any:
-    return lambda _conn: event.set()
 
 
 def _positive(name: str, value: float) -> float:
@@ -145,7 +142,7 @@ class Orchestrator:
         self._more_work = False
         self._inflight: dict[uuid.UUID, Lease] = {}
         self._drained = anyio.Event()
-        self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
+        self._listener: Listener | None = None
         self.hooks: Hooks | None = None  # fault injection, set only by saga.testing
         self._notified_at: dict[str, float] = {}
         self._trailing_notify: set[str] = set()
@@ -250,7 +247,16 @@ class Orchestrator:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await tg.start(self._listen_loop)
+                assert self._pool is not None
+                assert self._store is not None
+                self._listener = Listener(
+                    self._pool,
+                    self._store,
+                    wants_work=lambda name: any(name == n for n, _ in self._sagas),
+                    wake=self.wake,
+                    worker_id=self.worker_id,
+                )
+                await tg.start(self._listener.run)
                 tg.start_soon(self._census_loop)
                 if self.concurrency > 0:
                     await tg.start(self._claim_loop)
@@ -415,20 +421,16 @@ class Orchestrator:
     # -- result waiters -----------------------------------------------------------------
 
     def _subscribe(self, run_id: uuid.UUID) -> anyio.Event:
-        event = anyio.Event()
-        self._waiters.setdefault(run_id, set()).add(event)
-        return event
+        assert self._listener is not None
+        return self._listener.subscribe(run_id)
 
     def _unsubscribe(self, run_id: uuid.UUID, event: anyio.Event) -> None:
-        waiters = self._waiters.get(run_id)
-        if waiters is not None:
-            waiters.discard(event)
-            if not waiters:
-                del self._waiters[run_id]
+        assert self._listener is not None
+        self._listener.unsubscribe(run_id, event)
 
-    def _on_done(self, run_id: uuid.UUID) -> None:
-        for event in self._waiters.get(run_id, ()):
-            event.set()
+    @property
+    def _waiters(self) -> dict[uuid.UUID, set[anyio.Event]]:
+        return {} if self._listener is None else self._listener.waiters
 
     # -- loops ----------------------------------------------------------------------------
 
@@ -444,54 +446,6 @@ class Orchestrator:
     async def _wake_after(self, delay: float) -> None:
         await anyio.sleep(delay)
         self._wake.set()
-
-    async def _listen_loop(self, *, task_status: TaskStatus[None]) -> None:
-        """Hold a LISTEN connection; reconnect with backoff. Polling covers the gaps."""
-        assert self._pool is not None
-        assert self._store is not None
-        store = self._store
-        started = False
-        delay = 0.1
-
-        def on_notify(_conn: Any, _pid: int, channel: str, payload: object) -> None:
-            if channel == store.done_channel:
-                with contextlib.suppress(ValueError):
-                    self._on_done(uuid.UUID(str(payload)))
-            elif any(name == payload for name, _ in self._sagas):
-                self._wake.set()
-
-        while True:
-            lost = anyio.Event()
-            on_lost = _setter(lost)
-            try:
-                async with translate_errors("listening"), self._pool.acquire() as conn:
-                    conn.add_termination_listener(on_lost)
-                    await conn.add_listener(store.work_channel, on_notify)
-                    await conn.add_listener(store.done_channel, on_notify)
-                    try:
-                        if not started:
-                            started = True
-                            task_status.started()
-                        else:
-                            logger.info("listener_reconnected", worker=self.worker_id)
-                            self._wake.set()
-                            for run_id in list(self._waiters):
-                                self._on_done(run_id)
-                        delay = 0.1
-                        while not lost.is_set() and not conn.is_closed():
-                            with anyio.move_on_after(5):
-                                await lost.wait()
-                    finally:
-                        if not conn.is_closed():
-                            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                                await conn.remove_listener(store.work_channel, on_notify)
-                                await conn.remove_listener(store.done_channel, on_notify)
-            except DatabaseError as exc:
-                if not started:
-                    raise
-                logger.warning("listener_lost", error_type=type(exc.__cause__).__name__)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
     async def _claim_loop(self, *, task_status: TaskStatus[None]) -> None:
         assert self._store is not None
