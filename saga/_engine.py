@@ -9,6 +9,7 @@ one commit per step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import json
 import time
@@ -55,6 +56,7 @@ class Lease:
     run_id: UUID
     token: int
     seconds: float  # lease length of the item held now; heartbeats renew by this much
+    cancel_requested: bool = False  # seen by a heartbeat while the step ran
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     lost: bool = False
 
@@ -376,6 +378,7 @@ class Engine:
                 error, retryable = _error_dict(exc, step.name), False
             else:
                 decoded = decode_result(saga, step.name, result_json)
+                state.cancel_requested |= lease.cancel_requested
                 return self._after_success(state, step, result_json), decoded
         assert error is not None
         return self._after_failure(state, error, retryable, policy, "step"), None
@@ -405,6 +408,11 @@ class Engine:
     ) -> Transition:
         done = self._event("step_completed", step.name, state.attempt)
         steps = state.saga.steps
+        if step.index + 1 < len(steps) and state.cancel_requested:
+            # Cancelled while this step ran: record it, then roll back at once, this step
+            # included, rather than lease a next step that will never run.
+            rollback = self._rollback(state, None, [done], just_completed=step.name)
+            return dataclasses.replace(rollback, completed_step=step.name, result_json=result_json)
         if step.index + 1 < len(steps):
             nxt = steps[step.index + 1]
             due_in, owner = self._continue(state, nxt.name)
@@ -463,10 +471,14 @@ class Engine:
         return self._rollback(state, error, events=[failed])
 
     def _rollback(
-        self, state: _RunState, error: dict[str, Any] | None, events: list[dict[str, Any]]
+        self,
+        state: _RunState,
+        error: dict[str, Any] | None,
+        events: list[dict[str, Any]],
+        just_completed: str | None = None,
     ) -> Transition:
         """Start compensating the completed steps, newest first (or end if none need it)."""
-        plan = self._plan(state)
+        plan = self._plan(state, just_completed)
         events.append(
             self._event(
                 "run_compensating", None, None, plan=plan, reason="failure" if error else "cancel"
@@ -505,10 +517,11 @@ class Engine:
         events.append(self._event(f"run_{status}", None, None))
         return Transition(status=status, step_name=None, attempt=0, events=events, error=error)
 
-    def _plan(self, state: _RunState) -> list[str]:
+    def _plan(self, state: _RunState, just_completed: str | None = None) -> list[str]:
+        completed = [*state.completed, just_completed] if just_completed else state.completed
         return [
             name
-            for name in reversed(state.completed)
+            for name in reversed(completed)
             if state.saga.get_step(name).compensation is not None
         ]
 

@@ -564,6 +564,8 @@ class Orchestrator:
                 continue
             for run_id, token in sent.items():
                 lease = self._inflight.get(run_id)
+                if lease is not None and held.get(run_id):
+                    lease.cancel_requested = True  # the engine rolls back after this step
                 if run_id in held or lease is None or lease.token != token:
                     continue  # still ours, or the run moved on to a new lease meanwhile
                 lease.lost = True

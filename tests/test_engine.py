@@ -478,9 +478,12 @@ async def test_cancel_compensates_what_completed(orchestrator: OrchestratorFacto
     assert raised.value.error is None
     assert ran == ["flight", "hotel"]
     assert undone == ["H1", "F1"]
-    history = [e.kind for e in await run.history()]
+    events = [(e.kind, e.step) for e in await run.history()]
+    history = [kind for kind, _ in events]
     assert "cancel_requested" in history
     assert history[-1] == "run_cancelled"
+    assert ("step_started", "car") not in events  # it never ran, so it never started
+    assert events[events.index(("step_completed", "hotel")) + 1][0] == "run_compensating"
     with pytest.raises(saga.InvalidRunStateError):
         await run.cancel()
 
@@ -499,3 +502,51 @@ async def test_cancel_before_any_step_runs(orchestrator: OrchestratorFactory) ->
         with pytest.raises(saga.RunCancelledError):
             await run.result(timeout=10)
     assert ledger.calls == []
+
+
+async def test_cancelled_rollback_records_every_compensation_attempt(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """In a cancelled run's rollback, every compensation attempt, retries included, has
+    its compensation_started event before its outcome."""
+    gate = anyio.Event()
+    entered = anyio.Event()
+    s = saga.Saga("cancel_retry", input=Order)
+
+    @s.step()
+    async def a(ctx: saga.Context[Order]) -> str:
+        return "A"
+
+    @a.compensate(retry=saga.Retry(max_attempts=5, initial_delay=0.01))
+    async def undo_a(ctx: saga.Context[Order], value: str) -> None:
+        if ctx.attempt < 3:
+            raise ConnectionError("try again")
+
+    @s.step()
+    async def b(ctx: saga.Context[Order]) -> str:
+        entered.set()
+        await gate.wait()
+        return "B"
+
+    @s.step()
+    async def c(ctx: saga.Context[Order]) -> str:  # pragma: no cover - cancelled before
+        return "C"
+
+    await orchestrator(s)
+    run = await s.start(Order(order_id="o", amount_cents=1))
+    with anyio.fail_after(5):
+        await entered.wait()
+    await run.cancel()
+    gate.set()
+    with pytest.raises(saga.RunCancelledError):
+        await run.result(timeout=10)
+    history = [(e.kind, e.attempt) for e in await run.history() if e.step == "a"]
+    comp = [(k, n) for k, n in history if k.startswith("compensation")]
+    assert comp == [
+        ("compensation_started", 1),
+        ("compensation_failed", 1),
+        ("compensation_started", 2),
+        ("compensation_failed", 2),
+        ("compensation_started", 3),
+        ("compensation_completed", 3),
+    ]

@@ -102,8 +102,8 @@ async def test_expired_lease_is_reclaimed_and_counts_as_an_attempt(
 async def test_lost_lease_cancels_the_running_step(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection
 ) -> None:
-    """When a heartbeat finds the lease taken over (token bumped), the worker cancels the
-    running step and writes nothing; the run is later reclaimed and completes."""
+    """When a heartbeat finds the lease taken over by another worker, this worker cancels
+    the running step and writes nothing; the run is later reclaimed and completes."""
     cancelled = anyio.Event()
     entered = anyio.Event()
     attempts: list[int] = []
@@ -125,8 +125,12 @@ async def test_lost_lease_cancels_the_running_step(
     run = await longstep.start(Job(n=1))
     with anyio.fail_after(5):
         await entered.wait()
-    # Another worker "steals" the lease: only the token changes.
-    await db.execute("UPDATE saga.runs SET lease_token = lease_token + 1 WHERE id = $1", run.id)
+    # Another worker takes the lease over, as its claim would: new owner, new token.
+    await db.execute(
+        "UPDATE saga.runs SET lease_token = lease_token + 1, lease_owner = 'thief',"
+        " due_at = now() + interval '0.5 seconds' WHERE id = $1",
+        run.id,
+    )
     with anyio.fail_after(5):
         await cancelled.wait()
     assert await run.result(timeout=10) == 2
@@ -394,8 +398,16 @@ async def test_notifications_wake_workers_and_waiters_without_polling(
                 await anyio.sleep(0.01)
             gate.set()
         assert [await run.result() for run in runs] == list(range(25))
-    watched = await db.fetch("SELECT id, watched FROM saga.runs")
-    assert {r["id"] for r in watched if r["watched"]} == {runs[0].id}
+    unwatched = await client.start(saga_def, Job(n=99))
+    with anyio.fail_after(10):
+        while (  # noqa: ASYNC110 - polling the database
+            await db.fetchval("SELECT status FROM saga.runs WHERE id = $1", unwatched.id)
+            != "completed"
+        ):
+            await anyio.sleep(0.01)
+    watched = {r["id"]: r["watched"] for r in await db.fetch("SELECT id, watched FROM saga.runs")}
+    assert watched[runs[0].id]
+    assert not watched[unwatched.id]
 
 
 async def test_wait_stopped_reports_a_crashed_orchestrator(dsn: str) -> None:
@@ -425,3 +437,31 @@ async def test_wait_stopped_reports_a_crashed_orchestrator(dsn: str) -> None:
         pass
     with anyio.fail_after(5):
         await other.wait_stopped()
+
+
+async def test_heartbeat_racing_a_continuation_keeps_the_lease(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """A heartbeat that read the lease token just before this worker's own transition
+    leased the run's next item (token + 1) still finds the lease held, so the run is not
+    abandoned; a lease taken by another worker is reported lost."""
+    s = saga.Saga("racy", input=Job)
+
+    @s.step()
+    async def one(ctx: saga.Context[Job]) -> None:
+        return None
+
+    client = await orchestrator(s, concurrency=0)
+    run = await client.start(s, Job(n=1))
+    pool = await asyncpg.create_pool(client._dsn_or_pool, min_size=1, max_size=1)
+    try:
+        store = Store(pool)
+        [item] = await store.claim("me", 1, 30, [("racy", 1)])
+        # Our own continuation bumps the token before the heartbeat's write lands.
+        await db.execute("UPDATE saga.runs SET lease_token = lease_token + 1 WHERE id = $1", run.id)
+        assert set(await store.heartbeat("me", [(run.id, item.lease_token, 30.0)])) == {run.id}
+        # Another worker's claim changes the owner: lost.
+        await db.execute("UPDATE saga.runs SET lease_owner = 'other' WHERE id = $1", run.id)
+        assert await store.heartbeat("me", [(run.id, item.lease_token, 30.0)]) == {}
+    finally:
+        await pool.close()

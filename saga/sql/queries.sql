@@ -68,7 +68,8 @@ WITH candidates AS (
                CASE WHEN status = 'compensating' THEN 'compensation_started'
                     ELSE 'step_started' END,
                step_name, attempt, $1
-        FROM claimed WHERE NOT cancel_requested
+        -- A cancelled run's forward step will not run, but its compensations do.
+        FROM claimed WHERE NOT cancel_requested OR status = 'compensating'
     ) e
     ORDER BY run_id, ord
 )
@@ -110,6 +111,9 @@ WITH upd AS (
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
            e.ev->>'worker', e.ev->'data'
     FROM upd, jsonb_array_elements($13::jsonb) WITH ORDINALITY AS e(ev, ord)
+    -- A step leased to us on a run being cancelled will not run: the worker sees
+    -- cancel_requested in the reply and rolls back, so it has not started.
+    WHERE NOT (upd.cancel_requested AND e.ev->>'kind' = 'step_started')
     ORDER BY e.ord
 )
 SELECT lease_token, cancel_requested, age,
@@ -118,10 +122,12 @@ FROM upd;
 
 -- name: heartbeat
 -- Extend the leases this worker still holds; rows missing from the result were lost.
+-- A newer token still owned by this worker is ours too: a transition of this worker
+-- leased the run's next item between the heartbeat reading the token and this write.
 -- $1 worker id, $2 run ids, $3 lease tokens, $4 lease seconds (the three pairwise)
 UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => h.seconds)
 FROM unnest($2::uuid[], $3::bigint[], $4::float8[]) AS h(id, token, seconds)
-WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
+WHERE r.id = h.id AND r.lease_token >= h.token AND r.lease_owner = $1
 RETURNING r.id, r.cancel_requested;
 
 -- name: release
