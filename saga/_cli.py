@@ -18,36 +18,49 @@ scripts. Exit codes are stable:
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, NoReturn, TextIO
-from uuid import UUID
+from datetime import timedelta
+from typing import Any, NoReturn
 
 import anyio
 import structlog
 
+from saga._cli_args import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_STATE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    _Exit,
+    build_parser,
+    parse_duration,
+)
+from saga._cli_render import (
+    _attempt_json,
+    _clean,
+    _Ctx,
+    _duration,
+    _error,
+    _event_json,
+    _info_json,
+    _table,
+    _time,
+)
 from saga._definition import Saga
 from saga._errors import (
     ConfigurationError,
-    ErrorInfo,
     InvalidRunStateError,
     RunNotFoundError,
     SagaError,
 )
 from saga._operator import (
-    MAX_PAGE_SIZE,
     PRUNABLE_BY_DEFAULT,
-    StepAttempt,
     list_runs,
     migrate,
     prune,
@@ -55,254 +68,10 @@ from saga._operator import (
     timeline,
 )
 from saga._orchestrator import Orchestrator
-from saga._run import HistoryEvent, RunInfo, RunStatus
+from saga._run import RunStatus
 from saga._store import latest_migration
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_INVALID_STATE = 4
-EXIT_INTERRUPTED = 130
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_STATUS_GROUPS = {
-    "active": [s.value for s in RunStatus if not s.is_terminal],
-    "finished": [s.value for s in RunStatus if s.is_terminal],
-}
-
-
-class _Exit(Exception):
-    """Leave main() with this code (argparse's exit, usage errors)."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that returns its exit code to main() instead of exiting."""
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``10m``, ``2h``, ``3d``, ``1w`` or combinations such as ``1h30m``."""
-    value = text.strip().lower()
-    pos, seconds = 0, 0.0
-    for match in _DURATION_PART.finditer(value):
-        if match.start() != pos:
-            break
-        seconds += float(match[1]) * _UNIT_SECONDS[match[2]]
-        pos = match.end()
-    if not value or pos != len(value):
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use a number and a unit s, m, h, d or w "
-            "(e.g. 90s, 10m, 2h, 3d, 1h30m)"
-        )
-    return timedelta(seconds=seconds)
-
-
-def _run_id(text: str) -> UUID:
-    try:
-        return UUID(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid run id {text!r}: not a UUID") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _statuses(text: str) -> list[str]:
-    out: list[str] = []
-    for part in filter(None, (p.strip().lower() for p in text.split(","))):
-        if part in _STATUS_GROUPS:
-            out.extend(_STATUS_GROUPS[part])
-        elif part in {s.value for s in RunStatus}:
-            out.append(part)
-        else:
-            known = ", ".join([*(s.value for s in RunStatus), *_STATUS_GROUPS])
-            raise argparse.ArgumentTypeError(f"unknown status {part!r}; use one of: {known}")
-    if not out:
-        raise argparse.ArgumentTypeError("empty status")
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``saga`` command (every command has ``--help``)."""
-    common = _Parser(add_help=False)
-    # SUPPRESS on both levels: `saga --dsn X runs` and `saga runs --dsn X` both work.
-    common.add_argument(
-        "--dsn",
-        default=argparse.SUPPRESS,
-        help="PostgreSQL DSN (default: $SAGA_DSN)",
-    )
-    common.add_argument(
-        "--schema",
-        default=argparse.SUPPRESS,
-        help="schema holding saga's tables (default: $SAGA_SCHEMA or 'saga')",
-    )
-    common.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="print JSON for scripts instead of tables",
-    )
-    parser = _Parser(
-        prog="saga",
-        description="Durable sagas on PostgreSQL: migrations, workers and operator commands.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 run not found, 4 invalid run state",
-        parents=[common],
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name, help=help, description=description, parents=[common], epilog=parser.epilog
-        )
-
-    add("migrate", "apply pending schema migrations", "Apply pending schema migrations.")
-
-    worker = add(
-        "worker",
-        "run a worker for the given sagas until SIGTERM/SIGINT",
-        "Execute the runs of the given sagas until SIGTERM or SIGINT, then shut down "
-        "gracefully: running steps get --shutdown-timeout seconds to finish, the rest "
-        "are handed back to other workers. Exits 0 after a clean shutdown.",
-    )
-    worker.add_argument(
-        "target",
-        metavar="MODULE:OBJECT",
-        help="a saga.Saga, or a list/tuple of them, e.g. myapp.sagas:checkout",
-    )
-    worker.add_argument("--concurrency", type=_positive_int, default=32, help="default: 32")
-    worker.add_argument("--lease-seconds", type=_positive_float, default=30.0, help="default: 30")
-    worker.add_argument("--poll-interval", type=_positive_float, default=1.0, help="default: 1")
-    worker.add_argument(
-        "--shutdown-timeout", type=_positive_float, default=10.0, help="default: 10"
-    )
-    worker.add_argument("--worker-id", help="default: host:pid:random")
-    worker.add_argument(
-        "--no-migrate", action="store_true", help="do not migrate the schema on start"
-    )
-    worker.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        default="info",
-        help="default: info (logs go to stderr unless the module configures structlog)",
-    )
-
-    runs = add(
-        "runs",
-        "list runs, newest first",
-        "List runs, newest first. Durations: 90s, 10m, 2h, 3d, 1w, 1h30m.",
-    )
-    runs.add_argument("--saga", help="only runs of this saga")
-    runs.add_argument(
-        "--status",
-        type=_statuses,
-        action="append",
-        help="pending, running, compensating, completed, compensated, failed, cancelled, "
-        "active or finished; repeat or comma-separate for several",
-    )
-    runs.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
-    runs.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
-    runs.add_argument(
-        "--limit", type=_positive_int, default=50, help=f"page size, at most {MAX_PAGE_SIZE}"
-    )
-    runs.add_argument(
-        "--before",
-        type=_run_id,
-        metavar="RUN",
-        help="next page: runs older than this one (the last id of the previous page)",
-    )
-
-    show = add(
-        "show",
-        "show a run and its timeline",
-        "Show a run's state and its timeline: every step and compensation attempt with "
-        "its worker, duration, outcome and error.",
-    )
-    show.add_argument("run", type=_run_id, metavar="RUN", help="run id")
-    show.add_argument("--events", action="store_true", help="also print the raw history")
-
-    retry = add(
-        "retry",
-        "resume a failed run",
-        "Resume a failed run at the compensation that gave up, with fresh attempts.",
-    )
-    retry.add_argument("run", type=_run_id, metavar="RUN", help="run id")
-
-    cancel = add(
-        "cancel",
-        "cancel a run (its completed steps are compensated)",
-        "Cancel an active run: the step running now finishes its attempt, then every "
-        "completed step is compensated, newest first.",
-    )
-    cancel.add_argument("run", type=_run_id, metavar="RUN", help="run id")
-
-    prune_ = add(
-        "prune",
-        "delete old finished runs and their history",
-        "Delete runs that finished more than --older-than ago, with their events, in "
-        "batches (one short transaction each). Failed runs wait for an operator and are "
-        "kept unless --include-failed.",
-    )
-    prune_.add_argument(
-        "--older-than", type=parse_duration, required=True, help="finished at least this long ago"
-    )
-    prune_.add_argument("--include-failed", action="store_true", help="prune failed runs too")
-    prune_.add_argument(
-        "--batch-size", type=_positive_int, default=1000, help="runs per transaction"
-    )
-    prune_.add_argument("--dry-run", action="store_true", help="only count what would go")
-
-    demo = add(
-        "demo",
-        "run two order sagas (one completes, one is compensated) and print timelines",
-        "Runs on SAGA_DSN when set, else on an embedded PostgreSQL.",
-    )
-    demo.add_argument("--pgdata", type=Path, help="embedded PostgreSQL data folder")
-    return parser
-
-
-@dataclass
-class _Ctx:
-    args: argparse.Namespace
-    out: TextIO
-    err: TextIO
-    as_json: bool
-
-    def emit(self, data: Any) -> None:
-        json.dump(data, self.out, indent=2, default=_json_default)
-        self.out.write("\n")
-
-    def say(self, line: str = "") -> None:
-        self.out.write(line + "\n")
-
-    def note(self, line: str) -> None:
-        self.err.write(line + "\n")
+__all__ = ["EXIT_USAGE", "build_parser", "main", "parse_duration"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -617,115 +386,3 @@ async def _prune(ctx: _Ctx, orch: Orchestrator) -> int:
 
 
 # -- rendering ----------------------------------------------------------------------------
-
-
-def _clean(text: str) -> str:
-    """Escape control characters: names and messages must not drive the terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _cell(text: str, width: int = 60) -> str:
-    text = _clean(text)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _table(ctx: _Ctx, headers: list[str], rows: list[list[str]]) -> None:
-    cells = [headers, *([_cell(c) for c in row] for row in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        ctx.say("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _time(at: datetime, *, precise: bool = False) -> str:
-    at = at.astimezone(UTC)
-    return at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if precise else at.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _duration(delta: timedelta) -> str:
-    seconds = delta.total_seconds()
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.2f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d{hours}h" if hours else f"{days}d"
-    if hours:
-        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-    return f"{minutes}m{secs}s" if secs else f"{minutes}m"
-
-
-def _error(error: ErrorInfo | None, *, full: bool = False) -> str:
-    if error is None:
-        return "-"
-    text = (
-        str(error) if full else (f"{error.type}: {error.message}" if error.message else error.type)
-    )
-    return _clean(text)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-def _error_json(error: ErrorInfo | None) -> dict[str, Any] | None:
-    return (
-        None
-        if error is None
-        else {"type": error.type, "message": error.message, "step": error.step}
-    )
-
-
-def _info_json(info: RunInfo) -> dict[str, Any]:
-    return {
-        "id": str(info.id),
-        "saga": info.saga,
-        "version": info.version,
-        "key": info.key,
-        "status": info.status.value,
-        "step": info.step,
-        "attempt": info.attempt,
-        "completed_steps": list(info.completed_steps),
-        "error": _error_json(info.error),
-        "compensation_error": _error_json(info.compensation_error),
-        "cancel_requested": info.cancel_requested,
-        "worker": info.worker,
-        "created_at": info.created_at.isoformat(),
-        "updated_at": info.updated_at.isoformat(),
-        "finished_at": info.finished_at.isoformat() if info.finished_at else None,
-    }
-
-
-def _attempt_json(a: StepAttempt) -> dict[str, Any]:
-    return {
-        "step": a.step,
-        "compensation": a.compensation,
-        "attempt": a.attempt,
-        "worker": a.worker,
-        "started_at": a.started_at.isoformat() if a.started_at else None,
-        "ended_at": a.ended_at.isoformat() if a.ended_at else None,
-        "duration": a.duration,
-        "outcome": a.outcome,
-        "error": _error_json(a.error),
-        "retry_in": a.retry_in,
-    }
-
-
-def _event_json(e: HistoryEvent) -> dict[str, Any]:
-    return {
-        "seq": e.seq,
-        "at": e.at.isoformat(),
-        "kind": e.kind,
-        "step": e.step,
-        "attempt": e.attempt,
-        "worker": e.worker,
-        "data": e.data,
-    }

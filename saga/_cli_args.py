@@ -1,0 +1,244 @@
+"""Command-line arguments of ``saga``: exit codes, value parsers, the argparse tree."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import NoReturn
+from uuid import UUID
+
+from saga._operator import (
+    MAX_PAGE_SIZE,
+)
+from saga._run import RunStatus
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_INVALID_STATE = 4
+EXIT_INTERRUPTED = 130
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_STATUS_GROUPS = {
+    "active": [s.value for s in RunStatus if not s.is_terminal],
+    "finished": [s.value for s in RunStatus if s.is_terminal],
+}
+
+
+class _Exit(Exception):
+    """Leave main() with this code (argparse's exit, usage errors)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that returns its exit code to main() instead of exiting."""
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _Exit(status)
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``10m``, ``2h``, ``3d``, ``1w`` or combinations such as ``1h30m``."""
+    value = text.strip().lower()
+    pos, seconds = 0, 0.0
+    for match in _DURATION_PART.finditer(value):
+        if match.start() != pos:
+            break
+        seconds += float(match[1]) * _UNIT_SECONDS[match[2]]
+        pos = match.end()
+    if not value or pos != len(value):
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a number and a unit s, m, h, d or w "
+            "(e.g. 90s, 10m, 2h, 3d, 1h30m)"
+        )
+    return timedelta(seconds=seconds)
+
+
+def _run_id(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid run id {text!r}: not a UUID") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _statuses(text: str) -> list[str]:
+    out: list[str] = []
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        if part in _STATUS_GROUPS:
+            out.extend(_STATUS_GROUPS[part])
+        elif part in {s.value for s in RunStatus}:
+            out.append(part)
+        else:
+            known = ", ".join([*(s.value for s in RunStatus), *_STATUS_GROUPS])
+            raise argparse.ArgumentTypeError(f"unknown status {part!r}; use one of: {known}")
+    if not out:
+        raise argparse.ArgumentTypeError("empty status")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``saga`` command (every command has ``--help``)."""
+    common = _Parser(add_help=False)
+    # SUPPRESS on both levels: `saga --dsn X runs` and `saga runs --dsn X` both work.
+    common.add_argument(
+        "--dsn",
+        default=argparse.SUPPRESS,
+        help="PostgreSQL DSN (default: $SAGA_DSN)",
+    )
+    common.add_argument(
+        "--schema",
+        default=argparse.SUPPRESS,
+        help="schema holding saga's tables (default: $SAGA_SCHEMA or 'saga')",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print JSON for scripts instead of tables",
+    )
+    parser = _Parser(
+        prog="saga",
+        description="Durable sagas on PostgreSQL: migrations, workers and operator commands.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 run not found, 4 invalid run state",
+        parents=[common],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, description=description, parents=[common], epilog=parser.epilog
+        )
+
+    add("migrate", "apply pending schema migrations", "Apply pending schema migrations.")
+
+    worker = add(
+        "worker",
+        "run a worker for the given sagas until SIGTERM/SIGINT",
+        "Execute the runs of the given sagas until SIGTERM or SIGINT, then shut down "
+        "gracefully: running steps get --shutdown-timeout seconds to finish, the rest "
+        "are handed back to other workers. Exits 0 after a clean shutdown.",
+    )
+    worker.add_argument(
+        "target",
+        metavar="MODULE:OBJECT",
+        help="a saga.Saga, or a list/tuple of them, e.g. myapp.sagas:checkout",
+    )
+    worker.add_argument("--concurrency", type=_positive_int, default=32, help="default: 32")
+    worker.add_argument("--lease-seconds", type=_positive_float, default=30.0, help="default: 30")
+    worker.add_argument("--poll-interval", type=_positive_float, default=1.0, help="default: 1")
+    worker.add_argument(
+        "--shutdown-timeout", type=_positive_float, default=10.0, help="default: 10"
+    )
+    worker.add_argument("--worker-id", help="default: host:pid:random")
+    worker.add_argument(
+        "--no-migrate", action="store_true", help="do not migrate the schema on start"
+    )
+    worker.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="default: info (logs go to stderr unless the module configures structlog)",
+    )
+
+    runs = add(
+        "runs",
+        "list runs, newest first",
+        "List runs, newest first. Durations: 90s, 10m, 2h, 3d, 1w, 1h30m.",
+    )
+    runs.add_argument("--saga", help="only runs of this saga")
+    runs.add_argument(
+        "--status",
+        type=_statuses,
+        action="append",
+        help="pending, running, compensating, completed, compensated, failed, cancelled, "
+        "active or finished; repeat or comma-separate for several",
+    )
+    runs.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
+    runs.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
+    runs.add_argument(
+        "--limit", type=_positive_int, default=50, help=f"page size, at most {MAX_PAGE_SIZE}"
+    )
+    runs.add_argument(
+        "--before",
+        type=_run_id,
+        metavar="RUN",
+        help="next page: runs older than this one (the last id of the previous page)",
+    )
+
+    show = add(
+        "show",
+        "show a run and its timeline",
+        "Show a run's state and its timeline: every step and compensation attempt with "
+        "its worker, duration, outcome and error.",
+    )
+    show.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+    show.add_argument("--events", action="store_true", help="also print the raw history")
+
+    retry = add(
+        "retry",
+        "resume a failed run",
+        "Resume a failed run at the compensation that gave up, with fresh attempts.",
+    )
+    retry.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+
+    cancel = add(
+        "cancel",
+        "cancel a run (its completed steps are compensated)",
+        "Cancel an active run: the step running now finishes its attempt, then every "
+        "completed step is compensated, newest first.",
+    )
+    cancel.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+
+    prune_ = add(
+        "prune",
+        "delete old finished runs and their history",
+        "Delete runs that finished more than --older-than ago, with their events, in "
+        "batches (one short transaction each). Failed runs wait for an operator and are "
+        "kept unless --include-failed.",
+    )
+    prune_.add_argument(
+        "--older-than", type=parse_duration, required=True, help="finished at least this long ago"
+    )
+    prune_.add_argument("--include-failed", action="store_true", help="prune failed runs too")
+    prune_.add_argument(
+        "--batch-size", type=_positive_int, default=1000, help="runs per transaction"
+    )
+    prune_.add_argument("--dry-run", action="store_true", help="only count what would go")
+
+    demo = add(
+        "demo",
+        "run two order sagas (one completes, one is compensated) and print timelines",
+        "Runs on SAGA_DSN when set, else on an embedded PostgreSQL.",
+    )
+    demo.add_argument("--pgdata", type=Path, help="embedded PostgreSQL data folder")
+    return parser

@@ -1,0 +1,148 @@
+"""Rendering for the ``saga`` command: tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+from uuid import UUID
+
+from saga._errors import (
+    ErrorInfo,
+)
+from saga._operator import (
+    StepAttempt,
+)
+from saga._run import HistoryEvent, RunInfo
+
+
+@dataclass
+class _Ctx:
+    args: argparse.Namespace
+    out: TextIO
+    err: TextIO
+    as_json: bool
+
+    def emit(self, data: Any) -> None:
+        json.dump(data, self.out, indent=2, default=_json_default)
+        self.out.write("\n")
+
+    def say(self, line: str = "") -> None:
+        self.out.write(line + "\n")
+
+    def note(self, line: str) -> None:
+        self.err.write(line + "\n")
+
+
+def _clean(text: str) -> str:
+    """Escape control characters: names and messages must not drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _cell(text: str, width: int = 60) -> str:
+    text = _clean(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(ctx: _Ctx, headers: list[str], rows: list[list[str]]) -> None:
+    cells = [headers, *([_cell(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        ctx.say("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _time(at: datetime, *, precise: bool = False) -> str:
+    at = at.astimezone(UTC)
+    return at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if precise else at.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+
+
+def _error(error: ErrorInfo | None, *, full: bool = False) -> str:
+    if error is None:
+        return "-"
+    text = (
+        str(error) if full else (f"{error.type}: {error.message}" if error.message else error.type)
+    )
+    return _clean(text)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _error_json(error: ErrorInfo | None) -> dict[str, Any] | None:
+    return (
+        None
+        if error is None
+        else {"type": error.type, "message": error.message, "step": error.step}
+    )
+
+
+def _info_json(info: RunInfo) -> dict[str, Any]:
+    return {
+        "id": str(info.id),
+        "saga": info.saga,
+        "version": info.version,
+        "key": info.key,
+        "status": info.status.value,
+        "step": info.step,
+        "attempt": info.attempt,
+        "completed_steps": list(info.completed_steps),
+        "error": _error_json(info.error),
+        "compensation_error": _error_json(info.compensation_error),
+        "cancel_requested": info.cancel_requested,
+        "worker": info.worker,
+        "created_at": info.created_at.isoformat(),
+        "updated_at": info.updated_at.isoformat(),
+        "finished_at": info.finished_at.isoformat() if info.finished_at else None,
+    }
+
+
+def _attempt_json(a: StepAttempt) -> dict[str, Any]:
+    return {
+        "step": a.step,
+        "compensation": a.compensation,
+        "attempt": a.attempt,
+        "worker": a.worker,
+        "started_at": a.started_at.isoformat() if a.started_at else None,
+        "ended_at": a.ended_at.isoformat() if a.ended_at else None,
+        "duration": a.duration,
+        "outcome": a.outcome,
+        "error": _error_json(a.error),
+        "retry_in": a.retry_in,
+    }
+
+
+def _event_json(e: HistoryEvent) -> dict[str, Any]:
+    return {
+        "seq": e.seq,
+        "at": e.at.isoformat(),
+        "kind": e.kind,
+        "step": e.step,
+        "attempt": e.attempt,
+        "worker": e.worker,
+        "data": e.data,
+    }
