@@ -158,46 +158,28 @@ class Store:
         then re-reads what is applied. Returns the versions this call applied.
         """
         quoted = _quote_ident(self.schema)
+        q = self._q
         applied_now: list[int] = []
         async with translate_errors("migration"), self.pool.acquire() as conn:
             for version, name, sql in _migrations():
                 async with conn.transaction():
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock(hashtext($1))",
-                        _MIGRATION_LOCK_NAMESPACE + self.schema,
-                    )
-                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
-                    await conn.execute(
-                        f"CREATE TABLE IF NOT EXISTS {quoted}.migrations ("
-                        " version integer PRIMARY KEY, name text NOT NULL,"
-                        " applied_at timestamptz NOT NULL DEFAULT now())"
-                    )
-                    done = await conn.fetchval(
-                        f"SELECT EXISTS (SELECT 1 FROM {quoted}.migrations WHERE version = $1)",
-                        version,
-                    )
-                    if done:
+                    await conn.execute(q["migration_lock"], _MIGRATION_LOCK_NAMESPACE + self.schema)
+                    await conn.execute(q["migration_prepare"])
+                    if await conn.fetchval(q["migration_applied"], version):
                         continue
                     await conn.execute(sql.replace("__schema__", quoted))
-                    await conn.execute(
-                        f"INSERT INTO {quoted}.migrations (version, name) VALUES ($1, $2)",
-                        version,
-                        name,
-                    )
+                    await conn.execute(q["migration_record"], version, name)
                     applied_now.append(version)
         return applied_now
 
     async def applied_migrations(self) -> list[int]:
         async with translate_errors("reading migrations"):
             exists = await self.pool.fetchval(
-                "SELECT to_regclass($1) IS NOT NULL",
-                f"{_quote_ident(self.schema)}.migrations",
+                self._q["migrations_table_exists"], f"{_quote_ident(self.schema)}.migrations"
             )
             if not exists:
                 return []
-            rows = await self.pool.fetch(
-                f"SELECT version FROM {_quote_ident(self.schema)}.migrations ORDER BY version"
-            )
+            rows = await self.pool.fetch(self._q["migrations_list"])
         return [r["version"] for r in rows]
 
     # -- runs ---------------------------------------------------------------------------

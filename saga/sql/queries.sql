@@ -2,6 +2,41 @@
 -- then a line saying what it does and a line per positional parameter. __schema__ is
 -- replaced by the validated, quoted schema identifier when the store loads the file.
 
+-- name: migration_lock
+-- Serialize migrations of one schema across processes until the transaction ends.
+-- $1 lock key text ("saga.migrate:" + schema)
+SELECT pg_advisory_xact_lock(hashtext($1));
+
+-- name: migration_prepare
+-- Create the schema and its migrations table if missing (under migration_lock).
+-- no parameters
+CREATE SCHEMA IF NOT EXISTS __schema__;
+CREATE TABLE IF NOT EXISTS __schema__.migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migration_applied
+-- Whether a migration version is recorded as applied.
+-- $1 version
+SELECT EXISTS (SELECT 1 FROM __schema__.migrations WHERE version = $1);
+
+-- name: migration_record
+-- Record a migration as applied (in the transaction that applied it).
+-- $1 version, $2 name
+INSERT INTO __schema__.migrations (version, name) VALUES ($1, $2);
+
+-- name: migrations_table_exists
+-- Whether the schema has been migrated at all.
+-- $1 the quoted, schema-qualified name of the migrations table
+SELECT to_regclass($1) IS NOT NULL;
+
+-- name: migrations_list
+-- The applied migration versions, in order.
+-- no parameters
+SELECT version FROM __schema__.migrations ORDER BY version;
+
 -- name: start_run
 -- Insert a new pending run, its first history event, and wake the workers; returns no
 -- row when a run with the same (saga, idempotency key) already exists.
