@@ -21,6 +21,7 @@ from uuid import UUID
 import anyio
 import structlog
 from opentelemetry import trace
+from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import Span
 
 from saga._codec import decode, encode
@@ -119,7 +120,7 @@ class _RunState:
     completed: list[str]
     cancel_requested: bool
     has_error: bool
-    trace_context: str | None = None
+    trace_parent: OtelContext | None = None  # the run's start span, for attempt spans
     ctx: Context[Any] | None = None  # of the attempt whose outcome is being written
     # The attempt being run: its span, start time, and how it went.
     span: Span | None = None
@@ -151,7 +152,7 @@ class Engine:
             completed=item.completed_steps,
             cancel_requested=item.cancel_requested,
             has_error=item.has_error,
-            trace_context=item.trace_context,
+            trace_parent=Telemetry.parent_context(item.trace_context),
         )
         telemetry = self._rt.telemetry
         if item.expired_owner is not None:
@@ -320,7 +321,7 @@ class Engine:
         state.kind, state.outcome, state.error_type = kind, "success", None
         state.started = time.perf_counter()
         state.span = self._rt.telemetry.attempt_span(
-            state.trace_context,
+            state.trace_parent,
             saga=saga.name,
             version=saga.version,
             run_id=str(state.run_id),

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -187,9 +188,15 @@ class Telemetry:
             propagate.inject(carrier)
             yield span, json.dumps(carrier)
 
+    @staticmethod
+    def parent_context(carrier_json: str | None) -> Context | None:
+        """The run's start span context, from the carrier stored with the run (parsed once
+        per claimed run, not per attempt)."""
+        return propagate.extract(json.loads(carrier_json)) if carrier_json else None
+
     def attempt_span(
         self,
-        carrier_json: str | None,
+        parent: Context | None,
         *,
         saga: str,
         version: int,
@@ -200,7 +207,6 @@ class Telemetry:
         worker: str,
     ) -> Span:
         """A span for one attempt, parented to the run's start span (any process)."""
-        parent = propagate.extract(json.loads(carrier_json)) if carrier_json else None
         verb = "compensate" if kind == "compensation" else "step"
         return self.tracer.start_span(
             f"saga.{verb} {step}",
