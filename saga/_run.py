@@ -202,7 +202,7 @@ class RunHandle:
             waiter = orch._subscribe(self.id)
             try:
                 try:
-                    if not watched:  # only watched runs NOTIFY when they end
+                    if not watched:  # only watched runs NOTIFY when they end (no lock)
                         await store.watch_run(self.id)
                         watched = True
                     record = await store.get_run(self.id)

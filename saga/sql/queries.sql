@@ -139,7 +139,7 @@ WITH upd AS (
         finished_at = CASE WHEN $11::float8 IS NULL THEN now() END,
         updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
-    RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished, watched,
+    RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
               extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
@@ -150,9 +150,13 @@ WITH upd AS (
     -- cancel_requested in the reply and rolls back, so it has not started.
     WHERE NOT (upd.cancel_requested AND e.ev->>'kind' = 'step_started')
     ORDER BY e.ord
+), unwatched AS (
+    DELETE FROM __schema__.watches w USING upd WHERE w.run_id = upd.id AND upd.finished
+    RETURNING w.run_id
 )
 SELECT lease_token, cancel_requested, age,
-       CASE WHEN finished AND watched THEN pg_notify($14, id::text)::text END AS notified
+       CASE WHEN EXISTS (SELECT 1 FROM unwatched) THEN pg_notify($14, id::text)::text END
+           AS notified
 FROM upd;
 
 -- name: heartbeat
@@ -192,11 +196,13 @@ SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
 FROM __schema__.runs WHERE id = $1;
 
 -- name: watch_run
--- Ask for a NOTIFY when this active run ends (result() waits on it). A no-op once set
--- or once the run ended; the row lock orders it against the run's final transition.
+-- Ask for a NOTIFY when this active run ends (result() waits on it). Takes no lock on
+-- the run. A watch committed after the final transition's snapshot is not seen by it:
+-- the waiter then learns the end by polling (latency only), and prune removes the row.
 -- $1 run id
-UPDATE __schema__.runs SET watched = true
-WHERE id = $1 AND NOT watched AND due_at IS NOT NULL;
+INSERT INTO __schema__.watches (run_id)
+SELECT id FROM __schema__.runs WHERE id = $1 AND due_at IS NOT NULL
+ON CONFLICT DO NOTHING;
 
 -- name: notify_work
 -- Wake the workers of a saga (a trailing notification for coalesced starts).
@@ -349,6 +355,8 @@ WITH doomed AS (
     FOR UPDATE SKIP LOCKED
 ), gone_events AS (
     DELETE FROM __schema__.events e USING doomed d WHERE e.run_id = d.id RETURNING 1
+), gone_watches AS (
+    DELETE FROM __schema__.watches w USING doomed d WHERE w.run_id = d.id
 ), gone_runs AS (
     DELETE FROM __schema__.runs r USING doomed d WHERE r.id = d.id RETURNING 1
 )
