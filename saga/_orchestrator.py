@@ -139,6 +139,7 @@ class Orchestrator:
         self._engine: Engine | None = None
         self._stopping = False
         self._wake = anyio.Event()
+        self._slot_freed = anyio.Event()
         self._more_work = False
         self._inflight: dict[uuid.UUID, Lease] = {}
         self._drained = anyio.Event()
@@ -473,6 +474,12 @@ class Orchestrator:
                 self._more_work = len(items) == free
                 if self._more_work:
                     continue
+            else:
+                # Full: wait for a free slot, not for _wake (a pending wake-up would make
+                # this loop spin until a run finishes).
+                self._slot_freed = anyio.Event()
+                await self._slot_freed.wait()
+                continue
             with anyio.move_on_after(self.poll_interval):
                 await self._wake.wait()
 
@@ -506,6 +513,7 @@ class Orchestrator:
             # during a stall): only drop the entry if it is still this lease.
             if finished and self._inflight.get(item.run_id) is lease:
                 del self._inflight[item.run_id]
+                self._slot_freed.set()
                 if self._more_work:
                     self._wake.set()
                 if not self._inflight:
