@@ -360,7 +360,7 @@ class Orchestrator:
         notify = self._claim_notify(saga.name)
         # Shielded: once the INSERT is sent, its outcome must be known to the caller.
         with (
-            self.telemetry.start_span(saga, key) as (span, carrier),
+            self.telemetry.start_span(saga) as (span, carrier),
             anyio.CancelScope(shield=True),
         ):
             run_id, created = await store.start_run(

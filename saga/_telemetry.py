@@ -177,7 +177,7 @@ class Telemetry:
     # -- spans -------------------------------------------------------------------------
 
     @contextmanager
-    def start_span(self, saga: Saga[Any], key: str | None) -> Iterator[tuple[Span, str]]:
+    def start_span(self, saga: Saga[Any]) -> Iterator[tuple[Span, str]]:
         """The span of ``start()``; yields it and the context carrier (JSON) to store."""
         with self.tracer.start_as_current_span(
             f"saga.start {saga.name}",
