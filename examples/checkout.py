@@ -33,6 +33,9 @@ class Order(BaseModel):
     amount_cents: int = Field(gt=0)
     card: str = "visa"
     destination: str = "Lyon"
+    # gt=0 refuses NaN and -Infinity but lets +Infinity through: start() then refuses it
+    # with saga.SerializationError (the web apps answer 422).
+    weight_kg: float = Field(default=1.0, gt=0)
     step_delay: float = Field(default=0.0, ge=0, le=5)
 
 
@@ -49,6 +52,7 @@ class Shipment(BaseModel):
     order_id: str
     tracking: str
     charge_id: str
+    weight_kg: float
     shipped_by: str
 
 
@@ -94,6 +98,7 @@ async def ship(ctx: saga.Context[Order]) -> Shipment:
         order_id=ctx.input.order_id,
         tracking=f"trk-{ctx.result(reserve_stock)}",
         charge_id=ctx.result(charge_card).charge_id,
+        weight_kg=ctx.input.weight_kg,
         shipped_by=f"{socket.gethostname()}:{os.getpid()}",
     )
 

@@ -10,6 +10,14 @@
   when the run ended, ``202`` when it is still going.
 - ``POST /orders/{run_id}/cancel`` asks for a cancel: ``202``, ``409`` once it ended.
 
+saga's errors become statuses in one place, ``ERROR_STATUS`` in
+``examples/responses.py``, registered below as exception handlers so that every route
+gets them: ``422`` for an order saga cannot store (NaN, Infinity), ``413`` for one above
+``max_payload_bytes``, ``404`` for an unknown run, ``409`` for a cancel of an ended run,
+``503`` with ``Retry-After`` while Postgres is unreachable. A malformed run id is a
+``422`` (FastAPI's path validation), and a body above ``MAX_BODY_BYTES`` a ``413``
+before it is read in full (``max_body_size``, FastAPI 0.165 and later).
+
 The orchestrator opens in the app's lifespan, so the process starts and watches runs and,
 with ``concurrency > 0``, also executes them. ``create_app(concurrency=0)`` makes a pure
 client that only starts and watches runs while ``saga worker examples.checkout:SAGAS``
@@ -28,12 +36,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import saga
 from examples.checkout import SAGAS, Order, checkout
-from examples.responses import MAX_WAIT, describe, outcome
+from examples.responses import (
+    ERROR_STATUS,
+    MAX_BODY_BYTES,
+    MAX_WAIT,
+    describe,
+    error_response,
+    outcome,
+    validation_body,
+)
 
 
 def get_orchestrator(request: Request) -> saga.Orchestrator:
@@ -44,6 +61,22 @@ def get_orchestrator(request: Request) -> saga.Orchestrator:
 
 # Module level: FastAPI resolves string annotations in the module's namespace.
 Orch = Annotated[saga.Orchestrator, Depends(get_orchestrator)]
+
+
+async def saga_error_handler(request: Request, exc: Exception) -> Response:
+    """One of saga's errors as its status and ``{"error", "detail"}`` body."""
+    mapped = error_response(exc)
+    if mapped is None:  # registered for mapped types only
+        raise exc
+    status, body, headers = mapped
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 without the offending input: FastAPI's own handler echoes it, and
+    answers 500 instead when it is NaN or Infinity (JSON cannot encode them)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(validation_body(exc.errors()), status_code=422)
 
 
 def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) -> FastAPI:
@@ -58,7 +91,11 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
             app.state.orchestrator = orchestrator
             yield
 
-    app = FastAPI(title="shop", lifespan=lifespan)
+    # Starlette reads a body of any size unless told otherwise (aiohttp stops at 1 MiB).
+    app = FastAPI(title="shop", lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    for error_type in ERROR_STATUS:
+        app.add_exception_handler(error_type, saga_error_handler)
 
     @app.post("/orders", status_code=202)
     async def create_order(
@@ -80,12 +117,7 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
     async def get_order(run_id: uuid.UUID, orchestrator: Orch) -> dict[str, Any]:
         """The run's state and timeline."""
         run = orchestrator.get_run(run_id)
-        try:
-            info = await run.info()
-            history = await run.history()
-        except saga.RunNotFoundError:
-            raise HTTPException(404, f"no order run {run_id}") from None
-        return describe(info, history)
+        return describe(await run.info(), await run.history())
 
     @app.get("/orders/{run_id}/result")
     async def get_result(
@@ -94,21 +126,13 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
         timeout: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 10.0,
     ) -> JSONResponse:
         """Wait up to ``timeout`` seconds for the outcome (long-poll)."""
-        try:
-            code, body = await outcome(orchestrator.get_run(run_id), timeout)
-        except saga.RunNotFoundError:
-            raise HTTPException(404, f"no order run {run_id}") from None
+        code, body = await outcome(orchestrator.get_run(run_id), timeout)
         return JSONResponse(body, status_code=code)
 
     @app.post("/orders/{run_id}/cancel", status_code=202)
     async def cancel_order(run_id: uuid.UUID, orchestrator: Orch) -> dict[str, Any]:
         """Cancel the order: what completed is compensated."""
-        try:
-            await orchestrator.get_run(run_id).cancel()
-        except saga.RunNotFoundError:
-            raise HTTPException(404, f"no order run {run_id}") from None
-        except saga.InvalidRunStateError as exc:
-            raise HTTPException(409, str(exc)) from None
+        await orchestrator.get_run(run_id).cancel()
         return {"run_id": str(run_id), "status": "cancel_requested"}
 
     return app

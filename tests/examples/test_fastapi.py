@@ -4,27 +4,63 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import asyncpg
 import httpx
 import pytest
 
 from examples.fastapi_app import create_app
+from examples.responses import RETRY_AFTER
+from tests.examples._http import (
+    INVALID_ORDERS,
+    MALFORMED_RUN_IDS,
+    NON_FINITE_ORDERS,
+    REACHES_SAGA,
+    chunks,
+    database_down,
+    huge_order,
+)
+
+JSON = {"content-type": "application/json"}
 
 
 def order(order_id: str, **fields: Any) -> dict[str, Any]:
     return {"order_id": order_id, "amount_cents": 1299, **fields}
 
 
-@pytest.fixture
-async def client(dsn: str) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def serve(dsn: str, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The example app with its lifespan entered (the orchestrator open), over ASGI."""
-    app = create_app(dsn, concurrency=4, poll_interval=0.2, shutdown_timeout=2)
+    options = {"concurrency": 4, "poll_interval": 0.2, "shutdown_timeout": 2, **options}
+    app = create_app(dsn, **options)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
             yield client
+
+
+@pytest.fixture
+async def client(dsn: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The example app, serving."""
+    async with serve(dsn) as client:
+        yield client
+
+
+async def count_runs(db: asyncpg.Connection) -> int:
+    count: int = await db.fetchval("SELECT count(*) FROM saga.runs")
+    return count
+
+
+def assert_error(response: httpx.Response, status: int, error: str) -> None:
+    """``response`` is saga's ``error`` as ``status`` with the shared JSON body."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    assert body["error"] == error
+    assert "Traceback" not in response.text
 
 
 async def test_post_answers_202_at_once_and_the_run_completes(client: httpx.AsyncClient) -> None:
@@ -114,15 +150,122 @@ async def test_cancel_endpoint_compensates_and_refuses_an_ended_run(
     assert response.status_code == 409
 
 
-async def test_bad_requests_get_clear_4xx(client: httpx.AsyncClient) -> None:
-    """Unknown run ids answer 404, malformed ids and invalid orders 422, a wait beyond
-    the cap 422; nothing is started for a rejected order."""
+async def test_bodies_above_the_limit_get_413(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """A 5 MB order answers 413 at once, whether it declares its Content-Length or is
+    sent chunked (Starlette would read either into memory whole); nothing is started."""
+    body = huge_order()
+    with anyio.fail_after(10):
+        response = await client.post("/orders", content=body, headers=JSON)
+        assert response.status_code == 413
+        response = await client.post("/orders", content=chunks(body), headers=JSON)
+        assert response.status_code == 413
+    assert "content-length" not in response.request.headers
+    assert await count_runs(db) == 0
+
+
+async def test_an_input_above_max_payload_bytes_gets_413(dsn: str) -> None:
+    """A body under the HTTP limit whose input is above saga's max_payload_bytes is
+    saga's PayloadTooLargeError, answered 413 (not the 422 of its parent class)."""
+    async with serve(dsn, max_payload_bytes=4096) as client:
+        response = await client.post("/orders", json=order("o-big", destination="x" * 8000))
+        assert_error(response, 413, "PayloadTooLargeError")
+        assert (await client.post("/orders", json=order("o-small"))).status_code == 202
+
+
+async def test_non_finite_numbers_get_422(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """NaN, Infinity and -Infinity in any numeric field answer 422, never 500: the model
+    refuses most (and the 422 body does not echo them, which JSON could not encode), and
+    saga's SerializationError the +Infinity that passes ``gt=0``."""
+    for text in NON_FINITE_ORDERS:
+        response = await client.post("/orders", content=text, headers=JSON)
+        assert_error(
+            response, 422, "SerializationError" if text == REACHES_SAGA else "ValidationError"
+        )
+    assert await count_runs(db) == 0
+
+
+async def test_invalid_orders_get_422(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    """Orders the model refuses, bodies that are not an order or not JSON, and a wait
+    beyond the cap answer 422; nothing is started."""
+    for text in INVALID_ORDERS:
+        response = await client.post("/orders", content=text, headers=JSON)
+        assert_error(response, 422, "ValidationError")
+    for wait in ("3600", "-1", "nan", "soon"):
+        response = await client.post("/orders", params={"wait": wait}, json=order("o-8"))
+        assert_error(response, 422, "ValidationError")
+    assert await count_runs(db) == 0
+
+
+async def test_unknown_run_ids_get_404_and_malformed_ones_422(client: httpx.AsyncClient) -> None:
+    """On every run route an unknown run id is saga's RunNotFoundError, answered 404,
+    and an id that is not a UUID is a malformed request, answered 422."""
     unknown = uuid.uuid4()
-    assert (await client.get(f"/orders/{unknown}")).status_code == 404
-    assert (await client.get(f"/orders/{unknown}/result?timeout=0")).status_code == 404
-    assert (await client.post(f"/orders/{unknown}/cancel")).status_code == 404
-    assert (await client.get("/orders/not-a-uuid")).status_code == 422
-    response = await client.post("/orders", json={"order_id": "o-7", "amount_cents": -1})
-    assert response.status_code == 422
-    response = await client.post("/orders", params={"wait": 3600}, json=order("o-8"))
-    assert response.status_code == 422
+    assert_error(await client.get(f"/orders/{unknown}"), 404, "RunNotFoundError")
+    response = await client.get(f"/orders/{unknown}/result", params={"timeout": 0})
+    assert_error(response, 404, "RunNotFoundError")
+    assert_error(await client.post(f"/orders/{unknown}/cancel"), 404, "RunNotFoundError")
+    for bad in MALFORMED_RUN_IDS:
+        assert (await client.get(f"/orders/{bad}")).status_code == 422, bad
+        assert (await client.get(f"/orders/{bad}/result?timeout=0")).status_code == 422, bad
+        assert (await client.post(f"/orders/{bad}/cancel")).status_code == 422, bad
+
+
+async def test_cancel_of_an_ended_run_gets_409(client: httpx.AsyncClient) -> None:
+    """Cancelling a run that ended, whichever way (completed, compensated, cancelled),
+    is saga's InvalidRunStateError, answered 409."""
+    wait = {"wait": 20}
+    done = (await client.post("/orders", params=wait, json=order("o-10"))).json()
+    declined = order("o-11", card="declined")
+    compensated = (await client.post("/orders", params=wait, json=declined)).json()
+    assert (done["status"], compensated["status"]) == ("completed", "compensated")
+    cancelled = (await client.post("/orders", json=order("o-12", step_delay=0.3))).json()
+    assert (await client.post(f"/orders/{cancelled['run_id']}/cancel")).status_code == 202
+    response = await client.get(f"/orders/{cancelled['run_id']}/result", params={"timeout": 20})
+    assert response.json()["status"] == "cancelled"
+    for run in (done, compensated, cancelled):
+        response = await client.post(f"/orders/{run['run_id']}/cancel")
+        assert_error(response, 409, "InvalidRunStateError")
+
+
+@pytest.mark.timeout(60)
+async def test_database_outage_gets_503_and_the_app_recovers(
+    client: httpx.AsyncClient, base_dsn: str, dsn: str
+) -> None:
+    """While Postgres refuses connections, starting and reading orders answer 503 with
+    Retry-After (no 500, no hang); once it is back the same app, never restarted,
+    starts and completes orders again."""
+    run_id = (await client.post("/orders", json=order("o-13"))).json()["run_id"]
+    async with database_down(base_dsn, dsn):
+        with anyio.fail_after(20):
+            for response in (
+                await client.post("/orders", json=order("o-14")),
+                await client.get(f"/orders/{run_id}"),
+                await client.get(f"/orders/{run_id}/result", params={"timeout": 0}),
+                await client.post(f"/orders/{run_id}/cancel"),
+            ):
+                assert_error(response, 503, "DatabaseError")
+                assert response.headers["retry-after"] == str(RETRY_AFTER)
+    with anyio.fail_after(20):
+        response = await client.post("/orders", json=order("o-15"))
+        assert response.status_code == 202, response.text
+        new_id = response.json()["run_id"]
+        response = await client.get(f"/orders/{new_id}/result", params={"timeout": 15})
+        assert response.json()["status"] == "completed"
+
+
+async def test_a_closed_orchestrator_gets_503(dsn: str) -> None:
+    """Requests that arrive once the lifespan closed the orchestrator (shutting down)
+    are saga's LifecycleError, answered 503 with Retry-After."""
+    app = create_app(dsn, concurrency=1, poll_interval=0.2, shutdown_timeout=2)
+    async with app.router.lifespan_context(app):
+        pass
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+        response = await client.post("/orders", json=order("o-16"))
+        assert_error(response, 503, "LifecycleError")
+        assert response.headers["retry-after"] == str(RETRY_AFTER)
+        assert_error(await client.get(f"/orders/{uuid.uuid4()}"), 503, "LifecycleError")
