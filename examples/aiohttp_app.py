@@ -10,13 +10,18 @@ routes are those of ``examples/fastapi_app.py``: ``POST /orders[?wait=5]`` answe
 ``GET /orders/{run_id}`` returns status and timeline, ``GET
 /orders/{run_id}/result?timeout=10`` long-polls, ``POST /orders/{run_id}/cancel``
 cancels. ``create_app(concurrency=0)`` is a client that executes nothing.
+
+The ``saga_errors`` middleware maps saga's errors for every route through
+``ERROR_STATUS`` in ``examples/responses.py``, the table the FastAPI app uses: same
+statuses, same ``{"error", "detail"}`` bodies. aiohttp itself refuses a body above
+``client_max_size`` (``MAX_BODY_BYTES``) with ``413`` when it is read.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pydantic
@@ -24,7 +29,14 @@ from aiohttp import web
 
 import saga
 from examples.checkout import SAGAS, Order, checkout
-from examples.responses import MAX_WAIT, describe, outcome
+from examples.responses import (
+    MAX_BODY_BYTES,
+    MAX_WAIT,
+    describe,
+    error_response,
+    outcome,
+    validation_body,
+)
 
 ORCHESTRATOR = web.AppKey("orchestrator", saga.Orchestrator)
 
@@ -40,7 +52,7 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
             app[ORCHESTRATOR] = orchestrator
             yield
 
-    app = web.Application()
+    app = web.Application(middlewares=[saga_errors], client_max_size=MAX_BODY_BYTES)
     app.cleanup_ctx.append(orchestrator_ctx)
     app.add_routes(routes)
     return app
@@ -49,6 +61,21 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
 def init_app(argv: list[str]) -> web.Application:
     """Entry point for ``python -m aiohttp.web examples.aiohttp_app:init_app``."""
     return create_app()
+
+
+@web.middleware
+async def saga_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """One of saga's errors, raised by any route, as its status and JSON body."""
+    try:
+        return await handler(request)
+    except saga.SagaError as exc:
+        mapped = error_response(exc)
+        if mapped is None:  # not a client's or the database's problem: a 500
+            raise
+        status, body, headers = mapped
+        return web.json_response(body, status=status, headers=headers)
 
 
 routes = web.RouteTableDef()
@@ -84,9 +111,7 @@ async def create_order(request: web.Request) -> web.Response:
     try:
         order = Order.model_validate_json(await request.read())
     except pydantic.ValidationError as exc:
-        raise web.HTTPUnprocessableEntity(
-            text=exc.json(include_url=False), content_type="application/json"
-        ) from None
+        return web.json_response(validation_body(exc.errors()), status=422)
     run = await request.app[ORCHESTRATOR].start(checkout, order, key=order.order_id)
     headers = {"Location": f"/orders/{run.id}"}
     if wait is None:
@@ -100,12 +125,7 @@ async def create_order(request: web.Request) -> web.Response:
 async def get_order(request: web.Request) -> web.Response:
     """The run's state and timeline."""
     run = _run(request)
-    try:
-        info = await run.info()
-        history = await run.history()
-    except saga.RunNotFoundError:
-        raise web.HTTPNotFound(text=f"no order run {run.id}") from None
-    return web.json_response(describe(info, history))
+    return web.json_response(describe(await run.info(), await run.history()))
 
 
 @routes.get("/orders/{run_id}/result")
@@ -114,10 +134,7 @@ async def get_result(request: web.Request) -> web.Response:
     run = _run(request)
     timeout = _seconds(request, "timeout", 10.0)
     assert timeout is not None
-    try:
-        code, body = await outcome(run, timeout)
-    except saga.RunNotFoundError:
-        raise web.HTTPNotFound(text=f"no order run {run.id}") from None
+    code, body = await outcome(run, timeout)
     return web.json_response(body, status=code)
 
 
@@ -125,10 +142,5 @@ async def get_result(request: web.Request) -> web.Response:
 async def cancel_order(request: web.Request) -> web.Response:
     """Cancel the order: what completed is compensated."""
     run = _run(request)
-    try:
-        await run.cancel()
-    except saga.RunNotFoundError:
-        raise web.HTTPNotFound(text=f"no order run {run.id}") from None
-    except saga.InvalidRunStateError as exc:
-        raise web.HTTPConflict(text=str(exc)) from None
+    await run.cancel()
     return web.json_response({"run_id": str(run.id), "status": "cancel_requested"}, status=202)
