@@ -7,8 +7,12 @@ so the documented code cannot drift from what mypy checks. Not collected by pyte
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import saga
@@ -102,3 +106,35 @@ async def operate(dsn: str, run_id: uuid.UUID) -> None:
 
     applied = await saga.migrate(dsn)
     print(applied)
+
+
+# The README's web section: saga's errors as HTTP statuses, FastAPI form.
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+
+
+ERROR_STATUS: dict[type[saga.SagaError], int] = {
+    saga.InvalidInputError: 422,
+    saga.SerializationError: 422,
+    saga.PayloadTooLargeError: 413,  # a SerializationError: the most specific class wins
+    saga.RunNotFoundError: 404,
+    saga.InvalidRunStateError: 409,
+    saga.DatabaseError: 503,
+    saga.LifecycleError: 503,
+}
+
+
+async def saga_error(request: Request, exc: Exception) -> JSONResponse:
+    status = next(ERROR_STATUS[c] for c in type(exc).__mro__ if c in ERROR_STATUS)
+    headers = {"Retry-After": "5"} if status == 503 else {}
+    detail = str(exc) if status < 500 else "temporarily unavailable, retry in 5 s"
+    body = {"error": type(exc).__name__, "detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+app = FastAPI(lifespan=lifespan, max_body_size=1024 * 1024)
+for error_type in ERROR_STATUS:
+    app.add_exception_handler(error_type, saga_error)
