@@ -13,6 +13,8 @@ scripts. Exit codes are stable:
 4     invalid state: the run's state forbids the action (cancel an ended run,
       retry a run that has not failed)
 130   interrupted (Ctrl-C) before the command finished
+141   stdout was closed early (``saga runs | head -1``): the output stops quietly, with
+      nothing on stderr, as for a command that SIGPIPE ended (128 + 13)
 ====  =====================================================================
 """
 
@@ -30,6 +32,7 @@ import anyio
 import structlog
 
 from saga._cli_args import (
+    EXIT_BROKEN_PIPE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_INVALID_STATE,
@@ -59,6 +62,30 @@ __all__ = ["EXIT_USAGE", "build_parser", "main", "parse_duration"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``saga`` command with ``argv`` (default: ``sys.argv[1:]``); return the
     exit code."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe must show up here, not in the exit's flush
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``saga show RUN | head -1``): stop quietly.
+
+    The recipe of the Python docs ("Note on SIGPIPE"): point stdout at devnull, so that
+    the interpreter's own flush at exit does not fail again with a traceback.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (a test's)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _Exit as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 from uuid import UUID
 
+from saga import __version__
 from saga._operator import (
     MAX_PAGE_SIZE,
 )
@@ -21,6 +22,8 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_INVALID_STATE = 4
 EXIT_INTERRUPTED = 130
+# 128 + SIGPIPE: what a shell reports for `ls | head -1` when ls dies of SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -132,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 run not found, 4 invalid run state",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"saga {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
