@@ -8,8 +8,9 @@ scripts. Exit codes are stable:
 ====  =====================================================================
 0     success
 1     error: the database is unreachable, a query failed, the schema is not migrated
-2     usage: a bad option, duration, run id, schema name or worker target
-3     not found: no run with that id
+2     usage: a bad option, duration, run id, schema name or worker target, or a key
+      that runs of several sagas use, given without --saga
+3     not found: no run with that id (or key)
 4     invalid state: the run's state forbids the action (cancel an ended run,
       retry a run that has not failed)
 130   interrupted (Ctrl-C) before the command finished

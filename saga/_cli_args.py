@@ -198,14 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="next page: runs older than this one (the last id of the previous page)",
     )
+    runs.add_argument(
+        "--key",
+        help="only runs started with this idempotency key (exact match; one per saga at most)",
+    )
 
     show = add(
         "show",
         "show a run and its timeline",
         "Show a run's state and its timeline: every step and compensation attempt with "
-        "its worker, duration, outcome and error.",
+        "its worker, duration, outcome and error. Name the run by its id, or by the "
+        "idempotency key it was started with (--key, and --saga when several sagas have "
+        "a run with that key).",
     )
-    show.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+    show.add_argument("run", type=_run_id, nargs="?", metavar="RUN", help="run id (or --key)")
+    show.add_argument(
+        "--key",
+        help="instead of RUN: the idempotency key (business id) the run was started with; "
+        "write --key=-K for a key that starts with '-'",
+    )
+    show.add_argument("--saga", help="with --key: the saga of the run, when several use the key")
     show.add_argument("--events", action="store_true", help="also print the raw history")
 
     retry = add(

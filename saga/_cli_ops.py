@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import cast
+from uuid import UUID
 
-from saga._cli_args import EXIT_OK
+from saga._cli_args import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from saga._cli_render import (
     _attempt_json,
     _clean,
@@ -22,7 +24,13 @@ from saga._cli_render import (
     _table,
     _time,
 )
-from saga._operator import PRUNABLE_BY_DEFAULT, list_runs, prune, timeline
+from saga._operator import (
+    MAX_PAGE_SIZE,
+    PRUNABLE_BY_DEFAULT,
+    list_runs,
+    prune,
+    timeline,
+)
 from saga._orchestrator import Orchestrator
 from saga._run import RunStatus
 
@@ -38,6 +46,7 @@ async def _runs(ctx: _Ctx, orch: Orchestrator) -> int:
         newer_than=args.newer_than,
         before=args.before,
         limit=args.limit,
+        key=args.key,
     )
     if ctx.as_json:
         ctx.emit({"runs": [_info_json(r) for r in page.runs], "next_before": page.next_before})
@@ -66,7 +75,7 @@ async def _runs(ctx: _Ctx, orch: Orchestrator) -> int:
 
 
 async def _show(ctx: _Ctx, orch: Orchestrator) -> int:
-    handle = orch.get_run(ctx.args.run)
+    handle = orch.get_run(await _run_to_show(ctx, orch))
     info = await handle.info()
     history = await handle.history()
     attempts = timeline(history)
@@ -118,6 +127,29 @@ async def _show(ctx: _Ctx, orch: Orchestrator) -> int:
         for event in history:
             ctx.say(_clean(event.describe()))
     return EXIT_OK
+
+
+async def _run_to_show(ctx: _Ctx, orch: Orchestrator) -> UUID:
+    """The run ``saga show`` names: RUN, or the one run started with --key (in --saga)."""
+    args = ctx.args
+    if (args.run is None) == (args.key is None):
+        ctx.fail(EXIT_USAGE, "name the run by its id (RUN) or by --key KEY, not both")
+    if args.run is not None:
+        if args.saga is not None:
+            ctx.fail(EXIT_USAGE, "--saga goes with --key; a run id names one run already")
+        return cast(UUID, args.run)
+    runs = (await list_runs(orch, key=args.key, saga=args.saga, limit=MAX_PAGE_SIZE)).runs
+    where = f" in saga {args.saga!r}" if args.saga is not None else ""
+    if not runs:
+        ctx.fail(EXIT_NOT_FOUND, f"no run with key {args.key!r}{where}")
+    if len(runs) > 1:
+        names = ", ".join(sorted(repr(r.saga) for r in runs))
+        ctx.fail(
+            EXIT_USAGE,
+            f"key {args.key!r} is used by runs of {len(runs)} sagas ({names}): "
+            "pick one with --saga NAME",
+        )
+    return runs[0].id
 
 
 async def _retry(ctx: _Ctx, orch: Orchestrator) -> int:

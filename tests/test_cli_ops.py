@@ -15,8 +15,11 @@ import pytest
 from structlog.testing import capture_logs
 
 import saga
+from tests.conftest import OrchestratorFactory
 from tests.examples._worker import ROOT
 from tests.test_cli import Cli
+from tests.test_operator import Job
+from tests.test_operator_lookup import KEYS, named_saga
 
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
 
@@ -151,3 +154,68 @@ async def test_a_reader_that_stops_early_ends_the_command_quietly(
         code, first, stderr = await anyio.to_thread.run_sync(read_then_close, argv)
         assert first == out.encode()[:64], argv
         assert (code, stderr.decode()) == (141, ""), argv
+
+
+async def test_show_and_runs_find_a_run_by_its_key(
+    cli: Cli, orchestrator: OrchestratorFactory
+) -> None:
+    """`saga show --key KEY` shows the one run started with KEY and `saga runs --key KEY`
+    lists it, for keys with quotes, spaces, unicode, ':', wildcards, a leading '-'
+    (`--key=-K`) and 512 characters; the key line of `show` prints it escaped."""
+    alpha = named_saga("alpha")
+    client = await orchestrator(alpha, concurrency=0)
+    keys = [*KEYS, "-dash-first", "tab\there"]
+    runs = {key: await client.start(alpha, Job(n=i), key=key) for i, key in enumerate(keys)}
+    for key, run in runs.items():
+        shown = await cli.json("show", f"--key={key}")
+        assert shown["run"]["id"] == str(run.id), key
+        assert shown["run"]["key"] == key
+        listed = await cli.json("runs", f"--key={key}")
+        assert [r["id"] for r in listed["runs"]] == [str(run.id)], key
+    code, out, _ = await cli("show", "--key", "tab\there")
+    assert code == 0
+    assert "key:                tab\\there\n" in out
+    assert (await cli.json("runs", "--key", "order"))["runs"] == []  # exact match only
+
+
+async def test_show_by_key_when_several_sagas_or_none_have_it(
+    cli: Cli, orchestrator: OrchestratorFactory
+) -> None:
+    """A key used by two sagas is a usage error (exit 2) naming both sagas and asking for
+    --saga, which then picks the run; an unknown key, or a key of another saga, exits 3;
+    a key no run can have (too long, NUL, undecodable) finds nothing or exits 2."""
+    alpha, beta = named_saga("alpha"), named_saga("beta")
+    client = await orchestrator(alpha, beta, concurrency=0)
+    a = await client.start(alpha, Job(n=1), key="shared:1")
+    b = await client.start(beta, Job(n=2), key="shared:1")
+
+    code, out, err = await cli("show", "--key", "shared:1")
+    assert (code, out) == (2, "")
+    assert "key 'shared:1' is used by runs of 2 sagas ('alpha', 'beta')" in err
+    assert "--saga NAME" in err
+    assert (await cli.json("show", "--key", "shared:1", "--saga", "beta"))["run"]["id"] == str(b.id)
+    assert (await cli.json("show", "--key", "shared:1", "--saga", "alpha"))["run"]["id"] == str(
+        a.id
+    )
+    listed = await cli.json("runs", "--key", "shared:1")
+    assert {r["id"] for r in listed["runs"]} == {str(a.id), str(b.id)}
+
+    for argv, message in [
+        (["--key", "nope"], "no run with key 'nope'"),
+        (["--key", "shared:1", "--saga", "gamma"], "no run with key 'shared:1' in saga 'gamma'"),
+        (["--key", "k" * 10_000], "no run with key 'kkk"),
+    ]:
+        code, _, err = await cli("show", *argv)
+        assert code == 3, argv
+        assert message in err, argv
+    for argv, message in [
+        ([], "name the run by its id (RUN) or by --key KEY, not both"),
+        ([str(a.id), "--key", "shared:1"], "not both"),
+        ([str(a.id), "--saga", "alpha"], "--saga goes with --key"),
+        (["--key", "a\x00b"], "key must be a non-empty str without NUL"),
+        (["--key", "\udcff"], "key must be a non-empty str without NUL"),
+        (["--key", "x", "--saga", "bad\x00saga"], "saga must be a non-empty str"),
+    ]:
+        code, _, err = await cli("show", *argv)
+        assert code == 2, (argv, err)
+        assert message in err, (argv, err)

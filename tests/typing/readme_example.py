@@ -88,6 +88,9 @@ async def operate(dsn: str, run_id: uuid.UUID) -> None:
         for info in page.runs:
             print(info.id, info.saga, info.status, info.error)
 
+        found = await saga.list_runs(ops, key="order-1042", saga="checkout")
+        print([info.id for info in found.runs])
+
         run = ops.get_run(run_id)
         info = await run.info()
         for attempt in saga.timeline(await run.history()):
