@@ -1,9 +1,9 @@
 """The ``saga`` command line: migrations, workers and operator commands.
 
 Every operator command is a thin layer over the Python API (``saga.list_runs``,
-``saga.prune``, ``RunHandle.cancel`` ...), run through a client orchestrator
-(``concurrency=0``) that executes nothing. Tables are for people; ``--json`` is for
-scripts. Exit codes are stable:
+``saga.count_runs``, ``saga.prune``, ``RunHandle.cancel`` ...), run through a client
+orchestrator (``concurrency=0``) that executes nothing. Tables are for people; ``--json``
+is for scripts. Exit codes are stable:
 
 ====  =====================================================================
 0     success

@@ -220,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--saga", help="with --key: the saga of the run, when several use the key")
     show.add_argument("--events", action="store_true", help="also print the raw history")
 
+    stats = add(
+        "stats",
+        "count runs per saga and status",
+        "Count runs per saga and status, with a total row. Reads every matching run, "
+        "finished ones included, so its time grows with the table (prune keeps it small).",
+    )
+    stats.add_argument("--saga", help="only runs of this saga")
+    stats.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
+    stats.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
+
     retry = add(
         "retry",
         "resume a failed run",

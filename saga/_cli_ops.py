@@ -1,4 +1,5 @@
-"""The operator commands of ``saga``: ``runs``, ``show``, ``retry``, ``cancel``, ``prune``.
+"""The operator commands of ``saga``: ``runs``, ``show``, ``stats``, ``retry``, ``cancel``,
+``prune``.
 
 Each is a thin layer over the Python API (:mod:`saga._operator`, :class:`~saga.RunHandle`)
 on a client orchestrator that :mod:`saga._cli` opened; it prints a table for people or,
@@ -27,6 +28,7 @@ from saga._cli_render import (
 from saga._operator import (
     MAX_PAGE_SIZE,
     PRUNABLE_BY_DEFAULT,
+    count_runs_by_saga,
     list_runs,
     prune,
     timeline,
@@ -152,6 +154,27 @@ async def _run_to_show(ctx: _Ctx, orch: Orchestrator) -> UUID:
     return runs[0].id
 
 
+async def _stats(ctx: _Ctx, orch: Orchestrator) -> int:
+    args = ctx.args
+    counts = await count_runs_by_saga(
+        orch, saga=args.saga, older_than=args.older_than, newer_than=args.newer_than
+    )
+    total = {s: sum(by_status[s] for by_status in counts.values()) for s in RunStatus}
+    if ctx.as_json:
+
+        def row(by_status: dict[RunStatus, int]) -> dict[str, int]:
+            return {**{s.value: n for s, n in by_status.items()}, "total": sum(by_status.values())}
+
+        ctx.emit({"sagas": {name: row(c) for name, c in counts.items()}, "total": row(total)})
+        return EXIT_OK
+    rows = [
+        [label, *(str(by_status[s]) for s in RunStatus), str(sum(by_status.values()))]
+        for label, by_status in [*counts.items(), ("(total)", total)]
+    ]
+    _table(ctx, ["SAGA", *(s.value.upper() for s in RunStatus), "TOTAL"], rows)
+    return EXIT_OK
+
+
 async def _retry(ctx: _Ctx, orch: Orchestrator) -> int:
     handle = orch.get_run(ctx.args.run)
     before = await handle.info()  # where it stopped: a worker may move it on at once
@@ -208,6 +231,7 @@ async def _prune(ctx: _Ctx, orch: Orchestrator) -> int:
 COMMANDS: dict[str, Callable[[_Ctx, Orchestrator], Awaitable[int]]] = {
     "runs": _runs,
     "show": _show,
+    "stats": _stats,
     "retry": _retry,
     "cancel": _cancel,
     "prune": _prune,

@@ -1,4 +1,5 @@
-"""Operator actions as a Python API: list runs, read a run's timeline, prune, migrate.
+"""Operator actions as a Python API: list and count runs, read a run's timeline, prune,
+migrate.
 
 The ``saga`` command line is a thin layer over these functions, so whatever an operator
 does at a shell a script can do from Python with the same semantics. They take an open
@@ -188,6 +189,55 @@ async def list_runs(
         records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
     runs = [RunInfo.from_record(r) for r in records[:limit]]
     return RunPage(runs=runs, next_before=runs[-1].id if len(records) > limit else None)
+
+
+async def count_runs(
+    orchestrator: Orchestrator,
+    *,
+    saga: str | None = None,
+    older_than: timedelta | None = None,
+    newer_than: timedelta | None = None,
+) -> dict[RunStatus, int]:
+    """How many runs are in each state: every :class:`RunStatus` is a key, 0 when none.
+
+    ``saga`` counts one saga's runs only; ``older_than`` / ``newer_than`` only runs
+    created at least / at most that long ago (by the database clock), as in
+    :func:`list_runs`. What it costs: one statement that reads every matching run,
+    finished ones included, so its time grows with the table (prune keeps it small).
+    For a frequent, cheap view of the active runs, use the orchestrator's metrics.
+
+    Raises :class:`ConfigurationError` for a bad argument.
+    """
+    totals = dict.fromkeys(RunStatus, 0)
+    counts = await count_runs_by_saga(
+        orchestrator, saga=saga, older_than=older_than, newer_than=newer_than
+    )
+    for by_status in counts.values():
+        for status, runs in by_status.items():
+            totals[status] += runs
+    return totals
+
+
+async def count_runs_by_saga(
+    orchestrator: Orchestrator,
+    *,
+    saga: str | None = None,
+    older_than: timedelta | None = None,
+    newer_than: timedelta | None = None,
+) -> dict[str, dict[RunStatus, int]]:
+    """:func:`count_runs` per saga name, in name order (what ``saga stats`` prints); a
+    saga with no matching run is absent."""
+    store = orchestrator._store_or_raise()
+    _check_text("saga", saga)
+    rows = await store.count_runs(
+        saga_name=saga,
+        older_than=_seconds("older_than", older_than),
+        newer_than=_seconds("newer_than", newer_than),
+    )
+    counts: dict[str, dict[RunStatus, int]] = {}
+    for name, status, runs in rows:
+        counts.setdefault(name, dict.fromkeys(RunStatus, 0))[RunStatus(status)] = runs
+    return counts
 
 
 async def prune(

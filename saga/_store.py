@@ -420,6 +420,14 @@ class Store:
             rows = await self.pool.fetch(self._q["find_runs_by_key"], key, saga_name)
         return [(r["id"], r["saga_name"]) for r in rows]
 
+    async def count_runs(
+        self, *, saga_name: str | None, older_than: float | None, newer_than: float | None
+    ) -> list[tuple[str, str, int]]:
+        """(saga name, status, runs) for every pair that has runs, by saga name."""
+        async with translate_errors("counting runs"):
+            rows = await self.pool.fetch(self._q["count_runs"], saga_name, older_than, newer_than)
+        return [(r["saga_name"], r["status"], r["runs"]) for r in rows]
+
 
 def _json_or_none(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))

@@ -219,3 +219,75 @@ async def test_show_by_key_when_several_sagas_or_none_have_it(
         code, _, err = await cli("show", *argv)
         assert code == 2, (argv, err)
         assert message in err, (argv, err)
+
+
+async def test_stats_on_an_empty_database_prints_zeros(cli: Cli) -> None:
+    """`saga stats` on a database without runs prints the header and a total row of
+    zeros; --json has every status at 0 and no saga."""
+    code, out, _ = await cli("stats")
+    assert code == 0
+    header, total = out.splitlines()
+    statuses = [s.value for s in saga.RunStatus]
+    assert header.split() == ["SAGA", *(s.upper() for s in statuses), "TOTAL"]
+    assert total.split() == ["(total)", *["0"] * (len(statuses) + 1)]
+    assert await cli.json("stats") == {
+        "sagas": {},
+        "total": {**dict.fromkeys(statuses, 0), "total": 0},
+    }
+
+
+async def test_stats_counts_runs_per_saga_and_status_with_filters(
+    cli: Cli, db: asyncpg.Connection, orchestrator: OrchestratorFactory
+) -> None:
+    """`saga stats` prints one row per saga (a column per status, then the total) and a
+    total row; --saga, --older-than and --newer-than filter like `saga runs`, --json
+    carries the same numbers as saga.count_runs, a hostile saga name is escaped, and a
+    bad duration exits 2."""
+    await insert_runs(db, 3, "alpha")
+    await insert_runs(db, 2, "alpha", status="pending")
+    await insert_runs(db, 1, "beta\x1b[31m", status="failed")
+    await insert_runs(db, 4, "gamma", status="cancelled")
+    await db.execute(
+        "UPDATE saga.runs SET created_at = now() - interval '2 days' WHERE saga_name = 'gamma'"
+    )
+
+    code, out, _ = await cli("stats")
+    assert code == 0
+    assert "\x1b" not in out
+    header, *rows = [line.split() for line in out.splitlines()]
+    column = {name: i for i, name in enumerate(header)}
+    by_saga = {row[0]: row for row in rows}
+    assert list(by_saga) == ["alpha", "beta\\x1b[31m", "gamma", "(total)"]
+    assert by_saga["alpha"][column["COMPLETED"]] == "3"
+    assert by_saga["alpha"][column["PENDING"]] == "2"
+    assert by_saga["alpha"][column["TOTAL"]] == "5"
+    assert by_saga["gamma"][column["CANCELLED"]] == "4"
+    assert by_saga["(total)"][column["TOTAL"]] == "10"
+    assert by_saga["(total)"][column["FAILED"]] == "1"
+
+    data = await cli.json("stats")
+    assert data["sagas"]["alpha"] == {
+        **dict.fromkeys((s.value for s in saga.RunStatus), 0),
+        "completed": 3,
+        "pending": 2,
+        "total": 5,
+    }
+    assert data["sagas"]["beta\x1b[31m"]["failed"] == 1
+    client = await orchestrator(concurrency=0)
+    counts = await saga.count_runs(client)
+    assert data["total"] == {
+        **{s.value: n for s, n in counts.items()},
+        "total": sum(counts.values()),
+    }
+
+    only = await cli.json("stats", "--saga", "gamma")
+    assert list(only["sagas"]) == ["gamma"]
+    assert only["total"]["total"] == 4
+    assert list((await cli.json("stats", "--older-than", "1d"))["sagas"]) == ["gamma"]
+    assert (await cli.json("stats", "--newer-than", "1h"))["total"]["total"] == 6
+    code, _, err = await cli("stats", "--older-than", "soon")
+    assert code == 2
+    assert "invalid duration 'soon'" in err
+    code, out, _ = await cli("stats", "--help", dsn=False)
+    assert code == 0
+    assert out.startswith("usage: saga stats")

@@ -1,5 +1,5 @@
-"""Finding runs by key from Python (saga.list_runs(key=...)) on a real PostgreSQL, and the
-query plans that keep the key lookup cheap with many runs."""
+"""Finding and counting runs from Python (saga.list_runs(key=...), saga.count_runs) on a
+real PostgreSQL, and the query plans that keep the key lookup cheap with many runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 import saga
 from tests.conftest import OrchestratorFactory
-from tests.test_operator import Job, age, parked_saga, quick_saga
+from tests.test_operator import Job, age, finished_runs, parked_saga, quick_saga
 
 # Keys as operators meet them: business ids with punctuation, spaces, quotes, non-ASCII
 # text, separators, SQL wildcards, and the longest key start() accepts (512 characters).
@@ -154,3 +154,61 @@ async def test_key_lookup_plans_use_the_unique_index_with_many_runs(
 
     page = await saga.list_runs(client, key="key-77")
     assert sorted(r.saga for r in page.runs) == ["alpha", "beta", "gamma"]
+
+
+async def test_count_runs_is_zero_for_every_status_on_an_empty_database(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """On a database with no runs, every status is present with 0, with or without
+    filters."""
+    client = await orchestrator(concurrency=0)
+    zeros = dict.fromkeys(saga.RunStatus, 0)
+    assert await saga.count_runs(client) == zeros
+    assert await saga.count_runs(client, saga="nope", newer_than=timedelta(days=1)) == zeros
+
+
+async def test_count_runs_counts_each_status_and_honours_the_filters(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """count_runs() counts runs per status, finished and active alike, over every saga
+    or one; older_than/newer_than count by creation age like list_runs."""
+    orch, done = await finished_runs(orchestrator, 3)
+    await finished_runs(orchestrator, 1, fail="second")  # compensated
+    await finished_runs(orchestrator, 1, fail="second,undo")  # failed
+    parked = parked_saga()
+    client = await orchestrator(parked, concurrency=0)
+    pending = [await client.start(parked, Job(n=i)) for i in range(2)]
+    await age(db, done[0].id, created=3 * 86400, finished=3 * 86400)
+    await age(db, pending[0].id, created=3 * 86400, finished=0)
+
+    counts = await saga.count_runs(client)
+    assert set(counts) == set(saga.RunStatus)
+    S = saga.RunStatus
+    assert {s: n for s, n in counts.items() if n} == {
+        S.COMPLETED: 3,
+        S.COMPENSATED: 1,
+        S.FAILED: 1,
+        S.PENDING: 2,
+    }
+    assert (await saga.count_runs(client, saga="parked"))[S.PENDING] == 2
+    assert sum((await saga.count_runs(client, saga="parked")).values()) == 2
+    assert sum((await saga.count_runs(orch, saga="quick")).values()) == 5
+    old = await saga.count_runs(client, older_than=timedelta(days=1))
+    assert {s: n for s, n in old.items() if n} == {S.COMPLETED: 1, S.PENDING: 1}
+    new = await saga.count_runs(client, newer_than=timedelta(days=1))
+    assert sum(new.values()) == 5
+    assert new[S.COMPLETED] == 2
+
+
+async def test_count_runs_rejects_bad_arguments_like_list_runs(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A negative or non-timedelta age and an empty saga name raise ConfigurationError
+    with the same messages as list_runs."""
+    client = await orchestrator(concurrency=0)
+    with pytest.raises(saga.ConfigurationError, match="must not be negative"):
+        await saga.count_runs(client, older_than=timedelta(seconds=-1))
+    with pytest.raises(saga.ConfigurationError, match=r"must be a datetime\.timedelta"):
+        await saga.count_runs(client, newer_than=5)  # type: ignore[arg-type]
+    with pytest.raises(saga.ConfigurationError, match="saga must be a non-empty str"):
+        await saga.count_runs(client, saga="")

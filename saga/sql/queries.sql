@@ -397,3 +397,16 @@ FROM (SELECT name FROM sagas UNION ALL SELECT $2::text) AS s(name),
               WHERE saga_name = s.name AND idempotency_key = $1 LIMIT 1) AS r
 ORDER BY r.saga_name;
 
+-- name: count_runs
+-- Runs per saga and status, optionally of one saga and by age. Reads every matching run,
+-- finished ones included (a scan of the table): for an operator's question, not for a
+-- dashboard refreshing every second (the census is the cheap, active-only count).
+-- $1 saga name or NULL, $2 created at least this many seconds ago or NULL, $3 created at
+-- most this many seconds ago or NULL
+SELECT saga_name, status, count(*) AS runs
+FROM __schema__.runs
+WHERE ($1::text IS NULL OR saga_name = $1)
+  AND ($2::float8 IS NULL OR created_at <= now() - make_interval(secs => $2::float8))
+  AND ($3::float8 IS NULL OR created_at >= now() - make_interval(secs => $3::float8))
+GROUP BY saga_name, status
+ORDER BY saga_name, status;
