@@ -1,18 +1,21 @@
 """The ``saga`` command line: migrations, workers and operator commands.
 
 Every operator command is a thin layer over the Python API (``saga.list_runs``,
-``saga.prune``, ``RunHandle.cancel`` ...), run through a client orchestrator
-(``concurrency=0``) that executes nothing. Tables are for people; ``--json`` is for
-scripts. Exit codes are stable:
+``saga.count_runs``, ``saga.prune``, ``RunHandle.cancel`` ...), run through a client
+orchestrator (``concurrency=0``) that executes nothing. Tables are for people; ``--json``
+is for scripts. Exit codes are stable:
 
 ====  =====================================================================
 0     success
 1     error: the database is unreachable, a query failed, the schema is not migrated
-2     usage: a bad option, duration, run id, schema name or worker target
-3     not found: no run with that id
+2     usage: a bad option, duration, run id, schema name or worker target, or a key
+      that runs of several sagas use, given without --saga
+3     not found: no run with that id (or key)
 4     invalid state: the run's state forbids the action (cancel an ended run,
       retry a run that has not failed)
 130   interrupted (Ctrl-C) before the command finished
+141   stdout was closed early (``saga runs | head -1``): the output stops quietly, with
+      nothing on stderr, as for a command that SIGPIPE ended (128 + 13)
 ====  =====================================================================
 """
 
@@ -24,13 +27,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import structlog
 
 from saga._cli_args import (
+    EXIT_BROKEN_PIPE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_INVALID_STATE,
@@ -41,17 +44,8 @@ from saga._cli_args import (
     build_parser,
     parse_duration,
 )
-from saga._cli_render import (
-    _attempt_json,
-    _clean,
-    _Ctx,
-    _duration,
-    _error,
-    _event_json,
-    _info_json,
-    _table,
-    _time,
-)
+from saga._cli_ops import COMMANDS
+from saga._cli_render import _Ctx
 from saga._definition import Saga
 from saga._errors import (
     ConfigurationError,
@@ -59,16 +53,8 @@ from saga._errors import (
     RunNotFoundError,
     SagaError,
 )
-from saga._operator import (
-    PRUNABLE_BY_DEFAULT,
-    list_runs,
-    migrate,
-    prune,
-    schema_version,
-    timeline,
-)
+from saga._operator import migrate, schema_version
 from saga._orchestrator import Orchestrator
-from saga._run import RunStatus
 from saga._store import latest_migration
 
 __all__ = ["EXIT_USAGE", "build_parser", "main", "parse_duration"]
@@ -77,6 +63,30 @@ __all__ = ["EXIT_USAGE", "build_parser", "main", "parse_duration"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``saga`` command with ``argv`` (default: ``sys.argv[1:]``); return the
     exit code."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe must show up here, not in the exit's flush
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``saga show RUN | head -1``): stop quietly.
+
+    The recipe of the Python docs ("Note on SIGPIPE"): point stdout at devnull, so that
+    the interpreter's own flush at exit does not fail again with a traceback.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (a test's)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _Exit as exc:
@@ -95,16 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _fail(ctx: _Ctx, code: int, message: str) -> NoReturn:
-    ctx.note(f"saga {ctx.args.command}: {'error: ' if code == EXIT_ERROR else ''}{message}")
-    raise _Exit(code)
-
-
 def _run(ctx: _Ctx) -> int:
     args = ctx.args
     dsn = getattr(args, "dsn", None) or os.environ.get("SAGA_DSN")
     if not dsn:
-        _fail(ctx, EXIT_USAGE, "no database: pass --dsn or set SAGA_DSN")
+        ctx.fail(EXIT_USAGE, "no database: pass --dsn or set SAGA_DSN")
     schema = getattr(args, "schema", None) or os.environ.get("SAGA_SCHEMA") or "saga"
     sagas = _load_target(ctx, args.target) if args.command == "worker" else []
     # The command is the application, so it may configure logging: library logs go to
@@ -122,13 +127,13 @@ def _run(ctx: _Ctx) -> int:
     try:
         return anyio.run(_dispatch, ctx, dsn, schema, sagas)
     except RunNotFoundError as exc:
-        _fail(ctx, EXIT_NOT_FOUND, str(exc))
+        ctx.fail(EXIT_NOT_FOUND, str(exc))
     except InvalidRunStateError as exc:
-        _fail(ctx, EXIT_INVALID_STATE, str(exc))
+        ctx.fail(EXIT_INVALID_STATE, str(exc))
     except ConfigurationError as exc:
-        _fail(ctx, EXIT_USAGE, str(exc))
+        ctx.fail(EXIT_USAGE, str(exc))
     except SagaError as exc:
-        _fail(ctx, EXIT_ERROR, str(exc))
+        ctx.fail(EXIT_ERROR, str(exc))
     finally:
         if previous is None:
             structlog.reset_defaults()
@@ -139,7 +144,7 @@ def _run(ctx: _Ctx) -> int:
 def _load_target(ctx: _Ctx, target: str) -> list[Saga[Any]]:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        _fail(ctx, EXIT_USAGE, f"invalid target {target!r}: expected MODULE:OBJECT")
+        ctx.fail(EXIT_USAGE, f"invalid target {target!r}: expected MODULE:OBJECT")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: the current folder's modules
     try:
@@ -147,21 +152,20 @@ def _load_target(ctx: _Ctx, target: str) -> list[Saga[Any]]:
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if module_name == missing or module_name.startswith(missing + "."):
-            _fail(ctx, EXIT_USAGE, f"cannot import {module_name!r}: {exc}")
-        _fail(ctx, EXIT_ERROR, f"importing {module_name!r} failed: {exc!r}")
+            ctx.fail(EXIT_USAGE, f"cannot import {module_name!r}: {exc}")
+        ctx.fail(EXIT_ERROR, f"importing {module_name!r} failed: {exc!r}")
     except Exception as exc:
-        _fail(ctx, EXIT_ERROR, f"importing {module_name!r} failed: {exc!r}")
+        ctx.fail(EXIT_ERROR, f"importing {module_name!r} failed: {exc!r}")
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            _fail(ctx, EXIT_USAGE, f"{module_name!r} has no attribute {attr!r}")
+            ctx.fail(EXIT_USAGE, f"{module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if isinstance(obj, Saga):
         return [obj]
     if isinstance(obj, list | tuple) and obj and all(isinstance(s, Saga) for s in obj):
         return list(obj)
-    _fail(
-        ctx,
+    ctx.fail(
         EXIT_USAGE,
         f"{target} is {type(obj).__name__}, not a saga.Saga or a non-empty list/tuple of them",
     )
@@ -176,16 +180,10 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
     async with Orchestrator(dsn, sagas=[], schema=schema, concurrency=0, migrate=False) as orch:
         applied, latest = await schema_version(orch)
         if applied == 0:
-            _fail(ctx, EXIT_ERROR, f"schema {schema!r} is not migrated; run `saga migrate`")
+            ctx.fail(EXIT_ERROR, f"schema {schema!r} is not migrated; run `saga migrate`")
         if applied < latest:
             ctx.note(f"saga: schema {schema!r} is at migration {applied} of {latest}")
-        command = {
-            "runs": _runs,
-            "show": _show,
-            "retry": _retry,
-            "cancel": _cancel,
-            "prune": _prune,
-        }[args.command]
+        command = COMMANDS[args.command]
         return await command(ctx, orch)
 
 
@@ -238,151 +236,3 @@ async def _worker(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> i
         return EXIT_ERROR
     ctx.note("saga worker: stopped")
     return EXIT_OK
-
-
-async def _runs(ctx: _Ctx, orch: Orchestrator) -> int:
-    args = ctx.args
-    statuses = None if args.status is None else [s for group in args.status for s in group]
-    page = await list_runs(
-        orch,
-        saga=args.saga,
-        status=statuses,
-        older_than=args.older_than,
-        newer_than=args.newer_than,
-        before=args.before,
-        limit=args.limit,
-    )
-    if ctx.as_json:
-        ctx.emit({"runs": [_info_json(r) for r in page.runs], "next_before": page.next_before})
-        return EXIT_OK
-    if not page.runs:
-        ctx.note("no runs match")
-        return EXIT_OK
-    rows = [
-        [
-            str(r.id),
-            r.saga if r.version == 1 else f"{r.saga} v{r.version}",
-            str(r.status) + (" (cancel requested)" if r.cancel_requested else ""),
-            r.step or "-",
-            str(r.attempt) if r.step else "-",
-            _time(r.created_at),
-            _duration(r.finished_at - r.created_at) if r.finished_at else "-",
-            _error(r.compensation_error or r.error),
-        ]
-        for r in page.runs
-    ]
-    headers = ["RUN", "SAGA", "STATUS", "STEP", "ATTEMPT", "CREATED (UTC)", "TOOK", "ERROR"]
-    _table(ctx, headers, rows)
-    if page.next_before is not None:
-        ctx.note(f"more: add --before {page.next_before}")
-    return EXIT_OK
-
-
-async def _show(ctx: _Ctx, orch: Orchestrator) -> int:
-    handle = orch.get_run(ctx.args.run)
-    info = await handle.info()
-    history = await handle.history()
-    attempts = timeline(history)
-    if ctx.as_json:
-        ctx.emit(
-            {
-                "run": _info_json(info),
-                "attempts": [_attempt_json(a) for a in attempts],
-                "events": [_event_json(e) for e in history],
-            }
-        )
-        return EXIT_OK
-    took = f" (took {_duration(info.finished_at - info.created_at)})" if info.finished_at else ""
-    fields = [
-        ("run", str(info.id)),
-        ("saga", f"{info.saga} v{info.version}"),
-        ("key", info.key or "-"),
-        ("status", str(info.status) + (" (cancel requested)" if info.cancel_requested else "")),
-        ("step", f"{info.step} (attempt {info.attempt})" if info.step else "-"),
-        ("worker", info.worker or "-"),
-        ("created", _time(info.created_at) + " UTC"),
-        ("finished", _time(info.finished_at) + " UTC" + took if info.finished_at else "-"),
-        ("error", _error(info.error, full=True)),
-        ("compensation error", _error(info.compensation_error, full=True)),
-    ]
-    for name, value in fields:
-        ctx.say(f"{name + ':':<20}{_clean(value)}")
-    ctx.say()
-    rows = [
-        [
-            a.step,
-            "compensation" if a.compensation else "step",
-            str(a.attempt),
-            a.worker or "-",
-            _time(a.started_at, precise=True) if a.started_at else "-",
-            _duration(timedelta(seconds=a.duration)) if a.duration is not None else "-",
-            a.outcome + (f" (retry in {a.retry_in:.2f}s)" if a.retry_in is not None else ""),
-            _error(a.error),
-        ]
-        for a in attempts
-    ]
-    if rows:
-        headers = ["STEP", "PHASE", "ATTEMPT", "WORKER", "STARTED", "TOOK", "OUTCOME", "ERROR"]
-        _table(ctx, headers, rows)
-    else:
-        ctx.say("no attempts yet")
-    if ctx.args.events:
-        ctx.say()
-        for event in history:
-            ctx.say(_clean(event.describe()))
-    return EXIT_OK
-
-
-async def _retry(ctx: _Ctx, orch: Orchestrator) -> int:
-    handle = orch.get_run(ctx.args.run)
-    before = await handle.info()  # where it stopped: a worker may move it on at once
-    await handle.retry()
-    if ctx.as_json:
-        ctx.emit({"run": _info_json(await handle.info()), "action": "retry"})
-    else:
-        where = "compensation" if before.compensation_error is not None else "step"
-        ctx.say(f"run {before.id}: retrying, resuming at {where} {_clean(before.step or '-')!r}")
-    return EXIT_OK
-
-
-async def _cancel(ctx: _Ctx, orch: Orchestrator) -> int:
-    handle = orch.get_run(ctx.args.run)
-    await handle.cancel()
-    info = await handle.info()
-    if ctx.as_json:
-        ctx.emit({"run": _info_json(info), "action": "cancel"})
-    else:
-        ctx.say(f"run {info.id}: cancel requested; completed steps will be compensated")
-    return EXIT_OK
-
-
-async def _prune(ctx: _Ctx, orch: Orchestrator) -> int:
-    args = ctx.args
-    statuses = (*PRUNABLE_BY_DEFAULT, RunStatus.FAILED) if args.include_failed else None
-    result = await prune(
-        orch,
-        older_than=args.older_than,
-        status=statuses or PRUNABLE_BY_DEFAULT,
-        batch_size=args.batch_size,
-        dry_run=args.dry_run,
-    )
-    if ctx.as_json:
-        ctx.emit(
-            {
-                "runs": result.runs,
-                "events": result.events,
-                "batches": result.batches,
-                "dry_run": result.dry_run,
-            }
-        )
-    else:
-        verb = "would delete" if result.dry_run else "deleted"
-        batches = "" if result.dry_run else f" in {result.batches} batch(es)"
-        ctx.say(
-            f"{verb} {result.runs} runs and {result.events} events{batches} "
-            f"(finished more than {_duration(args.older_than)} ago)"
-        )
-    return EXIT_OK
-
-
-# -- rendering ----------------------------------------------------------------------------

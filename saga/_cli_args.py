@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 from uuid import UUID
 
+from saga import __version__
 from saga._operator import (
     MAX_PAGE_SIZE,
 )
@@ -21,6 +22,8 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_INVALID_STATE = 4
 EXIT_INTERRUPTED = 130
+# 128 + SIGPIPE: what a shell reports for `ls | head -1` when ls dies of SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -132,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 run not found, 4 invalid run state",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"saga {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -194,15 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="next page: runs older than this one (the last id of the previous page)",
     )
+    runs.add_argument(
+        "--key",
+        help="only runs started with this idempotency key (exact match; one per saga at most)",
+    )
 
     show = add(
         "show",
         "show a run and its timeline",
         "Show a run's state and its timeline: every step and compensation attempt with "
-        "its worker, duration, outcome and error.",
+        "its worker, duration, outcome and error. Name the run by its id, or by the "
+        "idempotency key it was started with (--key, and --saga when several sagas have "
+        "a run with that key).",
     )
-    show.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+    show.add_argument("run", type=_run_id, nargs="?", metavar="RUN", help="run id (or --key)")
+    show.add_argument(
+        "--key",
+        help="instead of RUN: the idempotency key (business id) the run was started with; "
+        "write --key=-K for a key that starts with '-'",
+    )
+    show.add_argument("--saga", help="with --key: the saga of the run, when several use the key")
     show.add_argument("--events", action="store_true", help="also print the raw history")
+
+    stats = add(
+        "stats",
+        "count runs per saga and status",
+        "Count runs per saga and status, with a total row. Reads every matching run, "
+        "finished ones included, so its time grows with the table (prune keeps it small).",
+    )
+    stats.add_argument("--saga", help="only runs of this saga")
+    stats.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
+    stats.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
 
     retry = add(
         "retry",

@@ -6,15 +6,12 @@ import argparse
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
-from saga._errors import (
-    ErrorInfo,
-)
-from saga._operator import (
-    StepAttempt,
-)
+from saga._cli_args import EXIT_ERROR, _Exit
+from saga._errors import ErrorInfo
+from saga._operator import StepAttempt
 from saga._run import HistoryEvent, RunInfo
 
 
@@ -34,6 +31,12 @@ class _Ctx:
 
     def note(self, line: str) -> None:
         self.err.write(line + "\n")
+
+    def fail(self, code: int, message: str) -> NoReturn:
+        """Say what went wrong on stderr and leave the command with ``code``."""
+        error = "error: " if code == EXIT_ERROR else ""
+        self.note(f"saga {self.args.command}: {error}{message}")
+        raise _Exit(code)
 
 
 def _clean(text: str) -> str:

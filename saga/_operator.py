@@ -1,4 +1,5 @@
-"""Operator actions as a Python API: list runs, read a run's timeline, prune, migrate.
+"""Operator actions as a Python API: list and count runs, read a run's timeline, prune,
+migrate.
 
 The ``saga`` command line is a thin layer over these functions, so whatever an operator
 does at a shell a script can do from Python with the same semantics. They take an open
@@ -96,6 +97,22 @@ def _seconds(name: str, value: timedelta | None) -> float | None:
     return seconds
 
 
+def _check_text(name: str, value: str | None) -> None:
+    """A saga name or key to look up: a non-empty str the database can hold."""
+    if value is not None and (
+        not isinstance(value, str) or not value or "\x00" in value or not _encodable(value)
+    ):
+        raise ConfigurationError(f"{name} must be a non-empty str without NUL, got {value!r}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # fails on lone surrogates (undecodable command-line bytes)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _statuses(values: Iterable[RunStatus | str] | RunStatus | str | None) -> list[str] | None:
     if values is None:
         return None
@@ -122,36 +139,105 @@ async def list_runs(
     newer_than: timedelta | None = None,
     before: uuid.UUID | str | None = None,
     limit: int = 50,
+    key: str | None = None,
 ) -> RunPage:
     """List runs newest first (by creation time), with optional filters, one page at a time.
 
     ``saga`` filters by saga name; ``status`` by one or several states; ``older_than`` /
     ``newer_than`` by age (created at least / at most that long ago, by the database
-    clock). Pages are keyset-paged: pass the previous page's ``next_before`` as ``before``
-    to get the next one, which stays correct while runs are being added or pruned. The
-    cost is bounded by the active runs plus the page, however many finished runs exist.
+    clock); ``key`` by idempotency key (the business id given to ``start(key=...)``, an
+    exact match: at most one run per saga, found through the unique index on (saga, key)
+    with or without ``saga``). Pages are keyset-paged: pass the previous page's
+    ``next_before`` as ``before`` to get the next one, which stays correct while runs are
+    being added or pruned. The cost is bounded by the active runs plus the page, however
+    many finished runs exist.
 
     Raises :class:`ConfigurationError` for a bad argument and :class:`RunNotFoundError`
     when ``before`` names no run.
     """
     store = orchestrator._store_or_raise()
-    if saga is not None and (not isinstance(saga, str) or not saga):
-        raise ConfigurationError(f"saga must be a non-empty str, got {saga!r}")
+    _check_text("saga", saga)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
+    _check_text("key", key)
     cursor = _run_id(before) if before is not None else None
     if cursor is not None and await store.get_run(cursor) is None:
         raise RunNotFoundError(cursor)
-    records = await store.list_runs(
-        saga_name=saga,
-        statuses=_statuses(status),
-        older_than=_seconds("older_than", older_than),
-        newer_than=_seconds("newer_than", newer_than),
-        before=cursor,
-        limit=limit + 1,  # one more tells whether another page follows
-    )
+    statuses = _statuses(status)
+    older = _seconds("older_than", older_than)
+    newer = _seconds("newer_than", newer_than)
+
+    async def fetch(saga_name: str | None) -> list[asyncpg.Record]:
+        return await store.list_runs(
+            saga_name=saga_name,
+            statuses=statuses,
+            older_than=older,
+            newer_than=newer,
+            before=cursor,
+            limit=limit + 1,  # one more tells whether another page follows
+            key=key,
+        )
+
+    if key is None:
+        records = await fetch(saga)
+    else:
+        # Keys are unique per saga: find the sagas holding this one through the index,
+        # then filter and page within each, one index probe apiece.
+        records = []
+        for name in sorted({name for _, name in await store.find_runs_by_key(key, saga)}):
+            records += await fetch(name)
+        records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
     runs = [RunInfo.from_record(r) for r in records[:limit]]
     return RunPage(runs=runs, next_before=runs[-1].id if len(records) > limit else None)
+
+
+async def count_runs(
+    orchestrator: Orchestrator,
+    *,
+    saga: str | None = None,
+    older_than: timedelta | None = None,
+    newer_than: timedelta | None = None,
+) -> dict[RunStatus, int]:
+    """How many runs are in each state: every :class:`RunStatus` is a key, 0 when none.
+
+    ``saga`` counts one saga's runs only; ``older_than`` / ``newer_than`` only runs
+    created at least / at most that long ago (by the database clock), as in
+    :func:`list_runs`. What it costs: one statement that reads every matching run,
+    finished ones included, so its time grows with the table (prune keeps it small).
+    For a frequent, cheap view of the active runs, use the orchestrator's metrics.
+
+    Raises :class:`ConfigurationError` for a bad argument.
+    """
+    totals = dict.fromkeys(RunStatus, 0)
+    counts = await count_runs_by_saga(
+        orchestrator, saga=saga, older_than=older_than, newer_than=newer_than
+    )
+    for by_status in counts.values():
+        for status, runs in by_status.items():
+            totals[status] += runs
+    return totals
+
+
+async def count_runs_by_saga(
+    orchestrator: Orchestrator,
+    *,
+    saga: str | None = None,
+    older_than: timedelta | None = None,
+    newer_than: timedelta | None = None,
+) -> dict[str, dict[RunStatus, int]]:
+    """:func:`count_runs` per saga name, in name order (what ``saga stats`` prints); a
+    saga with no matching run is absent."""
+    store = orchestrator._store_or_raise()
+    _check_text("saga", saga)
+    rows = await store.count_runs(
+        saga_name=saga,
+        older_than=_seconds("older_than", older_than),
+        newer_than=_seconds("newer_than", newer_than),
+    )
+    counts: dict[str, dict[RunStatus, int]] = {}
+    for name, status, runs in rows:
+        counts.setdefault(name, dict.fromkeys(RunStatus, 0))[RunStatus(status)] = runs
+    return counts
 
 
 async def prune(

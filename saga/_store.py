@@ -381,6 +381,7 @@ class Store:
         newer_than: float | None,
         before: UUID | None,
         limit: int,
+        key: str | None = None,
     ) -> list[asyncpg.Record]:
         """Runs newest first, filtered; ``before`` is the page cursor (a run's id)."""
         async with translate_errors("listing runs"):
@@ -392,6 +393,7 @@ class Store:
                 newer_than,
                 before,
                 limit,
+                key,
             )
 
     async def prune_runs(
@@ -411,6 +413,20 @@ class Store:
             row = await self.pool.fetchrow(self._q["count_prunable"], older_than, list(statuses))
         assert row is not None
         return row["runs"], row["events"]
+
+    async def find_runs_by_key(self, key: str, saga_name: str | None) -> list[tuple[UUID, str]]:
+        """(run id, saga name) of the runs started with ``key``, one per saga at most."""
+        async with translate_errors("finding runs by key"):
+            rows = await self.pool.fetch(self._q["find_runs_by_key"], key, saga_name)
+        return [(r["id"], r["saga_name"]) for r in rows]
+
+    async def count_runs(
+        self, *, saga_name: str | None, older_than: float | None, newer_than: float | None
+    ) -> list[tuple[str, str, int]]:
+        """(saga name, status, runs) for every pair that has runs, by saga name."""
+        async with translate_errors("counting runs"):
+            rows = await self.pool.fetch(self._q["count_runs"], saga_name, older_than, newer_than)
+        return [(r["saga_name"], r["status"], r["runs"]) for r in rows]
 
 
 def _json_or_none(value: dict[str, Any] | None) -> str | None:

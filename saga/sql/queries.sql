@@ -305,7 +305,7 @@ FROM __schema__.runs WHERE status = 'failed';
 -- $1 saga name or NULL, $2 statuses (text[]) or NULL for all, $3 created at least this
 -- many seconds ago or NULL, $4 created at most this many seconds ago or NULL, $5 the page
 -- cursor, a run id: only runs strictly older (by created_at, id) than it, or NULL,
--- $6 page size
+-- $6 page size, $7 idempotency key or NULL (exact match; with $1 an index probe)
 SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
@@ -319,6 +319,7 @@ SELECT * FROM (
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
        AND ($5::uuid IS NULL OR (created_at, id) < (SELECT c.created_at, c.id
                                                     FROM __schema__.runs c WHERE c.id = $5))
+       AND ($7::text IS NULL OR idempotency_key = $7)
      ORDER BY created_at DESC, id DESC
      LIMIT $6)
     UNION ALL
@@ -334,6 +335,7 @@ SELECT * FROM (
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
        AND ($5::uuid IS NULL OR (created_at, id) < (SELECT c.created_at, c.id
                                                     FROM __schema__.runs c WHERE c.id = $5))
+       AND ($7::text IS NULL OR idempotency_key = $7)
      ORDER BY created_at DESC, id DESC
      LIMIT $6)
 ) AS page
@@ -373,3 +375,38 @@ WITH doomed AS (
 )
 SELECT (SELECT count(*) FROM doomed) AS runs,
        (SELECT count(*) FROM __schema__.events e JOIN doomed d ON e.run_id = d.id) AS events;
+
+-- name: find_runs_by_key
+-- The runs started with this idempotency key: at most one per saga (runs_idempotency_key
+-- is unique on (saga_name, idempotency_key)). Index-backed however many runs there are:
+-- without $2, a recursive "loose index scan" walks that index from one distinct saga
+-- name to the next (one descent each), then each (saga, key) is one unique-index probe.
+-- $1 idempotency key, $2 saga name or NULL for every saga
+WITH RECURSIVE sagas(name) AS (
+    SELECT min(saga_name) FROM __schema__.runs
+    WHERE idempotency_key IS NOT NULL AND $2::text IS NULL
+    UNION ALL
+    SELECT (SELECT min(r.saga_name) FROM __schema__.runs r
+            WHERE r.idempotency_key IS NOT NULL AND r.saga_name > s.name)
+    FROM sagas s WHERE s.name IS NOT NULL
+)
+SELECT r.id, r.saga_name
+FROM (SELECT name FROM sagas UNION ALL SELECT $2::text) AS s(name),
+     -- LIMIT keeps the probe a nested loop: a flattened join could hash the whole table.
+     LATERAL (SELECT id, saga_name FROM __schema__.runs
+              WHERE saga_name = s.name AND idempotency_key = $1 LIMIT 1) AS r
+ORDER BY r.saga_name;
+
+-- name: count_runs
+-- Runs per saga and status, optionally of one saga and by age. Reads every matching run,
+-- finished ones included (a scan of the table): for an operator's question, not for a
+-- dashboard refreshing every second (the census is the cheap, active-only count).
+-- $1 saga name or NULL, $2 created at least this many seconds ago or NULL, $3 created at
+-- most this many seconds ago or NULL
+SELECT saga_name, status, count(*) AS runs
+FROM __schema__.runs
+WHERE ($1::text IS NULL OR saga_name = $1)
+  AND ($2::float8 IS NULL OR created_at <= now() - make_interval(secs => $2::float8))
+  AND ($3::float8 IS NULL OR created_at >= now() - make_interval(secs => $3::float8))
+GROUP BY saga_name, status
+ORDER BY saga_name, status;

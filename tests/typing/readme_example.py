@@ -92,6 +92,10 @@ async def operate(dsn: str, run_id: uuid.UUID) -> None:
         for info in page.runs:
             print(info.id, info.saga, info.status, info.error)
 
+        found = await saga.list_runs(ops, key="order-1042", saga="checkout")
+        counts = await saga.count_runs(ops, newer_than=timedelta(days=1))
+        print(len(found.runs), counts[saga.RunStatus.FAILED])
+
         run = ops.get_run(run_id)
         info = await run.info()
         for attempt in saga.timeline(await run.history()):
