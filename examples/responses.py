@@ -35,6 +35,7 @@ ERROR_STATUS: dict[type[saga.SagaError], int] = {
     saga.PayloadTooLargeError: 413,  # the input is above max_payload_bytes
     saga.RunNotFoundError: 404,
     saga.InvalidRunStateError: 409,  # e.g. cancelling a run that ended
+    saga.IdempotencyConflictError: 409,  # an order id reused with another order
     saga.DatabaseError: 503,  # Postgres unreachable: retry later
     saga.LifecycleError: 503,  # the orchestrator is not open (starting or stopping)
 }

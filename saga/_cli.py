@@ -21,6 +21,7 @@ is for scripts. Exit codes are stable:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -53,7 +54,7 @@ from saga._errors import (
     RunNotFoundError,
     SagaError,
 )
-from saga._operator import migrate, schema_version
+from saga._operator import migrate
 from saga._orchestrator import Orchestrator
 from saga._store import latest_migration
 
@@ -177,14 +178,15 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
         return await _migrate(ctx, dsn, schema)
     if args.command == "worker":
         return await _worker(ctx, dsn, schema, sagas)
-    async with Orchestrator(dsn, sagas=[], schema=schema, concurrency=0, migrate=False) as orch:
-        applied, latest = await schema_version(orch)
-        if applied == 0:
-            ctx.fail(EXIT_ERROR, f"schema {schema!r} is not migrated; run `saga migrate`")
-        if applied < latest:
-            ctx.note(f"saga: schema {schema!r} is at migration {applied} of {latest}")
+    orch = Orchestrator(dsn, sagas=[], schema=schema, concurrency=0, migrate=False)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(orch)
+        except ConfigurationError as exc:  # the arguments were fine: the schema is not
+            ctx.fail(EXIT_ERROR, str(exc))
         command = COMMANDS[args.command]
         return await command(ctx, orch)
+    raise AssertionError("unreachable")  # pragma: no cover - mypy: the block returns
 
 
 async def _migrate(ctx: _Ctx, dsn: str, schema: str) -> int:

@@ -1,9 +1,18 @@
-"""Turning inputs and step results into JSON for Postgres, and back, without silent loss.
+"""Turning inputs and step results into JSON text for Postgres, and back, exactly.
 
-pydantic alone would quietly write NaN as ``null`` and bytes as a string that decodes to
-``str``; Postgres ``jsonb`` rejects ``\\u0000``. A value that cannot make the round trip
-is refused here with an error naming where in the value the problem sits, before
-anything is written.
+A payload is stored only if reading it back gives the value the user handed over: pydantic
+alone would quietly write NaN as ``null``, a ``SecretStr`` as ``'**********'``, a model
+with aliases in a shape its own validation refuses, and a dict where a model is declared.
+So :func:`encode` serializes, decodes the text again with the same type, and compares;
+a value that does not survive is refused with an error naming where it differs, before
+anything is written. Payloads are stored as text (not ``jsonb``, which rewrites numbers
+and key order), so what was checked is what is read.
+
+Serializations tried, in order (the first that survives wins; :func:`decode` reads both):
+
+1. pydantic's JSON mode, by alias: custom serializers, dates, decimals, UUIDs, enums;
+2. pydantic's Python mode, by alias, with secrets revealed: models holding ``SecretStr``
+   and friends (secrets are then stored in clear in Postgres; the README says so).
 """
 
 from __future__ import annotations
@@ -11,18 +20,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
 import pydantic_core
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Secret, SecretBytes, SecretStr, TypeAdapter, ValidationError
 
-from saga._errors import PayloadTooLargeError, SerializationError
+from saga._errors import PayloadTooLargeError, SerializationError, describe_exception
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 _MAX_DEPTH = 100
+_SECRETS = (SecretStr, SecretBytes, Secret)
 
 
 @lru_cache(maxsize=512)
@@ -31,7 +41,7 @@ def _adapter(annotation: Any) -> TypeAdapter[Any]:
 
 
 def _check_raw(value: Any, path: str, depth: int) -> None:
-    """Reject values that pydantic would serialize lossily (NaN, bytes, sets)."""
+    """Reject values that no serialization stores faithfully (NaN, bytes, sets, NUL)."""
     if depth > _MAX_DEPTH:
         raise SerializationError(f"{path}: nested more than {_MAX_DEPTH} levels deep")
     if value is None or isinstance(value, bool | int):
@@ -64,12 +74,16 @@ def _check_raw(value: Any, path: str, depth: int) -> None:
         for name in type(value).model_fields:
             _check_raw(getattr(value, name), f"{path}.{name}", depth + 1)
         return
+    if isinstance(value, _SECRETS):
+        _check_raw(value.get_secret_value(), f"{path}(secret)", depth + 1)
+        return
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         for field in dataclasses.fields(value):
             _check_raw(getattr(value, field.name), f"{path}.{field.name}", depth + 1)
         return
     # Anything else (datetime, UUID, Decimal, enums, arbitrary objects) is left to
-    # pydantic, which serializes the known types and refuses the rest.
+    # pydantic, which serializes the known types and refuses the rest; the round trip
+    # then proves the result.
 
 
 def _check_str(value: str, path: str) -> None:
@@ -81,6 +95,43 @@ def _check_str(value: str, path: str) -> None:
         raise SerializationError(f"{path}: string is not valid Unicode ({exc.reason})") from exc
 
 
+def _dumps(plain: Any) -> str:
+    return json.dumps(plain, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def _as_json(adapter: TypeAdapter[Any], value: Any) -> str:
+    return _dumps(adapter.dump_python(value, mode="json", by_alias=True, warnings="error"))
+
+
+def _revealed(value: Any) -> Any:
+    """A Python-mode dump made JSON-able, with secrets replaced by their values."""
+    if isinstance(value, _SECRETS):
+        return _revealed(value.get_secret_value())
+    if isinstance(value, dict):
+        return {_key(k): _revealed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_revealed(v) for v in value]
+    return pydantic_core.to_jsonable_python(value)
+
+
+def _key(key: Any) -> str:
+    plain = pydantic_core.to_jsonable_python(key)
+    if isinstance(plain, bool) or not isinstance(plain, str | int | float):
+        raise SerializationError(f"mapping key {key!r} has no JSON form")
+    return plain if isinstance(plain, str) else _dumps(plain)
+
+
+def _as_revealed_json(adapter: TypeAdapter[Any], value: Any) -> str:
+    plain = adapter.dump_python(value, mode="python", by_alias=True, warnings="error")
+    return _dumps(_revealed(plain))
+
+
+_SERIALIZATIONS: tuple[Callable[[TypeAdapter[Any], Any], str], ...] = (
+    _as_json,
+    _as_revealed_json,
+)
+
+
 def encode(
     value: Any,
     annotation: Any = Any,
@@ -88,36 +139,135 @@ def encode(
     what: str = "value",
     max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> str:
-    """Serialize ``value`` to a JSON text that decodes back to an equal value.
+    """Serialize ``value`` to a JSON text that :func:`decode` turns back into it.
 
     ``annotation`` is the declared type (a step's return annotation or the saga's input
-    model); pydantic uses it to serialize models, dates, UUIDs and so on.
+    model). Raises :class:`SerializationError` (naming ``what`` and where in the value)
+    when no serialization survives the round trip, and :class:`PayloadTooLargeError`
+    above ``max_bytes``. Never raises anything else, whatever the value does.
     """
-    _check_raw(value, what, 0)
+    return encode_checked(value, annotation, what=what, max_bytes=max_bytes)[0]
+
+
+def encode_checked(
+    value: Any,
+    annotation: Any = Any,
+    *,
+    what: str = "value",
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> tuple[str, Any]:
+    """:func:`encode`, also returning the value as :func:`decode` reads it back."""
     try:
-        plain = _adapter(annotation).dump_python(value, mode="json")
-    except pydantic_core.PydanticSerializationError as exc:
+        return _encode(value, annotation, what, max_bytes)
+    except SerializationError:
+        raise
+    except Exception as exc:  # a value whose own methods raise (iteration, __eq__ ...)
         raise SerializationError(
-            f"{what}: {type(value).__name__} cannot be serialized to JSON: {exc}"
+            f"{what}: cannot be serialized: {describe_exception(exc)}"
         ) from exc
+
+
+def _encode(value: Any, annotation: Any, what: str, max_bytes: int) -> tuple[str, Any]:
+    _check_raw(value, what, 0)
+    adapter = _adapter(annotation)
+    expected = _expected(adapter, annotation, value, what)
+    problems: list[str] = []
+    for serialize in _SERIALIZATIONS:
+        try:
+            text = serialize(adapter, value)
+        except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+            problems.append(describe_exception(exc))
+            continue
+        size = len(text.encode("utf-8"))
+        if size > max_bytes:
+            raise PayloadTooLargeError(
+                f"{what}: {size} bytes of JSON is above the limit of {max_bytes} bytes "
+                "(max_payload_bytes)"
+            )
+        decoded, problem = _round_trip(annotation, expected, text)
+        if problem is None:
+            return text, decoded
+        problems.append(problem)
+    raise SerializationError(f"{what}: cannot be stored and read back unchanged: {problems[0]}")
+
+
+def _expected(adapter: TypeAdapter[Any], annotation: Any, value: Any, what: str) -> Any:
+    """What reading the value back must give: the value as its declared type."""
+    if annotation is Any:
+        return value
     try:
-        text = json.dumps(plain, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise SerializationError(f"{what}: cannot be serialized to JSON: {exc}") from exc
-    size = len(text.encode("utf-8"))
-    if size > max_bytes:
-        raise PayloadTooLargeError(
-            f"{what}: {size} bytes of JSON is above the limit of {max_bytes} bytes "
-            "(max_payload_bytes)"
-        )
-    return text
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        declared = getattr(annotation, "__name__", None) or repr(annotation)
+        raise SerializationError(
+            f"{what}: a {type(value).__name__} does not match the declared type "
+            f"{declared}: {_first_error(exc)}"
+        ) from exc
+
+
+def _round_trip(annotation: Any, expected: Any, text: str) -> tuple[Any, str | None]:
+    """The value read back from ``text``, and what differs from ``expected`` (or None)."""
+    try:
+        decoded = decode(text, annotation)
+    except ValidationError as exc:
+        return None, f"the stored form does not validate again: {_first_error(exc)}"
+    if annotation is Any:
+        where = _difference(expected, decoded, "")
+    elif decoded == expected:
+        where = None
+    else:
+        where = _difference(expected, decoded, "") or "the value comes back different"
+    if where is None:
+        return decoded, None
+    hint = (
+        "; declare the type (a return annotation) so it can be read back as one"
+        if annotation is Any
+        else ""
+    )
+    return decoded, f"{where}{hint}"
+
+
+def _difference(a: Any, b: Any, path: str) -> str | None:
+    """Where ``b`` differs from ``a`` (types included), or None when it does not."""
+    if type(a) is not type(b):
+        return f"{path or 'the value'}: a {type(a).__name__} comes back as a {type(b).__name__}"
+    if isinstance(a, BaseModel):
+        for name in type(a).model_fields:
+            found = _difference(getattr(a, name), getattr(b, name), f"{path}.{name}")
+            if found:
+                return found
+    elif isinstance(a, dict):
+        if list(a) != list(b):
+            return f"{path or 'the value'}: its keys change"
+        for key in a:
+            found = _difference(a[key], b[key], f"{path}[{key!r}]")
+            if found:
+                return found
+    elif isinstance(a, list | tuple):
+        if len(a) != len(b):
+            return f"{path or 'the value'}: its length changes"
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _difference(x, y, f"{path}[{index}]")
+            if found:
+                return found
+    if a != b:
+        return f"{path or 'the value'}: the {type(a).__name__} comes back different"
+    return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    if not errors:
+        return str(exc)
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "value"
+    return f"{where}: {first.get('msg', '')}"
 
 
 def decode(text: str | None, annotation: Any = Any) -> Any:
-    """Parse JSON stored by :func:`encode` and validate it into ``annotation``."""
+    """Parse JSON text stored by :func:`encode` and validate it into ``annotation``."""
     if text is None:
         return None
-    plain = json.loads(text)
     if annotation is Any:
-        return plain
-    return _adapter(annotation).validate_python(plain)
+        return json.loads(text)
+    return _adapter(annotation).validate_json(text)

@@ -8,6 +8,7 @@ process, worker processes and tests alike.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import re
 import typing
@@ -18,7 +19,9 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
+from saga import _checks
 from saga._errors import DefinitionError, PermanentError
+from saga._fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from saga._orchestrator import Orchestrator
@@ -44,6 +47,16 @@ def validate_name(name: str, what: str) -> str:
     return name
 
 
+#: The most attempts a policy may allow (attempt numbers are stored as 32-bit ints).
+MAX_ATTEMPTS = 1_000_000
+#: The longest wait between attempts, and the longest attempt timeout: one year.
+MAX_DELAY = 365 * 24 * 3600.0
+#: Lease bounds: a lease must outlive a heartbeat round trip, and a dead worker's lease
+#: must run out within a day.
+MIN_LEASE_SECONDS = 0.1
+MAX_LEASE_SECONDS = 24 * 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class Retry:
     """How a step or compensation is retried.
@@ -63,21 +76,37 @@ class Retry:
     non_retryable: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise DefinitionError(f"Retry.max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial_delay < 0 or self.max_delay < 0:
-            raise DefinitionError("Retry delays must be >= 0")
-        if self.multiplier < 1:
-            raise DefinitionError(f"Retry.multiplier must be >= 1, got {self.multiplier}")
-        if not 0 <= self.jitter <= 1:
-            raise DefinitionError(f"Retry.jitter must be within [0, 1], got {self.jitter}")
+        err = DefinitionError
+        _checks.integer(
+            "Retry.max_attempts", self.max_attempts, err, minimum=1, maximum=MAX_ATTEMPTS
+        )
+        for name in ("initial_delay", "max_delay"):
+            _checks.seconds(
+                f"Retry.{name}", getattr(self, name), err, maximum=MAX_DELAY, allow_zero=True
+            )
+        multiplier = self.multiplier
+        if not isinstance(multiplier, int | float) or isinstance(multiplier, bool):
+            raise err(f"Retry.multiplier must be a number, got {multiplier!r}")
+        if not (math.isfinite(multiplier) and multiplier >= 1):
+            raise err(f"Retry.multiplier must be a finite number >= 1, got {multiplier!r}")
+        jitter = self.jitter
+        if not isinstance(jitter, int | float) or isinstance(jitter, bool) or not 0 <= jitter <= 1:
+            raise err(f"Retry.jitter must be a number within [0, 1], got {jitter!r}")
+        if not isinstance(self.non_retryable, tuple | list):
+            got = self.non_retryable
+            raise err(f"Retry.non_retryable must be a tuple of exception types, got {got!r}")
+        object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
         for exc_type in self.non_retryable:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
-                raise DefinitionError(f"Retry.non_retryable holds a non-exception {exc_type!r}")
+                raise err(f"Retry.non_retryable holds a non-exception {exc_type!r}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        try:
+            growth = float(self.multiplier) ** (attempt - 1)
+        except OverflowError:  # a large multiplier after many attempts: the cap applies
+            growth = math.inf
+        base = min(self.max_delay, self.initial_delay * growth) if self.initial_delay else 0.0
         return base * (1 - self.jitter * random.random())
 
     def retryable(self, exc: BaseException) -> bool:
@@ -175,6 +204,7 @@ class Step(Generic[InT, OutT]):
                 )
             _check_async(f, "compensation", 2)
             _check_timeout(timeout)
+            _check_retry(retry)
             self.compensation = Compensation(
                 fn=f, step=self, retry=retry or DEFAULT_COMPENSATION_RETRY, timeout=timeout
             )
@@ -187,8 +217,24 @@ class Step(Generic[InT, OutT]):
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise DefinitionError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if timeout is not None:
+        _checks.seconds("timeout", timeout, DefinitionError, maximum=MAX_DELAY)
+
+
+def _check_retry(retry: Retry | None) -> None:
+    if retry is not None and not isinstance(retry, Retry):
+        raise DefinitionError(f"retry must be a saga.Retry, got {retry!r}")
+
+
+def check_lease_seconds(value: float, error: type[Exception]) -> float:
+    """A lease length both a step and the orchestrator accept."""
+    return _checks.seconds(
+        "lease_seconds",
+        value,
+        error,
+        minimum=MIN_LEASE_SECONDS,
+        maximum=MAX_LEASE_SECONDS,
+    )
 
 
 class Saga(Generic[InT]):
@@ -203,13 +249,13 @@ class Saga(Generic[InT]):
         self.name = validate_name(name, "saga")
         if not (isinstance(input, type) and issubclass(input, BaseModel)):
             raise DefinitionError(f"saga {name!r}: input must be a pydantic BaseModel subclass")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise DefinitionError(f"saga {name!r}: version must be a positive int")
+        _checks.integer(f"saga {name!r}: version", version, DefinitionError, minimum=1)
         self.input_type: type[InT] = input
         self.version = version
         self.steps: list[Step[InT, Any]] = []
         self._by_name: dict[str, Step[InT, Any]] = {}
         self._frozen = False
+        self._fingerprint: str | None = None
         self._orchestrators: list[Orchestrator] = []
 
     def __repr__(self) -> str:
@@ -243,8 +289,9 @@ class Saga(Generic[InT]):
             self._check_open()
             _check_async(fn, "step", 1)
             _check_timeout(timeout)
-            if lease_seconds is not None and not lease_seconds > 0:
-                raise DefinitionError(f"lease_seconds must be positive, got {lease_seconds!r}")
+            _check_retry(retry)
+            if lease_seconds is not None:
+                check_lease_seconds(lease_seconds, DefinitionError)
             step_name = validate_name(fn.__name__ if name is None else name, "step")
             if step_name in self._by_name:
                 raise DefinitionError(f"saga {self.name!r} already has a step named {step_name!r}")
@@ -270,10 +317,24 @@ class Saga(Generic[InT]):
         except KeyError:
             raise DefinitionError(f"saga {self.name!r} has no step {name!r}") from None
 
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what this definition's stored data depends on: the saga's name and
+        version, the input model's fields, and the steps with their order, result types
+        and whether they compensate. Recorded with every run; an orchestrator executes
+        only runs whose fingerprint it has (see the README on deploys)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
+        value = fingerprint(self)
+        if self._frozen:
+            self._fingerprint = value
+        return value
+
     def _freeze(self) -> None:
         if not self.steps:
             raise DefinitionError(f"saga {self.name!r} has no steps")
         self._frozen = True
+        self._fingerprint = fingerprint(self)
 
     async def start(self, input: InT, *, key: str | None = None) -> RunHandle:
         """Durably start a run of this saga through the orchestrator it is registered with.

@@ -15,25 +15,21 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 import anyio
-import structlog
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import Span
 
-from saga._codec import decode, encode
+from saga._aio import is_cancellation
+from saga._codec import decode, encode_checked
 from saga._definition import Context, Retry, Saga, Step
-from saga._errors import DatabaseError, SagaError
+from saga._errors import DatabaseError, SagaError, SerializationError, error_record
+from saga._log import logger
 from saga._store import ClaimedItem, Store, Transition, TransitionResult
 from saga._telemetry import SAGA, TERMINAL, Telemetry
-
-if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-logger = structlog.get_logger("saga")
 
 _NO_TIMEOUT = contextlib.nullcontext()
 
@@ -101,11 +97,29 @@ class Runtime(Protocol):
     def wake_later(self, delay: float) -> None: ...
 
 
-def _error_dict(exc: BaseException, step: str) -> dict[str, Any]:
-    cls = type(exc)
-    module = "saga" if cls.__module__.startswith("saga._") else cls.__module__
-    name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-    return {"type": name, "message": str(exc)[:4000], "step": step}
+def idempotency_key(run_id: UUID, step: str, compensation: bool) -> str:
+    """``<run id>:step:<name>`` or ``<run id>:compensation:<name>``: the run id has a
+    fixed length and the phase a fixed place, so no two operations share a key whatever
+    the step names (which may hold ':')."""
+    return f"{run_id}:{'compensation' if compensation else 'step'}:{step}"
+
+
+class _Unreadable:
+    """A stored payload that no longer decodes: using it fails the attempt, clearly."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: SerializationError) -> None:
+        self.error = error
+
+
+def _decode_stored(text: str, annotation: Any, what: str) -> Any:
+    try:
+        return decode(text, annotation)
+    except Exception as exc:
+        return _Unreadable(
+            SerializationError(f"the stored {what} no longer reads as its declared type: {exc}")
+        )
 
 
 @dataclass(slots=True)
@@ -115,8 +129,8 @@ class _RunState:
     status: str
     step_name: str
     attempt: int
-    input: BaseModel
-    results: dict[str, Any]  # decoded results of completed steps
+    input: Any  # the input model, or _Unreadable
+    results: dict[str, Any]  # decoded results of completed steps (or _Unreadable)
     completed: list[str]
     cancel_requested: bool
     has_error: bool
@@ -137,17 +151,16 @@ class Engine:
 
     async def process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
         """Drive one claimed run until it ends, waits (backoff), or the lease is lost."""
-        raw_results = json.loads(item.results)
         state = _RunState(
             run_id=item.run_id,
             saga=saga,
             status=item.status,
             step_name=item.step_name,
             attempt=item.attempt,
-            input=saga.input_type.model_validate_json(item.input),
+            input=_decode_stored(item.input, saga.input_type, "input"),
             results={
-                name: decode_result(saga, name, json.dumps(value))
-                for name, value in raw_results.items()
+                name: _decode_stored(text, saga.get_step(name).result_type, f"result of {name!r}")
+                for name, text in json.loads(item.results).items()
             },
             completed=item.completed_steps,
             cancel_requested=item.cancel_requested,
@@ -179,6 +192,11 @@ class Engine:
                 self._end_attempt(state, "lease_lost")
                 return  # lease lost while the step ran; another worker owns the run now
             outcome = await self._apply(state, lease, change, log)
+            if outcome is None and change.unless_cancelled and await self._cancelled(state, lease):
+                # A cancel was accepted while the last step ran: roll back instead.
+                state.cancel_requested = True
+                change = self._cancel_instead(state, change)
+                outcome = await self._apply(state, lease, change, log)
             if outcome is None:
                 lease.lost = True
                 telemetry.writes_refused.add(1, {SAGA: saga.name})
@@ -210,6 +228,27 @@ class Engine:
             state.step_name = change.step_name
             state.attempt = change.attempt
             state.cancel_requested = outcome.cancel_requested
+
+    async def _cancelled(self, state: _RunState, lease: Lease) -> bool:
+        """Whether a refused write was refused for a cancel, the lease still ours."""
+        record = await self._store.get_run(state.run_id)
+        return (
+            record is not None
+            and record["cancel_requested"]
+            and record["lease_owner"] == self._rt.worker_id
+            and record["lease_token"] == lease.token
+            and record["status"] == "running"
+        )
+
+    def _cancel_instead(self, state: _RunState, completion: Transition) -> Transition:
+        assert completion.completed_step is not None
+        done = completion.events[0]  # step_completed
+        rollback = self._rollback(state, None, [done], just_completed=completion.completed_step)
+        return dataclasses.replace(
+            rollback,
+            completed_step=completion.completed_step,
+            result_json=completion.result_json,
+        )
 
     def _end_attempt(self, state: _RunState, outcome: str, run_status: str | None = None) -> None:
         span, state.span = state.span, None
@@ -309,7 +348,7 @@ class Engine:
             step=step.name,
             attempt=state.attempt,
             input=state.input,
-            idempotency_key=f"{state.run_id}:{step.name}" + (":compensate" if compensating else ""),
+            idempotency_key=idempotency_key(state.run_id, step.name, compensating),
             is_compensation=compensating,
             _results=state.results,
             _definition=saga,
@@ -351,13 +390,21 @@ class Engine:
                 try:
                     if hooks is not None:
                         await hooks.before_call(ctx, self._store, self._rt)
+                    _check_readable(state.input)
                     with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
                         if compensating and comp is not None:
-                            await comp.fn(ctx, state.results.get(step.name))
+                            done = state.results.get(step.name)
+                            _check_readable(done)
+                            await comp.fn(ctx, done)
                         else:
                             result = await step.fn(ctx)
-                except Exception as exc:
-                    error = _error_dict(exc, step.name)
+                except BaseException as exc:
+                    # Whatever user code raises is this attempt's failure (GeneratorExit,
+                    # SystemExit and stray CancelledErrors included), except the
+                    # cancellation of this task: lease lost, timeout, or shutdown.
+                    if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+                        raise
+                    error = error_record(exc, step.name)
                     retryable = policy.retryable(exc)
             if lease.scope.cancel_called:
                 lease.lost = True
@@ -369,16 +416,15 @@ class Engine:
             return self._after_compensation(state, error, retryable, policy), None
         if error is None:
             try:
-                result_json = encode(
+                result_json, decoded = encode_checked(
                     result,
                     step.result_type,
                     what=f"result of step {step.name!r}",
                     max_bytes=self._rt.max_payload_bytes,
                 )
             except SagaError as exc:
-                error, retryable = _error_dict(exc, step.name), False
+                error, retryable = error_record(exc, step.name), False
             else:
-                decoded = decode_result(saga, step.name, result_json)
                 state.cancel_requested |= lease.cancel_requested
                 return self._after_success(state, step, result_json), decoded
         assert error is not None
@@ -430,6 +476,11 @@ class Engine:
                 due_in=due_in,
                 lease_owner=owner,
             )
+        if state.cancel_requested:
+            # The last step completed, but a cancel was accepted before the run ended:
+            # it is compensated like every other completed step.
+            rollback = self._rollback(state, None, [done], just_completed=step.name)
+            return dataclasses.replace(rollback, completed_step=step.name, result_json=result_json)
         return Transition(
             status="completed",
             step_name=None,
@@ -438,6 +489,7 @@ class Engine:
             completed_step=step.name,
             result_json=result_json,
             output_json=result_json,
+            unless_cancelled=True,  # a cancel accepted meanwhile must roll back instead
         )
 
     def _after_failure(
@@ -551,8 +603,9 @@ class Engine:
         return self._compensate_next(state, rest[0], [done])
 
 
-def decode_result(saga: Saga[Any], step_name: str, text: str) -> Any:
-    return decode(text, saga.get_step(step_name).result_type)
+def _check_readable(value: Any) -> None:
+    if isinstance(value, _Unreadable):
+        raise value.error
 
 
 def _log_event(log: Any, event: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ Hierarchy::
     ├── DefinitionError          a saga or step definition is broken (raised at definition)
     ├── ConfigurationError       a bad argument to the runtime (schema name, sizes, ...)
     ├── InvalidInputError        start() input failed pydantic validation; nothing written
+    ├── IdempotencyConflictError start() key already used by a run with another input
     ├── SerializationError       a payload cannot be stored as JSON (NaN, bytes, objects, NUL)
     │   └── PayloadTooLargeError a payload is above the configured size cap
     ├── PermanentError           raised by a step to fail at once, without retries
@@ -59,6 +60,53 @@ class ErrorInfo:
         return f"{self.type}{where}: {self.message}" if self.message else f"{self.type}{where}"
 
 
+_MAX_MESSAGE = 4000
+
+
+def storable_text(text: str, limit: int = _MAX_MESSAGE) -> str:
+    """``text`` made storable in Postgres and safe to print: NUL and lone surrogates are
+    escaped (jsonb and UTF-8 refuse them), and it is cut at ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def exception_type(exc: BaseException) -> str:
+    """The qualified type name recorded for an exception (``saga.X`` for saga's own)."""
+    cls = type(exc)
+    module = str(getattr(cls, "__module__", "") or "")
+    qualname = str(getattr(cls, "__qualname__", "") or cls.__name__)
+    if module.startswith("saga._"):
+        module = "saga"
+    name = qualname if module in ("builtins", "") else f"{module}.{qualname}"
+    return storable_text(name, 500)
+
+
+def exception_message(exc: BaseException) -> str:
+    """The exception's message, whatever its ``__str__`` does (raise, return a non-str,
+    hold NUL or lone surrogates)."""
+    try:
+        text = str(exc)
+    except BaseException:
+        try:
+            text = f"<unprintable {type(exc).__name__}: {object.__repr__(exc)}>"
+        except BaseException:  # pragma: no cover - object.__repr__ does not fail
+            text = "<unprintable>"
+    return storable_text(text)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"Type: message"`` for error messages of saga's own."""
+    message = exception_message(exc)
+    return f"{exception_type(exc)}: {message}" if message else exception_type(exc)
+
+
+def error_record(exc: BaseException, step: str | None) -> dict[str, Any]:
+    """The JSON form of a failure, as the history and the run row store it."""
+    return {"type": exception_type(exc), "message": exception_message(exc), "step": step}
+
+
 class SagaError(Exception):
     """Root of every exception raised by saga."""
 
@@ -76,6 +124,18 @@ class InvalidInputError(SagaError):
 
     The pydantic ``ValidationError`` is the ``__cause__``.
     """
+
+
+class IdempotencyConflictError(SagaError):
+    """``start()`` got an idempotency key that an existing run of the saga was started
+    with, but a different input. Nothing was written; ``run_id`` is the existing run.
+
+    Pass ``require_same_input=False`` to ``start()`` to get the existing run instead.
+    """
+
+    def __init__(self, message: str, run_id: UUID) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class SerializationError(SagaError):

@@ -21,7 +21,7 @@ import asyncpg
 
 from saga._errors import ConfigurationError, ErrorInfo, RunNotFoundError
 from saga._run import HistoryEvent, RunInfo, RunStatus
-from saga._store import Store, latest_migration, translate_errors, validate_schema
+from saga._store import Store, translate_errors, validate_schema
 
 if TYPE_CHECKING:
     from saga._orchestrator import Orchestrator
@@ -397,12 +397,6 @@ async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> l
             await pool.close()
         if scope.cancelled_caught:
             pool.terminate()
-
-
-async def schema_version(orchestrator: Orchestrator) -> tuple[int, int]:
-    """(applied, latest) migration versions of the orchestrator's schema."""
-    applied = await orchestrator._store_or_raise().applied_migrations()
-    return (max(applied, default=0), latest_migration())
 
 
 def _run_id(value: uuid.UUID | str) -> uuid.UUID:

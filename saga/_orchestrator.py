@@ -11,42 +11,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
 import asyncpg
 import pydantic
-import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from saga import _checks
+from saga._aio import is_cancellation, uncancellable
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode
-from saga._definition import Saga
+from saga._definition import Saga, check_lease_seconds
 from saga._engine import Engine, Hooks, Lease, SimulatedCrash
 from saga._errors import (
     ConfigurationError,
     DatabaseError,
     DefinitionError,
+    IdempotencyConflictError,
     InvalidInputError,
     LifecycleError,
+    exception_type,
 )
 from saga._listener import Listener
+from saga._log import Outage, logger
 from saga._run import RunHandle
-from saga._store import ClaimedItem, Store, translate_errors, validate_schema
+from saga._store import (
+    ClaimedItem,
+    DefinitionKey,
+    Store,
+    latest_migration,
+    translate_errors,
+    validate_schema,
+)
 from saga._telemetry import CREATED, RUN_ID, SAGA, Telemetry
 
 InT = TypeVar("InT", bound=pydantic.BaseModel)
 
-logger = structlog.get_logger("saga")
-
 _MAX_KEY_LENGTH = 512
+_MAX_WORKER_ID_LENGTH = 200
+_MAX_PAYLOAD_LIMIT = 256 * 1024 * 1024  # what Postgres text comfortably holds
 _UNCLAIMABLE_LOG_INTERVAL = 60.0
 # At most one start NOTIFY per saga per window from one process (see _claim_notify).
 _NOTIFY_WINDOW = 0.005
@@ -63,10 +75,8 @@ async def _keep_session(_conn: Any) -> None:
     """
 
 
-def _positive(name: str, value: float) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
+def _seconds(name: str, value: float, **bounds: Any) -> float:
+    return _checks.seconds(name, value, ConfigurationError, **bounds)
 
 
 class Orchestrator:
@@ -104,19 +114,29 @@ class Orchestrator:
             raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
         self._dsn_or_pool = dsn_or_pool
         self.schema = validate_schema(schema)
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 0:
-            raise ConfigurationError(f"concurrency must be an int >= 0, got {concurrency!r}")
-        self.concurrency = concurrency
-        self.lease_seconds = _positive("lease_seconds", lease_seconds)
-        self.poll_interval = _positive("poll_interval", poll_interval)
-        self.shutdown_timeout = _positive("shutdown_timeout", shutdown_timeout)
-        if not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
-            raise ConfigurationError("max_payload_bytes must be a positive int")
-        self.max_payload_bytes = max_payload_bytes
+        err = ConfigurationError
+        self.concurrency = _checks.integer("concurrency", concurrency, err, minimum=0)
+        self.lease_seconds = check_lease_seconds(lease_seconds, err)
+        self.poll_interval = _seconds("poll_interval", poll_interval, maximum=3600)
+        self.shutdown_timeout = _seconds(
+            "shutdown_timeout", shutdown_timeout, maximum=86400, allow_zero=True
+        )
+        self.max_payload_bytes = _checks.integer(
+            "max_payload_bytes", max_payload_bytes, err, minimum=1, maximum=_MAX_PAYLOAD_LIMIT
+        )
+        if not isinstance(migrate, bool):
+            raise ConfigurationError(f"migrate must be a bool, got {migrate!r}")
         self._migrate = migrate
-        self.census_interval = _positive("census_interval", census_interval)
+        self.census_interval = _seconds("census_interval", census_interval, maximum=86400)
         self.telemetry = Telemetry.for_providers(tracer_provider, meter_provider)
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if worker_id is None:
+            worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.worker_id = _checks.text("worker_id", worker_id, err, max_length=_MAX_WORKER_ID_LENGTH)
+        if isinstance(dsn_or_pool, asyncpg.Pool) and dsn_or_pool.get_max_size() < 2:
+            raise ConfigurationError(
+                f"the pool allows {dsn_or_pool.get_max_size()} connection(s); saga needs at "
+                "least 2 (one is held by the LISTEN connection)"
+            )
 
         self._sagas: dict[tuple[str, int], Saga[Any]] = {}
         for saga in sagas:
@@ -129,7 +149,9 @@ class Orchestrator:
                 )
             self._sagas[key] = saga
 
-        self._state = "new"  # new -> opening -> open -> closing -> closed
+        self._state = "new"  # new -> opening -> open [-> failed] -> closing -> closed
+        self._definitions: list[DefinitionKey] = []
+        self._failure: BaseException | None = None  # what stopped the loops, if anything
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = isinstance(dsn_or_pool, str)
         self._store: Store | None = None
@@ -144,6 +166,7 @@ class Orchestrator:
         self._inflight: dict[uuid.UUID, Lease] = {}
         self._drained = anyio.Event()
         self._listener: Listener | None = None
+        self._outage = Outage(self.worker_id)
         self.hooks: Hooks | None = None  # fault injection, set only by saga.testing
         self._notified_at: dict[str, float] = {}
         self._trailing_notify: set[str] = set()
@@ -152,7 +175,18 @@ class Orchestrator:
 
     @property
     def is_open(self) -> bool:
+        """True from the end of ``async with`` entry until close, unless its loops died."""
         return self._state == "open"
+
+    async def _check_migrated(self, store: Store) -> None:
+        applied = max(await store.applied_migrations(), default=0)
+        if applied < latest_migration():
+            raise ConfigurationError(
+                f"schema {self.schema!r} is not migrated (at migration {applied} of "
+                f"{latest_migration()}); "
+                "run `saga migrate` (or saga.migrate()) first, or open the orchestrator "
+                "with migrate=True"
+            )
 
     @property
     def stopping(self) -> bool:
@@ -164,12 +198,15 @@ class Orchestrator:
         self._state = "opening"
         for saga in self._sagas.values():
             saga._freeze()
+        self._definitions = [(s.name, s.version, s.fingerprint) for s in self._sagas.values()]
         try:
             if isinstance(self._dsn_or_pool, str):
                 async with translate_errors("connecting"):
+                    # min_size=0: asyncpg would otherwise log a traceback per attempt to
+                    # restore its connection floor while the database is away.
                     self._pool = await asyncpg.create_pool(
                         self._dsn_or_pool,
-                        min_size=1,
+                        min_size=0,
                         max_size=max(4, min(self.concurrency + 2, 20)),
                         reset=_keep_session,
                     )
@@ -179,6 +216,8 @@ class Orchestrator:
             self._store = Store(self._pool, self.schema)
             if self._migrate:
                 await self._store.migrate()
+            else:
+                await self._check_migrated(self._store)
             self._engine = Engine(self._store, self)
             started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._host = asyncio.create_task(
@@ -221,6 +260,8 @@ class Orchestrator:
             return
         self._state = "closing"
         self._stopping = True
+        if self._listener is not None:
+            self._listener.waiters.close("the Orchestrator was closed while waiting")
         self._wake.set()
         for saga in self._sagas.values():
             if self in saga._orchestrators:
@@ -231,11 +272,11 @@ class Orchestrator:
                 assert self._host is not None
                 await asyncio.wait([self._host])
                 error = self._host.exception()
-                if error is not None:
+                if error is not None and self._failure is None:
                     logger.error(
                         "orchestrator_crashed",
                         worker=self.worker_id,
-                        error_type=type(error).__name__,
+                        error_type=exception_type(error),
                     )
                 await self._close_pool()
         finally:
@@ -256,12 +297,17 @@ class Orchestrator:
                     wants_work=lambda name: any(name == n for n, _ in self._sagas),
                     wake=self.wake,
                     worker_id=self.worker_id,
+                    poll_interval=self.poll_interval,
+                    outage=self._outage,
                 )
-                await tg.start(self._listener.run)
-                tg.start_soon(self._census_loop)
+                await tg.start(self._supervise, "listener", self._listener.run)
+                await tg.start(
+                    self._supervise, "waiter poll", _started(self._listener.poll_waiters)
+                )
+                await tg.start(self._supervise, "census", _started(self._census_loop))
                 if self.concurrency > 0:
-                    await tg.start(self._claim_loop)
-                    await tg.start(self._heartbeat_loop)
+                    await tg.start(self._supervise, "claim", self._claim_loop)
+                    await tg.start(self._supervise, "heartbeat", self._heartbeat_loop)
                 started.set_result(None)
                 await self._stop.wait()
                 # Drain: no new claims; running steps get shutdown_timeout to finish.
@@ -276,12 +322,45 @@ class Orchestrator:
                     exc if isinstance(exc, Exception) else LifecycleError("startup cancelled")
                 )
                 return
-            if isinstance(exc, Exception):
-                logger.exception("orchestrator_crashed", worker=self.worker_id)
+            if not self._stopping:
+                self._died(exc)
             raise
+        else:
+            if not self._stopping:  # every loop ended, and nobody asked them to
+                self._died(LifecycleError("the orchestrator's loops stopped unexpectedly"))
+                raise self._failure  # type: ignore[misc]
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_leases()
+
+    def _died(self, exc: BaseException) -> None:
+        """The loops stopped without aclose(): report it everywhere it can be seen."""
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        self._failure = exc
+        if self._state == "open":
+            self._state = "failed"
+        logger.error("orchestrator_crashed", worker=self.worker_id, error_type=exception_type(exc))
+        if self._listener is not None:
+            self._listener.waiters.close(f"the Orchestrator stopped: {exception_type(exc)}")
+
+    async def _supervise(
+        self, name: str, loop: Callable[..., Awaitable[None]], *, task_status: TaskStatus[None]
+    ) -> None:
+        """Run one of the orchestrator's loops; its end, unless asked for, is an error.
+
+        Without this, a loop ended by a stray CancelledError would vanish silently (anyio
+        treats it as a cancelled task) and the orchestrator would look alive while it no
+        longer claims, heartbeats or listens.
+        """
+        try:
+            await loop(task_status=task_status)
+        except BaseException as exc:
+            if is_cancellation(exc) or not isinstance(exc, asyncio.CancelledError):
+                raise
+            raise LifecycleError(f"the {name} loop was stopped by a stray CancelledError") from exc
+        if not self._stopping:
+            raise LifecycleError(f"the {name} loop ended unexpectedly")
 
     async def wait_stopped(self) -> None:
         """Wait until this orchestrator's loops stop: return after ``aclose()``, or raise
@@ -290,11 +369,15 @@ class Orchestrator:
         if self._host is None:
             raise LifecycleError("the Orchestrator was never opened")
         await asyncio.wait([self._host])
+        if self._failure is not None:
+            raise self._failure
         error = None if self._host.cancelled() else self._host.exception()
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]  # the task group's wrapping of the one failure
         if error is not None:
             raise error
+        if not self._stopping:
+            raise LifecycleError("the orchestrator's loops stopped unexpectedly")
 
     async def _release_leases(self) -> None:
         leases = [
@@ -308,7 +391,11 @@ class Orchestrator:
                 released = await self._store.release(self.worker_id, leases)
                 logger.info("leases_released", count=released, worker=self.worker_id)
             except DatabaseError as exc:
-                logger.warning("lease_release_failed", error_type=type(exc.__cause__).__name__)
+                logger.warning(
+                    "lease_release_failed",
+                    error_type=type(exc.__cause__).__name__,
+                    leases=len(leases),
+                )
 
     async def _close_pool(self) -> None:
         if self._owns_pool and self._pool is not None:
@@ -319,11 +406,16 @@ class Orchestrator:
 
     def _store_or_raise(self) -> Store:
         if self._state != "open" or self._store is None:
-            raise LifecycleError(
-                "the Orchestrator is not open; use `async with Orchestrator(...)`"
-                if self._state in ("new", "opening")
-                else "the Orchestrator is closed"
-            )
+            if self._state in ("new", "opening"):
+                raise LifecycleError(
+                    "the Orchestrator is not open; use `async with Orchestrator(...)`"
+                )
+            if self._state == "failed":
+                raise LifecycleError(
+                    f"the Orchestrator stopped: its loops died of "
+                    f"{exception_type(self._failure or LifecycleError())}; close it"
+                ) from self._failure
+            raise LifecycleError("the Orchestrator is closed")
         return self._store
 
     def _definition(self, name: str, version: int) -> Saga[Any] | None:
@@ -332,49 +424,65 @@ class Orchestrator:
     # -- starting and looking up runs -------------------------------------------------
 
     async def start(
-        self, saga: Saga[InT], input: InT | Mapping[str, Any], *, key: str | None = None
+        self,
+        saga: Saga[InT],
+        input: InT | Mapping[str, Any],
+        *,
+        key: str | None = None,
+        require_same_input: bool = True,
     ) -> RunHandle:
         """Validate ``input``, durably record a new run, and return its handle.
 
-        When this returns the run is committed; cancelling the caller afterwards does not
-        cancel the run. With ``key``, a run already started with that key for this saga
-        is returned instead (``handle.created`` is then False).
+        When this returns the run is committed; cancelling the caller once the insert was
+        sent (by any means: anyio scopes, ``asyncio.timeout``, ``Task.cancel()``) neither
+        cancels nor loses the run. With ``key``, a run already started with that key for
+        this saga is returned instead (``handle.created`` is then False), provided it was
+        started with an equal input: a different input raises
+        :class:`IdempotencyConflictError`, unless ``require_same_input=False``.
         """
         store = self._store_or_raise()
         if self._sagas.get((saga.name, saga.version)) is not saga:
             raise DefinitionError(
                 f"saga {saga.name!r} v{saga.version} is not registered with this orchestrator"
             )
-        if key is not None and (
-            not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x00" in key
-        ):
-            raise InvalidInputError(
-                f"idempotency key must be a non-empty str of at most {_MAX_KEY_LENGTH} "
-                "characters without NUL"
-            )
+        if key is not None:
+            _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
         try:
             model = saga.input_type.model_validate(input)
         except pydantic.ValidationError as exc:
             raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
         input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
         notify = self._claim_notify(saga.name)
-        # Shielded: once the INSERT is sent, its outcome must be known to the caller.
-        with (
-            self.telemetry.start_span(saga) as (span, carrier),
-            anyio.CancelScope(shield=True),
-        ):
-            run_id, created = await store.start_run(
-                uuid.uuid4(),
-                saga.name,
-                saga.version,
-                key,
-                input_json,
-                saga.steps[0].name,
-                carrier,
-                notify,
+        with self.telemetry.start_span(saga) as (span, carrier):
+            # Once the INSERT is sent its outcome must be known: a cancelled caller gets
+            # its cancellation only after the insert committed or failed.
+            run_id, created, existing_input = await uncancellable(
+                store.start_run(
+                    uuid.uuid4(),
+                    saga.name,
+                    saga.version,
+                    key,
+                    input_json,
+                    saga.steps[0].name,
+                    carrier,
+                    notify,
+                    saga.fingerprint,
+                )
             )
             span.set_attribute(RUN_ID, str(run_id))
             span.set_attribute(CREATED, created)
+        if (
+            not created
+            and require_same_input
+            and existing_input is not None
+            and not _same_json(existing_input, input_json)
+        ):
+            raise IdempotencyConflictError(
+                f"idempotency key {key!r} of saga {saga.name!r} was used by run {run_id} "
+                "with a different input; use a new key, or pass require_same_input=False "
+                "to get that run",
+                run_id,
+            )
         if created:
             self.telemetry.runs_started.add(1, {SAGA: saga.name})
             logger.debug("run_started", run_id=str(run_id), saga=saga.name)
@@ -382,13 +490,16 @@ class Orchestrator:
                 self._wake.set()
         return RunHandle(self, run_id, created=created)
 
-    async def unclaimable_runs(self) -> dict[tuple[str, int], int]:
-        """Active runs of (saga name, version) pairs this orchestrator did not register.
+    async def unclaimable_runs(self) -> dict[tuple[str, int, str | None], int]:
+        """Active runs of definitions this orchestrator did not register, by (saga name,
+        version, fingerprint); the fingerprint is None for runs started before saga
+        recorded fingerprints.
 
-        They are not claimed, failed or lost: they wait for an orchestrator that knows
-        their definition (e.g. during a rolling deploy). Watch this during deploys.
+        They are not claimed, failed or lost: they wait for an orchestrator that has their
+        definition (a rolling deploy, or a changed definition whose version was not
+        bumped). Watch this during deploys.
         """
-        return await self._store_or_raise().count_unclaimable(list(self._sagas))
+        return await self._store_or_raise().count_unclaimable(self._definitions)
 
     def _claim_notify(self, saga_name: str) -> bool:
         """Whether this start should NOTIFY the workers itself.
@@ -422,16 +533,22 @@ class Orchestrator:
     # -- result waiters -----------------------------------------------------------------
 
     def _subscribe(self, run_id: uuid.UUID) -> anyio.Event:
+        self._store_or_raise()
         assert self._listener is not None
-        return self._listener.subscribe(run_id)
+        return self._listener.waiters.subscribe(run_id)
+
+    def _check_waiting(self) -> None:
+        """Raise LifecycleError when waiting is over for good (closed, or loops died)."""
+        if self._listener is not None and self._listener.waiters.closed is not None:
+            raise LifecycleError(self._listener.waiters.closed)
 
     def _unsubscribe(self, run_id: uuid.UUID, event: anyio.Event) -> None:
         assert self._listener is not None
-        self._listener.unsubscribe(run_id, event)
+        self._listener.waiters.unsubscribe(run_id, event)
 
     @property
     def _waiters(self) -> dict[uuid.UUID, set[anyio.Event]]:
-        return {} if self._listener is None else self._listener.waiters
+        return {} if self._listener is None else self._listener.waiters._events
 
     # -- loops ----------------------------------------------------------------------------
 
@@ -452,7 +569,7 @@ class Orchestrator:
         assert self._store is not None
         assert self._tg is not None
         store, tg = self._store, self._tg
-        registered = list(self._sagas)
+        registered = self._definitions
         task_status.started()
         delay = 0.1
         while not self._stopping:
@@ -462,10 +579,11 @@ class Orchestrator:
                 try:
                     items = await store.claim(self.worker_id, free, self.lease_seconds, registered)
                 except DatabaseError as exc:
-                    logger.warning("claim_failed", error_type=type(exc.__cause__).__name__)
+                    self._outage.lost("claiming work", exc)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
+                self._outage.back()
                 delay = 0.1
                 for item in items:
                     lease = Lease(item.run_id, item.lease_token, self.lease_seconds)
@@ -498,15 +616,21 @@ class Orchestrator:
             logger.warning("simulated_crash", run_id=str(item.run_id), saga=item.saga_name)
         except DatabaseError as exc:
             finished = True  # the lease runs out and any worker takes the run again
-            logger.warning(
-                "run_interrupted",
+            self._outage.lost("recording an outcome", exc)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                raise  # shutdown: the lease stays listed so aclose() releases it
+            # A bug of saga's (user code cannot get here: the engine records whatever
+            # it raises). The lease runs out and the run is retried, counting an attempt.
+            finished = True
+            lease.lost = True
+            logger.error(
+                "internal_error",
                 run_id=str(item.run_id),
                 saga=item.saga_name,
-                error_type=type(exc.__cause__).__name__,
+                error_type=exception_type(exc),
+                exc_info=exc,
             )
-        except Exception:
-            finished = True
-            logger.exception("internal_error", run_id=str(item.run_id), saga=item.saga_name)
         finally:
             # When cancelled by shutdown, the lease stays listed so aclose() releases it.
             # The same run may have been claimed again meanwhile (our own lease expired
@@ -524,21 +648,28 @@ class Orchestrator:
         lag, unclaimable work) every ``census_interval``; warn about unclaimable work at
         most once a minute. Two small queries over the active and failed runs only."""
         assert self._store is not None
-        store, registered, warned_at = self._store, list(self._sagas), -math.inf
+        store, registered, warned_at = self._store, self._definitions, -math.inf
+        mine = {(name, version): fp for name, version, fp in registered}
         try:
             while True:
                 try:
                     census = await store.census(registered)
                     waiting = await store.count_unclaimable(registered)
-                except DatabaseError:
-                    pass
+                except DatabaseError as exc:
+                    self._outage.lost("reading run statistics", exc)
                 else:
+                    self._outage.back()
                     self.telemetry.gauges.update(self.schema, census, waiting)
                     if waiting and anyio.current_time() - warned_at >= _UNCLAIMABLE_LOG_INTERVAL:
                         warned_at = anyio.current_time()
-                        for (name, version), runs in waiting.items():
+                        for (name, version, fp), runs in waiting.items():
                             logger.warning(
-                                "unknown_definition_waiting", saga=name, version=version, runs=runs
+                                "unknown_definition_waiting",
+                                saga=name,
+                                version=version,
+                                fingerprint=fp,
+                                registered_fingerprint=mine.get((name, version)),
+                                runs=runs,
                             )
                 await anyio.sleep(self.census_interval)
         finally:
@@ -568,8 +699,9 @@ class Orchestrator:
                     self.worker_id, [(ls.run_id, ls.token, ls.seconds) for ls in leases]
                 )
             except DatabaseError as exc:
-                logger.warning("heartbeat_failed", error_type=type(exc.__cause__).__name__)
+                self._outage.lost("heartbeat", exc)
                 continue
+            self._outage.back()
             for run_id, token in sent.items():
                 lease = self._inflight.get(run_id)
                 if lease is not None and held.get(run_id):
@@ -579,3 +711,18 @@ class Orchestrator:
                 lease.lost = True
                 lease.scope.cancel()
                 logger.warning("lease_lost", run_id=str(run_id), worker=self.worker_id)
+
+
+def _started(loop: Callable[[], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """A loop that is live as soon as it is started (for ``TaskGroup.start``)."""
+
+    async def run(*, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await loop()
+
+    return run
+
+
+def _same_json(a: str, b: str) -> bool:
+    """Whether two stored JSON texts hold equal values (key order aside)."""
+    return a == b or json.loads(a) == json.loads(b)

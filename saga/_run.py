@@ -190,9 +190,11 @@ class RunHandle:
         """Wait for the run to end; return its output (the last step's typed result).
 
         Raises :class:`RunCompensatedError`, :class:`RunCancelledError` or
-        :class:`RunFailedError` when the run ended otherwise, and
-        :class:`RunTimeoutError` when ``timeout`` seconds pass first (the run goes on).
-        Woken by NOTIFY; polls as a fallback, so a lost notification costs only latency.
+        :class:`RunFailedError` when the run ended otherwise, :class:`RunTimeoutError`
+        when ``timeout`` seconds pass first (the run goes on), and :class:`LifecycleError`
+        when the orchestrator closes meanwhile. Woken by NOTIFY; the orchestrator polls
+        for all its waiters at once as a fallback, so a lost notification costs only
+        latency.
         """
         orch = self._orch
         store = orch._store_or_raise()
@@ -203,8 +205,7 @@ class RunHandle:
             try:
                 try:
                     if not watched:  # only watched runs NOTIFY when they end (no lock)
-                        await store.watch_run(self.id)
-                        watched = True
+                        watched = await store.watch_run(self.id)
                     record = await store.get_run(self.id)
                 except DatabaseError:
                     # The database is away (restart, failover): keep waiting until the
@@ -223,15 +224,20 @@ class RunHandle:
                     raise RunTimeoutError(
                         f"run {self.id} is still {status} after {timeout} seconds"
                     )
-                with anyio.move_on_after(min(remaining, orch.poll_interval)):
+                with anyio.move_on_after(remaining):
                     await waiter.wait()
+                orch._check_waiting()
             finally:
                 orch._unsubscribe(self.id, waiter)
 
     def _outcome(self, record: asyncpg.Record, status: RunStatus) -> Any:
         if status is RunStatus.COMPLETED:
             definition = self._orch._definition(record["saga_name"], record["saga_version"])
-            result_type = definition.steps[-1].result_type if definition else Any
+            same = definition is not None and record["fingerprint"] in (
+                None,
+                definition.fingerprint,
+            )
+            result_type = definition.steps[-1].result_type if definition and same else Any
             return decode(record["output"], result_type)
         raise _RUN_ERRORS[status](
             self.id,

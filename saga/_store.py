@@ -8,6 +8,7 @@ before it is placed in any statement. asyncpg errors are translated here into
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +37,16 @@ def validate_schema(schema: str) -> str:
             f"invalid schema name {schema!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$"
         )
     return schema
+
+
+def _channel(schema: str, suffix: str) -> str:
+    """A NOTIFY channel name of the schema: ``<schema>_<suffix>`` when that fits in
+    Postgres' 63-byte identifiers, else a fixed-length name derived from the schema."""
+    name = f"{schema}_{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(schema.encode("utf-8")).hexdigest()[:16]
+    return f"saga_{digest}_{suffix}"
 
 
 def _quote_ident(name: str) -> str:
@@ -84,6 +95,10 @@ async def translate_errors(what: str) -> AsyncIterator[None]:
         OSError,
     ) as exc:
         raise DatabaseError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+#: A saga definition as the database knows it: (name, version, fingerprint).
+DefinitionKey = tuple[str, int, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +151,7 @@ class Transition:
     compensation_error: dict[str, Any] | None = None
     due_in: float | None = None
     lease_owner: str | None = None
+    unless_cancelled: bool = False  # refused (None) if a cancel was requested meanwhile
 
 
 class Store:
@@ -146,8 +162,8 @@ class Store:
         self.schema = validate_schema(schema)
         quoted = _quote_ident(self.schema)
         self._q = {name: sql.replace("__schema__", quoted) for name, sql in _raw_queries().items()}
-        self.work_channel = f"{self.schema}_work"
-        self.done_channel = f"{self.schema}_done"
+        self.work_channel = _channel(self.schema, "work")
+        self.done_channel = _channel(self.schema, "done")
 
     # -- migrations ---------------------------------------------------------------------
 
@@ -194,8 +210,10 @@ class Store:
         first_step: str,
         trace_context: str | None = None,
         notify: bool = True,
-    ) -> tuple[UUID, bool]:
-        """Insert a run; returns (id, created). An existing key returns that run."""
+        fingerprint: str | None = None,
+    ) -> tuple[UUID, bool, str | None]:
+        """Insert a run; returns (id, created, existing input). An existing key returns
+        that run, with its input JSON so the caller can tell a replay from a conflict."""
         async with translate_errors("starting a run"):
             for _ in range(5):
                 row = await self.pool.fetchrow(
@@ -209,12 +227,13 @@ class Store:
                     self.work_channel,
                     trace_context,
                     notify,
+                    fingerprint,
                 )
                 if row is not None:
-                    return row["id"], True
-                existing = await self.pool.fetchval(self._q["find_run_by_key"], saga_name, key)
+                    return row["id"], True, None
+                existing = await self.pool.fetchrow(self._q["find_run_by_key"], saga_name, key)
                 if existing is not None:
-                    return existing, False
+                    return existing["id"], False, existing["input"]
                 # The conflicting run was deleted in between (pruned); try again.
         raise DatabaseError(f"could not start run with key {key!r}: it keeps conflicting")
 
@@ -223,16 +242,11 @@ class Store:
         worker: str,
         limit: int,
         lease_seconds: float,
-        sagas: Sequence[tuple[str, int]],
+        definitions: Sequence[DefinitionKey],
     ) -> list[ClaimedItem]:
         async with translate_errors("claiming work"):
             rows = await self.pool.fetch(
-                self._q["claim"],
-                worker,
-                limit,
-                lease_seconds,
-                [name for name, _ in sagas],
-                [version for _, version in sagas],
+                self._q["claim"], worker, limit, lease_seconds, *_definition_args(definitions)
             )
         return [
             ClaimedItem(
@@ -258,7 +272,8 @@ class Store:
     async def transition(
         self, worker: str, run_id: UUID, lease_token: int, change: Transition
     ) -> TransitionResult | None:
-        """Apply a fenced transition; ``None`` means the lease was lost and nothing changed."""
+        """Apply a fenced transition; ``None`` means nothing changed: the lease was lost,
+        or (``change.unless_cancelled``) a cancel was requested meanwhile."""
         async with translate_errors("recording a transition"):
             row = await self.pool.fetchrow(
                 self._q["transition"],
@@ -277,6 +292,7 @@ class Store:
                 json.dumps(change.events, separators=(",", ":")),
                 self.done_channel,
                 worker,
+                change.unless_cancelled,
             )
         if row is None:
             return None
@@ -312,9 +328,18 @@ class Store:
         async with translate_errors("reading a run"):
             return await self.pool.fetchrow(self._q["get_run"], run_id)
 
-    async def watch_run(self, run_id: UUID) -> None:
+    async def watch_run(self, run_id: UUID) -> bool:
+        """Ask for a NOTIFY when the run ends; False when it has ended already (or does
+        not exist), so that the waiter reads its state instead of waiting."""
         async with translate_errors("watching a run"):
-            await self.pool.execute(self._q["watch_run"], run_id)
+            ended = await self.pool.fetchval(self._q["watch_run"], run_id)
+        return ended is False
+
+    async def ended_runs(self, run_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of these runs have ended."""
+        async with translate_errors("polling runs"):
+            rows = await self.pool.fetch(self._q["ended_runs"], list(run_ids))
+        return {r["id"] for r in rows}
 
     async def notify_work(self, saga_name: str) -> None:
         async with translate_errors("notifying workers"):
@@ -330,21 +355,22 @@ class Store:
         return row is not None
 
     async def count_unclaimable(
-        self, sagas: Sequence[tuple[str, int]]
-    ) -> dict[tuple[str, int], int]:
+        self, definitions: Sequence[DefinitionKey]
+    ) -> dict[DefinitionKey, int]:
+        """Active runs of definitions not in ``definitions``, by (name, version,
+        fingerprint); the fingerprint is ``None`` for runs that recorded none."""
         async with translate_errors("counting unclaimable runs"):
             rows = await self.pool.fetch(
-                self._q["count_unclaimable"],
-                [name for name, _ in sagas],
-                [version for _, version in sagas],
+                self._q["count_unclaimable"], *_definition_args(definitions)
             )
-        return {(r["saga_name"], r["saga_version"]): r["runs"] for r in rows}
+        return {
+            (r["saga_name"], r["saga_version"], _fingerprint_or_none(r["fingerprint"])): r["runs"]
+            for r in rows
+        }
 
-    async def census(self, sagas: Sequence[tuple[str, int]]) -> Census:
+    async def census(self, definitions: Sequence[DefinitionKey]) -> Census:
         async with translate_errors("reading run statistics"):
-            rows = await self.pool.fetch(
-                self._q["census"], [n for n, _ in sagas], [v for _, v in sagas]
-            )
+            rows = await self.pool.fetch(self._q["census"], *_definition_args(definitions))
         ages = [r["oldest_age"] for r in rows if r["oldest_age"] is not None]
         return Census(
             runs_by_status={r["status"]: r["runs"] for r in rows},
@@ -431,3 +457,28 @@ class Store:
 
 def _json_or_none(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+#: Stands for "no fingerprint recorded" (runs started before fingerprints existed).
+_NO_FINGERPRINT = "-"
+
+
+def _definition_args(
+    definitions: Sequence[DefinitionKey],
+) -> tuple[list[str], list[int], list[str]]:
+    """The (names, versions, fingerprints) arrays of the definition filters. Each
+    definition also matches its runs without a fingerprint (started before they were
+    recorded), which the queries read as ``'-'``."""
+    names: list[str] = []
+    versions: list[int] = []
+    fingerprints: list[str] = []
+    for name, version, fingerprint in definitions:
+        for fp in (fingerprint or _NO_FINGERPRINT, _NO_FINGERPRINT):
+            names.append(name)
+            versions.append(version)
+            fingerprints.append(fp)
+    return names, versions, fingerprints
+
+
+def _fingerprint_or_none(value: str) -> str | None:
+    return None if value == _NO_FINGERPRINT else value

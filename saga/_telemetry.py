@@ -20,7 +20,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from saga._store import Census
+from saga._store import Census, DefinitionKey
 
 if TYPE_CHECKING:
     from saga._definition import Saga
@@ -39,6 +39,7 @@ OUTCOME = "saga.outcome"  # success, retry, failure, lease_lost, refused
 WORKER = "saga.worker"
 SCHEMA = "saga.schema"
 CREATED = "saga.run.created"
+FINGERPRINT = "saga.fingerprint"
 ERROR_TYPE = "error.type"  # OpenTelemetry semantic convention
 
 TERMINAL = ("completed", "compensated", "failed", "cancelled")
@@ -50,9 +51,9 @@ class _Gauges:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_schema: dict[str, tuple[Census, dict[tuple[str, int], int]]] = {}
+        self._by_schema: dict[str, tuple[Census, dict[DefinitionKey, int]]] = {}
 
-    def update(self, schema: str, census: Census, unclaimable: dict[tuple[str, int], int]) -> None:
+    def update(self, schema: str, census: Census, unclaimable: dict[DefinitionKey, int]) -> None:
         with self._lock:
             self._by_schema[schema] = (census, unclaimable)
 
@@ -60,7 +61,7 @@ class _Gauges:
         with self._lock:
             self._by_schema.pop(schema, None)
 
-    def snapshot(self) -> list[tuple[str, Census, dict[tuple[str, int], int]]]:
+    def snapshot(self) -> list[tuple[str, Census, dict[DefinitionKey, int]]]:
         with self._lock:
             return [(s, c, u) for s, (c, u) in self._by_schema.items()]
 
@@ -171,8 +172,16 @@ class Telemetry:
 
     def _observe_unclaimable(self, _options: CallbackOptions) -> Iterable[Observation]:
         for schema, _, unclaimable in self.gauges.snapshot():
-            for (name, version), count in unclaimable.items():
-                yield Observation(count, {SCHEMA: schema, SAGA: name, SAGA_VERSION: version})
+            for (name, version, fingerprint), count in unclaimable.items():
+                yield Observation(
+                    count,
+                    {
+                        SCHEMA: schema,
+                        SAGA: name,
+                        SAGA_VERSION: version,
+                        FINGERPRINT: fingerprint or "-",
+                    },
+                )
 
     # -- spans -------------------------------------------------------------------------
 

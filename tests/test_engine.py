@@ -135,7 +135,7 @@ async def test_transient_failures_are_retried_with_a_stable_idempotency_key(
     assert await run.result(timeout=10) == 3
     assert len(keys) == 3
     assert len(set(keys)) == 1
-    assert keys[0] == f"{run.id}:call"
+    assert keys[0] == f"{run.id}:step:call"
     failures = [e for e in await run.history() if e.kind == "step_failed"]
     assert [e.attempt for e in failures] == [1, 2]
     assert failures[0].error == saga.ErrorInfo("ConnectionError", "attempt 1 failed", "call")
@@ -169,8 +169,8 @@ async def test_permanent_failure_compensates_completed_steps_in_reverse(
     assert ledger.calls[6] == ("refund", Receipt(charge_id="ch-o-3", amount_cents=700))
     reservation, key = ledger.calls[7][1]
     assert reservation == "res-o-3"
-    assert key == f"{run.id}:reserve:compensate"
-    assert ledger.calls[0][1] == f"{run.id}:reserve"
+    assert key == f"{run.id}:compensation:reserve"
+    assert ledger.calls[0][1] == f"{run.id}:step:reserve"
     history = await run.history()
     compensating = next(e for e in history if e.kind == "run_compensating")
     assert compensating.data["plan"] == ["charge", "reserve"]

@@ -65,9 +65,9 @@ async def test_crash_after_side_effect_reruns_the_step_once_more(
     orch = await orchestrator(s, lease_seconds=0.5)
     faults.attach(orch)
     run = await s.start(Job(n=1))
-    assert await run.result(timeout=15) == f"{run.id}:notify"
+    assert await run.result(timeout=15) == f"{run.id}:step:notify"
     assert faults.fired["crash_after"] == 1
-    assert effects.raw[f"{run.id}:credit"] == 2
+    assert effects.raw[f"{run.id}:step:credit"] == 2
     assert all(v == 1 for v in effects.net.values())
     history = await run.history()
     assert [e.kind for e in history].count("step_completed") == 3
@@ -91,7 +91,7 @@ async def test_a_step_that_kills_its_worker_every_time_ends_compensated(
     assert raised.value.error is not None
     assert raised.value.error.type == "saga.AttemptLost"
     assert faults.fired["crash_after"] == 3
-    assert effects.net == {f"{run.id}:debit": 0, f"{run.id}:credit": 1}
+    assert effects.net == {f"{run.id}:step:debit": 0, f"{run.id}:step:credit": 1}
 
 
 async def test_expired_lease_fences_out_the_old_attempt(
@@ -143,7 +143,7 @@ async def test_failing_compensation_is_retried_then_can_fail_the_run(
     faults.fail_compensation("credit", times=2, run_id=first.id)
     with pytest.raises(saga.RunCompensatedError):
         await first.result(timeout=10)
-    assert effects.net[f"{first.id}:credit"] == 0
+    assert effects.net[f"{first.id}:step:credit"] == 0
 
     second = await s.start(Job(n=-2))
     faults.fail_compensation("debit", permanent=True, run_id=second.id)
@@ -152,7 +152,7 @@ async def test_failing_compensation_is_retried_then_can_fail_the_run(
     assert raised.value.compensation_error is not None
     assert raised.value.compensation_error.step == "debit"
     assert "InjectedFault" in raised.value.compensation_error.type
-    assert effects.net[f"{second.id}:debit"] == 1  # the undo never happened: operator's turn
+    assert effects.net[f"{second.id}:step:debit"] == 1  # the undo never happened: operator's turn
 
 
 @pytest.mark.parametrize("committed", [True, False])
@@ -190,8 +190,12 @@ async def test_crash_during_rollback_resumes_the_rollback(
     run = await s.start(Job(n=-1))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=15)
-    assert effects.raw[f"{run.id}:credit:undo"] == 2
-    assert effects.net == {f"{run.id}:debit": 0, f"{run.id}:credit": 0, f"{run.id}:notify": 1}
+    assert effects.raw[f"{run.id}:step:credit:undo"] == 2
+    assert effects.net == {
+        f"{run.id}:step:debit": 0,
+        f"{run.id}:step:credit": 0,
+        f"{run.id}:step:notify": 1,
+    }
     undone = [e.step for e in await run.history() if e.kind == "compensation_completed"]
     assert undone == ["credit", "debit"]
 

@@ -39,7 +39,7 @@ async def test_stale_fencing_token_write_changes_nothing(
     pool = await asyncpg.create_pool(client._dsn_or_pool, min_size=1, max_size=2)
     try:
         store = Store(pool)
-        [item] = await store.claim("w1", 1, 30, [("parked", 1)])
+        [item] = await store.claim("w1", 1, 30, [("parked", 1, parked.fingerprint)])
         before = await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id)
         events_before = await db.fetchval("SELECT count(*) FROM saga.events")
         done = Transition(status="completed", step_name=None, attempt=1, events=[])
@@ -80,7 +80,7 @@ async def test_expired_lease_is_reclaimed_and_counts_as_an_attempt(
     # Simulate: step 1 completed, and the worker running attempt 2 of step 2 died.
     await db.execute(
         """UPDATE saga.runs SET status = 'running', step_name = 'kills_worker', attempt = 2,
-               results = '{"first": "one"}', completed_steps = '{first}',
+               results = '{"first": "\\"one\\""}', completed_steps = '{first}',
                lease_owner = 'dead-worker', lease_token = 7,
                due_at = now() - interval '1 second'
            WHERE id = $1""",
@@ -352,14 +352,15 @@ async def test_work_for_unknown_versions_waits_untouched_and_is_counted(
 
         return s
 
-    client = await orchestrator(define(2), concurrency=0)
-    run = await client.start(client._sagas[("deployed", 2)], Job(n=1))
+    v2 = define(2)
+    client = await orchestrator(v2, concurrency=0)
+    run = await client.start(v2, Job(n=1))
     old_worker = await orchestrator(define(1))
     old_worker.wake()
     await anyio.sleep(0.6)  # three poll intervals of the old worker
     row = await db.fetchrow("SELECT status, attempt, lease_owner FROM saga.runs")
     assert tuple(row) == ("pending", 0, None)
-    assert await old_worker.unclaimable_runs() == {("deployed", 2): 1}
+    assert await old_worker.unclaimable_runs() == {("deployed", 2, v2.fingerprint): 1}
     await orchestrator(define(2))
     assert await run.result(timeout=10) == 2
     assert await old_worker.unclaimable_runs() == {}
@@ -405,9 +406,10 @@ async def test_notifications_wake_workers_and_waiters_without_polling(
             != "completed"
         ):
             await anyio.sleep(0.01)
-    # Each watch is removed by the run's final transition (which notified its waiter);
-    # the run nobody waited on never had one.
-    assert await db.fetchval("SELECT count(*) FROM saga.watches") == 0
+    # Each watch was closed by the run's final transition (which notified its waiter):
+    # no watch is left open, and the run nobody waited on was never watched.
+    assert await db.fetchval("SELECT count(*) FROM saga.watches WHERE NOT ended") == 0
+    assert not await db.fetchval("SELECT watched FROM saga.watches WHERE run_id = $1", unwatched.id)
 
 
 async def test_wait_stopped_reports_a_crashed_orchestrator(dsn: str) -> None:
@@ -456,7 +458,7 @@ async def test_heartbeat_racing_a_continuation_keeps_the_lease(
     pool = await asyncpg.create_pool(client._dsn_or_pool, min_size=1, max_size=1)
     try:
         store = Store(pool)
-        [item] = await store.claim("me", 1, 30, [("racy", 1)])
+        [item] = await store.claim("me", 1, 30, [("racy", 1, s.fingerprint)])
         # Our own continuation bumps the token before the heartbeat's write lands.
         await db.execute("UPDATE saga.runs SET lease_token = lease_token + 1 WHERE id = $1", run.id)
         assert set(await store.heartbeat("me", [(run.id, item.lease_token, 30.0)])) == {run.id}
@@ -486,7 +488,7 @@ async def test_waiting_for_a_run_never_hides_it_from_workers(
         store = Store(pool)
         async with pool.acquire() as watcher, watcher.transaction():
             await watcher.execute(store._q["watch_run"], run.id)  # not committed yet
-            claimed = await store.claim("w", 10, 30, [("single", 1)])
+            claimed = await store.claim("w", 10, 30, [("single", 1, s.fingerprint)])
         assert [item.run_id for item in claimed] == [run.id]
     finally:
         await pool.close()

@@ -138,7 +138,7 @@ def build(shapes: list[StepShape], calls: list[Call]) -> saga.Saga[Job]:
         ) -> str:
             if previous is not None:  # the typed result of the step before, as it returned
                 seen = ctx.result(previous)
-                if seen != f"result of {ctx.run_id}:{previous.name}":
+                if seen != f"result of {ctx.run_id}:step:{previous.name}":
                     calls.append(("step", ctx.step, ctx.attempt, ctx.idempotency_key, seen))
             if shape.permanent_at is not None and ctx.attempt == shape.permanent_at:
                 calls.append(("step", ctx.step, ctx.attempt, ctx.idempotency_key, "permanent"))
@@ -213,7 +213,7 @@ async def test_random_saga_shapes_end_exactly_as_predicted(
     assert info.status == expected.status
     assert list(info.completed_steps) == expected.completed
     if expected.status == "completed":
-        assert outcome == f"result of {run.id}:{names[-1]}"
+        assert outcome == f"result of {run.id}:step:{names[-1]}"
     else:
         assert isinstance(outcome, saga.RunError)
         assert outcome.error is not None
@@ -242,7 +242,7 @@ async def test_random_saga_shapes_end_exactly_as_predicted(
         assert [c[2] for c in forward if c[1] == name] == list(
             range(1, shapes[int(name[1:])].calls + 1)
         )
-        assert {c[3] for c in forward if c[1] == name} == {f"{run.id}:{name}"}
+        assert {c[3] for c in forward if c[1] == name} == {f"{run.id}:step:{name}"}
 
     # Compensations: exactly the completed steps that have one, newest first, each with
     # its step's result and a key of its own, stable across its attempts.
@@ -254,8 +254,8 @@ async def test_random_saga_shapes_end_exactly_as_predicted(
     comps = {n: shapes[int(n[1:])].compensation for n in undone}
     assert [c[1] for c in undos] == [n for n, comp in comps.items() for _ in range(comp.calls)]
     for c in undos:
-        assert c[3] == f"{run.id}:{c[1]}:compensate"
-        assert c[4].endswith(f" result of {run.id}:{c[1]}")
+        assert c[3] == f"{run.id}:compensation:{c[1]}"
+        assert c[4].endswith(f" result of {run.id}:step:{c[1]}")
 
     # The history: one terminal event, last; the checkpoints match the executions.
     kinds = [e.kind for e in history]

@@ -69,7 +69,9 @@ async def test_claim_query_uses_the_due_index(dsn: str) -> None:
         store = Store(pool)
         async with pool.acquire() as conn:
             await conn.execute("SET enable_seqscan = off")
-            rows = await conn.fetch("EXPLAIN " + store._q["claim"], "w", 10, 30.0, ["s"], [1])
+            rows = await conn.fetch(
+                "EXPLAIN " + store._q["claim"], "w", 10, 30.0, ["s"], [1], ["-"]
+            )
         plan = "\n".join(r[0] for r in rows)
         assert "Index Scan on runs_due" in plan or "Index Scan using runs_due" in plan, plan
         assert "Seq Scan on runs" not in plan, plan

@@ -43,37 +43,43 @@ SELECT version FROM __schema__.migrations ORDER BY version;
 -- $1 run id, $2 saga name, $3 saga version, $4 idempotency key or NULL,
 -- $5 input JSON text, $6 first step name, $7 work notification channel, $8 trace
 -- context JSON (W3C carrier of the starting span) or NULL, $9 whether to NOTIFY the
--- workers (the caller coalesces: NOTIFY serializes commits cluster-wide)
+-- workers (the caller coalesces: NOTIFY serializes commits cluster-wide), $10 the
+-- definition's fingerprint
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
-         trace_context)
-    VALUES ($1, $2, $3, $4, $5::jsonb, $6, now(), $8::jsonb)
+         trace_context, fingerprint)
+    VALUES ($1, $2, $3, $4, $5, $6, now(), $8::jsonb, $10)
     ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, data)
     SELECT id, 'run_started',
-           jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text)
+           jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text,
+                              'fingerprint', $10::text)
     FROM ins
 )
 SELECT id, CASE WHEN $9 THEN pg_notify($7, $2)::text END AS notified FROM ins;
 
 -- name: find_run_by_key
--- The id of the run started with this idempotency key.
+-- The id and input (JSON text) of the run started with this idempotency key.
 -- $1 saga name, $2 idempotency key
-SELECT id FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
+SELECT id, input FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
 
 -- name: claim
 -- Lease up to $2 runnable items (due, or whose lease expired) of registered sagas in one
 -- statement, bumping each fencing token and attempt, and log the start (and any expired
 -- lease) in the history.
--- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions (pairwise)
+-- Only runs of the registered definitions: same name, version and fingerprint ('-'
+-- stands for runs started before fingerprints were recorded).
+-- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions, $6
+-- fingerprints (the three pairwise)
 WITH candidates AS (
     SELECT r.id, r.lease_owner AS prev_owner
     FROM __schema__.runs r
     WHERE r.due_at <= now()
-      AND (r.saga_name, r.saga_version) IN (SELECT * FROM unnest($4::text[], $5::integer[]))
+      AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+          IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
     ORDER BY r.due_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -88,7 +94,7 @@ WITH candidates AS (
     FROM candidates c
     WHERE r.id = c.id
     RETURNING r.id, r.saga_name, r.saga_version, r.status, r.step_name, r.attempt,
-              r.lease_token, r.input::text AS input, r.results::text AS results,
+              r.lease_token, r.input, r.results::text AS results,
               r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
               r.trace_context::text AS trace_context,
               extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner
@@ -119,17 +125,19 @@ SELECT * FROM claimed;
 -- $8 output JSON or NULL, $9 error JSON or NULL (keeps the old), $10 compensation error
 -- JSON or NULL (keeps the old), $11 seconds until due (NULL when terminal), $12 new lease
 -- owner (NULL releases), $13 events JSON array, $14 done notification channel, $15 the
--- worker holding the lease (with $2, a replayed transition can never apply twice)
+-- worker holding the lease (with $2, a replayed transition can never apply twice), $16
+-- true to refuse the transition when a cancel was requested (a completion must then
+-- roll back instead)
 WITH upd AS (
     UPDATE __schema__.runs SET
         status = $3,
         step_name = $4,
         attempt = $5,
         results = CASE WHEN $6::text IS NULL THEN results
-                       ELSE results || jsonb_build_object($6::text, $7::jsonb) END,
+                       ELSE results || jsonb_build_object($6::text, to_jsonb($7::text)) END,
         completed_steps = CASE WHEN $6::text IS NULL THEN completed_steps
                                ELSE array_append(completed_steps, $6::text) END,
-        output = coalesce($8::jsonb, output),
+        output = coalesce($8::text, output),
         error = coalesce($9::jsonb, error),
         compensation_error = coalesce($10::jsonb, compensation_error),
         due_at = CASE WHEN $11::float8 IS NULL THEN NULL
@@ -139,6 +147,7 @@ WITH upd AS (
         finished_at = CASE WHEN $11::float8 IS NULL THEN now() END,
         updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
+      AND NOT ($16::boolean AND cancel_requested)
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
               extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
@@ -150,13 +159,17 @@ WITH upd AS (
     -- cancel_requested in the reply and rolls back, so it has not started.
     WHERE NOT (upd.cancel_requested AND e.ev->>'kind' = 'step_started')
     ORDER BY e.ord
-), unwatched AS (
-    DELETE FROM __schema__.watches w USING upd WHERE w.run_id = upd.id AND upd.finished
-    RETURNING w.run_id
+), watch AS (
+    -- The end mark: on conflict it sees a waiter's watch committed after this
+    -- statement's snapshot, so a watched run's end is never missed (see watch_run).
+    INSERT INTO __schema__.watches AS w (run_id, watched, ended)
+    SELECT id, false, true FROM upd WHERE finished
+    ON CONFLICT (run_id) DO UPDATE SET ended = true
+    RETURNING w.watched
 )
 SELECT lease_token, cancel_requested, age,
-       CASE WHEN EXISTS (SELECT 1 FROM unwatched) THEN pg_notify($14, id::text)::text END
-           AS notified
+       CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
+            THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
 
 -- name: heartbeat
@@ -190,19 +203,27 @@ SELECT id, pg_notify($4, saga_name)::text AS notified FROM upd;
 -- One run's current state, without the input and results payloads.
 -- $1 run id
 SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
-       completed_steps, output::text AS output, error::text AS error,
+       completed_steps, output, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-       lease_token, created_at, updated_at, finished_at
+       lease_token, created_at, updated_at, finished_at, fingerprint
 FROM __schema__.runs WHERE id = $1;
 
 -- name: watch_run
 -- Ask for a NOTIFY when this active run ends (result() waits on it). Takes no lock on
--- the run. A watch committed after the final transition's snapshot is not seen by it:
--- the waiter then learns the end by polling (latency only), and prune removes the row.
+-- the run (a lock would make claims skip it). Race-free with the final transition: both
+-- write the run's watch row with INSERT ... ON CONFLICT, so the second to commit sees
+-- the first. Returns ended = true when the run already ended; no row when it had ended
+-- (or does not exist) at this statement's snapshot.
 -- $1 run id
-INSERT INTO __schema__.watches (run_id)
-SELECT id FROM __schema__.runs WHERE id = $1 AND due_at IS NOT NULL
-ON CONFLICT DO NOTHING;
+INSERT INTO __schema__.watches AS w (run_id, watched)
+SELECT id, true FROM __schema__.runs WHERE id = $1 AND due_at IS NOT NULL
+ON CONFLICT (run_id) DO UPDATE SET watched = true
+RETURNING w.ended;
+
+-- name: ended_runs
+-- Which of these runs have ended (the waiters' shared fallback poll).
+-- $1 run ids
+SELECT id FROM __schema__.runs WHERE id = ANY($1::uuid[]) AND due_at IS NULL;
 
 -- name: notify_work
 -- Wake the workers of a saga (a trailing notification for coalesced starts).
@@ -245,6 +266,9 @@ WITH upd AS (
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step)
     SELECT id, 'run_retried', step_name FROM upd
+), revived AS (
+    -- The run is active again: its end mark goes, so waiters wait for the next end.
+    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
@@ -257,15 +281,18 @@ WHERE id = $1 AND lease_owner IS NOT NULL
 RETURNING id;
 
 -- name: count_unclaimable
--- Active runs of sagas (name, version) this orchestrator has not registered: they wait,
--- untouched, for one that has. Reads only the partial index of active runs.
--- $1 saga names, $2 saga versions (pairwise)
-SELECT saga_name, saga_version, count(*) AS runs
+-- Active runs of definitions (name, version, fingerprint) this orchestrator has not
+-- registered: they wait, untouched, for one that has. Reads only the partial index of
+-- active runs.
+-- $1 saga names, $2 saga versions, $3 fingerprints (the three pairwise; '-' stands for
+-- runs without a fingerprint)
+SELECT saga_name, saga_version, coalesce(fingerprint, '-') AS fingerprint, count(*) AS runs
 FROM __schema__.runs
 WHERE due_at IS NOT NULL
-  AND (saga_name, saga_version) NOT IN (SELECT * FROM unnest($1::text[], $2::integer[]))
-GROUP BY saga_name, saga_version
-ORDER BY saga_name, saga_version;
+  AND (saga_name, saga_version, coalesce(fingerprint, '-'))
+      NOT IN (SELECT * FROM unnest($1::text[], $2::integer[], $3::text[]))
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3;
 
 -- name: has_event
 -- Whether this worker's write with this first event committed: an attempt writes its
@@ -281,7 +308,8 @@ SELECT EXISTS (
 -- What operators watch, at a cost bounded by the active runs (partial index) and the
 -- failed ones: runs per state, the oldest active run's age, and the scheduler lag (now
 -- minus the due time of the oldest runnable item of a registered saga; 0 when none).
--- $1 saga names, $2 saga versions (pairwise): the sagas this orchestrator runs
+-- $1 saga names, $2 saga versions, $3 fingerprints (the three pairwise; '-' stands for
+-- runs without a fingerprint): the definitions this orchestrator runs
 WITH active AS (
     SELECT status, count(*) AS runs,
            extract(epoch FROM now() - min(created_at))::float8 AS oldest_age
@@ -290,7 +318,8 @@ WITH active AS (
     SELECT coalesce(extract(epoch FROM now() - min(due_at))::float8, 0) AS lag
     FROM __schema__.runs
     WHERE due_at <= now() AND lease_owner IS NULL
-      AND (saga_name, saga_version) IN (SELECT * FROM unnest($1::text[], $2::integer[]))
+      AND (saga_name, saga_version, coalesce(fingerprint, '-'))
+          IN (SELECT * FROM unnest($1::text[], $2::integer[], $3::text[]))
 )
 SELECT status, runs, oldest_age, (SELECT lag FROM lag) AS lag FROM active
 UNION ALL

@@ -250,7 +250,7 @@ def _add_step(s: saga.Saga[ChaosInput], index: int, rng: random.Random) -> saga.
             earlier = ctx.result(previous)
             if (
                 not isinstance(earlier, StepResult)
-                or earlier.key != f"{ctx.run_id}:{previous.name}"
+                or earlier.key != f"{ctx.run_id}:step:{previous.name}"
             ):
                 await ledger.record(ctx, "bad_result")
                 raise ChaosInvariantBroken(f"step {previous.name} result is {earlier!r}")

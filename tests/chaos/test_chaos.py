@@ -912,7 +912,7 @@ def _check_run(
             if x["outcome"] == "late" and finished.get(x["step"]) == (x["attempt"], x["worker"]):
                 problems.append(f"the recorded attempt of {x['step']} was refused by the ledger")
         elif x["action"] == "effect":
-            if x["target"] != f"{run_id}:{x['step']}":
+            if x["target"] != f"{run_id}:step:{x['step']}":
                 problems.append(f"compensation of {x['step']} got the result of {x['target']}")
             if (x["result_attempt"], x["result_worker"]) != finished.get(x["step"]):
                 problems.append(
@@ -924,7 +924,7 @@ def _check_run(
     if reused:
         problems.append(f"one attempt number executed more than once: {reused}")
     for name in completed:
-        entry = ledger.get(f"{run_id}:{name}")
+        entry = ledger.get(f"{run_id}:step:{name}")
         has_comp = definition.get_step(name).compensation is not None
         expected = 0 if name in undone else 1
         if entry is None or entry["net"] != expected:

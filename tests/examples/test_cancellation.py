@@ -165,9 +165,10 @@ async def test_http_requests_cancelled_mid_start_or_mid_wait_leave_runs_whole(
     committed = await assert_runs_consistent(db, orch, keys)
     assert committed, "no request got as far as committing a run"
     assert orch._waiters == {}
-    # The client retries every order: committed ones come back unchanged, others start.
+    # The client retries every order (the same request): committed ones come back
+    # unchanged, others start.
     for key in keys:
-        body = {"order_id": key, "amount_cents": 1}
+        body = {"order_id": key, "amount_cents": 1, "step_delay": 0.01}
         response = await client.post("/orders", params={"wait": 20}, json=body)
         assert response.status_code == 200
         assert response.json()["status"] == "completed"

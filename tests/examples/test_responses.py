@@ -28,6 +28,7 @@ MAPPED: list[tuple[saga.SagaError, int]] = [
     (NarrowTooLargeError("input: too large"), 413),
     (saga.RunNotFoundError(uuid.uuid4()), 404),
     (saga.InvalidRunStateError("run ended cancelled: cannot cancel"), 409),
+    (saga.IdempotencyConflictError("key 'o-1' was used with another input", uuid.uuid4()), 409),
     (saga.DatabaseError('starting a run failed: database "secret_db" is down'), 503),
     (saga.LifecycleError("the orchestrator is closed"), 503),
 ]

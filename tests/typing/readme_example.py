@@ -6,11 +6,13 @@ so the documented code cannot drift from what mypy checks. Not collected by pyte
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -126,6 +128,7 @@ ERROR_STATUS: dict[type[saga.SagaError], int] = {
     saga.PayloadTooLargeError: 413,  # a SerializationError: the most specific class wins
     saga.RunNotFoundError: 404,
     saga.InvalidRunStateError: 409,
+    saga.IdempotencyConflictError: 409,
     saga.DatabaseError: 503,
     saga.LifecycleError: 503,
 }
@@ -142,3 +145,10 @@ async def saga_error(request: Request, exc: Exception) -> JSONResponse:
 app = FastAPI(lifespan=lifespan, max_body_size=1024 * 1024)
 for error_type in ERROR_STATUS:
     app.add_exception_handler(error_type, saga_error)
+
+
+# The README's logging section: see saga's debug lines.
+
+
+def verbose_logs() -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))

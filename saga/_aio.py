@@ -1,0 +1,58 @@
+"""Cancellation, told apart from exceptions that merely look like it.
+
+``asyncio.CancelledError`` means two things: "this task is being cancelled" (by a cancel
+scope, a timeout, ``Task.cancel()``), and, when user code lets one escape from a future
+that was cancelled elsewhere, nothing of the sort. anyio silently ends a task on the
+second kind too, so an orchestrator would lose a loop without a word. saga tells them
+apart with ``Task.cancelling()`` (Python 3.11): a real cancellation of the current task
+is pending exactly when it is above zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the current task being cancelled (not a stray CancelledError)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion even if the caller is cancelled meanwhile, by any means
+    (anyio scopes, ``asyncio.timeout``, ``wait_for``, ``Task.cancel()``). For writes whose
+    outcome must not depend on the caller staying around.
+
+    Under an anyio cancel scope the outcome is returned (the scope cancels the caller
+    again at its next checkpoint, as a shielded scope would); under a plain asyncio
+    cancellation, which is delivered once, the caller's CancelledError is re-raised once
+    the write is done.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not is_cancellation(asyncio.CancelledError()):
+            raise  # not a cancellation of the caller: the write itself was cancelled
+        redelivered = anyio.current_effective_deadline() == -math.inf
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    continue
+        if redelivered:
+            return task.result()
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller gets its cancellation instead
+        raise

@@ -1,0 +1,106 @@
+"""saga's logger: the application's structlog configuration, or quiet by default.
+
+The library never configures structlog. An application that configured it gets saga's
+events through its own processors and levels (``structlog.get_logger("saga")``). One that
+did not (a plain uvicorn app, a script) would get structlog's default, which prints every
+level: eight debug lines per run. Until structlog is configured, saga's events therefore
+go through a logger of its own that prints warnings and errors only, to stderr.
+
+:class:`Outage` turns a stream of database errors into one line per state change:
+lost, then back (with how long it took), instead of a line per failed call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import anyio
+import structlog
+
+_QUIET_PROCESSORS: list[Any] = [
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.dev.ConsoleRenderer(colors=False),
+]
+
+
+class _StderrLogger:
+    """Writes to whatever ``sys.stderr`` is at call time (tests capture it)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _quiet() -> Any:
+    return structlog.wrap_logger(
+        _StderrLogger(),
+        processors=_QUIET_PROCESSORS,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    )
+
+
+def _current(**context: Any) -> Any:
+    log = structlog.get_logger("saga") if structlog.is_configured() else _quiet()
+    return log.bind(**context) if context else log
+
+
+class _Logger:
+    """Resolves, at each call, whether the application configured structlog."""
+
+    def bind(self, **context: Any) -> Any:
+        return _current(**context)
+
+    def debug(self, event: str, **kw: Any) -> None:
+        _current().debug(event, **kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        _current().info(event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        _current().warning(event, **kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        _current().error(event, **kw)
+
+    def exception(self, event: str, **kw: Any) -> None:
+        _current().exception(event, **kw)
+
+
+logger = _Logger()
+
+
+class Outage:
+    """Whether the database answers, as one process sees it; logs only the changes.
+
+    Every loop reports its calls' outcomes here (``lost`` on a database error, ``back``
+    on a success): the first error logs ``database_unavailable``, later ones are debug
+    lines, and the first success after them logs ``database_available``.
+    """
+
+    def __init__(self, worker: str) -> None:
+        self._worker = worker
+        self._since: float | None = None
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def lost(self, what: str, exc: BaseException) -> None:
+        cause = type(exc.__cause__ or exc).__name__
+        if self._since is None:
+            self._since = anyio.current_time()
+            logger.warning(
+                "database_unavailable", worker=self._worker, during=what, error_type=cause
+            )
+        else:
+            logger.debug("database_still_unavailable", during=what, error_type=cause)
+
+    def back(self) -> None:
+        if self._since is not None:
+            down_for = anyio.current_time() - self._since
+            self._since = None
+            logger.warning("database_available", worker=self._worker, after=round(down_for, 3))
