@@ -27,7 +27,7 @@ from saga._aio import is_cancellation
 from saga._codec import decode, encode_checked
 from saga._definition import Context, Retry, Saga, Step
 from saga._errors import DatabaseError, SagaError, SerializationError, error_record
-from saga._log import logger
+from saga._log import Outage, logger
 from saga._store import ClaimedItem, Store, Transition, TransitionResult
 from saga._telemetry import SAGA, TERMINAL, Telemetry
 
@@ -88,6 +88,7 @@ class Runtime(Protocol):
     max_payload_bytes: int
     hooks: Hooks | None
     telemetry: Telemetry
+    outage: Outage
 
     def wake(self) -> None: ...
 
@@ -291,9 +292,10 @@ class Engine:
                 if delay is None:
                     raise
                 uncertain = True
-                log.warning("transition_retry", error_type=type(exc.__cause__).__name__)
+                self._rt.outage.lost("recording an outcome", exc)
                 await anyio.sleep(delay)
                 continue
+            self._rt.outage.back()
             if outcome is None and uncertain:
                 return await self._resolve(state, change, log)
             return outcome

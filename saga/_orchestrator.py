@@ -166,7 +166,7 @@ class Orchestrator:
         self._inflight: dict[uuid.UUID, Lease] = {}
         self._drained = anyio.Event()
         self._listener: Listener | None = None
-        self._outage = Outage(self.worker_id)
+        self.outage = Outage(self.worker_id)
         self.hooks: Hooks | None = None  # fault injection, set only by saga.testing
         self._notified_at: dict[str, float] = {}
         self._trailing_notify: set[str] = set()
@@ -298,7 +298,7 @@ class Orchestrator:
                     wake=self.wake,
                     worker_id=self.worker_id,
                     poll_interval=self.poll_interval,
-                    outage=self._outage,
+                    outage=self.outage,
                 )
                 await tg.start(self._supervise, "listener", self._listener.run)
                 await tg.start(
@@ -484,6 +484,8 @@ class Orchestrator:
                 run_id,
             )
         if created:
+            if not notify:
+                self._notify_after_commit(saga.name)
             self.telemetry.runs_started.add(1, {SAGA: saga.name})
             logger.debug("run_started", run_id=str(run_id), saga=saga.name)
             if (saga.name, saga.version) in self._sagas and self.concurrency > 0:
@@ -505,17 +507,24 @@ class Orchestrator:
         """Whether this start should NOTIFY the workers itself.
 
         A NOTIFY takes a cluster-wide lock at commit, so under load one start per
-        ``_NOTIFY_WINDOW`` notifies; the others are covered by one trailing NOTIFY at the
-        end of the window (workers woken by the first claim everything due by then).
+        ``_NOTIFY_WINDOW`` notifies; the others are covered by a trailing NOTIFY that
+        :meth:`_notify_after_commit` schedules once they committed.
         """
         now = anyio.current_time()
         if now - self._notified_at.get(saga_name, -math.inf) >= _NOTIFY_WINDOW:
             self._notified_at[saga_name] = now
             return True
+        return False
+
+    def _notify_after_commit(self, saga_name: str) -> None:
+        """A start that did not NOTIFY has committed: make sure a NOTIFY follows it.
+
+        Scheduled after the commit (not when the start began), so that the trailing
+        NOTIFY is always sent after every start it covers is visible to the workers.
+        """
         if saga_name not in self._trailing_notify and self._tg is not None:
             self._trailing_notify.add(saga_name)
             self._tg.start_soon(self._notify_later, saga_name)
-        return False
 
     async def _notify_later(self, saga_name: str) -> None:
         await anyio.sleep(_NOTIFY_WINDOW)
@@ -579,11 +588,11 @@ class Orchestrator:
                 try:
                     items = await store.claim(self.worker_id, free, self.lease_seconds, registered)
                 except DatabaseError as exc:
-                    self._outage.lost("claiming work", exc)
+                    self.outage.lost("claiming work", exc)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                self._outage.back()
+                self.outage.back()
                 delay = 0.1
                 for item in items:
                     lease = Lease(item.run_id, item.lease_token, self.lease_seconds)
@@ -616,7 +625,7 @@ class Orchestrator:
             logger.warning("simulated_crash", run_id=str(item.run_id), saga=item.saga_name)
         except DatabaseError as exc:
             finished = True  # the lease runs out and any worker takes the run again
-            self._outage.lost("recording an outcome", exc)
+            self.outage.lost("recording an outcome", exc)
         except BaseException as exc:
             if is_cancellation(exc):
                 raise  # shutdown: the lease stays listed so aclose() releases it
@@ -656,9 +665,9 @@ class Orchestrator:
                     census = await store.census(registered)
                     waiting = await store.count_unclaimable(registered)
                 except DatabaseError as exc:
-                    self._outage.lost("reading run statistics", exc)
+                    self.outage.lost("reading run statistics", exc)
                 else:
-                    self._outage.back()
+                    self.outage.back()
                     self.telemetry.gauges.update(self.schema, census, waiting)
                     if waiting and anyio.current_time() - warned_at >= _UNCLAIMABLE_LOG_INTERVAL:
                         warned_at = anyio.current_time()
@@ -699,9 +708,9 @@ class Orchestrator:
                     self.worker_id, [(ls.run_id, ls.token, ls.seconds) for ls in leases]
                 )
             except DatabaseError as exc:
-                self._outage.lost("heartbeat", exc)
+                self.outage.lost("heartbeat", exc)
                 continue
-            self._outage.back()
+            self.outage.back()
             for run_id, token in sent.items():
                 lease = self._inflight.get(run_id)
                 if lease is not None and held.get(run_id):
