@@ -64,7 +64,8 @@ class StepAttempt:
 
     ``outcome`` is ``completed``, ``failed`` (``retry_in`` is set when another attempt is
     scheduled), ``lease_expired`` (its worker stopped heartbeating; the attempt counts),
-    ``released`` (its worker shut down and gave the run back; it does not count) or
+    ``released`` (its worker shut down and gave the run back; it does not count, unless
+    the same attempt was released before: ``data["counted"]`` of the event) or
     ``running`` (no outcome recorded yet).
     """
 

@@ -264,3 +264,58 @@ async def test_a_step_cancelled_by_its_timeout_is_a_retryable_failure(
     with anyio.fail_after(5):
         assert await (await orch.start(s, Job(n=1))).result() == 2
     assert attempts == [1, 2]
+
+
+async def test_a_step_released_again_and_again_ends_by_the_attempt_limit(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    """A step that never ends before its worker shuts down (every shutdown gives the
+    lease back) is not retried forever: the first release of an attempt is free, a second
+    one counts it, so with max_attempts=2 the run gives up on the step after at most four
+    releases, and the completed step is compensated."""
+    s = saga.Saga("hangs", input=Job)
+    undone: list[str] = []
+
+    @s.step()
+    async def reserve(ctx: saga.Context[Job]) -> str:
+        return "held"
+
+    @reserve.compensate
+    async def release(ctx: saga.Context[Job], held: str) -> None:
+        undone.append(held)
+
+    @s.step(retry=saga.Retry(max_attempts=2))
+    async def hang(ctx: saga.Context[Job]) -> None:
+        await anyio.sleep(100)
+
+    run_id = None
+    for _ in range(8):
+        async with saga.Orchestrator(
+            dsn, sagas=[s], shutdown_timeout=0.05, poll_interval=0.05
+        ) as worker:
+            if run_id is None:
+                run_id = (await worker.start(s, Job(n=1))).id
+            with anyio.fail_after(10):
+                while not await db.fetchval(  # noqa: ASYNC110 - polling the database
+                    "SELECT due_at IS NULL OR (lease_owner IS NOT NULL AND step_name = 'hang')"
+                    " FROM saga.runs WHERE id = $1",
+                    run_id,
+                ):
+                    await anyio.sleep(0.01)
+            ended = await db.fetchval("SELECT due_at IS NULL FROM saga.runs WHERE id = $1", run_id)
+            if ended:
+                run = worker.get_run(run_id)
+                with pytest.raises(saga.RunCompensatedError) as raised:
+                    await run.result(timeout=5)
+                break
+    else:
+        raise AssertionError("the run was released eight times and never ended")
+    assert raised.value.error is not None
+    assert raised.value.error.type == "saga.AttemptLost"
+    assert undone == ["held"]
+    releases = await db.fetch(
+        "SELECT attempt, data FROM saga.events WHERE run_id = $1 AND kind = 'lease_released'"
+        " ORDER BY id",
+        run_id,
+    )
+    assert 2 <= len(releases) <= 4

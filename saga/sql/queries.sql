@@ -145,6 +145,7 @@ WITH upd AS (
         lease_owner = $12,
         lease_token = CASE WHEN $12::text IS NULL THEN lease_token ELSE lease_token + 1 END,
         finished_at = CASE WHEN $11::float8 IS NULL THEN now() END,
+        released = false,
         updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
@@ -183,19 +184,32 @@ WHERE r.id = h.id AND r.lease_token >= h.token AND r.lease_owner = $1
 RETURNING r.id, r.cancel_requested;
 
 -- name: release
--- Give back leases at shutdown so another worker can claim them at once; the interrupted
--- attempt is not counted.
+-- Give back leases at shutdown so another worker can claim them at once. The interrupted
+-- attempt is not counted, once: an attempt released again before any outcome was
+-- recorded (a step that takes its worker down gracefully, or never ends within the
+-- shutdown timeout) counts, so the attempt limit still ends it.
 -- $1 worker id, $2 run ids, $3 lease tokens (pairwise), $4 work notification channel
-WITH upd AS (
+WITH held AS (
+    SELECT r.id, r.attempt, r.released
+    FROM __schema__.runs r
+    JOIN unnest($2::uuid[], $3::bigint[]) AS h(id, token)
+      ON r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
+    FOR UPDATE OF r
+), upd AS (
     UPDATE __schema__.runs r SET
-        lease_owner = NULL, due_at = now(), attempt = greatest(r.attempt - 1, 0),
-        updated_at = now()
-    FROM unnest($2::uuid[], $3::bigint[]) AS h(id, token)
-    WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
-    RETURNING r.id, r.saga_name, r.step_name, r.attempt
+        lease_owner = NULL, due_at = now(),
+        attempt = CASE WHEN held.released THEN held.attempt
+                       ELSE greatest(held.attempt - 1, 0) END,
+        released = true, updated_at = now()
+    FROM held
+    WHERE r.id = held.id
+    RETURNING r.id, r.saga_name, r.step_name, held.attempt AS released_attempt,
+              held.released AS counted
 ), ev AS (
-    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
-    SELECT id, 'lease_released', step_name, attempt + 1, $1 FROM upd
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
+    SELECT id, 'lease_released', step_name, released_attempt, $1,
+           jsonb_build_object('counted', counted)
+    FROM upd
 )
 SELECT id, pg_notify($4, saga_name)::text AS notified FROM upd;
 

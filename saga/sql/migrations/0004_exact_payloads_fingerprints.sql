@@ -26,3 +26,7 @@ ALTER TABLE __schema__.runs ADD COLUMN fingerprint text;
 ALTER TABLE __schema__.watches
     ADD COLUMN watched boolean NOT NULL DEFAULT true,
     ADD COLUMN ended boolean NOT NULL DEFAULT false;
+
+-- Whether the current attempt was already given back once by a worker shutting down:
+-- a second release of it counts the attempt (see the release query).
+ALTER TABLE __schema__.runs ADD COLUMN released boolean NOT NULL DEFAULT false;
