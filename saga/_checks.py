@@ -14,6 +14,22 @@ from typing import Any
 MAX_INT32 = 2**31 - 1
 
 
+def show(value: Any) -> str:
+    """``repr(value)``, short and safe (an int of 5,000 digits cannot even be printed)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else "<?>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def seconds(
     name: str,
     value: Any,
@@ -24,12 +40,12 @@ def seconds(
     allow_zero: bool = False,
 ) -> float:
     """A finite number of seconds in ``[minimum, maximum]`` (``> 0`` unless allow_zero)."""
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise error(f"{name} must be a finite number of seconds, got {value!r}")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not finite(value):
+        raise error(f"{name} must be a finite number of seconds, got {show(value)}")
     if value < minimum or (value == 0 and not allow_zero) or value > maximum:
         low = f">= {minimum:g}" if allow_zero or minimum > 0 else "> 0"
         high = "" if maximum == math.inf else f" and <= {maximum:g}"
-        raise error(f"{name} must be {low}{high} seconds, got {value!r}")
+        raise error(f"{name} must be {low}{high} seconds, got {show(value)}")
     return float(value)
 
 
@@ -38,16 +54,16 @@ def integer(
 ) -> int:
     """An ``int`` (not a bool, not a float) within ``[minimum, maximum]``."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise error(f"{name} must be an int, got {value!r}")
+        raise error(f"{name} must be an int, got {show(value)}")
     if not minimum <= value <= maximum:
-        raise error(f"{name} must be from {minimum} to {maximum}, got {value!r}")
+        raise error(f"{name} must be from {minimum} to {maximum}, got {show(value)}")
     return value
 
 
 def text(name: str, value: Any, error: type[Exception], *, max_length: int) -> str:
     """A non-empty str that Postgres can store: no NUL, valid Unicode (no lone surrogate)."""
     if not isinstance(value, str) or not value:
-        raise error(f"{name} must be a non-empty str, got {value!r}")
+        raise error(f"{name} must be a non-empty str, got {show(value)}")
     if len(value) > max_length:
         raise error(f"{name} must be at most {max_length} characters, got {len(value)}")
     if "\x00" in value:

@@ -86,15 +86,17 @@ class Retry:
             )
         multiplier = self.multiplier
         if not isinstance(multiplier, int | float) or isinstance(multiplier, bool):
-            raise err(f"Retry.multiplier must be a number, got {multiplier!r}")
-        if not (math.isfinite(multiplier) and multiplier >= 1):
-            raise err(f"Retry.multiplier must be a finite number >= 1, got {multiplier!r}")
+            raise err(f"Retry.multiplier must be a number, got {_checks.show(multiplier)}")
+        if not (_checks.finite(multiplier) and multiplier >= 1):
+            raise err(
+                f"Retry.multiplier must be a finite number >= 1, got {_checks.show(multiplier)}"
+            )
         jitter = self.jitter
         if not isinstance(jitter, int | float) or isinstance(jitter, bool) or not 0 <= jitter <= 1:
-            raise err(f"Retry.jitter must be a number within [0, 1], got {jitter!r}")
+            raise err(f"Retry.jitter must be a number within [0, 1], got {_checks.show(jitter)}")
         if not isinstance(self.non_retryable, tuple | list):
-            got = self.non_retryable
-            raise err(f"Retry.non_retryable must be a tuple of exception types, got {got!r}")
+            got = _checks.show(self.non_retryable)
+            raise err(f"Retry.non_retryable must be a tuple of exception types, got {got}")
         object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
         for exc_type in self.non_retryable:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
@@ -336,12 +338,16 @@ class Saga(Generic[InT]):
         self._frozen = True
         self._fingerprint = fingerprint(self)
 
-    async def start(self, input: InT, *, key: str | None = None) -> RunHandle:
+    async def start(
+        self, input: InT, *, key: str | None = None, require_same_input: bool = True
+    ) -> RunHandle:
         """Durably start a run of this saga through the orchestrator it is registered with.
 
         Returns once the run is committed. With ``key``, a second start with the same key
-        returns the existing run instead of creating one. Equivalent to
-        ``orchestrator.start(saga, input, key=key)``.
+        and an equal input returns the existing run instead of creating one (a different
+        input raises :class:`~saga.IdempotencyConflictError` unless
+        ``require_same_input=False``). Equivalent to ``orchestrator.start(saga, input,
+        key=key, require_same_input=require_same_input)``.
         """
         live = [o for o in self._orchestrators if o.is_open]
         if len(live) != 1:
@@ -351,7 +357,7 @@ class Saga(Generic[InT]):
                 if live
                 else f"saga {self.name!r} is not registered with an open Orchestrator"
             )
-        return await live[0].start(self, input, key=key)
+        return await live[0].start(self, input, key=key, require_same_input=require_same_input)
 
 
 @dataclass(slots=True)

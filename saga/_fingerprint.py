@@ -16,6 +16,7 @@ changing them is a normal deploy.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -36,7 +37,7 @@ def _name(tp: Any) -> str:
     return str(getattr(tp, "__qualname__", None) or getattr(tp, "__name__", None) or tp)
 
 
-def describe_type(tp: Any, _seen: frozenset[int] = frozenset()) -> Any:
+def describe_type(tp: Any, _seen: tuple[int, ...] = ()) -> Any:
     """A JSON-able, version-stable description of a type annotation."""
     if tp is Any:
         return "any"
@@ -52,23 +53,52 @@ def describe_type(tp: Any, _seen: frozenset[int] = frozenset()) -> Any:
         return [head, [describe_type(arg, _seen) for arg in typing.get_args(tp)]]
     if isinstance(tp, typing.TypeVar):
         return ["typevar", tp.__name__]
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        if id(tp) in _seen:  # a recursive model: refer to it, do not descend again
-            return ["model-ref", _name(tp)]
-        seen = _seen | {id(tp)}
-        fields = [
-            [
-                name,
-                field.alias or "",
-                field.is_required(),
-                describe_type(field.annotation, seen),
-            ]
-            for name, field in tp.model_fields.items()
-        ]
-        return ["model", fields]
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return ["enum", [repr(member.value) for member in tp]]
-    return _name(tp)
+    fields = _fields(tp)
+    if fields is None:
+        return _name(tp)
+    if id(tp) in _seen:  # a recursive type: refer to it by its depth, not its name
+        return ["ref", _seen.index(id(tp))]
+    seen = (*_seen, id(tp))
+    return [
+        "fields",
+        [
+            [name, alias, required, describe_type(ann, seen)]
+            for name, alias, required, ann in fields
+        ],
+    ]
+
+
+def _fields(tp: Any) -> list[tuple[str, str, bool, Any]] | None:
+    """(name, alias, required, annotation) of a structured type's fields, or None."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [
+            (name, field.alias or "", field.is_required(), field.annotation)
+            for name, field in tp.model_fields.items()
+        ]
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        hints = _hints(tp)
+        return [
+            (
+                f.name,
+                "",
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                hints.get(f.name, Any),
+            )
+            for f in dataclasses.fields(tp)
+        ]
+    if typing.is_typeddict(tp):
+        required: frozenset[str] = getattr(tp, "__required_keys__", frozenset())
+        return [(name, "", name in required, ann) for name, ann in _hints(tp).items()]
+    return None
+
+
+def _hints(tp: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(tp)
+    except Exception:  # unresolvable forward references: the raw annotations will do
+        return dict(getattr(tp, "__annotations__", {}))
 
 
 def fingerprint(saga: Saga[Any]) -> str:

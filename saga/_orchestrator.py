@@ -733,5 +733,16 @@ def _started(loop: Callable[[], Awaitable[None]]) -> Callable[..., Awaitable[Non
 
 
 def _same_json(a: str, b: str) -> bool:
-    """Whether two stored JSON texts hold equal values (key order aside)."""
-    return a == b or json.loads(a) == json.loads(b)
+    """Whether two stored JSON texts hold the same value: key order aside, but types not
+    (``1``, ``1.0`` and ``true`` differ, as they would reach the steps differently)."""
+    return a == b or _same(json.loads(a), json.loads(b))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

@@ -248,17 +248,7 @@ def _define_in_module(monkeypatch: pytest.MonkeyPatch, module: str, source: str)
         pytest.param(MODELS, "", id="models, enum, generic: in another module"),
         pytest.param(MODELS, "Renamed", id="models, enum, generic: under other class names"),
         pytest.param(RECURSIVE, "", id="recursive model: in another module"),
-        pytest.param(
-            RECURSIVE,
-            "Renamed",
-            id="recursive model: under another class name",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a recursive model's self-reference is described by its class "
-                "name (['model-ref', qualname]), so renaming the class changes the "
-                "fingerprint of an unchanged definition",
-            ),
-        ),
+        pytest.param(RECURSIVE, "Renamed", id="recursive model: under another class name"),
     ],
 )
 def test_fingerprint_ignores_where_and_under_what_name_models_are_defined(

@@ -239,12 +239,6 @@ async def test_the_key_of_an_ended_run_still_returns_it(orchestrator: Orchestrat
     assert kinds.count("step_started") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: Saga.start() has no require_same_input parameter, though the README's API "
-    "documents `saga.start(input, key=None, require_same_input=True)`",
-)
 async def test_saga_start_takes_require_same_input(orchestrator: OrchestratorFactory) -> None:
     """The saga's own start() (one open orchestrator) honours require_same_input=False
     like orchestrator.start(): a key reused with another input returns the existing

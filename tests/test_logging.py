@@ -81,6 +81,7 @@ async def test_a_configured_app_gets_every_level(orchestrator: OrchestratorFacto
     with capture_logs() as logs:
         orch = await orchestrator(s)
         assert await (await orch.start(s, Job(n=1))).result(timeout=5) == 1
+        await orch.aclose()  # the worker logs after its commit, which woke result()
     events = {(e["event"], e["log_level"]) for e in logs}
     assert ("step_completed", "debug") in events
     assert ("run_completed", "info") in events
