@@ -38,7 +38,7 @@ from examples.responses import (
     validation_body,
 )
 
-ORCHESTRATOR = web.AppKey("orchestrator", saga.Orchestrator)
+ORCHESTRATOR = web.AppKey("orchestrator", saga.Client)
 
 
 def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) -> web.Application:

@@ -53,14 +53,14 @@ from examples.responses import (
 )
 
 
-def get_orchestrator(request: Request) -> saga.Orchestrator:
+def get_orchestrator(request: Request) -> saga.Client:
     """The orchestrator the lifespan opened (a FastAPI dependency)."""
-    orchestrator: saga.Orchestrator = request.app.state.orchestrator
+    orchestrator: saga.Client = request.app.state.orchestrator
     return orchestrator
 
 
 # Module level: FastAPI resolves string annotations in the module's namespace.
-Orch = Annotated[saga.Orchestrator, Depends(get_orchestrator)]
+Orch = Annotated[saga.Client, Depends(get_orchestrator)]
 
 
 async def saga_error_handler(request: Request, exc: Exception) -> Response:
@@ -81,13 +81,19 @@ async def validation_error_handler(request: Request, exc: Exception) -> Response
 
 def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) -> FastAPI:
     """The app. ``dsn`` defaults to ``$SAGA_DSN``, read when the app starts;
-    ``options`` go to :class:`saga.Orchestrator` (``poll_interval``, ``schema`` ...)."""
+    ``options`` go to :class:`saga.Orchestrator` (``poll_interval``, ``schema`` ...).
+    ``concurrency=0`` opens a :class:`saga.Client` instead: the app starts and watches
+    runs while worker processes execute them (see ``examples/client_worker``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with saga.Orchestrator(
-            dsn or os.environ["SAGA_DSN"], sagas=SAGAS, concurrency=concurrency, **options
-        ) as orchestrator:
+        target = dsn or os.environ["SAGA_DSN"]
+        runtime = (
+            saga.Orchestrator(target, sagas=SAGAS, concurrency=concurrency, **options)
+            if concurrency
+            else saga.Client(target, sagas=SAGAS, **options)
+        )
+        async with runtime as orchestrator:
             app.state.orchestrator = orchestrator
             yield
 

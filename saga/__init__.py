@@ -6,6 +6,7 @@ its steps run with retries on any orchestrator sharing the database, and if a st
 for good the completed steps are compensated newest first.
 """
 
+from saga._client import Client
 from saga._definition import Compensation, Context, Retry, Saga, Step
 from saga._errors import (
     ConfigurationError,
@@ -16,6 +17,7 @@ from saga._errors import (
     InvalidInputError,
     InvalidRunStateError,
     LifecycleError,
+    MigrationError,
     PayloadTooLargeError,
     PermanentError,
     RunCancelledError,
@@ -27,22 +29,16 @@ from saga._errors import (
     SagaError,
     SerializationError,
 )
-from saga._operator import (
-    PruneResult,
-    RunPage,
-    StepAttempt,
-    count_runs,
-    list_runs,
-    migrate,
-    prune,
-    timeline,
-)
+from saga._model import HistoryEvent, RunInfo, RunStatus
+from saga._operator import PruneResult, RunPage, count_runs, list_runs, migrate, prune
 from saga._orchestrator import Orchestrator
-from saga._run import HistoryEvent, RunHandle, RunInfo, RunStatus
+from saga._run import RunHandle
+from saga._timeline import StepAttempt, timeline
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
     "Compensation",
     "ConfigurationError",
     "Context",
@@ -54,6 +50,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidRunStateError",
     "LifecycleError",
+    "MigrationError",
     "Orchestrator",
     "PayloadTooLargeError",
     "PermanentError",

@@ -47,6 +47,8 @@ from saga._cli_args import (
 )
 from saga._cli_ops import COMMANDS
 from saga._cli_render import _Ctx
+from saga._client import Client
+from saga._db import latest_migration
 from saga._definition import Saga
 from saga._errors import (
     ConfigurationError,
@@ -56,7 +58,6 @@ from saga._errors import (
 )
 from saga._operator import migrate
 from saga._orchestrator import Orchestrator
-from saga._store import latest_migration
 
 __all__ = ["EXIT_USAGE", "build_parser", "main", "parse_duration"]
 
@@ -178,7 +179,7 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
         return await _migrate(ctx, dsn, schema)
     if args.command == "worker":
         return await _worker(ctx, dsn, schema, sagas)
-    orch = Orchestrator(dsn, sagas=[], schema=schema, concurrency=0, migrate=False)
+    orch = Client(dsn, schema=schema, migrate=False)
     async with contextlib.AsyncExitStack() as stack:
         try:
             await stack.enter_async_context(orch)

@@ -11,10 +11,10 @@ from typing import NoReturn
 from uuid import UUID
 
 from saga import __version__
+from saga._model import RunStatus
 from saga._operator import (
     MAX_PAGE_SIZE,
 )
-from saga._run import RunStatus
 
 EXIT_OK = 0
 EXIT_ERROR = 1

@@ -2,7 +2,7 @@
 ``prune``.
 
 Each is a thin layer over the Python API (:mod:`saga._operator`, :class:`~saga.RunHandle`)
-on a client orchestrator that :mod:`saga._cli` opened; it prints a table for people or,
+on a client that :mod:`saga._cli` opened; it prints a table for people or,
 with ``--json``, JSON for scripts, and returns the exit code.
 """
 
@@ -25,19 +25,19 @@ from saga._cli_render import (
     _table,
     _time,
 )
+from saga._client import Client
+from saga._model import RunStatus
 from saga._operator import (
     MAX_PAGE_SIZE,
     PRUNABLE_BY_DEFAULT,
     count_runs_by_saga,
     list_runs,
     prune,
-    timeline,
 )
-from saga._orchestrator import Orchestrator
-from saga._run import RunStatus
+from saga._timeline import timeline
 
 
-async def _runs(ctx: _Ctx, orch: Orchestrator) -> int:
+async def _runs(ctx: _Ctx, orch: Client) -> int:
     args = ctx.args
     statuses = None if args.status is None else [s for group in args.status for s in group]
     page = await list_runs(
@@ -76,7 +76,7 @@ async def _runs(ctx: _Ctx, orch: Orchestrator) -> int:
     return EXIT_OK
 
 
-async def _show(ctx: _Ctx, orch: Orchestrator) -> int:
+async def _show(ctx: _Ctx, orch: Client) -> int:
     handle = orch.get_run(await _run_to_show(ctx, orch))
     info = await handle.info()
     history = await handle.history()
@@ -131,7 +131,7 @@ async def _show(ctx: _Ctx, orch: Orchestrator) -> int:
     return EXIT_OK
 
 
-async def _run_to_show(ctx: _Ctx, orch: Orchestrator) -> UUID:
+async def _run_to_show(ctx: _Ctx, orch: Client) -> UUID:
     """The run ``saga show`` names: RUN, or the one run started with --key (in --saga)."""
     args = ctx.args
     if (args.run is None) == (args.key is None):
@@ -154,7 +154,7 @@ async def _run_to_show(ctx: _Ctx, orch: Orchestrator) -> UUID:
     return runs[0].id
 
 
-async def _stats(ctx: _Ctx, orch: Orchestrator) -> int:
+async def _stats(ctx: _Ctx, orch: Client) -> int:
     args = ctx.args
     counts = await count_runs_by_saga(
         orch, saga=args.saga, older_than=args.older_than, newer_than=args.newer_than
@@ -175,7 +175,7 @@ async def _stats(ctx: _Ctx, orch: Orchestrator) -> int:
     return EXIT_OK
 
 
-async def _retry(ctx: _Ctx, orch: Orchestrator) -> int:
+async def _retry(ctx: _Ctx, orch: Client) -> int:
     handle = orch.get_run(ctx.args.run)
     before = await handle.info()  # where it stopped: a worker may move it on at once
     await handle.retry()
@@ -187,7 +187,7 @@ async def _retry(ctx: _Ctx, orch: Orchestrator) -> int:
     return EXIT_OK
 
 
-async def _cancel(ctx: _Ctx, orch: Orchestrator) -> int:
+async def _cancel(ctx: _Ctx, orch: Client) -> int:
     handle = orch.get_run(ctx.args.run)
     await handle.cancel()
     info = await handle.info()
@@ -198,7 +198,7 @@ async def _cancel(ctx: _Ctx, orch: Orchestrator) -> int:
     return EXIT_OK
 
 
-async def _prune(ctx: _Ctx, orch: Orchestrator) -> int:
+async def _prune(ctx: _Ctx, orch: Client) -> int:
     args = ctx.args
     statuses = (*PRUNABLE_BY_DEFAULT, RunStatus.FAILED) if args.include_failed else None
     result = await prune(
@@ -228,7 +228,7 @@ async def _prune(ctx: _Ctx, orch: Orchestrator) -> int:
 
 
 #: The operator commands by name, for saga._cli's dispatch.
-COMMANDS: dict[str, Callable[[_Ctx, Orchestrator], Awaitable[int]]] = {
+COMMANDS: dict[str, Callable[[_Ctx, Client], Awaitable[int]]] = {
     "runs": _runs,
     "show": _show,
     "stats": _stats,

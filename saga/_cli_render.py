@@ -11,8 +11,8 @@ from uuid import UUID
 
 from saga._cli_args import EXIT_ERROR, _Exit
 from saga._errors import ErrorInfo
-from saga._operator import StepAttempt
-from saga._run import HistoryEvent, RunInfo
+from saga._model import HistoryEvent, RunInfo
+from saga._timeline import StepAttempt
 
 
 @dataclass

@@ -313,3 +313,47 @@ def decode(text: str | None, annotation: Any = Any) -> Any:
     if annotation is Any:
         return json.loads(text)
     return _adapter(annotation).validate_json(text)
+
+
+class Unreadable:
+    """A stored payload that no longer decodes: using it fails the attempt, clearly."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: SerializationError) -> None:
+        self.error = error
+
+    def check(self) -> None:
+        raise self.error
+
+
+def decode_stored(text: str, annotation: Any, what: str) -> Any:
+    """:func:`decode`, or an :class:`Unreadable` saying why the stored ``what`` no longer
+    reads as its declared type (the definition changed under a matching fingerprint)."""
+    try:
+        return decode(text, annotation)
+    except Exception as exc:
+        return Unreadable(
+            SerializationError(f"the stored {what} no longer reads as its declared type: {exc}")
+        )
+
+
+def check_readable(value: Any) -> None:
+    if isinstance(value, Unreadable):
+        value.check()
+
+
+def same_json(a: str, b: str) -> bool:
+    """Whether two stored JSON texts hold the same value: key order aside, but types not
+    (``1``, ``1.0`` and ``true`` differ, as they would reach the steps differently)."""
+    return a == b or _same(json.loads(a), json.loads(b))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

@@ -19,12 +19,11 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from saga import _checks
+from saga import _checks, _registry
 from saga._errors import DefinitionError, PermanentError
 from saga._fingerprint import fingerprint
 
 if TYPE_CHECKING:
-    from saga._orchestrator import Orchestrator
     from saga._run import RunHandle
 
 InT = TypeVar("InT", bound=BaseModel)
@@ -102,14 +101,14 @@ class Retry:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise err(f"Retry.non_retryable holds a non-exception {exc_type!r}")
 
-    def delay(self, attempt: int) -> float:
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         try:
             growth = float(self.multiplier) ** (attempt - 1)
         except OverflowError:  # a large multiplier after many attempts: the cap applies
             growth = math.inf
         base = min(self.max_delay, self.initial_delay * growth) if self.initial_delay else 0.0
-        return base * (1 - self.jitter * random.random())
+        return base * (1 - self.jitter * rand())
 
     def retryable(self, exc: BaseException) -> bool:
         return not isinstance(exc, (PermanentError, *self.non_retryable))
@@ -259,7 +258,6 @@ class Saga(Generic[InT]):
         self._by_name: dict[str, Step[InT, Any]] = {}
         self._frozen = False
         self._fingerprint: str | None = None
-        self._orchestrators: list[Orchestrator] = []
 
     def __repr__(self) -> str:
         return f"<Saga {self.name} v{self.version} ({len(self.steps)} steps)>"
@@ -328,7 +326,7 @@ class Saga(Generic[InT]):
         only runs whose fingerprint it has (see the README on deploys)."""
         if self._fingerprint is not None:
             return self._fingerprint
-        value = fingerprint(self)
+        value = self._compute_fingerprint()
         if self._frozen:
             self._fingerprint = value
         return value
@@ -337,7 +335,11 @@ class Saga(Generic[InT]):
         if not self.steps:
             raise DefinitionError(f"saga {self.name!r} has no steps")
         self._frozen = True
-        self._fingerprint = fingerprint(self)
+        self._fingerprint = self._compute_fingerprint()
+
+    def _compute_fingerprint(self) -> str:
+        steps = [(s.name, s.result_type, s.compensation is not None) for s in self.steps]
+        return fingerprint(self.name, self.version, self.input_type, steps)
 
     async def start(
         self, input: InT, *, key: str | None = None, require_same_input: bool = True
@@ -350,13 +352,13 @@ class Saga(Generic[InT]):
         ``require_same_input=False``). Equivalent to ``orchestrator.start(saga, input,
         key=key, require_same_input=require_same_input)``.
         """
-        live = [o for o in self._orchestrators if o.is_open]
+        live = _registry.open_clients(self)
         if len(live) != 1:
             raise DefinitionError(
-                f"saga {self.name!r} is registered with {len(live)} open orchestrators; "
-                "start it with `orchestrator.start(saga, input)`"
+                f"saga {self.name!r} is registered with {len(live)} open clients; "
+                "start it with `client.start(saga, input)`"
                 if live
-                else f"saga {self.name!r} is not registered with an open Orchestrator"
+                else f"saga {self.name!r} is not registered with an open Client or Orchestrator"
             )
         return await live[0].start(self, input, key=key, require_same_input=require_same_input)
 

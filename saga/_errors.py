@@ -10,6 +10,7 @@ Hierarchy::
     SagaError
     ├── DefinitionError          a saga or step definition is broken (raised at definition)
     ├── ConfigurationError       a bad argument to the runtime (schema name, sizes, ...)
+    ├── MigrationError           a recorded migration's file changed since it was applied
     ├── InvalidInputError        start() input failed pydantic validation; nothing written
     ├── IdempotencyConflictError start() key already used by a run with another input
     ├── SerializationError       a payload cannot be stored as JSON (NaN, bytes, objects, NUL)
@@ -117,6 +118,11 @@ class DefinitionError(SagaError):
 
 class ConfigurationError(SagaError):
     """An argument to the runtime is invalid (schema name, sizes, intervals...)."""
+
+
+class MigrationError(SagaError):
+    """A migration recorded as applied no longer matches its file (its checksum differs):
+    the database holds what the old file did. Migrations are immutable once applied."""
 
 
 class InvalidInputError(SagaError):

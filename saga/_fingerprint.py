@@ -22,12 +22,10 @@ import hashlib
 import json
 import types
 import typing
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel
-
-if TYPE_CHECKING:
-    from saga._definition import Saga
 
 _UNIONS = (typing.Union, types.UnionType)
 
@@ -101,15 +99,17 @@ def _hints(tp: Any) -> dict[str, Any]:
         return dict(getattr(tp, "__annotations__", {}))
 
 
-def fingerprint(saga: Saga[Any]) -> str:
-    """32 hex digits identifying the definition's stored-data contract."""
+def fingerprint(
+    name: str, version: int, input_type: Any, steps: Sequence[tuple[str, Any, bool]]
+) -> str:
+    """32 hex digits identifying a definition's stored-data contract: its name, version,
+    input type, and its steps as (name, result type, has a compensation), in order."""
     description = {
-        "saga": saga.name,
-        "version": saga.version,
-        "input": describe_type(saga.input_type),
+        "saga": name,
+        "version": version,
+        "input": describe_type(input_type),
         "steps": [
-            [step.name, describe_type(step.result_type), step.compensation is not None]
-            for step in saga.steps
+            [step, describe_type(result), compensates] for step, result, compensates in steps
         ],
     }
     text = json.dumps(description, separators=(",", ":"), sort_keys=True)

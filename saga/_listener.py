@@ -22,9 +22,10 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
+from saga._db import translate_errors
 from saga._errors import DatabaseError, LifecycleError
 from saga._log import Outage, logger
-from saga._store import Store, translate_errors
+from saga._store import Store
 
 #: Most run ids asked about in one fallback poll query.
 _POLL_BATCH = 5000

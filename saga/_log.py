@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -104,3 +105,29 @@ class Outage:
             down_for = anyio.current_time() - self._since
             self._since = None
             logger.warning("database_available", worker=self._worker, after=round(down_for, 3))
+
+
+def log_event(
+    log: Any, kind: str, step: str | None, attempt: int | None, data: Mapping[str, Any] | None
+) -> None:
+    """Log one history event a worker wrote: failures as warnings, a run that needs an
+    operator as an error, run-level events as info, the rest as debug."""
+    fields: dict[str, Any] = {}
+    if step:
+        fields["step"] = step
+    if attempt:
+        fields["attempt"] = attempt
+    data = data or {}
+    if "error" in data:
+        # Only the type: messages may carry payload data and secrets.
+        fields["error_type"] = data["error"]["type"]
+    if "retry_in" in data:
+        fields["retry_in"] = round(data["retry_in"], 3)
+    if kind in ("step_failed", "compensation_failed"):
+        log.warning(kind, **fields)
+    elif kind == "run_failed":
+        log.error(kind, **fields)
+    elif kind.startswith("run_"):
+        log.info(kind, **fields)
+    else:
+        log.debug(kind, **fields)

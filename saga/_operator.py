@@ -1,30 +1,26 @@
-"""Operator actions as a Python API: list and count runs, read a run's timeline, prune,
-migrate.
+"""Operator actions as a Python API: list, count and prune runs, migrate.
 
 The ``saga`` command line is a thin layer over these functions, so whatever an operator
 does at a shell a script can do from Python with the same semantics. They take an open
-:class:`~saga.Orchestrator` (a client one, ``concurrency=0``, is enough and executes
-nothing); cancelling and retrying a run are :meth:`RunHandle.cancel` and
-:meth:`RunHandle.retry` on ``orchestrator.get_run(run_id)``.
+:class:`~saga.Client` (an :class:`~saga.Orchestrator` is one too); cancelling and
+retrying a run are :meth:`RunHandle.cancel` and :meth:`RunHandle.retry` on
+``client.get_run(run_id)``, and a run's timeline is :func:`saga.timeline` of its history.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from datetime import timedelta
 
-import anyio
 import asyncpg
 
-from saga._errors import ConfigurationError, ErrorInfo, RunNotFoundError
-from saga._run import HistoryEvent, RunInfo, RunStatus
-from saga._store import Store, translate_errors, validate_schema
-
-if TYPE_CHECKING:
-    from saga._orchestrator import Orchestrator
+from saga._client import Client
+from saga._db import close_pool, open_pool, validate_schema
+from saga._errors import ConfigurationError, RunNotFoundError
+from saga._migrate import migrate as _migrate
+from saga._model import RunInfo, RunStatus
 
 #: Largest page :func:`list_runs` returns.
 MAX_PAGE_SIZE = 1000
@@ -32,8 +28,6 @@ MAX_PAGE_SIZE = 1000
 #: What :func:`prune` deletes unless told otherwise: failed runs wait for an operator, so
 #: they are kept until asked for explicitly.
 PRUNABLE_BY_DEFAULT = (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED)
-
-_TERMINAL = frozenset(s for s in RunStatus if s.is_terminal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,35 +50,6 @@ class PruneResult:
     events: int
     batches: int
     dry_run: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StepAttempt:
-    """One attempt of a step or compensation, assembled from a run's history.
-
-    ``outcome`` is ``completed``, ``failed`` (``retry_in`` is set when another attempt is
-    scheduled), ``lease_expired`` (its worker stopped heartbeating; the attempt counts),
-    ``released`` (its worker shut down and gave the run back; it does not count, unless
-    the same attempt was released before: ``data["counted"]`` of the event) or
-    ``running`` (no outcome recorded yet).
-    """
-
-    step: str
-    compensation: bool
-    attempt: int
-    worker: str | None
-    started_at: datetime | None
-    ended_at: datetime | None
-    outcome: str
-    error: ErrorInfo | None = None
-    retry_in: float | None = None
-
-    @property
-    def duration(self) -> float | None:
-        """Seconds from start to outcome, or ``None`` while either is unknown."""
-        if self.started_at is None or self.ended_at is None:
-            return None
-        return (self.ended_at - self.started_at).total_seconds()
 
 
 def _seconds(name: str, value: timedelta | None) -> float | None:
@@ -132,7 +97,7 @@ def _statuses(values: Iterable[RunStatus | str] | RunStatus | str | None) -> lis
 
 
 async def list_runs(
-    orchestrator: Orchestrator,
+    client: Client,
     *,
     saga: str | None = None,
     status: Iterable[RunStatus | str] | RunStatus | str | None = None,
@@ -156,19 +121,19 @@ async def list_runs(
     Raises :class:`ConfigurationError` for a bad argument and :class:`RunNotFoundError`
     when ``before`` names no run.
     """
-    store = orchestrator._store_or_raise()
+    store = client._store_or_raise()
     _check_text("saga", saga)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
     _check_text("key", key)
     cursor = _run_id(before) if before is not None else None
-    if cursor is not None and await store.get_run(cursor) is None:
+    if cursor is not None and not await store.run_exists(cursor):
         raise RunNotFoundError(cursor)
     statuses = _statuses(status)
     older = _seconds("older_than", older_than)
     newer = _seconds("newer_than", newer_than)
 
-    async def fetch(saga_name: str | None) -> list[asyncpg.Record]:
+    async def fetch(saga_name: str | None) -> list[RunInfo]:
         return await store.list_runs(
             saga_name=saga_name,
             statuses=statuses,
@@ -187,13 +152,13 @@ async def list_runs(
         records = []
         for name in sorted({name for _, name in await store.find_runs_by_key(key, saga)}):
             records += await fetch(name)
-        records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
-    runs = [RunInfo.from_record(r) for r in records[:limit]]
+        records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    runs = records[:limit]
     return RunPage(runs=runs, next_before=runs[-1].id if len(records) > limit else None)
 
 
 async def count_runs(
-    orchestrator: Orchestrator,
+    client: Client,
     *,
     saga: str | None = None,
     older_than: timedelta | None = None,
@@ -205,13 +170,13 @@ async def count_runs(
     created at least / at most that long ago (by the database clock), as in
     :func:`list_runs`. What it costs: one statement that reads every matching run,
     finished ones included, so its time grows with the table (prune keeps it small).
-    For a frequent, cheap view of the active runs, use the orchestrator's metrics.
+    For a frequent, cheap view of the active runs, use the orchestrators' metrics.
 
     Raises :class:`ConfigurationError` for a bad argument.
     """
     totals = dict.fromkeys(RunStatus, 0)
     counts = await count_runs_by_saga(
-        orchestrator, saga=saga, older_than=older_than, newer_than=newer_than
+        client, saga=saga, older_than=older_than, newer_than=newer_than
     )
     for by_status in counts.values():
         for status, runs in by_status.items():
@@ -220,7 +185,7 @@ async def count_runs(
 
 
 async def count_runs_by_saga(
-    orchestrator: Orchestrator,
+    client: Client,
     *,
     saga: str | None = None,
     older_than: timedelta | None = None,
@@ -228,7 +193,7 @@ async def count_runs_by_saga(
 ) -> dict[str, dict[RunStatus, int]]:
     """:func:`count_runs` per saga name, in name order (what ``saga stats`` prints); a
     saga with no matching run is absent."""
-    store = orchestrator._store_or_raise()
+    store = client._store_or_raise()
     _check_text("saga", saga)
     rows = await store.count_runs(
         saga_name=saga,
@@ -242,7 +207,7 @@ async def count_runs_by_saga(
 
 
 async def prune(
-    orchestrator: Orchestrator,
+    client: Client,
     *,
     older_than: timedelta,
     status: Iterable[RunStatus | str] | RunStatus | str = PRUNABLE_BY_DEFAULT,
@@ -258,13 +223,13 @@ async def prune(
     workers for long. ``dry_run=True`` only counts. Safe to run from several processes
     at once, and to interrupt: every batch is complete or absent.
     """
-    store = orchestrator._store_or_raise()
+    store = client._store_or_raise()
     seconds = _seconds("older_than", older_than)
     if seconds is None:
         raise ConfigurationError("older_than is required")
     statuses = _statuses(status)
     assert statuses is not None
-    active = [s for s in statuses if RunStatus(s) not in _TERMINAL]
+    active = [s for s in statuses if not RunStatus(s).is_terminal]
     if active:
         raise ConfigurationError(
             f"only finished runs can be pruned; {', '.join(active)} is not a final status"
@@ -291,92 +256,6 @@ async def prune(
     return PruneResult(runs=total_runs, events=total_events, batches=batches, dry_run=False)
 
 
-def timeline(history: Sequence[HistoryEvent]) -> list[StepAttempt]:
-    """Assemble a run's history into its attempts, in the order they started.
-
-    Each step and compensation attempt appears once, with its worker, start, outcome,
-    duration and error: what ``saga show`` prints. Works on any run, including runs of
-    sagas this process has not registered.
-    """
-    attempts: list[StepAttempt] = []
-    open_: dict[tuple[bool, str, int], int] = {}  # (compensation, step, attempt) -> index
-    compensating = False
-
-    def close(
-        key: tuple[bool, str, int],
-        event: HistoryEvent,
-        outcome: str,
-        *,
-        retry_in: float | None = None,
-    ) -> None:
-        index = open_.pop(key, None)
-        if index is None:  # no start recorded (e.g. claimed while a cancel was pending)
-            attempts.append(
-                StepAttempt(
-                    step=key[1],
-                    compensation=key[0],
-                    attempt=key[2],
-                    worker=event.worker,
-                    started_at=None,
-                    ended_at=event.at,
-                    outcome=outcome,
-                    error=event.error,
-                    retry_in=retry_in,
-                )
-            )
-            return
-        begun = attempts[index]
-        attempts[index] = StepAttempt(
-            step=begun.step,
-            compensation=begun.compensation,
-            attempt=begun.attempt,
-            worker=begun.worker or event.worker,
-            started_at=begun.started_at,
-            ended_at=event.at,
-            outcome=outcome,
-            error=event.error,
-            retry_in=retry_in,
-        )
-
-    for event in history:
-        kind, step, attempt = event.kind, event.step, event.attempt or 0
-        if kind in ("run_compensating", "run_retried"):
-            compensating = True
-        elif step is None:
-            continue
-        elif kind in ("step_started", "compensation_started"):
-            is_comp = kind == "compensation_started"
-            compensating = compensating or is_comp
-            open_[(is_comp, step, attempt)] = len(attempts)
-            attempts.append(
-                StepAttempt(
-                    step=step,
-                    compensation=is_comp,
-                    attempt=attempt,
-                    worker=event.worker,
-                    started_at=event.at,
-                    ended_at=None,
-                    outcome="running",
-                )
-            )
-        elif kind in ("step_completed", "compensation_completed"):
-            close((kind == "compensation_completed", step, attempt), event, "completed")
-        elif kind in ("step_failed", "compensation_failed"):
-            retry_in = event.data.get("retry_in")
-            close(
-                (kind == "compensation_failed", step, attempt),
-                event,
-                "failed",
-                retry_in=float(retry_in) if isinstance(retry_in, int | float) else None,
-            )
-        elif kind in ("lease_expired", "lease_released"):
-            key = (compensating, step, attempt)
-            if key not in open_ and (not compensating, step, attempt) in open_:
-                key = (not compensating, step, attempt)
-            close(key, event, "lease_expired" if kind == "lease_expired" else "released")
-    return attempts
-
-
 async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> list[int]:
     """Apply the pending schema migrations; return the versions applied now.
 
@@ -386,18 +265,14 @@ async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> l
     """
     schema = validate_schema(schema)
     if isinstance(dsn_or_pool, asyncpg.Pool):
-        return await Store(dsn_or_pool, schema).migrate()
+        return await _migrate(dsn_or_pool, schema)
     if not isinstance(dsn_or_pool, str):
         raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
-    async with translate_errors("connecting"):
-        pool = await asyncpg.create_pool(dsn_or_pool, min_size=1, max_size=1)
+    pool = await open_pool(dsn_or_pool, 1)
     try:
-        return await Store(pool, schema).migrate()
+        return await _migrate(pool, schema)
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5) as scope:
-            await pool.close()
-        if scope.cancelled_caught:
-            pool.terminate()
+        await close_pool(pool)
 
 
 def _run_id(value: uuid.UUID | str) -> uuid.UUID:

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from saga._model import RunStatus
 from saga._store import Census, DefinitionKey
 
 if TYPE_CHECKING:
@@ -42,55 +45,34 @@ CREATED = "saga.run.created"
 FINGERPRINT = "saga.fingerprint"
 ERROR_TYPE = "error.type"  # OpenTelemetry semantic convention
 
-TERMINAL = ("completed", "compensated", "failed", "cancelled")
+TERMINAL = tuple(str(s) for s in RunStatus.terminal())
+_GAUGED = ("pending", "running", "compensating", "failed")
 
 
-class _Gauges:
-    """Database-wide figures, refreshed by each orchestrator's census loop and read by
-    the observable instruments (whose callbacks cannot await)."""
+class GaugeState:
+    """One orchestrator's latest census of the database: its own, never shared. The
+    observable instruments read every live state of their provider (callbacks cannot
+    await), the freshest per schema, so closing one orchestrator removes only its own."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_schema: dict[str, tuple[Census, dict[DefinitionKey, int]]] = {}
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self.census: Census | None = None
+        self.unclaimable: dict[DefinitionKey, int] = {}
+        self.updated = 0.0
 
-    def update(self, schema: str, census: Census, unclaimable: dict[DefinitionKey, int]) -> None:
-        with self._lock:
-            self._by_schema[schema] = (census, unclaimable)
-
-    def forget(self, schema: str) -> None:
-        with self._lock:
-            self._by_schema.pop(schema, None)
-
-    def snapshot(self) -> list[tuple[str, Census, dict[DefinitionKey, int]]]:
-        with self._lock:
-            return [(s, c, u) for s, (c, u) in self._by_schema.items()]
+    def update(self, census: Census, unclaimable: dict[DefinitionKey, int]) -> None:
+        self.census, self.unclaimable = census, unclaimable
+        self.updated = time.monotonic()
 
 
-class Telemetry:
-    """Instruments of one meter provider; shared by the orchestrators that use it."""
+class _Instruments:
+    """The instruments of one meter provider, created once for it (creating them again
+    would register the observable gauges twice); the gauge states live apart."""
 
-    # Instruments are registered once per (tracer, meter) provider pair and kept for the
-    # process: registering them again would double the observable gauges. Providers are
-    # process-long objects, so this holds a handful of entries at most.
-    _cache: ClassVar[dict[tuple[int, int], Telemetry]] = {}
-    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
-
-    @classmethod
-    def for_providers(
-        cls, tracer_provider: trace.TracerProvider | None, meter_provider: Any | None
-    ) -> Telemetry:
-        key = (id(tracer_provider), id(meter_provider))
-        with cls._cache_lock:
-            found = cls._cache.get(key)
-            if found is None:
-                found = cls._cache[key] = cls(tracer_provider, meter_provider)
-            return found
-
-    def __init__(self, tracer_provider: trace.TracerProvider | None, meter_provider: Any) -> None:
-        self._tracer_provider = tracer_provider
-        self.tracer = trace.get_tracer("saga", VERSION, tracer_provider=tracer_provider)
+    def __init__(self, meter_provider: Any) -> None:
         meter = metrics.get_meter("saga", VERSION, meter_provider=meter_provider)
-        self.gauges = _Gauges()
+        self._lock = threading.Lock()
+        self._states: list[GaugeState] = []
         runs = "{run}"
         self.runs_started = meter.create_counter(
             "saga.runs.started", unit=runs, description="Runs started (committed)."
@@ -128,60 +110,106 @@ class Telemetry:
             unit="{write}",
             description="Writes refused because the writer's lease token was stale.",
         )
-        meter.create_observable_gauge(
-            "saga.runs.active",
-            callbacks=[self._observe_runs],
-            unit=runs,
-            description="Runs per state (pending, running, compensating, failed).",
-        )
-        meter.create_observable_gauge(
-            "saga.runs.oldest_active_age",
-            callbacks=[self._observe_oldest],
-            unit="s",
-            description="Age of the oldest run not yet in a terminal state.",
-        )
-        meter.create_observable_gauge(
-            "saga.scheduler.lag",
-            callbacks=[self._observe_lag],
-            unit="s",
-            description="Now minus the due time of the oldest runnable item.",
-        )
-        meter.create_observable_gauge(
-            "saga.runs.unclaimable",
-            callbacks=[self._observe_unclaimable],
-            unit=runs,
-            description="Active runs of saga versions no orchestrator here registered.",
-        )
+        for name, callback, unit, description in (
+            ("saga.runs.active", self._observe_runs, runs, "Runs per state."),
+            ("saga.runs.oldest_active_age", self._observe_oldest, "s", "Oldest active run."),
+            ("saga.scheduler.lag", self._observe_lag, "s", "Now minus the oldest due time."),
+            (
+                "saga.runs.unclaimable",
+                self._observe_unclaimable,
+                runs,
+                "Active runs of definitions no orchestrator here registered.",
+            ),
+        ):
+            meter.create_observable_gauge(
+                name, callbacks=[callback], unit=unit, description=description
+            )
 
-    # -- observable gauges -----------------------------------------------------------
+    def add(self, state: GaugeState) -> None:
+        with self._lock:
+            self._states.append(state)
+
+    def remove(self, state: GaugeState) -> None:
+        with self._lock:
+            self._states = [s for s in self._states if s is not state]
+
+    def _freshest(self) -> list[GaugeState]:
+        with self._lock:
+            states = [s for s in self._states if s.census is not None]
+        best: dict[str, GaugeState] = {}
+        for state in states:
+            if state.schema not in best or state.updated > best[state.schema].updated:
+                best[state.schema] = state
+        return list(best.values())
 
     def _observe_runs(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for schema, census, _ in self.gauges.snapshot():
-            for status in ("pending", "running", "compensating", "failed"):
-                yield Observation(
-                    census.runs_by_status.get(status, 0), {SCHEMA: schema, RUN_STATUS: status}
-                )
+        for state in self._freshest():
+            assert state.census is not None
+            for status in _GAUGED:
+                count = state.census.runs_by_status.get(status, 0)
+                yield Observation(count, {SCHEMA: state.schema, RUN_STATUS: status})
 
     def _observe_oldest(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for schema, census, _ in self.gauges.snapshot():
-            yield Observation(census.oldest_active_age, {SCHEMA: schema})
+        for state in self._freshest():
+            assert state.census is not None
+            yield Observation(state.census.oldest_active_age, {SCHEMA: state.schema})
 
     def _observe_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for schema, census, _ in self.gauges.snapshot():
-            yield Observation(census.scheduler_lag, {SCHEMA: schema})
+        for state in self._freshest():
+            assert state.census is not None
+            yield Observation(state.census.scheduler_lag, {SCHEMA: state.schema})
 
     def _observe_unclaimable(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for schema, _, unclaimable in self.gauges.snapshot():
-            for (name, version, fingerprint), count in unclaimable.items():
+        for state in self._freshest():
+            for (name, version, fingerprint), count in state.unclaimable.items():
                 yield Observation(
                     count,
                     {
-                        SCHEMA: schema,
+                        SCHEMA: state.schema,
                         SAGA: name,
                         SAGA_VERSION: version,
                         FINGERPRINT: fingerprint or "-",
                     },
                 )
+
+
+_by_provider: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_global: dict[None, _Instruments] = {}
+_lock = threading.Lock()
+
+
+def _instruments(meter_provider: Any) -> _Instruments:
+    with _lock:
+        cache: Any = _global if meter_provider is None else _by_provider
+        found: _Instruments | None = cache.get(meter_provider)
+        if found is None:
+            found = cache[meter_provider] = _Instruments(meter_provider)
+        return found
+
+
+class Telemetry:
+    """One client's or orchestrator's telemetry: spans, counters, and its own gauges."""
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None, meter_provider: Any) -> None:
+        self.tracer = trace.get_tracer("saga", VERSION, tracer_provider=tracer_provider)
+        self._instruments = _instruments(meter_provider)
+        ins = self._instruments
+        self.runs_started = ins.runs_started
+        self.runs_ended = ins.runs_ended
+        self.attempts = ins.attempts
+        self.durations = ins.durations
+        self.run_duration = ins.run_duration
+        self.leases_expired = ins.leases_expired
+        self.writes_refused = ins.writes_refused
+
+    def gauges(self, schema: str) -> GaugeState:
+        """A gauge state of this telemetry's own, reported until :meth:`forget`."""
+        state = GaugeState(schema)
+        self._instruments.add(state)
+        return state
+
+    def forget(self, state: GaugeState) -> None:
+        self._instruments.remove(state)
 
     # -- spans -------------------------------------------------------------------------
 

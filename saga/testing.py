@@ -25,16 +25,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from saga._definition import Context, Step
-from saga._engine import Runtime, SimulatedCrash
 from saga._errors import DatabaseError, LifecycleError, PermanentError
+from saga._hooks import NO_HOOKS, FaultTarget, Hooks, SimulatedCrash
 from saga._orchestrator import Orchestrator
-from saga._store import Store, TransitionResult
 
 __all__ = ["Faults", "InjectedFault", "SimulatedCrash"]
+
+T = TypeVar("T")
 
 
 class InjectedFault(Exception):
@@ -71,7 +72,7 @@ def _name(step: Step[Any, Any] | str) -> str:
     return step if isinstance(step, str) else step.name
 
 
-class Faults:
+class Faults(Hooks):
     """A plan of faults, attached to one or more orchestrators.
 
     ``fired`` counts the faults that actually happened, by kind, so a test can check its
@@ -84,7 +85,7 @@ class Faults:
 
     def attach(self, orchestrator: Orchestrator) -> Faults:
         """Inject this plan into an orchestrator's execution (open or not)."""
-        if orchestrator.hooks is not None and orchestrator.hooks is not self:
+        if orchestrator.hooks is not NO_HOOKS and orchestrator.hooks is not self:
             raise LifecycleError("this orchestrator already has a fault plan attached")
         orchestrator.hooks = self
         return self
@@ -158,12 +159,12 @@ class Faults:
                 return rule
         return None
 
-    # -- the engine's hooks -------------------------------------------------------------
+    # -- the runtime's hooks ------------------------------------------------------------
 
-    async def before_call(self, ctx: Context[Any], store: Store, runtime: Runtime) -> None:
+    async def before_call(self, ctx: Context[Any], target: FaultTarget) -> None:
         if self._match("expire_lease", ctx) is not None:
-            await store.expire_lease(ctx.run_id)
-            runtime.wake()
+            await target.expire_lease(ctx.run_id)
+            target.wake()
         rule = self._match("fail_compensation", ctx)
         if rule is not None:
             error = _PermanentInjectedFault if rule.option else InjectedFault
@@ -173,12 +174,10 @@ class Faults:
         if self._match("crash_after", ctx) is not None:
             raise SimulatedCrash(f"injected crash after {ctx.step!r}")
 
-    async def write(
-        self, ctx: Context[Any], attempt_write: Callable[[], Awaitable[TransitionResult | None]]
-    ) -> TransitionResult | None:
+    async def write(self, ctx: Context[Any], write: Callable[[], Awaitable[T]]) -> T:
         rule = self._match("drop_connection", ctx)
         if rule is None:
-            return await attempt_write()
+            return await write()
         if rule.option:
-            await attempt_write()
+            await write()
         raise DatabaseError("injected: connection lost at commit") from ConnectionResetError()

@@ -18,7 +18,6 @@ import asyncpg
 import pytest
 
 import saga
-from saga._store import Store
 
 TEMPLATE = "saga_test_template"
 
@@ -48,7 +47,7 @@ async def template_dsn(base_dsn: str) -> AsyncIterator[str]:
         dsn = _with_database(base_dsn, TEMPLATE)
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
-            await Store(pool, "saga").migrate()
+            await saga.migrate(pool, schema="saga")
         finally:
             await pool.close()
         yield dsn

@@ -15,7 +15,9 @@ import pytest
 from pydantic import BaseModel
 
 import saga
-from saga._store import Store, Transition
+from saga._model import RunStatus
+from saga._plan import Transition
+from saga._store import Store
 from tests.conftest import OrchestratorFactory
 
 
@@ -42,7 +44,7 @@ async def test_stale_fencing_token_write_changes_nothing(
         [item] = await store.claim("w1", 1, 30, [("parked", 1, parked.fingerprint)])
         before = await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id)
         events_before = await db.fetchval("SELECT count(*) FROM saga.events")
-        done = Transition(status="completed", step_name=None, attempt=1, events=[])
+        done = Transition(status=RunStatus.COMPLETED, step=None, attempt=1, events=())
         assert await store.transition("w1", run.id, item.lease_token - 1, done) is None
         assert await store.transition("w2", run.id, item.lease_token, done) is None
         assert await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id) == before

@@ -8,7 +8,9 @@ import pytest
 from pydantic import BaseModel
 
 import saga
-from saga._store import Store, latest_migration
+from saga._db import latest_migration
+from saga._migrate import applied_version
+from saga._store import Store
 
 
 async def test_concurrent_migrations_apply_each_version_once(dsn: str) -> None:
@@ -19,15 +21,15 @@ async def test_concurrent_migrations_apply_each_version_once(dsn: str) -> None:
     try:
 
         async def migrate(pool: asyncpg.Pool) -> None:
-            applied.append(await Store(pool, "racing").migrate())
+            applied.append(await saga.migrate(pool, schema="racing"))
 
         async with anyio.create_task_group() as tg:
             for pool in pools:
                 tg.start_soon(migrate, pool)
         expected = list(range(1, latest_migration() + 1))
         assert sorted(v for versions in applied for v in versions) == expected
-        assert await Store(pools[0], "racing").applied_migrations() == expected
-        assert await Store(pools[0], "racing").migrate() == []
+        assert await applied_version(pools[0], "racing") == expected[-1]
+        assert await saga.migrate(pools[0], schema="racing") == []
     finally:
         for pool in pools:
             await pool.close()
@@ -70,7 +72,14 @@ async def test_claim_query_uses_the_due_index(dsn: str) -> None:
         async with pool.acquire() as conn:
             await conn.execute("SET enable_seqscan = off")
             rows = await conn.fetch(
-                "EXPLAIN " + store._q["claim"], "w", 10, 30.0, ["s"], [1], ["-"]
+                "EXPLAIN " + store._q["claim"],
+                "w",
+                10,
+                30.0,
+                ["s"],
+                [1],
+                ["-"],
+                *store._claim_table,
             )
         plan = "\n".join(r[0] for r in rows)
         assert "Index Scan on runs_due" in plan or "Index Scan using runs_due" in plan, plan

@@ -7,9 +7,9 @@ Three pieces, one database::
     saga worker examples.checkout:SAGAS --concurrency 16      # one or more workers
     uvicorn examples.client_worker.web:app                    # the web process(es)
 
-``concurrency=0`` makes the web process's orchestrator a client: it registers the
-sagas (so inputs are validated and outputs come back typed), starts runs, and is woken
-by NOTIFY when they end, but never claims work. The workers import the same sagas
+The web process opens a :class:`saga.Client` (``create_app(concurrency=0)``): it
+registers the sagas (so inputs are validated and outputs come back typed), starts runs,
+and is woken by NOTIFY when they end, but runs no worker loop. The workers import the same sagas
 module (``examples/checkout.py``), so both sides agree on names, versions and types.
 Scale either side independently; a worker killed mid-step loses nothing (its lease
 expires and another worker resumes the run).
@@ -28,7 +28,7 @@ from examples.fastapi_app import create_app
 
 
 def create_client_app(dsn: str | None = None, **options: Any) -> FastAPI:
-    """The FastAPI example in client mode (``concurrency=0``, ``migrate=False``)."""
+    """The FastAPI example in client mode (a ``saga.Client``, ``migrate=False``)."""
     options.setdefault("migrate", False)
     return create_app(dsn, concurrency=0, **options)
 

@@ -8,34 +8,42 @@
 SELECT pg_advisory_xact_lock(hashtext($1));
 
 -- name: migration_prepare
--- Create the schema and its migrations table if missing (under migration_lock).
+-- Create the schema and its migrations table if missing (under migration_lock); tables
+-- made before checksums were recorded gain the column.
 -- no parameters
 CREATE SCHEMA IF NOT EXISTS __schema__;
 CREATE TABLE IF NOT EXISTS __schema__.migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    checksum   text
 );
+ALTER TABLE __schema__.migrations ADD COLUMN IF NOT EXISTS checksum text;
 
 -- name: migration_applied
--- Whether a migration version is recorded as applied.
+-- The record of an applied migration version (no row: not applied).
 -- $1 version
-SELECT EXISTS (SELECT 1 FROM __schema__.migrations WHERE version = $1);
+SELECT version, checksum FROM __schema__.migrations WHERE version = $1;
 
 -- name: migration_record
 -- Record a migration as applied (in the transaction that applied it).
--- $1 version, $2 name
-INSERT INTO __schema__.migrations (version, name) VALUES ($1, $2);
+-- $1 version, $2 name, $3 sha256 of its file
+INSERT INTO __schema__.migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: migration_set_checksum
+-- Record the checksum of a migration applied before checksums were recorded.
+-- $1 version, $2 sha256 of its file
+UPDATE __schema__.migrations SET checksum = $2 WHERE version = $1 AND checksum IS NULL;
 
 -- name: migrations_table_exists
 -- Whether the schema has been migrated at all.
 -- $1 the quoted, schema-qualified name of the migrations table
 SELECT to_regclass($1) IS NOT NULL;
 
--- name: migrations_list
--- The applied migration versions, in order.
+-- name: migrations_latest
+-- The highest applied migration version (NULL when none).
 -- no parameters
-SELECT version FROM __schema__.migrations ORDER BY version;
+SELECT max(version) FROM __schema__.migrations;
 
 -- name: start_run
 -- Insert a new pending run, its first history event, and wake the workers; returns no
@@ -69,11 +77,12 @@ SELECT id, input FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key =
 -- name: claim
 -- Lease up to $2 runnable items (due, or whose lease expired) of registered sagas in one
 -- statement, bumping each fencing token and attempt, and log the start (and any expired
--- lease) in the history.
+-- lease) in the history. What a claim does to each status is the plan's table ($7-$10).
 -- Only runs of the registered definitions: same name, version and fingerprint ('-'
 -- stands for runs started before fingerprints were recorded).
 -- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions, $6
--- fingerprints (the three pairwise)
+-- fingerprints (the three pairwise); the claim table, rowwise: $7 status before, $8
+-- cancel requested, $9 status after, $10 start event kind or NULL
 WITH candidates AS (
     SELECT r.id, r.lease_owner AS prev_owner
     FROM __schema__.runs r
@@ -89,15 +98,18 @@ WITH candidates AS (
         lease_token = r.lease_token + 1,
         attempt = r.attempt + 1,
         due_at = now() + make_interval(secs => $3),
-        status = CASE WHEN r.status = 'pending' THEN 'running' ELSE r.status END,
+        status = t.after,
         updated_at = now()
-    FROM candidates c
-    WHERE r.id = c.id
+    FROM candidates c,
+         unnest($7::text[], $8::boolean[], $9::text[], $10::text[])
+             AS t(before, cancel, after, start_kind)
+    WHERE r.id = c.id AND t.before = r.status AND t.cancel = r.cancel_requested
     RETURNING r.id, r.saga_name, r.saga_version, r.status, r.step_name, r.attempt,
               r.lease_token, r.input, r.results::text AS results,
               r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
               r.trace_context::text AS trace_context,
-              extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner
+              extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner,
+              t.start_kind
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
     SELECT run_id, kind, step, attempt, worker FROM (
@@ -105,12 +117,8 @@ WITH candidates AS (
                attempt - 1 AS attempt, prev_owner AS worker
         FROM claimed WHERE prev_owner IS NOT NULL
         UNION ALL
-        SELECT id, 2,
-               CASE WHEN status = 'compensating' THEN 'compensation_started'
-                    ELSE 'step_started' END,
-               step_name, attempt, $1
-        -- A cancelled run's forward step will not run, but its compensations do.
-        FROM claimed WHERE NOT cancel_requested OR status = 'compensating'
+        SELECT id, 2, start_kind, step_name, attempt, $1
+        FROM claimed WHERE start_kind IS NOT NULL
     ) e
     ORDER BY run_id, ord
 )
@@ -156,9 +164,9 @@ WITH upd AS (
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
            e.ev->>'worker', e.ev->'data'
     FROM upd, jsonb_array_elements($13::jsonb) WITH ORDINALITY AS e(ev, ord)
-    -- A step leased to us on a run being cancelled will not run: the worker sees
-    -- cancel_requested in the reply and rolls back, so it has not started.
-    WHERE NOT (upd.cancel_requested AND e.ev->>'kind' = 'step_started')
+    -- Events the plan marked so are dropped on a run being cancelled: a step leased to
+    -- us then will not run (the worker sees cancel_requested and rolls back).
+    WHERE NOT (upd.cancel_requested AND coalesce((e.ev->>'unless_cancelled')::boolean, false))
     ORDER BY e.ord
 ), watch AS (
     -- The end mark: on conflict it sees a waiter's watch committed after this
@@ -252,16 +260,15 @@ FROM __schema__.events WHERE run_id = $1 ORDER BY id;
 
 -- name: request_cancel
 -- Mark an active run for cancellation and make it claimable now if no worker holds it;
--- the worker that claims it rolls back what completed. No row: not active or already
--- cancelling.
--- $1 run id, $2 work notification channel
+-- the worker that claims it rolls back what completed. No row: not in a cancellable
+-- status or already cancelling.
+-- $1 run id, $2 work notification channel, $3 the cancellable statuses
 WITH upd AS (
     UPDATE __schema__.runs SET
         cancel_requested = true,
         due_at = CASE WHEN lease_owner IS NULL THEN now() ELSE due_at END,
         updated_at = now()
-    WHERE id = $1 AND status IN ('pending', 'running', 'compensating')
-      AND NOT cancel_requested
+    WHERE id = $1 AND status = ANY($3::text[]) AND NOT cancel_requested
     RETURNING id, saga_name
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind) SELECT id, 'cancel_requested' FROM upd
@@ -269,13 +276,14 @@ WITH upd AS (
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
 -- name: retry_run
--- Resume a failed run at the compensation that exhausted its retries, attempts reset.
--- $1 run id, $2 work notification channel
+-- Resume a run stopped for an operator at its current item, attempts reset.
+-- $1 run id, $2 work notification channel, $3 the status it must be in, $4 the status
+-- it resumes in
 WITH upd AS (
     UPDATE __schema__.runs SET
-        status = 'compensating', attempt = 0, due_at = now(), lease_owner = NULL,
+        status = $4, attempt = 0, due_at = now(), lease_owner = NULL,
         compensation_error = NULL, finished_at = NULL, updated_at = now()
-    WHERE id = $1 AND status = 'failed'
+    WHERE id = $1 AND status = $3
     RETURNING id, saga_name, step_name
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step)

@@ -89,7 +89,7 @@ async def main(dsn: str) -> None:
 
 async def operate(dsn: str, run_id: uuid.UUID) -> None:
     """The README's operator API example."""
-    async with saga.Orchestrator(dsn, sagas=[], concurrency=0) as ops:
+    async with saga.Client(dsn) as ops:
         page = await saga.list_runs(ops, status="failed", older_than=timedelta(hours=1))
         for info in page.runs:
             print(info.id, info.saga, info.status, info.error)

@@ -1,0 +1,58 @@
+"""The census: database-wide figures for the gauges, and a warning about waiting work.
+
+Every ``census_interval`` one orchestrator reads the runs per state, the oldest active
+run's age, the scheduler lag and the active runs no definition of its own can execute
+(two small queries over the active and failed runs only). It warns about that waiting
+work at most once a minute: runs of a version nobody here runs, or whose definition
+changed without a version bump.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import anyio
+
+from saga._errors import DatabaseError
+from saga._log import Outage, logger
+from saga._store import DefinitionKey, Store
+from saga._telemetry import Telemetry
+
+_WARN_EVERY = 60.0
+
+
+async def census_loop(
+    store: Store,
+    telemetry: Telemetry,
+    definitions: Sequence[DefinitionKey],
+    interval: float,
+    outage: Outage,
+) -> None:
+    gauges = telemetry.gauges(store.schema)
+    mine = {(name, version): fp for name, version, fp in definitions}
+    warned_at = -math.inf
+    try:
+        while True:
+            try:
+                census = await store.census(definitions)
+                waiting = await store.count_unclaimable(definitions)
+            except DatabaseError as exc:
+                outage.lost("reading run statistics", exc)
+            else:
+                outage.back()
+                gauges.update(census, waiting)
+                if waiting and anyio.current_time() - warned_at >= _WARN_EVERY:
+                    warned_at = anyio.current_time()
+                    for (name, version, fp), runs in waiting.items():
+                        logger.warning(
+                            "unknown_definition_waiting",
+                            saga=name,
+                            version=version,
+                            fingerprint=fp,
+                            registered_fingerprint=mine.get((name, version)),
+                            runs=runs,
+                        )
+            await anyio.sleep(interval)
+    finally:
+        telemetry.forget(gauges)

@@ -1,0 +1,387 @@
+"""The client: everything that does not execute steps.
+
+A client holds a pool, the store and the LISTEN connection (with the result waiters and
+their shared poll); it runs no worker loop. It starts runs, hands out
+:class:`~saga.RunHandle` objects, waits for results, cancels and retries, and serves the
+operator functions and the CLI. :class:`~saga.Orchestrator` is a client plus the worker
+loops.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Self, TypeVar
+
+import anyio
+import asyncpg
+import pydantic
+from anyio.abc import TaskGroup
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
+from saga import _checks, _registry
+from saga._aio import uncancellable
+from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json
+from saga._db import close_pool, open_pool, validate_schema
+from saga._definition import Saga
+from saga._errors import (
+    ConfigurationError,
+    DatabaseError,
+    DefinitionError,
+    IdempotencyConflictError,
+    InvalidInputError,
+    InvalidRunStateError,
+    LifecycleError,
+    RunCancelledError,
+    RunCompensatedError,
+    RunError,
+    RunFailedError,
+    RunNotFoundError,
+    RunTimeoutError,
+)
+from saga._lifecycle import Lifecycle, started
+from saga._listener import Listener
+from saga._log import Outage, logger
+from saga._migrate import check_migrated, migrate
+from saga._model import HistoryEvent, RunInfo, RunStatus
+from saga._notify import StartNotifier
+from saga._plan import RETRIABLE_STATUS, RETRIED_STATUS
+from saga._run import RunHandle
+from saga._store import DefinitionKey, RunRow, Store
+from saga._telemetry import CREATED, RUN_ID, SAGA, Telemetry
+
+InT = TypeVar("InT", bound=pydantic.BaseModel)
+
+_MAX_KEY_LENGTH = 512
+_MAX_ID_LENGTH = 200
+_MAX_PAYLOAD_LIMIT = 256 * 1024 * 1024  # what Postgres text comfortably holds
+
+_RUN_ERRORS: dict[RunStatus, type[RunError]] = {
+    RunStatus.COMPENSATED: RunCompensatedError,
+    RunStatus.CANCELLED: RunCancelledError,
+    RunStatus.FAILED: RunFailedError,
+}
+
+
+def _seconds(name: str, value: float, **bounds: Any) -> float:
+    return _checks.seconds(name, value, ConfigurationError, **bounds)
+
+
+class Client(Lifecycle):
+    """Starts runs, waits for them and acts on them; executes nothing.
+
+    ``dsn_or_pool`` is a PostgreSQL DSN (the client then owns its pool) or an
+    ``asyncpg.Pool`` the application owns (at least 2 connections: the LISTEN connection
+    holds one). ``sagas`` are the definitions it starts and whose results it decodes.
+    ``poll_interval`` bounds the wait for a result when notifications are lost.
+    """
+
+    _kind = "Client"
+
+    def __init__(
+        self,
+        dsn_or_pool: str | asyncpg.Pool,
+        *,
+        sagas: Sequence[Saga[Any]] = (),
+        schema: str = "saga",
+        poll_interval: float = 1.0,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        migrate: bool = True,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        if not isinstance(dsn_or_pool, str | asyncpg.Pool):
+            raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
+        if isinstance(dsn_or_pool, asyncpg.Pool) and dsn_or_pool.get_max_size() < 2:
+            raise ConfigurationError(
+                f"the pool allows {dsn_or_pool.get_max_size()} connection(s); saga needs at "
+                "least 2 (one is held by the LISTEN connection)"
+            )
+        if worker_id is None:
+            worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.worker_id = _checks.text(
+            "worker_id", worker_id, ConfigurationError, max_length=_MAX_ID_LENGTH
+        )
+        super().__init__(self.worker_id)
+        self._dsn_or_pool = dsn_or_pool
+        self.schema = validate_schema(schema)
+        self.poll_interval = _seconds("poll_interval", poll_interval, maximum=3600)
+        self.max_payload_bytes = _checks.integer(
+            "max_payload_bytes",
+            max_payload_bytes,
+            ConfigurationError,
+            minimum=1,
+            maximum=_MAX_PAYLOAD_LIMIT,
+        )
+        if not isinstance(migrate, bool):
+            raise ConfigurationError(f"migrate must be a bool, got {migrate!r}")
+        self._migrate = migrate
+        self.telemetry = Telemetry(tracer_provider, meter_provider)
+        self._sagas: dict[tuple[str, int], Saga[Any]] = {}
+        for saga in sagas:
+            if not isinstance(saga, Saga):
+                raise ConfigurationError(f"sagas must hold saga.Saga objects, got {saga!r}")
+            key = (saga.name, saga.version)
+            if key in self._sagas and self._sagas[key] is not saga:
+                raise DefinitionError(
+                    f"two different definitions of saga {saga.name!r} version {saga.version}"
+                )
+            self._sagas[key] = saga
+        self._definitions: list[DefinitionKey] = []
+        self._pool: asyncpg.Pool | None = None
+        self._store: Store | None = None
+        self._listener: Listener | None = None
+        self.outage = Outage(self.worker_id)
+        self._notifier = StartNotifier(self._notify_work, self._soon)
+
+    def _pool_size(self) -> int:
+        return 4
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        for saga in self._sagas.values():
+            saga._freeze()
+        self._definitions = [(s.name, s.version, s.fingerprint) for s in self._sagas.values()]
+        if isinstance(self._dsn_or_pool, str):
+            self._pool = await open_pool(self._dsn_or_pool, self._pool_size())
+        else:
+            self._pool = self._dsn_or_pool
+        if self._migrate:
+            await migrate(self._pool, self.schema)
+        else:
+            await check_migrated(self._pool, self.schema)
+        self._store = Store(self._pool, self.schema)
+
+    async def _start_loops(self, tg: TaskGroup) -> None:
+        assert self._pool is not None
+        assert self._store is not None
+        self._listener = Listener(
+            self._pool,
+            self._store,
+            wants_work=self._wants_work,
+            wake=self._wake,
+            worker_id=self.worker_id,
+            poll_interval=self.poll_interval,
+            outage=self.outage,
+        )
+        await tg.start(self._supervised, "listener", self._listener.run)
+        await tg.start(self._supervised, "waiter poll", started(self._listener.poll_waiters))
+
+    async def __aenter__(self) -> Self:
+        entered = await super().__aenter__()
+        for saga in self._sagas.values():
+            _registry.register(saga, self)
+        logger.info(
+            f"{self._kind.lower()}_started",
+            worker=self.worker_id,
+            schema=self.schema,
+            sagas=[f"{n}:v{v}" for n, v in self._sagas],
+        )
+        return entered
+
+    def _closing(self, reason: str) -> None:
+        for saga in self._sagas.values():
+            _registry.unregister(saga, self)
+        if self._listener is not None:
+            self._listener.waiters.close(reason)
+
+    async def _close(self) -> None:
+        if isinstance(self._dsn_or_pool, str) and self._pool is not None:
+            await close_pool(self._pool)
+
+    async def _notify_work(self, saga_name: str) -> None:
+        assert self._store is not None
+        try:
+            await self._store.notify_work(saga_name)
+        except DatabaseError as exc:  # workers still poll
+            self.outage.lost("notifying workers", exc)
+
+    def _wants_work(self, saga_name: str) -> bool:
+        return False
+
+    def _wake(self) -> None:
+        """A NOTIFY says there is new work (workers claim; a client ignores it)."""
+
+    def _store_or_raise(self) -> Store:
+        self._check_open()
+        assert self._store is not None
+        return self._store
+
+    def definition(self, name: str, version: int) -> Saga[Any] | None:
+        """The registered definition of (name, version), if any."""
+        return self._sagas.get((name, version))
+
+    # -- starting -----------------------------------------------------------------------------
+
+    async def start(
+        self,
+        saga: Saga[InT],
+        input: InT | Mapping[str, Any],
+        *,
+        key: str | None = None,
+        require_same_input: bool = True,
+    ) -> RunHandle:
+        """Validate ``input``, durably record a new run, and return its handle.
+
+        When this returns the run is committed; cancelling the caller once the insert was
+        sent (by any means: anyio scopes, ``asyncio.timeout``, ``Task.cancel()``) neither
+        cancels nor loses the run. With ``key``, a run already started with that key for
+        this saga is returned instead (``handle.created`` is then False), provided it was
+        started with an equal input: a different input raises
+        :class:`IdempotencyConflictError`, unless ``require_same_input=False``.
+        """
+        store = self._store_or_raise()
+        if self._sagas.get((saga.name, saga.version)) is not saga:
+            raise DefinitionError(
+                f"saga {saga.name!r} v{saga.version} is not registered with this client"
+            )
+        if key is not None:
+            _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
+        try:
+            model = saga.input_type.model_validate(input)
+        except pydantic.ValidationError as exc:
+            raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
+        input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
+        notify = self._notifier.claim(saga.name)
+        with self.telemetry.start_span(saga) as (span, carrier):
+            # Once the INSERT is sent its outcome must be known: a cancelled caller gets
+            # its cancellation only after the insert committed or failed.
+            started_run = await uncancellable(
+                store.start_run(
+                    uuid.uuid4(),
+                    saga.name,
+                    saga.version,
+                    key,
+                    input_json,
+                    saga.steps[0].name,
+                    carrier,
+                    notify,
+                    saga.fingerprint,
+                )
+            )
+            span.set_attribute(RUN_ID, str(started_run.run_id))
+            span.set_attribute(CREATED, started_run.created)
+        existing = started_run.existing_input
+        if require_same_input and existing is not None and not same_json(existing, input_json):
+            raise IdempotencyConflictError(
+                f"idempotency key {key!r} of saga {saga.name!r} was used by run "
+                f"{started_run.run_id} with a different input; use a new key, or pass "
+                "require_same_input=False to get that run",
+                started_run.run_id,
+            )
+        if started_run.created:
+            if not notify:
+                self._notifier.after_commit(saga.name)
+            self.telemetry.runs_started.add(1, {SAGA: saga.name})
+            logger.debug("run_started", run_id=str(started_run.run_id), saga=saga.name)
+            self._started_locally(saga)
+        return RunHandle(self, started_run.run_id, created=started_run.created)
+
+    def _started_locally(self, saga: Saga[Any]) -> None:
+        """A run of ``saga`` was committed by this process (an orchestrator claims it)."""
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def get_run(self, run_id: uuid.UUID | str) -> RunHandle:
+        """A handle on an existing run (by id), e.g. one started by another process."""
+        self._check_open()
+        return RunHandle(self, run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(run_id))
+
+    async def _row(self, run_id: uuid.UUID) -> RunRow:
+        row = await self._store_or_raise().get_run(run_id)
+        if row is None:
+            raise RunNotFoundError(run_id)
+        return row
+
+    async def info(self, run_id: uuid.UUID) -> RunInfo:
+        """The run's current state."""
+        return (await self._row(run_id)).info
+
+    async def history(self, run_id: uuid.UUID) -> list[HistoryEvent]:
+        """The run's events in order: what ran, when, where, which attempt, what failed."""
+        events = await self._store_or_raise().get_events(run_id)
+        if not events:
+            await self._row(run_id)  # raises RunNotFoundError for an unknown id
+        return events
+
+    async def result(self, run_id: uuid.UUID, timeout: float | None = None) -> Any:
+        """Wait for the run to end and return its output; see :meth:`RunHandle.result`."""
+        store = self._store_or_raise()
+        assert self._listener is not None
+        waiters = self._listener.waiters
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        watched = False
+        while True:
+            waiter = waiters.subscribe(run_id)
+            try:
+                try:
+                    if not watched:  # only watched runs NOTIFY when they end (no lock)
+                        watched = await store.watch_run(run_id)
+                    row = await self._row(run_id)
+                except DatabaseError:
+                    # The database is away (restart, failover): keep waiting until the
+                    # deadline, as the run itself will resume when it is back.
+                    if anyio.current_time() >= deadline:
+                        raise
+                    await anyio.sleep(min(self.poll_interval, deadline - anyio.current_time()))
+                    continue
+                if row.info.status.is_terminal:
+                    return self._outcome(row)
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    raise RunTimeoutError(
+                        f"run {run_id} is still {row.info.status} after {timeout} seconds"
+                    )
+                with anyio.move_on_after(remaining):
+                    await waiter.wait()
+                if waiters.closed is not None:
+                    raise LifecycleError(waiters.closed)
+            finally:
+                waiters.unsubscribe(run_id, waiter)
+
+    def _outcome(self, row: RunRow) -> Any:
+        info = row.info
+        if info.status is RunStatus.COMPLETED:
+            definition = self.definition(info.saga, info.version)
+            known = definition is not None and row.fingerprint in (None, definition.fingerprint)
+            result_type = definition.steps[-1].result_type if definition and known else Any
+            return decode(row.output, result_type)
+        raise _RUN_ERRORS[info.status](
+            info.id, info.status.value, info.error, info.compensation_error
+        )
+
+    async def cancel(self, run_id: uuid.UUID) -> None:
+        """Cancel a run; see :meth:`RunHandle.cancel`."""
+        if await uncancellable(self._store_or_raise().request_cancel(run_id)):
+            return
+        info = await self.info(run_id)
+        if info.status.is_terminal:
+            raise InvalidRunStateError(f"run {run_id} already ended {info.status}")
+        # Already requested: cancelling twice is harmless.
+
+    async def retry(self, run_id: uuid.UUID) -> None:
+        """Resume a failed run; see :meth:`RunHandle.retry`."""
+        store = self._store_or_raise()
+        if await uncancellable(store.retry_run(run_id, RETRIABLE_STATUS, RETRIED_STATUS)):
+            return
+        info = await self.info(run_id)
+        raise InvalidRunStateError(
+            f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} runs can be retried"
+        )
+
+    async def unclaimable_runs(self) -> dict[DefinitionKey, int]:
+        """Active runs of definitions this client did not register, by (saga name,
+        version, fingerprint); the fingerprint is None for runs started before saga
+        recorded fingerprints.
+
+        They are not claimed, failed or lost: they wait for an orchestrator that has their
+        definition (a rolling deploy, or a changed definition whose version was not
+        bumped). Watch this during deploys.
+        """
+        return await self._store_or_raise().count_unclaimable(self._definitions)

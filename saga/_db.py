@@ -1,0 +1,144 @@
+"""The database boundary: pools, schema names, saga's SQL files, driver errors.
+
+Everything here is what the store modules (``_store``, ``_store_ops``, ``_migrate``)
+share: one helper opens every pool saga owns; the schema name is validated against a
+strict pattern and quoted, never interpolated raw; the named queries of
+``sql/queries.sql`` and the numbered migrations are read once; asyncpg errors are
+translated into :class:`saga.DatabaseError`, so no driver type escapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import anyio
+import asyncpg
+
+from saga._errors import ConfigurationError, DatabaseError
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+def validate_schema(schema: str) -> str:
+    if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
+        raise ConfigurationError(
+            f"invalid schema name {schema!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$"
+        )
+    return schema
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def channel(schema: str, suffix: str) -> str:
+    """A NOTIFY channel name of the schema: ``<schema>_<suffix>`` when that fits in
+    Postgres' 63-byte identifiers, else a fixed-length name derived from the schema."""
+    name = f"{schema}_{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(schema.encode("utf-8")).hexdigest()[:16]
+    return f"saga_{digest}_{suffix}"
+
+
+@cache
+def _raw_queries() -> dict[str, str]:
+    text = (resources.files("saga") / "sql" / "queries.sql").read_text("utf-8")
+    parts = _NAME_LINE.split(text)
+    return {
+        name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
+
+
+def queries(schema: str) -> dict[str, str]:
+    """The named queries, for one (validated) schema."""
+    quoted = quote_ident(validate_schema(schema))
+    return {name: sql.replace("__schema__", quoted) for name, sql in _raw_queries().items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str  # with __schema__ where the schema goes
+    checksum: str  # sha256 of the file: a recorded migration must never change
+
+
+@cache
+def migrations() -> tuple[Migration, ...]:
+    folder = resources.files("saga") / "sql" / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            data = entry.read_bytes()
+            checksum = hashlib.sha256(data).hexdigest()
+            found.append(Migration(int(match[1]), match[2], data.decode("utf-8"), checksum))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise RuntimeError(f"saga migrations are not numbered 1..n: {versions}")
+    return tuple(found)
+
+
+def latest_migration() -> int:
+    return len(migrations())
+
+
+def schema_sql(schema: str) -> str:
+    """``sql/schema.sql``, the schema as a reader should see it, for one schema."""
+    text = (resources.files("saga") / "sql" / "schema.sql").read_text("utf-8")
+    return text.replace("__schema__", quote_ident(validate_schema(schema)))
+
+
+@asynccontextmanager
+async def translate_errors(what: str) -> AsyncIterator[None]:
+    """Turn driver and connection errors into DatabaseError, keeping them as the cause."""
+    try:
+        yield
+    except (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        # Raised on a connection broken in the middle of an operation (server gone).
+        asyncpg.InternalClientError,
+        OSError,
+    ) as exc:
+        raise DatabaseError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _keep_session(_conn: Any) -> None:
+    """Pool reset for saga's own pools: nothing to undo.
+
+    asyncpg's default reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL``) is a round trip and a transaction on every release, which doubled the commits
+    per step. saga's sessions keep no server-side state: no session advisory locks (only
+    transaction-scoped ones), no cursors, no settings, and the listener removes its
+    LISTENs explicitly. asyncpg still rolls back any open transaction before this runs.
+    """
+
+
+async def open_pool(dsn: str, max_size: int) -> asyncpg.Pool:
+    """A pool saga owns. ``min_size=0``: asyncpg would otherwise log a traceback for each
+    attempt to restore its connection floor while the database is away."""
+    async with translate_errors("connecting"):
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn, min_size=0, max_size=max_size, reset=_keep_session
+        )
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close a pool saga owns, within 5 s whatever happens (then terminate it)."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5) as scope:
+        await pool.close()
+    if scope.cancelled_caught:
+        pool.terminate()

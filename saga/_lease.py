@@ -1,0 +1,226 @@
+"""Leases: the only owner of lease state.
+
+The claim loop leases due work (``FOR UPDATE SKIP LOCKED`` in one statement), hands each
+item to the runner, and sleeps until woken (a NOTIFY, a freed slot) or until the next due
+item this worker knows of (one timer: a retry's backoff, a poll). The heartbeat loop
+renews the leases held and cancels a step whose lease was lost. At shutdown the leases of
+unfinished items are given back. Other modules read a :class:`Lease` and ask this module
+to change it; they never write its fields.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from saga._errors import DatabaseError
+from saga._log import Outage, logger
+from saga._store import ClaimedItem, DefinitionKey, Store
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """A lease this worker holds; the token changes when the run moves to its next item.
+
+    Read-only outside this module: :class:`Leases` and the methods below change it.
+    """
+
+    run_id: UUID
+    token: int
+    seconds: float  # lease length of the item held now; heartbeats renew by this much
+    cancel_requested: bool = False  # seen by a heartbeat while the step ran
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    lost: bool = False
+
+    def moved_on(self, token: int, seconds: float) -> None:
+        """The run's next item was leased to us by the transition just written."""
+        self.token = token
+        self.seconds = seconds
+
+    def attempt_scope(self, seconds: float) -> anyio.CancelScope:
+        """A fresh cancel scope for one attempt: a heartbeat cancels it if the lease goes."""
+        self.seconds = seconds
+        self.scope = anyio.CancelScope()
+        return self.scope
+
+    def mark_lost(self) -> None:
+        """This worker no longer holds the lease (refused write, crash, cancelled step)."""
+        self.lost = True
+
+
+Handler = Callable[[ClaimedItem, Lease], Coroutine[Any, Any, None]]
+
+
+class Leases:
+    """Claims, heartbeats, the wake-up timer and the release of one worker's leases."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        worker_id: str,
+        concurrency: int,
+        lease_seconds: float,
+        heartbeat_every: float,
+        poll_interval: float,
+        definitions: Sequence[DefinitionKey],
+        outage: Outage,
+    ) -> None:
+        self._store = store
+        self._worker = worker_id
+        self._concurrency = concurrency
+        self._lease_seconds = lease_seconds
+        self._heartbeat_every = heartbeat_every
+        self._poll = poll_interval
+        self._definitions = list(definitions)
+        self._outage = outage
+        self.inflight: dict[UUID, Lease] = {}
+        self._wake = anyio.Event()
+        self._slot_freed = anyio.Event()
+        self._drained = anyio.Event()
+        self._more_work = False
+        self._sleep: anyio.CancelScope | None = None  # the claim loop's wait, if waiting
+        self._next_due = math.inf  # the one timer: when a known item comes due
+        self.stopping = False
+
+    # -- the claim loop -----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Claim again now."""
+        self._wake.set()
+
+    def wake_later(self, delay: float) -> None:
+        """Claim again once ``delay`` passes (a retry this worker scheduled comes due):
+        the claim loop's one timer moves earlier if need be."""
+        due = anyio.current_time() + max(delay, 0.0)
+        self._next_due = min(self._next_due, due)
+        sleep = self._sleep
+        if sleep is not None:
+            sleep.deadline = min(sleep.deadline, due)
+
+    async def claim_loop(
+        self, tg: TaskGroup, run: Handler, *, task_status: TaskStatus[None]
+    ) -> None:
+        task_status.started()
+        delay = 0.1
+        while not self.stopping:
+            free = self._concurrency - len(self.inflight)
+            if free <= 0:
+                # Full: wait for a free slot, not for a wake-up (a pending one would make
+                # this loop spin until a run finishes).
+                self._slot_freed = anyio.Event()
+                await self._slot_freed.wait()
+                continue
+            self._wake = anyio.Event()
+            try:
+                items = await self._store.claim(
+                    self._worker, free, self._lease_seconds, self._definitions
+                )
+            except DatabaseError as exc:
+                self._outage.lost("claiming work", exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._outage.back()
+            delay = 0.1
+            for item in items:
+                lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
+                self.inflight[item.run_id] = lease
+                tg.start_soon(run, item, lease)
+            self._more_work = len(items) == free
+            if not self._more_work:
+                await self._sleep_until_woken()
+
+    async def _sleep_until_woken(self) -> None:
+        """Until a wake-up, the timer, or the poll interval, whichever comes first."""
+        now = anyio.current_time()
+        with anyio.CancelScope(deadline=min(now + self._poll, self._next_due)) as self._sleep:
+            await self._wake.wait()
+        self._sleep = None
+        if anyio.current_time() >= self._next_due:
+            self._next_due = math.inf
+
+    def finished(self, item: ClaimedItem, lease: Lease) -> None:
+        """The runner is done with ``item`` (whatever happened): its slot is free.
+
+        The same run may have been claimed again meanwhile (our own lease expired during
+        a stall): the entry goes only if it is still this lease.
+        """
+        if self.inflight.get(item.run_id) is lease:
+            del self.inflight[item.run_id]
+            self._slot_freed.set()
+            if self._more_work:
+                self._wake.set()
+            if not self.inflight:
+                self._drained.set()
+
+    # -- heartbeats -----------------------------------------------------------------------------
+
+    async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await anyio.sleep(self._heartbeat_every)
+            leases = list(self.inflight.values())
+            if leases:
+                await self._beat(leases)
+
+    async def _beat(self, leases: list[Lease]) -> None:
+        sent = {lease.run_id: lease.token for lease in leases}
+        try:
+            held = await self._store.heartbeat(
+                self._worker, [(ls.run_id, ls.token, ls.seconds) for ls in leases]
+            )
+        except DatabaseError as exc:
+            self._outage.lost("heartbeat", exc)
+            return
+        self._outage.back()
+        for run_id, token in sent.items():
+            lease = self.inflight.get(run_id)
+            if lease is not None and held.get(run_id):
+                lease.cancel_requested = True  # the runner rolls back after this step
+            if run_id in held or lease is None or lease.token != token:
+                continue  # still ours, or the run moved on to a new lease meanwhile
+            lease.lost = True
+            lease.scope.cancel()
+            logger.warning("lease_lost", run_id=str(run_id), worker=self._worker)
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """No new claims; wait up to ``timeout`` for the running items to finish."""
+        self.stopping = True
+        self._wake.set()
+        self._slot_freed.set()
+        with anyio.move_on_after(timeout):
+            while self.inflight:
+                self._drained = anyio.Event()
+                await self._drained.wait()
+
+    async def release_all(self) -> None:
+        """Give back the leases still held (shielded by the caller), so another worker
+        takes the items at once; the interrupted attempts do not count (once)."""
+        leases = [(ls.run_id, ls.token) for ls in self.inflight.values() if not ls.lost]
+        self.inflight.clear()
+        if not leases:
+            return
+        with anyio.move_on_after(5):
+            try:
+                released = await self._store.release(self._worker, leases)
+                logger.info("leases_released", count=released, worker=self._worker)
+            except DatabaseError as exc:
+                logger.warning(
+                    "lease_release_failed",
+                    error_type=type(exc.__cause__).__name__,
+                    leases=len(leases),
+                )
+
+
+def heartbeat_interval(lease_seconds: Sequence[float]) -> float:
+    """Heartbeats go every third of the shortest lease this worker may hold."""
+    return min(lease_seconds, default=math.inf) / 3

@@ -1,0 +1,94 @@
+"""Schema migrations: forward-only numbered files, applied under an advisory lock, each
+recorded with the checksum of its file so that a changed migration is caught.
+
+``sql/schema.sql`` is the resulting schema as a reader should see it; a test applies the
+migrations to an empty database and compares the catalog with it.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from saga._db import (
+    Migration,
+    latest_migration,
+    migrations,
+    queries,
+    quote_ident,
+    translate_errors,
+)
+from saga._errors import ConfigurationError, MigrationError
+
+# Key of the transaction-scoped advisory lock serializing migrations of one schema.
+_LOCK_NAMESPACE = "saga.migrate:"
+
+
+async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
+    """Apply pending migrations, one transaction each, under an advisory lock; return the
+    versions this call applied.
+
+    Safe when several processes migrate at once: each transaction takes the lock, then
+    re-reads what is applied. Raises :class:`MigrationError` when a recorded migration's
+    file has changed since it was applied (its checksum differs): the database holds what
+    the old file did, and nothing is applied until that is resolved.
+    """
+    q = queries(schema)
+    quoted = quote_ident(schema)
+    applied_now: list[int] = []
+    async with translate_errors("migration"), pool.acquire() as conn:
+        for migration in migrations():
+            async with conn.transaction():
+                await conn.execute(q["migration_lock"], _LOCK_NAMESPACE + schema)
+                await conn.execute(q["migration_prepare"])
+                recorded = await conn.fetchrow(q["migration_applied"], migration.version)
+                if recorded is not None:
+                    await _verify(conn, q, schema, migration, recorded["checksum"])
+                    continue
+                await conn.execute(migration.sql.replace("__schema__", quoted))
+                await conn.execute(
+                    q["migration_record"], migration.version, migration.name, migration.checksum
+                )
+                applied_now.append(migration.version)
+    return applied_now
+
+
+async def _verify(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    q: dict[str, str],
+    schema: str,
+    migration: Migration,
+    checksum: str | None,
+) -> None:
+    if checksum is None:
+        # Applied before checksums were recorded: trust the file as it is now.
+        await conn.execute(q["migration_set_checksum"], migration.version, migration.checksum)
+    elif checksum != migration.checksum:
+        raise MigrationError(
+            f"migration {migration.version:04d}_{migration.name}.sql of schema {schema!r} "
+            f"changed since it was applied (checksum {checksum[:12]} recorded, "
+            f"{migration.checksum[:12]} now): migrations are immutable once applied; "
+            "restore the file, or add a new migration for the change"
+        )
+
+
+async def applied_version(pool: asyncpg.Pool, schema: str) -> int:
+    """The highest migration applied to ``schema`` (0 when it was never migrated)."""
+    q = queries(schema)
+    async with translate_errors("reading migrations"):
+        exists = await pool.fetchval(
+            q["migrations_table_exists"], f"{quote_ident(schema)}.migrations"
+        )
+        if not exists:
+            return 0
+        return int(await pool.fetchval(q["migrations_latest"]) or 0)
+
+
+async def check_migrated(pool: asyncpg.Pool, schema: str) -> None:
+    """Raise ConfigurationError unless every migration this version knows is applied."""
+    applied = await applied_version(pool, schema)
+    if applied < latest_migration():
+        raise ConfigurationError(
+            f"schema {schema!r} is not migrated (at migration {applied} of "
+            f"{latest_migration()}); run `saga migrate` (or saga.migrate()) first, or open "
+            "with migrate=True"
+        )

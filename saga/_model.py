@@ -1,0 +1,173 @@
+"""The vocabulary of runs, defined once: statuses, phases, history event kinds, attempt
+outcomes, and the read models users get back (``RunInfo``, ``HistoryEvent``).
+
+Every module that speaks of a status or an event kind uses these enums; "terminal" is a
+property of :class:`RunStatus`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from saga._errors import ErrorInfo
+
+
+class RunStatus(enum.StrEnum):
+    """Where a run is. The last four are terminal."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    COMPENSATED = "compensated"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the run has ended (``failed`` ones may be resumed by an operator)."""
+        return self in _TERMINAL
+
+    @classmethod
+    def active(cls) -> tuple[RunStatus, ...]:
+        """The statuses of runs that have not ended."""
+        return tuple(s for s in cls if not s.is_terminal)
+
+    @classmethod
+    def terminal(cls) -> tuple[RunStatus, ...]:
+        return tuple(s for s in cls if s.is_terminal)
+
+
+_TERMINAL = frozenset(
+    {RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.FAILED, RunStatus.CANCELLED}
+)
+
+
+class Phase(enum.StrEnum):
+    """What a work item runs: a forward step, or a step's compensation."""
+
+    STEP = "step"
+    COMPENSATION = "compensation"
+
+
+class EventKind(enum.StrEnum):
+    """The kinds of entries in a run's history."""
+
+    RUN_STARTED = "run_started"
+    STEP_STARTED = "step_started"
+    STEP_COMPLETED = "step_completed"
+    STEP_FAILED = "step_failed"
+    RUN_COMPENSATING = "run_compensating"
+    COMPENSATION_STARTED = "compensation_started"
+    COMPENSATION_COMPLETED = "compensation_completed"
+    COMPENSATION_FAILED = "compensation_failed"
+    RUN_COMPLETED = "run_completed"
+    RUN_COMPENSATED = "run_compensated"
+    RUN_CANCELLED = "run_cancelled"
+    RUN_FAILED = "run_failed"
+    CANCEL_REQUESTED = "cancel_requested"
+    RUN_RETRIED = "run_retried"
+    LEASE_EXPIRED = "lease_expired"
+    LEASE_RELEASED = "lease_released"
+
+    @staticmethod
+    def started(phase: Phase) -> EventKind:
+        return EventKind.STEP_STARTED if phase is Phase.STEP else EventKind.COMPENSATION_STARTED
+
+    @staticmethod
+    def completed(phase: Phase) -> EventKind:
+        return EventKind.STEP_COMPLETED if phase is Phase.STEP else EventKind.COMPENSATION_COMPLETED
+
+    @staticmethod
+    def failed(phase: Phase) -> EventKind:
+        return EventKind.STEP_FAILED if phase is Phase.STEP else EventKind.COMPENSATION_FAILED
+
+    @staticmethod
+    def ended(status: RunStatus) -> EventKind:
+        """The event that records a run ending in ``status``."""
+        return _ENDED[status]
+
+
+_ENDED = {
+    RunStatus.COMPLETED: EventKind.RUN_COMPLETED,
+    RunStatus.COMPENSATED: EventKind.RUN_COMPENSATED,
+    RunStatus.CANCELLED: EventKind.RUN_CANCELLED,
+    RunStatus.FAILED: EventKind.RUN_FAILED,
+}
+
+
+class Outcome(enum.StrEnum):
+    """How one attempt went, as spans and metrics report it (``saga.outcome``)."""
+
+    SUCCESS = "success"
+    RETRY = "retry"
+    FAILURE = "failure"
+    LEASE_LOST = "lease_lost"
+    REFUSED = "refused"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A snapshot of a run's state (payloads excluded)."""
+
+    id: UUID
+    saga: str
+    version: int
+    key: str | None
+    status: RunStatus
+    step: str | None
+    attempt: int
+    completed_steps: tuple[str, ...]
+    error: ErrorInfo | None
+    compensation_error: ErrorInfo | None
+    cancel_requested: bool
+    worker: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    """One entry of a run's append-only history, in the run's total order (``seq``).
+
+    ``kind`` is an :class:`EventKind` value (a str): run_started, step_started,
+    step_completed, step_failed, run_compensating, compensation_started,
+    compensation_completed, compensation_failed, run_completed, run_compensated,
+    run_cancelled, run_failed, cancel_requested, run_retried, lease_expired,
+    lease_released.
+    """
+
+    seq: int
+    at: datetime
+    kind: str
+    step: str | None
+    attempt: int | None
+    worker: str | None
+    data: dict[str, Any]
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        return ErrorInfo.from_json(self.data.get("error"))
+
+    def describe(self) -> str:
+        """One human-readable line, as the demo and the CLI print it."""
+        parts = [self.at.strftime("%H:%M:%S.%f")[:-3], f"{self.kind:<22}"]
+        if self.step:
+            parts.append(self.step)
+        if self.attempt:
+            parts.append(f"attempt={self.attempt}")
+        if "retry_in" in self.data:
+            parts.append(f"retry_in={self.data['retry_in']:.2f}s")
+        if self.error is not None:
+            parts.append(f"error={self.error.type}: {self.error.message}")
+        if "plan" in self.data:
+            parts.append("undo=" + ",".join(self.data["plan"]) if self.data["plan"] else "undo=-")
+        if self.worker:
+            parts.append(f"[{self.worker}]")
+        return " ".join(parts).rstrip()

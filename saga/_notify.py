@@ -1,0 +1,49 @@
+"""Waking the workers when runs start, without a NOTIFY per start.
+
+A NOTIFY takes a cluster-wide lock at commit, so under load one start per window (per
+saga, per process) notifies in its own statement; the starts in between are covered by a
+trailing NOTIFY scheduled once they committed (never before: a NOTIFY sent before a
+start commits would wake workers that cannot see it yet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+
+#: At most one in-statement NOTIFY per saga per window from one process.
+WINDOW = 0.005
+
+Send = Callable[[str], Coroutine[Any, Any, None]]
+Spawn = Callable[..., None]
+
+
+class StartNotifier:
+    def __init__(self, send: Send, spawn: Spawn) -> None:
+        self._send = send
+        self._spawn = spawn
+        self._notified_at: dict[str, float] = {}
+        self._trailing: set[str] = set()
+
+    def claim(self, saga_name: str) -> bool:
+        """Whether this start should NOTIFY the workers itself."""
+        now = anyio.current_time()
+        if now - self._notified_at.get(saga_name, -math.inf) >= WINDOW:
+            self._notified_at[saga_name] = now
+            return True
+        return False
+
+    def after_commit(self, saga_name: str) -> None:
+        """A start that did not NOTIFY has committed: make sure a NOTIFY follows it."""
+        if saga_name not in self._trailing:
+            self._trailing.add(saga_name)
+            self._spawn(self._later, saga_name)
+
+    async def _later(self, saga_name: str) -> None:
+        await anyio.sleep(WINDOW)
+        self._trailing.discard(saga_name)
+        self._notified_at[saga_name] = anyio.current_time()
+        await self._send(saga_name)

@@ -1,0 +1,42 @@
+"""Which open clients have registered which saga, so that ``checkout.start(...)`` finds
+its client while the definition itself holds no reference to any runtime.
+
+Weak on both sides: a closed or forgotten client drops out by itself, and so does a saga
+definition nobody holds any more; there is nothing to reset between tests.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Protocol
+
+from saga._run import RunHandle
+
+
+class Starter(Protocol):
+    """What ``Saga.start()`` needs of a client."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    async def start(
+        self, saga: Any, input: Any, *, key: str | None = None, require_same_input: bool = True
+    ) -> RunHandle: ...
+
+
+_clients: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def register(saga: Any, client: Starter) -> None:
+    _clients.setdefault(saga, weakref.WeakSet()).add(client)
+
+
+def unregister(saga: Any, client: Starter) -> None:
+    clients = _clients.get(saga)
+    if clients is not None:
+        clients.discard(client)
+
+
+def open_clients(saga: Any) -> list[Starter]:
+    """The open clients that registered ``saga``."""
+    return [c for c in _clients.get(saga, ()) if c.is_open]

@@ -1,0 +1,355 @@
+"""Running leased work: one item at a time, per claimed run, in its own task.
+
+For each item: build the context, call the user's step or compensation under its
+timeout, its attempt span and the lease's cancel scope; encode the result; ask the plan
+for the transition; write it. When the plan leases the run's next item to this worker,
+go on in the same task, so the happy path costs one commit per step. The runner never
+sees SQL and decides no transition itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import anyio
+from opentelemetry import trace
+from opentelemetry.context import Context as OtelContext
+from opentelemetry.trace import Span
+
+from saga import _plan
+from saga._aio import is_cancellation
+from saga._codec import check_readable, decode_stored, encode_checked
+from saga._definition import Context, Saga, Step
+from saga._errors import DatabaseError, SagaError, error_record
+from saga._hooks import FaultTarget, Hooks, SimulatedCrash
+from saga._lease import Lease, Leases
+from saga._log import Outage, log_event, logger
+from saga._model import Outcome, Phase, RunStatus
+from saga._plan import Failed, Succeeded, Transition
+from saga._store import ClaimedItem, Store
+from saga._telemetry import SAGA, Telemetry
+from saga._write import COMMITTED, Writer
+
+_NO_TIMEOUT = contextlib.nullcontext()
+
+
+def idempotency_key(run_id: UUID, step: str, phase: Phase) -> str:
+    """``<run id>:step:<name>`` or ``<run id>:compensation:<name>``: the run id has a
+    fixed length and the phase a fixed place, so no two operations share a key whatever
+    the step names (which may hold ':')."""
+    return f"{run_id}:{phase}:{step}"
+
+
+@dataclass(slots=True)
+class _Run:
+    """A claimed run as this worker drives it (the plan sees :meth:`state`)."""
+
+    id: UUID
+    saga: Saga[Any]
+    status: RunStatus
+    step: str
+    attempt: int
+    input: Any  # the input model, or Unreadable
+    results: dict[str, Any]  # decoded results of completed steps (or Unreadable)
+    completed: list[str]
+    cancel_requested: bool
+    failed_forward: bool
+    trace_parent: OtelContext | None
+    # The attempt being run: its span, start time, and how it went.
+    span: Span | None = None
+    started: float = 0.0
+    outcome: Outcome = Outcome.SUCCESS
+    error_type: str | None = None
+    ctx: Context[Any] | None = field(default=None, repr=False)
+
+    def state(self) -> _plan.RunState:
+        return _plan.RunState(
+            status=self.status,
+            step=self.step,
+            attempt=self.attempt,
+            completed=tuple(self.completed),
+            cancel_requested=self.cancel_requested,
+            failed_forward=self.failed_forward,
+        )
+
+    @property
+    def phase(self) -> Phase:
+        return Phase.COMPENSATION if self.status is RunStatus.COMPENSATING else Phase.STEP
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        leases: Leases,
+        *,
+        sagas: dict[tuple[str, int], Saga[Any]],
+        worker_id: str,
+        lease_seconds: float,
+        max_payload_bytes: int,
+        telemetry: Telemetry,
+        hooks: Hooks,
+        outage: Outage,
+        faults: FaultTarget,
+    ) -> None:
+        self._store = store
+        self._leases = leases
+        self._sagas = sagas
+        self._worker = worker_id
+        self._lease_seconds = lease_seconds
+        self._max_payload = max_payload_bytes
+        self._telemetry = telemetry
+        self._hooks = hooks
+        self._outage = outage
+        self._faults = faults
+        self._writer = Writer(store, worker_id, hooks, outage)
+
+    def use_hooks(self, hooks: Hooks) -> None:
+        """Fault injection attached to a running orchestrator (saga.testing)."""
+        self._hooks = hooks
+        self._writer.hooks = hooks
+
+    async def run(self, item: ClaimedItem, lease: Lease) -> None:
+        """Drive one claimed run until it ends, waits, or the lease is lost; whatever
+        happens, free its slot (unless cancelled by shutdown: then it is released)."""
+        saga = self._sagas[(item.saga_name, item.saga_version)]
+        finished = False
+        try:
+            await self._process(item, saga, lease)
+            finished = True
+        except SimulatedCrash:
+            # saga.testing: behave as a dead worker would: write nothing, hold the lease
+            # until it expires, and never release it.
+            finished = True
+            lease.mark_lost()
+            logger.warning("simulated_crash", run_id=str(item.run_id), saga=item.saga_name)
+        except DatabaseError as exc:
+            finished = True  # the lease runs out and any worker takes the run again
+            self._outage.lost("recording an outcome", exc)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                raise  # shutdown: the lease stays listed so it is released
+            # A bug of saga's (user code cannot get here: its failures are recorded). The
+            # lease runs out and the run is retried, counting an attempt.
+            finished = True
+            lease.mark_lost()
+            logger.error(
+                "internal_error",
+                run_id=str(item.run_id),
+                saga=item.saga_name,
+                error_type=type(exc).__name__,
+                exc_info=exc,
+            )
+        finally:
+            if finished:
+                self._leases.finished(item, lease)
+
+    async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
+        run = _Run(
+            id=item.run_id,
+            saga=saga,
+            status=item.status,
+            step=item.step_name,
+            attempt=item.attempt,
+            input=decode_stored(item.input, saga.input_type, "input"),
+            results={
+                name: decode_stored(text, saga.get_step(name).result_type, f"result of {name!r}")
+                for name, text in item.results.items()
+            },
+            completed=list(item.completed_steps),
+            cancel_requested=item.cancel_requested,
+            failed_forward=item.has_error,
+            trace_parent=Telemetry.parent_context(item.trace_context),
+        )
+        if item.expired_owner is not None:
+            self._telemetry.leases_expired.add(1, {SAGA: saga.name})
+            logger.warning(
+                "lease_expired",
+                run_id=str(item.run_id),
+                saga=saga.name,
+                step=item.step_name,
+                previous_worker=item.expired_owner,
+            )
+        # One bound logger per claimed run: binding resolves structlog's configuration.
+        log = logger.bind(run_id=str(run.id), saga=saga.name)
+        try:
+            await self._drive(run, lease, log)
+        finally:
+            self._end_attempt(run, Outcome.INTERRUPTED)  # crash, cancellation, db error
+
+    def _lease_for(self, run: _Run) -> _plan.LeaseFor:
+        """How the plan leases the next item to us: not while shutting down."""
+        if self._leases.stopping:
+            return None
+        saga = run.saga
+        return lambda step: saga.get_step(step).lease_seconds or self._lease_seconds
+
+    async def _drive(self, run: _Run, lease: Lease, log: Any) -> None:
+        while True:
+            change, completed_result = await self._attempt(run, lease, log)
+            if change is None:
+                self._end_attempt(run, Outcome.LEASE_LOST)
+                return  # lease lost while the step ran; another worker owns the run now
+            written = await self._writer.write(run.id, lease, change, run.ctx, log)
+            if (
+                written is None
+                and change.unless_cancelled
+                and await self._writer.cancelled_meanwhile(run.id, lease)
+            ):
+                # A cancel was accepted while the last step ran: roll back instead.
+                run.cancel_requested = True
+                lease_for = self._lease_for(run)
+                change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
+                written = await self._writer.write(run.id, lease, change, run.ctx, log)
+            if written is None:
+                lease.mark_lost()
+                self._telemetry.writes_refused.add(1, {SAGA: run.saga.name})
+                self._end_attempt(run, Outcome.REFUSED)
+                log.warning("stale_write_refused", step=run.step, attempt=run.attempt)
+                return
+            self._end_attempt(run, run.outcome, change.status if change.terminal else None)
+            if change.terminal:
+                age = None if written is COMMITTED else written.age
+                self._telemetry.run_ended(run.saga.name, change.status, age)
+            for event in change.events:
+                log_event(log, str(event.kind), event.step, event.attempt, event.data)
+            if written is COMMITTED:
+                return  # committed, but the run has moved on since: nothing more for us
+            if not change.leased:
+                if change.due_in is not None and change.due_in > 0:
+                    self._leases.wake_later(change.due_in)
+                return
+            # The transition leased the run's next item to us: go on in this task.
+            assert change.step is not None
+            assert change.due_in is not None
+            lease.moved_on(written.lease_token, change.due_in)
+            if change.completed_step is not None:
+                run.completed.append(change.completed_step)
+                run.results[change.completed_step] = completed_result
+            run.failed_forward |= change.error is not None
+            run.status, run.step, run.attempt = change.status, change.step, change.attempt
+            run.cancel_requested = written.cancel_requested
+
+    async def _attempt(self, run: _Run, lease: Lease, log: Any) -> tuple[Transition | None, Any]:
+        """Run the current item; return the transition to record (None: lease lost)."""
+        run.ctx = None
+        lease_for = self._lease_for(run)
+        skip = _plan.cancelled_before_start(run.saga, run.state(), lease_for)
+        if skip is not None:
+            return skip, None
+        step = run.saga.get_step(run.step)
+        self._open_attempt(run)
+        skip = _plan.attempts_exhausted(run.saga, run.state(), lease_for)
+        if skip is not None:
+            run.outcome, run.error_type = Outcome.FAILURE, "saga.AttemptLost"
+            return skip, None
+        if lease.lost:
+            return None, None
+        ctx: Context[Any] = Context(
+            run_id=run.id,
+            saga=run.saga.name,
+            step=step.name,
+            attempt=run.attempt,
+            input=run.input,
+            idempotency_key=idempotency_key(run.id, step.name, run.phase),
+            is_compensation=run.phase is Phase.COMPENSATION,
+            _results=run.results,
+            _definition=run.saga,
+        )
+        run.ctx = ctx
+        outcome, result = await self._call(run, step, ctx, lease)
+        if lease.scope.cancel_called:
+            lease.mark_lost()
+            log.warning(f"{run.phase}_cancelled_lease_lost")
+            return None, None
+        if isinstance(outcome, Succeeded):
+            await self._hooks.before_checkpoint(ctx)
+            if run.phase is Phase.STEP:
+                outcome, result = self._encode(run, step, result)
+        if isinstance(outcome, Failed):
+            run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
+        run.cancel_requested |= lease.cancel_requested
+        change = _plan.after_attempt(run.saga, run.state(), outcome, lease_for)
+        if change.retry:
+            run.outcome = Outcome.RETRY
+        return change, result
+
+    async def _call(
+        self, run: _Run, step: Step[Any, Any], ctx: Context[Any], lease: Lease
+    ) -> tuple[Succeeded | Failed, Any]:
+        """Call the user's function; whatever it raises is this attempt's failure
+        (GeneratorExit, SystemExit and stray CancelledErrors included), except the
+        cancellation of this task: lease lost, timeout, or shutdown."""
+        compensation = run.phase is Phase.COMPENSATION
+        comp = step.compensation
+        timeout = comp.timeout if compensation and comp else step.timeout
+        retry = _plan.policy(run.saga, run.state())
+        seconds = step.lease_seconds or self._lease_seconds
+        assert run.span is not None
+        with lease.attempt_scope(seconds), trace.use_span(run.span, end_on_exit=False):
+            try:
+                await self._hooks.before_call(ctx, self._faults)
+                check_readable(run.input)
+                with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
+                    if compensation and comp is not None:
+                        done = run.results.get(step.name)
+                        check_readable(done)
+                        await comp.fn(ctx, done)
+                        return Succeeded(), None
+                    return Succeeded(), await step.fn(ctx)
+            except BaseException as exc:
+                if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+                    raise
+                return Failed(error_record(exc, step.name), retry.retryable(exc)), None
+        # Only reached when the heartbeat cancelled the scope (lease lost): the caller
+        # sees lease.scope.cancel_called and records nothing.
+        return Failed(error_record(SagaError("lease lost"), step.name), True), None
+
+    def _encode(
+        self, run: _Run, step: Step[Any, Any], result: Any
+    ) -> tuple[Succeeded | Failed, Any]:
+        try:
+            text, decoded = encode_checked(
+                result,
+                step.result_type,
+                what=f"result of step {step.name!r}",
+                max_bytes=self._max_payload,
+            )
+        except SagaError as exc:
+            return Failed(error_record(exc, step.name), retryable=False), None
+        return Succeeded(text), decoded
+
+    def _open_attempt(self, run: _Run) -> None:
+        run.outcome, run.error_type = Outcome.SUCCESS, None
+        run.started = time.perf_counter()
+        run.span = self._telemetry.attempt_span(
+            run.trace_parent,
+            saga=run.saga.name,
+            version=run.saga.version,
+            run_id=str(run.id),
+            step=run.step,
+            attempt=run.attempt,
+            kind=str(run.phase),
+            worker=self._worker,
+        )
+
+    def _end_attempt(
+        self, run: _Run, outcome: Outcome, run_status: RunStatus | None = None
+    ) -> None:
+        span, run.span = run.span, None
+        if span is None:
+            return
+        self._telemetry.end_attempt(
+            span,
+            kind=str(run.phase),
+            saga=run.saga.name,
+            step=run.step,
+            outcome=str(outcome),
+            error_type=run.error_type,
+            duration=time.perf_counter() - run.started,
+            run_status=None if run_status is None else str(run_status),
+        )

@@ -1,0 +1,111 @@
+"""The store's operator queries: listing, counting, finding and pruning runs.
+
+A part of :class:`~saga._store.Store` (a mixin), kept apart because these queries read
+finished history at operator pace while the rest of the store serves the per-step path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from saga._db import translate_errors
+from saga._errors import ErrorInfo
+from saga._model import RunInfo, RunStatus
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def run_info(r: asyncpg.Record) -> RunInfo:
+    """A RunInfo from a row of get_run or list_runs."""
+    return RunInfo(
+        id=r["id"],
+        saga=r["saga_name"],
+        version=r["saga_version"],
+        key=r["idempotency_key"],
+        status=RunStatus(r["status"]),
+        step=r["step_name"],
+        attempt=r["attempt"],
+        completed_steps=tuple(r["completed_steps"]),
+        error=ErrorInfo.from_json(loads(r["error"])),
+        compensation_error=ErrorInfo.from_json(loads(r["compensation_error"])),
+        cancel_requested=r["cancel_requested"],
+        worker=r["lease_owner"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        finished_at=r["finished_at"],
+    )
+
+
+class OperatorQueries:
+    """Needs ``pool`` and ``_q`` (the named queries) from the store it is part of."""
+
+    pool: asyncpg.Pool
+    _q: dict[str, str]
+
+    async def list_runs(
+        self,
+        *,
+        saga_name: str | None,
+        statuses: Sequence[str] | None,
+        older_than: float | None,
+        newer_than: float | None,
+        before: UUID | None,
+        limit: int,
+        key: str | None = None,
+    ) -> list[RunInfo]:
+        """Runs newest first, filtered; ``before`` is the page cursor (a run's id)."""
+        async with translate_errors("listing runs"):
+            rows = await self.pool.fetch(
+                self._q["list_runs"],
+                saga_name,
+                None if statuses is None else list(statuses),
+                older_than,
+                newer_than,
+                before,
+                limit,
+                key,
+            )
+        return [run_info(r) for r in rows]
+
+    async def run_exists(self, run_id: UUID) -> bool:
+        async with translate_errors("reading a run"):
+            return await self.pool.fetchrow(self._q["get_run"], run_id) is not None
+
+    async def prune_runs(
+        self, older_than: float, statuses: Sequence[str], batch_size: int
+    ) -> tuple[int, int]:
+        """Delete one batch of finished runs and their events; returns (runs, events)."""
+        async with translate_errors("pruning runs"):
+            row = await self.pool.fetchrow(
+                self._q["prune_runs"], older_than, list(statuses), batch_size
+            )
+        assert row is not None
+        return row["runs"], row["events"]
+
+    async def count_prunable(self, older_than: float, statuses: Sequence[str]) -> tuple[int, int]:
+        """What :meth:`prune_runs` would delete: (runs, events)."""
+        async with translate_errors("counting prunable runs"):
+            row = await self.pool.fetchrow(self._q["count_prunable"], older_than, list(statuses))
+        assert row is not None
+        return row["runs"], row["events"]
+
+    async def find_runs_by_key(self, key: str, saga_name: str | None) -> list[tuple[UUID, str]]:
+        """(run id, saga name) of the runs started with ``key``, one per saga at most."""
+        async with translate_errors("finding runs by key"):
+            rows = await self.pool.fetch(self._q["find_runs_by_key"], key, saga_name)
+        return [(r["id"], r["saga_name"]) for r in rows]
+
+    async def count_runs(
+        self, *, saga_name: str | None, older_than: float | None, newer_than: float | None
+    ) -> list[tuple[str, str, int]]:
+        """(saga name, status, runs) for every pair that has runs, by saga name."""
+        async with translate_errors("counting runs"):
+            rows = await self.pool.fetch(self._q["count_runs"], saga_name, older_than, newer_than)
+        return [(r["saga_name"], r["status"], r["runs"]) for r in rows]

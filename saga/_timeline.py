@@ -1,0 +1,131 @@
+"""A run's history assembled into its attempts: what ``saga show`` prints, and what a
+dashboard draws. Pure: works on any run's history, of sagas registered or not."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from saga._errors import ErrorInfo
+from saga._model import EventKind, HistoryEvent
+
+_STARTED = (EventKind.STEP_STARTED, EventKind.COMPENSATION_STARTED)
+_COMPLETED = (EventKind.STEP_COMPLETED, EventKind.COMPENSATION_COMPLETED)
+_FAILED = (EventKind.STEP_FAILED, EventKind.COMPENSATION_FAILED)
+_LEASE_ENDS = (EventKind.LEASE_EXPIRED, EventKind.LEASE_RELEASED)
+
+
+@dataclass(frozen=True, slots=True)
+class StepAttempt:
+    """One attempt of a step or compensation, assembled from a run's history.
+
+    ``outcome`` is ``completed``, ``failed`` (``retry_in`` is set when another attempt is
+    scheduled), ``lease_expired`` (its worker stopped heartbeating; the attempt counts),
+    ``released`` (its worker shut down and gave the run back; it does not count, unless
+    the same attempt was released before: ``data["counted"]`` of the event) or
+    ``running`` (no outcome recorded yet).
+    """
+
+    step: str
+    compensation: bool
+    attempt: int
+    worker: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    outcome: str
+    error: ErrorInfo | None = None
+    retry_in: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start to outcome, or ``None`` while either is unknown."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+def timeline(history: Sequence[HistoryEvent]) -> list[StepAttempt]:
+    """Assemble a run's history into its attempts, in the order they started.
+
+    Each step and compensation attempt appears once, with its worker, start, outcome,
+    duration and error: what ``saga show`` prints. Works on any run, including runs of
+    sagas this process has not registered.
+    """
+    attempts: list[StepAttempt] = []
+    open_: dict[tuple[bool, str, int], int] = {}  # (compensation, step, attempt) -> index
+    compensating = False
+
+    def close(
+        key: tuple[bool, str, int],
+        event: HistoryEvent,
+        outcome: str,
+        *,
+        retry_in: float | None = None,
+    ) -> None:
+        index = open_.pop(key, None)
+        if index is None:  # no start recorded (e.g. claimed while a cancel was pending)
+            attempts.append(
+                StepAttempt(
+                    step=key[1],
+                    compensation=key[0],
+                    attempt=key[2],
+                    worker=event.worker,
+                    started_at=None,
+                    ended_at=event.at,
+                    outcome=outcome,
+                    error=event.error,
+                    retry_in=retry_in,
+                )
+            )
+            return
+        begun = attempts[index]
+        attempts[index] = StepAttempt(
+            step=begun.step,
+            compensation=begun.compensation,
+            attempt=begun.attempt,
+            worker=begun.worker or event.worker,
+            started_at=begun.started_at,
+            ended_at=event.at,
+            outcome=outcome,
+            error=event.error,
+            retry_in=retry_in,
+        )
+
+    for event in history:
+        kind, step, attempt = event.kind, event.step, event.attempt or 0
+        if kind in (EventKind.RUN_COMPENSATING, EventKind.RUN_RETRIED):
+            compensating = True
+        elif step is None:
+            continue
+        elif kind in _STARTED:
+            is_comp = kind == EventKind.COMPENSATION_STARTED
+            compensating = compensating or is_comp
+            open_[(is_comp, step, attempt)] = len(attempts)
+            attempts.append(
+                StepAttempt(
+                    step=step,
+                    compensation=is_comp,
+                    attempt=attempt,
+                    worker=event.worker,
+                    started_at=event.at,
+                    ended_at=None,
+                    outcome="running",
+                )
+            )
+        elif kind in _COMPLETED:
+            close((kind == EventKind.COMPENSATION_COMPLETED, step, attempt), event, "completed")
+        elif kind in _FAILED:
+            retry_in = event.data.get("retry_in")
+            close(
+                (kind == EventKind.COMPENSATION_FAILED, step, attempt),
+                event,
+                "failed",
+                retry_in=float(retry_in) if isinstance(retry_in, int | float) else None,
+            )
+        elif kind in _LEASE_ENDS:
+            key = (compensating, step, attempt)
+            if key not in open_ and (not compensating, step, attempt) in open_:
+                key = (not compensating, step, attempt)
+            close(key, event, "lease_expired" if kind == EventKind.LEASE_EXPIRED else "released")
+    return attempts

@@ -1,0 +1,105 @@
+"""Writing a transition through connection errors, never guessing its fate.
+
+A write whose connection broke may or may not have committed. Replaying it is safe (the
+fence of lease token and owner refuses a second application), and when the replay is
+refused the history is read to tell "it committed" from "the lease was lost".
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+from uuid import UUID
+
+import anyio
+
+from saga._definition import Context
+from saga._errors import DatabaseError
+from saga._hooks import Hooks
+from saga._lease import Lease
+from saga._log import Outage
+from saga._plan import Transition
+from saga._store import Store, TransitionResult
+
+
+class _Committed(enum.Enum):
+    """An uncertain write turned out committed, and the run has moved on since."""
+
+    COMMITTED = "committed"
+
+
+COMMITTED = _Committed.COMMITTED
+Written = TransitionResult | _Committed | None
+
+# Waits between attempts to write a transition through connection errors (seconds).
+_RETRY_DELAYS = (0.05, 0.25, 1.0, 3.0)
+
+
+class Writer:
+    def __init__(self, store: Store, worker_id: str, hooks: Hooks, outage: Outage) -> None:
+        self._store = store
+        self._worker = worker_id
+        self.hooks = hooks
+        self._outage = outage
+
+    async def write(
+        self, run_id: UUID, lease: Lease, change: Transition, ctx: Context[Any] | None, log: Any
+    ) -> Written:
+        """Apply ``change``: its result, ``COMMITTED`` (an uncertain write that committed,
+        the run moved on since), or None (refused: lease lost, or cancelled meanwhile)."""
+        uncertain = False
+
+        async def attempt() -> TransitionResult | None:
+            return await self._store.transition(self._worker, run_id, lease.token, change)
+
+        for delay in (*_RETRY_DELAYS, None):
+            try:
+                written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
+            except DatabaseError as exc:
+                if delay is None:
+                    raise
+                uncertain = True
+                self._outage.lost("recording an outcome", exc)
+                await anyio.sleep(delay)
+                continue
+            self._outage.back()
+            if written is None and uncertain:
+                return await self._resolve(run_id, change, log)
+            return written
+        return None  # pragma: no cover - the loop returns or raises
+
+    async def _resolve(self, run_id: UUID, change: Transition, log: Any) -> Written:
+        """After an uncertain write was refused on replay: did the first one commit?
+
+        The history answers exactly (an attempt writes its outcome once). If it committed
+        and leased the run's next item to us, and nothing moved since, carry on holding it.
+        """
+        first = change.events[0]
+        committed = await self._store.has_event(
+            run_id, str(first.kind), first.step, first.attempt, self._worker
+        )
+        log.info("ambiguous_commit_resolved", committed=committed)
+        if not committed:
+            return None
+        if change.leased:
+            row = await self._store.get_run(run_id)
+            if (
+                row is not None
+                and row.info.worker == self._worker
+                and row.info.status is change.status
+                and row.info.step == change.step
+                and row.info.attempt == change.attempt
+            ):
+                return TransitionResult(row.lease_token, row.info.cancel_requested)
+        return COMMITTED
+
+    async def cancelled_meanwhile(self, run_id: UUID, lease: Lease) -> bool:
+        """Whether a refused completion was refused for a cancel, the lease still ours."""
+        row = await self._store.get_run(run_id)
+        return (
+            row is not None
+            and row.info.cancel_requested
+            and row.info.worker == self._worker
+            and row.lease_token == lease.token
+            and not row.info.status.is_terminal
+        )
