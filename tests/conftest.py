@@ -3,21 +3,31 @@
 ``scripts/test.sh`` provisions a throwaway cluster and exports ``SAGA_TEST_DSN``. A
 template database is migrated once per session; each test gets ``CREATE DATABASE ...
 TEMPLATE`` (about 0.1 s), which isolates rows, NOTIFY channels and advisory locks.
+
+On that database: ``dsn``, ``db`` (a plain connection), ``pool`` (an asyncpg pool),
+``store`` (saga's private store, for the tests of that piece), ``orchestrator`` and
+``open_client`` (factories, closed at teardown). Around it: ``children`` (processes started
+through tests._harness, killed at teardown) and ``pg_server`` (the server's pg_ctl).
+Small sagas come from tests._sagas.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import asyncpg
 import pytest
 
 import saga
+from saga._store import Store
+from tests._harness import Children, Server
 
 TEMPLATE = "saga_test_template"
 
@@ -91,7 +101,28 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
             conn.terminate()
 
 
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool on the test database (up to 4 connections), closed afterwards."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        with anyio.move_on_after(10) as scope:
+            await pool.close()
+        if scope.cancelled_caught:  # a connection still in use: do not wait for it
+            pool.terminate()
+
+
+@pytest.fixture
+def store(pool: asyncpg.Pool) -> Store:
+    """saga's private store on ``pool`` (schema ``saga``): only for tests of the store
+    itself (its statements, fencing, leases), which say so."""
+    return Store(pool)
+
+
 OrchestratorFactory = Callable[..., Any]
+ClientFactory = Callable[..., Any]
 
 
 @pytest.fixture
@@ -109,3 +140,38 @@ async def orchestrator(dsn: str) -> AsyncIterator[OrchestratorFactory]:
             return await stack.enter_async_context(orch)
 
         yield open_
+
+
+@pytest.fixture
+async def open_client(dsn: str) -> AsyncIterator[ClientFactory]:
+    """Open clients (saga.Client: starts runs and waits for them, executes nothing) on
+    the test database; all are closed at teardown. Short poll interval by default."""
+    async with AsyncExitStack() as stack:
+
+        async def open_(*sagas: saga.Saga[Any], **options: Any) -> saga.Client:
+            options.setdefault("poll_interval", 0.2)
+            client = saga.Client(dsn, sagas=list(sagas), **options)
+            return await stack.enter_async_context(client)
+
+        yield open_
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Iterator[Children]:
+    """Start processes through tests._harness (their logs in ``tmp_path``); every one
+    still running at teardown is killed and reaped."""
+    started = Children(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture
+def pg_server() -> Server:
+    """The test server's control (stop, start, crash-restart); the test is skipped when
+    it runs without scripts/test.sh's server."""
+    server = Server.from_env()
+    if server is None:
+        pytest.skip("needs the server control of scripts/test.sh (SAGA_TEST_PGCTL/PGDATA)")
+    return server
