@@ -3,81 +3,60 @@
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
-from pydantic import BaseModel
 
 import saga
-from saga._model import RunStatus
 from saga._plan import Transition
 from saga._store import Store
-from tests.conftest import OrchestratorFactory
-
-
-class Job(BaseModel):
-    n: int
+from saga.testing import Faults
+from tests._harness import Children
+from tests._relay import EFFECTS, relay
+from tests._sagas import ONCE, Gate, Job, Ledger, parked_saga, small_saga, transient
+from tests.conftest import ClientFactory, OrchestratorFactory
 
 
 async def test_stale_fencing_token_write_changes_nothing(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    open_client: ClientFactory, store: Store, db: asyncpg.Connection
 ) -> None:
     """A transition written with an old lease token (or by another worker) is refused and
-    leaves the run and its history untouched."""
-    parked = saga.Saga("parked", input=Job)
-
-    @parked.step()
-    async def only(ctx: saga.Context[Job]) -> int:
-        return 1
-
-    client = await orchestrator(parked, concurrency=0)
+    leaves the run and its history untouched (private: the store's fenced write is what
+    this checks)."""
+    parked = parked_saga()
+    client = await open_client(parked)
     run = await client.start(parked, Job(n=1))
-    pool = await asyncpg.create_pool(client._dsn_or_pool, min_size=1, max_size=2)
-    try:
-        store = Store(pool)
-        [item] = await store.claim("w1", 1, 30, [("parked", 1, parked.fingerprint)])
-        before = await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id)
-        events_before = await db.fetchval("SELECT count(*) FROM saga.events")
-        done = Transition(status=RunStatus.COMPLETED, step=None, attempt=1, events=())
-        assert await store.transition("w1", run.id, item.lease_token - 1, done) is None
-        assert await store.transition("w2", run.id, item.lease_token, done) is None
-        assert await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id) == before
-        assert await db.fetchval("SELECT count(*) FROM saga.events") == events_before
-        # The holder's write goes through, exactly once.
-        assert await store.transition("w1", run.id, item.lease_token, done) is not None
-        assert await store.transition("w1", run.id, item.lease_token, done) is None
-    finally:
-        await pool.close()
+    [item] = await store.claim("w1", 1, 30, [("parked", 1, parked.fingerprint)])
+    before = await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id)
+    events_before = await db.fetchval("SELECT count(*) FROM saga.events")
+    done = Transition(status=saga.RunStatus.COMPLETED, step=None, attempt=1, events=())
+    assert await store.transition("w1", run.id, item.lease_token - 1, done) is None
+    assert await store.transition("w2", run.id, item.lease_token, done) is None
+    assert await db.fetchrow("SELECT * FROM saga.runs WHERE id = $1", run.id) == before
+    assert await db.fetchval("SELECT count(*) FROM saga.events") == events_before
+    # The holder's write goes through, exactly once.
+    assert await store.transition("w1", run.id, item.lease_token, done) is not None
+    assert await store.transition("w1", run.id, item.lease_token, done) is None
 
 
 async def test_expired_lease_is_reclaimed_and_counts_as_an_attempt(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """A run whose worker vanished mid-step (its lease expired) is reclaimed by another
     orchestrator without help; the lost attempt counts, so a step that kills its worker on
     its last attempt fails for good and the completed steps are compensated."""
-    undone: list[str] = []
-    crashy = saga.Saga("crashy", input=Job)
-
-    @crashy.step()
-    async def first(ctx: saga.Context[Job]) -> str:
-        return "one"
-
-    @first.compensate
-    async def undo(ctx: saga.Context[Job], value: str) -> None:
-        undone.append(value)
-
-    @crashy.step(retry=saga.Retry(max_attempts=2))
-    async def kills_worker(ctx: saga.Context[Job]) -> None:  # pragma: no cover - never reached
-        raise AssertionError("the last attempt was lost, no attempt is left")
-
-    client = await orchestrator(crashy, concurrency=0)
+    ledger = Ledger()
+    crashy = small_saga(
+        "crashy",
+        ["first", "kills_worker"],
+        compensate={"first"},
+        ledger=ledger,
+        retry={"kills_worker": saga.Retry(max_attempts=2)},
+        undo_retry=None,
+    )
+    client = await open_client(crashy)
     run = await client.start(crashy, Job(n=1))
     # Simulate: step 1 completed, and the worker running attempt 2 of step 2 died.
     await db.execute(
@@ -88,14 +67,13 @@ async def test_expired_lease_is_reclaimed_and_counts_as_an_attempt(
            WHERE id = $1""",
         run.id,
     )
-    worker = saga.Orchestrator(client._dsn_or_pool, sagas=[crashy], poll_interval=0.2)
-    crashy._frozen = True
-    async with worker:
-        with pytest.raises(saga.RunCompensatedError) as raised:
-            await worker.get_run(run.id).result(timeout=10)
+    await orchestrator(crashy)
+    with pytest.raises(saga.RunCompensatedError) as raised:
+        await run.result(timeout=10)
     assert raised.value.error is not None
     assert raised.value.error.type == "saga.AttemptLost"
-    assert undone == ["one"]
+    # No attempt of the step was left to run; the compensation got the stored result.
+    assert [(c.phase, c.step, c.value) for c in ledger.calls] == [("compensation", "first", "one")]
     history = await run.history()
     expired = next(e for e in history if e.kind == "lease_expired")
     assert (expired.worker, expired.step, expired.attempt) == ("dead-worker", "kills_worker", 2)
@@ -144,25 +122,26 @@ async def test_backoff_survives_an_orchestrator_restart(
 ) -> None:
     """A retry's wait lives in the database: after the orchestrator that scheduled it
     stops, a new one does not run the next attempt before the wait is over."""
-    patient = saga.Saga("patient", input=Job)
 
-    @patient.step(retry=saga.Retry(max_attempts=2, initial_delay=1.5, jitter=0))
-    async def call(ctx: saga.Context[Job]) -> int:
-        if ctx.attempt == 1:
-            raise ConnectionError("try later")
-        return ctx.attempt
+    def patient(retry: saga.Retry) -> saga.Saga[Job]:
+        return small_saga(
+            "patient",
+            ["call"],
+            fail={"call": transient(1, ConnectionError, "try later")},
+            retry=retry,
+            result=lambda ctx: ctx.attempt,
+        )
 
-    first = await orchestrator(patient)
-    run = await patient.start(Job(n=1))
+    scheduled = patient(saga.Retry(max_attempts=2, initial_delay=1.5, jitter=0))
+    first = await orchestrator(scheduled)
+    run = await scheduled.start(Job(n=1))
     failed_query = "SELECT count(*) FROM saga.events WHERE run_id = $1 AND kind = 'step_failed'"
     with anyio.fail_after(5):
         while not await db.fetchval(failed_query, run.id):  # noqa: ASYNC110 - polling the DB
             await anyio.sleep(0.02)
     await first.aclose()
 
-    patient2 = saga.Saga("patient", input=Job)
-    patient2.step(name="call", retry=saga.Retry(max_attempts=2))(call.fn)
-    second = await orchestrator(patient2)
+    second = await orchestrator(patient(saga.Retry(max_attempts=2)))
     assert await second.get_run(run.id).result(timeout=10) == 2
     gap = await db.fetchval(
         """SELECT extract(epoch FROM
@@ -180,27 +159,21 @@ async def test_shutdown_releases_leases_for_another_worker(
     """Closing an orchestrator whose step outlives shutdown_timeout cancels the step and
     releases its lease: another orchestrator takes the run at once, long before the lease
     would have expired, and the interrupted attempt is not counted."""
-    entered = anyio.Event()
-    sticky = saga.Saga("sticky", input=Job)
+    gate = Gate("block", times=1)  # holds the first call for good; never released
 
-    @sticky.step(retry=saga.Retry(max_attempts=1))
-    async def block(ctx: saga.Context[Job]) -> str:
-        if ctx.attempt == 1 and not entered.is_set():
-            entered.set()
-            await anyio.sleep(60)
-        return "done"
+    def sticky() -> saga.Saga[Job]:
+        return small_saga("sticky", ["block"], gate=gate, retry=ONCE, result=lambda _: "done")
 
-    first = await orchestrator(sticky, lease_seconds=60, shutdown_timeout=0.2)
-    run = await sticky.start(Job(n=1))
+    held = sticky()
+    first = await orchestrator(held, lease_seconds=60, shutdown_timeout=0.2)
+    run = await held.start(Job(n=1))
     with anyio.fail_after(5):
-        await entered.wait()
+        await gate.entered.wait()
     await first.aclose()
     row = await db.fetchrow("SELECT lease_owner, due_at <= now() AS due FROM saga.runs")
     assert row["lease_owner"] is None
     assert row["due"]
-    sticky2 = saga.Saga("sticky", input=Job)
-    sticky2.step(name="block", retry=saga.Retry(max_attempts=1))(block.fn)
-    second = await orchestrator(sticky2, lease_seconds=60)
+    second = await orchestrator(sticky(), lease_seconds=60)
     with anyio.fail_after(5):
         assert await second.get_run(run.id).result() == "done"
     history = await second.get_run(run.id).history()
@@ -211,12 +184,7 @@ async def test_shutdown_releases_leases_for_another_worker(
 async def test_lifecycle_errors(dsn: str) -> None:
     """Using an orchestrator before opening or after closing raises LifecycleError;
     closing twice is harmless; it cannot be reopened."""
-    s = saga.Saga("life", input=Job)
-
-    @s.step()
-    async def one(ctx: saga.Context[Job]) -> None:
-        return None
-
+    s = small_saga("life")
     orch = saga.Orchestrator(dsn, sagas=[s], concurrency=0)
     with pytest.raises(saga.LifecycleError):
         orch.get_run(uuid.uuid4())
@@ -235,12 +203,7 @@ async def test_lifecycle_errors(dsn: str) -> None:
 async def test_unreachable_database_raises_database_error() -> None:
     """Opening an orchestrator on a database that does not answer raises DatabaseError
     with the driver's error as the cause."""
-    s = saga.Saga("nowhere", input=Job)
-
-    @s.step()
-    async def one(ctx: saga.Context[Job]) -> None:
-        return None
-
+    s = small_saga("nowhere")
     dsn = "postgresql://postgres@/postgres?host=/nonexistent-socket-dir&port=5432"
     with pytest.raises(saga.DatabaseError) as raised:
         async with saga.Orchestrator(dsn, sagas=[s]):
@@ -248,48 +211,34 @@ async def test_unreachable_database_raises_database_error() -> None:
     assert raised.value.__cause__ is not None
 
 
-WORKER_SCRIPT = Path(__file__).with_name("_worker_process.py")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_two_orchestrator_processes_share_work_without_overlap(
-    dsn: str, db: asyncpg.Connection, orchestrator: OrchestratorFactory
+    dsn: str, db: asyncpg.Connection, open_client: ClientFactory, children: Children
 ) -> None:
-    """Two orchestrators in separate processes on one database both execute runs, every
-    step of every run executes exactly once, and no run ever has two step attempts
-    executing at the same moment."""
-    from tests._worker_process import build_saga
-
-    await db.execute(
-        "CREATE TABLE effects (run_id uuid, step text, worker text,"
-        " started timestamptz, finished timestamptz)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(WORKER_SCRIPT.parent.parent)}
-    procs = [
-        subprocess.Popen(  # noqa: ASYNC220 - starting is instant; waits happen off the loop
-            [sys.executable, "-m", "tests._worker_process", dsn, f"proc-{i}"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+    """Two orchestrators in separate processes (`saga worker`) on one database both
+    execute runs, every step of every run executes exactly once, no run ever has two step
+    attempts executing at the same moment, and both shut down cleanly on SIGTERM."""
+    await db.execute(EFFECTS)
+    options = ["--concurrency", "4", "--poll-interval", "0.2"]
+    workers = [
+        children.saga_worker(
+            dsn, "tests._relay:relay", "--worker-id", f"proc-{i}", *options, name=f"proc-{i}"
         )
         for i in range(2)
     ]
-    try:
-        client = await orchestrator(build_saga(), concurrency=0)
-        runs = [await client.start(client._sagas[("relay", 1)], {"n": i}) for i in range(40)]
-        for run in runs:
-            assert await run.result(timeout=60) == 3
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            _, err = p.communicate(timeout=20)
-            assert p.returncode == 0, err.decode()[-3000:]
+    for worker in workers:
+        await worker.wait_ready()
+    client = await open_client(relay)
+    runs = [await client.start(relay, Job(n=i)) for i in range(40)]
+    for run in runs:
+        assert await run.result(timeout=60) == 3
+    for worker in workers:
+        assert await worker.stop() == 0, worker.output[-3000:]
     rows = await db.fetch("SELECT run_id, step, worker, started, finished FROM effects")
     assert len(rows) == 40 * 3
     assert len({(r["run_id"], r["step"]) for r in rows}) == 40 * 3
-    assert {r["worker"] for r in rows} == {"proc-0", "proc-1"}
+    assert {r["worker"] for r in rows} == {str(worker.pid) for worker in workers}
     by_run: dict[uuid.UUID, list[asyncpg.Record]] = {}
     for r in rows:
         by_run.setdefault(r["run_id"], []).append(r)
@@ -306,56 +255,30 @@ async def test_connection_lost_during_a_write_is_resolved_by_rereading(
     """When the connection breaks during a step's checkpoint, whether or not the commit
     went through, the worker retries, re-reads the run when the retry is refused, and the
     run completes with every step executed exactly once."""
-    calls: list[str] = []
-    shaky = saga.Saga("shaky", input=Job)
-
-    for name in ("a", "b", "c"):
-
-        async def step(ctx: saga.Context[Job]) -> str:
-            calls.append(ctx.step)
-            return ctx.step
-
-        shaky.step(name=name, retry=saga.Retry(max_attempts=1))(step)
-
-    orch = await orchestrator(shaky)
-    assert orch._store is not None
-    real = orch._store.transition
-    broken = {"a", "b"}
-
-    async def flaky_transition(
-        worker: str, run_id: uuid.UUID, token: int, change: Transition
-    ) -> object:
-        if change.completed_step in broken:
-            broken.discard(change.completed_step)
-            if committed:
-                await real(worker, run_id, token, change)
-            raise saga.DatabaseError("connection lost") from ConnectionResetError()
-        return await real(worker, run_id, token, change)
-
-    orch._store.transition = flaky_transition  # type: ignore[method-assign,assignment]
+    ledger = Ledger()
+    shaky = small_saga("shaky", ["a", "b", "c"], ledger=ledger, retry=ONCE)
+    faults = Faults()
+    for step in ("a", "b"):
+        faults.drop_connection_at_commit(step, committed=committed)
+    faults.attach(await orchestrator(shaky))
     run = await shaky.start(Job(n=1))
     assert await run.result(timeout=10) == "c"
-    assert calls == ["a", "b", "c"]
+    assert faults.fired["drop_connection"] == 2
+    assert ledger.steps() == ["a", "b", "c"]
     assert [e.kind for e in await run.history()].count("step_completed") == 3
 
 
 async def test_work_for_unknown_versions_waits_untouched_and_is_counted(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """During a deploy, runs of a saga version a worker does not know are neither claimed
     nor failed: they are counted, and a worker that has the version runs them."""
 
     def define(version: int) -> saga.Saga[Job]:
-        s = saga.Saga("deployed", input=Job, version=version)
-
-        @s.step()
-        async def work(ctx: saga.Context[Job]) -> int:
-            return version
-
-        return s
+        return small_saga("deployed", version=version, result=lambda _: version)
 
     v2 = define(2)
-    client = await orchestrator(v2, concurrency=0)
+    client = await open_client(v2)
     run = await client.start(v2, Job(n=1))
     old_worker = await orchestrator(define(1))
     old_worker.wake()
@@ -369,28 +292,20 @@ async def test_work_for_unknown_versions_waits_untouched_and_is_counted(
 
 
 async def test_notifications_wake_workers_and_waiters_without_polling(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """With polling effectively off (30 s), a burst of starts is picked up by a worker in
     another orchestrator (coalesced start notifications, including the trailing one), and
     a result() waiter is woken by the end-of-run notification; runs nobody waits on do
     not notify when they end."""
-    gate = anyio.Event()
+    gate = Gate("one", when=lambda ctx: ctx.input.n == 0)
 
     def define() -> saga.Saga[Job]:
-        s = saga.Saga("prompt", input=Job)
+        return small_saga("prompt", ["one"], gate=gate, result=lambda ctx: ctx.input.n)
 
-        @s.step()
-        async def one(ctx: saga.Context[Job]) -> int:
-            if ctx.input.n == 0:
-                await gate.wait()
-            return ctx.input.n
-
-        return s
-
-    client = await orchestrator(define(), concurrency=0, poll_interval=30)
+    saga_def = define()
+    client = await open_client(saga_def, poll_interval=30)
     await orchestrator(define(), poll_interval=30)
-    saga_def = client._sagas[("prompt", 1)]
     with anyio.fail_after(10):
         runs = [await client.start(saga_def, Job(n=i)) for i in range(25)]
         async with anyio.create_task_group() as tg:
@@ -399,7 +314,7 @@ async def test_notifications_wake_workers_and_waiters_without_polling(
                 "SELECT count(*) FROM saga.watches WHERE run_id = $1", runs[0].id
             ):
                 await anyio.sleep(0.01)
-            gate.set()
+            gate.release.set()
         assert [await run.result() for run in runs] == list(range(25))
     unwatched = await client.start(saga_def, Job(n=99))
     with anyio.fail_after(10):
@@ -417,13 +332,9 @@ async def test_notifications_wake_workers_and_waiters_without_polling(
 async def test_wait_stopped_reports_a_crashed_orchestrator(dsn: str) -> None:
     """If an orchestrator's loops die of an unexpected error, wait_stopped() raises it
     (so a worker process can exit instead of idling forever); after a normal close it
-    returns."""
-    s = saga.Saga("fragile_loop", input=Job)
-
-    @s.step()
-    async def one(ctx: saga.Context[Job]) -> None:
-        return None
-
+    returns. (Private: the claim loop's bug is injected through the store, since nothing
+    public can make a loop fail.)"""
+    s = small_saga("fragile_loop", ["one"])
     orch = saga.Orchestrator(dsn, sagas=[s], poll_interval=0.05)
     async with orch:
         assert orch._store is not None
@@ -434,8 +345,7 @@ async def test_wait_stopped_reports_a_crashed_orchestrator(dsn: str) -> None:
         orch._store.claim = broken_claim  # type: ignore[method-assign,assignment]
         with anyio.fail_after(5), pytest.raises(RuntimeError, match="bug in a loop"):
             await orch.wait_stopped()
-    healthy = saga.Saga("fine_loop", input=Job)
-    healthy.step(name="one")(one.fn)
+    healthy = small_saga("fine_loop", ["one"])
     other = saga.Orchestrator(dsn, sagas=[healthy])
     async with other:
         pass
@@ -444,53 +354,35 @@ async def test_wait_stopped_reports_a_crashed_orchestrator(dsn: str) -> None:
 
 
 async def test_heartbeat_racing_a_continuation_keeps_the_lease(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    open_client: ClientFactory, store: Store, db: asyncpg.Connection
 ) -> None:
     """A heartbeat that read the lease token just before this worker's own transition
     leased the run's next item (token + 1) still finds the lease held, so the run is not
-    abandoned; a lease taken by another worker is reported lost."""
-    s = saga.Saga("racy", input=Job)
-
-    @s.step()
-    async def one(ctx: saga.Context[Job]) -> None:
-        return None
-
-    client = await orchestrator(s, concurrency=0)
+    abandoned; a lease taken by another worker is reported lost (private: the store's
+    heartbeat statement is what this checks)."""
+    s = parked_saga("racy")
+    client = await open_client(s)
     run = await client.start(s, Job(n=1))
-    pool = await asyncpg.create_pool(client._dsn_or_pool, min_size=1, max_size=1)
-    try:
-        store = Store(pool)
-        [item] = await store.claim("me", 1, 30, [("racy", 1, s.fingerprint)])
-        # Our own continuation bumps the token before the heartbeat's write lands.
-        await db.execute("UPDATE saga.runs SET lease_token = lease_token + 1 WHERE id = $1", run.id)
-        assert set(await store.heartbeat("me", [(run.id, item.lease_token, 30.0)])) == {run.id}
-        # Another worker's claim changes the owner: lost.
-        await db.execute("UPDATE saga.runs SET lease_owner = 'other' WHERE id = $1", run.id)
-        assert await store.heartbeat("me", [(run.id, item.lease_token, 30.0)]) == {}
-    finally:
-        await pool.close()
+    [item] = await store.claim("me", 1, 30, [("racy", 1, s.fingerprint)])
+    # Our own continuation bumps the token before the heartbeat's write lands.
+    await db.execute("UPDATE saga.runs SET lease_token = lease_token + 1 WHERE id = $1", run.id)
+    assert set(await store.heartbeat("me", [(run.id, item.lease_token, 30.0)])) == {run.id}
+    # Another worker's claim changes the owner: lost.
+    await db.execute("UPDATE saga.runs SET lease_owner = 'other' WHERE id = $1", run.id)
+    assert await store.heartbeat("me", [(run.id, item.lease_token, 30.0)]) == {}
 
 
 async def test_waiting_for_a_run_never_hides_it_from_workers(
-    orchestrator: OrchestratorFactory, dsn: str
+    open_client: ClientFactory, pool: asyncpg.Pool, store: Store
 ) -> None:
     """The watch that result() registers takes no lock on the run: while a watch's
     transaction is still open, a worker's SKIP LOCKED claim still gets the run (a lock
-    there made claims pass runs by until the next notification)."""
-    s = saga.Saga("single", input=Job)
-
-    @s.step()
-    async def one(ctx: saga.Context[Job]) -> int:
-        return ctx.input.n
-
-    client = await orchestrator(s, concurrency=0)
+    there made claims pass runs by until the next notification). (Private: the store's
+    watch and claim statements are what this checks.)"""
+    s = parked_saga("single")
+    client = await open_client(s)
     run = await client.start(s, Job(n=1))
-    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=2)
-    try:
-        store = Store(pool)
-        async with pool.acquire() as watcher, watcher.transaction():
-            await watcher.execute(store._q["watch_run"], run.id)  # not committed yet
-            claimed = await store.claim("w", 10, 30, [("single", 1, s.fingerprint)])
-        assert [item.run_id for item in claimed] == [run.id]
-    finally:
-        await pool.close()
+    async with pool.acquire() as watcher, watcher.transaction():
+        await watcher.execute(store._q["watch_run"], run.id)  # not committed yet
+        claimed = await store.claim("w", 10, 30, [("single", 1, s.fingerprint)])
+    assert [item.run_id for item in claimed] == [run.id]
