@@ -4,56 +4,44 @@ real subprocesses (`python -m saga ...`)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
 import pytest
-from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 import saga
-from saga._cli import main, parse_duration
-from tests.conftest import OrchestratorFactory
-from tests.examples._worker import ROOT, WorkerProcess
+from saga.__main__ import main
+from tests import _harness
+from tests._harness import Children
+from tests._sagas import ONCE, Fail, Job, fast, parked_saga, permanent, small_saga
+from tests.conftest import ClientFactory, OrchestratorFactory
 
-FAST = saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.05)
-
-
-class Job(BaseModel):
-    n: int
-    fail: bool = False
+DECLINED = "charge"  # Job(fail=DECLINED): the card is declined
 
 
 def ops_saga(undo_fails: list[bool] | None = None) -> saga.Saga[Job]:
-    """reserve (compensated by release) then charge, which fails for good when
-    ``fail``; while ``undo_fails[0]`` is true the release gives up."""
-    s = saga.Saga("ops", input=Job)
+    """reserve (compensated) then charge, which fails for good when the input's ``fail``
+    is DECLINED; while ``undo_fails[0]`` is true the compensation gives up."""
     undo_fails = undo_fails if undo_fails is not None else [False]
-
-    @s.step(retry=FAST)
-    async def reserve(ctx: saga.Context[Job]) -> int:
-        return ctx.input.n
-
-    @reserve.compensate(retry=saga.Retry(max_attempts=1))
-    async def release(ctx: saga.Context[Job], value: int) -> None:
-        if undo_fails[0]:
-            raise RuntimeError("warehouse offline")
-
-    @s.step(retry=FAST)
-    async def charge(ctx: saga.Context[Job]) -> int:
-        if ctx.input.fail:
-            raise saga.PermanentError("card declined\x1b[31m")  # hostile: an ANSI escape
-        return ctx.input.n * 100
-
-    return s
+    hostile = "card declined\x1b[31m"  # an ANSI escape
+    return small_saga(
+        "ops",
+        ["reserve", "charge"],
+        compensate={"reserve"},
+        fail={"charge": permanent(hostile, when=lambda ctx: ctx.input.fail == DECLINED)},
+        fail_undo={
+            "reserve": Fail(RuntimeError, "warehouse offline", when=lambda _: undo_fails[0])
+        },
+        result={"reserve": lambda ctx: ctx.input.n, "charge": lambda ctx: ctx.input.n * 100},
+        retry=fast(2),
+        undo_retry=ONCE,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +79,10 @@ def cli(dsn: str, capsys: pytest.CaptureFixture[str]) -> Cli:
 
 def test_durations_parse_and_bad_ones_are_rejected() -> None:
     """Durations accept s/m/h/d/w and combinations; anything else is an error naming
-    the value and the accepted form."""
+    the value and the accepted form (private: the CLI's duration parser is what this
+    checks)."""
+    from saga._cli import parse_duration
+
     assert parse_duration("90s").total_seconds() == 90
     assert parse_duration("10m").total_seconds() == 600
     assert parse_duration("1h30m").total_seconds() == 5400
@@ -170,7 +161,7 @@ async def test_runs_lists_filters_and_pages(
     runs exactly once."""
     s = ops_saga()
     orch = await orchestrator(s, concurrency=4)
-    runs = [await orch.start(s, Job(n=i, fail=i == 0)) for i in range(5)]
+    runs = [await orch.start(s, Job(n=i, fail=DECLINED if i == 0 else "")) for i in range(5)]
     for run in runs:
         with pytest.raises(saga.RunCompensatedError) if run is runs[0] else _nothing():
             await run.result(timeout=20)
@@ -231,7 +222,7 @@ async def test_show_prints_the_timeline_or_exits_3(
     unknown run exits 3."""
     s = ops_saga()
     orch = await orchestrator(s, concurrency=2)
-    run = await orch.start(s, Job(n=1, fail=True))
+    run = await orch.start(s, Job(n=1, fail=DECLINED))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=20)
 
@@ -269,18 +260,13 @@ async def test_show_prints_the_timeline_or_exits_3(
 
 
 async def test_cancel_and_retry_with_exit_codes(
-    cli: Cli, orchestrator: OrchestratorFactory
+    cli: Cli, orchestrator: OrchestratorFactory, open_client: ClientFactory
 ) -> None:
     """`saga cancel` on an active run exits 0 and the run ends cancelled; on an ended run
     it exits 4, on an unknown run 3. `saga retry` on a failed run exits 0 and the run
     resumes at the compensation that gave up; on any other state it exits 4."""
-    parked = saga.Saga("parked", input=Job)
-
-    @parked.step()
-    async def wait_here(ctx: saga.Context[Job]) -> None:  # pragma: no cover - never claimed
-        raise AssertionError("not executed")
-
-    client = await orchestrator(parked, concurrency=0)
+    parked = parked_saga()
+    client = await open_client(parked)
     pending = await client.start(parked, Job(n=1))
     code, out, _ = await cli("cancel", str(pending.id))
     assert code == 0, out
@@ -292,7 +278,7 @@ async def test_cancel_and_retry_with_exit_codes(
     undo_fails = [True]
     s = ops_saga(undo_fails)
     orch = await orchestrator(s, concurrency=2)
-    run = await orch.start(s, Job(n=1, fail=True))
+    run = await orch.start(s, Job(n=1, fail=DECLINED))
     with pytest.raises(saga.RunFailedError):
         await run.result(timeout=20)
     code, _, err = await cli("cancel", str(run.id))
@@ -323,7 +309,7 @@ async def test_prune_reports_counts_and_honours_dry_run(
     s = ops_saga(undo_fails)
     orch = await orchestrator(s, concurrency=4)
     runs = [await orch.start(s, Job(n=i)) for i in range(3)]
-    failed = await orch.start(s, Job(n=9, fail=True))
+    failed = await orch.start(s, Job(n=9, fail=DECLINED))
     for run in runs:
         await run.result(timeout=20)
     with pytest.raises(saga.RunFailedError):
@@ -357,27 +343,20 @@ async def test_commands_run_as_a_real_subprocess(
     orch = await orchestrator(s, concurrency=2)
     run = await orch.start(s, Job(n=3))
     await run.result(timeout=20)
-    env = {**os.environ, "SAGA_DSN": dsn, "PYTHONPATH": str(ROOT)}
+    env = _harness.python_env(dsn)
 
-    def saga_cmd(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "saga", *argv],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    async def saga_cmd(*argv: str) -> subprocess.CompletedProcess[str]:
+        return await _harness.run("-m", "saga", *argv, env=env)
 
-    listed = await anyio.to_thread.run_sync(saga_cmd, "runs", "--json")
+    listed = await saga_cmd("runs", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [r["id"] for r in json.loads(listed.stdout)["runs"]] == [str(run.id)]
-    shown = await anyio.to_thread.run_sync(saga_cmd, "show", str(run.id))
+    shown = await saga_cmd("show", str(run.id))
     assert shown.returncode == 0, shown.stderr
     assert "status:             completed" in shown.stdout
-    missing = await anyio.to_thread.run_sync(saga_cmd, "show", str(uuid.uuid4()))
+    missing = await saga_cmd("show", str(uuid.uuid4()))
     assert missing.returncode == 3
-    bad = await anyio.to_thread.run_sync(saga_cmd, "runs", "--older-than", "soon")
+    bad = await saga_cmd("runs", "--older-than", "soon")
     assert bad.returncode == 2
     assert "invalid duration 'soon'" in bad.stderr
 
@@ -386,17 +365,16 @@ async def test_commands_run_as_a_real_subprocess(
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_worker_runs_sagas_until_signalled_then_exits_0(
-    dsn: str, orchestrator: OrchestratorFactory, tmp_path: Path, sig: signal.Signals
+    dsn: str, open_client: ClientFactory, children: Children, sig: signal.Signals
 ) -> None:
     """`saga worker module:object` executes the runs of the sagas it names until SIGTERM
     or SIGINT; a step in flight when the signal arrives still finishes (graceful
     shutdown), and the process exits 0."""
     from examples.checkout import Order, checkout
 
-    worker = WorkerProcess(
+    worker = children.saga_worker(
         dsn,
         "examples.checkout:checkout",
-        tmp_path / "worker.log",
         "--worker-id",
         "cli-worker",
         "--concurrency",
@@ -406,24 +384,21 @@ async def test_worker_runs_sagas_until_signalled_then_exits_0(
         "--shutdown-timeout",
         "10",
     )
-    try:
-        await worker.wait_ready()
-        client = await orchestrator(checkout, concurrency=0)
-        done = await client.start(checkout, Order(order_id="w-1", amount_cents=1))
-        assert (await done.result(timeout=20)).shipped_by.endswith(f":{worker.proc.pid}")
-        slow = await client.start(checkout, Order(order_id="w-2", amount_cents=1, step_delay=0.5))
-        with anyio.fail_after(10):
-            while (await slow.info()).worker is None:  # noqa: ASYNC110 - polling the DB
-                await anyio.sleep(0.02)
-        assert await worker.stop(sig) == 0, worker.output
-        history = await slow.history()
-        # The step running at the signal completed: nothing was cut off mid-step.
-        started = [e for e in history if e.kind == "step_started"]
-        completed = [e for e in history if e.kind == "step_completed"]
-        assert len(completed) >= 1
-        assert len(started) - len(completed) <= 1
-        assert all(e.kind != "lease_expired" for e in history)
-        assert f"{sig.name} received, shutting down" in worker.output
-        assert "saga worker: stopped" in worker.output
-    finally:
-        worker.kill()
+    await worker.wait_ready()
+    client = await open_client(checkout)
+    done = await client.start(checkout, Order(order_id="w-1", amount_cents=1))
+    assert (await done.result(timeout=20)).shipped_by.endswith(f":{worker.pid}")
+    slow = await client.start(checkout, Order(order_id="w-2", amount_cents=1, step_delay=0.5))
+    with anyio.fail_after(10):
+        while (await slow.info()).worker is None:  # noqa: ASYNC110 - polling the DB
+            await anyio.sleep(0.02)
+    assert await worker.stop(sig) == 0, worker.output
+    history = await slow.history()
+    # The step running at the signal completed: nothing was cut off mid-step.
+    started = [e for e in history if e.kind == "step_started"]
+    completed = [e for e in history if e.kind == "step_completed"]
+    assert len(completed) >= 1
+    assert len(started) - len(completed) <= 1
+    assert all(e.kind != "lease_expired" for e in history)
+    assert f"{sig.name} received, shutting down" in worker.output
+    assert "saga worker: stopped" in worker.output

@@ -3,9 +3,6 @@ reader that stops early (`| head`), finding a run by its business key, and `saga
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -15,11 +12,11 @@ import pytest
 from structlog.testing import capture_logs
 
 import saga
-from tests.conftest import OrchestratorFactory
-from tests.examples._worker import ROOT
+from tests import _harness
+from tests._sagas import Job, parked_saga
+from tests.conftest import ClientFactory
 from tests.test_cli import Cli
-from tests.test_operator import Job
-from tests.test_operator_lookup import KEYS, named_saga
+from tests.test_operator_lookup import KEYS
 
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
 
@@ -34,23 +31,6 @@ def _quiet_logs() -> Iterator[None]:
 @pytest.fixture
 def cli(dsn: str, capsys: pytest.CaptureFixture[str]) -> Cli:
     return Cli(dsn, capsys)
-
-
-def saga_process(
-    dsn: str | None, *argv: str, stdout: int | None = subprocess.PIPE
-) -> subprocess.Popen[bytes]:
-    """`python -m saga ARGV` from the repository root, SAGA_DSN set to ``dsn`` (or unset)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("SAGA_DSN", None)
-    if dsn is not None:
-        env["SAGA_DSN"] = dsn
-    return subprocess.Popen(
-        [sys.executable, "-m", "saga", *argv],
-        cwd=ROOT,
-        env=env,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-    )
 
 
 async def insert_runs(
@@ -90,13 +70,8 @@ async def test_version_prints_the_package_version_without_a_database(
     monkeypatch.delenv("SAGA_DSN", raising=False)
     assert await cli("--version", dsn=False) == (0, f"saga {saga.__version__}\n", "")
 
-    def run() -> tuple[int, bytes, bytes]:
-        proc = saga_process(None, "--version")
-        out, err = proc.communicate(timeout=60)
-        return proc.returncode, out, err
-
-    code, out, err = await anyio.to_thread.run_sync(run)
-    assert (code, out.decode(), err) == (0, f"saga {saga.__version__}\n", b"")
+    done = await _harness.run("-m", "saga", "--version")  # SAGA_DSN unset
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"saga {saga.__version__}\n", "")
 
 
 @pytest.mark.timeout(180)
@@ -134,7 +109,7 @@ async def test_a_reader_that_stops_early_ends_the_command_quietly(
     ]
 
     def read_then_close(argv: list[str]) -> tuple[int | None, bytes, bytes]:
-        with saga_process(dsn, *argv) as proc:
+        with _harness.popen("-m", "saga", *argv, env=_harness.python_env(dsn)) as proc:
             assert proc.stdout is not None
             assert proc.stderr is not None
             try:
@@ -156,14 +131,12 @@ async def test_a_reader_that_stops_early_ends_the_command_quietly(
         assert (code, stderr.decode()) == (141, ""), argv
 
 
-async def test_show_and_runs_find_a_run_by_its_key(
-    cli: Cli, orchestrator: OrchestratorFactory
-) -> None:
+async def test_show_and_runs_find_a_run_by_its_key(cli: Cli, open_client: ClientFactory) -> None:
     """`saga show --key KEY` shows the one run started with KEY and `saga runs --key KEY`
     lists it, for keys with quotes, spaces, unicode, ':', wildcards, a leading '-'
     (`--key=-K`) and 512 characters; the key line of `show` prints it escaped."""
-    alpha = named_saga("alpha")
-    client = await orchestrator(alpha, concurrency=0)
+    alpha = parked_saga("alpha")
+    client = await open_client(alpha)
     keys = [*KEYS, "-dash-first", "tab\there"]
     runs = {key: await client.start(alpha, Job(n=i), key=key) for i, key in enumerate(keys)}
     for key, run in runs.items():
@@ -179,13 +152,13 @@ async def test_show_and_runs_find_a_run_by_its_key(
 
 
 async def test_show_by_key_when_several_sagas_or_none_have_it(
-    cli: Cli, orchestrator: OrchestratorFactory
+    cli: Cli, open_client: ClientFactory
 ) -> None:
     """A key used by two sagas is a usage error (exit 2) naming both sagas and asking for
     --saga, which then picks the run; an unknown key, or a key of another saga, exits 3;
     a key no run can have (too long, NUL, undecodable) finds nothing or exits 2."""
-    alpha, beta = named_saga("alpha"), named_saga("beta")
-    client = await orchestrator(alpha, beta, concurrency=0)
+    alpha, beta = parked_saga("alpha"), parked_saga("beta")
+    client = await open_client(alpha, beta)
     a = await client.start(alpha, Job(n=1), key="shared:1")
     b = await client.start(beta, Job(n=2), key="shared:1")
 
@@ -237,7 +210,7 @@ async def test_stats_on_an_empty_database_prints_zeros(cli: Cli) -> None:
 
 
 async def test_stats_counts_runs_per_saga_and_status_with_filters(
-    cli: Cli, db: asyncpg.Connection, orchestrator: OrchestratorFactory
+    cli: Cli, db: asyncpg.Connection, open_client: ClientFactory
 ) -> None:
     """`saga stats` prints one row per saga (a column per status, then the total) and a
     total row; --saga, --older-than and --newer-than filter like `saga runs`, --json
@@ -273,7 +246,7 @@ async def test_stats_counts_runs_per_saga_and_status_with_filters(
         "total": 5,
     }
     assert data["sagas"]["beta\x1b[31m"]["failed"] == 1
-    client = await orchestrator(concurrency=0)
+    client = await open_client()
     counts = await saga.count_runs(client)
     assert data["total"] == {
         **{s.value: n for s, n in counts.items()},

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import anyio
 import pytest
-from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 import saga
+from tests import _harness
+from tests._sagas import Job, small_saga
 from tests.conftest import OrchestratorFactory
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 APP = textwrap.dedent(
     """
@@ -45,23 +41,12 @@ APP = textwrap.dedent(
 )
 
 
-class Job(BaseModel):
-    n: int
-
-
-def test_an_app_that_configures_no_logging_sees_warnings_only(dsn: str) -> None:
+async def test_an_app_that_configures_no_logging_sees_warnings_only(dsn: str) -> None:
     """A fresh process that never configures structlog (a plain uvicorn app) runs five
     runs, each with one failed attempt: stdout stays empty, stderr holds the five
     step_failed warnings and no debug or info line (structlog's own default would print
     every step)."""
-    done = subprocess.run(
-        [sys.executable, "-c", APP, dsn],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = await _harness.run("-c", APP, dsn)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     lines = done.stderr.splitlines()
@@ -72,12 +57,7 @@ def test_an_app_that_configures_no_logging_sees_warnings_only(dsn: str) -> None:
 async def test_a_configured_app_gets_every_level(orchestrator: OrchestratorFactory) -> None:
     """Once the application configures structlog (here: capture_logs), saga follows its
     configuration, debug lines included: the README's way to see more."""
-    s = saga.Saga("verbose", input=Job)
-
-    @s.step()
-    async def one(ctx: saga.Context[Job]) -> int:
-        return 1
-
+    s = small_saga("verbose", ["one"], result=lambda _: 1)
     with capture_logs() as logs:
         orch = await orchestrator(s)
         assert await (await orch.start(s, Job(n=1))).result(timeout=5) == 1
@@ -89,30 +69,26 @@ async def test_a_configured_app_gets_every_level(orchestrator: OrchestratorFacto
 
 @pytest.mark.timeout(120)
 async def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(
-    orchestrator: OrchestratorFactory, dsn: str, caplog: pytest.LogCaptureFixture
+    orchestrator: OrchestratorFactory, pg_server: _harness.Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Postgres stopped for 3 s under a worker with runs in flight (claims, heartbeats,
     checkpoints and the listener all failing meanwhile): saga logs database_unavailable
     once and database_available once, a handful of lines in all, and the driver logs no
     traceback; every run then completes."""
-    pg_ctl, pgdata = os.environ.get("SAGA_TEST_PGCTL"), os.environ.get("SAGA_TEST_PGDATA")
-    if not (pg_ctl and pgdata):
-        pytest.skip("needs the server control of scripts/test.sh (SAGA_TEST_PGCTL/PGDATA)")
-    s = saga.Saga("steady", input=Job)
-
-    @s.step(retry=saga.Retry(max_attempts=10, initial_delay=0.05))
-    async def one(ctx: saga.Context[Job]) -> int:
-        await anyio.sleep(0.05)
-        return ctx.input.n
-
-    log = os.path.join(os.path.dirname(pgdata), "outage.log")
+    s = small_saga(
+        "steady",
+        ["one"],
+        delay=0.05,
+        retry=saga.Retry(max_attempts=10, initial_delay=0.05),
+        result=lambda ctx: ctx.input.n,
+    )
     caplog.set_level(logging.DEBUG)
     with capture_logs() as logs:
         orch = await orchestrator(s, concurrency=8, lease_seconds=1.5, poll_interval=0.1)
         runs = [await orch.start(s, Job(n=n)) for n in range(40)]
-        await anyio.run_process([pg_ctl, "-D", pgdata, "-m", "fast", "-w", "stop"])
+        await pg_server.stop()
         await anyio.sleep(3)
-        await anyio.run_process([pg_ctl, "-D", pgdata, "-w", "-l", log, "start"])
+        await pg_server.start()
         for n, run in enumerate(runs):
             assert await run.result(timeout=60) == n
     loud = [e for e in logs if e["log_level"] in ("warning", "error", "critical")]

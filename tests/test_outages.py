@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from urllib.parse import urlsplit
-
 import anyio
 import asyncpg
 import pytest
-from pydantic import BaseModel
 
 import saga
+from tests._harness import Server
+from tests._sagas import Job, small_saga
 from tests.conftest import OrchestratorFactory
 
 
-class Job(BaseModel):
-    n: int
-
-
-def steady_saga(executions: list[tuple[str, str]]) -> saga.Saga[Job]:
-    s = saga.Saga("steady", input=Job)
-    for name in ("a", "b", "c"):
-
-        async def step(ctx: saga.Context[Job]) -> str:
-            executions.append((str(ctx.run_id), ctx.step))
-            await anyio.sleep(0.03)
-            return ctx.step
-
-        s.step(name=name, retry=saga.Retry(max_attempts=5, initial_delay=0.05))(step)
-    return s
+def steady_saga() -> saga.Saga[Job]:
+    """Three steps of 30 ms, each retried up to 5 times."""
+    retry = saga.Retry(max_attempts=5, initial_delay=0.05)
+    return small_saga("steady", ["a", "b", "c"], delay=0.03, retry=retry)
 
 
 async def assert_each_step_completed_once(dsn: str, runs: list[saga.RunHandle]) -> None:
@@ -64,8 +51,7 @@ async def test_killed_backend_connections_are_survived(
     """Terminating every backend of the database (pool and LISTEN connections) several
     times mid-work: the orchestrator reconnects and every run completes, each step
     recorded once."""
-    executions: list[tuple[str, str]] = []
-    s = steady_saga(executions)
+    s = steady_saga()
     await orchestrator(s, concurrency=8)
     runs = [await s.start(Job(n=i)) for i in range(60)]
     killer = await asyncpg.connect(dsn)
@@ -87,31 +73,16 @@ async def test_killed_backend_connections_are_survived(
 
 @pytest.mark.timeout(120)
 async def test_postgres_restart_mid_work_loses_nothing(
-    orchestrator: OrchestratorFactory, dsn: str
+    orchestrator: OrchestratorFactory, dsn: str, pg_server: Server
 ) -> None:
     """`pg_ctl restart -m immediate` (a crash) while runs are in flight: the orchestrator
     rides through the outage, and every run started before it completes exactly once."""
-    pg_ctl, pgdata = os.environ.get("SAGA_TEST_PGCTL"), os.environ.get("SAGA_TEST_PGDATA")
-    if not (pg_ctl and pgdata):
-        pytest.skip("needs the server control of scripts/test.sh (SAGA_TEST_PGCTL/PGDATA)")
-    database = urlsplit(dsn).path.lstrip("/")
-    conn = await asyncpg.connect(dsn)
-    try:  # acknowledged commits must survive the crash (the test cluster defaults to off)
-        await conn.execute(f"ALTER DATABASE {database} SET synchronous_commit = on")
-    finally:
-        await conn.close()
-    executions: list[tuple[str, str]] = []
-    s = steady_saga(executions)
+    await pg_server.make_durable(dsn)  # acknowledged commits must survive the crash
+    s = steady_saga()
     await orchestrator(s, concurrency=8)
     runs = [await s.start(Job(n=i)) for i in range(30)]
     await wait_for_completed(dsn, 3)
-    # -l: without a log file the new postmaster would hold our pipes open forever.
-    log = os.path.join(os.path.dirname(pgdata), "restart.log")
-    result = await anyio.run_process(
-        [pg_ctl, "-D", pgdata, "-m", "immediate", "-w", "-t", "60", "-l", log, "restart"],
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode()
+    await pg_server.crash_restart()
     for run in runs:
         assert await run.result(timeout=90) == "c"
     await assert_each_step_completed_once(dsn, runs)

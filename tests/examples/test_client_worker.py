@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -13,16 +11,15 @@ import pytest
 
 import saga
 from examples.client_worker.web import create_client_app
-from tests.examples._worker import WorkerProcess
+from tests._harness import Child, Children
 
 
 @pytest.fixture
-async def worker(dsn: str, tmp_path: Path) -> AsyncIterator[WorkerProcess]:
+async def worker(dsn: str, children: Children) -> Child:
     """`python -m saga worker examples.checkout:SAGAS` on the test database, ready."""
-    proc = WorkerProcess(
+    worker = children.saga_worker(
         dsn,
         "examples.checkout:SAGAS",
-        tmp_path / "worker.log",
         "--worker-id",
         "worker-1",
         "--concurrency",
@@ -32,17 +29,14 @@ async def worker(dsn: str, tmp_path: Path) -> AsyncIterator[WorkerProcess]:
         "--shutdown-timeout",
         "5",
     )
-    try:
-        await proc.wait_ready()
-        yield proc
-    finally:
-        proc.kill()
+    await worker.wait_ready()
+    return worker
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_client_mode_web_process_executes_no_step(
-    dsn: str, db: asyncpg.Connection, worker: WorkerProcess
+    dsn: str, db: asyncpg.Connection, worker: Child
 ) -> None:
     """The web app in client mode (a saga.Client) starts runs and waits for their typed
     results, while every step and compensation attempt is executed by the worker
@@ -66,7 +60,7 @@ async def test_client_mode_web_process_executes_no_step(
     body = ok.json()
     assert body["status"] == "completed"
     shipped_by = body["output"]["shipped_by"]
-    assert shipped_by.endswith(f":{worker.proc.pid}")
+    assert shipped_by.endswith(f":{worker.pid}")
     assert not shipped_by.endswith(f":{os.getpid()}")
     assert failed.json()["status"] == "compensated"
 
