@@ -10,9 +10,8 @@ import pytest
 from pydantic import BaseModel
 
 import saga
+from tests._sagas import FAST, Fail, Gate, Ledger, fast, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
-
-FAST = saga.Retry(max_attempts=3, initial_delay=0.01, max_delay=0.05)
 
 
 class Order(BaseModel):
@@ -25,16 +24,6 @@ class Receipt(BaseModel):
     amount_cents: int
 
 
-class Ledger:
-    """Records what steps and compensations did, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-
 def three_step_saga(
     ledger: Ledger,
     *,
@@ -42,37 +31,40 @@ def three_step_saga(
     name: str = "checkout",
     comp_retry: saga.Retry = FAST,
 ) -> saga.Saga[Order]:
+    """The checkout written out: typed results (a Receipt model) flow from step to step
+    and to the compensations, which is what the tests using it check. Each call is in
+    ``ledger``, with the earlier result it read (a compensation: the one it undoes)."""
     checkout = saga.Saga(name, input=Order)
 
     @checkout.step(retry=FAST)
     async def reserve(ctx: saga.Context[Order]) -> str:
-        ledger.calls.append(("reserve", ctx.idempotency_key))
+        ledger.record(ctx)
         if fail_at == "reserve":
             raise saga.PermanentError("out of stock")
         return f"res-{ctx.input.order_id}"
 
     @reserve.compensate(retry=comp_retry)
     async def release(ctx: saga.Context[Order], reservation: str) -> None:
-        ledger.calls.append(("release", (reservation, ctx.idempotency_key)))
+        ledger.record(ctx, reservation)
 
     @checkout.step(retry=FAST)
     async def notify(ctx: saga.Context[Order]) -> None:
-        ledger.calls.append(("notify", None))  # no compensation: nothing to undo
+        ledger.record(ctx)  # no compensation: nothing to undo
 
     @checkout.step(retry=FAST)
     async def charge(ctx: saga.Context[Order]) -> Receipt:
-        ledger.calls.append(("charge", ctx.result(reserve)))
+        ledger.record(ctx, ctx.result(reserve))
         if fail_at == "charge":
             raise saga.PermanentError("card declined")
         return Receipt(charge_id=f"ch-{ctx.input.order_id}", amount_cents=ctx.input.amount_cents)
 
     @charge.compensate(retry=comp_retry)
     async def refund(ctx: saga.Context[Order], receipt: Receipt) -> None:
-        ledger.calls.append(("refund", receipt))
+        ledger.record(ctx, receipt)
 
     @checkout.step(retry=FAST)
     async def ship(ctx: saga.Context[Order]) -> str:
-        ledger.calls.append(("ship", ctx.result(charge).charge_id))
+        ledger.record(ctx, ctx.result(charge).charge_id)
         if fail_at == "ship":
             raise ValueError("no courier")
         return "shipped"
@@ -94,9 +86,9 @@ async def test_happy_path_returns_typed_output_and_records_history(
     await orchestrator(checkout)
     run = await checkout.start(Order(order_id="o-1", amount_cents=500))
     assert await run.result(timeout=10) == "shipped"
-    assert ledger.names() == ["reserve", "notify", "charge", "ship"]
-    assert ledger.calls[2] == ("charge", "res-o-1")
-    assert ledger.calls[3] == ("ship", "ch-o-1")
+    assert ledger.trace() == ["reserve", "notify", "charge", "ship"]
+    assert (ledger.calls[2].step, ledger.calls[2].value) == ("charge", "res-o-1")
+    assert (ledger.calls[3].step, ledger.calls[3].value) == ("ship", "ch-o-1")
     assert await run.status() is saga.RunStatus.COMPLETED
     assert await kinds(run) == [
         ("run_started", None),
@@ -120,19 +112,20 @@ async def test_transient_failures_are_retried_with_a_stable_idempotency_key(
 ) -> None:
     """A step failing twice then succeeding completes the run; each attempt is in the
     history with its error, and every attempt sees the same idempotency key."""
-    flaky = saga.Saga("flaky", input=Order)
-    keys: list[str] = []
-
-    @flaky.step(retry=saga.Retry(max_attempts=3, initial_delay=0.01))
-    async def call(ctx: saga.Context[Order]) -> int:
-        keys.append(ctx.idempotency_key)
-        if ctx.attempt < 3:
-            raise ConnectionError(f"attempt {ctx.attempt} failed")
-        return ctx.attempt
-
+    ledger = Ledger()
+    flaky = small_saga(
+        "flaky",
+        ["call"],
+        input=Order,
+        ledger=ledger,
+        fail={"call": transient(2, message=lambda ctx: f"attempt {ctx.attempt} failed")},
+        retry=saga.Retry(max_attempts=3, initial_delay=0.01),
+        result=lambda ctx: ctx.attempt,
+    )
     await orchestrator(flaky)
     run = await flaky.start(Order(order_id="o-2", amount_cents=1))
     assert await run.result(timeout=10) == 3
+    keys = [c.key for c in ledger.calls]
     assert len(keys) == 3
     assert len(set(keys)) == 1
     assert keys[0] == f"{run.id}:step:call"
@@ -156,21 +149,20 @@ async def test_permanent_failure_compensates_completed_steps_in_reverse(
         await run.result(timeout=10)
     assert raised.value.error == saga.ErrorInfo("ValueError", "no courier", "ship")
     assert raised.value.compensation_error is None
-    assert ledger.names() == [
+    assert ledger.trace() == [
         "reserve",
         "notify",
         "charge",
         "ship",
         "ship",
         "ship",
-        "refund",
-        "release",
+        "undo charge",
+        "undo reserve",
     ]
-    assert ledger.calls[6] == ("refund", Receipt(charge_id="ch-o-3", amount_cents=700))
-    reservation, key = ledger.calls[7][1]
-    assert reservation == "res-o-3"
-    assert key == f"{run.id}:compensation:reserve"
-    assert ledger.calls[0][1] == f"{run.id}:step:reserve"
+    assert ledger.calls[6].value == Receipt(charge_id="ch-o-3", amount_cents=700)
+    assert ledger.calls[7].value == "res-o-3"
+    assert ledger.calls[7].key == f"{run.id}:compensation:reserve"
+    assert ledger.calls[0].key == f"{run.id}:step:reserve"
     history = await run.history()
     compensating = next(e for e in history if e.kind == "run_compensating")
     assert compensating.data["plan"] == ["charge", "reserve"]
@@ -189,34 +181,29 @@ async def test_failure_of_first_step_ends_compensated_with_nothing_to_undo(
     run = await checkout.start(Order(order_id="o-4", amount_cents=1))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=10)
-    assert ledger.names() == ["reserve"]
+    assert ledger.trace() == ["reserve"]
 
 
 async def test_compensation_failing_then_succeeding(orchestrator: OrchestratorFactory) -> None:
     """A compensation that fails transiently is retried until it succeeds; the run ends
     compensated and the failed compensation attempts are in the history."""
-    wobbly = saga.Saga("wobbly", input=Order)
-    undo_attempts: list[int] = []
-
-    @wobbly.step()
-    async def book(ctx: saga.Context[Order]) -> str:
-        return "booking-1"
-
-    @book.compensate(retry=saga.Retry(max_attempts=5, initial_delay=0.01))
-    async def unbook(ctx: saga.Context[Order], booking: str) -> None:
-        undo_attempts.append(ctx.attempt)
-        if ctx.attempt < 3:
-            raise TimeoutError("provider slow")
-
-    @wobbly.step()
-    async def fail(ctx: saga.Context[Order]) -> None:
-        raise saga.PermanentError("no")
-
+    ledger = Ledger()
+    wobbly = small_saga(
+        "wobbly",
+        ["book", "fail"],
+        input=Order,
+        compensate={"book"},
+        ledger=ledger,
+        fail={"fail": permanent("no")},
+        fail_undo={"book": transient(2, TimeoutError, "provider slow")},
+        retry=None,
+        undo_retry=saga.Retry(max_attempts=5, initial_delay=0.01),
+    )
     await orchestrator(wobbly)
     run = await wobbly.start(Order(order_id="o-5", amount_cents=1))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=10)
-    assert undo_attempts == [1, 2, 3]
+    assert ledger.attempts("book", "compensation") == [1, 2, 3]
     failed = [e.attempt for e in await run.history() if e.kind == "compensation_failed"]
     assert failed == [1, 2]
 
@@ -229,29 +216,22 @@ async def test_exhausted_compensation_fails_the_run_and_retry_resumes_it(
     compensated, without re-running compensations that had succeeded."""
     ledger = Ledger()
     broken = {"refund": True}
-    checkout = saga.Saga("fragile", input=Order)
+    checkout = small_saga(
+        "fragile",
+        ["reserve", "charge", "ship"],
+        input=Order,
+        compensate={"reserve", "charge"},
+        ledger=ledger,
+        fail={"ship": permanent("cannot ship")},
+        fail_undo={
+            "charge": Fail(RuntimeError, "refund API down", when=lambda _: broken["refund"])
+        },
+        retry=None,
+        undo_retry={"charge": saga.Retry(max_attempts=2, initial_delay=0.01)},
+    )
 
-    @checkout.step()
-    async def reserve(ctx: saga.Context[Order]) -> str:
-        return "r"
-
-    @reserve.compensate
-    async def release(ctx: saga.Context[Order], r: str) -> None:
-        ledger.calls.append(("release", r))
-
-    @checkout.step()
-    async def charge(ctx: saga.Context[Order]) -> str:
-        return "c"
-
-    @charge.compensate(retry=saga.Retry(max_attempts=2, initial_delay=0.01))
-    async def refund(ctx: saga.Context[Order], c: str) -> None:
-        ledger.calls.append(("refund", ctx.attempt))
-        if broken["refund"]:
-            raise RuntimeError("refund API down")
-
-    @checkout.step()
-    async def ship(ctx: saga.Context[Order]) -> None:
-        raise saga.PermanentError("cannot ship")
+    def undone() -> list[tuple[str, int, Any]]:
+        return [(c.step, c.attempt, c.value) for c in ledger.of("compensation")]
 
     orch = await orchestrator(checkout)
     run = await checkout.start(Order(order_id="o-6", amount_cents=1))
@@ -261,7 +241,7 @@ async def test_exhausted_compensation_fails_the_run_and_retry_resumes_it(
         "RuntimeError", "refund API down", "charge"
     )
     assert raised.value.error == saga.ErrorInfo("saga.PermanentError", "cannot ship", "ship")
-    assert ledger.calls == [("refund", 1), ("refund", 2)]
+    assert undone() == [("charge", 1, "charge"), ("charge", 2, "charge")]
     info = await run.info()
     assert info.status is saga.RunStatus.FAILED
     assert info.step == "charge"
@@ -273,7 +253,12 @@ async def test_exhausted_compensation_fails_the_run_and_retry_resumes_it(
     await orch.get_run(run.id).retry()
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=10)
-    assert ledger.calls == [("refund", 1), ("refund", 2), ("refund", 1), ("release", "r")]
+    assert undone() == [
+        ("charge", 1, "charge"),
+        ("charge", 2, "charge"),
+        ("charge", 1, "charge"),
+        ("reserve", 1, "reserve"),
+    ]
     assert "run_retried" in [e.kind for e in await run.history()]
     with pytest.raises(saga.InvalidRunStateError):
         await run.retry()
@@ -371,21 +356,17 @@ async def test_unserializable_step_result_fails_the_run_clearly(
 ) -> None:
     """A step returning a value that cannot be stored as JSON fails permanently with a
     SerializationError in the history, and the completed steps are compensated."""
-    undone: list[str] = []
-    weird = saga.Saga("weird", input=Order)
-
-    @weird.step()
-    async def first(ctx: saga.Context[Order]) -> str:
-        return "ok"
-
-    @first.compensate
-    async def undo_first(ctx: saga.Context[Order], value: str) -> None:
-        undone.append(value)
-
-    @weird.step()
-    async def produce(ctx: saga.Context[Order]) -> Any:
-        return bad
-
+    ledger = Ledger()
+    weird = small_saga(
+        "weird",
+        ["first", "produce"],
+        input=Order,
+        compensate={"first"},
+        ledger=ledger,
+        result={"produce": lambda _: bad},
+        retry=None,
+        undo_retry=None,
+    )
     await orchestrator(weird)
     run = await weird.start(Order(order_id="o", amount_cents=1))
     with pytest.raises(saga.RunCompensatedError) as raised:
@@ -393,18 +374,13 @@ async def test_unserializable_step_result_fails_the_run_clearly(
     assert raised.value.error is not None
     assert raised.value.error.type == "saga.SerializationError"
     assert raised.value.error.step == "produce"
-    assert undone == ["ok"]
+    assert [(c.step, c.value) for c in ledger.of("compensation")] == [("first", "first")]
 
 
 async def test_step_timeout_counts_as_a_failed_attempt(orchestrator: OrchestratorFactory) -> None:
     """An attempt running past its timeout is cancelled and retried; when every attempt
     times out the run is compensated with a TimeoutError."""
-    slow = saga.Saga("slow", input=Order)
-
-    @slow.step(timeout=0.05, retry=saga.Retry(max_attempts=2, initial_delay=0.01))
-    async def hang(ctx: saga.Context[Order]) -> None:
-        await anyio.sleep(10)
-
+    slow = small_saga("slow", ["hang"], input=Order, delay=10, timeout=0.05, retry=fast(2))
     await orchestrator(slow)
     run = await slow.start(Order(order_id="o", amount_cents=1))
     with pytest.raises(saga.RunCompensatedError) as raised:
@@ -416,68 +392,50 @@ async def test_step_timeout_counts_as_a_failed_attempt(orchestrator: Orchestrato
 
 async def test_non_retryable_error_types_fail_at_once(orchestrator: OrchestratorFactory) -> None:
     """An error listed in Retry.non_retryable is not retried."""
-    strict = saga.Saga("strict", input=Order)
-    attempts: list[int] = []
-
-    @strict.step(retry=saga.Retry(max_attempts=5, non_retryable=(KeyError,)))
-    async def lookup(ctx: saga.Context[Order]) -> None:
-        attempts.append(ctx.attempt)
-        raise KeyError("missing")
-
+    ledger = Ledger()
+    strict = small_saga(
+        "strict",
+        ["lookup"],
+        input=Order,
+        ledger=ledger,
+        fail={"lookup": Fail(KeyError, "missing")},
+        retry=saga.Retry(max_attempts=5, non_retryable=(KeyError,)),
+    )
     await orchestrator(strict)
     run = await strict.start(Order(order_id="o", amount_cents=1))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=10)
-    assert attempts == [1]
+    assert ledger.attempts("lookup") == [1]
 
 
 async def test_cancel_compensates_what_completed(orchestrator: OrchestratorFactory) -> None:
     """Cancelling a running run lets the current step finish, then compensates every
     completed step (the current one included), ends cancelled and raises
     RunCancelledError; later steps never run."""
-    gate = anyio.Event()
-    entered = anyio.Event()
-    ran: list[str] = []
-    undone: list[str] = []
-    trip = saga.Saga("trip", input=Order)
-
-    @trip.step()
-    async def flight(ctx: saga.Context[Order]) -> str:
-        ran.append("flight")
-        return "F1"
-
-    @flight.compensate
-    async def cancel_flight(ctx: saga.Context[Order], f: str) -> None:
-        undone.append(f)
-
-    @trip.step()
-    async def hotel(ctx: saga.Context[Order]) -> str:
-        ran.append("hotel")
-        entered.set()
-        await gate.wait()
-        return "H1"
-
-    @hotel.compensate
-    async def cancel_hotel(ctx: saga.Context[Order], h: str) -> None:
-        undone.append(h)
-
-    @trip.step()
-    async def car(ctx: saga.Context[Order]) -> str:
-        ran.append("car")
-        return "C1"
-
+    ledger = Ledger()
+    gate = Gate("hotel")
+    trip = small_saga(
+        "trip",
+        ["flight", "hotel", "car"],
+        input=Order,
+        compensate=True,
+        ledger=ledger,
+        gate=gate,
+        retry=None,
+        undo_retry=None,
+    )
     await orchestrator(trip)
     run = await trip.start(Order(order_id="o", amount_cents=1))
     with anyio.fail_after(5):
-        await entered.wait()
+        await gate.entered.wait()
     await run.cancel()
     await run.cancel()  # asking twice is harmless
-    gate.set()
+    gate.release.set()
     with pytest.raises(saga.RunCancelledError) as raised:
         await run.result(timeout=10)
     assert raised.value.error is None
-    assert ran == ["flight", "hotel"]
-    assert undone == ["H1", "F1"]
+    assert ledger.steps() == ["flight", "hotel"]
+    assert [c.value for c in ledger.of("compensation")] == ["hotel", "flight"]
     events = [(e.kind, e.step) for e in await run.history()]
     history = [kind for kind, _ in events]
     assert "cancel_requested" in history
@@ -495,12 +453,9 @@ async def test_cancel_before_any_step_runs(orchestrator: OrchestratorFactory) ->
     client = await orchestrator(checkout, concurrency=0)
     run = await client.start(checkout, Order(order_id="o", amount_cents=1))
     await run.cancel()
-    worker = saga.Orchestrator(
-        client._dsn_or_pool, sagas=[three_step_saga(ledger)], poll_interval=0.2
-    )
-    async with worker:
-        with pytest.raises(saga.RunCancelledError):
-            await run.result(timeout=10)
+    await orchestrator(three_step_saga(ledger))  # a worker
+    with pytest.raises(saga.RunCancelledError):
+        await run.result(timeout=10)
     assert ledger.calls == []
 
 
@@ -509,35 +464,23 @@ async def test_cancelled_rollback_records_every_compensation_attempt(
 ) -> None:
     """In a cancelled run's rollback, every compensation attempt, retries included, has
     its compensation_started event before its outcome."""
-    gate = anyio.Event()
-    entered = anyio.Event()
-    s = saga.Saga("cancel_retry", input=Order)
-
-    @s.step()
-    async def a(ctx: saga.Context[Order]) -> str:
-        return "A"
-
-    @a.compensate(retry=saga.Retry(max_attempts=5, initial_delay=0.01))
-    async def undo_a(ctx: saga.Context[Order], value: str) -> None:
-        if ctx.attempt < 3:
-            raise ConnectionError("try again")
-
-    @s.step()
-    async def b(ctx: saga.Context[Order]) -> str:
-        entered.set()
-        await gate.wait()
-        return "B"
-
-    @s.step()
-    async def c(ctx: saga.Context[Order]) -> str:  # pragma: no cover - cancelled before
-        return "C"
-
+    gate = Gate("b")
+    s = small_saga(
+        "cancel_retry",
+        ["a", "b", "c"],  # c: cancelled before it runs
+        input=Order,
+        compensate={"a"},
+        gate=gate,
+        fail_undo={"a": transient(2, ConnectionError, "try again")},
+        retry=None,
+        undo_retry=saga.Retry(max_attempts=5, initial_delay=0.01),
+    )
     await orchestrator(s)
     run = await s.start(Order(order_id="o", amount_cents=1))
     with anyio.fail_after(5):
-        await entered.wait()
+        await gate.entered.wait()
     await run.cancel()
-    gate.set()
+    gate.release.set()
     with pytest.raises(saga.RunCancelledError):
         await run.result(timeout=10)
     history = [(e.kind, e.attempt) for e in await run.history() if e.step == "a"]
