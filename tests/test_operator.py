@@ -9,53 +9,31 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from pydantic import BaseModel
 
 import saga
-from tests.conftest import OrchestratorFactory
-
-FAST = saga.Retry(max_attempts=3, initial_delay=0.01, max_delay=0.05)
-
-
-class Job(BaseModel):
-    n: int
-    fail: str = ""
+from tests._sagas import ONCE, Fail, Job, parked_saga, permanent, small_saga, transient
+from tests.conftest import ClientFactory, OrchestratorFactory
 
 
 def quick_saga(name: str = "quick") -> saga.Saga[Job]:
     """Two steps, the first with a compensation; ``fail`` names what fails: ``first-once``
     (a transient error), ``second`` (permanent), ``undo`` (the compensation gives up)."""
-    s = saga.Saga(name, input=Job)
-
-    @s.step(retry=FAST)
-    async def first(ctx: saga.Context[Job]) -> int:
-        if ctx.input.fail == "first-once" and ctx.attempt == 1:
-            raise ConnectionError("flaky network")
-        return ctx.input.n
-
-    @first.compensate(retry=saga.Retry(max_attempts=1))
-    async def undo_first(ctx: saga.Context[Job], value: int) -> None:
-        if "undo" in ctx.input.fail:
-            raise RuntimeError("undo broke")
-
-    @s.step(retry=FAST)
-    async def second(ctx: saga.Context[Job]) -> int:
-        if "second" in ctx.input.fail:
-            raise saga.PermanentError("second refused")
-        return ctx.input.n * 2
-
-    return s
-
-
-def parked_saga() -> saga.Saga[Job]:
-    """A saga no test orchestrator executes: its runs stay pending."""
-    s = saga.Saga("parked", input=Job)
-
-    @s.step()
-    async def never(ctx: saga.Context[Job]) -> None:  # pragma: no cover - never claimed
-        raise AssertionError("parked runs are not executed")
-
-    return s
+    return small_saga(
+        name,
+        ["first", "second"],
+        compensate={"first"},
+        fail={
+            "first": transient(
+                1, ConnectionError, "flaky network", when=lambda c: c.input.fail == "first-once"
+            ),
+            "second": permanent("second refused", when=lambda c: "second" in c.input.fail),
+        },
+        fail_undo={
+            "first": Fail(RuntimeError, "undo broke", when=lambda c: "undo" in c.input.fail)
+        },
+        result={"first": lambda c: c.input.n, "second": lambda c: c.input.n * 2},
+        undo_retry=ONCE,
+    )
 
 
 async def age(db: asyncpg.Connection, run_id: uuid.UUID, created: float, finished: float) -> None:
@@ -83,13 +61,13 @@ async def finished_runs(
 
 
 async def test_list_runs_pages_newest_first_over_active_and_finished_runs(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """Runs come newest first by creation time, active and finished ones interleaved;
     following next_before visits every run exactly once, and the last page says so."""
     orch, done = await finished_runs(orchestrator, 4)
     parked = parked_saga()
-    client = await orchestrator(parked, concurrency=0)
+    client = await open_client(parked)
     pending = [await client.start(parked, Job(n=i)) for i in range(3)]
     # Interleave ages: finished and active runs alternate in creation order.
     ordered = [done[0], pending[0], done[1], pending[1], done[2], pending[2], done[3]]
@@ -115,13 +93,13 @@ async def test_list_runs_pages_newest_first_over_active_and_finished_runs(
 
 
 async def test_list_runs_filters_by_saga_status_and_age(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """saga=, status= (one or several) and older_than/newer_than (by the database
     clock) select exactly the matching runs, and combine."""
     orch, done = await finished_runs(orchestrator, 3)
     parked = parked_saga()
-    client = await orchestrator(parked, concurrency=0)
+    client = await open_client(parked)
     waiting = await client.start(parked, Job(n=1))
     await age(db, done[0].id, created=3 * 86400, finished=3 * 86400)
     await age(db, done[1].id, created=2 * 3600, finished=2 * 3600)
@@ -146,13 +124,11 @@ async def test_list_runs_filters_by_saga_status_and_age(
     assert info.status is saga.RunStatus.PENDING
 
 
-async def test_list_runs_rejects_bad_arguments_clearly(
-    orchestrator: OrchestratorFactory,
-) -> None:
+async def test_list_runs_rejects_bad_arguments_clearly(open_client: ClientFactory) -> None:
     """Unknown statuses, out-of-range limits, negative ages, malformed cursors raise
     ConfigurationError naming the problem; a cursor naming no run raises
     RunNotFoundError."""
-    client = await orchestrator(concurrency=0)
+    client = await open_client()
     with pytest.raises(saga.ConfigurationError, match="unknown run status 'done'"):
         await saga.list_runs(client, status="done")
     with pytest.raises(saga.ConfigurationError, match="limit"):
@@ -168,7 +144,7 @@ async def test_list_runs_rejects_bad_arguments_clearly(
 
 
 async def test_prune_deletes_old_finished_runs_and_their_events_in_batches(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """prune() deletes the finished runs that ended before the cutoff, and all their
     events, in batches; recent finished runs, active runs and (by default) failed runs
@@ -179,7 +155,7 @@ async def test_prune_deletes_old_finished_runs_and_their_events_in_batches(
     _, compensated = await finished_runs(orchestrator, 1, fail="second")
     assert await failed[0].status() is saga.RunStatus.FAILED
     parked = parked_saga()
-    client = await orchestrator(parked, concurrency=0)
+    client = await open_client(parked)
     active = await client.start(parked, Job(n=1))
     for run in [*old, *failed, *compensated, active]:
         await age(db, run.id, created=40 * 86400, finished=31 * 86400)
@@ -215,12 +191,10 @@ async def test_prune_deletes_old_finished_runs_and_their_events_in_batches(
     }
 
 
-async def test_prune_refuses_active_statuses_and_bad_arguments(
-    orchestrator: OrchestratorFactory,
-) -> None:
+async def test_prune_refuses_active_statuses_and_bad_arguments(open_client: ClientFactory) -> None:
     """Only final states can be pruned; a negative age or a bad batch size is refused
     before anything is deleted."""
-    client = await orchestrator(concurrency=0)
+    client = await open_client()
     with pytest.raises(saga.ConfigurationError, match="only finished runs"):
         await saga.prune(client, older_than=timedelta(days=1), status=["running"])
     with pytest.raises(saga.ConfigurationError, match="must not be negative"):

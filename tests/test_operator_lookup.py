@@ -11,8 +11,10 @@ import asyncpg
 import pytest
 
 import saga
-from tests.conftest import OrchestratorFactory
-from tests.test_operator import Job, age, finished_runs, parked_saga, quick_saga
+from saga._store import Store
+from tests._sagas import Job, parked_saga
+from tests.conftest import ClientFactory, OrchestratorFactory
+from tests.test_operator import age, finished_runs, quick_saga
 
 # Keys as operators meet them: business ids with punctuation, spaces, quotes, non-ASCII
 # text, separators, SQL wildcards, and the longest key start() accepts (512 characters).
@@ -28,25 +30,14 @@ KEYS = [
 ]
 
 
-def named_saga(name: str) -> saga.Saga[Job]:
-    """A saga no test orchestrator executes, so its runs stay pending."""
-    s = saga.Saga(name, input=Job)
-
-    @s.step()
-    async def never(ctx: saga.Context[Job]) -> None:  # pragma: no cover - never claimed
-        raise AssertionError("not executed")
-
-    return s
-
-
 async def test_list_runs_by_key_is_an_exact_match_for_every_kind_of_key(
-    orchestrator: OrchestratorFactory,
+    open_client: ClientFactory,
 ) -> None:
     """key= finds exactly the run started with that key, whatever its characters
     (quotes, spaces, unicode, ':', SQL wildcards, 512 characters); a prefix, a
     different case, a wildcard pattern or a longer key than any run has finds nothing."""
     parked = parked_saga()
-    client = await orchestrator(parked, concurrency=0)
+    client = await open_client(parked)
     runs = {key: await client.start(parked, Job(n=i), key=key) for i, key in enumerate(KEYS)}
     await client.start(parked, Job(n=99))  # no key at all
 
@@ -61,12 +52,12 @@ async def test_list_runs_by_key_is_an_exact_match_for_every_kind_of_key(
 
 
 async def test_list_runs_by_key_across_sagas_combines_with_every_filter(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """The same key used by two sagas gives both runs, newest first; saga=, status=,
     older_than= and limit=/before= paging narrow them as they narrow any listing."""
-    alpha, beta = named_saga("alpha"), named_saga("beta")
-    client = await orchestrator(alpha, beta, concurrency=0)
+    alpha, beta = parked_saga("alpha"), parked_saga("beta")
+    client = await open_client(alpha, beta)
     a = await client.start(alpha, Job(n=1), key="shared:1")
     b = await client.start(beta, Job(n=2), key="shared:1")
     await client.start(alpha, Job(n=3), key="shared:2")
@@ -102,10 +93,10 @@ async def test_list_runs_by_key_finds_finished_runs_too(
     assert (info.id, info.status) == (run.id, saga.RunStatus.COMPLETED)
 
 
-async def test_list_runs_rejects_keys_no_run_can_have(orchestrator: OrchestratorFactory) -> None:
+async def test_list_runs_rejects_keys_no_run_can_have(open_client: ClientFactory) -> None:
     """An empty key, a non-str, a NUL character or a lone surrogate (undecodable bytes
     from a command line) raise ConfigurationError instead of a driver error."""
-    client = await orchestrator(concurrency=0)
+    client = await open_client()
     for bad in ["", "a\x00b", "\udcff", 42]:
         with pytest.raises(saga.ConfigurationError, match="key must be a non-empty str"):
             await saga.list_runs(client, key=bad)  # type: ignore[arg-type]
@@ -123,11 +114,12 @@ def _scans(plan: Any) -> list[tuple[str, str | None, str | None]]:
 
 @pytest.mark.timeout(120)
 async def test_key_lookup_plans_use_the_unique_index_with_many_runs(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    open_client: ClientFactory, store: Store, db: asyncpg.Connection
 ) -> None:
     """With 20,000 runs over 3 sagas (analyzed), finding a key without a saga walks the
     (saga, key) unique index (a loose index scan over the saga names, then one probe per
-    saga), and listing by key within a saga probes it too: no sequential scan of runs."""
+    saga), and listing by key within a saga probes it too: no sequential scan of runs.
+    (Private: the store's lookup statements and their plans are what this checks.)"""
     await db.execute(
         """
         INSERT INTO saga.runs (id, saga_name, saga_version, idempotency_key, status, input,
@@ -138,8 +130,7 @@ async def test_key_lookup_plans_use_the_unique_index_with_many_runs(
         """
     )
     await db.execute("ANALYZE saga.runs")
-    client = await orchestrator(concurrency=0)
-    queries = client._store_or_raise()._q
+    queries = store._q
     cases = [
         ("find_runs_by_key", ["key-77", None]),
         ("find_runs_by_key", ["no-such-key", None]),
@@ -152,23 +143,23 @@ async def test_key_lookup_plans_use_the_unique_index_with_many_runs(
         assert not [s for s in scans if s[0] == "Seq Scan" and s[1] == "runs"], (name, scans)
         assert any(s[2] == "runs_idempotency_key" for s in scans), (name, scans)
 
-    page = await saga.list_runs(client, key="key-77")
+    page = await saga.list_runs(await open_client(), key="key-77")
     assert sorted(r.saga for r in page.runs) == ["alpha", "beta", "gamma"]
 
 
 async def test_count_runs_is_zero_for_every_status_on_an_empty_database(
-    orchestrator: OrchestratorFactory,
+    open_client: ClientFactory,
 ) -> None:
     """On a database with no runs, every status is present with 0, with or without
     filters."""
-    client = await orchestrator(concurrency=0)
+    client = await open_client()
     zeros = dict.fromkeys(saga.RunStatus, 0)
     assert await saga.count_runs(client) == zeros
     assert await saga.count_runs(client, saga="nope", newer_than=timedelta(days=1)) == zeros
 
 
 async def test_count_runs_counts_each_status_and_honours_the_filters(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
 ) -> None:
     """count_runs() counts runs per status, finished and active alike, over every saga
     or one; older_than/newer_than count by creation age like list_runs."""
@@ -176,7 +167,7 @@ async def test_count_runs_counts_each_status_and_honours_the_filters(
     await finished_runs(orchestrator, 1, fail="second")  # compensated
     await finished_runs(orchestrator, 1, fail="second,undo")  # failed
     parked = parked_saga()
-    client = await orchestrator(parked, concurrency=0)
+    client = await open_client(parked)
     pending = [await client.start(parked, Job(n=i)) for i in range(2)]
     await age(db, done[0].id, created=3 * 86400, finished=3 * 86400)
     await age(db, pending[0].id, created=3 * 86400, finished=0)
@@ -201,11 +192,11 @@ async def test_count_runs_counts_each_status_and_honours_the_filters(
 
 
 async def test_count_runs_rejects_bad_arguments_like_list_runs(
-    orchestrator: OrchestratorFactory,
+    open_client: ClientFactory,
 ) -> None:
     """A negative or non-timedelta age and an empty saga name raise ConfigurationError
     with the same messages as list_runs."""
-    client = await orchestrator(concurrency=0)
+    client = await open_client()
     with pytest.raises(saga.ConfigurationError, match="must not be negative"):
         await saga.count_runs(client, older_than=timedelta(seconds=-1))
     with pytest.raises(saga.ConfigurationError, match=r"must be a datetime\.timedelta"):
