@@ -11,43 +11,19 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from pydantic import BaseModel
 
 import saga
+from tests._sagas import Gate, Job, Ledger, permanent, small_saga
 from tests.conftest import OrchestratorFactory
 
 STEPS = ("reserve", "charge", "ship")
 
 
-class Job(BaseModel):
-    n: int
-
-
-class Gate:
-    """Lets a test hold one step of one run until it says so."""
-
-    def __init__(self, step: str) -> None:
-        self.step = step
-        self.entered = anyio.Event()
-        self.release = anyio.Event()
-        self.undone: list[str] = []
-
-
-def gated_saga(gate: Gate) -> saga.Saga[Job]:
-    s = saga.Saga("gated", input=Job)
-    for name in STEPS:
-
-        async def forward(ctx: saga.Context[Job]) -> str:
-            if ctx.step == gate.step:
-                gate.entered.set()
-                await gate.release.wait()
-            return ctx.step
-
-        async def undo(ctx: saga.Context[Job], done: str) -> None:
-            gate.undone.append(done)
-
-        s.step(name=name)(forward).compensate(undo)
-    return s
+def gated_saga(gate: Gate | None = None, ledger: Ledger | None = None) -> saga.Saga[Job]:
+    """reserve, charge, ship, each compensated; ``gate`` holds one of them."""
+    return small_saga(
+        "gated", STEPS, compensate=True, gate=gate, ledger=ledger, retry=None, undo_retry=None
+    )
 
 
 @pytest.mark.parametrize("lease_seconds", [0.6, 30.0], ids=["heartbeat sees it", "write sees it"])
@@ -60,8 +36,8 @@ async def test_a_cancel_accepted_while_a_step_runs_compensates_that_step_too(
     and the run ends cancelled; never completed. Either a heartbeat sees the cancel first
     (short lease) or only the step's own completion write does (30 s lease: no heartbeat
     in between)."""
-    gate = Gate(step)
-    s = gated_saga(gate)
+    gate, ledger = Gate(step), Ledger()
+    s = gated_saga(gate, ledger)
     orch = await orchestrator(s, lease_seconds=lease_seconds)
     run = await orch.start(s, Job(n=1))
     with anyio.fail_after(10):
@@ -73,7 +49,7 @@ async def test_a_cancel_accepted_while_a_step_runs_compensates_that_step_too(
         with pytest.raises(saga.RunCancelledError):
             await run.result()
     done = list(STEPS[: STEPS.index(step) + 1])
-    assert gate.undone == list(reversed(done))
+    assert [c.value for c in ledger.of("compensation")] == list(reversed(done))
     kinds = [e.kind for e in await run.history()]
     assert "run_completed" not in kinds
     assert kinds[-1] == "run_cancelled"
@@ -85,35 +61,28 @@ async def test_cancel_while_compensating_after_a_failure_changes_nothing_else(
 ) -> None:
     """As documented: a cancel accepted while the run already rolls back after a failure
     is recorded, and the rollback goes on to end compensated (not cancelled)."""
-    undone: list[str] = []
-    entered, release = anyio.Event(), anyio.Event()
-    s = saga.Saga("failing", input=Job)
-
-    @s.step()
-    async def reserve(ctx: saga.Context[Job]) -> str:
-        return "r"
-
-    @reserve.compensate
-    async def release_it(ctx: saga.Context[Job], r: str) -> None:
-        entered.set()
-        await release.wait()
-        undone.append(r)
-
-    @s.step()
-    async def charge(ctx: saga.Context[Job]) -> None:
-        raise saga.PermanentError("declined")
-
+    ledger, gate = Ledger(), Gate("reserve", compensation=True)
+    s = small_saga(
+        "failing",
+        ["reserve", "charge"],
+        compensate={"reserve"},
+        ledger=ledger,
+        gate=gate,
+        fail={"charge": permanent("declined")},
+        retry=None,
+        undo_retry=None,
+    )
     orch = await orchestrator(s)
     run = await orch.start(s, Job(n=1))
     with anyio.fail_after(10):
-        await entered.wait()
+        await gate.entered.wait()
         await run.cancel()
-        release.set()
+        gate.release.set()
         with pytest.raises(saga.RunCompensatedError) as raised:
             await run.result()
     assert raised.value.error is not None
     assert raised.value.error.type == "saga.PermanentError"
-    assert undone == ["r"]
+    assert [(c.step, c.value) for c in ledger.of("compensation")] == [("reserve", "reserve")]
     assert "cancel_requested" in [e.kind for e in await run.history()]
 
 
@@ -173,8 +142,7 @@ async def test_start_cancelled_while_its_insert_is_in_flight_keeps_the_run(
     an anyio scope), a start() whose INSERT was sent still commits its run, exactly once:
     the caller sees its cancellation (or timeout), the run completes, and a retried start
     with the same key finds that run."""
-    gate = Gate("none")
-    s = gated_saga(gate)
+    s = gated_saga()
     orch = await orchestrator(s)
     await _slow_inserts(db)
     started = anyio.current_time()
@@ -197,8 +165,7 @@ async def test_start_cancelled_at_any_point_never_splits_or_duplicates_a_run(
     """start() under asyncio.wait_for with timeouts from 0 to a few milliseconds: each key
     has at most one run, every committed run completes with a whole history, and those
     that did not commit can simply be started again."""
-    gate = Gate("none")
-    s = gated_saga(gate)
+    s = gated_saga()
     orch = await orchestrator(s)
     keys = [f"w-{i}" for i in range(40)]
     for i, key in enumerate(keys):

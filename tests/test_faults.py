@@ -2,54 +2,30 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import anyio
 import pytest
-from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 import saga
 from saga.testing import Faults
+from tests._sagas import Job, Ledger, fast, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
 
 
-class Job(BaseModel):
-    n: int
-
-
-class Effects:
-    """An external service's ledger: raw executions, and net effect per idempotency key."""
-
-    def __init__(self) -> None:
-        self.raw: Counter[str] = Counter()
-        self.net: Counter[str] = Counter()
-
-    def apply(self, key: str) -> None:
-        self.raw[key] += 1
-        self.net[key] = 1  # deduplicated by key, as a real service would
-
-    def undo(self, key: str) -> None:
-        self.raw[key + ":undo"] += 1
-        self.net[key] = 0
-
-
-def ledger_saga(effects: Effects, name: str = "ledger") -> saga.Saga[Job]:
-    s = saga.Saga(name, input=Job)
-    for step_name in ("debit", "credit", "notify"):
-
-        async def forward(ctx: saga.Context[Job]) -> str:
-            effects.apply(ctx.idempotency_key)
-            if ctx.step == "notify" and ctx.input.n < 0:
-                raise saga.PermanentError("refused")
-            return ctx.idempotency_key
-
-        async def undo(ctx: saga.Context[Job], key: str) -> None:
-            effects.undo(key)
-
-        step = s.step(name=step_name, retry=saga.Retry(max_attempts=3, initial_delay=0.01))(forward)
-        step.compensate(retry=saga.Retry(max_attempts=3, initial_delay=0.01))(undo)
-    return s
+def ledger_saga(effects: Ledger, name: str = "ledger") -> saga.Saga[Job]:
+    """debit, credit, notify, each compensated, each applying its effect to ``effects``
+    (an external service deduplicating by idempotency key); notify refuses a negative
+    ``n`` for good. A step returns its idempotency key."""
+    return small_saga(
+        name,
+        ["debit", "credit", "notify"],
+        compensate=True,
+        ledger=effects,
+        fail={"notify": permanent("refused", when=lambda ctx: ctx.input.n < 0)},
+        result=lambda ctx: ctx.idempotency_key,
+        retry=fast(3),
+        undo_retry=fast(3),
+    )
 
 
 async def test_crash_after_side_effect_reruns_the_step_once_more(
@@ -58,7 +34,7 @@ async def test_crash_after_side_effect_reruns_the_step_once_more(
     """A worker dying between a step's side effect and its checkpoint loses nothing: the
     lease expires, the step runs again with the same idempotency key (two raw executions,
     net effect one), and the outcome is recorded once."""
-    effects = Effects()
+    effects = Ledger()
     s = ledger_saga(effects)
     faults = Faults()
     faults.crash_after("credit")
@@ -67,7 +43,7 @@ async def test_crash_after_side_effect_reruns_the_step_once_more(
     run = await s.start(Job(n=1))
     assert await run.result(timeout=15) == f"{run.id}:step:notify"
     assert faults.fired["crash_after"] == 1
-    assert effects.raw[f"{run.id}:step:credit"] == 2
+    assert effects.raw()[f"{run.id}:step:credit"] == 2
     assert all(v == 1 for v in effects.net.values())
     history = await run.history()
     assert [e.kind for e in history].count("step_completed") == 3
@@ -79,7 +55,7 @@ async def test_a_step_that_kills_its_worker_every_time_ends_compensated(
 ) -> None:
     """A crash counts as an attempt: a step whose worker dies on every attempt exhausts
     its attempts and the run is compensated instead of looping forever."""
-    effects = Effects()
+    effects = Ledger()
     s = ledger_saga(effects)
     faults = Faults()
     faults.crash_after("credit", times=10)
@@ -101,7 +77,7 @@ async def test_expired_lease_fences_out_the_old_attempt(
     attempt's write is refused (logged as stale_write_refused) and changes nothing; the
     step's outcome is recorded once."""
     gate = anyio.Event()
-    s = saga.Saga("fenced", input=Job)
+    s = saga.Saga("fenced", input=Job)  # written out: the two attempts' interplay is the point
     attempts: list[int] = []
 
     @s.step()
@@ -134,7 +110,7 @@ async def test_failing_compensation_is_retried_then_can_fail_the_run(
 ) -> None:
     """fail_compensation(times=2) is absorbed by retries (compensated); a permanent one
     leaves the run failed with the injected error recorded."""
-    effects = Effects()
+    effects = Ledger()
     s = ledger_saga(effects)
     faults = Faults()
     orch = await orchestrator(s)
@@ -161,7 +137,7 @@ async def test_dropped_connection_at_commit_loses_and_doubles_nothing(
 ) -> None:
     """Breaking the connection while checkpoints commit (with the commit applied or not)
     neither loses a step nor records one twice."""
-    effects = Effects()
+    effects = Ledger()
     s = ledger_saga(effects)
     faults = Faults()
     for step in ("debit", "credit", "notify"):
@@ -172,7 +148,7 @@ async def test_dropped_connection_at_commit_loses_and_doubles_nothing(
     await run.result(timeout=15)
     assert faults.fired["drop_connection"] == 3
     assert [e.kind for e in await run.history()].count("step_completed") == 3
-    assert set(effects.raw.values()) == {1}
+    assert set(effects.raw().values()) == {1}
 
 
 async def test_crash_during_rollback_resumes_the_rollback(
@@ -181,7 +157,7 @@ async def test_crash_during_rollback_resumes_the_rollback(
     """A worker dying after a compensation's effect but before its checkpoint: the
     rollback resumes at that compensation and still undoes every completed step, newest
     first."""
-    effects = Effects()
+    effects = Ledger()
     s = ledger_saga(effects)
     faults = Faults()
     faults.crash_after("credit", compensation=True)
@@ -190,7 +166,7 @@ async def test_crash_during_rollback_resumes_the_rollback(
     run = await s.start(Job(n=-1))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=15)
-    assert effects.raw[f"{run.id}:step:credit:undo"] == 2
+    assert effects.raw("compensation")[f"{run.id}:compensation:credit"] == 2
     assert effects.net == {
         f"{run.id}:step:debit": 0,
         f"{run.id}:step:credit": 0,
@@ -203,22 +179,25 @@ async def test_crash_during_rollback_resumes_the_rollback(
 async def test_step_lease_is_renewed_at_its_own_pace(orchestrator: OrchestratorFactory) -> None:
     """A step with a short lease_seconds, running longer than that lease, keeps it through
     heartbeats: another orchestrator polling the same database never takes it over."""
-    s = saga.Saga("steady", input=Job)
-    attempts: list[int] = []
+    ledger = Ledger()
 
-    @s.step(lease_seconds=0.6)
-    async def long_running(ctx: saga.Context[Job]) -> int:
-        attempts.append(ctx.attempt)
-        await anyio.sleep(2)
-        return 1
+    def steady() -> saga.Saga[Job]:
+        return small_saga(
+            "steady",
+            ["long_running"],
+            ledger=ledger,
+            delay=2,
+            lease_seconds=0.6,
+            retry=None,
+            result=lambda _: 1,
+        )
 
-    other = saga.Saga("steady", input=Job)
-    other.step(name="long_running", lease_seconds=0.6)(long_running.fn)
+    s = steady()
     await orchestrator(s)
-    await orchestrator(other)
+    await orchestrator(steady())
     run = await s.start(Job(n=1))
     assert await run.result(timeout=10) == 1
-    assert attempts == [1]
+    assert ledger.attempts("long_running") == [1]
 
 
 async def test_uncertain_write_that_committed_is_not_reported_stale(
@@ -227,16 +206,15 @@ async def test_uncertain_write_that_committed_is_not_reported_stale(
     """A failure write whose reply is lost after it committed (releasing the lease) is
     resolved from the history as committed: its events are logged once, and it is not
     counted as a stale write even though the run has moved on."""
-    s = saga.Saga("unsure", input=Job)
-
-    @s.step(retry=saga.Retry(max_attempts=2, initial_delay=0, jitter=0))
-    async def flaky(ctx: saga.Context[Job]) -> int:
-        if ctx.attempt == 1:
-            raise ConnectionError("first attempt fails")
-        return ctx.attempt
-
+    s = small_saga(
+        "unsure",
+        ["flaky"],
+        fail={"flaky": transient(1, ConnectionError, "first attempt fails")},
+        retry=saga.Retry(max_attempts=2, initial_delay=0, jitter=0),
+        result=lambda ctx: ctx.attempt,
+    )
     faults = Faults()
-    faults.drop_connection_at_commit(flaky, committed=True)
+    faults.drop_connection_at_commit("flaky", committed=True)
     # Polling every 10 ms, the worker reclaims the run (attempt 2) before the first
     # runner replays its write (50 ms later): the run has moved on when it re-reads.
     orch = await orchestrator(s, poll_interval=0.01)

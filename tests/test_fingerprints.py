@@ -19,11 +19,8 @@ from pydantic.alias_generators import to_camel
 from structlog.testing import capture_logs
 
 import saga
+from tests._sagas import Job, Ledger, small_saga
 from tests.conftest import OrchestratorFactory
-
-
-class Job(BaseModel):
-    n: int
 
 
 class Receipt(BaseModel):
@@ -269,12 +266,7 @@ async def test_the_largest_storable_version_runs(orchestrator: OrchestratorFacto
     integer, is accepted, and a run of it completes and reports that version."""
     with pytest.raises(saga.DefinitionError, match="version"):
         saga.Saga("largest", input=Job, version=2**31)
-    s = saga.Saga("largest", input=Job, version=2**31 - 1)
-
-    @s.step()
-    async def only(ctx: saga.Context[Job]) -> int:
-        return ctx.input.n * 2
-
+    s = small_saga("largest", version=2**31 - 1, result=lambda ctx: ctx.input.n * 2, retry=None)
     orch = await orchestrator(s)
     with anyio.fail_after(15):
         run = await orch.start(s, Job(n=21))
@@ -282,17 +274,10 @@ async def test_the_largest_storable_version_runs(orchestrator: OrchestratorFacto
     assert (await run.info()).version == 2**31 - 1
 
 
-def _shared(tag: str, steps: list[str], executed: list[tuple[str, Any, str]]) -> saga.Saga[Job]:
-    """A definition of ("shared", 1) whose steps record which definition ran them."""
-    s = saga.Saga("shared", input=Job)
-    for name in steps:
-
-        async def step(ctx: saga.Context[Job]) -> str:
-            executed.append((tag, ctx.run_id, ctx.step))
-            return tag
-
-        s.step(name=name)(step)
-    return s
+def _shared(tag: str, steps: list[str], ledger: Ledger) -> saga.Saga[Job]:
+    """A definition of ("shared", 1) whose steps record their calls in ``ledger`` (one per
+    definition: it tells which definition ran a step) and return ``tag``."""
+    return small_saga("shared", steps, ledger=ledger, result=lambda _: tag, retry=None)
 
 
 async def test_each_orchestrator_runs_only_its_own_definition(
@@ -303,9 +288,9 @@ async def test_each_orchestrator_runs_only_its_own_definition(
     attempt 0, are reported by unclaimable_runs() under (name, version, fingerprint) and
     logged as unknown_definition_waiting with both fingerprints; an orchestrator with
     their definition runs them; with both open, each runs exactly its own runs."""
-    executed: list[tuple[str, Any, str]] = []
-    one = _shared("one", ["reserve"], executed)
-    two = _shared("two", ["reserve", "charge"], executed)
+    ledgers = {"one": Ledger(), "two": Ledger()}
+    one = _shared("one", ["reserve"], ledgers["one"])
+    two = _shared("two", ["reserve", "charge"], ledgers["two"])
     assert one.fingerprint != two.fingerprint
     runs: dict[str, list[saga.RunHandle]] = {"one": [], "two": []}
     with capture_logs() as logs, anyio.fail_after(40):
@@ -347,6 +332,7 @@ async def test_each_orchestrator_runs_only_its_own_definition(
     for tag, handles in runs.items():
         steps = ["reserve"] if tag == "one" else ["reserve", "charge"]
         for run in handles:
-            assert [(t, s) for t, run_id, s in executed if run_id == run.id] == [
-                (tag, s) for s in steps
+            executed = [
+                (t, c.step) for t, ledger in ledgers.items() for c in ledger.of(run_id=run.id)
             ]
+            assert executed == [(tag, s) for s in steps]

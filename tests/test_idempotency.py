@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 import saga
-from tests.conftest import OrchestratorFactory
+from tests._sagas import Job, Ledger, permanent, small_saga, transient
+from tests.conftest import ClientFactory, OrchestratorFactory
 
-FAST = saga.Retry(max_attempts=3, initial_delay=0.01, max_delay=0.05)
 STEP_NAME = r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}"
 
 
@@ -54,10 +54,6 @@ class Transient(Exception):
     pass
 
 
-class Job(BaseModel):
-    n: int
-
-
 async def test_step_and_compensation_keys_are_distinct_stable_and_documented(
     orchestrator: OrchestratorFactory,
 ) -> None:
@@ -66,33 +62,27 @@ async def test_step_and_compensation_keys_are_distinct_stable_and_documented(
     every step and compensation sees the documented key, one step's and one
     compensation's retry see the same key as their first attempt, and no two operations
     share a key."""
-    seen: list[tuple[str, str, int, str]] = []  # (phase, step, attempt, key)
-    s = saga.Saga("colliding", input=Job)
-
-    async def forward(ctx: saga.Context[Job]) -> str:
-        seen.append(("step", ctx.step, ctx.attempt, ctx.idempotency_key))
-        if ctx.step == "boom":
-            raise saga.PermanentError("the last step fails for good")
-        if ctx.step == "a:step" and ctx.attempt == 1:
-            raise Transient("retried once")
-        return ctx.step
-
-    async def undo(ctx: saga.Context[Job], result: str) -> None:
-        assert ctx.is_compensation
-        assert result == ctx.step
-        seen.append(("compensation", ctx.step, ctx.attempt, ctx.idempotency_key))
-        if ctx.step == "compensation:a" and ctx.attempt == 1:
-            raise Transient("retried once")
-
-    for name in [*COLLIDING, "boom"]:
-        s.step(name=name, retry=FAST)(forward).compensate(retry=FAST)(undo)
-
+    ledger = Ledger()  # its phase is ctx.is_compensation
+    s = small_saga(
+        "colliding",
+        [*COLLIDING, "boom"],
+        compensate=True,
+        ledger=ledger,
+        fail={
+            "boom": permanent("the last step fails for good"),
+            "a:step": transient(1, Transient, "retried once"),
+        },
+        fail_undo={"compensation:a": transient(1, Transient, "retried once")},
+    )
     orch = await orchestrator(s)
     with anyio.fail_after(30):
         run = await orch.start(s, Job(n=1))
         with pytest.raises(saga.RunCompensatedError):
             await run.result(timeout=25)
 
+    seen = [(c.phase, c.step, c.attempt, c.key) for c in ledger.calls]
+    # Each compensation received its own step's result (the step's name).
+    assert all(c.value == c.step for c in ledger.of("compensation"))
     for phase, step, _, key in seen:
         assert key == FORMATS[phase].format(run_id=run.id, step=step)
     keys_by_operation: dict[tuple[str, str], set[str]] = {}
@@ -117,12 +107,7 @@ async def test_step_and_compensation_keys_are_distinct_stable_and_documented(
 def test_documented_key_format_never_collides(names: set[str], run_ids: list[uuid.UUID]) -> None:
     """For any set of valid step names (saga accepts them all) and any runs, the
     documented key format gives every (run, phase, step) its own key."""
-    s = saga.Saga("keys", input=Job)
-    for name in names:
-
-        async def step(ctx: saga.Context[Job]) -> None: ...
-
-        s.step(name=name)(step)
+    small_saga("keys", sorted(names))  # saga accepts every one of them
     keys = [
         fmt.format(run_id=run_id, step=name)
         for run_id in run_ids
@@ -147,13 +132,7 @@ class Order(BaseModel):
 
 
 def ordering() -> saga.Saga[Order]:
-    s = saga.Saga("ordering", input=Order)
-
-    @s.step()
-    async def take(ctx: saga.Context[Order]) -> str:
-        return ctx.input.order_id
-
-    return s
+    return small_saga("ordering", ["take"], input=Order, result=lambda ctx: ctx.input.order_id)
 
 
 ORIGINAL = {"order_id": "o-1", "meta": {"a": 1, "b": {"x": [1, 2], "y": "z"}}, "lines": []}
@@ -253,15 +232,11 @@ async def test_saga_start_takes_require_same_input(orchestrator: OrchestratorFac
     assert (lenient.id, lenient.created) == (first.id, False)
 
 
-async def test_one_key_in_two_sagas_starts_two_runs(orchestrator: OrchestratorFactory) -> None:
+async def test_one_key_in_two_sagas_starts_two_runs(open_client: ClientFactory) -> None:
     """Keys are unique per saga: the same key used by two sagas starts one run in each,
     even with different inputs."""
-    s, t = ordering(), saga.Saga("other", input=Job)
-
-    @t.step()
-    async def only(ctx: saga.Context[Job]) -> None: ...
-
-    client = await orchestrator(s, t, concurrency=0)
+    s, t = ordering(), small_saga("other")
+    client = await open_client(s, t)
     one = await client.start(s, ORIGINAL, key="shared")
     two = await client.start(t, Job(n=1), key="shared")
     assert one.created

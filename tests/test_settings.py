@@ -12,18 +12,14 @@ import asyncpg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
 
 import saga
+from tests._sagas import Job, small_saga
 from tests.conftest import OrchestratorFactory
 
 YEAR = 365 * 24 * 3600.0
 HUGE_INT = 2**1024  # an int no float can hold
 ENORMOUS_INT = 10**5000  # an int Python refuses to print (more than 4300 digits)
-
-
-class Job(BaseModel):
-    n: int
 
 
 def _cases(*groups: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -222,14 +218,12 @@ def test_any_accepted_retry_policy_gives_finite_non_negative_delays(
 
 
 def _counting_saga(name: str = "pooled") -> saga.Saga[Job]:
-    s = saga.Saga(name, input=Job)
-    for step_name in ("one", "two", "three"):
+    """one, two, three: each returns n + the length of its name."""
 
-        async def step(ctx: saga.Context[Job]) -> int:
-            return ctx.input.n + len(ctx.step)
+    def result(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n + len(ctx.step)
 
-        s.step(name=step_name)(step)
-    return s
+    return small_saga(name, ["one", "two", "three"], result=result, retry=None)
 
 
 async def test_user_pool_with_one_connection_is_refused(dsn: str) -> None:

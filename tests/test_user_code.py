@@ -13,13 +13,10 @@ import pytest
 from pydantic import BaseModel
 
 import saga
+from tests._sagas import Gate, Job, Ledger, fast, small_saga
 from tests.conftest import OrchestratorFactory
 
-FAST = saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.02)
-
-
-class Job(BaseModel):
-    n: int
+TWICE = fast(2)
 
 
 class Receipt(BaseModel):
@@ -128,10 +125,11 @@ RETURNED: dict[str, tuple[Callable[[], Any], Any]] = {
 
 
 def _failing_saga(name: str, body: Callable[[], Any], result_type: Any) -> saga.Saga[Job]:
-    """reserve (compensated), then a step whose body is ``body``."""
+    """reserve (compensated), then a step whose body is ``body``, declared to return
+    ``result_type`` (written out: the odd step's body and annotation are the point)."""
     s = saga.Saga(name, input=Job)
 
-    @s.step(retry=FAST)
+    @s.step(retry=TWICE)
     async def reserve(ctx: saga.Context[Job]) -> str:
         return "held"
 
@@ -143,18 +141,12 @@ def _failing_saga(name: str, body: Callable[[], Any], result_type: Any) -> saga.
         return await body() if asyncio.iscoroutinefunction(body) else body()
 
     odd.__annotations__["return"] = result_type
-    s.step(name="odd", retry=FAST)(odd)
+    s.step(name="odd", retry=TWICE)(odd)
     return s
 
 
 def _plain_saga() -> saga.Saga[Job]:
-    s = saga.Saga("plain", input=Job)
-
-    @s.step()
-    async def double(ctx: saga.Context[Job]) -> int:
-        return ctx.input.n * 2
-
-    return s
+    return small_saga("plain", ["double"], result=lambda ctx: ctx.input.n * 2, retry=None)
 
 
 async def _assert_still_works(orch: saga.Orchestrator, plain: saga.Saga[Job]) -> None:
@@ -219,7 +211,7 @@ async def test_a_dying_loop_is_reported_not_hidden(
     store: its census raises, as a bug would, or raises a stray CancelledError, on which
     anyio would end the loop silently), the orchestrator says so: is_open turns false,
     start() raises LifecycleError, waiters are woken with LifecycleError, and
-    wait_stopped() raises."""
+    wait_stopped() raises. (Private: nothing public can make a loop fail.)"""
     plain = _plain_saga()
     orch = await orchestrator(plain, concurrency=0, census_interval=0.05)
     parked = await orch.start(plain, Job(n=1))  # nobody executes it: it waits
@@ -250,20 +242,20 @@ async def test_a_step_cancelled_by_its_timeout_is_a_retryable_failure(
 ) -> None:
     """The orchestrator's own cancellations still cancel: a step past its timeout fails
     with TimeoutError and is retried, it is not mistaken for a stray CancelledError."""
-    s = saga.Saga("slow", input=Job)
-    attempts: list[int] = []
-
-    @s.step(timeout=0.05, retry=FAST)
-    async def nap(ctx: saga.Context[Job]) -> int:
-        attempts.append(ctx.attempt)
-        if ctx.attempt == 1:
-            await anyio.sleep(10)
-        return ctx.attempt
-
+    ledger = Ledger()
+    s = small_saga(
+        "slow",
+        ["nap"],
+        ledger=ledger,
+        gate=Gate("nap", times=1),  # the first attempt is held (never released)
+        timeout=0.05,
+        retry=TWICE,
+        result=lambda ctx: ctx.attempt,
+    )
     orch = await orchestrator(s)
     with anyio.fail_after(5):
         assert await (await orch.start(s, Job(n=1))).result() == 2
-    assert attempts == [1, 2]
+    assert ledger.attempts("nap") == [1, 2]
 
 
 async def test_a_step_released_again_and_again_ends_by_the_attempt_limit(
@@ -273,20 +265,16 @@ async def test_a_step_released_again_and_again_ends_by_the_attempt_limit(
     lease back) is not retried forever: the first release of an attempt is free, a second
     one counts it, so with max_attempts=2 the run gives up on the step after at most four
     releases, and the completed step is compensated."""
-    s = saga.Saga("hangs", input=Job)
-    undone: list[str] = []
-
-    @s.step()
-    async def reserve(ctx: saga.Context[Job]) -> str:
-        return "held"
-
-    @reserve.compensate
-    async def release(ctx: saga.Context[Job], held: str) -> None:
-        undone.append(held)
-
-    @s.step(retry=saga.Retry(max_attempts=2))
-    async def hang(ctx: saga.Context[Job]) -> None:
-        await anyio.sleep(100)
+    ledger = Ledger()
+    s = small_saga(
+        "hangs",
+        ["reserve", "hang"],
+        compensate={"reserve"},
+        ledger=ledger,
+        delay={"hang": 100},
+        retry={"hang": saga.Retry(max_attempts=2)},
+        undo_retry=None,
+    )
 
     run_id = None
     for _ in range(8):
@@ -312,7 +300,7 @@ async def test_a_step_released_again_and_again_ends_by_the_attempt_limit(
         raise AssertionError("the run was released eight times and never ended")
     assert raised.value.error is not None
     assert raised.value.error.type == "saga.AttemptLost"
-    assert undone == ["held"]
+    assert [(c.step, c.value) for c in ledger.of("compensation")] == [("reserve", "reserve")]
     releases = await db.fetch(
         "SELECT attempt, data FROM saga.events WHERE run_id = $1 AND kind = 'lease_released'"
         " ORDER BY id",

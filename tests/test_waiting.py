@@ -11,25 +11,21 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from pydantic import BaseModel
 
 import saga
+from tests._sagas import Job, small_saga
 from tests.conftest import OrchestratorFactory
 
 
-class Job(BaseModel):
-    n: int
-
-
 def quick_saga(name: str = "quick") -> saga.Saga[Job]:
-    s = saga.Saga(name, input=Job)
-
-    @s.step()
-    async def work(ctx: saga.Context[Job]) -> int:
-        await anyio.sleep(random.uniform(0, 0.004))
-        return ctx.input.n
-
-    return s
+    """One step of up to 4 ms (random) returning n."""
+    return small_saga(
+        name,
+        ["work"],
+        delay=lambda: random.uniform(0, 0.004),
+        result=lambda ctx: ctx.input.n,
+        retry=None,
+    )
 
 
 @pytest.mark.timeout(120)
