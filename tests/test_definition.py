@@ -1,4 +1,5 @@
-"""Definition-time checks and retry arithmetic: pure logic, no database."""
+"""Definition-time checks and retry arithmetic: pure logic; only registration, which
+freezes a definition, opens a client on the test database."""
 
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def test_retryable_classification() -> None:
     assert not policy.retryable(KeyError())
 
 
-def test_definitions_freeze_once_registered() -> None:
+async def test_definitions_freeze_once_registered(dsn: str) -> None:
     """After registration a saga's steps cannot change."""
     s = saga.Saga("frozen", input=In)
 
@@ -153,11 +154,11 @@ def test_definitions_freeze_once_registered() -> None:
     async def a(ctx: saga.Context[In]) -> int:
         return 1
 
-    s._freeze()
-    with pytest.raises(saga.DefinitionError, match="can no longer change"):
+    async with saga.Client(dsn, sagas=[s]):
+        with pytest.raises(saga.DefinitionError, match="can no longer change"):
 
-        @s.step()
-        async def b(ctx: saga.Context[In]) -> None: ...
+            @s.step()
+            async def b(ctx: saga.Context[In]) -> None: ...
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,10 @@ from __future__ import annotations
 import anyio
 import asyncpg
 import pytest
-from pydantic import BaseModel
 
 import saga
-from saga._db import latest_migration
-from saga._migrate import applied_version
 from saga._store import Store
+from tests._sagas import Job, small_saga
 
 
 async def test_concurrent_migrations_apply_each_version_once(dsn: str) -> None:
@@ -19,6 +17,8 @@ async def test_concurrent_migrations_apply_each_version_once(dsn: str) -> None:
     pools = [await asyncpg.create_pool(dsn, min_size=1, max_size=1) for _ in range(4)]
     applied: list[list[int]] = []
     try:
+        expected = await saga.migrate(pools[0], schema="reference")  # every migration, alone
+        assert expected == list(range(1, len(expected) + 1))
 
         async def migrate(pool: asyncpg.Pool) -> None:
             applied.append(await saga.migrate(pool, schema="racing"))
@@ -26,9 +26,9 @@ async def test_concurrent_migrations_apply_each_version_once(dsn: str) -> None:
         async with anyio.create_task_group() as tg:
             for pool in pools:
                 tg.start_soon(migrate, pool)
-        expected = list(range(1, latest_migration() + 1))
         assert sorted(v for versions in applied for v in versions) == expected
-        assert await applied_version(pools[0], "racing") == expected[-1]
+        recorded = await pools[0].fetch("SELECT version FROM racing.migrations ORDER BY 1")
+        assert [r["version"] for r in recorded] == expected
         assert await saga.migrate(pools[0], schema="racing") == []
     finally:
         for pool in pools:
@@ -37,22 +37,11 @@ async def test_concurrent_migrations_apply_each_version_once(dsn: str) -> None:
 
 async def test_schemas_isolate_orchestrators(dsn: str) -> None:
     """Runs started in one schema are invisible to an orchestrator on another."""
-
-    class In(BaseModel):
-        x: int
-
-    def make() -> saga.Saga[In]:
-        s = saga.Saga("iso", input=In)
-
-        @s.step()
-        async def one(ctx: saga.Context[In]) -> int:
-            return ctx.input.x
-
-        return s
-
-    async with saga.Orchestrator(dsn, sagas=[make()], schema="tenant_a", concurrency=0) as a:
-        run = await a.start(a._sagas[("iso", 1)], In(x=1))
-    async with saga.Orchestrator(dsn, sagas=[make()], schema="tenant_b", concurrency=0) as b:
+    iso = small_saga("iso")
+    async with saga.Orchestrator(dsn, sagas=[iso], schema="tenant_a", concurrency=0) as a:
+        run = await a.start(iso, Job(n=1))
+    other = small_saga("iso")
+    async with saga.Orchestrator(dsn, sagas=[other], schema="tenant_b", concurrency=0) as b:
         with pytest.raises(saga.RunNotFoundError):
             await b.get_run(run.id).status()
     conn = await asyncpg.connect(dsn)
@@ -63,26 +52,22 @@ async def test_schemas_isolate_orchestrators(dsn: str) -> None:
         await conn.close()
 
 
-async def test_claim_query_uses_the_due_index(dsn: str) -> None:
+async def test_claim_query_uses_the_due_index(pool: asyncpg.Pool, store: Store) -> None:
     """The real claim statement reads the partial index on due_at, so finished runs (not
-    in that index) cost the claim path nothing."""
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-    try:
-        store = Store(pool)
-        async with pool.acquire() as conn:
-            await conn.execute("SET enable_seqscan = off")
-            rows = await conn.fetch(
-                "EXPLAIN " + store._q["claim"],
-                "w",
-                10,
-                30.0,
-                ["s"],
-                [1],
-                ["-"],
-                *store._claim_table,
-            )
-        plan = "\n".join(r[0] for r in rows)
-        assert "Index Scan on runs_due" in plan or "Index Scan using runs_due" in plan, plan
-        assert "Seq Scan on runs" not in plan, plan
-    finally:
-        await pool.close()
+    in that index) cost the claim path nothing. (Private: the store's claim statement and
+    its plan are what this checks.)"""
+    async with pool.acquire() as conn:
+        await conn.execute("SET enable_seqscan = off")
+        rows = await conn.fetch(
+            "EXPLAIN " + store._q["claim"],
+            "w",
+            10,
+            30.0,
+            ["s"],
+            [1],
+            ["-"],
+            *store._claim_table,
+        )
+    plan = "\n".join(r[0] for r in rows)
+    assert "Index Scan on runs_due" in plan or "Index Scan using runs_due" in plan, plan
+    assert "Seq Scan on runs" not in plan, plan

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 import saga
 from saga.testing import Faults
+from tests._sagas import parked_saga, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
 
 SECRET = "sentinel-7777-never-in-spans"
@@ -41,25 +42,21 @@ class Tracing:
 
 
 def build(fail: bool = False, name: str = "traced") -> saga.Saga[Order]:
-    s = saga.Saga(name, input=Order)
-
-    @s.step(retry=saga.Retry(max_attempts=3, initial_delay=0.01))
-    async def reserve(ctx: saga.Context[Order]) -> str:
-        if ctx.attempt == 1:
-            raise ConnectionError(f"flaky {SECRET}")
-        return f"r-{ctx.input.order_id}"
-
-    @reserve.compensate
-    async def release(ctx: saga.Context[Order], r: str) -> None:
-        return None
-
-    @s.step()
-    async def charge(ctx: saga.Context[Order]) -> str:
-        if fail:
-            raise saga.PermanentError(f"declined {SECRET}")
-        return "c"
-
-    return s
+    """reserve (compensated; its first attempt fails), then charge (fails for good when
+    ``fail``); both errors carry SECRET, which must stay out of spans."""
+    return small_saga(
+        name,
+        ["reserve", "charge"],
+        input=Order,
+        compensate={"reserve"},
+        fail={
+            "reserve": transient(1, ConnectionError, f"flaky {SECRET}"),
+            **({"charge": permanent(f"declined {SECRET}")} if fail else {}),
+        },
+        result={"reserve": lambda ctx: f"r-{ctx.input.order_id}", "charge": lambda _: "c"},
+        retry={"reserve": saga.Retry(max_attempts=3, initial_delay=0.01)},
+        undo_retry=None,
+    )
 
 
 def by_name(spans: list[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
@@ -120,11 +117,10 @@ async def test_compensated_run_traced_across_orchestrators(
     another, with its own tracer provider as another process would have, still forms one
     trace: the worker's spans are children of the client's start span."""
     client_tracing, worker_tracing = Tracing(), Tracing()
-    client = await orchestrator(
-        build(fail=True), concurrency=0, tracer_provider=client_tracing.provider
-    )
+    definition = build(fail=True)
+    client = await orchestrator(definition, concurrency=0, tracer_provider=client_tracing.provider)
     await orchestrator(build(fail=True), tracer_provider=worker_tracing.provider)
-    run = await client.start(client._sagas[("traced", 1)], Order(order_id="o-2"))
+    run = await client.start(definition, Order(order_id="o-2"))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=10)
     with anyio.fail_after(5):
@@ -220,12 +216,7 @@ async def test_metrics_move_as_documented(orchestrator: OrchestratorFactory) -> 
             await anyio.sleep(0.05)
 
     # A run of an unknown version waits, counted; the lag of runnable work shows.
-    ghost = saga.Saga("ghost", input=Order, version=9)
-
-    @ghost.step()
-    async def boo(ctx: saga.Context[Order]) -> None:
-        return None
-
+    ghost = parked_saga("ghost", version=9, input=Order)
     client = await orchestrator(ghost, concurrency=0, meter_provider=meters, census_interval=0.1)
     await client.start(ghost, Order(order_id="g"))
     await anyio.sleep(0.5)
@@ -240,7 +231,7 @@ async def test_stale_writes_are_counted(orchestrator: OrchestratorFactory) -> No
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader])
     gate = anyio.Event()
-    s = saga.Saga("refused", input=Order)
+    s = saga.Saga("refused", input=Order)  # written out: the two attempts' interplay
 
     @s.step()
     async def slow(ctx: saga.Context[Order]) -> int:

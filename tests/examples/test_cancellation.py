@@ -84,7 +84,8 @@ async def test_cancel_while_the_insert_reply_is_in_flight_still_returns_the_run(
 ) -> None:
     """A cancel that arrives after the INSERT committed but before its reply is read
     does not interrupt start(): the caller gets the committed run's handle, and the run
-    completes (nothing is left for a retry to duplicate)."""
+    completes (nothing is left for a retry to duplicate). (Private: the store's start_run
+    is wrapped to hold its reply after the commit; nothing public can delay a reply.)"""
     orch = await orchestrator(checkout, concurrency=2)
     assert orch._store is not None
     real = orch._store.start_run
@@ -119,7 +120,8 @@ async def test_cancelling_result_only_stops_the_waiting(
 ) -> None:
     """result() cancelled at a range of points (before its first read, while it waits
     for the notification) leaves the run untouched: it completes, its history is whole,
-    and no waiter is left registered with the orchestrator."""
+    and no waiter is left registered with the orchestrator (private: the listener's
+    waiter table is what that checks)."""
     orch = await orchestrator(checkout, concurrency=8, poll_interval=0.05)
     keys = []
     for i, delay in enumerate(DELAYS):
@@ -133,7 +135,7 @@ async def test_cancelling_result_only_stops_the_waiting(
         assert scope.cancelled_caught or delay >= 0.05
     await assert_runs_consistent(db, orch, keys)
     assert orch._listener is not None
-    assert not orch._listener.waiters  # private: the waiter table is what this checks
+    assert not orch._listener.waiters
 
 
 @pytest.fixture
@@ -152,7 +154,8 @@ async def test_http_requests_cancelled_mid_start_or_mid_wait_leave_runs_whole(
 ) -> None:
     """POST /orders (and POST /orders?wait=10) cancelled at a range of points, as when
     the client disconnects: at most one run per order, every committed run completes
-    with a whole history, no waiter leaks, and a retried POST finds the same run."""
+    with a whole history, no waiter leaks (private: the listener's waiter table is what
+    that checks), and a retried POST finds the same run."""
     client, orch = app_client
     keys = []
     for i, delay in enumerate(DELAYS):
@@ -166,7 +169,7 @@ async def test_http_requests_cancelled_mid_start_or_mid_wait_leave_runs_whole(
     committed = await assert_runs_consistent(db, orch, keys)
     assert committed, "no request got as far as committing a run"
     assert orch._listener is not None
-    assert not orch._listener.waiters  # private: the waiter table is what this checks
+    assert not orch._listener.waiters
     # The client retries every order (the same request): committed ones come back
     # unchanged, others start.
     for key in keys:
