@@ -119,7 +119,7 @@ async def test_transient_failures_are_retried_with_a_stable_idempotency_key(
         input=Order,
         ledger=ledger,
         fail={"call": transient(2, message=lambda ctx: f"attempt {ctx.attempt} failed")},
-        retry=saga.Retry(max_attempts=3, initial_delay=0.01),
+        retry=FAST,
         result=lambda ctx: ctx.attempt,
     )
     await orchestrator(flaky)
@@ -197,7 +197,7 @@ async def test_compensation_failing_then_succeeding(orchestrator: OrchestratorFa
         fail={"fail": permanent("no")},
         fail_undo={"book": transient(2, TimeoutError, "provider slow")},
         retry=None,
-        undo_retry=saga.Retry(max_attempts=5, initial_delay=0.01),
+        undo_retry=fast(5),
     )
     await orchestrator(wobbly)
     run = await wobbly.start(Order(order_id="o-5", amount_cents=1))
@@ -227,7 +227,7 @@ async def test_exhausted_compensation_fails_the_run_and_retry_resumes_it(
             "charge": Fail(RuntimeError, "refund API down", when=lambda _: broken["refund"])
         },
         retry=None,
-        undo_retry={"charge": saga.Retry(max_attempts=2, initial_delay=0.01)},
+        undo_retry={"charge": fast(2)},
     )
 
     def undone() -> list[tuple[str, int, Any]]:
@@ -473,7 +473,7 @@ async def test_cancelled_rollback_records_every_compensation_attempt(
         gate=gate,
         fail_undo={"a": transient(2, ConnectionError, "try again")},
         retry=None,
-        undo_retry=saga.Retry(max_attempts=5, initial_delay=0.01),
+        undo_retry=fast(5),
     )
     await orchestrator(s)
     run = await s.start(Order(order_id="o", amount_cents=1))

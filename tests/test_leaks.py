@@ -8,6 +8,7 @@ from structlog.testing import capture_logs
 
 import saga
 from saga.testing import Faults
+from tests._sagas import fast
 from tests.conftest import OrchestratorFactory
 
 SECRET = "sentinel-4242-do-not-log"
@@ -23,15 +24,15 @@ async def test_secrets_in_inputs_results_and_errors_never_reach_logs(
     """A sentinel placed in the input, in step results, and in the messages of transient,
     permanent and compensation errors appears in no log entry, while the log still names
     every failure by its type."""
-    s = saga.Saga("secretive", input=Card)
+    s = saga.Saga("secretive", input=Card)  # written out: where the secret flows is the point
 
-    @s.step(retry=saga.Retry(max_attempts=2, initial_delay=0.01))
+    @s.step(retry=fast(2))
     async def tokenize(ctx: saga.Context[Card]) -> str:
         if ctx.attempt == 1:
             raise ConnectionError(f"gateway rejected {ctx.input.number}")
         return f"token-for-{ctx.input.number}"
 
-    @tokenize.compensate(retry=saga.Retry(max_attempts=2, initial_delay=0.01))
+    @tokenize.compensate(retry=fast(2))
     async def forget(ctx: saga.Context[Card], token: str) -> None:
         if ctx.attempt == 1:
             raise RuntimeError(f"could not forget {token}")

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 import saga
 from saga.testing import Faults
-from tests._sagas import parked_saga, permanent, small_saga, transient
+from tests._sagas import FAST, parked_saga, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
 
 SECRET = "sentinel-7777-never-in-spans"
@@ -54,7 +54,7 @@ def build(fail: bool = False, name: str = "traced") -> saga.Saga[Order]:
             **({"charge": permanent(f"declined {SECRET}")} if fail else {}),
         },
         result={"reserve": lambda ctx: f"r-{ctx.input.order_id}", "charge": lambda _: "c"},
-        retry={"reserve": saga.Retry(max_attempts=3, initial_delay=0.01)},
+        retry={"reserve": FAST},
         undo_retry=None,
     )
 
