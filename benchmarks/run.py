@@ -1100,11 +1100,11 @@ class Suite:
                 override = {
                     "id": "gen_random_uuid()",
                     "idempotency_key": "NULL",
-                    "input": "jsonb_build_object('i', g)",
+                    "input": "jsonb_build_object('i', g)::text",
                     "due_at": "NULL",
                     "lease_owner": "NULL",
                     "cancel_requested": "false",
-                    "watched": "false",
+                    "released": "false",
                     "created_at": "at",
                     "updated_at": "at + d",
                     "finished_at": "at + d",
@@ -1199,19 +1199,22 @@ class Suite:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
         try:
             claim = Store(pool)._q["claim"]
-            params = ("bench-explain", 64, 30.0, ["bench_noop"], [1])
+            definition = SAGAS["noop"]()
+            fp = definition.fingerprint
+            params = ("bench-explain", 64, 30.0, ["bench_noop"], [1], [fp])
             async with pool.acquire() as conn:
                 tr = conn.transaction()
                 await tr.start()
                 try:
                     await conn.execute(
                         """
-                        INSERT INTO saga.runs (id, saga_name, saga_version, input, step_name,
-                                               due_at)
-                        SELECT gen_random_uuid(), 'bench_noop', 1, jsonb_build_object('i', g),
-                               's1', now() - interval '1 s'
+                        INSERT INTO saga.runs (id, saga_name, saga_version, fingerprint,
+                                               input, step_name, due_at)
+                        SELECT gen_random_uuid(), 'bench_noop', 1, $1,
+                               jsonb_build_object('i', g)::text, 's1', now() - interval '1 s'
                         FROM generate_series(1, 1000) g
-                        """
+                        """,
+                        fp,
                     )
                     rows = await conn.fetch(
                         "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + claim, *params
@@ -1221,11 +1224,11 @@ class Suite:
                     await tr.rollback()
                 await conn.execute("SET plan_cache_mode = force_generic_plan")
                 await conn.execute(
-                    "PREPARE bench_claim(text, int, float8, text[], int[]) AS " + claim
+                    "PREPARE bench_claim(text, int, float8, text[], int[], text[]) AS " + claim
                 )
                 rows = await conn.fetch(
                     "EXPLAIN (COSTS OFF) EXECUTE bench_claim('bench-explain', 64, 30, "
-                    "'{bench_noop}', '{1}')"
+                    f"'{{bench_noop}}', '{{1}}', '{{{fp}}}')"
                 )
                 generic = "\n".join(r[0] for r in rows)
                 await conn.execute("DEALLOCATE bench_claim")
