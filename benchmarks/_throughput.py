@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
+from benchmarks._base import fmt
 from benchmarks._cpu import CORES
 from benchmarks._harness import Harness
 from benchmarks._measure import STARTERS, SagaRow, measure_queue, measure_saga
@@ -149,7 +150,7 @@ def _details(t: Throughput) -> list[str]:
             f"{med(m.wal_bytes / m.runs for m in ms):,.0f} | "
             f"{med(m.start_rate for m in ms):,.0f} | "
             f"{med(m.p99_seconds for m in ms):.2f} / {med(m.seconds for m in ms):.2f} | "
-            f"{med(m.other_cpu for m in ms):.2f} |"
+            f"{fmt(med(m.other_cpu for m in ms), 2)} |"
         )
     return [*lines, ""]
 
