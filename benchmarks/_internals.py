@@ -79,18 +79,37 @@ def take_calls() -> dict[str, int]:
     return calls
 
 
+_CLAIM_TYPES = ("text", "int", "float8", "text[]", "int[]", "text[]")
+_TABLE_TYPES = ("text[]", "boolean[]", "text[]", "text[]")
+
+
 def claim_statement(pool: asyncpg.Pool) -> tuple[str, tuple[str, ...]]:
     """The claim statement as saga sends it, and its parameter types (for PREPARE)."""
     from saga._store import Store
 
-    return Store(pool)._q["claim"], ("text", "int", "float8", "text[]", "int[]", "text[]")
+    return Store(pool)._q["claim"], _CLAIM_TYPES + _TABLE_TYPES
 
 
 def claim_args(definition: saga.Saga[Any], limit: int) -> tuple[object, ...]:
-    """The claim's $1..$6: worker id, max items, lease seconds, and the registered
-    definitions (names, versions, fingerprints, pairwise)."""
+    """The claim's parameters: worker id, max items, lease seconds, the registered
+    definitions (names, versions, fingerprints, pairwise), then the plan's claim table
+    (status before, cancel requested, status after, start event)."""
+    from saga._plan import claim_table
+
     name, version, fp = definition.name, definition.version, definition.fingerprint
-    return ("bench-explain", limit, 30.0, [name], [version], [fp])
+    table = claim_table()
+    return (
+        "bench-explain",
+        limit,
+        30.0,
+        [name, name],
+        [version, version],
+        [fp, "-"],
+        [str(before) for before, _, _, _ in table],
+        [cancel for _, cancel, _, _ in table],
+        [str(after) for _, _, after, _ in table],
+        [None if kind is None else str(kind) for _, _, _, kind in table],
+    )
 
 
 # -- the schema: saga's tables -----------------------------------------------------------
