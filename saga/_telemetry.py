@@ -45,8 +45,9 @@ CREATED = "saga.run.created"
 FINGERPRINT = "saga.fingerprint"
 ERROR_TYPE = "error.type"  # OpenTelemetry semantic convention
 
-TERMINAL = tuple(str(s) for s in RunStatus.terminal())
-_GAUGED = ("pending", "running", "compensating", "failed")
+# saga.runs.active reports the active statuses and the failed runs (waiting for an
+# operator); saga.runs.<status> counts how runs end.
+_GAUGED = tuple(str(s) for s in (*RunStatus.active(), RunStatus.FAILED))
 
 
 class GaugeState:
@@ -81,7 +82,7 @@ class _Instruments:
             status: meter.create_counter(
                 f"saga.runs.{status}", unit=runs, description=f"Runs that ended {status}."
             )
-            for status in TERMINAL
+            for status in (str(s) for s in RunStatus.terminal())
         }
         self.attempts = {
             kind: meter.create_counter(
