@@ -28,6 +28,7 @@ async def census_loop(
     definitions: Sequence[DefinitionKey],
     interval: float,
     outage: Outage,
+    warn: bool,
 ) -> None:
     gauges = telemetry.gauges(store.schema)
     mine = {(name, version): fp for name, version, fp in definitions}
@@ -42,7 +43,7 @@ async def census_loop(
             else:
                 outage.back()
                 gauges.update(census, waiting)
-                if waiting and anyio.current_time() - warned_at >= _WARN_EVERY:
+                if warn and waiting and anyio.current_time() - warned_at >= _WARN_EVERY:
                     warned_at = anyio.current_time()
                     for (name, version, fp), runs in waiting.items():
                         logger.warning(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -41,53 +41,48 @@ def _adapter(annotation: Any) -> TypeAdapter[Any]:
 
 
 def _check_raw(value: Any, path: str, depth: int) -> None:
-    """Reject values that no serialization stores faithfully (NaN, bytes, sets, NUL)."""
+    """Reject values that no serialization stores faithfully (NaN, bytes, NUL), naming
+    where they sit. Anything else (datetime, UUID, Decimal, enums, arbitrary objects) is
+    left to pydantic, which serializes the known types and refuses the rest; the round
+    trip then proves the result."""
     if depth > _MAX_DEPTH:
         raise SerializationError(f"{path}: nested more than {_MAX_DEPTH} levels deep")
-    if value is None or isinstance(value, bool | int):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise SerializationError(f"{path}: {value!r} cannot be stored as JSON")
-        return
+    _check_leaf(value, path)
+    for child_path, child in _children(value, path):
+        _check_raw(child, child_path, depth + 1)
+
+
+def _check_leaf(value: Any, path: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SerializationError(f"{path}: {value!r} cannot be stored as JSON")
     if isinstance(value, str):
         _check_str(value, path)
-        return
-    if isinstance(value, bytes | bytearray | memoryview):
+    elif isinstance(value, bytes | bytearray | memoryview):
         raise SerializationError(
             f"{path}: bytes cannot be stored as JSON; encode them (e.g. base64) into a str"
         )
-    if isinstance(value, set | frozenset):
-        for item in value:  # a declared set type round-trips; the round trip decides
-            _check_raw(item, f"{path}[...]", depth + 1)
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
+    elif isinstance(value, Mapping):
+        for key in value:
             if not isinstance(key, str):
                 raise SerializationError(f"{path}: mapping key {key!r} is not a str")
             _check_str(key, f"{path}[{key!r}]")
-            _check_raw(item, f"{path}[{key!r}]", depth + 1)
-        return
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check_raw(item, f"{path}[{index}]", depth + 1)
-        return
-    if isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            _check_raw(getattr(value, name), f"{path}.{name}", depth + 1)
-        for name, item in (value.model_extra or {}).items():
-            _check_raw(item, f"{path}.{name}", depth + 1)
-        return
-    if isinstance(value, _SECRETS):
-        _check_raw(value.get_secret_value(), f"{path}(secret)", depth + 1)
-        return
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for field in dataclasses.fields(value):
-            _check_raw(getattr(value, field.name), f"{path}.{field.name}", depth + 1)
-        return
-    # Anything else (datetime, UUID, Decimal, enums, arbitrary objects) is left to
-    # pydantic, which serializes the known types and refuses the rest; the round trip
-    # then proves the result.
+
+
+def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(path, value) of what a container holds; nothing for a leaf."""
+    if isinstance(value, Mapping):
+        yield from ((f"{path}[{key!r}]", item) for key, item in value.items())
+    elif isinstance(value, list | tuple):
+        yield from ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    elif isinstance(value, set | frozenset):  # a declared set type round-trips
+        yield from ((f"{path}[...]", item) for item in value)
+    elif isinstance(value, BaseModel):
+        yield from ((f"{path}.{name}", getattr(value, name)) for name in type(value).model_fields)
+        yield from ((f"{path}.{name}", item) for name, item in (value.model_extra or {}).items())
+    elif isinstance(value, _SECRETS):
+        yield f"{path}(secret)", value.get_secret_value()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        yield from ((f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
 
 
 def _check_str(value: str, path: str) -> None:
@@ -236,37 +231,45 @@ def _round_trip(annotation: Any, expected: Any, text: str) -> tuple[Any, str | N
 
 def _difference(a: Any, b: Any, path: str) -> str | None:
     """Where ``b`` differs from ``a`` (types included), or None when it does not."""
+    where = path or "the value"
     if type(a) is not type(b):
-        return f"{path or 'the value'}: a {type(a).__name__} comes back as a {type(b).__name__}"
+        return f"{where}: a {type(a).__name__} comes back as a {type(b).__name__}"
+    shape = _shape_change(a, b)
+    if shape is not None:
+        return f"{where}: {shape}"
+    for child_path, x, y in _pairs(a, b, path):
+        found = _difference(x, y, child_path)
+        if found:
+            return found
+    if a != b:
+        return f"{where}: the {type(a).__name__} comes back different"
+    return None
+
+
+def _shape_change(a: Any, b: Any) -> str | None:
+    if isinstance(a, BaseModel) and list(a.model_extra or {}) != list(b.model_extra or {}):
+        return "its extra fields change"
+    if isinstance(a, dict) and list(a) != list(b):
+        return "its keys change"
+    if isinstance(a, list | tuple) and len(a) != len(b):
+        return "its length changes"
+    return None
+
+
+def _pairs(a: Any, b: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    """(path, a's part, b's part) of two values of one shape."""
     if isinstance(a, BaseModel):
         for name in type(a).model_fields:
-            found = _difference(getattr(a, name), getattr(b, name), f"{path}.{name}")
-            if found:
-                return found
-        extra_a, extra_b = a.model_extra or {}, b.model_extra or {}
-        if list(extra_a) != list(extra_b):
-            return f"{path or 'the value'}: its extra fields change"
-        for name in extra_a:
-            found = _difference(extra_a[name], extra_b[name], f"{path}.{name}")
-            if found:
-                return found
+            yield f"{path}.{name}", getattr(a, name), getattr(b, name)
+        extra_b = b.model_extra or {}
+        for name, item in (a.model_extra or {}).items():
+            yield f"{path}.{name}", item, extra_b[name]
     elif isinstance(a, dict):
-        if list(a) != list(b):
-            return f"{path or 'the value'}: its keys change"
         for key in a:
-            found = _difference(a[key], b[key], f"{path}[{key!r}]")
-            if found:
-                return found
+            yield f"{path}[{key!r}]", a[key], b[key]
     elif isinstance(a, list | tuple):
-        if len(a) != len(b):
-            return f"{path or 'the value'}: its length changes"
         for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = _difference(x, y, f"{path}[{index}]")
-            if found:
-                return found
-    if a != b:
-        return f"{path or 'the value'}: the {type(a).__name__} comes back different"
-    return None
+            yield f"{path}[{index}]", x, y
 
 
 def _unserializable(value: Any, path: str, depth: int = 0) -> str | None:

@@ -106,8 +106,11 @@ class Orchestrator(Client):
         await super()._start_loops(tg)
         assert self._store is not None
         store = self._store
+        # What this orchestrator can execute: nothing at concurrency 0 (then all active
+        # work counts as unclaimable here, and it warns about none of it).
+        runnable = self._definitions if self.concurrency else []
         census = census_loop(
-            store, self.telemetry, self._definitions, self.census_interval, self.outage
+            store, self.telemetry, runnable, self.census_interval, self.outage, self.concurrency > 0
         )
         await tg.start(self._supervised, "census", started(lambda: census))
         if self.concurrency == 0:

@@ -32,7 +32,7 @@ from saga._model import Outcome, Phase, RunStatus
 from saga._plan import Failed, Succeeded, Transition
 from saga._store import ClaimedItem, Store
 from saga._telemetry import SAGA, Telemetry
-from saga._write import COMMITTED, Writer
+from saga._write import COMMITTED, Writer, Written
 
 _NO_TIMEOUT = contextlib.nullcontext()
 
@@ -194,29 +194,14 @@ class Runner:
             if change is None:
                 self._end_attempt(run, Outcome.LEASE_LOST)
                 return  # lease lost while the step ran; another worker owns the run now
-            written = await self._writer.write(run.id, lease, change, run.ctx, log)
-            if (
-                written is None
-                and change.unless_cancelled
-                and await self._writer.cancelled_meanwhile(run.id, lease)
-            ):
-                # A cancel was accepted while the last step ran: roll back instead.
-                run.cancel_requested = True
-                lease_for = self._lease_for(run)
-                change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
-                written = await self._writer.write(run.id, lease, change, run.ctx, log)
+            change, written = await self._write(run, lease, change, log)
             if written is None:
                 lease.mark_lost()
                 self._telemetry.writes_refused.add(1, {SAGA: run.saga.name})
                 self._end_attempt(run, Outcome.REFUSED)
                 log.warning("stale_write_refused", step=run.step, attempt=run.attempt)
                 return
-            self._end_attempt(run, run.outcome, change.status if change.terminal else None)
-            if change.terminal:
-                age = None if written is COMMITTED else written.age
-                self._telemetry.run_ended(run.saga.name, change.status, age)
-            for event in change.events:
-                log_event(log, str(event.kind), event.step, event.attempt, event.data)
+            self._recorded(run, change, written, log)
             if written is COMMITTED:
                 return  # committed, but the run has moved on since: nothing more for us
             if not change.leased:
@@ -233,6 +218,32 @@ class Runner:
             run.failed_forward |= change.error is not None
             run.status, run.step, run.attempt = change.status, change.step, change.attempt
             run.cancel_requested = written.cancel_requested
+
+    async def _write(
+        self, run: _Run, lease: Lease, change: Transition, log: Any
+    ) -> tuple[Transition, Written]:
+        """Write ``change``; a completion refused because a cancel was accepted while the
+        last step ran becomes a rollback, written instead."""
+        written = await self._writer.write(run.id, lease, change, run.ctx, log)
+        if (
+            written is None
+            and change.unless_cancelled
+            and await self._writer.cancelled_meanwhile(run.id, lease)
+        ):
+            run.cancel_requested = True
+            lease_for = self._lease_for(run)
+            change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
+            written = await self._writer.write(run.id, lease, change, run.ctx, log)
+        return change, written
+
+    def _recorded(self, run: _Run, change: Transition, written: Written, log: Any) -> None:
+        """The attempt's outcome is in the database: close its span, count, log."""
+        self._end_attempt(run, run.outcome, change.status if change.terminal else None)
+        if change.terminal:
+            age = None if written is COMMITTED or written is None else written.age
+            self._telemetry.run_ended(run.saga.name, change.status, age)
+        for event in change.events:
+            log_event(log, str(event.kind), event.step, event.attempt, event.data)
 
     async def _attempt(self, run: _Run, lease: Lease, log: Any) -> tuple[Transition | None, Any]:
         """Run the current item; return the transition to record (None: lease lost)."""

@@ -45,14 +45,15 @@ CREATED = "saga.run.created"
 FINGERPRINT = "saga.fingerprint"
 ERROR_TYPE = "error.type"  # OpenTelemetry semantic convention
 
-TERMINAL = tuple(str(s) for s in RunStatus.terminal())
-_GAUGED = ("pending", "running", "compensating", "failed")
+# saga.runs.active reports the active statuses and the failed runs (waiting for an
+# operator); saga.runs.<status> counts how runs end.
+_GAUGED = tuple(str(s) for s in (*RunStatus.active(), RunStatus.FAILED))
 
 
 class GaugeState:
     """One orchestrator's latest census of the database: its own, never shared. The
     observable instruments read every live state of their provider (callbacks cannot
-    await), the freshest per schema, so closing one orchestrator removes only its own."""
+    await) and merge them per schema, so closing one orchestrator removes only its own."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
@@ -81,7 +82,7 @@ class _Instruments:
             status: meter.create_counter(
                 f"saga.runs.{status}", unit=runs, description=f"Runs that ended {status}."
             )
-            for status in TERMINAL
+            for status in (str(s) for s in RunStatus.terminal())
         }
         self.attempts = {
             kind: meter.create_counter(
@@ -133,39 +134,48 @@ class _Instruments:
         with self._lock:
             self._states = [s for s in self._states if s is not state]
 
-    def _freshest(self) -> list[GaugeState]:
+    def _merged(self) -> list[tuple[str, Census, dict[DefinitionKey, int]]]:
+        """Per schema, what the live orchestrators of this provider report together:
+        runs per state and the oldest age from the freshest census (they are
+        database-wide), the worst scheduler lag, and as unclaimable only the work none
+        of them can execute."""
         with self._lock:
             states = [s for s in self._states if s.census is not None]
-        best: dict[str, GaugeState] = {}
+        by_schema: dict[str, list[GaugeState]] = {}
         for state in states:
-            if state.schema not in best or state.updated > best[state.schema].updated:
-                best[state.schema] = state
-        return list(best.values())
+            by_schema.setdefault(state.schema, []).append(state)
+        merged = []
+        for schema, group in by_schema.items():
+            freshest = max(group, key=lambda s: s.updated)
+            assert freshest.census is not None
+            lag = max(s.census.scheduler_lag for s in group if s.census is not None)
+            census = Census(freshest.census.runs_by_status, freshest.census.oldest_active_age, lag)
+            keys = set.intersection(*(set(s.unclaimable) for s in group))
+            unclaimable = {k: min(s.unclaimable[k] for s in group) for k in keys}
+            merged.append((schema, census, unclaimable))
+        return merged
 
     def _observe_runs(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for state in self._freshest():
-            assert state.census is not None
+        for schema, census, _ in self._merged():
             for status in _GAUGED:
-                count = state.census.runs_by_status.get(status, 0)
-                yield Observation(count, {SCHEMA: state.schema, RUN_STATUS: status})
+                count = census.runs_by_status.get(status, 0)
+                yield Observation(count, {SCHEMA: schema, RUN_STATUS: status})
 
     def _observe_oldest(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for state in self._freshest():
-            assert state.census is not None
-            yield Observation(state.census.oldest_active_age, {SCHEMA: state.schema})
+        for schema, census, _ in self._merged():
+            yield Observation(census.oldest_active_age, {SCHEMA: schema})
 
     def _observe_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for state in self._freshest():
-            assert state.census is not None
-            yield Observation(state.census.scheduler_lag, {SCHEMA: state.schema})
+        for schema, census, _ in self._merged():
+            yield Observation(census.scheduler_lag, {SCHEMA: schema})
 
     def _observe_unclaimable(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for state in self._freshest():
-            for (name, version, fingerprint), count in state.unclaimable.items():
+        for schema, _, unclaimable in self._merged():
+            for (name, version, fingerprint), count in unclaimable.items():
                 yield Observation(
                     count,
                     {
-                        SCHEMA: state.schema,
+                        SCHEMA: schema,
                         SAGA: name,
                         SAGA_VERSION: version,
                         FINGERPRINT: fingerprint or "-",

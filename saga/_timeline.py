@@ -52,35 +52,73 @@ def timeline(history: Sequence[HistoryEvent]) -> list[StepAttempt]:
     duration and error: what ``saga show`` prints. Works on any run, including runs of
     sagas this process has not registered.
     """
-    attempts: list[StepAttempt] = []
-    open_: dict[tuple[bool, str, int], int] = {}  # (compensation, step, attempt) -> index
-    compensating = False
+    assembler = _Assembler()
+    for event in history:
+        assembler.feed(event)
+    return assembler.attempts
 
-    def close(
-        key: tuple[bool, str, int],
-        event: HistoryEvent,
-        outcome: str,
-        *,
-        retry_in: float | None = None,
-    ) -> None:
-        index = open_.pop(key, None)
-        if index is None:  # no start recorded (e.g. claimed while a cancel was pending)
-            attempts.append(
-                StepAttempt(
-                    step=key[1],
-                    compensation=key[0],
-                    attempt=key[2],
-                    worker=event.worker,
-                    started_at=None,
-                    ended_at=event.at,
-                    outcome=outcome,
-                    error=event.error,
-                    retry_in=retry_in,
-                )
-            )
+
+Key = tuple[bool, str, int]  # (compensation, step, attempt)
+
+
+class _Assembler:
+    def __init__(self) -> None:
+        self.attempts: list[StepAttempt] = []
+        self._open: dict[Key, int] = {}  # -> index in attempts
+        self._compensating = False
+
+    def feed(self, event: HistoryEvent) -> None:
+        kind, step, attempt = event.kind, event.step, event.attempt or 0
+        if kind in (EventKind.RUN_COMPENSATING, EventKind.RUN_RETRIED):
+            self._compensating = True
+        elif step is None:
             return
-        begun = attempts[index]
-        attempts[index] = StepAttempt(
+        elif kind in _STARTED:
+            self._start(event, (kind == EventKind.COMPENSATION_STARTED, step, attempt))
+        elif kind in _COMPLETED:
+            key = (kind == EventKind.COMPENSATION_COMPLETED, step, attempt)
+            self._close(key, event, "completed")
+        elif kind in _FAILED:
+            retry_in = event.data.get("retry_in")
+            self._close(
+                (kind == EventKind.COMPENSATION_FAILED, step, attempt),
+                event,
+                "failed",
+                float(retry_in) if isinstance(retry_in, int | float) else None,
+            )
+        elif kind in _LEASE_ENDS:
+            key = (self._compensating, step, attempt)
+            if key not in self._open and (not self._compensating, step, attempt) in self._open:
+                key = (not self._compensating, step, attempt)
+            self._close(
+                key, event, "lease_expired" if kind == EventKind.LEASE_EXPIRED else "released"
+            )
+
+    def _start(self, event: HistoryEvent, key: Key) -> None:
+        self._compensating = self._compensating or key[0]
+        self._open[key] = len(self.attempts)
+        self.attempts.append(
+            StepAttempt(
+                step=key[1],
+                compensation=key[0],
+                attempt=key[2],
+                worker=event.worker,
+                started_at=event.at,
+                ended_at=None,
+                outcome="running",
+            )
+        )
+
+    def _close(
+        self, key: Key, event: HistoryEvent, outcome: str, retry_in: float | None = None
+    ) -> None:
+        index = self._open.pop(key, None)
+        if index is None:  # no start recorded (e.g. claimed while a cancel was pending)
+            begun = StepAttempt(key[1], key[0], key[2], event.worker, None, None, outcome)
+            index = len(self.attempts)
+            self.attempts.append(begun)
+        begun = self.attempts[index]
+        self.attempts[index] = StepAttempt(
             step=begun.step,
             compensation=begun.compensation,
             attempt=begun.attempt,
@@ -91,41 +129,3 @@ def timeline(history: Sequence[HistoryEvent]) -> list[StepAttempt]:
             error=event.error,
             retry_in=retry_in,
         )
-
-    for event in history:
-        kind, step, attempt = event.kind, event.step, event.attempt or 0
-        if kind in (EventKind.RUN_COMPENSATING, EventKind.RUN_RETRIED):
-            compensating = True
-        elif step is None:
-            continue
-        elif kind in _STARTED:
-            is_comp = kind == EventKind.COMPENSATION_STARTED
-            compensating = compensating or is_comp
-            open_[(is_comp, step, attempt)] = len(attempts)
-            attempts.append(
-                StepAttempt(
-                    step=step,
-                    compensation=is_comp,
-                    attempt=attempt,
-                    worker=event.worker,
-                    started_at=event.at,
-                    ended_at=None,
-                    outcome="running",
-                )
-            )
-        elif kind in _COMPLETED:
-            close((kind == EventKind.COMPENSATION_COMPLETED, step, attempt), event, "completed")
-        elif kind in _FAILED:
-            retry_in = event.data.get("retry_in")
-            close(
-                (kind == EventKind.COMPENSATION_FAILED, step, attempt),
-                event,
-                "failed",
-                retry_in=float(retry_in) if isinstance(retry_in, int | float) else None,
-            )
-        elif kind in _LEASE_ENDS:
-            key = (compensating, step, attempt)
-            if key not in open_ and (not compensating, step, attempt) in open_:
-                key = (not compensating, step, attempt)
-            close(key, event, "lease_expired" if kind == EventKind.LEASE_EXPIRED else "released")
-    return attempts

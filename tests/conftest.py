@@ -26,10 +26,28 @@ import asyncpg
 import pytest
 
 import saga
+from saga._model import EventKind
 from saga._store import Store
 from tests._harness import Children, Server
 
 TEMPLATE = "saga_test_template"
+
+# In every test database: a history row whose kind saga._model.EventKind does not know
+# fails the statement that writes it, so the whole suite checks the one vocabulary
+# (tests/test_vocabulary.py proves the guard itself). The kinds are enum values
+# ([a-z_]+), safe to write as literals.
+_KINDS = ", ".join(f"'{kind}'" for kind in EventKind)
+VOCABULARY_GUARD = f"""
+CREATE FUNCTION saga.known_event_kind() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.kind NOT IN ({_KINDS}) THEN
+        RAISE EXCEPTION 'unknown history event kind %', NEW.kind;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER known_event_kind BEFORE INSERT ON saga.events
+    FOR EACH ROW EXECUTE FUNCTION saga.known_event_kind();
+"""
 
 
 def _with_database(dsn: str, database: str) -> str:
@@ -58,6 +76,7 @@ async def template_dsn(base_dsn: str) -> AsyncIterator[str]:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
             await saga.migrate(pool, schema="saga")
+            await pool.execute(VOCABULARY_GUARD)
         finally:
             await pool.close()
         yield dsn

@@ -1,0 +1,55 @@
+"""The sagas the benchmarks run: three steps of ``async def s(ctx) -> int: return 1``,
+built by one function in every process (the client and the worker processes build the
+same definition, so its fingerprint matches)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from pydantic import BaseModel
+
+import saga
+
+Kind = Literal["noop", "compensate", "gate"]
+KINDS: tuple[Kind, ...] = ("noop", "compensate", "gate")
+# Work items per run: steps, plus compensations on the compensation path (the queue's
+# chains have 3 jobs).
+ITEMS: dict[str, int] = {"noop": 3, "compensate": 5, "gate": 3, "queue": 3}
+
+
+class Input(BaseModel):
+    i: int
+
+
+def build(kind: Kind, gate: Callable[[], Awaitable[None]] | None = None) -> saga.Saga[Input]:
+    """``bench_<kind>``: steps s1, s2, s3.
+
+    - ``noop``: every step returns 1.
+    - ``compensate``: s3 raises ``saga.PermanentError``; s1 and s2 have (no-op)
+      compensations, so a run ends ``compensated`` after 5 work items.
+    - ``gate``: s1 first awaits ``gate()`` (the memory benchmark holds runs in flight).
+    """
+    definition = saga.Saga(f"bench_{kind}", input=Input)
+
+    async def first(ctx: saga.Context[Input]) -> int:
+        if gate is not None:
+            await gate()
+        return 1
+
+    async def then(ctx: saga.Context[Input]) -> int:
+        return 1
+
+    async def fail(ctx: saga.Context[Input]) -> int:
+        raise saga.PermanentError("benchmark: the third step fails for good")
+
+    async def undo(ctx: saga.Context[Input], result: int) -> None:
+        return None
+
+    s1 = definition.step(name="s1")(first)
+    s2 = definition.step(name="s2")(then)
+    definition.step(name="s3")(fail if kind == "compensate" else then)
+    if kind == "compensate":
+        s1.compensate(undo)
+        s2.compensate(undo)
+    return definition

@@ -1,0 +1,97 @@
+-- saga's schema, as the migrations in sql/migrations leave it: read this, not them.
+--
+-- Nothing applies this file: databases are built and upgraded by the numbered
+-- migrations only (tracked in the migrations table, with each file's checksum). A test
+-- applies the migrations to an empty schema and this file to another, and compares the
+-- two catalogs (tables, columns, types, defaults, constraints, indexes): this file
+-- cannot drift from what databases really hold. __schema__ is the schema's name.
+
+CREATE SCHEMA __schema__;
+
+-- Applied migrations: version, file name, and the sha256 of the file when applied
+-- (`saga migrate` refuses to go on if an applied file changed since).
+CREATE TABLE __schema__.migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    checksum   text
+);
+
+-- One row per run. A run carries its one leasable work item: the step (statuses
+-- pending, running) or the compensation (compensating) named step_name, at attempt.
+CREATE TABLE __schema__.runs (
+    id                 uuid PRIMARY KEY,
+    saga_name          text NOT NULL,
+    saga_version       integer NOT NULL,
+    -- The definition's fingerprint (NULL for runs started before fingerprints): only a
+    -- worker with that definition executes the run.
+    fingerprint        text,
+    idempotency_key    text,
+    status             text NOT NULL DEFAULT 'pending'
+                       CONSTRAINT runs_status_check
+                       CHECK (status IN ('pending', 'running', 'compensating',
+                                         'completed', 'compensated', 'failed', 'cancelled')),
+    -- Payloads are JSON text exactly as encoded (jsonb would rewrite numbers and keys).
+    input              text NOT NULL,
+    -- Checkpointed results of completed forward steps: step name -> JSON text.
+    results            jsonb NOT NULL DEFAULT '{}'::jsonb,
+    -- Completed forward steps in completion order: compensations run in reverse.
+    completed_steps    text[] NOT NULL DEFAULT '{}',
+    output             text,           -- the last step's result, once completed
+    error              jsonb,          -- the failure that started the rollback
+    compensation_error jsonb,          -- set when a compensation exhausted its retries
+    cancel_requested   boolean NOT NULL DEFAULT false,
+    trace_context      jsonb,          -- W3C carrier of the span that started the run
+
+    -- The current work item.
+    step_name          text,
+    attempt            integer NOT NULL DEFAULT 0,
+    -- When the item may next be claimed: now() when runnable, a retry's due time during
+    -- backoff, or the lease expiry while a worker holds it. NULL once terminal.
+    due_at             timestamptz,
+    lease_owner        text,           -- worker holding the lease, NULL when not leased
+    lease_token        bigint NOT NULL DEFAULT 0,   -- fencing token, bumped by every claim
+    released           boolean NOT NULL DEFAULT false,  -- attempt given back once already
+
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    finished_at        timestamptz,
+    CONSTRAINT runs_check
+        CHECK ((due_at IS NULL) = (status IN ('completed', 'compensated', 'failed', 'cancelled')))
+);
+
+-- Idempotent starts: one run per (saga, key).
+CREATE UNIQUE INDEX runs_idempotency_key ON __schema__.runs (saga_name, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- The claim path: only active runs, so it stays small whatever the finished history.
+CREATE INDEX runs_due ON __schema__.runs (due_at) WHERE due_at IS NOT NULL;
+-- Runs waiting for an operator, counted by the metrics.
+CREATE INDEX runs_failed ON __schema__.runs (created_at) WHERE status = 'failed';
+-- Operators over finished runs: newest-first listing, oldest-first pruning. Partial on
+-- finished runs, so a step's update (no update is HOT) never touches them.
+CREATE INDEX runs_finished_created ON __schema__.runs (created_at, id) WHERE due_at IS NULL;
+CREATE INDEX runs_finished_at ON __schema__.runs (finished_at) WHERE due_at IS NULL;
+
+-- The append-only history. Events of one run are written only by statements holding
+-- that run's row lock, so ordering by id gives each run's history a total order. No
+-- foreign key (a lookup per event on the hot path); deleting a run deletes its events.
+CREATE TABLE __schema__.events (
+    run_id   uuid NOT NULL,
+    id       bigint GENERATED ALWAYS AS IDENTITY,
+    at       timestamptz NOT NULL DEFAULT now(),
+    kind     text NOT NULL,   -- saga._model.EventKind
+    step     text,
+    attempt  integer,
+    worker   text,
+    data     jsonb,
+    PRIMARY KEY (run_id, id)
+);
+
+-- result() waiters and the end of runs meet here: a waiter's watch (watched) and the
+-- final transition's end mark (ended) are both INSERT ... ON CONFLICT on the run id, so
+-- whichever commits second sees the other: a watched run's end is never missed.
+CREATE TABLE __schema__.watches (
+    run_id  uuid PRIMARY KEY,
+    watched boolean NOT NULL DEFAULT true,
+    ended   boolean NOT NULL DEFAULT false
+);

@@ -1,0 +1,65 @@
+"""The benchmarks at smoke size (``python -m benchmarks.run --smoke``) against the test
+server: they still run end to end on this saga, and the report still renders.
+
+Benchmarks are code like the rest: without this, a reshaped core (a renamed column, a
+changed statement) breaks them silently until the next full run. No timing is asserted:
+figures from a shared CI machine and a non-durable test cluster mean nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks._options import parse_args
+from benchmarks.run import run_suite
+
+
+@pytest.mark.timeout(180)
+async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: str) -> None:
+    """With ``--smoke --dsn``, the hand-written queue, the saga throughput and drain rows,
+    the scale section (cloned finished runs, EXPLAIN of the claim) and the profile (saga's
+    Store calls counted in the worker) each finish every run as expected (the harness
+    checks every run's final state and raises otherwise), with positive runs/s; the report
+    renders those sections and says the ceiling (pgbench) was skipped."""
+    opts, dsn, output = parse_args(["--smoke", "--dsn", base_dsn])
+    assert dsn == base_dsn
+    assert output is None, "a smoke run never writes RESULTS.md"
+    assert "ceiling" not in opts.sections
+
+    results, report = await run_suite(opts, base_dsn, cluster=None)
+
+    t = results.throughput
+    assert set(t.queue) == {16}
+    assert set(t.saga) == {(16, 1)}
+    assert set(t.drain) == {(64, 1)}
+    assert results.scale is not None
+    measured = [*t.queue[16], *t.saga[(16, 1)], *t.drain[(64, 1)]]
+    measured += [*results.scale.empty, *results.scale.big]
+    measured += [row.measured for row in results.profile.values()]
+    for m in measured:
+        assert m.runs_per_s > 0
+        assert m.seconds > 0
+        assert m.worker_cpu >= 0
+    assert all(m.runs == opts.runs for m in measured[:3])
+    assert results.ceiling is None
+
+    assert results.scale.load.runs == opts.scale_runs + 1  # the clones and their template
+    assert "runs" in results.scale.custom_plan
+    assert "runs" in results.scale.generic_plan
+    for row in results.profile.values():
+        assert row.measured.calls.get("claim", 0) > 0
+        assert row.measured.calls.get("transition", 0) > 0
+
+    for heading in (
+        "## Targets",
+        "## Throughput: 3-step no-op chains",
+        "| queue (no framework), 1 process x 16",
+        "| saga, 1 process x 16",
+        "| saga drain, 1 process x 64",
+        "## Scale",
+        "## Where the time goes",
+        "SMOKE RUN",
+        "the ceiling (pgbench) is skipped",
+    ):
+        assert heading in report
+    assert "## Ceiling" not in report

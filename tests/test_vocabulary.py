@@ -1,0 +1,115 @@
+"""One vocabulary: every history kind any query writes is an EventKind, and the enums are
+the only place statuses and kinds are spelled out."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import anyio
+import asyncpg
+import pytest
+from pydantic import BaseModel
+
+import saga
+from saga._model import EventKind, RunStatus
+from saga.testing import Faults
+from tests.conftest import OrchestratorFactory
+
+FAST = saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.02)
+
+
+class Job(BaseModel):
+    n: int
+
+
+async def test_an_unknown_event_kind_fails_the_write(db: asyncpg.Connection) -> None:
+    """The guard every test database carries (tests/conftest.py): a history row of a kind
+    EventKind does not know fails its statement, so any query writing one fails its test.
+    A known kind is accepted."""
+    with pytest.raises(asyncpg.RaiseError, match="unknown history event kind"):
+        await db.execute("INSERT INTO saga.events (run_id, kind) VALUES (gen_random_uuid(), 'x')")
+    await db.execute(
+        "INSERT INTO saga.events (run_id, kind) VALUES (gen_random_uuid(), $1)",
+        str(EventKind.RUN_STARTED),
+    )
+
+
+def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
+    """Every quoted lower_snake word in queries.sql that names a kind or a status is one
+    of the enums' values: no query invents a kind or a status of its own."""
+    text = (resources.files("saga") / "sql" / "queries.sql").read_text("utf-8")
+    words = set(re.findall(r"'([a-z]+(?:_[a-z]+)*)'", text))
+    known = {str(k) for k in EventKind} | {str(s) for s in RunStatus}
+    # Literals that are neither: the fingerprint placeholder, jsonb keys, and so on.
+    other = {"saga", "version", "key", "fingerprint", "counted", "kind", "step", "attempt"}
+    other |= {"worker", "data", "unless_cancelled"}
+    assert words - known - other == set()
+
+
+def _every_kind_saga(undo_fails: list[bool]) -> saga.Saga[Job]:
+    s = saga.Saga("vocabulary", input=Job)
+
+    @s.step(retry=FAST)
+    async def first(ctx: saga.Context[Job]) -> int:
+        if ctx.input.n == 3:
+            await anyio.sleep(10)  # held until shutdown gives the lease back
+        if ctx.input.n == 4 and ctx.attempt == 1:
+            await anyio.sleep(0.3)  # while its lease is expired under it
+        return 1
+
+    @first.compensate(retry=saga.Retry(max_attempts=1))
+    async def undo_first(ctx: saga.Context[Job], one: int) -> None:
+        if undo_fails and undo_fails.pop():
+            raise RuntimeError("undo failed")
+
+    @s.step(retry=FAST)
+    async def second(ctx: saga.Context[Job]) -> int:
+        if ctx.input.n == 1:
+            raise saga.PermanentError("no")
+        if ctx.input.n == 2:
+            await anyio.sleep(0.3)
+        if ctx.attempt == 1 and ctx.input.n == 0:
+            raise ConnectionError("once")
+        return 2
+
+    return s
+
+
+async def test_every_kind_is_written_by_some_run(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    """Runs that complete after a retry, fail and compensate, fail a compensation and are
+    retried by an operator, get cancelled, have a lease expire, and are given back at
+    shutdown write every EventKind between them (and, through the guard, nothing else)."""
+    undo_fails = [False, True]  # the first compensation of run 1 fails, the retry works
+    s = _every_kind_saga(undo_fails)
+    faults = Faults()
+    faults.expire_lease("first", times=1)
+    orch = await orchestrator(s, lease_seconds=0.6)
+    faults.attach(orch)
+    with anyio.fail_after(20):
+        assert await (await orch.start(s, Job(n=4))).result() == 2
+        assert faults.fired["expire_lease"] == 1
+        assert await (await orch.start(s, Job(n=0))).result() == 2
+        failed = await orch.start(s, Job(n=1))
+        with pytest.raises(saga.RunFailedError):
+            await failed.result()
+        await failed.retry()
+        with pytest.raises(saga.RunCompensatedError):
+            await failed.result()
+        cancelled = await orch.start(s, Job(n=2))
+        await anyio.sleep(0.1)
+        await cancelled.cancel()
+        with pytest.raises(saga.RunCancelledError):
+            await cancelled.result()
+    await orch.aclose()  # the next run must be held by the worker below
+    async with saga.Orchestrator(
+        dsn, sagas=[s], shutdown_timeout=0.05, poll_interval=0.05
+    ) as worker:
+        held = await worker.start(s, Job(n=3))
+        with anyio.fail_after(10):
+            while (await held.info()).worker is None:  # noqa: ASYNC110 - waiting for a claim
+                await anyio.sleep(0.01)
+    kinds = {r["kind"] for r in await db.fetch("SELECT DISTINCT kind FROM saga.events")}
+    assert {str(k) for k in EventKind} - kinds == set()
