@@ -230,9 +230,15 @@ class Children:
         )
 
     def close(self) -> None:
-        """Kill and reap every child still running."""
+        """Kill and reap every child still running (all of them, even if one fails)."""
+        failures: list[BaseException] = []
         for child in self.started:
-            child.close()
+            try:
+                child.close()
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 class Server:

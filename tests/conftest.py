@@ -6,13 +6,14 @@ TEMPLATE`` (about 0.1 s), which isolates rows, NOTIFY channels and advisory lock
 
 On that database: ``dsn``, ``db`` (a plain connection), ``pool`` (an asyncpg pool),
 ``store`` (saga's private store, for the tests of that piece), ``orchestrator`` and
-``open_client`` (factories, closed at teardown). Around it: ``children`` (processes started
-through tests._harness, killed at teardown) and ``pg_server`` (the server's pg_ctl).
-Small sagas come from tests._sagas.
+``open_client`` (factories, closed at teardown), ``cli`` (the `saga` command in process).
+Around it: ``children`` (processes started through tests._harness, killed at teardown)
+and ``pg_server`` (the server's pg_ctl). Small sagas come from tests._sagas.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,8 +25,10 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 import saga
+from saga.__main__ import main
 from saga._model import EventKind
 from saga._store import Store
 from tests._harness import Children, Server
@@ -194,3 +197,34 @@ def pg_server() -> Server:
     if server is None:
         pytest.skip("needs the server control of scripts/test.sh (SAGA_TEST_PGCTL/PGDATA)")
     return server
+
+
+class Cli:
+    """Runs `saga` in process (in a thread, since main() runs its own event loop), on the
+    test database unless ``dsn=False``; returns (exit code, stdout, stderr)."""
+
+    def __init__(self, dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+        self.dsn = dsn
+        self.capsys = capsys
+
+    async def __call__(self, *argv: str, dsn: bool = True) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        args = [*argv, "--dsn", self.dsn] if dsn else list(argv)
+        with anyio.fail_after(30):
+            code = await anyio.to_thread.run_sync(main, args)
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    async def json(self, *argv: str) -> Any:
+        """The command's --json output, decoded (it must exit 0)."""
+        code, out, err = await self(*argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+def cli(dsn: str, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    """`saga` in process; meanwhile this process's own orchestrator logs are captured,
+    so they stay out of the command's stdout."""
+    with capture_logs():
+        yield Cli(dsn, capsys)

@@ -7,20 +7,16 @@ import json
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
-from typing import Any
 
 import anyio
 import asyncpg
 import pytest
-from structlog.testing import capture_logs
 
 import saga
-from saga.__main__ import main
 from tests import _harness
 from tests._harness import Children
 from tests._sagas import ONCE, Fail, Job, fast, parked_saga, permanent, small_saga
-from tests.conftest import ClientFactory, OrchestratorFactory
+from tests.conftest import Cli, ClientFactory, OrchestratorFactory
 
 DECLINED = "charge"  # Job(fail=DECLINED): the card is declined
 
@@ -42,39 +38,6 @@ def ops_saga(undo_fails: list[bool] | None = None) -> saga.Saga[Job]:
         retry=fast(2),
         undo_retry=ONCE,
     )
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs() -> Iterator[None]:
-    """Keep this process's own orchestrator logs out of captured stdout."""
-    with capture_logs():
-        yield
-
-
-class Cli:
-    """Runs `saga` in process (in a thread, since main() runs its own event loop)."""
-
-    def __init__(self, dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
-        self.dsn = dsn
-        self.capsys = capsys
-
-    async def __call__(self, *argv: str, dsn: bool = True) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        args = [*argv, "--dsn", self.dsn] if dsn else list(argv)
-        with anyio.fail_after(30):
-            code = await anyio.to_thread.run_sync(main, args)
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    async def json(self, *argv: str) -> Any:
-        code, out, err = await self(*argv, "--json")
-        assert code == 0, err
-        return json.loads(out)
-
-
-@pytest.fixture
-def cli(dsn: str, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(dsn, capsys)
 
 
 def test_durations_parse_and_bad_ones_are_rejected() -> None:

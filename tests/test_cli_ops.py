@@ -4,33 +4,18 @@ reader that stops early (`| head`), finding a run by its business key, and `saga
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import anyio
 import asyncpg
 import pytest
-from structlog.testing import capture_logs
 
 import saga
 from tests import _harness
 from tests._sagas import Job, parked_saga
-from tests.conftest import ClientFactory
-from tests.test_cli import Cli
+from tests.conftest import Cli, ClientFactory
 from tests.test_operator_lookup import KEYS
 
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs() -> Iterator[None]:
-    """Keep this process's own orchestrator logs out of captured stdout."""
-    with capture_logs():
-        yield
-
-
-@pytest.fixture
-def cli(dsn: str, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(dsn, capsys)
 
 
 async def insert_runs(
