@@ -1,4 +1,5 @@
-"""The JSON codec refuses lossy values and round-trips the rest: pure logic."""
+"""The JSON codec refuses lossy values and round-trips the rest: pure logic (private:
+``saga._codec``, the one place that decides what a payload may be, is what this checks)."""
 
 from __future__ import annotations
 
