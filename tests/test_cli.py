@@ -309,7 +309,7 @@ async def test_commands_run_as_a_real_subprocess(
     env = _harness.python_env(dsn)
 
     async def saga_cmd(*argv: str) -> subprocess.CompletedProcess[str]:
-        return await _harness.run("-m", "saga", *argv, env=env)
+        return await _harness.run("-m", "saga", *argv, env=env, timeout=12)
 
     listed = await saga_cmd("runs", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -55,7 +55,7 @@ async def test_version_prints_the_package_version_without_a_database(
     monkeypatch.delenv("SAGA_DSN", raising=False)
     assert await cli("--version", dsn=False) == (0, f"saga {saga.__version__}\n", "")
 
-    done = await _harness.run("-m", "saga", "--version")  # SAGA_DSN unset
+    done = await _harness.run("-m", "saga", "--version", timeout=30)  # SAGA_DSN unset
     assert (done.returncode, done.stdout, done.stderr) == (0, f"saga {saga.__version__}\n", "")
 
 

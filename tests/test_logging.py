@@ -46,7 +46,7 @@ async def test_an_app_that_configures_no_logging_sees_warnings_only(dsn: str) ->
     runs, each with one failed attempt: stdout stays empty, stderr holds the five
     step_failed warnings and no debug or info line (structlog's own default would print
     every step)."""
-    done = await _harness.run("-c", APP, dsn)
+    done = await _harness.run("-c", APP, dsn, timeout=50)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     lines = done.stderr.splitlines()
