@@ -33,6 +33,20 @@ if TYPE_CHECKING:
 #: How a leased next item's lease length is found (None: do not lease, e.g. stopping).
 LeaseFor = Callable[[str], float] | None
 
+# Enum members used per step, read once (an enum attribute costs a call in 3.11).
+_STEP = Phase.STEP
+_COMPENSATION = Phase.COMPENSATION
+_STEP_COMPLETED = EventKind.STEP_COMPLETED
+_RUN_COMPLETED = EventKind.RUN_COMPLETED
+_STEP_STARTED = EventKind.STEP_STARTED
+_RUNNING = RunStatus.RUNNING
+_COMPLETED = RunStatus.COMPLETED
+_COMPENSATING = RunStatus.COMPENSATING
+
+
+# Which phase a status runs (a dict: enum attribute lookups cost on the hot path).
+_PHASES = {status: _COMPENSATION if status is _COMPENSATING else _STEP for status in RunStatus}
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -83,7 +97,7 @@ class RunState:
 
     @property
     def phase(self) -> Phase:
-        return Phase.COMPENSATION if self.status is RunStatus.COMPENSATING else Phase.STEP
+        return _PHASES[self.status]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +122,7 @@ def attempt_lost(step: str, attempt: int) -> Mapping[str, Any]:
 
 def policy(saga: Saga[Any], state: RunState) -> Retry:
     step = saga.get_step(state.step)
-    if state.phase is Phase.COMPENSATION and step.compensation is not None:
+    if state.phase is _COMPENSATION and step.compensation is not None:
         return step.compensation.retry
     return step.retry
 
@@ -117,7 +131,7 @@ def cancelled_before_start(
     saga: Saga[Any], state: RunState, lease_for: LeaseFor
 ) -> Transition | None:
     """A forward item of a run being cancelled does not start: roll back instead."""
-    if state.phase is Phase.STEP and state.cancel_requested:
+    if state.phase is _STEP and state.cancel_requested:
         return _rollback(saga, state, None, [], None, lease_for)
     return None
 
@@ -139,7 +153,7 @@ def after_attempt(
     rand: Callable[[], float] = random.random,
 ) -> Transition:
     """The transition that records ``outcome`` of the current item's attempt."""
-    if state.phase is Phase.COMPENSATION:
+    if state.phase is _COMPENSATION:
         if isinstance(outcome, Failed):
             return _compensation_failed(saga, state, outcome, lease_for, rand)
         return _compensation_done(saga, state, lease_for)
@@ -164,7 +178,7 @@ def cancel_instead(
 def _step_done(
     saga: Saga[Any], state: RunState, outcome: Succeeded, lease_for: LeaseFor
 ) -> Transition:
-    done = Event(EventKind.STEP_COMPLETED, state.step, state.attempt)
+    done = Event(_STEP_COMPLETED, state.step, state.attempt)
     result = outcome.result_json
     if state.cancel_requested:
         # Cancelled while this step ran: record it, then roll back at once, this step
@@ -174,21 +188,36 @@ def _step_done(
     index = saga.get_step(state.step).index
     if index + 1 == len(saga.steps):
         return Transition(
-            status=RunStatus.COMPLETED,
+            status=_COMPLETED,
             step=None,
             attempt=state.attempt,
-            events=(done, Event(EventKind.RUN_COMPLETED)),
+            events=(done, Event(_RUN_COMPLETED)),
             completed_step=state.step,
             result_json=result,
             output_json=result,
             unless_cancelled=True,  # a cancel accepted meanwhile must roll back instead
         )
     nxt = saga.steps[index + 1].name
-    events = [done]
-    if lease_for is not None:
-        events.append(Event(EventKind.STEP_STARTED, nxt, 1, unless_cancelled=True))
-    next_item = _next_item(RunStatus.RUNNING, nxt, events, lease_for)
-    return replace(next_item, completed_step=state.step, result_json=result)
+    if lease_for is None:
+        return Transition(
+            status=_RUNNING,
+            step=nxt,
+            attempt=0,
+            events=(done,),
+            completed_step=state.step,
+            result_json=result,
+            due_in=0.0,
+        )
+    return Transition(
+        status=_RUNNING,
+        step=nxt,
+        attempt=1,
+        events=(done, Event(_STEP_STARTED, nxt, 1, unless_cancelled=True)),
+        completed_step=state.step,
+        result_json=result,
+        due_in=lease_for(nxt),
+        leased=True,
+    )
 
 
 def _step_failed(
@@ -284,7 +313,7 @@ def _compensate(
 ) -> Transition:
     if lease_for is not None:
         events.append(Event(EventKind.COMPENSATION_STARTED, step, 1))
-    return replace(_next_item(RunStatus.COMPENSATING, step, events, lease_for), error=error)
+    return replace(_next_item(_COMPENSATING, step, events, lease_for), error=error)
 
 
 def _next_item(
@@ -317,10 +346,10 @@ def _finish_rollback(
 def on_claim(status: RunStatus, cancel_requested: bool) -> tuple[RunStatus, EventKind | None]:
     """What claiming an item does: the status it takes, and the start event it records
     (None: a forward step of a run being cancelled will not start; it rolls back)."""
-    if status is RunStatus.COMPENSATING:
+    if status is _COMPENSATING:
         return status, EventKind.COMPENSATION_STARTED
-    new = RunStatus.RUNNING if status is RunStatus.PENDING else status
-    return new, None if cancel_requested else EventKind.STEP_STARTED
+    new = _RUNNING if status is RunStatus.PENDING else status
+    return new, None if cancel_requested else _STEP_STARTED
 
 
 def claim_table() -> list[tuple[RunStatus, bool, RunStatus, EventKind | None]]:
@@ -335,5 +364,5 @@ def claim_table() -> list[tuple[RunStatus, bool, RunStatus, EventKind | None]]:
 
 #: A failed run that an operator retries resumes here: the compensation that gave up,
 #: with fresh attempts.
-RETRIED_STATUS = RunStatus.COMPENSATING
+RETRIED_STATUS = _COMPENSATING
 RETRIABLE_STATUS = RunStatus.FAILED

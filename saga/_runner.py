@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -23,7 +24,7 @@ from opentelemetry.trace import Span
 from saga import _plan
 from saga._aio import is_cancellation
 from saga._codec import check_readable, decode_stored, encode_checked
-from saga._definition import Context, Saga, Step
+from saga._definition import Context, Retry, Saga, Step
 from saga._errors import DatabaseError, SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._lease import Lease, Leases
@@ -34,7 +35,21 @@ from saga._store import ClaimedItem, Store
 from saga._telemetry import SAGA, Telemetry
 from saga._write import COMMITTED, Writer, Written
 
+# Which phase a status runs (a dict: enum attribute lookups cost on the hot path).
+_PHASES = {
+    status: Phase.COMPENSATION if status is RunStatus.COMPENSATING else Phase.STEP
+    for status in RunStatus
+}
+
 _NO_TIMEOUT = contextlib.nullcontext()
+
+# Enum members used per step, read once (an enum attribute costs a call in 3.11).
+_STEP = Phase.STEP
+_COMPENSATION = Phase.COMPENSATION
+_SUCCESS = Outcome.SUCCESS
+_FAILURE = Outcome.FAILURE
+_RETRY = Outcome.RETRY
+_COMPENSATING = RunStatus.COMPENSATING
 
 
 def idempotency_key(run_id: UUID, step: str, phase: Phase) -> str:
@@ -62,7 +77,7 @@ class _Run:
     # The attempt being run: its span, start time, and how it went.
     span: Span | None = None
     started: float = 0.0
-    outcome: Outcome = Outcome.SUCCESS
+    outcome: Outcome = _SUCCESS
     error_type: str | None = None
     ctx: Context[Any] | None = field(default=None, repr=False)
 
@@ -78,7 +93,7 @@ class _Run:
 
     @property
     def phase(self) -> Phase:
-        return Phase.COMPENSATION if self.status is RunStatus.COMPENSATING else Phase.STEP
+        return _PHASES[self.status]  # a dict read: no enum attribute on the hot path
 
 
 class Runner:
@@ -107,6 +122,7 @@ class Runner:
         self._outage = outage
         self._faults = faults
         self._writer = Writer(store, worker_id, hooks, outage)
+        self._lease_fns: dict[int, Callable[[str], float]] = {}  # per saga (by identity)
 
     def use_hooks(self, hooks: Hooks) -> None:
         """Fault injection attached to a running orchestrator (saga.testing)."""
@@ -185,8 +201,11 @@ class Runner:
         """How the plan leases the next item to us: not while shutting down."""
         if self._leases.stopping:
             return None
-        saga = run.saga
-        return lambda step: saga.get_step(step).lease_seconds or self._lease_seconds
+        found = self._lease_fns.get(id(run.saga))
+        if found is None:
+            lengths = {s.name: s.lease_seconds or self._lease_seconds for s in run.saga.steps}
+            found = self._lease_fns[id(run.saga)] = lengths.__getitem__
+        return found
 
     async def _drive(self, run: _Run, lease: Lease, log: Any) -> None:
         while True:
@@ -194,7 +213,9 @@ class Runner:
             if change is None:
                 self._end_attempt(run, Outcome.LEASE_LOST)
                 return  # lease lost while the step ran; another worker owns the run now
-            change, written = await self._write(run, lease, change, log)
+            written = await self._writer.write(run.id, lease, change, run.ctx, log)
+            if written is None and change.unless_cancelled:
+                change, written = await self._cancel_instead(run, lease, change, log)
             if written is None:
                 lease.mark_lost()
                 self._telemetry.writes_refused.add(1, {SAGA: run.saga.name})
@@ -219,27 +240,23 @@ class Runner:
             run.status, run.step, run.attempt = change.status, change.step, change.attempt
             run.cancel_requested = written.cancel_requested
 
-    async def _write(
+    async def _cancel_instead(
         self, run: _Run, lease: Lease, change: Transition, log: Any
     ) -> tuple[Transition, Written]:
-        """Write ``change``; a completion refused because a cancel was accepted while the
-        last step ran becomes a rollback, written instead."""
-        written = await self._writer.write(run.id, lease, change, run.ctx, log)
-        if (
-            written is None
-            and change.unless_cancelled
-            and await self._writer.cancelled_meanwhile(run.id, lease)
-        ):
-            run.cancel_requested = True
-            lease_for = self._lease_for(run)
-            change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
-            written = await self._writer.write(run.id, lease, change, run.ctx, log)
-        return change, written
+        """A completion was refused: if for a cancel accepted while the last step ran,
+        the rollback is written instead (else the lease was lost: nothing written)."""
+        if not await self._writer.cancelled_meanwhile(run.id, lease):
+            return change, None
+        run.cancel_requested = True
+        lease_for = self._lease_for(run)
+        change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
+        return change, await self._writer.write(run.id, lease, change, run.ctx, log)
 
     def _recorded(self, run: _Run, change: Transition, written: Written, log: Any) -> None:
         """The attempt's outcome is in the database: close its span, count, log."""
-        self._end_attempt(run, run.outcome, change.status if change.terminal else None)
-        if change.terminal:
+        terminal = change.terminal
+        self._end_attempt(run, run.outcome, change.status if terminal else None)
+        if terminal:
             age = None if written is COMMITTED or written is None else written.age
             self._telemetry.run_ended(run.saga.name, change.status, age)
         for event in change.events:
@@ -249,56 +266,59 @@ class Runner:
         """Run the current item; return the transition to record (None: lease lost)."""
         run.ctx = None
         lease_for = self._lease_for(run)
-        skip = _plan.cancelled_before_start(run.saga, run.state(), lease_for)
+        state = run.state()
+        skip = _plan.cancelled_before_start(run.saga, state, lease_for)
         if skip is not None:
             return skip, None
         step = run.saga.get_step(run.step)
         self._open_attempt(run)
-        skip = _plan.attempts_exhausted(run.saga, run.state(), lease_for)
+        skip = _plan.attempts_exhausted(run.saga, state, lease_for)
         if skip is not None:
-            run.outcome, run.error_type = Outcome.FAILURE, "saga.AttemptLost"
+            run.outcome, run.error_type = _FAILURE, "saga.AttemptLost"
             return skip, None
         if lease.lost:
             return None, None
+        phase = run.phase
         ctx: Context[Any] = Context(
             run_id=run.id,
             saga=run.saga.name,
             step=step.name,
             attempt=run.attempt,
             input=run.input,
-            idempotency_key=idempotency_key(run.id, step.name, run.phase),
-            is_compensation=run.phase is Phase.COMPENSATION,
+            idempotency_key=idempotency_key(run.id, step.name, phase),
+            is_compensation=phase is _COMPENSATION,
             _results=run.results,
             _definition=run.saga,
         )
         run.ctx = ctx
-        outcome, result = await self._call(run, step, ctx, lease)
+        outcome, result = await self._call(run, step, ctx, lease, _plan.policy(run.saga, state))
         if lease.scope.cancel_called:
             lease.mark_lost()
             log.warning(f"{run.phase}_cancelled_lease_lost")
             return None, None
         if isinstance(outcome, Succeeded):
             await self._hooks.before_checkpoint(ctx)
-            if run.phase is Phase.STEP:
+            if phase is _STEP:
                 outcome, result = self._encode(run, step, result)
         if isinstance(outcome, Failed):
-            run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
-        run.cancel_requested |= lease.cancel_requested
-        change = _plan.after_attempt(run.saga, run.state(), outcome, lease_for)
+            run.outcome, run.error_type = _FAILURE, str(outcome.error["type"])
+        if lease.cancel_requested and not run.cancel_requested:
+            run.cancel_requested = True
+            state = run.state()
+        change = _plan.after_attempt(run.saga, state, outcome, lease_for)
         if change.retry:
-            run.outcome = Outcome.RETRY
+            run.outcome = _RETRY
         return change, result
 
     async def _call(
-        self, run: _Run, step: Step[Any, Any], ctx: Context[Any], lease: Lease
+        self, run: _Run, step: Step[Any, Any], ctx: Context[Any], lease: Lease, retry: Retry
     ) -> tuple[Succeeded | Failed, Any]:
         """Call the user's function; whatever it raises is this attempt's failure
         (GeneratorExit, SystemExit and stray CancelledErrors included), except the
         cancellation of this task: lease lost, timeout, or shutdown."""
-        compensation = run.phase is Phase.COMPENSATION
+        compensation = run.phase is _COMPENSATION
         comp = step.compensation
         timeout = comp.timeout if compensation and comp else step.timeout
-        retry = _plan.policy(run.saga, run.state())
         seconds = step.lease_seconds or self._lease_seconds
         assert run.span is not None
         with lease.attempt_scope(seconds), trace.use_span(run.span, end_on_exit=False):
@@ -335,7 +355,7 @@ class Runner:
         return Succeeded(text), decoded
 
     def _open_attempt(self, run: _Run) -> None:
-        run.outcome, run.error_type = Outcome.SUCCESS, None
+        run.outcome, run.error_type = _SUCCESS, None
         run.started = time.perf_counter()
         run.span = self._telemetry.attempt_span(
             run.trace_parent,

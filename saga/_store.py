@@ -186,11 +186,11 @@ class Store(OperatorQueries):
         or (``change.unless_cancelled``) a cancel was requested meanwhile."""
         events = [
             {
-                "kind": str(e.kind),
+                "kind": e.kind,  # a str (StrEnum): json writes it as its value
                 "step": e.step,
                 "attempt": e.attempt,
                 "worker": worker,
-                "data": dict(e.data) if e.data else None,
+                "data": e.data,
                 "unless_cancelled": e.unless_cancelled,
             }
             for e in change.events
@@ -200,7 +200,7 @@ class Store(OperatorQueries):
                 self._q["transition"],
                 run_id,
                 lease_token,
-                str(change.status),
+                change.status,  # a str (StrEnum)
                 change.step,
                 change.attempt,
                 change.completed_step,

@@ -8,6 +8,7 @@ refused the history is read to tell "it committed" from "the lease was lost".
 from __future__ import annotations
 
 import enum
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -48,10 +49,8 @@ class Writer:
         """Apply ``change``: its result, ``COMMITTED`` (an uncertain write that committed,
         the run moved on since), or None (refused: lease lost, or cancelled meanwhile)."""
         uncertain = False
-
-        async def attempt() -> TransitionResult | None:
-            return await self._store.transition(self._worker, run_id, lease.token, change)
-
+        # A partial, not a closure: one coroutine frame less on every step's write.
+        attempt = partial(self._store.transition, self._worker, run_id, lease.token, change)
         for delay in (*_RETRY_DELAYS, None):
             try:
                 written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
