@@ -80,7 +80,7 @@ def take_calls() -> dict[str, int]:
 
 
 _CLAIM_TYPES = ("text", "int", "float8", "text[]", "int[]", "text[]")
-_TABLE_TYPES = ("text[]", "boolean[]", "text[]", "text[]")
+_TABLE_TYPES = ("text[]", "boolean[]", "boolean[]", "text[]", "text[]", "text[]")
 
 
 def claim_statement(pool: asyncpg.Pool) -> tuple[str, tuple[str, ...]]:
@@ -92,12 +92,12 @@ def claim_statement(pool: asyncpg.Pool) -> tuple[str, tuple[str, ...]]:
 
 def claim_args(definition: saga.Saga[Any], limit: int) -> tuple[object, ...]:
     """The claim's parameters: worker id, max items, lease seconds, the registered
-    definitions (names, versions, fingerprints, pairwise), then the plan's claim table
-    (status before, cancel requested, status after, start event)."""
-    from saga._plan import claim_table
+    definitions (names, versions, fingerprints, pairwise), then the claim table's
+    columns (status before, cancel requested, signalled, status after, wake-up event,
+    start event)."""
+    from saga._claims import claim_table_args
 
     name, version, fp = definition.name, definition.version, definition.fingerprint
-    table = claim_table()
     return (
         "bench-explain",
         limit,
@@ -105,10 +105,7 @@ def claim_args(definition: saga.Saga[Any], limit: int) -> tuple[object, ...]:
         [name, name],
         [version, version],
         [fp, "-"],
-        [str(before) for before, _, _, _ in table],
-        [cancel for _, cancel, _, _ in table],
-        [str(after) for _, _, after, _ in table],
-        [None if kind is None else str(kind) for _, _, _, kind in table],
+        *claim_table_args(),
     )
 
 

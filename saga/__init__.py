@@ -7,7 +7,7 @@ for good the completed steps are compensated newest first.
 """
 
 from saga._client import Client
-from saga._definition import Compensation, Context, Retry, Saga, Step
+from saga._definition import Compensation, Context, Saga, Step
 from saga._errors import (
     ConfigurationError,
     DatabaseError,
@@ -25,6 +25,7 @@ from saga._errors import (
     RunError,
     RunFailedError,
     RunNotFoundError,
+    RunStoppedError,
     RunTimeoutError,
     SagaError,
     SerializationError,
@@ -32,8 +33,10 @@ from saga._errors import (
 from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._operator import PruneResult, RunPage, count_runs, list_runs, migrate, prune
 from saga._orchestrator import Orchestrator
+from saga._policy import Retry
 from saga._run import RunHandle
 from saga._timeline import StepAttempt, timeline
+from saga._waits import Sleep, Wait
 
 __version__ = "0.1.0"
 
@@ -65,12 +68,15 @@ __all__ = [
     "RunNotFoundError",
     "RunPage",
     "RunStatus",
+    "RunStoppedError",
     "RunTimeoutError",
     "Saga",
     "SagaError",
     "SerializationError",
+    "Sleep",
     "Step",
     "StepAttempt",
+    "Wait",
     "count_runs",
     "list_runs",
     "migrate",

@@ -25,8 +25,9 @@ from opentelemetry.trace import TracerProvider
 
 from saga import _checks, _registry
 from saga._aio import uncancellable
+from saga._claims import RETRIABLE_STATUS, RETRIED_STATUS, REWAITABLE_STATUS, REWAITED_STATUS
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json
-from saga._db import close_pool, open_pool, validate_schema
+from saga._db import Executor, close_pool, open_pool, validate_schema
 from saga._definition import Saga
 from saga._errors import (
     ConfigurationError,
@@ -41,6 +42,7 @@ from saga._errors import (
     RunError,
     RunFailedError,
     RunNotFoundError,
+    RunStoppedError,
     RunTimeoutError,
 )
 from saga._lifecycle import Lifecycle, started
@@ -49,8 +51,8 @@ from saga._log import Outage, logger
 from saga._migrate import check_migrated, migrate
 from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._notify import StartNotifier
-from saga._plan import RETRIABLE_STATUS, RETRIED_STATUS
 from saga._run import RunHandle
+from saga._signals import Signalling
 from saga._store import DefinitionKey, RunRow, Store
 from saga._telemetry import CREATED, RUN_ID, SAGA, Telemetry
 
@@ -64,6 +66,7 @@ _RUN_ERRORS: dict[RunStatus, type[RunError]] = {
     RunStatus.COMPENSATED: RunCompensatedError,
     RunStatus.CANCELLED: RunCancelledError,
     RunStatus.FAILED: RunFailedError,
+    RunStatus.STOPPED: RunStoppedError,
 }
 
 
@@ -71,7 +74,7 @@ def _seconds(name: str, value: float, **bounds: Any) -> float:
     return _checks.seconds(name, value, ConfigurationError, **bounds)
 
 
-class Client(Lifecycle):
+class Client(Lifecycle, Signalling):
     """Starts runs, waits for them and acts on them; executes nothing.
 
     ``dsn_or_pool`` is a PostgreSQL DSN (the client then owns its pool) or an
@@ -226,6 +229,7 @@ class Client(Lifecycle):
         *,
         key: str | None = None,
         require_same_input: bool = True,
+        conn: Executor | None = None,
     ) -> RunHandle:
         """Validate ``input``, durably record a new run, and return its handle.
 
@@ -234,7 +238,9 @@ class Client(Lifecycle):
         cancels nor loses the run. With ``key``, a run already started with that key for
         this saga is returned instead (``handle.created`` is then False), provided it was
         started with an equal input: a different input raises
-        :class:`IdempotencyConflictError`, unless ``require_same_input=False``.
+        :class:`IdempotencyConflictError`, unless ``require_same_input=False``. With
+        ``conn`` (an asyncpg connection in an open transaction) the run is inserted in that
+        transaction: it exists, and workers are woken, only if the caller commits.
         """
         store = self._store_or_raise()
         if self._sagas.get((saga.name, saga.version)) is not saga:
@@ -248,7 +254,8 @@ class Client(Lifecycle):
         except pydantic.ValidationError as exc:
             raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
         input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
-        notify = self._notifier.claim(saga.name)
+        # In the caller's transaction the NOTIFY goes out at its commit: never coalesced.
+        notify = conn is not None or self._notifier.claim(saga.name)
         with self.telemetry.start_span(saga) as (span, carrier):
             # Once the INSERT is sent its outcome must be known: a cancelled caller gets
             # its cancellation only after the insert committed or failed.
@@ -263,6 +270,7 @@ class Client(Lifecycle):
                     carrier,
                     notify,
                     saga.fingerprint,
+                    conn,
                 )
             )
             span.set_attribute(RUN_ID, str(started_run.run_id))
@@ -366,13 +374,16 @@ class Client(Lifecycle):
         # Already requested: cancelling twice is harmless.
 
     async def retry(self, run_id: uuid.UUID) -> None:
-        """Resume a failed run; see :meth:`RunHandle.retry`."""
+        """Resume a failed or stopped run; see :meth:`RunHandle.retry`."""
         store = self._store_or_raise()
         if await uncancellable(store.retry_run(run_id, RETRIABLE_STATUS, RETRIED_STATUS)):
             return
+        if await uncancellable(store.rewait_run(run_id, REWAITABLE_STATUS, REWAITED_STATUS)):
+            return
         info = await self.info(run_id)
         raise InvalidRunStateError(
-            f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} runs can be retried"
+            f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} and "
+            f"{REWAITABLE_STATUS} runs can be retried"
         )
 
     async def unclaimable_runs(self) -> dict[DefinitionKey, int]:

@@ -28,6 +28,10 @@ _NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
 
+#: A connection statements can run on: the caller's own, or one of a pool's.
+Executor = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
 def validate_schema(schema: str) -> str:
     if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
         raise ConfigurationError(

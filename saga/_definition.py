@@ -7,21 +7,29 @@ process, worker processes and tests alike.
 
 from __future__ import annotations
 
-import inspect
-import math
-import random
 import re
-import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 from uuid import UUID
 
 from pydantic import BaseModel
 
 from saga import _checks, _registry
-from saga._errors import DefinitionError, PermanentError
+from saga._errors import DefinitionError
 from saga._fingerprint import fingerprint
+from saga._policy import (
+    DEFAULT_COMPENSATION_RETRY,
+    DEFAULT_STEP_RETRY,
+    Retry,
+    check_async,
+    check_lease_seconds,
+    check_retry,
+    check_timeout,
+    return_annotation,
+)
+from saga._waits import OnTimeout, Parking, Sleep, Wait, check_on_timeout, wait_seconds
 
 if TYPE_CHECKING:
     from saga._run import RunHandle
@@ -29,6 +37,7 @@ if TYPE_CHECKING:
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT")
 R = TypeVar("R")
+P = TypeVar("P", bound=BaseModel)
 
 StepFn = Callable[["Context[InT]"], Awaitable[OutT]]
 CompensateFn = Callable[["Context[InT]", OutT], Awaitable[None]]
@@ -44,111 +53,6 @@ def validate_name(name: str, what: str) -> str:
             "'_', '.', ':' or '-', starting with a letter or '_'"
         )
     return name
-
-
-#: The most attempts a policy may allow (attempt numbers are stored as 32-bit ints).
-MAX_ATTEMPTS = 1_000_000
-#: The longest wait between attempts, and the longest attempt timeout: one year.
-MAX_DELAY = 365 * 24 * 3600.0
-#: Lease bounds: a lease must outlive a heartbeat round trip, and a dead worker's lease
-#: must run out within a day.
-MIN_LEASE_SECONDS = 0.1
-MAX_LEASE_SECONDS = 24 * 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """How a step or compensation is retried.
-
-    Attempt ``n`` (1-based) that fails with a retryable error waits
-    ``min(max_delay, initial_delay * multiplier ** (n - 1))``, reduced by a random
-    fraction of up to ``jitter`` so that many runs failing together do not retry in step.
-    ``max_attempts`` counts every attempt, including one whose worker crashed.
-    ``PermanentError`` and the types in ``non_retryable`` fail at once.
-    """
-
-    max_attempts: int = 3
-    initial_delay: float = 0.5
-    max_delay: float = 60.0
-    multiplier: float = 2.0
-    jitter: float = 0.5
-    non_retryable: tuple[type[BaseException], ...] = ()
-
-    def __post_init__(self) -> None:
-        err = DefinitionError
-        _checks.integer(
-            "Retry.max_attempts", self.max_attempts, err, minimum=1, maximum=MAX_ATTEMPTS
-        )
-        for name in ("initial_delay", "max_delay"):
-            _checks.seconds(
-                f"Retry.{name}", getattr(self, name), err, maximum=MAX_DELAY, allow_zero=True
-            )
-        multiplier = self.multiplier
-        if not isinstance(multiplier, int | float) or isinstance(multiplier, bool):
-            raise err(f"Retry.multiplier must be a number, got {_checks.show(multiplier)}")
-        if not (_checks.finite(multiplier) and multiplier >= 1):
-            raise err(
-                f"Retry.multiplier must be a finite number >= 1, got {_checks.show(multiplier)}"
-            )
-        jitter = self.jitter
-        if not isinstance(jitter, int | float) or isinstance(jitter, bool) or not 0 <= jitter <= 1:
-            raise err(f"Retry.jitter must be a number within [0, 1], got {_checks.show(jitter)}")
-        if not isinstance(self.non_retryable, tuple | list):
-            got = _checks.show(self.non_retryable)
-            raise err(f"Retry.non_retryable must be a tuple of exception types, got {got}")
-        object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
-        for exc_type in self.non_retryable:
-            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
-                raise err(f"Retry.non_retryable holds a non-exception {exc_type!r}")
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        try:
-            growth = float(self.multiplier) ** (attempt - 1)
-        except OverflowError:  # a large multiplier after many attempts: the cap applies
-            growth = math.inf
-        base = min(self.max_delay, self.initial_delay * growth) if self.initial_delay else 0.0
-        return base * (1 - self.jitter * rand())
-
-    def retryable(self, exc: BaseException) -> bool:
-        return not isinstance(exc, (PermanentError, *self.non_retryable))
-
-
-DEFAULT_STEP_RETRY = Retry()
-DEFAULT_COMPENSATION_RETRY = Retry(max_attempts=10)
-
-
-def _check_async(fn: Any, what: str, params: int) -> None:
-    if not inspect.iscoroutinefunction(fn):
-        raise DefinitionError(
-            f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function"
-        )
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # pragma: no cover - builtins only
-        return
-    positional = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
-    if len(positional) != params and not varargs:
-        expected = "(ctx)" if params == 1 else "(ctx, result)"
-        raise DefinitionError(
-            f"{what} {fn.__qualname__!r} must take {expected}, it takes {len(positional)} "
-            "required positional parameter(s)"
-        )
-
-
-def _return_annotation(fn: Callable[..., Any]) -> Any:
-    """The declared result type, metadata included (``Annotated`` discriminators,
-    serializers and validators apply to results too); ``Any`` when undeclared."""
-    try:
-        hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception:
-        return Any
-    return hints.get("return", Any)
 
 
 @dataclass(slots=True)
@@ -174,6 +78,7 @@ class Step(Generic[InT, OutT]):
     result_type: Any
     lease_seconds: float | None = None
     compensation: Compensation[InT, OutT] | None = None
+    after: Parking | None = None  # the sleep or wait declared right after this step
 
     @overload
     def compensate(self, fn: CompensateFn[InT, OutT], /) -> Compensation[InT, OutT]: ...
@@ -204,9 +109,9 @@ class Step(Generic[InT, OutT]):
                 raise DefinitionError(
                     f"step {self.name!r} of saga {self.saga.name!r} already has a compensation"
                 )
-            _check_async(f, "compensation", 2)
-            _check_timeout(timeout)
-            _check_retry(retry)
+            check_async(f, "compensation", 2)
+            check_timeout(timeout)
+            check_retry(retry)
             self.compensation = Compensation(
                 fn=f, step=self, retry=retry or DEFAULT_COMPENSATION_RETRY, timeout=timeout
             )
@@ -216,27 +121,6 @@ class Step(Generic[InT, OutT]):
 
     def __repr__(self) -> str:
         return f"<Step {self.saga.name}.{self.name}>"
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None:
-        _checks.seconds("timeout", timeout, DefinitionError, maximum=MAX_DELAY)
-
-
-def _check_retry(retry: Retry | None) -> None:
-    if retry is not None and not isinstance(retry, Retry):
-        raise DefinitionError(f"retry must be a saga.Retry, got {retry!r}")
-
-
-def check_lease_seconds(value: float, error: type[Exception]) -> float:
-    """A lease length both a step and the orchestrator accept."""
-    return _checks.seconds(
-        "lease_seconds",
-        value,
-        error,
-        minimum=MIN_LEASE_SECONDS,
-        maximum=MAX_LEASE_SECONDS,
-    )
 
 
 class Saga(Generic[InT]):
@@ -256,6 +140,7 @@ class Saga(Generic[InT]):
         self.version = version
         self.steps: list[Step[InT, Any]] = []
         self._by_name: dict[str, Step[InT, Any]] = {}
+        self._parkings: dict[str, Parking] = {}
         self._frozen = False
         self._fingerprint: str | None = None
 
@@ -288,14 +173,13 @@ class Saga(Generic[InT]):
 
         def register(fn: StepFn[InT, OutT]) -> Step[InT, OutT]:
             self._check_open()
-            _check_async(fn, "step", 1)
-            _check_timeout(timeout)
-            _check_retry(retry)
+            check_async(fn, "step", 1)
+            check_timeout(timeout)
+            check_retry(retry)
             if lease_seconds is not None:
                 check_lease_seconds(lease_seconds, DefinitionError)
             step_name = validate_name(fn.__name__ if name is None else name, "step")
-            if step_name in self._by_name:
-                raise DefinitionError(f"saga {self.name!r} already has a step named {step_name!r}")
+            self._check_new_name(step_name)
             step: Step[InT, OutT] = Step(
                 name=step_name,
                 fn=fn,
@@ -303,7 +187,7 @@ class Saga(Generic[InT]):
                 index=len(self.steps),
                 retry=retry or DEFAULT_STEP_RETRY,
                 timeout=timeout,
-                result_type=_return_annotation(fn),
+                result_type=return_annotation(fn),
                 lease_seconds=lease_seconds,
             )
             self.steps.append(step)
@@ -311,6 +195,94 @@ class Saga(Generic[InT]):
             return step
 
         return register
+
+    def _check_new_name(self, name: str) -> None:
+        if name in self._by_name or name in self._parkings:
+            what = "step" if name in self._by_name else repr(self._parkings[name]).split()[0][1:]
+            raise DefinitionError(f"saga {self.name!r} already has a {what.lower()} named {name!r}")
+
+    def _park_after(self, what: str, name: str) -> Step[InT, Any]:
+        """The step a new sleep or wait follows: the last one declared."""
+        self._check_open()
+        validate_name(name, what)
+        if not self.steps:
+            raise DefinitionError(
+                f"saga {self.name!r}: {what} {name!r} must follow a step (a run starts with "
+                "its first step; declare the step before it)"
+            )
+        last = self.steps[-1]
+        if last.after is not None:
+            raise DefinitionError(
+                f"saga {self.name!r}: {what} {name!r} follows {last.after!r} with no step in "
+                "between; declare one sleep or wait between two steps"
+            )
+        self._check_new_name(name)
+        return last
+
+    def sleep(
+        self,
+        duration: timedelta | float | None = None,
+        *,
+        until: Callable[[Context[InT]], datetime | Awaitable[datetime]] | None = None,
+        name: str | None = None,
+    ) -> Sleep:
+        """Declare a durable sleep after the last declared step: for ``duration`` (a
+        timedelta or seconds), or ``until`` the timezone-aware time a function (sync or
+        async) computes from the context once that step completed (a past time wakes at
+        once). The sleeping run holds no lease, worker or connection."""
+        if (duration is None) == (until is None):
+            raise DefinitionError(f"saga {self.name!r}: sleep takes a duration or until=, one")
+        if until is not None and not callable(until):
+            raise DefinitionError(f"saga {self.name!r}: until must be a function of the context")
+        seconds = None if duration is None else wait_seconds("sleep duration", duration)
+        default = f"sleep_after_{self.steps[-1].name}" if self.steps else "sleep"
+        step = self._park_after("sleep", name or default)
+        sleep = Sleep(name or default, self, step.name, seconds, until)
+        step.after = sleep
+        self._parkings[sleep.name] = sleep
+        return sleep
+
+    def wait_for(
+        self,
+        name: str,
+        model: type[P],
+        *,
+        timeout: timedelta | float | None = None,
+        on_timeout: OnTimeout = "compensate",
+    ) -> Wait[P]:
+        """Declare a wait for the signal ``name`` after the last declared step. The
+        signal's payload (a ``model``) is the wait's result: later steps read it with
+        ``ctx.result(wait)``. Without a signal within ``timeout``: ``"compensate"``
+        rolls back what completed, ``"stop"`` stops the run for an operator, and an
+        ``async def (ctx)`` computes the result to go on with. A signal sent before the
+        run gets here is kept for it."""
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise DefinitionError(
+                f"saga {self.name!r}: the payload of wait {name!r} must be a pydantic model"
+            )
+        seconds = None if timeout is None else wait_seconds(f"timeout of wait {name!r}", timeout)
+        check_on_timeout(self.name, name, on_timeout, seconds)
+        step = self._park_after("wait", name)
+        wait: Wait[P] = Wait(name, self, step.name, model, seconds, on_timeout)
+        step.after = wait
+        self._parkings[name] = wait
+        return wait
+
+    def get_wait(self, name: str) -> Wait[Any] | None:
+        """The wait for the signal ``name``, if this saga declares one."""
+        found = self._parkings.get(name)
+        return found if isinstance(found, Wait) else None
+
+    def waits(self) -> list[Wait[Any]]:
+        """The waits for signals this saga declares, in order."""
+        return [p for p in self._parkings.values() if isinstance(p, Wait)]
+
+    def result_type(self, name: str) -> Any:
+        """The type of the stored result of the step or wait ``name``."""
+        found = self._parkings.get(name)
+        if isinstance(found, Wait):
+            return found.model
+        return self.get_step(name).result_type
 
     def get_step(self, name: str) -> Step[InT, Any]:
         try:
@@ -334,11 +306,22 @@ class Saga(Generic[InT]):
     def _freeze(self) -> None:
         if not self.steps:
             raise DefinitionError(f"saga {self.name!r} has no steps")
+        if self.steps[-1].after is not None:
+            raise DefinitionError(
+                f"saga {self.name!r} ends with {self.steps[-1].after!r}: declare the step "
+                "that runs after it"
+            )
         self._frozen = True
         self._fingerprint = self._compute_fingerprint()
 
     def _compute_fingerprint(self) -> str:
-        steps = [(s.name, s.result_type, s.compensation is not None) for s in self.steps]
+        steps: list[tuple[str, Any, bool]] = []
+        for s in self.steps:
+            steps.append((s.name, s.result_type, s.compensation is not None))
+            if isinstance(s.after, Wait):  # waits and sleeps only where a run has any
+                steps.append((f"wait:{s.after.name}", s.after.model, False))
+            elif s.after is not None:
+                steps.append((f"sleep:{s.after.name}", None, False))
         return fingerprint(self.name, self.version, self.input_type, steps)
 
     async def start(
@@ -382,14 +365,20 @@ class Context(Generic[InT]):
     _results: dict[str, Any] = field(repr=False)
     _definition: Saga[InT] = field(repr=False)
 
-    def result(self, step: Step[Any, R]) -> R:
-        """The typed result of an earlier completed step of this run."""
+    @overload
+    def result(self, step: Wait[P]) -> P: ...
+
+    @overload
+    def result(self, step: Step[Any, R]) -> R: ...
+
+    def result(self, step: Step[Any, Any] | Wait[Any]) -> Any:
+        """The typed result of an earlier completed step of this run, or the payload
+        of a wait it passed."""
         if step.saga is not self._definition:
             raise DefinitionError(f"{step!r} does not belong to saga {self.saga!r}")
         if step.name not in self._results:
             raise DefinitionError(
-                f"step {step.name!r} has not completed in run {self.run_id}; only earlier "
-                "steps' results can be read"
+                f"{'wait' if isinstance(step, Wait) else 'step'} {step.name!r} has not "
+                f"completed in run {self.run_id}; only earlier results can be read"
             )
-        value: R = self._results[step.name]
-        return value
+        return self._results[step.name]

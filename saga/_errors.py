@@ -214,5 +214,11 @@ class RunFailedError(RunError):
     """A compensation exhausted its retries; the run waits for an operator (``retry()``)."""
 
 
+class RunStoppedError(RunError):
+    """A wait timed out and its saga declared ``on_timeout="stop"``: the run is stopped
+    for an operator, who sends the awaited signal or retries the wait
+    (``error.type`` is ``saga.WaitTimedOut``)."""
+
+
 class DatabaseError(SagaError):
     """A database operation failed. The driver's exception is the ``__cause__``."""

@@ -17,19 +17,29 @@ from saga._errors import ErrorInfo
 
 
 class RunStatus(enum.StrEnum):
-    """Where a run is. The last four are terminal."""
+    """Where a run is. The last five are terminal (``failed`` and ``stopped`` ones may be
+    resumed by an operator).
+
+    ``sleeping`` and ``waiting`` runs hold no lease, no worker slot and no connection:
+    they are rows with a due time (the end of a sleep, a wait's timeout), claimed again
+    when it comes, or (``waiting``) when their signal arrives.
+    """
 
     PENDING = "pending"
     RUNNING = "running"
+    SLEEPING = "sleeping"
+    WAITING = "waiting"
     COMPENSATING = "compensating"
     COMPLETED = "completed"
     COMPENSATED = "compensated"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    STOPPED = "stopped"
 
     @property
     def is_terminal(self) -> bool:
-        """Whether the run has ended (``failed`` ones may be resumed by an operator)."""
+        """Whether the run has ended (``failed`` and ``stopped`` ones may be resumed by
+        an operator)."""
         return self in _TERMINAL
 
     @classmethod
@@ -43,8 +53,17 @@ class RunStatus(enum.StrEnum):
 
 
 _TERMINAL = frozenset(
-    {RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.FAILED, RunStatus.CANCELLED}
+    {
+        RunStatus.COMPLETED,
+        RunStatus.COMPENSATED,
+        RunStatus.FAILED,
+        RunStatus.CANCELLED,
+        RunStatus.STOPPED,
+    }
 )
+
+#: The statuses of runs parked at a sleep or a wait (no lease, no worker).
+PARKED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING})
 
 
 class Phase(enum.StrEnum):
@@ -73,6 +92,13 @@ class EventKind(enum.StrEnum):
     RUN_RETRIED = "run_retried"
     LEASE_EXPIRED = "lease_expired"
     LEASE_RELEASED = "lease_released"
+    SLEEP_STARTED = "sleep_started"
+    WAIT_STARTED = "wait_started"
+    SIGNAL_RECEIVED = "signal_received"
+    SIGNAL_REFUSED = "signal_refused"
+    WOKE = "woke"
+    WAIT_TIMED_OUT = "wait_timed_out"
+    RUN_STOPPED = "run_stopped"
 
     @staticmethod
     def started(phase: Phase) -> EventKind:
@@ -97,6 +123,7 @@ _ENDED = {
     RunStatus.COMPENSATED: EventKind.RUN_COMPENSATED,
     RunStatus.CANCELLED: EventKind.RUN_CANCELLED,
     RunStatus.FAILED: EventKind.RUN_FAILED,
+    RunStatus.STOPPED: EventKind.RUN_STOPPED,
 }
 
 
@@ -130,6 +157,12 @@ class RunInfo:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    #: The sleep or wait the run is at (``sleeping``, ``waiting``) or stopped at
+    #: (``stopped``); None otherwise.
+    wait: str | None = None
+    #: When the run is next due: a sleep's end, a wait's timeout (None: no timeout),
+    #: a retry's backoff, a lease's expiry; None once ended.
+    due_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +173,8 @@ class HistoryEvent:
     step_completed, step_failed, run_compensating, compensation_started,
     compensation_completed, compensation_failed, run_completed, run_compensated,
     run_cancelled, run_failed, cancel_requested, run_retried, lease_expired,
-    lease_released.
+    lease_released, sleep_started, wait_started, signal_received, signal_refused, woke,
+    wait_timed_out, run_stopped.
     """
 
     seq: int

@@ -22,11 +22,12 @@ from saga import _checks
 from saga._census import census_loop
 from saga._client import Client
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES
-from saga._definition import Saga, check_lease_seconds
+from saga._definition import Saga
 from saga._errors import ConfigurationError
 from saga._hooks import NO_HOOKS, Hooks
 from saga._lease import Leases, heartbeat_interval
 from saga._lifecycle import started
+from saga._policy import check_lease_seconds
 from saga._runner import Runner
 
 

@@ -16,22 +16,27 @@ decides nothing. The rules, in one place:
   ``compensated`` (a step failed) or ``cancelled`` (it was cancelled).
 - An attempt beyond the limit (its worker died before recording an outcome, or it was
   released twice) fails at once with ``saga.AttemptLost``.
+- A step followed by a sleep or a wait parks the run there in the same write that
+  records the step (``sleeping``, ``waiting``: unleased, due at the sleep's end or the
+  wait's timeout). The claim wakes it: on to the next step, or (a wait whose timeout
+  passed without its signal) the wait's ``on_timeout``: roll back, stop for an operator
+  (``stopped``), or go on with a computed result.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from saga._model import EventKind, Phase, RunStatus
+from saga._transition import Event, Failed, LeaseFor, RunState, Succeeded, Transition
+from saga._waits import Wait, due_seconds
 
 if TYPE_CHECKING:
-    from saga._definition import Retry, Saga
-
-#: How a leased next item's lease length is found (None: do not lease, e.g. stopping).
-LeaseFor = Callable[[str], float] | None
+    from saga._definition import Saga
+    from saga._policy import Retry
 
 # Enum members used per step, read once (an enum attribute costs a call in 3.11).
 _STEP = Phase.STEP
@@ -42,73 +47,7 @@ _STEP_STARTED = EventKind.STEP_STARTED
 _RUNNING = RunStatus.RUNNING
 _COMPLETED = RunStatus.COMPLETED
 _COMPENSATING = RunStatus.COMPENSATING
-
-
-# Which phase a status runs (a dict: enum attribute lookups cost on the hot path).
-_PHASES = {status: _COMPENSATION if status is _COMPENSATING else _STEP for status in RunStatus}
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One history entry a transition appends (the store adds the worker and time)."""
-
-    kind: EventKind
-    step: str | None = None
-    attempt: int | None = None
-    data: Mapping[str, Any] | None = None
-    # Dropped by the store when a cancel was requested meanwhile: a step leased to this
-    # worker on a run being cancelled will not start.
-    unless_cancelled: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One fenced state change of a leased run."""
-
-    status: RunStatus
-    step: str | None  # the next item's step (None once terminal)
-    attempt: int  # the next item's attempt (0: not started)
-    events: tuple[Event, ...]
-    completed_step: str | None = None
-    result_json: str | None = None
-    output_json: str | None = None
-    error: Mapping[str, Any] | None = None
-    compensation_error: Mapping[str, Any] | None = None
-    due_in: float | None = None  # seconds until the next item is due; None once terminal
-    leased: bool = False  # the next item is leased to the worker writing this
-    unless_cancelled: bool = False  # refused if a cancel was requested meanwhile
-    retry: bool = False  # the same item again after a backoff
-
-    @property
-    def terminal(self) -> bool:
-        return self.status.is_terminal
-
-
-@dataclass(frozen=True, slots=True)
-class RunState:
-    """What the plan needs to know of a run whose current item was just attempted."""
-
-    status: RunStatus
-    step: str
-    attempt: int
-    completed: tuple[str, ...] = ()
-    cancel_requested: bool = False
-    failed_forward: bool = False  # a step failed for good: the rollback ends compensated
-
-    @property
-    def phase(self) -> Phase:
-        return _PHASES[self.status]
-
-
-@dataclass(frozen=True, slots=True)
-class Succeeded:
-    result_json: str | None = None  # a step's result; None for a compensation
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    error: Mapping[str, Any]
-    retryable: bool = field(default=True)
+_WAITING = RunStatus.WAITING
 
 
 def attempt_lost(step: str, attempt: int) -> Mapping[str, Any]:
@@ -153,6 +92,8 @@ def after_attempt(
     rand: Callable[[], float] = random.random,
 ) -> Transition:
     """The transition that records ``outcome`` of the current item's attempt."""
+    if state.status is _WAITING:
+        return _wait_timed_out(saga, state, outcome, lease_for)
     if state.phase is _COMPENSATION:
         if isinstance(outcome, Failed):
             return _compensation_failed(saga, state, outcome, lease_for, rand)
@@ -185,7 +126,16 @@ def _step_done(
         # included, rather than lease a next step that will never run.
         rollback = _rollback(saga, state, None, [done], state.step, lease_for)
         return replace(rollback, completed_step=state.step, result_json=result)
-    index = saga.get_step(state.step).index
+    step = saga.get_step(state.step)
+    index = step.index
+    if outcome.park_error is not None:  # the sleep's until() failed: undo the step too
+        failed = Event(
+            EventKind.STEP_FAILED, state.step, state.attempt, {"error": outcome.park_error}
+        )
+        rollback = _rollback(saga, state, outcome.park_error, [done, failed], state.step, lease_for)
+        return replace(rollback, completed_step=state.step, result_json=result)
+    if step.after is not None:
+        return _park(saga, step.after, state, done, result, outcome.park_in)
     if index + 1 == len(saga.steps):
         return Transition(
             status=_COMPLETED,
@@ -217,6 +167,80 @@ def _step_done(
         result_json=result,
         due_in=lease_for(nxt),
         leased=True,
+    )
+
+
+def _park(
+    saga: Saga[Any],
+    parking: Any,
+    state: RunState,
+    done: Event,
+    result: str | None,
+    park_in: float | None,
+) -> Transition:
+    """Record the step and park the run at the sleep or wait after it, unleased, due
+    at the sleep's end or the wait's timeout: one write, no lease, no slot."""
+    waits = isinstance(parking, Wait)
+    seconds = due_seconds(parking) if park_in is None else park_in
+    data: dict[str, Any] = {"signal": parking.name} if waits else {"seconds": seconds}
+    if waits and parking.timeout is not None:
+        data["timeout"] = parking.timeout
+    kind = EventKind.WAIT_STARTED if waits else EventKind.SLEEP_STARTED
+    return Transition(
+        status=_WAITING if waits else RunStatus.SLEEPING,
+        step=saga.steps[saga.get_step(state.step).index + 1].name,
+        attempt=0,
+        events=(done, Event(kind, parking.name, data=data)),
+        completed_step=state.step,
+        result_json=result,
+        due_in=seconds,
+        unless_cancelled=True,  # a cancel accepted meanwhile rolls back at once instead
+        wait=parking.name,
+    )
+
+
+def wait_timed_out_error(wait: str, timeout: float | None) -> Mapping[str, Any]:
+    return {
+        "type": "saga.WaitTimedOut",
+        "message": f"no signal {wait!r} arrived within {timeout:g} seconds",
+        "step": wait,
+    }
+
+
+def _wait_timed_out(
+    saga: Saga[Any], state: RunState, outcome: Succeeded | Failed, lease_for: LeaseFor
+) -> Transition:
+    """A wait's timeout passed without its signal (the claim closed it): apply its
+    ``on_timeout``. ``outcome`` is how computing the result went (a Succeeded without
+    result for "compensate" and "stop")."""
+    assert state.wait is not None
+    wait = saga.get_wait(state.wait)
+    assert wait is not None
+    error = wait_timed_out_error(wait.name, wait.timeout)
+    if isinstance(outcome, Failed):
+        data = {"outcome": "failed", "error": outcome.error}
+        failed = Event(EventKind.WAIT_TIMED_OUT, wait.name, data=data)
+        return _rollback(saga, state, outcome.error, [failed], None, lease_for)
+    choice = "value" if wait.timeout_value is not None else str(wait.on_timeout)
+    timed_out = Event(EventKind.WAIT_TIMED_OUT, wait.name, data={"outcome": choice})
+    if choice == "compensate":
+        return _rollback(saga, state, error, [timed_out], None, lease_for)
+    if choice == "stop":
+        return Transition(
+            status=RunStatus.STOPPED,
+            step=state.step,
+            attempt=0,
+            events=(timed_out, Event(EventKind.RUN_STOPPED, wait.name)),
+            error=error,
+            wait=wait.name,
+        )
+    events = [timed_out]
+    if lease_for is not None:
+        events.append(Event(_STEP_STARTED, state.step, 1, unless_cancelled=True))
+    return replace(
+        _next_item(_RUNNING, state.step, events, lease_for),
+        completed_step=wait.name,
+        result_json=outcome.result_json,
     )
 
 
@@ -287,7 +311,12 @@ def _retry(
 def compensation_plan(saga: Saga[Any], completed: tuple[str, ...]) -> list[str]:
     """The compensations to run, in order: completed steps newest first, those without a
     compensation left out (they have nothing to undo)."""
-    return [name for name in reversed(completed) if saga.get_step(name).compensation]
+    steps = saga.get_step
+    return [
+        name
+        for name in reversed(completed)
+        if saga.get_wait(name) is None and steps(name).compensation is not None
+    ]
 
 
 def _rollback(
@@ -338,31 +367,3 @@ def _finish_rollback(
     status = RunStatus.COMPENSATED if failed_forward else RunStatus.CANCELLED
     events.append(Event(EventKind.ended(status)))
     return Transition(status=status, step=None, attempt=0, events=tuple(events), error=error)
-
-
-# -- decisions the store applies outside the transition of an attempt ---------------------
-
-
-def on_claim(status: RunStatus, cancel_requested: bool) -> tuple[RunStatus, EventKind | None]:
-    """What claiming an item does: the status it takes, and the start event it records
-    (None: a forward step of a run being cancelled will not start; it rolls back)."""
-    if status is _COMPENSATING:
-        return status, EventKind.COMPENSATION_STARTED
-    new = _RUNNING if status is RunStatus.PENDING else status
-    return new, None if cancel_requested else _STEP_STARTED
-
-
-def claim_table() -> list[tuple[RunStatus, bool, RunStatus, EventKind | None]]:
-    """:func:`on_claim` for every claimable (status, cancel requested), as the claim
-    statement receives it."""
-    return [
-        (status, cancel, *on_claim(status, cancel))
-        for status in RunStatus.active()
-        for cancel in (False, True)
-    ]
-
-
-#: A failed run that an operator retries resumes here: the compensation that gave up,
-#: with fresh attempts.
-RETRIED_STATUS = _COMPENSATING
-RETRIABLE_STATUS = RunStatus.FAILED

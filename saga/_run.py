@@ -25,6 +25,10 @@ class RunOps(Protocol):
 
     async def retry(self, run_id: UUID) -> None: ...
 
+    async def signal(
+        self, run_id: UUID | str, signal: Any, payload: Any, *, conn: Any = None
+    ) -> bool: ...
+
 
 class RunHandle:
     """A reference to one run, bound to the client (or orchestrator) that gave it out.
@@ -56,7 +60,8 @@ class RunHandle:
         """Wait for the run to end; return its output (the last step's typed result).
 
         Raises :class:`RunCompensatedError`, :class:`RunCancelledError` or
-        :class:`RunFailedError` when the run ended otherwise, :class:`RunTimeoutError`
+        :class:`RunFailedError` when the run ended otherwise (:class:`RunStoppedError`:
+        stopped for an operator at a timed-out wait), :class:`RunTimeoutError`
         when ``timeout`` seconds pass first (the run goes on), and :class:`LifecycleError`
         when the client closes meanwhile. Woken by NOTIFY; the client polls for all its
         waiters at once as a fallback, so a lost notification costs only latency.
@@ -67,12 +72,19 @@ class RunHandle:
         """Cancel the run: the steps that completed are compensated, newest first.
 
         A step running right now finishes its attempt first (and is compensated if it
-        completed, the last step included). The run then ends ``cancelled``, or
-        ``failed`` if a compensation gives up. Raises :class:`InvalidRunStateError` when
-        the run already ended.
+        completed, the last step included). A sleeping or waiting run (or one stopped at
+        a wait) is compensated at once, without waiting for its timer. The run then ends
+        ``cancelled``, or ``failed`` if a compensation gives up. Raises
+        :class:`InvalidRunStateError` when the run already ended.
         """
         await self._client.cancel(self.id)
 
     async def retry(self) -> None:
-        """Resume a ``failed`` run at the compensation that gave up, with fresh attempts."""
+        """Resume a ``failed`` run at the compensation that gave up, with fresh attempts;
+        or a ``stopped`` one at its timed-out wait, which waits again (a fresh timeout)."""
         await self._client.retry(self.id)
+
+    async def signal(self, signal: Any, payload: Any, *, conn: Any = None) -> bool:
+        """Send this run the signal ``signal`` (a name or the :class:`Wait`) with
+        ``payload``; see :meth:`Client.signal`. True when recorded, False for a repeat."""
+        return await self._client.signal(self.id, signal, payload, conn=conn)

@@ -10,36 +10,38 @@ sees SQL and decides no transition itself.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
-from uuid import UUID
 
 import anyio
 from opentelemetry import trace
-from opentelemetry.context import Context as OtelContext
-from opentelemetry.trace import Span
 
 from saga import _plan
+from saga._active import ActiveRun
 from saga._aio import is_cancellation
 from saga._codec import check_readable, decode_stored, encode_checked
-from saga._definition import Context, Retry, Saga, Step
+from saga._definition import Context, Saga, Step
 from saga._errors import DatabaseError, SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._lease import Lease, Leases
 from saga._log import Outage, log_event, logger
 from saga._model import Outcome, Phase, RunStatus
-from saga._plan import Failed, Succeeded, Transition
+from saga._parked import sleep_length, timeout_result
+from saga._policy import Retry
 from saga._store import ClaimedItem, Store
 from saga._telemetry import SAGA, Telemetry
+from saga._transition import (
+    Failed,
+    LeaseFor,
+    Succeeded,
+    Transition,
+    idempotency_key,
+)
+from saga._waits import Sleep, Wait
 from saga._write import COMMITTED, Writer, Written
-
-# Which phase a status runs (a dict: enum attribute lookups cost on the hot path).
-_PHASES = {
-    status: Phase.COMPENSATION if status is RunStatus.COMPENSATING else Phase.STEP
-    for status in RunStatus
-}
 
 _NO_TIMEOUT = contextlib.nullcontext()
 
@@ -50,50 +52,7 @@ _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _RETRY = Outcome.RETRY
 _COMPENSATING = RunStatus.COMPENSATING
-
-
-def idempotency_key(run_id: UUID, step: str, phase: Phase) -> str:
-    """``<run id>:step:<name>`` or ``<run id>:compensation:<name>``: the run id has a
-    fixed length and the phase a fixed place, so no two operations share a key whatever
-    the step names (which may hold ':')."""
-    return f"{run_id}:{phase}:{step}"
-
-
-@dataclass(slots=True)
-class _Run:
-    """A claimed run as this worker drives it (the plan sees :meth:`state`)."""
-
-    id: UUID
-    saga: Saga[Any]
-    status: RunStatus
-    step: str
-    attempt: int
-    input: Any  # the input model, or Unreadable
-    results: dict[str, Any]  # decoded results of completed steps (or Unreadable)
-    completed: list[str]
-    cancel_requested: bool
-    failed_forward: bool
-    trace_parent: OtelContext | None
-    # The attempt being run: its span, start time, and how it went.
-    span: Span | None = None
-    started: float = 0.0
-    outcome: Outcome = _SUCCESS
-    error_type: str | None = None
-    ctx: Context[Any] | None = field(default=None, repr=False)
-
-    def state(self) -> _plan.RunState:
-        return _plan.RunState(
-            status=self.status,
-            step=self.step,
-            attempt=self.attempt,
-            completed=tuple(self.completed),
-            cancel_requested=self.cancel_requested,
-            failed_forward=self.failed_forward,
-        )
-
-    @property
-    def phase(self) -> Phase:
-        return _PHASES[self.status]  # a dict read: no enum attribute on the hot path
+_WAITING = RunStatus.WAITING
 
 
 class Runner:
@@ -165,7 +124,7 @@ class Runner:
                 self._leases.finished(item, lease)
 
     async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
-        run = _Run(
+        run = ActiveRun(
             id=item.run_id,
             saga=saga,
             status=item.status,
@@ -173,13 +132,14 @@ class Runner:
             attempt=item.attempt,
             input=decode_stored(item.input, saga.input_type, "input"),
             results={
-                name: decode_stored(text, saga.get_step(name).result_type, f"result of {name!r}")
+                name: decode_stored(text, saga.result_type(name), f"result of {name!r}")
                 for name, text in item.results.items()
             },
             completed=list(item.completed_steps),
             cancel_requested=item.cancel_requested,
             failed_forward=item.has_error,
             trace_parent=Telemetry.parent_context(item.trace_context),
+            wait=item.timed_out_wait,
         )
         if item.expired_owner is not None:
             self._telemetry.leases_expired.add(1, {SAGA: saga.name})
@@ -197,7 +157,7 @@ class Runner:
         finally:
             self._end_attempt(run, Outcome.INTERRUPTED)  # crash, cancellation, db error
 
-    def _lease_for(self, run: _Run) -> _plan.LeaseFor:
+    def _lease_for(self, run: ActiveRun) -> LeaseFor:
         """How the plan leases the next item to us: not while shutting down."""
         if self._leases.stopping:
             return None
@@ -207,7 +167,7 @@ class Runner:
             found = self._lease_fns[id(run.saga)] = lengths.__getitem__
         return found
 
-    async def _drive(self, run: _Run, lease: Lease, log: Any) -> None:
+    async def _drive(self, run: ActiveRun, lease: Lease, log: Any) -> None:
         while True:
             change, completed_result = await self._attempt(run, lease, log)
             if change is None:
@@ -226,7 +186,9 @@ class Runner:
             if written is COMMITTED:
                 return  # committed, but the run has moved on since: nothing more for us
             if not change.leased:
-                if change.due_in is not None and change.due_in > 0:
+                if written.signalled:  # the wait just entered had its signal already
+                    self._leases.wake()
+                elif change.due_in is not None and 0 < change.due_in < math.inf:
                     self._leases.wake_later(change.due_in)
                 return
             # The transition leased the run's next item to us: go on in this task.
@@ -241,7 +203,7 @@ class Runner:
             run.cancel_requested = written.cancel_requested
 
     async def _cancel_instead(
-        self, run: _Run, lease: Lease, change: Transition, log: Any
+        self, run: ActiveRun, lease: Lease, change: Transition, log: Any
     ) -> tuple[Transition, Written]:
         """A completion was refused: if for a cancel accepted while the last step ran,
         the rollback is written instead (else the lease was lost: nothing written)."""
@@ -252,7 +214,7 @@ class Runner:
         change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
         return change, await self._writer.write(run.id, lease, change, run.ctx, log)
 
-    def _recorded(self, run: _Run, change: Transition, written: Written, log: Any) -> None:
+    def _recorded(self, run: ActiveRun, change: Transition, written: Written, log: Any) -> None:
         """The attempt's outcome is in the database: close its span, count, log."""
         terminal = change.terminal
         self._end_attempt(run, run.outcome, change.status if terminal else None)
@@ -262,7 +224,9 @@ class Runner:
         for event in change.events:
             log_event(log, str(event.kind), event.step, event.attempt, event.data)
 
-    async def _attempt(self, run: _Run, lease: Lease, log: Any) -> tuple[Transition | None, Any]:
+    async def _attempt(
+        self, run: ActiveRun, lease: Lease, log: Any
+    ) -> tuple[Transition | None, Any]:
         """Run the current item; return the transition to record (None: lease lost)."""
         run.ctx = None
         lease_for = self._lease_for(run)
@@ -270,6 +234,14 @@ class Runner:
         skip = _plan.cancelled_before_start(run.saga, state, lease_for)
         if skip is not None:
             return skip, None
+        if run.status is _WAITING:
+            assert run.wait is not None
+            wait = run.saga.get_wait(run.wait)
+            assert wait is not None
+            ctx = self._context(run, wait.name, _STEP)
+            with lease.attempt_scope(self._lease_seconds):
+                outcome, result = await timeout_result(wait, ctx, partial(self._encode, run))
+            return _plan.after_attempt(run.saga, state, outcome, lease_for), result
         step = run.saga.get_step(run.step)
         self._open_attempt(run)
         skip = _plan.attempts_exhausted(run.saga, state, lease_for)
@@ -279,17 +251,7 @@ class Runner:
         if lease.lost:
             return None, None
         phase = run.phase
-        ctx: Context[Any] = Context(
-            run_id=run.id,
-            saga=run.saga.name,
-            step=step.name,
-            attempt=run.attempt,
-            input=run.input,
-            idempotency_key=idempotency_key(run.id, step.name, phase),
-            is_compensation=phase is _COMPENSATION,
-            _results=run.results,
-            _definition=run.saga,
-        )
+        ctx = self._context(run, step.name, phase)
         run.ctx = ctx
         outcome, result = await self._call(run, step, ctx, lease, _plan.policy(run.saga, state))
         if lease.scope.cancel_called:
@@ -297,9 +259,7 @@ class Runner:
             log.warning(f"{run.phase}_cancelled_lease_lost")
             return None, None
         if isinstance(outcome, Succeeded):
-            await self._hooks.before_checkpoint(ctx)
-            if phase is _STEP:
-                outcome, result = self._encode(run, step, result)
+            outcome, result = await self._checkpoint(run, step, ctx, outcome, result)
         if isinstance(outcome, Failed):
             run.outcome, run.error_type = _FAILURE, str(outcome.error["type"])
         if lease.cancel_requested and not run.cancel_requested:
@@ -310,8 +270,22 @@ class Runner:
             run.outcome = _RETRY
         return change, result
 
+    async def _checkpoint(
+        self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], done: Succeeded, result: Any
+    ) -> tuple[Succeeded | Failed, Any]:
+        """A step or compensation returned: the hooks' checkpoint, then (a step) its
+        result encoded, and the length of a computed sleep after it."""
+        await self._hooks.before_checkpoint(ctx)
+        if run.phase is not _STEP:
+            return done, result
+        outcome, result = self._encode(run, step, result)
+        after = step.after
+        if isinstance(after, Sleep) and after.until is not None and isinstance(outcome, Succeeded):
+            outcome = await sleep_length(after, ctx, run.results, step.name, result, outcome)
+        return outcome, result
+
     async def _call(
-        self, run: _Run, step: Step[Any, Any], ctx: Context[Any], lease: Lease, retry: Retry
+        self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], lease: Lease, retry: Retry
     ) -> tuple[Succeeded | Failed, Any]:
         """Call the user's function; whatever it raises is this attempt's failure
         (GeneratorExit, SystemExit and stray CancelledErrors included), except the
@@ -341,20 +315,31 @@ class Runner:
         return Failed(error_record(SagaError("lease lost"), step.name), True), None
 
     def _encode(
-        self, run: _Run, step: Step[Any, Any], result: Any
+        self, run: ActiveRun, step: Step[Any, Any] | Wait[Any], result: Any
     ) -> tuple[Succeeded | Failed, Any]:
+        what = "timeout result of wait" if isinstance(step, Wait) else "result of step"
         try:
             text, decoded = encode_checked(
-                result,
-                step.result_type,
-                what=f"result of step {step.name!r}",
-                max_bytes=self._max_payload,
+                result, step.result_type, what=f"{what} {step.name!r}", max_bytes=self._max_payload
             )
         except SagaError as exc:
             return Failed(error_record(exc, step.name), retryable=False), None
         return Succeeded(text), decoded
 
-    def _open_attempt(self, run: _Run) -> None:
+    def _context(self, run: ActiveRun, name: str, phase: Phase) -> Context[Any]:
+        return Context(
+            run_id=run.id,
+            saga=run.saga.name,
+            step=name,
+            attempt=run.attempt,
+            input=run.input,
+            idempotency_key=idempotency_key(run.id, name, phase),
+            is_compensation=phase is _COMPENSATION,
+            _results=run.results,
+            _definition=run.saga,
+        )
+
+    def _open_attempt(self, run: ActiveRun) -> None:
         run.outcome, run.error_type = _SUCCESS, None
         run.started = time.perf_counter()
         run.span = self._telemetry.attempt_span(
@@ -369,7 +354,7 @@ class Runner:
         )
 
     def _end_attempt(
-        self, run: _Run, outcome: Outcome, run_status: RunStatus | None = None
+        self, run: ActiveRun, outcome: Outcome, run_status: RunStatus | None = None
     ) -> None:
         span, run.span = run.span, None
         if span is None:

@@ -18,11 +18,15 @@ from uuid import UUID
 
 import asyncpg
 
-from saga._db import channel, queries, translate_errors, validate_schema
+from saga._claims import claim_table_args
+from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
 from saga._model import HistoryEvent, RunInfo, RunStatus
-from saga._plan import Transition, claim_table
 from saga._store_ops import OperatorQueries, loads, run_info
+from saga._store_signals import SignalQueries
+from saga._transition import Transition
+
+_WAITING = RunStatus.WAITING
 
 #: A saga definition as the database knows it: (name, version, fingerprint).
 DefinitionKey = tuple[str, int, str | None]
@@ -62,6 +66,7 @@ class ClaimedItem:
     trace_context: str | None
     age: float  # seconds since the run was created, by the database clock
     expired_owner: str | None
+    timed_out_wait: str | None = None  # status waiting: this wait's timeout passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +83,10 @@ class TransitionResult:
     lease_token: int
     cancel_requested: bool
     age: float = 0.0  # seconds since the run was created, by the database clock
+    signalled: bool = False  # the wait just entered already has its signal: due now
 
 
-class Store(OperatorQueries):
+class Store(OperatorQueries, SignalQueries):
     """Database operations on one schema through an asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:
@@ -89,13 +95,7 @@ class Store(OperatorQueries):
         self._q = queries(schema)
         self.work_channel = channel(self.schema, "work")
         self.done_channel = channel(self.schema, "done")
-        table = claim_table()
-        self._claim_table = (
-            [str(before) for before, _, _, _ in table],
-            [cancel for _, cancel, _, _ in table],
-            [str(after) for _, _, after, _ in table],
-            [None if kind is None else str(kind) for _, _, _, kind in table],
-        )
+        self._claim_table = claim_table_args()
 
     # -- starting -------------------------------------------------------------------------
 
@@ -110,12 +110,15 @@ class Store(OperatorQueries):
         trace_context: str | None,
         notify: bool,
         fingerprint: str,
+        conn: Executor | None = None,
     ) -> StartResult:
-        """Insert a run; a key that already exists returns that run, with its input so
-        the caller can tell a replay from a conflict."""
+        """Insert a run (on ``conn``, in its transaction, if given); a key that already
+        exists returns that run, with its input so the caller can tell a replay from a
+        conflict."""
+        db = conn or self.pool
         async with translate_errors("starting a run"):
             for _ in range(5):
-                row = await self.pool.fetchrow(
+                row = await db.fetchrow(
                     self._q["start_run"],
                     run_id,
                     saga_name,
@@ -130,7 +133,7 @@ class Store(OperatorQueries):
                 )
                 if row is not None:
                     return StartResult(row["id"], True, None)
-                existing = await self.pool.fetchrow(self._q["find_run_by_key"], saga_name, key)
+                existing = await db.fetchrow(self._q["find_run_by_key"], saga_name, key)
                 if existing is not None:
                     return StartResult(existing["id"], False, existing["input"])
                 # The conflicting run was deleted in between (pruned); try again.
@@ -175,6 +178,7 @@ class Store(OperatorQueries):
                 trace_context=r["trace_context"],
                 age=r["age"],
                 expired_owner=r["prev_owner"],
+                timed_out_wait=r["timed_out_wait"],
             )
             for r in rows
         ]
@@ -214,10 +218,14 @@ class Store(OperatorQueries):
                 self.done_channel,
                 worker,
                 change.unless_cancelled,
+                change.wait,
+                change.wait is not None and change.status is _WAITING,
             )
         if row is None:
             return None
-        return TransitionResult(row["lease_token"], row["cancel_requested"], row["age"])
+        return TransitionResult(
+            row["lease_token"], row["cancel_requested"], row["age"], row["signalled"]
+        )
 
     async def heartbeat(
         self, worker: str, leases: Sequence[tuple[UUID, int, float]]
@@ -307,7 +315,7 @@ class Store(OperatorQueries):
                 self._q["request_cancel"],
                 run_id,
                 self.work_channel,
-                [str(s) for s in RunStatus.active()],
+                [str(s) for s in (*RunStatus.active(), RunStatus.STOPPED)],
             )
         return row is not None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -40,7 +41,14 @@ def run_info(r: asyncpg.Record) -> RunInfo:
         created_at=r["created_at"],
         updated_at=r["updated_at"],
         finished_at=r["finished_at"],
+        wait=r["wait_name"],
+        due_at=_due(r["due_at"]),
     )
+
+
+def _due(value: datetime | None) -> datetime | None:
+    """A due time; 'infinity' (a wait without timeout) reads as None."""
+    return None if value is None or value == datetime.max.replace(tzinfo=UTC) else value
 
 
 class OperatorQueries:
@@ -48,6 +56,7 @@ class OperatorQueries:
 
     pool: asyncpg.Pool
     _q: dict[str, str]
+    work_channel: str
 
     async def list_runs(
         self,
@@ -109,3 +118,19 @@ class OperatorQueries:
         async with translate_errors("counting runs"):
             rows = await self.pool.fetch(self._q["count_runs"], saga_name, older_than, newer_than)
         return [(r["saga_name"], r["status"], r["runs"]) for r in rows]
+
+    async def rewait_run(self, run_id: UUID, stopped: RunStatus, resumed: RunStatus) -> bool:
+        """Resume a run stopped at a timed-out wait: it waits again, a fresh timeout."""
+        async with translate_errors("retrying a run"):
+            row = await self.pool.fetchrow(
+                self._q["rewait_run"], run_id, str(stopped), str(resumed)
+            )
+        return row is not None
+
+    async def advance_timers(self, run_id: UUID, seconds: float) -> datetime | None:
+        """saga.testing: the run's timer moved ``seconds`` earlier; its new due time."""
+        async with translate_errors("advancing a timer"):
+            row = await self.pool.fetchrow(
+                self._q["advance_timers"], run_id, seconds, self.work_channel
+            )
+        return None if row is None else _due(row["due_at"])

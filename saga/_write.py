@@ -19,8 +19,8 @@ from saga._errors import DatabaseError
 from saga._hooks import Hooks
 from saga._lease import Lease
 from saga._log import Outage
-from saga._plan import Transition
 from saga._store import Store, TransitionResult
+from saga._transition import Transition
 
 
 class _Committed(enum.Enum):

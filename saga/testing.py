@@ -18,6 +18,16 @@ step (every run, unless ``run_id`` narrows it)::
 
 A crash or an expired lease is recovered by lease expiry, so give the orchestrator a
 short ``lease_seconds`` in such tests.
+
+Timers need no real time either: :func:`advance` moves a run's timer (a sleep's end, a
+wait's timeout, a retry's backoff) as if that time had passed, so a test of a two-day
+approval timeout runs in milliseconds::
+
+    run = await refund.start(request)
+    ...                                          # the run reaches its 48 h wait
+    await advance(client, run, timedelta(hours=48))
+    with pytest.raises(saga.RunCompensatedError):
+        await run.result(timeout=10)
 """
 
 from __future__ import annotations
@@ -25,15 +35,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
+from saga._client import Client
 from saga._definition import Context, Step
-from saga._errors import DatabaseError, LifecycleError, PermanentError
+from saga._errors import DatabaseError, InvalidInputError, LifecycleError, PermanentError
 from saga._hooks import NO_HOOKS, FaultTarget, Hooks, SimulatedCrash
 from saga._orchestrator import Orchestrator
+from saga._run import RunHandle
 
-__all__ = ["Faults", "InjectedFault", "SimulatedCrash"]
+__all__ = ["Faults", "InjectedFault", "SimulatedCrash", "advance"]
 
 T = TypeVar("T")
 
@@ -181,3 +194,19 @@ class Faults(Hooks):
         if rule.option:
             await write()
         raise DatabaseError("injected: connection lost at commit") from ConnectionResetError()
+
+
+async def advance(
+    client: Client, run: RunHandle | UUID | str, by: timedelta | float
+) -> datetime | None:
+    """Move the run's timer earlier by ``by`` (a timedelta or seconds), as if that much
+    time had passed: a sleep ends sooner, a wait times out sooner, a retry's backoff is
+    over sooner; the workers are woken. An item a worker holds (its lease) and a wait
+    without timeout are left alone. Returns the new due time (None: nothing moved).
+    For tests: production runs keep their real timers."""
+    seconds = by.total_seconds() if isinstance(by, timedelta) else by
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not seconds >= 0:
+        raise InvalidInputError(f"advance() needs a duration >= 0, got {by!r}")
+    run_id = run.id if isinstance(run, RunHandle) else run
+    rid = run_id if isinstance(run_id, UUID) else UUID(run_id)
+    return await client._store_or_raise().advance_timers(rid, float(seconds))

@@ -258,7 +258,7 @@ async def test_cancel_and_retry_with_exit_codes(
         await run.result(timeout=20)
     code, _, err = await cli("retry", str(run.id))
     assert code == 4
-    assert "only failed runs can be retried" in err
+    assert "only failed and stopped runs can be retried" in err
     code, _, _ = await cli("retry", str(uuid.uuid4()))
     assert code == 3
 

@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 import saga
-from saga._plan import Transition
 from saga._store import Store
+from saga._transition import Transition
 from saga.testing import Faults
 from tests._harness import Children
 from tests._relay import EFFECTS, relay

@@ -12,9 +12,10 @@ from pydantic import BaseModel
 
 import saga
 from saga import _plan
+from saga._claims import claim_table
 from saga._model import EventKind as K
 from saga._model import RunStatus as S
-from saga._plan import Failed, RunState, Succeeded, Transition
+from saga._transition import Failed, RunState, Succeeded, Transition
 
 
 class In(BaseModel):
@@ -386,18 +387,33 @@ def test_a_completion_refused_for_a_cancel_becomes_a_rollback() -> None:
 
 
 def test_the_claim_table_covers_every_claimable_state() -> None:
-    """What a claim does, for every active status and cancel flag: pending becomes
-    running; compensations always start; forward steps of a cancelled run do not."""
-    table = {(before, cancel): (after, kind) for before, cancel, after, kind in _plan.claim_table()}
-    assert set(table) == {(s, c) for s in S.active() for c in (False, True)}
-    assert table[(S.PENDING, False)] == (S.RUNNING, K.STEP_STARTED)
-    assert table[(S.PENDING, True)] == (S.RUNNING, None)
-    assert table[(S.RUNNING, False)] == (S.RUNNING, K.STEP_STARTED)
-    assert table[(S.RUNNING, True)] == (S.RUNNING, None)
-    assert table[(S.COMPENSATING, True)] == (S.COMPENSATING, K.COMPENSATION_STARTED)
+    """What a claim does, for every active status, cancel flag and signal: pending
+    becomes running; compensations always start; forward steps of a cancelled run do not
+    (a parked one included); a sleep wakes; a wait wakes with its signal, and without it
+    stays waiting (its timeout applies)."""
+    table = {(b, c, sig): claimed for b, c, sig, claimed in claim_table()}
+    assert set(table) == {
+        (s, c, g) for s in S.active() for c in (False, True) for g in (False, True)
+    }
+
+    def row(before: S, cancel: bool, signalled: bool = False) -> tuple[S, K | None, K | None]:
+        c = table[(before, cancel, signalled)]
+        return c.status, c.woke, c.start
+
+    assert row(S.PENDING, False) == (S.RUNNING, None, K.STEP_STARTED)
+    assert row(S.PENDING, True) == (S.RUNNING, None, None)
+    assert row(S.RUNNING, False) == (S.RUNNING, None, K.STEP_STARTED)
+    assert row(S.RUNNING, True) == (S.RUNNING, None, None)
+    assert row(S.COMPENSATING, True) == (S.COMPENSATING, None, K.COMPENSATION_STARTED)
+    assert row(S.SLEEPING, False) == (S.RUNNING, K.WOKE, K.STEP_STARTED)
+    assert row(S.SLEEPING, True) == (S.RUNNING, None, None)
+    assert row(S.WAITING, False, True) == (S.RUNNING, K.WOKE, K.STEP_STARTED)
+    assert row(S.WAITING, False, False) == (S.WAITING, None, None)
+    assert row(S.WAITING, True, True) == (S.RUNNING, None, None)
 
 
 def test_every_status_is_covered() -> None:
-    """Every status appears in the tables above as a start or an end state."""
+    """Every status appears in the tables above as a start or an end state (those of
+    sleeps and waits in test_plan_waits.py)."""
     seen = {row[1].status for row in AFTER_ATTEMPT} | {row[4].status for row in AFTER_ATTEMPT}
-    assert seen | {S.PENDING} == set(S)
+    assert seen | {S.PENDING, S.SLEEPING, S.WAITING, S.STOPPED} == set(S)

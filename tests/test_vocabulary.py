@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 import saga
 from saga._model import EventKind, RunStatus
-from saga.testing import Faults
+from saga.testing import Faults, advance
 from tests.conftest import OrchestratorFactory
 
 FAST = saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.02)
@@ -43,7 +43,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     known = {str(k) for k in EventKind} | {str(s) for s in RunStatus}
     # Literals that are neither: the fingerprint placeholder, jsonb keys, and so on.
     other = {"saga", "version", "key", "fingerprint", "counted", "kind", "step", "attempt"}
-    other |= {"worker", "data", "unless_cancelled"}
+    other |= {"worker", "data", "unless_cancelled", "infinity"}
     assert words - known - other == set()
 
 
@@ -76,17 +76,39 @@ def _every_kind_saga(undo_fails: list[bool]) -> saga.Saga[Job]:
     return s
 
 
+class Go(BaseModel):
+    ok: bool = True
+
+
+def _parking_saga() -> tuple[saga.Saga[Job], saga.Wait[Go]]:
+    """one -> sleep -> two -> wait "go" (stops on timeout) -> three."""
+    s = saga.Saga("vocabulary_waits", input=Job)
+
+    async def noop(ctx: saga.Context[Job]) -> int:
+        return 0
+
+    s.step(name="one")(noop)
+    s.sleep(0.01)
+    s.step(name="two")(noop)
+    go = s.wait_for("go", Go, timeout=3600, on_timeout="stop")
+    s.step(name="three")(noop)
+    return s, go
+
+
 async def test_every_kind_is_written_by_some_run(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
     """Runs that complete after a retry, fail and compensate, fail a compensation and are
-    retried by an operator, get cancelled, have a lease expire, and are given back at
-    shutdown write every EventKind between them (and, through the guard, nothing else)."""
+    retried by an operator, get cancelled, have a lease expire, sleep, get a signal
+    before their wait, get one after they ended, time out at a wait and stop, and are
+    given back at shutdown write every EventKind between them (and, through the guard,
+    nothing else)."""
     undo_fails = [False, True]  # the first compensation of run 1 fails, the retry works
     s = _every_kind_saga(undo_fails)
+    waits, go = _parking_saga()
     faults = Faults()
     faults.expire_lease("first", times=1)
-    orch = await orchestrator(s, lease_seconds=0.6)
+    orch = await orchestrator(s, waits, lease_seconds=0.6)
     faults.attach(orch)
     with anyio.fail_after(20):
         assert await (await orch.start(s, Job(n=4))).result() == 2
@@ -103,6 +125,17 @@ async def test_every_kind_is_written_by_some_run(
         await cancelled.cancel()
         with pytest.raises(saga.RunCancelledError):
             await cancelled.result()
+        signalled = await orch.start(waits, Job(n=0))
+        await signalled.signal(go, Go())  # received, kept for the wait
+        await signalled.result()  # slept, woke, waited, woke
+        with pytest.raises(saga.InvalidRunStateError):
+            await signalled.signal(go, Go())  # refused: ended
+        stopped = await orch.start(waits, Job(n=0))
+        while (await stopped.info()).status is not saga.RunStatus.WAITING:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        await advance(orch, stopped, 3600)
+        with pytest.raises(saga.RunStoppedError):
+            await stopped.result()  # timed out, stopped
     await orch.aclose()  # the next run must be held by the worker below
     async with saga.Orchestrator(
         dsn, sagas=[s], shutdown_timeout=0.05, poll_interval=0.05

@@ -77,14 +77,18 @@ SELECT id, input FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key =
 -- name: claim
 -- Lease up to $2 runnable items (due, or whose lease expired) of registered sagas in one
 -- statement, bumping each fencing token and attempt, and log the start (and any expired
--- lease) in the history. What a claim does to each status is the plan's table ($7-$10).
--- Only runs of the registered definitions: same name, version and fingerprint ('-'
--- stands for runs started before fingerprints were recorded).
+-- lease, and a sleeping or waiting run's wake-up) in the history. A waiting run's wait
+-- is decided here, durably: its signal row is closed (later signals are refused), and
+-- the payload it holds, if any, becomes the wait's result. What a claim does to each
+-- (status, cancel requested, signalled) is the plan's table ($7-$12). Only runs of the
+-- registered definitions: same name, version and fingerprint ('-' stands for runs
+-- started before fingerprints were recorded).
 -- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions, $6
 -- fingerprints (the three pairwise); the claim table, rowwise: $7 status before, $8
--- cancel requested, $9 status after, $10 start event kind or NULL
+-- cancel requested, $9 signalled, $10 status after, $11 wake-up event kind or NULL, $12
+-- start event kind or NULL
 WITH candidates AS (
-    SELECT r.id, r.lease_owner AS prev_owner
+    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
     FROM __schema__.runs r
     WHERE r.due_at <= now()
       AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
@@ -92,6 +96,12 @@ WITH candidates AS (
     ORDER BY r.due_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), closing AS (
+    -- The run rows are locked (above) before the signal rows, the order a sender takes.
+    INSERT INTO __schema__.signals AS s (run_id, name, closed)
+    SELECT id, wait_name, true FROM candidates WHERE before = 'waiting'
+    ON CONFLICT (run_id, name) DO UPDATE SET closed = true
+    RETURNING s.run_id, s.payload
 ), claimed AS (
     UPDATE __schema__.runs r SET
         lease_owner = $1,
@@ -99,25 +109,37 @@ WITH candidates AS (
         attempt = r.attempt + 1,
         due_at = now() + make_interval(secs => $3),
         status = t.after,
+        results = CASE WHEN t.woke IS NOT NULL AND s.payload IS NOT NULL
+                       THEN r.results || jsonb_build_object(r.wait_name, to_jsonb(s.payload))
+                       ELSE r.results END,
+        completed_steps = CASE WHEN t.woke IS NOT NULL AND s.payload IS NOT NULL
+                               THEN array_append(r.completed_steps, r.wait_name)
+                               ELSE r.completed_steps END,
+        wait_name = CASE WHEN t.after = 'waiting' THEN r.wait_name END,
         updated_at = now()
-    FROM candidates c,
-         unnest($7::text[], $8::boolean[], $9::text[], $10::text[])
-             AS t(before, cancel, after, start_kind)
+    FROM candidates c
+         LEFT JOIN closing s ON s.run_id = c.id,
+         unnest($7::text[], $8::boolean[], $9::boolean[], $10::text[], $11::text[],
+                $12::text[]) AS t(before, cancel, signalled, after, woke, start_kind)
     WHERE r.id = c.id AND t.before = r.status AND t.cancel = r.cancel_requested
+      AND t.signalled = (s.payload IS NOT NULL)
     RETURNING r.id, r.saga_name, r.saga_version, r.status, r.step_name, r.attempt,
               r.lease_token, r.input, r.results::text AS results,
               r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
               r.trace_context::text AS trace_context,
               extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner,
-              t.start_kind
+              t.start_kind, t.woke, c.wait_name, r.wait_name AS timed_out_wait
 ), ev AS (
-    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
-    SELECT run_id, kind, step, attempt, worker FROM (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
+    SELECT run_id, kind, step, attempt, worker, data FROM (
         SELECT id AS run_id, 1 AS ord, 'lease_expired' AS kind, step_name AS step,
-               attempt - 1 AS attempt, prev_owner AS worker
+               attempt - 1 AS attempt, prev_owner AS worker, NULL::jsonb AS data
         FROM claimed WHERE prev_owner IS NOT NULL
         UNION ALL
-        SELECT id, 2, start_kind, step_name, attempt, $1
+        SELECT id, 2, woke, wait_name, NULL, $1, NULL
+        FROM claimed WHERE woke IS NOT NULL
+        UNION ALL
+        SELECT id, 3, start_kind, step_name, attempt, $1, NULL
         FROM claimed WHERE start_kind IS NOT NULL
     ) e
     ORDER BY run_id, ord
@@ -135,8 +157,23 @@ SELECT * FROM claimed;
 -- owner (NULL releases), $13 events JSON array, $14 done notification channel, $15 the
 -- worker holding the lease (with $2, a replayed transition can never apply twice), $16
 -- true to refuse the transition when a cancel was requested (a completion must then
--- roll back instead)
-WITH upd AS (
+-- roll back instead), $17 the sleep or wait the run parks at (or is stopped at) or NULL
+-- ($11 'Infinity': a wait without timeout), $18 true when $17 is a wait being entered
+WITH held AS (
+    -- Entering a wait: lock the run row before the signal row, the order a sender takes
+    -- them in; then the signal row's ON CONFLICT sees a signal committed meanwhile,
+    -- whatever this statement's snapshot: a signal that came first wakes the run at once.
+    SELECT id FROM __schema__.runs
+    WHERE $18::boolean AND id = $1 AND lease_token = $2 AND lease_owner = $15
+      AND NOT ($16::boolean AND cancel_requested)
+    FOR UPDATE
+), awaited AS (
+    INSERT INTO __schema__.signals AS s (run_id, name, awaited_at, timeout_seconds)
+    SELECT id, $17, now(), $11 FROM held
+    ON CONFLICT (run_id, name) DO UPDATE
+        SET awaited_at = now(), timeout_seconds = excluded.timeout_seconds
+    RETURNING s.payload IS NOT NULL AS arrived
+), upd AS (
     UPDATE __schema__.runs SET
         status = $3,
         step_name = $4,
@@ -149,7 +186,11 @@ WITH upd AS (
         error = coalesce($9::jsonb, error),
         compensation_error = coalesce($10::jsonb, compensation_error),
         due_at = CASE WHEN $11::float8 IS NULL THEN NULL
+                      WHEN $18::boolean AND EXISTS (SELECT 1 FROM awaited WHERE arrived)
+                          THEN now()
+                      WHEN $11::float8 = 'Infinity' THEN 'infinity'
                       ELSE now() + make_interval(secs => $11::float8) END,
+        wait_name = $17,
         lease_owner = $12,
         lease_token = CASE WHEN $12::text IS NULL THEN lease_token ELSE lease_token + 1 END,
         finished_at = CASE WHEN $11::float8 IS NULL THEN now() END,
@@ -158,7 +199,8 @@ WITH upd AS (
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
-              extract(epoch FROM now() - created_at)::float8 AS age
+              extract(epoch FROM now() - created_at)::float8 AS age,
+              $18::boolean AND due_at <= now() AS signalled
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
@@ -176,7 +218,7 @@ WITH upd AS (
     ON CONFLICT (run_id) DO UPDATE SET ended = true
     RETURNING w.watched
 )
-SELECT lease_token, cancel_requested, age,
+SELECT lease_token, cancel_requested, age, signalled,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
             THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
@@ -227,7 +269,7 @@ SELECT id, pg_notify($4, saga_name)::text AS notified FROM upd;
 SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        completed_steps, output, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-       lease_token, created_at, updated_at, finished_at, fingerprint
+       lease_token, created_at, updated_at, finished_at, fingerprint, wait_name, due_at
 FROM __schema__.runs WHERE id = $1;
 
 -- name: watch_run
@@ -259,19 +301,27 @@ SELECT id, at, kind, step, attempt, worker, data::text AS data
 FROM __schema__.events WHERE run_id = $1 ORDER BY id;
 
 -- name: request_cancel
--- Mark an active run for cancellation and make it claimable now if no worker holds it;
--- the worker that claims it rolls back what completed. No row: not in a cancellable
--- status or already cancelling.
+-- Mark an active run (or one stopped at a wait) for cancellation and make it claimable
+-- now if no worker holds it: a sleeping or waiting run does not wait for its timer. The
+-- worker that claims it rolls back what completed. No row: not in a cancellable status
+-- or already cancelling.
 -- $1 run id, $2 work notification channel, $3 the cancellable statuses
 WITH upd AS (
     UPDATE __schema__.runs SET
         cancel_requested = true,
+        status = CASE WHEN status = 'stopped' THEN 'waiting' ELSE status END,
+        -- A stopped run's error was its wait's timeout: the rollback is the cancel's.
+        error = CASE WHEN status = 'stopped' THEN NULL ELSE error END,
         due_at = CASE WHEN lease_owner IS NULL THEN now() ELSE due_at END,
+        finished_at = NULL,
         updated_at = now()
     WHERE id = $1 AND status = ANY($3::text[]) AND NOT cancel_requested
     RETURNING id, saga_name
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind) SELECT id, 'cancel_requested' FROM upd
+), revived AS (
+    -- A stopped run is active again: its end mark goes, so waiters wait for the end.
+    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
@@ -293,6 +343,43 @@ WITH upd AS (
     UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
+
+-- name: rewait_run
+-- Resume a run stopped at a timed-out wait: it waits again for its signal, with a fresh
+-- timeout of the same length (its signal row reopens).
+-- $1 run id, $2 the status it must be in, $3 the status it resumes in
+WITH sig AS (
+    UPDATE __schema__.signals s SET closed = false, awaited_at = now()
+    FROM __schema__.runs r
+    WHERE r.id = $1 AND r.status = $2 AND s.run_id = r.id AND s.name = r.wait_name
+    RETURNING s.run_id, s.timeout_seconds
+), upd AS (
+    UPDATE __schema__.runs r SET
+        status = $3, attempt = 0, lease_owner = NULL, error = NULL, finished_at = NULL,
+        due_at = CASE WHEN sig.timeout_seconds = 'Infinity' THEN 'infinity'
+                      ELSE now() + make_interval(secs => sig.timeout_seconds) END,
+        updated_at = now()
+    FROM sig WHERE r.id = sig.run_id
+    RETURNING r.id, r.wait_name
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, data)
+    SELECT id, 'run_retried', wait_name, '{"waits": true}'::jsonb FROM upd
+), revived AS (
+    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+)
+SELECT id FROM upd;
+
+-- name: advance_timers
+-- saga.testing only: move a run's timer (a sleep's end, a wait's timeout, a retry's
+-- backoff) earlier by $2 seconds, as if that much time had passed; a leased item is
+-- left alone. Wakes the workers. Returns the new due time (no row: nothing to move).
+-- $1 run id, $2 seconds, $3 work notification channel
+WITH upd AS (
+    UPDATE __schema__.runs SET due_at = due_at - make_interval(secs => $2)
+    WHERE id = $1 AND due_at IS NOT NULL AND lease_owner IS NULL AND due_at <> 'infinity'
+    RETURNING id, saga_name, due_at
+)
+SELECT due_at, pg_notify($3, saga_name)::text AS notified FROM upd;
 
 -- name: expire_lease
 -- saga.testing only: make a held lease look expired, as if its worker had stalled past
@@ -361,7 +448,7 @@ SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
             compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-            created_at, updated_at, finished_at
+            created_at, updated_at, finished_at, wait_name, due_at
      FROM __schema__.runs
      WHERE due_at IS NOT NULL
        AND ($1::text IS NULL OR saga_name = $1)
@@ -377,7 +464,7 @@ SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
             compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-            created_at, updated_at, finished_at
+            created_at, updated_at, finished_at, wait_name, due_at
      FROM __schema__.runs
      WHERE due_at IS NULL
        AND ($1::text IS NULL OR saga_name = $1)
@@ -461,3 +548,50 @@ WHERE ($1::text IS NULL OR saga_name = $1)
   AND ($3::float8 IS NULL OR created_at >= now() - make_interval(secs => $3::float8))
 GROUP BY saga_name, status
 ORDER BY saga_name, status;
+
+-- name: signal_lock_run
+-- A signal's first statement: lock the run row (before its signal row, the order every
+-- writer of signals takes) and read where the run is.
+-- $1 run id
+SELECT saga_name, saga_version, status, wait_name FROM __schema__.runs WHERE id = $1
+FOR UPDATE;
+
+-- name: signal_record
+-- Record a signal's payload: the first of a name wins. Reopens the wait of a run stopped
+-- at it ($4). No row: refused (a payload is there already, or the wait was decided).
+-- $1 run id, $2 signal name, $3 payload JSON text, $4 true when the run is stopped at
+-- this wait
+INSERT INTO __schema__.signals AS s (run_id, name, payload, received_at)
+VALUES ($1, $2, $3, now())
+ON CONFLICT (run_id, name) DO UPDATE
+    SET payload = excluded.payload, received_at = now(), closed = false
+    WHERE s.payload IS NULL AND (NOT s.closed OR $4::boolean)
+RETURNING s.run_id;
+
+-- name: signal_existing
+-- Why a signal was not recorded: a payload is there (a repeat), or the wait was closed.
+-- $1 run id, $2 signal name
+SELECT payload IS NOT NULL AS repeated FROM __schema__.signals WHERE run_id = $1 AND name = $2;
+
+-- name: signal_wake
+-- A signal for the wait the run is at (or stopped at): the run is due now and the
+-- workers are woken; a stopped run waits again (its end mark goes, its error too).
+-- $1 run id, $2 signal name, $3 work notification channel
+WITH upd AS (
+    UPDATE __schema__.runs SET
+        status = 'waiting', due_at = now(), finished_at = NULL,
+        error = CASE WHEN status = 'stopped' THEN NULL ELSE error END,
+        attempt = CASE WHEN status = 'stopped' THEN 0 ELSE attempt END,
+        updated_at = now()
+    WHERE id = $1 AND wait_name = $2 AND lease_owner IS NULL
+      AND status IN ('waiting', 'stopped')
+    RETURNING id, saga_name
+), revived AS (
+    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+)
+SELECT id, pg_notify($3, saga_name)::text AS notified FROM upd;
+
+-- name: signal_event
+-- A signal's entry in the run's history (received, or refused with its reason).
+-- $1 run id, $2 kind, $3 signal name, $4 data JSON
+INSERT INTO __schema__.events (run_id, kind, step, data) VALUES ($1, $2, $3, $4::jsonb);

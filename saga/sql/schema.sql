@@ -19,6 +19,8 @@ CREATE TABLE __schema__.migrations (
 
 -- One row per run. A run carries its one leasable work item: the step (statuses
 -- pending, running) or the compensation (compensating) named step_name, at attempt.
+-- A sleeping or waiting run is parked at wait_name until due_at (its sleep's end, its
+-- wait's timeout, 'infinity' for a wait without one), then runs step_name.
 CREATE TABLE __schema__.runs (
     id                 uuid PRIMARY KEY,
     saga_name          text NOT NULL,
@@ -29,8 +31,9 @@ CREATE TABLE __schema__.runs (
     idempotency_key    text,
     status             text NOT NULL DEFAULT 'pending'
                        CONSTRAINT runs_status_check
-                       CHECK (status IN ('pending', 'running', 'compensating',
-                                         'completed', 'compensated', 'failed', 'cancelled')),
+                       CHECK (status IN ('pending', 'running', 'sleeping', 'waiting',
+                                         'compensating', 'completed', 'compensated',
+                                         'failed', 'cancelled', 'stopped')),
     -- Payloads are JSON text exactly as encoded (jsonb would rewrite numbers and keys).
     input              text NOT NULL,
     -- Checkpointed results of completed forward steps: step name -> JSON text.
@@ -52,12 +55,14 @@ CREATE TABLE __schema__.runs (
     lease_owner        text,           -- worker holding the lease, NULL when not leased
     lease_token        bigint NOT NULL DEFAULT 0,   -- fencing token, bumped by every claim
     released           boolean NOT NULL DEFAULT false,  -- attempt given back once already
+    wait_name          text,           -- the sleep or wait the run is at (or stopped at)
 
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     finished_at        timestamptz,
     CONSTRAINT runs_check
-        CHECK ((due_at IS NULL) = (status IN ('completed', 'compensated', 'failed', 'cancelled')))
+        CHECK ((due_at IS NULL) = (status IN ('completed', 'compensated', 'failed', 'cancelled',
+                                              'stopped')))
 );
 
 -- Idempotent starts: one run per (saga, key).
@@ -67,6 +72,7 @@ CREATE UNIQUE INDEX runs_idempotency_key ON __schema__.runs (saga_name, idempote
 CREATE INDEX runs_due ON __schema__.runs (due_at) WHERE due_at IS NOT NULL;
 -- Runs waiting for an operator, counted by the metrics.
 CREATE INDEX runs_failed ON __schema__.runs (created_at) WHERE status = 'failed';
+CREATE INDEX runs_stopped ON __schema__.runs (created_at) WHERE status = 'stopped';
 -- Operators over finished runs: newest-first listing, oldest-first pruning. Partial on
 -- finished runs, so a step's update (no update is HOT) never touches them.
 CREATE INDEX runs_finished_created ON __schema__.runs (created_at, id) WHERE due_at IS NULL;
@@ -94,4 +100,20 @@ CREATE TABLE __schema__.watches (
     run_id  uuid PRIMARY KEY,
     watched boolean NOT NULL DEFAULT true,
     ended   boolean NOT NULL DEFAULT false
+);
+
+-- Signals, one row per (run, name): the first signal of a name wins. Written by the
+-- sender (payload), by the run entering its wait (awaited_at), and by the claim that
+-- decides the wait (closed: later signals are refused). Each writer locks the run row
+-- first, then writes this row with INSERT ... ON CONFLICT, which sees the other's
+-- committed row whatever its snapshot: a signal racing the wait is never lost.
+CREATE TABLE __schema__.signals (
+    run_id          uuid NOT NULL,
+    name            text NOT NULL,
+    payload         text,           -- JSON text as encoded; NULL until sent
+    received_at     timestamptz,
+    awaited_at      timestamptz,    -- when the run reached the wait (NULL: not yet)
+    timeout_seconds float8,         -- the wait's timeout ('Infinity': none), to re-wait
+    closed          boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (run_id, name)
 );

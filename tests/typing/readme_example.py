@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -152,3 +153,99 @@ for error_type in ERROR_STATUS:
 
 def verbose_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+
+
+# The README's waits section: a trial that sleeps, a refund that waits for a decision,
+# a run started in the caller's transaction.
+
+
+class Signup(BaseModel):
+    email: str
+
+
+class _Billing:
+    async def start_trial(self, email: str, *, key: str) -> str:
+        return f"trial-{email}-{key}"
+
+    async def convert(self, trial_id: str, *, key: str) -> str:
+        return f"sub-{trial_id}-{key}"
+
+
+class _Bank:
+    async def hold(self, amount_cents: int, *, key: str) -> str:
+        return f"hold-{amount_cents}-{key}"
+
+    async def release(self, hold_id: str, *, key: str) -> None:
+        return None
+
+    async def pay(self, hold_id: str, *, key: str) -> str:
+        return f"paid-{hold_id}-{key}"
+
+
+billing = _Billing()
+bank = _Bank()
+
+
+trial = saga.Saga("trial", input=Signup)
+
+
+@trial.step()
+async def start_trial(ctx: saga.Context[Signup]) -> str:
+    return await billing.start_trial(ctx.input.email, key=ctx.idempotency_key)
+
+
+trial.sleep(timedelta(days=7))  # or trial.sleep(until=lambda ctx: ctx.input.ends_at)
+
+
+@trial.step()
+async def convert(ctx: saga.Context[Signup]) -> str:
+    return await billing.convert(ctx.result(start_trial), key=ctx.idempotency_key)
+
+
+class RefundRequest(BaseModel):
+    refund_id: str
+    amount_cents: int
+
+
+class Decision(BaseModel):
+    approved: bool
+    manager: str
+
+
+refunds = saga.Saga("refund", input=RefundRequest)
+
+
+@refunds.step()
+async def hold_funds(ctx: saga.Context[RefundRequest]) -> str:
+    return await bank.hold(ctx.input.amount_cents, key=ctx.idempotency_key)
+
+
+@hold_funds.compensate
+async def release_funds(ctx: saga.Context[RefundRequest], hold_id: str) -> None:
+    await bank.release(hold_id, key=ctx.idempotency_key)
+
+
+decision = refunds.wait_for("decision", Decision, timeout=timedelta(hours=48))
+
+
+@refunds.step()
+async def pay_refund(ctx: saga.Context[RefundRequest]) -> str:
+    answer = ctx.result(decision)  # the signal's payload, typed
+    _decision: Decision = answer  # mypy proves ctx.result(wait) returns the model
+    if not answer.approved:
+        raise saga.PermanentError(f"rejected by {answer.manager}")  # releases the hold
+    return await bank.pay(ctx.result(hold_funds), key=ctx.idempotency_key)
+
+
+@app.post("/refunds/{refund_id}/decision", status_code=202)
+async def decide(refund_id: str, body: Decision, request: Request) -> dict[str, bool]:
+    orch: saga.Client = request.app.state.orchestrator
+    accepted = await orch.signal_key(refunds, refund_id, decision, body)
+    return {"accepted": accepted}  # False: a decision was already recorded
+
+
+async def place_order(pool: asyncpg.Pool, orch: saga.Client, order: Order) -> uuid.UUID:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("INSERT INTO orders (id) VALUES ($1)", order.order_id)
+        run = await orch.start(checkout, order, key=order.order_id, conn=conn)
+    return run.id  # committed with the order row, or neither exists

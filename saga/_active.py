@@ -1,0 +1,55 @@
+"""A claimed run as the worker driving it holds it between attempts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from opentelemetry.context import Context as OtelContext
+from opentelemetry.trace import Span
+
+from saga._definition import Context, Saga
+from saga._model import Outcome, Phase, RunStatus
+from saga._transition import PHASES, RunState
+
+_SUCCESS = Outcome.SUCCESS
+
+
+@dataclass(slots=True)
+class ActiveRun:
+    """A claimed run as this worker drives it (the plan sees :meth:`state`)."""
+
+    id: UUID
+    saga: Saga[Any]
+    status: RunStatus
+    step: str
+    attempt: int
+    input: Any  # the input model, or Unreadable
+    results: dict[str, Any]  # decoded results of completed steps (or Unreadable)
+    completed: list[str]
+    cancel_requested: bool
+    failed_forward: bool
+    trace_parent: OtelContext | None
+    wait: str | None = None  # status waiting: the wait whose timeout passed
+    # The attempt being run: its span, start time, and how it went.
+    span: Span | None = None
+    started: float = 0.0
+    outcome: Outcome = _SUCCESS
+    error_type: str | None = None
+    ctx: Context[Any] | None = field(default=None, repr=False)
+
+    def state(self) -> RunState:
+        return RunState(
+            status=self.status,
+            step=self.step,
+            attempt=self.attempt,
+            completed=tuple(self.completed),
+            cancel_requested=self.cancel_requested,
+            failed_forward=self.failed_forward,
+            wait=self.wait,
+        )
+
+    @property
+    def phase(self) -> Phase:
+        return PHASES[self.status]  # a dict read: no enum attribute on the hot path

@@ -1,0 +1,54 @@
+"""What a worker computes at a sleep or a wait: the length of a sleep whose end a
+function gives, and the result a timed-out wait goes on with. The plan decides the
+transitions; these only run the user's functions and report how they went."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from saga._aio import is_cancellation
+from saga._codec import check_readable
+from saga._errors import error_record
+from saga._hooks import SimulatedCrash
+from saga._transition import Failed, Succeeded
+from saga._waits import Sleep, Wait
+
+Encode = Callable[[Wait[Any], Any], tuple[Succeeded | Failed, Any]]
+
+
+async def sleep_length(
+    sleep: Sleep, ctx: Any, results: dict[str, Any], step: str, result: Any, done: Succeeded
+) -> Succeeded:
+    """``done`` with the length of the sleep after ``step``, from ``until(ctx)`` (the
+    step's result readable); a failure of ``until`` rolls the run back, step included."""
+    results[step] = result
+    try:
+        seconds = await sleep.due_in(ctx, datetime.now(UTC))
+    except BaseException as exc:
+        if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+            raise
+        return replace(done, park_error=error_record(exc, sleep.name))
+    finally:
+        del results[step]
+    return replace(done, park_in=seconds)
+
+
+async def timeout_result(
+    wait: Wait[Any], ctx: Any, encode: Encode
+) -> tuple[Succeeded | Failed, Any]:
+    """A wait whose timeout passed without its signal: the result to go on with, when
+    its ``on_timeout`` computes one (else nothing to compute: the plan compensates or
+    stops). Whatever the function raises is a failure: the run rolls back."""
+    compute = wait.timeout_value
+    if compute is None:
+        return Succeeded(), None
+    try:
+        check_readable(ctx.input)
+        return encode(wait, await compute(ctx))
+    except BaseException as exc:
+        if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+            raise
+        return Failed(error_record(exc, wait.name), retryable=False), None

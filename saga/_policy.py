@@ -1,0 +1,140 @@
+"""Retry policies, the bounds of timing settings, and the checks of what a definition
+is given: pure values and functions, validated when a saga is declared."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from saga import _checks
+from saga._errors import DefinitionError, PermanentError
+
+#: The most attempts a policy may allow (attempt numbers are stored as 32-bit ints).
+MAX_ATTEMPTS = 1_000_000
+#: The longest wait between attempts, and the longest attempt timeout: one year.
+MAX_DELAY = 365 * 24 * 3600.0
+#: Lease bounds: a lease must outlive a heartbeat round trip, and a dead worker's lease
+#: must run out within a day.
+MIN_LEASE_SECONDS = 0.1
+MAX_LEASE_SECONDS = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How a step or compensation is retried.
+
+    Attempt ``n`` (1-based) that fails with a retryable error waits
+    ``min(max_delay, initial_delay * multiplier ** (n - 1))``, reduced by a random
+    fraction of up to ``jitter`` so that many runs failing together do not retry in step.
+    ``max_attempts`` counts every attempt, including one whose worker crashed.
+    ``PermanentError`` and the types in ``non_retryable`` fail at once.
+    """
+
+    max_attempts: int = 3
+    initial_delay: float = 0.5
+    max_delay: float = 60.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        err = DefinitionError
+        _checks.integer(
+            "Retry.max_attempts", self.max_attempts, err, minimum=1, maximum=MAX_ATTEMPTS
+        )
+        for name in ("initial_delay", "max_delay"):
+            _checks.seconds(
+                f"Retry.{name}", getattr(self, name), err, maximum=MAX_DELAY, allow_zero=True
+            )
+        multiplier = self.multiplier
+        if not isinstance(multiplier, int | float) or isinstance(multiplier, bool):
+            raise err(f"Retry.multiplier must be a number, got {_checks.show(multiplier)}")
+        if not (_checks.finite(multiplier) and multiplier >= 1):
+            raise err(
+                f"Retry.multiplier must be a finite number >= 1, got {_checks.show(multiplier)}"
+            )
+        jitter = self.jitter
+        if not isinstance(jitter, int | float) or isinstance(jitter, bool) or not 0 <= jitter <= 1:
+            raise err(f"Retry.jitter must be a number within [0, 1], got {_checks.show(jitter)}")
+        if not isinstance(self.non_retryable, tuple | list):
+            got = _checks.show(self.non_retryable)
+            raise err(f"Retry.non_retryable must be a tuple of exception types, got {got}")
+        object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
+        for exc_type in self.non_retryable:
+            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                raise err(f"Retry.non_retryable holds a non-exception {exc_type!r}")
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        try:
+            growth = float(self.multiplier) ** (attempt - 1)
+        except OverflowError:  # a large multiplier after many attempts: the cap applies
+            growth = math.inf
+        base = min(self.max_delay, self.initial_delay * growth) if self.initial_delay else 0.0
+        return base * (1 - self.jitter * rand())
+
+    def retryable(self, exc: BaseException) -> bool:
+        return not isinstance(exc, (PermanentError, *self.non_retryable))
+
+
+DEFAULT_STEP_RETRY = Retry()
+DEFAULT_COMPENSATION_RETRY = Retry(max_attempts=10)
+
+
+def check_async(fn: Any, what: str, params: int) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise DefinitionError(
+            f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function"
+        )
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover - builtins only
+        return
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    if len(positional) != params and not varargs:
+        expected = "(ctx)" if params == 1 else "(ctx, result)"
+        raise DefinitionError(
+            f"{what} {fn.__qualname__!r} must take {expected}, it takes {len(positional)} "
+            "required positional parameter(s)"
+        )
+
+
+def return_annotation(fn: Callable[..., Any]) -> Any:
+    """The declared result type, metadata included (``Annotated`` discriminators,
+    serializers and validators apply to results too); ``Any`` when undeclared."""
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:
+        return Any
+    return hints.get("return", Any)
+
+
+def check_timeout(timeout: float | None) -> None:
+    if timeout is not None:
+        _checks.seconds("timeout", timeout, DefinitionError, maximum=MAX_DELAY)
+
+
+def check_retry(retry: Retry | None) -> None:
+    if retry is not None and not isinstance(retry, Retry):
+        raise DefinitionError(f"retry must be a saga.Retry, got {retry!r}")
+
+
+def check_lease_seconds(value: float, error: type[Exception]) -> float:
+    """A lease length both a step and the orchestrator accept."""
+    return _checks.seconds(
+        "lease_seconds",
+        value,
+        error,
+        minimum=MIN_LEASE_SECONDS,
+        maximum=MAX_LEASE_SECONDS,
+    )

@@ -1,0 +1,164 @@
+"""Sending signals: validated against the run's definition, then one commit.
+
+A part of :class:`~saga.Client` (a mixin): a signal's payload is checked (its wait exists
+in the run's saga, the payload validates against the wait's model and fits the size
+limit) under the run's row lock and before anything is written; then the store records
+it, wakes the run if it is at that wait, and NOTIFYs the workers when it commits (in the
+caller's transaction when a connection is given).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import pydantic
+
+from saga import _checks
+from saga._aio import uncancellable
+from saga._codec import encode
+from saga._db import Executor
+from saga._definition import Saga
+from saga._errors import (
+    DefinitionError,
+    InvalidInputError,
+    InvalidRunStateError,
+    RunNotFoundError,
+)
+from saga._log import logger
+from saga._store import Store
+from saga._store_signals import Delivery, SignalTarget
+from saga._waits import Wait
+
+P = TypeVar("P", bound=pydantic.BaseModel)
+
+_MAX_KEY_LENGTH = 512
+
+
+class Signalling:
+    """Needs ``_store_or_raise``, ``definition`` and ``max_payload_bytes`` from the
+    client it is part of."""
+
+    max_payload_bytes: int
+
+    def _store_or_raise(self) -> Store:
+        raise NotImplementedError  # pragma: no cover - provided by the client
+
+    def definition(self, name: str, version: int) -> Saga[Any] | None:
+        raise NotImplementedError  # pragma: no cover - provided by the client
+
+    async def signal(
+        self,
+        run_id: uuid.UUID | str,
+        signal: str | Wait[P],
+        payload: P | Mapping[str, Any],
+        *,
+        conn: Executor | None = None,
+    ) -> bool:
+        """Send the signal ``signal`` (a name, or the :class:`Wait` object) with
+        ``payload`` to a run, from any process.
+
+        The payload is validated against the wait's model and size-checked before
+        anything is written (:class:`InvalidInputError`, :class:`PayloadTooLargeError`,
+        as for ``start()``). A signal that arrives before the run reaches its wait is kept
+        for it. Returns True when recorded, False when a signal of that name was recorded
+        first (the first wins; nothing changed). Raises :class:`RunNotFoundError` for an
+        unknown run, and :class:`InvalidRunStateError` when the run has ended or its wait
+        was already decided (timed out, or the run was cancelled): the refusal is
+        recorded in the run's history. With ``conn`` (an asyncpg connection in an open
+        transaction) the signal is written in that transaction: it exists, and the run is
+        woken, only when the caller commits.
+        """
+        rid = run_id if isinstance(run_id, uuid.UUID) else _parse_id(run_id)
+        name = signal.name if isinstance(signal, Wait) else signal
+        _checks.text("signal name", name, InvalidInputError, max_length=128)
+        store = self._store_or_raise()
+
+        def check(target: SignalTarget) -> str:
+            return self._payload(rid, target, signal, payload)
+
+        send = store.send_signal(rid, name, check, conn)
+        delivery = await (send if conn is not None else uncancellable(send))
+        return _outcome(delivery, rid, name)
+
+    async def signal_key(
+        self,
+        saga: Saga[Any] | str,
+        key: str,
+        signal: str | Wait[P],
+        payload: P | Mapping[str, Any],
+        *,
+        conn: Executor | None = None,
+    ) -> bool:
+        """:meth:`signal` to the run of ``saga`` started with the idempotency ``key``
+        (the business id a webhook carries)."""
+        saga_name = saga.name if isinstance(saga, Saga) else saga
+        _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
+        run_id = await self._store_or_raise().find_run_id(saga_name, key, conn)
+        if run_id is None:
+            raise InvalidInputError(f"no run of saga {saga_name!r} has the key {key!r}")
+        return await self.signal(run_id, signal, payload, conn=conn)
+
+    def _payload(
+        self,
+        run_id: uuid.UUID,
+        target: SignalTarget,
+        signal: str | Wait[Any],
+        payload: Any,
+    ) -> str:
+        """The payload's JSON, once checked against the run's definition (raises)."""
+        if isinstance(signal, Wait):
+            if signal.saga.name != target.saga_name or signal.saga.version != target.saga_version:
+                raise InvalidInputError(
+                    f"run {run_id} is a run of saga {target.saga_name!r} "
+                    f"v{target.saga_version}, not of {signal.saga.name!r} v{signal.saga.version}"
+                )
+            wait = signal
+        else:
+            definition = self.definition(target.saga_name, target.saga_version)
+            if definition is None:
+                raise DefinitionError(
+                    f"run {run_id} is a run of saga {target.saga_name!r} v{target.saga_version}, "
+                    "which is not registered with this client (its waits' models validate "
+                    "signals): register it"
+                )
+            found = definition.get_wait(signal)
+            if found is None:
+                known = sorted(w.name for w in definition.waits())
+                raise InvalidInputError(
+                    f"saga {target.saga_name!r} has no wait for a signal named {signal!r} "
+                    f"(its signals: {', '.join(map(repr, known)) or 'none'})"
+                )
+            wait = found
+        try:
+            model = wait.model.model_validate(payload)
+        except pydantic.ValidationError as exc:
+            raise InvalidInputError(f"invalid payload for signal {wait.name!r}: {exc}") from exc
+        what = f"payload of signal {wait.name!r}"
+        return encode(model, wait.model, what=what, max_bytes=self.max_payload_bytes)
+
+
+def _parse_id(value: Any) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except (TypeError, ValueError, AttributeError):
+        raise InvalidInputError(f"not a run id: {_checks.show(value)}") from None
+
+
+def _outcome(delivery: Delivery, run_id: uuid.UUID, name: str) -> bool:
+    if delivery is Delivery.ACCEPTED:
+        logger.debug("signal_received", run_id=str(run_id), signal=name)
+        return True
+    if delivery is Delivery.REPEATED:
+        return False
+    if delivery is Delivery.NOT_FOUND:
+        raise RunNotFoundError(run_id)
+    if delivery is Delivery.ENDED:
+        raise InvalidRunStateError(
+            f"run {run_id} has ended: signal {name!r} refused (recorded in its history)"
+        )
+    raise InvalidRunStateError(
+        f"run {run_id} no longer waits for {name!r} (its wait timed out, or the run was "
+        "cancelled): signal refused (recorded in its history)"
+    )

@@ -1,0 +1,94 @@
+"""The values the plan decides with and returns: a run's state, an attempt's outcome,
+and the transition (with its history events) the store applies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from saga._model import EventKind, Phase, RunStatus
+
+#: How a leased next item's lease length is found (None: do not lease, e.g. stopping).
+LeaseFor = Callable[[str], float] | None
+
+# Which phase a status runs (a dict: enum attribute lookups cost on the hot path).
+PHASES = {
+    status: Phase.COMPENSATION if status is RunStatus.COMPENSATING else Phase.STEP
+    for status in RunStatus
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One history entry a transition appends (the store adds the worker and time)."""
+
+    kind: EventKind
+    step: str | None = None
+    attempt: int | None = None
+    data: Mapping[str, Any] | None = None
+    # Dropped by the store when a cancel was requested meanwhile: a step leased to this
+    # worker on a run being cancelled will not start.
+    unless_cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One fenced state change of a leased run."""
+
+    status: RunStatus
+    step: str | None  # the next item's step (None once terminal)
+    attempt: int  # the next item's attempt (0: not started)
+    events: tuple[Event, ...]
+    completed_step: str | None = None
+    result_json: str | None = None
+    output_json: str | None = None
+    error: Mapping[str, Any] | None = None
+    compensation_error: Mapping[str, Any] | None = None
+    due_in: float | None = None  # seconds until the next item is due; None once terminal
+    leased: bool = False  # the next item is leased to the worker writing this
+    unless_cancelled: bool = False  # refused if a cancel was requested meanwhile
+    retry: bool = False  # the same item again after a backoff
+    wait: str | None = None  # parks the run at this sleep or wait (due_in: inf = never)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.is_terminal
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """What the plan needs to know of a run whose current item was just attempted."""
+
+    status: RunStatus
+    step: str
+    attempt: int
+    completed: tuple[str, ...] = ()
+    cancel_requested: bool = False
+    failed_forward: bool = False  # a step failed for good: the rollback ends compensated
+    wait: str | None = None  # the wait whose timeout this claim is (status waiting)
+
+    @property
+    def phase(self) -> Phase:
+        return PHASES[self.status]
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    result_json: str | None = None  # a step's result; None for a compensation
+    park_in: float | None = None  # seconds of the sleep after the step (computed ones)
+    park_error: Mapping[str, Any] | None = None  # computing them failed: roll back
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: Mapping[str, Any]
+    retryable: bool = field(default=True)
+
+
+def idempotency_key(run_id: UUID, step: str, phase: Phase) -> str:
+    """``<run id>:step:<name>`` or ``<run id>:compensation:<name>``: the run id has a
+    fixed length and the phase a fixed place, so no two operations share a key whatever
+    the step names (which may hold ':')."""
+    return f"{run_id}:{phase}:{step}"

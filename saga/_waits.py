@@ -1,0 +1,125 @@
+"""Sleeps and waits: the points between two steps where a run parks.
+
+A parked run is only a row with a due time: the end of a sleep, or a wait's timeout
+(none: it waits for its signal only). It holds no lease, no worker slot, no connection
+and no task, so it survives any restart, and it costs nothing while it waits. Declared
+with :meth:`Saga.sleep` and :meth:`Saga.wait_for`; each follows the step declared before
+it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from saga import _checks
+from saga._errors import DefinitionError
+
+P = TypeVar("P", bound=BaseModel)
+
+#: The longest sleep or wait timeout: ten years (longer is a mistake, not a process).
+MAX_WAIT_SECONDS = 10 * 365 * 24 * 3600.0
+
+#: What a wait does when its timeout passes without its signal: roll back what completed
+#: ("compensate"), stop for an operator ("stop"), or go on with the value an async
+#: function computes from the context (the wait's result, as if it were the payload).
+OnTimeout = Literal["compensate", "stop"] | Callable[[Any], Awaitable[Any]]
+
+
+def wait_seconds(name: str, value: Any) -> float:
+    """A sleep's length or a wait's timeout: a timedelta or seconds, > 0, <= 10 years."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return _checks.seconds(name, value, DefinitionError, maximum=MAX_WAIT_SECONDS)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Sleep:
+    """A durable sleep after the step ``after``: ``seconds``, or until the time
+    ``until(ctx)`` returns (computed once that step completed)."""
+
+    name: str
+    saga: Any  # the Saga it belongs to
+    after: str
+    seconds: float | None
+    until: Callable[[Any], datetime | Awaitable[datetime]] | None
+
+    async def due_in(self, ctx: Any, now: datetime) -> float:
+        """Seconds from ``now`` until the run wakes (0 for a time already past)."""
+        if self.until is None:
+            assert self.seconds is not None
+            return self.seconds
+        value = self.until(ctx)
+        if inspect.isawaitable(value):
+            value = await value
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise TypeError(
+                f"sleep {self.name!r}: until() must return a timezone-aware datetime, "
+                f"got {_checks.show(value)}"
+            )
+        seconds = (value - now).total_seconds()
+        if seconds > MAX_WAIT_SECONDS:
+            raise ValueError(
+                f"sleep {self.name!r}: until() returned {value.isoformat()}, more than "
+                "ten years ahead"
+            )
+        return max(seconds, 0.0)
+
+    def __repr__(self) -> str:
+        return f"<Sleep {self.saga.name}.{self.name}>"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Wait(Generic[P]):
+    """A wait for the signal ``name`` after the step ``after``; its payload (a ``model``)
+    is the wait's result, read by later steps with ``ctx.result(wait)``."""
+
+    name: str
+    saga: Any  # the Saga it belongs to
+    after: str
+    model: type[P]
+    timeout: float | None
+    on_timeout: OnTimeout
+
+    @property
+    def result_type(self) -> type[P]:
+        return self.model
+
+    @property
+    def timeout_value(self) -> Callable[[Any], Awaitable[Any]] | None:
+        """The function computing the result on timeout, if that is the choice."""
+        return None if isinstance(self.on_timeout, str) else self.on_timeout
+
+    def __repr__(self) -> str:
+        return f"<Wait {self.saga.name}.{self.name}>"
+
+
+Parking = Sleep | Wait[Any]
+
+
+def check_on_timeout(saga: str, name: str, on_timeout: Any, timeout: float | None) -> None:
+    if on_timeout in ("compensate", "stop"):
+        return
+    if isinstance(on_timeout, str) or not inspect.iscoroutinefunction(on_timeout):
+        raise DefinitionError(
+            f"wait {name!r} of saga {saga!r}: on_timeout must be 'compensate', 'stop' or an "
+            f"`async def (ctx)` returning the wait's result, got {_checks.show(on_timeout)}"
+        )
+    if timeout is None:
+        raise DefinitionError(
+            f"wait {name!r} of saga {saga!r}: on_timeout is given but there is no timeout"
+        )
+
+
+def due_seconds(parking: Parking) -> float:
+    """How long the run parks when the wait starts (inf: a wait without timeout)."""
+    if isinstance(parking, Wait):
+        return math.inf if parking.timeout is None else parking.timeout
+    assert parking.seconds is not None
+    return parking.seconds

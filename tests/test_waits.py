@@ -1,0 +1,464 @@
+"""Runs that sleep and wait for signals, on real Postgres: durable sleeps, typed signals
+with timeouts (compensate, stop for an operator, go on with a computed value), signals
+before/after the wait, repeats, refusals, cancel and retry, the caller's transaction,
+and the bad inputs that must be refused before anything is written."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from pydantic import BaseModel
+
+import saga
+from saga.testing import advance
+from tests._sagas import FAST, Job, Ledger
+from tests.conftest import ClientFactory, OrchestratorFactory
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Decision(BaseModel):
+    approved: bool
+    by: str = "manager"
+
+
+def approval_saga(
+    ledger: Ledger,
+    *,
+    timeout: float | None = 3600.0,
+    on_timeout: Any = "compensate",
+    name: str = "approval",
+) -> tuple[saga.Saga[Job], saga.Wait[Decision]]:
+    """reserve (compensated) -> wait "decision" -> finish (returns who approved)."""
+    s = saga.Saga(name, input=Job)
+
+    @s.step(retry=FAST)
+    async def reserve(ctx: saga.Context[Job]) -> int:
+        ledger.record(ctx)
+        return ctx.input.n
+
+    @reserve.compensate
+    async def release(ctx: saga.Context[Job], n: int) -> None:
+        ledger.record(ctx, n)
+
+    decision = s.wait_for("decision", Decision, timeout=timeout, on_timeout=on_timeout)
+
+    @s.step(retry=FAST)
+    async def finish(ctx: saga.Context[Job]) -> str:
+        ledger.record(ctx)
+        got = ctx.result(decision)
+        if not got.approved:
+            raise saga.PermanentError(f"rejected by {got.by}")
+        return got.by
+
+    return s, decision
+
+
+def sleep_saga(ledger: Ledger, **sleep: Any) -> saga.Saga[Job]:
+    """first -> sleep -> second (returns first's result + 1)."""
+    s = saga.Saga("sleepy", input=Job)
+
+    @s.step(retry=FAST)
+    async def first(ctx: saga.Context[Job]) -> int:
+        ledger.record(ctx)
+        return ctx.input.n
+
+    @first.compensate
+    async def undo_first(ctx: saga.Context[Job], n: int) -> None:
+        ledger.record(ctx, n)
+
+    s.sleep(**sleep)
+
+    @s.step(retry=FAST)
+    async def second(ctx: saga.Context[Job]) -> int:
+        ledger.record(ctx)
+        return ctx.result(first) + 1
+
+    return s
+
+
+async def until_status(run: saga.RunHandle, *statuses: saga.RunStatus) -> saga.RunInfo:
+    with anyio.fail_after(15):
+        while True:
+            info = await run.info()
+            if info.status in statuses:
+                return info
+            await anyio.sleep(0.02)
+
+
+async def kinds(run: saga.RunHandle) -> list[str]:
+    return [e.kind for e in await run.history()]
+
+
+# -- sleep ---------------------------------------------------------------------------------
+
+
+async def test_a_sleeping_run_holds_nothing_and_wakes_when_its_time_comes(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A run sleeping a day is `sleeping`, unleased (no worker), with its wake-up time
+    as due_at; advancing the timer wakes it within the claim latency and it completes;
+    the history says sleep_started then woke."""
+    ledger = Ledger()
+    s = sleep_saga(ledger, duration=timedelta(days=1))
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=41))
+    info = await until_status(run, saga.RunStatus.SLEEPING)
+    assert info.worker is None
+    assert info.wait == "sleep_after_first"
+    assert info.step == "second"
+    assert info.due_at is not None
+    assert timedelta(hours=23) < info.due_at - datetime.now(UTC) <= timedelta(days=1)
+    await anyio.sleep(0.3)
+    assert (await run.info()).status is saga.RunStatus.SLEEPING
+    assert await advance(orch, run, timedelta(days=1)) is not None
+    assert await run.result(timeout=10) == 42
+    history = await kinds(run)
+    assert history.index("sleep_started") < history.index("woke") < history.index("run_completed")
+
+
+async def test_a_sleep_until_a_time_computed_from_the_input_and_earlier_results(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """sleep(until=...) is computed once the step before it completed, from the input
+    and that step's result; a time already past wakes at once."""
+    ledger = Ledger()
+    seen: list[int] = []
+
+    def when(ctx: saga.Context[Job]) -> datetime:
+        seen.append(ctx.result(s.steps[0]))
+        return datetime.now(UTC) + timedelta(hours=ctx.input.n)
+
+    s = sleep_saga(ledger, until=when)
+    orch = await orchestrator(s)
+    later = await orch.start(s, Job(n=5))
+    info = await until_status(later, saga.RunStatus.SLEEPING)
+    assert info.due_at is not None
+    assert timedelta(hours=4.9) < info.due_at - datetime.now(UTC) < timedelta(hours=5.1)
+    past = await orch.start(s, Job(n=-2))
+    assert await past.result(timeout=10) == -1
+    assert sorted(seen) == [-2, 5]
+
+
+async def test_a_sleeping_run_survives_its_orchestrator(
+    orchestrator: OrchestratorFactory, dsn: str
+) -> None:
+    """A sleeping run outlives the orchestrator that parked it: another one, opened
+    later, wakes it when it is due."""
+    ledger = Ledger()
+    s = sleep_saga(ledger, duration=0.5)
+    first = await orchestrator(s)
+    run = await first.start(s, Job(n=1))
+    await until_status(run, saga.RunStatus.SLEEPING)
+    await first.aclose()
+    async with saga.Orchestrator(dsn, sagas=[s], poll_interval=0.1) as second:
+        assert await second.get_run(run.id).result(timeout=10) == 2
+
+
+# -- waits and signals ------------------------------------------------------------------------
+
+
+async def test_a_signal_sent_while_the_run_waits_is_its_typed_result(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A waiting run holds no worker; the signal's payload becomes the wait's typed
+    result, read by the next step; the history has wait_started, signal_received, woke."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1))
+    info = await until_status(run, saga.RunStatus.WAITING)
+    assert info.worker is None
+    assert info.wait == "decision"
+    assert await run.signal(decision, Decision(approved=True, by="ana")) is True
+    assert await run.result(timeout=10) == "ana"
+    history = await kinds(run)
+    for earlier, later in [("wait_started", "signal_received"), ("signal_received", "woke")]:
+        assert history.index(earlier) < history.index(later)
+
+
+async def test_a_signal_sent_before_the_run_reaches_its_wait_is_kept(
+    orchestrator: OrchestratorFactory, open_client: ClientFactory
+) -> None:
+    """A signal sent (by name, as a dict, from a client) before any worker ran the run
+    is kept and consumed when the run gets to its wait: it does not wait at all."""
+    ledger = Ledger()
+    s, _ = approval_saga(ledger)
+    client = await open_client(s)
+    run = await client.start(s, Job(n=1))
+    assert await client.signal(run.id, "decision", {"approved": True, "by": "bo"}) is True
+    await orchestrator(s)
+    assert await run.result(timeout=10) == "bo"
+
+
+async def test_the_first_signal_wins_and_a_repeat_changes_nothing(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A second signal of the same name is reported (False) and changes nothing, before
+    and after the run consumed the first."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1))
+    assert await run.signal(decision, Decision(approved=True, by="first")) is True
+    assert await run.signal(decision, Decision(approved=False, by="second")) is False
+    assert await run.result(timeout=10) == "first"
+    with pytest.raises(saga.InvalidRunStateError, match="has ended"):
+        await run.signal(decision, Decision(approved=False, by="third"))
+
+
+async def test_a_rejection_compensates_what_completed(orchestrator: OrchestratorFactory) -> None:
+    """A payload the next step rejects rolls back the steps before the wait (the wait
+    itself has nothing to undo)."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=7))
+    await run.signal(decision, {"approved": False})
+    with pytest.raises(saga.RunCompensatedError, match="rejected"):
+        await run.result(timeout=10)
+    assert ledger.steps("compensation", run.id) == ["reserve"]
+
+
+async def test_a_signal_to_an_ended_run_is_refused_and_recorded(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A signal to a run that has ended raises InvalidRunStateError, and the refusal is
+    in the run's history."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1))
+    await run.signal(decision, Decision(approved=True))
+    await run.result(timeout=10)
+    with pytest.raises(saga.InvalidRunStateError):
+        await orch.signal(run.id, "decision", Decision(approved=True))
+    refused = [e for e in await run.history() if e.kind == "signal_refused"]
+    assert refused[-1].data == {"signal": "decision", "reason": "ended"}
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+async def test_a_timed_out_wait_compensates_by_default(orchestrator: OrchestratorFactory) -> None:
+    """Without its signal within the timeout (moved by saga.testing.advance), the run
+    compensates what completed and ends compensated with saga.WaitTimedOut; a signal
+    sent afterwards is refused (the wait was decided), never silently ignored."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger, timeout=48 * 3600)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=3))
+    await until_status(run, saga.RunStatus.WAITING)
+    await advance(orch, run, timedelta(hours=48))
+    with pytest.raises(saga.RunCompensatedError) as caught:
+        await run.result(timeout=10)
+    assert caught.value.error is not None
+    assert caught.value.error.type == "saga.WaitTimedOut"
+    assert ledger.steps("compensation", run.id) == ["reserve"]
+    assert "wait_timed_out" in await kinds(run)
+    with pytest.raises(saga.InvalidRunStateError):
+        await run.signal(decision, Decision(approved=True))
+
+
+async def test_a_timed_out_wait_can_go_on_with_a_computed_value(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """on_timeout=async fn: its value (from the context) is the wait's result and the
+    run goes on."""
+    ledger = Ledger()
+
+    async def default(ctx: saga.Context[Job]) -> Decision:
+        return Decision(approved=True, by=f"auto-{ctx.input.n}")
+
+    s, _ = approval_saga(ledger, timeout=60, on_timeout=default)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=9))
+    await until_status(run, saga.RunStatus.WAITING)
+    await advance(orch, run, 60)
+    assert await run.result(timeout=10) == "auto-9"
+
+
+async def test_a_run_stopped_at_a_timed_out_wait_resumes_by_signal_or_retry(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """on_timeout="stop": the run is stopped for an operator (RunStoppedError); the
+    operator's signal resumes it; another run, retried, waits again with a fresh
+    timeout."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger, timeout=60, on_timeout="stop")
+    orch = await orchestrator(s)
+    first = await orch.start(s, Job(n=1))
+    second = await orch.start(s, Job(n=2))
+    for run in (first, second):
+        await until_status(run, saga.RunStatus.WAITING)
+        await advance(orch, run, 60)
+        with pytest.raises(saga.RunStoppedError):
+            await run.result(timeout=10)
+        info = await run.info()
+        assert info.status is saga.RunStatus.STOPPED
+        assert info.wait == "decision"
+    assert await first.signal(decision, Decision(approved=True, by="ops")) is True
+    assert await first.result(timeout=10) == "ops"
+    await second.retry()
+    info = await until_status(second, saga.RunStatus.WAITING)
+    assert info.due_at is not None
+    assert info.due_at > datetime.now(UTC) + timedelta(seconds=30)
+    await second.signal(decision, Decision(approved=True, by="late"))
+    assert await second.result(timeout=10) == "late"
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parked", ["sleep", "wait", "stopped"])
+async def test_cancelling_a_parked_run_compensates_at_once(
+    orchestrator: OrchestratorFactory, parked: str
+) -> None:
+    """Cancelling a sleeping, waiting or stopped run rolls back what completed at once,
+    without waiting for its timer."""
+    ledger = Ledger()
+    if parked == "sleep":
+        s = sleep_saga(ledger, duration=timedelta(days=7))
+    else:
+        s, _ = approval_saga(ledger, timeout=3600, on_timeout="stop")
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1))
+    await until_status(run, saga.RunStatus.SLEEPING, saga.RunStatus.WAITING)
+    if parked == "stopped":
+        await advance(orch, run, 3600)
+        await until_status(run, saga.RunStatus.STOPPED)
+    await run.cancel()
+    with pytest.raises(saga.RunCancelledError):
+        await run.result(timeout=10)
+    assert len(ledger.steps("compensation", run.id)) == 1
+
+
+# -- the caller's transaction -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback", "savepoint"])
+async def test_start_and_signal_in_the_callers_transaction(
+    orchestrator: OrchestratorFactory, pool: asyncpg.Pool, ending: str
+) -> None:
+    """start(conn=) and signal(conn=) write in the caller's transaction: on commit the
+    run (and its signal) exist and a worker runs it; on rollback, or the rollback of a
+    savepoint around them, nothing exists and nothing runs."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger)
+    orch = await orchestrator(s)
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        if ending == "savepoint":
+            sp = conn.transaction()
+            await sp.start()
+            run = await orch.start(s, Job(n=1), key="order-1", conn=conn)
+            await orch.signal(run.id, decision, Decision(approved=True), conn=conn)
+            await sp.rollback()
+        else:
+            run = await orch.start(s, Job(n=1), key="order-1", conn=conn)
+            await orch.signal(run.id, decision, Decision(approved=True), conn=conn)
+        await anyio.sleep(0.3)
+        assert not ledger.calls  # nothing runs before the commit
+        await (tx.commit() if ending == "commit" else tx.rollback())
+    if ending == "commit":
+        assert await run.result(timeout=10) == "manager"
+    else:
+        with pytest.raises(saga.RunNotFoundError):
+            await run.info()
+        assert await pool.fetchval("SELECT count(*) FROM saga.signals") == 0
+
+
+async def test_signal_by_key(orchestrator: OrchestratorFactory) -> None:
+    """signal_key reaches the run of a saga started with that idempotency key; an
+    unknown key is a clear error."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1), key="refund-7")
+    assert await orch.signal_key(s, "refund-7", decision, Decision(approved=True)) is True
+    assert await run.result(timeout=10) == "manager"
+    with pytest.raises(saga.InvalidInputError, match="refund-8"):
+        await orch.signal_key("approval", "refund-8", "decision", {"approved": True})
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+async def test_bad_signals_are_refused_before_anything_is_written(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """An unknown signal name, an invalid or too large payload, a signal to an unknown
+    run, a malformed run id: each a clear error naming what is wrong, and no signal row
+    or history entry is written."""
+    import uuid
+
+    ledger = Ledger()
+    s, decision = approval_saga(ledger)
+    orch = await orchestrator(s, max_payload_bytes=200)
+    run = await orch.start(s, Job(n=1))
+    await until_status(run, saga.RunStatus.WAITING)
+    before = await db.fetchval("SELECT count(*) FROM saga.events")
+    with pytest.raises(saga.InvalidInputError, match="no wait for a signal named 'nope'"):
+        await run.signal("nope", {"approved": True})
+    with pytest.raises(saga.InvalidInputError, match="invalid payload for signal 'decision'"):
+        await run.signal("decision", {"approved": "perhaps"})
+    with pytest.raises(saga.PayloadTooLargeError):
+        await run.signal(decision, Decision(approved=True, by="x" * 500))
+    with pytest.raises(saga.RunNotFoundError):
+        await orch.signal(uuid.uuid4(), "decision", {"approved": True})
+    with pytest.raises(saga.InvalidInputError, match="not a run id"):
+        await orch.signal("not-a-uuid", "decision", {"approved": True})
+    assert await db.fetchval("SELECT count(*) FROM saga.signals WHERE payload IS NOT NULL") == 0
+    assert await db.fetchval("SELECT count(*) FROM saga.events") == before
+
+
+def test_bad_sleep_and_wait_declarations_are_refused() -> None:
+    """A sleep or wait before any step, at the end, right after another, with a
+    negative, zero, absurd or non-number duration, a non-positive timeout, a payload
+    that is not a pydantic model, or an on_timeout that cannot work: a DefinitionError
+    naming it, at definition time."""
+
+    class D(BaseModel):
+        ok: bool
+
+    async def step(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    s = saga.Saga("bad", input=Job)
+    with pytest.raises(saga.DefinitionError, match="must follow a step"):
+        s.sleep(5)
+    with pytest.raises(saga.DefinitionError, match="must follow a step"):
+        s.wait_for("d", D)
+    s.step(name="a")(step)
+    for duration in (-1, 0, float("nan"), float("inf"), 11 * 365 * 86400, "5"):
+        with pytest.raises(saga.DefinitionError, match="sleep duration"):
+            s.sleep(duration)  # type: ignore[arg-type]
+    with pytest.raises(saga.DefinitionError, match="duration or until"):
+        s.sleep()
+    for timeout in (0, -3, timedelta(seconds=-1)):
+        with pytest.raises(saga.DefinitionError, match="timeout of wait"):
+            s.wait_for("d", D, timeout=timeout)
+    with pytest.raises(saga.DefinitionError, match="pydantic model"):
+        s.wait_for("d", dict)  # type: ignore[type-var]
+    with pytest.raises(saga.DefinitionError, match="on_timeout"):
+        s.wait_for("d", D, timeout=5, on_timeout="retry")  # type: ignore[arg-type]
+
+    async def value(ctx: saga.Context[Job]) -> D:
+        return D(ok=True)
+
+    with pytest.raises(saga.DefinitionError, match="no timeout"):
+        s.wait_for("d", D, on_timeout=value)
+    s.wait_for("d", D, timeout=5)
+    with pytest.raises(saga.DefinitionError, match="no step in between"):
+        s.sleep(5)
+    with pytest.raises(saga.DefinitionError, match="already has a wait named 'd'"):
+        s.step(name="d")(step)
+    s.step(name="b")(step)
+    s.sleep(5)
+    with pytest.raises(saga.DefinitionError, match="ends with"):
+        s._freeze()  # what registering it with a client or orchestrator does
