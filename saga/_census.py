@@ -16,7 +16,8 @@ import anyio
 
 from saga._errors import DatabaseError
 from saga._log import Outage, logger
-from saga._store import DefinitionKey, Store
+from saga._store import Store
+from saga._store_ops import DefinitionKey
 from saga._telemetry import Telemetry
 
 _WARN_EVERY = 60.0

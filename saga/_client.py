@@ -53,7 +53,8 @@ from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._notify import StartNotifier
 from saga._run import RunHandle
 from saga._signals import Signalling
-from saga._store import DefinitionKey, RunRow, Store
+from saga._store import RunRow, Store
+from saga._store_ops import DefinitionKey
 from saga._telemetry import CREATED, RUN_ID, SAGA, Telemetry
 
 InT = TypeVar("InT", bound=pydantic.BaseModel)

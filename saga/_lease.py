@@ -21,7 +21,8 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from saga._errors import DatabaseError
 from saga._log import Outage, logger
-from saga._store import ClaimedItem, DefinitionKey, Store
+from saga._store import ClaimedItem, Store
+from saga._store_ops import DefinitionKey
 
 
 @dataclass(slots=True, eq=False)

@@ -22,14 +22,18 @@ from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
 from saga._model import HistoryEvent, RunInfo, RunStatus
-from saga._store_ops import OperatorQueries, loads, run_info
+from saga._store_ops import (
+    DefinitionKey,
+    OperatorQueries,
+    definition_args,
+    fingerprint_or_none,
+    loads,
+    run_info,
+)
 from saga._store_signals import SignalQueries
 from saga._transition import Transition
 
 _WAITING = RunStatus.WAITING
-
-#: A saga definition as the database knows it: (name, version, fingerprint).
-DefinitionKey = tuple[str, int, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +71,6 @@ class ClaimedItem:
     age: float  # seconds since the run was created, by the database clock
     expired_owner: str | None
     timed_out_wait: str | None = None  # status waiting: this wait's timeout passed
-
-
-@dataclass(frozen=True, slots=True)
-class Census:
-    """Runs per state (active ones and failed), oldest active age, scheduler lag (s)."""
-
-    runs_by_status: dict[str, int]
-    oldest_active_age: float
-    scheduler_lag: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +153,7 @@ class Store(OperatorQueries, SignalQueries):
                 worker,
                 limit,
                 lease_seconds,
-                *_definition_args(definitions),
+                *definition_args(definitions),
                 *self._claim_table,
             )
         return [
@@ -335,48 +330,13 @@ class Store(OperatorQueries, SignalQueries):
         fingerprint); the fingerprint is ``None`` for runs that recorded none."""
         async with translate_errors("counting unclaimable runs"):
             rows = await self.pool.fetch(
-                self._q["count_unclaimable"], *_definition_args(definitions)
+                self._q["count_unclaimable"], *definition_args(definitions)
             )
         return {
-            (r["saga_name"], r["saga_version"], _fingerprint_or_none(r["fingerprint"])): r["runs"]
+            (r["saga_name"], r["saga_version"], fingerprint_or_none(r["fingerprint"])): r["runs"]
             for r in rows
         }
-
-    async def census(self, definitions: Sequence[DefinitionKey]) -> Census:
-        async with translate_errors("reading run statistics"):
-            rows = await self.pool.fetch(self._q["census"], *_definition_args(definitions))
-        ages = [r["oldest_age"] for r in rows if r["oldest_age"] is not None]
-        return Census(
-            runs_by_status={r["status"]: r["runs"] for r in rows},
-            oldest_active_age=max(ages, default=0.0),
-            scheduler_lag=max((r["lag"] for r in rows), default=0.0),
-        )
 
 
 def _json_or_none(value: Any) -> str | None:
     return None if value is None else json.dumps(dict(value), separators=(",", ":"))
-
-
-#: Stands for "no fingerprint recorded" (runs started before fingerprints existed).
-_NO_FINGERPRINT = "-"
-
-
-def _definition_args(
-    definitions: Sequence[DefinitionKey],
-) -> tuple[list[str], list[int], list[str]]:
-    """The (names, versions, fingerprints) arrays of the definition filters. Each
-    definition also matches its runs without a fingerprint (started before they were
-    recorded), which the queries read as ``'-'``."""
-    names: list[str] = []
-    versions: list[int] = []
-    fingerprints: list[str] = []
-    for name, version, fingerprint in definitions:
-        for fp in (fingerprint or _NO_FINGERPRINT, _NO_FINGERPRINT):
-            names.append(name)
-            versions.append(version)
-            fingerprints.append(fp)
-    return names, versions, fingerprints
-
-
-def _fingerprint_or_none(value: str) -> str | None:
-    return None if value == _NO_FINGERPRINT else value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -17,6 +18,9 @@ import asyncpg
 from saga._db import translate_errors
 from saga._errors import ErrorInfo
 from saga._model import RunInfo, RunStatus
+
+#: A saga definition as the database knows it: (name, version, fingerprint).
+DefinitionKey = tuple[str, int, str | None]
 
 
 def loads(text: str | None) -> Any:
@@ -49,6 +53,43 @@ def run_info(r: asyncpg.Record) -> RunInfo:
 def _due(value: datetime | None) -> datetime | None:
     """A due time; 'infinity' (a wait without timeout) reads as None."""
     return None if value is None or value == datetime.max.replace(tzinfo=UTC) else value
+
+
+#: Stands for "no fingerprint recorded" (runs started before fingerprints existed).
+_NO_FINGERPRINT = "-"
+
+
+def definition_args(
+    definitions: Sequence[DefinitionKey],
+) -> tuple[list[str], list[int], list[str]]:
+    """The (names, versions, fingerprints) arrays of the definition filters. Each
+    definition also matches its runs without a fingerprint (started before they were
+    recorded), which the queries read as ``'-'``."""
+    names: list[str] = []
+    versions: list[int] = []
+    fingerprints: list[str] = []
+    for name, version, fingerprint in definitions:
+        for fp in (fingerprint or _NO_FINGERPRINT, _NO_FINGERPRINT):
+            names.append(name)
+            versions.append(version)
+            fingerprints.append(fp)
+    return names, versions, fingerprints
+
+
+def fingerprint_or_none(value: str) -> str | None:
+    return None if value == _NO_FINGERPRINT else value
+
+
+@dataclass(frozen=True, slots=True)
+class Census:
+    """Runs per state (active ones, failed and stopped), oldest active age, scheduler
+    lag and timer lag (s), and the sleeping and waiting runs per (saga, status)."""
+
+    runs_by_status: dict[str, int]
+    oldest_active_age: float
+    scheduler_lag: float
+    timer_lag: float = 0.0
+    parked: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class OperatorQueries:
@@ -134,3 +175,16 @@ class OperatorQueries:
                 self._q["advance_timers"], run_id, seconds, self.work_channel
             )
         return None if row is None else _due(row["due_at"])
+
+    async def census(self, definitions: Sequence[DefinitionKey]) -> Census:
+        async with translate_errors("reading run statistics"):
+            rows = await self.pool.fetch(self._q["census"], *definition_args(definitions))
+            parked = await self.pool.fetch(self._q["census_parked"])
+        ages = [r["oldest_age"] for r in rows if r["oldest_age"] is not None]
+        return Census(
+            runs_by_status={r["status"]: r["runs"] for r in rows},
+            oldest_active_age=max(ages, default=0.0),
+            scheduler_lag=max((r["lag"] for r in rows), default=0.0),
+            timer_lag=max((r["timer_lag"] for r in rows), default=0.0),
+            parked={(r["saga_name"], r["status"]): r["runs"] for r in parked},
+        )

@@ -23,7 +23,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from saga._model import RunStatus
-from saga._store import Census, DefinitionKey
+from saga._store_ops import Census, DefinitionKey
 
 if TYPE_CHECKING:
     from saga._definition import Saga
@@ -45,9 +45,9 @@ CREATED = "saga.run.created"
 FINGERPRINT = "saga.fingerprint"
 ERROR_TYPE = "error.type"  # OpenTelemetry semantic convention
 
-# saga.runs.active reports the active statuses and the failed runs (waiting for an
-# operator); saga.runs.<status> counts how runs end.
-_GAUGED = tuple(str(s) for s in (*RunStatus.active(), RunStatus.FAILED))
+# saga.runs.active reports the active statuses and the failed and stopped runs (waiting
+# for an operator); saga.runs.<status> counts how runs end.
+_GAUGED = tuple(str(s) for s in (*RunStatus.active(), RunStatus.FAILED, RunStatus.STOPPED))
 
 
 class GaugeState:
@@ -116,6 +116,13 @@ class _Instruments:
             ("saga.runs.oldest_active_age", self._observe_oldest, "s", "Oldest active run."),
             ("saga.scheduler.lag", self._observe_lag, "s", "Now minus the oldest due time."),
             (
+                "saga.timers.lag",
+                self._observe_timer_lag,
+                "s",
+                "Now minus the oldest overdue sleep or wait timeout (0: none overdue).",
+            ),
+            ("saga.runs.waiting", self._observe_parked, runs, "Sleeping and waiting runs."),
+            (
                 "saga.runs.unclaimable",
                 self._observe_unclaimable,
                 runs,
@@ -149,7 +156,11 @@ class _Instruments:
             freshest = max(group, key=lambda s: s.updated)
             assert freshest.census is not None
             lag = max(s.census.scheduler_lag for s in group if s.census is not None)
-            census = Census(freshest.census.runs_by_status, freshest.census.oldest_active_age, lag)
+            timers = max(s.census.timer_lag for s in group if s.census is not None)
+            fresh = freshest.census
+            census = Census(
+                fresh.runs_by_status, fresh.oldest_active_age, lag, timers, fresh.parked
+            )
             keys = set.intersection(*(set(s.unclaimable) for s in group))
             unclaimable = {k: min(s.unclaimable[k] for s in group) for k in keys}
             merged.append((schema, census, unclaimable))
@@ -168,6 +179,15 @@ class _Instruments:
     def _observe_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
         for schema, census, _ in self._merged():
             yield Observation(census.scheduler_lag, {SCHEMA: schema})
+
+    def _observe_timer_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for schema, census, _ in self._merged():
+            yield Observation(census.timer_lag, {SCHEMA: schema})
+
+    def _observe_parked(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for schema, census, _ in self._merged():
+            for (name, status), count in census.parked.items():
+                yield Observation(count, {SCHEMA: schema, SAGA: name, RUN_STATUS: status})
 
     def _observe_unclaimable(self, _options: CallbackOptions) -> Iterable[Observation]:
         for schema, _, unclaimable in self._merged():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
@@ -20,7 +21,7 @@ from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 
 import saga
-from saga.testing import Faults
+from saga.testing import Faults, advance
 from tests._sagas import FAST, parked_saga, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
 
@@ -158,7 +159,8 @@ def assert_no_secret(spans: list[ReadableSpan]) -> None:
 def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
     data = reader.get_metrics_data()
     out: dict[str, list[tuple[dict[str, Any], Any]]] = {}
-    assert data is not None
+    if data is None:  # nothing recorded or observed yet
+        return out
     for resource in data.resource_metrics:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
@@ -311,3 +313,38 @@ async def test_spans_arrive_over_otlp(
     assert {"saga.start traced", "saga.step reserve", "saga.step charge"} <= set(names)
     assert names["saga.step charge"]["saga.run.id"].string_value == str(run.id)
     assert names["saga.step charge"]["saga.run.status"].string_value == "completed"
+
+
+async def test_waiting_runs_and_timer_lag_are_gauged(orchestrator: OrchestratorFactory) -> None:
+    """saga.runs.waiting counts sleeping runs by saga; saga.timers.lag shows how late
+    the oldest overdue timer is when no worker wakes it (here: only a census-taking
+    orchestrator that executes nothing), and saga.runs.active reports sleeping."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    s = saga.Saga("napping", input=Order)
+
+    @s.step()
+    async def first(ctx: saga.Context[Order]) -> str:
+        return "a"
+
+    s.sleep(timedelta(hours=1))
+
+    @s.step()
+    async def second(ctx: saga.Context[Order]) -> str:
+        return "b"
+
+    worker = await orchestrator(s)
+    run = await worker.start(s, Order(order_id="n"))
+    with anyio.fail_after(10):
+        while (await run.info()).status is not saga.RunStatus.SLEEPING:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    await worker.aclose()
+    watcher = await orchestrator(s, concurrency=0, meter_provider=meters, census_interval=0.1)
+    await advance(watcher, run, timedelta(hours=1, seconds=5))
+    sleeping = {"saga.name": "napping", "saga.run.status": "sleeping"}
+    with anyio.fail_after(5):
+        while total(points(reader), "saga.runs.waiting", **sleeping) != 1:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    found = points(reader)
+    assert max(v for _, v in found["saga.timers.lag"]) >= 5
+    assert total(found, "saga.runs.active", **{"saga.run.status": "sleeping"}) == 1

@@ -415,8 +415,10 @@ SELECT EXISTS (
 
 -- name: census
 -- What operators watch, at a cost bounded by the active runs (partial index) and the
--- failed ones: runs per state, the oldest active run's age, and the scheduler lag (now
--- minus the due time of the oldest runnable item of a registered saga; 0 when none).
+-- failed and stopped ones: runs per state, the oldest active run's age, the scheduler
+-- lag (now minus the due time of the oldest runnable item of a registered saga; 0 when
+-- none) and the timer lag (now minus the oldest overdue sleep end or wait timeout, of
+-- any saga: the figure that shows a stalled scheduler, whoever should run it).
 -- $1 saga names, $2 saga versions, $3 fingerprints (the three pairwise; '-' stands for
 -- runs without a fingerprint): the definitions this orchestrator runs
 WITH active AS (
@@ -429,11 +431,26 @@ WITH active AS (
     WHERE due_at <= now() AND lease_owner IS NULL
       AND (saga_name, saga_version, coalesce(fingerprint, '-'))
           IN (SELECT * FROM unnest($1::text[], $2::integer[], $3::text[]))
+), timers AS (
+    SELECT coalesce(extract(epoch FROM now() - min(due_at))::float8, 0) AS lag
+    FROM __schema__.runs
+    WHERE due_at <= now() AND status IN ('sleeping', 'waiting')
 )
-SELECT status, runs, oldest_age, (SELECT lag FROM lag) AS lag FROM active
+SELECT status, runs, oldest_age, (SELECT lag FROM lag) AS lag,
+       (SELECT lag FROM timers) AS timer_lag
+FROM active
 UNION ALL
-SELECT 'failed', count(*), NULL, (SELECT lag FROM lag)
-FROM __schema__.runs WHERE status = 'failed';
+SELECT s.status, (SELECT count(*) FROM __schema__.runs r WHERE r.status = s.status), NULL,
+       (SELECT lag FROM lag), (SELECT lag FROM timers)
+FROM (VALUES ('failed'), ('stopped')) AS s(status);
+
+-- name: census_parked
+-- Sleeping and waiting runs per saga (an index-backed read of the active runs only).
+-- no parameters
+SELECT saga_name, status, count(*) AS runs
+FROM __schema__.runs
+WHERE due_at IS NOT NULL AND status IN ('sleeping', 'waiting')
+GROUP BY saga_name, status;
 
 -- name: list_runs
 -- Runs matching the filters, newest first (created_at, id), at most $6 of them. Active
