@@ -108,7 +108,8 @@ def cancel_instead(
 ) -> Transition:
     """A completion refused because a cancel was accepted meanwhile: roll back instead,
     the step that just completed included."""
-    assert completion.completed_step is not None
+    if completion.completed_step is None:  # a wait's timeout stopping the run
+        return _rollback(saga, state, None, [], None, lease_for)
     done = completion.events[0]  # step_completed
     rollback = _rollback(saga, state, None, [done], completion.completed_step, lease_for)
     return replace(
@@ -233,6 +234,7 @@ def _wait_timed_out(
             events=(timed_out, Event(EventKind.RUN_STOPPED, wait.name)),
             error=error,
             wait=wait.name,
+            unless_cancelled=True,  # a cancel accepted meanwhile rolls back instead
         )
     events = [timed_out]
     if lease_for is not None:
