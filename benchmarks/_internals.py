@@ -9,7 +9,10 @@ This module touches **private API** (``saga._store.Store``) and **saga's table l
   the store's methods (a benchmark-only monkeypatch);
 - the harness times and checks runs from the server's own clock and state (``created_at``,
   ``finished_at``, ``step_started`` events), and the scale section clones finished runs
-  column by column.
+  column by column;
+- the waits section sees when every run is parked (``status = 'waiting'``), times from the
+  first signal received (``signals.received_at``), and sorts the write transactions by
+  the events they inserted (``events.xmin``).
 
 Every other module uses the public ``saga`` API only, so when the core is reshaped,
 this is the one file that must follow (the smoke test, ``tests/test_benchmarks_smoke.py``,
@@ -119,17 +122,22 @@ FINISHED_OK = {
     "noop": "status = 'completed' AND output::text = '1' AND cardinality(completed_steps) = 3",
     "compensate": "status = 'compensated' AND error->>'type' = 'saga.PermanentError'",
     "gate": "status = 'completed' AND output::text = '1'",
+    "noop2": "status = 'completed' AND output::text = '1' AND cardinality(completed_steps) = 2",
+    "wait": "status = 'completed' AND output::text = '1' "
+    "AND completed_steps = '{s1,decision,s2}' AND results->>'decision' = '{\"approved\":true}'",
 }
 
 # Runs finished since $1. The partial index runs_finished_at keeps this cheap at 1M rows.
 DONE_SINCE = "SELECT count(*) FROM saga.runs WHERE due_at IS NULL AND finished_at >= $1"
 COMPLETED = "SELECT count(*) FROM saga.runs WHERE status = 'completed'"
 LEASED = "SELECT count(*) FROM saga.runs WHERE status = 'running' AND lease_owner IS NOT NULL"
+# Runs parked at a wait (their step before it completed, no lease held).
+WAITING = "SELECT count(*) FROM saga.runs WHERE status = 'waiting' AND lease_owner IS NULL"
 
 
 def span_sql(kind: str) -> str:
-    """The runs created since $1: first start, last and p99 finish, first claim, count,
-    correctly finished count, lease expiries."""
+    """The runs created since $1: first start, last and p99 finish, first claim, first
+    signal received, count, correctly finished count, lease expiries."""
     return f"""
         WITH r AS (SELECT * FROM saga.runs WHERE created_at >= $1)
         SELECT min(created_at) AS first_start, max(finished_at) AS last_done,
@@ -138,10 +146,29 @@ def span_sql(kind: str) -> str:
                (SELECT count(*) FROM saga.events e JOIN r ON e.run_id = r.id
                 WHERE e.kind = 'lease_expired') AS expiries,
                (SELECT min(e.at) FROM saga.events e JOIN r ON e.run_id = r.id
-                WHERE e.kind = 'step_started') AS first_claim
+                WHERE e.kind = 'step_started') AS first_claim,
+               (SELECT min(s.received_at) FROM saga.signals s JOIN r ON s.run_id = r.id)
+                AS first_signal
         FROM r
         """
 
+
+# The write transactions that wrote the runs' history (every run in the database), by
+# the kinds of event each wrote (events are never updated: an event's xmin is the id of
+# the transaction that inserted it): ``kinds`` (sorted, comma-separated) -> transactions.
+WRITES_BY_EVENTS = """
+    WITH tx AS (
+        SELECT xmin::text AS xid, string_agg(DISTINCT kind, ',' ORDER BY kind) AS kinds
+        FROM saga.events
+        GROUP BY 1
+    )
+    SELECT kinds, count(*) AS n FROM tx GROUP BY kinds ORDER BY n DESC, kinds
+    """
+
+
+# A transaction that wrote only events of these kinds is a claim (a transition that
+# leases the next step writes step_completed too).
+CLAIM_EVENTS = frozenset({"step_started", "woke", "lease_expired"})
 
 # Per run of $1 (ids): created-to-finished and created-to-first-claim, in seconds.
 RUN_TIMES = """

@@ -18,7 +18,7 @@ from benchmarks._base import say
 from benchmarks._harness import Harness
 from benchmarks._procs import WorkerProc
 from benchmarks._sagas import Input, Kind, build
-from benchmarks._window import Client, Hook, Measured, StartAll, Workload, window
+from benchmarks._window import Client, Hook, Measured, Parking, StartAll, Workload, window
 
 if TYPE_CHECKING:
     from benchmarks._otel import Tracing
@@ -107,8 +107,11 @@ async def measure_saga(
     database: tuple[str, str] | None = None,
     traced: Traced | None = None,
     hook: Hook | None = None,
+    client: Client | None = None,
+    parking: Parking | None = None,
 ) -> Measured:
-    """One window of ``row`` on a fresh database (or on ``database``, kept)."""
+    """One window of ``row`` on a fresh database (or on ``database``, kept); ``client``
+    replaces the one that starts the runs (and, with ``parking``, wakes them)."""
     runs = row.runs or h.opts.runs
     db, dsn = database or await h.saga_database(label)
     workers = traced.workers if traced else await h.ensure_workers(row.processes)
@@ -121,8 +124,9 @@ async def measure_saga(
         "count_calls": row.count_calls,
         "pool_size": h.opts.pool_size,
     }
-    client = saga_client(build(row.kind), runs, traced.client if traced else None)
-    workload = Workload(row.kind, workers, open_cmd, client, runs, row.drain, hook)
+    if client is None:
+        client = saga_client(build(row.kind), runs, traced.client if traced else None)
+    workload = Workload(row.kind, workers, open_cmd, client, runs, row.drain, hook, parking)
     m = await window(h, db, dsn, workload)
     if database is None:
         await h.drop(db)

@@ -15,15 +15,17 @@ SECTIONS = (
     "queue",
     "saga",
     "compensation",
+    "waits",
     "latency",
     "scale",
     "memory",
     "tracing",
     "profile",
 )
-# Smoke size: the throughput workloads, and the two sections that use saga's internals
-# (benchmarks/_internals.py), so that CI notices when the core moves under them.
-SMOKE_SECTIONS = ("queue", "saga", "scale", "profile")
+# Smoke size: the throughput workloads, waits, and the two sections that use saga's
+# internals (benchmarks/_internals.py; waits does too), so that CI notices when the core
+# moves under them.
+SMOKE_SECTIONS = ("queue", "saga", "waits", "scale", "profile")
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 PYSPY_CANDIDATES = ("/tmp/pyspy-venv/bin/py-spy", "/tmp/pyspy/bin/py-spy")
 

@@ -15,6 +15,7 @@ from benchmarks import (
     _scale,
     _throughput,
     _tracing,
+    _waits,
 )
 from benchmarks._base import fmt
 from benchmarks._cpu import CORES
@@ -47,6 +48,7 @@ def render(r: Results, o: Options, header: dict[str, str]) -> str:
         lines += _ceiling.render(r.ceiling, o.pgbench_seconds, o.repeats)
     lines += _throughput.render(t, ceiling, o.runs, o.repeats)
     lines += _compensation.render(r.compensation, t.saga.get(HEADLINE), ceiling)
+    lines += _waits.render(r.waits, o.repeats)
     commit = r.ceiling.commit_ms if r.ceiling else math.nan
     lines += _latency.render(r.latency, o.latency_rate, o.latency_seconds, o.repeats, commit)
     if r.scale is not None:
@@ -83,6 +85,7 @@ def targets(r: Results, o: Options) -> list[str]:
         "| --- | --- | --- |",
     ]
     lines += _runs_target(r.throughput) + _commits_target(r.throughput.saga)
+    lines += _waits.target(r.waits)
     for variant, reps in r.latency.items():
         p50 = Stat.of([pct(s.e2e, 0.5) * 1000 for s in reps])
         p99 = Stat.of([pct(s.e2e, 0.99) * 1000 for s in reps])

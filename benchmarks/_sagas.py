@@ -1,6 +1,6 @@
-"""The sagas the benchmarks run: three steps of ``async def s(ctx) -> int: return 1``,
-built by one function in every process (the client and the worker processes build the
-same definition, so its fingerprint matches)."""
+"""The sagas the benchmarks run: steps of ``async def s(ctx) -> int: return 1`` (three,
+or two around a wait), built by one function in every process (the client and the worker
+processes build the same definition, so its fingerprint matches)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,31 @@ from pydantic import BaseModel
 
 import saga
 
-Kind = Literal["noop", "compensate", "gate"]
-KINDS: tuple[Kind, ...] = ("noop", "compensate", "gate")
+Kind = Literal["noop", "compensate", "gate", "noop2", "wait"]
+KINDS: tuple[Kind, ...] = ("noop", "compensate", "gate", "noop2", "wait")
 # Work items per run: steps, plus compensations on the compensation path (the queue's
-# chains have 3 jobs).
-ITEMS: dict[str, int] = {"noop": 3, "compensate": 5, "gate": 3, "queue": 3}
+# chains have 3 jobs; a wait is no work item).
+ITEMS: dict[str, int] = {"noop": 3, "compensate": 5, "gate": 3, "noop2": 2, "wait": 2, "queue": 3}
+
+SIGNAL = "decision"  # the wait of ``bench_wait``, and the signal that ends it
+WAIT_TIMEOUT = 3600.0  # seconds: never reached in a measurement
 
 
 class Input(BaseModel):
     i: int
 
 
-def build(kind: Kind, gate: Callable[[], Awaitable[None]] | None = None) -> saga.Saga[Input]:
-    """``bench_<kind>``: steps s1, s2, s3.
+class Decision(BaseModel):
+    """The payload of the ``decision`` signal."""
 
-    - ``noop``: every step returns 1.
+    approved: bool
+
+
+def build(kind: Kind, gate: Callable[[], Awaitable[None]] | None = None) -> saga.Saga[Input]:
+    """``bench_<kind>``: steps s1, s2, s3 (``noop2`` and ``wait``: s1, s2).
+
+    - ``noop``: every step returns 1; ``noop2`` likewise, two steps.
+    - ``wait``: s1, then ``wait_for("decision", Decision, timeout=1 h)``, then s2.
     - ``compensate``: s3 raises ``saga.PermanentError``; s1 and s2 have (no-op)
       compensations, so a run ends ``compensated`` after 5 work items.
     - ``gate``: s1 first awaits ``gate()`` (the memory benchmark holds runs in flight).
@@ -47,7 +57,11 @@ def build(kind: Kind, gate: Callable[[], Awaitable[None]] | None = None) -> saga
         return None
 
     s1 = definition.step(name="s1")(first)
+    if kind == "wait":
+        definition.wait_for(SIGNAL, Decision, timeout=WAIT_TIMEOUT)
     s2 = definition.step(name="s2")(then)
+    if kind in ("noop2", "wait"):
+        return definition
     definition.step(name="s3")(fail if kind == "compensate" else then)
     if kind == "compensate":
         s1.compensate(undo)

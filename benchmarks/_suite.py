@@ -15,6 +15,7 @@ from benchmarks import (
     _scale,
     _throughput,
     _tracing,
+    _waits,
 )
 from benchmarks._base import say
 from benchmarks._harness import Harness
@@ -26,6 +27,7 @@ class Results:
     ceiling: _ceiling.Ceiling | None = None
     throughput: _throughput.Throughput = dataclasses.field(default_factory=_throughput.Throughput)
     compensation: list[Measured] = dataclasses.field(default_factory=list)
+    waits: _waits.Waits | None = None
     latency: _latency.Latency = dataclasses.field(default_factory=dict)
     scale: _scale.Scale | None = None
     memory: list[_memory.Memory] = dataclasses.field(default_factory=list)
@@ -46,6 +48,10 @@ async def _throughput_step(h: Harness, r: Results) -> None:
 
 async def _compensation_step(h: Harness, r: Results) -> None:
     r.compensation = await _compensation.measure(h)
+
+
+async def _waits_step(h: Harness, r: Results) -> None:
+    r.waits = await _waits.measure(h)
 
 
 async def _latency_step(h: Harness, r: Results) -> None:
@@ -73,6 +79,7 @@ STEPS: list[tuple[str, Callable[[Harness, Results], Awaitable[None]]]] = [
     ("ceiling", _ceiling_step),
     ("queue+saga", _throughput_step),
     ("compensation", _compensation_step),
+    ("waits", _waits_step),
     ("latency", _latency_step),
     ("scale", _scale_step),
     ("memory", _memory_step),

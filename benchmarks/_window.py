@@ -1,6 +1,7 @@
 """One throughput measurement ("window"): open the worker processes, start N runs (or
-chains) through a client while they execute, wait until every one has finished, close
-everything, check that every run ended as expected, then read the counters."""
+chains) through a client while they execute (waits: and once all are parked, wake them),
+wait until every one has finished, close everything, check that every run ended as
+expected, then read the counters."""
 
 from __future__ import annotations
 
@@ -126,6 +127,16 @@ class Poller:
 
 
 @dataclasses.dataclass
+class Parking:
+    """A workload in two phases (waits): the client starts every run, then awaits
+    ``parked`` before it wakes them (signals); the window sets it once ``count_sql``
+    counts every run parked. Its time counts from the first signal received."""
+
+    count_sql: str
+    parked: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+
+
+@dataclasses.dataclass
 class Workload:
     """What a window runs: ``kind`` is "queue" or a saga kind (benchmarks/_sagas.py)."""
 
@@ -136,6 +147,14 @@ class Workload:
     runs: int
     drain: bool = False  # start every run first, then open the workers
     hook: Hook | None = None
+    parking: Parking | None = None
+
+    @property
+    def timed_from(self) -> str:
+        """The column of the span query (_internals.span_sql) the time counts from."""
+        if self.drain:
+            return "first_claim"
+        return "first_signal" if self.parking else "first_start"
 
 
 @dataclasses.dataclass
@@ -174,7 +193,7 @@ async def window(h: Harness, db: str, dsn: str, w: Workload) -> Measured:
     await wait_until_no_backends(h.admin, db)
     delta = await read_stats(h.admin, db) - before
     statements = await h.statements.table(db, w.runs) if h.statements is not None else ""
-    first = span["first_claim"] if w.drain else span["first_start"]
+    first = span[w.timed_from]
     return Measured(
         runs=w.runs,
         items=ITEMS[w.kind],
@@ -246,7 +265,8 @@ class _Window:
         )
 
     async def measured_part(self, poller: Poller, t0: dt.datetime) -> tuple[_Cpu, _Cpu]:
-        """Start the runs (drain: open the workers) and wait until all are done."""
+        """Start the runs (drain: open the workers; parking: once all are parked, let
+        the client wake them) and wait until all are done."""
         done_sql, done_args = _internals.DONE_SINCE, [t0]
         if self.w.kind == "queue":
             done_sql, done_args = _queue.DONE, []
@@ -260,6 +280,9 @@ class _Window:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.sampler.run)
                 tg.start_soon(self._starting, start_all)
+                if self.w.parking is not None:
+                    await poller.wait_done(self.w.parking.count_sql, self.w.runs)
+                    self.w.parking.parked.set()
                 await poller.wait_done(done_sql, self.w.runs, *done_args)
                 cpu1 = self.cpu()
                 tg.cancel_scope.cancel()

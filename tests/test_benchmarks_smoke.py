@@ -17,7 +17,8 @@ from benchmarks.run import run_suite
 @pytest.mark.timeout(180)
 async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: str) -> None:
     """With ``--smoke --dsn``, the hand-written queue, the saga throughput and drain rows,
-    the scale section (cloned finished runs, EXPLAIN of the claim) and the profile (saga's
+    the waits rows (2-step sagas with and without a signal wait, commits per run), the
+    scale section (cloned finished runs, EXPLAIN of the claim) and the profile (saga's
     Store calls counted in the worker) each finish every run as expected (the harness
     checks every run's final state and raises otherwise), with positive runs/s; the report
     renders those sections and says the ceiling (pgbench) was skipped."""
@@ -33,14 +34,19 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
     assert set(t.saga) == {(16, 1)}
     assert set(t.drain) == {(64, 1)}
     assert results.scale is not None
+    assert results.waits is not None
     measured = [*t.queue[16], *t.saga[(16, 1)], *t.drain[(64, 1)]]
+    measured += [row.measured for row in [*results.waits.plain, *results.waits.waits]]
     measured += [*results.scale.empty, *results.scale.big]
     measured += [row.measured for row in results.profile.values()]
     for m in measured:
         assert m.runs_per_s > 0
         assert m.seconds > 0
         assert m.worker_cpu >= 0
-    assert all(m.runs == opts.runs for m in measured[:3])
+    assert all(m.runs == opts.runs for m in measured[:5])
+    (waited,) = results.waits.waits
+    assert waited.by_events.get("signal_received") == opts.runs  # one commit per signal
+    assert waited.claims > 0
     assert results.ceiling is None
 
     assert results.scale.load.runs == opts.scale_runs + 1  # the clones and their template
@@ -56,6 +62,9 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
         "| queue (no framework), 1 process x 16",
         "| saga, 1 process x 16",
         "| saga drain, 1 process x 64",
+        "## Waits: what a wait costs",
+        "| 2-step with a wait, 1 process x 64",
+        "| entering a wait adds no commit",
         "## Scale",
         "## Where the time goes",
         "SMOKE RUN",
