@@ -161,11 +161,18 @@ class LifecycleError(SagaError):
 
 
 class RunNotFoundError(SagaError):
-    """No run exists with the given id."""
+    """No run exists with the given id (or, ``key``, of ``saga`` with that idempotency
+    key: ``run_id`` is then None)."""
 
-    def __init__(self, run_id: UUID) -> None:
-        super().__init__(f"no run with id {run_id}")
+    def __init__(
+        self, run_id: UUID | None = None, *, key: str | None = None, saga: str | None = None
+    ) -> None:
+        if run_id is None:
+            super().__init__(f"no run of saga {saga!r} has the idempotency key {key!r}")
+        else:
+            super().__init__(f"no run with id {run_id}")
         self.run_id = run_id
+        self.key = key
 
 
 class InvalidRunStateError(SagaError):

@@ -28,7 +28,7 @@ from saga._errors import (
 )
 from saga._log import logger
 from saga._store import Store
-from saga._store_signals import Delivery, SignalTarget
+from saga._store_signals import Delivery, RunDefinition
 from saga._waits import Wait
 
 P = TypeVar("P", bound=pydantic.BaseModel)
@@ -68,19 +68,24 @@ class Signalling:
         was already decided (timed out, or the run was cancelled): the refusal is
         recorded in the run's history. With ``conn`` (an asyncpg connection in an open
         transaction) the signal is written in that transaction: it exists, and the run is
-        woken, only when the caller commits.
+        woken, only when the caller commits. One statement, one commit (a name also reads
+        which saga the run belongs to, to find the wait's model).
         """
         rid = run_id if isinstance(run_id, uuid.UUID) else _parse_id(run_id)
-        name = signal.name if isinstance(signal, Wait) else signal
-        _checks.text("signal name", name, InvalidInputError, max_length=128)
         store = self._store_or_raise()
-
-        def check(target: SignalTarget) -> str:
-            return self._payload(rid, target, signal, payload)
-
-        send = store.send_signal(rid, name, check, conn)
+        if isinstance(signal, Wait):
+            wait: Wait[Any] = signal
+        else:
+            _checks.text("signal name", signal, InvalidInputError, max_length=128)
+            found = await store.run_definition(rid, conn)
+            if found is None:
+                raise RunNotFoundError(rid)
+            wait = self._wait(found, signal)
+        payload_json = self._payload(wait, payload)
+        saga = (wait.saga.name, wait.saga.version)
+        send = store.send_signal(rid, wait.name, payload_json, saga, conn)
         delivery = await (send if conn is not None else uncancellable(send))
-        return _outcome(delivery, rid, name)
+        return _outcome(delivery, rid, wait)
 
     async def signal_key(
         self,
@@ -92,45 +97,37 @@ class Signalling:
         conn: Executor | None = None,
     ) -> bool:
         """:meth:`signal` to the run of ``saga`` started with the idempotency ``key``
-        (the business id a webhook carries)."""
+        (the business id a webhook carries); an unknown key is a
+        :class:`RunNotFoundError`."""
         saga_name = saga.name if isinstance(saga, Saga) else saga
         _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
-        run_id = await self._store_or_raise().find_run_id(saga_name, key, conn)
-        if run_id is None:
-            raise InvalidInputError(f"no run of saga {saga_name!r} has the key {key!r}")
-        return await self.signal(run_id, signal, payload, conn=conn)
+        found = await self._store_or_raise().run_by_key(saga_name, key, conn)
+        if found is None:
+            raise RunNotFoundError(key=key, saga=saga_name)
+        if not isinstance(signal, Wait):
+            signal = self._wait(found, signal)
+        return await self.signal(found.run_id, signal, payload, conn=conn)
 
-    def _payload(
-        self,
-        run_id: uuid.UUID,
-        target: SignalTarget,
-        signal: str | Wait[Any],
-        payload: Any,
-    ) -> str:
-        """The payload's JSON, once checked against the run's definition (raises)."""
-        if isinstance(signal, Wait):
-            if signal.saga.name != target.saga_name or signal.saga.version != target.saga_version:
-                raise InvalidInputError(
-                    f"run {run_id} is a run of saga {target.saga_name!r} "
-                    f"v{target.saga_version}, not of {signal.saga.name!r} v{signal.saga.version}"
-                )
-            wait = signal
-        else:
-            definition = self.definition(target.saga_name, target.saga_version)
-            if definition is None:
-                raise DefinitionError(
-                    f"run {run_id} is a run of saga {target.saga_name!r} v{target.saga_version}, "
-                    "which is not registered with this client (its waits' models validate "
-                    "signals): register it"
-                )
-            found = definition.get_wait(signal)
-            if found is None:
-                known = sorted(w.name for w in definition.waits())
-                raise InvalidInputError(
-                    f"saga {target.saga_name!r} has no wait for a signal named {signal!r} "
-                    f"(its signals: {', '.join(map(repr, known)) or 'none'})"
-                )
-            wait = found
+    def _wait(self, run: RunDefinition, name: str) -> Wait[Any]:
+        """The wait ``name`` of the run's registered definition (raises)."""
+        definition = self.definition(run.saga_name, run.saga_version)
+        if definition is None:
+            raise DefinitionError(
+                f"run {run.run_id} is a run of saga {run.saga_name!r} v{run.saga_version}, "
+                "which is not registered with this client (its waits' models validate "
+                "signals): register it"
+            )
+        wait = definition.get_wait(name)
+        if wait is None:
+            known = ", ".join(repr(w.name) for w in definition.waits()) or "none"
+            raise InvalidInputError(
+                f"saga {run.saga_name!r} has no wait for a signal named {name!r} "
+                f"(its signals: {known})"
+            )
+        return wait
+
+    def _payload(self, wait: Wait[Any], payload: Any) -> str:
+        """The payload's JSON, validated against the wait's model (raises)."""
         try:
             model = wait.model.model_validate(payload)
         except pydantic.ValidationError as exc:
@@ -146,7 +143,8 @@ def _parse_id(value: Any) -> uuid.UUID:
         raise InvalidInputError(f"not a run id: {_checks.show(value)}") from None
 
 
-def _outcome(delivery: Delivery, run_id: uuid.UUID, name: str) -> bool:
+def _outcome(delivery: Delivery, run_id: uuid.UUID, wait: Wait[Any]) -> bool:
+    name = wait.name
     if delivery is Delivery.ACCEPTED:
         logger.debug("signal_received", run_id=str(run_id), signal=name)
         return True
@@ -154,6 +152,11 @@ def _outcome(delivery: Delivery, run_id: uuid.UUID, name: str) -> bool:
         return False
     if delivery is Delivery.NOT_FOUND:
         raise RunNotFoundError(run_id)
+    if delivery is Delivery.OTHER_SAGA:
+        raise InvalidInputError(
+            f"run {run_id} is not a run of saga {wait.saga.name!r} v{wait.saga.version}, "
+            f"whose wait {name!r} this is"
+        )
     if delivery is Delivery.ENDED:
         raise InvalidRunStateError(
             f"run {run_id} has ended: signal {name!r} refused (recorded in its history)"

@@ -382,7 +382,7 @@ async def test_signal_by_key(orchestrator: OrchestratorFactory) -> None:
     run = await orch.start(s, Job(n=1), key="refund-7")
     assert await orch.signal_key(s, "refund-7", decision, Decision(approved=True)) is True
     assert await run.result(timeout=10) == "manager"
-    with pytest.raises(saga.InvalidInputError, match="refund-8"):
+    with pytest.raises(saga.RunNotFoundError, match="refund-8"):
         await orch.signal_key("approval", "refund-8", "decision", {"approved": True})
 
 
@@ -462,3 +462,44 @@ def test_bad_sleep_and_wait_declarations_are_refused() -> None:
     s.sleep(5)
     with pytest.raises(saga.DefinitionError, match="ends with"):
         s._freeze()  # what registering it with a client or orchestrator does
+
+
+async def test_a_signal_blocked_behind_the_run_entering_its_wait_still_wakes_it(
+    open_client: ClientFactory, pool: asyncpg.Pool
+) -> None:
+    """The race of a signal with the run entering its wait: the sender's statement starts
+    while the transition that parks the run holds the run's row (simulated here by a
+    transaction making the same change, committed once the sender is blocked). The
+    signal must still see the run at its wait and make it due at once; else the run
+    would sleep until its timeout."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger, timeout=3600)
+    client = await open_client(s)  # executes nothing: the test plays the worker
+    run = await client.start(s, Job(n=1))
+    async with pool.acquire() as worker:
+        tx = worker.transaction()
+        await tx.start()
+        await worker.execute(
+            "UPDATE saga.runs SET status = 'waiting', wait_name = 'decision', "
+            "step_name = 'finish', due_at = now() + interval '1 hour' WHERE id = $1",
+            run.id,
+        )
+        await worker.execute(
+            "INSERT INTO saga.signals (run_id, name, awaited_at) VALUES ($1, 'decision', now())",
+            run.id,
+        )
+        async with anyio.create_task_group() as tg:
+            sent: list[bool] = []
+
+            async def send() -> None:
+                sent.append(await client.signal(run.id, decision, Decision(approved=True)))
+
+            tg.start_soon(send)
+            await anyio.sleep(0.3)  # the sender is now waiting for the run's row
+            assert not sent
+            await tx.commit()
+    assert sent == [True]
+    info = await run.info()
+    assert info.status is saga.RunStatus.WAITING
+    assert info.due_at is not None
+    assert info.due_at <= datetime.now(UTC) + timedelta(seconds=1)

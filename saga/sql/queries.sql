@@ -568,49 +568,85 @@ WHERE ($1::text IS NULL OR saga_name = $1)
 GROUP BY saga_name, status
 ORDER BY saga_name, status;
 
--- name: signal_lock_run
--- A signal's first statement: lock the run row (before its signal row, the order every
--- writer of signals takes) and read where the run is.
--- $1 run id
-SELECT saga_name, saga_version, status, wait_name FROM __schema__.runs WHERE id = $1
-FOR UPDATE;
-
--- name: signal_record
--- Record a signal's payload: the first of a name wins. Reopens the wait of a run stopped
--- at it ($4). No row: refused (a payload is there already, or the wait was decided).
--- $1 run id, $2 signal name, $3 payload JSON text, $4 true when the run is stopped at
--- this wait
-INSERT INTO __schema__.signals AS s (run_id, name, payload, received_at)
-VALUES ($1, $2, $3, now())
-ON CONFLICT (run_id, name) DO UPDATE
-    SET payload = excluded.payload, received_at = now(), closed = false
-    WHERE s.payload IS NULL AND (NOT s.closed OR $4::boolean)
-RETURNING s.run_id;
-
--- name: signal_existing
--- Why a signal was not recorded: a payload is there (a repeat), or the wait was closed.
--- $1 run id, $2 signal name
-SELECT payload IS NOT NULL AS repeated FROM __schema__.signals WHERE run_id = $1 AND name = $2;
-
--- name: signal_wake
--- A signal for the wait the run is at (or stopped at): the run is due now and the
--- workers are woken; a stopped run waits again (its end mark goes, its error too).
--- $1 run id, $2 signal name, $3 work notification channel
-WITH upd AS (
-    UPDATE __schema__.runs SET
+-- name: send_signal
+-- Record the signal $2 for run $1 in one statement: the first of a name wins; a run
+-- waiting at that wait (or stopped at it) is due now and the workers are woken at
+-- commit; a run that has ended, or whose wait was decided (timed out, cancelled), refuses
+-- it, and the refusal goes into its history. The run row is locked first, then the
+-- signal row written with INSERT ... ON CONFLICT, the order every writer of signals
+-- takes: a signal racing the run's wait is never lost. No row: no such run.
+-- $1 run id, $2 signal name, $3 payload JSON text, $4 the saga name and $5 version the
+-- payload was validated for, $6 work notification channel, $7 a new id for the signal
+WITH run AS (
+    -- FOR UPDATE returns the newest version of the row (whatever this statement's
+    -- snapshot): every decision below reads it from here, never from a scan of runs.
+    SELECT id, saga_name, saga_version, status, wait_name,
+           status = 'stopped' AND wait_name = $2 AS stopped_here,
+           status IN ('waiting', 'stopped') AND wait_name = $2 AND lease_owner IS NULL
+               AS at_this_wait
+    FROM __schema__.runs WHERE id = $1
+    FOR UPDATE
+), target AS (
+    SELECT *, (saga_name, saga_version) = ($4::text, $5::integer) AS same_saga,
+           status IN ('completed', 'compensated', 'failed', 'cancelled', 'stopped')
+               AND NOT stopped_here AS ended
+    FROM run
+), rec AS (
+    -- Always a row back (DO UPDATE), so that why a signal was not taken is known: the
+    -- row carries this signal's id only when this statement recorded it.
+    INSERT INTO __schema__.signals AS s (run_id, name, payload, signal_id, received_at)
+    SELECT id, $2, $3, $7, now() FROM target WHERE same_saga AND NOT ended
+    ON CONFLICT (run_id, name) DO UPDATE SET
+        (payload, signal_id, received_at, closed) = (
+            SELECT CASE WHEN take THEN excluded.payload ELSE s.payload END,
+                   CASE WHEN take THEN excluded.signal_id ELSE s.signal_id END,
+                   CASE WHEN take THEN now() ELSE s.received_at END,
+                   CASE WHEN take THEN false ELSE s.closed END
+            FROM (SELECT s.payload IS NULL
+                         AND (NOT s.closed OR (SELECT stopped_here FROM target)) AS take) AS d
+        )
+    RETURNING s.signal_id = $7 AS accepted, s.payload IS NOT NULL AS repeated
+), outcome AS (
+    SELECT t.id, t.saga_name, t.same_saga, t.ended, t.at_this_wait,
+           coalesce(r.accepted, false) AS accepted,
+           coalesce(r.repeated AND NOT r.accepted, false) AS repeated
+    FROM target t LEFT JOIN rec r ON true
+), woken AS (
+    -- The run is at this wait (or stopped at it): due now; a stopped run waits again.
+    -- Only the id is matched against the scanned row (an older version than the locked
+    -- one when the run entered its wait meanwhile: the update then applies to the newest).
+    UPDATE __schema__.runs r SET
         status = 'waiting', due_at = now(), finished_at = NULL,
-        error = CASE WHEN status = 'stopped' THEN NULL ELSE error END,
-        attempt = CASE WHEN status = 'stopped' THEN 0 ELSE attempt END,
+        error = CASE WHEN r.status = 'stopped' THEN NULL ELSE r.error END,
+        attempt = CASE WHEN r.status = 'stopped' THEN 0 ELSE r.attempt END,
         updated_at = now()
-    WHERE id = $1 AND wait_name = $2 AND lease_owner IS NULL
-      AND status IN ('waiting', 'stopped')
-    RETURNING id, saga_name
+    FROM outcome o
+    WHERE r.id = o.id AND o.accepted AND o.at_this_wait
+    RETURNING r.id, r.saga_name
 ), revived AS (
-    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+    -- A stopped run is active again: its end mark goes, so waiters wait for its end.
+    UPDATE __schema__.watches w SET ended = false FROM woken WHERE w.run_id = woken.id
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, data)
+    SELECT id,
+           CASE WHEN accepted THEN 'signal_received' ELSE 'signal_refused' END,
+           $2,
+           CASE WHEN accepted THEN jsonb_build_object('signal', $2::text)
+                ELSE jsonb_build_object('signal', $2::text, 'reason',
+                                        CASE WHEN ended THEN 'ended' ELSE 'wait_decided' END)
+           END
+    FROM outcome WHERE same_saga AND NOT repeated
 )
-SELECT id, pg_notify($3, saga_name)::text AS notified FROM upd;
+SELECT o.saga_name, o.same_saga, o.ended, o.accepted, o.repeated,
+       (SELECT pg_notify($6, saga_name)::text FROM woken) AS notified
+FROM outcome o;
 
--- name: signal_event
--- A signal's entry in the run's history (received, or refused with its reason).
--- $1 run id, $2 kind, $3 signal name, $4 data JSON
-INSERT INTO __schema__.events (run_id, kind, step, data) VALUES ($1, $2, $3, $4::jsonb);
+-- name: find_run_for_signal
+-- The run a signal by idempotency key goes to: its id and definition version.
+-- $1 saga name, $2 idempotency key
+SELECT id, saga_version FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
+
+-- name: run_definition
+-- Which definition a run belongs to (to validate a signal's payload against it).
+-- $1 run id
+SELECT saga_name, saga_version FROM __schema__.runs WHERE id = $1;

@@ -23,6 +23,7 @@ CREATE TABLE __schema__.signals (
     run_id          uuid NOT NULL,
     name            text NOT NULL,
     payload         text,           -- JSON text as encoded; NULL until sent
+    signal_id       uuid,           -- the accepted signal's id (its sender's)
     received_at     timestamptz,
     awaited_at      timestamptz,    -- when the run reached the wait (NULL: not yet)
     timeout_seconds float8,         -- the wait's timeout ('Infinity': none), to re-wait
