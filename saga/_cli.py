@@ -1,18 +1,22 @@
 """The ``saga`` command line: migrations, workers and operator commands.
 
 Every operator command is a thin layer over the Python API (``saga.list_runs``,
-``saga.count_runs``, ``saga.prune``, ``RunHandle.cancel`` ...), run through a client
-orchestrator (``concurrency=0``) that executes nothing. Tables are for people; ``--json``
-is for scripts. Exit codes are stable:
+``saga.count_runs``, ``saga.prune``, ``RunHandle.cancel``, ``Client.signal`` ...), run
+through a :class:`~saga.Client`, which executes nothing (``saga signal`` registers the
+sagas of its ``--target`` with it: their waits' models validate payloads). Tables are for
+people; ``--json`` is for scripts. Exit codes are stable:
 
 ====  =====================================================================
 0     success
 1     error: the database is unreachable, a query failed, the schema is not migrated
-2     usage: a bad option, duration, run id, schema name or worker target, or a key
-      that runs of several sagas use, given without --saga
+2     usage: a bad option, duration, run id, schema name or target, a key that runs
+      of several sagas use, given without --saga, or a signal that cannot be sent (bad
+      JSON, a payload its wait's model refuses, a name the run's saga has no wait for,
+      a --target without the run's saga); nothing was written
 3     not found: no run with that id (or key)
-4     invalid state: the run's state forbids the action (cancel an ended run,
-      retry a run that has not failed)
+4     invalid state: the run's state forbids the action (cancel an ended run, retry a
+      run that is neither failed nor stopped, signal a run that ended or whose wait
+      timed out: that refusal is recorded in the run's history)
 130   interrupted (Ctrl-C) before the command finished
 141   stdout was closed early (``saga runs | head -1``): the output stops quietly, with
       nothing on stderr, as for a command that SIGPIPE ended (128 + 13)
@@ -45,7 +49,7 @@ from saga._cli_args import (
     build_parser,
     parse_duration,
 )
-from saga._cli_ops import COMMANDS
+from saga._cli_ops import COMMANDS, read_payload
 from saga._cli_render import _Ctx
 from saga._client import Client
 from saga._db import latest_migration
@@ -113,7 +117,9 @@ def _run(ctx: _Ctx) -> int:
     if not dsn:
         ctx.fail(EXIT_USAGE, "no database: pass --dsn or set SAGA_DSN")
     schema = getattr(args, "schema", None) or os.environ.get("SAGA_SCHEMA") or "saga"
-    sagas = _load_target(ctx, args.target) if args.command == "worker" else []
+    if args.command == "signal":
+        read_payload(ctx)  # usage errors before the target's import and any connection
+    sagas = _load_target(ctx, args.target) if args.command in ("worker", "signal") else []
     # The command is the application, so it may configure logging: library logs go to
     # stderr, never into tables or JSON on stdout. A worker keeps a configuration its
     # module made; the previous configuration is restored for in-process callers.
@@ -179,7 +185,7 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
         return await _migrate(ctx, dsn, schema)
     if args.command == "worker":
         return await _worker(ctx, dsn, schema, sagas)
-    orch = Client(dsn, schema=schema, migrate=False)
+    orch = Client(dsn, sagas=sagas, schema=schema, migrate=False)
     async with contextlib.AsyncExitStack() as stack:
         try:
             await stack.enter_async_context(orch)

@@ -109,6 +109,17 @@ def _statuses(text: str) -> list[str]:
     return out
 
 
+def _add_run_name(parser: argparse.ArgumentParser) -> None:
+    """RUN, or --key KEY [--saga NAME]: the two ways to name one run."""
+    parser.add_argument("run", type=_run_id, nargs="?", metavar="RUN", help="run id (or --key)")
+    parser.add_argument(
+        "--key",
+        help="instead of RUN: the idempotency key (business id) the run was started with; "
+        "write --key=-K for a key that starts with '-'",
+    )
+    parser.add_argument("--saga", help="with --key: the saga of the run, when several use the key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``saga`` command (every command has ``--help``)."""
     common = _Parser(add_help=False)
@@ -184,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--status",
         type=_statuses,
         action="append",
-        help="pending, running, compensating, completed, compensated, failed, cancelled, "
-        "active or finished; repeat or comma-separate for several",
+        help=f"{', '.join(s.value for s in RunStatus)}, active or finished; repeat or "
+        "comma-separate for several",
     )
     runs.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
     runs.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
@@ -211,14 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
         "idempotency key it was started with (--key, and --saga when several sagas have "
         "a run with that key).",
     )
-    show.add_argument("run", type=_run_id, nargs="?", metavar="RUN", help="run id (or --key)")
-    show.add_argument(
-        "--key",
-        help="instead of RUN: the idempotency key (business id) the run was started with; "
-        "write --key=-K for a key that starts with '-'",
-    )
-    show.add_argument("--saga", help="with --key: the saga of the run, when several use the key")
+    _add_run_name(show)
     show.add_argument("--events", action="store_true", help="also print the raw history")
+
+    signal = add(
+        "signal",
+        "send a signal with its JSON payload to a run (an approval, a webhook's answer)",
+        "Send the signal SIGNAL to a run, named by its id or by the idempotency key it was "
+        "started with (--key, and --saga when several sagas have a run with that key). The "
+        "payload is validated against the wait's pydantic model before anything is "
+        "written, so --target names the saga definitions, as for `saga worker`. A signal "
+        "sent before the run reaches its wait is kept for it. The first signal of a name "
+        "wins: a repeat exits 0 and changes nothing. A signal to a run that ended, or "
+        "whose wait timed out, exits 4 and the refusal is recorded in its history.",
+    )
+    signal.add_argument("signal", metavar="SIGNAL", help="the name of the wait (wait_for's name)")
+    _add_run_name(signal)
+    signal.add_argument(
+        "--payload",
+        required=True,
+        metavar="JSON",
+        help="the payload, a JSON object for the wait's model; - reads it from stdin",
+    )
+    signal.add_argument(
+        "--target",
+        required=True,
+        metavar="MODULE:OBJECT",
+        help="the run's saga.Saga, or a list/tuple of sagas holding it, e.g. myapp.sagas:refund",
+    )
 
     stats = add(
         "stats",
@@ -232,16 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     retry = add(
         "retry",
-        "resume a failed run",
-        "Resume a failed run at the compensation that gave up, with fresh attempts.",
+        "resume a failed or stopped run",
+        "Resume a failed run at the compensation that gave up, with fresh attempts; a run "
+        "stopped at a timed-out wait waits again for its signal, with a fresh timeout.",
     )
     retry.add_argument("run", type=_run_id, metavar="RUN", help="run id")
 
     cancel = add(
         "cancel",
         "cancel a run (its completed steps are compensated)",
-        "Cancel an active run: the step running now finishes its attempt, then every "
-        "completed step is compensated, newest first.",
+        "Cancel an active or stopped run: the step running now finishes its attempt, then "
+        "every completed step is compensated, newest first (at once for a sleeping, "
+        "waiting or stopped run).",
     )
     cancel.add_argument("run", type=_run_id, metavar="RUN", help="run id")
 

@@ -1,5 +1,5 @@
 """The operator commands of ``saga``: ``runs``, ``show``, ``stats``, ``retry``, ``cancel``,
-``prune``.
+``signal``, ``prune``.
 
 Each is a thin layer over the Python API (:mod:`saga._operator`, :class:`~saga.RunHandle`)
 on a client that :mod:`saga._cli` opened; it prints a table for people or,
@@ -8,10 +8,14 @@ with ``--json``, JSON for scripts, and returns the exit code.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import cast
+from typing import Any, NoReturn, cast
 from uuid import UUID
+
+import pydantic
 
 from saga._cli_args import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from saga._cli_render import (
@@ -26,7 +30,8 @@ from saga._cli_render import (
     _time,
 )
 from saga._client import Client
-from saga._model import RunStatus
+from saga._errors import InvalidInputError, SerializationError
+from saga._model import RunInfo, RunStatus
 from saga._operator import (
     MAX_PAGE_SIZE,
     PRUNABLE_BY_DEFAULT,
@@ -35,6 +40,9 @@ from saga._operator import (
     prune,
 )
 from saga._timeline import timeline
+from saga._waits import Wait
+
+_AT_A_WAIT = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.STOPPED})
 
 
 async def _runs(ctx: _Ctx, orch: Client) -> int:
@@ -60,7 +68,7 @@ async def _runs(ctx: _Ctx, orch: Client) -> int:
         [
             str(r.id),
             r.saga if r.version == 1 else f"{r.saga} v{r.version}",
-            str(r.status) + (" (cancel requested)" if r.cancel_requested else ""),
+            _status(r),
             r.step or "-",
             str(r.attempt) if r.step else "-",
             _time(r.created_at),
@@ -76,8 +84,16 @@ async def _runs(ctx: _Ctx, orch: Client) -> int:
     return EXIT_OK
 
 
+def _status(info: RunInfo) -> str:
+    """The status column: with the sleep or wait a parked or stopped run is at."""
+    text = str(info.status)
+    if info.wait is not None and info.status in _AT_A_WAIT:
+        text += f" ({info.wait})"
+    return text + (" (cancel requested)" if info.cancel_requested else "")
+
+
 async def _show(ctx: _Ctx, orch: Client) -> int:
-    handle = orch.get_run(await _run_to_show(ctx, orch))
+    handle = orch.get_run(await named_run(ctx, orch))
     info = await handle.info()
     history = await handle.history()
     attempts = timeline(history)
@@ -97,6 +113,7 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
         ("key", info.key or "-"),
         ("status", str(info.status) + (" (cancel requested)" if info.cancel_requested else "")),
         ("step", f"{info.step} (attempt {info.attempt})" if info.step else "-"),
+        *_parked(info),
         ("worker", info.worker or "-"),
         ("created", _time(info.created_at) + " UTC"),
         ("finished", _time(info.finished_at) + " UTC" + took if info.finished_at else "-"),
@@ -131,14 +148,35 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
     return EXIT_OK
 
 
-async def _run_to_show(ctx: _Ctx, orch: Client) -> UUID:
-    """The run ``saga show`` names: RUN, or the one run started with --key (in --saga)."""
+def _parked(info: RunInfo) -> list[tuple[str, str]]:
+    """Where a sleeping, waiting or stopped run is parked, and until when."""
+    due = f"{_time(info.due_at)} UTC" if info.due_at else "-"
+    wait = info.wait or "-"
+    if info.status is RunStatus.SLEEPING:
+        return [("sleeping", f"{wait} (wakes {due})")]
+    if info.status is RunStatus.WAITING:
+        until = f"times out {due}" if info.due_at else "no timeout"
+        return [("waiting for", f"{wait} ({until})")]
+    if info.status is RunStatus.STOPPED:
+        hint = "saga signal resumes it, saga retry waits again, saga cancel compensates"
+        return [("stopped at", f"{wait}: the wait timed out ({hint})")]
+    return []
+
+
+def check_run_named(ctx: _Ctx) -> None:
+    """RUN or --key, not both; --saga only with --key (usage errors, exit 2)."""
     args = ctx.args
     if (args.run is None) == (args.key is None):
         ctx.fail(EXIT_USAGE, "name the run by its id (RUN) or by --key KEY, not both")
+    if args.run is not None and args.saga is not None:
+        ctx.fail(EXIT_USAGE, "--saga goes with --key; a run id names one run already")
+
+
+async def named_run(ctx: _Ctx, orch: Client) -> UUID:
+    """The run a command names: RUN, or the one run started with --key (in --saga)."""
+    args = ctx.args
+    check_run_named(ctx)
     if args.run is not None:
-        if args.saga is not None:
-            ctx.fail(EXIT_USAGE, "--saga goes with --key; a run id names one run already")
         return cast(UUID, args.run)
     runs = (await list_runs(orch, key=args.key, saga=args.saga, limit=MAX_PAGE_SIZE)).runs
     where = f" in saga {args.saga!r}" if args.saga is not None else ""
@@ -181,6 +219,11 @@ async def _retry(ctx: _Ctx, orch: Client) -> int:
     await handle.retry()
     if ctx.as_json:
         ctx.emit({"run": _info_json(await handle.info()), "action": "retry"})
+    elif before.status is RunStatus.STOPPED:
+        ctx.say(
+            f"run {before.id}: waiting again for signal {before.wait or '-'!r}, "
+            "with a fresh timeout"
+        )
     else:
         where = "compensation" if before.compensation_error is not None else "step"
         ctx.say(f"run {before.id}: retrying, resuming at {where} {_clean(before.step or '-')!r}")
@@ -196,6 +239,68 @@ async def _cancel(ctx: _Ctx, orch: Client) -> int:
     else:
         ctx.say(f"run {info.id}: cancel requested; completed steps will be compensated")
     return EXIT_OK
+
+
+def read_payload(ctx: _Ctx) -> None:
+    """``saga signal``'s checks before any connection: how the run is named, and the
+    payload (``-``: read from stdin) is JSON. ``args.payload`` becomes the JSON text."""
+    check_run_named(ctx)
+    text = sys.stdin.read() if ctx.args.payload == "-" else ctx.args.payload
+    try:
+        json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        where = "on stdin" if ctx.args.payload == "-" else "in --payload"
+        ctx.fail(EXIT_USAGE, f"invalid JSON {where}: {exc}")
+    ctx.args.payload = text
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _signal(ctx: _Ctx, orch: Client) -> int:
+    args = ctx.args
+    info = await orch.get_run(await named_run(ctx, orch)).info()
+    wait = _wait(ctx, orch, info)
+    try:
+        payload = wait.model.model_validate_json(args.payload)
+        accepted = await orch.signal(info.id, wait, payload)
+    except pydantic.ValidationError as exc:
+        ctx.fail(EXIT_USAGE, f"invalid payload for signal {wait.name!r}: {exc}")
+    except (InvalidInputError, SerializationError) as exc:  # too large, not storable
+        ctx.fail(EXIT_USAGE, str(exc))
+    if ctx.as_json:
+        ctx.emit(
+            {"run": _info_json(await orch.info(info.id)), "signal": wait.name, "accepted": accepted}
+        )
+    elif accepted:
+        ctx.say(f"run {info.id}: signal {wait.name!r} recorded")
+    else:
+        ctx.say(
+            f"run {info.id}: a signal {wait.name!r} was already recorded; nothing changed "
+            "(the first signal of a name wins)"
+        )
+    return EXIT_OK
+
+
+def _wait(ctx: _Ctx, orch: Client, info: RunInfo) -> Wait[Any]:
+    """The wait of the run's saga for the signal named on the command line (or exit 2)."""
+    definition = orch.definition(info.saga, info.version)
+    if definition is None:
+        ctx.fail(
+            EXIT_USAGE,
+            f"run {info.id} is a run of saga {info.saga!r} v{info.version}, which "
+            f"{_clean(ctx.args.target)} does not define (its waits' models validate signals)",
+        )
+    wait = definition.get_wait(ctx.args.signal)
+    if wait is None:
+        known = ", ".join(repr(w.name) for w in definition.waits()) or "none"
+        ctx.fail(
+            EXIT_USAGE,
+            f"saga {info.saga!r} has no wait for a signal named {ctx.args.signal!r} "
+            f"(its signals: {known})",
+        )
+    return wait
 
 
 async def _prune(ctx: _Ctx, orch: Client) -> int:
@@ -234,5 +339,6 @@ COMMANDS: dict[str, Callable[[_Ctx, Client], Awaitable[int]]] = {
     "stats": _stats,
     "retry": _retry,
     "cancel": _cancel,
+    "signal": _signal,
     "prune": _prune,
 }

@@ -121,6 +121,8 @@ def _info_json(info: RunInfo) -> dict[str, Any]:
         "created_at": info.created_at.isoformat(),
         "updated_at": info.updated_at.isoformat(),
         "finished_at": info.finished_at.isoformat() if info.finished_at else None,
+        "wait": info.wait,
+        "due_at": info.due_at.isoformat() if info.due_at else None,
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -51,8 +51,9 @@ def run_info(r: asyncpg.Record) -> RunInfo:
 
 
 def _due(value: datetime | None) -> datetime | None:
-    """A due time; 'infinity' (a wait without timeout) reads as None."""
-    return None if value is None or value == datetime.max.replace(tzinfo=UTC) else value
+    """A due time; 'infinity' (a wait without timeout) reads as None. asyncpg decodes
+    it as a naive ``datetime.max``, even for a timestamptz."""
+    return None if value is None or value.replace(tzinfo=None) == datetime.max else value
 
 
 #: Stands for "no fingerprint recorded" (runs started before fingerprints existed).
