@@ -32,6 +32,7 @@ from saga._policy import (
 from saga._waits import OnTimeout, Parking, Sleep, Wait, check_on_timeout, wait_seconds
 
 if TYPE_CHECKING:
+    from saga._db import Executor
     from saga._run import RunHandle
 
 InT = TypeVar("InT", bound=BaseModel)
@@ -325,15 +326,21 @@ class Saga(Generic[InT]):
         return fingerprint(self.name, self.version, self.input_type, steps)
 
     async def start(
-        self, input: InT, *, key: str | None = None, require_same_input: bool = True
+        self,
+        input: InT,
+        *,
+        key: str | None = None,
+        require_same_input: bool = True,
+        conn: Executor | None = None,
     ) -> RunHandle:
         """Durably start a run of this saga through the orchestrator it is registered with.
 
         Returns once the run is committed. With ``key``, a second start with the same key
         and an equal input returns the existing run instead of creating one (a different
         input raises :class:`~saga.IdempotencyConflictError` unless
-        ``require_same_input=False``). Equivalent to ``orchestrator.start(saga, input,
-        key=key, require_same_input=require_same_input)``.
+        ``require_same_input=False``). With ``conn``, in the caller's open transaction.
+        Equivalent to ``orchestrator.start(saga, input, key=..., require_same_input=...,
+        conn=...)``.
         """
         live = _registry.open_clients(self)
         if len(live) != 1:
@@ -343,7 +350,10 @@ class Saga(Generic[InT]):
                 if live
                 else f"saga {self.name!r} is not registered with an open Client or Orchestrator"
             )
-        return await live[0].start(self, input, key=key, require_same_input=require_same_input)
+        client = live[0]
+        return await client.start(
+            self, input, key=key, require_same_input=require_same_input, conn=conn
+        )
 
 
 @dataclass(slots=True)

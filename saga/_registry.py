@@ -20,7 +20,13 @@ class Starter(Protocol):
     def is_open(self) -> bool: ...
 
     async def start(
-        self, saga: Any, input: Any, *, key: str | None = None, require_same_input: bool = True
+        self,
+        saga: Any,
+        input: Any,
+        *,
+        key: str | None = None,
+        require_same_input: bool = True,
+        conn: Any = None,
     ) -> RunHandle: ...
 
 
