@@ -487,7 +487,7 @@ LIMIT $6;
 
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first,
--- and their events (there is no foreign key to cascade). Rows another statement holds
+-- and their events, watches and signals (there is no foreign key to cascade). Rows another statement holds
 -- are skipped, never waited for; the batch is one short transaction. Returns the counts.
 -- $1 seconds since finished, $2 statuses (text[], terminal ones), $3 batch size
 WITH doomed AS (
@@ -502,6 +502,9 @@ WITH doomed AS (
     DELETE FROM __schema__.events e USING doomed d WHERE e.run_id = d.id RETURNING 1
 ), gone_watches AS (
     DELETE FROM __schema__.watches w USING doomed d WHERE w.run_id = d.id
+), gone_signals AS (
+    -- The run rows are locked (above) before the signal rows, the order a sender takes.
+    DELETE FROM __schema__.signals s USING doomed d WHERE s.run_id = d.id
 ), gone_runs AS (
     DELETE FROM __schema__.runs r USING doomed d WHERE r.id = d.id RETURNING 1
 )
