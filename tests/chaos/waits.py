@@ -2,10 +2,11 @@
 of ``chaos_wait`` at random moments, and the invariants of those runs.
 
 Each waiting run gets a plan: its signal right after the start (before it reaches the
-wait, often while it sleeps), at a random later moment, once it is seen waiting, or
-never (its wait times out and it compensates); a share of the signalled ones get a
-second signal. Every signal carries a nonce of its own; sends broken by the chaos are
-repeated with the same nonce (an ambiguous commit then comes back as a repeat).
+wait, often while it sleeps), at a random later moment, once it is seen waiting, once
+its timeout has passed (refused once a worker decided it), or never (its wait times
+out and it compensates); a share of the signalled ones get a second signal. Every
+signal carries a nonce of its own; sends broken by the chaos are repeated with the same
+nonce (an ambiguous commit then comes back as a repeat).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import asyncpg
 
 import saga
 from tests.chaos.rig import CONNECTION_ERRORS, Rig
-from tests.chaos.sagas import WAIT_NAME, WAIT_SAGA, Approval
+from tests.chaos.sagas import WAIT_NAME, WAIT_SAGA, WAIT_TIMEOUT, Approval
 
-PLANS = ("before", "later", "waiting", "never")
-PLAN_WEIGHTS = (0.25, 0.25, 0.25, 0.25)
+PLANS = ("before", "later", "waiting", "late", "never")
+PLAN_WEIGHTS = (0.2, 0.2, 0.2, 0.2, 0.2)
 REPEAT_SHARE = 0.3
 ACTIVE = ("pending", "running", "sleeping", "waiting", "compensating")
 
@@ -44,7 +45,8 @@ class Send:
 @dataclass
 class SignalPlan:
     when: str  # one of PLANS
-    delay: float  # seconds after the start ("before", "later") or the wait ("waiting")
+    delay: float  # seconds after the start ("before", "later"), or after the run was
+    # seen waiting ("waiting", "late")
     repeat_after: float | None  # a second signal this long after the first, or none
     sends: list[Send] = field(default_factory=list)
 
@@ -55,6 +57,7 @@ def draw_plan(rng: random.Random) -> SignalPlan:
         "before": rng.uniform(0, 0.2),
         "later": rng.uniform(0.5, 5.0),
         "waiting": rng.uniform(0, 1.5),
+        "late": WAIT_TIMEOUT + rng.uniform(0.5, 3.0),
         "never": 0.0,
     }[when]
     repeat = rng.uniform(0, 1.0) if when != "never" and rng.random() < REPEAT_SHARE else None
@@ -65,7 +68,7 @@ async def signaller(rig: Rig, client: saga.Client, run_id: uuid.UUID, plan: Sign
     """Send ``run_id`` its signal(s) as ``plan`` says."""
     if plan.when == "never":
         return
-    if plan.when == "waiting":
+    if plan.when in ("waiting", "late"):
         with anyio.move_on_after(60):
             while True:
                 rows = await rig.query("SELECT status FROM saga.runs WHERE id = $1", run_id)
@@ -183,6 +186,8 @@ def figures(
         by_plan.setdefault(info.plan.when, Counter())[runs[rid]["status"]] += 1
         sends.update(s.outcome for s in info.plan.sends)
         sends["retried_after_chaos"] += sum(s.retried for s in info.plan.sends)
+        if info.plan.when == "late":  # taken: no worker had decided the timeout yet
+            sends["late_but_accepted"] += sum(s.outcome == "accepted" for s in info.plan.sends)
     timed_out = sum(
         1
         for rid in waiting
