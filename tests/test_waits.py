@@ -337,6 +337,29 @@ async def test_cancelling_a_parked_run_compensates_at_once(
     assert len(ledger.steps("compensation", run.id)) == 1
 
 
+async def test_pruning_a_run_that_waited_deletes_its_signals_too(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """prune() deletes a finished run's signal rows with the run, whether the signal was
+    received or the wait timed out: nothing of a pruned run is left behind."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger, timeout=60)
+    orch = await orchestrator(s)
+    signalled = await orch.start(s, Job(n=1))
+    await signalled.signal(decision, Decision(approved=True))
+    timed_out = await orch.start(s, Job(n=2))
+    await until_status(timed_out, saga.RunStatus.WAITING)
+    await advance(orch, timed_out, 60)
+    await signalled.result(timeout=10)
+    with pytest.raises(saga.RunCompensatedError):
+        await timed_out.result(timeout=10)
+    assert await db.fetchval("SELECT count(*) FROM saga.signals") == 2
+    await db.execute("UPDATE saga.runs SET finished_at = now() - interval '2 days'")
+    pruned = await saga.prune(orch, older_than=timedelta(days=1))
+    assert pruned.runs == 2
+    assert await db.fetchval("SELECT count(*) FROM saga.signals") == 0
+
+
 # -- the caller's transaction -----------------------------------------------------------------
 
 

@@ -348,10 +348,15 @@ SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 -- Resume a run stopped at a timed-out wait: it waits again for its signal, with a fresh
 -- timeout of the same length (its signal row reopens).
 -- $1 run id, $2 the status it must be in, $3 the status it resumes in
-WITH sig AS (
+WITH held AS (
+    -- Lock the run row before the signal row, the order a sender takes them in: a
+    -- signal committed meanwhile has resumed the run (no longer $2), so no row here.
+    SELECT id, wait_name FROM __schema__.runs WHERE id = $1 AND status = $2
+    FOR UPDATE
+), sig AS (
     UPDATE __schema__.signals s SET closed = false, awaited_at = now()
-    FROM __schema__.runs r
-    WHERE r.id = $1 AND r.status = $2 AND s.run_id = r.id AND s.name = r.wait_name
+    FROM held
+    WHERE s.run_id = held.id AND s.name = held.wait_name
     RETURNING s.run_id, s.timeout_seconds
 ), upd AS (
     UPDATE __schema__.runs r SET
@@ -515,7 +520,8 @@ WITH doomed AS (
 ), gone_watches AS (
     DELETE FROM __schema__.watches w USING doomed d WHERE w.run_id = d.id
 ), gone_signals AS (
-    DELETE FROM __schema__.signals g USING doomed d WHERE g.run_id = d.id
+    -- The run rows are locked (above) before the signal rows, the order a sender takes.
+    DELETE FROM __schema__.signals s USING doomed d WHERE s.run_id = d.id
 ), gone_runs AS (
     DELETE FROM __schema__.runs r USING doomed d WHERE r.id = d.id RETURNING 1
 )

@@ -15,7 +15,9 @@ import asyncpg
 
 import saga
 from tests.chaos.rig import Rig, Stats, read_logs
-from tests.chaos.sagas import ChaosInput, describe
+from tests.chaos.sagas import WAIT_SAGA, ChaosInput, describe
+from tests.chaos.waits import SignalPlan, check_waits
+from tests.chaos.waits import figures as wait_figures
 from tests.chaos.worker import LEASE_SECONDS
 
 TERMINAL = ("completed", "compensated", "failed", "cancelled")
@@ -50,6 +52,7 @@ class Started:
     saga: str
     key: str
     input: ChaosInput
+    plan: SignalPlan | None = None  # a waiting run's signals
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -110,6 +113,7 @@ async def check(
     for x in await rig.query("SELECT * FROM chaos_exec ORDER BY at"):
         execs[x["run_id"]].append(x)
     ledger = {r["key"]: r for r in await rig.query("SELECT * FROM chaos_ledger")}
+    signals = {r["run_id"]: r for r in await rig.query("SELECT * FROM saga.signals")}
 
     violations: list[str] = []
     by_state: Counter[str] = Counter()
@@ -131,6 +135,11 @@ async def check(
         problems, doubles, gaps = _check_run(
             by_name[info.saga], run, events[run_id], execs[run_id], ledger
         )
+        if info.saga == WAIT_SAGA:
+            assert info.plan is not None
+            problems += check_waits(
+                run, events[run_id], execs[run_id], signals.get(run_id), info.plan
+            )
         double += doubles
         known_gaps += gaps
         violations += [f"{run_id} ({info.saga}, {status}): {p}" for p in problems]
@@ -182,6 +191,7 @@ async def check(
         "late_effects_refused_by_ledger": late,
         "orphan_compensations": orphans,
         "known_history_gaps": known_gaps,
+        "waits": wait_figures(started, runs, signals),
         "recovery_after_kill": _percentiles(recovery),
         "lease_expiries_by_cause": expiries,
         "logs_by_event": {k: counts[k] for k in LOG_COUNTERS},
@@ -242,8 +252,10 @@ def _check_run(
     retried = ends.count("run_retried")
     if ends != ["run_failed", "run_retried"] * retried + [f"run_{status}"]:
         problems.append(f"terminal events {ends} for status {status}")
-    if kinds and kinds[-1] != f"run_{status}":
-        problems.append(f"last event is {kinds[-1]}, not run_{status}")
+    # A signal sent once the run ended is refused, and that refusal recorded after it.
+    last = [k for k in kinds if k != "signal_refused"][-1:]
+    if last and last[0] != f"run_{status}":
+        problems.append(f"last event is {last[0]}, not run_{status}")
 
     # Each step completed at most once, in definition order, as the row says.
     completed = [e["step"] for e in history if e["kind"] == "step_completed"]
@@ -251,7 +263,8 @@ def _check_run(
     doubles = len(completed) - len(set(completed))
     if completed != names[: len(completed)]:
         problems.append(f"step_completed events {completed} are not a prefix of {names}")
-    if list(run["completed_steps"]) != completed:
+    waits = {w.name for w in definition.waits()}  # a received signal is "completed" too
+    if [n for n in run["completed_steps"] if n not in waits] != completed:
         problems.append(f"completed_steps {run['completed_steps']} != history {completed}")
     undone = [e["step"] for e in history if e["kind"] == "compensation_completed"]
     doubles += len(undone) - len(set(undone))
@@ -265,7 +278,11 @@ def _check_run(
         if undone != plan:
             problems.append(f"compensations {undone}, expected exactly {plan}")
         error = json.loads(run["error"]) if run["error"] else None
-        if status == "compensated" and (error is None or error["step"] != names[len(completed)]):
+        failed_at = names[len(completed)] if len(completed) < len(names) else None
+        if error is not None and error["type"] == "saga.WaitTimedOut" and completed:
+            parked = definition.get_step(completed[-1]).after  # the wait that timed out
+            failed_at = parked.name if parked is not None else None
+        if status == "compensated" and (error is None or error["step"] != failed_at):
             problems.append(f"compensated with error {error}, but {len(completed)} steps completed")
         if status == "cancelled" and not run["cancel_requested"]:
             problems.append("cancelled without a cancel request")

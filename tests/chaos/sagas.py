@@ -1,7 +1,10 @@
 """The chaos suite's saga definitions, identical in every process that builds them.
 
 ``build_sagas(seed)`` returns five sagas of 3 to 7 steps (which steps have a
-compensation, and which override ``lease_seconds``, follows from the seed). What a step
+compensation, and which override ``lease_seconds``, follows from the seed), and
+``chaos_wait``, whose runs park twice: a durable sleep (``nap``) after ``s1``, and a
+wait for the signal ``approval`` after ``s2`` (a short timeout that compensates); the
+step after the wait checks the signal's payload and records the nonce it saw. What a step
 or compensation does is a pure function of (the run's input, the step, the attempt), via
 a hash, so every worker process agrees on it: the input carries the run's own seed and
 failure probabilities.
@@ -36,6 +39,12 @@ STEP_RETRY = saga.Retry(max_attempts=6, initial_delay=0.05, max_delay=0.4)
 # Generous: a compensation giving up would leave the run failed (operator's turn).
 COMPENSATION_RETRY = saga.Retry(max_attempts=40, initial_delay=0.05, max_delay=0.5)
 SHORT_LEASE = 1.0  # the lease_seconds override some steps get (the workers use 1.5)
+WAIT_SAGA = "chaos_wait"
+NAP_SECONDS = 0.3
+WAIT_NAME = "approval"
+#: Short, so that runs never signalled time out (and compensate) within the test; long
+#: enough that a signal sent once the run waits normally arrives first.
+WAIT_TIMEOUT = 6.0
 
 LEDGER_DDL = """
 CREATE TABLE chaos_exec (
@@ -53,6 +62,7 @@ CREATE TABLE chaos_exec (
     target          text,               -- compensation: the step key it undoes (from the
     result_attempt  integer,            --   step's result, with the attempt and worker
     result_worker   text,               --   that produced that result)
+    note            text,               -- the step after a wait: the nonce it received
     at              timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX chaos_exec_key ON chaos_exec (key);
@@ -66,7 +76,7 @@ CREATE TABLE chaos_ledger (
 CREATE FUNCTION chaos_record(
     p_id uuid, p_run uuid, p_key text, p_step text, p_kind text, p_attempt integer,
     p_worker text, p_action text, p_target text, p_result_attempt integer,
-    p_result_worker text
+    p_result_worker text, p_note text
 ) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_outcome text;
@@ -95,9 +105,9 @@ BEGIN
         v_outcome := 'failed';
     END IF;
     INSERT INTO chaos_exec (id, run_id, key, step, kind, attempt, worker, action, outcome,
-                            target, result_attempt, result_worker)
+                            target, result_attempt, result_worker, note)
     VALUES (p_id, p_run, p_key, p_step, p_kind, p_attempt, p_worker, p_action, v_outcome,
-            p_target, p_result_attempt, p_result_worker);
+            p_target, p_result_attempt, p_result_worker, p_note);
     RETURN v_outcome;
 END $$;
 """
@@ -122,6 +132,14 @@ class ChaosInput(BaseModel):
     p_comp_permanent: float  # at attempt 1 only, and once per compensation (see undo)
     p_long: float  # a step attempt sleeping longer than its lease (heartbeats keep it)
     max_sleep_ms: int
+
+
+class Approval(BaseModel):
+    """The payload of the signal ``approval``: the run it was sent to, and a nonce only
+    that one signal carries."""
+
+    run_id: str
+    nonce: str
 
 
 class StepResult(BaseModel):
@@ -195,6 +213,7 @@ class Ledger:
         *,
         target: str | None = None,
         result: StepResult | None = None,
+        note: str | None = None,
     ) -> str:
         call_id = uuid.uuid4()
         deadline = time.monotonic() + 30
@@ -202,7 +221,7 @@ class Ledger:
         while True:
             try:
                 outcome: str = await self.pool.fetchval(
-                    "SELECT chaos_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    "SELECT chaos_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                     call_id,
                     ctx.run_id,
                     ctx.idempotency_key,
@@ -214,6 +233,7 @@ class Ledger:
                     target,
                     result.attempt if result else None,
                     result.worker if result else None,
+                    note,
                 )
                 return outcome
             except _CONNECTION_ERRORS:
@@ -238,7 +258,24 @@ def _the_ledger() -> Ledger:
     return _ledger
 
 
-def _add_step(s: saga.Saga[ChaosInput], index: int, rng: random.Random) -> saga.Step[Any, Any]:
+async def _approval(ctx: saga.Context[ChaosInput], wait: saga.Wait[Any] | None) -> str | None:
+    """The nonce of the signal the wait before this step received (None: no wait); a
+    payload sent to another run is a broken invariant."""
+    if wait is None:
+        return None
+    payload = ctx.result(wait)
+    if not isinstance(payload, Approval) or payload.run_id != str(ctx.run_id):
+        await _the_ledger().record(ctx, "bad_result", note=repr(payload))
+        raise ChaosInvariantBroken(f"wait {wait.name} result is {payload!r}")
+    return payload.nonce
+
+
+def _add_step(
+    s: saga.Saga[ChaosInput],
+    index: int,
+    rng: random.Random,
+    after_wait: saga.Wait[Any] | None = None,
+) -> saga.Step[Any, Any]:
     name = f"s{index + 1}"
     previous = s.steps[-1] if s.steps else None
     lease = SHORT_LEASE if rng.random() < 0.15 else None
@@ -254,15 +291,16 @@ def _add_step(s: saga.Saga[ChaosInput], index: int, rng: random.Random) -> saga.
             ):
                 await ledger.record(ctx, "bad_result")
                 raise ChaosInvariantBroken(f"step {previous.name} result is {earlier!r}")
+        note = await _approval(ctx, after_wait)
         plan = step_plan(inp, ctx.step, ctx.attempt)
         await asyncio.sleep(sleep_seconds(inp, "step", ctx.step, ctx.attempt))
         if plan == "permanent":
-            await ledger.record(ctx, "permanent")
+            await ledger.record(ctx, "permanent", note=note)
             raise ChaosPermanent(f"{ctx.step} attempt {ctx.attempt}: permanent")
         if plan == "transient_before":
-            await ledger.record(ctx, "transient")
+            await ledger.record(ctx, "transient", note=note)
             raise ChaosTransient(f"{ctx.step} attempt {ctx.attempt}: transient")
-        await ledger.record(ctx, "effect")
+        await ledger.record(ctx, "effect", note=note)
         if plan == "transient_after":
             raise ChaosTransient(f"{ctx.step} attempt {ctx.attempt}: transient after effect")
         return StepResult(key=ctx.idempotency_key, attempt=ctx.attempt, worker=ledger.worker)
@@ -294,7 +332,9 @@ def _add_step(s: saga.Saga[ChaosInput], index: int, rng: random.Random) -> saga.
 
 
 def build_sagas(seed: int) -> list[saga.Saga[ChaosInput]]:
-    """Five sagas, ``chaos_3`` .. ``chaos_7``, with that many steps ``s1`` .. ``sN``."""
+    """Five sagas, ``chaos_3`` .. ``chaos_7``, with that many steps ``s1`` .. ``sN``;
+    then ``chaos_wait``: ``s1``, the sleep ``nap``, ``s2``, the wait ``approval``,
+    ``s3``, ``s4``."""
     rng = random.Random(f"chaos-definitions-{seed}")
     sagas = []
     for count in STEP_COUNTS:
@@ -302,14 +342,32 @@ def build_sagas(seed: int) -> list[saga.Saga[ChaosInput]]:
         for index in range(count):
             _add_step(s, index, rng)
         sagas.append(s)
+    waiting = saga.Saga(WAIT_SAGA, input=ChaosInput)
+    _add_step(waiting, 0, rng)
+    waiting.sleep(NAP_SECONDS, name="nap")
+    _add_step(waiting, 1, rng)
+    wait = waiting.wait_for(WAIT_NAME, Approval, timeout=WAIT_TIMEOUT, on_timeout="compensate")
+    _add_step(waiting, 2, rng, after_wait=wait)
+    _add_step(waiting, 3, rng)
+    sagas.append(waiting)
     return sagas
 
 
 def describe(sagas: list[saga.Saga[ChaosInput]]) -> dict[str, str]:
-    """Saga name -> its steps; ``*`` marks a compensation, ``~`` a short lease."""
+    """Saga name -> its steps; ``*`` marks a compensation, ``~`` a short lease,
+    ``(nap)`` a sleep, ``[approval]`` a wait."""
+
+    def parked(step: saga.Step[Any, Any]) -> str:
+        if isinstance(step.after, saga.Wait):
+            return f" [{step.after.name}]"
+        return f" ({step.after.name})" if step.after is not None else ""
+
     return {
         s.name: " ".join(
-            st.name + ("*" if st.compensation else "") + ("~" if st.lease_seconds else "")
+            st.name
+            + ("*" if st.compensation else "")
+            + ("~" if st.lease_seconds else "")
+            + parked(st)
             for st in s.steps
         )
         for s in sagas

@@ -10,8 +10,10 @@ Size via the environment (``bash scripts/chaos.sh`` runs the full size):
   printed, with the summary, so a failure can be replayed)
 - ``SAGA_CHAOS_REPORT``: also write the summary JSON to this path
 
-The worker processes and the chaos itself are in ``rig.py``, the invariants checked at
-the end in ``checks.py``, the workers' program in ``worker.py``.
+A share of the runs sleep, then wait for a signal that a signaller sends at a random
+moment, twice, or never (``waits.py``). The worker processes and the chaos itself are in
+``rig.py``, the invariants checked at the end in ``checks.py`` (and ``waits.py`` for the
+waiting runs), the workers' program in ``worker.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import saga
 from tests._harness import Server
 from tests.chaos.checks import Started, check
 from tests.chaos.rig import CONNECTION_ERRORS, Rig
-from tests.chaos.sagas import LEDGER_DDL, ChaosInput, build_sagas
+from tests.chaos.sagas import LEDGER_DDL, WAIT_SAGA, ChaosInput, build_sagas
+from tests.chaos.waits import draw_plan, signaller
 from tests.chaos.worker import LEASE_SECONDS
 
 RUNS = int(os.environ.get("SAGA_CHAOS_RUNS", "200"))
@@ -43,6 +46,7 @@ _SEED_ENV = os.environ.get("SAGA_CHAOS_SEED", "")
 TIMEOUT = 300 + 2 * RUNS
 
 PERMANENT_COMPENSATION = "tests.chaos.sagas.ChaosPermanent"
+WAIT_SHARE = 0.3  # of the runs: runs of chaos_wait (a sleep, then a wait for a signal)
 # The faults each worker process injects through saga.testing (see worker.py).
 FIRST_WORKER_FAULTS = {
     "expire_lease": {"s2": 2, "s3": 1},
@@ -102,7 +106,10 @@ async def test_chaos(dsn: str, tmp_path: Path, pg_server: Server) -> None:
     compensated runs undid exactly their completed steps newest first, no write of a
     fenced-out attempt was committed (while such writes were attempted and refused), the
     external ledger's net effects match the outcomes, and no lease, advisory lock or open
-    transaction is left behind."""
+    transaction is left behind. Runs that sleep and wait for a signal sent before,
+    around or after the wait (or twice, or never) received at most one signal, the one
+    a send was told was accepted; a signalled run never timed out, a timed-out one never
+    ran the step after its wait, and that step only ever saw the payload received."""
     if WORKERS < 3:
         pytest.fail(f"SAGA_CHAOS_WORKERS must be at least 3, got {WORKERS}")
     seed = _seed()
@@ -189,6 +196,15 @@ async def test_chaos(dsn: str, tmp_path: Path, pg_server: Server) -> None:
     by_state = summary["by_state"]
     assert by_state.get("completed", 0) > 0, by_state
     assert by_state.get("compensated", 0) > 0, by_state
+    waits = summary["waits"]  # every path of a wait was taken
+    for plan in ("never", "late"):  # timed out
+        assert waits["by_plan"].get(plan, {}).get("compensated", 0) > 0, waits
+    for plan in ("before", "later", "waiting"):
+        assert waits["by_plan"].get(plan, {}).get("completed", 0) > 0, waits
+    assert waits["timed_out"] > 0, waits
+    assert waits["sends"].get("repeat", 0) + waits["sends"].get("ended", 0) > 0, waits
+    assert waits["signal_before_wait"] > 0, waits
+    assert waits["signal_after_wait"] > 0, waits
 
 
 async def _drive(
@@ -228,10 +244,14 @@ async def _start_runs(
     window: float,
     tg: Any,
 ) -> None:
+    by_name = {s.name: s for s in sagas}
+    plain = [s for s in sagas if s.name != WAIT_SAGA]
     t0 = anyio.current_time()
     for i in range(RUNS):
         await anyio.sleep(max(0.0, t0 + window * i / RUNS - anyio.current_time()))
-        definition = rng.choice(sagas)
+        waits = rng.random() < WAIT_SHARE
+        definition = by_name[WAIT_SAGA] if waits else rng.choice(plain)
+        plan = draw_plan(rng) if waits else None
         inp = _run_input(rng)
         key = f"chaos-{rig.seed}-{i}"
         while True:  # a start that broke mid-restart is repeated with the same key
@@ -241,7 +261,9 @@ async def _start_runs(
             except saga.DatabaseError:
                 rig.stats.start_retries += 1
                 await anyio.sleep(0.2)
-        started[handle.id] = Started(handle.id, definition.name, key, inp)
+        started[handle.id] = Started(handle.id, definition.name, key, inp, plan)
+        if plan is not None:
+            tg.start_soon(signaller, rig, client, handle.id, plan)
         if rng.random() < 0.04:
             tg.start_soon(_cancel_later, rig, handle, rng.uniform(0, 0.6))
 
