@@ -64,12 +64,13 @@ class Signalling:
         as for ``start()``). A signal that arrives before the run reaches its wait is kept
         for it. Returns True when recorded, False when a signal of that name was recorded
         first (the first wins; nothing changed). Raises :class:`RunNotFoundError` for an
-        unknown run, and :class:`InvalidRunStateError` when the run has ended or its wait
-        was already decided (timed out, or the run was cancelled): the refusal is
-        recorded in the run's history. With ``conn`` (an asyncpg connection in an open
-        transaction) the signal is written in that transaction: it exists, and the run is
-        woken, only when the caller commits. One statement, one commit (a name also reads
-        which saga the run belongs to, to find the wait's model).
+        unknown run, and :class:`InvalidRunStateError` when the run has ended, is rolling
+        back (cancelled, or a step failed for good), or its wait was already decided
+        (timed out): the refusal is recorded in the run's history. With ``conn`` (an
+        asyncpg connection in an open transaction) the signal is written in that
+        transaction: it exists, and the run is woken, only when the caller commits. One
+        statement, one commit (a name also reads which saga the run belongs to, to find
+        the wait's model).
         """
         rid = run_id if isinstance(run_id, uuid.UUID) else _parse_id(run_id)
         store = self._store_or_raise()
@@ -160,6 +161,11 @@ def _outcome(delivery: Delivery, run_id: uuid.UUID, wait: Wait[Any]) -> bool:
     if delivery is Delivery.ENDED:
         raise InvalidRunStateError(
             f"run {run_id} has ended: signal {name!r} refused (recorded in its history)"
+        )
+    if delivery is Delivery.ROLLING_BACK:
+        raise InvalidRunStateError(
+            f"run {run_id} is rolling back (cancelled, or a step failed) and will wait for "
+            f"nothing: signal {name!r} refused (recorded in its history)"
         )
     raise InvalidRunStateError(
         f"run {run_id} no longer waits for {name!r} (its wait timed out, or the run was "

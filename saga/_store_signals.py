@@ -26,6 +26,7 @@ class Delivery(enum.Enum):
     NOT_FOUND = "not_found"
     OTHER_SAGA = "other_saga"  # the run is not of the saga the payload was checked for
     ENDED = "ended"  # refused, recorded in the history: the run has ended
+    ROLLING_BACK = "rolling_back"  # refused, recorded: cancelled, or a step failed for good
     DECIDED = "decided"  # refused, recorded: the wait timed out (or the run was cancelled)
 
 
@@ -73,6 +74,8 @@ class SignalQueries:
             return Delivery.OTHER_SAGA
         if row["ended"]:
             return Delivery.ENDED
+        if row["rolling_back"]:
+            return Delivery.ROLLING_BACK
         if row["accepted"]:
             return Delivery.ACCEPTED
         return Delivery.REPEATED if row["repeated"] else Delivery.DECIDED

@@ -526,3 +526,26 @@ async def test_a_signal_blocked_behind_the_run_entering_its_wait_still_wakes_it(
     assert info.status is saga.RunStatus.WAITING
     assert info.due_at is not None
     assert info.due_at <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("rolling_back", ["cancelled", "failed"])
+async def test_a_signal_to_a_run_rolling_back_is_refused(
+    orchestrator: OrchestratorFactory, rolling_back: str
+) -> None:
+    """A run being cancelled, or one whose step failed for good before its wait, will
+    never consume a signal: sending one raises InvalidRunStateError (not a silent True)
+    and the refusal is recorded with its reason."""
+    ledger = Ledger()
+    s, decision = approval_saga(ledger, timeout=3600)
+    client = await orchestrator(s, concurrency=0)  # nothing runs: the state stays put
+    run = await client.start(s, Job(n=1))
+    if rolling_back == "cancelled":
+        await run.cancel()
+    else:
+        await client._store_or_raise().pool.execute(  # private: the state under test
+            "UPDATE saga.runs SET status = 'compensating' WHERE id = $1", run.id
+        )
+    with pytest.raises(saga.InvalidRunStateError, match="rolling back"):
+        await run.signal(decision, Decision(approved=True))
+    refused = [e for e in await run.history() if e.kind == "signal_refused"]
+    assert refused[-1].data == {"signal": "decision", "reason": "rolling_back"}

@@ -90,7 +90,14 @@ async def _send(client: saga.Client, run_id: uuid.UUID, plan: SignalPlan) -> Non
         try:
             accepted = await client.signal(run_id, WAIT_NAME, payload)
         except saga.InvalidRunStateError as exc:
-            sent.outcome = "ended" if "has ended" in str(exc) else "decided"
+            text = str(exc)
+            sent.outcome = (
+                "ended"
+                if "has ended" in text
+                else "rolling_back"
+                if "rolling back" in text
+                else "decided"
+            )
         except (saga.DatabaseError, *CONNECTION_ERRORS):
             sent.retried += 1  # maybe committed: the same nonce again tells
             await anyio.sleep(0.3)
@@ -141,7 +148,7 @@ def check_waits(
     told = Counter(
         "wait_decided" if s.outcome == "decided" else s.outcome
         for s in plan.sends
-        if s.outcome in ("ended", "decided")
+        if s.outcome in ("ended", "decided", "rolling_back")
     )
     if told - refused or (refused - told and not any(s.retried for s in plan.sends)):
         problems.append(f"refusals in the history {dict(refused)}, sends {plan.sends}")
