@@ -44,12 +44,13 @@ def on_claim(status: RunStatus, cancel_requested: bool, signalled: bool) -> Clai
 
 def claim_table() -> list[tuple[RunStatus, bool, bool, Claimed]]:
     """:func:`on_claim` for every claimable (status, cancel requested, signalled), as
-    the claim statement receives it."""
+    the claim statement receives it (signalled only for ``waiting``: no other status has
+    a wait to close)."""
     return [
         (status, cancel, signalled, on_claim(status, cancel, signalled))
         for status in RunStatus.active()
         for cancel in (False, True)
-        for signalled in (False, True)
+        for signalled in ((False, True) if status is _WAITING else (False,))
     ]
 
 

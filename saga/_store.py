@@ -182,7 +182,9 @@ class Store(OperatorQueries, SignalQueries):
         self, worker: str, run_id: UUID, lease_token: int, change: Transition
     ) -> TransitionResult | None:
         """Apply a fenced transition; ``None`` means nothing changed: the lease was lost,
-        or (``change.unless_cancelled``) a cancel was requested meanwhile."""
+        or (``change.unless_cancelled``) a cancel was requested meanwhile. Parking the
+        run at a wait first marks the wait awaited, in the same transaction (one commit):
+        a signal already there makes the run due at once (``signalled``)."""
         events = [
             {
                 "kind": e.kind,  # a str (StrEnum): json writes it as its value
@@ -194,32 +196,63 @@ class Store(OperatorQueries, SignalQueries):
             }
             for e in change.events
         ]
+        due_in = change.due_in
         async with translate_errors("recording a transition"):
-            row = await self.pool.fetchrow(
-                self._q["transition"],
-                run_id,
-                lease_token,
-                change.status,  # a str (StrEnum)
-                change.step,
-                change.attempt,
-                change.completed_step,
-                change.result_json,
-                change.output_json,
-                _json_or_none(change.error),
-                _json_or_none(change.compensation_error),
-                change.due_in,
-                worker if change.leased else None,
-                json.dumps(events, separators=(",", ":")),
-                self.done_channel,
-                worker,
-                change.unless_cancelled,
-                change.wait,
-                change.wait is not None and change.status is _WAITING,
-            )
+            if change.wait is None or change.status is not _WAITING:
+                row = await self.pool.fetchrow(
+                    self._q["transition"],
+                    *self._transition_args(worker, run_id, lease_token, change, events, due_in),
+                )
+                signalled = False
+            else:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    signalled = bool(
+                        await conn.fetchval(
+                            self._q["enter_wait"],
+                            run_id,
+                            lease_token,
+                            worker,
+                            change.unless_cancelled,
+                            change.wait,
+                            due_in,
+                        )
+                    )
+                    due_in = 0.0 if signalled else due_in
+                    row = await conn.fetchrow(
+                        self._q["transition"],
+                        *self._transition_args(worker, run_id, lease_token, change, events, due_in),
+                    )
         if row is None:
             return None
-        return TransitionResult(
-            row["lease_token"], row["cancel_requested"], row["age"], row["signalled"]
+        return TransitionResult(row["lease_token"], row["cancel_requested"], row["age"], signalled)
+
+    def _transition_args(
+        self,
+        worker: str,
+        run_id: UUID,
+        lease_token: int,
+        change: Transition,
+        events: list[dict[str, Any]],
+        due_in: float | None,
+    ) -> tuple[Any, ...]:
+        return (
+            run_id,
+            lease_token,
+            change.status,  # a str (StrEnum)
+            change.step,
+            change.attempt,
+            change.completed_step,
+            change.result_json,
+            change.output_json,
+            _json_or_none(change.error),
+            _json_or_none(change.compensation_error),
+            due_in,
+            worker if change.leased else None,
+            json.dumps(events, separators=(",", ":")),
+            self.done_channel,
+            worker,
+            change.unless_cancelled,
+            change.wait,
         )
 
     async def heartbeat(

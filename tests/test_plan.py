@@ -392,9 +392,9 @@ def test_the_claim_table_covers_every_claimable_state() -> None:
     (a parked one included); a sleep wakes; a wait wakes with its signal, and without it
     stays waiting (its timeout applies)."""
     table = {(b, c, sig): claimed for b, c, sig, claimed in claim_table()}
-    assert set(table) == {
-        (s, c, g) for s in S.active() for c in (False, True) for g in (False, True)
-    }
+    flags = (False, True)
+    expected = {(s, c, False) for s in S.active() for c in flags}
+    assert set(table) == expected | {(S.WAITING, c, True) for c in flags}
 
     def row(before: S, cancel: bool, signalled: bool = False) -> tuple[S, K | None, K | None]:
         c = table[(before, cancel, signalled)]

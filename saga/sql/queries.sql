@@ -158,22 +158,8 @@ SELECT * FROM claimed;
 -- worker holding the lease (with $2, a replayed transition can never apply twice), $16
 -- true to refuse the transition when a cancel was requested (a completion must then
 -- roll back instead), $17 the sleep or wait the run parks at (or is stopped at) or NULL
--- ($11 'Infinity': a wait without timeout), $18 true when $17 is a wait being entered
-WITH held AS (
-    -- Entering a wait: lock the run row before the signal row, the order a sender takes
-    -- them in; then the signal row's ON CONFLICT sees a signal committed meanwhile,
-    -- whatever this statement's snapshot: a signal that came first wakes the run at once.
-    SELECT id FROM __schema__.runs
-    WHERE $18::boolean AND id = $1 AND lease_token = $2 AND lease_owner = $15
-      AND NOT ($16::boolean AND cancel_requested)
-    FOR UPDATE
-), awaited AS (
-    INSERT INTO __schema__.signals AS s (run_id, name, awaited_at, timeout_seconds)
-    SELECT id, $17, now(), $11 FROM held
-    ON CONFLICT (run_id, name) DO UPDATE
-        SET awaited_at = now(), timeout_seconds = excluded.timeout_seconds
-    RETURNING s.payload IS NOT NULL AS arrived
-), upd AS (
+-- ($11 'Infinity': a wait without timeout; see enter_wait for a wait's signal row)
+WITH upd AS (
     UPDATE __schema__.runs SET
         status = $3,
         step_name = $4,
@@ -186,8 +172,6 @@ WITH held AS (
         error = coalesce($9::jsonb, error),
         compensation_error = coalesce($10::jsonb, compensation_error),
         due_at = CASE WHEN $11::float8 IS NULL THEN NULL
-                      WHEN $18::boolean AND EXISTS (SELECT 1 FROM awaited WHERE arrived)
-                          THEN now()
                       WHEN $11::float8 = 'Infinity' THEN 'infinity'
                       ELSE now() + make_interval(secs => $11::float8) END,
         wait_name = $17,
@@ -199,8 +183,7 @@ WITH held AS (
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
-              extract(epoch FROM now() - created_at)::float8 AS age,
-              $18::boolean AND due_at <= now() AS signalled
+              extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
@@ -218,10 +201,32 @@ WITH held AS (
     ON CONFLICT (run_id) DO UPDATE SET ended = true
     RETURNING w.watched
 )
-SELECT lease_token, cancel_requested, age, signalled,
+SELECT lease_token, cancel_requested, age,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
             THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
+
+-- name: enter_wait
+-- Before the transition that parks a run at a wait, in the same transaction: lock the
+-- run row (fenced like the transition; nothing when the lease was lost or a cancel
+-- refuses it), then mark the wait's signal row awaited with INSERT ... ON CONFLICT,
+-- which sees a signal committed meanwhile whatever the snapshot (the order every writer
+-- of signals takes). Returns whether the signal is there already: the run is then due
+-- at once. No row: the transition will be refused.
+-- $1 run id, $2 lease token held, $3 the worker holding the lease, $4 true to refuse
+-- when a cancel was requested, $5 the wait's name, $6 its timeout in seconds
+-- ('Infinity': none)
+WITH held AS (
+    SELECT id FROM __schema__.runs
+    WHERE id = $1 AND lease_token = $2 AND lease_owner = $3
+      AND NOT ($4::boolean AND cancel_requested)
+    FOR UPDATE
+)
+INSERT INTO __schema__.signals AS s (run_id, name, awaited_at, timeout_seconds)
+SELECT id, $5, now(), $6 FROM held
+ON CONFLICT (run_id, name) DO UPDATE
+    SET awaited_at = now(), timeout_seconds = excluded.timeout_seconds
+RETURNING s.payload IS NOT NULL AS arrived;
 
 -- name: heartbeat
 -- Extend the leases this worker still holds; rows missing from the result were lost.
