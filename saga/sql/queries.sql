@@ -450,9 +450,13 @@ SELECT status, runs, oldest_age, (SELECT lag FROM lag) AS lag,
        (SELECT lag FROM timers) AS timer_lag
 FROM active
 UNION ALL
-SELECT s.status, (SELECT count(*) FROM __schema__.runs r WHERE r.status = s.status), NULL,
-       (SELECT lag FROM lag), (SELECT lag FROM timers)
-FROM (VALUES ('failed'), ('stopped')) AS s(status);
+-- One literal status per count, so that each reads its partial index (runs_failed,
+-- runs_stopped), not the table.
+SELECT 'failed', count(*), NULL, (SELECT lag FROM lag), (SELECT lag FROM timers)
+FROM __schema__.runs WHERE status = 'failed'
+UNION ALL
+SELECT 'stopped', count(*), NULL, (SELECT lag FROM lag), (SELECT lag FROM timers)
+FROM __schema__.runs WHERE status = 'stopped';
 
 -- name: census_parked
 -- Sleeping and waiting runs per saga (an index-backed read of the active runs only).
