@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
@@ -42,11 +42,11 @@ class Signalling:
 
     max_payload_bytes: int
 
-    def _store_or_raise(self) -> Store:
-        raise NotImplementedError  # pragma: no cover - provided by the client
+    if TYPE_CHECKING:  # provided by the client
 
-    def definition(self, name: str, version: int) -> Saga[Any] | None:
-        raise NotImplementedError  # pragma: no cover - provided by the client
+        def _store_or_raise(self) -> Store: ...
+
+        def definition(self, name: str, version: int) -> Saga[Any] | None: ...
 
     async def signal(
         self,

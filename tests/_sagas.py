@@ -254,3 +254,13 @@ def parked_saga(
         input=input,
         fail={"never": Fail(AssertionError, "a parked saga's step was executed")},
     )
+
+
+async def until_status(run: saga.RunHandle, *statuses: saga.RunStatus) -> saga.RunInfo:
+    """The run's info once it is in one of ``statuses`` (polled; at most 15 s)."""
+    with anyio.fail_after(15):
+        while True:
+            info = await run.info()
+            if info.status in statuses:
+                return info
+            await anyio.sleep(0.02)

@@ -9,13 +9,12 @@ import io
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import anyio
 import asyncpg
 import pytest
 
 import saga
 from saga.testing import advance
-from tests._sagas import Job
+from tests._sagas import Job, until_status
 from tests._wait_sagas import SAGAS, approval, napping, open_ended
 from tests.conftest import Cli, ClientFactory, OrchestratorFactory
 
@@ -24,15 +23,6 @@ pytestmark = pytest.mark.timeout(60)
 TARGET = "tests._wait_sagas:SAGAS"
 YES = '{"approved": true, "by": "ana"}'
 INVALID = "invalid payload for signal 'decision'"
-
-
-async def until_status(run: saga.RunHandle, *statuses: saga.RunStatus) -> saga.RunInfo:
-    with anyio.fail_after(15):
-        while True:
-            info = await run.info()
-            if info.status in statuses:
-                return info
-            await anyio.sleep(0.02)
 
 
 async def waiting(

@@ -77,6 +77,17 @@ async def assert_resumes_at_once(
     assert await run.result(timeout=10) == "ops"
 
 
+async def operator_retry(run: saga.RunHandle, outcome: list[str]) -> None:
+    """The operator's retry, noting how it went: "refused" means it saw the run already
+    resumed by the signal, which is fine."""
+    try:
+        await run.retry()
+    except saga.InvalidRunStateError:
+        outcome.append("refused")
+    else:
+        outcome.append("retried")
+
+
 async def test_an_operators_retry_racing_a_signal_to_a_stopped_run_does_not_delay_it(
     orchestrator: OrchestratorFactory, pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
@@ -89,21 +100,13 @@ async def test_an_operators_retry_racing_a_signal_to_a_stopped_run_does_not_dela
     run = await stopped_run(orch, s)
     outcome: list[str] = []
 
-    async def operator_retry() -> None:
-        try:
-            await run.retry()
-        except saga.InvalidRunStateError:
-            outcome.append("refused")  # it saw the run resumed by the signal: fine
-        else:
-            outcome.append("retried")
-
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
             assert await orch.signal(run.id, "verdict", Verdict(by="ops"), conn=conn) is True
             async with anyio.create_task_group() as tg:
-                tg.start_soon(operator_retry)
+                tg.start_soon(operator_retry, run, outcome)
                 with anyio.fail_after(10):  # the premise: the retry waits for the signal
                     while await blocked_on_a_lock(db) == 0:  # noqa: ASYNC110
                         await anyio.sleep(0.02)
@@ -126,14 +129,6 @@ async def test_an_operators_retry_and_a_signal_holding_the_run_row_do_not_deadlo
     run = await stopped_run(orch, s)
     outcome: list[str] = []
 
-    async def operator_retry() -> None:
-        try:
-            await run.retry()
-        except saga.InvalidRunStateError:
-            outcome.append("refused")
-        else:
-            outcome.append("retried")
-
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
@@ -141,7 +136,7 @@ async def test_an_operators_retry_and_a_signal_holding_the_run_row_do_not_deadlo
             # What signal() does first, in the caller's transaction it is about to use.
             await conn.execute("SELECT 1 FROM saga.runs WHERE id = $1 FOR UPDATE", run.id)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(operator_retry)
+                tg.start_soon(operator_retry, run, outcome)
                 with anyio.fail_after(10):
                     while await blocked_on_a_lock(db) == 0:  # noqa: ASYNC110
                         await anyio.sleep(0.02)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 import saga
 from saga.testing import advance
-from tests._sagas import FAST, Job, Ledger
+from tests._sagas import FAST, Job, Ledger, until_status
 from tests.conftest import ClientFactory, OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(60)
@@ -79,15 +79,6 @@ def sleep_saga(ledger: Ledger, **sleep: Any) -> saga.Saga[Job]:
         return ctx.result(first) + 1
 
     return s
-
-
-async def until_status(run: saga.RunHandle, *statuses: saga.RunStatus) -> saga.RunInfo:
-    with anyio.fail_after(15):
-        while True:
-            info = await run.info()
-            if info.status in statuses:
-                return info
-            await anyio.sleep(0.02)
 
 
 async def kinds(run: saga.RunHandle) -> list[str]:
