@@ -540,3 +540,33 @@ async def test_a_signal_to_a_run_rolling_back_is_refused(
         await run.signal(decision, Decision(approved=True))
     refused = [e for e in await run.history() if e.kind == "signal_refused"]
     assert refused[-1].data == {"signal": "decision", "reason": "rolling_back"}
+
+
+async def test_a_run_stopped_at_one_wait_keeps_a_signal_for_a_later_one(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A stopped run is not over: a signal for a later wait, sent while the run is
+    stopped at an earlier one, is kept (True) and consumed once the operator resumes the
+    run and it gets there; the run completes without waiting again."""
+    s = saga.Saga("two_waits", input=Job)
+
+    async def noop(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    s.step(name="a")(noop)
+    first = s.wait_for("first", Decision, timeout=60, on_timeout="stop")
+    s.step(name="b")(noop)
+    second = s.wait_for("second", Decision, timeout=3600)
+
+    @s.step(name="c")
+    async def c(ctx: saga.Context[Job]) -> str:
+        return f"{ctx.result(first).by}+{ctx.result(second).by}"
+
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1))
+    await until_status(run, saga.RunStatus.WAITING)
+    await advance(orch, run, 60)
+    await until_status(run, saga.RunStatus.STOPPED)
+    assert await run.signal(second, Decision(approved=True, by="later")) is True
+    assert await run.signal(first, Decision(approved=True, by="ops")) is True
+    assert await run.result(timeout=10) == "ops+later"

@@ -605,8 +605,9 @@ WITH run AS (
     FOR UPDATE
 ), target AS (
     SELECT *, (saga_name, saga_version) = ($4::text, $5::integer) AS same_saga,
-           status IN ('completed', 'compensated', 'failed', 'cancelled', 'stopped')
-               AND NOT stopped_here AS ended
+           -- A stopped run is not over: an operator resumes it (a signal for a later
+           -- wait is kept for it like any early signal).
+           status IN ('completed', 'compensated', 'failed', 'cancelled') AS ended
     FROM run
 ), rec AS (
     -- Always a row back (DO UPDATE), so that why a signal was not taken is known: the
