@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from saga._model import EventKind, Phase, RunStatus
 from saga._transition import Event, Failed, LeaseFor, RunState, Succeeded, Transition
-from saga._waits import Wait, due_seconds
+from saga._waits import Parking, Wait, due_seconds
 
 if TYPE_CHECKING:
     from saga._definition import Saga
@@ -136,7 +136,8 @@ def _step_done(
         rollback = _rollback(saga, state, outcome.park_error, [done, failed], state.step, lease_for)
         return replace(rollback, completed_step=state.step, result_json=result)
     if step.after is not None:
-        return _park(saga, step.after, state, done, result, outcome.park_in)
+        nxt = saga.steps[index + 1].name  # a saga never ends with a sleep or wait
+        return _park(step.after, nxt, state, done, result, outcome.park_in)
     if index + 1 == len(saga.steps):
         return Transition(
             status=_COMPLETED,
@@ -172,8 +173,8 @@ def _step_done(
 
 
 def _park(
-    saga: Saga[Any],
-    parking: Any,
+    parking: Parking,
+    next_step: str,
     state: RunState,
     done: Event,
     result: str | None,
@@ -184,12 +185,12 @@ def _park(
     waits = isinstance(parking, Wait)
     seconds = due_seconds(parking) if park_in is None else park_in
     data: dict[str, Any] = {"signal": parking.name} if waits else {"seconds": seconds}
-    if waits and parking.timeout is not None:
+    if isinstance(parking, Wait) and parking.timeout is not None:
         data["timeout"] = parking.timeout
     kind = EventKind.WAIT_STARTED if waits else EventKind.SLEEP_STARTED
     return Transition(
         status=_WAITING if waits else RunStatus.SLEEPING,
-        step=saga.steps[saga.get_step(state.step).index + 1].name,
+        step=next_step,
         attempt=0,
         events=(done, Event(kind, parking.name, data=data)),
         completed_step=state.step,

@@ -51,10 +51,9 @@ class Sleep:
     until: Callable[[Any], datetime | Awaitable[datetime]] | None
 
     async def due_in(self, ctx: Any, now: datetime) -> float:
-        """Seconds from ``now`` until the run wakes (0 for a time already past)."""
-        if self.until is None:
-            assert self.seconds is not None
-            return self.seconds
+        """Seconds from ``now`` until the time ``until(ctx)`` gives (0 for a time already
+        past); a fixed sleep's length is :func:`due_seconds`."""
+        assert self.until is not None
         value = self.until(ctx)
         if inspect.isawaitable(value):
             value = await value
