@@ -15,6 +15,7 @@ SECTIONS = (
     "queue",
     "saga",
     "compensation",
+    "graphs",
     "waits",
     "latency",
     "scale",

@@ -9,6 +9,7 @@ import statistics
 from benchmarks import (
     _ceiling,
     _compensation,
+    _graphs,
     _latency,
     _memory,
     _profile,
@@ -48,6 +49,7 @@ def render(r: Results, o: Options, header: dict[str, str]) -> str:
         lines += _ceiling.render(r.ceiling, o.pgbench_seconds, o.repeats)
     lines += _throughput.render(t, ceiling, o.runs, o.repeats)
     lines += _compensation.render(r.compensation, t.saga.get(HEADLINE), ceiling)
+    lines += _graphs.render(r.graphs, t.saga.get(HEADLINE), ceiling)
     lines += _waits.render(r.waits, o.repeats)
     commit = r.ceiling.commit_ms if r.ceiling else math.nan
     lines += _latency.render(r.latency, o.latency_rate, o.latency_seconds, o.repeats, commit)

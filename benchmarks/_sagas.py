@@ -1,6 +1,7 @@
 """The sagas the benchmarks run: steps of ``async def s(ctx) -> int: return 1`` (three,
-or two around a wait), built by one function in every process (the client and the worker
-processes build the same definition, so its fingerprint matches)."""
+two around a wait, or five in a fan-out with a join), built by one function in every
+process (the client and the worker processes build the same definition, so its
+fingerprint matches)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ from pydantic import BaseModel
 
 import saga
 
-Kind = Literal["noop", "compensate", "gate", "noop2", "wait"]
-KINDS: tuple[Kind, ...] = ("noop", "compensate", "gate", "noop2", "wait")
+Kind = Literal["noop", "compensate", "gate", "noop2", "wait", "fanout"]
+KINDS: tuple[Kind, ...] = ("noop", "compensate", "gate", "noop2", "wait", "fanout")
 # Work items per run: steps, plus compensations on the compensation path (the queue's
 # chains have 3 jobs; a wait is no work item).
-ITEMS: dict[str, int] = {"noop": 3, "compensate": 5, "gate": 3, "noop2": 2, "wait": 2, "queue": 3}
+ITEMS: dict[str, int] = {
+    "noop": 3,
+    "compensate": 5,
+    "gate": 3,
+    "noop2": 2,
+    "wait": 2,
+    "fanout": 5,
+    "queue": 3,
+}
 
 SIGNAL = "decision"  # the wait of ``bench_wait``, and the signal that ends it
 WAIT_TIMEOUT = 3600.0  # seconds: never reached in a measurement
@@ -39,6 +48,8 @@ def build(kind: Kind, gate: Callable[[], Awaitable[None]] | None = None) -> saga
     - ``compensate``: s3 raises ``saga.PermanentError``; s1 and s2 have (no-op)
       compensations, so a run ends ``compensated`` after 5 work items.
     - ``gate``: s1 first awaits ``gate()`` (the memory benchmark holds runs in flight).
+    - ``fanout``: s1, then s2, s3 and s4 in parallel (``after=[s1]``), then s5 after
+      all three: a graph saga of 5 steps.
     """
     definition = saga.Saga(f"bench_{kind}", input=Input)
 
@@ -57,6 +68,10 @@ def build(kind: Kind, gate: Callable[[], Awaitable[None]] | None = None) -> saga
         return None
 
     s1 = definition.step(name="s1")(first)
+    if kind == "fanout":
+        branches = [definition.step(name=f"s{i}", after=[s1])(then) for i in (2, 3, 4)]
+        definition.step(name="s5", after=branches)(then)
+        return definition
     if kind == "wait":
         definition.wait_for(SIGNAL, Decision, timeout=WAIT_TIMEOUT)
     s2 = definition.step(name="s2")(then)

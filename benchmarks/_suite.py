@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from benchmarks import (
     _ceiling,
     _compensation,
+    _graphs,
     _latency,
     _memory,
     _profile,
@@ -27,6 +28,7 @@ class Results:
     ceiling: _ceiling.Ceiling | None = None
     throughput: _throughput.Throughput = dataclasses.field(default_factory=_throughput.Throughput)
     compensation: list[Measured] = dataclasses.field(default_factory=list)
+    graphs: list[Measured] = dataclasses.field(default_factory=list)
     waits: _waits.Waits | None = None
     latency: _latency.Latency = dataclasses.field(default_factory=dict)
     scale: _scale.Scale | None = None
@@ -48,6 +50,10 @@ async def _throughput_step(h: Harness, r: Results) -> None:
 
 async def _compensation_step(h: Harness, r: Results) -> None:
     r.compensation = await _compensation.measure(h)
+
+
+async def _graphs_step(h: Harness, r: Results) -> None:
+    r.graphs = await _graphs.measure(h)
 
 
 async def _waits_step(h: Harness, r: Results) -> None:
@@ -79,6 +85,7 @@ STEPS: list[tuple[str, Callable[[Harness, Results], Awaitable[None]]]] = [
     ("ceiling", _ceiling_step),
     ("queue+saga", _throughput_step),
     ("compensation", _compensation_step),
+    ("graphs", _graphs_step),
     ("waits", _waits_step),
     ("latency", _latency_step),
     ("scale", _scale_step),

@@ -123,10 +123,12 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
     for name, value in fields:
         ctx.say(f"{name + ':':<20}{_clean(value)}")
     ctx.say()
+    graph = any(a.after is not None for a in attempts)  # show what each step waited on
     rows = [
         [
             a.step,
             "compensation" if a.compensation else "step",
+            *([_after(a.after)] if graph else []),
             str(a.attempt),
             a.worker or "-",
             _time(a.started_at, precise=True) if a.started_at else "-",
@@ -137,8 +139,8 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
         for a in attempts
     ]
     if rows:
-        headers = ["STEP", "PHASE", "ATTEMPT", "WORKER", "STARTED", "TOOK", "OUTCOME", "ERROR"]
-        _table(ctx, headers, rows)
+        headers = ["STEP", "PHASE", *(["AFTER"] if graph else []), "ATTEMPT", "WORKER"]
+        _table(ctx, [*headers, "STARTED", "TOOK", "OUTCOME", "ERROR"], rows)
     else:
         ctx.say("no attempts yet")
     if ctx.args.events:
@@ -342,3 +344,10 @@ COMMANDS: dict[str, Callable[[_Ctx, Client], Awaitable[int]]] = {
     "signal": _signal,
     "prune": _prune,
 }
+
+
+def _after(after: tuple[str, ...] | None) -> str:
+    """What a graph run's step waited on: its dependencies, ``start`` for none."""
+    if after is None:
+        return "-"
+    return ",".join(after) or "start"

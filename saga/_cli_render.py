@@ -138,6 +138,7 @@ def _attempt_json(a: StepAttempt) -> dict[str, Any]:
         "outcome": a.outcome,
         "error": _error_json(a.error),
         "retry_in": a.retry_in,
+        "after": None if a.after is None else list(a.after),
     }
 
 

@@ -49,7 +49,7 @@ from saga._lifecycle import Lifecycle, started
 from saga._listener import Listener
 from saga._log import Outage, logger
 from saga._migrate import check_migrated, migrate
-from saga._model import HistoryEvent, RunInfo, RunStatus
+from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
 from saga._notify import StartNotifier
 from saga._run import RunHandle
 from saga._signals import Signalling
@@ -272,6 +272,8 @@ class Client(Lifecycle, Signalling):
                     notify,
                     saga.fingerprint,
                     conn,
+                    roots=None if saga.graph is None else list(saga.graph.roots),
+                    pivot=saga.pivot,
                 )
             )
             span.set_attribute(RUN_ID, str(started_run.run_id))
@@ -359,7 +361,7 @@ class Client(Lifecycle, Signalling):
         if info.status is RunStatus.COMPLETED:
             definition = self.definition(info.saga, info.version)
             known = definition is not None and row.fingerprint in (None, definition.fingerprint)
-            result_type = definition.steps[-1].result_type if definition and known else Any
+            result_type = definition.output_type if definition and known else Any
             return decode(row.output, result_type)
         raise _RUN_ERRORS[info.status](
             info.id, info.status.value, info.error, info.compensation_error
@@ -367,9 +369,17 @@ class Client(Lifecycle, Signalling):
 
     async def cancel(self, run_id: uuid.UUID) -> None:
         """Cancel a run; see :meth:`RunHandle.cancel`."""
-        if await uncancellable(self._store_or_raise().request_cancel(run_id)):
+        store = self._store_or_raise()
+        if await uncancellable(store.request_cancel(run_id)):
             return
-        info = await self.info(run_id)
+        row = await self._row(run_id)
+        info = row.info
+        reached = row.pivot in info.completed_steps or not info.status.is_terminal
+        if row.pivot is not None and not info.cancel_requested and reached:
+            raise InvalidRunStateError(
+                f"run {run_id} reached its pivot step {row.pivot!r}: it only goes forward "
+                "now (a run stopped after it is retried, not cancelled)"
+            )
         if info.status.is_terminal:
             raise InvalidRunStateError(f"run {run_id} already ended {info.status}")
         # Already requested: cancelling twice is harmless.
@@ -377,10 +387,15 @@ class Client(Lifecycle, Signalling):
     async def retry(self, run_id: uuid.UUID) -> None:
         """Resume a failed or stopped run; see :meth:`RunHandle.retry`."""
         store = self._store_or_raise()
-        if await uncancellable(store.retry_run(run_id, RETRIABLE_STATUS, RETRIED_STATUS)):
+        compensation, step = Phase.COMPENSATION, Phase.STEP
+        if await uncancellable(
+            store.retry_run(run_id, RETRIABLE_STATUS, RETRIED_STATUS, compensation)
+        ):
             return
         if await uncancellable(store.rewait_run(run_id, REWAITABLE_STATUS, REWAITED_STATUS)):
             return
+        if await uncancellable(store.retry_run(run_id, REWAITABLE_STATUS, RunStatus.RUNNING, step)):
+            return  # stopped after its pivot: the step that gave up runs again
         info = await self.info(run_id)
         raise InvalidRunStateError(
             f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} and "

@@ -8,7 +8,7 @@ process, worker processes and tests alike.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
@@ -16,7 +16,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from saga import _checks, _registry
+from saga import _checks, _graph, _pivot, _registry
 from saga._errors import DefinitionError
 from saga._fingerprint import fingerprint
 from saga._policy import (
@@ -80,6 +80,8 @@ class Step(Generic[InT, OutT]):
     lease_seconds: float | None = None
     compensation: Compensation[InT, OutT] | None = None
     after: Parking | None = None  # the sleep or wait declared right after this step
+    deps: tuple[str, ...] | None = None  # after= (None: after the step declared before)
+    pivot: bool = False  # the point of no return (see saga._pivot)
 
     @overload
     def compensate(self, fn: CompensateFn[InT, OutT], /) -> Compensation[InT, OutT]: ...
@@ -144,6 +146,10 @@ class Saga(Generic[InT]):
         self._parkings: dict[str, Parking] = {}
         self._frozen = False
         self._fingerprint: str | None = None
+        #: The dependencies between steps when they are not a line (set at registration).
+        self.graph: _graph.Graph | None = None
+        #: The pivot step's name, if any (set at registration).
+        self.pivot: str | None = None
 
     def __repr__(self) -> str:
         return f"<Saga {self.name} v{self.version} ({len(self.steps)} steps)>"
@@ -162,14 +168,20 @@ class Saga(Generic[InT]):
         retry: Retry | None = None,
         timeout: float | None = None,
         lease_seconds: float | None = None,
+        after: Sequence[Step[InT, Any] | str] | None = None,
+        pivot: bool = False,
     ) -> Callable[[StepFn[InT, OutT]], Step[InT, OutT]]:
         """Declare the next step: ``async def step(ctx) -> result``.
 
-        Steps run in declaration order. The return annotation is the result's type:
-        the result is stored as JSON and read back as that type by later steps and by
-        the compensation. ``lease_seconds`` overrides the orchestrator's lease for this
-        step and its compensation: how long a crashed worker holds it before another
-        takes over (heartbeats renew it every third of that while it runs).
+        Steps run in declaration order, each after the one declared before it, unless
+        ``after`` names the steps it runs after (``[]``: at the start): steps with no
+        dependency between them then run concurrently. ``pivot=True`` makes it the point
+        of no return: once it completed, a failure stops the run for an operator instead
+        of compensating. The return annotation is the result's type: the result is stored
+        as JSON and read back as that type by later steps and by the compensation.
+        ``lease_seconds`` overrides the orchestrator's lease for this step and its
+        compensation: how long a crashed worker holds it before another takes over
+        (heartbeats renew it every third of that while it runs).
         """
 
         def register(fn: StepFn[InT, OutT]) -> Step[InT, OutT]:
@@ -181,6 +193,7 @@ class Saga(Generic[InT]):
                 check_lease_seconds(lease_seconds, DefinitionError)
             step_name = validate_name(fn.__name__ if name is None else name, "step")
             self._check_new_name(step_name)
+            deps = None if after is None else _graph.dependencies(self, step_name, after)
             step: Step[InT, OutT] = Step(
                 name=step_name,
                 fn=fn,
@@ -190,6 +203,8 @@ class Saga(Generic[InT]):
                 timeout=timeout,
                 result_type=return_annotation(fn),
                 lease_seconds=lease_seconds,
+                deps=deps,
+                pivot=bool(pivot),
             )
             self.steps.append(step)
             self._by_name[step_name] = step
@@ -312,13 +327,26 @@ class Saga(Generic[InT]):
                 f"saga {self.name!r} ends with {self.steps[-1].after!r}: declare the step "
                 "that runs after it"
             )
+        self.graph = _graph.of_saga(self, self._parkings)
+        self.pivot = _pivot.check(self, self.graph)
         self._frozen = True
         self._fingerprint = self._compute_fingerprint()
 
+    @property
+    def output_type(self) -> Any:
+        """The type of a completed run's output: the last step's result, or (a graph)
+        its one final step's, or a dict of its final steps' results by name."""
+        return _graph.output_type(self)
+
     def _compute_fingerprint(self) -> str:
         steps: list[tuple[str, Any, bool]] = []
+        graph = self.graph if self._frozen else _graph.shape(self)
         for s in self.steps:
             steps.append((s.name, s.result_type, s.compensation is not None))
+            if s.pivot:  # only where a saga has one: others keep their fingerprints
+                steps.append(("pivot", None, False))
+            if graph is not None:  # linear sagas keep the fingerprints they had
+                steps.append((f"after:{','.join(graph.deps[s.name])}", None, False))
             if isinstance(s.after, Wait):  # waits and sleeps only where a run has any
                 steps.append((f"wait:{s.after.name}", s.after.model, False))
             elif s.after is not None:
@@ -386,6 +414,16 @@ class Context(Generic[InT]):
         of a wait it passed."""
         if step.saga is not self._definition:
             raise DefinitionError(f"{step!r} does not belong to saga {self.saga!r}")
+        graph = self._definition.graph
+        if (
+            graph is not None
+            and step.name not in graph.ancestors[self.step]
+            and not (self.is_compensation and step.name == self.step)
+        ):
+            raise DefinitionError(
+                f"step {self.step!r} does not run after {step.name!r}: it can only read "
+                "the results of the steps it runs after (add it to after=)"
+            )
         if step.name not in self._results:
             raise DefinitionError(
                 f"{'wait' if isinstance(step, Wait) else 'step'} {step.name!r} has not "

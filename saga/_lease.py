@@ -21,8 +21,11 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from saga._errors import DatabaseError
 from saga._log import Outage, logger
-from saga._store import ClaimedItem, Store
+from saga._model import Phase
+from saga._store import Store
+from saga._store_graph import ItemKey
 from saga._store_ops import DefinitionKey
+from saga._transition import ClaimedItem
 
 
 @dataclass(slots=True, eq=False)
@@ -38,6 +41,19 @@ class Lease:
     cancel_requested: bool = False  # seen by a heartbeat while the step ran
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     lost: bool = False
+    item: tuple[str, Phase] | None = None  # a graph run's item (step, phase)
+
+    @property
+    def key(self) -> UUID | ItemKey:
+        """What this lease holds: a linear run, or one item of a graph run."""
+        item = self.item
+        return self.run_id if item is None else (self.run_id, item[0], item[1])
+
+    @property
+    def item_key(self) -> ItemKey:
+        """The graph item this lease holds."""
+        assert self.item is not None
+        return (self.run_id, self.item[0], self.item[1])
 
     def moved_on(self, token: int, seconds: float) -> None:
         """The run's next item was leased to us by the transition just written."""
@@ -72,6 +88,7 @@ class Leases:
         poll_interval: float,
         definitions: Sequence[DefinitionKey],
         outage: Outage,
+        graphs: Sequence[DefinitionKey] = (),
     ) -> None:
         self._store = store
         self._worker = worker_id
@@ -80,8 +97,10 @@ class Leases:
         self._heartbeat_every = heartbeat_every
         self._poll = poll_interval
         self._definitions = list(definitions)
+        self._graphs = list(graphs)  # the definitions whose runs are graphs of items
         self._outage = outage
-        self.inflight: dict[UUID, Lease] = {}
+        self.inflight: dict[UUID | ItemKey, Lease] = {}
+        self._spawn: Callable[[ClaimedItem, Lease], None] | None = None
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
         self._drained = anyio.Event()
@@ -105,9 +124,24 @@ class Leases:
         if sleep is not None:
             sleep.deadline = min(sleep.deadline, due)
 
+    def free_slots(self) -> int:
+        return self._concurrency - len(self.inflight)
+
+    def adopt(self, item: ClaimedItem, lease: Lease) -> None:
+        """Run an item a transition of this worker leased to it (a graph run's new
+        branch), in a task of its own."""
+        assert self._spawn is not None
+        self.inflight[lease.key] = lease
+        self._spawn(item, lease)
+
     async def claim_loop(
         self, tg: TaskGroup, run: Handler, *, task_status: TaskStatus[None]
     ) -> None:
+
+        def spawn(item: ClaimedItem, lease: Lease) -> None:
+            tg.start_soon(run, item, lease)
+
+        self._spawn = spawn
         task_status.started()
         delay = 0.1
         while not self.stopping:
@@ -120,9 +154,7 @@ class Leases:
                 continue
             self._wake = anyio.Event()
             try:
-                items = await self._store.claim(
-                    self._worker, free, self._lease_seconds, self._definitions
-                )
+                items = await self._claim(free)
             except DatabaseError as exc:
                 self._outage.lost("claiming work", exc)
                 await anyio.sleep(delay)
@@ -131,12 +163,22 @@ class Leases:
             self._outage.back()
             delay = 0.1
             for item in items:
-                lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
-                self.inflight[item.run_id] = lease
+                held = None if item.phase is None else (item.step_name, item.phase)
+                lease = Lease(item.run_id, item.lease_token, self._lease_seconds, item=held)
+                self.inflight[lease.key] = lease
                 tg.start_soon(run, item, lease)
             self._more_work = len(items) == free
             if not self._more_work:
                 await self._sleep_until_woken()
+
+    async def _claim(self, free: int) -> list[ClaimedItem]:
+        """Due runs, then (graph sagas registered) due items, up to ``free``."""
+        items = await self._store.claim(self._worker, free, self._lease_seconds, self._definitions)
+        if self._graphs and len(items) < free:
+            items += await self._store.claim_items(
+                self._worker, free - len(items), self._lease_seconds, self._graphs
+            )
+        return items
 
     async def _sleep_until_woken(self) -> None:
         """Until a wake-up, the timer, or the poll interval, whichever comes first."""
@@ -153,8 +195,8 @@ class Leases:
         The same run may have been claimed again meanwhile (our own lease expired during
         a stall): the entry goes only if it is still this lease.
         """
-        if self.inflight.get(item.run_id) is lease:
-            del self.inflight[item.run_id]
+        if self.inflight.get(lease.key) is lease:
+            del self.inflight[lease.key]
             self._slot_freed.set()
             if self._more_work:
                 self._wake.set()
@@ -172,24 +214,29 @@ class Leases:
                 await self._beat(leases)
 
     async def _beat(self, leases: list[Lease]) -> None:
-        sent = {lease.run_id: lease.token for lease in leases}
+        sent = {lease.key: lease.token for lease in leases}
+        runs = [(ls.run_id, ls.token, ls.seconds) for ls in leases if ls.item is None]
+        items = [(ls.item_key, ls.token, ls.seconds) for ls in leases if ls.item is not None]
         try:
-            held = await self._store.heartbeat(
-                self._worker, [(ls.run_id, ls.token, ls.seconds) for ls in leases]
-            )
+            held: dict[Any, bool] = {}
+            if runs:
+                held.update(await self._store.heartbeat(self._worker, runs))
+            if items:
+                kept = await self._store.heartbeat_items(self._worker, items)
+                held.update(dict.fromkeys(kept, False))
         except DatabaseError as exc:
             self._outage.lost("heartbeat", exc)
             return
         self._outage.back()
-        for run_id, token in sent.items():
-            lease = self.inflight.get(run_id)
-            if lease is not None and held.get(run_id):
+        for key, token in sent.items():
+            lease = self.inflight.get(key)
+            if lease is not None and held.get(key):
                 lease.cancel_requested = True  # the runner rolls back after this step
-            if run_id in held or lease is None or lease.token != token:
+            if key in held or lease is None or lease.token != token:
                 continue  # still ours, or the run moved on to a new lease meanwhile
             lease.lost = True
             lease.scope.cancel()
-            logger.warning("lease_lost", run_id=str(run_id), worker=self._worker)
+            logger.warning("lease_lost", run_id=str(lease.run_id), worker=self._worker)
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -206,13 +253,17 @@ class Leases:
     async def release_all(self) -> None:
         """Give back the leases still held (shielded by the caller), so another worker
         takes the items at once; the interrupted attempts do not count (once)."""
-        leases = [(ls.run_id, ls.token) for ls in self.inflight.values() if not ls.lost]
+        held = [ls for ls in self.inflight.values() if not ls.lost]
+        leases = [(ls.run_id, ls.token) for ls in held if ls.item is None]
+        items = [(ls.item_key, ls.token) for ls in held if ls.item is not None]
         self.inflight.clear()
-        if not leases:
+        if not held:
             return
         with anyio.move_on_after(5):
             try:
-                released = await self._store.release(self._worker, leases)
+                released = await self._store.release(self._worker, leases) if leases else 0
+                if items:
+                    released += await self._store.release_items(self._worker, items)
                 logger.info("leases_released", count=released, worker=self._worker)
             except DatabaseError as exc:
                 logger.warning(

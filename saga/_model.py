@@ -77,6 +77,7 @@ class EventKind(enum.StrEnum):
     """The kinds of entries in a run's history."""
 
     RUN_STARTED = "run_started"
+    STEP_READY = "step_ready"
     STEP_STARTED = "step_started"
     STEP_COMPLETED = "step_completed"
     STEP_FAILED = "step_failed"
@@ -169,7 +170,9 @@ class RunInfo:
 class HistoryEvent:
     """One entry of a run's append-only history, in the run's total order (``seq``).
 
-    ``kind`` is an :class:`EventKind` value (a str): run_started, step_started,
+    ``kind`` is an :class:`EventKind` value (a str): run_started, step_ready (a step
+    of a graph saga whose dependencies all completed; ``data["after"]`` names them),
+    step_started,
     step_completed, step_failed, run_compensating, compensation_started,
     compensation_completed, compensation_failed, run_completed, run_compensated,
     run_cancelled, run_failed, cancel_requested, run_retried, lease_expired,
@@ -200,6 +203,8 @@ class HistoryEvent:
             parts.append(f"retry_in={self.data['retry_in']:.2f}s")
         if self.error is not None:
             parts.append(f"error={self.error.type}: {self.error.message}")
+        if "after" in self.data:
+            parts.append("after=" + (",".join(self.data["after"]) or "start"))
         if "plan" in self.data:
             parts.append("undo=" + ",".join(self.data["plan"]) if self.data["plan"] else "undo=-")
         if self.worker:

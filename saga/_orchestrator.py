@@ -24,6 +24,7 @@ from saga._client import Client
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES
 from saga._definition import Saga
 from saga._errors import ConfigurationError
+from saga._graph_runner import GraphRunner
 from saga._hooks import NO_HOOKS, Hooks
 from saga._lease import Leases, heartbeat_interval
 from saga._lifecycle import started
@@ -125,6 +126,11 @@ class Orchestrator(Client):
             poll_interval=self.poll_interval,
             definitions=self._definitions,
             outage=self.outage,
+            graphs=[
+                (s.name, s.version, s.fingerprint)
+                for s in self._sagas.values()
+                if s.graph is not None
+            ],
         )
         runner = self._runner = Runner(
             store,
@@ -139,8 +145,10 @@ class Orchestrator(Client):
             faults=self,
         )
 
+        handler = GraphRunner(runner, leases).run
+
         async def claim(*, task_status: Any) -> None:
-            await leases.claim_loop(tg, runner.run, task_status=task_status)
+            await leases.claim_loop(tg, handler, task_status=task_status)
 
         await tg.start(self._supervised, "claim", claim)
         await tg.start(self._supervised, "heartbeat", leases.heartbeat_loop)
@@ -180,6 +188,8 @@ class Orchestrator(Client):
 
     # -- what saga.testing's faults act on -----------------------------------------------------
 
-    async def expire_lease(self, run_id: UUID) -> bool:
+    async def expire_lease(self, run_id: UUID, step: str | None = None) -> bool:
         assert self._store is not None
+        if step is not None and await self._store.expire_item_lease(run_id, step):
+            return True  # a graph run's item
         return await self._store.expire_lease(run_id)

@@ -16,6 +16,9 @@ decides nothing. The rules, in one place:
   ``compensated`` (a step failed) or ``cancelled`` (it was cancelled).
 - An attempt beyond the limit (its worker died before recording an outcome, or it was
   released twice) fails at once with ``saga.AttemptLost``.
+- Once the saga's pivot step completed, nothing before it is compensated: a failure for
+  good stops the run for an operator (``stopped``, at the step that gave up; a retry
+  runs it again). A cancel is refused from the moment the run reaches its pivot.
 - A step followed by a sleep or a wait parks the run there in the same write that
   records the step (``sleeping``, ``waiting``: unleased, due at the sleep's end or the
   wait's timeout). The claim wakes it: on to the next step, or (a wait whose timeout
@@ -330,14 +333,35 @@ def _rollback(
     just_completed: str | None,
     lease_for: LeaseFor = None,
 ) -> Transition:
-    """Start compensating the completed steps (or end at once if none needs it)."""
+    """Start compensating the completed steps (or end at once if none needs it); past
+    the pivot, stop for an operator instead."""
     completed = (*state.completed, just_completed) if just_completed else state.completed
+    if error is not None and saga.pivot is not None and saga.pivot in completed:
+        return _stop_after_pivot(saga, state, error, events, just_completed)
     plan = compensation_plan(saga, completed)
     reason = "failure" if error else "cancel"
     events.append(Event(EventKind.RUN_COMPENSATING, data={"plan": plan, "reason": reason}))
     if not plan:
         return _finish_rollback(state, error, events)
     return _compensate(plan[0], events, error, lease_for)
+
+
+def _stop_after_pivot(
+    saga: Saga[Any],
+    state: RunState,
+    error: Mapping[str, Any],
+    events: list[Event],
+    just_completed: str | None,
+) -> Transition:
+    """A failure after the pivot: stopped for an operator at the step to run again (the
+    one that failed; the next one if it completed and what followed it failed)."""
+    step = state.step
+    if just_completed is not None:
+        step = saga.steps[saga.get_step(just_completed).index + 1].name
+    events.append(Event(EventKind.RUN_STOPPED, step, data={"pivot": saga.pivot}))
+    return Transition(
+        status=RunStatus.STOPPED, step=step, attempt=0, events=tuple(events), error=error
+    )
 
 
 def _compensate(

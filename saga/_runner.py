@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -31,9 +31,10 @@ from saga._log import Outage, log_event, logger
 from saga._model import Outcome, Phase, RunStatus
 from saga._parked import sleep_length, timeout_result
 from saga._policy import Retry
-from saga._store import ClaimedItem, Store
+from saga._store import Store
 from saga._telemetry import SAGA, Telemetry
 from saga._transition import (
+    ClaimedItem,
     Failed,
     LeaseFor,
     Succeeded,
@@ -44,6 +45,9 @@ from saga._waits import Sleep, Wait
 from saga._write import COMMITTED, Writer, Written
 
 _NO_TIMEOUT = contextlib.nullcontext()
+
+#: What runs a claimed item: the linear runner's, or the graph runner's.
+Process = Callable[[ClaimedItem, Saga[Any], Lease], Awaitable[None]]
 
 # Enum members used per step, read once (an enum attribute costs a call in 3.11).
 _STEP = Phase.STEP
@@ -70,31 +74,36 @@ class Runner:
         outage: Outage,
         faults: FaultTarget,
     ) -> None:
-        self._store = store
-        self._leases = leases
+        self.store = store
+        self.leases = leases
         self._sagas = sagas
-        self._worker = worker_id
-        self._lease_seconds = lease_seconds
+        self.worker = worker_id
+        self.lease_seconds = lease_seconds
         self._max_payload = max_payload_bytes
-        self._telemetry = telemetry
+        self.telemetry = telemetry
         self._hooks = hooks
         self._outage = outage
         self._faults = faults
-        self._writer = Writer(store, worker_id, hooks, outage)
+        self.writer = Writer(store, worker_id, hooks, outage)
         self._lease_fns: dict[int, Callable[[str], float]] = {}  # per saga (by identity)
 
     def use_hooks(self, hooks: Hooks) -> None:
         """Fault injection attached to a running orchestrator (saga.testing)."""
         self._hooks = hooks
-        self._writer.hooks = hooks
+        self.writer.hooks = hooks
 
     async def run(self, item: ClaimedItem, lease: Lease) -> None:
         """Drive one claimed run until it ends, waits, or the lease is lost; whatever
         happens, free its slot (unless cancelled by shutdown: then it is released)."""
+        await self.guard(item, lease, self._process)
+
+    async def guard(self, item: ClaimedItem, lease: Lease, process: Process) -> None:
+        """Run ``process`` on a claimed item; a crash, a database outage or a bug of
+        saga's ends it (the lease runs out), and its slot is freed."""
         saga = self._sagas[(item.saga_name, item.saga_version)]
         finished = False
         try:
-            await self._process(item, saga, lease)
+            await process(item, saga, lease)
             finished = True
         except SimulatedCrash:
             # saga.testing: behave as a dead worker would: write nothing, hold the lease
@@ -121,10 +130,21 @@ class Runner:
             )
         finally:
             if finished:
-                self._leases.finished(item, lease)
+                self.leases.finished(item, lease)
 
-    async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
-        run = ActiveRun(
+    def active(self, item: ClaimedItem, saga: Saga[Any]) -> ActiveRun:
+        """The claimed item as this worker drives it; an expired lease it took over is
+        counted and logged."""
+        if item.expired_owner is not None:
+            self.telemetry.leases_expired.add(1, {SAGA: saga.name})
+            logger.warning(
+                "lease_expired",
+                run_id=str(item.run_id),
+                saga=saga.name,
+                step=item.step_name,
+                previous_worker=item.expired_owner,
+            )
+        return ActiveRun(
             id=item.run_id,
             saga=saga,
             status=item.status,
@@ -141,29 +161,23 @@ class Runner:
             trace_parent=Telemetry.parent_context(item.trace_context),
             wait=item.timed_out_wait,
         )
-        if item.expired_owner is not None:
-            self._telemetry.leases_expired.add(1, {SAGA: saga.name})
-            logger.warning(
-                "lease_expired",
-                run_id=str(item.run_id),
-                saga=saga.name,
-                step=item.step_name,
-                previous_worker=item.expired_owner,
-            )
+
+    async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
+        run = self.active(item, saga)
         # One bound logger per claimed run: binding resolves structlog's configuration.
         log = logger.bind(run_id=str(run.id), saga=saga.name)
         try:
             await self._drive(run, lease, log)
         finally:
-            self._end_attempt(run, Outcome.INTERRUPTED)  # crash, cancellation, db error
+            self.end_attempt(run, Outcome.INTERRUPTED)  # crash, cancellation, db error
 
-    def _lease_for(self, run: ActiveRun) -> LeaseFor:
+    def lease_for(self, run: ActiveRun) -> LeaseFor:
         """How the plan leases the next item to us: not while shutting down."""
-        if self._leases.stopping:
+        if self.leases.stopping:
             return None
         found = self._lease_fns.get(id(run.saga))
         if found is None:
-            lengths = {s.name: s.lease_seconds or self._lease_seconds for s in run.saga.steps}
+            lengths = {s.name: s.lease_seconds or self.lease_seconds for s in run.saga.steps}
             found = self._lease_fns[id(run.saga)] = lengths.__getitem__
         return found
 
@@ -171,25 +185,22 @@ class Runner:
         while True:
             change, completed_result = await self._attempt(run, lease, log)
             if change is None:
-                self._end_attempt(run, Outcome.LEASE_LOST)
+                self.end_attempt(run, Outcome.LEASE_LOST)
                 return  # lease lost while the step ran; another worker owns the run now
-            written = await self._writer.write(run.id, lease, change, run.ctx, log)
+            written = await self.writer.write(run.id, lease, change, run.ctx, log)
             if written is None and change.unless_cancelled:
                 change, written = await self._cancel_instead(run, lease, change, log)
             if written is None:
-                lease.mark_lost()
-                self._telemetry.writes_refused.add(1, {SAGA: run.saga.name})
-                self._end_attempt(run, Outcome.REFUSED)
-                log.warning("stale_write_refused", step=run.step, attempt=run.attempt)
+                self.refused(run, lease, log)
                 return
             self._recorded(run, change, written, log)
             if written is COMMITTED:
                 return  # committed, but the run has moved on since: nothing more for us
             if not change.leased:
                 if written.signalled:  # the wait just entered had its signal already
-                    self._leases.wake()
+                    self.leases.wake()
                 elif change.due_in is not None and 0 < change.due_in < math.inf:
-                    self._leases.wake_later(change.due_in)
+                    self.leases.wake_later(change.due_in)
                 return
             # The transition leased the run's next item to us: go on in this task.
             assert change.step is not None
@@ -202,25 +213,32 @@ class Runner:
             run.status, run.step, run.attempt = change.status, change.step, change.attempt
             run.cancel_requested = written.cancel_requested
 
+    def refused(self, run: ActiveRun, lease: Lease, log: Any) -> None:
+        """The attempt's write was refused by its fence: another worker holds the item."""
+        lease.mark_lost()
+        self.telemetry.writes_refused.add(1, {SAGA: run.saga.name})
+        self.end_attempt(run, Outcome.REFUSED)
+        log.warning("stale_write_refused", step=run.step, attempt=run.attempt)
+
     async def _cancel_instead(
         self, run: ActiveRun, lease: Lease, change: Transition, log: Any
     ) -> tuple[Transition, Written]:
         """A completion was refused: if for a cancel accepted while the last step ran,
         the rollback is written instead (else the lease was lost: nothing written)."""
-        if not await self._writer.cancelled_meanwhile(run.id, lease):
+        if not await self.writer.cancelled_meanwhile(run.id, lease):
             return change, None
         run.cancel_requested = True
-        lease_for = self._lease_for(run)
+        lease_for = self.lease_for(run)
         change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
-        return change, await self._writer.write(run.id, lease, change, run.ctx, log)
+        return change, await self.writer.write(run.id, lease, change, run.ctx, log)
 
     def _recorded(self, run: ActiveRun, change: Transition, written: Written, log: Any) -> None:
         """The attempt's outcome is in the database: close its span, count, log."""
         terminal = change.terminal
-        self._end_attempt(run, run.outcome, change.status if terminal else None)
+        self.end_attempt(run, run.outcome, change.status if terminal else None)
         if terminal:
             age = None if written is COMMITTED or written is None else written.age
-            self._telemetry.run_ended(run.saga.name, change.status, age)
+            self.telemetry.run_ended(run.saga.name, change.status, age)
         for event in change.events:
             log_event(log, str(event.kind), event.step, event.attempt, event.data)
 
@@ -229,7 +247,7 @@ class Runner:
     ) -> tuple[Transition | None, Any]:
         """Run the current item; return the transition to record (None: lease lost)."""
         run.ctx = None
-        lease_for = self._lease_for(run)
+        lease_for = self.lease_for(run)
         state = run.state()
         skip = _plan.cancelled_before_start(run.saga, state, lease_for)
         if skip is not None:
@@ -238,12 +256,12 @@ class Runner:
             assert run.wait is not None
             wait = run.saga.get_wait(run.wait)
             assert wait is not None
-            ctx = self._context(run, wait.name, _STEP)
-            with lease.attempt_scope(self._lease_seconds):
+            ctx = self.context(run, wait.name, _STEP)
+            with lease.attempt_scope(self.lease_seconds):
                 outcome, result = await timeout_result(wait, ctx, partial(self._encode, run))
             return _plan.after_attempt(run.saga, state, outcome, lease_for), result
         step = run.saga.get_step(run.step)
-        self._open_attempt(run)
+        self.open_attempt(run)
         skip = _plan.attempts_exhausted(run.saga, state, lease_for)
         if skip is not None:
             run.outcome, run.error_type = _FAILURE, "saga.AttemptLost"
@@ -251,15 +269,15 @@ class Runner:
         if lease.lost:
             return None, None
         phase = run.phase
-        ctx = self._context(run, step.name, phase)
+        ctx = self.context(run, step.name, phase)
         run.ctx = ctx
-        outcome, result = await self._call(run, step, ctx, lease, _plan.policy(run.saga, state))
+        outcome, result = await self.call_user(run, step, ctx, lease, _plan.policy(run.saga, state))
         if lease.scope.cancel_called:
             lease.mark_lost()
             log.warning(f"{run.phase}_cancelled_lease_lost")
             return None, None
         if isinstance(outcome, Succeeded):
-            outcome, result = await self._checkpoint(run, step, ctx, outcome, result)
+            outcome, result = await self.checkpoint(run, step, ctx, outcome, result)
         if isinstance(outcome, Failed):
             run.outcome, run.error_type = _FAILURE, str(outcome.error["type"])
         if lease.cancel_requested and not run.cancel_requested:
@@ -270,7 +288,7 @@ class Runner:
             run.outcome = _RETRY
         return change, result
 
-    async def _checkpoint(
+    async def checkpoint(
         self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], done: Succeeded, result: Any
     ) -> tuple[Succeeded | Failed, Any]:
         """A step or compensation returned: the hooks' checkpoint, then (a step) its
@@ -284,7 +302,7 @@ class Runner:
             outcome = await sleep_length(after, ctx, run.results, step.name, result, outcome)
         return outcome, result
 
-    async def _call(
+    async def call_user(
         self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], lease: Lease, retry: Retry
     ) -> tuple[Succeeded | Failed, Any]:
         """Call the user's function; whatever it raises is this attempt's failure
@@ -293,7 +311,7 @@ class Runner:
         compensation = run.phase is _COMPENSATION
         comp = step.compensation
         timeout = comp.timeout if compensation and comp else step.timeout
-        seconds = step.lease_seconds or self._lease_seconds
+        seconds = step.lease_seconds or self.lease_seconds
         assert run.span is not None
         with lease.attempt_scope(seconds), trace.use_span(run.span, end_on_exit=False):
             try:
@@ -326,7 +344,7 @@ class Runner:
             return Failed(error_record(exc, step.name), retryable=False), None
         return Succeeded(text), decoded
 
-    def _context(self, run: ActiveRun, name: str, phase: Phase) -> Context[Any]:
+    def context(self, run: ActiveRun, name: str, phase: Phase) -> Context[Any]:
         return Context(
             run_id=run.id,
             saga=run.saga.name,
@@ -339,10 +357,10 @@ class Runner:
             _definition=run.saga,
         )
 
-    def _open_attempt(self, run: ActiveRun) -> None:
+    def open_attempt(self, run: ActiveRun) -> None:
         run.outcome, run.error_type = _SUCCESS, None
         run.started = time.perf_counter()
-        run.span = self._telemetry.attempt_span(
+        run.span = self.telemetry.attempt_span(
             run.trace_parent,
             saga=run.saga.name,
             version=run.saga.version,
@@ -350,16 +368,16 @@ class Runner:
             step=run.step,
             attempt=run.attempt,
             kind=str(run.phase),
-            worker=self._worker,
+            worker=self.worker,
         )
 
-    def _end_attempt(
+    def end_attempt(
         self, run: ActiveRun, outcome: Outcome, run_status: RunStatus | None = None
     ) -> None:
         span, run.span = run.span, None
         if span is None:
             return
-        self._telemetry.end_attempt(
+        self.telemetry.end_attempt(
             span,
             kind=str(run.phase),
             saga=run.saga.name,

@@ -21,7 +21,8 @@ import asyncpg
 from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
-from saga._model import HistoryEvent, RunInfo, RunStatus
+from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
+from saga._store_graph import GraphQueries, _json_or_none, claimed_item
 from saga._store_ops import (
     DefinitionKey,
     OperatorQueries,
@@ -31,7 +32,7 @@ from saga._store_ops import (
     run_info,
 )
 from saga._store_signals import SignalQueries
-from saga._transition import Transition
+from saga._transition import ClaimedItem, Transition
 
 _WAITING = RunStatus.WAITING
 
@@ -44,6 +45,7 @@ class RunRow:
     output: str | None  # the last step's result, JSON text (completed runs)
     lease_token: int
     fingerprint: str | None
+    pivot: str | None = None  # the definition's pivot step
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,26 +56,6 @@ class StartResult:
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimedItem:
-    run_id: UUID
-    saga_name: str
-    saga_version: int
-    status: RunStatus
-    step_name: str
-    attempt: int
-    lease_token: int
-    input: str
-    results: dict[str, str]  # completed step -> result JSON text
-    completed_steps: tuple[str, ...]
-    cancel_requested: bool
-    has_error: bool
-    trace_context: str | None
-    age: float  # seconds since the run was created, by the database clock
-    expired_owner: str | None
-    timed_out_wait: str | None = None  # status waiting: this wait's timeout passed
-
-
-@dataclass(frozen=True, slots=True)
 class TransitionResult:
     lease_token: int
     cancel_requested: bool
@@ -81,7 +63,7 @@ class TransitionResult:
     signalled: bool = False  # the wait just entered already has its signal: due now
 
 
-class Store(OperatorQueries, SignalQueries):
+class Store(OperatorQueries, SignalQueries, GraphQueries):
     """Database operations on one schema through an asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:
@@ -106,10 +88,14 @@ class Store(OperatorQueries, SignalQueries):
         notify: bool,
         fingerprint: str,
         conn: Executor | None = None,
+        *,
+        roots: list[str] | None = None,
+        pivot: str | None = None,
     ) -> StartResult:
         """Insert a run (on ``conn``, in its transaction, if given); a key that already
         exists returns that run, with its input so the caller can tell a replay from a
-        conflict."""
+        conflict. ``roots``: a graph run's first steps (None: a linear run); ``pivot``:
+        the definition's pivot step."""
         db = conn or self.pool
         async with translate_errors("starting a run"):
             for _ in range(5):
@@ -125,6 +111,8 @@ class Store(OperatorQueries, SignalQueries):
                     trace_context,
                     notify,
                     fingerprint,
+                    roots,
+                    pivot,
                 )
                 if row is not None:
                     return StartResult(row["id"], True, None)
@@ -156,27 +144,7 @@ class Store(OperatorQueries, SignalQueries):
                 *definition_args(definitions),
                 *self._claim_table,
             )
-        return [
-            ClaimedItem(
-                run_id=r["id"],
-                saga_name=r["saga_name"],
-                saga_version=r["saga_version"],
-                status=RunStatus(r["status"]),
-                step_name=r["step_name"],
-                attempt=r["attempt"],
-                lease_token=r["lease_token"],
-                input=r["input"],
-                results=json.loads(r["results"]),
-                completed_steps=tuple(r["completed_steps"]),
-                cancel_requested=r["cancel_requested"],
-                has_error=r["has_error"],
-                trace_context=r["trace_context"],
-                age=r["age"],
-                expired_owner=r["prev_owner"],
-                timed_out_wait=r["timed_out_wait"],
-            )
-            for r in rows
-        ]
+        return [claimed_item(r) for r in rows]
 
     async def transition(
         self, worker: str, run_id: UUID, lease_token: int, change: Transition
@@ -306,6 +274,7 @@ class Store(OperatorQueries, SignalQueries):
             output=r["output"],
             lease_token=r["lease_token"],
             fingerprint=r["fingerprint"],
+            pivot=r["pivot"],
         )
 
     async def get_events(self, run_id: UUID) -> list[HistoryEvent]:
@@ -347,10 +316,17 @@ class Store(OperatorQueries, SignalQueries):
             )
         return row is not None
 
-    async def retry_run(self, run_id: UUID, stopped: RunStatus, resumed: RunStatus) -> bool:
+    async def retry_run(
+        self, run_id: UUID, stopped: RunStatus, resumed: RunStatus, phase: Phase
+    ) -> bool:
         async with translate_errors("retrying a run"):
             row = await self.pool.fetchrow(
-                self._q["retry_run"], run_id, self.work_channel, str(stopped), str(resumed)
+                self._q["retry_run"],
+                run_id,
+                self.work_channel,
+                str(stopped),
+                str(resumed),
+                str(phase),
             )
         return row is not None
 
@@ -369,7 +345,3 @@ class Store(OperatorQueries, SignalQueries):
             (r["saga_name"], r["saga_version"], fingerprint_or_none(r["fingerprint"])): r["runs"]
             for r in rows
         }
-
-
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(dict(value), separators=(",", ":"))

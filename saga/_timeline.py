@@ -36,6 +36,9 @@ class StepAttempt:
     outcome: str
     error: ErrorInfo | None = None
     retry_in: float | None = None
+    #: A graph run's step: the steps it waited on (``()``: none, it ran at the start);
+    #: None for compensations and the steps of linear runs.
+    after: tuple[str, ...] | None = None
 
     @property
     def duration(self) -> float | None:
@@ -66,6 +69,7 @@ class _Assembler:
         self.attempts: list[StepAttempt] = []
         self._open: dict[Key, int] = {}  # -> index in attempts
         self._compensating = False
+        self._after: dict[str, tuple[str, ...]] = {}  # graph steps: what they waited on
 
     def feed(self, event: HistoryEvent) -> None:
         kind, step, attempt = event.kind, event.step, event.attempt or 0
@@ -73,6 +77,8 @@ class _Assembler:
             self._compensating = True
         elif step is None:
             return
+        elif kind == EventKind.STEP_READY:
+            self._after[step] = tuple(event.data.get("after") or ())
         elif kind in _STARTED:
             self._start(event, (kind == EventKind.COMPENSATION_STARTED, step, attempt))
         elif kind in _COMPLETED:
@@ -106,6 +112,7 @@ class _Assembler:
                 started_at=event.at,
                 ended_at=None,
                 outcome="running",
+                after=None if key[0] else self._after.get(key[1]),
             )
         )
 
@@ -128,4 +135,5 @@ class _Assembler:
             outcome=outcome,
             error=event.error,
             retry_in=retry_in,
+            after=begun.after,
         )

@@ -87,6 +87,31 @@ class Failed:
     retryable: bool = field(default=True)
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedItem:
+    """A leased item with what running it needs (payloads as stored JSON text)."""
+
+    run_id: UUID
+    saga_name: str
+    saga_version: int
+    status: RunStatus
+    step_name: str
+    attempt: int
+    lease_token: int
+    input: str
+    results: dict[str, str]  # completed step -> result JSON text
+    completed_steps: tuple[str, ...]
+    cancel_requested: bool
+    has_error: bool
+    trace_context: str | None
+    age: float  # seconds since the run was created, by the database clock
+    expired_owner: str | None
+    timed_out_wait: str | None = None  # status waiting: this wait's timeout passed
+    # A graph run's item: its phase (None: a linear run's one item, in the run row).
+    phase: Phase | None = None
+    dropping: bool = False  # a forward item of a graph run rolling back: not started
+
+
 def idempotency_key(run_id: UUID, step: str, phase: Phase) -> str:
     """``<run id>:step:<name>`` or ``<run id>:compensation:<name>``: the run id has a
     fixed length and the phase a fixed place, so no two operations share a key whatever

@@ -8,19 +8,24 @@ refused the history is read to tell "it committed" from "the lease was lost".
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import anyio
 
 from saga._definition import Context
 from saga._errors import DatabaseError
+from saga._graph_plan import GraphChange, GraphRun
 from saga._hooks import Hooks
 from saga._lease import Lease
 from saga._log import Outage
 from saga._store import Store, TransitionResult
-from saga._transition import Transition
+from saga._store_graph import GraphWritten, ItemKey
+from saga._transition import Event, Transition
+
+T = TypeVar("T")
 
 
 class _Committed(enum.Enum):
@@ -48,9 +53,41 @@ class Writer:
     ) -> Written:
         """Apply ``change``: its result, ``COMMITTED`` (an uncertain write that committed,
         the run moved on since), or None (refused: lease lost, or cancelled meanwhile)."""
-        uncertain = False
         # A partial, not a closure: one coroutine frame less on every step's write.
         attempt = partial(self._store.transition, self._worker, run_id, lease.token, change)
+        written, uncertain = await self._through_errors(attempt, ctx)
+        if written is None and uncertain:
+            return await self._resolve(run_id, change, log)
+        return written
+
+    async def write_graph(
+        self,
+        key: ItemKey,
+        lease: Lease,
+        decide: Callable[[GraphRun], GraphChange],
+        first: Event | None,
+        ctx: Context[Any] | None,
+        log: Any,
+    ) -> tuple[GraphChange, GraphWritten] | _Committed | None:
+        """Apply a graph item's outcome (``decide`` runs under the run's lock):
+        ``COMMITTED`` when an uncertain write turned out committed (``first`` is the
+        event it begins with; None: it has none of its own, taken as not committed)."""
+        attempt = partial(self._store.graph_write, self._worker, key, lease.token, decide)
+        written, uncertain = await self._through_errors(attempt, ctx)
+        if written is not None or not uncertain or first is None:
+            return written
+        committed = await self._store.has_event(
+            key[0], str(first.kind), first.step, first.attempt, self._worker
+        )
+        log.info("ambiguous_commit_resolved", committed=committed)
+        return COMMITTED if committed else None
+
+    async def _through_errors(
+        self, attempt: Callable[[], Awaitable[T]], ctx: Context[Any] | None
+    ) -> tuple[T | None, bool]:
+        """Run ``attempt`` (a fenced write: replaying it is safe) until it gets an
+        answer; True with it when an earlier try may have committed unseen."""
+        uncertain = False
         for delay in (*_RETRY_DELAYS, None):
             try:
                 written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
@@ -62,10 +99,8 @@ class Writer:
                 await anyio.sleep(delay)
                 continue
             self._outage.back()
-            if written is None and uncertain:
-                return await self._resolve(run_id, change, log)
-            return written
-        return None  # pragma: no cover - the loop returns or raises
+            return written, uncertain
+        return None, uncertain  # pragma: no cover - the loop returns or raises
 
     async def _resolve(self, run_id: UUID, change: Transition, log: Any) -> Written:
         """After an uncertain write was refused on replay: did the first one commit?

@@ -176,7 +176,7 @@ class Faults(Hooks):
 
     async def before_call(self, ctx: Context[Any], target: FaultTarget) -> None:
         if self._match("expire_lease", ctx) is not None:
-            await target.expire_lease(ctx.run_id)
+            await target.expire_lease(ctx.run_id, ctx.step)
             target.wake()
         rule = self._match("fail_compensation", ctx)
         if rule is not None:

@@ -188,8 +188,10 @@ def small_saga(
     undo_retry: saga.Retry | Mapping[str, saga.Retry] | None = FAST,
     timeout: float | Mapping[str, float] | None = None,
     lease_seconds: float | Mapping[str, float] | None = None,
+    after: Mapping[str, Sequence[str]] | None = None,
 ) -> saga.Saga[Any]:
-    """A saga of ``steps`` (a count: ``s1``, ``s2``, ...; or names), in order.
+    """A saga of ``steps`` (a count: ``s1``, ``s2``, ...; or names), in order, or (a
+    step named in ``after``) after the steps named there: a graph saga.
 
     Each step records its call in ``ledger``, passes ``gate``, sleeps ``delay`` seconds,
     raises per ``fail[step]``, then returns ``result(ctx)`` (by default the step's name);
@@ -227,6 +229,7 @@ def small_saga(
             retry=_for(step_name, retry, None),
             timeout=_for(step_name, timeout, None),
             lease_seconds=_for(step_name, lease_seconds, None),
+            after=None if after is None else after.get(step_name),
         )(forward)
         if compensate is True or (compensate and step_name in compensate):
 

@@ -12,8 +12,9 @@ import pytest
 from pydantic import BaseModel
 
 import saga
-from saga._model import EventKind, RunStatus
+from saga._model import EventKind, Phase, RunStatus
 from saga.testing import Faults, advance
+from tests._sagas import small_saga
 from tests.conftest import OrchestratorFactory
 
 FAST = saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.02)
@@ -36,11 +37,11 @@ async def test_an_unknown_event_kind_fails_the_write(db: asyncpg.Connection) -> 
 
 
 def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
-    """Every quoted lower_snake word in queries.sql that names a kind or a status is one
-    of the enums' values: no query invents a kind or a status of its own."""
+    """Every quoted lower_snake word in queries.sql that names a kind, a status or a
+    phase is one of the enums' values: no query invents one of its own."""
     text = (resources.files("saga") / "sql" / "queries.sql").read_text("utf-8")
     words = set(re.findall(r"'([a-z]+(?:_[a-z]+)*)'", text))
-    known = {str(k) for k in EventKind} | {str(s) for s in RunStatus}
+    known = {str(k) for k in EventKind} | {str(s) for s in RunStatus} | {str(p) for p in Phase}
     # Literals that are neither: the fingerprint placeholder, jsonb keys, and so on.
     other = {"saga", "version", "key", "fingerprint", "counted", "kind", "step", "attempt"}
     other |= {"worker", "data", "unless_cancelled", "infinity", "signal", "reason"}
@@ -99,21 +100,23 @@ def _parking_saga() -> tuple[saga.Saga[Job], saga.Wait[Go]]:
 async def test_every_kind_is_written_by_some_run(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
-    """Runs that complete after a retry, fail and compensate, fail a compensation and are
-    retried by an operator, get cancelled, have a lease expire, sleep, get a signal
-    before their wait, get one after they ended, time out at a wait and stop, and are
-    given back at shutdown write every EventKind between them (and, through the guard,
-    nothing else)."""
+    """Runs that complete after a retry (and a graph's), fail and compensate, fail a
+    compensation and are retried by an operator, get cancelled, have a lease expire,
+    sleep, get a signal before their wait, get one after they ended, time out at a wait
+    and stop, and are given back at shutdown write every EventKind between them (and,
+    through the guard, nothing else)."""
     undo_fails = [False, True]  # the first compensation of run 1 fails, the retry works
     s = _every_kind_saga(undo_fails)
     waits, go = _parking_saga()
+    graph = small_saga("graph", ["a", "b"], after={"b": []}, input=Job)  # step_ready
     faults = Faults()
     faults.expire_lease("first", times=1)
-    orch = await orchestrator(s, waits, lease_seconds=0.6)
+    orch = await orchestrator(s, waits, graph, lease_seconds=0.6)
     faults.attach(orch)
     with anyio.fail_after(20):
         assert await (await orch.start(s, Job(n=4))).result() == 2
         assert faults.fired["expire_lease"] == 1
+        await (await orch.start(graph, Job(n=0))).result()
         assert await (await orch.start(s, Job(n=0))).result() == 2
         failed = await orch.start(s, Job(n=1))
         with pytest.raises(saga.RunFailedError):

@@ -52,20 +52,35 @@ SELECT max(version) FROM __schema__.migrations;
 -- $5 input JSON text, $6 first step name, $7 work notification channel, $8 trace
 -- context JSON (W3C carrier of the starting span) or NULL, $9 whether to NOTIFY the
 -- workers (the caller coalesces: NOTIFY serializes commits cluster-wide), $10 the
--- definition's fingerprint
+-- definition's fingerprint, $11 a graph saga's first steps (its items; the run row is
+-- never claimed itself, due 'infinity') or NULL for a linear saga, $12 the definition's
+-- pivot step or NULL
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
-         trace_context, fingerprint)
-    VALUES ($1, $2, $3, $4, $5, $6, now(), $8::jsonb, $10)
+         trace_context, fingerprint, graph, status, pivot)
+    VALUES ($1, $2, $3, $4, $5, $6,
+            CASE WHEN $11::text[] IS NULL THEN now() ELSE 'infinity'::timestamptz END,
+            $8::jsonb, $10,
+            $11::text[] IS NOT NULL,
+            CASE WHEN $11::text[] IS NULL THEN 'pending' ELSE 'running' END, $12)
     ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), ev AS (
-    INSERT INTO __schema__.events (run_id, kind, data)
-    SELECT id, 'run_started',
-           jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text,
-                              'fingerprint', $10::text)
-    FROM ins
+    INSERT INTO __schema__.events (run_id, kind, step, data)
+    SELECT id, kind, step, data FROM (
+        SELECT id, 0 AS ord, 'run_started' AS kind, NULL AS step,
+               jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text,
+                                  'fingerprint', $10::text) AS data
+        FROM ins
+        UNION ALL
+        SELECT id, r.ord, 'step_ready', r.step, '{"after": []}'::jsonb
+        FROM ins, unnest($11::text[]) WITH ORDINALITY AS r(step, ord)
+    ) e
+    ORDER BY ord
+), roots AS (
+    INSERT INTO __schema__.items (run_id, step, phase)
+    SELECT id, step, 'step' FROM ins, unnest($11::text[]) AS step
 )
 SELECT id, CASE WHEN $9 THEN pg_notify($7, $2)::text END AS notified FROM ins;
 
@@ -274,7 +289,8 @@ SELECT id, pg_notify($4, saga_name)::text AS notified FROM upd;
 SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        completed_steps, output, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-       lease_token, created_at, updated_at, finished_at, fingerprint, wait_name, due_at
+       lease_token, created_at, updated_at, finished_at, fingerprint, wait_name, due_at,
+       pivot
 FROM __schema__.runs WHERE id = $1;
 
 -- name: watch_run
@@ -308,8 +324,12 @@ FROM __schema__.events WHERE run_id = $1 ORDER BY id;
 -- name: request_cancel
 -- Mark an active run (or one stopped at a wait) for cancellation and make it claimable
 -- now if no worker holds it: a sleeping or waiting run does not wait for its timer. The
--- worker that claims it rolls back what completed. No row: not in a cancellable status
--- or already cancelling.
+-- worker that claims it rolls back what completed. A graph run's forward items that no
+-- worker holds are due now instead (the run row is locked first, then they): the worker
+-- that claims one starts the rollback, and the items running see the cancel when they
+-- write. A run that reached its pivot step (it is the current step, an item, or
+-- completed) only goes forward: no row. No row either: not in a cancellable status, or
+-- already cancelling.
 -- $1 run id, $2 work notification channel, $3 the cancellable statuses
 WITH upd AS (
     UPDATE __schema__.runs SET
@@ -317,11 +337,18 @@ WITH upd AS (
         status = CASE WHEN status = 'stopped' THEN 'waiting' ELSE status END,
         -- A stopped run's error was its wait's timeout: the rollback is the cancel's.
         error = CASE WHEN status = 'stopped' THEN NULL ELSE error END,
-        due_at = CASE WHEN lease_owner IS NULL THEN now() ELSE due_at END,
+        due_at = CASE WHEN graph OR lease_owner IS NOT NULL THEN due_at ELSE now() END,
         finished_at = NULL,
         updated_at = now()
     WHERE id = $1 AND status = ANY($3::text[]) AND NOT cancel_requested
+      AND NOT (pivot IS NOT NULL
+               AND (pivot = ANY(completed_steps) OR (step_name = pivot AND NOT graph)
+                    OR EXISTS (SELECT 1 FROM __schema__.items i
+                               WHERE i.run_id = $1 AND i.step = pivot)))
     RETURNING id, saga_name
+), items AS (
+    UPDATE __schema__.items i SET due_at = now()
+    FROM upd WHERE i.run_id = upd.id AND i.lease_owner IS NULL AND i.phase = 'step'
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind) SELECT id, 'cancel_requested' FROM upd
 ), revived AS (
@@ -331,15 +358,31 @@ WITH upd AS (
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
 -- name: retry_run
--- Resume a run stopped for an operator at its current item, attempts reset.
+-- Resume a run stopped for an operator at its current item, attempts reset: a failed
+-- run at the compensation that gave up, a run stopped after its pivot at the step that
+-- gave up (its error goes: the run goes on). A graph run's item is a row of items again.
+-- Not a run stopped at a wait (wait_name set: see rewait_run).
 -- $1 run id, $2 work notification channel, $3 the status it must be in, $4 the status
--- it resumes in
-WITH upd AS (
-    UPDATE __schema__.runs SET
-        status = $4, attempt = 0, due_at = now(), lease_owner = NULL,
+-- it resumes in, $5 the phase it resumes ('step': after a pivot; 'compensation')
+WITH old AS (
+    SELECT id, graph,
+           CASE WHEN $5 = 'step' THEN coalesce(error->>'step', step_name)
+                ELSE coalesce(compensation_error->>'step', step_name) END AS failed_step
+    FROM __schema__.runs WHERE id = $1 AND status = $3 AND wait_name IS NULL
+    FOR UPDATE
+), upd AS (
+    UPDATE __schema__.runs r SET
+        status = $4, attempt = 0, lease_owner = NULL,
+        due_at = CASE WHEN old.graph THEN 'infinity'::timestamptz ELSE now() END,
+        error = CASE WHEN $5 = 'step' THEN NULL ELSE r.error END,
         compensation_error = NULL, finished_at = NULL, updated_at = now()
-    WHERE id = $1 AND status = $3
-    RETURNING id, saga_name, step_name
+    FROM old WHERE r.id = old.id
+    RETURNING r.id, r.saga_name, r.step_name
+), item AS (
+    INSERT INTO __schema__.items (run_id, step, phase)
+    SELECT old.id, old.failed_step, $5 FROM old JOIN upd ON upd.id = old.id
+    WHERE old.graph
+    ON CONFLICT DO NOTHING
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step)
     SELECT id, 'run_retried', step_name FROM upd
@@ -670,3 +713,218 @@ SELECT id, saga_version FROM __schema__.runs WHERE saga_name = $1 AND idempotenc
 -- Which definition a run belongs to (to validate a signal's payload against it).
 -- $1 run id
 SELECT saga_name, saga_version FROM __schema__.runs WHERE id = $1;
+
+-- name: claim_items
+-- Lease up to $2 due items of graph runs (due, or whose lease expired) of registered
+-- sagas in one statement: each gets a new fencing token and attempt, and the history
+-- records the start (and any expired lease). A forward item of a run rolling back (or
+-- being cancelled) is leased but not started: its worker drops it. Returns each item
+-- with its run's state (read without locking the run: its results only grow, and an
+-- item exists only once the results it reads committed).
+-- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions, $6
+-- fingerprints (the three pairwise)
+WITH candidates AS (
+    SELECT i.run_id, i.step, i.phase, i.lease_owner AS prev_owner
+    FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
+    WHERE i.due_at <= now()
+      AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+          IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
+    ORDER BY i.due_at
+    LIMIT $2
+    FOR UPDATE OF i SKIP LOCKED
+), claimed AS (
+    UPDATE __schema__.items i SET
+        lease_owner = $1,
+        lease_token = nextval('__schema__.item_tokens'),
+        attempt = i.attempt + 1,
+        due_at = now() + make_interval(secs => $3)
+    FROM candidates c
+    WHERE i.run_id = c.run_id AND i.step = c.step AND i.phase = c.phase
+    RETURNING i.run_id, i.step, i.phase, i.attempt, i.lease_token, c.prev_owner
+), state AS (
+    SELECT c.*, r.saga_name, r.saga_version, r.status, r.input,
+           r.results::text AS results, r.completed_steps, r.cancel_requested,
+           r.error IS NOT NULL AS has_error, r.trace_context::text AS trace_context,
+           extract(epoch FROM now() - r.created_at)::float8 AS age,
+           c.phase = 'step' AND (r.status = 'compensating' OR r.cancel_requested) AS dropping
+    FROM claimed c JOIN __schema__.runs r ON r.id = c.run_id
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
+    SELECT run_id, kind, step, attempt, worker FROM (
+        SELECT run_id, 1 AS ord, 'lease_expired' AS kind, step, attempt - 1 AS attempt,
+               prev_owner AS worker
+        FROM state WHERE prev_owner IS NOT NULL
+        UNION ALL
+        SELECT run_id, 2,
+               CASE WHEN phase = 'step' THEN 'step_started' ELSE 'compensation_started' END,
+               step, attempt, $1
+        FROM state WHERE NOT dropping
+    ) e
+    ORDER BY run_id, ord
+)
+SELECT run_id AS id, step AS step_name, phase, attempt, lease_token, prev_owner, saga_name,
+       saga_version, status, input, results, completed_steps, cancel_requested, has_error,
+       trace_context, age, dropping
+FROM state;
+
+-- name: graph_lock
+-- The first statement of an item's write: lock the graph run's row (every writer that
+-- decides what comes next takes it first, so two branches ending at once are decided
+-- one after the other) and read it. The items are read by the next statement, whose
+-- snapshot is taken once the lock is held: this one's predates the wait for the lock.
+-- $1 run id
+SELECT status, completed_steps, compensated_steps, results::text AS results,
+       cancel_requested, error IS NOT NULL AS has_error,
+       compensation_error IS NOT NULL AS compensation_failed
+FROM __schema__.runs WHERE id = $1 AND graph
+FOR UPDATE;
+
+-- name: graph_items
+-- The items of a graph run (read under its row lock: see graph_lock).
+-- $1 run id
+SELECT step, phase, lease_owner IS NOT NULL AS leased
+FROM __schema__.items WHERE run_id = $1
+ORDER BY step, phase;
+
+-- name: graph_write
+-- The last statement of an item's write (after graph_lock, same transaction): fenced
+-- by the item's lease token and owner, delete the item (or keep it for a retry), apply
+-- the plan's change to the run, drop and create items, append the events, mark the end
+-- for result waiters, and wake the workers for new items not leased here. held = 0: the
+-- lease was lost (the caller rolls back).
+-- $1 run id, $2 step, $3 phase, $4 lease token held, $5 worker, $6 new status, $7
+-- completed step or NULL, $8 its result JSON, $9 compensated step or NULL, $10 output
+-- JSON or NULL, $11 error JSON or NULL (keeps the old), $12 compensation error JSON or
+-- NULL (keeps the old), $13 retry in seconds (the item stays) or NULL, $14/$15 dropped
+-- items' steps and phases, $16/$17/$18 new items' steps, phases and lease seconds
+-- (NULL: due now, unleased), $19 events JSON array, $20 done channel, $21 work channel
+WITH fenced AS (
+    DELETE FROM __schema__.items
+    WHERE run_id = $1 AND step = $2 AND phase = $3 AND lease_token = $4
+      AND lease_owner = $5 AND $13::float8 IS NULL
+    RETURNING 1
+), kept AS (
+    UPDATE __schema__.items SET
+        lease_owner = NULL, released = false,
+        due_at = now() + make_interval(secs => $13::float8)
+    WHERE run_id = $1 AND step = $2 AND phase = $3 AND lease_token = $4
+      AND lease_owner = $5 AND $13::float8 IS NOT NULL
+    RETURNING 1
+), held AS (
+    SELECT count(*) AS n FROM (SELECT 1 FROM fenced UNION ALL SELECT 1 FROM kept) h
+), upd AS (
+    UPDATE __schema__.runs SET
+        status = $6,
+        step_name = $2,
+        results = CASE WHEN $7::text IS NULL THEN results
+                       ELSE results || jsonb_build_object($7::text, to_jsonb($8::text)) END,
+        completed_steps = CASE WHEN $7::text IS NULL THEN completed_steps
+                               ELSE array_append(completed_steps, $7::text) END,
+        compensated_steps = CASE WHEN $9::text IS NULL THEN compensated_steps
+                                 ELSE array_append(compensated_steps, $9::text) END,
+        output = coalesce($10::text, output),
+        error = coalesce($11::jsonb, error),
+        compensation_error = coalesce($12::jsonb, compensation_error),
+        due_at = CASE WHEN $6 IN ('completed', 'compensated', 'failed', 'cancelled', 'stopped')
+                      THEN NULL ELSE 'infinity'::timestamptz END,
+        finished_at = CASE WHEN $6 IN ('completed', 'compensated', 'failed', 'cancelled',
+                                       'stopped') THEN now() END,
+        updated_at = now()
+    WHERE id = $1 AND (SELECT n FROM held) = 1
+    RETURNING id, saga_name, due_at IS NULL AS finished,
+              extract(epoch FROM now() - created_at)::float8 AS age
+), dropped AS (
+    DELETE FROM __schema__.items i
+    USING unnest($14::text[], $15::text[]) AS d(step, phase), upd
+    WHERE i.run_id = upd.id AND i.step = d.step AND i.phase = d.phase
+), created AS (
+    INSERT INTO __schema__.items (run_id, step, phase, attempt, due_at, lease_owner,
+                                  lease_token)
+    SELECT upd.id, n.step, n.phase, CASE WHEN n.secs IS NULL THEN 0 ELSE 1 END,
+           CASE WHEN n.secs IS NULL THEN now() ELSE now() + make_interval(secs => n.secs) END,
+           CASE WHEN n.secs IS NOT NULL THEN $5 END, nextval('__schema__.item_tokens')
+    FROM upd, unnest($16::text[], $17::text[], $18::float8[]) WITH ORDINALITY
+              AS n(step, phase, secs, ord)
+    ORDER BY n.ord
+    RETURNING step, phase, lease_token, lease_owner IS NOT NULL AS leased
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
+    SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
+           e.ev->>'worker', e.ev->'data'
+    FROM upd, jsonb_array_elements($19::jsonb) WITH ORDINALITY AS e(ev, ord)
+    ORDER BY e.ord
+), watch AS (
+    INSERT INTO __schema__.watches AS w (run_id, watched, ended)
+    SELECT id, false, true FROM upd WHERE finished
+    ON CONFLICT (run_id) DO UPDATE SET ended = true
+    RETURNING w.watched
+)
+SELECT (SELECT n FROM held) AS held, (SELECT age FROM upd) AS age,
+       ARRAY(SELECT step FROM created WHERE leased) AS leased_steps,
+       ARRAY(SELECT phase FROM created WHERE leased) AS leased_phases,
+       ARRAY(SELECT lease_token FROM created WHERE leased) AS leased_tokens,
+       CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
+            THEN pg_notify($20, $1::text)::text END AS notified_done,
+       CASE WHEN EXISTS (SELECT 1 FROM created WHERE NOT leased)
+            THEN (SELECT pg_notify($21, saga_name)::text FROM upd) END AS notified_work;
+
+-- name: heartbeat_items
+-- Extend the leases of graph items this worker still holds; rows missing from the
+-- result were lost.
+-- $1 worker id, $2 run ids, $3 steps, $4 phases, $5 lease tokens, $6 lease seconds (the
+-- five pairwise)
+UPDATE __schema__.items i SET due_at = now() + make_interval(secs => h.seconds)
+FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::float8[])
+     AS h(run_id, step, phase, token, seconds)
+WHERE i.run_id = h.run_id AND i.step = h.step AND i.phase = h.phase
+  AND i.lease_token = h.token AND i.lease_owner = $1
+RETURNING i.run_id, i.step, i.phase;
+
+-- name: release_items
+-- Give back graph items' leases at shutdown (as release does for runs: the interrupted
+-- attempt is not counted, once).
+-- $1 worker id, $2 run ids, $3 steps, $4 phases, $5 lease tokens (pairwise), $6 work
+-- notification channel
+WITH held AS (
+    SELECT i.run_id, i.step, i.phase, i.attempt, i.released
+    FROM __schema__.items i
+    JOIN unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[]) AS h(run_id, step, phase, token)
+      ON i.run_id = h.run_id AND i.step = h.step AND i.phase = h.phase
+     AND i.lease_token = h.token AND i.lease_owner = $1
+    FOR UPDATE OF i
+), upd AS (
+    UPDATE __schema__.items i SET
+        lease_owner = NULL, due_at = now(), released = true,
+        attempt = CASE WHEN held.released THEN held.attempt
+                       ELSE greatest(held.attempt - 1, 0) END
+    FROM held
+    WHERE i.run_id = held.run_id AND i.step = held.step AND i.phase = held.phase
+    RETURNING i.run_id, i.step, held.attempt AS released_attempt, held.released AS counted
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
+    SELECT run_id, 'lease_released', step, released_attempt, $1,
+           jsonb_build_object('counted', counted)
+    FROM upd
+)
+SELECT u.run_id, pg_notify($6, r.saga_name)::text AS notified
+FROM upd u JOIN __schema__.runs r ON r.id = u.run_id;
+
+-- name: items_leased_to
+-- The first attempts of a graph run's items this worker holds, as claim_items returns
+-- them (after an uncertain write that committed: the items it leased here go on).
+-- $1 run id, $2 worker id
+SELECT i.run_id AS id, i.step AS step_name, i.phase, i.attempt, i.lease_token,
+       NULL AS prev_owner,
+       r.saga_name, r.saga_version, r.status, r.input, r.results::text AS results,
+       r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
+       r.trace_context::text AS trace_context,
+       extract(epoch FROM now() - r.created_at)::float8 AS age, false AS dropping
+FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
+WHERE i.run_id = $1 AND i.lease_owner = $2 AND i.attempt = 1;
+
+-- name: expire_item_lease
+-- saga.testing only: make a held graph item's lease look expired.
+-- $1 run id, $2 step
+UPDATE __schema__.items SET due_at = now() - interval '1 millisecond'
+WHERE run_id = $1 AND step = $2 AND lease_owner IS NOT NULL
+RETURNING run_id;

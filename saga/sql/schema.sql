@@ -56,6 +56,13 @@ CREATE TABLE __schema__.runs (
     lease_token        bigint NOT NULL DEFAULT 0,   -- fencing token, bumped by every claim
     released           boolean NOT NULL DEFAULT false,  -- attempt given back once already
     wait_name          text,           -- the sleep or wait the run is at (or stopped at)
+    -- A graph run (steps in parallel): its items are rows of items, not this row.
+    graph              boolean NOT NULL DEFAULT false,
+    -- Graph runs only: steps whose compensation completed (the rollback's progress).
+    compensated_steps  text[] NOT NULL DEFAULT '{}',
+    -- The definition's pivot step, if any: once the run reached it, it is not cancelled
+    -- (it only goes forward; a failure after it stops the run for an operator).
+    pivot              text,
 
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
@@ -118,3 +125,26 @@ CREATE TABLE __schema__.signals (
     closed          boolean NOT NULL DEFAULT false,
     PRIMARY KEY (run_id, name)
 );
+
+-- Fencing tokens of graph items: unique across every item ever leased.
+CREATE SEQUENCE __schema__.item_tokens;
+
+-- The work items of graph runs (sagas whose steps run in parallel), one per ready step
+-- or compensation, each leased and fenced on its own like a linear run's one item. The
+-- run row holds the state and is never claimed (due 'infinity' while active). Every
+-- writer that decides what comes next (a finished item, a cancel) locks the run row
+-- first, then these rows: a join is created once, by whichever branch finishes last.
+CREATE TABLE __schema__.items (
+    run_id      uuid NOT NULL,
+    step        text NOT NULL,
+    phase       text NOT NULL CONSTRAINT items_phase_check
+                CHECK (phase IN ('step', 'compensation')),
+    attempt     integer NOT NULL DEFAULT 0,
+    due_at      timestamptz NOT NULL DEFAULT now(),
+    lease_owner text,
+    lease_token bigint NOT NULL DEFAULT 0,
+    released    boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, step, phase)
+);
+CREATE INDEX items_due ON __schema__.items (due_at);

@@ -257,20 +257,26 @@ def _check_run(
     if last and last[0] != f"run_{status}":
         problems.append(f"last event is {last[0]}, not run_{status}")
 
-    # Each step completed at most once, in definition order, as the row says.
+    # Each step completed at most once, in definition order (a graph: each after the
+    # steps it runs after), as the row says.
     completed = [e["step"] for e in history if e["kind"] == "step_completed"]
     names = [s.name for s in definition.steps]
     doubles = len(completed) - len(set(completed))
-    if completed != names[: len(completed)]:
+    graph = definition.graph
+    if graph is None and completed != names[: len(completed)]:
         problems.append(f"step_completed events {completed} are not a prefix of {names}")
+    if graph is not None:
+        problems += _graph_order(graph, history, completed)
     waits = {w.name for w in definition.waits()}  # a received signal is "completed" too
     if [n for n in run["completed_steps"] if n not in waits] != completed:
         problems.append(f"completed_steps {run['completed_steps']} != history {completed}")
     undone = [e["step"] for e in history if e["kind"] == "compensation_completed"]
     doubles += len(undone) - len(set(undone))
     plan = [n for n in reversed(completed) if definition.get_step(n).compensation is not None]
+    if graph is not None:  # any order the edges allow (checked above)
+        undone = sorted(undone, key=plan.index) if set(undone) <= set(plan) else undone
     if status == "completed":
-        if completed != names:
+        if sorted(completed) != sorted(names):
             problems.append(f"completed with steps {completed}")
         if undone or "run_compensating" in kinds:
             problems.append("a completed run compensated something")
@@ -279,6 +285,8 @@ def _check_run(
             problems.append(f"compensations {undone}, expected exactly {plan}")
         error = json.loads(run["error"]) if run["error"] else None
         failed_at = names[len(completed)] if len(completed) < len(names) else None
+        if graph is not None and error is not None and error["step"] not in completed:
+            failed_at = error["step"]  # any step not completed may be the one that failed
         if error is not None and error["type"] == "saga.WaitTimedOut" and completed:
             parked = definition.get_step(completed[-1]).after  # the wait that timed out
             failed_at = parked.name if parked is not None else None
@@ -288,7 +296,8 @@ def _check_run(
             problems.append("cancelled without a cancel request")
     elif status == "failed":
         comp_error = json.loads(run["compensation_error"] or "null")
-        if undone != plan[: len(undone)] or comp_error is None:
+        begun = plan[: len(undone)] if graph is None else [n for n in plan if n in undone]
+        if undone != begun or comp_error is None:
             problems.append(f"failed with compensations {undone} of {plan}, error {comp_error}")
         else:
             last = [
@@ -378,3 +387,24 @@ def _check_run(
         if status in ("compensated", "cancelled") and has_comp and name not in undone:
             problems.append(f"{name} was never compensated")
     return problems, doubles, gaps
+
+
+def _graph_order(graph: Any, history: list[asyncpg.Record], completed: list[str]) -> list[str]:
+    """A graph run: every step started after the steps it runs after completed, and
+    every compensation completed before those of the steps it runs after started."""
+    problems = []
+    seen: dict[tuple[str, str], int] = {}
+    for index, e in enumerate(history):
+        seen.setdefault((e["kind"], e["step"]), index)
+    for step, deps in graph.deps.items():
+        for dep in deps:
+            started = seen.get(("step_started", step))
+            if started is not None and seen.get(("step_completed", dep), started + 1) > started:
+                problems.append(f"{step} started before {dep} completed")
+            undone = seen.get(("compensation_completed", step))
+            begun = seen.get(("compensation_started", dep))
+            if undone is not None and begun is not None and begun < undone:
+                problems.append(f"compensation of {dep} started before {step}'s completed")
+    if not set(completed) <= set(graph.deps):
+        problems.append(f"unknown steps completed: {completed}")
+    return problems

@@ -1,13 +1,13 @@
 """The chaos suite's saga definitions, identical in every process that builds them.
 
 ``build_sagas(seed)`` returns five sagas of 3 to 7 steps (which steps have a
-compensation, and which override ``lease_seconds``, follows from the seed), and
-``chaos_wait``, whose runs park twice: a durable sleep (``nap``) after ``s1``, and a
-wait for the signal ``approval`` after ``s2`` (a short timeout that compensates); the
-step after the wait checks the signal's payload and records the nonce it saw. What a step
-or compensation does is a pure function of (the run's input, the step, the attempt), via
-a hash, so every worker process agrees on it: the input carries the run's own seed and
-failure probabilities.
+compensation, and which override ``lease_seconds``, follows from the seed), the graph
+saga ``chaos_graph`` (steps in parallel, two joins), and ``chaos_wait``, whose runs park
+twice: a durable sleep (``nap``) after ``s1``, and a wait for the signal ``approval``
+after ``s2`` (a short timeout that compensates); the step after the wait checks the
+signal's payload and records the nonce it saw. What a step or compensation does is a
+pure function of (the run's input, the step, the attempt), via a hash, so every worker
+process agrees on it: the input carries the run's own seed and failure probabilities.
 
 Every step and compensation applies its side effect to an *external* effects ledger in
 the same database (its own pool, never saga's transaction), through one SQL function
@@ -275,15 +275,17 @@ def _add_step(
     index: int,
     rng: random.Random,
     after_wait: saga.Wait[Any] | None = None,
+    after: list[saga.Step[Any, Any]] | None = None,
 ) -> saga.Step[Any, Any]:
     name = f"s{index + 1}"
-    previous = s.steps[-1] if s.steps else None
+    # The results it checks: the step before it, or (a graph) the steps it runs after.
+    reads = after if after is not None else s.steps[-1:]
     lease = SHORT_LEASE if rng.random() < 0.15 else None
 
     async def forward(ctx: saga.Context[ChaosInput]) -> StepResult:
         ledger = _the_ledger()
         inp = ctx.input
-        if previous is not None:
+        for previous in reads:
             earlier = ctx.result(previous)
             if (
                 not isinstance(earlier, StepResult)
@@ -305,7 +307,9 @@ def _add_step(
             raise ChaosTransient(f"{ctx.step} attempt {ctx.attempt}: transient after effect")
         return StepResult(key=ctx.idempotency_key, attempt=ctx.attempt, worker=ledger.worker)
 
-    step = s.step(name=name, retry=STEP_RETRY, timeout=30, lease_seconds=lease)(forward)
+    step = s.step(name=name, retry=STEP_RETRY, timeout=30, lease_seconds=lease, after=after)(
+        forward
+    )
     if rng.random() < 0.75:
 
         async def undo(ctx: saga.Context[ChaosInput], result: StepResult) -> None:
@@ -334,7 +338,7 @@ def _add_step(
 def build_sagas(seed: int) -> list[saga.Saga[ChaosInput]]:
     """Five sagas, ``chaos_3`` .. ``chaos_7``, with that many steps ``s1`` .. ``sN``;
     then ``chaos_wait``: ``s1``, the sleep ``nap``, ``s2``, the wait ``approval``,
-    ``s3``, ``s4``."""
+    ``s3``, ``s4``; then ``chaos_graph`` (see ``GRAPH``)."""
     rng = random.Random(f"chaos-definitions-{seed}")
     sagas = []
     for count in STEP_COUNTS:
@@ -350,7 +354,22 @@ def build_sagas(seed: int) -> list[saga.Saga[ChaosInput]]:
     _add_step(waiting, 2, rng, after_wait=wait)
     _add_step(waiting, 3, rng)
     sagas.append(waiting)
+    sagas.append(_graph_saga(rng))
     return sagas
+
+
+#: ``chaos_graph``: step -> the steps it runs after (a fan-out, two joins).
+GRAPH = {"s2": ["s1"], "s3": ["s1"], "s4": ["s1"], "s5": ["s2", "s3"], "s6": ["s4", "s5"]}
+
+
+def _graph_saga(rng: random.Random) -> saga.Saga[ChaosInput]:
+    """s1; then s2, s3 and s4 in parallel; s5 after s2 and s3; s6 after s4 and s5."""
+    graph = saga.Saga("chaos_graph", input=ChaosInput)
+    _add_step(graph, 0, rng, after=[])
+    for index in range(1, 6):
+        deps = [graph.get_step(n) for n in GRAPH[f"s{index + 1}"]]
+        _add_step(graph, index, rng, after=deps)
+    return graph
 
 
 def describe(sagas: list[saga.Saga[ChaosInput]]) -> dict[str, str]:

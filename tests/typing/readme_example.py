@@ -37,8 +37,14 @@ class _Payments:
         return None
 
 
+class _Shipping:
+    async def book(self, order_id: str, *, key: str) -> str:
+        return f"slot-{order_id}-{key}"
+
+
 inventory = _Inventory()
 payments = _Payments()
+shipping = _Shipping()
 
 
 class Order(BaseModel):
@@ -249,3 +255,23 @@ async def place_order(pool: asyncpg.Pool, orch: saga.Client, order: Order) -> uu
         await conn.execute("INSERT INTO orders (id) VALUES ($1)", order.order_id)
         run = await orch.start(checkout, order, key=order.order_id, conn=conn)
     return run.id  # committed with the order row, or neither exists
+
+
+# Steps in parallel.
+order = saga.Saga("order", input=Order)
+
+
+@order.step()
+async def reserve(ctx: saga.Context[Order]) -> str:
+    return await inventory.reserve(ctx.input.order_id, key=ctx.idempotency_key)
+
+
+@order.step(after=[])  # at the start too: runs beside reserve
+async def book_slot(ctx: saga.Context[Order]) -> str:
+    return await shipping.book(ctx.input.order_id, key=ctx.idempotency_key)
+
+
+@order.step(after=[reserve, book_slot])  # the join: once both completed
+async def charge(ctx: saga.Context[Order]) -> Receipt:
+    slot = ctx.result(book_slot)  # typed; only steps it runs after
+    return await payments.charge(ctx.input.amount_cents, key=f"{slot}:{ctx.idempotency_key}")

@@ -1,0 +1,210 @@
+"""A saga's steps as a graph: which step runs after which, checked at definition time.
+
+A saga whose every step runs after the one declared before it is linear, and runs on
+the linear path (one item per run). Any other shape (``after=`` naming other steps, or
+none: a root) is a graph: each ready step is its own leased item, and compensation runs
+in reverse dependency order. Pure data, built once when the saga is registered.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from typing_extensions import TypedDict
+
+from saga._errors import DefinitionError
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    """The dependencies of a graph saga's steps (names), resolved and checked."""
+
+    deps: dict[str, tuple[str, ...]]  # step -> the steps it runs after
+    dependents: dict[str, tuple[str, ...]]  # step -> the steps that run after it
+    ancestors: dict[str, frozenset[str]]  # step -> every step it transitively runs after
+    order: tuple[str, ...]  # a topological order, declaration order among equals
+    roots: tuple[str, ...]  # the steps a run starts with
+    sinks: tuple[str, ...]  # the steps nothing runs after: the run's output
+
+    def ready(self, completed: frozenset[str] | set[str], taken: set[str]) -> list[str]:
+        """Steps not completed nor taken whose dependencies all completed, in
+        declaration order."""
+        return [
+            s
+            for s in self.order
+            if s not in completed and s not in taken and all(d in completed for d in self.deps[s])
+        ]
+
+
+def build(saga: str, steps: Sequence[tuple[str, Sequence[str] | None]]) -> Graph | None:
+    """The graph of ``steps`` ((name, names it runs after or None: after the previous
+    one)), or None when they form a line (the linear path). Raises DefinitionError for
+    unknown steps, a step after itself, and cycles."""
+    names = [name for name, _ in steps]
+    known = set(names)
+    deps: dict[str, tuple[str, ...]] = {}
+    for index, (name, after) in enumerate(steps):
+        if after is None:
+            deps[name] = (names[index - 1],) if index else ()
+            continue
+        for dep in after:
+            if dep == name:
+                raise DefinitionError(f"saga {saga!r}: step {name!r} cannot run after itself")
+            if dep not in known:
+                raise DefinitionError(
+                    f"saga {saga!r}: step {name!r} runs after {dep!r}, which is not a step "
+                    f"of this saga (its steps: {', '.join(names)})"
+                )
+        deps[name] = tuple(dict.fromkeys(after))
+    if all(deps[n] == ((names[i - 1],) if i else ()) for i, n in enumerate(names)):
+        return None
+    ancestors = _ancestors(saga, names, deps)
+    dependents = {n: tuple(m for m in names if n in deps[m]) for n in names}
+    order: list[str] = []
+    while len(order) < len(names):  # no cycle (checked above): each pass places one
+        order.append(next(n for n in names if n not in order and set(deps[n]) <= set(order)))
+    return Graph(
+        deps=deps,
+        dependents=dependents,
+        ancestors=ancestors,
+        order=tuple(order),
+        roots=tuple(n for n in names if not deps[n]),
+        sinks=tuple(n for n in names if not dependents[n]),
+    )
+
+
+def _ancestors(
+    saga: str, names: list[str], deps: dict[str, tuple[str, ...]]
+) -> dict[str, frozenset[str]]:
+    """Every step's transitive dependencies; a cycle is named in the error."""
+    found: dict[str, frozenset[str]] = {}
+    visiting: list[str] = []
+
+    def visit(name: str) -> frozenset[str]:
+        if name in found:
+            return found[name]
+        if name in visiting:
+            cycle = [*visiting[visiting.index(name) :], name]
+            raise DefinitionError(
+                f"saga {saga!r}: its steps run after each other in a cycle: "
+                + " -> ".join(reversed(cycle))
+            )
+        visiting.append(name)
+        result: set[str] = set()
+        for dep in deps[name]:
+            result.add(dep)
+            result |= visit(dep)
+        visiting.pop()
+        found[name] = frozenset(result)
+        return found[name]
+
+    for name in names:
+        visit(name)
+    return found
+
+
+def check_reads(
+    saga: Any, graph: Graph, functions: Sequence[tuple[str, Callable[..., Any], bool]]
+) -> None:
+    """Refuse a step (or compensation: ``True``) whose code reads the result of a step
+    of this saga that is not among its ancestors (it may not have run, or may be running
+    right now). Finds the steps a function names (globals, closures, nested functions);
+    ``ctx.result`` checks the same rule when a run reads, whatever the code looks like."""
+    for name, fn, compensation in functions:
+        allowed = graph.ancestors[name] | {name} if compensation else graph.ancestors[name]
+        for other in _steps_named(saga, fn):
+            if other not in allowed:
+                what = f"compensation of {name!r}" if compensation else f"step {name!r}"
+                raise DefinitionError(
+                    f"saga {saga.name!r}: the {what} reads the result of step {other!r}, "
+                    f"which it does not run after; add {other!r} to after= of {name!r}"
+                )
+
+
+def _steps_named(saga: Any, fn: Callable[..., Any]) -> Iterator[str]:
+    """The names of this saga's steps that ``fn``'s code refers to."""
+    fn = getattr(fn, "__wrapped__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return
+    scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
+    for var, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
+        try:
+            scope[var] = cell.cell_contents
+        except ValueError:  # an empty cell: not bound yet
+            continue
+    for used in _names(code):
+        value: Any = scope.get(used)
+        if getattr(value, "saga", None) is saga and hasattr(value, "compensate"):
+            yield value.name
+
+
+def _names(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    yield from code.co_freevars
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names(const)
+
+
+def dependencies(saga: Any, name: str, after: Any) -> tuple[str, ...]:
+    """``after=`` of step ``name``: steps of this saga or their names, checked."""
+    if isinstance(after, str) or not isinstance(after, Sequence):
+        raise DefinitionError(f"saga {saga.name!r}: after= of step {name!r} takes a list")
+    names = []
+    for dep in after:
+        owner = getattr(dep, "saga", None)
+        if owner is not None and owner is not saga:
+            raise DefinitionError(
+                f"saga {saga.name!r}: step {name!r} cannot run after {dep!r}, a step of "
+                f"saga {owner.name!r}"
+            )
+        found = dep if isinstance(dep, str) else getattr(dep, "name", None)
+        if not isinstance(found, str) or (owner is None and not isinstance(dep, str)):
+            raise DefinitionError(
+                f"saga {saga.name!r}: after= of step {name!r} takes steps or step names, "
+                f"not {dep!r}"
+            )
+        names.append(found)
+    return tuple(names)
+
+
+def shape(saga: Any) -> Graph | None:
+    """The saga's graph as declared so far (None: linear, or not a valid graph yet)."""
+    try:
+        return build(saga.name, [(s.name, s.deps) for s in saga.steps])
+    except DefinitionError:
+        return None
+
+
+def of_saga(saga: Any, parkings: dict[str, Any]) -> Graph | None:
+    """The graph of a saga being registered (None: linear), every rule checked."""
+    graph = build(saga.name, [(s.name, s.deps) for s in saga.steps])
+    if graph is None:
+        return None
+    if parkings:
+        raise DefinitionError(
+            f"saga {saga.name!r}: sleeps and waits are not supported yet in a saga whose "
+            "steps run in parallel (declared with after=)"
+        )
+    functions: list[tuple[str, Callable[..., Any], bool]] = [
+        (s.name, s.fn, False) for s in saga.steps
+    ]
+    functions += [(s.name, s.compensation.fn, True) for s in saga.steps if s.compensation]
+    check_reads(saga, graph, functions)
+    return graph
+
+
+def output_type(saga: Any) -> Any:
+    """A completed run's output type: the last step's result (linear), the one final
+    step's (a graph), or a TypedDict of the final steps' results by name."""
+    graph = saga.graph
+    if graph is None:
+        return saga.steps[-1].result_type
+    if len(graph.sinks) == 1:
+        return saga.get_step(graph.sinks[0]).result_type
+    fields = {name: saga.get_step(name).result_type for name in graph.sinks}
+    return TypedDict(f"{saga.name}_output", fields)  # type: ignore[operator]

@@ -1,0 +1,184 @@
+"""Running the items of graph runs: one item per task, on the linear runner's parts.
+
+Each claimed item (a step or a compensation of a graph run) is run like a linear run's
+item (same call, timeout, span, checkpoint, encoding), then its outcome is written with
+the plan deciding under the run's lock (:meth:`Store.graph_write`). The items that write
+leased to this worker (new branches, a join, compensations) start in tasks of their own,
+so branches run concurrently here too, and on any other worker that claims them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from saga import _graph_plan, _plan
+from saga._active import ActiveRun
+from saga._definition import Saga
+from saga._graph_plan import Finished, GraphChange
+from saga._lease import Lease, Leases
+from saga._log import log_event, logger
+from saga._model import EventKind, Outcome, Phase, RunStatus
+from saga._runner import Runner
+from saga._store_graph import GraphWritten
+from saga._transition import ClaimedItem, Event, Failed, RunState, Succeeded
+from saga._write import COMMITTED
+
+_STEP = Phase.STEP
+_LOST = object()  # the lease was lost while the item ran: nothing is written
+
+
+class GraphRunner:
+    """Runs graph items; hands linear runs to the linear runner."""
+
+    def __init__(self, runner: Runner, leases: Leases) -> None:
+        self._runner = runner
+        self._leases = leases
+
+    async def run(self, item: ClaimedItem, lease: Lease) -> None:
+        """The claim loop's handler: a graph item here, a linear run to the runner."""
+        if item.phase is None:
+            await self._runner.run(item, lease)
+        else:
+            await self._runner.guard(item, lease, self._process)
+
+    async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
+        runner = self._runner
+        run = runner.active(item, saga)
+        if item.phase is Phase.COMPENSATION:
+            run.status = RunStatus.COMPENSATING
+        elif run.status is RunStatus.COMPENSATING:
+            run.status = RunStatus.RUNNING  # a branch finishing while the run rolls back
+        log = logger.bind(run_id=str(run.id), saga=saga.name)
+        try:
+            await self._item(item, run, lease, log)
+        finally:
+            runner.end_attempt(run, Outcome.INTERRUPTED)  # crash, cancellation, db error
+
+    async def _item(self, item: ClaimedItem, run: ActiveRun, lease: Lease, log: Any) -> None:
+        runner = self._runner
+        outcome = None if item.dropping else await self._attempt(run, lease)
+        if outcome is None or isinstance(outcome, Succeeded | Failed):
+            done = Finished(run.step, run.phase, run.attempt, outcome)
+        else:  # _LOST
+            runner.end_attempt(run, Outcome.LEASE_LOST)
+            return
+        lease_for = runner.lease_for(run)
+        decide = partial(
+            _graph_plan.after_item,
+            run.saga,
+            done=done,
+            lease_for=lease_for,
+            slots=self._leases.free_slots() + 1,  # this item's slot is free once written
+        )
+        first = _first_event(done)
+        key = lease.item_key
+        written = await runner.writer.write_graph(key, lease, decide, first, run.ctx, log)
+        if written is None:
+            runner.refused(run, lease, log)
+            return
+        if written is COMMITTED:
+            runner.end_attempt(run, run.outcome)
+            await self._carry_on(run)
+            return
+        change, result = written
+        self._recorded(run, change, result, log)
+        for step, new_phase, token in result.leased:
+            self._adopt(item, run, change, result, step, new_phase, token)
+
+    async def _attempt(self, run: ActiveRun, lease: Lease) -> Succeeded | Failed | object:
+        """Run the item: its outcome, or ``_LOST``."""
+        runner = self._runner
+        step = run.saga.get_step(run.step)
+        runner.open_attempt(run)
+        rule = _plan.policy(run.saga, RunState(run.status, run.step, run.attempt))
+        if run.attempt > rule.max_attempts:  # the last attempt's worker died: none left
+            run.outcome, run.error_type = Outcome.FAILURE, "saga.AttemptLost"
+            return Failed(_plan.attempt_lost(run.step, run.attempt), retryable=False)
+        if lease.lost:
+            return _LOST
+        ctx = runner.context(run, step.name, run.phase)
+        run.ctx = ctx
+        outcome, result = await runner.call_user(run, step, ctx, lease, rule)
+        if lease.scope.cancel_called:
+            lease.mark_lost()
+            return _LOST
+        if isinstance(outcome, Succeeded):
+            outcome, _ = await runner.checkpoint(run, step, ctx, outcome, result)
+        if isinstance(outcome, Failed):
+            run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
+        return outcome
+
+    def _recorded(
+        self, run: ActiveRun, change: GraphChange, written: GraphWritten, log: Any
+    ) -> None:
+        """The item's outcome is in the database: close its span, count, log."""
+        runner = self._runner
+        if change.retry_in is not None:
+            run.outcome = Outcome.RETRY
+            self._leases.wake_later(change.retry_in)
+        terminal = change.terminal
+        runner.end_attempt(run, run.outcome, change.status if terminal else None)
+        if terminal:
+            runner.telemetry.run_ended(run.saga.name, change.status, written.age)
+        if any(n.lease_seconds is None for n in change.new):
+            self._leases.wake()
+        for event in change.events:
+            log_event(log, str(event.kind), event.step, event.attempt, event.data)
+
+    def _adopt(
+        self,
+        item: ClaimedItem,
+        run: ActiveRun,
+        change: GraphChange,
+        written: GraphWritten,
+        step: str,
+        phase: Phase,
+        token: int,
+    ) -> None:
+        """Start an item the write leased to this worker, in a task of its own."""
+        new = ClaimedItem(
+            run_id=item.run_id,
+            saga_name=item.saga_name,
+            saga_version=item.saga_version,
+            status=change.status,
+            step_name=step,
+            attempt=1,
+            lease_token=token,
+            input=item.input,
+            results=written.results,
+            completed_steps=written.completed,
+            cancel_requested=False,
+            has_error=item.has_error or change.error is not None,
+            trace_context=item.trace_context,
+            age=item.age,
+            expired_owner=None,
+            phase=phase,
+        )
+        seconds = run.saga.get_step(step).lease_seconds or self._runner.lease_seconds
+        self._leases.adopt(new, Lease(item.run_id, token, seconds, item=(step, phase)))
+
+    async def _carry_on(self, run: ActiveRun) -> None:
+        """An uncertain write committed: the items it leased here go on, as claimed."""
+        held = {lease.key for lease in self._leases.inflight.values()}
+        for item in await self._runner.store.items_leased_to(run.id, self._runner.worker):
+            assert item.phase is not None
+            if (item.run_id, item.step_name, item.phase) in held:
+                continue
+            seconds = run.saga.get_step(item.step_name).lease_seconds
+            lease = Lease(
+                item.run_id,
+                item.lease_token,
+                seconds or self._runner.lease_seconds,
+                item=(item.step_name, item.phase),
+            )
+            self._leases.adopt(item, lease)
+
+
+def _first_event(done: Finished) -> Event | None:
+    """The event an item's write begins with (its outcome), which tells an uncertain
+    write's fate; None for an item that did not run."""
+    if done.outcome is None:
+        return None
+    kind = EventKind.completed if isinstance(done.outcome, Succeeded) else EventKind.failed
+    return Event(kind(done.phase), done.step, done.attempt)

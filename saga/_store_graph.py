@@ -1,0 +1,219 @@
+"""The store's graph items: claiming, writing, renewing and releasing the items of runs
+whose steps run in parallel.
+
+A part of :class:`~saga._store.Store` (a mixin). An item's write is one transaction:
+lock the run row and read its state and items (``graph_lock``, ``graph_items``), let
+the plan decide (a function of that state, called here, under the lock), then apply the
+change fenced by the item's lease token and owner (``graph_write``). Whichever branch
+finishes last decides the join, once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from saga._db import translate_errors
+from saga._graph_plan import GraphChange, GraphRun, Item
+from saga._model import Phase, RunStatus
+from saga._store_ops import DefinitionKey, definition_args
+from saga._transition import ClaimedItem
+
+#: An item of a graph run: (run id, step, phase).
+ItemKey = tuple[UUID, str, Phase]
+
+
+@dataclass(frozen=True, slots=True)
+class GraphWritten:
+    """A graph item's change, written: the items leased to this worker, with tokens."""
+
+    leased: tuple[tuple[str, Phase, int], ...]
+    results: dict[str, str]  # the run's results after the change (JSON texts)
+    completed: tuple[str, ...]
+    age: float
+
+
+class _LeaseLost(Exception):
+    """The item's fence refused the write: roll the transaction back."""
+
+
+class GraphQueries:
+    """Needs ``pool``, ``_q``, ``work_channel`` and ``done_channel`` from the store."""
+
+    pool: asyncpg.Pool
+    _q: dict[str, str]
+    work_channel: str
+    done_channel: str
+
+    async def claim_items(
+        self, worker: str, limit: int, lease_seconds: float, definitions: Sequence[DefinitionKey]
+    ) -> list[ClaimedItem]:
+        async with translate_errors("claiming work"):
+            rows = await self.pool.fetch(
+                self._q["claim_items"], worker, limit, lease_seconds, *definition_args(definitions)
+            )
+        return [claimed_item(r) for r in rows]
+
+    async def graph_write(
+        self,
+        worker: str,
+        key: ItemKey,
+        token: int,
+        decide: Callable[[GraphRun], GraphChange],
+    ) -> tuple[GraphChange, GraphWritten] | None:
+        """Lock the run, decide, apply fenced: the change and what it leased here, or
+        None when the item's lease was lost (nothing written)."""
+        async with translate_errors("recording a transition"), self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    return await self._graph_write(conn, worker, key, token, decide)
+            except _LeaseLost:
+                return None
+
+    async def _graph_write(
+        self,
+        conn: Any,
+        worker: str,
+        key: ItemKey,
+        token: int,
+        decide: Callable[[GraphRun], GraphChange],
+    ) -> tuple[GraphChange, GraphWritten]:
+        run_id, step, phase = key
+        r = await conn.fetchrow(self._q["graph_lock"], run_id)
+        if r is None:
+            raise _LeaseLost
+        items = await conn.fetch(self._q["graph_items"], run_id)
+        results: dict[str, str] = json.loads(r["results"])
+        run = GraphRun(
+            status=RunStatus(r["status"]),
+            completed=tuple(r["completed_steps"]),
+            compensated=tuple(r["compensated_steps"]),
+            results=results,
+            cancel_requested=r["cancel_requested"],
+            failed_forward=r["has_error"],
+            compensation_failed=r["compensation_failed"],
+            items=tuple(Item(i["step"], Phase(i["phase"]), i["leased"]) for i in items),
+        )
+        change = decide(run)
+        events = [
+            {
+                "kind": e.kind,
+                "step": e.step,
+                "attempt": e.attempt,
+                "worker": worker,
+                "data": e.data,
+            }
+            for e in change.events
+        ]
+        w = await conn.fetchrow(
+            self._q["graph_write"],
+            run_id,
+            step,
+            phase,
+            token,
+            worker,
+            change.status,
+            change.completed_step,
+            change.result_json,
+            change.compensated_step,
+            change.output_json,
+            _json_or_none(change.error),
+            _json_or_none(change.compensation_error),
+            change.retry_in,
+            [s for s, _ in change.dropped],
+            [p for _, p in change.dropped],
+            [n.step for n in change.new],
+            [n.phase for n in change.new],
+            [n.lease_seconds for n in change.new],
+            json.dumps(events, separators=(",", ":")),
+            self.done_channel,
+            self.work_channel,
+        )
+        if w["held"] != 1:
+            raise _LeaseLost
+        if change.completed_step is not None and change.result_json is not None:
+            results[change.completed_step] = change.result_json
+        completed = run.completed
+        if change.completed_step is not None:
+            completed = (*completed, change.completed_step)
+        leased = tuple(
+            (s, Phase(p), t)
+            for s, p, t in zip(
+                w["leased_steps"], w["leased_phases"], w["leased_tokens"], strict=True
+            )
+        )
+        return change, GraphWritten(leased, results, completed, w["age"] or 0.0)
+
+    async def items_leased_to(self, run_id: UUID, worker: str) -> list[ClaimedItem]:
+        """The first attempts of this run's items this worker holds, as claimed."""
+        async with translate_errors("reading a run's items"):
+            rows = await self.pool.fetch(self._q["items_leased_to"], run_id, worker)
+        return [claimed_item(r) for r in rows]
+
+    async def heartbeat_items(
+        self, worker: str, leases: Sequence[tuple[ItemKey, int, float]]
+    ) -> set[ItemKey]:
+        """Extend ((run id, step, phase), token, seconds) leases; returns those held."""
+        async with translate_errors("heartbeat"):
+            rows = await self.pool.fetch(
+                self._q["heartbeat_items"],
+                worker,
+                [k[0] for k, _, _ in leases],
+                [k[1] for k, _, _ in leases],
+                [k[2] for k, _, _ in leases],
+                [token for _, token, _ in leases],
+                [seconds for _, _, seconds in leases],
+            )
+        return {(r["run_id"], r["step"], Phase(r["phase"])) for r in rows}
+
+    async def release_items(self, worker: str, leases: Sequence[tuple[ItemKey, int]]) -> int:
+        async with translate_errors("releasing leases"):
+            rows = await self.pool.fetch(
+                self._q["release_items"],
+                worker,
+                [k[0] for k, _ in leases],
+                [k[1] for k, _ in leases],
+                [k[2] for k, _ in leases],
+                [token for _, token in leases],
+                self.work_channel,
+            )
+        return len(rows)
+
+    async def expire_item_lease(self, run_id: UUID, step: str) -> bool:
+        async with translate_errors("expiring a lease"):
+            found = await self.pool.fetchval(self._q["expire_item_lease"], run_id, step)
+        return found is not None
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(dict(value), separators=(",", ":"))
+
+
+def claimed_item(r: Any) -> ClaimedItem:
+    """A claimed row (a linear run's, or a graph item's: it has a ``phase``)."""
+    phase = r.get("phase")
+    return ClaimedItem(
+        run_id=r["id"],
+        saga_name=r["saga_name"],
+        saga_version=r["saga_version"],
+        status=RunStatus(r["status"]),
+        step_name=r["step_name"],
+        attempt=r["attempt"],
+        lease_token=r["lease_token"],
+        input=r["input"],
+        results=json.loads(r["results"]),
+        completed_steps=tuple(r["completed_steps"]),
+        cancel_requested=r["cancel_requested"],
+        has_error=r["has_error"],
+        trace_context=r["trace_context"],
+        age=r["age"],
+        expired_owner=r["prev_owner"],
+        timed_out_wait=r.get("timed_out_wait"),
+        phase=None if phase is None else Phase(phase),
+        dropping=bool(r.get("dropping")),
+    )

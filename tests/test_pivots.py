@@ -1,0 +1,182 @@
+"""Pivot steps: the point of no return. Before it, a failure compensates as always; once
+it completed, nothing before it is undone: later steps go forward, and one that gives up
+stops the run for an operator, who retries it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import saga
+from tests._sagas import Fail, Gate, Job, Ledger, permanent, small_saga, until_status
+from tests.conftest import OrchestratorFactory
+
+Ctx = saga.Context[Any]
+
+
+def pivoted(
+    steps: list[str],
+    pivot: str,
+    *,
+    after: dict[str, list[str]] | None = None,
+    compensate: set[str] | None = None,
+    **options: Any,
+) -> saga.Saga[Job]:
+    """A built saga whose step ``pivot`` is the pivot."""
+    s = small_saga("pivoted", steps, after=after, compensate=compensate or set(), **options)
+    s.get_step(pivot).pivot = True
+    return s
+
+
+async def register(orchestrator: OrchestratorFactory, s: saga.Saga[Any]) -> None:
+    await orchestrator(s)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: pivoted(["a", "p"], "p", compensate={"p"}), "has a compensation"),
+        (lambda: pivoted(["p", "b"], "p", compensate={"b"}), "could never run"),
+        (
+            lambda: pivoted(["a", "p", "x"], "p", after={"p": ["a"], "x": ["a"]}),
+            "runs neither before nor after it",
+        ),
+    ],
+    ids=["pivot undone", "undo after pivot", "beside the pivot"],
+)
+async def test_contradictions_are_refused_at_registration(
+    orchestrator: OrchestratorFactory, build: Any, message: str
+) -> None:
+    """A pivot with a compensation, a compensation after the pivot (it could never run),
+    and (a graph) a step neither before nor after the pivot are refused when the saga is
+    registered, naming the step."""
+    with pytest.raises(saga.DefinitionError, match=message):
+        await register(orchestrator, build())
+
+
+async def test_two_pivots_and_a_compensating_timeout_after_one_are_refused(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A second pivot, and a wait after the pivot that would compensate on timeout, are
+    refused at registration."""
+    two = small_saga("two", ["a", "b"])
+    two.get_step("a").pivot = two.get_step("b").pivot = True
+    with pytest.raises(saga.DefinitionError, match="more than one pivot"):
+        await register(orchestrator, two)
+    waits: saga.Saga[Job] = saga.Saga("waits", input=Job)
+
+    @waits.step(pivot=True)
+    async def pay(ctx: Ctx) -> str:
+        return "paid"
+
+    waits.wait_for("ack", Job, timeout=60)
+
+    @waits.step()
+    async def ship(ctx: Ctx) -> str:
+        return "shipped"
+
+    with pytest.raises(saga.DefinitionError, match="would compensate on timeout"):
+        await register(orchestrator, waits)
+
+
+async def test_a_failure_before_the_pivot_compensates_as_always(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The step before the pivot fails for good: the pivot never ran, the completed steps
+    are compensated, and the run ends compensated."""
+    ledger = Ledger()
+    s = pivoted(
+        ["reserve", "check", "pay", "ship"],
+        "pay",
+        compensate={"reserve"},
+        ledger=ledger,
+        fail={"check": permanent("fraud")},
+    )
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunCompensatedError, match="fraud"):
+        await run.result(timeout=10)
+    assert "pay" not in ledger.steps()
+    assert ledger.steps("compensation") == ["reserve"]
+
+
+async def test_a_failure_after_the_pivot_stops_for_an_operator_and_a_retry_goes_on(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """ship fails for good after the pivot pay: nothing is compensated, the run stops at
+    ship with its error (result() raises RunStoppedError); an operator's retry runs ship
+    again with fresh attempts and the run completes."""
+    ledger = Ledger()
+    once = Fail(saga.PermanentError, "carrier down", when=lambda ctx: ctx.step == "ship")
+    broken = {"ship": once}
+    s = pivoted(
+        ["reserve", "pay", "ship"], "pay", compensate={"reserve"}, ledger=ledger, fail=broken
+    )
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunStoppedError, match="carrier down"):
+        await run.result(timeout=10)
+    info = await run.info()
+    assert info.status is saga.RunStatus.STOPPED
+    assert info.step == "ship"
+    assert ledger.steps("compensation") == []
+    assert [e.kind for e in await run.history()][-1] == "run_stopped"
+    broken.clear()  # the carrier is back
+    await run.retry()
+    assert await run.result(timeout=10) == "ship"
+    assert ledger.steps() == ["reserve", "pay", "ship", "ship"]
+    assert ledger.steps("compensation") == []
+
+
+async def test_a_cancel_is_refused_once_the_run_reached_its_pivot(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """While the pivot runs (and after), cancel() raises InvalidRunStateError naming the
+    pivot, and the run goes on to complete; before the pivot a cancel still compensates."""
+    gate = Gate("pay")
+    s = pivoted(["reserve", "pay", "ship"], "pay", compensate={"reserve"}, gate=gate)
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+    with pytest.raises(saga.InvalidRunStateError, match="pivot step 'pay'"):
+        await run.cancel()
+    gate.release.set()
+    assert await run.result(timeout=10) == "ship"
+    early = await orch.start(s, Job())
+    await early.cancel()  # before the pivot (maybe before anything ran)
+    with pytest.raises(saga.RunCancelledError):
+        await early.result(timeout=10)
+
+
+async def test_a_graph_after_its_pivot_finishes_running_branches_then_stops(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """a, then the pivot p, then b and c in parallel: c fails for good, b (slower) still
+    finishes; nothing is compensated and the run stops at c; a retry runs c again and the
+    run completes."""
+    ledger = Ledger()
+    broken = {"c": permanent("c down")}
+    s = pivoted(
+        ["a", "p", "b", "c"],
+        "p",
+        after={"b": ["p"], "c": ["p"]},
+        compensate={"a"},
+        ledger=ledger,
+        fail=broken,
+        delay={"b": 0.3},
+    )
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunStoppedError, match="c down"):
+        await run.result(timeout=10)
+    info = await until_status(run, saga.RunStatus.STOPPED)
+    assert set(info.completed_steps) == {"a", "p", "b"}
+    assert ledger.steps("compensation") == []
+    broken.clear()
+    await run.retry()
+    out = await run.result(timeout=10)
+    assert out == {"b": "b", "c": "c"}
+    assert ledger.steps().count("b") == 1
