@@ -151,6 +151,15 @@ class Client(Lifecycle, Signalling):
     async def _open(self) -> None:
         for saga in self._sagas.values():
             saga._freeze()
+        for saga in self._sagas.values():
+            for step in saga.steps:
+                child = None if step.spawn is None else step.spawn.saga
+                if child is not None and self._sagas.get((child.name, child.version)) is not child:
+                    raise DefinitionError(
+                        f"saga {saga.name!r}: step {step.name!r} starts runs of saga "
+                        f"{child.name!r} v{child.version}, which is not registered with this "
+                        "client; pass it in sagas= too"
+                    )
         self._definitions = [(s.name, s.version, s.fingerprint) for s in self._sagas.values()]
         if isinstance(self._dsn_or_pool, str):
             self._pool = await open_pool(self._dsn_or_pool, self._pool_size())
@@ -243,6 +252,24 @@ class Client(Lifecycle, Signalling):
         ``conn`` (an asyncpg connection in an open transaction) the run is inserted in that
         transaction: it exists, and workers are woken, only if the caller commits.
         """
+        return await self._start(saga, input, key, require_same_input, conn)
+
+    async def start_child(
+        self, saga: Saga[Any], input: Any, key: str, parent: tuple[uuid.UUID, str]
+    ) -> RunHandle:
+        """Start a child run of the step ``parent`` (run id, step): idempotent by key
+        (the first input wins), and its end wakes that step."""
+        return await self._start(saga, input, key, False, None, parent)
+
+    async def _start(
+        self,
+        saga: Saga[InT],
+        input: InT | Mapping[str, Any],
+        key: str | None,
+        require_same_input: bool,
+        conn: Executor | None,
+        parent: tuple[uuid.UUID, str] | None = None,
+    ) -> RunHandle:
         store = self._store_or_raise()
         if self._sagas.get((saga.name, saga.version)) is not saga:
             raise DefinitionError(
@@ -274,6 +301,7 @@ class Client(Lifecycle, Signalling):
                     conn,
                     roots=None if saga.graph is None else list(saga.graph.roots),
                     pivot=saga.pivot,
+                    parent=parent,
                 )
             )
             span.set_attribute(RUN_ID, str(started_run.run_id))

@@ -16,7 +16,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from saga import _checks, _graph, _pivot, _registry
+from saga import _checks, _children, _graph, _pivot, _registry
 from saga._errors import DefinitionError
 from saga._fingerprint import fingerprint
 from saga._policy import (
@@ -32,6 +32,7 @@ from saga._policy import (
 from saga._waits import OnTimeout, Parking, Sleep, Wait, check_on_timeout, wait_seconds
 
 if TYPE_CHECKING:
+    from saga._children import Spawn
     from saga._db import Executor
     from saga._run import RunHandle
 
@@ -82,6 +83,7 @@ class Step(Generic[InT, OutT]):
     after: Parking | None = None  # the sleep or wait declared right after this step
     deps: tuple[str, ...] | None = None  # after= (None: after the step declared before)
     pivot: bool = False  # the point of no return (see saga._pivot)
+    spawn: Spawn | None = None  # a children step: the runs it starts (saga._children)
 
     @overload
     def compensate(self, fn: CompensateFn[InT, OutT], /) -> Compensation[InT, OutT]: ...
@@ -284,6 +286,21 @@ class Saga(Generic[InT]):
         self._parkings[name] = wait
         return wait
 
+    def children(
+        self,
+        name: str,
+        saga: Saga[Any],
+        inputs: Callable[[Context[InT]], Sequence[Any] | Awaitable[Sequence[Any]]],
+        *,
+        max_children: int = 100,
+        after: Sequence[Step[InT, Any] | str] | None = None,
+    ) -> Step[InT, list[Any]]:
+        """Declare a step that starts one run of ``saga`` per item ``inputs(ctx)``
+        returns (a list of its inputs, sync or async; at most ``max_children``) and
+        completes with the list of their outputs once they all completed. See the README,
+        "Child sagas"."""
+        return _children.declare(self, name, saga, inputs, max_children, after)
+
     def get_wait(self, name: str) -> Wait[Any] | None:
         """The wait for the signal ``name``, if this saga declares one."""
         found = self._parkings.get(name)
@@ -343,6 +360,8 @@ class Saga(Generic[InT]):
         graph = self.graph if self._frozen else _graph.shape(self)
         for s in self.steps:
             steps.append((s.name, s.result_type, s.compensation is not None))
+            if s.spawn is not None:
+                steps.append((f"children:{s.spawn.saga.name}", None, False))
             if s.pivot:  # only where a saga has one: others keep their fingerprints
                 steps.append(("pivot", None, False))
             if graph is not None:  # linear sagas keep the fingerprints they had

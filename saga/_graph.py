@@ -39,7 +39,9 @@ class Graph:
         ]
 
 
-def build(saga: str, steps: Sequence[tuple[str, Sequence[str] | None]]) -> Graph | None:
+def build(
+    saga: str, steps: Sequence[tuple[str, Sequence[str] | None]], force: bool = False
+) -> Graph | None:
     """The graph of ``steps`` ((name, names it runs after or None: after the previous
     one)), or None when they form a line (the linear path). Raises DefinitionError for
     unknown steps, a step after itself, and cycles."""
@@ -59,7 +61,8 @@ def build(saga: str, steps: Sequence[tuple[str, Sequence[str] | None]]) -> Graph
                     f"of this saga (its steps: {', '.join(names)})"
                 )
         deps[name] = tuple(dict.fromkeys(after))
-    if all(deps[n] == ((names[i - 1],) if i else ()) for i, n in enumerate(names)):
+    line = all(deps[n] == ((names[i - 1],) if i else ()) for i, n in enumerate(names))
+    if line and not force:  # children steps run as graph items, whatever the shape
         return None
     ancestors = _ancestors(saga, names, deps)
     dependents = {n: tuple(m for m in names if n in deps[m]) for n in names}
@@ -182,13 +185,17 @@ def shape(saga: Any) -> Graph | None:
 
 def of_saga(saga: Any, parkings: dict[str, Any]) -> Graph | None:
     """The graph of a saga being registered (None: linear), every rule checked."""
-    graph = build(saga.name, [(s.name, s.deps) for s in saga.steps])
+    spawns = [s for s in saga.steps if s.spawn is not None]
+    graph = build(saga.name, [(s.name, s.deps) for s in saga.steps], force=bool(spawns))
     if graph is None:
         return None
+    for step in spawns:  # a list of the child saga's outputs
+        child = step.spawn.saga
+        step.result_type = list[output_type(child, child.graph or shape(child))]  # type: ignore[misc]
     if parkings:
         raise DefinitionError(
             f"saga {saga.name!r}: sleeps and waits are not supported yet in a saga whose "
-            "steps run in parallel (declared with after=)"
+            "steps run in parallel (declared with after=) or that starts child sagas"
         )
     functions: list[tuple[str, Callable[..., Any], bool]] = [
         (s.name, s.fn, False) for s in saga.steps
@@ -198,10 +205,10 @@ def of_saga(saga: Any, parkings: dict[str, Any]) -> Graph | None:
     return graph
 
 
-def output_type(saga: Any) -> Any:
+def output_type(saga: Any, graph: Graph | None = None) -> Any:
     """A completed run's output type: the last step's result (linear), the one final
     step's (a graph), or a TypedDict of the final steps' results by name."""
-    graph = saga.graph
+    graph = graph or saga.graph
     if graph is None:
         return saga.steps[-1].result_type
     if len(graph.sinks) == 1:

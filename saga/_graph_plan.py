@@ -28,6 +28,7 @@ every dependency of a join completed and creates the join's item, once. The rule
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -98,6 +99,16 @@ class GraphChange:
 
 
 @dataclass(frozen=True, slots=True)
+class Parked:
+    """A step waiting for its child runs: ``ended`` of ``of`` have ended (``started``:
+    this attempt started them). Its item gives its slot back until one ends."""
+
+    ended: int
+    of: int
+    started: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The item that ended: its step, phase and attempt, and how it went (None: it did
     not run, the run rolling back)."""
@@ -105,7 +116,7 @@ class Finished:
     step: str
     phase: Phase
     attempt: int
-    outcome: Succeeded | Failed | None
+    outcome: Succeeded | Failed | Parked | None
 
 
 def after_item(
@@ -120,6 +131,11 @@ def after_item(
     worker (``lease_for`` gives their lease; None: none is)."""
     graph = saga.graph
     assert graph is not None
+    if isinstance(done.outcome, Parked):
+        parked = done.outcome
+        data = {"ended": parked.ended, "of": parked.of, "started": parked.started}
+        event = Event(EventKind.CHILDREN_WAITING, done.step, done.attempt, data)
+        return GraphChange(status=run.status, events=(event,), retry_in=math.inf)
     retry = _retry(saga, run, done, rand)
     if retry is not None:
         return retry

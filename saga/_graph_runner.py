@@ -9,13 +9,16 @@ so branches run concurrently here too, and on any other worker that claims them.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
 from saga import _graph_plan, _plan
 from saga._active import ActiveRun
+from saga._children import Children
 from saga._definition import Saga
-from saga._graph_plan import Finished, GraphChange
+from saga._errors import error_record
+from saga._graph_plan import Finished, GraphChange, Parked
 from saga._lease import Lease, Leases
 from saga._log import log_event, logger
 from saga._model import EventKind, Outcome, Phase, RunStatus
@@ -31,9 +34,10 @@ _LOST = object()  # the lease was lost while the item ran: nothing is written
 class GraphRunner:
     """Runs graph items; hands linear runs to the linear runner."""
 
-    def __init__(self, runner: Runner, leases: Leases) -> None:
+    def __init__(self, runner: Runner, leases: Leases, children: Children) -> None:
         self._runner = runner
         self._leases = leases
+        self._children = children
 
     async def run(self, item: ClaimedItem, lease: Lease) -> None:
         """The claim loop's handler: a graph item here, a linear run to the runner."""
@@ -57,8 +61,12 @@ class GraphRunner:
 
     async def _item(self, item: ClaimedItem, run: ActiveRun, lease: Lease, log: Any) -> None:
         runner = self._runner
-        outcome = None if item.dropping else await self._attempt(run, lease)
-        if outcome is None or isinstance(outcome, Succeeded | Failed):
+        spawns = run.saga.get_step(run.step).spawn is not None
+        if item.dropping and not spawns:
+            outcome: object = None  # a step of a run rolling back does not start
+        else:
+            outcome = await self._attempt(run, lease, item.dropping)
+        if outcome is None or isinstance(outcome, Succeeded | Failed | Parked):
             done = Finished(run.step, run.phase, run.attempt, outcome)
         else:  # _LOST
             runner.end_attempt(run, Outcome.LEASE_LOST)
@@ -86,8 +94,9 @@ class GraphRunner:
         for step, new_phase, token in result.leased:
             self._adopt(item, run, change, result, step, new_phase, token)
 
-    async def _attempt(self, run: ActiveRun, lease: Lease) -> Succeeded | Failed | object:
-        """Run the item: its outcome, or ``_LOST``."""
+    async def _attempt(self, run: ActiveRun, lease: Lease, dropping: bool) -> object:
+        """Run the item: its outcome (None: a children step dropped, its children
+        undone), or ``_LOST``."""
         runner = self._runner
         step = run.saga.get_step(run.step)
         runner.open_attempt(run)
@@ -99,6 +108,8 @@ class GraphRunner:
             return _LOST
         ctx = runner.context(run, step.name, run.phase)
         run.ctx = ctx
+        if step.spawn is not None:
+            return await self._spawn(run, step, ctx, lease, dropping)
         outcome, result = await runner.call_user(run, step, ctx, lease, rule)
         if lease.scope.cancel_called:
             lease.mark_lost()
@@ -109,14 +120,46 @@ class GraphRunner:
             run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
         return outcome
 
+    async def _spawn(
+        self, run: ActiveRun, step: Any, ctx: Any, lease: Lease, dropping: bool
+    ) -> object:
+        """A children step: start or look at its children (forward), or undo them
+        (compensation, or dropped during a rollback)."""
+        runner = self._runner
+        with lease.attempt_scope(runner.lease_seconds):
+            try:
+                await runner.hooks.before_call(ctx, runner.faults)
+            except Exception as exc:  # saga.testing's injected failures
+                rule = _plan.policy(run.saga, RunState(run.status, run.step, run.attempt))
+                return Failed(error_record(exc, step.name), rule.retryable(exc))
+            if run.phase is _STEP and not dropping:
+                outcome = await self._children.forward(run.id, step, ctx)
+            else:
+                outcome = await self._children.undo(run.id, step)
+                if dropping and isinstance(outcome, Succeeded):
+                    outcome = None  # undone: the step is dropped like any other
+            await runner.hooks.before_checkpoint(ctx)
+        if lease.scope.cancel_called:
+            lease.mark_lost()
+            return _LOST
+        if isinstance(outcome, Parked):
+            run.outcome = Outcome.PARKED
+        elif isinstance(outcome, Failed):
+            run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
+        return outcome
+
     def _recorded(
         self, run: ActiveRun, change: GraphChange, written: GraphWritten, log: Any
     ) -> None:
         """The item's outcome is in the database: close its span, count, log."""
         runner = self._runner
-        if change.retry_in is not None:
+        if change.retry_in is not None and change.retry_in < math.inf:
             run.outcome = Outcome.RETRY
             self._leases.wake_later(change.retry_in)
+        elif change.retry_in is not None:
+            # Parked: a child that ended while this ran left the item due now, and its
+            # notification came before the item was claimable: claim again.
+            self._leases.wake()
         terminal = change.terminal
         runner.end_attempt(run, run.outcome, change.status if terminal else None)
         if terminal:
@@ -180,5 +223,7 @@ def _first_event(done: Finished) -> Event | None:
     write's fate; None for an item that did not run."""
     if done.outcome is None:
         return None
+    if isinstance(done.outcome, Parked):
+        return Event(EventKind.CHILDREN_WAITING, done.step, done.attempt)
     kind = EventKind.completed if isinstance(done.outcome, Succeeded) else EventKind.failed
     return Event(kind(done.phase), done.step, done.attempt)

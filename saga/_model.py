@@ -100,6 +100,7 @@ class EventKind(enum.StrEnum):
     WOKE = "woke"
     WAIT_TIMED_OUT = "wait_timed_out"
     RUN_STOPPED = "run_stopped"
+    CHILDREN_WAITING = "children_waiting"
 
     @staticmethod
     def started(phase: Phase) -> EventKind:
@@ -137,6 +138,7 @@ class Outcome(enum.StrEnum):
     LEASE_LOST = "lease_lost"
     REFUSED = "refused"
     INTERRUPTED = "interrupted"
+    PARKED = "parked"  # a step running child sagas waits for them, its slot given back
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,8 @@ class HistoryEvent:
     compensation_completed, compensation_failed, run_completed, run_compensated,
     run_cancelled, run_failed, cancel_requested, run_retried, lease_expired,
     lease_released, sleep_started, wait_started, signal_received, signal_refused, woke,
-    wait_timed_out, run_stopped.
+    wait_timed_out, run_stopped, children_waiting (a step running child sagas gave its
+    slot back until one of them ends; ``data``: ``ended`` of ``of``, ``started``).
     """
 
     seq: int

@@ -20,6 +20,7 @@ from opentelemetry.trace import TracerProvider
 
 from saga import _checks
 from saga._census import census_loop
+from saga._children import Children
 from saga._client import Client
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES
 from saga._definition import Saga
@@ -145,7 +146,7 @@ class Orchestrator(Client):
             faults=self,
         )
 
-        handler = GraphRunner(runner, leases).run
+        handler = GraphRunner(runner, leases, Children(store, self.start_child)).run
 
         async def claim(*, task_status: Any) -> None:
             await leases.claim_loop(tg, handler, task_status=task_status)

@@ -87,6 +87,14 @@ class Runner:
         self.writer = Writer(store, worker_id, hooks, outage)
         self._lease_fns: dict[int, Callable[[str], float]] = {}  # per saga (by identity)
 
+    @property
+    def hooks(self) -> Hooks:
+        return self._hooks
+
+    @property
+    def faults(self) -> FaultTarget:
+        return self._faults
+
     def use_hooks(self, hooks: Hooks) -> None:
         """Fault injection attached to a running orchestrator (saga.testing)."""
         self._hooks = hooks

@@ -91,11 +91,12 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
         *,
         roots: list[str] | None = None,
         pivot: str | None = None,
+        parent: tuple[UUID, str] | None = None,
     ) -> StartResult:
         """Insert a run (on ``conn``, in its transaction, if given); a key that already
         exists returns that run, with its input so the caller can tell a replay from a
         conflict. ``roots``: a graph run's first steps (None: a linear run); ``pivot``:
-        the definition's pivot step."""
+        the definition's pivot step; ``parent``: the run and step starting this child."""
         db = conn or self.pool
         async with translate_errors("starting a run"):
             for _ in range(5):
@@ -113,6 +114,8 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
                     fingerprint,
                     roots,
                     pivot,
+                    None if parent is None else parent[0],
+                    None if parent is None else parent[1],
                 )
                 if row is not None:
                     return StartResult(row["id"], True, None)
@@ -221,6 +224,7 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
             worker,
             change.unless_cancelled,
             change.wait,
+            self.work_channel,
         )
 
     async def heartbeat(

@@ -38,6 +38,19 @@ class GraphWritten:
     age: float
 
 
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A child run, as its parent's step sees it."""
+
+    id: UUID
+    count: int  # how many children the step starts
+    index: int  # its place in the step's list of inputs
+    status: RunStatus
+    output: str | None  # JSON text, once completed
+    error: str | None  # JSON text of the failure (or the compensation's), if any
+    cancel_requested: bool
+
+
 class _LeaseLost(Exception):
     """The item's fence refused the write: roll the transaction back."""
 
@@ -183,6 +196,29 @@ class GraphQueries:
                 self.work_channel,
             )
         return len(rows)
+
+    async def children_of(self, run_id: UUID, step: str) -> list[Child]:
+        """The child runs ``step`` of run ``run_id`` started."""
+        async with translate_errors("reading child runs"):
+            rows = await self.pool.fetch(self._q["children_of"], run_id, step)
+        return [
+            Child(
+                id=r["id"],
+                count=int(r["idempotency_key"].rsplit(":", 2)[1]),
+                index=int(r["idempotency_key"].rsplit(":", 2)[2]),
+                status=RunStatus(r["status"]),
+                output=r["output"],
+                error=r["error"] or r["compensation_error"],
+                cancel_requested=r["cancel_requested"],
+            )
+            for r in rows
+        ]
+
+    async def revert_run(self, run_id: UUID) -> bool:
+        """Roll a completed run back (its compensations run; it ends cancelled)."""
+        async with translate_errors("reverting a run"):
+            row = await self.pool.fetchrow(self._q["revert_run"], run_id, self.work_channel)
+        return row is not None
 
     async def expire_item_lease(self, run_id: UUID, step: str) -> bool:
         async with translate_errors("expiring a lease"):

@@ -13,7 +13,12 @@ from saga._model import EventKind, HistoryEvent
 _STARTED = (EventKind.STEP_STARTED, EventKind.COMPENSATION_STARTED)
 _COMPLETED = (EventKind.STEP_COMPLETED, EventKind.COMPENSATION_COMPLETED)
 _FAILED = (EventKind.STEP_FAILED, EventKind.COMPENSATION_FAILED)
-_LEASE_ENDS = (EventKind.LEASE_EXPIRED, EventKind.LEASE_RELEASED)
+# Events that end an attempt without its outcome, and what the attempt shows then.
+_ENDS_OF_HOLD: dict[str, str] = {
+    EventKind.LEASE_EXPIRED: "lease_expired",
+    EventKind.LEASE_RELEASED: "released",
+    EventKind.CHILDREN_WAITING: "waiting",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +29,8 @@ class StepAttempt:
     scheduled), ``lease_expired`` (its worker stopped heartbeating; the attempt counts),
     ``released`` (its worker shut down and gave the run back; it does not count, unless
     the same attempt was released before: ``data["counted"]`` of the event) or
-    ``running`` (no outcome recorded yet).
+    ``waiting`` (a step running child sagas gave its slot back until one of them ends)
+    or ``running`` (no outcome recorded yet).
     """
 
     step: str
@@ -92,13 +98,11 @@ class _Assembler:
                 "failed",
                 float(retry_in) if isinstance(retry_in, int | float) else None,
             )
-        elif kind in _LEASE_ENDS:
+        elif kind in _ENDS_OF_HOLD:
             key = (self._compensating, step, attempt)
             if key not in self._open and (not self._compensating, step, attempt) in self._open:
                 key = (not self._compensating, step, attempt)
-            self._close(
-                key, event, "lease_expired" if kind == EventKind.LEASE_EXPIRED else "released"
-            )
+            self._close(key, event, _ENDS_OF_HOLD[kind])
 
     def _start(self, event: HistoryEvent, key: Key) -> None:
         self._compensating = self._compensating or key[0]

@@ -145,8 +145,15 @@ async def test_a_cancel_is_refused_once_the_run_reached_its_pivot(
         await run.cancel()
     gate.release.set()
     assert await run.result(timeout=10) == "ship"
-    early = await orch.start(s, Job())
-    await early.cancel()  # before the pivot (maybe before anything ran)
+    held = Gate("reserve")
+    before = pivoted(["reserve", "pay", "ship"], "pay", compensate={"reserve"}, gate=held)
+    before.name = "before_pivot"
+    orch = await orchestrator(before)
+    early = await orch.start(before, Job())
+    with anyio.fail_after(10):
+        await held.entered.wait()
+    await early.cancel()  # reserve runs: the pivot is not reached
+    held.release.set()
     with pytest.raises(saga.RunCancelledError):
         await early.result(timeout=10)
 

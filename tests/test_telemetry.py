@@ -348,3 +348,41 @@ async def test_waiting_runs_and_timer_lag_are_gauged(orchestrator: OrchestratorF
     found = points(reader)
     assert max(v for _, v in found["saga.timers.lag"]) >= 5
     assert total(found, "saga.runs.active", **{"saga.run.status": "sleeping"}) == 1
+
+
+async def test_parallel_branches_are_sibling_spans_that_overlap(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A graph run is one trace: the attempt spans of b, c and d (run in parallel after
+    a) are siblings under the start span, and overlap in time; the join e comes after
+    all three and carries the run's outcome."""
+    tracing = Tracing()
+    s = small_saga(
+        "traced_graph",
+        ["a", "b", "c", "d", "e"],
+        input=Order,
+        after={"b": ["a"], "c": ["a"], "d": ["a"], "e": ["b", "c", "d"]},
+        delay={"b": 0.2, "c": 0.2, "d": 0.2},
+    )
+    await orchestrator(s, tracer_provider=tracing.provider)
+    run = await s.start(Order(order_id="o-1"))
+    assert await run.result(timeout=10) == "e"
+    with anyio.fail_after(5):
+        while "saga.step e" not in by_name(tracing.spans()):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    spans = by_name(tracing.spans())
+    [start] = spans["saga.start traced_graph"]
+    assert start.context is not None
+    branches = [spans[f"saga.step {name}"][0] for name in "bcd"]
+    for span in branches:
+        assert span.parent is not None
+        assert span.parent.span_id == start.context.span_id
+        assert span.context is not None
+        assert span.context.trace_id == start.context.trace_id
+    starts = [span.start_time or 0 for span in branches]
+    ends = [span.end_time or 0 for span in branches]
+    assert max(starts) < min(ends)  # all three were running at one moment
+    [join] = spans["saga.step e"]
+    assert (join.start_time or 0) >= max(ends)
+    assert join.attributes is not None
+    assert join.attributes["saga.run.status"] == "completed"

@@ -109,9 +109,11 @@ async def test_every_kind_is_written_by_some_run(
     s = _every_kind_saga(undo_fails)
     waits, go = _parking_saga()
     graph = small_saga("graph", ["a", "b"], after={"b": []}, input=Job)  # step_ready
+    child = small_saga("child", ["c"], input=Job)
+    graph.children("kids", child, lambda ctx: [Job(n=0)], after=["a"])  # children_waiting
     faults = Faults()
     faults.expire_lease("first", times=1)
-    orch = await orchestrator(s, waits, graph, lease_seconds=0.6)
+    orch = await orchestrator(s, waits, graph, child, lease_seconds=0.6)
     faults.attach(orch)
     with anyio.fail_after(20):
         assert await (await orch.start(s, Job(n=4))).result() == 2

@@ -54,16 +54,16 @@ SELECT max(version) FROM __schema__.migrations;
 -- workers (the caller coalesces: NOTIFY serializes commits cluster-wide), $10 the
 -- definition's fingerprint, $11 a graph saga's first steps (its items; the run row is
 -- never claimed itself, due 'infinity') or NULL for a linear saga, $12 the definition's
--- pivot step or NULL
+-- pivot step or NULL, $13 and $14 the parent run and step of a child run (or NULL)
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
-         trace_context, fingerprint, graph, status, pivot)
+         trace_context, fingerprint, graph, status, pivot, parent_id, parent_step)
     VALUES ($1, $2, $3, $4, $5, $6,
             CASE WHEN $11::text[] IS NULL THEN now() ELSE 'infinity'::timestamptz END,
             $8::jsonb, $10,
             $11::text[] IS NOT NULL,
-            CASE WHEN $11::text[] IS NULL THEN 'pending' ELSE 'running' END, $12)
+            CASE WHEN $11::text[] IS NULL THEN 'pending' ELSE 'running' END, $12, $13, $14)
     ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), ev AS (
@@ -173,7 +173,8 @@ SELECT * FROM claimed;
 -- worker holding the lease (with $2, a replayed transition can never apply twice), $16
 -- true to refuse the transition when a cancel was requested (a completion must then
 -- roll back instead), $17 the sleep or wait the run parks at (or is stopped at) or NULL
--- ($11 'Infinity': a wait without timeout; see enter_wait for a wait's signal row)
+-- ($11 'Infinity': a wait without timeout; see enter_wait for a wait's signal row), $18
+-- work notification channel (a child run's end wakes its parent's step)
 WITH upd AS (
     UPDATE __schema__.runs SET
         status = $3,
@@ -198,7 +199,14 @@ WITH upd AS (
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
-              extract(epoch FROM now() - created_at)::float8 AS age
+              extract(epoch FROM now() - created_at)::float8 AS age, parent_id, parent_step
+), parent AS (
+    -- A child run that ends wakes the step of its parent that started it.
+    UPDATE __schema__.items i SET
+        woken = true, due_at = CASE WHEN i.lease_owner IS NULL THEN now() ELSE i.due_at END
+    FROM upd
+    WHERE upd.finished AND i.run_id = upd.parent_id AND i.step = upd.parent_step
+    RETURNING i.run_id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
@@ -218,7 +226,9 @@ WITH upd AS (
 )
 SELECT lease_token, cancel_requested, age,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
-            THEN pg_notify($14, id::text)::text END AS notified
+            THEN pg_notify($14, id::text)::text END AS notified,
+       (SELECT pg_notify($18, r.saga_name)::text
+        FROM parent p JOIN __schema__.runs r ON r.id = p.run_id LIMIT 1) AS woke_parent
 FROM upd;
 
 -- name: enter_wait
@@ -737,6 +747,7 @@ WITH candidates AS (
         lease_owner = $1,
         lease_token = nextval('__schema__.item_tokens'),
         attempt = i.attempt + 1,
+        woken = false,
         due_at = now() + make_interval(secs => $3)
     FROM candidates c
     WHERE i.run_id = c.run_id AND i.step = c.step AND i.phase = c.phase
@@ -780,9 +791,10 @@ FROM __schema__.runs WHERE id = $1 AND graph
 FOR UPDATE;
 
 -- name: graph_items
--- The items of a graph run (read under its row lock: see graph_lock).
+-- The items of a graph run (read under its row lock: see graph_lock). An item parked
+-- until its child runs end counts as running.
 -- $1 run id
-SELECT step, phase, lease_owner IS NOT NULL AS leased
+SELECT step, phase, lease_owner IS NOT NULL OR parked AS leased
 FROM __schema__.items WHERE run_id = $1
 ORDER BY step, phase;
 
@@ -795,7 +807,8 @@ ORDER BY step, phase;
 -- $1 run id, $2 step, $3 phase, $4 lease token held, $5 worker, $6 new status, $7
 -- completed step or NULL, $8 its result JSON, $9 compensated step or NULL, $10 output
 -- JSON or NULL, $11 error JSON or NULL (keeps the old), $12 compensation error JSON or
--- NULL (keeps the old), $13 retry in seconds (the item stays) or NULL, $14/$15 dropped
+-- NULL (keeps the old), $13 retry in seconds (the item stays) or NULL ('Infinity': parked
+-- until one of its child runs ends, the attempt not counted), $14/$15 dropped
 -- items' steps and phases, $16/$17/$18 new items' steps, phases and lease seconds
 -- (NULL: due now, unleased), $19 events JSON array, $20 done channel, $21 work channel
 WITH fenced AS (
@@ -806,7 +819,12 @@ WITH fenced AS (
 ), kept AS (
     UPDATE __schema__.items SET
         lease_owner = NULL, released = false,
-        due_at = now() + make_interval(secs => $13::float8)
+        -- woken: a child ended since the claim (its wake-up found the item leased).
+        due_at = CASE WHEN $13::float8 <> 'Infinity'
+                      THEN now() + make_interval(secs => $13::float8)
+                      WHEN woken THEN now() ELSE 'infinity' END,
+        attempt = CASE WHEN $13::float8 = 'Infinity' THEN attempt - 1 ELSE attempt END,
+        parked = $13::float8 = 'Infinity', woken = false
     WHERE run_id = $1 AND step = $2 AND phase = $3 AND lease_token = $4
       AND lease_owner = $5 AND $13::float8 IS NOT NULL
     RETURNING 1
@@ -832,7 +850,21 @@ WITH fenced AS (
         updated_at = now()
     WHERE id = $1 AND (SELECT n FROM held) = 1
     RETURNING id, saga_name, due_at IS NULL AS finished,
-              extract(epoch FROM now() - created_at)::float8 AS age
+              extract(epoch FROM now() - created_at)::float8 AS age, parent_id, parent_step
+), parent AS (
+    -- A child run that ends wakes the step of its parent that started it.
+    UPDATE __schema__.items i SET
+        woken = true, due_at = CASE WHEN i.lease_owner IS NULL THEN now() ELSE i.due_at END
+    FROM upd
+    WHERE upd.finished AND i.run_id = upd.parent_id AND i.step = upd.parent_step
+    RETURNING i.run_id
+), rolling AS (
+    -- Rolling back: a step parked for its children runs now, to cancel them.
+    UPDATE __schema__.items i SET due_at = now()
+    FROM upd
+    WHERE $6 = 'compensating' AND i.run_id = upd.id AND i.parked AND i.lease_owner IS NULL
+      AND NOT (i.step = $2 AND i.phase = $3)
+    RETURNING i.run_id
 ), dropped AS (
     DELETE FROM __schema__.items i
     USING unnest($14::text[], $15::text[]) AS d(step, phase), upd
@@ -866,7 +898,10 @@ SELECT (SELECT n FROM held) AS held, (SELECT age FROM upd) AS age,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
             THEN pg_notify($20, $1::text)::text END AS notified_done,
        CASE WHEN EXISTS (SELECT 1 FROM created WHERE NOT leased)
-            THEN (SELECT pg_notify($21, saga_name)::text FROM upd) END AS notified_work;
+                 OR EXISTS (SELECT 1 FROM rolling)
+            THEN (SELECT pg_notify($21, saga_name)::text FROM upd) END AS notified_work,
+       (SELECT pg_notify($21, r.saga_name)::text
+        FROM parent p JOIN __schema__.runs r ON r.id = p.run_id LIMIT 1) AS woke_parent;
 
 -- name: heartbeat_items
 -- Extend the leases of graph items this worker still holds; rows missing from the
@@ -928,3 +963,35 @@ WHERE i.run_id = $1 AND i.lease_owner = $2 AND i.attempt = 1;
 UPDATE __schema__.items SET due_at = now() - interval '1 millisecond'
 WHERE run_id = $1 AND step = $2 AND lease_owner IS NOT NULL
 RETURNING run_id;
+
+-- name: children_of
+-- The child runs a step started, in the order of their keys' index.
+-- $1 parent run id, $2 parent step
+SELECT id, idempotency_key, status, output, error::text AS error,
+       compensation_error::text AS compensation_error, cancel_requested
+FROM __schema__.runs WHERE parent_id = $1 AND parent_step = $2;
+
+-- name: revert_run
+-- Undo a completed run (its parent's step is compensated): it rolls back as if
+-- cancelled, from its last step, and ends cancelled. A graph run gets one forward item
+-- the claim drops, which starts its rollback. No row: not completed, or past its pivot.
+-- $1 run id, $2 work notification channel
+WITH upd AS (
+    UPDATE __schema__.runs SET
+        status = 'running', cancel_requested = true, attempt = 0, lease_owner = NULL,
+        due_at = CASE WHEN graph THEN 'infinity'::timestamptz ELSE now() END,
+        finished_at = NULL, updated_at = now()
+    WHERE id = $1 AND status = 'completed'
+      AND NOT (pivot IS NOT NULL AND pivot = ANY(completed_steps))
+    RETURNING id, saga_name, step_name, graph
+), item AS (
+    INSERT INTO __schema__.items (run_id, step, phase)
+    SELECT id, step_name, 'step' FROM upd WHERE graph
+    ON CONFLICT DO NOTHING
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, data)
+    SELECT id, 'cancel_requested', '{"revert": true}'::jsonb FROM upd
+), revived AS (
+    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+)
+SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;

@@ -63,6 +63,9 @@ CREATE TABLE __schema__.runs (
     -- The definition's pivot step, if any: once the run reached it, it is not cancelled
     -- (it only goes forward; a failure after it stops the run for an operator).
     pivot              text,
+    -- A child run: the run and step that started it (its end wakes that step's item).
+    parent_id          uuid,
+    parent_step        text,
 
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
@@ -84,6 +87,8 @@ CREATE INDEX runs_stopped ON __schema__.runs (created_at) WHERE status = 'stoppe
 -- finished runs, so a step's update (no update is HOT) never touches them.
 CREATE INDEX runs_finished_created ON __schema__.runs (created_at, id) WHERE due_at IS NULL;
 CREATE INDEX runs_finished_at ON __schema__.runs (finished_at) WHERE due_at IS NULL;
+-- The child runs of a step.
+CREATE INDEX runs_parent ON __schema__.runs (parent_id, parent_step) WHERE parent_id IS NOT NULL;
 
 -- The append-only history. Events of one run are written only by statements holding
 -- that run's row lock, so ordering by id gives each run's history a total order. No
@@ -144,6 +149,8 @@ CREATE TABLE __schema__.items (
     lease_owner text,
     lease_token bigint NOT NULL DEFAULT 0,
     released    boolean NOT NULL DEFAULT false,
+    parked      boolean NOT NULL DEFAULT false,  -- waiting for its child runs to end
+    woken       boolean NOT NULL DEFAULT false,  -- a child run ended since the last claim
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, step, phase)
 );

@@ -37,6 +37,11 @@ class _Payments:
         return None
 
 
+class _Warehouse:
+    async def load(self, rows: int, *, key: str) -> int:
+        return rows
+
+
 class _Shipping:
     async def book(self, order_id: str, *, key: str) -> str:
         return f"slot-{order_id}-{key}"
@@ -45,6 +50,7 @@ class _Shipping:
 inventory = _Inventory()
 payments = _Payments()
 shipping = _Shipping()
+warehouse = _Warehouse()
 
 
 class Order(BaseModel):
@@ -275,3 +281,43 @@ async def book_slot(ctx: saga.Context[Order]) -> str:
 async def charge(ctx: saga.Context[Order]) -> Receipt:
     slot = ctx.result(book_slot)  # typed; only steps it runs after
     return await payments.charge(ctx.input.amount_cents, key=f"{slot}:{ctx.idempotency_key}")
+
+
+# Child sagas.
+class Chunk(BaseModel):
+    rows: int
+
+
+class ImportJob(BaseModel):
+    rows: int
+
+
+chunk = saga.Saga("chunk", input=Chunk)
+
+
+@chunk.step()
+async def load(ctx: saga.Context[Chunk]) -> int:
+    return await warehouse.load(ctx.input.rows, key=ctx.idempotency_key)
+
+
+imports = saga.Saga("import", input=ImportJob)
+
+
+@imports.step()
+async def split(ctx: saga.Context[ImportJob]) -> list[int]:
+    return list(range(0, ctx.input.rows, 1000))
+
+
+loads = imports.children(
+    "loads",
+    chunk,
+    lambda ctx: [Chunk(rows=1000) for _ in ctx.result(split)],
+    max_children=500,
+    after=[split],
+)
+
+
+@imports.step(after=[loads])
+async def report(ctx: saga.Context[ImportJob]) -> int:
+    loaded: list[int] = ctx.result(loads)  # the children's outputs, in input order
+    return sum(loaded)

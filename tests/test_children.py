@@ -1,0 +1,195 @@
+"""Child sagas: a step that starts one run of another saga per item of a list, started
+once, woken by their ends, failed by a child's failure, and undone with its children."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import saga
+from saga.testing import Faults
+from tests._sagas import Gate, Job, Ledger, permanent, small_saga, until_status
+from tests.conftest import OrchestratorFactory
+
+Ctx = saga.Context[Any]
+#: The workers' fallback poll: far longer than any test here, so that only the wake-up a
+#: child's end sends can move its parent on in time.
+NO_POLLING = 30.0
+
+
+def chunk_saga(ledger: Ledger, **options: Any) -> saga.Saga[Job]:
+    """A child: load (compensated) returns 10 x its input's n."""
+    return small_saga(
+        "chunk", ["load"], compensate=True, ledger=ledger,
+        result=lambda ctx: ctx.input.n * 10, **options,
+    )  # fmt: skip
+
+
+def import_saga(
+    child: saga.Saga[Job], ledger: Ledger, bound: int = 10, hold: Gate | None = None
+) -> saga.Saga[Job]:
+    """split, then one chunk run per item (input.n items), then done (held by ``hold``):
+    the parent's output is the children's outputs, in order."""
+    s = small_saga("import", ["split"], compensate=True, ledger=ledger)
+    split = s.get_step("split")
+
+    def inputs(ctx: Ctx) -> list[Job]:
+        return [Job(n=i) for i in range(ctx.input.n)]
+
+    chunks = s.children("chunks", child, inputs, max_children=bound, after=[split])
+
+    @s.step(after=[chunks])
+    async def done(ctx: Ctx) -> list[int]:
+        if hold is not None:
+            await hold.pass_through(ctx)
+        return list(ctx.result(chunks))
+
+    return s
+
+
+async def test_a_step_runs_one_child_per_item_and_completes_with_their_outputs(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Three items start three child runs (once each, with their inputs); the step
+    completes with their outputs in input order, woken by their ends (the fallback poll
+    is 30 s: the run ends in a few)."""
+    ledger = Ledger()
+    child = chunk_saga(ledger)
+    parent = import_saga(child, ledger)
+    orch = await orchestrator(parent, child, poll_interval=NO_POLLING)
+    run = await orch.start(parent, Job(n=3))
+    with anyio.fail_after(10):
+        assert await run.result() == [0, 10, 20]
+    assert ledger.steps().count("load") == 3
+    kinds = [e.kind for e in await run.history()]
+    assert "children_waiting" in kinds
+
+
+async def test_an_empty_list_completes_the_step_with_an_empty_result(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """No items: no child starts, the step completes with []."""
+    ledger = Ledger()
+    child = chunk_saga(ledger)
+    parent = import_saga(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job(n=0))
+    assert await run.result(timeout=10) == []
+    assert "load" not in ledger.steps()
+
+
+async def test_a_list_over_the_bound_fails_the_step_for_good_with_the_count(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Five items for max_children=4: the step fails permanently (no retry), naming 5
+    and the bound; no child starts; what completed is compensated."""
+    ledger = Ledger()
+    child = chunk_saga(ledger)
+    parent = import_saga(child, ledger, bound=4)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job(n=5))
+    with pytest.raises(saga.RunCompensatedError, match=r"5 child runs.*max_children=4"):
+        await run.result(timeout=10)
+    assert "load" not in ledger.steps()
+    assert ledger.steps("compensation") == ["split"]
+
+
+async def test_a_child_saga_that_is_not_registered_is_refused(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Registering a parent without its child saga fails with a message naming both."""
+    ledger = Ledger()
+    parent = import_saga(chunk_saga(ledger), ledger)
+    with pytest.raises(saga.DefinitionError, match=r"starts runs of saga 'chunk'.*not registered"):
+        await orchestrator(parent)
+
+
+async def test_a_retried_step_never_starts_a_second_child(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The worker running the children step dies after starting them (before recording
+    anything): the next attempt finds them and starts none again."""
+    ledger, faults = Ledger(), Faults()
+    faults.crash_after("chunks")
+    child = chunk_saga(ledger)
+    parent = import_saga(child, ledger)
+    orch = await orchestrator(parent, child, lease_seconds=0.5)
+    faults.attach(orch)
+    run = await orch.start(parent, Job(n=3))
+    assert await run.result(timeout=15) == [0, 10, 20]
+    assert faults.fired["crash_after"] == 1
+    assert ledger.steps().count("load") == 3
+    runs = await saga.list_runs(orch, saga="chunk")
+    assert len(runs.runs) == 3
+
+
+async def test_a_failed_child_fails_the_step_and_its_siblings_are_undone(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Child 1 of 3 fails for good: the others are cancelled or reverted (their loads
+    compensated), the step fails with the child's error, and the parent compensates what
+    completed before it."""
+    ledger = Ledger()
+    child = chunk_saga(
+        ledger, fail={"load": permanent("bad chunk", when=lambda ctx: ctx.input.n == 1)}
+    )
+    parent = import_saga(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job(n=3))
+    with pytest.raises(saga.RunCompensatedError, match="bad chunk"):
+        await run.result(timeout=15)
+    undone = [c for c in ledger.of("compensation") if c.step == "load"]
+    loaded = [c for c in ledger.of("step") if c.step == "load" and c.run_id]
+    assert len(undone) == len({c.run_id for c in loaded}) - 1  # every child but the failed
+    assert ledger.steps("compensation")[-1] == "split"
+    assert "done" not in ledger.steps()
+
+
+async def test_compensating_the_step_reverts_its_completed_children(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The parent is cancelled after its children completed (while a later step runs):
+    compensating the children step rolls each completed child back (its load is
+    compensated, the child ends cancelled) before split is compensated."""
+    ledger, gate = Ledger(), Gate("done")
+    child = chunk_saga(ledger)
+    parent = import_saga(child, ledger, hold=gate)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job(n=2))
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+        await run.cancel()
+        gate.release.set()
+        with pytest.raises(saga.RunCancelledError):
+            await run.result()
+    trace = ledger.trace()
+    assert trace.count("undo load") == 2
+    assert trace[-1] == "undo split"
+    for info in (await saga.list_runs(orch, saga="chunk")).runs:
+        assert info.status is saga.RunStatus.CANCELLED
+
+
+async def test_cancelling_the_parent_while_children_run_cancels_them(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Cancel while the children run: each child is cancelled (what it completed is
+    compensated), then the parent's completed steps; nothing is left running."""
+    ledger, gate = Ledger(), Gate("load")
+    child = chunk_saga(ledger, gate=gate)
+    parent = import_saga(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job(n=2))
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+        await run.cancel()
+        gate.release.set()
+        with pytest.raises(saga.RunCancelledError):
+            await run.result()
+    kids = (await saga.list_runs(orch, saga="chunk")).runs
+    assert kids
+    for info in kids:
+        final = await until_status(orch.get_run(info.id), *saga.RunStatus.terminal())
+        assert final.status is saga.RunStatus.CANCELLED
+    assert ledger.steps("compensation")[-1] == "split"
