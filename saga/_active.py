@@ -32,6 +32,7 @@ class ActiveRun:
     failed_forward: bool
     trace_parent: OtelContext | None
     wait: str | None = None  # status waiting: the wait whose timeout passed
+    child: bool = False  # a child run: its end wakes its parent's step
     # The attempt being run: its span, start time, and how it went.
     span: Span | None = None
     started: float = 0.0

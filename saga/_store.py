@@ -97,26 +97,32 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
         exists returns that run, with its input so the caller can tell a replay from a
         conflict. ``roots``: a graph run's first steps (None: a linear run); ``pivot``:
         the definition's pivot step; ``parent``: the run and step starting this child."""
+        args = (
+            run_id,
+            saga_name,
+            saga_version,
+            key,
+            input_json,
+            first_step,
+            self.work_channel,
+            trace_context,
+            notify,
+            fingerprint,
+            roots is not None,
+            pivot,
+            None if parent is None else parent[0],
+            None if parent is None else parent[1],
+        )
         db = conn or self.pool
         async with translate_errors("starting a run"):
             for _ in range(5):
-                row = await db.fetchrow(
-                    self._q["start_run"],
-                    run_id,
-                    saga_name,
-                    saga_version,
-                    key,
-                    input_json,
-                    first_step,
-                    self.work_channel,
-                    trace_context,
-                    notify,
-                    fingerprint,
-                    roots,
-                    pivot,
-                    None if parent is None else parent[0],
-                    None if parent is None else parent[1],
-                )
+                if roots is None:
+                    row = await db.fetchrow(self._q["start_run"], *args)
+                elif conn is not None:  # the caller's transaction holds both
+                    row = await self._start_graph(conn, args, roots)
+                else:
+                    async with self.pool.acquire() as own, own.transaction():
+                        row = await self._start_graph(own, args, roots)
                 if row is not None:
                     return StartResult(row["id"], True, None)
                 existing = await db.fetchrow(self._q["find_run_by_key"], saga_name, key)
@@ -124,6 +130,13 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
                     return StartResult(existing["id"], False, existing["input"])
                 # The conflicting run was deleted in between (pruned); try again.
         raise DatabaseError(f"could not start run with key {key!r}: it keeps conflicting")
+
+    async def _start_graph(self, conn: Executor, args: tuple[Any, ...], roots: list[str]) -> Any:
+        """A graph run and its first items, on ``conn`` (in a transaction)."""
+        row = await conn.fetchrow(self._q["start_run"], *args)
+        if row is not None:
+            await conn.execute(self._q["start_items"], row["id"], roots)
+        return row
 
     async def notify_work(self, saga_name: str) -> None:
         async with translate_errors("notifying workers"):
@@ -150,7 +163,7 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
         return [claimed_item(r) for r in rows]
 
     async def transition(
-        self, worker: str, run_id: UUID, lease_token: int, change: Transition
+        self, worker: str, run_id: UUID, lease_token: int, change: Transition, child: bool = False
     ) -> TransitionResult | None:
         """Apply a fenced transition; ``None`` means nothing changed: the lease was lost,
         or (``change.unless_cancelled``) a cancel was requested meanwhile. Parking the
@@ -169,7 +182,16 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
         ]
         due_in = change.due_in
         async with translate_errors("recording a transition"):
-            if change.wait is None or change.status is not _WAITING:
+            if child and change.terminal:  # the end of a child run wakes its parent's step
+                async with self.pool.acquire() as conn, conn.transaction():
+                    row = await conn.fetchrow(
+                        self._q["transition"],
+                        *self._transition_args(worker, run_id, lease_token, change, events, due_in),
+                    )
+                    if row is not None:
+                        await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
+                signalled = False
+            elif change.wait is None or change.status is not _WAITING:
                 row = await self.pool.fetchrow(
                     self._q["transition"],
                     *self._transition_args(worker, run_id, lease_token, change, events, due_in),
@@ -224,7 +246,6 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
             worker,
             change.unless_cancelled,
             change.wait,
-            self.work_channel,
         )
 
     async def heartbeat(

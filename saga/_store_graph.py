@@ -149,6 +149,8 @@ class GraphQueries:
         )
         if w["held"] != 1:
             raise _LeaseLost
+        if w["ended_child"]:
+            await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
         if change.completed_step is not None and change.result_json is not None:
             results[change.completed_step] = change.result_json
         completed = run.completed
@@ -252,4 +254,5 @@ def claimed_item(r: Any) -> ClaimedItem:
         timed_out_wait=r.get("timed_out_wait"),
         phase=None if phase is None else Phase(phase),
         dropping=bool(r.get("dropping")),
+        child=r["child"],
     )

@@ -110,6 +110,7 @@ class ClaimedItem:
     # A graph run's item: its phase (None: a linear run's one item, in the run row).
     phase: Phase | None = None
     dropping: bool = False  # a forward item of a graph run rolling back: not started
+    child: bool = False  # a child run: its end wakes its parent's step
 
 
 def idempotency_key(run_id: UUID, step: str, phase: Phase) -> str:

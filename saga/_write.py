@@ -49,12 +49,19 @@ class Writer:
         self._outage = outage
 
     async def write(
-        self, run_id: UUID, lease: Lease, change: Transition, ctx: Context[Any] | None, log: Any
+        self,
+        run_id: UUID,
+        lease: Lease,
+        change: Transition,
+        ctx: Context[Any] | None,
+        log: Any,
+        child: bool = False,
     ) -> Written:
         """Apply ``change``: its result, ``COMMITTED`` (an uncertain write that committed,
-        the run moved on since), or None (refused: lease lost, or cancelled meanwhile)."""
+        the run moved on since), or None (refused: lease lost, or cancelled meanwhile).
+        ``child``: the run is a child run (its end wakes its parent's step)."""
         # A partial, not a closure: one coroutine frame less on every step's write.
-        attempt = partial(self._store.transition, self._worker, run_id, lease.token, change)
+        attempt = partial(self._store.transition, self._worker, run_id, lease.token, change, child)
         written, uncertain = await self._through_errors(attempt, ctx)
         if written is None and uncertain:
             return await self._resolve(run_id, change, log)

@@ -52,37 +52,41 @@ SELECT max(version) FROM __schema__.migrations;
 -- $5 input JSON text, $6 first step name, $7 work notification channel, $8 trace
 -- context JSON (W3C carrier of the starting span) or NULL, $9 whether to NOTIFY the
 -- workers (the caller coalesces: NOTIFY serializes commits cluster-wide), $10 the
--- definition's fingerprint, $11 a graph saga's first steps (its items; the run row is
--- never claimed itself, due 'infinity') or NULL for a linear saga, $12 the definition's
--- pivot step or NULL, $13 and $14 the parent run and step of a child run (or NULL)
+-- definition's fingerprint, $11 true for a graph saga (the run row is never claimed
+-- itself, due 'infinity': start_items adds its first items in the same transaction),
+-- $12 the definition's pivot step or NULL, $13 and $14 the parent run and step of a
+-- child run (or NULL)
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
          trace_context, fingerprint, graph, status, pivot, parent_id, parent_step)
     VALUES ($1, $2, $3, $4, $5, $6,
-            CASE WHEN $11::text[] IS NULL THEN now() ELSE 'infinity'::timestamptz END,
-            $8::jsonb, $10,
-            $11::text[] IS NOT NULL,
-            CASE WHEN $11::text[] IS NULL THEN 'pending' ELSE 'running' END, $12, $13, $14)
+            CASE WHEN $11::boolean THEN 'infinity'::timestamptz ELSE now() END,
+            $8::jsonb, $10, $11::boolean,
+            CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12, $13, $14)
     ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), ev AS (
-    INSERT INTO __schema__.events (run_id, kind, step, data)
-    SELECT id, kind, step, data FROM (
-        SELECT id, 0 AS ord, 'run_started' AS kind, NULL AS step,
-               jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text,
-                                  'fingerprint', $10::text) AS data
-        FROM ins
-        UNION ALL
-        SELECT id, r.ord, 'step_ready', r.step, '{"after": []}'::jsonb
-        FROM ins, unnest($11::text[]) WITH ORDINALITY AS r(step, ord)
-    ) e
-    ORDER BY ord
-), roots AS (
-    INSERT INTO __schema__.items (run_id, step, phase)
-    SELECT id, step, 'step' FROM ins, unnest($11::text[]) AS step
+    INSERT INTO __schema__.events (run_id, kind, data)
+    SELECT id, 'run_started',
+           jsonb_build_object('saga', $2::text, 'version', $3::integer, 'key', $4::text,
+                              'fingerprint', $10::text)
+    FROM ins
 )
 SELECT id, CASE WHEN $9 THEN pg_notify($7, $2)::text END AS notified FROM ins;
+
+-- name: start_items
+-- The first items of a graph run just started (its steps without dependencies), in the
+-- start's transaction, each recorded ready.
+-- $1 run id, $2 root step names
+WITH ready AS (
+    INSERT INTO __schema__.events (run_id, kind, step, data)
+    SELECT $1, 'step_ready', r.step, '{"after": []}'::jsonb
+    FROM unnest($2::text[]) WITH ORDINALITY AS r(step, ord)
+    ORDER BY r.ord
+)
+INSERT INTO __schema__.items (run_id, step, phase)
+SELECT $1, step, 'step' FROM unnest($2::text[]) AS step;
 
 -- name: find_run_by_key
 -- The id and input (JSON text) of the run started with this idempotency key.
@@ -143,7 +147,8 @@ WITH candidates AS (
               r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
               r.trace_context::text AS trace_context,
               extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner,
-              t.start_kind, t.woke, c.wait_name, r.wait_name AS timed_out_wait
+              t.start_kind, t.woke, c.wait_name, r.wait_name AS timed_out_wait,
+              r.parent_id IS NOT NULL AS child
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT run_id, kind, step, attempt, worker, data FROM (
@@ -173,8 +178,7 @@ SELECT * FROM claimed;
 -- worker holding the lease (with $2, a replayed transition can never apply twice), $16
 -- true to refuse the transition when a cancel was requested (a completion must then
 -- roll back instead), $17 the sleep or wait the run parks at (or is stopped at) or NULL
--- ($11 'Infinity': a wait without timeout; see enter_wait for a wait's signal row), $18
--- work notification channel (a child run's end wakes its parent's step)
+-- ($11 'Infinity': a wait without timeout; see enter_wait for a wait's signal row)
 WITH upd AS (
     UPDATE __schema__.runs SET
         status = $3,
@@ -199,14 +203,7 @@ WITH upd AS (
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
-              extract(epoch FROM now() - created_at)::float8 AS age, parent_id, parent_step
-), parent AS (
-    -- A child run that ends wakes the step of its parent that started it.
-    UPDATE __schema__.items i SET
-        woken = true, due_at = CASE WHEN i.lease_owner IS NULL THEN now() ELSE i.due_at END
-    FROM upd
-    WHERE upd.finished AND i.run_id = upd.parent_id AND i.step = upd.parent_step
-    RETURNING i.run_id
+              extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
@@ -226,10 +223,26 @@ WITH upd AS (
 )
 SELECT lease_token, cancel_requested, age,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
-            THEN pg_notify($14, id::text)::text END AS notified,
-       (SELECT pg_notify($18, r.saga_name)::text
-        FROM parent p JOIN __schema__.runs r ON r.id = p.run_id LIMIT 1) AS woke_parent
+            THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
+
+-- name: wake_parent
+-- A child run that ended (this transaction's transition ended it) wakes the step of its
+-- parent that started it: marked woken, and due now unless a worker holds it (then its
+-- park sees the mark); the parent's workers are woken at commit.
+-- $1 the child run id, $2 work notification channel
+WITH child AS (
+    SELECT parent_id, parent_step FROM __schema__.runs
+    WHERE id = $1 AND parent_id IS NOT NULL AND due_at IS NULL
+), woken AS (
+    UPDATE __schema__.items i SET
+        woken = true, due_at = CASE WHEN i.lease_owner IS NULL THEN now() ELSE i.due_at END
+    FROM child
+    WHERE i.run_id = child.parent_id AND i.step = child.parent_step
+    RETURNING i.run_id
+)
+SELECT pg_notify($2, r.saga_name)::text AS notified
+FROM __schema__.runs r WHERE r.id = (SELECT run_id FROM woken LIMIT 1);
 
 -- name: enter_wait
 -- Before the transition that parks a run at a wait, in the same transaction: lock the
@@ -757,7 +770,8 @@ WITH candidates AS (
            r.results::text AS results, r.completed_steps, r.cancel_requested,
            r.error IS NOT NULL AS has_error, r.trace_context::text AS trace_context,
            extract(epoch FROM now() - r.created_at)::float8 AS age,
-           c.phase = 'step' AND (r.status = 'compensating' OR r.cancel_requested) AS dropping
+           c.phase = 'step' AND (r.status = 'compensating' OR r.cancel_requested) AS dropping,
+           r.parent_id IS NOT NULL AS child
     FROM claimed c JOIN __schema__.runs r ON r.id = c.run_id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
@@ -775,7 +789,7 @@ WITH candidates AS (
 )
 SELECT run_id AS id, step AS step_name, phase, attempt, lease_token, prev_owner, saga_name,
        saga_version, status, input, results, completed_steps, cancel_requested, has_error,
-       trace_context, age, dropping
+       trace_context, age, dropping, child
 FROM state;
 
 -- name: graph_lock
@@ -850,14 +864,8 @@ WITH fenced AS (
         updated_at = now()
     WHERE id = $1 AND (SELECT n FROM held) = 1
     RETURNING id, saga_name, due_at IS NULL AS finished,
-              extract(epoch FROM now() - created_at)::float8 AS age, parent_id, parent_step
-), parent AS (
-    -- A child run that ends wakes the step of its parent that started it.
-    UPDATE __schema__.items i SET
-        woken = true, due_at = CASE WHEN i.lease_owner IS NULL THEN now() ELSE i.due_at END
-    FROM upd
-    WHERE upd.finished AND i.run_id = upd.parent_id AND i.step = upd.parent_step
-    RETURNING i.run_id
+              extract(epoch FROM now() - created_at)::float8 AS age,
+              parent_id IS NOT NULL AS child
 ), rolling AS (
     -- Rolling back: a step parked for its children runs now, to cancel them.
     UPDATE __schema__.items i SET due_at = now()
@@ -900,8 +908,7 @@ SELECT (SELECT n FROM held) AS held, (SELECT age FROM upd) AS age,
        CASE WHEN EXISTS (SELECT 1 FROM created WHERE NOT leased)
                  OR EXISTS (SELECT 1 FROM rolling)
             THEN (SELECT pg_notify($21, saga_name)::text FROM upd) END AS notified_work,
-       (SELECT pg_notify($21, r.saga_name)::text
-        FROM parent p JOIN __schema__.runs r ON r.id = p.run_id LIMIT 1) AS woke_parent;
+       coalesce((SELECT finished AND child FROM upd), false) AS ended_child;
 
 -- name: heartbeat_items
 -- Extend the leases of graph items this worker still holds; rows missing from the
@@ -953,7 +960,8 @@ SELECT i.run_id AS id, i.step AS step_name, i.phase, i.attempt, i.lease_token,
        r.saga_name, r.saga_version, r.status, r.input, r.results::text AS results,
        r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
        r.trace_context::text AS trace_context,
-       extract(epoch FROM now() - r.created_at)::float8 AS age, false AS dropping
+       extract(epoch FROM now() - r.created_at)::float8 AS age, false AS dropping,
+       r.parent_id IS NOT NULL AS child
 FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
 WHERE i.run_id = $1 AND i.lease_owner = $2 AND i.attempt = 1;
 

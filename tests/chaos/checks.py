@@ -15,7 +15,7 @@ import asyncpg
 
 import saga
 from tests.chaos.rig import Rig, Stats, read_logs
-from tests.chaos.sagas import WAIT_SAGA, ChaosInput, describe
+from tests.chaos.sagas import GRAPH_SAGA, WAIT_SAGA, ChaosInput, describe
 from tests.chaos.waits import SignalPlan, check_waits
 from tests.chaos.waits import figures as wait_figures
 from tests.chaos.worker import LEASE_SECONDS
@@ -117,6 +117,7 @@ async def check(
 
     violations: list[str] = []
     by_state: Counter[str] = Counter()
+    graph_states: Counter[str] = Counter()  # the runs of graph sagas, by state
     lost = double = late = orphans = known_gaps = 0
     dump: list[str] = []
     violating: list[str] = []
@@ -128,6 +129,8 @@ async def check(
             continue
         status = run["status"]
         by_state[status] += 1
+        if run["saga_name"] == GRAPH_SAGA:
+            graph_states[status] += 1
         if status not in TERMINAL:
             lost += 1
             violations.append(f"{run_id}: not terminal ({status})")
@@ -184,6 +187,7 @@ async def check(
         fired.update(counts_of_one)
     return {
         "by_state": dict(sorted(by_state.items())),
+        "graph_runs_by_state": dict(sorted(graph_states.items())),
         "lost": lost,
         "double_committed": double,
         "stale_writes_refused": counts["stale_write_refused"],

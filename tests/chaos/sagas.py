@@ -40,6 +40,7 @@ STEP_RETRY = saga.Retry(max_attempts=6, initial_delay=0.05, max_delay=0.4)
 COMPENSATION_RETRY = saga.Retry(max_attempts=40, initial_delay=0.05, max_delay=0.5)
 SHORT_LEASE = 1.0  # the lease_seconds override some steps get (the workers use 1.5)
 WAIT_SAGA = "chaos_wait"
+GRAPH_SAGA = "chaos_graph"
 NAP_SECONDS = 0.3
 WAIT_NAME = "approval"
 #: Short, so that runs never signalled time out (and compensate) within the test; long
@@ -364,7 +365,7 @@ GRAPH = {"s2": ["s1"], "s3": ["s1"], "s4": ["s1"], "s5": ["s2", "s3"], "s6": ["s
 
 def _graph_saga(rng: random.Random) -> saga.Saga[ChaosInput]:
     """s1; then s2, s3 and s4 in parallel; s5 after s2 and s3; s6 after s4 and s5."""
-    graph = saga.Saga("chaos_graph", input=ChaosInput)
+    graph = saga.Saga(GRAPH_SAGA, input=ChaosInput)
     _add_step(graph, 0, rng, after=[])
     for index in range(1, 6):
         deps = [graph.get_step(n) for n in GRAPH[f"s{index + 1}"]]
