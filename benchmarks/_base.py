@@ -66,3 +66,8 @@ def configure_logging() -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
+
+
+def verdict(ok: bool | None) -> str:
+    """A target's verdict, as the report writes it."""
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")

@@ -3,6 +3,7 @@ once all three completed), beside the linear 3-step saga at the same settings.""
 
 from __future__ import annotations
 
+from benchmarks._base import verdict
 from benchmarks._harness import Harness
 from benchmarks._measure import SagaRow, measure_saga
 from benchmarks._stat import Stat
@@ -14,6 +15,17 @@ async def measure(h: Harness) -> list[Measured]:
     c, p = HEADLINE
     row = SagaRow(kind="fanout", concurrency=c, processes=p)
     return [await measure_saga(h, row, f"fanout_c{c}_r{r}") for r in range(h.opts.repeats)]
+
+
+def target(rows: list[Measured]) -> list[str]:
+    """The commit budget of a fan-out with a join."""
+    if not rows:
+        return []
+    writes = Stat.of([m.writes_per_item for m in rows])
+    return [
+        "| a 3-wide fan-out with a join costs ≤ 1.2 durable commits per step | "
+        f"write commits/step {writes.fmt(2)} (1 process x 64) | {verdict(writes.med <= 1.2)} |"
+    ]
 
 
 def render(rows: list[Measured], linear: list[Measured] | None, ceiling: float) -> list[str]:

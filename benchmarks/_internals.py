@@ -125,6 +125,7 @@ FINISHED_OK = {
     "noop2": "status = 'completed' AND output::text = '1' AND cardinality(completed_steps) = 2",
     "wait": "status = 'completed' AND output::text = '1' "
     "AND completed_steps = '{s1,decision,s2}' AND results->>'decision' = '{\"approved\":true}'",
+    "fanout": "status = 'completed' AND output::text = '1' AND cardinality(completed_steps) = 5",
 }
 
 # Runs finished since $1. The partial index runs_finished_at keeps this cheap at 1M rows.

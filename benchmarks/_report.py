@@ -18,7 +18,7 @@ from benchmarks import (
     _tracing,
     _waits,
 )
-from benchmarks._base import fmt
+from benchmarks._base import fmt, verdict
 from benchmarks._cpu import CORES
 from benchmarks._options import Options
 from benchmarks._stat import Stat, pct
@@ -63,10 +63,6 @@ def render(r: Results, o: Options, header: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
-
-
 def mixed_verdict(ok: dict[tuple[int, int], bool]) -> str:
     """met / missed over (concurrency, processes) rows, naming the rows that differ."""
     if all(ok.values()):
@@ -88,6 +84,7 @@ def targets(r: Results, o: Options) -> list[str]:
     ]
     lines += _runs_target(r.throughput) + _commits_target(r.throughput.saga)
     lines += _waits.target(r.waits)
+    lines += _graphs.target(r.graphs)
     for variant, reps in r.latency.items():
         p50 = Stat.of([pct(s.e2e, 0.5) * 1000 for s in reps])
         p99 = Stat.of([pct(s.e2e, 0.99) * 1000 for s in reps])

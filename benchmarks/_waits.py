@@ -16,7 +16,7 @@ import asyncpg
 
 import saga
 from benchmarks import _internals
-from benchmarks._base import BenchmarkError
+from benchmarks._base import BenchmarkError, verdict
 from benchmarks._harness import Harness
 from benchmarks._measure import STARTERS, SagaRow, measure_saga, start_concurrently
 from benchmarks._sagas import SIGNAL, Decision, Input, build
@@ -142,12 +142,8 @@ def target(w: Waits | None) -> list[str]:
         f"{_stat(w.waits, 'writes_per_run').fmt(2)} vs {_stat(w.plain, 'writes_per_run').fmt(2)}"
         f"; claims/run {_stat(w.waits, 'claims_per_run').fmt(2)} vs "
         f"{_stat(w.plain, 'claims_per_run').fmt(2)} | "
-        f"{_verdict(beyond.med <= SIGNAL_COMMITS + SLACK)} |"
+        f"{verdict(beyond.med <= SIGNAL_COMMITS + SLACK)} |"
     ]
-
-
-def _verdict(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
 
 
 HEAD = (

@@ -8,7 +8,10 @@ beyond what Postgres stores) must fail at once, never later inside a loop of a w
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
+
+from saga._errors import DefinitionError
 
 #: Postgres ``integer`` columns (saga version, attempt numbers) hold at most this.
 MAX_INT32 = 2**31 - 1
@@ -73,3 +76,16 @@ def text(name: str, value: Any, error: type[Exception], *, max_length: int) -> s
     except UnicodeEncodeError:
         raise error(f"{name} is not valid Unicode (it holds a lone surrogate)") from None
     return value
+
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
+
+
+def validate_name(name: str, what: str) -> str:
+    """Names are stored as data, but they also appear in logs, CLIs and metrics."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise DefinitionError(
+            f"invalid {what} name {name!r}: use 1-128 characters, letters, digits, "
+            "'_', '.', ':' or '-', starting with a letter or '_'"
+        )
+    return name

@@ -1,7 +1,8 @@
 """Child sagas: a step that starts runs of another saga, one per item of a list computed
 from earlier results, and completes when they all completed.
 
-The step's item runs no user step: it computes the inputs (``inputs(ctx)``), starts the
+This module declares the step; ``saga._spawner`` runs it. The step's item runs no user
+step: it computes the inputs (``inputs(ctx)``), starts the
 children idempotently (key ``<run>:child:<step>:<count>:<index>``: a retried step never
 starts a second child), then gives its slot back, parked, until a child's end wakes it
 (the child's final write marks the parent's item, in the same statement: no polling).
@@ -13,31 +14,19 @@ cancels and reverts its children, and waits for them to end.
 
 from __future__ import annotations
 
-import inspect
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from saga._errors import DefinitionError, error_record
-from saga._graph_plan import Parked
-from saga._model import RunStatus
-from saga._store_graph import Child
-from saga._transition import Failed, Succeeded
-
-if TYPE_CHECKING:
-    from saga._definition import Context, Saga, Step
-
-_COMPLETED = RunStatus.COMPLETED
-Outcome = Succeeded | Failed | Parked | None
+from saga._errors import DefinitionError
 
 
 @dataclass(frozen=True, slots=True)
 class Spawn:
     """What a children step starts: runs of ``saga``, one per item ``inputs`` returns."""
 
-    saga: Saga[Any]
-    inputs: Callable[[Context[Any]], Sequence[Any] | Awaitable[Sequence[Any]]]
+    saga: Any  # a saga.Saga
+    inputs: Callable[[Any], Sequence[Any] | Awaitable[Sequence[Any]]]
     max_children: int
 
 
@@ -50,17 +39,15 @@ class TooManyChildren(Exception):
 
 
 def declare(
-    parent: Saga[Any],
+    parent: Any,
     name: str,
-    child: Saga[Any],
-    inputs: Callable[[Context[Any]], Any],
+    child: Any,
+    inputs: Callable[[Any], Any],
     max_children: int,
     after: Sequence[Any] | None,
-) -> Step[Any, list[Any]]:
+) -> Any:
     """The step of ``parent`` that starts the children (see :meth:`Saga.children`)."""
-    from saga._definition import Saga
-
-    if not isinstance(child, Saga) or child is parent:
+    if not isinstance(child, type(parent)) or child is parent:
         raise DefinitionError(
             f"saga {parent.name!r}: step {name!r} starts runs of another saga.Saga, not {child!r}"
         )
@@ -72,114 +59,13 @@ def declare(
             f"got {max_children!r}"
         )
 
-    async def start_children(ctx: Context[Any]) -> list[Any]:
+    async def start_children(ctx: Any) -> list[Any]:
         raise AssertionError("a children step is run by saga, not called")  # pragma: no cover
 
-    async def undo_children(ctx: Context[Any], result: list[Any]) -> None:
+    async def undo_children(ctx: Any, result: list[Any]) -> None:
         raise AssertionError("a children step is run by saga, not called")  # pragma: no cover
 
     step = parent.step(name=name, after=after)(start_children)
     step.spawn = Spawn(child, inputs, max_children)
     step.compensate(undo_children)
     return step
-
-
-class Children:
-    """Runs children steps: start, look, cancel and revert child runs."""
-
-    def __init__(self, store: Any, start: Callable[..., Awaitable[Any]]) -> None:
-        self._store = store
-        self._start = start  # Client.start_child
-
-    async def forward(self, run_id: Any, step: Step[Any, Any], ctx: Context[Any]) -> Outcome:
-        """The step's attempt: start what is missing, then done, failed, or parked."""
-        assert step.spawn is not None
-        kids = await self._store.children_of(run_id, step.name)
-        started = False
-        if not kids or len(kids) < _count(kids):
-            made = await self._start_all(run_id, step, ctx)
-            if made is not None:
-                return made
-            kids = await self._store.children_of(run_id, step.name)
-            started = True
-        failed = [k for k in kids if k.status.is_terminal and k.status is not _COMPLETED]
-        if failed:
-            undone = await self.undo(run_id, step)
-            if not isinstance(undone, Succeeded):
-                return undone
-            # The child that ended on its own, not one this step cancelled since.
-            first = min(failed, key=lambda k: (k.cancel_requested, k.index))
-            error = ChildFailed(f"child run {first.id} ended {first.status}: {_reason(first)}")
-            return Failed(error_record(error, step.name), retryable=False)
-        if all(k.status is _COMPLETED for k in kids):
-            ordered = sorted(kids, key=lambda k: k.index)
-            return Succeeded("[" + ",".join(k.output or "null" for k in ordered) + "]")
-        ended = sum(1 for k in kids if k.status.is_terminal)
-        return Parked(ended, len(kids), started)
-
-    async def _start_all(
-        self, run_id: Any, step: Step[Any, Any], ctx: Context[Any]
-    ) -> Succeeded | Failed | None:
-        """Compute the inputs and start every child (idempotent); an outcome when there
-        is nothing to start or the inputs are refused."""
-        spec = step.spawn
-        assert spec is not None
-        try:
-            made = spec.inputs(ctx)
-            values = await made if inspect.isawaitable(made) else made
-            if not isinstance(values, Sequence) or isinstance(values, str | bytes):
-                raise TypeError(f"inputs of step {step.name!r} must return a list, got {values!r}")
-            if len(values) > spec.max_children:
-                raise TooManyChildren(
-                    f"step {step.name!r} would start {len(values)} child runs of saga "
-                    f"{spec.saga.name!r}, over its max_children={spec.max_children}"
-                )
-            if not values:
-                return Succeeded("[]")
-            count = len(values)
-            for index, value in enumerate(values):
-                key = f"{run_id}:child:{step.name}:{count}:{index}"
-                await self._start(spec.saga, value, key, (run_id, step.name))
-        except Exception as exc:  # the user's inputs, or an input the child refuses
-            retryable = not isinstance(exc, TooManyChildren | TypeError)
-            if type(exc).__name__ in ("InvalidInputError", "PayloadTooLargeError"):
-                retryable = False
-            if type(exc).__name__ == "DatabaseError":
-                raise
-            return Failed(error_record(exc, step.name), retryable=retryable)
-        return None
-
-    async def undo(self, run_id: Any, step: Step[Any, Any]) -> Succeeded | Failed | Parked:
-        """Cancel the running children, revert the completed ones; done once all ended
-        undone (a child that cannot be undone fails this for an operator)."""
-        kids = await self._store.children_of(run_id, step.name)
-        for kid in kids:
-            if kid.status is _COMPLETED:
-                if not await self._store.revert_run(kid.id):
-                    return _stuck(step, kid, "passed its pivot step and cannot be undone")
-            elif not kid.status.is_terminal and not kid.cancel_requested:
-                await self._store.request_cancel(kid.id)
-        kids = await self._store.children_of(run_id, step.name)
-        for kid in kids:
-            if kid.status in (RunStatus.FAILED, RunStatus.STOPPED):
-                return _stuck(step, kid, f"ended {kid.status}: {_reason(kid)}")
-        if all(k.status.is_terminal and k.status is not _COMPLETED for k in kids):
-            return Succeeded()
-        ended = sum(1 for k in kids if k.status.is_terminal)
-        return Parked(ended, len(kids), False)
-
-
-def _count(kids: list[Child]) -> int:
-    return max((k.count for k in kids), default=0)
-
-
-def _reason(kid: Child) -> str:
-    if kid.error is None:
-        return "cancelled"
-    error = json.loads(kid.error)
-    return f"{error.get('type')}: {error.get('message')}"
-
-
-def _stuck(step: Step[Any, Any], kid: Child, why: str) -> Failed:
-    error = ChildFailed(f"child run {kid.id} of step {step.name!r} {why}")
-    return Failed(error_record(error, step.name), retryable=False)

@@ -24,8 +24,8 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from saga import _checks, _registry
+from saga._acting import Acting
 from saga._aio import uncancellable
-from saga._claims import RETRIABLE_STATUS, RETRIED_STATUS, REWAITABLE_STATUS, REWAITED_STATUS
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json
 from saga._db import Executor, close_pool, open_pool, validate_schema
 from saga._definition import Saga
@@ -35,7 +35,6 @@ from saga._errors import (
     DefinitionError,
     IdempotencyConflictError,
     InvalidInputError,
-    InvalidRunStateError,
     LifecycleError,
     RunCancelledError,
     RunCompensatedError,
@@ -49,7 +48,7 @@ from saga._lifecycle import Lifecycle, started
 from saga._listener import Listener
 from saga._log import Outage, logger
 from saga._migrate import check_migrated, migrate
-from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
+from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._notify import StartNotifier
 from saga._run import RunHandle
 from saga._signals import Signalling
@@ -75,7 +74,7 @@ def _seconds(name: str, value: float, **bounds: Any) -> float:
     return _checks.seconds(name, value, ConfigurationError, **bounds)
 
 
-class Client(Lifecycle, Signalling):
+class Client(Lifecycle, Signalling, Acting):
     """Starts runs, waits for them and acts on them; executes nothing.
 
     ``dsn_or_pool`` is a PostgreSQL DSN (the client then owns its pool) or an
@@ -393,41 +392,6 @@ class Client(Lifecycle, Signalling):
             return decode(row.output, result_type)
         raise _RUN_ERRORS[info.status](
             info.id, info.status.value, info.error, info.compensation_error
-        )
-
-    async def cancel(self, run_id: uuid.UUID) -> None:
-        """Cancel a run; see :meth:`RunHandle.cancel`."""
-        store = self._store_or_raise()
-        if await uncancellable(store.request_cancel(run_id)):
-            return
-        row = await self._row(run_id)
-        info = row.info
-        reached = row.pivot in info.completed_steps or not info.status.is_terminal
-        if row.pivot is not None and not info.cancel_requested and reached:
-            raise InvalidRunStateError(
-                f"run {run_id} reached its pivot step {row.pivot!r}: it only goes forward "
-                "now (a run stopped after it is retried, not cancelled)"
-            )
-        if info.status.is_terminal:
-            raise InvalidRunStateError(f"run {run_id} already ended {info.status}")
-        # Already requested: cancelling twice is harmless.
-
-    async def retry(self, run_id: uuid.UUID) -> None:
-        """Resume a failed or stopped run; see :meth:`RunHandle.retry`."""
-        store = self._store_or_raise()
-        compensation, step = Phase.COMPENSATION, Phase.STEP
-        if await uncancellable(
-            store.retry_run(run_id, RETRIABLE_STATUS, RETRIED_STATUS, compensation)
-        ):
-            return
-        if await uncancellable(store.rewait_run(run_id, REWAITABLE_STATUS, REWAITED_STATUS)):
-            return
-        if await uncancellable(store.retry_run(run_id, REWAITABLE_STATUS, RunStatus.RUNNING, step)):
-            return  # stopped after its pivot: the step that gave up runs again
-        info = await self.info(run_id)
-        raise InvalidRunStateError(
-            f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} and "
-            f"{REWAITABLE_STATUS} runs can be retried"
         )
 
     async def unclaimable_runs(self) -> dict[DefinitionKey, int]:

@@ -7,7 +7,6 @@ process, worker processes and tests alike.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,8 +16,9 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from saga import _checks, _children, _graph, _pivot, _registry
+from saga._checks import validate_name
 from saga._errors import DefinitionError
-from saga._fingerprint import fingerprint
+from saga._fingerprint import of_definition
 from saga._policy import (
     DEFAULT_COMPENSATION_RETRY,
     DEFAULT_STEP_RETRY,
@@ -29,7 +29,7 @@ from saga._policy import (
     check_timeout,
     return_annotation,
 )
-from saga._waits import OnTimeout, Parking, Sleep, Wait, check_on_timeout, wait_seconds
+from saga._waits import OnTimeout, Parking, Sleep, Wait, declare_sleep, declare_wait
 
 if TYPE_CHECKING:
     from saga._children import Spawn
@@ -43,18 +43,6 @@ P = TypeVar("P", bound=BaseModel)
 
 StepFn = Callable[["Context[InT]"], Awaitable[OutT]]
 CompensateFn = Callable[["Context[InT]", OutT], Awaitable[None]]
-
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
-
-
-def validate_name(name: str, what: str) -> str:
-    """Names are stored as data, but they also appear in logs, CLIs and metrics."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise DefinitionError(
-            f"invalid {what} name {name!r}: use 1-128 characters, letters, digits, "
-            "'_', '.', ':' or '-', starting with a letter or '_'"
-        )
-    return name
 
 
 @dataclass(slots=True)
@@ -248,17 +236,7 @@ class Saga(Generic[InT]):
         timedelta or seconds), or ``until`` the timezone-aware time a function (sync or
         async) computes from the context once that step completed (a past time wakes at
         once). The sleeping run holds no lease, worker or connection."""
-        if (duration is None) == (until is None):
-            raise DefinitionError(f"saga {self.name!r}: sleep takes a duration or until=, one")
-        if until is not None and not callable(until):
-            raise DefinitionError(f"saga {self.name!r}: until must be a function of the context")
-        seconds = None if duration is None else wait_seconds("sleep duration", duration)
-        default = f"sleep_after_{self.steps[-1].name}" if self.steps else "sleep"
-        step = self._park_after("sleep", name or default)
-        sleep = Sleep(name or default, self, step.name, seconds, until)
-        step.after = sleep
-        self._parkings[sleep.name] = sleep
-        return sleep
+        return declare_sleep(self, duration, until, name)
 
     def wait_for(
         self,
@@ -274,17 +252,7 @@ class Saga(Generic[InT]):
         rolls back what completed, ``"stop"`` stops the run for an operator, and an
         ``async def (ctx)`` computes the result to go on with. A signal sent before the
         run gets here is kept for it."""
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise DefinitionError(
-                f"saga {self.name!r}: the payload of wait {name!r} must be a pydantic model"
-            )
-        seconds = None if timeout is None else wait_seconds(f"timeout of wait {name!r}", timeout)
-        check_on_timeout(self.name, name, on_timeout, seconds)
-        step = self._park_after("wait", name)
-        wait: Wait[P] = Wait(name, self, step.name, model, seconds, on_timeout)
-        step.after = wait
-        self._parkings[name] = wait
-        return wait
+        return declare_wait(self, name, model, timeout, on_timeout)
 
     def children(
         self,
@@ -299,7 +267,10 @@ class Saga(Generic[InT]):
         returns (a list of its inputs, sync or async; at most ``max_children``) and
         completes with the list of their outputs once they all completed. See the README,
         "Child sagas"."""
-        return _children.declare(self, name, saga, inputs, max_children, after)
+        step: Step[InT, list[Any]] = _children.declare(
+            self, name, saga, inputs, max_children, after
+        )
+        return step
 
     def get_wait(self, name: str) -> Wait[Any] | None:
         """The wait for the signal ``name``, if this saga declares one."""
@@ -356,21 +327,7 @@ class Saga(Generic[InT]):
         return _graph.output_type(self)
 
     def _compute_fingerprint(self) -> str:
-        steps: list[tuple[str, Any, bool]] = []
-        graph = self.graph if self._frozen else _graph.shape(self)
-        for s in self.steps:
-            steps.append((s.name, s.result_type, s.compensation is not None))
-            if s.spawn is not None:
-                steps.append((f"children:{s.spawn.saga.name}", None, False))
-            if s.pivot:  # only where a saga has one: others keep their fingerprints
-                steps.append(("pivot", None, False))
-            if graph is not None:  # linear sagas keep the fingerprints they had
-                steps.append((f"after:{','.join(graph.deps[s.name])}", None, False))
-            if isinstance(s.after, Wait):  # waits and sleeps only where a run has any
-                steps.append((f"wait:{s.after.name}", s.after.model, False))
-            elif s.after is not None:
-                steps.append((f"sleep:{s.after.name}", None, False))
-        return fingerprint(self.name, self.version, self.input_type, steps)
+        return of_definition(self, self.graph if self._frozen else _graph.shape(self))
 
     async def start(
         self,
@@ -389,15 +346,7 @@ class Saga(Generic[InT]):
         Equivalent to ``orchestrator.start(saga, input, key=..., require_same_input=...,
         conn=...)``.
         """
-        live = _registry.open_clients(self)
-        if len(live) != 1:
-            raise DefinitionError(
-                f"saga {self.name!r} is registered with {len(live)} open clients; "
-                "start it with `client.start(saga, input)`"
-                if live
-                else f"saga {self.name!r} is not registered with an open Client or Orchestrator"
-            )
-        client = live[0]
+        client = _registry.the_client(self)
         return await client.start(
             self, input, key=key, require_same_input=require_same_input, conn=conn
         )

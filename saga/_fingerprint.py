@@ -27,6 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from saga._waits import Wait
+
 _UNIONS = (typing.Union, types.UnionType)
 
 
@@ -114,3 +116,23 @@ def fingerprint(
     }
     text = json.dumps(description, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def of_definition(saga: Any, graph: Any) -> str:
+    """The fingerprint of a saga definition (``graph``: its graph, None when linear).
+    What only some sagas have (waits, sleeps, a graph, a pivot, children steps) enters
+    only theirs: the others keep the fingerprints their runs recorded."""
+    steps: list[tuple[str, Any, bool]] = []
+    for s in saga.steps:
+        steps.append((s.name, s.result_type, s.compensation is not None))
+        if s.spawn is not None:
+            steps.append((f"children:{s.spawn.saga.name}", None, False))
+        if s.pivot:
+            steps.append(("pivot", None, False))
+        if graph is not None:
+            steps.append((f"after:{','.join(graph.deps[s.name])}", None, False))
+        if isinstance(s.after, Wait):
+            steps.append((f"wait:{s.after.name}", s.after.model, False))
+        elif s.after is not None:
+            steps.append((f"sleep:{s.after.name}", None, False))
+    return fingerprint(saga.name, saga.version, saga.input_type, steps)

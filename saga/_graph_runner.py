@@ -15,7 +15,6 @@ from typing import Any
 
 from saga import _graph_plan, _plan
 from saga._active import ActiveRun
-from saga._children import Children
 from saga._definition import Saga
 from saga._errors import error_record
 from saga._graph_plan import Finished, GraphChange, Parked
@@ -23,6 +22,7 @@ from saga._lease import Lease, Leases
 from saga._log import log_event, logger
 from saga._model import EventKind, Outcome, Phase, RunStatus
 from saga._runner import Runner
+from saga._spawner import Children
 from saga._store_graph import GraphWritten
 from saga._transition import ClaimedItem, Event, Failed, RunState, Succeeded
 from saga._write import COMMITTED

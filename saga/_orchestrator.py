@@ -20,7 +20,6 @@ from opentelemetry.trace import TracerProvider
 
 from saga import _checks
 from saga._census import census_loop
-from saga._children import Children
 from saga._client import Client
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES
 from saga._definition import Saga
@@ -31,6 +30,7 @@ from saga._lease import Leases, heartbeat_interval
 from saga._lifecycle import started
 from saga._policy import check_lease_seconds
 from saga._runner import Runner
+from saga._spawner import Children
 
 
 class Orchestrator(Client):
@@ -146,7 +146,13 @@ class Orchestrator(Client):
             faults=self,
         )
 
-        handler = GraphRunner(runner, leases, Children(store, self.start_child)).run
+        graphs = any(s.graph is not None for s in self._sagas.values())
+        # Only sagas with graph items need the dispatch between runs and items.
+        handler = (
+            GraphRunner(runner, leases, Children(store, self.start_child)).run
+            if graphs
+            else runner.run
+        )
 
         async def claim(*, task_status: Any) -> None:
             await leases.claim_loop(tg, handler, task_status=task_status)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Protocol
 
+from saga._errors import DefinitionError
 from saga._run import RunHandle
 
 
@@ -46,3 +47,16 @@ def unregister(saga: Any, client: Starter) -> None:
 def open_clients(saga: Any) -> list[Starter]:
     """The open clients that registered ``saga``."""
     return [c for c in _clients.get(saga, ()) if c.is_open]
+
+
+def the_client(saga: Any) -> Starter:
+    """The one open client that registered ``saga`` (``Saga.start`` goes through it)."""
+    live = open_clients(saga)
+    if len(live) != 1:
+        raise DefinitionError(
+            f"saga {saga.name!r} is registered with {len(live)} open clients; "
+            "start it with `client.start(saga, input)`"
+            if live
+            else f"saga {saga.name!r} is not registered with an open Client or Orchestrator"
+        )
+    return live[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -86,6 +86,12 @@ class Runner:
         self._faults = faults
         self.writer = Writer(store, worker_id, hooks, outage)
         self._lease_fns: dict[int, Callable[[str], float]] = {}  # per saga (by identity)
+        #: Drive one claimed run until it ends, waits, or the lease is lost; whatever
+        #: happens, free its slot (unless cancelled by shutdown: then it is released).
+        #: A partial, not a method: no coroutine frame of its own on every claimed run.
+        self.run: Callable[[ClaimedItem, Lease], Coroutine[Any, Any, None]] = partial(
+            self.guard, process=self._process
+        )
 
     @property
     def hooks(self) -> Hooks:
@@ -99,11 +105,6 @@ class Runner:
         """Fault injection attached to a running orchestrator (saga.testing)."""
         self._hooks = hooks
         self.writer.hooks = hooks
-
-    async def run(self, item: ClaimedItem, lease: Lease) -> None:
-        """Drive one claimed run until it ends, waits, or the lease is lost; whatever
-        happens, free its slot (unless cancelled by shutdown: then it is released)."""
-        await self.guard(item, lease, self._process)
 
     async def guard(self, item: ClaimedItem, lease: Lease, process: Process) -> None:
         """Run ``process`` on a claimed item; a crash, a database outage or a bug of

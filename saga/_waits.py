@@ -122,3 +122,35 @@ def due_seconds(parking: Parking) -> float:
         return math.inf if parking.timeout is None else parking.timeout
     assert parking.seconds is not None
     return parking.seconds
+
+
+def declare_sleep(saga: Any, duration: Any, until: Any, name: str | None) -> Sleep:
+    """``Saga.sleep``: a sleep after the saga's last declared step."""
+    if (duration is None) == (until is None):
+        raise DefinitionError(f"saga {saga.name!r}: sleep takes a duration or until=, one")
+    if until is not None and not callable(until):
+        raise DefinitionError(f"saga {saga.name!r}: until must be a function of the context")
+    seconds = None if duration is None else wait_seconds("sleep duration", duration)
+    default = f"sleep_after_{saga.steps[-1].name}" if saga.steps else "sleep"
+    step = saga._park_after("sleep", name or default)
+    sleep = Sleep(name or default, saga, step.name, seconds, until)
+    step.after = sleep
+    saga._parkings[sleep.name] = sleep
+    return sleep
+
+
+def declare_wait(
+    saga: Any, name: str, model: type[P], timeout: Any, on_timeout: OnTimeout
+) -> Wait[P]:
+    """``Saga.wait_for``: a wait for the signal ``name`` after the last declared step."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise DefinitionError(
+            f"saga {saga.name!r}: the payload of wait {name!r} must be a pydantic model"
+        )
+    seconds = None if timeout is None else wait_seconds(f"timeout of wait {name!r}", timeout)
+    check_on_timeout(saga.name, name, on_timeout, seconds)
+    step = saga._park_after("wait", name)
+    wait: Wait[P] = Wait(name, saga, step.name, model, seconds, on_timeout)
+    step.after = wait
+    saga._parkings[name] = wait
+    return wait

@@ -62,9 +62,12 @@ class Writer:
         ``child``: the run is a child run (its end wakes its parent's step)."""
         # A partial, not a closure: one coroutine frame less on every step's write.
         attempt = partial(self._store.transition, self._worker, run_id, lease.token, change, child)
-        written, uncertain = await self._through_errors(attempt, ctx)
-        if written is None and uncertain:
-            return await self._resolve(run_id, change, log)
+        try:
+            written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
+        except DatabaseError as exc:
+            written = await self._after_error(attempt, ctx, exc)
+            return written if written is not None else await self._resolve(run_id, change, log)
+        self._outage.back()
         return written
 
     async def write_graph(
@@ -80,34 +83,37 @@ class Writer:
         ``COMMITTED`` when an uncertain write turned out committed (``first`` is the
         event it begins with; None: it has none of its own, taken as not committed)."""
         attempt = partial(self._store.graph_write, self._worker, key, lease.token, decide)
-        written, uncertain = await self._through_errors(attempt, ctx)
-        if written is not None or not uncertain or first is None:
-            return written
-        committed = await self._store.has_event(
-            key[0], str(first.kind), first.step, first.attempt, self._worker
-        )
-        log.info("ambiguous_commit_resolved", committed=committed)
-        return COMMITTED if committed else None
+        try:
+            written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
+        except DatabaseError as exc:
+            written = await self._after_error(attempt, ctx, exc)
+            if written is not None or first is None:
+                return written
+            committed = await self._store.has_event(
+                key[0], str(first.kind), first.step, first.attempt, self._worker
+            )
+            log.info("ambiguous_commit_resolved", committed=committed)
+            return COMMITTED if committed else None
+        self._outage.back()
+        return written
 
-    async def _through_errors(
-        self, attempt: Callable[[], Awaitable[T]], ctx: Context[Any] | None
-    ) -> tuple[T | None, bool]:
-        """Run ``attempt`` (a fenced write: replaying it is safe) until it gets an
-        answer; True with it when an earlier try may have committed unseen."""
-        uncertain = False
-        for delay in (*_RETRY_DELAYS, None):
+    async def _after_error(
+        self, attempt: Callable[[], Awaitable[T]], ctx: Context[Any] | None, exc: DatabaseError
+    ) -> T:
+        """A write (fenced: replaying it is safe) broke its connection, so it may have
+        committed unseen: try again after each delay until it gets an answer (the
+        caller resolves a refusal from the history), or raise the last error."""
+        for delay in _RETRY_DELAYS:
+            self._outage.lost("recording an outcome", exc)
+            await anyio.sleep(delay)
             try:
                 written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
-            except DatabaseError as exc:
-                if delay is None:
-                    raise
-                uncertain = True
-                self._outage.lost("recording an outcome", exc)
-                await anyio.sleep(delay)
+            except DatabaseError as again:
+                exc = again
                 continue
             self._outage.back()
-            return written, uncertain
-        return None, uncertain  # pragma: no cover - the loop returns or raises
+            return written
+        raise exc
 
     async def _resolve(self, run_id: UUID, change: Transition, log: Any) -> Written:
         """After an uncertain write was refused on replay: did the first one commit?

@@ -1,0 +1,123 @@
+"""Running children steps (declared by ``saga._children``): start, look at, cancel and
+revert a step's child runs, for the graph runner."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from saga._children import ChildFailed, TooManyChildren
+from saga._errors import error_record
+from saga._graph_plan import Parked
+from saga._model import RunStatus
+from saga._store_graph import Child
+from saga._transition import Failed, Succeeded
+
+if TYPE_CHECKING:
+    from saga._definition import Context, Step
+
+_COMPLETED = RunStatus.COMPLETED
+Outcome = Succeeded | Failed | Parked | None
+
+
+class Children:
+    """Runs children steps: start, look, cancel and revert child runs."""
+
+    def __init__(self, store: Any, start: Callable[..., Awaitable[Any]]) -> None:
+        self._store = store
+        self._start = start  # Client.start_child
+
+    async def forward(self, run_id: Any, step: Step[Any, Any], ctx: Context[Any]) -> Outcome:
+        """The step's attempt: start what is missing, then done, failed, or parked."""
+        assert step.spawn is not None
+        kids = await self._store.children_of(run_id, step.name)
+        started = False
+        if not kids or len(kids) < _count(kids):
+            made = await self._start_all(run_id, step, ctx)
+            if made is not None:
+                return made
+            kids = await self._store.children_of(run_id, step.name)
+            started = True
+        failed = [k for k in kids if k.status.is_terminal and k.status is not _COMPLETED]
+        if failed:
+            undone = await self.undo(run_id, step)
+            if not isinstance(undone, Succeeded):
+                return undone
+            # The child that ended on its own, not one this step cancelled since.
+            first = min(failed, key=lambda k: (k.cancel_requested, k.index))
+            error = ChildFailed(f"child run {first.id} ended {first.status}: {_reason(first)}")
+            return Failed(error_record(error, step.name), retryable=False)
+        if all(k.status is _COMPLETED for k in kids):
+            ordered = sorted(kids, key=lambda k: k.index)
+            return Succeeded("[" + ",".join(k.output or "null" for k in ordered) + "]")
+        ended = sum(1 for k in kids if k.status.is_terminal)
+        return Parked(ended, len(kids), started)
+
+    async def _start_all(
+        self, run_id: Any, step: Step[Any, Any], ctx: Context[Any]
+    ) -> Succeeded | Failed | None:
+        """Compute the inputs and start every child (idempotent); an outcome when there
+        is nothing to start or the inputs are refused."""
+        spec = step.spawn
+        assert spec is not None
+        try:
+            made = spec.inputs(ctx)
+            values = await made if inspect.isawaitable(made) else made
+            if not isinstance(values, Sequence) or isinstance(values, str | bytes):
+                raise TypeError(f"inputs of step {step.name!r} must return a list, got {values!r}")
+            if len(values) > spec.max_children:
+                raise TooManyChildren(
+                    f"step {step.name!r} would start {len(values)} child runs of saga "
+                    f"{spec.saga.name!r}, over its max_children={spec.max_children}"
+                )
+            if not values:
+                return Succeeded("[]")
+            count = len(values)
+            for index, value in enumerate(values):
+                key = f"{run_id}:child:{step.name}:{count}:{index}"
+                await self._start(spec.saga, value, key, (run_id, step.name))
+        except Exception as exc:  # the user's inputs, or an input the child refuses
+            retryable = not isinstance(exc, TooManyChildren | TypeError)
+            if type(exc).__name__ in ("InvalidInputError", "PayloadTooLargeError"):
+                retryable = False
+            if type(exc).__name__ == "DatabaseError":
+                raise
+            return Failed(error_record(exc, step.name), retryable=retryable)
+        return None
+
+    async def undo(self, run_id: Any, step: Step[Any, Any]) -> Succeeded | Failed | Parked:
+        """Cancel the running children, revert the completed ones; done once all ended
+        undone (a child that cannot be undone fails this for an operator)."""
+        kids = await self._store.children_of(run_id, step.name)
+        for kid in kids:
+            if kid.status is _COMPLETED:
+                if not await self._store.revert_run(kid.id):
+                    return _stuck(step, kid, "passed its pivot step and cannot be undone")
+            elif not kid.status.is_terminal and not kid.cancel_requested:
+                await self._store.request_cancel(kid.id)
+        kids = await self._store.children_of(run_id, step.name)
+        for kid in kids:
+            if kid.status in (RunStatus.FAILED, RunStatus.STOPPED):
+                return _stuck(step, kid, f"ended {kid.status}: {_reason(kid)}")
+        if all(k.status.is_terminal and k.status is not _COMPLETED for k in kids):
+            return Succeeded()
+        ended = sum(1 for k in kids if k.status.is_terminal)
+        return Parked(ended, len(kids), False)
+
+
+def _count(kids: list[Child]) -> int:
+    return max((k.count for k in kids), default=0)
+
+
+def _reason(kid: Child) -> str:
+    if kid.error is None:
+        return "cancelled"
+    error = json.loads(kid.error)
+    return f"{error.get('type')}: {error.get('message')}"
+
+
+def _stuck(step: Step[Any, Any], kid: Child, why: str) -> Failed:
+    error = ChildFailed(f"child run {kid.id} of step {step.name!r} {why}")
+    return Failed(error_record(error, step.name), retryable=False)
