@@ -117,6 +117,9 @@ class Finished:
     phase: Phase
     attempt: int
     outcome: Succeeded | Failed | Parked | None
+    # A children step dropped in a rollback: it undid its children instead of running
+    # (failing to undo them is a compensation that gave up: the run ends failed).
+    undo: bool = False
 
 
 def after_item(
@@ -195,7 +198,11 @@ class _Builder:
 
     def step_outcome(self, graph: Graph) -> None:
         done, outcome = self.done, self.done.outcome
-        if isinstance(outcome, Succeeded):
+        if done.undo and isinstance(outcome, Failed):
+            data = {"error": outcome.error}
+            self.events.append(Event(EventKind.COMPENSATION_FAILED, done.step, done.attempt, data))
+            self.compensation_error = outcome.error
+        elif isinstance(outcome, Succeeded):
             self.events.append(Event(EventKind.STEP_COMPLETED, done.step, done.attempt))
             self.completed.add(done.step)
             self.completed_step, self.result_json = done.step, outcome.result_json

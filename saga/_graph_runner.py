@@ -67,7 +67,8 @@ class GraphRunner:
         else:
             outcome = await self._attempt(run, lease, item.dropping)
         if outcome is None or isinstance(outcome, Succeeded | Failed | Parked):
-            done = Finished(run.step, run.phase, run.attempt, outcome)
+            undo = item.dropping and spawns
+            done = Finished(run.step, run.phase, run.attempt, outcome, undo)
         else:  # _LOST
             runner.end_attempt(run, Outcome.LEASE_LOST)
             return
@@ -225,5 +226,7 @@ def _first_event(done: Finished) -> Event | None:
         return None
     if isinstance(done.outcome, Parked):
         return Event(EventKind.CHILDREN_WAITING, done.step, done.attempt)
+    if done.undo and isinstance(done.outcome, Failed):
+        return Event(EventKind.COMPENSATION_FAILED, done.step, done.attempt)
     kind = EventKind.completed if isinstance(done.outcome, Succeeded) else EventKind.failed
     return Event(kind(done.phase), done.step, done.attempt)

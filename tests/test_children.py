@@ -193,3 +193,29 @@ async def test_cancelling_the_parent_while_children_run_cancels_them(
         final = await until_status(orch.get_run(info.id), *saga.RunStatus.terminal())
         assert final.status is saga.RunStatus.CANCELLED
     assert ledger.steps("compensation")[-1] == "split"
+
+
+async def test_a_child_past_its_pivot_fails_the_parents_rollback_for_an_operator(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The parent is cancelled while a child runs past its own pivot: the child cannot
+    be cancelled nor, once completed, reverted, so undoing the parent's step gives up
+    like a compensation would: the parent ends failed with the reason, for an operator,
+    rather than ending cancelled with the child's effects silently in place."""
+    ledger, gate = Ledger(), Gate("ship")
+    child = small_saga("paid", ["pay", "ship"], ledger=ledger, gate=gate)
+    child.get_step("pay").pivot = True
+    s = small_saga("order", ["split"], compensate=True, ledger=ledger)
+    s.children("pay_all", child, lambda ctx: [Job(n=0)], after=["split"])
+    orch = await orchestrator(s, child)
+    run = await orch.start(s, Job())
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+        await run.cancel()
+        gate.release.set()
+        with pytest.raises(saga.RunFailedError, match="passed its pivot step"):
+            await run.result()
+    assert "split" not in ledger.steps("compensation")  # nothing undone past the failure
+    kinds = [e.kind for e in await run.history()]
+    assert "compensation_failed" in kinds
+    assert kinds[-1] == "run_failed"
