@@ -69,3 +69,16 @@ def declare(
     step.spawn = Spawn(child, inputs, max_children)
     step.compensate(undo_children)
     return step
+
+
+def check_registered(sagas: dict[tuple[str, int], Any]) -> None:
+    """Every saga a children step starts is registered with the same client."""
+    for saga in sagas.values():
+        for step in saga.steps:
+            child = None if step.spawn is None else step.spawn.saga
+            if child is not None and sagas.get((child.name, child.version)) is not child:
+                raise DefinitionError(
+                    f"saga {saga.name!r}: step {step.name!r} starts runs of saga "
+                    f"{child.name!r} v{child.version}, which is not registered with this "
+                    "client; pass it in sagas= too"
+                )

@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from saga import _checks, _registry
+from saga import _checks, _children, _registry
 from saga._acting import Acting
 from saga._aio import uncancellable
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json
@@ -150,15 +150,7 @@ class Client(Lifecycle, Signalling, Acting):
     async def _open(self) -> None:
         for saga in self._sagas.values():
             saga._freeze()
-        for saga in self._sagas.values():
-            for step in saga.steps:
-                child = None if step.spawn is None else step.spawn.saga
-                if child is not None and self._sagas.get((child.name, child.version)) is not child:
-                    raise DefinitionError(
-                        f"saga {saga.name!r}: step {step.name!r} starts runs of saga "
-                        f"{child.name!r} v{child.version}, which is not registered with this "
-                        "client; pass it in sagas= too"
-                    )
+        _children.check_registered(self._sagas)
         self._definitions = [(s.name, s.version, s.fingerprint) for s in self._sagas.values()]
         if isinstance(self._dsn_or_pool, str):
             self._pool = await open_pool(self._dsn_or_pool, self._pool_size())
