@@ -219,3 +219,30 @@ async def test_a_child_past_its_pivot_fails_the_parents_rollback_for_an_operator
     kinds = [e.kind for e in await run.history()]
     assert "compensation_failed" in kinds
     assert kinds[-1] == "run_failed"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (lambda ctx: Job(n=1), "must return a list"),
+        (lambda ctx: [{"n": "not a number"}], "invalid input for saga 'chunk'"),
+        (lambda ctx: 1 / 0, "division by zero"),
+    ],
+    ids=["not a list", "an input the child refuses", "inputs raises"],
+)
+async def test_bad_inputs_fail_the_step_with_the_reason(
+    orchestrator: OrchestratorFactory, inputs: Any, message: str
+) -> None:
+    """inputs() returning something other than a list, an item the child saga's model
+    refuses, or inputs() raising: the step fails (the last after its retries) with the
+    reason in the run's error, and what completed before it is compensated."""
+    ledger = Ledger()
+    child = chunk_saga(ledger)
+    s = small_saga("bad", ["split"], compensate=True, ledger=ledger)
+    s.children("chunks", child, inputs, after=["split"])
+    orch = await orchestrator(s, child)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunCompensatedError, match=message):
+        await run.result(timeout=15)
+    assert ledger.steps("compensation") == ["split"]
+    assert "load" not in ledger.steps()
