@@ -201,9 +201,9 @@ async def advance(
 ) -> datetime | None:
     """Move the run's timer earlier by ``by`` (a timedelta or seconds), as if that much
     time had passed: a sleep ends sooner, a wait times out sooner, a retry's backoff is
-    over sooner; the workers are woken. An item a worker holds (its lease) and a wait
-    without timeout are left alone. Returns the new due time (None: nothing moved).
-    For tests: production runs keep their real timers."""
+    over sooner (a graph run: its steps' backoffs); the workers are woken. An item a
+    worker holds (its lease) and a wait without timeout are left alone. Returns the new
+    due time (None: nothing moved). For tests: production runs keep their real timers."""
     seconds = by.total_seconds() if isinstance(by, timedelta) else by
     if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not seconds >= 0:
         raise InvalidInputError(f"advance() needs a duration >= 0, got {by!r}")

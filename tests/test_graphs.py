@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 import saga
-from saga.testing import Faults
+from saga.testing import Faults, advance
 from tests._sagas import (
     Gate,
     Job,
@@ -416,3 +416,19 @@ async def test_the_timeline_shows_overlapping_branches_and_what_each_step_waited
     assert any(line.split()[:3] == ["a", "step", "start"] for line in out.splitlines())
     shown = await cli.json("show", str(run.id))
     assert {a["step"]: a["after"] for a in shown["attempts"]}["e"] == ["b", "c", "d"]
+
+
+async def test_advance_moves_a_branch_backoff(orchestrator: OrchestratorFactory) -> None:
+    """saga.testing.advance moves a graph run's item backoff too: a branch waiting an hour
+    before its retry runs at once."""
+    ledger = Ledger()
+    hour = saga.Retry(max_attempts=2, initial_delay=3600, max_delay=3600, jitter=0)
+    s = fan(ledger=ledger, fail={"c": transient(1)}, retry={"c": hour})
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with anyio.fail_after(10):
+        while not any(e.kind == "step_failed" for e in await run.history()):  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    assert await advance(orch, run, 3600) is not None
+    assert await run.result(timeout=10) == "e"
+    assert ledger.steps().count("c") == 2

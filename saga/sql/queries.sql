@@ -447,15 +447,26 @@ SELECT id FROM upd;
 
 -- name: advance_timers
 -- saga.testing only: move a run's timer (a sleep's end, a wait's timeout, a retry's
--- backoff) earlier by $2 seconds, as if that much time had passed; a leased item is
--- left alone. Wakes the workers. Returns the new due time (no row: nothing to move).
+-- backoff; for a graph run, its items' backoffs) earlier by $2 seconds, as if that much
+-- time had passed; a leased item is left alone. Wakes the workers. Returns the new due
+-- time, the earliest of a graph run's items (no row: nothing to move).
 -- $1 run id, $2 seconds, $3 work notification channel
 WITH upd AS (
     UPDATE __schema__.runs SET due_at = due_at - make_interval(secs => $2)
     WHERE id = $1 AND due_at IS NOT NULL AND lease_owner IS NULL AND due_at <> 'infinity'
     RETURNING id, saga_name, due_at
+), items AS (
+    UPDATE __schema__.items i SET due_at = i.due_at - make_interval(secs => $2)
+    FROM __schema__.runs r
+    WHERE i.run_id = $1 AND r.id = $1 AND r.due_at IS NOT NULL AND i.lease_owner IS NULL
+      AND i.due_at <> 'infinity'
+    RETURNING r.saga_name, i.due_at
+), moved AS (
+    SELECT saga_name, due_at FROM upd
+    UNION ALL
+    (SELECT saga_name, due_at FROM items ORDER BY due_at LIMIT 1)
 )
-SELECT due_at, pg_notify($3, saga_name)::text AS notified FROM upd;
+SELECT due_at, pg_notify($3, saga_name)::text AS notified FROM moved LIMIT 1;
 
 -- name: expire_lease
 -- saga.testing only: make a held lease look expired, as if its worker had stalled past
