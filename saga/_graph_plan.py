@@ -19,6 +19,7 @@ every dependency of a join completed and creates the join's item, once. The rule
   without compensation and itself settled). Independent compensations run concurrently.
 - Once the pivot step (if any) completed, a step that fails for good stops the run for
   an operator instead: no new step starts, the running ones finish, then ``stopped``.
+  So does a step whose retry policy says ``on_give_up="stop"``.
 - A compensation that fails is retried likewise; when it gives up, no new compensation
   starts and, once the running items finished, the run is ``failed`` for an operator.
   When nothing is left to undo and nothing runs, the run ends ``compensated`` (a step
@@ -239,19 +240,28 @@ class _Builder:
 
     @property
     def halted(self) -> bool:
-        """Past the pivot, a step failed for good: nothing new starts."""
+        """A step failed for good past the pivot, or its policy stops when it gives up:
+        nothing new starts, and the run stops for an operator once nothing runs."""
+        if self.status is _COMPENSATING or self.run.cancel_requested:
+            return False
+        if self.run.failed_forward:
+            return True  # stopping already: a failure that did not start the rollback
+        if self.error is None:
+            return False
         pivot = self.saga.pivot
-        failed = self.error is not None or self.run.failed_forward
-        return failed and pivot is not None and pivot in self.completed
+        if pivot is not None and pivot in self.completed:
+            return True
+        return self.saga.get_step(self.done.step).retry.on_give_up == "stop"
 
     def go_on(self, graph: Graph) -> None:
         if self.halted:
             if not self.items:
                 self.status = RunStatus.STOPPED
                 step = self.error["step"] if self.error else self.done.step
-                self.events.append(
-                    Event(EventKind.RUN_STOPPED, step, data={"pivot": self.saga.pivot})
-                )
+                pivot = self.saga.pivot
+                past = pivot is not None and pivot in self.completed
+                data = {"pivot": pivot} if past else {"on_give_up": "stop"}
+                self.events.append(Event(EventKind.RUN_STOPPED, step, data=data))
             return
         taken = {step for step, phase in self.items if phase is _STEP}
         for step in graph.ready(self.completed, taken):

@@ -18,7 +18,9 @@ decides nothing. The rules, in one place:
   released twice) fails at once with ``saga.AttemptLost``.
 - Once the saga's pivot step completed, nothing before it is compensated: a failure for
   good stops the run for an operator (``stopped``, at the step that gave up; a retry
-  runs it again). A cancel is refused from the moment the run reaches its pivot.
+  runs it again). A cancel is refused from the moment the run reaches its pivot. A step
+  whose retry policy says ``on_give_up="stop"`` stops the run likewise when it gives up
+  (the operator retries it, or cancels: the run then compensates).
 - A step followed by a sleep or a wait parks the run there in the same write that
   records the step (``sleeping``, ``waiting``: unleased, due at the sleep's end or the
   wait's timeout). The claim wakes it: on to the next step, or (a wait whose timeout
@@ -261,6 +263,9 @@ def _step_failed(
     if retry is not None:
         return retry
     failed = Event(EventKind.STEP_FAILED, state.step, state.attempt, {"error": outcome.error})
+    if saga.get_step(state.step).retry.on_give_up == "stop" and not state.cancel_requested:
+        data = {"on_give_up": "stop"}  # the step's policy: an operator looks first
+        return _stop_for_operator(saga, state, outcome.error, [failed], None, data)
     return _rollback(saga, state, outcome.error, [failed], None, lease_for)
 
 
@@ -337,7 +342,8 @@ def _rollback(
     the pivot, stop for an operator instead."""
     completed = (*state.completed, just_completed) if just_completed else state.completed
     if error is not None and saga.pivot is not None and saga.pivot in completed:
-        return _stop_after_pivot(saga, state, error, events, just_completed)
+        data = {"pivot": saga.pivot}
+        return _stop_for_operator(saga, state, error, events, just_completed, data)
     plan = compensation_plan(saga, completed)
     reason = "failure" if error else "cancel"
     events.append(Event(EventKind.RUN_COMPENSATING, data={"plan": plan, "reason": reason}))
@@ -346,19 +352,21 @@ def _rollback(
     return _compensate(plan[0], events, error, lease_for)
 
 
-def _stop_after_pivot(
+def _stop_for_operator(
     saga: Saga[Any],
     state: RunState,
     error: Mapping[str, Any],
     events: list[Event],
     just_completed: str | None,
+    data: Mapping[str, Any],
 ) -> Transition:
-    """A failure after the pivot: stopped for an operator at the step to run again (the
-    one that failed; the next one if it completed and what followed it failed)."""
+    """A failure after the pivot, or a step whose policy stops when it gives up: stopped
+    for an operator at the step to run again (the one that failed; the next one if it
+    completed and what followed it failed)."""
     step = state.step
     if just_completed is not None:
         step = saga.steps[saga.get_step(just_completed).index + 1].name
-    events.append(Event(EventKind.RUN_STOPPED, step, data={"pivot": saga.pivot}))
+    events.append(Event(EventKind.RUN_STOPPED, step, data=data))
     return Transition(
         status=RunStatus.STOPPED, step=step, attempt=0, events=tuple(events), error=error
     )

@@ -9,7 +9,7 @@ import random
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from saga import _checks
 from saga._errors import DefinitionError, PermanentError
@@ -32,7 +32,10 @@ class Retry:
     ``min(max_delay, initial_delay * multiplier ** (n - 1))``, reduced by a random
     fraction of up to ``jitter`` so that many runs failing together do not retry in step.
     ``max_attempts`` counts every attempt, including one whose worker crashed.
-    ``PermanentError`` and the types in ``non_retryable`` fail at once.
+    ``PermanentError`` and the types in ``non_retryable`` fail at once. When a step
+    gives up, ``on_give_up="compensate"`` (the default) rolls the run back;
+    ``on_give_up="stop"`` stops it for an operator first (``stopped``), who retries the
+    step (``retry()``) or lets the run compensate (``cancel()``). Compensations ignore it.
     """
 
     max_attempts: int = 3
@@ -41,6 +44,7 @@ class Retry:
     multiplier: float = 2.0
     jitter: float = 0.5
     non_retryable: tuple[type[BaseException], ...] = ()
+    on_give_up: Literal["compensate", "stop"] = "compensate"
 
     def __post_init__(self) -> None:
         err = DefinitionError
@@ -64,6 +68,11 @@ class Retry:
         if not isinstance(self.non_retryable, tuple | list):
             got = _checks.show(self.non_retryable)
             raise err(f"Retry.non_retryable must be a tuple of exception types, got {got}")
+        if self.on_give_up not in ("compensate", "stop"):
+            raise err(
+                f'Retry.on_give_up must be "compensate" or "stop", got '
+                f"{_checks.show(self.on_give_up)}"
+            )
         object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
         for exc_type in self.non_retryable:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):

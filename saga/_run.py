@@ -74,14 +74,19 @@ class RunHandle:
         A step running right now finishes its attempt first (and is compensated if it
         completed, the last step included). A sleeping or waiting run (or one stopped at
         a wait) is compensated at once, without waiting for its timer. The run then ends
-        ``cancelled``, or ``failed`` if a compensation gives up. Raises
-        :class:`InvalidRunStateError` when the run already ended.
+        ``cancelled``, or ``failed`` if a compensation gives up. A run stopped for an
+        operator at a step that gave up (its retry policy's ``on_give_up="stop"``) is
+        compensated and ends ``compensated`` with that step's error. Raises
+        :class:`InvalidRunStateError` when the run already ended, or reached its pivot
+        step (it only goes forward).
         """
         await self._client.cancel(self.id)
 
     async def retry(self) -> None:
         """Resume a ``failed`` run at the compensation that gave up, with fresh attempts;
-        or a ``stopped`` one at its timed-out wait, which waits again (a fresh timeout)."""
+        a ``stopped`` one at its timed-out wait, which waits again (a fresh timeout); or
+        one stopped at a step that gave up (past its pivot, or its policy stops), which
+        runs again with fresh attempts."""
         await self._client.retry(self.id)
 
     async def signal(self, signal: Any, payload: Any, *, conn: Any = None) -> bool:

@@ -352,26 +352,39 @@ FROM __schema__.events WHERE run_id = $1 ORDER BY id;
 -- that claims one starts the rollback, and the items running see the cancel when they
 -- write. A run that reached its pivot step (it is the current step, an item, or
 -- completed) only goes forward: no row. No row either: not in a cancellable status, or
--- already cancelling.
+-- already cancelling. A run stopped for an operator at a step (its policy stopped it
+-- when it gave up) rolls back, keeping its error: it ends compensated (a graph run gets
+-- one forward item, which the claim drops, to start its rollback).
 -- $1 run id, $2 work notification channel, $3 the cancellable statuses
-WITH upd AS (
-    UPDATE __schema__.runs SET
+WITH old AS (
+    SELECT id, status = 'stopped' AND wait_name IS NULL AS at_step
+    FROM __schema__.runs WHERE id = $1
+    FOR UPDATE
+), upd AS (
+    UPDATE __schema__.runs r SET
         cancel_requested = true,
-        status = CASE WHEN status = 'stopped' THEN 'waiting' ELSE status END,
-        -- A stopped run's error was its wait's timeout: the rollback is the cancel's.
-        error = CASE WHEN status = 'stopped' THEN NULL ELSE error END,
-        due_at = CASE WHEN graph OR lease_owner IS NOT NULL THEN due_at ELSE now() END,
+        status = CASE WHEN r.status <> 'stopped' THEN r.status
+                      WHEN old.at_step THEN 'running' ELSE 'waiting' END,
+        -- A run stopped at a wait: its error was the timeout; the rollback is the cancel's.
+        error = CASE WHEN r.status = 'stopped' AND NOT old.at_step THEN NULL ELSE r.error END,
+        due_at = CASE WHEN r.graph AND old.at_step THEN 'infinity'::timestamptz
+                      WHEN r.graph OR r.lease_owner IS NOT NULL THEN r.due_at ELSE now() END,
         finished_at = NULL,
         updated_at = now()
-    WHERE id = $1 AND status = ANY($3::text[]) AND NOT cancel_requested
-      AND NOT (pivot IS NOT NULL
-               AND (pivot = ANY(completed_steps) OR (step_name = pivot AND NOT graph)
+    FROM old
+    WHERE r.id = old.id AND r.status = ANY($3::text[]) AND NOT r.cancel_requested
+      AND NOT (r.pivot IS NOT NULL
+               AND (r.pivot = ANY(r.completed_steps) OR (r.step_name = r.pivot AND NOT r.graph)
                     OR EXISTS (SELECT 1 FROM __schema__.items i
-                               WHERE i.run_id = $1 AND i.step = pivot)))
-    RETURNING id, saga_name
+                               WHERE i.run_id = $1 AND i.step = r.pivot)))
+    RETURNING r.id, r.saga_name, r.graph AND old.at_step AS restart, r.error->>'step' AS failed
 ), items AS (
     UPDATE __schema__.items i SET due_at = now()
     FROM upd WHERE i.run_id = upd.id AND i.lease_owner IS NULL AND i.phase = 'step'
+), restarted AS (
+    INSERT INTO __schema__.items (run_id, step, phase)
+    SELECT id, failed, 'step' FROM upd WHERE restart
+    ON CONFLICT DO NOTHING
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind) SELECT id, 'cancel_requested' FROM upd
 ), revived AS (
