@@ -16,11 +16,10 @@ decides nothing. The rules, in one place:
   ``compensated`` (a step failed) or ``cancelled`` (it was cancelled).
 - An attempt beyond the limit (its worker died before recording an outcome, or it was
   released twice) fails at once with ``saga.AttemptLost``.
-- Once the saga's pivot step completed, nothing before it is compensated: a failure for
-  good stops the run for an operator (``stopped``, at the step that gave up; a retry
-  runs it again). A cancel is refused from the moment the run reaches its pivot. A step
-  whose retry policy says ``on_give_up="stop"`` stops the run likewise when it gives up
-  (the operator retries it, or cancels: the run then compensates).
+- Past the pivot step, nothing before it is compensated: a failure for good stops the
+  run for an operator (``stopped`` at that step; a retry runs it again), as does a step
+  whose policy says ``on_give_up="stop"``. Cancel is refused once the run reaches its
+  pivot.
 - A step followed by a sleep or a wait parks the run there in the same write that
   records the step (``sleeping``, ``waiting``: unleased, due at the sleep's end or the
   wait's timeout). The claim wakes it: on to the next step, or (a wait whose timeout
@@ -338,12 +337,10 @@ def _rollback(
     just_completed: str | None,
     lease_for: LeaseFor = None,
 ) -> Transition:
-    """Start compensating the completed steps (or end at once if none needs it); past
-    the pivot, stop for an operator instead."""
+    """Start compensating the completed steps, or (past the pivot) stop for an operator."""
     completed = (*state.completed, just_completed) if just_completed else state.completed
     if error is not None and saga.pivot is not None and saga.pivot in completed:
-        data = {"pivot": saga.pivot}
-        return _stop_for_operator(saga, state, error, events, just_completed, data)
+        return _stop_for_operator(saga, state, error, events, just_completed, {"pivot": saga.pivot})
     plan = compensation_plan(saga, completed)
     reason = "failure" if error else "cancel"
     events.append(Event(EventKind.RUN_COMPENSATING, data={"plan": plan, "reason": reason}))
@@ -360,9 +357,8 @@ def _stop_for_operator(
     just_completed: str | None,
     data: Mapping[str, Any],
 ) -> Transition:
-    """A failure after the pivot, or a step whose policy stops when it gives up: stopped
-    for an operator at the step to run again (the one that failed; the next one if it
-    completed and what followed it failed)."""
+    """Stopped for an operator at the step to run again: the one that failed (the next
+    one if it completed and what followed it failed)."""
     step = state.step
     if just_completed is not None:
         step = saga.steps[saga.get_step(just_completed).index + 1].name
