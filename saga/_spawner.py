@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from saga._children import ChildFailed, TooManyChildren
-from saga._errors import error_record
+from saga._errors import DatabaseError, InvalidInputError, SerializationError, error_record
 from saga._graph_plan import Parked
 from saga._model import RunStatus
 from saga._store_graph import Child
@@ -78,13 +78,11 @@ class Children:
             for index, value in enumerate(values):
                 key = f"{run_id}:child:{step.name}:{count}:{index}"
                 await self._start(spec.saga, value, key, (run_id, step.name))
+        except DatabaseError:
+            raise  # an outage: the lease runs out and the step runs again
         except Exception as exc:  # the user's inputs, or an input the child refuses
-            retryable = not isinstance(exc, TooManyChildren | TypeError)
-            if type(exc).__name__ in ("InvalidInputError", "PayloadTooLargeError"):
-                retryable = False
-            if type(exc).__name__ == "DatabaseError":
-                raise
-            return Failed(error_record(exc, step.name), retryable=retryable)
+            refused = TooManyChildren | TypeError | InvalidInputError | SerializationError
+            return Failed(error_record(exc, step.name), retryable=not isinstance(exc, refused))
         return None
 
     async def undo(self, run_id: Any, step: Step[Any, Any]) -> Succeeded | Failed | Parked:

@@ -10,7 +10,6 @@ lease token and its owner.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
-from saga._store_graph import GraphQueries, _json_or_none, claimed_item
+from saga._store_graph import GraphQueries, _json_or_none, claimed_item, events_json
 from saga._store_ops import (
     DefinitionKey,
     OperatorQueries,
@@ -169,17 +168,7 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
         or (``change.unless_cancelled``) a cancel was requested meanwhile. Parking the
         run at a wait first marks the wait awaited, in the same transaction (one commit):
         a signal already there makes the run due at once (``signalled``)."""
-        events = [
-            {
-                "kind": e.kind,  # a str (StrEnum): json writes it as its value
-                "step": e.step,
-                "attempt": e.attempt,
-                "worker": worker,
-                "data": e.data,
-                "unless_cancelled": e.unless_cancelled,
-            }
-            for e in change.events
-        ]
+        events = events_json(worker, change.events)
         due_in = change.due_in
         async with translate_errors("recording a transition"):
             if child and change.terminal:  # the end of a child run wakes its parent's step
@@ -225,7 +214,7 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
         run_id: UUID,
         lease_token: int,
         change: Transition,
-        events: list[dict[str, Any]],
+        events: str,
         due_in: float | None,
     ) -> tuple[Any, ...]:
         return (
@@ -241,7 +230,7 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
             _json_or_none(change.compensation_error),
             due_in,
             worker if change.leased else None,
-            json.dumps(events, separators=(",", ":")),
+            events,
             self.done_channel,
             worker,
             change.unless_cancelled,

@@ -22,7 +22,7 @@ from saga._db import translate_errors
 from saga._graph_plan import GraphChange, GraphRun, Item
 from saga._model import Phase, RunStatus
 from saga._store_ops import DefinitionKey, definition_args
-from saga._transition import ClaimedItem
+from saga._transition import ClaimedItem, Event
 
 #: An item of a graph run: (run id, step, phase).
 ItemKey = tuple[UUID, str, Phase]
@@ -113,16 +113,6 @@ class GraphQueries:
             items=tuple(Item(i["step"], Phase(i["phase"]), i["leased"]) for i in items),
         )
         change = decide(run)
-        events = [
-            {
-                "kind": e.kind,
-                "step": e.step,
-                "attempt": e.attempt,
-                "worker": worker,
-                "data": e.data,
-            }
-            for e in change.events
-        ]
         w = await conn.fetchrow(
             self._q["graph_write"],
             run_id,
@@ -143,7 +133,7 @@ class GraphQueries:
             [n.step for n in change.new],
             [n.phase for n in change.new],
             [n.lease_seconds for n in change.new],
-            json.dumps(events, separators=(",", ":")),
+            events_json(worker, change.events),
             self.done_channel,
             self.work_channel,
         )
@@ -226,6 +216,25 @@ class GraphQueries:
         async with translate_errors("expiring a lease"):
             found = await self.pool.fetchval(self._q["expire_item_lease"], run_id, step)
         return found is not None
+
+
+def events_json(worker: str, events: Sequence[Event]) -> str:
+    """A change's history events as the writing statements take them (a JSON array; the
+    store adds the worker, the database the time)."""
+    return json.dumps(
+        [
+            {
+                "kind": e.kind,  # a str (StrEnum): json writes it as its value
+                "step": e.step,
+                "attempt": e.attempt,
+                "worker": worker,
+                "data": e.data,
+                "unless_cancelled": e.unless_cancelled,
+            }
+            for e in events
+        ],
+        separators=(",", ":"),
+    )
 
 
 def _json_or_none(value: Any) -> str | None:
