@@ -6,6 +6,7 @@ its steps run with retries on any orchestrator sharing the database, and if a st
 for good the completed steps are compensated newest first.
 """
 
+from saga._bulk import BulkResult, cancel_runs, count_matching, needs_attention, retry_runs
 from saga._client import Client
 from saga._definition import Compensation, Context, Saga, Step
 from saga._errors import (
@@ -41,6 +42,7 @@ from saga._waits import Sleep, Wait
 __version__ = "0.1.0"
 
 __all__ = [
+    "BulkResult",
     "Client",
     "Compensation",
     "ConfigurationError",
@@ -77,9 +79,13 @@ __all__ = [
     "Step",
     "StepAttempt",
     "Wait",
+    "cancel_runs",
+    "count_matching",
     "count_runs",
     "list_runs",
     "migrate",
+    "needs_attention",
     "prune",
+    "retry_runs",
     "timeline",
 ]

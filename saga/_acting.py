@@ -1,25 +1,50 @@
-"""Operator actions on one run, part of :class:`~saga.Client` (a mixin): cancel it, or
-retry it where it stopped for an operator.
+"""Operator actions on one run, part of :class:`~saga.Client` (a mixin): cancel it, retry
+it where it stopped for an operator, mark it resolved, skip the compensation that gave up.
 
-Each action is one fenced statement; when it changes nothing, the run's state says why
-(already ended, already cancelling, past its pivot step, not stopped)."""
+Each action is one fenced statement that also appends its event to the run's history,
+with who acted (``by``) and why (``note``) when given; when it changes nothing, the run's
+state says why (already ended, already cancelling, past its pivot step, not stopped).
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from saga import _checks
 from saga._aio import uncancellable
 from saga._claims import RETRIABLE_STATUS, RETRIED_STATUS, REWAITABLE_STATUS, REWAITED_STATUS
-from saga._errors import InvalidRunStateError
-from saga._model import Phase, RunInfo, RunStatus
+from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
+from saga._model import EventKind, Phase, RunInfo, RunStatus
+from saga._skip import plan_skip
 
 if TYPE_CHECKING:
+    from saga._definition import Saga
     from saga._store import RunRow, Store
+
+#: Longest operator name and note an action records.
+MAX_BY_LENGTH = 200
+MAX_NOTE_LENGTH = 4000
+
+
+def operator_data(by: str | None, note: str | None, *, note_required: bool = False) -> str | None:
+    """What an action's event records of the operator (JSON), checked: ``by`` and
+    ``note`` are str without NUL, bounded; ``note_required`` for the actions that need a
+    reason (resolving, skipping). None when neither is given."""
+    data: dict[str, str] = {}
+    if by is not None:
+        data["by"] = _checks.text("by", by, ConfigurationError, max_length=MAX_BY_LENGTH)
+    if note is not None or note_required:
+        if note_required and (not isinstance(note, str) or not note.strip()):
+            raise ConfigurationError(f"a note is required (why), got {_checks.show(note)}")
+        data["note"] = _checks.text("note", note, ConfigurationError, max_length=MAX_NOTE_LENGTH)
+    return json.dumps(data) if data else None
 
 
 class Acting:
-    """Needs ``_store_or_raise``, ``_row`` and ``info`` from the client it is part of."""
+    """Needs ``_store_or_raise``, ``_row``, ``info`` and ``definition`` from the client it
+    is part of."""
 
     if TYPE_CHECKING:  # provided by the client
 
@@ -29,10 +54,15 @@ class Acting:
 
         async def info(self, run_id: uuid.UUID) -> RunInfo: ...
 
-    async def cancel(self, run_id: uuid.UUID) -> None:
+        def definition(self, name: str, version: int) -> Saga[Any] | None: ...
+
+    async def cancel(
+        self, run_id: uuid.UUID, *, by: str | None = None, note: str | None = None
+    ) -> None:
         """Cancel a run; see :meth:`RunHandle.cancel`."""
+        data = operator_data(by, note)
         store = self._store_or_raise()
-        if await uncancellable(store.request_cancel(run_id)):
+        if await uncancellable(store.request_cancel(run_id, data)):
             return
         row = await self._row(run_id)
         info = row.info
@@ -46,20 +76,66 @@ class Acting:
             raise InvalidRunStateError(f"run {run_id} already ended {info.status}")
         # Already requested: cancelling twice is harmless.
 
-    async def retry(self, run_id: uuid.UUID) -> None:
+    async def retry(
+        self, run_id: uuid.UUID, *, by: str | None = None, note: str | None = None
+    ) -> None:
         """Resume a failed or stopped run; see :meth:`RunHandle.retry`."""
+        data = operator_data(by, note)
         store = self._store_or_raise()
         compensation, step = Phase.COMPENSATION, Phase.STEP
         if await uncancellable(
-            store.retry_run(run_id, RETRIABLE_STATUS, RETRIED_STATUS, compensation)
+            store.retry_run(run_id, RETRIABLE_STATUS, RETRIED_STATUS, compensation, data)
         ):
             return
-        if await uncancellable(store.rewait_run(run_id, REWAITABLE_STATUS, REWAITED_STATUS)):
+        if await uncancellable(store.rewait_run(run_id, REWAITABLE_STATUS, REWAITED_STATUS, data)):
             return
-        if await uncancellable(store.retry_run(run_id, REWAITABLE_STATUS, RunStatus.RUNNING, step)):
+        if await uncancellable(
+            store.retry_run(run_id, REWAITABLE_STATUS, RunStatus.RUNNING, step, data)
+        ):
             return  # stopped after its pivot: the step that gave up runs again
         info = await self.info(run_id)
         raise InvalidRunStateError(
             f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} and "
             f"{REWAITABLE_STATUS} runs can be retried"
         )
+
+    async def resolve(self, run_id: uuid.UUID, *, note: str, by: str | None = None) -> None:
+        """Mark a failed or stopped run resolved; see :meth:`RunHandle.resolve`."""
+        data = operator_data(by, note, note_required=True)
+        assert data is not None
+        if await uncancellable(self._store_or_raise().resolve_run(run_id, data)):
+            return
+        info = await self.info(run_id)
+        if info.resolved:
+            raise InvalidRunStateError(f"run {run_id} is resolved already")
+        raise InvalidRunStateError(
+            f"run {run_id} is {info.status}; only failed and stopped runs can be resolved"
+        )
+
+    async def skip_compensation(
+        self, run_id: uuid.UUID, *, note: str, by: str | None = None
+    ) -> None:
+        """Skip the compensation that gave up; see :meth:`RunHandle.skip_compensation`."""
+        data = operator_data(by, note, note_required=True)
+        assert data is not None
+        store = self._store_or_raise()
+        state = await store.rollback_state(run_id)
+        if state is None:
+            raise RunNotFoundError(run_id)
+        if state["status"] != RunStatus.FAILED or not state["compensation_failed"]:
+            raise InvalidRunStateError(
+                f"run {run_id} is {state['status']}; only a failed run whose compensation "
+                "gave up can skip it"
+            )
+        saga = self.definition(state["saga_name"], state["saga_version"])
+        if saga is None:
+            raise ConfigurationError(
+                f"skipping a compensation needs the definition of saga "
+                f"{state['saga_name']!r} version {state['saga_version']} (what is left to "
+                "undo depends on it): pass it to this client's sagas= (saga CLI: --target)"
+            )
+        skip = plan_skip(saga, dict(state), json.loads(data), EventKind.COMPENSATION_SKIPPED)
+        if not await uncancellable(store.skip_compensation(run_id, skip)):
+            raise InvalidRunStateError(
+                f"run {run_id} changed meanwhile (another operator acted on it); look again"
+            )

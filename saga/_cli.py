@@ -37,6 +37,7 @@ from typing import Any
 import anyio
 import structlog
 
+from saga._cli_acts import ACTIONS
 from saga._cli_args import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
@@ -119,7 +120,8 @@ def _run(ctx: _Ctx) -> int:
     schema = getattr(args, "schema", None) or os.environ.get("SAGA_SCHEMA") or "saga"
     if args.command == "signal":
         read_payload(ctx)  # usage errors before the target's import and any connection
-    sagas = _load_target(ctx, args.target) if args.command in ("worker", "signal") else []
+    with_target = ("worker", "signal", "skip-compensation")
+    sagas = _load_target(ctx, args.target) if args.command in with_target else []
     # The command is the application, so it may configure logging: library logs go to
     # stderr, never into tables or JSON on stdout. A worker keeps a configuration its
     # module made; the previous configuration is restored for in-process callers.
@@ -191,7 +193,7 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
             await stack.enter_async_context(orch)
         except ConfigurationError as exc:  # the arguments were fine: the schema is not
             ctx.fail(EXIT_ERROR, str(exc))
-        command = COMMANDS[args.command]
+        command = {**COMMANDS, **ACTIONS}[args.command]
         return await command(ctx, orch)
     raise AssertionError("unreachable")  # pragma: no cover - mypy: the block returns
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -84,6 +85,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -118,6 +129,93 @@ def _add_run_name(parser: argparse.ArgumentParser) -> None:
         "write --key=-K for a key that starts with '-'",
     )
     parser.add_argument("--saga", help="with --key: the saga of the run, when several use the key")
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    """Which runs: what ``saga runs`` lists and a bulk action (``--all``) acts on."""
+    parser.add_argument("--saga", help="only runs of this saga")
+    parser.add_argument(
+        "--status",
+        type=_statuses,
+        action="append",
+        help=f"{', '.join(s.value for s in RunStatus)}, active or finished; repeat or "
+        "comma-separate for several",
+    )
+    parser.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
+    parser.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
+    parser.add_argument(
+        "--key",
+        help="only runs started with this idempotency key (exact match; one per saga at most)",
+    )
+
+
+def _add_operator(parser: argparse.ArgumentParser, *, note_required: bool = False) -> None:
+    """Who acts and why: recorded in the run's history with the action."""
+    parser.add_argument("--by", metavar="NAME", help="who acts (default: the user name)")
+    parser.add_argument(
+        "--note", required=note_required, metavar="TEXT", help="why, for the run's history"
+    )
+
+
+def _add_actions(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    """cancel, retry (one run or --all), resolve, skip-compensation, attention."""
+    retry = add(
+        "retry",
+        "resume failed or stopped runs",
+        "Resume a failed run at the compensation that gave up, with fresh attempts; a run "
+        "stopped at a step that gave up runs it again; a run stopped at a timed-out wait "
+        "waits again for its signal, with a fresh timeout. With --all: every run the "
+        "filters match (first a count, then --expect COUNT or --yes acts).",
+    )
+    cancel = add(
+        "cancel",
+        "cancel runs (their completed steps are compensated)",
+        "Cancel an active or stopped run: the step running now finishes its attempt, then "
+        "every completed step is compensated, newest first (at once for a sleeping, "
+        "waiting or stopped run). With --all: every run the filters match (first a "
+        "count, then --expect COUNT or --yes acts).",
+    )
+    for parser in (retry, cancel):
+        parser.add_argument("run", type=_run_id, nargs="?", metavar="RUN", help="run id")
+        parser.add_argument("--all", action="store_true", help="every run the filters match")
+        _add_filters(parser)
+        parser.add_argument(
+            "--limit", type=_positive_int, default=100, help="with --all: at most this many"
+        )
+        parser.add_argument(
+            "--expect", type=_count, metavar="COUNT", help="with --all: act if COUNT runs match"
+        )
+        parser.add_argument("--yes", action="store_true", help="with --all: act without a count")
+        _add_operator(parser)
+    resolve = add(
+        "resolve",
+        "mark a failed or stopped run resolved (it no longer needs attention)",
+        "Mark a failed or stopped run resolved: an operator dealt with it outside saga. "
+        "Its state and history stay; a later retry or cancel makes it unresolved again.",
+    )
+    resolve.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+    _add_operator(resolve, note_required=True)
+    skip = add(
+        "skip-compensation",
+        "skip the compensation that gave up; the rollback goes on",
+        "A failed run stopped at a compensation that gave up: record it as skipped (an "
+        "operator undid it by hand, or it needs no undoing) and go on with the remaining "
+        "compensations. --target names the saga definitions (what is left depends on them).",
+    )
+    skip.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+    skip.add_argument(
+        "--target", required=True, metavar="MODULE:OBJECT", help="the run's saga.Saga(s)"
+    )
+    _add_operator(skip, note_required=True)
+    attention = add(
+        "attention",
+        "list the runs waiting for an operator, oldest first",
+        "Failed runs and runs stopped for an operator, except those marked resolved.",
+    )
+    attention.add_argument(
+        "--limit", type=_positive_int, default=50, help=f"page size, at most {MAX_PAGE_SIZE}"
+    )
+    attention.add_argument("--after", type=_run_id, metavar="RUN", help="next page")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,16 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "list runs, newest first",
         "List runs, newest first. Durations: 90s, 10m, 2h, 3d, 1w, 1h30m.",
     )
-    runs.add_argument("--saga", help="only runs of this saga")
-    runs.add_argument(
-        "--status",
-        type=_statuses,
-        action="append",
-        help=f"{', '.join(s.value for s in RunStatus)}, active or finished; repeat or "
-        "comma-separate for several",
-    )
-    runs.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
-    runs.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
+    _add_filters(runs)
     runs.add_argument(
         "--limit", type=_positive_int, default=50, help=f"page size, at most {MAX_PAGE_SIZE}"
     )
@@ -208,10 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=_run_id,
         metavar="RUN",
         help="next page: runs older than this one (the last id of the previous page)",
-    )
-    runs.add_argument(
-        "--key",
-        help="only runs started with this idempotency key (exact match; one per saga at most)",
     )
 
     show = add(
@@ -250,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:OBJECT",
         help="the run's saga.Saga, or a list/tuple of sagas holding it, e.g. myapp.sagas:refund",
     )
+    _add_operator(signal)
 
     stats = add(
         "stats",
@@ -261,22 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--older-than", type=parse_duration, help="created at least this long ago")
     stats.add_argument("--newer-than", type=parse_duration, help="created at most this long ago")
 
-    retry = add(
-        "retry",
-        "resume a failed or stopped run",
-        "Resume a failed run at the compensation that gave up, with fresh attempts; a run "
-        "stopped at a timed-out wait waits again for its signal, with a fresh timeout.",
-    )
-    retry.add_argument("run", type=_run_id, metavar="RUN", help="run id")
-
-    cancel = add(
-        "cancel",
-        "cancel a run (its completed steps are compensated)",
-        "Cancel an active or stopped run: the step running now finishes its attempt, then "
-        "every completed step is compensated, newest first (at once for a sleeping, "
-        "waiting or stopped run).",
-    )
-    cancel.add_argument("run", type=_run_id, metavar="RUN", help="run id")
+    _add_actions(add)
 
     prune_ = add(
         "prune",

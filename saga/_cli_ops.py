@@ -1,5 +1,5 @@
-"""The operator commands of ``saga``: ``runs``, ``show``, ``stats``, ``retry``, ``cancel``,
-``signal``, ``prune``.
+"""The operator commands of ``saga`` that read runs, and ``signal`` and ``prune``: ``runs``,
+``show``, ``stats``, ``signal``, ``prune`` (the actions on runs are in ``_cli_acts``).
 
 Each is a thin layer over the Python API (:mod:`saga._operator`, :class:`~saga.RunHandle`)
 on a client that :mod:`saga._cli` opened; it prints a table for people or,
@@ -64,6 +64,14 @@ async def _runs(ctx: _Ctx, orch: Client) -> int:
     if not page.runs:
         ctx.note("no runs match")
         return EXIT_OK
+    runs_table(ctx, page.runs)
+    if page.next_before is not None:
+        ctx.note(f"more: add --before {page.next_before}")
+    return EXIT_OK
+
+
+def runs_table(ctx: _Ctx, runs: list[RunInfo]) -> None:
+    """Runs as a table, one line each (``saga runs``, ``saga attention``)."""
     rows = [
         [
             str(r.id),
@@ -75,13 +83,10 @@ async def _runs(ctx: _Ctx, orch: Client) -> int:
             _duration(r.finished_at - r.created_at) if r.finished_at else "-",
             _error(r.compensation_error or r.error),
         ]
-        for r in page.runs
+        for r in runs
     ]
     headers = ["RUN", "SAGA", "STATUS", "STEP", "ATTEMPT", "CREATED (UTC)", "TOOK", "ERROR"]
     _table(ctx, headers, rows)
-    if page.next_before is not None:
-        ctx.note(f"more: add --before {page.next_before}")
-    return EXIT_OK
 
 
 def _status(info: RunInfo) -> str:
@@ -89,6 +94,7 @@ def _status(info: RunInfo) -> str:
     text = str(info.status)
     if info.wait is not None and info.status in _AT_A_WAIT:
         text += f" ({info.wait})"
+    text += " (resolved)" if info.resolved else ""
     return text + (" (cancel requested)" if info.cancel_requested else "")
 
 
@@ -215,34 +221,6 @@ async def _stats(ctx: _Ctx, orch: Client) -> int:
     return EXIT_OK
 
 
-async def _retry(ctx: _Ctx, orch: Client) -> int:
-    handle = orch.get_run(ctx.args.run)
-    before = await handle.info()  # where it stopped: a worker may move it on at once
-    await handle.retry()
-    if ctx.as_json:
-        ctx.emit({"run": _info_json(await handle.info()), "action": "retry"})
-    elif before.status is RunStatus.STOPPED:
-        ctx.say(
-            f"run {before.id}: waiting again for signal {before.wait or '-'!r}, "
-            "with a fresh timeout"
-        )
-    else:
-        where = "compensation" if before.compensation_error is not None else "step"
-        ctx.say(f"run {before.id}: retrying, resuming at {where} {_clean(before.step or '-')!r}")
-    return EXIT_OK
-
-
-async def _cancel(ctx: _Ctx, orch: Client) -> int:
-    handle = orch.get_run(ctx.args.run)
-    await handle.cancel()
-    info = await handle.info()
-    if ctx.as_json:
-        ctx.emit({"run": _info_json(info), "action": "cancel"})
-    else:
-        ctx.say(f"run {info.id}: cancel requested; completed steps will be compensated")
-    return EXIT_OK
-
-
 def read_payload(ctx: _Ctx) -> None:
     """``saga signal``'s checks before any connection: how the run is named, and the
     payload (``-``: read from stdin) is JSON. ``args.payload`` becomes the JSON text."""
@@ -266,7 +244,7 @@ async def _signal(ctx: _Ctx, orch: Client) -> int:
     wait = _wait(ctx, orch, info)
     try:
         payload = wait.model.model_validate_json(args.payload)
-        accepted = await orch.signal(info.id, wait, payload)
+        accepted = await orch.signal(info.id, wait, payload, by=args.by, note=args.note)
     except pydantic.ValidationError as exc:
         ctx.fail(EXIT_USAGE, f"invalid payload for signal {wait.name!r}: {exc}")
     except (InvalidInputError, SerializationError) as exc:  # too large, not storable
@@ -339,8 +317,6 @@ COMMANDS: dict[str, Callable[[_Ctx, Client], Awaitable[int]]] = {
     "runs": _runs,
     "show": _show,
     "stats": _stats,
-    "retry": _retry,
-    "cancel": _cancel,
     "signal": _signal,
     "prune": _prune,
 }

@@ -123,6 +123,7 @@ def _info_json(info: RunInfo) -> dict[str, Any]:
         "finished_at": info.finished_at.isoformat() if info.finished_at else None,
         "wait": info.wait,
         "due_at": info.due_at.isoformat() if info.due_at else None,
+        "resolved": info.resolved,
     }
 
 

@@ -101,6 +101,8 @@ class EventKind(enum.StrEnum):
     WAIT_TIMED_OUT = "wait_timed_out"
     RUN_STOPPED = "run_stopped"
     CHILDREN_WAITING = "children_waiting"
+    RUN_RESOLVED = "run_resolved"
+    COMPENSATION_SKIPPED = "compensation_skipped"
 
     @staticmethod
     def started(phase: Phase) -> EventKind:
@@ -166,6 +168,9 @@ class RunInfo:
     #: When the run is next due: a sleep's end, a wait's timeout (None: no timeout),
     #: a retry's backoff, a lease's expiry; None once ended.
     due_at: datetime | None = None
+    #: A failed or stopped run an operator marked resolved (:meth:`RunHandle.resolve`):
+    #: it no longer needs attention.
+    resolved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +185,10 @@ class HistoryEvent:
     run_cancelled, run_failed, cancel_requested, run_retried, lease_expired,
     lease_released, sleep_started, wait_started, signal_received, signal_refused, woke,
     wait_timed_out, run_stopped, children_waiting (a step running child sagas gave its
-    slot back until one of them ends; ``data``: ``ended`` of ``of``, ``started``).
+    slot back until one of them ends; ``data``: ``ended`` of ``of``, ``started``),
+    run_resolved, compensation_skipped. An operator's action (cancel_requested,
+    run_retried, run_resolved, compensation_skipped, signal_received) carries who did it
+    and why in ``data["by"]`` and ``data["note"]`` when they were given.
     """
 
     seq: int

@@ -21,12 +21,27 @@ class RunOps(Protocol):
 
     async def result(self, run_id: UUID, timeout: float | None = None) -> Any: ...
 
-    async def cancel(self, run_id: UUID) -> None: ...
+    async def cancel(
+        self, run_id: UUID, *, by: str | None = ..., note: str | None = ...
+    ) -> None: ...
 
-    async def retry(self, run_id: UUID) -> None: ...
+    async def retry(
+        self, run_id: UUID, *, by: str | None = ..., note: str | None = ...
+    ) -> None: ...
+
+    async def resolve(self, run_id: UUID, *, note: str, by: str | None = ...) -> None: ...
+
+    async def skip_compensation(self, run_id: UUID, *, note: str, by: str | None = ...) -> None: ...
 
     async def signal(
-        self, run_id: UUID | str, signal: Any, payload: Any, *, conn: Any = None
+        self,
+        run_id: UUID | str,
+        signal: Any,
+        payload: Any,
+        *,
+        conn: Any = None,
+        by: str | None = ...,
+        note: str | None = ...,
     ) -> bool: ...
 
 
@@ -68,7 +83,7 @@ class RunHandle:
         """
         return await self._client.result(self.id, timeout)
 
-    async def cancel(self) -> None:
+    async def cancel(self, *, by: str | None = None, note: str | None = None) -> None:
         """Cancel the run: the steps that completed are compensated, newest first.
 
         A step running right now finishes its attempt first (and is compensated if it
@@ -79,17 +94,49 @@ class RunHandle:
         compensated and ends ``compensated`` with that step's error. Raises
         :class:`InvalidRunStateError` when the run already ended, or reached its pivot
         step (it only goes forward).
-        """
-        await self._client.cancel(self.id)
 
-    async def retry(self) -> None:
+        ``by`` (who) and ``note`` (why) are recorded in the history's
+        ``cancel_requested`` event, as for every operator action.
+        """
+        await self._client.cancel(self.id, by=by, note=note)
+
+    async def retry(self, *, by: str | None = None, note: str | None = None) -> None:
         """Resume a ``failed`` run at the compensation that gave up, with fresh attempts;
         a ``stopped`` one at its timed-out wait, which waits again (a fresh timeout); or
         one stopped at a step that gave up (past its pivot, or its policy stops), which
-        runs again with fresh attempts."""
-        await self._client.retry(self.id)
+        runs again with fresh attempts. Recorded as ``run_retried`` with ``by`` and
+        ``note``. A resolved run retried needs attention again if it fails again."""
+        await self._client.retry(self.id, by=by, note=note)
 
-    async def signal(self, signal: Any, payload: Any, *, conn: Any = None) -> bool:
+    async def resolve(self, *, note: str, by: str | None = None) -> None:
+        """Mark a ``failed`` or ``stopped`` run resolved: an operator looked at it and
+        dealt with it outside saga (``note`` says how; required). Its state and history
+        stay; it leaves the runs that need attention (:func:`saga.needs_attention`),
+        ``RunInfo.resolved`` turns true, and ``run_resolved`` is recorded. A later
+        retry or cancel makes it unresolved again. Raises :class:`InvalidRunStateError`
+        for a run in another state or resolved already."""
+        await self._client.resolve(self.id, note=note, by=by)
+
+    async def skip_compensation(self, *, note: str, by: str | None = None) -> None:
+        """Skip the compensation that gave up (the run is ``failed`` at it): an
+        operator undid that step by hand, or decided it needs no undoing (``note`` says
+        which; required). It is recorded as ``compensation_skipped`` (never as
+        completed) and the rollback goes on with the remaining compensations, or the run
+        ends ``compensated`` (``cancelled`` for a cancel's rollback) when none is left.
+        Needs the saga's definition registered with this client (what is left depends
+        on it: :class:`ConfigurationError` otherwise). Raises
+        :class:`InvalidRunStateError` for a run not failed at a compensation."""
+        await self._client.skip_compensation(self.id, note=note, by=by)
+
+    async def signal(
+        self,
+        signal: Any,
+        payload: Any,
+        *,
+        conn: Any = None,
+        by: str | None = None,
+        note: str | None = None,
+    ) -> bool:
         """Send this run the signal ``signal`` (a name or the :class:`Wait`) with
         ``payload``; see :meth:`Client.signal`. True when recorded, False for a repeat."""
-        return await self._client.signal(self.id, signal, payload, conn=conn)
+        return await self._client.signal(self.id, signal, payload, conn=conn, by=by, note=note)

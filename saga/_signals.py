@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pydantic
 
 from saga import _checks
+from saga._acting import operator_data
 from saga._aio import uncancellable
 from saga._codec import encode
 from saga._db import Executor
@@ -55,6 +56,8 @@ class Signalling:
         payload: P | Mapping[str, Any],
         *,
         conn: Executor | None = None,
+        by: str | None = None,
+        note: str | None = None,
     ) -> bool:
         """Send the signal ``signal`` (a name, or the :class:`Wait` object) with
         ``payload`` to a run, from any process.
@@ -70,9 +73,11 @@ class Signalling:
         asyncpg connection in an open transaction) the signal is written in that
         transaction: it exists, and the run is woken, only when the caller commits. One
         statement, one commit (a name also reads which saga the run belongs to, to find
-        the wait's model).
+        the wait's model). ``by`` and ``note`` (an operator sending it by hand: who and
+        why) go into the history's ``signal_received`` event.
         """
         rid = run_id if isinstance(run_id, uuid.UUID) else _parse_id(run_id)
+        data = operator_data(by, note)
         store = self._store_or_raise()
         if isinstance(signal, Wait):
             wait: Wait[Any] = signal
@@ -84,7 +89,7 @@ class Signalling:
             wait = self._wait(found, signal)
         payload_json = self._payload(wait, payload)
         saga = (wait.saga.name, wait.saga.version)
-        send = store.send_signal(rid, wait.name, payload_json, saga, conn)
+        send = store.send_signal(rid, wait.name, payload_json, saga, conn, data)
         delivery = await (send if conn is not None else uncancellable(send))
         return _outcome(delivery, rid, wait)
 
@@ -96,6 +101,8 @@ class Signalling:
         payload: P | Mapping[str, Any],
         *,
         conn: Executor | None = None,
+        by: str | None = None,
+        note: str | None = None,
     ) -> bool:
         """:meth:`signal` to the run of ``saga`` started with the idempotency ``key``
         (the business id a webhook carries); an unknown key is a
@@ -107,7 +114,7 @@ class Signalling:
             raise RunNotFoundError(key=key, saga=saga_name)
         if not isinstance(signal, Wait):
             signal = self._wait(found, signal)
-        return await self.signal(found.run_id, signal, payload, conn=conn)
+        return await self.signal(found.run_id, signal, payload, conn=conn, by=by, note=note)
 
     def _wait(self, run: RunDefinition, name: str) -> Wait[Any]:
         """The wait ``name`` of the run's registered definition (raises)."""

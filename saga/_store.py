@@ -320,18 +320,24 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
             rows = await self.pool.fetch(self._q["ended_runs"], list(run_ids))
         return {r["id"] for r in rows}
 
-    async def request_cancel(self, run_id: UUID) -> bool:
+    async def request_cancel(self, run_id: UUID, data: str | None = None) -> bool:
         async with translate_errors("cancelling a run"):
             row = await self.pool.fetchrow(
                 self._q["request_cancel"],
                 run_id,
                 self.work_channel,
                 [str(s) for s in (*RunStatus.active(), RunStatus.STOPPED)],
+                data,
             )
         return row is not None
 
     async def retry_run(
-        self, run_id: UUID, stopped: RunStatus, resumed: RunStatus, phase: Phase
+        self,
+        run_id: UUID,
+        stopped: RunStatus,
+        resumed: RunStatus,
+        phase: Phase,
+        data: str | None = None,
     ) -> bool:
         async with translate_errors("retrying a run"):
             row = await self.pool.fetchrow(
@@ -341,6 +347,7 @@ class Store(OperatorQueries, SignalQueries, GraphQueries):
                 str(stopped),
                 str(resumed),
                 str(phase),
+                data,
             )
         return row is not None
 

@@ -47,6 +47,7 @@ def run_info(r: asyncpg.Record) -> RunInfo:
         finished_at=r["finished_at"],
         wait=r["wait_name"],
         due_at=_due(r["due_at"]),
+        resolved=r["resolved"],
     )
 
 
@@ -79,6 +80,21 @@ def definition_args(
 
 def fingerprint_or_none(value: str) -> str | None:
     return None if value == _NO_FINGERPRINT else value
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """An operator's skip of the compensation of ``step`` that gave up, as planned from
+    the run's state (``undone``: how many steps the plan saw undone, the fence): a
+    linear run goes on at ``next_step``, a graph run with the compensations ``items``,
+    or the run ``ends`` at once when nothing is left to undo."""
+
+    step: str
+    next_step: str | None
+    items: tuple[str, ...]
+    ends: RunStatus | None
+    events_json: str
+    undone: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +177,48 @@ class OperatorQueries:
             rows = await self.pool.fetch(self._q["count_runs"], saga_name, older_than, newer_than)
         return [(r["saga_name"], r["status"], r["runs"]) for r in rows]
 
-    async def rewait_run(self, run_id: UUID, stopped: RunStatus, resumed: RunStatus) -> bool:
+    async def rewait_run(
+        self, run_id: UUID, stopped: RunStatus, resumed: RunStatus, data: str | None = None
+    ) -> bool:
         """Resume a run stopped at a timed-out wait: it waits again, a fresh timeout."""
         async with translate_errors("retrying a run"):
             row = await self.pool.fetchrow(
-                self._q["rewait_run"], run_id, str(stopped), str(resumed)
+                self._q["rewait_run"], run_id, str(stopped), str(resumed), data
             )
         return row is not None
+
+    async def resolve_run(self, run_id: UUID, data: str) -> bool:
+        """Mark a failed or stopped run resolved; False when it is neither (or was)."""
+        async with translate_errors("resolving a run"):
+            return await self.pool.fetchrow(self._q["resolve_run"], run_id, data) is not None
+
+    async def rollback_state(self, run_id: UUID) -> asyncpg.Record | None:
+        """Where a run's rollback stopped: see the query ``rollback_state``."""
+        async with translate_errors("reading a run"):
+            return await self.pool.fetchrow(self._q["rollback_state"], run_id)
+
+    async def skip_compensation(self, run_id: UUID, skip: Skip) -> bool:
+        """Apply an operator's skip of the compensation that gave up; False when the run
+        is no longer failed at it (or another step was undone since the plan read it)."""
+        async with translate_errors("skipping a compensation"):
+            row = await self.pool.fetchrow(
+                self._q["skip_compensation"],
+                run_id,
+                skip.step,
+                skip.next_step,
+                None if skip.ends is None else str(skip.ends),
+                list(skip.items),
+                skip.events_json,
+                self.work_channel,
+                skip.undone,
+            )
+        return row is not None
+
+    async def needs_attention(self, limit: int, after: UUID | None) -> list[RunInfo]:
+        """Failed and stopped runs not resolved, oldest first, after the cursor."""
+        async with translate_errors("listing runs"):
+            rows = await self.pool.fetch(self._q["needs_attention"], limit, after)
+        return [run_info(r) for r in rows]
 
     async def advance_timers(self, run_id: UUID, seconds: float) -> datetime | None:
         """saga.testing: the run's timer moved ``seconds`` earlier; its new due time."""

@@ -53,10 +53,11 @@ class SignalQueries:
         payload_json: str,
         saga: tuple[str, int],
         conn: Executor | None = None,
+        data: str | None = None,
     ) -> Delivery:
         """Record the signal ``name`` for the run, its payload checked for the
         definition ``saga`` (name, version), in one statement (in ``conn``'s open
-        transaction if given)."""
+        transaction if given); ``data``: who sent it and why (JSON), for the history."""
         async with translate_errors("sending a signal"):
             row = await (conn or self.pool).fetchrow(
                 self._q["send_signal"],
@@ -67,6 +68,7 @@ class SignalQueries:
                 saga[1],
                 self.work_channel,
                 uuid.uuid4(),
+                data,
             )
         if row is None:
             return Delivery.NOT_FOUND

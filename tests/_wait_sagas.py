@@ -69,3 +69,29 @@ async def wake_up(ctx: saga.Context[Job]) -> int:
 
 
 SAGAS = [approval, open_ended, napping]
+
+
+def _trip() -> saga.Saga[Job]:
+    """hotel -> car (fails for good when ``n`` is 1); hotel's compensation gives up at
+    once while ``n`` is 1: the run ends failed at it (``saga skip-compensation``)."""
+    s = saga.Saga("trip", input=Job)
+
+    @s.step(retry=FAST)
+    async def hotel(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    @hotel.compensate(retry=saga.Retry(max_attempts=1))
+    async def cancel_hotel(ctx: saga.Context[Job], n: int) -> None:
+        if n == 1:
+            raise saga.PermanentError("hotel desk closed")
+
+    @s.step(retry=FAST)
+    async def car(ctx: saga.Context[Job]) -> int:
+        if ctx.input.n == 1:
+            raise saga.PermanentError("no cars")
+        return 0
+
+    return s
+
+
+trip = _trip()

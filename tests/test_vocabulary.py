@@ -101,11 +101,14 @@ async def test_every_kind_is_written_by_some_run(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
     """Runs that complete after a retry (and a graph's), fail and compensate, fail a
-    compensation and are retried by an operator, get cancelled, have a lease expire,
-    sleep, get a signal before their wait, get one after they ended, time out at a wait
-    and stop, and are given back at shutdown write every EventKind between them (and,
-    through the guard, nothing else)."""
-    undo_fails = [False, True]  # the first compensation of run 1 fails, the retry works
+    compensation and are retried by an operator (or have it skipped), get cancelled,
+    have a lease expire, sleep, get a signal before their wait, get one after they
+    ended, time out at a wait and stop (and are resolved), and are given back at
+    shutdown write every EventKind between them (and, through the guard, nothing
+    else)."""
+    # Popped from the end: the failed run's compensation fails, its retry works, the
+    # cancelled run's works, the next failed run's fails and an operator skips it.
+    undo_fails = [True, False, False, True]
     s = _every_kind_saga(undo_fails)
     waits, go = _parking_saga()
     graph = small_saga("graph", ["a", "b"], after={"b": []}, input=Job)  # step_ready
@@ -131,6 +134,12 @@ async def test_every_kind_is_written_by_some_run(
         await cancelled.cancel()
         with pytest.raises(saga.RunCancelledError):
             await cancelled.result()
+        skipped = await orch.start(s, Job(n=1))
+        with pytest.raises(saga.RunFailedError):
+            await skipped.result()
+        await skipped.skip_compensation(note="undone by hand", by="ops")
+        with pytest.raises(saga.RunCompensatedError):
+            await skipped.result()
         signalled = await orch.start(waits, Job(n=0))
         await signalled.signal(go, Go())  # received, kept for the wait
         await signalled.result()  # slept, woke, waited, woke
@@ -142,6 +151,7 @@ async def test_every_kind_is_written_by_some_run(
         await advance(orch, stopped, 3600)
         with pytest.raises(saga.RunStoppedError):
             await stopped.result()  # timed out, stopped
+        await stopped.resolve(note="dealt with", by="ops")
     await orch.aclose()  # the next run must be held by the worker below
     async with saga.Orchestrator(
         dsn, sagas=[s], shutdown_timeout=0.05, poll_interval=0.05

@@ -313,7 +313,7 @@ SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        completed_steps, output, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
        lease_token, created_at, updated_at, finished_at, fingerprint, wait_name, due_at,
-       pivot
+       pivot, resolved
 FROM __schema__.runs WHERE id = $1;
 
 -- name: watch_run
@@ -355,7 +355,8 @@ FROM __schema__.events WHERE run_id = $1 ORDER BY id;
 -- already cancelling. A run stopped for an operator at a step (its policy stopped it
 -- when it gave up) rolls back, keeping its error: it ends compensated (a graph run gets
 -- one forward item, which the claim drops, to start its rollback).
--- $1 run id, $2 work notification channel, $3 the cancellable statuses
+-- $1 run id, $2 work notification channel, $3 the cancellable statuses, $4 the
+-- cancel_requested event's data (the operator and the note) or NULL
 WITH old AS (
     SELECT id, status = 'stopped' AND wait_name IS NULL AS at_step
     FROM __schema__.runs WHERE id = $1
@@ -370,6 +371,7 @@ WITH old AS (
         due_at = CASE WHEN r.graph AND old.at_step THEN 'infinity'::timestamptz
                       WHEN r.graph OR r.lease_owner IS NOT NULL THEN r.due_at ELSE now() END,
         finished_at = NULL,
+        resolved = false,
         updated_at = now()
     FROM old
     WHERE r.id = old.id AND r.status = ANY($3::text[]) AND NOT r.cancel_requested
@@ -386,7 +388,8 @@ WITH old AS (
     SELECT id, failed, 'step' FROM upd WHERE restart
     ON CONFLICT DO NOTHING
 ), ev AS (
-    INSERT INTO __schema__.events (run_id, kind) SELECT id, 'cancel_requested' FROM upd
+    INSERT INTO __schema__.events (run_id, kind, data)
+    SELECT id, 'cancel_requested', $4::jsonb FROM upd
 ), revived AS (
     -- A stopped run is active again: its end mark goes, so waiters wait for the end.
     UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
@@ -399,7 +402,8 @@ SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 -- gave up (its error goes: the run goes on). A graph run's item is a row of items again.
 -- Not a run stopped at a wait (wait_name set: see rewait_run).
 -- $1 run id, $2 work notification channel, $3 the status it must be in, $4 the status
--- it resumes in, $5 the phase it resumes ('step': after a pivot; 'compensation')
+-- it resumes in, $5 the phase it resumes ('step': after a pivot; 'compensation'), $6 the
+-- run_retried event's data (the operator and the note) or NULL
 WITH old AS (
     SELECT id, graph,
            CASE WHEN $5 = 'step' THEN coalesce(error->>'step', step_name)
@@ -411,7 +415,7 @@ WITH old AS (
         status = $4, attempt = 0, lease_owner = NULL,
         due_at = CASE WHEN old.graph THEN 'infinity'::timestamptz ELSE now() END,
         error = CASE WHEN $5 = 'step' THEN NULL ELSE r.error END,
-        compensation_error = NULL, finished_at = NULL, updated_at = now()
+        compensation_error = NULL, finished_at = NULL, resolved = false, updated_at = now()
     FROM old WHERE r.id = old.id
     RETURNING r.id, r.saga_name, r.step_name
 ), item AS (
@@ -420,8 +424,8 @@ WITH old AS (
     WHERE old.graph
     ON CONFLICT DO NOTHING
 ), ev AS (
-    INSERT INTO __schema__.events (run_id, kind, step)
-    SELECT id, 'run_retried', step_name FROM upd
+    INSERT INTO __schema__.events (run_id, kind, step, data)
+    SELECT id, 'run_retried', step_name, $6::jsonb FROM upd
 ), revived AS (
     -- The run is active again: its end mark goes, so waiters wait for the next end.
     UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
@@ -431,7 +435,8 @@ SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 -- name: rewait_run
 -- Resume a run stopped at a timed-out wait: it waits again for its signal, with a fresh
 -- timeout of the same length (its signal row reopens).
--- $1 run id, $2 the status it must be in, $3 the status it resumes in
+-- $1 run id, $2 the status it must be in, $3 the status it resumes in, $4 the
+-- run_retried event's data (the operator and the note) or NULL
 WITH held AS (
     -- Lock the run row before the signal row, the order a sender takes them in: a
     -- signal committed meanwhile has resumed the run (no longer $2), so no row here.
@@ -445,6 +450,7 @@ WITH held AS (
 ), upd AS (
     UPDATE __schema__.runs r SET
         status = $3, attempt = 0, lease_owner = NULL, error = NULL, finished_at = NULL,
+        resolved = false,
         due_at = CASE WHEN sig.timeout_seconds = 'Infinity' THEN 'infinity'
                       ELSE now() + make_interval(secs => sig.timeout_seconds) END,
         updated_at = now()
@@ -452,11 +458,100 @@ WITH held AS (
     RETURNING r.id, r.wait_name
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, data)
-    SELECT id, 'run_retried', wait_name, '{"waits": true}'::jsonb FROM upd
+    SELECT id, 'run_retried', wait_name, '{"waits": true}'::jsonb || coalesce($4::jsonb, '{}')
+    FROM upd
 ), revived AS (
     UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
 )
 SELECT id FROM upd;
+
+-- name: resolve_run
+-- Mark a failed run, or one stopped for an operator, resolved: an operator looked and
+-- closed it. It leaves the runs needing attention; its state and history stay, and a
+-- retry or a cancel makes it unresolved again. No row: no such run, not failed or
+-- stopped, or resolved already.
+-- $1 run id, $2 the run_resolved event's data (the operator and the note)
+WITH upd AS (
+    UPDATE __schema__.runs SET resolved = true, updated_at = now()
+    WHERE id = $1 AND status IN ('failed', 'stopped') AND NOT resolved
+    RETURNING id
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, data)
+    SELECT id, 'run_resolved', $2::jsonb FROM upd
+)
+SELECT id FROM upd;
+
+-- name: rollback_state
+-- Where a failed run's rollback stopped (to skip the compensation that gave up).
+-- $1 run id
+SELECT saga_name, saga_version, status, graph, completed_steps, compensated_steps,
+       coalesce(compensation_error->>'step', step_name) AS failed_step,
+       compensation_error IS NOT NULL AS compensation_failed, error IS NOT NULL AS has_error
+FROM __schema__.runs WHERE id = $1;
+
+-- name: skip_compensation
+-- An operator skips the compensation of step $2, which gave up (the run failed at it):
+-- the rollback goes on without it, as the plan decided from the same state. A linear
+-- run resumes at its next compensation $3, due now; a graph run counts $2 as undone and
+-- gets the compensations $5 as items; with nothing left to undo the run ends $4 at
+-- once. Fenced by the state the plan read: still failed at $2, no step undone since.
+-- No row: the run is not (or no longer) failed at that compensation.
+-- $1 run id, $2 the step whose compensation is skipped, $3 a linear run's next
+-- compensation or NULL, $4 the status it ends in when nothing is left (else NULL),
+-- $5 a graph run's compensations to start (text[]), $6 events JSON array, $7 work
+-- notification channel, $8 how many steps the plan saw undone
+WITH old AS (
+    SELECT id, graph FROM __schema__.runs
+    WHERE id = $1 AND status = 'failed' AND compensation_error IS NOT NULL
+      AND coalesce(compensation_error->>'step', step_name) = $2
+      AND cardinality(compensated_steps) = $8
+    FOR UPDATE
+), upd AS (
+    UPDATE __schema__.runs r SET
+        status = coalesce($4, 'compensating'),
+        step_name = CASE WHEN $4::text IS NOT NULL THEN NULL
+                         WHEN old.graph THEN r.step_name ELSE $3 END,
+        attempt = 0,
+        compensated_steps = CASE WHEN old.graph THEN array_append(r.compensated_steps, $2)
+                                 ELSE r.compensated_steps END,
+        compensation_error = NULL,
+        lease_owner = NULL,
+        due_at = CASE WHEN $4::text IS NOT NULL THEN NULL
+                      WHEN old.graph THEN 'infinity'::timestamptz ELSE now() END,
+        finished_at = CASE WHEN $4::text IS NOT NULL THEN now() END,
+        resolved = false,
+        updated_at = now()
+    FROM old WHERE r.id = old.id
+    RETURNING r.id, r.saga_name, r.due_at IS NOT NULL AS active
+), items AS (
+    INSERT INTO __schema__.items (run_id, step, phase)
+    SELECT upd.id, s.step, 'compensation' FROM upd, unnest($5::text[]) AS s(step)
+    WHERE upd.active
+    ON CONFLICT DO NOTHING
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, data)
+    SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer, e.ev->'data'
+    FROM upd, jsonb_array_elements($6::jsonb) WITH ORDINALITY AS e(ev, ord)
+    ORDER BY e.ord
+), revived AS (
+    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id AND upd.active
+)
+SELECT id, CASE WHEN active THEN pg_notify($7, saga_name)::text END AS notified FROM upd;
+
+-- name: needs_attention
+-- Failed runs and runs stopped for an operator, not resolved, oldest first (created_at,
+-- id), through the partial index runs_attention; $2 is the page cursor.
+-- $1 page size, $2 a run id: only runs strictly newer than it, or NULL
+SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
+       completed_steps, error::text AS error,
+       compensation_error::text AS compensation_error, cancel_requested, lease_owner,
+       created_at, updated_at, finished_at, wait_name, due_at, resolved
+FROM __schema__.runs
+WHERE status IN ('failed', 'stopped') AND NOT resolved
+  AND ($2::uuid IS NULL OR (created_at, id) > (SELECT c.created_at, c.id
+                                               FROM __schema__.runs c WHERE c.id = $2))
+ORDER BY created_at, id
+LIMIT $1;
 
 -- name: advance_timers
 -- saga.testing only: move a run's timer (a sleep's end, a wait's timeout, a retry's
@@ -569,7 +664,7 @@ SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
             compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-            created_at, updated_at, finished_at, wait_name, due_at
+            created_at, updated_at, finished_at, wait_name, due_at, resolved
      FROM __schema__.runs
      WHERE due_at IS NOT NULL
        AND ($1::text IS NULL OR saga_name = $1)
@@ -585,7 +680,7 @@ SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
             compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-            created_at, updated_at, finished_at, wait_name, due_at
+            created_at, updated_at, finished_at, wait_name, due_at, resolved
      FROM __schema__.runs
      WHERE due_at IS NULL
        AND ($1::text IS NULL OR saga_name = $1)
@@ -682,7 +777,8 @@ ORDER BY saga_name, status;
 -- signal row written with INSERT ... ON CONFLICT, the order every writer of signals
 -- takes: a signal racing the run's wait is never lost. No row: no such run.
 -- $1 run id, $2 signal name, $3 payload JSON text, $4 the saga name and $5 version the
--- payload was validated for, $6 work notification channel, $7 a new id for the signal
+-- payload was validated for, $6 work notification channel, $7 a new id for the signal,
+-- $8 what the history records of the sender (the operator and the note) or NULL
 WITH run AS (
     -- FOR UPDATE returns the newest version of the row (whatever this statement's
     -- snapshot): every decision below reads it from here, never from a scan of runs.
@@ -727,6 +823,7 @@ WITH run AS (
         status = 'waiting', due_at = now(), finished_at = NULL,
         error = CASE WHEN r.status = 'stopped' THEN NULL ELSE r.error END,
         attempt = CASE WHEN r.status = 'stopped' THEN 0 ELSE r.attempt END,
+        resolved = false,
         updated_at = now()
     FROM outcome o
     WHERE r.id = o.id AND o.accepted AND o.at_this_wait
@@ -739,6 +836,7 @@ WITH run AS (
     SELECT id,
            CASE WHEN accepted THEN 'signal_received' ELSE 'signal_refused' END,
            $2,
+           coalesce($8::jsonb, '{}') ||
            CASE WHEN accepted THEN jsonb_build_object('signal', $2::text)
                 ELSE jsonb_build_object('signal', $2::text, 'reason',
                                         CASE WHEN ended THEN 'ended'

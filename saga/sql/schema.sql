@@ -66,6 +66,9 @@ CREATE TABLE __schema__.runs (
     -- A child run: the run and step that started it (its end wakes that step's item).
     parent_id          uuid,
     parent_step        text,
+    -- A failed or stopped run an operator marked resolved (it no longer needs attention;
+    -- a retry or a cancel makes it unresolved again).
+    resolved           boolean NOT NULL DEFAULT false,
 
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
@@ -89,6 +92,12 @@ CREATE INDEX runs_finished_created ON __schema__.runs (created_at, id) WHERE due
 CREATE INDEX runs_finished_at ON __schema__.runs (finished_at) WHERE due_at IS NULL;
 -- The child runs of a step.
 CREATE INDEX runs_parent ON __schema__.runs (parent_id, parent_step) WHERE parent_id IS NOT NULL;
+-- The runs that need an operator, oldest first: failed and stopped ones not resolved.
+CREATE INDEX runs_attention ON __schema__.runs (created_at, id)
+    WHERE status IN ('failed', 'stopped') AND NOT resolved;
+-- One saga's finished runs, newest first, whatever the other sagas' history.
+CREATE INDEX runs_finished_saga ON __schema__.runs (saga_name, created_at, id)
+    WHERE due_at IS NULL;
 
 -- The append-only history. Events of one run are written only by statements holding
 -- that run's row lock, so ordering by id gives each run's history a total order. No
@@ -104,6 +113,9 @@ CREATE TABLE __schema__.events (
     data     jsonb,
     PRIMARY KEY (run_id, id)
 );
+-- History by time (the dashboard's last hours): BRIN, a few pages for millions of
+-- events and nearly free to maintain, as events are appended in time order.
+CREATE INDEX events_at ON __schema__.events USING brin (at);
 
 -- result() waiters and the end of runs meet here: a waiter's watch (watched) and the
 -- final transition's end mark (ended) are both INSERT ... ON CONFLICT on the run id, so

@@ -127,6 +127,30 @@ async def operate(dsn: str, run_id: uuid.UUID) -> None:
     print(applied)
 
 
+async def act(dsn: str, checkout: saga.Saga[Order]) -> None:
+    """The README's example of operator actions."""
+    async with saga.Client(dsn, sagas=[checkout]) as ops:
+        attention = await saga.needs_attention(ops, limit=50)
+        for info in attention.runs:
+            run = ops.get_run(info.id)
+            if info.compensation_error is not None:
+                await run.skip_compensation(note="refunded by hand", by="ana")
+            else:
+                await run.resolve(note="customer called", by="ana")
+
+        count = await saga.count_matching(ops, saga="checkout", status="failed")
+        result = await saga.retry_runs(
+            ops,
+            saga="checkout",
+            status="failed",
+            limit=1000,
+            expect=count,
+            by="ana",
+            note="bank is back",
+        )
+        print(len(result.acted), result.refused)
+
+
 # The README's web section: saga's errors as HTTP statuses, FastAPI form.
 
 
