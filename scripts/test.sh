@@ -12,11 +12,14 @@
 #
 # Runs from any folder, as root or not, never prompts. As root, the server runs as the
 # `postgres` system user (PostgreSQL refuses to run as root); Python and pytest stay root.
-# When no PostgreSQL server binaries are found, root installs Debian's `postgresql` package.
+# When no PostgreSQL server binaries are found, root installs Debian's `postgresql` package;
+# likewise Debian's `chromium` for the dashboard's browser tests (without it, and not as
+# root, those tests are skipped, except under CI=true where they fail).
 #
 # Environment:
 #   SAGA_TEST_PGBIN  folder with initdb/pg_ctl to use (default: newest /usr/lib/postgresql/*/bin)
 #   SAGA_PYTHON      interpreter used to create .venv (see scripts/_venv.sh)
+#   SAGA_TEST_CHROMIUM  the Chromium binary of the browser tests (default: /usr/bin/chromium)
 set -euo pipefail
 
 repo_root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -90,6 +93,33 @@ if [[ -z "$pg_bin" ]]; then
     [[ -n "$pg_bin" ]] || fail "no PostgreSQL server binaries found (looked for \
 /usr/lib/postgresql/*/bin/initdb). Install the server (Debian/Ubuntu: sudo apt-get install \
 postgresql) or point SAGA_TEST_PGBIN at the folder holding initdb and pg_ctl."
+fi
+
+# The dashboard's browser tests drive Debian's Chromium (Playwright with the system browser;
+# browser downloads from the internet do not work everywhere). Root installs it when missing.
+find_chromium() {
+    local candidate
+    for candidate in "${SAGA_TEST_CHROMIUM:-}" /usr/bin/chromium /usr/bin/chromium-browser; do
+        if [[ -n "$candidate" && -x "$candidate" ]]; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+}
+chromium_bin="$(find_chromium)"
+if [[ -z "$chromium_bin" && "$is_root" -eq 1 ]]; then
+    saga_say "no Chromium found; installing Debian's chromium for the browser tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q || fail "apt-get update"
+    apt-get install -y -q --no-install-recommends chromium </dev/null ||
+        fail "apt-get install chromium"
+    chromium_bin="$(find_chromium)"
+fi
+if [[ -n "$chromium_bin" ]]; then
+    export SAGA_TEST_CHROMIUM="$chromium_bin"
+    saga_say "browser tests use $chromium_bin"
+else
+    saga_say "no Chromium: the browser tests will be skipped (install Debian's chromium)"
 fi
 
 if [[ "$is_root" -eq 1 ]]; then

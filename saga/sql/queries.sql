@@ -659,7 +659,10 @@ GROUP BY saga_name, status;
 -- $1 saga name or NULL, $2 statuses (text[]) or NULL for all, $3 created at least this
 -- many seconds ago or NULL, $4 created at most this many seconds ago or NULL, $5 the page
 -- cursor, a run id: only runs strictly older (by created_at, id) than it, or NULL,
--- $6 page size, $7 idempotency key or NULL (exact match; with $1 an index probe)
+-- $6 page size, $7 idempotency key or NULL (exact match; with $1 an index probe). The
+-- cursor's bound is also given on created_at alone, so that an index on (saga_name,
+-- created_at) can start there (a row comparison only bounds an index's leading columns).
+WITH cursor AS (SELECT created_at, id FROM __schema__.runs WHERE id = $5)
 SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
@@ -671,8 +674,8 @@ SELECT * FROM (
        AND ($2::text[] IS NULL OR status = ANY($2::text[]))
        AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
-       AND ($5::uuid IS NULL OR (created_at, id) < (SELECT c.created_at, c.id
-                                                    FROM __schema__.runs c WHERE c.id = $5))
+       AND ($5::uuid IS NULL OR (created_at <= (SELECT created_at FROM cursor)
+                                 AND (created_at, id) < (SELECT created_at, id FROM cursor)))
        AND ($7::text IS NULL OR idempotency_key = $7)
      ORDER BY created_at DESC, id DESC
      LIMIT $6)
@@ -687,8 +690,8 @@ SELECT * FROM (
        AND ($2::text[] IS NULL OR status = ANY($2::text[]))
        AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
-       AND ($5::uuid IS NULL OR (created_at, id) < (SELECT c.created_at, c.id
-                                                    FROM __schema__.runs c WHERE c.id = $5))
+       AND ($5::uuid IS NULL OR (created_at <= (SELECT created_at FROM cursor)
+                                 AND (created_at, id) < (SELECT created_at, id FROM cursor)))
        AND ($7::text IS NULL OR idempotency_key = $7)
      ORDER BY created_at DESC, id DESC
      LIMIT $6)
