@@ -8,6 +8,7 @@ for good the completed steps are compensated newest first.
 
 from saga._bulk import BulkResult, cancel_runs, count_matching, needs_attention, retry_runs
 from saga._client import Client
+from saga._cron import Schedule
 from saga._definition import Compensation, Context, Saga, Step
 from saga._errors import (
     ConfigurationError,
@@ -36,6 +37,13 @@ from saga._operator import PruneResult, RunPage, count_runs, list_runs, migrate,
 from saga._orchestrator import Orchestrator
 from saga._policy import Retry
 from saga._run import RunHandle
+from saga._schedules import (
+    Scheduled,
+    list_schedules,
+    pause_schedule,
+    resume_schedule,
+)
+from saga._store_sched import ScheduleInfo
 from saga._timeline import StepAttempt, timeline
 from saga._waits import Sleep, Wait
 
@@ -74,6 +82,9 @@ __all__ = [
     "RunTimeoutError",
     "Saga",
     "SagaError",
+    "Schedule",
+    "ScheduleInfo",
+    "Scheduled",
     "SerializationError",
     "Sleep",
     "Step",
@@ -83,9 +94,12 @@ __all__ = [
     "count_matching",
     "count_runs",
     "list_runs",
+    "list_schedules",
     "migrate",
     "needs_attention",
+    "pause_schedule",
     "prune",
+    "resume_schedule",
     "retry_runs",
     "timeline",
 ]

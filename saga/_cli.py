@@ -52,6 +52,7 @@ from saga._cli_args import (
 )
 from saga._cli_ops import COMMANDS, read_payload
 from saga._cli_render import _Ctx
+from saga._cli_sched import SCHEDULE_COMMANDS
 from saga._client import Client
 from saga._db import latest_migration
 from saga._definition import Saga
@@ -193,7 +194,7 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
             await stack.enter_async_context(orch)
         except ConfigurationError as exc:  # the arguments were fine: the schema is not
             ctx.fail(EXIT_ERROR, str(exc))
-        command = {**COMMANDS, **ACTIONS}[args.command]
+        command = {**COMMANDS, **ACTIONS, **SCHEDULE_COMMANDS}[args.command]
         return await command(ctx, orch)
     raise AssertionError("unreachable")  # pragma: no cover - mypy: the block returns
 

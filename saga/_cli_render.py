@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
-from saga._cli_args import EXIT_ERROR, _Exit
+from saga._cli_values import EXIT_ERROR, _Exit
 from saga._errors import ErrorInfo
 from saga._model import HistoryEvent, RunInfo
 from saga._timeline import StepAttempt

@@ -29,7 +29,10 @@ from saga._hooks import NO_HOOKS, Hooks
 from saga._lease import Leases, heartbeat_interval
 from saga._lifecycle import started
 from saga._policy import check_lease_seconds
+from saga._run import RunHandle
 from saga._runner import Runner
+from saga._scheduler import Scheduler
+from saga._schedules import Scheduled
 from saga._spawner import Children
 
 
@@ -44,7 +47,9 @@ class Orchestrator(Client):
     it a client that only starts runs and waits for them. ``lease_seconds`` is how long a
     claim lasts without a heartbeat (heartbeats go every third of it); a worker that
     dies is replaced after at most that long. ``poll_interval`` bounds the wait for work
-    and results when notifications are lost.
+    and results when notifications are lost. ``schedules`` are the :class:`Scheduled`
+    sagas it starts on their schedules (any number of orchestrators may hold the same
+    ones: each slot starts one run).
     """
 
     _kind = "Orchestrator"
@@ -65,6 +70,7 @@ class Orchestrator(Client):
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         census_interval: float = 15.0,
+        schedules: Sequence[Scheduled[Any]] = (),
     ) -> None:
         err = ConfigurationError
         self.concurrency = _checks.integer("concurrency", concurrency, err, minimum=0)
@@ -86,6 +92,7 @@ class Orchestrator(Client):
             meter_provider=meter_provider,
             worker_id=worker_id,
         )
+        self._schedules = _check_schedules(schedules, self._sagas)
         self._hooks: Hooks = NO_HOOKS
         self._leases: Leases | None = None
         self._runner: Runner | None = None
@@ -116,6 +123,12 @@ class Orchestrator(Client):
             store, self.telemetry, runnable, self.census_interval, self.outage, self.concurrency > 0
         )
         await tg.start(self._supervised, "census", started(lambda: census))
+        if self._schedules:
+            scheduler = Scheduler(
+                store, self._schedules, self._start_scheduled, poll=self.poll_interval,
+                outage=self.outage,
+            )  # fmt: skip
+            await tg.start(self._supervised, "scheduler", scheduler.run)
         if self.concurrency == 0:
             return
         leases = self._leases = Leases(
@@ -160,6 +173,9 @@ class Orchestrator(Client):
         await tg.start(self._supervised, "claim", claim)
         await tg.start(self._supervised, "heartbeat", leases.heartbeat_loop)
 
+    async def _start_scheduled(self, saga: Saga[Any], data: Any, key: str, conn: Any) -> RunHandle:
+        return await self.start(saga, data, key=key, require_same_input=False, conn=conn)
+
     def _lease_lengths(self) -> list[float]:
         return [self.lease_seconds] + [
             step.lease_seconds
@@ -200,3 +216,23 @@ class Orchestrator(Client):
         if step is not None and await self._store.expire_item_lease(run_id, step):
             return True  # a graph run's item
         return await self._store.expire_lease(run_id)
+
+
+def _check_schedules(
+    schedules: Sequence[Scheduled[Any]], sagas: dict[tuple[str, int], Saga[Any]]
+) -> dict[str, Scheduled[Any]]:
+    """The schedules by name: each a saga.Scheduled of a registered saga, names unique."""
+    if isinstance(schedules, Scheduled) or not isinstance(schedules, Sequence):
+        raise ConfigurationError("schedules must be a list of saga.Scheduled")
+    by_name: dict[str, Scheduled[Any]] = {}
+    for s in schedules:
+        if not isinstance(s, Scheduled):
+            raise ConfigurationError(f"schedules must hold saga.Scheduled objects, got {s!r}")
+        if sagas.get((s.saga.name, s.saga.version)) is not s.saga:
+            raise ConfigurationError(
+                f"schedule {s.name!r} starts saga {s.saga.name!r}, which is not in sagas="
+            )
+        if s.name in by_name:
+            raise ConfigurationError(f"two schedules are named {s.name!r}")
+        by_name[s.name] = s
+    return by_name

@@ -30,6 +30,7 @@ from saga._store_ops import (
     loads,
     run_info,
 )
+from saga._store_sched import ScheduleQueries
 from saga._store_signals import SignalQueries
 from saga._transition import ClaimedItem, Transition
 
@@ -62,7 +63,7 @@ class TransitionResult:
     signalled: bool = False  # the wait just entered already has its signal: due now
 
 
-class Store(OperatorQueries, SignalQueries, GraphQueries):
+class Store(OperatorQueries, SignalQueries, GraphQueries, ScheduleQueries):
     """Database operations on one schema through an asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:

@@ -100,13 +100,16 @@ class Skip:
 @dataclass(frozen=True, slots=True)
 class Census:
     """Runs per state (active ones, failed and stopped), oldest active age, scheduler
-    lag and timer lag (s), and the sleeping and waiting runs per (saga, status)."""
+    lag and timer lag (s), the sleeping and waiting runs per (saga, status), and how
+    late each schedule is."""
 
     runs_by_status: dict[str, int]
     oldest_active_age: float
     scheduler_lag: float
     timer_lag: float = 0.0
     parked: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Per schedule not paused: seconds since its next slot passed unhandled (0: none).
+    schedules_late: dict[str, float] = field(default_factory=dict)
 
 
 class OperatorQueries:
@@ -232,6 +235,7 @@ class OperatorQueries:
         async with translate_errors("reading run statistics"):
             rows = await self.pool.fetch(self._q["census"], *definition_args(definitions))
             parked = await self.pool.fetch(self._q["census_parked"])
+            schedules = await self.pool.fetch(self._q["census_schedules"])
         ages = [r["oldest_age"] for r in rows if r["oldest_age"] is not None]
         return Census(
             runs_by_status={r["status"]: r["runs"] for r in rows},
@@ -239,4 +243,5 @@ class OperatorQueries:
             scheduler_lag=max((r["lag"] for r in rows), default=0.0),
             timer_lag=max((r["timer_lag"] for r in rows), default=0.0),
             parked={(r["saga_name"], r["status"]): r["runs"] for r in parked},
+            schedules_late={r["name"]: r["late"] for r in schedules},
         )

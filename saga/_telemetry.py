@@ -44,6 +44,7 @@ SCHEMA = "saga.schema"
 CREATED = "saga.run.created"
 FINGERPRINT = "saga.fingerprint"
 ERROR_TYPE = "error.type"  # OpenTelemetry semantic convention
+SCHEDULE = "saga.schedule"
 
 # saga.runs.active reports the active statuses and the failed and stopped runs (waiting
 # for an operator); saga.runs.<status> counts how runs end.
@@ -123,6 +124,13 @@ class _Instruments:
             ),
             ("saga.runs.waiting", self._observe_parked, runs, "Sleeping and waiting runs."),
             (
+                "saga.schedules.late",
+                self._observe_schedules,
+                "s",
+                "Seconds since a schedule's slot passed without starting its run (0: on "
+                "time); above a few seconds, no orchestrator handles it.",
+            ),
+            (
                 "saga.runs.unclaimable",
                 self._observe_unclaimable,
                 runs,
@@ -159,7 +167,12 @@ class _Instruments:
             timers = max(s.census.timer_lag for s in group if s.census is not None)
             fresh = freshest.census
             census = Census(
-                fresh.runs_by_status, fresh.oldest_active_age, lag, timers, fresh.parked
+                fresh.runs_by_status,
+                fresh.oldest_active_age,
+                lag,
+                timers,
+                fresh.parked,
+                fresh.schedules_late,
             )
             keys = set.intersection(*(set(s.unclaimable) for s in group))
             unclaimable = {k: min(s.unclaimable[k] for s in group) for k in keys}
@@ -188,6 +201,11 @@ class _Instruments:
         for schema, census, _ in self._merged():
             for (name, status), count in census.parked.items():
                 yield Observation(count, {SCHEMA: schema, SAGA: name, RUN_STATUS: status})
+
+    def _observe_schedules(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for schema, census, _ in self._merged():
+            for name, late in census.schedules_late.items():
+                yield Observation(late, {SCHEMA: schema, SCHEDULE: name})
 
     def _observe_unclaimable(self, _options: CallbackOptions) -> Iterable[Observation]:
         for schema, _, unclaimable in self._merged():

@@ -553,6 +553,75 @@ WHERE status IN ('failed', 'stopped') AND NOT resolved
 ORDER BY created_at, id
 LIMIT $1;
 
+-- name: schedule_register
+-- Register a schedule, or update it from the code: a new one, or one whose spec changed,
+-- is next due at $7; an unchanged one keeps its next slot (slots missed while nothing
+-- ran are still ahead of it), and its paused state.
+-- $1 name, $2 saga name, $3 saga version, $4 spec, $5 missed policy, $6 catch-up cap,
+-- $7 its next slot after now
+INSERT INTO __schema__.schedules AS s
+    (name, saga_name, saga_version, spec, missed, catch_up, next_fire)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (name) DO UPDATE SET
+    saga_name = excluded.saga_name,
+    saga_version = excluded.saga_version,
+    missed = excluded.missed,
+    catch_up = excluded.catch_up,
+    next_fire = CASE WHEN s.spec = excluded.spec THEN s.next_fire ELSE excluded.next_fire END,
+    spec = excluded.spec,
+    updated_at = now();
+
+-- name: schedules_due
+-- The schedules among $1 that are due and not paused, locked: each is handled by one
+-- orchestrator at a time (SKIP LOCKED), which reads the slots due from next_fire up to
+-- the database's now.
+-- $1 schedule names
+SELECT name, next_fire, now() AS now
+FROM __schema__.schedules
+WHERE name = ANY($1::text[]) AND NOT paused AND next_fire <= now()
+ORDER BY next_fire
+FOR UPDATE SKIP LOCKED;
+
+-- name: schedule_fired
+-- A due schedule handled (in the transaction that started its slots' runs).
+-- $1 name, $2 its next slot, $3 the last slot that started a run or NULL, $4 that run
+-- or NULL, $5 late slots its missed policy skipped
+UPDATE __schema__.schedules SET
+    next_fire = $2,
+    last_fire = coalesce($3, last_fire),
+    last_run = coalesce($4, last_run),
+    skipped = skipped + $5,
+    updated_at = now()
+WHERE name = $1;
+
+-- name: schedules_next
+-- Seconds until the first of the schedules $1 not paused is due (negative: overdue;
+-- NULL: none).
+-- $1 schedule names
+SELECT extract(epoch FROM min(next_fire) - now())::float8 AS wait
+FROM __schema__.schedules WHERE name = ANY($1::text[]) AND NOT paused;
+
+-- name: list_schedules
+-- Every schedule, by name, with how late it is (seconds since its next slot passed
+-- unhandled; 0 when on time or paused).
+-- no parameters
+SELECT name, saga_name, saga_version, spec, missed, catch_up, paused, next_fire,
+       last_fire, last_run, skipped,
+       CASE WHEN paused THEN 0
+            ELSE greatest(0, extract(epoch FROM now() - next_fire))::float8 END AS late
+FROM __schema__.schedules ORDER BY name;
+
+-- name: pause_schedule
+-- Pause ($2 true) or resume ($2 false) a schedule. Resuming makes it due now: its slots
+-- from now on fire, those that passed while it was paused do not.
+-- $1 name, $2 paused
+UPDATE __schema__.schedules SET
+    paused = $2,
+    next_fire = CASE WHEN $2 OR NOT paused THEN next_fire ELSE now() END,
+    updated_at = now()
+WHERE name = $1
+RETURNING paused;
+
 -- name: advance_timers
 -- saga.testing only: move a run's timer (a sleep's end, a wait's timeout, a retry's
 -- backoff; for a graph run, its items' backoffs) earlier by $2 seconds, as if that much
@@ -650,6 +719,12 @@ SELECT saga_name, status, count(*) AS runs
 FROM __schema__.runs
 WHERE due_at IS NOT NULL AND status IN ('sleeping', 'waiting')
 GROUP BY saga_name, status;
+
+-- name: census_schedules
+-- How late each schedule not paused is: seconds since its next slot passed unhandled.
+-- no parameters
+SELECT name, greatest(0, extract(epoch FROM now() - next_fire))::float8 AS late
+FROM __schema__.schedules WHERE NOT paused;
 
 -- name: list_runs
 -- Runs matching the filters, newest first (created_at, id), at most $6 of them. Active

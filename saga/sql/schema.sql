@@ -167,3 +167,24 @@ CREATE TABLE __schema__.items (
     PRIMARY KEY (run_id, step, phase)
 );
 CREATE INDEX items_due ON __schema__.items (due_at);
+
+-- Sagas started on a schedule, one row per schedule an orchestrator registered (see
+-- saga/_scheduler.py): the orchestrator that locks a due row (FOR UPDATE SKIP LOCKED)
+-- starts its slots' runs (idempotency key schedule:<name>:<slot>) and moves next_fire in
+-- one transaction, so a slot starts at most one run however many orchestrators are up.
+CREATE TABLE __schema__.schedules (
+    name          text PRIMARY KEY,
+    saga_name     text NOT NULL,
+    saga_version  integer NOT NULL,
+    spec          text NOT NULL,         -- the schedule, as Schedule.describe() says it
+    missed        text NOT NULL CONSTRAINT schedules_missed_check
+                  CHECK (missed IN ('skip', 'latest', 'all')),
+    catch_up      integer NOT NULL,      -- missed = 'all': at most this many late slots
+    paused        boolean NOT NULL DEFAULT false,
+    next_fire     timestamptz NOT NULL,  -- the first slot not handled yet
+    last_fire     timestamptz,           -- the last slot that started a run
+    last_run      uuid,                  -- and that run
+    skipped       bigint NOT NULL DEFAULT 0,  -- late slots skipped by the missed policy
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,114 @@
+"""An orchestrator's scheduler loop: start one run per due slot of its schedules.
+
+On open, an orchestrator registers its schedules (their rows are updated from the code;
+a paused one stays paused). Then, until it closes, it sleeps until the first of them is
+due (at most ``poll`` seconds: another orchestrator may have moved them, or an operator
+resumed one), and handles the due ones: in one transaction it locks each due row (``FOR
+UPDATE SKIP LOCKED``: one orchestrator at a time), starts the runs of its slots (the
+missed policy decides which), and moves its next slot. A slot's run has the idempotency
+key ``schedule:<name>:<slot>``, so even a transaction replayed after an uncertain commit
+starts it once: a slot never starts two runs, and, as long as one orchestrator holding
+the schedule is up, every slot is handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from saga._errors import DatabaseError, SagaError
+from saga._log import Outage, logger
+from saga._run import RunHandle
+from saga._schedules import Scheduled, key_of
+from saga._store import Store
+
+#: Start one run in the given transaction: (saga, input, key, conn) -> handle.
+StartIn = Callable[[Any, Any, str, Any], Awaitable[RunHandle]]
+
+_EPSILON = timedelta(microseconds=1)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        scheduled: Mapping[str, Scheduled[Any]],
+        start: StartIn,
+        *,
+        poll: float,
+        outage: Outage,
+    ) -> None:
+        self._store = store
+        self._scheduled = dict(scheduled)
+        self._start = start
+        self._poll = poll
+        self._outage = outage
+
+    async def register(self) -> None:
+        now = datetime.now().astimezone()
+        for s in self._scheduled.values():
+            await self._store.register_schedule(
+                s.name,
+                (s.saga.name, s.saga.version),
+                s.schedule.describe(),
+                s.missed,
+                s.catch_up,
+                s.schedule.next_after(now),
+            )
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """Register, then handle due slots until cancelled."""
+        await self.register()
+        task_status.started()
+        names = list(self._scheduled)
+        while True:
+            try:
+                await self.fire_due()
+                wait = await self._store.schedules_next(names)
+            except DatabaseError as exc:
+                self._outage.lost("starting scheduled runs", exc)
+                wait = self._poll
+            else:
+                self._outage.back()
+            await anyio.sleep(min(self._poll, max(wait if wait is not None else self._poll, 0.01)))
+
+    async def fire_due(self) -> int:
+        """Handle every due schedule (one transaction); the number of runs started."""
+        started = 0
+        async with self._store.pool.acquire() as conn, conn.transaction():
+            for due in await self._store.schedules_due(conn, list(self._scheduled)):
+                started += await self._fire(conn, self._scheduled[due.name], due.next_fire, due.now)
+        return started
+
+    async def _fire(self, conn: Any, s: Scheduled[Any], next_fire: datetime, now: datetime) -> int:
+        slots, skipped = s.slots(next_fire - _EPSILON, now)
+        last: tuple[datetime, Any] | None = None
+        for slot in slots:
+            try:
+                data = s.input_for(slot)
+            except Exception as exc:  # the user's input function: skip the slot, say so
+                logger.error(
+                    "schedule_input_failed", schedule=s.name, slot=str(slot), error=repr(exc)
+                )
+                skipped += 1
+                continue
+            try:
+                handle = await self._start(s.saga, data, key_of(s.name, slot), conn)
+            except SagaError as exc:
+                if isinstance(exc, DatabaseError):
+                    raise
+                logger.error(
+                    "schedule_start_refused", schedule=s.name, slot=str(slot), error=str(exc)
+                )
+                skipped += 1
+                continue
+            last = (slot, handle.id)
+            logger.info("schedule_fired", schedule=s.name, slot=str(slot), run_id=str(handle.id))
+        if skipped:
+            logger.warning("schedule_slots_skipped", schedule=s.name, skipped=skipped)
+        await self._store.schedule_fired(conn, s.name, s.schedule.next_after(now), last, skipped)
+        return len(slots)

@@ -1,0 +1,138 @@
+"""Sagas started on a schedule: the declaration, its missed-slot policy, and the operator
+functions (list, pause, resume).
+
+A :class:`Scheduled` names a saga, a :class:`~saga.Schedule` (cron or interval, in a time
+zone) and the input of each run. Orchestrators given it (``schedules=[...]``) start one
+run per slot: see ``saga/_scheduler.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from saga import _checks
+from saga._checks import validate_name
+from saga._cron import Schedule
+from saga._definition import Saga
+from saga._errors import ConfigurationError, DefinitionError
+from saga._store_sched import ScheduleInfo
+
+if TYPE_CHECKING:
+    from saga._client import Client
+
+InT = TypeVar("InT", bound=BaseModel)
+
+#: What happens to slots missed while no orchestrator ran: ``skip`` them, run only the
+#: ``latest`` one, or run ``all`` of them (at most ``catch_up``, the most recent).
+Missed = Literal["skip", "latest", "all"]
+_MISSED = ("skip", "latest", "all")
+#: The most slots looked at when catching up (older ones count as skipped).
+MAX_CATCH_UP = 1000
+#: How far back missed slots are looked for.
+LOOKBACK = timedelta(days=31)
+
+
+@dataclass(frozen=True, eq=False)
+class Scheduled(Generic[InT]):
+    """Start ``saga`` at every slot of ``schedule`` with ``input`` (a model, or a function
+    of the slot's time returning one). ``name`` identifies the schedule in the database
+    (pausing, listing) and in each run's idempotency key ``schedule:<name>:<slot>``.
+
+    A slot handled within ``grace`` of its time is on time and always runs. Slots later
+    than that (no orchestrator was up) follow ``missed``: ``"skip"`` runs none of them,
+    ``"latest"`` the most recent one, ``"all"`` each of them, oldest first, at most the
+    ``catch_up`` most recent ones.
+    """
+
+    name: str
+    saga: Saga[InT]
+    schedule: Schedule
+    input: InT | Callable[[datetime], InT]
+    missed: Missed = "skip"
+    catch_up: int = 10
+    grace: timedelta = timedelta(minutes=1)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name, "schedule")
+        where = f"schedule {self.name!r}"
+        if not isinstance(self.saga, Saga):
+            raise DefinitionError(f"{where}: saga must be a saga.Saga, got {self.saga!r}")
+        if not isinstance(self.schedule, Schedule):
+            raise DefinitionError(
+                f"{where}: schedule must be a saga.Schedule (Schedule.cron(...) or "
+                f"Schedule.every(...)), got {_checks.show(self.schedule)}"
+            )
+        if not (callable(self.input) or isinstance(self.input, self.saga.input_type)):
+            raise DefinitionError(
+                f"{where}: input must be a {self.saga.input_type.__name__} or a function "
+                f"of the slot's time returning one, got {_checks.show(self.input)}"
+            )
+        if self.missed not in _MISSED:
+            raise DefinitionError(
+                f"{where}: missed must be one of {', '.join(_MISSED)}, got {self.missed!r}"
+            )
+        _checks.integer(
+            f"{where}: catch_up", self.catch_up, DefinitionError, minimum=1, maximum=MAX_CATCH_UP
+        )
+        if not isinstance(self.grace, timedelta) or not (
+            timedelta(0) <= self.grace <= timedelta(days=1)
+        ):
+            raise DefinitionError(
+                f"{where}: grace must be a timedelta from 0 to 1 day, got {self.grace!r}"
+            )
+
+    def input_for(self, slot: datetime) -> Any:
+        """The input of the run of ``slot``."""
+        if isinstance(self.input, BaseModel):
+            return self.input
+        return self.input(slot)
+
+    def slots(self, since: datetime, now: datetime) -> tuple[list[datetime], int]:
+        """The slots after ``since`` up to ``now`` that start a run, oldest first, and
+        how many late ones the missed policy skipped."""
+        start = max(since, now - LOOKBACK)
+        every = self.schedule.fires_between(start, now, limit=100_000)
+        on_time = [s for s in every if now - s <= self.grace]
+        late = [s for s in every if now - s > self.grace]
+        if self.missed == "all":
+            fire = late[-self.catch_up :]
+        elif self.missed == "latest" and not on_time:
+            fire = late[-1:]
+        else:
+            fire = []
+        return fire + on_time, len(late) - len(fire)
+
+
+def key_of(name: str, slot: datetime) -> str:
+    """The idempotency key of a slot's run: at most one run per schedule and slot."""
+    return f"schedule:{name}:{slot.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+async def list_schedules(client: Client) -> list[ScheduleInfo]:
+    """Every schedule the orchestrators registered, by name: what it starts, when it
+    fires next and fired last (with that run), paused or not, late slots skipped, and
+    how late it is now (``late`` > a few seconds: no orchestrator handled its slot)."""
+    return await client._store_or_raise().list_schedules()
+
+
+async def pause_schedule(client: Client, name: str) -> None:
+    """Pause a schedule: no slot starts a run until it is resumed (it stays paused
+    across restarts and deploys). ``ConfigurationError`` for an unknown name."""
+    await _pause(client, name, True)
+
+
+async def resume_schedule(client: Client, name: str) -> None:
+    """Resume a paused schedule: its slots from now on start runs; those that passed
+    while it was paused do not. ``ConfigurationError`` for an unknown name."""
+    await _pause(client, name, False)
+
+
+async def _pause(client: Client, name: str, paused: bool) -> None:
+    _checks.text("schedule name", name, ConfigurationError, max_length=128)
+    if not await client._store_or_raise().pause_schedule(name, paused):
+        raise ConfigurationError(f"no schedule named {name!r}")

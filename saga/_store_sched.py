@@ -1,0 +1,121 @@
+"""The store's schedule queries: registering schedules, locking the due ones, recording
+what fired, listing, pausing and resuming.
+
+A part of :class:`~saga._store.Store` (a mixin); see ``saga/_scheduler.py`` for how an
+orchestrator uses them and ``saga/_schedules.py`` for the operator's side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from saga._db import Executor, translate_errors
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A schedule as stored: what it starts, when it fires next and fired last, whether
+    an operator paused it, how many late slots its missed policy skipped, and ``late``:
+    seconds since its next slot passed unhandled (0 when on time or paused; an
+    orchestrator that registered it handles a due slot within about a second)."""
+
+    name: str
+    saga: str
+    version: int
+    spec: str
+    missed: str
+    catch_up: int
+    paused: bool
+    next_fire: datetime
+    last_fire: datetime | None
+    last_run: UUID | None
+    skipped: int
+    late: float
+
+
+@dataclass(frozen=True, slots=True)
+class DueSchedule:
+    name: str
+    next_fire: datetime
+    now: datetime  # the database's clock
+
+
+class ScheduleQueries:
+    """Needs ``pool`` and ``_q`` (the named queries) from the store it is part of."""
+
+    pool: asyncpg.Pool
+    _q: dict[str, str]
+
+    async def register_schedule(
+        self,
+        name: str,
+        saga: tuple[str, int],
+        spec: str,
+        missed: str,
+        catch_up: int,
+        next_fire: datetime,
+    ) -> None:
+        async with translate_errors("registering a schedule"):
+            await self.pool.execute(
+                self._q["schedule_register"], name, *saga, spec, missed, catch_up, next_fire
+            )
+
+    async def schedules_due(self, conn: Executor, names: Sequence[str]) -> list[DueSchedule]:
+        """The due schedules among ``names``, locked in ``conn``'s transaction."""
+        rows = await conn.fetch(self._q["schedules_due"], list(names))
+        return [DueSchedule(r["name"], r["next_fire"], r["now"]) for r in rows]
+
+    async def schedule_fired(
+        self,
+        conn: Executor,
+        name: str,
+        next_fire: datetime,
+        last: tuple[datetime, UUID] | None,
+        skipped: int,
+    ) -> None:
+        await conn.execute(
+            self._q["schedule_fired"],
+            name,
+            next_fire,
+            None if last is None else last[0],
+            None if last is None else last[1],
+            skipped,
+        )
+
+    async def schedules_next(self, names: Sequence[str]) -> float | None:
+        """Seconds until the first of ``names`` is due (negative: overdue; None: none)."""
+        async with translate_errors("reading schedules"):
+            wait: float | None = await self.pool.fetchval(self._q["schedules_next"], list(names))
+        return wait
+
+    async def list_schedules(self) -> list[ScheduleInfo]:
+        async with translate_errors("listing schedules"):
+            rows = await self.pool.fetch(self._q["list_schedules"])
+        return [
+            ScheduleInfo(
+                name=r["name"],
+                saga=r["saga_name"],
+                version=r["saga_version"],
+                spec=r["spec"],
+                missed=r["missed"],
+                catch_up=r["catch_up"],
+                paused=r["paused"],
+                next_fire=r["next_fire"],
+                last_fire=r["last_fire"],
+                last_run=r["last_run"],
+                skipped=r["skipped"],
+                late=r["late"],
+            )
+            for r in rows
+        ]
+
+    async def pause_schedule(self, name: str, paused: bool) -> bool:
+        """Pause or resume; False when there is no such schedule."""
+        async with translate_errors("pausing a schedule"):
+            row = await self.pool.fetchrow(self._q["pause_schedule"], name, paused)
+        return row is not None
