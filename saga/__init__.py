@@ -36,6 +36,7 @@ from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._operator import PruneResult, RunPage, count_runs, list_runs, migrate, prune
 from saga._orchestrator import Orchestrator
 from saga._policy import Retry
+from saga._rate import RateLimit
 from saga._run import RunHandle
 from saga._schedules import (
     Scheduled,
@@ -68,6 +69,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermanentError",
     "PruneResult",
+    "RateLimit",
     "Retry",
     "RunCancelledError",
     "RunCompensatedError",

@@ -29,6 +29,7 @@ from saga._policy import (
     check_timeout,
     return_annotation,
 )
+from saga._rate import RateLimit
 from saga._waits import OnTimeout, Parking, Sleep, Wait, declare_sleep, declare_wait
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class Step(Generic[InT, OutT]):
     deps: tuple[str, ...] | None = None  # after= (None: after the step declared before)
     pivot: bool = False  # the point of no return (see saga._pivot)
     spawn: Spawn | None = None  # a children step: the runs it starts (saga._children)
+    rate_limit: RateLimit | None = None  # a token per attempt (saga._rate)
 
     @overload
     def compensate(self, fn: CompensateFn[InT, OutT], /) -> Compensation[InT, OutT]: ...
@@ -160,6 +162,7 @@ class Saga(Generic[InT]):
         lease_seconds: float | None = None,
         after: Sequence[Step[InT, Any] | str] | None = None,
         pivot: bool = False,
+        rate_limit: RateLimit | None = None,
     ) -> Callable[[StepFn[InT, OutT]], Step[InT, OutT]]:
         """Declare the next step: ``async def step(ctx) -> result``.
 
@@ -171,7 +174,8 @@ class Saga(Generic[InT]):
         as JSON and read back as that type by later steps and by the compensation.
         ``lease_seconds`` overrides the orchestrator's lease for this step and its
         compensation: how long a crashed worker holds it before another takes over
-        (heartbeats renew it every third of that while it runs).
+        (heartbeats renew it every third of that while it runs). ``rate_limit``: each
+        attempt first takes a token of that :class:`RateLimit` (shared by every worker).
         """
 
         def register(fn: StepFn[InT, OutT]) -> Step[InT, OutT]:
@@ -181,6 +185,8 @@ class Saga(Generic[InT]):
             check_retry(retry)
             if lease_seconds is not None:
                 check_lease_seconds(lease_seconds, DefinitionError)
+            if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+                raise DefinitionError(f"rate_limit must be a saga.RateLimit, got {rate_limit!r}")
             step_name = validate_name(fn.__name__ if name is None else name, "step")
             self._check_new_name(step_name)
             deps = None if after is None else _graph.dependencies(self, step_name, after)
@@ -195,6 +201,7 @@ class Saga(Generic[InT]):
                 lease_seconds=lease_seconds,
                 deps=deps,
                 pivot=bool(pivot),
+                rate_limit=rate_limit,
             )
             self.steps.append(step)
             self._by_name[step_name] = step
@@ -302,7 +309,7 @@ class Saga(Generic[InT]):
         only runs whose fingerprint it has (see the README on deploys)."""
         if self._fingerprint is not None:
             return self._fingerprint
-        value = self._compute_fingerprint()
+        value = of_definition(self, self.graph if self._frozen else _graph.shape(self))
         if self._frozen:
             self._fingerprint = value
         return value
@@ -318,16 +325,13 @@ class Saga(Generic[InT]):
         self.graph = _graph.of_saga(self, self._parkings)
         self.pivot = _pivot.check(self, self.graph)
         self._frozen = True
-        self._fingerprint = self._compute_fingerprint()
+        self._fingerprint = of_definition(self, self.graph)
 
     @property
     def output_type(self) -> Any:
         """The type of a completed run's output: the last step's result, or (a graph)
         its one final step's, or a dict of its final steps' results by name."""
         return _graph.output_type(self)
-
-    def _compute_fingerprint(self) -> str:
-        return of_definition(self, self.graph if self._frozen else _graph.shape(self))
 
     async def start(
         self,
@@ -339,13 +343,8 @@ class Saga(Generic[InT]):
     ) -> RunHandle:
         """Durably start a run of this saga through the orchestrator it is registered with.
 
-        Returns once the run is committed. With ``key``, a second start with the same key
-        and an equal input returns the existing run instead of creating one (a different
-        input raises :class:`~saga.IdempotencyConflictError` unless
-        ``require_same_input=False``). With ``conn``, in the caller's open transaction.
-        Equivalent to ``orchestrator.start(saga, input, key=..., require_same_input=...,
-        conn=...)``.
-        """
+        Returns once the run is committed; ``orchestrator.start(saga, input, ...)`` (see
+        :meth:`saga.Client.start` for ``key``, ``require_same_input`` and ``conn``)."""
         client = _registry.the_client(self)
         return await client.start(
             self, input, key=key, require_same_input=require_same_input, conn=conn

@@ -103,6 +103,7 @@ class EventKind(enum.StrEnum):
     CHILDREN_WAITING = "children_waiting"
     RUN_RESOLVED = "run_resolved"
     COMPENSATION_SKIPPED = "compensation_skipped"
+    RATE_LIMITED = "rate_limited"
 
     @staticmethod
     def started(phase: Phase) -> EventKind:

@@ -29,6 +29,7 @@ from saga._hooks import NO_HOOKS, Hooks
 from saga._lease import Leases, heartbeat_interval
 from saga._lifecycle import started
 from saga._policy import check_lease_seconds
+from saga._rate import check_consistent
 from saga._run import RunHandle
 from saga._runner import Runner
 from saga._scheduler import Scheduler
@@ -93,6 +94,9 @@ class Orchestrator(Client):
             worker_id=worker_id,
         )
         self._schedules = _check_schedules(schedules, self._sagas)
+        check_consistent(
+            [st.rate_limit for s in self._sagas.values() for st in s.steps if st.rate_limit]
+        )
         self._hooks: Hooks = NO_HOOKS
         self._leases: Leases | None = None
         self._runner: Runner | None = None

@@ -9,20 +9,17 @@ sees SQL and decides no transition itself.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
 
-import anyio
-from opentelemetry import trace
-
 from saga import _plan
 from saga._active import ActiveRun
 from saga._aio import is_cancellation
-from saga._codec import check_readable, decode_stored, encode_checked
+from saga._call import CallUser, call_user
+from saga._codec import decode_stored, encode_checked
 from saga._definition import Context, Saga, Step
 from saga._errors import DatabaseError, SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
@@ -30,7 +27,6 @@ from saga._lease import Lease, Leases
 from saga._log import Outage, log_event, logger
 from saga._model import Outcome, Phase, RunStatus
 from saga._parked import sleep_length, timeout_result
-from saga._policy import Retry
 from saga._store import Store
 from saga._telemetry import SAGA, Telemetry
 from saga._transition import (
@@ -43,8 +39,6 @@ from saga._transition import (
 )
 from saga._waits import Sleep, Wait
 from saga._write import COMMITTED, Writer, Written
-
-_NO_TIMEOUT = contextlib.nullcontext()
 
 #: What runs a claimed item: the linear runner's, or the graph runner's.
 Process = Callable[[ClaimedItem, Saga[Any], Lease], Awaitable[None]]
@@ -92,6 +86,9 @@ class Runner:
         self.run: Callable[[ClaimedItem, Lease], Coroutine[Any, Any, None]] = partial(
             self.guard, process=self._process
         )
+        #: Call the user's function for an attempt (see saga._call), with this runner's
+        #: hooks, lease length and rate limits.
+        self.call_user: CallUser = partial(call_user, env=self)
 
     @property
     def hooks(self) -> Hooks:
@@ -311,36 +308,6 @@ class Runner:
         if isinstance(after, Sleep) and after.until is not None and isinstance(outcome, Succeeded):
             outcome = await sleep_length(after, ctx, run.results, step.name, result, outcome)
         return outcome, result
-
-    async def call_user(
-        self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], lease: Lease, retry: Retry
-    ) -> tuple[Succeeded | Failed, Any]:
-        """Call the user's function; whatever it raises is this attempt's failure
-        (GeneratorExit, SystemExit and stray CancelledErrors included), except the
-        cancellation of this task: lease lost, timeout, or shutdown."""
-        compensation = run.phase is _COMPENSATION
-        comp = step.compensation
-        timeout = comp.timeout if compensation and comp else step.timeout
-        seconds = step.lease_seconds or self.lease_seconds
-        assert run.span is not None
-        with lease.attempt_scope(seconds), trace.use_span(run.span, end_on_exit=False):
-            try:
-                await self._hooks.before_call(ctx, self._faults)
-                check_readable(run.input)
-                with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
-                    if compensation and comp is not None:
-                        done = run.results.get(step.name)
-                        check_readable(done)
-                        await comp.fn(ctx, done)
-                        return Succeeded(), None
-                    return Succeeded(), await step.fn(ctx)
-            except BaseException as exc:
-                if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
-                    raise
-                return Failed(error_record(exc, step.name), retry.retryable(exc)), None
-        # Only reached when the heartbeat cancelled the scope (lease lost): the caller
-        # sees lease.scope.cancel_called and records nothing.
-        return Failed(error_record(SagaError("lease lost"), step.name), True), None
 
     def _encode(
         self, run: ActiveRun, step: Step[Any, Any] | Wait[Any], result: Any

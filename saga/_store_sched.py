@@ -1,8 +1,9 @@
-"""The store's schedule queries: registering schedules, locking the due ones, recording
-what fired, listing, pausing and resuming.
+"""The store's traffic queries: taking rate limit tokens; registering schedules, locking
+the due ones, recording what fired, listing, pausing and resuming.
 
-A part of :class:`~saga._store.Store` (a mixin); see ``saga/_scheduler.py`` for how an
-orchestrator uses them and ``saga/_schedules.py`` for the operator's side.
+A part of :class:`~saga._store.Store` (a mixin); see ``saga/_rate.py``,
+``saga/_scheduler.py`` (how an orchestrator fires schedules) and ``saga/_schedules.py``
+(the operator's side).
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ class ScheduleQueries:
             await self.pool.execute(
                 self._q["schedule_register"], name, *saga, spec, missed, catch_up, next_fire
             )
+
+    async def rate_take(
+        self,
+        name: str,
+        per_second: float,
+        burst: int,
+        attempt: tuple[UUID, str, int],
+        worker: str,
+    ) -> float:
+        """Take a token of a rate limit for ``attempt`` (run, step, number): the seconds
+        to wait for it (recorded in the run's history when above 0)."""
+        async with translate_errors("taking a rate limit token"):
+            delay: float = await self.pool.fetchval(
+                self._q["rate_take"], name, per_second, burst, *attempt, worker
+            )
+        return delay
 
     async def schedules_due(self, conn: Executor, names: Sequence[str]) -> list[DueSchedule]:
         """The due schedules among ``names``, locked in ``conn``'s transaction."""

@@ -46,6 +46,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     other = {"saga", "version", "key", "fingerprint", "counted", "kind", "step", "attempt"}
     other |= {"worker", "data", "unless_cancelled", "infinity", "signal", "reason"}
     other |= {"ended", "wait_decided", "rolling_back"}  # why a signal was refused
+    other |= {"limit", "delay"}  # a rate limit's wait
     assert words - known - other == set()
 
 
@@ -114,11 +115,19 @@ async def test_every_kind_is_written_by_some_run(
     graph = small_saga("graph", ["a", "b"], after={"b": []}, input=Job)  # step_ready
     child = small_saga("child", ["c"], input=Job)
     graph.children("kids", child, lambda ctx: [Job(n=0)], after=["a"])  # children_waiting
+    rated = saga.Saga("rated", input=Job)  # rate_limited: the second run waits 50 ms
+
+    @rated.step(rate_limit=saga.RateLimit("twenty", per_second=20, burst=1))
+    async def call(ctx: saga.Context[Job]) -> int:
+        return 0
+
     faults = Faults()
     faults.expire_lease("first", times=1)
-    orch = await orchestrator(s, waits, graph, child, lease_seconds=0.6)
+    orch = await orchestrator(s, waits, graph, child, rated, lease_seconds=0.6)
     faults.attach(orch)
     with anyio.fail_after(20):
+        for _ in range(2):
+            await (await orch.start(rated, Job(n=0))).result()
         assert await (await orch.start(s, Job(n=4))).result() == 2
         assert faults.fired["expire_lease"] == 1
         await (await orch.start(graph, Job(n=0))).result()

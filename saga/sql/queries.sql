@@ -553,6 +553,33 @@ WHERE status IN ('failed', 'stopped') AND NOT resolved
 ORDER BY created_at, id
 LIMIT $1;
 
+-- name: rate_take
+-- Take one token of the rate limit $1 (refilled at $2 per second, up to $3): the bucket
+-- may go into debt, and the delay returned is how long until this token would have
+-- been there (0: at once). Times are read after the bucket's row lock is held. A delay
+-- is recorded in the run's history (its row locked first, as every history writer does).
+-- $1 limit name, $2 tokens per second, $3 burst, $4 run id, $5 step, $6 attempt,
+-- $7 worker
+WITH bucket AS (
+    INSERT INTO __schema__.rate_limits AS b (name, tokens, updated_at)
+    VALUES ($1, $3::float8 - 1, clock_timestamp())
+    ON CONFLICT (name) DO UPDATE SET
+        tokens = least($3::float8, b.tokens + $2::float8
+                       * greatest(0, extract(epoch FROM clock_timestamp() - b.updated_at)))
+                 - 1,
+        updated_at = clock_timestamp()
+    RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay
+), run AS (
+    SELECT r.id FROM __schema__.runs r, bucket WHERE r.id = $4 AND bucket.delay > 0
+    FOR UPDATE OF r
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
+    SELECT run.id, 'rate_limited', $5, $6, $7,
+           jsonb_build_object('limit', $1::text, 'delay', bucket.delay)
+    FROM run, bucket
+)
+SELECT delay FROM bucket;
+
 -- name: schedule_register
 -- Register a schedule, or update it from the code: a new one, or one whose spec changed,
 -- is next due at $7; an unchanged one keeps its next slot (slots missed while nothing

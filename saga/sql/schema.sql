@@ -188,3 +188,11 @@ CREATE TABLE __schema__.schedules (
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- Rate limits shared by every worker: one token bucket per name (see saga/_rate.py).
+-- tokens may be negative: callers reserved tokens not there yet, and wait for them.
+CREATE TABLE __schema__.rate_limits (
+    name       text PRIMARY KEY,
+    tokens     float8 NOT NULL,
+    updated_at timestamptz NOT NULL
+);

@@ -1,4 +1,4 @@
--- 0008: sagas started on a schedule.
+-- 0008: traffic control: sagas started on a schedule, and rate limits.
 --
 -- One row per schedule an orchestrator registered: what it starts (saga, input), when
 -- (its spec, and next_fire: the first slot not handled yet), what happens to slots
@@ -21,4 +21,12 @@ CREATE TABLE __schema__.schedules (
     skipped       bigint NOT NULL DEFAULT 0,  -- late slots skipped by the missed policy
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Rate limits shared by every worker: one token bucket per name (see saga/_rate.py).
+-- tokens may be negative: callers reserved tokens not there yet, and wait for them.
+CREATE TABLE __schema__.rate_limits (
+    name       text PRIMARY KEY,
+    tokens     float8 NOT NULL,
+    updated_at timestamptz NOT NULL
 );

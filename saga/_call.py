@@ -1,0 +1,90 @@
+"""One attempt's call of the user's step or compensation, under its lease's cancel scope,
+its span and its timeout, after the step's rate limit (if any) let it through."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from opentelemetry import trace
+
+from saga._aio import is_cancellation
+from saga._codec import check_readable
+from saga._errors import SagaError, error_record
+from saga._hooks import FaultTarget, Hooks, SimulatedCrash
+from saga._model import Phase
+from saga._rate import take
+from saga._transition import Failed, Succeeded
+
+if TYPE_CHECKING:
+    from saga._active import ActiveRun
+    from saga._definition import Context, Step
+    from saga._lease import Lease
+    from saga._policy import Retry
+    from saga._store import Store
+
+_NO_TIMEOUT = contextlib.nullcontext()
+_COMPENSATION = Phase.COMPENSATION
+
+
+class CallEnv(Protocol):
+    """What a call needs from the runner making it."""
+
+    store: Store
+    worker: str
+    lease_seconds: float
+
+    @property
+    def hooks(self) -> Hooks: ...
+
+    @property
+    def faults(self) -> FaultTarget: ...
+
+
+class CallUser(Protocol):
+    def __call__(
+        self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], lease: Lease, retry: Retry
+    ) -> Coroutine[Any, Any, tuple[Succeeded | Failed, Any]]: ...
+
+
+async def call_user(
+    run: ActiveRun,
+    step: Step[Any, Any],
+    ctx: Context[Any],
+    lease: Lease,
+    retry: Retry,
+    *,
+    env: CallEnv,
+) -> tuple[Succeeded | Failed, Any]:
+    """Call the user's function; whatever it raises is this attempt's failure
+    (GeneratorExit, SystemExit and stray CancelledErrors included), except the
+    cancellation of this task: lease lost, timeout, or shutdown. A step with a rate
+    limit first waits for its token (not counted in its timeout; the lease is renewed
+    meanwhile)."""
+    compensation = run.phase is _COMPENSATION
+    comp = step.compensation
+    timeout = comp.timeout if compensation and comp else step.timeout
+    seconds = step.lease_seconds or env.lease_seconds
+    assert run.span is not None
+    with lease.attempt_scope(seconds), trace.use_span(run.span, end_on_exit=False):
+        if step.rate_limit is not None and not compensation:
+            await take(env.store, step.rate_limit, run, env.worker)
+        try:
+            await env.hooks.before_call(ctx, env.faults)
+            check_readable(run.input)
+            with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
+                if compensation and comp is not None:
+                    done = run.results.get(step.name)
+                    check_readable(done)
+                    await comp.fn(ctx, done)
+                    return Succeeded(), None
+                return Succeeded(), await step.fn(ctx)
+        except BaseException as exc:
+            if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+                raise
+            return Failed(error_record(exc, step.name), retry.retryable(exc)), None
+    # Only reached when the heartbeat cancelled the scope (lease lost): the caller sees
+    # lease.scope.cancel_called and records nothing.
+    return Failed(error_record(SagaError("lease lost"), step.name), True), None
