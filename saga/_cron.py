@@ -9,8 +9,8 @@ Cron times are wall-clock times in the schedule's zone. Daylight-saving rules:
   from 02:00 to 03:00) fires once, at the first instant after the gap (when the wall
   clock shows 03:00). Several matching minutes in one gap still fire once.
 - A wall time that occurs twice (fall back) fires once, at its first occurrence
-  (``fold=0``). The second pass of the repeated hour is skipped entirely: ``*/15 * * * *``
-  fires at 01:00, 01:15, 01:30 and 01:45 of the first pass, then at 02:00 after it.
+  (``fold=0``). The second pass of the repeated hour is skipped entirely: in New York
+  ``*/15 * * * *`` fires at 01:00, 01:15, 01:30 and 01:45 EDT, then at 02:00 EST.
 
 So fire times are strictly increasing in UTC and no wall-clock minute fires twice.
 
@@ -30,15 +30,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from saga._checks import show
 from saga._errors import DefinitionError
 
-_MACROS = {
-    "@hourly": "0 * * * *",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@weekly": "0 0 * * 0",
-    "@monthly": "0 0 1 * *",
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-}
+_MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *"}
+_MACROS |= {"@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *"}
+_MACROS["@annually"] = _MACROS["@yearly"]
 _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 _DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
 #: (name, low, high, names numbered from low) of the five fields, in order.
@@ -84,10 +78,12 @@ class _Spec:
 
 
 def _fail(expression: str, problem: str) -> DefinitionError:
+    """An error naming the expression, then what is wrong with it."""
     return DefinitionError(f"cron expression {expression!r}: {problem}")
 
 
 def _value(token: str, spec: _Field, expr: str, end: bool) -> int:
+    """A number or name within the field's range (SUN closing a range is 7)."""
     name, low, high, names = spec
     if not _TOKEN.fullmatch(token):
         raise _fail(expr, f"{name} value {token!r} is not a number or a name")
@@ -106,6 +102,7 @@ def _value(token: str, spec: _Field, expr: str, end: bool) -> int:
 
 
 def _step(text: str, name: str, span: int, expr: str) -> int:
+    """A whole number from 1 to ``span``: a larger step would match one value only."""
     if not text.isdigit() or int(text) == 0:
         raise _fail(expr, f"{name} step {text!r} must be a positive whole number")
     if (step := int(text)) > span:  # */90 in minutes would fire at :00 only, hourly
@@ -115,6 +112,7 @@ def _step(text: str, name: str, span: int, expr: str) -> int:
 
 
 def _part(part: str, spec: _Field, expr: str) -> range:
+    """The values of one list item: ``*``, ``a``, ``a-b``, each with an optional ``/step``."""
     name, low, high, _ = spec
     if not part:
         raise _fail(expr, f"empty item in the {name} field (check the commas)")
@@ -131,13 +129,6 @@ def _part(part: str, spec: _Field, expr: str) -> range:
             raise _fail(expr, f"{name} range {base} is reversed: write the smaller value first")
     step = _step(step_text, name, max(last - first, 1), expr) if slash else 1
     return range(first, last + 1, step)
-
-
-def _field(text: str, spec: _Field, expr: str) -> set[int]:
-    values: set[int] = set()
-    for part in text.split(","):
-        values.update(_part(part, spec, expr))
-    return values
 
 
 def _split(expression: Any) -> tuple[str, list[str]]:
@@ -169,8 +160,12 @@ def _split(expression: Any) -> tuple[str, list[str]]:
 
 
 def _parse(expression: Any) -> tuple[str, _Spec]:
+    """The normalized expression and its values; refused if no day could ever match."""
     normal, texts = _split(expression)
-    sets = [_field(text, spec, normal) for text, spec in zip(texts, _FIELDS, strict=True)]
+    sets = [
+        set().union(*(_part(part, spec, normal) for part in text.split(",")))
+        for text, spec in zip(texts, _FIELDS, strict=True)
+    ]
     minutes, hours, days, months, weekdays = sets
     either_day = texts[2] != "*" and texts[4] != "*"
     weekdays = {day % 7 for day in weekdays}
@@ -183,6 +178,7 @@ def _parse(expression: Any) -> tuple[str, _Spec]:
 
 
 def _zone(timezone: Any) -> ZoneInfo:
+    """The IANA zone named; never a path (``../etc``), never a directory (``America``)."""
     if not isinstance(timezone, str) or not timezone:
         raise DefinitionError(f"timezone must be a non-empty IANA name, got {show(timezone)}")
     try:
@@ -276,6 +272,7 @@ class Schedule:
     _zone: ZoneInfo = field(default=ZoneInfo("UTC"), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        """Checks the definition and normalizes it, whichever way it was built."""
         object.__setattr__(self, "_zone", _zone(self.timezone))
         if (self.expression is None) == (self.interval is None):
             raise DefinitionError("a schedule needs either a cron expression or an interval")
@@ -372,6 +369,7 @@ class Schedule:
         return text
 
     def _slot(self, utc: datetime, ahead: int) -> datetime:
+        """The slot at or before ``utc`` (ahead=0), or the one after it (ahead=1)."""
         assert self.interval is not None
         assert self.anchor is not None
         steps = (utc - self.anchor) // self.interval + ahead
@@ -379,6 +377,7 @@ class Schedule:
 
 
 def _check_interval(interval: Any) -> None:
+    """Whole seconds from 1 s to 366 days, or a DefinitionError saying which is wrong."""
     if not isinstance(interval, timedelta):
         raise DefinitionError(f"interval must be a datetime.timedelta, got {show(interval)}")
     if interval.microseconds:
@@ -388,6 +387,7 @@ def _check_interval(interval: Any) -> None:
 
 
 def _duration(interval: timedelta) -> str:
+    """``1 day 2 h 30 min``: the nonzero units of a whole-second interval."""
     rest = int(interval.total_seconds())
     parts = []
     for unit, size in (("day", 86400), ("h", 3600), ("min", 60), ("s", 1)):
