@@ -82,8 +82,8 @@ def _fail(expression: str, problem: str) -> DefinitionError:
     return DefinitionError(f"cron expression {expression!r}: {problem}")
 
 
-def _value(token: str, spec: _Field, expr: str, end: bool) -> int:
-    """A number or name within the field's range (SUN closing a range is 7)."""
+def _value(token: str, spec: _Field, expr: str) -> int:
+    """A number or a name (any case) within the field's range."""
     name, low, high, names = spec
     if not _TOKEN.fullmatch(token):
         raise _fail(expr, f"{name} value {token!r} is not a number or a name")
@@ -96,8 +96,6 @@ def _value(token: str, spec: _Field, expr: str, end: bool) -> int:
     if upper not in names:
         known = f"use {names[0]}-{names[-1]} ({', '.join(names)})" if names else "use numbers"
         raise _fail(expr, f"unknown {name} name {token!r}: {known}")
-    if end and upper == "SUN":  # FRI-SUN: Sunday as 7 closes a range
-        return 7
     return names.index(upper) + (1 if name == "month" else 0)
 
 
@@ -123,8 +121,10 @@ def _part(part: str, spec: _Field, expr: str) -> range:
         start, dash, stop = base.partition("-")
         if dash and not (start and stop):
             raise _fail(expr, f"{name} range {base!r} needs a start and an end, like 1-5")
-        first = _value(start, spec, expr, end=False)
-        last = _value(stop, spec, expr, end=True) if dash else (high if slash else first)
+        first = _value(start, spec, expr)
+        last = _value(stop, spec, expr) if dash else (high if slash else first)
+        if high == 7 and first > last == 0:  # FRI-SUN or 5-0: Sunday closes a range as 7
+            last = 7
         if first > last:
             raise _fail(expr, f"{name} range {base} is reversed: write the smaller value first")
     step = _step(step_text, name, max(last - first, 1), expr) if slash else 1
@@ -299,7 +299,8 @@ class Schedule:
 
         Fields ``minute hour day-of-month month day-of-week`` take ``*``, lists, ranges,
         steps (``*/15``, ``10-40/10``, ``5/15`` = ``5-59/15``), names (``JAN``-``DEC``,
-        ``SUN``-``SAT``, any case) and 0 or 7 for Sunday. When both day fields are
+        ``SUN``-``SAT``, any case) and 0 or 7 for Sunday (``FRI-SUN`` is Friday to
+        Sunday). When both day fields are
         restricted (neither is exactly ``*``) a day matches if either does (Vixie cron).
         An expression that can never fire (``0 0 30 2 *``) is refused.
         """

@@ -126,7 +126,7 @@ def test_either_day_field_matches_when_both_are_restricted() -> None:
 
 
 def test_names_numbers_and_sunday_as_seven() -> None:
-    """Names in any case equal their numbers; 0, 7, SUN and a FRI-SUN range all mean Sunday."""
+    """Names in any case equal their numbers; 0, 7 and SUN are Sunday, which closes FRI-SUN."""
     start = utc(2025, 1, 1)
     same = ["0 12 * jan-Mar mon,WED", "0 12 * 1-3 1,3"]
     assert fires(Schedule.cron(same[0]), start, 20) == fires(Schedule.cron(same[1]), start, 20)
@@ -136,6 +136,8 @@ def test_names_numbers_and_sunday_as_seven() -> None:
     weekend = fires(Schedule.cron("0 0 * * FRI-SUN"), start, 6)
     assert fires(Schedule.cron("0 0 * * 5-7"), start, 6) == weekend
     assert sorted({f.isoweekday() for f in weekend}) == [5, 6, 7]
+    assert fires(Schedule.cron("0 0 * * 5-0"), start, 6) == weekend
+    assert fires(Schedule.cron("0 0 * * SUN-SUN"), start, 3) == sundays[0]
 
 
 def test_ranges_with_steps_and_start_with_step() -> None:
@@ -397,16 +399,20 @@ def test_limit_bounds_the_work_of_fires_between() -> None:
 
 ZONES = ["UTC", "Europe/Paris", "America/New_York", "Australia/Lord_Howe", "America/St_Johns"]
 BOUNDS = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 
 
 @st.composite
 def field_parts(draw: st.DrawFn, low: int, high: int) -> str:
-    """One list item of a field: a value, a range, or either with a step, or '*'/'*/n'."""
+    """One list item of a field: a value, a range, either with a step, or '*' with one."""
     first = draw(st.integers(low, high))
     last = draw(st.integers(first, high))
-    kind = draw(st.sampled_from(["value", "range", "star-step", "range-step"]))
+    kind = draw(st.sampled_from(["value", "value-step", "range", "star-step", "range-step"]))
     if kind == "value":
         return str(first)
+    if kind == "value-step":  # 5/20 means 5-59/20
+        return f"{first}/{draw(st.integers(1, max(high - first, 1)))}"
     if kind == "range":
         return f"{first}-{last}"
     if kind == "star-step":
@@ -416,12 +422,25 @@ def field_parts(draw: st.DrawFn, low: int, high: int) -> str:
 
 @st.composite
 def fields(draw: st.DrawFn, index: int) -> str:
+    """One field; months and weekdays are sometimes written as names, in any case."""
     low, high = BOUNDS[index]
     # Dense minutes and hours keep fires within the brute-force window most of the time.
     star = 0.5 if index >= 2 else 0.2
     if draw(st.floats(0, 1)) < star:
         return "*"
-    return ",".join(draw(st.lists(field_parts(low, high), min_size=1, max_size=3)))
+    text = ",".join(draw(st.lists(field_parts(low, high), min_size=1, max_size=3)))
+    if index < 3 or draw(st.booleans()):
+        return text
+    names = MONTHS if index == 3 else WEEKDAYS
+    case = draw(st.sampled_from([str.upper, str.lower, str.title]))
+    items = [item.partition("/") for item in text.split(",")]
+    named = (
+        "-".join(v if v in ("*", "7") else case(names[int(v) - low]) for v in base.split("-"))
+        + s
+        + step
+        for base, s, step in items
+    )
+    return ",".join(named)
 
 
 @st.composite
@@ -434,17 +453,26 @@ def expressions(draw: st.DrawFn) -> str:
     return expression
 
 
+def number(value: str, low: int, high: int) -> int:
+    """A field value as a number: names count from the field's low bound."""
+    if value.isdigit():
+        return int(value)
+    return (MONTHS if high == 12 else WEEKDAYS).index(value.lower()) + low
+
+
 def expand(text: str, low: int, high: int) -> set[int]:
-    """The values of one numeric field, written independently of saga._cron."""
+    """The values of one field, written independently of saga._cron."""
     values: set[int] = set()
     for part in text.split(","):
         base, _, step = part.partition("/")
         if base == "*":
             first, last = low, high
         elif "-" in base:
-            first, last = (int(x) for x in base.split("-"))
+            first, last = (number(x, low, high) for x in base.split("-"))
+            last = 7 if high == 7 and last == 0 and first > 0 else last  # FRI-SUN
         else:
-            first = last = int(base)
+            first = number(base, low, high)
+            last = high if step else first
         values.update(range(first, last + 1, int(step or 1)))
     return values
 
