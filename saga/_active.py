@@ -33,6 +33,7 @@ class ActiveRun:
     trace_parent: OtelContext | None
     wait: str | None = None  # status waiting: the wait whose timeout passed
     child: bool = False  # a child run: its end wakes its parent's step
+    keyed: bool = False  # a run with a concurrency key: its end frees its slot
     # The attempt being run: its span, start time, and how it went.
     span: Span | None = None
     started: float = 0.0

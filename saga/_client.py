@@ -231,6 +231,7 @@ class Client(Lifecycle, Signalling, Acting):
         key: str | None = None,
         require_same_input: bool = True,
         conn: Executor | None = None,
+        priority: int | None = None,
     ) -> RunHandle:
         """Validate ``input``, durably record a new run, and return its handle.
 
@@ -242,14 +243,14 @@ class Client(Lifecycle, Signalling, Acting):
         :class:`IdempotencyConflictError`, unless ``require_same_input=False``. With
         ``conn`` (an asyncpg connection in an open transaction) the run is inserted in that
         transaction: it exists, and workers are woken, only if the caller commits.
+        ``priority`` (0-100) overrides the saga's for this run.
         """
-        return await self._start(saga, input, key, require_same_input, conn)
+        return await self._start(saga, input, key, require_same_input, conn, priority=priority)
 
     async def start_child(
         self, saga: Saga[Any], input: Any, key: str, parent: tuple[uuid.UUID, str]
     ) -> RunHandle:
-        """Start a child run of the step ``parent`` (run id, step): idempotent by key
-        (the first input wins), and its end wakes that step."""
+        """A child run of the step ``parent`` (run id, step): by key, its end wakes it."""
         return await self._start(saga, input, key, False, None, parent)
 
     async def _start(
@@ -260,6 +261,7 @@ class Client(Lifecycle, Signalling, Acting):
         require_same_input: bool,
         conn: Executor | None,
         parent: tuple[uuid.UUID, str] | None = None,
+        priority: int | None = None,
     ) -> RunHandle:
         store = self._store_or_raise()
         if self._sagas.get((saga.name, saga.version)) is not saga:
@@ -272,6 +274,7 @@ class Client(Lifecycle, Signalling, Acting):
             model = saga.input_type.model_validate(input)
         except pydantic.ValidationError as exc:
             raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
+        traffic = saga.traffic.for_run(model, priority)
         input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
         # In the caller's transaction the NOTIFY goes out at its commit: never coalesced.
         notify = conn is not None or self._notifier.claim(saga.name)
@@ -293,6 +296,7 @@ class Client(Lifecycle, Signalling, Acting):
                     roots=None if saga.graph is None else list(saga.graph.roots),
                     pivot=saga.pivot,
                     parent=parent,
+                    traffic=traffic,
                 )
             )
             span.set_attribute(RUN_ID, str(started_run.run_id))
@@ -388,11 +392,6 @@ class Client(Lifecycle, Signalling, Acting):
 
     async def unclaimable_runs(self) -> dict[DefinitionKey, int]:
         """Active runs of definitions this client did not register, by (saga name,
-        version, fingerprint); the fingerprint is None for runs started before saga
-        recorded fingerprints.
-
-        They are not claimed, failed or lost: they wait for an orchestrator that has their
-        definition (a rolling deploy, or a changed definition whose version was not
-        bumped). Watch this during deploys.
-        """
+        version, fingerprint; None: started before fingerprints were recorded). They wait
+        for an orchestrator that has their definition: watch this during deploys."""
         return await self._store_or_raise().count_unclaimable(self._definitions)

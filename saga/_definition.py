@@ -30,6 +30,7 @@ from saga._policy import (
     return_annotation,
 )
 from saga._rate import RateLimit
+from saga._traffic import Traffic
 from saga._waits import OnTimeout, Parking, Sleep, Wait, declare_sleep, declare_wait
 
 if TYPE_CHECKING:
@@ -126,8 +127,19 @@ class Saga(Generic[InT]):
     old runs finish on workers that still have the old definition.
     """
 
-    def __init__(self, name: str, *, input: type[InT], version: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        input: type[InT],
+        version: int = 1,
+        priority: int | Callable[[InT], int] = 0,
+        concurrency_key: Callable[[InT], str] | None = None,
+        concurrency_limit: int = 1,
+    ) -> None:
         self.name = validate_name(name, "saga")
+        #: Priority, and one-at-a-time per key (see saga._traffic and the README).
+        self.traffic = Traffic.of(name, priority, concurrency_key, concurrency_limit)
         if not (isinstance(input, type) and issubclass(input, BaseModel)):
             raise DefinitionError(f"saga {name!r}: input must be a pydantic BaseModel subclass")
         _checks.integer(f"saga {name!r}: version", version, DefinitionError, minimum=1)
@@ -213,24 +225,6 @@ class Saga(Generic[InT]):
         if name in self._by_name or name in self._parkings:
             what = "step" if name in self._by_name else repr(self._parkings[name]).split()[0][1:]
             raise DefinitionError(f"saga {self.name!r} already has a {what.lower()} named {name!r}")
-
-    def _park_after(self, what: str, name: str) -> Step[InT, Any]:
-        """The step a new sleep or wait follows: the last one declared."""
-        self._check_open()
-        validate_name(name, what)
-        if not self.steps:
-            raise DefinitionError(
-                f"saga {self.name!r}: {what} {name!r} must follow a step (a run starts with "
-                "its first step; declare the step before it)"
-            )
-        last = self.steps[-1]
-        if last.after is not None:
-            raise DefinitionError(
-                f"saga {self.name!r}: {what} {name!r} follows {last.after!r} with no step in "
-                "between; declare one sleep or wait between two steps"
-            )
-        self._check_new_name(name)
-        return last
 
     def sleep(
         self,
@@ -323,6 +317,11 @@ class Saga(Generic[InT]):
                 "that runs after it"
             )
         self.graph = _graph.of_saga(self, self._parkings)
+        if self.graph is not None and self.traffic.key is not None:
+            raise DefinitionError(
+                f"saga {self.name!r}: a concurrency_key is not supported yet on a saga whose "
+                "steps run in parallel (after=); use it on linear sagas or child sagas"
+            )
         self.pivot = _pivot.check(self, self.graph)
         self._frozen = True
         self._fingerprint = of_definition(self, self.graph)

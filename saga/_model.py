@@ -66,6 +66,15 @@ _TERMINAL = frozenset(
 PARKED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING})
 
 
+class KeyState(enum.StrEnum):
+    """Where a run of a saga with a concurrency key is: waiting in its key's queue,
+    holding one of the key's slots, or done with it."""
+
+    QUEUED = "queued"
+    HELD = "held"
+    RELEASED = "released"
+
+
 class Phase(enum.StrEnum):
     """What a work item runs: a forward step, or a step's compensation."""
 
@@ -104,6 +113,7 @@ class EventKind(enum.StrEnum):
     RUN_RESOLVED = "run_resolved"
     COMPENSATION_SKIPPED = "compensation_skipped"
     RATE_LIMITED = "rate_limited"
+    KEY_ADMITTED = "key_admitted"
 
     @staticmethod
     def started(phase: Phase) -> EventKind:
@@ -172,6 +182,12 @@ class RunInfo:
     #: A failed or stopped run an operator marked resolved (:meth:`RunHandle.resolve`):
     #: it no longer needs attention.
     resolved: bool = False
+    #: Claimed before due work of a lower priority (0-100).
+    priority: int = 0
+    #: The run's concurrency key (a saga with ``concurrency_key``), and whether it is
+    #: still queued behind the runs holding that key (pending until admitted).
+    concurrency_key: str | None = None
+    waiting_for_key: bool = False
 
 
 @dataclass(frozen=True, slots=True)

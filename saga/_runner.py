@@ -167,6 +167,7 @@ class Runner:
             trace_parent=Telemetry.parent_context(item.trace_context),
             wait=item.timed_out_wait,
             child=item.child,
+            keyed=item.keyed,
         )
 
     async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
@@ -194,7 +195,9 @@ class Runner:
             if change is None:
                 self.end_attempt(run, Outcome.LEASE_LOST)
                 return  # lease lost while the step ran; another worker owns the run now
-            written = await self.writer.write(run.id, lease, change, run.ctx, log, run.child)
+            written = await self.writer.write(
+                run.id, lease, change, run.ctx, log, run.child, run.keyed
+            )
             if written is None and change.unless_cancelled:
                 change, written = await self._cancel_instead(run, lease, change, log)
             if written is None:
@@ -237,7 +240,8 @@ class Runner:
         run.cancel_requested = True
         lease_for = self.lease_for(run)
         change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
-        return change, await self.writer.write(run.id, lease, change, run.ctx, log, run.child)
+        written = await self.writer.write(run.id, lease, change, run.ctx, log, run.child, run.keyed)
+        return change, written
 
     def _recorded(self, run: ActiveRun, change: Transition, written: Written, log: Any) -> None:
         """The attempt's outcome is in the database: close its span, count, log."""

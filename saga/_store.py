@@ -10,8 +10,9 @@ lease token and its owner.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -32,9 +33,14 @@ from saga._store_ops import (
 )
 from saga._store_sched import ScheduleQueries
 from saga._store_signals import SignalQueries
+from saga._traffic import RunTraffic
 from saga._transition import ClaimedItem, Transition
 
 _WAITING = RunStatus.WAITING
+_NO_TRAFFIC = RunTraffic()
+#: The ends that free a keyed run's slot (failed and stopped runs keep it: an operator
+#: resolves them).
+_RELEASING = frozenset({RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +98,14 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, ScheduleQueries):
         roots: list[str] | None = None,
         pivot: str | None = None,
         parent: tuple[UUID, str] | None = None,
+        traffic: RunTraffic = _NO_TRAFFIC,
     ) -> StartResult:
         """Insert a run (on ``conn``, in its transaction, if given); a key that already
         exists returns that run, with its input so the caller can tell a replay from a
         conflict. ``roots``: a graph run's first steps (None: a linear run); ``pivot``:
-        the definition's pivot step; ``parent``: the run and step starting this child."""
+        the definition's pivot step; ``parent``: the run and step starting this child;
+        ``traffic``: its priority and concurrency key (a keyed run is admitted, or
+        queued, in the same transaction)."""
         args = (
             run_id,
             saga_name,
@@ -112,17 +121,20 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, ScheduleQueries):
             pivot,
             None if parent is None else parent[0],
             None if parent is None else parent[1],
+            traffic.priority,
+            traffic.key,
         )
         db = conn or self.pool
+        extra = None if traffic.key is None else partial(self.admit, saga_name, traffic)
         async with translate_errors("starting a run"):
             for _ in range(5):
-                if roots is None:
+                if roots is None and extra is None:
                     row = await db.fetchrow(self._q["start_run"], *args)
                 elif conn is not None:  # the caller's transaction holds both
-                    row = await self._start_graph(conn, args, roots)
+                    row = await self._start_more(conn, args, roots, extra)
                 else:
                     async with self.pool.acquire() as own, own.transaction():
-                        row = await self._start_graph(own, args, roots)
+                        row = await self._start_more(own, args, roots, extra)
                 if row is not None:
                     return StartResult(row["id"], True, None)
                 existing = await db.fetchrow(self._q["find_run_by_key"], saga_name, key)
@@ -131,11 +143,20 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, ScheduleQueries):
                 # The conflicting run was deleted in between (pruned); try again.
         raise DatabaseError(f"could not start run with key {key!r}: it keeps conflicting")
 
-    async def _start_graph(self, conn: Executor, args: tuple[Any, ...], roots: list[str]) -> Any:
-        """A graph run and its first items, on ``conn`` (in a transaction)."""
+    async def _start_more(
+        self,
+        conn: Executor,
+        args: tuple[Any, ...],
+        roots: list[str] | None,
+        admit: Callable[[Executor], Awaitable[None]] | None,
+    ) -> Any:
+        """A graph run and its first items, or a keyed run and its admission, on
+        ``conn`` (in a transaction)."""
         row = await conn.fetchrow(self._q["start_run"], *args)
-        if row is not None:
+        if row is not None and roots is not None:
             await conn.execute(self._q["start_items"], row["id"], roots)
+        if row is not None and admit is not None:
+            await admit(conn)
         return row
 
     async def notify_work(self, saga_name: str) -> None:
@@ -163,23 +184,33 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, ScheduleQueries):
         return [claimed_item(r) for r in rows]
 
     async def transition(
-        self, worker: str, run_id: UUID, lease_token: int, change: Transition, child: bool = False
+        self,
+        worker: str,
+        run_id: UUID,
+        lease_token: int,
+        change: Transition,
+        child: bool = False,
+        keyed: bool = False,
     ) -> TransitionResult | None:
         """Apply a fenced transition; ``None`` means nothing changed: the lease was lost,
         or (``change.unless_cancelled``) a cancel was requested meanwhile. Parking the
         run at a wait first marks the wait awaited, in the same transaction (one commit):
-        a signal already there makes the run due at once (``signalled``)."""
+        a signal already there makes the run due at once (``signalled``). The end of a
+        child run wakes its parent's step, and a keyed run's end frees its key's slot for
+        the next queued run, in the same transaction."""
         events = events_json(worker, change.events)
         due_in = change.due_in
         async with translate_errors("recording a transition"):
-            if child and change.terminal:  # the end of a child run wakes its parent's step
+            if (child or keyed) and change.terminal:
                 async with self.pool.acquire() as conn, conn.transaction():
                     row = await conn.fetchrow(
                         self._q["transition"],
                         *self._transition_args(worker, run_id, lease_token, change, events, due_in),
                     )
-                    if row is not None:
+                    if row is not None and child:
                         await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
+                    if row is not None and keyed and change.status in _RELEASING:
+                        await self.release_key(conn, run_id)
                 signalled = False
             elif change.wait is None or change.status is not _WAITING:
                 row = await self.pool.fetchrow(

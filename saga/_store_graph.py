@@ -264,4 +264,5 @@ def claimed_item(r: Any) -> ClaimedItem:
         phase=None if phase is None else Phase(phase),
         dropping=bool(r.get("dropping")),
         child=r["child"],
+        keyed=bool(r.get("keyed")),
     )

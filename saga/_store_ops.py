@@ -10,12 +10,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
 
-from saga._db import translate_errors
+from saga._db import Executor, translate_errors
 from saga._errors import ErrorInfo
 from saga._model import RunInfo, RunStatus
 
@@ -48,6 +48,9 @@ def run_info(r: asyncpg.Record) -> RunInfo:
         wait=r["wait_name"],
         due_at=_due(r["due_at"]),
         resolved=r["resolved"],
+        priority=r["priority"],
+        concurrency_key=r["concurrency_key"],
+        waiting_for_key=r["key_state"] == "queued",
     )
 
 
@@ -118,6 +121,10 @@ class OperatorQueries:
     pool: asyncpg.Pool
     _q: dict[str, str]
     work_channel: str
+
+    if TYPE_CHECKING:  # the traffic queries'
+
+        async def release_key(self, conn: Executor, run_id: UUID) -> None: ...
 
     async def list_runs(
         self,
@@ -191,9 +198,17 @@ class OperatorQueries:
         return row is not None
 
     async def resolve_run(self, run_id: UUID, data: str) -> bool:
-        """Mark a failed or stopped run resolved; False when it is neither (or was)."""
-        async with translate_errors("resolving a run"):
-            return await self.pool.fetchrow(self._q["resolve_run"], run_id, data) is not None
+        """Mark a failed or stopped run resolved (a keyed run's slot goes to the next in
+        line); False when it is neither (or was)."""
+        async with (
+            translate_errors("resolving a run"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            if await conn.fetchrow(self._q["resolve_run"], run_id, data) is None:
+                return False
+            await self.release_key(conn, run_id)
+        return True
 
     async def rollback_state(self, run_id: UUID) -> asyncpg.Record | None:
         """Where a run's rollback stopped: see the query ``rollback_state``."""
@@ -203,8 +218,12 @@ class OperatorQueries:
     async def skip_compensation(self, run_id: UUID, skip: Skip) -> bool:
         """Apply an operator's skip of the compensation that gave up; False when the run
         is no longer failed at it (or another step was undone since the plan read it)."""
-        async with translate_errors("skipping a compensation"):
-            row = await self.pool.fetchrow(
+        async with (
+            translate_errors("skipping a compensation"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            row = await conn.fetchrow(
                 self._q["skip_compensation"],
                 run_id,
                 skip.step,
@@ -215,6 +234,8 @@ class OperatorQueries:
                 self.work_channel,
                 skip.undone,
             )
+            if row is not None and skip.ends is not None:
+                await self.release_key(conn, run_id)
         return row is not None
 
     async def needs_attention(self, limit: int, after: UUID | None) -> list[RunInfo]:

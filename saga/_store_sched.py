@@ -1,5 +1,6 @@
-"""The store's traffic queries: taking rate limit tokens; registering schedules, locking
-the due ones, recording what fired, listing, pausing and resuming.
+"""The store's traffic queries: admitting keyed runs and releasing their keys; taking rate
+limit tokens; registering schedules, locking the due ones, recording what fired,
+listing, pausing and resuming.
 
 A part of :class:`~saga._store.Store` (a mixin); see ``saga/_rate.py``,
 ``saga/_scheduler.py`` (how an orchestrator fires schedules) and ``saga/_schedules.py``
@@ -16,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from saga._db import Executor, translate_errors
+from saga._traffic import RunTraffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +49,12 @@ class DueSchedule:
 
 
 class ScheduleQueries:
-    """Needs ``pool`` and ``_q`` (the named queries) from the store it is part of."""
+    """Needs ``pool``, ``_q`` (the named queries) and ``work_channel`` from the store it
+    is part of."""
 
     pool: asyncpg.Pool
     _q: dict[str, str]
+    work_channel: str
 
     async def register_schedule(
         self,
@@ -65,6 +69,19 @@ class ScheduleQueries:
             await self.pool.execute(
                 self._q["schedule_register"], name, *saga, spec, missed, catch_up, next_fire
             )
+
+    async def admit(self, saga_name: str, traffic: RunTraffic, conn: Executor) -> None:
+        """Lock the run's key, then admit the oldest queued runs into its free slots (the
+        new run, last in line, included if a slot is free)."""
+        await conn.execute(self._q["key_lock"], saga_name, traffic.key, traffic.limit)
+        await conn.fetchrow(self._q["key_fill"], saga_name, traffic.key, self.work_channel)
+
+    async def release_key(self, conn: Executor, run_id: UUID) -> None:
+        """In ``conn``'s transaction: the run no longer holds (or waits for) its key; the
+        oldest queued runs take the free slots."""
+        key = await conn.fetchrow(self._q["key_release"], run_id)
+        if key is not None:
+            await conn.fetchrow(self._q["key_fill"], key[0], key[1], self.work_channel)
 
     async def rate_take(
         self,

@@ -111,6 +111,7 @@ class ClaimedItem:
     phase: Phase | None = None
     dropping: bool = False  # a forward item of a graph run rolling back: not started
     child: bool = False  # a child run: its end wakes its parent's step
+    keyed: bool = False  # a run with a concurrency key: its end frees its slot
 
 
 def idempotency_key(run_id: UUID, step: str, phase: Phase) -> str:

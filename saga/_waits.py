@@ -124,6 +124,25 @@ def due_seconds(parking: Parking) -> float:
     return parking.seconds
 
 
+def _park_after(saga: Any, what: str, name: str) -> Any:
+    """The step a new sleep or wait follows: the saga's last declared step."""
+    saga._check_open()
+    _checks.validate_name(name, what)
+    if not saga.steps:
+        raise DefinitionError(
+            f"saga {saga.name!r}: {what} {name!r} must follow a step (a run starts with "
+            "its first step; declare the step before it)"
+        )
+    last = saga.steps[-1]
+    if last.after is not None:
+        raise DefinitionError(
+            f"saga {saga.name!r}: {what} {name!r} follows {last.after!r} with no step in "
+            "between; declare one sleep or wait between two steps"
+        )
+    saga._check_new_name(name)
+    return last
+
+
 def declare_sleep(saga: Any, duration: Any, until: Any, name: str | None) -> Sleep:
     """``Saga.sleep``: a sleep after the saga's last declared step."""
     if (duration is None) == (until is None):
@@ -132,7 +151,7 @@ def declare_sleep(saga: Any, duration: Any, until: Any, name: str | None) -> Sle
         raise DefinitionError(f"saga {saga.name!r}: until must be a function of the context")
     seconds = None if duration is None else wait_seconds("sleep duration", duration)
     default = f"sleep_after_{saga.steps[-1].name}" if saga.steps else "sleep"
-    step = saga._park_after("sleep", name or default)
+    step = _park_after(saga, "sleep", name or default)
     sleep = Sleep(name or default, saga, step.name, seconds, until)
     step.after = sleep
     saga._parkings[sleep.name] = sleep
@@ -149,7 +168,7 @@ def declare_wait(
         )
     seconds = None if timeout is None else wait_seconds(f"timeout of wait {name!r}", timeout)
     check_on_timeout(saga.name, name, on_timeout, seconds)
-    step = saga._park_after("wait", name)
+    step = _park_after(saga, "wait", name)
     wait: Wait[P] = Wait(name, saga, step.name, model, seconds, on_timeout)
     step.after = wait
     saga._parkings[name] = wait

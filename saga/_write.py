@@ -56,12 +56,16 @@ class Writer:
         ctx: Context[Any] | None,
         log: Any,
         child: bool = False,
+        keyed: bool = False,
     ) -> Written:
         """Apply ``change``: its result, ``COMMITTED`` (an uncertain write that committed,
         the run moved on since), or None (refused: lease lost, or cancelled meanwhile).
-        ``child``: the run is a child run (its end wakes its parent's step)."""
+        ``child``: the run is a child run (its end wakes its parent's step); ``keyed``: it
+        holds a concurrency key (its end frees the slot)."""
         # A partial, not a closure: one coroutine frame less on every step's write.
-        attempt = partial(self._store.transition, self._worker, run_id, lease.token, change, child)
+        attempt = partial(
+            self._store.transition, self._worker, run_id, lease.token, change, child, keyed
+        )
         try:
             written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
         except DatabaseError as exc:

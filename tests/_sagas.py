@@ -189,6 +189,7 @@ def small_saga(
     timeout: float | Mapping[str, float] | None = None,
     lease_seconds: float | Mapping[str, float] | None = None,
     after: Mapping[str, Sequence[str]] | None = None,
+    traffic: Mapping[str, Any] | None = None,
 ) -> saga.Saga[Any]:
     """A saga of ``steps`` (a count: ``s1``, ``s2``, ...; or names), in order, or (a
     step named in ``after``) after the steps named there: a graph saga.
@@ -199,11 +200,11 @@ def small_saga(
     compensation that records its call (with the result it received), passes ``gate``,
     then raises per ``fail_undo[step]``. ``retry``/``undo_retry``, ``timeout`` and
     ``lease_seconds`` go to the declarations (a mapping: per step; None: saga's
-    default).
+    default). ``traffic``: the saga's priority and concurrency options.
     """
     names = [f"s{i}" for i in range(1, steps + 1)] if isinstance(steps, int) else list(steps)
     fail, fail_undo = fail or {}, fail_undo or {}
-    s = saga.Saga(name, input=input, version=version)
+    s = saga.Saga(name, input=input, version=version, **(traffic or {}))
     for step_name in names:
         pause = _for(step_name, delay, 0.0) if isinstance(delay, Mapping) else delay
         produce = _for(step_name, result, None) if isinstance(result, Mapping) else result

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 import saga
-from saga._model import EventKind, Phase, RunStatus
+from saga._model import EventKind, KeyState, Phase, RunStatus
 from saga.testing import Faults, advance
 from tests._sagas import small_saga
 from tests.conftest import OrchestratorFactory
@@ -42,6 +42,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     text = (resources.files("saga") / "sql" / "queries.sql").read_text("utf-8")
     words = set(re.findall(r"'([a-z]+(?:_[a-z]+)*)'", text))
     known = {str(k) for k in EventKind} | {str(s) for s in RunStatus} | {str(p) for p in Phase}
+    known |= {str(k) for k in KeyState}
     # Literals that are neither: the fingerprint placeholder, jsonb keys, and so on.
     other = {"saga", "version", "key", "fingerprint", "counted", "kind", "step", "attempt"}
     other |= {"worker", "data", "unless_cancelled", "infinity", "signal", "reason"}
@@ -115,6 +116,8 @@ async def test_every_kind_is_written_by_some_run(
     graph = small_saga("graph", ["a", "b"], after={"b": []}, input=Job)  # step_ready
     child = small_saga("child", ["c"], input=Job)
     graph.children("kids", child, lambda ctx: [Job(n=0)], after=["a"])  # children_waiting
+    # key_admitted: a keyed saga's run admitted at start
+    keyed = small_saga("keyed", 1, input=Job, traffic={"concurrency_key": lambda job: "k"})
     rated = saga.Saga("rated", input=Job)  # rate_limited: the second run waits 50 ms
 
     @rated.step(rate_limit=saga.RateLimit("twenty", per_second=20, burst=1))
@@ -123,11 +126,12 @@ async def test_every_kind_is_written_by_some_run(
 
     faults = Faults()
     faults.expire_lease("first", times=1)
-    orch = await orchestrator(s, waits, graph, child, rated, lease_seconds=0.6)
+    orch = await orchestrator(s, waits, graph, child, rated, keyed, lease_seconds=0.6)
     faults.attach(orch)
     with anyio.fail_after(20):
         for _ in range(2):
             await (await orch.start(rated, Job(n=0))).result()
+        await (await orch.start(keyed, Job(n=0))).result()
         assert await (await orch.start(s, Job(n=4))).result() == 2
         assert faults.fired["expire_lease"] == 1
         await (await orch.start(graph, Job(n=0))).result()

@@ -55,15 +55,19 @@ SELECT max(version) FROM __schema__.migrations;
 -- definition's fingerprint, $11 true for a graph saga (the run row is never claimed
 -- itself, due 'infinity': start_items adds its first items in the same transaction),
 -- $12 the definition's pivot step or NULL, $13 and $14 the parent run and step of a
--- child run (or NULL)
+-- child run (or NULL), $15 the run's priority, $16 its concurrency key or NULL (a keyed
+-- run starts queued, never claimed until key_fill admits it, in the same transaction)
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
-         trace_context, fingerprint, graph, status, pivot, parent_id, parent_step)
+         trace_context, fingerprint, graph, status, pivot, parent_id, parent_step,
+         priority, concurrency_key, key_state)
     VALUES ($1, $2, $3, $4, $5, $6,
-            CASE WHEN $11::boolean THEN 'infinity'::timestamptz ELSE now() END,
+            CASE WHEN $11::boolean OR $16::text IS NOT NULL THEN 'infinity'::timestamptz
+                 ELSE now() END,
             $8::jsonb, $10, $11::boolean,
-            CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12, $13, $14)
+            CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12, $13, $14,
+            $15, $16, CASE WHEN $16::text IS NOT NULL THEN 'queued' END)
     ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), ev AS (
@@ -101,20 +105,36 @@ SELECT id, input FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key =
 -- the payload it holds, if any, becomes the wait's result. What a claim does to each
 -- (status, cancel requested, signalled) is the plan's table ($7-$12). Only runs of the
 -- registered definitions: same name, version and fingerprint ('-' stands for runs
--- started before fingerprints were recorded).
+-- started before fingerprints were recorded). Due work of a priority above 0 first
+-- (highest first, through the partial index runs_urgent, empty while nobody sets one),
+-- then the rest in due order. A sleeping or waiting run wakes in due order whatever its
+-- priority (its due time is its wake-up time; it stays out of runs_urgent).
 -- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions, $6
 -- fingerprints (the three pairwise); the claim table, rowwise: $7 status before, $8
 -- cancel requested, $9 signalled, $10 status after, $11 wake-up event kind or NULL, $12
 -- start event kind or NULL
-WITH candidates AS (
+WITH urgent AS (
+    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
+    FROM __schema__.runs r
+    WHERE r.due_at <= now() AND r.priority > 0
+      AND r.status NOT IN ('sleeping', 'waiting')
+      AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+          IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
+    ORDER BY r.priority DESC, r.due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), normal AS (
     SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
     FROM __schema__.runs r
     WHERE r.due_at <= now()
+      AND (r.priority = 0 OR r.status IN ('sleeping', 'waiting'))
       AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
           IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
     ORDER BY r.due_at
-    LIMIT $2
+    LIMIT $2 - (SELECT count(*) FROM urgent)
     FOR UPDATE SKIP LOCKED
+), candidates AS (
+    SELECT * FROM urgent UNION ALL SELECT * FROM normal
 ), closing AS (
     -- The run rows are locked (above) before the signal rows, the order a sender takes.
     INSERT INTO __schema__.signals AS s (run_id, name, closed)
@@ -148,7 +168,7 @@ WITH candidates AS (
               r.trace_context::text AS trace_context,
               extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner,
               t.start_kind, t.woke, c.wait_name, r.wait_name AS timed_out_wait,
-              r.parent_id IS NOT NULL AS child
+              r.parent_id IS NOT NULL AS child, r.concurrency_key IS NOT NULL AS keyed
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT run_id, kind, step, attempt, worker, data FROM (
@@ -313,7 +333,7 @@ SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        completed_steps, output, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
        lease_token, created_at, updated_at, finished_at, fingerprint, wait_name, due_at,
-       pivot, resolved
+       pivot, resolved, priority, concurrency_key, key_state
 FROM __schema__.runs WHERE id = $1;
 
 -- name: watch_run
@@ -375,6 +395,7 @@ WITH old AS (
         updated_at = now()
     FROM old
     WHERE r.id = old.id AND r.status = ANY($3::text[]) AND NOT r.cancel_requested
+      AND r.key_state IS DISTINCT FROM 'released'
       AND NOT (r.pivot IS NOT NULL
                AND (r.pivot = ANY(r.completed_steps) OR (r.step_name = r.pivot AND NOT r.graph)
                     OR EXISTS (SELECT 1 FROM __schema__.items i
@@ -408,7 +429,9 @@ WITH old AS (
     SELECT id, graph,
            CASE WHEN $5 = 'step' THEN coalesce(error->>'step', step_name)
                 ELSE coalesce(compensation_error->>'step', step_name) END AS failed_step
-    FROM __schema__.runs WHERE id = $1 AND status = $3 AND wait_name IS NULL
+    FROM __schema__.runs
+    WHERE id = $1 AND status = $3 AND wait_name IS NULL
+      AND key_state IS DISTINCT FROM 'released'
     FOR UPDATE
 ), upd AS (
     UPDATE __schema__.runs r SET
@@ -440,7 +463,8 @@ SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 WITH held AS (
     -- Lock the run row before the signal row, the order a sender takes them in: a
     -- signal committed meanwhile has resumed the run (no longer $2), so no row here.
-    SELECT id, wait_name FROM __schema__.runs WHERE id = $1 AND status = $2
+    SELECT id, wait_name FROM __schema__.runs
+    WHERE id = $1 AND status = $2 AND key_state IS DISTINCT FROM 'released'
     FOR UPDATE
 ), sig AS (
     UPDATE __schema__.signals s SET closed = false, awaited_at = now()
@@ -545,13 +569,67 @@ SELECT id, CASE WHEN active THEN pg_notify($7, saga_name)::text END AS notified 
 SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        completed_steps, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-       created_at, updated_at, finished_at, wait_name, due_at, resolved
+       created_at, updated_at, finished_at, wait_name, due_at, resolved, priority,
+       concurrency_key, key_state
 FROM __schema__.runs
 WHERE status IN ('failed', 'stopped') AND NOT resolved
   AND ($2::uuid IS NULL OR (created_at, id) > (SELECT c.created_at, c.id
                                                FROM __schema__.runs c WHERE c.id = $2))
 ORDER BY created_at, id
 LIMIT $1;
+
+-- name: key_lock
+-- Lock a concurrency key of a saga (its key_slots row, created on first use) and record
+-- the definition's limit: every admission and release of a key takes this lock first,
+-- then reads who holds the key in a later statement (key_fill), whose snapshot sees
+-- what the previous lock holder committed.
+-- $1 saga name, $2 key, $3 the definition's limit
+INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit) VALUES ($1, $2, $3)
+ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = excluded.key_limit;
+
+-- name: key_release
+-- A keyed run no longer holds or waits for its key: it completed, was compensated or
+-- cancelled, or an operator resolved it. Locks the key (as key_lock) and returns it;
+-- no row: not keyed, or released already.
+-- $1 run id
+WITH run AS (
+    UPDATE __schema__.runs SET key_state = 'released'
+    WHERE id = $1 AND key_state IN ('queued', 'held')
+    RETURNING saga_name, concurrency_key
+)
+INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit)
+SELECT saga_name, concurrency_key, 1 FROM run
+ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = k.key_limit
+RETURNING k.saga_name, k.key;
+
+-- name: key_fill
+-- Admit the oldest runs queued for a key while fewer than its limit hold it: each is
+-- due now (key_admitted in its history) and the workers are woken. In the transaction
+-- that locked the key (key_lock, key_release), as a later statement.
+-- $1 saga name, $2 key, $3 work notification channel
+WITH free AS (
+    SELECT k.key_limit - (SELECT count(*) FROM __schema__.runs h
+                          WHERE h.saga_name = $1 AND h.concurrency_key = $2
+                            AND h.key_state = 'held') AS slots
+    FROM __schema__.key_slots k WHERE k.saga_name = $1 AND k.key = $2
+), next AS (
+    SELECT q.id FROM __schema__.runs q
+    WHERE q.saga_name = $1 AND q.concurrency_key = $2 AND q.key_state = 'queued'
+      AND NOT q.cancel_requested
+    ORDER BY q.created_at, q.id
+    LIMIT greatest(0, (SELECT slots FROM free))
+    FOR UPDATE
+), admitted AS (
+    UPDATE __schema__.runs r SET key_state = 'held', due_at = now(), updated_at = now()
+    FROM next WHERE r.id = next.id
+    RETURNING r.id
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, data)
+    SELECT id, 'key_admitted', jsonb_build_object('key', $2::text) FROM admitted
+)
+SELECT array_agg(id) AS admitted,
+       CASE WHEN count(*) > 0 THEN pg_notify($3, $1)::text END AS notified
+FROM admitted;
 
 -- name: rate_take
 -- Take one token of the rate limit $1 (refilled at $2 per second, up to $3): the bucket
@@ -769,7 +847,8 @@ SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
             compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-            created_at, updated_at, finished_at, wait_name, due_at, resolved
+            created_at, updated_at, finished_at, wait_name, due_at, resolved, priority,
+            concurrency_key, key_state
      FROM __schema__.runs
      WHERE due_at IS NOT NULL
        AND ($1::text IS NULL OR saga_name = $1)
@@ -785,7 +864,8 @@ SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
             compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-            created_at, updated_at, finished_at, wait_name, due_at, resolved
+            created_at, updated_at, finished_at, wait_name, due_at, resolved, priority,
+            concurrency_key, key_state
      FROM __schema__.runs
      WHERE due_at IS NULL
        AND ($1::text IS NULL OR saga_name = $1)

@@ -69,6 +69,12 @@ CREATE TABLE __schema__.runs (
     -- A failed or stopped run an operator marked resolved (it no longer needs attention;
     -- a retry or a cancel makes it unresolved again).
     resolved           boolean NOT NULL DEFAULT false,
+    -- Claimed before due work of a lower priority (0-100; see saga/_traffic.py).
+    priority           smallint NOT NULL DEFAULT 0,
+    -- One-at-a-time per key: the run's key, and whether it is queued, holds a slot of
+    -- the key, or released it (see key_slots).
+    concurrency_key    text,
+    key_state          text,
 
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
@@ -196,3 +202,23 @@ CREATE TABLE __schema__.rate_limits (
     tokens     float8 NOT NULL,
     updated_at timestamptz NOT NULL
 );
+
+-- Priorities, and one-at-a-time per business key (see saga/_traffic.py). A keyed run is
+-- 'queued' (due 'infinity': never claimed) until admitted, 'held' while it holds one of
+-- its key's slots (until it completes, is compensated or cancelled, or an operator
+-- resolves it), then 'released'. Every admission and release of a key first locks its
+-- key_slots row, then reads the holders in a later statement: admissions never exceed
+-- the limit, and a slot freed is taken by the oldest queued run at once.
+CREATE TABLE __schema__.key_slots (
+    saga_name text NOT NULL,
+    key       text NOT NULL,
+    key_limit integer NOT NULL,  -- the definition's limit, as its last admission saw it
+    PRIMARY KEY (saga_name, key)
+);
+CREATE INDEX runs_key_held ON __schema__.runs (saga_name, concurrency_key)
+    WHERE key_state = 'held';
+CREATE INDEX runs_key_queue ON __schema__.runs (saga_name, concurrency_key, created_at, id)
+    WHERE key_state = 'queued';
+-- Due work of a priority above 0, claimed first; empty (and free) while nobody uses them.
+CREATE INDEX runs_urgent ON __schema__.runs (priority DESC, due_at)
+    WHERE due_at IS NOT NULL AND priority > 0;

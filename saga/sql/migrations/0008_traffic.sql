@@ -1,4 +1,4 @@
--- 0008: traffic control: sagas started on a schedule, and rate limits.
+-- 0008: traffic control: priorities, one-at-a-time per key, rate limits, schedules.
 --
 -- One row per schedule an orchestrator registered: what it starts (saga, input), when
 -- (its spec, and next_fire: the first slot not handled yet), what happens to slots
@@ -30,3 +30,26 @@ CREATE TABLE __schema__.rate_limits (
     tokens     float8 NOT NULL,
     updated_at timestamptz NOT NULL
 );
+
+-- Priorities, and one-at-a-time per business key (see saga/_traffic.py). A keyed run is
+-- 'queued' (due 'infinity': never claimed) until admitted, 'held' while it holds one of
+-- its key's slots (until it completes, is compensated or cancelled, or an operator
+-- resolves it), then 'released'. Every admission and release of a key first locks its
+-- key_slots row, then reads the holders in a later statement: admissions never exceed
+-- the limit, and a slot freed is taken by the oldest queued run at once.
+ALTER TABLE __schema__.runs ADD COLUMN priority smallint NOT NULL DEFAULT 0;
+ALTER TABLE __schema__.runs ADD COLUMN concurrency_key text;
+ALTER TABLE __schema__.runs ADD COLUMN key_state text;  -- queued, held, released
+CREATE TABLE __schema__.key_slots (
+    saga_name text NOT NULL,
+    key       text NOT NULL,
+    key_limit integer NOT NULL,  -- the definition's limit, as its last admission saw it
+    PRIMARY KEY (saga_name, key)
+);
+CREATE INDEX runs_key_held ON __schema__.runs (saga_name, concurrency_key)
+    WHERE key_state = 'held';
+CREATE INDEX runs_key_queue ON __schema__.runs (saga_name, concurrency_key, created_at, id)
+    WHERE key_state = 'queued';
+-- Due work of a priority above 0, claimed first; empty (and free) while nobody uses them.
+CREATE INDEX runs_urgent ON __schema__.runs (priority DESC, due_at)
+    WHERE due_at IS NOT NULL AND priority > 0;
