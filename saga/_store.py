@@ -21,6 +21,7 @@ from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
+from saga._store_dash import DashboardQueries
 from saga._store_graph import GraphQueries, _json_or_none, claimed_item, events_json
 from saga._store_ops import (
     DefinitionKey,
@@ -62,7 +63,7 @@ class TransitionResult:
     signalled: bool = False  # the wait just entered already has its signal: due now
 
 
-class Store(OperatorQueries, SignalQueries, GraphQueries):
+class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries):
     """Database operations on one schema through an asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:
