@@ -35,7 +35,8 @@ async def test_overview_shows_the_census_chart_and_failures(
     assert 'data-testid="chart-finished"' in html
     assert 'data-testid="census-failed"' in html
     assert "saga.PermanentError" in html or "PermanentError" in html
-    assert "<svg" in html and "<script>" not in html.replace(
+    assert "<svg" in html
+    assert "<script>" not in html.replace(
         '<script src="/saga/static/dashboard.js" defer></script>', ""
     )
 
@@ -94,7 +95,8 @@ async def test_payloads_are_hidden_by_default_and_redacted_when_shown(
     await handle.result(timeout=10)
     hidden = await browse(orch)
     page = (await hidden.get(f"/saga/runs/{handle.id}", headers=ALICE)).text
-    assert "424242" not in page and "4111-secret" not in page
+    assert "424242" not in page
+    assert "4111-secret" not in page
 
     seen: list[str] = []
 
@@ -107,7 +109,8 @@ async def test_payloads_are_hidden_by_default_and_redacted_when_shown(
     shown = await browse(orch, show_payloads=True, redact=redact)
     page = (await shown.get(f"/saga/runs/{handle.id}", headers=ALICE)).text
     assert "424242" in page
-    assert "4111-secret" not in page and "****" in page
+    assert "4111-secret" not in page
+    assert "****" in page
     assert {"input", "result.s1", "output"} <= set(seen)
 
 
