@@ -126,7 +126,7 @@ async def _chunk(send: Send, text: str) -> None:
 def dashboard(
     client: Client,
     *,
-    authorize: Authorize,
+    authorize: Authorize | None = None,
     show_payloads: bool = False,
     redact: Redact | None = None,
     bulk_limit: int = 1000,

@@ -49,7 +49,7 @@ def check_authorize(authorize: Any) -> Authorize:
         raise ConfigurationError(
             "dashboard() needs authorize=: an async function (request) -> saga.web.Operator "
             "| None that applies the app's own authentication (None answers 401); the "
-            "dashboard has no open mode"
+            f"dashboard has no open mode (got {authorize!r})"
         )
     checked: Authorize = authorize
     return checked
