@@ -189,7 +189,9 @@ async def run_view(
         payloads = await store.payloads(run_id)
         if payloads is not None:
             view.payloads.append(("input", show_payload("input", payloads.input, redact)))
-            for step, text in payloads.results.items():
+            order = {step: n for n, step in enumerate(info.completed_steps)}
+            results = sorted(payloads.results.items(), key=lambda r: order.get(r[0], len(order)))
+            for step, text in results:
                 path = f"result.{step}"
                 view.payloads.append((path, show_payload(path, text, redact)))
             if payloads.output is not None:
