@@ -1178,8 +1178,8 @@ LIMIT $2;
 -- name: dash_overdue
 -- Work nobody runs: run rows and graph items due more than $1 seconds ago. A held
 -- lease's due time is its expiry, so these are unleased (or their worker is gone): work
--- waiting for a definition version no live worker has, or for workers at all. Per saga
--- name, version and fingerprint ('-': none recorded), with the oldest due time's age.
+-- waiting for a definition version no live worker has, or for workers at all. Counted
+-- per saga (name, version, fingerprint; '-': none recorded), with the oldest's age.
 -- $1 seconds overdue
 SELECT saga_name, saga_version, coalesce(fingerprint, '-') AS fingerprint,
        count(*) AS runs, extract(epoch FROM now() - min(due_at))::float8 AS oldest

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from saga import _checks
+from saga._bulk import MAX_BULK
 from saga._client import Client
 from saga._errors import ConfigurationError
 from saga.web import _actions, _pages
@@ -23,7 +24,6 @@ from saga.web._auth import Authorize, Operator, SecurityHeaders, check_authorize
 from saga.web._render import Redact, environment
 from saga.web._site import OPERATOR, Dashboard, Handler
 
-MAX_BULK = 10_000
 _STATIC = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
 
 

@@ -166,7 +166,7 @@ async def run_view(
         if event.kind == EventKind.RUN_COMPENSATING and isinstance(event.data.get("plan"), list):
             plan = [str(step) for step in event.data["plan"]]
     compensated = [e.step for e in history if e.kind == EventKind.COMPENSATION_COMPLETED and e.step]
-    resolved = bool(getattr(info, "resolved", False))
+    resolved = info.resolved
     view = RunView(
         info=info,
         resolved=resolved,
