@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 
 from saga._client import Client
-from saga._db import channel
-from saga._errors import DatabaseError
+from saga._db import channel, translate_errors
+from saga._errors import SagaError
 from saga._log import logger
 
 #: How often the history's sequence is read while somebody watches (s).
@@ -82,7 +82,7 @@ class Hub:
         while True:
             try:
                 await self._watch_once()
-            except (DatabaseError, OSError) as exc:
+            except SagaError as exc:  # the database is away, or the client closed
                 logger.warning("dashboard_hub_lost", error=str(exc))
             self.connected = False
             await anyio.sleep(delay)
@@ -91,7 +91,7 @@ class Hub:
     async def _watch_once(self) -> None:
         store = self._client._store_or_raise()
         channels = (channel(store.schema, "work"), channel(store.schema, "done"))
-        async with store.pool.acquire() as conn:
+        async with translate_errors("listening for the dashboard"), store.pool.acquire() as conn:
             for name in channels:
                 await conn.add_listener(name, self._on_notify)
             try:

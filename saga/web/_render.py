@@ -11,8 +11,8 @@ from typing import Any
 
 import jinja2
 
-#: redact(path, value) -> what to show: path is "input", "result.<step>", "output",
-#: "signal.<name>" (payloads) or "error" (an error message).
+#: redact(path, value) -> what to show: path is "input", "result.<step>" or "output"
+#: (payloads, decoded from JSON), or "error" (an error message, a str).
 Redact = Callable[[str, Any], Any]
 
 

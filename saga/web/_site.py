@@ -19,6 +19,7 @@ from saga._errors import (
     DefinitionError,
     InvalidInputError,
     InvalidRunStateError,
+    LifecycleError,
     RunNotFoundError,
 )
 from saga.web._auth import Authorize, Operator, Signer
@@ -141,7 +142,7 @@ def _status(exc: Exception) -> int | None:
         return 409
     if isinstance(exc, InvalidInputError | ConfigurationError):
         return 400
-    if isinstance(exc, DatabaseError):
+    if isinstance(exc, DatabaseError | LifecycleError):
         return 503
     return None
 
