@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import importlib
 import ipaddress
 import os
 import secrets
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import parse_qsl, urlencode
 
 import anyio
@@ -58,7 +59,33 @@ def build_parser(prog: str = "saga dashboard") -> argparse.ArgumentParser:
         help="the name recorded in history for actions of token holders (default: token)",
     )
     parser.add_argument("--title", default="saga", help="the dashboard's title")
+    parser.add_argument(
+        "--target",
+        metavar="MODULE:OBJECT",
+        help="sagas to register (a saga.Saga or a list of them): signals sent from the "
+        "dashboard are validated against their waits' models",
+    )
     return parser
+
+
+def load_sagas(target: str) -> list[saga.Saga[Any]]:
+    """The sagas ``MODULE:OBJECT`` names (a Saga or a list/tuple of them); UsageError."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"invalid --target {target!r}: expected MODULE:OBJECT")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: the current folder's modules
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load --target {target!r}: {exc}") from None
+    if isinstance(obj, saga.Saga):
+        return [obj]
+    if isinstance(obj, list | tuple) and obj and all(isinstance(s, saga.Saga) for s in obj):
+        return list(obj)
+    raise UsageError(f"--target {target} is not a saga.Saga or a list of them")
 
 
 def _port(text: str) -> int:
@@ -146,11 +173,14 @@ def main(
     *,
     dsn: str | None = None,
     schema: str | None = None,
+    sagas: Sequence[saga.Saga[Any]] = (),
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """``saga dashboard [options]``: serve until interrupted; the exit code. ``dsn`` and
-    ``schema`` are defaults for ``--dsn``/``--schema`` (the ``saga`` command's own)."""
+    """``saga dashboard [options]``: serve until interrupted; the exit code (2: usage).
+    ``dsn`` and ``schema`` are defaults for ``--dsn``/``--schema`` (the ``saga``
+    command's own); ``sagas`` are registered with the dashboard's client, as
+    ``--target`` does."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
         args = build_parser().parse_args(argv)
@@ -163,11 +193,12 @@ def main(
         return EXIT_USAGE
     try:
         token = access_token(args.host, args.token_env, dict(os.environ))
+        sagas = [*sagas, *(load_sagas(args.target) if args.target else [])]
     except UsageError as exc:
         print(f"saga dashboard: {exc}", file=err)
         return EXIT_USAGE
     try:
-        anyio.run(_serve, args, dsn, schema, token, out)
+        anyio.run(_serve, args, dsn, schema, sagas, token, out)
     except saga.SagaError as exc:
         print(f"saga dashboard: {exc}", file=err)
         return 1
@@ -176,10 +207,17 @@ def main(
     return 0
 
 
-async def _serve(args: argparse.Namespace, dsn: str, schema: str, token: str, out: TextIO) -> None:
+async def _serve(
+    args: argparse.Namespace,
+    dsn: str,
+    schema: str,
+    sagas: list[saga.Saga[Any]],
+    token: str,
+    out: TextIO,
+) -> None:
     import uvicorn
 
-    async with saga.Client(dsn, schema=schema) as client:
+    async with saga.Client(dsn, schema=schema, sagas=sagas) as client:
         app = token_app(
             client, token, operator=args.operator, read_only=args.read_only, title=args.title
         )

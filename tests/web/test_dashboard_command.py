@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from saga.web._command import COOKIE, access_token, main, token_app
+from saga.web._command import COOKIE, UsageError, access_token, load_sagas, main, token_app
 
 TOKEN = "t" * 32
 
@@ -77,3 +77,20 @@ async def test_read_only_token_holders_cannot_act(open_client: Any) -> None:
         assert (await http.get("/runs", headers=headers)).status_code == 200
         response = await http.post("/runs/bulk", headers=headers, data={"action": "cancel"})
         assert response.status_code == 403
+
+
+def test_target_names_the_sagas_to_register() -> None:
+    """--target MODULE:OBJECT loads a saga or a list of them; anything else is a usage
+    error (exit 2) before any connection."""
+    assert [s.name for s in load_sagas("tests._wait_sagas:SAGAS")] == [
+        "approval",
+        "open_ended",
+        "napping",
+    ]
+    assert [s.name for s in load_sagas("tests._wait_sagas:approval")] == ["approval"]
+    for bad in ("tests._wait_sagas", "tests._wait_sagas:nothing", "no_such_module:x", "io:open"):
+        with pytest.raises(UsageError):
+            load_sagas(bad)
+    err = io.StringIO()
+    assert main(["--dsn", "postgresql://x.invalid/x", "--target", "io:open"], err=err) == 2
+    assert "--target" in err.getvalue()
