@@ -7,11 +7,13 @@ import re
 import uuid
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
 import saga
 from tests._sagas import ONCE, permanent, small_saga
+from tests._wait_sagas import approval
 from tests.web.conftest import ALICE, Browser, csrf
 
 HOSTILE = "<script>alert(1)</script>"
@@ -189,3 +191,37 @@ async def test_forms_carry_a_csrf_token(orchestrator: Any, browse: Browser) -> N
     orch = await orchestrator()
     http = await browse(orch)
     assert csrf((await http.get("/saga/runs", headers=ALICE)).text)
+
+
+async def test_overview_shows_work_nobody_runs_and_parked_runs(
+    orchestrator: Any, open_client: Any, browse: Browser, db: asyncpg.Connection
+) -> None:
+    """Runs of a definition no worker has, due more than a minute ago, show under "work
+    nobody runs" with their saga, version and fingerprint; runs waiting for a signal
+    are counted per saga."""
+    orphan = small_saga("orphan", ["s1"], version=7)
+    client = await open_client(orphan)  # executes nothing
+    handle = await client.start(orphan, {})
+    await db.execute(
+        "UPDATE saga.runs SET due_at = now() - interval '5 minutes' WHERE id = $1", handle.id
+    )
+    orch = await orchestrator(approval)
+    waiting = await orch.start(approval, {})
+    await _until_status(orch, waiting.id, "waiting")
+    http = await browse(orch)
+    html = (await http.get("/saga/", headers=ALICE)).text
+    overdue = html.split('data-testid="overdue-table"')[1].split("</table>")[0]
+    assert "orphan" in overdue
+    assert orphan.fingerprint in overdue
+    assert "<td>7</td>" in overdue
+    parked = html.split('data-testid="parked-table"')[1].split("</table>")[0]
+    assert "approval" in parked
+    assert "waiting" in parked
+
+
+async def _until_status(client: saga.Client, run_id: uuid.UUID, want: str) -> None:
+    with anyio.fail_after(10):
+        while True:
+            if (await client.info(run_id)).status.value == want:
+                return
+            await anyio.sleep(0.05)
