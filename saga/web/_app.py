@@ -42,9 +42,12 @@ class Guard:
             return
         request = Request(scope)
         operator = await self.dash.authorize(request)
-        if operator is not None and not isinstance(operator, Operator):
+        if operator is not None and not (
+            isinstance(operator, Operator) and isinstance(operator.name, str) and operator.name
+        ):
             raise ConfigurationError(
-                f"authorize() must return a saga.web.Operator or None, got {operator!r}"
+                "authorize() must return a saga.web.Operator with a non-empty name, or None; "
+                f"got {operator!r}"
             )
         response: Response | None = None
         if operator is None:

@@ -9,7 +9,8 @@
   var body = document.body;
   var url = body.getAttribute("data-events");
   var live = document.querySelector("[data-testid=live-status]");
-  if (!url || !window.EventSource) { return; }
+  // Pages answering a form (a confirmation, a refusal) have no URL to fetch again.
+  if (!url || !window.EventSource || body.hasAttribute("data-static")) { return; }
 
   var pending = false;
   var busy = false;
