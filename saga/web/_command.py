@@ -160,7 +160,7 @@ class _TokenLanding:
             given = [v for k, v in pairs if k == "token"]
             if given and hmac.compare_digest(given[0].encode(), self.token.encode()):
                 rest = urlencode([(k, v) for k, v in pairs if k != "token"])
-                path = scope.get("root_path", "") + scope["path"]
+                path = scope["path"]  # the full path (ASGI: root_path included)
                 response = RedirectResponse(path + ("?" + rest if rest else ""), 303)
                 response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
                 await response(scope, receive, send)
