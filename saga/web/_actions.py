@@ -111,7 +111,8 @@ async def bulk(dash: Dashboard, ctx: Ctx) -> Response:
     except saga.ConfigurationError as exc:  # the filters were checked: the count moved
         raise PageError(409, str(exc)) from None
     verb = "Cancelled" if action == "cancel" else "Retried"
-    flash = f"{verb} {len(result.acted)} runs."
+    acted = len(result.acted)
+    flash = f"{verb} {acted} run{'' if acted == 1 else 's'}."
     if result.refused:
         reasons = sorted(set(result.refused.values()))[:3]
         flash += f" {len(result.refused)} refused: " + "; ".join(reasons)
