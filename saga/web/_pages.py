@@ -22,7 +22,7 @@ def _query(ctx: Ctx) -> dict[str, list[str]]:
 
 
 async def overview(dash: Dashboard, ctx: Ctx) -> Response:
-    data = await gather_overview(dash.client)
+    data = await gather_overview(dash.client, dash.recent)
     return dash.render(ctx, "overview.html", page="overview", data=data, now=datetime.now(UTC))
 
 

@@ -26,6 +26,7 @@ from saga.web._auth import Authorize, Operator, Signer
 from saga.web._filters import Fields, PageError
 from saga.web._hub import Hub
 from saga.web._render import Redact, environment
+from saga.web._views import RecentCache
 
 #: Largest form body accepted (a signal's payload included).
 MAX_FORM_BYTES = 1024 * 1024
@@ -73,6 +74,7 @@ class Dashboard:
         self.title = title
         self.signer = Signer(secret)
         self.hub = Hub(client)
+        self.recent = RecentCache()
 
     def render(
         self, ctx: Ctx | None, template: str, status: int = 200, **values: Any

@@ -4,6 +4,7 @@ whole story. Pure reads through the public operator functions and the store."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ from saga.web._svg import FINAL, Chart, Picture, finished_chart, timeline_pictur
 
 #: The window of the failure figures (s).
 RECENT = 3600.0
+#: How long the windowed figures are reused (s); states, lags and parked runs are live.
+RECENT_TTL = 15.0
 #: Runnable work due longer than this (s), and run by nobody, is "work nobody runs".
 OVERDUE_AFTER = 60.0
 
@@ -48,6 +51,7 @@ class Overview:
     failures: list[FailureCount]
     overdue: dict[DefinitionKey, Overdue]
     recent: float = RECENT
+    recent_ttl: float = RECENT_TTL
     overdue_after: float = OVERDUE_AFTER
     statuses: tuple[str, ...] = (*(s.value for s in RunStatus.active()), "failed", "stopped")
     final: tuple[str, ...] = FINAL
@@ -58,23 +62,57 @@ class Overview:
         return sorted(rows, key=lambda row: row[:3])
 
 
-async def overview(client: Client) -> Overview:
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """The figures over a window of finished runs (the chart, the last hour's outcomes
+    and failures): their cost grows with the throughput, so they are read at most once
+    per RECENT_TTL seconds per dashboard, whatever the number of pages open."""
+
+    at: float
+    chart: Chart
+    outcomes: list[SagaOutcomes]
+    failures: list[FailureCount]
+
+
+class RecentCache:
+    """The dashboard's one copy of :class:`Recent` (owned by the dashboard)."""
+
+    def __init__(self) -> None:
+        self._recent: Recent | None = None
+
+    async def get(self, client: Client) -> Recent:
+        now = time.monotonic()
+        if self._recent is None or now - self._recent.at >= RECENT_TTL:
+            self._recent = await _recent(client, now)
+        return self._recent
+
+
+async def _recent(client: Client, at: float) -> Recent:
+    store = client._store_or_raise()
+    chart = finished_chart(await store.finished_per_hour(24), datetime.now(UTC))
+    outcomes: dict[str, dict[str, int]] = {}
+    for saga_name, status, runs in await store.outcomes(RECENT):
+        outcomes.setdefault(saga_name, {})[status] = runs
+    return Recent(
+        at=at,
+        chart=chart,
+        outcomes=[SagaOutcomes(name, counts) for name, counts in sorted(outcomes.items())],
+        failures=await store.failures(RECENT),
+    )
+
+
+async def overview(client: Client, cache: RecentCache) -> Overview:
     store = client._store_or_raise()
     # The census reads the scheduler lag of the definitions it is given: every definition
     # with active runs, so that it is the lag of the whole system, not of this client.
     mine = list(client._definitions)
     definitions = mine + list(await store.count_unclaimable(mine))
-    census = await store.census(definitions)
-    now = datetime.now(UTC)
-    chart = finished_chart(await store.finished_per_hour(24), now)
-    outcomes: dict[str, dict[str, int]] = {}
-    for saga_name, status, runs in await store.outcomes(RECENT):
-        outcomes.setdefault(saga_name, {})[status] = runs
+    recent = await cache.get(client)
     return Overview(
-        census=census,
-        chart=chart,
-        outcomes=[SagaOutcomes(name, counts) for name, counts in sorted(outcomes.items())],
-        failures=await store.failures(RECENT),
+        census=await store.census(definitions),
+        chart=recent.chart,
+        outcomes=recent.outcomes,
+        failures=recent.failures,
         overdue=await store.overdue(OVERDUE_AFTER),
     )
 
