@@ -69,6 +69,10 @@ def show_error(message: str, redact: Redact | None) -> str:
     return str(redact("error", message))
 
 
+#: The most characters of one payload a page shows.
+MAX_SHOWN = 64 * 1024
+
+
 def show_payload(path: str, text: str | None, redact: Redact | None) -> str:
     """A payload's JSON text, decoded, redacted (when ``redact`` is given) and
     pretty-printed again; "-" when absent."""
@@ -81,6 +85,9 @@ def show_payload(path: str, text: str | None, redact: Redact | None) -> str:
     if redact is not None:
         value = redact(path, value)
     try:
-        return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+        shown = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
     except (TypeError, ValueError):
-        return repr(value)
+        shown = repr(value)
+    if len(shown) > MAX_SHOWN:
+        shown = shown[:MAX_SHOWN] + f"\n... ({len(shown) - MAX_SHOWN} more characters not shown)"
+    return shown

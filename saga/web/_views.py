@@ -198,7 +198,8 @@ async def run_view(
     history = await client.history(run_id)
     store = client._store_or_raise()
     attempts = timeline(history)
-    end = datetime.now(UTC) if not info.status.is_terminal else history[-1].at
+    ended = info.status.is_terminal and history
+    end = history[-1].at if ended else datetime.now(UTC)
     plan: list[str] | None = None
     for event in history:
         if event.kind == EventKind.RUN_COMPENSATING and isinstance(event.data.get("plan"), list):
