@@ -1137,10 +1137,10 @@ SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 -- Runs that finished from the start of the hour ($1 - 1) hours ago until now, per hour
 -- (truncated, database clock) and final status; reads the finished runs' partial index.
 -- $1 hours to look back (the current hour included)
-SELECT date_trunc('hour', finished_at) AS hour, status, count(*) AS runs
+SELECT date_trunc('HOUR', finished_at) AS hour, status, count(*) AS runs
 FROM __schema__.runs
 WHERE due_at IS NULL
-  AND finished_at >= date_trunc('hour', now()) - make_interval(hours => $1::int - 1)
+  AND finished_at >= date_trunc('HOUR', now()) - make_interval(hours => $1::int - 1)
 GROUP BY 1, 2
 ORDER BY 1, 2;
 
@@ -1165,8 +1165,8 @@ WITH recent AS (
     SELECT id, saga_name FROM __schema__.runs
     WHERE due_at IS NULL AND finished_at >= now() - make_interval(secs => $1::float8)
 )
-SELECT r.saga_name, e.kind, coalesce(e.data -> 'error' ->> 'type', '?') AS error_type,
-       count(*) AS failures, count(*) FILTER (WHERE e.data ? 'retry_in') AS retried
+SELECT r.saga_name, e.kind, coalesce(e.data #>> '{error,type}', '?') AS error_type,
+       count(*) AS failures, count(*) FILTER (WHERE e.data #> '{retry_in}' IS NOT NULL) AS retried
 FROM recent r
 JOIN __schema__.events e ON e.run_id = r.id
 WHERE e.kind IN ('step_failed', 'compensation_failed')
@@ -1211,7 +1211,7 @@ FROM __schema__.signals WHERE run_id = $1 ORDER BY name;
 
 -- name: dash_events_sequence
 -- The last value of the history's identity sequence: an O(1) read that changes whenever
--- any run records anything (steps in the middle of a run send no NOTIFY).
+-- any run records anything (steps in the middle of a run send no NOTIFY): the identity
+-- sequence of events.id, under the name the migrations gave it.
 -- no parameters
-SELECT pg_sequence_last_value(pg_get_serial_sequence('__schema__.events', 'id')::regclass)
-    AS seq;
+SELECT pg_sequence_last_value('__schema__.events_id_seq'::regclass) AS seq;
