@@ -5,10 +5,12 @@ refuses to start."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
 
+import anyio
 import httpx
 
 from tests import _harness
@@ -24,7 +26,8 @@ def _free_port() -> int:
 
 async def test_the_command_serves_behind_a_printed_token(children: Children, dsn: str) -> None:
     """The printed URL carries the token; visiting it sets the cookie and lands on the
-    overview (200); without it every page is 401; SIGINT stops the server, exit 0."""
+    overview (200); without it every page is 401; SIGINT stops the server cleanly, even
+    with an event stream open: the stream ends, exit 0, no traceback or warning."""
     port = _free_port()
     child = children.python(
         "-m", "saga", "--dsn", dsn, "dashboard", "--port", str(port),
@@ -41,8 +44,17 @@ async def test_the_command_serves_behind_a_printed_token(children: Children, dsn
         assert landed.status_code == 200
         assert "token" not in str(landed.url)
         assert (await http.get(f"{base}/runs")).status_code == 200
-    code = await child.stop(signal.SIGINT)
+        async with http.stream("GET", f"{base}/events") as events:
+            assert events.status_code == 200
+            child.send(signal.SIGINT)  # with a page's event stream open
+            # The server closes the stream as it shuts down (after a grace period).
+            with anyio.fail_after(15), contextlib.suppress(httpx.RemoteProtocolError):
+                async for _ in events.aiter_bytes():
+                    pass
+    code = await child.wait()
     assert code == 0, (code, child.output)
+    for noise in ("Traceback", "Exception ignored", "Warning"):
+        assert noise not in child.output
 
 
 async def test_a_public_address_without_a_token_refuses_to_start(dsn: str) -> None:

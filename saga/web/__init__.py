@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "saga.web needs the web extra (Starlette and Jinja2): pip install 'saga[web]'"
     ) from exc
 
-from saga.web._app import dashboard
+from saga.web._app import DashboardApp, dashboard
 from saga.web._auth import Operator
 
-__all__ = ["Operator", "dashboard"]
+__all__ = ["DashboardApp", "Operator", "dashboard"]

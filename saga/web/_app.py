@@ -115,11 +115,14 @@ class EventStream:
             tg.start_soon(until_disconnect)
             async with self.dash.hub.subscribe() as subscription:
                 await _chunk(send, "retry: 3000\n\n")
-                while True:
-                    if await subscription.changed(15):
-                        await _chunk(send, f"event: change\ndata: {self.dash.hub.version}\n\n")
-                    else:
+                hub = self.dash.hub
+                while not hub.closed:
+                    if await subscription.changed(15) and not hub.closed:
+                        await _chunk(send, f"event: change\ndata: {hub.version}\n\n")
+                    elif not hub.closed:
                         await _chunk(send, ": ping\n\n")
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
 
 
 async def _chunk(send: Send, text: str) -> None:
@@ -135,7 +138,7 @@ def dashboard(
     bulk_limit: int = 1000,
     title: str = "saga",
     secret: str | bytes | None = None,
-) -> ASGIApp:
+) -> DashboardApp:
     """The dashboard as an ASGI app, to mount in the application (FastAPI, Starlette):
     ``app.mount("/saga", dashboard(client, authorize=authorize))``.
 
@@ -181,4 +184,21 @@ def dashboard(
         Route("/static/{name}", _static, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
-    return SecurityHeaders(Guard(app, dash))
+    return DashboardApp(SecurityHeaders(Guard(app, dash)), dash)
+
+
+class DashboardApp:
+    """The dashboard as an ASGI app (what :func:`dashboard` returns)."""
+
+    def __init__(self, app: ASGIApp, dash: Dashboard) -> None:
+        self._app = app
+        self._dash = dash
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+    def close_streams(self) -> None:
+        """End every open event stream now (pages reconnect by themselves): call it
+        when the server starts shutting down, whose graceful shutdown would otherwise
+        wait for them until its timeout."""
+        self._dash.hub.close()

@@ -11,13 +11,15 @@ token is refused (exit 2): the dashboard has no open mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import importlib
 import ipaddress
 import os
 import secrets
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 from urllib.parse import parse_qsl, urlencode
 
@@ -27,7 +29,7 @@ from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import saga
-from saga.web._app import dashboard
+from saga.web._app import DashboardApp, dashboard
 from saga.web._auth import Operator
 
 EXIT_USAGE = 2
@@ -132,7 +134,7 @@ def access_token(host: str, token_env: str | None, environ: dict[str, str]) -> s
 
 def token_app(
     client: saga.Client, token: str, *, operator: str, read_only: bool, title: str = "saga"
-) -> ASGIApp:
+) -> _TokenLanding:
     """The dashboard behind a token: cookie, ``Authorization: Bearer`` or ``?token=``."""
 
     async def authorize(request: Request) -> Operator | None:
@@ -150,7 +152,7 @@ def token_app(
 class _TokenLanding:
     """``?token=...`` once: set the cookie and redirect to the URL without the token."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: DashboardApp, token: str) -> None:
         self.app = app
         self.token = token
 
@@ -166,6 +168,9 @@ class _TokenLanding:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def close_streams(self) -> None:
+        self.app.close_streams()
 
 
 def main(
@@ -215,16 +220,13 @@ async def _serve(
     token: str,
     out: TextIO,
 ) -> None:
-    import uvicorn
-
+    """Serve until SIGINT or SIGTERM, then shut down cleanly: open event streams get
+    ``_GRACE`` seconds to close, the client's connections are closed, exit 0."""
     async with saga.Client(dsn, schema=schema, sagas=sagas) as client:
         app = token_app(
             client, token, operator=args.operator, read_only=args.read_only, title=args.title
         )
-        config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="warning", lifespan="off"
-        )
-        server = uvicorn.Server(config)
+        server = _Server(app, args.host, args.port)
         host = f"[{args.host}]" if ":" in args.host else args.host
         if args.token_env is None:
             print(f"saga dashboard: http://{host}:{args.port}/?token={token}", file=out)
@@ -234,7 +236,38 @@ async def _serve(
                 file=out,
             )
         out.flush()
-        await server.serve()
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def stop_on_signal() -> None:
+                    async for _ in signals:
+                        app.close_streams()
+                        server.should_exit = True
+
+                tg.start_soon(stop_on_signal)
+                await server.serve()
+                tg.cancel_scope.cancel()
+
+
+#: Seconds open connections (event streams) get to close at shutdown.
+_GRACE = 2.0
+
+
+def _Server(app: ASGIApp, host: str, port: int) -> Any:
+    """A uvicorn server that leaves signals to the command (uvicorn's own handling
+    re-raises the signal after shutdown: exit 130 or a kill by SIGTERM)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off",
+        timeout_graceful_shutdown=int(_GRACE),
+    )  # fmt: skip
+    return Server(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

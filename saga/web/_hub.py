@@ -43,6 +43,7 @@ class Hub:
         self._changed = anyio.Event()
         self._poke = anyio.Event()
         self.version = 0
+        self._closed = False
         self.subscribers = 0
         self.connected = False  # whether the watch loop holds its connection (tests)
 
@@ -63,6 +64,15 @@ class Hub:
     async def _lead_when_free(self) -> None:
         async with self._lead:
             await self._watch()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """The server is shutting down: every stream ends now (browsers reconnect)."""
+        self._closed = True
+        self._publish()
 
     def _publish(self) -> None:
         self.version += 1

@@ -76,9 +76,9 @@ async def _eventually(condition: Callable[[], bool], timeout: float = 10) -> Non
 
 
 def _hub(app: Any) -> Any:
-    """The dashboard's hub, for the tests of that piece: host app -> mount -> headers
-    middleware -> guard -> its dashboard."""
-    return app.routes[0].app.app.dash.hub
+    """The dashboard's hub, for the tests of that piece: host app -> mount -> the
+    dashboard app -> its dashboard."""
+    return app.routes[0].app._dash.hub
 
 
 async def test_a_run_ending_sends_a_change_event(orchestrator: Any) -> None:
@@ -127,3 +127,21 @@ async def test_streams_share_one_connection_and_take_over(orchestrator: Any) -> 
         await second.until("event: change")
         second.close()
     assert hub.subscribers == 0
+
+
+async def test_close_streams_ends_open_streams(orchestrator: Any) -> None:
+    """close_streams() (a server shutting down) ends every open event stream at once:
+    its response completes (the app returns) instead of waiting for the server's
+    graceful-shutdown timeout."""
+    orch = await orchestrator()
+    app = mounted(orch)
+    first, second = Stream(app), Stream(app)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first.run)
+            tg.start_soon(second.run)
+            await first.until("retry:")
+            await second.until("retry:")
+            app.routes[0].app.close_streams()
+        # Both runs returned by themselves: nobody disconnected.
+    assert _hub(app).subscribers == 0
