@@ -95,6 +95,10 @@ def _stdout_closed() -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dashboard = _dashboard_args(argv)
+    if dashboard is not None:
+        return _dashboard(*dashboard)
     try:
         args = build_parser().parse_args(argv)
     except _Exit as exc:
@@ -111,6 +115,36 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         ctx.note("saga: interrupted")
         return EXIT_INTERRUPTED
+
+
+def _dashboard_args(argv: list[str]) -> tuple[list[str], str | None, str | None] | None:
+    """``saga [--dsn X] [--schema Y] dashboard ...``: the dashboard's own options, and the
+    common ones given before the command; None for every other command."""
+    common: dict[str, str | None] = {"--dsn": None, "--schema": None}
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name in common and eq:
+            common[name] = value
+        elif name in common and i + 1 < len(argv):
+            common[name] = argv[i + 1]
+            i += 1
+        elif argv[i] != "--json":
+            break
+        i += 1
+    if i >= len(argv) or argv[i] != "dashboard":
+        return None
+    return argv[i + 1 :], common["--dsn"], common["--schema"]
+
+
+def _dashboard(argv: list[str], dsn: str | None, schema: str | None) -> int:
+    """``saga dashboard``: the web dashboard on its own (the ``web`` extra)."""
+    try:
+        from saga.web._command import main as dashboard_main
+    except ImportError as exc:
+        print(f"saga dashboard: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return dashboard_main(argv, dsn=dsn, schema=schema)
 
 
 def _run(ctx: _Ctx) -> int:

@@ -288,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune_.add_argument("--dry-run", action="store_true", help="only count what would go")
 
+    add(
+        "dashboard",
+        "serve the web dashboard on its own (pip install 'saga[web]')",
+        "Serve the web dashboard: `saga dashboard --help` lists its options. Without "
+        "--token-env it listens on loopback only and prints a URL with a one-time token.",
+    )
     demo = add(
         "demo",
         "run two order sagas (one completes, one is compensated) and print timelines",

@@ -1,5 +1,5 @@
-"""The store: the database operations of runs and leases; with ``_store_ops`` (operator
-queries) and ``_migrate``, the only code that runs SQL.
+"""The store: the database operations of runs and leases; with its mixins (``_store_*``)
+and ``_migrate``, the only code that runs SQL.
 
 Queries are named blocks in ``sql/queries.sql``; every method returns typed values
 (``RunRow``, ``HistoryEvent``, ``ClaimedItem`` ...), never driver records, so no column
@@ -22,6 +22,7 @@ from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
+from saga._store_dash import DashboardQueries
 from saga._store_graph import GraphQueries, _json_or_none, claimed_item, events_json
 from saga._store_ops import (
     DefinitionKey,
@@ -38,8 +39,7 @@ from saga._transition import ClaimedItem, Transition
 
 _WAITING = RunStatus.WAITING
 _NO_TRAFFIC = RunTraffic()
-#: The ends that free a keyed run's slot (failed and stopped runs keep it: an operator
-#: resolves them).
+#: The ends that free a keyed run's slot (failed and stopped runs keep it till resolved).
 _RELEASING = frozenset({RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED})
 
 
@@ -69,7 +69,7 @@ class TransitionResult:
     signalled: bool = False  # the wait just entered already has its signal: due now
 
 
-class Store(OperatorQueries, SignalQueries, GraphQueries, ScheduleQueries):
+class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, ScheduleQueries):
     """Database operations on one schema through an asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:

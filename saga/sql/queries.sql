@@ -1310,3 +1310,90 @@ WITH upd AS (
     UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
+
+-- Dashboard
+-- What the web dashboard (saga.web) reads besides the operator queries: each bounded by
+-- the active runs and an index over recently finished ones, never the whole history.
+
+-- name: dash_finished_per_hour
+-- Runs that finished from the start of the hour ($1 - 1) hours ago until now, per hour
+-- (truncated, database clock) and final status; reads the finished runs' partial index.
+-- $1 hours to look back (the current hour included)
+SELECT date_trunc('HOUR', finished_at) AS hour, status, count(*) AS runs
+FROM __schema__.runs
+WHERE due_at IS NULL
+  AND finished_at >= date_trunc('HOUR', now()) - make_interval(hours => $1::int - 1)
+GROUP BY 1, 2
+ORDER BY 1, 2;
+
+-- name: dash_outcomes
+-- Runs that finished in the last $1 seconds, per saga and final status (failure rates).
+-- $1 seconds to look back
+SELECT saga_name, status, count(*) AS runs
+FROM __schema__.runs
+WHERE due_at IS NULL AND finished_at >= now() - make_interval(secs => $1::float8)
+GROUP BY 1, 2
+ORDER BY 1, 2;
+
+-- name: dash_failures
+-- Failed attempts of steps and compensations recorded in the last $1 seconds, per saga,
+-- kind and error type, with how many of them were retried (their event has retry_in).
+-- Only runs still active or finished within the window can hold such events: they are
+-- found through the two partial indexes, then their events through the primary key.
+-- $1 seconds to look back, $2 most rows returned
+WITH recent AS (
+    SELECT id, saga_name FROM __schema__.runs WHERE due_at IS NOT NULL
+    UNION ALL
+    SELECT id, saga_name FROM __schema__.runs
+    WHERE due_at IS NULL AND finished_at >= now() - make_interval(secs => $1::float8)
+)
+SELECT r.saga_name, e.kind, coalesce(e.data #>> '{error,type}', '?') AS error_type,
+       count(*) AS failures, count(*) FILTER (WHERE e.data #> '{retry_in}' IS NOT NULL) AS retried
+FROM recent r
+JOIN __schema__.events e ON e.run_id = r.id
+WHERE e.kind IN ('step_failed', 'compensation_failed')
+  AND e.at >= now() - make_interval(secs => $1::float8)
+GROUP BY 1, 2, 3
+ORDER BY failures DESC, 1, 2, 3
+LIMIT $2;
+
+-- name: dash_overdue
+-- Work nobody runs: run rows and graph items due more than $1 seconds ago. A held
+-- lease's due time is its expiry, so these are unleased (or their worker is gone): work
+-- waiting for a definition version no live worker has, or for workers at all. Counted
+-- per saga (name, version, fingerprint; '-': none recorded), with the oldest's age.
+-- $1 seconds overdue
+SELECT saga_name, saga_version, coalesce(fingerprint, '-') AS fingerprint,
+       count(*) AS runs, extract(epoch FROM now() - min(due_at))::float8 AS oldest
+FROM (
+    SELECT saga_name, saga_version, fingerprint, due_at
+    FROM __schema__.runs
+    WHERE due_at <= now() - make_interval(secs => $1::float8)
+    UNION ALL
+    SELECT r.saga_name, r.saga_version, r.fingerprint, i.due_at
+    FROM __schema__.items i
+    JOIN __schema__.runs r ON r.id = i.run_id
+    WHERE i.due_at <= now() - make_interval(secs => $1::float8)
+) AS due
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3;
+
+-- name: dash_payloads
+-- One run's payloads as JSON text: its input, its steps' results (an object of step name
+-- to JSON text) and its output (NULL until completed).
+-- $1 run id
+SELECT input, results::text AS results, output FROM __schema__.runs WHERE id = $1;
+
+-- name: dash_signals
+-- One run's signals: whether each was received, when, and whether its wait is decided.
+-- $1 run id
+SELECT name, payload IS NOT NULL AS received, received_at, awaited_at, timeout_seconds,
+       closed
+FROM __schema__.signals WHERE run_id = $1 ORDER BY name;
+
+-- name: dash_events_sequence
+-- The last value of the history's identity sequence: an O(1) read that changes whenever
+-- any run records anything (steps in the middle of a run send no NOTIFY): the identity
+-- sequence of events.id, under the name the migrations gave it.
+-- no parameters
+SELECT pg_sequence_last_value('__schema__.events_id_seq'::regclass) AS seq;

@@ -345,3 +345,20 @@ loads = imports.children(
 async def report(ctx: saga.Context[ImportJob]) -> int:
     loaded: list[int] = ctx.result(loads)  # the children's outputs, in input order
     return sum(loaded)
+
+
+# The README's dashboard section: mounted in the FastAPI app above.
+
+from saga.web import Operator, dashboard  # noqa: E402
+
+orchestrator = saga.Orchestrator("postgresql://localhost/app", sagas=[checkout])
+
+
+async def authorize(request: Request) -> Operator | None:
+    user = request.headers.get("x-forwarded-user")
+    if user is None:
+        return None
+    return Operator(user, can_act=user in {"alice", "bob"})
+
+
+app.mount("/saga", dashboard(orchestrator, authorize=authorize))

@@ -1,0 +1,119 @@
+"""The actions (POST): on one run, and in bulk over the runs filter. Each calls the
+core API with the operator's name and note, then redirects (303) back with a flash
+message; a refusal changes nothing and answers with its status (400, 404, 409)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.responses import Response
+
+import saga
+from saga.web._filters import PageError, field, parse_filters, run_id
+from saga.web._site import Ctx, Dashboard
+
+_DONE = {
+    "cancel": "Cancel requested",
+    "retry": "Retried",
+    "resolve": "Marked resolved",
+    "skip": "Compensation skipped",
+}
+
+
+def _note(ctx: Ctx, required: bool) -> str | None:
+    note = field(ctx.form, "note")
+    if required and not note:
+        raise PageError(400, "a note is required: say why, it goes into the run's history")
+    return note or None
+
+
+async def act(dash: Dashboard, ctx: Ctx) -> Response:
+    """POST /runs/{id}/{action}: cancel, retry, resolve, skip, signal."""
+    rid = run_id(ctx.request.path_params["run_id"])
+    action = ctx.request.path_params["action"]
+    client, by = dash.client, ctx.operator.name
+    if action == "cancel":
+        await client.cancel(rid, by=by, note=_note(ctx, False))
+    elif action == "retry":
+        await client.retry(rid, by=by, note=_note(ctx, False))
+    elif action == "resolve":
+        note = _note(ctx, True)
+        assert note is not None
+        await client.resolve(rid, note=note, by=by)
+    elif action == "skip":
+        note = _note(ctx, True)
+        assert note is not None
+        await client.skip_compensation(rid, note=note, by=by)
+    elif action == "signal":
+        return await _signal(dash, ctx, rid)
+    else:
+        raise PageError(404, f"no action {action[:40]!r}")
+    return dash.redirect(ctx, f"/runs/{rid}", f"{_DONE[action]} by {by}.")
+
+
+async def _signal(dash: Dashboard, ctx: Ctx, rid: Any) -> Response:
+    name = field(ctx.form, "name")
+    if not name:
+        raise PageError(400, "the signal's name is required")
+    text = (ctx.form.get("payload") or [""])[0].strip() or "{}"
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise PageError(400, f"the payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise PageError(400, "the payload must be a JSON object")
+    by = ctx.operator.name
+    recorded = await dash.client.signal(rid, name, payload, by=by, note=_note(ctx, False))
+    if recorded:
+        flash = f"Signal {name!r} sent by {by}."
+    else:
+        flash = f"A signal {name!r} was recorded before: the first one wins, nothing changed."
+    return dash.redirect(ctx, f"/runs/{rid}", flash)
+
+
+async def bulk(dash: Dashboard, ctx: Ctx) -> Response:
+    """POST /runs/bulk: the first POST counts and asks to confirm; the second (with
+    ``confirm`` and the count seen, ``expect``) acts, unless the count changed."""
+    action = field(ctx.form, "action")
+    if action not in ("cancel", "retry"):
+        raise PageError(400, "bulk action must be cancel or retry")
+    now = datetime.now(UTC)
+    filters = parse_filters(ctx.form, now)
+    arguments = filters.arguments(now)
+    if field(ctx.form, "confirm") != "yes":
+        count = await saga.count_matching(dash.client, cap=dash.bulk_limit, **arguments)
+        return dash.render(
+            ctx,
+            "confirm.html",
+            page="runs",
+            action=action,
+            filters=filters,
+            count=count,
+            bulk_limit=dash.bulk_limit,
+            note=field(ctx.form, "note"),
+        )
+    try:
+        expect = int(field(ctx.form, "expect"))
+    except ValueError:
+        raise PageError(400, "the confirmation carries no count: start again") from None
+    act_on = saga.cancel_runs if action == "cancel" else saga.retry_runs
+    try:
+        result = await act_on(
+            dash.client,
+            limit=dash.bulk_limit,
+            expect=expect,
+            by=ctx.operator.name,
+            note=_note(ctx, False),
+            **arguments,
+        )
+    except saga.ConfigurationError as exc:  # the filters were checked: the count moved
+        raise PageError(409, str(exc)) from None
+    verb = "Cancelled" if action == "cancel" else "Retried"
+    acted = len(result.acted)
+    flash = f"{verb} {acted} run{'' if acted == 1 else 's'}."
+    if result.refused:
+        reasons = sorted(set(result.refused.values()))[:3]
+        flash += f" {len(result.refused)} refused: " + "; ".join(reasons)
+    return dash.redirect(ctx, "/runs?" + filters.query(), flash)

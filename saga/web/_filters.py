@@ -1,0 +1,127 @@
+"""The runs filter (from a page's query string or a bulk form), and the errors a page
+answers with an HTTP status."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from saga._model import RunStatus
+
+Fields = Mapping[str, Sequence[str]]
+
+
+class PageError(Exception):
+    """A request the dashboard answers with ``status`` and a message for the operator."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def field(fields: Fields, name: str) -> str:
+    """The first value of a field, stripped ("" when absent)."""
+    values = fields.get(name) or [""]
+    return values[0].strip()
+
+
+def run_id(text: str) -> uuid.UUID:
+    """A run id from a URL or a form; 400 when it is not a UUID."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise PageError(400, f"not a run id (a UUID): {text[:100]!r}") from None
+
+
+def _time(name: str, text: str, now: datetime) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise PageError(
+            400, f"{name} must be a date and time such as 2024-05-01T13:30, got {text[:60]!r}"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # the dashboard shows and reads UTC
+    if value > now:
+        raise PageError(400, f"{name} is in the future: {text[:60]!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilters:
+    """What the runs page lists (and a bulk action acts on)."""
+
+    saga: str | None = None
+    statuses: tuple[str, ...] = ()
+    key: str | None = None
+    after: datetime | None = None  # created after
+    before: datetime | None = None  # created before
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The filter as query-string pairs (to link pages and fill hidden fields)."""
+        out: list[tuple[str, str]] = []
+        if self.saga:
+            out.append(("saga", self.saga))
+        out += [("status", s) for s in self.statuses]
+        if self.key:
+            out.append(("key", self.key))
+        if self.after:
+            out.append(("after", self.after.isoformat()))
+        if self.before:
+            out.append(("before", self.before.isoformat()))
+        return out
+
+    def query(self, **extra: str) -> str:
+        return urlencode(self.pairs() + list(extra.items()))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pairs())
+
+    def arguments(self, now: datetime) -> dict[str, Any]:
+        """Keyword arguments of list_runs and the bulk functions (times become ages,
+        by this process's clock)."""
+        return {
+            "saga": self.saga,
+            "status": list(self.statuses) or None,
+            "key": self.key,
+            "newer_than": None if self.after is None else max(now - self.after, timedelta(0)),
+            "older_than": None if self.before is None else max(now - self.before, timedelta(0)),
+        }
+
+
+def parse_filters(fields: Fields, now: datetime) -> RunFilters:
+    """The filter a query string or form gives; 400 (PageError) for a malformed one."""
+    statuses: list[str] = []
+    for value in fields.get("status", ()):
+        if not value:
+            continue
+        try:
+            statuses.append(RunStatus(value).value)
+        except ValueError:
+            known = ", ".join(s.value for s in RunStatus)
+            raise PageError(
+                400, f"unknown status {value[:60]!r}; the statuses are: {known}"
+            ) from None
+    saga, key = field(fields, "saga"), field(fields, "key")
+    for name, text in (("saga", saga), ("key", key)):
+        if "\x00" in text or len(text) > 512:
+            raise PageError(400, f"the {name} filter must be at most 512 characters, no NUL")
+    after = _time("created after", field(fields, "after"), now)
+    before = _time("created before", field(fields, "before"), now)
+    if after and before and after >= before:
+        raise PageError(400, "created after must be earlier than created before")
+    return RunFilters(
+        saga=saga or None,
+        statuses=tuple(sorted(set(statuses))),
+        key=key or None,
+        after=after,
+        before=before,
+    )

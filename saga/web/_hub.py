@@ -1,0 +1,149 @@
+"""The live hub: one per dashboard app, one database connection while anybody watches.
+
+Browsers never poll the database. Each open page holds a server-sent events stream; the
+hub tells every stream when something changed, and the page fetches itself again.
+
+The hub holds one connection from the client's pool, only while at least one stream is
+open: it LISTENs on the schema's work and done channels (new work, runs that ended), and
+reads the history's identity sequence once per second (an O(1) read), because the steps
+in the middle of a run send no NOTIFY on purpose (a NOTIFY serializes commits). Changes
+are announced at most twice per second.
+
+No task outlives the streams: the first stream to arrive takes a lock and runs the
+watch loop inside its own task group; the others wait on that lock. When the holder's
+stream closes, its loop is cancelled, the connection goes back to the pool, and the next
+waiting stream takes over. The last stream to leave leaves no connection behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from saga._client import Client
+from saga._db import channel, translate_errors
+from saga._errors import SagaError
+from saga._log import logger
+
+#: How often the history's sequence is read while somebody watches (s).
+SEQUENCE_INTERVAL = 1.0
+#: The shortest time between two announcements (s).
+DEBOUNCE = 0.5
+
+
+class Hub:
+    """Announces changes to the open streams of one dashboard app."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._lead = anyio.Lock()
+        self._changed = anyio.Event()
+        self._poke = anyio.Event()
+        self.version = 0
+        self._closed = False
+        self.subscribers = 0
+        self.connected = False  # whether the watch loop holds its connection (tests)
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[Subscription]:
+        """A subscription while the block runs: the watch loop runs while any is open."""
+        self.subscribers += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._lead_when_free)
+                try:
+                    yield Subscription(self)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self.subscribers -= 1
+
+    async def _lead_when_free(self) -> None:
+        async with self._lead:
+            await self._watch()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """The server is shutting down: every stream ends now (browsers reconnect)."""
+        self._closed = True
+        self._publish()
+
+    def _publish(self) -> None:
+        self.version += 1
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def next_change(self) -> None:
+        """Return at the next announcement."""
+        await self._changed.wait()
+
+    def _on_notify(self, *_args: Any) -> None:
+        self._poke.set()
+
+    async def _watch(self) -> None:
+        """Hold the connection and announce changes; reconnect after an outage."""
+        delay = 1.0
+        while True:
+            try:
+                await self._watch_once()
+            except SagaError as exc:  # the database is away, or the client closed
+                logger.warning("dashboard_hub_lost", error=str(exc))
+            self.connected = False
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _watch_once(self) -> None:
+        store = self._client._store_or_raise()
+        channels = (channel(store.schema, "work"), channel(store.schema, "done"))
+        async with translate_errors("listening for the dashboard"), store.pool.acquire() as conn:
+            for name in channels:
+                await conn.add_listener(name, self._on_notify)
+            try:
+                self.connected = True
+                await self._loop(conn)
+            finally:
+                self.connected = False
+                if not conn.is_closed():
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                        for name in channels:
+                            await conn.remove_listener(name, self._on_notify)
+
+    async def _loop(self, conn: Any) -> None:
+        store = self._client._store_or_raise()
+        last = await store.events_sequence(conn)
+        while True:
+            with anyio.move_on_after(SEQUENCE_INTERVAL):
+                await self._poke.wait()
+            poked = self._poke.is_set()
+            self._poke = anyio.Event()
+            seq = await store.events_sequence(conn)
+            if poked or seq != last:
+                last = seq
+                self._publish()
+                await anyio.sleep(DEBOUNCE)
+
+
+class Subscription:
+    """One stream's view of the hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._seen = hub.version
+
+    async def changed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a change since the last call; whether one
+        came (changes in between are announced once)."""
+        hub = self._hub
+        if hub.version == self._seen:
+            with anyio.move_on_after(timeout):
+                await hub.next_change()
+        if hub.version == self._seen:
+            return False
+        self._seen = hub.version
+        return True
