@@ -36,6 +36,7 @@ from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._operator import PruneResult, RunPage, count_runs, list_runs, migrate, prune
 from saga._orchestrator import Orchestrator
 from saga._policy import Retry
+from saga._queues import KeyWait, QueueDepth, Queues, RateLimitState, queues
 from saga._rate import RateLimit
 from saga._run import RunHandle
 from saga._schedules import (
@@ -63,13 +64,17 @@ __all__ = [
     "IdempotencyConflictError",
     "InvalidInputError",
     "InvalidRunStateError",
+    "KeyWait",
     "LifecycleError",
     "MigrationError",
     "Orchestrator",
     "PayloadTooLargeError",
     "PermanentError",
     "PruneResult",
+    "QueueDepth",
+    "Queues",
     "RateLimit",
+    "RateLimitState",
     "Retry",
     "RunCancelledError",
     "RunCompensatedError",
@@ -101,6 +106,7 @@ __all__ = [
     "needs_attention",
     "pause_schedule",
     "prune",
+    "queues",
     "resume_schedule",
     "retry_runs",
     "timeline",

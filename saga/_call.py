@@ -16,6 +16,7 @@ from saga._errors import SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._model import Phase
 from saga._rate import take
+from saga._telemetry import RATE_LIMIT, Telemetry
 from saga._transition import Failed, Succeeded
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class CallEnv(Protocol):
     store: Store
     worker: str
     lease_seconds: float
+    telemetry: Telemetry
 
     @property
     def hooks(self) -> Hooks: ...
@@ -70,7 +72,8 @@ async def call_user(
     assert run.span is not None
     with lease.attempt_scope(seconds), trace.use_span(run.span, end_on_exit=False):
         if step.rate_limit is not None and not compensation:
-            await take(env.store, step.rate_limit, run, env.worker)
+            delay = await take(env.store, step.rate_limit, run, env.worker)
+            env.telemetry.rate_delay.record(delay, {RATE_LIMIT: step.rate_limit.name})
         try:
             await env.hooks.before_call(ctx, env.faults)
             check_readable(run.input)

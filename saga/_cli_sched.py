@@ -11,11 +11,19 @@ from datetime import timedelta
 from saga._cli_render import _clean, _Ctx, _duration, _table, _time
 from saga._cli_values import EXIT_OK
 from saga._client import Client
+from saga._queues import queues
 from saga._schedules import list_schedules, pause_schedule, resume_schedule
 from saga._store_sched import ScheduleInfo
 
 
 def add_schedule_parsers(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    add(
+        "queues",
+        "show what waits: due work per saga and priority, keyed runs, rate limits",
+        "Show the work due and not taken per saga and priority (with how long the oldest "
+        "has waited), the runs queued behind their concurrency key, and every rate "
+        "limit's bucket (tokens left, and what an attempt taking one now would wait).",
+    )
     add(
         "schedules",
         "list the schedules, with their last and next fire times",
@@ -90,7 +98,45 @@ async def _resume(ctx: _Ctx, orch: Client) -> int:
     return EXIT_OK
 
 
+async def _queues(ctx: _Ctx, orch: Client) -> int:
+    q = await queues(orch)
+    if ctx.as_json:
+        ctx.emit(
+            {
+                "due": [vars_of(d) for d in q.due],
+                "waiting_for_key": [vars_of(k) for k in q.waiting_for_key],
+                "rate_limits": [{**vars_of(r), "delay": r.delay} for r in q.rate_limits],
+            }
+        )
+        return EXIT_OK
+    if not (q.due or q.waiting_for_key or q.rate_limits):
+        ctx.note("nothing waits: no run due and not taken, none queued behind a key")
+        return EXIT_OK
+    if q.due:
+        rows = [[d.saga, str(d.priority), str(d.runs), _seconds(d.oldest_wait)] for d in q.due]
+        _table(ctx, ["SAGA", "PRIORITY", "DUE", "OLDEST WAIT"], rows)
+    if q.waiting_for_key:
+        rows = [[k.saga, str(k.runs), str(k.keys)] for k in q.waiting_for_key]
+        _table(ctx, ["SAGA", "WAITING FOR A KEY", "KEYS"], rows)
+    if q.rate_limits:
+        rows = [
+            [r.name, f"{r.per_second:g}/s", str(r.burst), f"{r.tokens:.1f}", _seconds(r.delay)]
+            for r in q.rate_limits
+        ]
+        _table(ctx, ["RATE LIMIT", "RATE", "BURST", "TOKENS", "DELAY NOW"], rows)
+    return EXIT_OK
+
+
+def vars_of(value: object) -> dict[str, object]:
+    return {name: getattr(value, name) for name in value.__slots__}  # type: ignore[attr-defined]
+
+
+def _seconds(value: float) -> str:
+    return "-" if value <= 0 else _duration(timedelta(seconds=value))
+
+
 SCHEDULE_COMMANDS: dict[str, Callable[[_Ctx, Client], Awaitable[int]]] = {
+    "queues": _queues,
     "schedules": _schedules,
     "pause-schedule": _pause,
     "resume-schedule": _resume,

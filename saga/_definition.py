@@ -136,10 +136,11 @@ class Saga(Generic[InT]):
         priority: int | Callable[[InT], int] = 0,
         concurrency_key: Callable[[InT], str] | None = None,
         concurrency_limit: int = 1,
+        lane: str = "default",
     ) -> None:
         self.name = validate_name(name, "saga")
-        #: Priority, and one-at-a-time per key (see saga._traffic and the README).
-        self.traffic = Traffic.of(name, priority, concurrency_key, concurrency_limit)
+        #: Priority, one-at-a-time per key, lane (see saga._traffic and the README).
+        self.traffic = Traffic.of(name, priority, concurrency_key, concurrency_limit, lane)
         if not (isinstance(input, type) and issubclass(input, BaseModel)):
             raise DefinitionError(f"saga {name!r}: input must be a pydantic BaseModel subclass")
         _checks.integer(f"saga {name!r}: version", version, DefinitionError, minimum=1)

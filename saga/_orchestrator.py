@@ -50,7 +50,9 @@ class Orchestrator(Client):
     dies is replaced after at most that long. ``poll_interval`` bounds the wait for work
     and results when notifications are lost. ``schedules`` are the :class:`Scheduled`
     sagas it starts on their schedules (any number of orchestrators may hold the same
-    ones: each slot starts one run).
+    ones: each slot starts one run). ``lanes`` limits the work it executes to the sagas
+    of those lanes (``Saga(lane=...)``; default: all): urgent work gets workers of its
+    own; it still starts, and waits for, runs of every saga given.
     """
 
     _kind = "Orchestrator"
@@ -72,6 +74,7 @@ class Orchestrator(Client):
         meter_provider: MeterProvider | None = None,
         census_interval: float = 15.0,
         schedules: Sequence[Scheduled[Any]] = (),
+        lanes: Sequence[str] | None = None,
     ) -> None:
         err = ConfigurationError
         self.concurrency = _checks.integer("concurrency", concurrency, err, minimum=0)
@@ -94,6 +97,7 @@ class Orchestrator(Client):
             worker_id=worker_id,
         )
         self._schedules = _check_schedules(schedules, self._sagas)
+        self.lanes = _check_lanes(lanes, self._sagas)
         check_consistent(
             [st.rate_limit for s in self._sagas.values() for st in s.steps if st.rate_limit]
         )
@@ -122,7 +126,9 @@ class Orchestrator(Client):
         store = self._store
         # What this orchestrator can execute: nothing at concurrency 0 (then all active
         # work counts as unclaimable here, and it warns about none of it).
-        runnable = self._definitions if self.concurrency else []
+        runnable = (
+            [d for d in self._definitions if self._executes(d[0])] if self.concurrency else []
+        )
         census = census_loop(
             store, self.telemetry, runnable, self.census_interval, self.outage, self.concurrency > 0
         )
@@ -142,12 +148,12 @@ class Orchestrator(Client):
             lease_seconds=self.lease_seconds,
             heartbeat_every=heartbeat_interval(self._lease_lengths()),
             poll_interval=self.poll_interval,
-            definitions=self._definitions,
+            definitions=runnable,
             outage=self.outage,
             graphs=[
                 (s.name, s.version, s.fingerprint)
                 for s in self._sagas.values()
-                if s.graph is not None
+                if s.graph is not None and self._executes(s.name)
             ],
         )
         runner = self._runner = Runner(
@@ -199,7 +205,14 @@ class Orchestrator(Client):
     # -- the worker's view of notifications and starts ---------------------------------------
 
     def _wants_work(self, saga_name: str) -> bool:
-        return self.concurrency > 0 and any(name == saga_name for name, _ in self._sagas)
+        return self.concurrency > 0 and self._executes(saga_name)
+
+    def _executes(self, saga_name: str) -> bool:
+        """Whether this orchestrator runs the work of ``saga_name`` (its lanes)."""
+        return any(
+            s.name == saga_name and (self.lanes is None or s.traffic.lane in self.lanes)
+            for s in self._sagas.values()
+        )
 
     def _wake(self) -> None:
         if self._leases is not None:
@@ -240,3 +253,20 @@ def _check_schedules(
             raise ConfigurationError(f"two schedules are named {s.name!r}")
         by_name[s.name] = s
     return by_name
+
+
+def _check_lanes(
+    lanes: Sequence[str] | None, sagas: dict[tuple[str, int], Saga[Any]]
+) -> frozenset[str] | None:
+    """The lanes an orchestrator executes: None (all), or names some saga uses."""
+    if lanes is None:
+        return None
+    if isinstance(lanes, str) or not isinstance(lanes, Sequence) or not lanes:
+        raise ConfigurationError(f"lanes must be a non-empty list of lane names, got {lanes!r}")
+    used = {s.traffic.lane for s in sagas.values()}
+    unknown = sorted(set(lanes) - used)
+    if unknown:
+        raise ConfigurationError(
+            f"lanes {unknown} are used by no saga given (their lanes: {sorted(used)})"
+        )
+    return frozenset(lanes)

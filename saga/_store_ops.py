@@ -113,6 +113,10 @@ class Census:
     parked: dict[tuple[str, str], int] = field(default_factory=dict)
     #: Per schedule not paused: seconds since its next slot passed unhandled (0: none).
     schedules_late: dict[str, float] = field(default_factory=dict)
+    #: Per (saga, priority): runs due and not taken, and the oldest one's wait (s).
+    queues: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+    #: Per saga: runs queued behind their concurrency key.
+    keys_waiting: dict[str, int] = field(default_factory=dict)
 
 
 class OperatorQueries:
@@ -125,6 +129,8 @@ class OperatorQueries:
     if TYPE_CHECKING:  # the traffic queries'
 
         async def release_key(self, conn: Executor, run_id: UUID) -> None: ...
+
+        async def queue_rows(self) -> list[tuple[str, int, int, float, bool, int]]: ...
 
     async def list_runs(
         self,
@@ -257,6 +263,7 @@ class OperatorQueries:
             rows = await self.pool.fetch(self._q["census"], *definition_args(definitions))
             parked = await self.pool.fetch(self._q["census_parked"])
             schedules = await self.pool.fetch(self._q["census_schedules"])
+            queues = await self.queue_rows()
         ages = [r["oldest_age"] for r in rows if r["oldest_age"] is not None]
         return Census(
             runs_by_status={r["status"]: r["runs"] for r in rows},
@@ -265,4 +272,6 @@ class OperatorQueries:
             timer_lag=max((r["timer_lag"] for r in rows), default=0.0),
             parked={(r["saga_name"], r["status"]): r["runs"] for r in parked},
             schedules_late={r["name"]: r["late"] for r in schedules},
+            queues={(q[0], q[1]): (q[2], q[3]) for q in queues if not q[4]},
+            keys_waiting={q[0]: q[2] for q in queues if q[4]},
         )

@@ -83,6 +83,18 @@ class ScheduleQueries:
         if key is not None:
             await conn.fetchrow(self._q["key_fill"], key[0], key[1], self.work_channel)
 
+    async def queue_rows(self) -> list[tuple[str, int, int, float, bool, int]]:
+        """(saga, priority, runs, oldest wait, keyed, keys): see ``census_queues``."""
+        async with translate_errors("reading queues"):
+            rows = await self.pool.fetch(self._q["census_queues"])
+        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    async def rate_limit_rows(self) -> list[tuple[str, float, int, float]]:
+        """(name, per second, burst, tokens now) of every rate limit."""
+        async with translate_errors("reading rate limits"):
+            rows = await self.pool.fetch(self._q["rate_limits"])
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
     async def rate_take(
         self,
         name: str,

@@ -45,6 +45,8 @@ CREATED = "saga.run.created"
 FINGERPRINT = "saga.fingerprint"
 ERROR_TYPE = "error.type"  # OpenTelemetry semantic convention
 SCHEDULE = "saga.schedule"
+PRIORITY = "saga.priority"
+RATE_LIMIT = "saga.rate_limit"
 
 # saga.runs.active reports the active statuses and the failed and stopped runs (waiting
 # for an operator); saga.runs.<status> counts how runs end.
@@ -107,6 +109,11 @@ class _Instruments:
             unit="{lease}",
             description="Leases reclaimed after their worker stopped renewing them.",
         )
+        self.rate_delay = meter.create_histogram(
+            "saga.rate_limit.delay",
+            unit="s",
+            description="How long attempts waited for a rate limit's token (0: none).",
+        )
         self.writes_refused = meter.create_counter(
             "saga.writes.refused",
             unit="{write}",
@@ -123,6 +130,14 @@ class _Instruments:
                 "Now minus the oldest overdue sleep or wait timeout (0: none overdue).",
             ),
             ("saga.runs.waiting", self._observe_parked, runs, "Sleeping and waiting runs."),
+            ("saga.queue.depth", self._observe_queues, runs, "Runs due, not taken yet."),
+            ("saga.queue.wait", self._observe_queue_wait, "s", "The oldest due run's wait."),
+            (
+                "saga.runs.waiting_for_key",
+                self._observe_keys,
+                runs,
+                "Runs queued behind their concurrency key.",
+            ),
             (
                 "saga.schedules.late",
                 self._observe_schedules,
@@ -173,6 +188,8 @@ class _Instruments:
                 timers,
                 fresh.parked,
                 fresh.schedules_late,
+                fresh.queues,
+                fresh.keys_waiting,
             )
             keys = set.intersection(*(set(s.unclaimable) for s in group))
             unclaimable = {k: min(s.unclaimable[k] for s in group) for k in keys}
@@ -201,6 +218,21 @@ class _Instruments:
         for schema, census, _ in self._merged():
             for (name, status), count in census.parked.items():
                 yield Observation(count, {SCHEMA: schema, SAGA: name, RUN_STATUS: status})
+
+    def _observe_queues(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for schema, census, _ in self._merged():
+            for (name, priority), (runs, _oldest) in census.queues.items():
+                yield Observation(runs, {SCHEMA: schema, SAGA: name, PRIORITY: priority})
+
+    def _observe_queue_wait(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for schema, census, _ in self._merged():
+            for (name, priority), (_runs, oldest) in census.queues.items():
+                yield Observation(oldest, {SCHEMA: schema, SAGA: name, PRIORITY: priority})
+
+    def _observe_keys(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for schema, census, _ in self._merged():
+            for name, runs in census.keys_waiting.items():
+                yield Observation(runs, {SCHEMA: schema, SAGA: name})
 
     def _observe_schedules(self, _options: CallbackOptions) -> Iterable[Observation]:
         for schema, census, _ in self._merged():
@@ -249,6 +281,7 @@ class Telemetry:
         self.run_duration = ins.run_duration
         self.leases_expired = ins.leases_expired
         self.writes_refused = ins.writes_refused
+        self.rate_delay = ins.rate_delay
 
     def gauges(self, schema: str) -> GaugeState:
         """A gauge state of this telemetry's own, reported until :meth:`forget`."""

@@ -1,4 +1,5 @@
-"""A saga's traffic settings: its runs' priority, and one-at-a-time per business key.
+"""A saga's traffic settings: its runs' priority, one-at-a-time per business key, and its
+lane (orchestrators given ``lanes=`` execute only the sagas of those lanes).
 
 ``priority`` (an int from 0 to 100, or a function of the input returning one) orders
 claiming: due work of a higher priority is claimed before older work of a lower one.
@@ -46,9 +47,10 @@ class Traffic:
     priority: Priority = 0
     key: Callable[[Any], str] | None = None
     limit: int = 1
+    lane: str = "default"
 
     @classmethod
-    def of(cls, saga: str, priority: Any, key: Any, limit: Any) -> Traffic:
+    def of(cls, saga: str, priority: Any, key: Any, limit: Any, lane: Any = "default") -> Traffic:
         """Checked settings; DefinitionError names what is wrong."""
         if not callable(priority):
             check_priority(f"saga {saga!r}: priority", priority, DefinitionError)
@@ -61,7 +63,8 @@ class Traffic:
             f"saga {saga!r}: concurrency_limit", limit, DefinitionError, minimum=1,
             maximum=MAX_LIMIT,
         )  # fmt: skip
-        return cls(saga, priority, key, limit)
+        _checks.validate_name(lane, "lane")
+        return cls(saga, priority, key, limit, lane)
 
     def for_run(self, model: Any, priority: Any = None) -> RunTraffic:
         """The priority (``priority`` given at start, else the saga's) and the key of a

@@ -258,3 +258,26 @@ async def test_no_two_same_key_runs_overlap_through_crashes(
             assert end <= start, f"{key}: runs {a} and {b} overlap"
     left = "SELECT count(*) FROM saga.runs WHERE key_state IN ('held', 'queued')"
     assert await db.fetchval(left) == 0
+
+
+async def test_an_orchestrator_limited_to_a_lane(
+    orchestrator: OrchestratorFactory, open_client: ClientFactory
+) -> None:
+    """Orchestrator(lanes=["urgent"]) executes only the sagas of that lane: a run of
+    the default lane stays pending (another orchestrator runs it), an urgent one
+    completes; a lane no saga uses, or an empty list, is a ConfigurationError."""
+    urgent = small_saga("reset_password", 1, traffic={"lane": "urgent"})
+    bulk = small_saga("backfill", 1)
+    own = await orchestrator(urgent, bulk, lanes=["urgent"])
+    assert own.lanes == {"urgent"}
+    waiting = await own.start(bulk, Job())
+    assert await _ended(await own.start(urgent, Job())) is saga.RunStatus.COMPLETED
+    await anyio.sleep(0.3)
+    assert (await waiting.info()).status is saga.RunStatus.PENDING
+    await orchestrator(bulk)  # the default lane's workers
+    assert await _ended(waiting) is saga.RunStatus.COMPLETED
+    for lanes, message in ((["nightly"], "used by no saga"), ([], "non-empty")):
+        with pytest.raises(saga.ConfigurationError, match=message):
+            saga.Orchestrator("postgresql://x", sagas=[urgent, bulk], lanes=lanes)
+    with pytest.raises(saga.DefinitionError, match="lane"):
+        saga.Saga("x", input=Job, lane="not a name")

@@ -639,13 +639,13 @@ FROM admitted;
 -- $1 limit name, $2 tokens per second, $3 burst, $4 run id, $5 step, $6 attempt,
 -- $7 worker
 WITH bucket AS (
-    INSERT INTO __schema__.rate_limits AS b (name, tokens, updated_at)
-    VALUES ($1, $3::float8 - 1, clock_timestamp())
+    INSERT INTO __schema__.rate_limits AS b (name, tokens, updated_at, per_second, burst)
+    VALUES ($1, $3::float8 - 1, clock_timestamp(), $2, $3)
     ON CONFLICT (name) DO UPDATE SET
         tokens = least($3::float8, b.tokens + $2::float8
                        * greatest(0, extract(epoch FROM clock_timestamp() - b.updated_at)))
                  - 1,
-        updated_at = clock_timestamp()
+        updated_at = clock_timestamp(), per_second = $2, burst = $3
     RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay
 ), run AS (
     SELECT r.id FROM __schema__.runs r, bucket WHERE r.id = $4 AND bucket.delay > 0
@@ -824,6 +824,32 @@ SELECT saga_name, status, count(*) AS runs
 FROM __schema__.runs
 WHERE due_at IS NOT NULL AND status IN ('sleeping', 'waiting')
 GROUP BY saga_name, status;
+
+-- name: census_queues
+-- Runs due and not taken, per saga and priority: how many, and how long the oldest has
+-- waited (seconds); and per saga, the runs queued behind their concurrency key (and over
+-- how many keys). Through runs_due and runs_key_queue: the active runs only.
+-- no parameters
+SELECT saga_name, priority, count(*) AS runs,
+       extract(epoch FROM now() - min(due_at))::float8 AS oldest, false AS keyed,
+       0::bigint AS keys
+FROM __schema__.runs WHERE due_at <= now()
+GROUP BY saga_name, priority
+UNION ALL
+SELECT saga_name, 0, count(*), 0::float8, true, count(DISTINCT concurrency_key)
+FROM __schema__.runs WHERE key_state = 'queued'
+GROUP BY saga_name
+ORDER BY 1, 2;
+
+-- name: rate_limits
+-- Every rate limit's bucket now: tokens available (negative: reserved ahead, the wait
+-- of the next taker is -tokens / per_second), as its last taker declared it.
+-- no parameters
+SELECT name, per_second, burst,
+       least(burst::float8, tokens + per_second
+             * greatest(0, extract(epoch FROM clock_timestamp() - updated_at)))::float8
+           AS tokens
+FROM __schema__.rate_limits ORDER BY name;
 
 -- name: census_schedules
 -- How late each schedule not paused is: seconds since its next slot passed unhandled.

@@ -200,7 +200,9 @@ CREATE TABLE __schema__.schedules (
 CREATE TABLE __schema__.rate_limits (
     name       text PRIMARY KEY,
     tokens     float8 NOT NULL,
-    updated_at timestamptz NOT NULL
+    updated_at timestamptz NOT NULL,
+    per_second float8 NOT NULL,  -- as the last taker declared it
+    burst      integer NOT NULL
 );
 
 -- Priorities, and one-at-a-time per business key (see saga/_traffic.py). A keyed run is
