@@ -16,6 +16,7 @@ SECTIONS = (
     "saga",
     "compensation",
     "graphs",
+    "priority",
     "waits",
     "latency",
     "scale",

@@ -12,6 +12,7 @@ from benchmarks import (
     _graphs,
     _latency,
     _memory,
+    _priority,
     _profile,
     _scale,
     _throughput,
@@ -50,6 +51,7 @@ def render(r: Results, o: Options, header: dict[str, str]) -> str:
     lines += _throughput.render(t, ceiling, o.runs, o.repeats)
     lines += _compensation.render(r.compensation, t.saga.get(HEADLINE), ceiling)
     lines += _graphs.render(r.graphs, t.saga.get(HEADLINE), ceiling)
+    lines += _priority.render(r.priority)
     lines += _waits.render(r.waits, o.repeats)
     commit = r.ceiling.commit_ms if r.ceiling else math.nan
     lines += _latency.render(r.latency, o.latency_rate, o.latency_seconds, o.repeats, commit)

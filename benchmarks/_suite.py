@@ -12,6 +12,7 @@ from benchmarks import (
     _graphs,
     _latency,
     _memory,
+    _priority,
     _profile,
     _scale,
     _throughput,
@@ -29,6 +30,7 @@ class Results:
     throughput: _throughput.Throughput = dataclasses.field(default_factory=_throughput.Throughput)
     compensation: list[Measured] = dataclasses.field(default_factory=list)
     graphs: list[Measured] = dataclasses.field(default_factory=list)
+    priority: _priority.Priority = dataclasses.field(default_factory=dict)
     waits: _waits.Waits | None = None
     latency: _latency.Latency = dataclasses.field(default_factory=dict)
     scale: _scale.Scale | None = None
@@ -54,6 +56,10 @@ async def _compensation_step(h: Harness, r: Results) -> None:
 
 async def _graphs_step(h: Harness, r: Results) -> None:
     r.graphs = await _graphs.measure(h)
+
+
+async def _priority_step(h: Harness, r: Results) -> None:
+    r.priority = await _priority.measure(h)
 
 
 async def _waits_step(h: Harness, r: Results) -> None:
@@ -86,6 +92,7 @@ STEPS: list[tuple[str, Callable[[Harness, Results], Awaitable[None]]]] = [
     ("queue+saga", _throughput_step),
     ("compensation", _compensation_step),
     ("graphs", _graphs_step),
+    ("priority", _priority_step),
     ("waits", _waits_step),
     ("latency", _latency_step),
     ("scale", _scale_step),

@@ -53,6 +53,20 @@ async def act(dash: Dashboard, ctx: Ctx) -> Response:
     return dash.redirect(ctx, f"/runs/{rid}", f"{_DONE[action]} by {by}.")
 
 
+async def schedule(dash: Dashboard, ctx: Ctx) -> Response:
+    """POST /schedules/{name}/{pause|resume}."""
+    name, action = ctx.request.path_params["name"], ctx.request.path_params["action"]
+    if action not in ("pause", "resume"):
+        raise PageError(404, f"no action {action[:40]!r}")
+    change = saga.pause_schedule if action == "pause" else saga.resume_schedule
+    try:
+        await change(dash.client, name)
+    except saga.ConfigurationError:
+        raise PageError(404, f"no schedule named {name[:100]!r}") from None
+    done = "paused" if action == "pause" else "resumed"
+    return dash.redirect(ctx, "/traffic", f"Schedule {name} {done} by {ctx.operator.name}.")
+
+
 async def _signal(dash: Dashboard, ctx: Ctx, rid: Any) -> Response:
     name = field(ctx.form, "name")
     if not name:

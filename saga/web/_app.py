@@ -180,6 +180,8 @@ def dashboard(
         Route("/runs/{run_id}", get(_pages.run), methods=["GET"]),
         Route("/runs/{run_id}/{action}", post(_actions.act), methods=["POST"]),
         Route("/attention", get(_pages.attention), methods=["GET"]),
+        Route("/traffic", get(_pages.traffic), methods=["GET"]),
+        Route("/schedules/{name}/{action}", post(_actions.schedule), methods=["POST"]),
         Route("/events", EventStream(dash), methods=["GET"]),
         Route("/static/{name}", _static, methods=["GET"]),
     ]

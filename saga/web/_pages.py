@@ -1,4 +1,4 @@
-"""The pages (GET): overview, runs, one run, needs attention."""
+"""The pages (GET): overview, runs, one run, needs attention, traffic."""
 
 from __future__ import annotations
 
@@ -75,6 +75,15 @@ async def run(dash: Dashboard, ctx: Ctx) -> Response:
         show_payloads=dash.show_payloads,
         now=datetime.now(UTC),
     )
+
+
+async def traffic(dash: Dashboard, ctx: Ctx) -> Response:
+    queues = await saga.queues(dash.client)
+    schedules = await saga.list_schedules(dash.client)
+    return dash.render(
+        ctx, "traffic.html", page="traffic", queues=queues, schedules=schedules,
+        now=datetime.now(UTC),
+    )  # fmt: skip
 
 
 async def attention(dash: Dashboard, ctx: Ctx) -> Response:

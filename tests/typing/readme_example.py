@@ -362,3 +362,63 @@ async def authorize(request: Request) -> Operator | None:
 
 
 app.mount("/saga", dashboard(orchestrator, authorize=authorize))
+
+
+# The README's traffic control section.
+
+
+class Transfer(BaseModel):
+    account: str
+    amount: int
+    vip: bool = False
+
+
+# One at a time per account; VIP transfers first; executed by the "payments" lane's workers.
+transfer = saga.Saga(
+    "transfer",
+    input=Transfer,
+    priority=lambda t: 10 if t.vip else 0,
+    concurrency_key=lambda t: t.account,
+    concurrency_limit=1,
+    lane="payments",
+)
+
+# At most 50 calls per second to the bank, shared by every worker on the database.
+bank_api = saga.RateLimit("bank", per_second=50, burst=50)
+
+
+@transfer.step(rate_limit=bank_api)
+async def move_money(ctx: saga.Context[Transfer]) -> str:
+    return "receipt"
+
+
+class ReportRequest(BaseModel):
+    days: int = 1
+
+
+daily_report = saga.Saga("report", input=ReportRequest)
+
+
+@daily_report.step()
+async def build_report(ctx: saga.Context[ReportRequest]) -> int:
+    return ctx.input.days
+
+
+# Every day at 02:00 Paris time; a slot missed while nothing ran is run once, late.
+nightly = saga.Scheduled(
+    "nightly-report",
+    daily_report,
+    saga.Schedule.cron("0 2 * * *", timezone="Europe/Paris"),
+    ReportRequest(),
+    missed="latest",
+)
+
+
+async def serve(dsn: str) -> None:
+    async with saga.Orchestrator(
+        dsn,
+        sagas=[transfer, daily_report],
+        schedules=[nightly],
+        lanes=["payments"],
+    ) as orch:
+        await orch.start(transfer, Transfer(account="acct-7", amount=5), priority=50)
