@@ -58,9 +58,20 @@ def channel(schema: str, suffix: str) -> str:
 def _raw_queries() -> dict[str, str]:
     text = (resources.files("saga") / "sql" / "queries.sql").read_text("utf-8")
     parts = _NAME_LINE.split(text)
-    return {
+    named = {
         name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
     }
+    named["claim_prioritized"] = _prioritized(named["claim"], named["claim_prioritized_candidates"])
+    return named
+
+
+def _prioritized(claim: str, candidates: str) -> str:
+    """``claim`` with its first CTE (candidates in due order) replaced by the CTEs of
+    ``candidates`` (higher priorities first): one claim statement, two orders, and
+    orchestrators without priorities keep the shorter one (it plans faster)."""
+    start, end = claim.index("WITH candidates AS ("), claim.index("), closing AS (")
+    with_ctes = candidates[candidates.index("WITH urgent AS (") :]
+    return claim[:start] + with_ctes + ", closing AS (" + claim[end + len("), closing AS (") :]
 
 
 def queries(schema: str) -> dict[str, str]:

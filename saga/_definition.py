@@ -133,7 +133,7 @@ class Saga(Generic[InT]):
         *,
         input: type[InT],
         version: int = 1,
-        priority: int | Callable[[InT], int] = 0,
+        priority: int | Callable[[InT], int] | None = None,
         concurrency_key: Callable[[InT], str] | None = None,
         concurrency_limit: int = 1,
         lane: str = "default",

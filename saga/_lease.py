@@ -89,6 +89,7 @@ class Leases:
         definitions: Sequence[DefinitionKey],
         outage: Outage,
         graphs: Sequence[DefinitionKey] = (),
+        prioritized: bool = False,
     ) -> None:
         self._store = store
         self._worker = worker_id
@@ -98,6 +99,7 @@ class Leases:
         self._poll = poll_interval
         self._definitions = list(definitions)
         self._graphs = list(graphs)  # the definitions whose runs are graphs of items
+        self._prioritized = prioritized  # some saga has priorities: claim urgent first
         self._outage = outage
         self.inflight: dict[UUID | ItemKey, Lease] = {}
         self._spawn: Callable[[ClaimedItem, Lease], None] | None = None
@@ -173,7 +175,9 @@ class Leases:
 
     async def _claim(self, free: int) -> list[ClaimedItem]:
         """Due runs, then (graph sagas registered) due items, up to ``free``."""
-        items = await self._store.claim(self._worker, free, self._lease_seconds, self._definitions)
+        items = await self._store.claim(
+            self._worker, free, self._lease_seconds, self._definitions, self._prioritized
+        )
         if self._graphs and len(items) < free:
             items += await self._store.claim_items(
                 self._worker, free - len(items), self._lease_seconds, self._graphs

@@ -155,6 +155,10 @@ class Orchestrator(Client):
                 for s in self._sagas.values()
                 if s.graph is not None and self._executes(s.name)
             ],
+            prioritized=any(
+                s.traffic.priority is not None and self._executes(s.name)
+                for s in self._sagas.values()
+            ),
         )
         runner = self._runner = Runner(
             store,

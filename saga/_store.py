@@ -3,9 +3,8 @@ and ``_migrate``, the only code that runs SQL.
 
 Queries are named blocks in ``sql/queries.sql``; every method returns typed values
 (``RunRow``, ``HistoryEvent``, ``ClaimedItem`` ...), never driver records, so no column
-name appears outside the store. The plan's decisions arrive as values (a
-:class:`~saga._plan.Transition`, the claim table) and are applied here, fenced by the
-lease token and its owner.
+name appears outside the store. The plan's decisions arrive as values (a Transition,
+the claim table) and are applied here, fenced by the lease token and its owner.
 """
 
 from __future__ import annotations
@@ -171,10 +170,11 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
         limit: int,
         lease_seconds: float,
         definitions: Sequence[DefinitionKey],
+        prioritized: bool = False,
     ) -> list[ClaimedItem]:
         async with translate_errors("claiming work"):
             rows = await self.pool.fetch(
-                self._q["claim"],
+                self._q["claim_prioritized" if prioritized else "claim"],
                 worker,
                 limit,
                 lease_seconds,

@@ -44,7 +44,7 @@ class Traffic:
     """A saga's settings (see the module)."""
 
     saga: str
-    priority: Priority = 0
+    priority: Priority | None = None
     key: Callable[[Any], str] | None = None
     limit: int = 1
     lane: str = "default"
@@ -52,7 +52,7 @@ class Traffic:
     @classmethod
     def of(cls, saga: str, priority: Any, key: Any, limit: Any, lane: Any = "default") -> Traffic:
         """Checked settings; DefinitionError names what is wrong."""
-        if not callable(priority):
+        if priority is not None and not callable(priority):
             check_priority(f"saga {saga!r}: priority", priority, DefinitionError)
         if key is not None and not callable(key):
             raise DefinitionError(
@@ -71,11 +71,16 @@ class Traffic:
         run of ``model``; InvalidInputError when a function returns something unusable,
         or raises."""
         where = "priority"
+        if self.priority is None and priority is not None:
+            raise InvalidInputError(
+                f"saga {self.saga!r} has no priorities: declare Saga(..., priority=0) (or a "
+                "function of the input) to start its runs with a priority"
+            )
         if priority is None:
             where = f"saga {self.saga!r}: priority of this input"
-            priority = (
-                _call(where, self.priority, model) if callable(self.priority) else self.priority
-            )
+            priority = self.priority or 0
+            if callable(priority):
+                priority = _call(where, priority, model)
         check_priority(where, priority, InvalidInputError)
         if self.key is None:
             return RunTraffic(priority)

@@ -144,8 +144,8 @@ async def test_bad_traffic_settings_are_refused(
 ) -> None:
     """At definition: a priority outside 0-100, a limit below 1, a key that is not a
     function, a keyed graph saga. At start: a key function returning something other
-    than a non-empty str, or raising, and a priority outside 0-100: InvalidInputError
-    and nothing is written."""
+    than a non-empty str, or raising, a priority outside 0-100, or a priority for a
+    saga that declares none: InvalidInputError and nothing is written."""
     for options, message in [
         ({"priority": -1}, "priority"),
         ({"priority": 101}, "priority"),
@@ -167,11 +167,14 @@ async def test_bad_traffic_settings_are_refused(
             await client.start(s, Job(n=n))
     with pytest.raises(saga.InvalidInputError, match="ZeroDivisionError"):
         await client.start(boom, Job())
+    ranked = small_saga("ranked", 1, traffic={"priority": 0})
     plain = small_saga("plain", 1)
-    client2 = await open_client(plain)
+    client2 = await open_client(ranked, plain)
     for bad in (-1, 101, 1.5):
-        with pytest.raises(saga.InvalidInputError, match="priority"):
-            await client2.start(plain, Job(), priority=bad)
+        with pytest.raises(saga.InvalidInputError, match="priority must be"):
+            await client2.start(ranked, Job(), priority=bad)
+    with pytest.raises(saga.InvalidInputError, match="'plain' has no priorities"):
+        await client2.start(plain, Job(), priority=5)
     assert await db.fetchval("SELECT count(*) FROM saga.runs") == 0
 
 

@@ -105,36 +105,22 @@ SELECT id, input FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key =
 -- the payload it holds, if any, becomes the wait's result. What a claim does to each
 -- (status, cancel requested, signalled) is the plan's table ($7-$12). Only runs of the
 -- registered definitions: same name, version and fingerprint ('-' stands for runs
--- started before fingerprints were recorded). Due work of a priority above 0 first
--- (highest first, through the partial index runs_urgent, empty while nobody sets one),
--- then the rest in due order. A sleeping or waiting run wakes in due order whatever its
--- priority (its due time is its wake-up time; it stays out of runs_urgent).
+-- started before fingerprints were recorded). In due order; orchestrators executing
+-- sagas with priorities use claim_prioritized instead (the same statement with the
+-- candidates of claim_prioritized_candidates: see saga/_db.py).
 -- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions, $6
 -- fingerprints (the three pairwise); the claim table, rowwise: $7 status before, $8
 -- cancel requested, $9 signalled, $10 status after, $11 wake-up event kind or NULL, $12
 -- start event kind or NULL
-WITH urgent AS (
-    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
-    FROM __schema__.runs r
-    WHERE r.due_at <= now() AND r.priority > 0
-      AND r.status NOT IN ('sleeping', 'waiting')
-      AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
-          IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
-    ORDER BY r.priority DESC, r.due_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), normal AS (
+WITH candidates AS (
     SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
     FROM __schema__.runs r
     WHERE r.due_at <= now()
-      AND (r.priority = 0 OR r.status IN ('sleeping', 'waiting'))
       AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
           IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
     ORDER BY r.due_at
-    LIMIT $2 - (SELECT count(*) FROM urgent)
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
-), candidates AS (
-    SELECT * FROM urgent UNION ALL SELECT * FROM normal
 ), closing AS (
     -- The run rows are locked (above) before the signal rows, the order a sender takes.
     INSERT INTO __schema__.signals AS s (run_id, name, closed)
@@ -577,6 +563,36 @@ WHERE status IN ('failed', 'stopped') AND NOT resolved
                                                FROM __schema__.runs c WHERE c.id = $2))
 ORDER BY created_at, id
 LIMIT $1;
+
+-- name: claim_prioritized_candidates
+-- The candidates of claim_prioritized, which replace claim's first CTE (see saga/_db.py):
+-- due work of a priority above 0 first (highest first, through the partial index
+-- runs_urgent), then the rest in due order. A sleeping or waiting run wakes in due order
+-- whatever its priority (its due time is its wake-up time; it stays out of runs_urgent).
+-- The parameters are claim's.
+WITH urgent AS (
+    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
+    FROM __schema__.runs r
+    WHERE r.due_at <= now() AND r.priority > 0
+      AND r.status NOT IN ('sleeping', 'waiting')
+      AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+          IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
+    ORDER BY r.priority DESC, r.due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), normal AS (
+    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
+    FROM __schema__.runs r
+    WHERE r.due_at <= now()
+      AND (r.priority = 0 OR r.status IN ('sleeping', 'waiting'))
+      AND (r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+          IN (SELECT * FROM unnest($4::text[], $5::integer[], $6::text[]))
+    ORDER BY r.due_at
+    LIMIT $2 - (SELECT count(*) FROM urgent)
+    FOR UPDATE SKIP LOCKED
+), candidates AS (
+    SELECT * FROM urgent UNION ALL SELECT * FROM normal
+)
 
 -- name: key_lock
 -- Lock a concurrency key of a saga (its key_slots row, created on first use) and record
