@@ -39,6 +39,9 @@ class RunTraffic:
     limit: int = 1
 
 
+_PLAIN = RunTraffic()
+
+
 @dataclass(frozen=True, slots=True)
 class Traffic:
     """A saga's settings (see the module)."""
@@ -70,6 +73,8 @@ class Traffic:
         """The priority (``priority`` given at start, else the saga's) and the key of a
         run of ``model``; InvalidInputError when a function returns something unusable,
         or raises."""
+        if self.priority is None and self.key is None and priority is None:
+            return _PLAIN  # the common case, on every start: nothing to check
         where = "priority"
         if self.priority is None and priority is not None:
             raise InvalidInputError(

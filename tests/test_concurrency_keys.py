@@ -284,3 +284,31 @@ async def test_an_orchestrator_limited_to_a_lane(
             saga.Orchestrator("postgresql://x", sagas=[urgent, bulk], lanes=lanes)
     with pytest.raises(saga.DefinitionError, match="lane"):
         saga.Saga("x", input=Job, lane="not a name")
+
+
+async def _write_transactions(
+    orch: saga.Orchestrator, s: saga.Saga[Any], db: asyncpg.Connection, runs: int
+) -> int:
+    """Transaction ids assigned (write transactions, cluster-wide) while ``runs`` runs
+    are started and run one after the other."""
+    next_xid = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    before = await db.fetchval(next_xid)
+    for n in range(runs):
+        await (await orch.start(s, Job(n=n))).result(timeout=10)
+    return int(await db.fetchval(next_xid) - before)
+
+
+async def test_a_keyed_saga_pays_no_extra_commit(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """40 runs of a 2-step saga with a concurrency key (each its own key, so none waits)
+    cost the same write transactions as 40 runs without one: the admission and the
+    release are statements of the start's and of the final transition's transactions."""
+    plain = small_saga("plain", 2)
+    keyed = small_saga("keyed", 2, traffic={"concurrency_key": lambda job: f"k{job.n}"})
+    orch = await orchestrator(plain, keyed, concurrency=1)
+    await _write_transactions(orch, plain, db, 3)  # warm up (prepared statements, pools)
+    await _write_transactions(orch, keyed, db, 3)
+    without = await _write_transactions(orch, plain, db, 40)
+    with_key = await _write_transactions(orch, keyed, db, 40)
+    assert with_key <= without + 3, (without, with_key)
