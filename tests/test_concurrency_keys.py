@@ -302,8 +302,10 @@ async def test_a_keyed_saga_pays_no_extra_commit(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection
 ) -> None:
     """40 runs of a 2-step saga with a concurrency key (each its own key, so none waits)
-    cost the same write transactions as 40 runs without one: the admission and the
-    release are statements of the start's and of the final transition's transactions."""
+    cost the same write transactions as 40 runs without one, give or take the database's
+    own (far below the one extra commit per run the contract allows): the admission and
+    the release are statements of the start's and of the final transition's
+    transactions."""
     plain = small_saga("plain", 2)
     keyed = small_saga("keyed", 2, traffic={"concurrency_key": lambda job: f"k{job.n}"})
     orch = await orchestrator(plain, keyed, concurrency=1)
@@ -311,4 +313,6 @@ async def test_a_keyed_saga_pays_no_extra_commit(
     await _write_transactions(orch, keyed, db, 3)
     without = await _write_transactions(orch, plain, db, 40)
     with_key = await _write_transactions(orch, keyed, db, 40)
-    assert with_key <= without + 3, (without, with_key)
+    # About 5 write transactions a run either way; a few more or less come from the
+    # database itself (autoanalyze, a heartbeat), far below one more per run.
+    assert with_key - without < 40 // 4, (without, with_key)

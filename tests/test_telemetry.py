@@ -198,6 +198,10 @@ async def test_metrics_move_as_documented(orchestrator: OrchestratorFactory) -> 
     bad = await other.start(failing, Order(order_id="b"))
     with pytest.raises(saga.RunCompensatedError):
         await bad.result(timeout=10)
+    # The worker counts a run's end just after its commit, which may wake result() first.
+    with anyio.fail_after(5):
+        while total(points(reader), "saga.runs.compensated") < 1:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
 
     found = points(reader)
     assert total(found, "saga.runs.started", **{"saga.name": "traced"}) == 1
