@@ -651,7 +651,8 @@ FROM admitted;
 -- Take one token of the rate limit $1 (refilled at $2 per second, up to $3): the bucket
 -- may go into debt, and the delay returned is how long until this token would have
 -- been there (0: at once). Times are read after the bucket's row lock is held. A delay
--- is recorded in the run's history (its row locked first, as every history writer does).
+-- is recorded in the run's history (its row locked first, as every history writer does),
+-- at the moment the token was taken: at + delay is when the attempt goes on.
 -- $1 limit name, $2 tokens per second, $3 burst, $4 run id, $5 step, $6 attempt,
 -- $7 worker
 WITH bucket AS (
@@ -662,13 +663,13 @@ WITH bucket AS (
                        * greatest(0, extract(epoch FROM clock_timestamp() - b.updated_at)))
                  - 1,
         updated_at = clock_timestamp(), per_second = $2, burst = $3
-    RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay
+    RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay, b.updated_at AS taken
 ), run AS (
     SELECT r.id FROM __schema__.runs r, bucket WHERE r.id = $4 AND bucket.delay > 0
     FOR UPDATE OF r
 ), ev AS (
-    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
-    SELECT run.id, 'rate_limited', $5, $6, $7,
+    INSERT INTO __schema__.events (run_id, at, kind, step, attempt, worker, data)
+    SELECT run.id, bucket.taken, 'rate_limited', $5, $6, $7,
            jsonb_build_object('limit', $1::text, 'delay', bucket.delay)
     FROM run, bucket
 )
