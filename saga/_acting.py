@@ -16,7 +16,7 @@ from saga import _checks
 from saga._aio import uncancellable
 from saga._claims import RETRIABLE_STATUS, RETRIED_STATUS, REWAITABLE_STATUS, REWAITED_STATUS
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
-from saga._model import EventKind, Phase, RunInfo, RunStatus
+from saga._model import Phase, RunInfo, RunStatus
 from saga._skip import plan_skip
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class Acting:
                 f"{state['saga_name']!r} version {state['saga_version']} (what is left to "
                 "undo depends on it): pass it to this client's sagas= (saga CLI: --target)"
             )
-        skip = plan_skip(saga, dict(state), json.loads(data), EventKind.COMPENSATION_SKIPPED)
+        skip = plan_skip(saga, dict(state), json.loads(data))
         if not await uncancellable(store.skip_compensation(run_id, skip)):
             raise InvalidRunStateError(
                 f"run {run_id} changed meanwhile (another operator acted on it); look again"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import timedelta
 
 from saga._cli_render import _clean, _Ctx, _duration, _table, _time
@@ -103,9 +104,9 @@ async def _queues(ctx: _Ctx, orch: Client) -> int:
     if ctx.as_json:
         ctx.emit(
             {
-                "due": [vars_of(d) for d in q.due],
-                "waiting_for_key": [vars_of(k) for k in q.waiting_for_key],
-                "rate_limits": [{**vars_of(r), "delay": r.delay} for r in q.rate_limits],
+                "due": [asdict(d) for d in q.due],
+                "waiting_for_key": [asdict(k) for k in q.waiting_for_key],
+                "rate_limits": [{**asdict(r), "delay": r.delay} for r in q.rate_limits],
             }
         )
         return EXIT_OK
@@ -125,10 +126,6 @@ async def _queues(ctx: _Ctx, orch: Client) -> int:
         ]
         _table(ctx, ["RATE LIMIT", "RATE", "BURST", "TOKENS", "DELAY NOW"], rows)
     return EXIT_OK
-
-
-def vars_of(value: object) -> dict[str, object]:
-    return {name: getattr(value, name) for name in value.__slots__}  # type: ignore[attr-defined]
 
 
 def _seconds(value: float) -> str:

@@ -16,18 +16,18 @@ if TYPE_CHECKING:
     from saga._definition import Saga
 
 
-def plan_skip(
-    saga: Saga[Any], state: Mapping[str, Any], data: Mapping[str, Any], kind: EventKind
-) -> Skip:
+def plan_skip(saga: Saga[Any], state: Mapping[str, Any], data: Mapping[str, Any]) -> Skip:
     """The rollback of a failed run without the compensation of ``state["failed_step"]``:
     a linear run goes on at the next compensation of its plan, a graph run with every
     compensation whose dependents are now all undone; with none left, the run ends
-    ``compensated`` (a step had failed) or ``cancelled``. ``kind`` is the event that
-    records the skip (with ``data``: who and why)."""
+    ``compensated`` (a step had failed) or ``cancelled``. The skip is recorded as
+    ``compensation_skipped``, with ``data`` (who and why)."""
     step: str = state["failed_step"]
     completed: tuple[str, ...] = tuple(state["completed_steps"])
     undone: tuple[str, ...] = tuple(state["compensated_steps"])
-    events: list[dict[str, Any]] = [{"kind": kind, "step": step, "data": dict(data)}]
+    events: list[dict[str, Any]] = [
+        {"kind": EventKind.COMPENSATION_SKIPPED, "step": step, "data": dict(data)}
+    ]
     next_step: str | None = None
     items: tuple[str, ...] = ()
     if saga.graph is None or not state["graph"]:
