@@ -9,7 +9,7 @@ the claim table) and are applied here, fenced by the lease token and its owner.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -20,9 +20,11 @@ import asyncpg
 from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
+from saga._group import GroupCommit
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
+from saga._store_batch import TransitionArgs, batch_args, transition_args, write_key
 from saga._store_dash import DashboardQueries
-from saga._store_graph import GraphQueries, _json_or_none, claimed_item, events_json
+from saga._store_graph import GraphQueries, claimed_item, events_json
 from saga._store_ops import (
     DefinitionKey,
     OperatorQueries,
@@ -78,6 +80,20 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
         self.work_channel = channel(self.schema, "work")
         self.done_channel = channel(self.schema, "done")
         self._claim_table = claim_table_args()
+        #: Plain transitions of runs finishing at about the same time share a statement.
+        self._group: GroupCommit[TransitionArgs, Any] = GroupCommit(
+            self._transition_one,
+            self._transitions,
+            write_key,
+        )
+
+    async def _transition_one(self, args: TransitionArgs) -> Any:
+        return await self.pool.fetchrow(self._q["transition"], *args)
+
+    async def _transitions(self, runs: Sequence[TransitionArgs]) -> dict[Hashable, Any]:
+        """Several runs' transitions in one statement: their rows by (run, token held)."""
+        rows = await self.pool.fetch(self._q["transition_batch"], *batch_args(runs))
+        return {(r["id"], r["held"]): r for r in rows}
 
     # -- starting -------------------------------------------------------------------------
 
@@ -205,7 +221,9 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
                 async with self.pool.acquire() as conn, conn.transaction():
                     row = await conn.fetchrow(
                         self._q["transition"],
-                        *self._transition_args(worker, run_id, lease_token, change, events, due_in),
+                        *transition_args(
+                            worker, run_id, lease_token, change, events, due_in, self.done_channel
+                        ),
                     )
                     if row is not None and child:
                         await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
@@ -213,9 +231,10 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
                         await self.release_key(conn, run_id)
                 signalled = False
             elif change.wait is None or change.status is not _WAITING:
-                row = await self.pool.fetchrow(
-                    self._q["transition"],
-                    *self._transition_args(worker, run_id, lease_token, change, events, due_in),
+                row = await self._group.write(
+                    transition_args(
+                        worker, run_id, lease_token, change, events, due_in, self.done_channel
+                    )
                 )
                 signalled = False
             else:
@@ -234,40 +253,13 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
                     due_in = 0.0 if signalled else due_in
                     row = await conn.fetchrow(
                         self._q["transition"],
-                        *self._transition_args(worker, run_id, lease_token, change, events, due_in),
+                        *transition_args(
+                            worker, run_id, lease_token, change, events, due_in, self.done_channel
+                        ),
                     )
         if row is None:
             return None
         return TransitionResult(row["lease_token"], row["cancel_requested"], row["age"], signalled)
-
-    def _transition_args(
-        self,
-        worker: str,
-        run_id: UUID,
-        lease_token: int,
-        change: Transition,
-        events: str,
-        due_in: float | None,
-    ) -> tuple[Any, ...]:
-        return (
-            run_id,
-            lease_token,
-            change.status,  # a str (StrEnum)
-            change.step,
-            change.attempt,
-            change.completed_step,
-            change.result_json,
-            change.output_json,
-            _json_or_none(change.error),
-            _json_or_none(change.compensation_error),
-            due_in,
-            worker if change.leased else None,
-            events,
-            self.done_channel,
-            worker,
-            change.unless_cancelled,
-            change.wait,
-        )
 
     async def heartbeat(
         self, worker: str, leases: Sequence[tuple[UUID, int, float]]

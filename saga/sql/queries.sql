@@ -232,6 +232,67 @@ SELECT lease_token, cancel_requested, age,
             THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
 
+-- name: transition_batch
+-- The transitions of several leased runs in one statement and one commit (group commit:
+-- see saga/_group.py): each row as `transition` applies it, fenced by its own lease token
+-- and owner; a row whose fence fails is left out of the result, for that run alone. The
+-- runs come sorted by id, so concurrent batches lock rows in one order.
+-- $1..$15 arrays, one element per run: run id, lease token held, new status, next step,
+-- next attempt, completed step, its result JSON, output JSON, error JSON, compensation
+-- error JSON, seconds until due, new lease owner, events JSON array, the worker holding
+-- the lease, refuse when a cancel was requested; $16 the sleep or wait parked at (array),
+-- $17 done notification channel
+WITH t AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::integer[],
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::float8[], $12::text[], $13::text[], $14::text[],
+                         $15::boolean[], $16::text[])
+        AS t(id, token, status, step, attempt, completed, result, output, error,
+             compensation_error, due_in, owner, events, worker, unless_cancelled, wait)
+), upd AS (
+    UPDATE __schema__.runs r SET
+        status = t.status,
+        step_name = t.step,
+        attempt = t.attempt,
+        results = CASE WHEN t.completed IS NULL THEN r.results
+                       ELSE r.results || jsonb_build_object(t.completed, to_jsonb(t.result)) END,
+        completed_steps = CASE WHEN t.completed IS NULL THEN r.completed_steps
+                               ELSE array_append(r.completed_steps, t.completed) END,
+        output = coalesce(t.output, r.output),
+        error = coalesce(t.error::jsonb, r.error),
+        compensation_error = coalesce(t.compensation_error::jsonb, r.compensation_error),
+        due_at = CASE WHEN t.due_in IS NULL THEN NULL
+                      WHEN t.due_in = 'Infinity' THEN 'infinity'
+                      ELSE now() + make_interval(secs => t.due_in) END,
+        wait_name = t.wait,
+        lease_owner = t.owner,
+        lease_token = CASE WHEN t.owner IS NULL THEN r.lease_token ELSE r.lease_token + 1 END,
+        finished_at = CASE WHEN t.due_in IS NULL THEN now() END,
+        released = false,
+        updated_at = now()
+    FROM t
+    WHERE r.id = t.id AND r.lease_token = t.token AND r.lease_owner = t.worker
+      AND NOT (t.unless_cancelled AND r.cancel_requested)
+    RETURNING r.id, t.token AS held, r.lease_token, r.cancel_requested,
+              r.due_at IS NULL AS finished,
+              extract(epoch FROM now() - r.created_at)::float8 AS age, t.events
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
+    SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
+           e.ev->>'worker', e.ev->'data'
+    FROM upd, jsonb_array_elements(upd.events::jsonb) WITH ORDINALITY AS e(ev, ord)
+    WHERE NOT (upd.cancel_requested AND coalesce((e.ev->>'unless_cancelled')::boolean, false))
+    ORDER BY upd.id, e.ord
+), watch AS (
+    INSERT INTO __schema__.watches AS w (run_id, watched, ended)
+    SELECT id, false, true FROM upd WHERE finished
+    ON CONFLICT (run_id) DO UPDATE SET ended = true
+    RETURNING w.run_id, w.watched
+)
+SELECT upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age,
+       CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified
+FROM upd LEFT JOIN watch ON watch.run_id = upd.id;
+
 -- name: wake_parent
 -- A child run that ended (this transaction's transition ended it) wakes the step of its
 -- parent that started it: marked woken, and due now unless a worker holds it (then its

@@ -1,0 +1,167 @@
+"""Group commit: the transitions of many runs written in one statement and one commit.
+
+A writer that finds no write in flight writes alone, at once, as it always did: at low
+load nothing waits for a batch to fill. Writers that arrive while a write is in flight
+queue up; when it ends, the first of them leads the next write and takes everything
+queued by then (up to ``max_batch``) into one statement. So batches grow with the load,
+by themselves, and each row of a batch keeps its own fence (the store's statement checks
+every run's lease token and owner).
+
+A batch the database refused outright (an error reported by the server: nothing
+committed) is written again one run at a time, so a row that fails fails its run alone.
+A batch whose connection broke may have committed: every writer in it gets the error and
+resolves its own run from the history, as a single write does (see ``saga._write``).
+
+No task of its own: the leader is one of the writers, and a writer cancelled while it
+waits or leads hands the lead on, so nothing queued is ever stranded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+A = TypeVar("A")  # what one write is: the statement's arguments for one run
+R = TypeVar("R")  # what one write returns (a row, or None: its fence refused it)
+
+#: A batch's answer: for each write, its result or the error it alone ended with.
+Outcomes = list[Any]
+
+
+class _Lead:
+    """A queued writer's turn to lead the next batch."""
+
+
+LEAD = _Lead()
+
+
+def definitely_not_committed(exc: BaseException) -> bool:
+    """The server answered the statement with an error: its transaction rolled back.
+    (A broken connection, or the server going away, leaves the outcome unknown.)"""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError
+        | asyncpg.exceptions.InsufficientResourcesError,
+    )
+
+
+class _Waiter(Generic[A]):
+    __slots__ = ("args", "future")
+
+    def __init__(self, args: A, future: asyncio.Future[Any]) -> None:
+        self.args = args
+        self.future = future
+
+
+class GroupCommit(Generic[A, R]):
+    """Write ``A``s alone when nothing is in flight, else in batches.
+
+    ``single`` writes one; ``batch`` writes several in one statement and returns their
+    results keyed by ``key(args)`` (a missing key: that write's fence refused it).
+    """
+
+    def __init__(
+        self,
+        single: Callable[[A], Awaitable[R | None]],
+        batch: Callable[[Sequence[A]], Awaitable[dict[Hashable, R]]],
+        key: Callable[[A], Hashable],
+        *,
+        leaders: int = 1,
+        max_batch: int = 256,
+    ) -> None:
+        self._single = single
+        self._batch = batch
+        self._key = key
+        self._max_leaders = leaders
+        self._max_batch = max_batch
+        self._leaders = 0  # writes in flight (each led by one writer)
+        self._queue: deque[_Waiter[A]] = deque()
+        #: Batches written and the writes in them (for tests and benchmarks).
+        self.batches = 0
+        self.batched = 0
+
+    async def write(self, args: A) -> R | None:
+        if self._leaders < self._max_leaders and not self._queue:
+            self._leaders += 1
+            try:
+                return await self._single(args)
+            finally:
+                self._hand_over()
+        waiter: _Waiter[A] = _Waiter(args, asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        try:
+            outcome = await waiter.future
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if outcome is not LEAD:
+            return outcome  # type: ignore[no-any-return]
+        try:
+            return await self._lead(waiter)
+        finally:
+            self._hand_over()
+
+    def _abandon(self, waiter: _Waiter[A]) -> None:
+        """A queued writer was cancelled: out of the queue, or (its turn to lead had
+        come) the lead goes on to the next."""
+        future = waiter.future
+        if not future.done() or future.cancelled():
+            with contextlib.suppress(ValueError):
+                self._queue.remove(waiter)
+        elif future.exception() is None and future.result() is LEAD:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """A write ended: the first writer still waiting leads the next batch."""
+        while self._queue:
+            nxt = self._queue.popleft()
+            if not nxt.future.done():
+                nxt.future.set_result(LEAD)
+                return
+        self._leaders -= 1
+
+    async def _lead(self, first: _Waiter[A]) -> R | None:
+        batch = [first]
+        queue = self._queue
+        while queue and len(batch) < self._max_batch:
+            waiter = queue.popleft()
+            if not waiter.future.done():
+                batch.append(waiter)
+        if len(batch) == 1:
+            return await self._single(first.args)
+        self.batches += 1
+        self.batched += len(batch)
+        outcomes = await self._write_batch(batch)
+        for waiter, outcome in zip(batch[1:], outcomes[1:], strict=True):
+            if waiter.future.done():
+                continue  # cancelled meanwhile: its write happened all the same
+            if isinstance(outcome, BaseException):
+                waiter.future.set_exception(outcome)
+            else:
+                waiter.future.set_result(outcome)
+        mine = outcomes[0]
+        if isinstance(mine, BaseException):
+            raise mine
+        return mine  # type: ignore[no-any-return]
+
+    async def _write_batch(self, batch: list[_Waiter[A]]) -> Outcomes:
+        try:
+            found = await self._batch([w.args for w in batch])
+        except Exception as exc:
+            if not definitely_not_committed(exc):
+                # Maybe committed: each writer resolves its own run from the history.
+                return [exc] * len(batch)
+            return [await self._alone(w.args) for w in batch]
+        return [found.get(self._key(w.args)) for w in batch]
+
+    async def _alone(self, args: A) -> Any:
+        try:
+            return await self._single(args)
+        except Exception as exc:
+            return exc
