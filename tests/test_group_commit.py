@@ -1,0 +1,401 @@
+"""Group commit: transitions of runs finishing together share one statement and commit.
+
+The first half drives :class:`saga._group.GroupCommit` with scripted writes (no database)
+to cover its interleavings, cancellations and failures as a class; the second half runs
+the store's real batch statement on PostgreSQL: fencing per row, a bad row failing alone,
+and an uncertain batch commit resolved per run from the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable, Sequence
+from typing import Any
+from uuid import UUID
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from saga._group import GroupCommit
+from saga._hooks import Hooks
+from saga._lease import Lease
+from saga._log import Outage, logger
+from saga._model import EventKind, RunStatus
+from saga._store import Store
+from saga._store_batch import TransitionArgs, transition_args
+from saga._transition import Event, Transition
+from saga._write import COMMITTED, Writer
+from tests._sagas import Job, small_saga
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Script:
+    """Writes of keys: ``refuse`` keys come back None; a batch raises ``batch_error``
+    (once); a key in ``bad`` fails its own single write. Every write is logged."""
+
+    def __init__(
+        self,
+        refuse: frozenset[int] = frozenset(),
+        bad: frozenset[int] = frozenset(),
+        batch_error: Exception | None = None,
+    ) -> None:
+        self.refuse, self.bad, self.batch_error = refuse, bad, batch_error
+        self.singles: list[int] = []
+        self.batches: list[list[int]] = []
+        self.gate = anyio.Event()
+        self.gate.set()
+
+    async def single(self, key: int) -> str | None:
+        self.singles.append(key)
+        await self.gate.wait()
+        await anyio.lowlevel.checkpoint()
+        if key in self.bad:
+            raise asyncpg.DataError(f"bad row {key}")
+        return None if key in self.refuse else f"row {key}"
+
+    async def batch(self, keys: Sequence[int]) -> dict[Hashable, str]:
+        self.batches.append(list(keys))
+        await anyio.lowlevel.checkpoint()
+        if self.batch_error is not None:
+            exc, self.batch_error = self.batch_error, None
+            raise exc
+        if self.bad & set(keys):
+            raise asyncpg.DataError("a bad row in the batch")
+        return {k: f"row {k}" for k in keys if k not in self.refuse}
+
+
+def group(script: Script, **options: Any) -> GroupCommit[int, str]:
+    return GroupCommit(script.single, script.batch, lambda k: k, **options)
+
+
+async def test_a_lone_write_goes_at_once_and_alone() -> None:
+    """With nothing in flight a write is one single statement, no batch, no waiting."""
+    script = Script()
+    g = group(script)
+    assert await g.write(7) == "row 7"
+    assert script.singles == [7]
+    assert script.batches == []
+    assert g.batches == 0
+
+
+async def test_writes_arriving_during_a_write_share_the_next_batch() -> None:
+    """While one write is in flight, the writers that arrive queue, and all of them go
+    in one batch when it ends; each gets its own row back (or None: refused)."""
+    script = Script(refuse=frozenset({3}))
+    script.gate = anyio.Event()
+    g = group(script)
+    results: dict[int, str | None] = {}
+
+    async def write(k: int) -> None:
+        results[k] = await g.write(k)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write, 0)
+        await anyio.sleep(0.01)
+        for k in range(1, 6):
+            tg.start_soon(write, k)
+        await anyio.sleep(0.01)
+        script.gate.set()
+    assert script.singles == [0]
+    assert script.batches == [[1, 2, 3, 4, 5]]
+    assert results == {0: "row 0", 1: "row 1", 2: "row 2", 3: None, 4: "row 4", 5: "row 5"}
+
+
+async def test_a_batch_the_server_refused_is_written_run_by_run() -> None:
+    """A batch the database answered with an error (nothing committed) is written again
+    one write at a time: the bad row fails alone, the others are written."""
+    script = Script(bad=frozenset({2}))
+    script.gate = anyio.Event()
+    g = group(script)
+    results: dict[int, Any] = {}
+
+    async def write(k: int) -> None:
+        try:
+            results[k] = await g.write(k)
+        except asyncpg.DataError as exc:
+            results[k] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write, 0)
+        await anyio.sleep(0.01)
+        for k in (1, 2, 3):
+            tg.start_soon(write, k)
+        await anyio.sleep(0.01)
+        script.gate.set()
+    assert results[1] == "row 1"
+    assert results[3] == "row 3"
+    assert isinstance(results[2], asyncpg.DataError)
+    assert sorted(script.singles) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.ConnectionDoesNotExistError("connection was closed"),
+        OSError("broken pipe"),
+        asyncpg.exceptions.AdminShutdownError("terminating connection"),
+    ],
+)
+async def test_a_batch_that_may_have_committed_fails_every_writer(error: Exception) -> None:
+    """A batch whose connection broke may have committed: nothing is written again
+    behind the writers' backs; every writer in it gets the error (and resolves its run
+    from the history, see saga._write)."""
+    script = Script(batch_error=error)
+    script.gate = anyio.Event()
+    g = group(script)
+    raised: list[int] = []
+
+    async def write(k: int) -> None:
+        try:
+            await g.write(k)
+        except type(error):
+            raised.append(k)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write, 0)
+        await anyio.sleep(0.01)
+        for k in (1, 2, 3):
+            tg.start_soon(write, k)
+        await anyio.sleep(0.01)
+        script.gate.set()
+    assert sorted(raised) == [1, 2, 3]
+    assert script.singles == [0]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    leaders=st.integers(1, 3),
+    max_batch=st.integers(1, 8),
+    cancel=st.sets(st.integers(0, 39), max_size=10),
+    refuse=st.frozensets(st.integers(0, 39), max_size=10),
+    delays=st.lists(st.sampled_from([0, 0, 1, 2]), min_size=40, max_size=40),
+    batch_error=st.sampled_from([None, "uncertain", "refused"]),
+)
+def test_every_writer_gets_its_own_outcome_whatever_the_interleaving(
+    n: int,
+    leaders: int,
+    max_batch: int,
+    cancel: set[int],
+    refuse: frozenset[int],
+    delays: list[int],
+    batch_error: str | None,
+) -> None:
+    """Property: writers arriving at random moments, some cancelled at random moments,
+    some refused by their fence, with a batch failing once or not: every writer not
+    cancelled gets exactly its own outcome; nothing stays queued, no lead is lost (a
+    later write still goes), and no write is left waiting."""
+    error: Exception | None = {
+        None: None,
+        "uncertain": asyncpg.ConnectionDoesNotExistError("gone"),
+        "refused": asyncpg.DataError("refused"),
+    }[batch_error]
+
+    async def main() -> None:
+        script = Script(refuse=refuse, batch_error=error)
+        g = group(script, leaders=leaders, max_batch=max_batch)
+        outcomes: dict[int, Any] = {}
+
+        async def write(k: int) -> None:
+            for _ in range(delays[k]):
+                await asyncio.sleep(0)
+            try:
+                outcomes[k] = await g.write(k)
+            except Exception as exc:
+                outcomes[k] = exc
+
+        tasks = [asyncio.ensure_future(write(k)) for k in range(n)]
+        for k in sorted(cancel):
+            if k < n:
+                for _ in range(delays[k]):
+                    await asyncio.sleep(0)
+                tasks[k].cancel()
+        with anyio.fail_after(5):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for k in range(n):
+            if tasks[k].cancelled():
+                continue
+            got = outcomes[k]
+            if isinstance(got, Exception):
+                assert got is error, (k, got)
+            else:
+                assert got == (None if k in refuse else f"row {k}"), (k, got)
+        assert not g._queue
+        assert g._leaders == 0
+        with anyio.fail_after(1):
+            assert await g.write(99) == "row 99"
+
+    asyncio.run(main())
+
+
+# -- the real statement ------------------------------------------------------------------
+
+
+async def leased_runs(
+    store: Store, orchestrator: Any, n: int, worker: str = "w1"
+) -> list[tuple[UUID, int]]:
+    """``n`` runs of a 2-step saga, started, then claimed by ``worker``: (id, token)."""
+    chain = small_saga("grouped", ["first", "second"])
+    orch = await orchestrator(chain, concurrency=0)
+    for i in range(n):
+        await orch.start(chain, Job(n=i))
+    items = await store.claim(worker, n, 30.0, [(chain.name, chain.version, chain.fingerprint)])
+    assert len(items) == n
+    return [(item.run_id, item.lease_token) for item in items]
+
+
+def first_step_done() -> Transition:
+    """The first step completed; the second leased on to the same worker."""
+    return Transition(
+        status=RunStatus.RUNNING,
+        step="second",
+        attempt=1,
+        events=(
+            Event(EventKind.STEP_COMPLETED, "first", 1),
+            Event(EventKind.STEP_STARTED, "second", 1, unless_cancelled=True),
+        ),
+        completed_step="first",
+        result_json='"first"',
+        due_in=30.0,
+        leased=True,
+    )
+
+
+async def slow_first_write(store: Store, hold: anyio.Event) -> None:
+    """Make the first single write wait for ``hold``, so the next writers queue up."""
+    single = store._group._single
+    first = True
+
+    async def held(args: TransitionArgs) -> Any:
+        nonlocal first
+        if first:
+            first = False
+            await hold.wait()
+        return await single(args)
+
+    store._group._single = held
+
+
+async def test_a_batch_fences_each_run_by_its_own_token(
+    store: Store, orchestrator: Any, db: asyncpg.Connection
+) -> None:
+    """Runs finishing together are written in one batch; a run whose token is stale is
+    refused alone, the others move on, each with its history in order."""
+    runs = await leased_runs(store, orchestrator, 12)
+    hold = anyio.Event()
+    await slow_first_write(store, hold)
+    stale = {runs[3][0], runs[7][0]}
+    results: dict[UUID, Any] = {}
+
+    async def write(run_id: UUID, token: int) -> None:
+        token = token - 1 if run_id in stale else token
+        results[run_id] = await store.transition("w1", run_id, token, first_step_done())
+
+    async with anyio.create_task_group() as tg:
+        for run_id, token in runs:
+            tg.start_soon(write, run_id, token)
+        await anyio.sleep(0.05)
+        hold.set()
+    assert store._group.batches == 1
+    assert store._group.batched == 11
+    for run_id, token in runs:
+        row = await db.fetchrow(
+            "SELECT step_name, lease_token, completed_steps FROM saga.runs WHERE id = $1",
+            run_id,
+        )
+        kinds = await db.fetch("SELECT kind FROM saga.events WHERE run_id = $1 ORDER BY id", run_id)
+        if run_id in stale:
+            assert results[run_id] is None
+            assert row["step_name"] == "first"
+            assert row["lease_token"] == token
+            continue
+        assert results[run_id].lease_token == token + 1 == row["lease_token"]
+        assert row["step_name"] == "second"
+        assert row["completed_steps"] == ["first"]
+        assert [k["kind"] for k in kinds][-2:] == ["step_completed", "step_started"]
+
+
+async def test_a_bad_row_fails_its_run_alone(store: Store, orchestrator: Any) -> None:
+    """A row the database refuses (here: error JSON that does not parse) fails only
+    its own write; the rest of its batch is written."""
+    runs = await leased_runs(store, orchestrator, 4)
+    hold = anyio.Event()
+    await slow_first_write(store, hold)
+    done = first_step_done()
+    outcomes: dict[UUID, Any] = {}
+
+    async def write(i: int, run_id: UUID, token: int) -> None:
+        args = list(transition_args("w1", run_id, token, done, "[]", 30.0, store.done_channel))
+        if i == 2:
+            args[8] = "{not json"
+        try:
+            outcomes[run_id] = await store._group.write(tuple(args))
+        except asyncpg.PostgresError as exc:
+            outcomes[run_id] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i, (run_id, token) in enumerate(runs):
+            tg.start_soon(write, i, run_id, token)
+        await anyio.sleep(0.05)
+        hold.set()
+    assert isinstance(outcomes[runs[2][0]], asyncpg.PostgresError)
+    for i, (run_id, _) in enumerate(runs):
+        if i != 2:
+            assert outcomes[run_id] is not None
+            assert not isinstance(outcomes[run_id], Exception)
+
+
+async def test_an_uncertain_batch_commit_is_resolved_per_run(
+    store: Store, orchestrator: Any, db: asyncpg.Connection
+) -> None:
+    """A batch that committed but whose answer was lost: every writer replays its own
+    write (refused by the fence, as it is applied already), reads its run's history,
+    finds its outcome there, and goes on holding the next step's lease."""
+    runs = await leased_runs(store, orchestrator, 6)
+    hold = anyio.Event()
+    await slow_first_write(store, hold)
+    batch = store._group._batch
+    lost = True
+
+    async def committed_then_lost(args: Sequence[TransitionArgs]) -> Any:
+        nonlocal lost
+        found = await batch(args)
+        if lost:
+            lost = False
+            raise asyncpg.ConnectionDoesNotExistError("connection lost after commit")
+        return found
+
+    store._group._batch = committed_then_lost
+    writer = Writer(store, "w1", Hooks(), Outage("w1"))
+    written: dict[UUID, Any] = {}
+
+    async def write(run_id: UUID, token: int) -> None:
+        lease = Lease(run_id, token, 30.0)
+        written[run_id] = await writer.write(run_id, lease, first_step_done(), None, log())
+
+    async with anyio.create_task_group() as tg:
+        for run_id, token in runs:
+            tg.start_soon(write, run_id, token)
+        await anyio.sleep(0.05)
+        hold.set()
+    assert not lost  # the batch's answer was lost once
+    for run_id, token in runs:
+        assert written[run_id] is not None
+        assert written[run_id] is not COMMITTED
+        assert written[run_id].lease_token == token + 1
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM saga.events WHERE run_id = $1 AND kind = 'step_completed'",
+                run_id,
+            )
+            == 1
+        )
+
+
+def log() -> Any:
+    return logger.bind(test="group")
