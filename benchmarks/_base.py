@@ -10,15 +10,17 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+import anyio
 import structlog
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = REPO / "benchmarks"
+STARTERS = 32  # concurrent start() tasks of a client (or of an embedded orchestrator)
 
 
 class BenchmarkError(RuntimeError):
@@ -71,3 +73,16 @@ def configure_logging() -> None:
 def verdict(ok: bool | None) -> str:
     """A target's verdict, as the report writes it."""
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+async def start_concurrently(runs: int, start_one: Callable[[int], Awaitable[object]]) -> None:
+    """``start_one(i)`` for i in range(runs), by STARTERS tasks sharing one iterator."""
+    numbers = iter(range(runs))
+
+    async def starter() -> None:
+        for i in numbers:
+            await start_one(i)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(STARTERS):
+            tg.start_soon(starter)

@@ -1,20 +1,20 @@
 """The two throughput workloads every section builds on: N saga runs, or N queue chains,
 started by a client in this process (32 concurrent starters) while worker processes
-execute them."""
+execute them (or before they open: drain; or by the worker's own orchestrator:
+embedded)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import asyncpg
 
 import saga
 from benchmarks import _queue
-from benchmarks._base import say
+from benchmarks._base import say, start_concurrently
 from benchmarks._harness import Harness
 from benchmarks._procs import WorkerProc
 from benchmarks._sagas import Input, Kind, build
@@ -22,21 +22,6 @@ from benchmarks._window import Client, Hook, Measured, Parking, StartAll, Worklo
 
 if TYPE_CHECKING:
     from benchmarks._otel import Tracing
-
-STARTERS = 32  # concurrent start() tasks of the client
-
-
-async def start_concurrently(runs: int, start_one: Callable[[int], Awaitable[object]]) -> None:
-    """``start_one(i)`` for i in range(runs), by STARTERS tasks sharing one iterator."""
-    numbers = iter(range(runs))
-
-    async def starter() -> None:
-        for i in numbers:
-            await start_one(i)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(STARTERS):
-            tg.start_soon(starter)
 
 
 def saga_client(definition: saga.Saga[Input], runs: int, tracing: Tracing | None = None) -> Client:
@@ -134,12 +119,35 @@ async def measure_saga(
     return m
 
 
-async def measure_queue(h: Harness, concurrency: int, label: str) -> Measured:
+def embedded_client(worker: WorkerProc, runs: int) -> Client:
+    """The embedded setup: the worker process's own orchestrator starts the runs (the
+    ``start`` command, STARTERS tasks) while it executes them; this process only asks."""
+
+    @contextlib.asynccontextmanager
+    async def client(_dsn: str) -> AsyncIterator[StartAll]:
+        async def start_all() -> None:
+            await worker.call({"cmd": "start", "runs": runs}, "started", timeout=600)
+
+        yield start_all
+
+    return client
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueRow:
+    concurrency: int  # worker tasks in the one worker process
+    batch: int | None = None  # jobs per claim (the batched queue); None: unbatched
+    drain: bool = False
+    runs: int | None = None  # default: --runs
+
+
+async def measure_queue(h: Harness, row: QueueRow, label: str) -> Measured:
+    runs = row.runs or h.opts.runs
     db, dsn = await h.database(label)
     await _queue.create_tables(dsn)
     workers = await h.ensure_workers(1)
-    open_cmd = {"cmd": "open", "kind": "queue", "concurrency": concurrency}
-    workload = Workload("queue", workers, open_cmd, queue_client(h.opts.runs), h.opts.runs)
+    open_cmd = {"cmd": "open", "kind": "queue", "concurrency": row.concurrency, "batch": row.batch}
+    workload = Workload("queue", workers, open_cmd, queue_client(runs), runs, row.drain)
     m = await window(h, db, dsn, workload)
     await h.drop(db)
     log_measured(label, m)

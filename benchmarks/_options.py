@@ -14,6 +14,7 @@ SECTIONS = (
     "ceiling",
     "queue",
     "saga",
+    "versus",
     "compensation",
     "graphs",
     "priority",
@@ -27,7 +28,7 @@ SECTIONS = (
 # Smoke size: the throughput workloads, waits, and the two sections that use saga's
 # internals (benchmarks/_internals.py; waits does too), so that CI notices when the core
 # moves under them.
-SMOKE_SECTIONS = ("queue", "saga", "waits", "scale", "profile")
+SMOKE_SECTIONS = ("queue", "saga", "versus", "waits", "scale", "profile")
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 PYSPY_CANDIDATES = ("/tmp/pyspy-venv/bin/py-spy", "/tmp/pyspy/bin/py-spy")
 

@@ -17,6 +17,7 @@ from benchmarks import (
     _scale,
     _throughput,
     _tracing,
+    _versus,
     _waits,
 )
 from benchmarks._base import fmt, verdict
@@ -49,6 +50,7 @@ def render(r: Results, o: Options, header: dict[str, str]) -> str:
     if r.ceiling is not None:
         lines += _ceiling.render(r.ceiling, o.pgbench_seconds, o.repeats)
     lines += _throughput.render(t, ceiling, o.runs, o.repeats)
+    lines += _versus.render(r.versus, o.runs, o.repeats)
     lines += _compensation.render(r.compensation, t.saga.get(HEADLINE), ceiling)
     lines += _graphs.render(r.graphs, t.saga.get(HEADLINE), ceiling)
     lines += _priority.render(r.priority)
@@ -85,6 +87,7 @@ def targets(r: Results, o: Options) -> list[str]:
         "| --- | --- | --- |",
     ]
     lines += _runs_target(r.throughput) + _commits_target(r.throughput.saga)
+    lines += _versus.summary(r.versus)
     lines += _waits.target(r.waits)
     lines += _graphs.target(r.graphs)
     for variant, reps in r.latency.items():

@@ -17,6 +17,7 @@ from benchmarks import (
     _scale,
     _throughput,
     _tracing,
+    _versus,
     _waits,
 )
 from benchmarks._base import say
@@ -28,6 +29,7 @@ from benchmarks._window import Measured
 class Results:
     ceiling: _ceiling.Ceiling | None = None
     throughput: _throughput.Throughput = dataclasses.field(default_factory=_throughput.Throughput)
+    versus: _versus.Versus = dataclasses.field(default_factory=dict)
     compensation: list[Measured] = dataclasses.field(default_factory=list)
     graphs: list[Measured] = dataclasses.field(default_factory=list)
     priority: _priority.Priority = dataclasses.field(default_factory=dict)
@@ -48,6 +50,10 @@ async def _ceiling_step(h: Harness, r: Results) -> None:
 async def _throughput_step(h: Harness, r: Results) -> None:
     wanted = h.opts.sections
     r.throughput = await _throughput.measure(h, "queue" in wanted, "saga" in wanted)
+
+
+async def _versus_step(h: Harness, r: Results) -> None:
+    r.versus = await _versus.measure(h)
 
 
 async def _compensation_step(h: Harness, r: Results) -> None:
@@ -90,6 +96,7 @@ async def _profile_step(h: Harness, r: Results) -> None:
 STEPS: list[tuple[str, Callable[[Harness, Results], Awaitable[None]]]] = [
     ("ceiling", _ceiling_step),
     ("queue+saga", _throughput_step),
+    ("versus", _versus_step),
     ("compensation", _compensation_step),
     ("graphs", _graphs_step),
     ("priority", _priority_step),

@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-from benchmarks._base import fmt
+from benchmarks._base import STARTERS, fmt
 from benchmarks._cpu import CORES
 from benchmarks._harness import Harness
-from benchmarks._measure import STARTERS, SagaRow, measure_queue, measure_saga
+from benchmarks._measure import QueueRow, SagaRow, measure_queue, measure_saga
 from benchmarks._stat import Stat
 from benchmarks._window import Measured
 
@@ -38,7 +38,8 @@ async def measure(h: Harness, queue: bool, sagas: bool) -> Throughput:
     t = Throughput()
     for repeat in range(h.opts.repeats):
         for c in h.opts.concurrency if queue else ():
-            t.queue.setdefault(c, []).append(await measure_queue(h, c, f"queue_c{c}_r{repeat}"))
+            m = await measure_queue(h, QueueRow(c), f"queue_c{c}_r{repeat}")
+            t.queue.setdefault(c, []).append(m)
         if sagas:
             await _saga_repeat(h, t, repeat)
     return t

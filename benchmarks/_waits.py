@@ -16,9 +16,9 @@ import asyncpg
 
 import saga
 from benchmarks import _internals
-from benchmarks._base import BenchmarkError, verdict
+from benchmarks._base import STARTERS, BenchmarkError, start_concurrently, verdict
 from benchmarks._harness import Harness
-from benchmarks._measure import STARTERS, SagaRow, measure_saga, start_concurrently
+from benchmarks._measure import SagaRow, measure_saga
 from benchmarks._sagas import SIGNAL, Decision, Input, build
 from benchmarks._stat import Stat
 from benchmarks._throughput import HEADLINE, NOISY_OTHER_CPU

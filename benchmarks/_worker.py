@@ -12,8 +12,12 @@ Worker commands (each answered by one line; errors by ``{"event": "error", ...}`
   on an application-owned pool of N connections) -> ``{"event": "opened"}``. With the
   ``gate`` saga, the first step of every run waits until ``release``; once
   ``gate_target`` steps wait, the worker says ``{"event": "gate_full"}`` by itself.
-- ``{"cmd": "open", "kind": "queue", "dsn": ..., "concurrency": C}`` starts C tasks of the
-  hand-written SKIP LOCKED queue (``benchmarks/_queue.py``) -> ``opened``.
+- ``{"cmd": "open", "kind": "queue", "dsn": ..., "concurrency": C, "batch": null | B}``
+  starts C tasks of the hand-written SKIP LOCKED queue (``benchmarks/_queue.py``; with
+  ``batch``, the batched one, B jobs per claim) -> ``opened``.
+- ``{"cmd": "start", "runs": N}`` starts N runs through the open saga orchestrator (the
+  embedded setup: STARTERS concurrent tasks, while the same orchestrator executes them)
+  -> ``{"event": "started"}``.
 - ``{"cmd": "release"}`` -> ``{"event": "released"}``.
 - ``{"cmd": "close"}`` closes what is open -> ``{"event": "closed", "spans": {...},
   "calls": {...}}`` (spans: exported/dropped counts when traced; calls: saga Store calls
@@ -35,8 +39,8 @@ import asyncpg
 
 import saga
 from benchmarks import _internals, _queue
-from benchmarks._base import configure_logging
-from benchmarks._sagas import KINDS, build
+from benchmarks._base import configure_logging, start_concurrently
+from benchmarks._sagas import KINDS, Input, build
 
 if TYPE_CHECKING:
     from benchmarks._otel import Tracing
@@ -71,6 +75,8 @@ class Worker:
         self.gate_target = 0
         self.tracing: Tracing | None = None
         self.spans_before: dict[str, int] = {}
+        self.orch: saga.Orchestrator | None = None
+        self.definition: saga.Saga[Input] | None = None
 
     async def _gate(self) -> None:
         self.waiting += 1
@@ -83,6 +89,9 @@ class Worker:
         if name == "open":
             await self.open(cmd)
             return {"event": "opened"}
+        if name == "start":
+            await self.start_runs(int(cmd["runs"]))
+            return {"event": "started"}
         if name == "release":
             self.gate.set()
             return {"event": "released"}
@@ -104,6 +113,13 @@ class Worker:
             await stack.aclose()
             raise
         self.stack = stack
+
+    async def start_runs(self, runs: int) -> None:
+        """Start ``runs`` runs through the open orchestrator, which executes them too."""
+        orch, definition = self.orch, self.definition
+        if orch is None or definition is None:
+            raise RuntimeError("no saga orchestrator is open")
+        await start_concurrently(runs, lambda i: orch.start(definition, Input(i=i)))
 
     def _spans(self) -> dict[str, int]:
         if self.tracing is None:
@@ -131,15 +147,17 @@ class Worker:
                 cmd["dsn"], min_size=1, max_size=int(cmd["pool_size"]), reset=_queue.no_reset
             )
             stack.push_async_callback(target.close)
+        definition = build(kind, gate)
         orch = saga.Orchestrator(
             target,
-            sagas=[build(kind, gate)],
+            sagas=[definition],
             concurrency=int(cmd["concurrency"]),
             migrate=False,
             tracer_provider=self.tracing.tracer_provider if self.tracing else None,
             meter_provider=self.tracing.meter_provider if self.tracing else None,
         )
         await stack.enter_async_context(orch)
+        self.orch, self.definition = orch, definition
 
     async def _open_queue(self, stack: contextlib.AsyncExitStack, cmd: dict[str, Any]) -> None:
         concurrency = int(cmd["concurrency"])
@@ -148,7 +166,15 @@ class Worker:
         )
         stack.push_async_callback(pool.close)
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(_queue.task(pool, f"q{i}", stop)) for i in range(concurrency)]
+        batch = cmd.get("batch")
+        tasks = [
+            asyncio.create_task(
+                _queue.batch_task(pool, f"q{i}", stop, int(batch))
+                if batch
+                else _queue.task(pool, f"q{i}", stop)
+            )
+            for i in range(concurrency)
+        ]
 
         async def finish() -> None:
             stop.set()
@@ -158,6 +184,7 @@ class Worker:
 
     async def close(self) -> None:
         stack, self.stack = self.stack, None
+        self.orch = self.definition = None
         if stack is not None:
             self.gate.set()
             await stack.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import _versus
 from benchmarks._options import parse_args
 from benchmarks.run import run_suite
 
@@ -17,11 +18,12 @@ from benchmarks.run import run_suite
 @pytest.mark.timeout(180)
 async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: str) -> None:
     """With ``--smoke --dsn``, the hand-written queue, the saga throughput and drain rows,
-    the waits rows (2-step sagas with and without a signal wait, commits per run), the
-    scale section (cloned finished runs, EXPLAIN of the claim) and the profile (saga's
-    Store calls counted in the worker) each finish every run as expected (the harness
-    checks every run's final state and raises otherwise), with positive runs/s; the report
-    renders those sections and says the ceiling (pgbench) was skipped."""
+    the versus rows (both hand-written queues drained, saga drained in 1 and 4 processes
+    and embedded), the waits rows (2-step sagas with and without a signal wait, commits
+    per run), the scale section (cloned finished runs, EXPLAIN of the claim) and the
+    profile (saga's Store calls counted in the worker) each finish every run as expected
+    (the harness checks every run's final state and raises otherwise), with positive
+    runs/s; the report renders those sections and says the ceiling (pgbench) was skipped."""
     opts, dsn, output = parse_args(["--smoke", "--dsn", base_dsn])
     assert dsn == base_dsn
     assert output is None, "a smoke run never writes RESULTS.md"
@@ -49,6 +51,17 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
     assert waited.claims > 0
     assert results.ceiling is None
 
+    versus = results.versus
+    assert set(versus) == set(_versus.SPECS)
+    for spec, reps in versus.items():
+        (m,) = reps
+        assert m.runs == spec.runs(opts.runs)
+        assert m.runs_per_s > 0
+        assert m.worker_cpu > 0
+    batched = versus[_versus.Spec("batched", 16)][0]
+    assert batched.writes_per_item < 1, "16 jobs per claim and per completion"
+    assert [t.ok for t in _versus.targets(versus)].count(None) == 0
+
     assert results.scale.load.runs == opts.scale_runs + 1  # the clones and their template
     assert "runs" in results.scale.custom_plan
     assert "runs" in results.scale.generic_plan
@@ -62,6 +75,11 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
         "| queue (no framework), 1 process x 16",
         "| saga, 1 process x 16",
         "| saga drain, 1 process x 64",
+        "## Versus: saga beside hand-written queues (issue 15)",
+        "| issue 15, saga beside hand-written queues (section Versus) |",
+        "| queue batched (16 per claim), drain, 1 process x 16",
+        "| saga embedded (32 starters in the process), 1 process x 64",
+        "| 4 worker processes ≥ 1 process (drain) |",
         "## Waits: what a wait costs",
         "| 2-step with a wait, 1 process x 64",
         "| entering a wait adds no commit",
