@@ -62,7 +62,27 @@ def _raw_queries() -> dict[str, str]:
         name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
     }
     named["claim_prioritized"] = _prioritized(named["claim"], named["claim_prioritized_candidates"])
+    for claim in ("claim", "claim_prioritized"):
+        named[f"transition_{claim}"] = _with_claim(
+            named[claim], named["transition_batch"], named["transition_claim_rows"]
+        )
     return named
+
+
+def _with_claim(claim: str, batch: str, rows: str) -> str:
+    """One statement that writes a batch of transitions and claims runs for the slots
+    they free (one commit, where two statements would cost two): ``claim``'s CTEs
+    ($1-$12), then ``batch``'s ($13 on), then ``rows``. The claim skips the batch's own
+    runs: one statement must not update a row twice."""
+    claim_ctes = claim[: claim.rindex("SELECT * FROM claimed")].rstrip()
+    claim_ctes = claim_ctes.replace(
+        "WHERE r.due_at <= now()", "WHERE r.due_at <= now() AND r.id <> ALL($13::uuid[])"
+    )
+    shift = int(max(re.findall(r"\$(\d+)", claim), key=int))
+    ctes = batch[batch.index("WITH t AS (") + len("WITH ") : batch.rindex("\nSELECT upd.id")]
+    body = ctes + "\n" + rows
+    body = re.sub(r"\$(\d+)", lambda m: f"${int(m[1]) + shift}", body)
+    return f"{claim_ctes}, {body.replace('), ev AS (', '), transition_ev AS (')}"
 
 
 def _prioritized(claim: str, candidates: str) -> str:

@@ -63,7 +63,8 @@ class GroupCommit(Generic[A, R]):
     """Write ``A``s alone when nothing is in flight, else in batches.
 
     ``single`` writes one; ``batch`` writes several in one statement and returns their
-    results keyed by ``key(args)`` (a missing key: that write's fence refused it).
+    results keyed by ``key(args)`` (a missing key: that write's fence refused it);
+    ``alone(args)`` is what a write of a refused batch becomes when written again alone.
     """
 
     def __init__(
@@ -72,10 +73,12 @@ class GroupCommit(Generic[A, R]):
         batch: Callable[[Sequence[A]], Awaitable[dict[Hashable, R]]],
         key: Callable[[A], Hashable],
         *,
+        alone: Callable[[A], A] = lambda args: args,
         leaders: int = 1,
         max_batch: int = 256,
     ) -> None:
         self._single = single
+        self._alone_args = alone
         self._batch = batch
         self._key = key
         self._max_leaders = leaders
@@ -157,7 +160,7 @@ class GroupCommit(Generic[A, R]):
             if not definitely_not_committed(exc):
                 # Maybe committed: each writer resolves its own run from the history.
                 return [exc] * len(batch)
-            return [await self._alone(w.args) for w in batch]
+            return [await self._alone(self._alone_args(w.args)) for w in batch]
         return [found.get(self._key(w.args)) for w in batch]
 
     async def _alone(self, args: A) -> Any:

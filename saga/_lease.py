@@ -23,6 +23,7 @@ from saga._errors import DatabaseError
 from saga._log import Outage, logger
 from saga._model import Phase
 from saga._store import Store
+from saga._store_batch import ClaimAlong
 from saga._store_graph import ItemKey
 from saga._store_ops import DefinitionKey
 from saga._transition import ClaimedItem
@@ -110,6 +111,11 @@ class Leases:
         self._sleep: anyio.CancelScope | None = None  # the claim loop's wait, if waiting
         self._next_due = math.inf  # the one timer: when a known item comes due
         self.stopping = False
+        #: What a transition that frees a slot carries to claim the next due run in its
+        #: own statement and commit (not for graph items: the claim loop claims those).
+        self._along = store.claim_along(
+            worker_id, lease_seconds, self._definitions, prioritized, self._claimed_along
+        )
 
     # -- the claim loop -----------------------------------------------------------------------
 
@@ -128,6 +134,28 @@ class Leases:
 
     def free_slots(self) -> int:
         return self._concurrency - len(self.inflight)
+
+    def along(self) -> ClaimAlong | None:
+        """A claim for a transition that frees a slot to carry, when there is likely
+        more due work than this worker holds (the last claim filled every free slot)."""
+        if (
+            not self._more_work
+            or self.stopping
+            or self._graphs
+            or self._spawn is None
+            or len(self.inflight) > self._concurrency
+        ):
+            return None
+        return self._along
+
+    def _claimed_along(self, items: list[ClaimedItem], asked: int) -> None:
+        """Runs a transition claimed for the slots it frees: run each in a task."""
+        assert self._spawn is not None
+        for item in items:
+            lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
+            self.inflight[lease.key] = lease
+            self._spawn(item, lease)
+        self._more_work = len(items) == asked
 
     def adopt(self, item: ClaimedItem, lease: Lease) -> None:
         """Run an item a transition of this worker leased to it (a graph run's new
@@ -153,6 +181,9 @@ class Leases:
                 # this loop spin until a run finishes).
                 self._slot_freed = anyio.Event()
                 await self._slot_freed.wait()
+                if not self._more_work and not self.stopping:
+                    # A transition's claim found no more due work: wait for some.
+                    await self._sleep_until_woken()
                 continue
             self._wake = anyio.Event()
             try:

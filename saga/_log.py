@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 import anyio
@@ -36,7 +37,10 @@ class _StderrLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
+@cache
 def _quiet() -> Any:
+    """saga's own logger while the application has not configured structlog (one: it
+    writes to ``sys.stderr`` as it is at call time, and building it costs)."""
     return structlog.wrap_logger(
         _StderrLogger(),
         processors=_QUIET_PROCESSORS,

@@ -195,8 +195,10 @@ class Runner:
             if change is None:
                 self.end_attempt(run, Outcome.LEASE_LOST)
                 return  # lease lost while the step ran; another worker owns the run now
+            # A transition that frees this slot claims the next due run with it.
+            claim = None if change.leased else self.leases.along()
             written = await self.writer.write(
-                run.id, lease, change, run.ctx, log, run.child, run.keyed
+                run.id, lease, change, run.ctx, log, run.child, run.keyed, claim
             )
             if written is None and change.unless_cancelled:
                 change, written = await self._cancel_instead(run, lease, change, log)

@@ -9,7 +9,7 @@ the claim table) and are applied here, fenced by the lease token and its owner.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -22,7 +22,7 @@ from saga._db import Executor, channel, queries, translate_errors, validate_sche
 from saga._errors import DatabaseError
 from saga._group import GroupCommit
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
-from saga._store_batch import TransitionArgs, batch_args, transition_args, write_key
+from saga._store_batch import ClaimAlong, GroupWrites, Write, alone, transition_args, write_key
 from saga._store_dash import DashboardQueries
 from saga._store_graph import GraphQueries, claimed_item, events_json
 from saga._store_ops import (
@@ -70,7 +70,9 @@ class TransitionResult:
     signalled: bool = False  # the wait just entered already has its signal: due now
 
 
-class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, ScheduleQueries):
+class Store(
+    GroupWrites, OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, ScheduleQueries
+):
     """Database operations on one schema through an asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:
@@ -81,19 +83,9 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
         self.done_channel = channel(self.schema, "done")
         self._claim_table = claim_table_args()
         #: Plain transitions of runs finishing at about the same time share a statement.
-        self._group: GroupCommit[TransitionArgs, Any] = GroupCommit(
-            self._transition_one,
-            self._transitions,
-            write_key,
+        self._group: GroupCommit[Write, Any] = GroupCommit(
+            self._write_one, self._write_many, write_key, alone=alone
         )
-
-    async def _transition_one(self, args: TransitionArgs) -> Any:
-        return await self.pool.fetchrow(self._q["transition"], *args)
-
-    async def _transitions(self, runs: Sequence[TransitionArgs]) -> dict[Hashable, Any]:
-        """Several runs' transitions in one statement: their rows by (run, token held)."""
-        rows = await self.pool.fetch(self._q["transition_batch"], *batch_args(runs))
-        return {(r["id"], r["held"]): r for r in rows}
 
     # -- starting -------------------------------------------------------------------------
 
@@ -207,13 +199,15 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
         change: Transition,
         child: bool = False,
         keyed: bool = False,
+        claim: ClaimAlong | None = None,
     ) -> TransitionResult | None:
         """Apply a fenced transition; ``None`` means nothing changed: the lease was lost,
         or (``change.unless_cancelled``) a cancel was requested meanwhile. Parking the
         run at a wait first marks the wait awaited, in the same transaction (one commit):
         a signal already there makes the run due at once (``signalled``). The end of a
         child run wakes its parent's step, and a keyed run's end frees its key's slot for
-        the next queued run, in the same transaction."""
+        the next queued run, in the same transaction. ``claim``: claim due runs for the
+        slot a plain transition frees, in its statement (delivered to ``claim.deliver``)."""
         events = events_json(worker, change.events)
         due_in = change.due_in
         async with translate_errors("recording a transition"):
@@ -231,11 +225,10 @@ class Store(OperatorQueries, SignalQueries, GraphQueries, DashboardQueries, Sche
                         await self.release_key(conn, run_id)
                 signalled = False
             elif change.wait is None or change.status is not _WAITING:
-                row = await self._group.write(
-                    transition_args(
-                        worker, run_id, lease_token, change, events, due_in, self.done_channel
-                    )
+                args = transition_args(
+                    worker, run_id, lease_token, change, events, due_in, self.done_channel
                 )
+                row = await self._group.write((args, claim))
                 signalled = False
             else:
                 async with self.pool.acquire() as conn, conn.transaction():

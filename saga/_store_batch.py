@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from saga._store_graph import _json_or_none
-from saga._transition import Transition
+from saga._store_graph import _json_or_none, claimed_item
+from saga._store_ops import DefinitionKey, definition_args
+from saga._transition import ClaimedItem, Transition
 
 #: One run's arguments of the ``transition`` statement (see sql/queries.sql).
 TransitionArgs = tuple[Any, ...]
@@ -54,6 +56,74 @@ def batch_args(runs: Sequence[TransitionArgs]) -> list[Any]:
     return [[a[i] for a in ordered] for i in _COLUMNS] + [ordered[0][13]]
 
 
-def write_key(args: TransitionArgs) -> Hashable:
+@dataclass(frozen=True, slots=True, eq=False)
+class ClaimAlong:
+    """Claim due runs with a transition that frees a slot, in its statement and commit:
+    ``limit`` of them (per transition) with the claim statement's arguments ``args``
+    (worker, then the definitions and the claim table: see ``Store.claim``);
+    ``deliver(items, asked)`` takes what was claimed for ``asked`` slots."""
+
+    worker: str
+    lease_seconds: float
+    args: tuple[Any, ...]
+    prioritized: bool
+    deliver: Callable[[list[ClaimedItem], int], None]
+    limit: int = 1
+
+
+#: One write of the group: a run's transition, and the claim it carries (or None).
+Write = tuple[TransitionArgs, ClaimAlong | None]
+
+
+def write_key(write: Write) -> Hashable:
     """What tells a batch's rows apart: the run and the lease token its write holds."""
+    args = write[0]
     return (args[0], args[1])
+
+
+def alone(write: Write) -> Write:
+    """A write of a batch the database refused, written again by itself: without its
+    claim (the claim is no run's outcome; the claim loop claims instead)."""
+    return (write[0], None)
+
+
+class GroupWrites:
+    """The store's statements of group commit (a mixin of ``Store``)."""
+
+    if TYPE_CHECKING:
+        pool: Any
+        _q: dict[str, str]
+        _claim_table: tuple[Any, ...]
+
+    async def _write_one(self, write: Write) -> Any:
+        if write[1] is None:
+            return await self.pool.fetchrow(self._q["transition"], *write[0])
+        return (await self._write_many([write])).get(write_key(write))
+
+    async def _write_many(self, writes: Sequence[Write]) -> dict[Hashable, Any]:
+        """Several runs' transitions in one statement, and the claims they carry: the
+        transitions' rows by (run, token held); the claimed runs go to the claimer."""
+        batch = batch_args([args for args, _ in writes])
+        claim = next((c for _, c in writes if c is not None), None)
+        if claim is None:
+            rows = await self.pool.fetch(self._q["transition_batch"], *batch)
+            return {(r["id"], r["held"]): r for r in rows}
+        asked = sum(c.limit for _, c in writes if c is not None and c.deliver == claim.deliver)
+        query = "transition_claim_prioritized" if claim.prioritized else "transition_claim"
+        rows = await self.pool.fetch(
+            self._q[query], claim.worker, asked, claim.lease_seconds, *claim.args, *batch
+        )
+        claim.deliver([claimed_item(r) for r in rows if r["claim"]], asked)
+        return {(r["id"], r["held"]): r for r in rows if not r["claim"]}
+
+    def claim_along(
+        self,
+        worker: str,
+        lease_seconds: float,
+        definitions: Sequence[DefinitionKey],
+        prioritized: bool,
+        deliver: Callable[[list[ClaimedItem], int], None],
+    ) -> ClaimAlong:
+        """What a transition carries to claim a run for the slot it frees."""
+        args = (*definition_args(definitions), *self._claim_table)
+        return ClaimAlong(worker, lease_seconds, args, prioritized, deliver)

@@ -50,6 +50,8 @@ RATE_LIMIT = "saga.rate_limit"
 
 # saga.runs.active reports the active statuses and the failed and stopped runs (waiting
 # for an operator); saga.runs.<status> counts how runs end.
+#: The parent of the attempts of runs started with no span: none (they are roots).
+_NO_PARENT = Context()
 _GAUGED = tuple(str(s) for s in (*RunStatus.active(), RunStatus.FAILED, RunStatus.STOPPED))
 
 
@@ -310,6 +312,8 @@ class Telemetry:
     def parent_context(carrier_json: str | None) -> Context | None:
         """The run's start span context, from the carrier stored with the run (parsed once
         per claimed run, not per attempt)."""
+        if carrier_json == "{}":  # started with no span (no tracing): a root, parsed free
+            return _NO_PARENT
         return propagate.extract(json.loads(carrier_json)) if carrier_json else None
 
     def attempt_span(

@@ -22,6 +22,7 @@ from saga._hooks import Hooks
 from saga._lease import Lease
 from saga._log import Outage
 from saga._store import Store, TransitionResult
+from saga._store_batch import ClaimAlong
 from saga._store_graph import GraphWritten, ItemKey
 from saga._transition import Event, Transition
 
@@ -57,14 +58,16 @@ class Writer:
         log: Any,
         child: bool = False,
         keyed: bool = False,
+        claim: ClaimAlong | None = None,
     ) -> Written:
         """Apply ``change``: its result, ``COMMITTED`` (an uncertain write that committed,
         the run moved on since), or None (refused: lease lost, or cancelled meanwhile).
         ``child``: the run is a child run (its end wakes its parent's step); ``keyed``: it
-        holds a concurrency key (its end frees the slot)."""
+        holds a concurrency key (its end frees the slot); ``claim``: claim the next due
+        run with it (see ``Store.transition``)."""
         # A partial, not a closure: one coroutine frame less on every step's write.
         attempt = partial(
-            self._store.transition, self._worker, run_id, lease.token, change, child, keyed
+            self._store.transition, self._worker, run_id, lease.token, change, child, keyed, claim
         )
         try:
             written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))

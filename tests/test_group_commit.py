@@ -20,13 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import saga
 from saga._group import GroupCommit
 from saga._hooks import Hooks
 from saga._lease import Lease
 from saga._log import Outage, logger
 from saga._model import EventKind, RunStatus
 from saga._store import Store
-from saga._store_batch import TransitionArgs, transition_args
+from saga._store_batch import Write, transition_args
 from saga._transition import Event, Transition
 from saga._write import COMMITTED, Writer
 from tests._sagas import Job, small_saga
@@ -271,7 +272,7 @@ async def slow_first_write(store: Store, hold: anyio.Event) -> None:
     single = store._group._single
     first = True
 
-    async def held(args: TransitionArgs) -> Any:
+    async def held(args: Write) -> Any:
         nonlocal first
         if first:
             first = False
@@ -334,7 +335,7 @@ async def test_a_bad_row_fails_its_run_alone(store: Store, orchestrator: Any) ->
         if i == 2:
             args[8] = "{not json"
         try:
-            outcomes[run_id] = await store._group.write(tuple(args))
+            outcomes[run_id] = await store._group.write((tuple(args), None))
         except asyncpg.PostgresError as exc:
             outcomes[run_id] = exc
 
@@ -362,7 +363,7 @@ async def test_an_uncertain_batch_commit_is_resolved_per_run(
     batch = store._group._batch
     lost = True
 
-    async def committed_then_lost(args: Sequence[TransitionArgs]) -> Any:
+    async def committed_then_lost(args: Sequence[Write]) -> Any:
         nonlocal lost
         found = await batch(args)
         if lost:
@@ -399,3 +400,67 @@ async def test_an_uncertain_batch_commit_is_resolved_per_run(
 
 def log() -> Any:
     return logger.bind(test="group")
+
+
+# -- claiming with the transition that frees a slot ---------------------------------------
+
+
+async def _drain(
+    orchestrator: Any, chain: saga.Saga[Any], db: asyncpg.Connection, n: int, **options: Any
+) -> tuple[int, list[Any]]:
+    """Start ``n`` runs with nobody executing them, then drain them with one worker:
+    the write transactions (transaction ids assigned, cluster-wide) the drain took, and
+    the runs' ends."""
+    starter = await orchestrator(chain, concurrency=0)
+    for i in range(n):
+        await starter.start(chain, Job(n=i))
+    next_xid = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    before = await db.fetchval(next_xid)
+    await orchestrator(chain, **options)
+    # Polled (result() would write a watch per run: a write transaction of its own).
+    with anyio.fail_after(20):
+        while await db.fetchval("SELECT count(*) FROM saga.runs WHERE finished_at IS NULL"):
+            await anyio.sleep(0.05)
+    writes = int(await db.fetchval(next_xid) - before)
+    ends = await db.fetch("SELECT status, output FROM saga.runs")
+    return writes, [(r["status"], r["output"]) for r in ends]
+
+
+async def test_one_commit_per_step_at_concurrency_one(
+    orchestrator: Any, db: asyncpg.Connection
+) -> None:
+    """A worker of concurrency 1 draining 60 three-step runs commits about once per step:
+    each run's final transition claims the next due run in its own statement, so the
+    claims cost no commits of their own (one per run without this: 240, not 180)."""
+    chain = small_saga("along", 3)
+    writes, ends = await _drain(orchestrator, chain, db, 60, concurrency=1)
+    assert ends == [("completed", '"s3"')] * 60
+    # 180 transitions; the first claim, and a few of the database's own, on top.
+    assert writes <= 180 + 12, writes
+
+
+async def test_claims_along_never_run_more_steps_at_once_than_concurrency(
+    orchestrator: Any,
+) -> None:
+    """Runs claimed with a final transition start while the finishing run's task ends:
+    the orchestrator still never runs more steps at once than its concurrency."""
+    running = peak = 0
+
+    def enter() -> float:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        return 0.002
+
+    def leave(ctx: saga.Context[Any]) -> str:
+        nonlocal running
+        running -= 1
+        return ctx.step
+
+    chain = small_saga("peak", 2, delay=enter, result=leave)
+    starter = await orchestrator(chain, concurrency=0)
+    runs = [await starter.start(chain, Job(n=i)) for i in range(80)]
+    await orchestrator(chain, concurrency=3)
+    for run in runs:
+        assert await run.result(timeout=20) == "s2"
+    assert 1 <= peak <= 3

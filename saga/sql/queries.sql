@@ -293,6 +293,25 @@ SELECT upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age,
        CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified
 FROM upd LEFT JOIN watch ON watch.run_id = upd.id;
 
+-- name: transition_claim_rows
+-- The result of transition_claim (see saga/_db.py: claim's CTEs, then transition_batch's,
+-- then this, in one statement): the transitions' rows (claim false), then the runs
+-- claimed for the slots they free (claim true), in the columns of both. Numbered as
+-- transition_batch ($17: done notification channel).
+SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age,
+       CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified,
+       NULL::text AS saga_name, NULL::integer AS saga_version, NULL::text AS status,
+       NULL::text AS step_name, NULL::integer AS attempt, NULL::text AS input,
+       NULL::text AS results, NULL::text[] AS completed_steps, NULL::boolean AS has_error,
+       NULL::text AS trace_context, NULL::text AS prev_owner, NULL::text AS timed_out_wait,
+       NULL::boolean AS child, NULL::boolean AS keyed
+FROM upd LEFT JOIN watch ON watch.run_id = upd.id
+UNION ALL
+SELECT true, id, NULL, lease_token, cancel_requested, age, NULL, saga_name, saga_version,
+       status, step_name, attempt, input, results, completed_steps, has_error,
+       trace_context, prev_owner, timed_out_wait, child, keyed
+FROM claimed;
+
 -- name: wake_parent
 -- A child run that ended (this transaction's transition ended it) wakes the step of its
 -- parent that started it: marked woken, and due now unless a worker holds it (then its
