@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from saga._db import Executor, translate_errors
+from saga._db import Executor, quote_ident, translate_errors
 from saga._errors import ErrorInfo
 from saga._model import RunInfo, RunStatus
 
@@ -125,6 +125,7 @@ class OperatorQueries:
     pool: asyncpg.Pool
     _q: dict[str, str]
     work_channel: str
+    schema: str
 
     if TYPE_CHECKING:  # the traffic queries'
 
@@ -257,6 +258,18 @@ class OperatorQueries:
                 self._q["advance_timers"], run_id, seconds, self.work_channel
             )
         return None if row is None else _due(row["due_at"])
+
+    async def refresh_statistics(self) -> bool:
+        """ANALYZE the runs table when its statistics are stale (see the census);
+        whether it did."""
+        async with translate_errors("refreshing statistics"):
+            if not await self.pool.fetchval(self._q["statistics_stale"]):
+                return False
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval(self._q["analyze_runs"]):
+                    return False
+                await conn.execute(f"ANALYZE {quote_ident(self.schema)}.runs")
+        return True
 
     async def census(self, definitions: Sequence[DefinitionKey]) -> Census:
         async with translate_errors("reading run statistics"):

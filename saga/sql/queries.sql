@@ -312,6 +312,20 @@ SELECT true, id, NULL, lease_token, cancel_requested, age, NULL, saga_name, saga
        trace_context, prev_owner, timed_out_wait, child, keyed
 FROM claimed;
 
+-- name: statistics_stale
+-- Whether the planner's statistics of the runs table are worth gathering again: many
+-- rows changed since they were (a burst of starts: the claim would plan a scan and sort
+-- of every due run instead of reading the due index), and not in the last minute
+-- (autovacuum's analyze may take a minute or more to come). See saga/_census.py.
+SELECT s.n_mod_since_analyze >= greatest(1000, 0.1 * s.n_live_tup)
+       AND coalesce(greatest(s.last_analyze, s.last_autoanalyze), '-infinity')
+           < now() - interval '60 seconds'
+FROM pg_stat_user_tables s WHERE s.relid = '__schema__.runs'::regclass;
+
+-- name: analyze_runs
+-- Gather the runs table's statistics, one orchestrator at a time (the others skip).
+SELECT pg_try_advisory_xact_lock(hashtext('__schema__.runs analyze'));
+
 -- name: wake_parent
 -- A child run that ended (this transaction's transition ended it) wakes the step of its
 -- parent that started it: marked woken, and due now unless a worker holds it (then its
