@@ -76,6 +76,7 @@ class GroupCommit(Generic[A, R]):
         alone: Callable[[A], A] = lambda args: args,
         leaders: int = 1,
         max_batch: int = 256,
+        gather: bool = True,
     ) -> None:
         self._single = single
         self._alone_args = alone
@@ -83,6 +84,7 @@ class GroupCommit(Generic[A, R]):
         self._key = key
         self._max_leaders = leaders
         self._max_batch = max_batch
+        self._gather = gather
         self._leaders = 0  # writes in flight (each led by one writer)
         self._queue: deque[_Waiter[A]] = deque()
         #: Batches written and the writes in them (for tests and benchmarks).
@@ -93,7 +95,11 @@ class GroupCommit(Generic[A, R]):
         if self._leaders < self._max_leaders and not self._queue:
             self._leaders += 1
             try:
-                return await self._single(args)
+                if self._gather:
+                    # One turn of the event loop: the writers made ready with this one
+                    # (the runs a batch just answered) queue up behind it.
+                    await asyncio.sleep(0)
+                return await self._lead(args)
             finally:
                 self._hand_over()
         waiter: _Waiter[A] = _Waiter(args, asyncio.get_running_loop().create_future())
@@ -106,7 +112,7 @@ class GroupCommit(Generic[A, R]):
         if outcome is not LEAD:
             return outcome  # type: ignore[no-any-return]
         try:
-            return await self._lead(waiter)
+            return await self._lead(waiter.args)
         finally:
             self._hand_over()
 
@@ -129,42 +135,59 @@ class GroupCommit(Generic[A, R]):
                 return
         self._leaders -= 1
 
-    async def _lead(self, first: _Waiter[A]) -> R | None:
-        batch = [first]
+    async def _lead(self, args: A) -> R | None:
+        """Write ``args`` and (up to ``max_batch`` in all) the writes queued by now."""
         queue = self._queue
-        while queue and len(batch) < self._max_batch:
+        waiters: list[_Waiter[A]] = []
+        while queue and len(waiters) + 1 < self._max_batch:
             waiter = queue.popleft()
             if not waiter.future.done():
-                batch.append(waiter)
-        if len(batch) == 1:
-            return await self._single(first.args)
+                waiters.append(waiter)
+        if not waiters:
+            return await self._single(args)
         self.batches += 1
-        self.batched += len(batch)
-        outcomes = await self._write_batch(batch)
-        for waiter, outcome in zip(batch[1:], outcomes[1:], strict=True):
-            if waiter.future.done():
-                continue  # cancelled meanwhile: its write happened all the same
-            if isinstance(outcome, BaseException):
-                waiter.future.set_exception(outcome)
-            else:
-                waiter.future.set_result(outcome)
+        self.batched += len(waiters) + 1
+        try:
+            outcomes = await self._write_batch([args] + [w.args for w in waiters])
+        except BaseException:
+            # This writer was cancelled while the batch was in flight: its fate is
+            # unknown, so each writer in it resolves its own run, as after a lost
+            # connection.
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        ConnectionAbortedError("the batch holding this write was interrupted")
+                    )
+            raise
+        _deliver(waiters, outcomes[1:])
         mine = outcomes[0]
         if isinstance(mine, BaseException):
             raise mine
         return mine  # type: ignore[no-any-return]
 
-    async def _write_batch(self, batch: list[_Waiter[A]]) -> Outcomes:
+    async def _write_batch(self, batch: list[A]) -> Outcomes:
         try:
-            found = await self._batch([w.args for w in batch])
+            found = await self._batch(batch)
         except Exception as exc:
             if not definitely_not_committed(exc):
                 # Maybe committed: each writer resolves its own run from the history.
                 return [exc] * len(batch)
-            return [await self._alone(self._alone_args(w.args)) for w in batch]
-        return [found.get(self._key(w.args)) for w in batch]
+            return [await self._alone(self._alone_args(args)) for args in batch]
+        return [found.get(self._key(args)) for args in batch]
 
     async def _alone(self, args: A) -> Any:
         try:
             return await self._single(args)
         except Exception as exc:
             return exc
+
+
+def _deliver(waiters: list[_Waiter[Any]], outcomes: Outcomes) -> None:
+    """Each queued writer of a batch gets its own outcome (a result, or an error)."""
+    for waiter, outcome in zip(waiters, outcomes, strict=True):
+        if waiter.future.done():
+            continue  # cancelled meanwhile: its write happened all the same
+        if isinstance(outcome, BaseException):
+            waiter.future.set_exception(outcome)
+        else:
+            waiter.future.set_result(outcome)
