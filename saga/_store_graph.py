@@ -220,21 +220,24 @@ class GraphQueries:
 
 def events_json(worker: str, events: Sequence[Event]) -> str:
     """A change's history events as the writing statements take them (a JSON array; the
-    store adds the worker, the database the time)."""
-    return json.dumps(
-        [
-            {
-                "kind": e.kind,  # a str (StrEnum): json writes it as its value
-                "step": e.step,
-                "attempt": e.attempt,
-                "worker": worker,
-                "data": e.data,
-                "unless_cancelled": e.unless_cancelled,
-            }
+    store adds the worker, the database the time). Written out by hand: it runs for every
+    step, and json.dumps of a list of dicts costs four times as much."""
+    who = _quote(worker)
+    return (
+        "["
+        + ",".join(
+            f'{{"kind":"{e.kind}","step":{"null" if e.step is None else _quote(e.step)},'
+            f'"attempt":{"null" if e.attempt is None else int(e.attempt)},"worker":{who},'
+            f'"data":{"null" if e.data is None else json.dumps(e.data, separators=_TIGHT)},'
+            f'"unless_cancelled":{"true" if e.unless_cancelled else "false"}}}'
             for e in events
-        ],
-        separators=(",", ":"),
+        )
+        + "]"
     )
+
+
+_quote = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
+_TIGHT = (",", ":")
 
 
 def _json_or_none(value: Any) -> str | None:

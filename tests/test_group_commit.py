@@ -9,6 +9,7 @@ and an uncertain batch commit resolved per run from the history.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Hashable, Sequence
 from typing import Any
 from uuid import UUID
@@ -28,6 +29,7 @@ from saga._log import Outage, logger
 from saga._model import EventKind, RunStatus
 from saga._store import Store
 from saga._store_batch import Write, transition_args
+from saga._store_graph import events_json
 from saga._transition import Event, Transition
 from saga._write import COMMITTED, Writer
 from tests._sagas import Job, small_saga
@@ -469,3 +471,46 @@ async def test_claims_along_never_run_more_steps_at_once_than_concurrency(
     for run in runs:
         assert await run.result(timeout=20) == "s2"
     assert 1 <= peak <= 3
+
+
+# -- the events' JSON, written by hand ------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    worker=st.text(),
+    events=st.lists(
+        st.builds(
+            Event,
+            kind=st.sampled_from(list(EventKind)),
+            step=st.none() | st.text(),
+            attempt=st.none() | st.integers(0, 2**31 - 1),
+            data=st.none() | st.dictionaries(st.text(), _json_values, max_size=4),
+            unless_cancelled=st.booleans(),
+        ),
+        max_size=4,
+    ),
+)
+def test_events_json_is_what_json_dumps_writes(worker: str, events: list[Event]) -> None:
+    """Property: the hand-written JSON of a transition's events (it runs every step)
+    parses to exactly what json.dumps of the same events gives, whatever the step
+    names, worker ids and data hold (quotes, backslashes, control and non-ASCII
+    characters, nesting)."""
+    expected = [
+        {
+            "kind": str(e.kind),
+            "step": e.step,
+            "attempt": e.attempt,
+            "worker": worker,
+            "data": e.data,
+            "unless_cancelled": e.unless_cancelled,
+        }
+        for e in events
+    ]
+    assert json.loads(events_json(worker, events)) == expected
