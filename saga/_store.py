@@ -22,7 +22,15 @@ from saga._db import Executor, channel, queries, translate_errors, validate_sche
 from saga._errors import DatabaseError
 from saga._group import GroupCommit
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
-from saga._store_batch import ClaimAlong, GroupWrites, Write, alone, transition_args, write_key
+from saga._store_batch import (
+    ClaimAlong,
+    GroupWrites,
+    Write,
+    alone,
+    start_key,
+    transition_args,
+    write_key,
+)
 from saga._store_dash import DashboardQueries
 from saga._store_graph import GraphQueries, claimed_item, events_json
 from saga._store_ops import (
@@ -82,9 +90,12 @@ class Store(
         self.work_channel = channel(self.schema, "work")
         self.done_channel = channel(self.schema, "done")
         self._claim_table = claim_table_args()
-        #: Plain transitions of runs finishing at about the same time share a statement.
+        #: Plain transitions (and starts) made at about the same time share a statement.
         self._group: GroupCommit[Write, Any] = GroupCommit(
             self._write_one, self._write_many, write_key, alone=alone
+        )
+        self._starts: GroupCommit[tuple[Any, ...], Any] = GroupCommit(
+            self._start_one, self._start_many, start_key
         )
 
     # -- starting -------------------------------------------------------------------------
@@ -136,7 +147,11 @@ class Store(
         async with translate_errors("starting a run"):
             for _ in range(5):
                 if roots is None and extra is None:
-                    row = await db.fetchrow(self._q["start_run"], *args)
+                    row = await (
+                        self._starts.write(args)
+                        if conn is None
+                        else conn.fetchrow(self._q["start_run"], *args)
+                    )
                 elif conn is not None:  # the caller's transaction holds both
                     row = await self._start_more(conn, args, roots, extra)
                 else:

@@ -127,3 +127,26 @@ class GroupWrites:
         """What a transition carries to claim a run for the slot it frees."""
         args = (*definition_args(definitions), *self._claim_table)
         return ClaimAlong(worker, lease_seconds, args, prioritized, deliver)
+
+    async def _start_one(self, args: tuple[Any, ...]) -> Any:
+        return await self.pool.fetchrow(self._q["start_run"], *args)
+
+    async def _start_many(self, starts: Sequence[tuple[Any, ...]]) -> dict[Hashable, Any]:
+        """Several plain runs' starts in one statement: the inserted ones by run id."""
+        rows = await self.pool.fetch(
+            self._q["start_runs"],
+            *[[a[i] for a in starts] for i in _START_COLUMNS],
+            starts[0][6],
+        )
+        return {r["id"]: r for r in rows}
+
+
+# Where the start_runs statement's arrays come from in start_run's arguments (its work
+# channel, argument 7, goes once; graph, key: only plain runs are started in batches).
+_START_COLUMNS = (0, 1, 2, 3, 4, 5, 7, 9, 11, 12, 13, 14, 8)
+
+
+def start_key(args: tuple[Any, ...]) -> Hashable:
+    """What tells a batch's starts apart: the new run's id."""
+    run_id: UUID = args[0]
+    return run_id

@@ -514,3 +514,36 @@ def test_events_json_is_what_json_dumps_writes(worker: str, events: list[Event])
         for e in events
     ]
     assert json.loads(events_json(worker, events)) == expected
+
+
+# -- starts ----------------------------------------------------------------------------------
+
+
+async def test_concurrent_starts_share_statements_and_keep_idempotency(
+    orchestrator: Any, db: asyncpg.Connection
+) -> None:
+    """80 starts at once from one process go in batches; each idempotency key still
+    makes exactly one run (the starts that repeat a key, in the same batch or not, get
+    that run back, not created), and every run has its run_started event."""
+    chain = small_saga("starts", 1)
+    orch = await orchestrator(chain, concurrency=0)
+    handles: dict[int, Any] = {}
+
+    async def start(i: int) -> None:
+        key = None if i % 4 else f"k{i % 12}"  # 20 keyed starts over 3 keys
+        handles[i] = await orch.start(chain, Job(n=i % 12 if key else i), key=key)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(80):
+            tg.start_soon(start, i)
+    assert orch._store._starts.batches >= 1
+    by_key: dict[str, set[UUID]] = {}
+    for i, handle in handles.items():
+        if i % 4 == 0:
+            by_key.setdefault(f"k{i % 12}", set()).add(handle.id)
+    assert all(len(ids) == 1 for ids in by_key.values()), by_key
+    assert sum(h.created for h in handles.values()) == 60 + len(by_key)
+    assert await db.fetchval("SELECT count(*) FROM saga.runs") == 60 + len(by_key)
+    assert await db.fetchval(
+        "SELECT count(*) FROM saga.events WHERE kind = 'run_started'"
+    ) == 60 + len(by_key)

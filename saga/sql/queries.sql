@@ -79,6 +79,43 @@ WITH ins AS (
 )
 SELECT id, CASE WHEN $9 THEN pg_notify($7, $2)::text END AS notified FROM ins;
 
+-- name: start_runs
+-- start_run for several runs in one statement and one commit (group commit of starts:
+-- see saga/_group.py), for runs that are neither graphs nor keyed: each as start_run
+-- inserts it; a run whose (saga, idempotency key) exists already (or repeats one of an
+-- earlier row) is left out of the result, for its start alone to look up.
+-- $1..$14 arrays, one element per run, as start_run's $1..$6, $8..$10, $12..$15 and $9
+-- (in that order: id, saga, version, key, input, first step, trace context,
+-- fingerprint, pivot, parent, parent step, priority, whether to NOTIFY); $14 the work
+-- notification channel
+WITH t AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::uuid[],
+                         $11::text[], $12::integer[], $13::boolean[])
+        WITH ORDINALITY AS t(id, saga_name, saga_version, idempotency_key, input, step_name,
+                             trace_context, fingerprint, pivot, parent_id, parent_step,
+                             priority, notify, ord)
+), ins AS (
+    INSERT INTO __schema__.runs
+        (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
+         trace_context, fingerprint, graph, status, pivot, parent_id, parent_step,
+         priority)
+    SELECT id, saga_name, saga_version, idempotency_key, input, step_name, now(),
+           trace_context::jsonb, fingerprint, false, 'pending', pivot, parent_id,
+           parent_step, priority
+    FROM t ORDER BY ord
+    ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id
+), ev AS (
+    INSERT INTO __schema__.events (run_id, kind, data)
+    SELECT t.id, 'run_started',
+           jsonb_build_object('saga', t.saga_name, 'version', t.saga_version,
+                              'key', t.idempotency_key, 'fingerprint', t.fingerprint)
+    FROM ins JOIN t ON t.id = ins.id ORDER BY t.ord
+)
+SELECT t.id, CASE WHEN t.notify THEN pg_notify($14, t.saga_name)::text END AS notified
+FROM ins JOIN t ON t.id = ins.id;
+
 -- name: start_items
 -- The first items of a graph run just started (its steps without dependencies), in the
 -- start's transaction, each recorded ready.
