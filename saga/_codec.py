@@ -179,6 +179,16 @@ def encode_checked(
 
 def _encode(value: Any, annotation: Any, what: str, max_bytes: int) -> tuple[str, Any]:
     _check_raw(value, what, 0)
+    kind = type(value)
+    if (kind is int or kind is str or kind is bool) and (annotation is kind or annotation is Any):
+        # The common results, whose JSON reads back exactly as they are: no adapter.
+        text = _dumps(value)
+        if len(text) > max_bytes // 4 and len(text.encode("utf-8")) > max_bytes:
+            raise PayloadTooLargeError(
+                f"{what}: {len(text.encode('utf-8'))} bytes of JSON is above the limit of "
+                f"{max_bytes} bytes (max_payload_bytes)"
+            )
+        return text, value
     adapter = _adapter(annotation)
     expected = _expected(adapter, annotation, value, what)
     problems: list[str] = []

@@ -10,6 +10,7 @@ never another exception type.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import uuid
 from collections import OrderedDict
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from saga import SerializationError
 from saga._codec import decode, encode
@@ -263,3 +264,25 @@ def test_values_that_only_compare_equal_are_refused_under_declared_types(
     }.get(annotation, {"v": value})
     with pytest.raises(SerializationError):
         encode(payload, annotation)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=ints | texts | st.booleans(),
+    declared=st.sampled_from(["exact", "any"]),
+)
+def test_plain_results_take_the_short_path_with_the_same_text(value: Any, declared: str) -> None:
+    """Property: an int, str or bool result declared as its own type (or not declared)
+    skips pydantic, and its text is exactly what pydantic's JSON dump gives; it decodes
+    to an identical value. (The short path runs on every step of such sagas.)"""
+    annotation = type(value) if declared == "exact" else Any
+    text = encode(value, annotation)
+    assert json.loads(text) == TypeAdapter(annotation).dump_python(value, mode="json")
+    assert_identical(decode(text, annotation), value)
+
+
+def test_a_plain_result_above_the_limit_is_refused() -> None:
+    """The short path keeps the payload limit: a long string result is refused, naming
+    the limit."""
+    with pytest.raises(SerializationError, match="max_payload_bytes"):
+        encode("x" * 2000, str, max_bytes=1000)
