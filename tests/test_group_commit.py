@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -76,6 +76,21 @@ def group(script: Script, **options: Any) -> GroupCommit[int, str]:
     return GroupCommit(script.single, script.batch, lambda k: k, **options)
 
 
+async def held_then(
+    write: Callable[[int], Awaitable[None]], script: Script, later: Iterable[int]
+) -> None:
+    """Write 0 (held at the script's gate, so it stays in flight), then the writes of
+    ``later`` while it is held, then let it go; return once all are done."""
+    script.gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write, 0)
+        await anyio.sleep(0.01)
+        for k in later:
+            tg.start_soon(write, k)
+        await anyio.sleep(0.01)
+        script.gate.set()
+
+
 async def test_a_lone_write_goes_at_once_and_alone() -> None:
     """With nothing in flight a write is one single statement, no batch, no waiting."""
     script = Script()
@@ -90,20 +105,13 @@ async def test_writes_arriving_during_a_write_share_the_next_batch() -> None:
     """While one write is in flight, the writers that arrive queue, and all of them go
     in one batch when it ends; each gets its own row back (or None: refused)."""
     script = Script(refuse=frozenset({3}))
-    script.gate = anyio.Event()
     g = group(script)
     results: dict[int, str | None] = {}
 
     async def write(k: int) -> None:
         results[k] = await g.write(k)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(write, 0)
-        await anyio.sleep(0.01)
-        for k in range(1, 6):
-            tg.start_soon(write, k)
-        await anyio.sleep(0.01)
-        script.gate.set()
+    await held_then(write, script, range(1, 6))
     assert script.singles == [0]
     assert script.batches == [[1, 2, 3, 4, 5]]
     assert results == {0: "row 0", 1: "row 1", 2: "row 2", 3: None, 4: "row 4", 5: "row 5"}
@@ -113,7 +121,6 @@ async def test_a_batch_the_server_refused_is_written_run_by_run() -> None:
     """A batch the database answered with an error (nothing committed) is written again
     one write at a time: the bad row fails alone, the others are written."""
     script = Script(bad=frozenset({2}))
-    script.gate = anyio.Event()
     g = group(script)
     results: dict[int, Any] = {}
 
@@ -123,13 +130,7 @@ async def test_a_batch_the_server_refused_is_written_run_by_run() -> None:
         except asyncpg.DataError as exc:
             results[k] = exc
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(write, 0)
-        await anyio.sleep(0.01)
-        for k in (1, 2, 3):
-            tg.start_soon(write, k)
-        await anyio.sleep(0.01)
-        script.gate.set()
+    await held_then(write, script, (1, 2, 3))
     assert results[1] == "row 1"
     assert results[3] == "row 3"
     assert isinstance(results[2], asyncpg.DataError)
@@ -149,7 +150,6 @@ async def test_a_batch_that_may_have_committed_fails_every_writer(error: Excepti
     behind the writers' backs; every writer in it gets the error (and resolves its run
     from the history, see saga._write)."""
     script = Script(batch_error=error)
-    script.gate = anyio.Event()
     g = group(script)
     raised: list[int] = []
 
@@ -159,13 +159,7 @@ async def test_a_batch_that_may_have_committed_fails_every_writer(error: Excepti
         except type(error):
             raised.append(k)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(write, 0)
-        await anyio.sleep(0.01)
-        for k in (1, 2, 3):
-            tg.start_soon(write, k)
-        await anyio.sleep(0.01)
-        script.gate.set()
+    await held_then(write, script, (1, 2, 3))
     assert sorted(raised) == [1, 2, 3]
     assert script.singles == [0]
 
