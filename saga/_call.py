@@ -15,7 +15,7 @@ from saga._codec import check_readable
 from saga._errors import SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._model import Phase
-from saga._rate import take
+from saga._rate import RateLimit
 from saga._telemetry import RATE_LIMIT, Telemetry
 from saga._transition import Failed, Succeeded
 
@@ -91,3 +91,15 @@ async def call_user(
     # Only reached when the heartbeat cancelled the scope (lease lost): the caller sees
     # lease.scope.cancel_called and records nothing.
     return Failed(error_record(SagaError("lease lost"), step.name), True), None
+
+
+async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str) -> float:
+    """Take a token of ``limit`` for the current attempt of ``run``: wait as long as the
+    bucket says (the delay is recorded in the run's history); return the delay."""
+    assert limit.burst is not None
+    delay = await store.rate_take(
+        limit.name, limit.per_second, limit.burst, (run.id, run.step, run.attempt), worker
+    )
+    if delay > 0:
+        await anyio.sleep(delay)
+    return delay

@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import anyio
 
 from saga import _checks
 from saga._checks import validate_name
 from saga._errors import DefinitionError
-
-if TYPE_CHECKING:
-    from saga._active import ActiveRun
-    from saga._store import Store
 
 #: The fastest and the largest limits accepted.
 MAX_RATE = 1_000_000.0
@@ -64,15 +57,3 @@ def check_consistent(limits: list[RateLimit]) -> None:
                 f"rate limit {limit.name!r} is declared twice with different settings: "
                 f"{other} and {limit}; declare it once and share the object"
             )
-
-
-async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str) -> float:
-    """Take a token of ``limit`` for the current attempt of ``run``: wait as long as the
-    bucket says (the delay is recorded in the run's history); return the delay."""
-    assert limit.burst is not None
-    delay = await store.rate_take(
-        limit.name, limit.per_second, limit.burst, (run.id, run.step, run.attempt), worker
-    )
-    if delay > 0:
-        await anyio.sleep(delay)
-    return delay
