@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,7 @@ async def measure_saga(
     if database is None:
         await h.drop(db)
     log_measured(label, m)
+    save_raw(h, label, m)
     return m
 
 
@@ -151,6 +153,7 @@ async def measure_queue(h: Harness, row: QueueRow, label: str) -> Measured:
     m = await window(h, db, dsn, workload)
     await h.drop(db)
     log_measured(label, m)
+    save_raw(h, label, m)
     return m
 
 
@@ -161,3 +164,11 @@ def log_measured(label: str, m: Measured) -> None:
         f"client {m.client_cpu / m.wall:.2f} / postgres {m.postgres_cpu / m.wall:.2f} cores"
         + (f", {m.lease_expiries} lease expiries" if m.lease_expiries else "")
     )
+
+
+def save_raw(h: Harness, label: str, m: Measured) -> None:
+    """--raw: one JSON line per measurement, every counter (CPU seconds, WAL, commits)."""
+    if h.opts.raw:
+        line = {"label": label, "runs_per_s": m.runs_per_s, **dataclasses.asdict(m)}
+        with open(h.opts.raw, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")

@@ -40,6 +40,7 @@ class Options:
     sections: tuple[str, ...] = SECTIONS
     concurrency: tuple[int, ...] = (1, 16, 64)  # of the queue and saga rows
     processes: tuple[int, ...] = (1, 2)  # worker processes of the saga rows
+    drain_concurrency: tuple[int, ...] = (64,)  # concurrency levels of the drain rows
     pgbench_seconds: int = 5
     latency_rate: float = 20.0
     latency_seconds: float = 20.0
@@ -50,6 +51,7 @@ class Options:
     pool_size: int | None = None  # experiment: the saga workers' own pool of this size
     smoke: bool = False  # smoke size: no pgbench, figures not meant to be read
     py_spy: str | None = None
+    raw: str | None = None  # append every measurement here as a JSON line
 
     def changed(self) -> str:
         """The options that differ from the defaults, for the report's header."""
@@ -57,7 +59,7 @@ class Options:
         diff = [
             f"{f.name}={getattr(self, f.name)}"
             for f in dataclasses.fields(self)
-            if f.name != "py_spy" and getattr(self, f.name) != getattr(base, f.name)
+            if f.name not in ("py_spy", "raw") and getattr(self, f.name) != getattr(base, f.name)
         ]
         return ", ".join(diff) or "none"
 
@@ -110,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="repeats of every measurement (3)")
     p.add_argument("--concurrency", type=_ints, help="queue/saga concurrency levels (1,16,64)")
     p.add_argument("--processes", type=_ints, help="worker processes of the saga rows (1,2)")
+    p.add_argument(
+        "--drain-concurrency", type=_ints, help="concurrency levels of the saga drain rows (64)"
+    )
     p.add_argument("--pgbench-seconds", type=int)
     p.add_argument("--latency-rate", type=float)
     p.add_argument("--latency-seconds", type=float)
@@ -139,6 +144,11 @@ def _parser() -> argparse.ArgumentParser:
         "--py-spy",
         help="py-spy executable for the profile section (default: $SAGA_BENCH_PYSPY, PATH, "
         f"then {', '.join(PYSPY_CANDIDATES)})",
+    )
+    p.add_argument(
+        "--raw",
+        help="append every throughput-like measurement to this file, one JSON object a line "
+        "(label and every counter: for figures the report does not print)",
     )
     p.add_argument(
         "--output",
@@ -180,9 +190,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str | None, Path | None
 def _check(opts: Options) -> str:
     if opts.runs < 1 or opts.repeats < 1:
         return "--runs and --repeats must be >= 1"
-    if not opts.concurrency or not opts.processes:
-        return "--concurrency and --processes need at least one value"
-    if min(opts.concurrency) < 1 or min(opts.processes) < 1:
+    if not opts.concurrency or not opts.processes or not opts.drain_concurrency:
+        return "--concurrency, --processes and --drain-concurrency need at least one value"
+    if min(opts.concurrency + opts.drain_concurrency) < 1 or min(opts.processes) < 1:
         return "concurrency levels and process counts must be >= 1"
     if opts.pool_size is not None and opts.pool_size < 2:
         return "--pool-size must be >= 2"

@@ -1,6 +1,7 @@
 """The throughput sections: the hand-written queue (the "no framework" reference) and
-3-step no-op sagas at each concurrency, in 1 and 2 worker processes, plus the drain rows;
-interleaved repeat by repeat. Also the table row every throughput-like section shares."""
+3-step no-op sagas at each concurrency, in 1 and 2 worker processes, plus the drain rows
+(concurrency 64 unless --drain-concurrency); interleaved repeat by repeat. Also the table
+row every throughput-like section shares."""
 
 from __future__ import annotations
 
@@ -52,12 +53,12 @@ async def _saga_repeat(h: Harness, t: Throughput, repeat: int) -> None:
                 h, SagaRow(concurrency=c, processes=p), f"saga_p{p}_c{c}_r{repeat}"
             )
             t.saga.setdefault((c, p), []).append(m)
-    c = HEADLINE[0]
     for p in h.opts.processes:
-        row = SagaRow(concurrency=c, processes=p, drain=True)
-        t.drain.setdefault((c, p), []).append(
-            await measure_saga(h, row, f"drain_p{p}_c{c}_r{repeat}")
-        )
+        for c in h.opts.drain_concurrency:
+            row = SagaRow(concurrency=c, processes=p, drain=True)
+            t.drain.setdefault((c, p), []).append(
+                await measure_saga(h, row, f"drain_p{p}_c{c}_r{repeat}")
+            )
 
 
 def tp_row(label: str, ms: list[Measured], ceiling: float, vs: float | None = None) -> str:
