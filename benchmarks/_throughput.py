@@ -100,12 +100,13 @@ def render(t: Throughput, ceiling: float, runs: int, repeats: int) -> list[str]:
         f"process ({STARTERS} concurrent starters, 4 connections) while the worker "
         f"process(es) execute them; runs/s = N / (first start to last finish, server "
         f"clock). Median (min-max) of {repeats} repeats, interleaved; a fresh "
-        "database per measurement. write commits/step = (write transactions - N starts) / "
-        "3N, write transactions = those assigned a transaction id (they write WAL and wait "
-        "for its flush), cluster-wide; all commits/step = (Δ pg_stat_database.xact_commit - "
-        "N starts - the benchmark's own queries) / 3N, which also counts read-only "
-        "transactions: empty claims, and the one each listening backend runs to read a "
-        "NOTIFY.",
+        "database per measurement. write commits/step = (write transactions - S) / 3N, "
+        "S = the transactions that started the runs (starts made together share one: "
+        "counted from the run_started events' xmin), write transactions = those assigned "
+        "a transaction id (they write WAL and wait for its flush), cluster-wide; all "
+        "commits/step = (Δ pg_stat_database.xact_commit - S - the benchmark's own "
+        "queries) / 3N, which also counts read-only transactions: empty claims, and the "
+        "one each listening backend runs to read a NOTIFY.",
         "",
         *TP_HEAD,
     ]
@@ -124,7 +125,7 @@ def render(t: Throughput, ceiling: float, runs: int, repeats: int) -> list[str]:
         'Client = this process starting runs. "drain": the runs are all started first, '
         "then the worker process(es) open; runs/s = N / (first claim to last finish), so "
         "no start competes for the CPU or the database (commits/step still subtracts the "
-        "N starts from the whole window). † = more than "
+        "starts' S transactions from the whole window). † = more than "
         f"{NOISY_OTHER_CPU} cores busy outside our processes and the cluster (noisy); "
         "⚠ = some run waited for a lease to expire.",
         "",

@@ -261,7 +261,9 @@ def render(v: Versus, runs: int, repeats: int) -> list[str]:
         *HEAD,
         *(_row(spec, ms, q, b) for spec, ms in v.items()),
         "",
-        "write commits/step = (transactions assigned an xid - N starts) / 3N, cluster-wide; "
+        "write commits/step = (transactions assigned an xid - the S that started the runs) "
+        "/ 3N, cluster-wide (S counted from the run_started events' xmin: starts made "
+        "together share a transaction); "
         "all commits/step also counts read-only transactions (empty claims, NOTIFY reads). "
         "This process = the benchmark (polling; the drain rows' starts ran before the "
         f"window). † = more than {NOISY_OTHER_CPU} cores busy outside our processes and "
