@@ -373,7 +373,7 @@ class Telemetry:
         cache, combination = self._attempt_attrs, (saga, step, outcome, error_type)
         found = cache.get(combination)
         if found is None:
-            found = _attempt_attrs(saga, step, outcome, error_type)
+            found = _attempt_keys(saga, step, outcome, error_type)
             if len(cache) < _CACHED:  # error types are few in practice, but not bounded
                 cache[combination] = found
         self.attempts[kind].count(found[0])
@@ -392,7 +392,7 @@ _ERROR_OUTCOMES = frozenset(("failure", "lease_lost", "refused"))
 _CACHED = 4096
 
 
-def _attempt_attrs(
+def _attempt_keys(
     saga: str, step: str, outcome: str, error_type: str | None
 ) -> tuple[Key, dict[str, str]]:
     """An attempt's counter key (with the error type) and duration attributes."""
