@@ -278,9 +278,7 @@ class Telemetry:
         self.attempts, self.durations = ins.attempts, ins.durations
         self.run_duration, self.rate_delay = ins.run_duration, ins.rate_delay
         self.leases_expired, self.writes_refused = ins.leases_expired, ins.writes_refused
-        # Built once per combination (the SDK copies what it is given): per (saga, step,
-        # outcome, error type) an attempt's counter key and duration attributes, per
-        # (saga, status) a run's duration attributes.
+        # Attribute sets built once per combination (the SDK copies what it is given).
         self._attempt_attrs: dict[tuple[str, str, str, str | None], tuple[Key, dict[str, str]]]
         self._attempt_attrs = {}
         self._run_attrs: dict[tuple[str, str], dict[str, str]] = {}
