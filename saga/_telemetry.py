@@ -1,6 +1,6 @@
 """OpenTelemetry traces and metrics, through the API package only.
 
-The application brings the SDK (or nothing, and every call here is a cheap no-op). One
+The application brings the SDK (or nothing: spans are no-ops, counters a dict update). One
 trace per run: ``start()`` opens a span and stores its W3C context with the run; every
 step and compensation attempt, in whatever process it runs, is a child of it. Names and
 attributes live under ``saga.*`` (listed in the README) and never carry input, results
@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, propagate, trace
@@ -24,6 +25,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from saga._model import RunStatus
 from saga._store_ops import Census, DefinitionKey
+from saga._tally import Key, Tally, key_of
 
 if TYPE_CHECKING:
     from saga._definition import Saga
@@ -80,20 +82,17 @@ class _Instruments:
         self._lock = threading.Lock()
         self._states: list[GaugeState] = []
         runs = "{run}"
-        self.runs_started = meter.create_counter(
-            "saga.runs.started", unit=runs, description="Runs started (committed)."
-        )
+        counter = partial(Tally.observed, meter)  # counters: see saga/_tally.py
+        self.runs_started = counter("saga.runs.started", runs, "Runs started (committed).")
         self.runs_ended = {
-            status: meter.create_counter(
-                f"saga.runs.{status}", unit=runs, description=f"Runs that ended {status}."
-            )
+            status: counter(f"saga.runs.{status}", runs, f"Runs that ended {status}.")
             for status in (str(s) for s in RunStatus.terminal())
         }
         self.attempts = {
-            kind: meter.create_counter(
+            kind: counter(
                 f"saga.{kind}.attempts",
-                unit="{attempt}",
-                description=f"{kind.title()} attempts by outcome and error type.",
+                "{attempt}",
+                f"{kind.title()} attempts by outcome and error type.",
             )
             for kind in ("step", "compensation")
         }
@@ -106,20 +105,20 @@ class _Instruments:
         self.run_duration = meter.create_histogram(
             "saga.run.duration", unit="s", description="From start() to the terminal state."
         )
-        self.leases_expired = meter.create_counter(
+        self.leases_expired = counter(
             "saga.leases.expired",
-            unit="{lease}",
-            description="Leases reclaimed after their worker stopped renewing them.",
+            "{lease}",
+            "Leases reclaimed after their worker stopped renewing them.",
         )
         self.rate_delay = meter.create_histogram(
             "saga.rate_limit.delay",
             unit="s",
             description="How long attempts waited for a rate limit's token (0: none).",
         )
-        self.writes_refused = meter.create_counter(
+        self.writes_refused = counter(
             "saga.writes.refused",
-            unit="{write}",
-            description="Writes refused because the writer's lease token was stale.",
+            "{write}",
+            "Writes refused because the writer's lease token was stale.",
         )
         for name, callback, unit, description in (
             ("saga.runs.active", self._observe_runs, runs, "Runs per state."),
@@ -274,16 +273,15 @@ class Telemetry:
 
     def __init__(self, tracer_provider: trace.TracerProvider | None, meter_provider: Any) -> None:
         self.tracer = trace.get_tracer("saga", VERSION, tracer_provider=tracer_provider)
-        self._instruments = _instruments(meter_provider)
-        ins = self._instruments
-        self.runs_started = ins.runs_started
-        self.runs_ended = ins.runs_ended
-        self.attempts = ins.attempts
-        self.durations = ins.durations
-        self.run_duration = ins.run_duration
-        self.leases_expired = ins.leases_expired
-        self.writes_refused = ins.writes_refused
-        self.rate_delay = ins.rate_delay
+        ins = self._instruments = _instruments(meter_provider)
+        self.runs_started, self.runs_ended = ins.runs_started, ins.runs_ended
+        self.attempts, self.durations = ins.attempts, ins.durations
+        self.run_duration, self.rate_delay = ins.run_duration, ins.rate_delay
+        self.leases_expired, self.writes_refused = ins.leases_expired, ins.writes_refused
+        # Attribute sets built once per combination (the SDK copies what it is given).
+        self._attempt_attrs: dict[tuple[str, str, str, str | None], tuple[Key, dict[str, str]]]
+        self._attempt_attrs = {}
+        self._run_attrs: dict[tuple[str, str], dict[str, str]] = {}
 
     def gauges(self, schema: str) -> GaugeState:
         """A gauge state of this telemetry's own, reported until :meth:`forget`."""
@@ -357,25 +355,46 @@ class Telemetry:
         duration: float,
         run_status: str | None,
     ) -> None:
-        """Close an attempt's span and count it. Only types, never messages."""
-        span.set_attribute(OUTCOME, outcome)
-        attrs: dict[str, Any] = {SAGA: saga, STEP: step, OUTCOME: outcome}
-        if error_type is not None:
-            span.set_attribute(ERROR_TYPE, error_type)
-            span.add_event("exception", {"exception.type": error_type})
-            attrs[ERROR_TYPE] = error_type
-        if outcome in ("failure", "lease_lost", "refused") or (
-            outcome == "retry" and error_type is not None
-        ):
-            span.set_status(Status(StatusCode.ERROR, error_type or outcome))
-        if run_status is not None:
-            span.set_attribute(RUN_STATUS, run_status)
-            span.add_event(f"saga.run.{run_status}")
+        """Close an attempt's span and count it. Only types, never messages. A span that
+        records nothing (no SDK, or its trace not sampled) gets no attributes."""
+        if span.is_recording():
+            attrs: dict[str, str] = {OUTCOME: outcome}
+            if error_type is not None:
+                attrs[ERROR_TYPE] = error_type
+                span.add_event("exception", {"exception.type": error_type})
+            if run_status is not None:
+                attrs[RUN_STATUS] = run_status
+            span.set_attributes(attrs)
+            if outcome in _ERROR_OUTCOMES or (outcome == "retry" and error_type is not None):
+                span.set_status(Status(StatusCode.ERROR, error_type or outcome))
         span.end()
-        self.attempts[kind].add(1, attrs)
-        self.durations[kind].record(duration, {SAGA: saga, STEP: step, OUTCOME: outcome})
+        cache, combination = self._attempt_attrs, (saga, step, outcome, error_type)
+        found = cache.get(combination)
+        if found is None:
+            found = _attempt_keys(saga, step, outcome, error_type)
+            if len(cache) < _CACHED:  # error types are few in practice, but not bounded
+                cache[combination] = found
+        self.attempts[kind].count(found[0])
+        self.durations[kind].record(duration, found[1])
 
     def run_ended(self, saga: str, status: str, age: float | None) -> None:
-        self.runs_ended[status].add(1, {SAGA: saga})
+        attrs = self._run_attrs.get((saga, status))
+        if attrs is None:
+            attrs = self._run_attrs[saga, status] = {SAGA: saga, RUN_STATUS: status}
+        self.runs_ended[status].count(((SAGA, saga),))
         if age is not None:
-            self.run_duration.record(age, {SAGA: saga, RUN_STATUS: status})
+            self.run_duration.record(age, attrs)
+
+
+_ERROR_OUTCOMES = frozenset(("failure", "lease_lost", "refused"))
+_CACHED = 4096
+
+
+def _attempt_keys(
+    saga: str, step: str, outcome: str, error_type: str | None
+) -> tuple[Key, dict[str, str]]:
+    """An attempt's counter key (with the error type) and duration attributes."""
+    counted = {SAGA: saga, STEP: step, OUTCOME: outcome}
+    if error_type is not None:
+        counted[ERROR_TYPE] = error_type
+    return key_of(counted), {SAGA: saga, STEP: step, OUTCOME: outcome}

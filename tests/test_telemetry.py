@@ -11,16 +11,20 @@ from typing import Any
 
 import anyio
 import pytest
+from opentelemetry.metrics import CallbackOptions
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 
 import saga
+from saga._tally import LIMIT, OVERFLOW, Tally
 from saga.testing import Faults, advance
 from tests._sagas import FAST, parked_saga, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
@@ -33,9 +37,9 @@ class Order(BaseModel):
 
 
 class Tracing:
-    def __init__(self) -> None:
+    def __init__(self, sampler: Sampler | None = None, ids: IdGenerator | None = None) -> None:
         self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
+        self.provider = TracerProvider(sampler=sampler, id_generator=ids)
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
 
     def spans(self) -> list[ReadableSpan]:
@@ -72,8 +76,9 @@ async def test_completed_run_is_one_trace_under_the_caller(
 ) -> None:
     """start() inside a request span records a child span; every step attempt (retries
     as separate spans carrying their attempt number) is a child of the start span in the
-    same trace; a failed attempt records its error type and an error status; the last
-    attempt carries the run's outcome."""
+    same trace; a failed attempt records its error type, an ``exception`` event and an
+    error status; the last attempt carries the run's outcome as an attribute (no event:
+    a successful attempt records no event at all)."""
     tracing = Tracing()
     s = build()
     await orchestrator(s, tracer_provider=tracing.provider)
@@ -99,9 +104,12 @@ async def test_completed_run_is_one_trace_under_the_caller(
     assert reserve[0].status.status_code is StatusCode.ERROR
     assert reserve[0].attributes is not None
     assert reserve[0].attributes["error.type"] == "ConnectionError"
+    assert [event.name for event in reserve[0].events] == ["exception"]
     [charge] = spans["saga.step charge"]
     assert charge.attributes is not None
     assert charge.attributes["saga.run.status"] == "completed"
+    assert not charge.events
+    assert not reserve[1].events
     trace_id = request.get_span_context().trace_id
     for span in [*reserve, charge]:
         assert span.context is not None
@@ -146,6 +154,81 @@ async def test_compensated_run_traced_across_orchestrators(
     assert undo.attributes["saga.kind"] == "compensation"
     assert undo.attributes["saga.run.status"] == "compensated"
     assert_no_secret([*client_tracing.spans(), *worker_tracing.spans()])
+
+
+class _OneInTwo(IdGenerator):
+    """Trace ids alternately sampled and not by any TraceIdRatioBased: it decides on the
+    low 64 bits (sampled below ratio x 2**64), here 1, then all ones."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self.spans = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        return self.spans.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        self.made += 1
+        return (self.made << 64) | (1 if self.made % 2 else (1 << 64) - 1)
+
+
+async def test_attempt_spans_follow_the_start_spans_sampling(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The README's high-throughput setup: with ParentBased(TraceIdRatioBased(0.05)) in
+    the process that calls start(), a run whose start span is sampled is traced whole by
+    another orchestrator (its own provider, the SDK's default sampler): every attempt,
+    the retry included, in the start span's trace. A run whose start span is not sampled
+    exports no span from either process. Metrics count both runs."""
+    client_tracing = Tracing(ParentBased(TraceIdRatioBased(0.05)), _OneInTwo())
+    worker_tracing = Tracing()
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    definition = build()
+    client = await orchestrator(definition, concurrency=0, tracer_provider=client_tracing.provider)
+    await orchestrator(build(), tracer_provider=worker_tracing.provider, meter_provider=meters)
+    sampled = await client.start(definition, Order(order_id="sampled"))
+    unsampled = await client.start(definition, Order(order_id="unsampled"))
+    for run in (sampled, unsampled):
+        assert await run.result(timeout=10) == "c"
+    with anyio.fail_after(5):  # counted once the attempt's span has ended
+        while total(points(reader), "saga.step.attempts") < 6:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    [start] = client_tracing.spans()
+    assert start.attributes is not None
+    assert start.attributes["saga.run.id"] == str(sampled.id)
+    assert start.context is not None
+    attempts = worker_tracing.spans()
+    names = sorted(span.name for span in attempts)
+    assert names == ["saga.step charge", "saga.step reserve", "saga.step reserve"]
+    for span in attempts:
+        assert span.attributes is not None
+        assert span.attributes["saga.run.id"] == str(sampled.id)
+        assert span.context is not None
+        assert span.context.trace_id == start.context.trace_id
+        assert span.parent is not None
+        assert span.parent.span_id == start.context.span_id
+    assert total(points(reader), "saga.runs.completed") == 2
+
+
+def test_counters_are_cumulative_per_attribute_set() -> None:
+    """saga's counters are counted in the process and reported by observable counters:
+    one cumulative sum per attribute set (in whatever order its attributes were given),
+    still counting across collections; past the SDK's own limit of attribute sets per
+    metric, the rest is counted under its overflow attribute."""
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    tally = Tally.observed(meter, "test.count", "{thing}", "Things.")
+    tally.add(1, {"saga.name": "a", "saga.step": "b"})
+    tally.add(2, {"saga.step": "b", "saga.name": "a"})
+    assert points(reader)["test.count"] == [({"saga.name": "a", "saga.step": "b"}, 3)]
+    tally.add(1, {"saga.name": "a", "saga.step": "b"})
+    assert points(reader)["test.count"] == [({"saga.name": "a", "saga.step": "b"}, 4)]
+    for i in range(LIMIT + 5):
+        tally.add(1, {"i": i})
+    observed = {tuple(o.attributes.items()): o.value for o in tally.observe(CallbackOptions())}
+    assert len(observed) == LIMIT + 1
+    assert observed[OVERFLOW] == 6
 
 
 def assert_no_secret(spans: list[ReadableSpan]) -> None:

@@ -16,6 +16,10 @@ import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from pydantic import BaseModel
 
 import saga
@@ -422,3 +426,11 @@ async def serve(dsn: str) -> None:
         lanes=["payments"],
     ) as orch:
         await orch.start(transfer, Transfer(account="acct-7", amount=5), priority=50)
+
+
+# The README's "Tracing at high throughput": sample 5 % of runs, bigger span batches.
+sampled = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.05)))  # 5 % of runs
+sampled.add_span_processor(
+    BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=8192, max_export_batch_size=2048)
+)
+worker = saga.Orchestrator("postgresql://localhost/app", sagas=[checkout], tracer_provider=sampled)
