@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from typing import Any
 
 import anyio
 from playwright.async_api import Page, expect
@@ -229,3 +230,34 @@ async def test_screenshots_of_the_overview_and_a_timeline(
     if folder:
         await anyio.Path(folder, "dashboard-overview.png").write_bytes(overview)
         await anyio.Path(folder, "dashboard-run.png").write_bytes(picture)
+
+
+async def test_a_change_before_the_stream_opens_still_reaches_the_page(
+    orchestrator: OrchestratorFactory, serve: Serve, context: Context
+) -> None:
+    """A run that ends after its page was rendered but before the page's event stream
+    opened (the stream is held back here) still shows completed, without reload: the
+    page fetches itself once its stream is open."""
+    gate = Gate("s1")
+    s = small_saga("late", 1, gate=gate)
+    orch = await orchestrator(s)
+    url = await serve(orch)
+    run = await orch.start(s, Job())
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+    page = await _page(context)
+    held = anyio.Event()
+
+    async def hold(route: Any) -> None:
+        await held.wait()
+        await route.continue_()
+
+    await page.route("**/events*", hold)
+    await page.goto(f"{url}/runs/{run.id}")
+    status = page.get_by_test_id("run-status")
+    await expect(status).to_have_text(re.compile("running"))
+    gate.release.set()
+    await run.result(timeout=10)
+    held.set()
+    await _live(page)
+    await expect(status).to_have_text(re.compile("completed"), timeout=WAIT)

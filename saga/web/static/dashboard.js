@@ -22,7 +22,9 @@
     return tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT";
   }
 
-  function refresh() {
+  // keepFlash: the refresh when the stream opens keeps the page's flash message (the
+  // answer to the action that led here); later ones drop it.
+  function refresh(keepFlash) {
     if (busy) { pending = true; return; }
     if (typing()) { pending = true; return; }
     pending = false;
@@ -39,7 +41,7 @@
         if (fresh && main && !typing()) {
           // A flash message was shown once already: do not bring it back.
           var flash = fresh.querySelector("[data-testid=flash]");
-          if (flash) { flash.remove(); }
+          if (flash && keepFlash !== true) { flash.remove(); }
           main.replaceWith(fresh);
         } else if (fresh) {
           pending = true;
@@ -57,7 +59,12 @@
   });
 
   var source = new EventSource(url);
-  source.addEventListener("open", function () { if (live) { live.classList.add("on"); } });
+  // Whatever changed between the page's render and its stream's start (or during a
+  // reconnection) was announced to nobody: fetch the page once the stream is open.
+  source.addEventListener("open", function () {
+    if (live) { live.classList.add("on"); }
+    refresh(true);
+  });
   source.addEventListener("error", function () { if (live) { live.classList.remove("on"); } });
   source.addEventListener("change", refresh);
 })();
