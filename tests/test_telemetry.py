@@ -473,3 +473,35 @@ async def test_parallel_branches_are_sibling_spans_that_overlap(
     assert (join.start_time or 0) >= max(ends)
     assert join.attributes is not None
     assert join.attributes["saga.run.status"] == "completed"
+
+
+async def test_an_attempt_cancelled_for_a_lost_lease_records_no_message(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The heartbeat cancels an attempt whose lease another worker took over: its span
+    says lease_lost, by type, and carries no exception event or status text of the
+    cancellation that ended it (spans hold types, never messages)."""
+    tracing = Tracing()
+    s = saga.Saga("taken", input=Order)  # written out: the two attempts' interplay
+
+    @s.step(lease_seconds=0.6)  # heartbeats every 0.2 s
+    async def slow(ctx: saga.Context[Order]) -> int:
+        if ctx.attempt == 1:
+            await anyio.sleep(30)  # until the heartbeat finds the lease gone
+        return ctx.attempt
+
+    faults = Faults()
+    faults.expire_lease(slow)
+    # A single slot: the run is taken over by the other worker, whose attempt 2 ends it.
+    first_worker = await orchestrator(s, concurrency=1, tracer_provider=tracing.provider)
+    faults.attach(first_worker)
+    run = await first_worker.start(s, Order(order_id="x"))
+    await orchestrator(s)
+    assert await run.result(timeout=15) == 2
+    with anyio.fail_after(5):
+        while not [p for p in tracing.spans() if p.attributes.get("saga.attempt") == 1]:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    first = [p for p in tracing.spans() if p.attributes.get("saga.attempt") == 1]
+    assert [p.attributes.get("saga.outcome") for p in first] == ["lease_lost"]
+    assert not [e for e in first[0].events if "exception.message" in (e.attributes or {})]
+    assert "Cancelled" not in (first[0].status.description or "")
