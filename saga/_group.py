@@ -1,11 +1,12 @@
 """Group commit: the transitions of many runs written in one statement and one commit.
 
-A writer that finds no write in flight writes alone, at once, as it always did: at low
-load nothing waits for a batch to fill. Writers that arrive while a write is in flight
-queue up; when it ends, the first of them leads the next write and takes everything
-queued by then (up to ``max_batch``) into one statement. So batches grow with the load,
-by themselves, and each row of a batch keeps its own fence (the store's statement checks
-every run's lease token and owner).
+A writer that finds no write in flight goes at once, after one turn of the event loop
+(the writers made ready with it join it): at low load nothing waits for a batch to
+fill. Writers that arrive while a write is in flight queue up; when it ends, the first
+of them leads the next write and takes everything queued by then (up to ``max_batch``)
+into one statement. So batches grow with the load, by themselves, and each row of a
+batch keeps its own fence (the store's statement checks every run's lease token and
+owner).
 
 A batch the database refused outright (an error reported by the server: nothing
 committed) is written again one run at a time, so a row that fails fails its run alone.
@@ -76,15 +77,13 @@ class GroupCommit(Generic[A, R]):
         alone: Callable[[A], A] = lambda args: args,
         leaders: int = 1,
         max_batch: int = 256,
-        gather: bool = True,
     ) -> None:
         self._single = single
-        self._alone_args = alone
+        self._as_alone = alone
         self._batch = batch
         self._key = key
         self._max_leaders = leaders
         self._max_batch = max_batch
-        self._gather = gather
         self._leaders = 0  # writes in flight (each led by one writer)
         self._queue: deque[_Waiter[A]] = deque()
         #: Batches written and the writes in them (for tests and benchmarks).
@@ -95,10 +94,9 @@ class GroupCommit(Generic[A, R]):
         if self._leaders < self._max_leaders and not self._queue:
             self._leaders += 1
             try:
-                if self._gather:
-                    # One turn of the event loop: the writers made ready with this one
-                    # (the runs a batch just answered) queue up behind it.
-                    await asyncio.sleep(0)
+                # One turn of the event loop: the writers made ready with this one (the
+                # runs a batch just answered) queue up behind it.
+                await asyncio.sleep(0)
                 return await self._lead(args)
             finally:
                 self._hand_over()
@@ -172,7 +170,7 @@ class GroupCommit(Generic[A, R]):
             if not definitely_not_committed(exc):
                 # Maybe committed: each writer resolves its own run from the history.
                 return [exc] * len(batch)
-            return [await self._alone(self._alone_args(args)) for args in batch]
+            return [await self._alone(self._as_alone(args)) for args in batch]
         return [found.get(self._key(args)) for args in batch]
 
     async def _alone(self, args: A) -> Any:
