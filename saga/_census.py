@@ -7,7 +7,8 @@ work at most once a minute: runs of a version nobody here runs, or whose definit
 changed without a version bump. An orchestrator that executes work also keeps the
 planner's statistics of the runs table current: after a burst of starts, the claim would
 otherwise scan and sort every due run (10 ms a claim at 10,000 due runs, not 0.2 ms)
-until autovacuum's analyze comes, a minute or more later.
+until autovacuum's analyze comes, a minute or more later. It creates the coming days'
+partitions too (see saga/_partitions.py), every ten minutes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from saga._store_ops import DefinitionKey
 from saga._telemetry import Telemetry
 
 _WARN_EVERY = 60.0
+# How often an executing orchestrator checks that the coming days have partitions.
+_PARTITIONS_EVERY = 600.0
+_PARTITIONS_RETRY = 60.0
 
 
 async def census_loop(
@@ -37,8 +41,11 @@ async def census_loop(
     gauges = telemetry.gauges(store.schema)
     mine = {(name, version): fp for name, version, fp in definitions}
     warned_at = -math.inf
+    partitions_at = -math.inf
     try:
         while True:
+            if warn and anyio.current_time() >= partitions_at:
+                partitions_at = anyio.current_time() + await _partitions(store)
             try:
                 census = await store.census(definitions)
                 waiting = await store.count_unclaimable(definitions)
@@ -63,3 +70,16 @@ async def census_loop(
             await anyio.sleep(interval)
     finally:
         telemetry.forget(gauges)
+
+
+async def _partitions(store: Store) -> float:
+    """Create the coming days' partitions when missing; seconds until the next check
+    (sooner after a failure: a lock not granted in time, a database away)."""
+    try:
+        created = await store.ensure_partitions()
+    except DatabaseError as exc:
+        logger.warning("partitions_not_created", schema=store.schema, error=str(exc))
+        return _PARTITIONS_RETRY
+    if created:
+        logger.info("partitions_created", schema=store.schema, days=[str(d) for d in created])
+    return _PARTITIONS_EVERY

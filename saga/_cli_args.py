@@ -275,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune_ = add(
         "prune",
         "delete old finished runs and their history",
-        "Delete runs that finished more than --older-than ago, with their events, in "
-        "batches (one short transaction each). Failed runs wait for an operator and are "
-        "kept unless --include-failed.",
+        "Delete runs that finished more than --older-than ago, with their events. Whole "
+        "days of runs are dropped at once (their partitions); the rest go in batches (one "
+        "short transaction each), unless --whole-days. Failed runs wait for an operator "
+        "and are kept unless --include-failed.",
     )
     prune_.add_argument(
         "--older-than", type=parse_duration, required=True, help="finished at least this long ago"
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune_.add_argument("--include-failed", action="store_true", help="prune failed runs too")
     prune_.add_argument(
         "--batch-size", type=_positive_int, default=1000, help="runs per transaction"
+    )
+    prune_.add_argument(
+        "--whole-days",
+        action="store_true",
+        help="only drop whole days (no row-by-row deletes: nothing left for autovacuum)",
     )
     prune_.add_argument("--dry-run", action="store_true", help="only count what would go")
 

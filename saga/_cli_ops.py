@@ -292,6 +292,7 @@ async def _prune(ctx: _Ctx, orch: Client) -> int:
         status=statuses or PRUNABLE_BY_DEFAULT,
         batch_size=args.batch_size,
         dry_run=args.dry_run,
+        whole_days=args.whole_days,
     )
     if ctx.as_json:
         ctx.emit(
@@ -299,12 +300,17 @@ async def _prune(ctx: _Ctx, orch: Client) -> int:
                 "runs": result.runs,
                 "events": result.events,
                 "batches": result.batches,
+                "days": result.days,
                 "dry_run": result.dry_run,
             }
         )
     else:
         verb = "would delete" if result.dry_run else "deleted"
-        batches = "" if result.dry_run else f" in {result.batches} batch(es)"
+        batches = (
+            ""
+            if result.dry_run
+            else f" ({result.days} whole day(s), then {result.batches} batch(es))"
+        )
         ctx.say(
             f"{verb} {result.runs} runs and {result.events} events{batches} "
             f"(finished more than {_duration(args.older_than)} ago)"

@@ -50,6 +50,7 @@ from saga._log import Outage, logger
 from saga._migrate import check_migrated, migrate
 from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._notify import StartNotifier
+from saga._partitions import uuid7
 from saga._run import RunHandle
 from saga._signals import Signalling
 from saga._store import RunRow, Store
@@ -283,7 +284,7 @@ class Client(Lifecycle, Signalling, Acting):
             # its cancellation only after the insert committed or failed.
             started_run = await uncancellable(
                 store.start_run(
-                    uuid.uuid4(),
+                    uuid7(),
                     saga.name,
                     saga.version,
                     key,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from saga import _partitions as partitions
 from saga._db import (
     Migration,
     latest_migration,
@@ -24,8 +25,9 @@ _LOCK_NAMESPACE = "saga.migrate:"
 
 
 async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
-    """Apply pending migrations, one transaction each, under an advisory lock; return the
-    versions this call applied.
+    """Apply pending migrations, one transaction each, under an advisory lock, then create
+    the coming days' partitions (saga/_partitions.py); return the versions this call
+    applied.
 
     Safe when several processes migrate at once: each transaction takes the lock, then
     re-reads what is applied. Raises :class:`MigrationError` when a recorded migration's
@@ -49,6 +51,8 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
                     q["migration_record"], migration.version, migration.name, migration.checksum
                 )
                 applied_now.append(migration.version)
+    async with translate_errors("creating partitions"):
+        await partitions.ensure(pool, schema)
     return applied_now
 
 

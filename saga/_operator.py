@@ -48,8 +48,9 @@ class PruneResult:
 
     runs: int
     events: int
-    batches: int
+    batches: int  # row-by-row batches
     dry_run: bool
+    days: int = 0  # whole days dropped (or compacted) at once, before the batches
 
 
 def _seconds(name: str, value: timedelta | None) -> float | None:
@@ -213,15 +214,21 @@ async def prune(
     status: Iterable[RunStatus | str] | RunStatus | str = PRUNABLE_BY_DEFAULT,
     batch_size: int = 1000,
     dry_run: bool = False,
+    whole_days: bool = False,
 ) -> PruneResult:
     """Delete finished runs that ended more than ``older_than`` ago, with their history.
 
     Only terminal states can be pruned; by default ``completed``, ``compensated`` and
     ``cancelled`` (add ``failed`` to ``status`` to prune runs that waited for an operator
-    too). Runs go oldest first, ``batch_size`` per transaction, each batch one short
-    statement that skips rows another transaction holds, so pruning never blocks
-    workers for long. ``dry_run=True`` only counts. Safe to run from several processes
-    at once, and to interrupt: every batch is complete or absent.
+    too). Runs and their history are partitioned by the UTC day they started on. First,
+    every day that ended more than ``older_than`` ago goes at once, oldest first: its
+    partitions are dropped when all its runs go, or replaced by copies of the runs it
+    keeps when at least half go (no row-by-row delete: nothing left for autovacuum).
+    Then the remaining runs to prune go row by row, oldest first, ``batch_size`` per
+    transaction, each batch one short statement that skips rows another transaction
+    holds; ``whole_days=True`` skips that pass (a run then stays until its whole day
+    goes). ``dry_run=True`` only counts. Safe to run from several processes at once, and
+    to interrupt: every day and every batch is complete or absent.
     """
     store = client._store_or_raise()
     seconds = _seconds("older_than", older_than)
@@ -240,11 +247,14 @@ async def prune(
         or not 1 <= batch_size <= 100_000
     ):
         raise ConfigurationError(f"batch_size must be an int from 1 to 100000, got {batch_size!r}")
+    if not isinstance(whole_days, bool):
+        raise ConfigurationError(f"whole_days must be a bool, got {whole_days!r}")
     if dry_run:
         runs, events = await store.count_prunable(seconds, statuses)
         return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
-    total_runs = total_events = batches = 0
-    while True:
+    days = await store.prune_days(seconds, statuses)
+    total_runs, total_events, batches = days.runs, days.events, 0
+    while not whole_days:
         runs, events = await store.prune_runs(seconds, statuses, batch_size)
         total_runs += runs
         total_events += events
@@ -253,7 +263,9 @@ async def prune(
         batches += 1
         if runs < batch_size:
             break
-    return PruneResult(runs=total_runs, events=total_events, batches=batches, dry_run=False)
+    return PruneResult(
+        runs=total_runs, events=total_events, batches=batches, dry_run=False, days=days.days
+    )
 
 
 async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> list[int]:

@@ -146,14 +146,10 @@ class Store(
         extra = None if traffic.key is None else partial(self.admit, saga_name, traffic)
         async with translate_errors("starting a run"):
             for _ in range(5):
-                if roots is None and extra is None:
-                    row = await (
-                        self._starts.write(args)
-                        if conn is None
-                        else conn.fetchrow(self._q["start_run"], *args)
-                    )
-                elif conn is not None:  # the caller's transaction holds both
+                if conn is not None:  # the caller's transaction holds it all
                     row = await self._start_more(conn, args, roots, extra)
+                elif roots is None and extra is None and key is None:
+                    row = await self._starts.write(args)
                 else:
                     async with self.pool.acquire() as own, own.transaction():
                         row = await self._start_more(own, args, roots, extra)
@@ -172,8 +168,10 @@ class Store(
         roots: list[str] | None,
         admit: Callable[[Executor], Awaitable[None]] | None,
     ) -> Any:
-        """A graph run and its first items, or a keyed run and its admission, on
-        ``conn`` (in a transaction)."""
+        """A graph run and its first items, a keyed run and its admission, or a run with
+        an idempotency key (after its lock), on ``conn`` (in a transaction)."""
+        if args[3] is not None:
+            await conn.execute(self._q["lock_key"], args[1], args[3])
         row = await conn.fetchrow(self._q["start_run"], *args)
         if row is not None and roots is not None:
             await conn.execute(self._q["start_items"], row["id"], roots)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
 
+from saga import _partitions as partitions
 from saga._db import Executor, quote_ident, translate_errors
 from saga._errors import ErrorInfo
 from saga._model import RunInfo, RunStatus
+from saga._partitions import DaysPruned
 
 #: A saga definition as the database knows it: (name, version, fingerprint).
 DefinitionKey = tuple[str, int, str | None]
@@ -173,6 +175,11 @@ class OperatorQueries:
         assert row is not None
         return row["runs"], row["events"]
 
+    async def prune_days(self, older_than: float, statuses: Sequence[str]) -> DaysPruned:
+        """Drop or compact the whole days that can go (see saga/_partitions.py)."""
+        async with translate_errors("pruning whole days"):
+            return await partitions.prune_days(self.pool, self.schema, older_than, statuses)
+
     async def count_prunable(self, older_than: float, statuses: Sequence[str]) -> tuple[int, int]:
         """What :meth:`prune_runs` would delete: (runs, events)."""
         async with translate_errors("counting prunable runs"):
@@ -259,16 +266,23 @@ class OperatorQueries:
             )
         return None if row is None else _due(row["due_at"])
 
+    async def ensure_partitions(self) -> list[date]:
+        """Create today's and the coming days' partitions where missing (the days)."""
+        async with translate_errors("creating partitions"):
+            return await partitions.ensure(self.pool, self.schema)
+
     async def refresh_statistics(self) -> bool:
         """ANALYZE the runs table when its statistics are stale (see the census);
         whether it did."""
         async with translate_errors("refreshing statistics"):
-            if not await self.pool.fetchval(self._q["statistics_stale"]):
+            stale: list[str] = await self.pool.fetchval(self._q["statistics_stale"])
+            if not stale:
                 return False
             async with self.pool.acquire() as conn, conn.transaction():
                 if not await conn.fetchval(self._q["analyze_runs"]):
                     return False
-                await conn.execute(f"ANALYZE {quote_ident(self.schema)}.runs")
+                for name in stale:
+                    await conn.execute(f"ANALYZE {quote_ident(self.schema)}.{quote_ident(name)}")
         return True
 
     async def census(self, definitions: Sequence[DefinitionKey]) -> Census:

@@ -56,19 +56,24 @@ SELECT max(version) FROM __schema__.migrations;
 -- itself, due 'infinity': start_items adds its first items in the same transaction),
 -- $12 the definition's pivot step or NULL, $13 and $14 the parent run and step of a
 -- child run (or NULL), $15 the run's priority, $16 its concurrency key or NULL (a keyed
--- run starts queued, never claimed until key_fill admits it, in the same transaction)
+-- run starts queued, never claimed until key_fill admits it, in the same transaction).
+-- With an idempotency key, the caller holds lock_key: runs of different days are in
+-- different partitions, which no unique index spans.
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
          trace_context, fingerprint, graph, status, pivot, parent_id, parent_step,
          priority, concurrency_key, key_state)
-    VALUES ($1, $2, $3, $4, $5, $6,
-            CASE WHEN $11::boolean OR $16::text IS NOT NULL THEN 'infinity'::timestamptz
-                 ELSE now() END,
-            $8::jsonb, $10, $11::boolean,
-            CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12, $13, $14,
-            $15, $16, CASE WHEN $16::text IS NOT NULL THEN 'queued' END)
-    ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    SELECT $1::uuid, $2::text, $3::integer, $4::text, $5::text, $6::text,
+           CASE WHEN $11::boolean OR $16::text IS NOT NULL THEN 'infinity'::timestamptz
+                ELSE now() END,
+           $8::jsonb, $10::text, $11::boolean,
+           CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12::text, $13::uuid,
+           $14::text, $15::integer, $16::text,
+           CASE WHEN $16::text IS NOT NULL THEN 'queued' END
+    WHERE $4::text IS NULL OR NOT EXISTS (
+        SELECT 1 FROM __schema__.runs r WHERE r.saga_name = $2 AND r.idempotency_key = $4)
+    ON CONFLICT DO NOTHING
     RETURNING id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, data)
@@ -81,9 +86,8 @@ SELECT id, CASE WHEN $9 THEN pg_notify($7, $2)::text END AS notified FROM ins;
 
 -- name: start_runs
 -- start_run for several runs in one statement and one commit (group commit of starts:
--- see saga/_group.py), for runs that are neither graphs nor keyed: each as start_run
--- inserts it; a run whose (saga, idempotency key) exists already (or repeats one of an
--- earlier row) is left out of the result, for its start alone to look up.
+-- see saga/_group.py), for runs that are neither graphs nor keyed (no concurrency key,
+-- no idempotency key: those take lock_key first): each as start_run inserts it.
 -- $1..$14 arrays, one element per run, as start_run's $1..$6, $8..$10, $12..$15 and $9
 -- (in that order: id, saga, version, key, input, first step, trace context,
 -- fingerprint, pivot, parent, parent step, priority, whether to NOTIFY); $14 the work
@@ -104,7 +108,7 @@ WITH t AS (
            trace_context::jsonb, fingerprint, false, 'pending', pivot, parent_id,
            parent_step, priority
     FROM t ORDER BY ord
-    ON CONFLICT (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, data)
@@ -115,6 +119,13 @@ WITH t AS (
 )
 SELECT t.id, CASE WHEN t.notify THEN pg_notify($14, t.saga_name)::text END AS notified
 FROM ins JOIN t ON t.id = ins.id;
+
+-- name: lock_key
+-- Serializes the starts of one (saga, idempotency key) until their transactions end:
+-- taken before start_run looks the key up (in a statement of its own, so that the
+-- lookup's snapshot sees a run the previous holder committed).
+-- $1 saga name, $2 idempotency key
+SELECT pg_advisory_xact_lock(hashtext('__schema__ ' || $1), hashtext($2));
 
 -- name: start_items
 -- The first items of a graph run just started (its steps without dependencies), in the
@@ -360,10 +371,13 @@ FROM claimed;
 -- rows changed since they were (a burst of starts: the claim would plan a scan and sort
 -- of every due run instead of reading the due index), and not in the last minute
 -- (autovacuum's analyze may take a minute or more to come). See saga/_census.py.
-SELECT s.n_mod_since_analyze >= greatest(1000, 0.1 * s.n_live_tup)
-       AND coalesce(greatest(s.last_analyze, s.last_autoanalyze), '-infinity')
-           < now() - interval '60 seconds'
-FROM pg_stat_user_tables s WHERE s.relid = '__schema__.runs'::regclass;
+-- The runs table is partitioned (by day): the partitions whose statistics are stale.
+SELECT coalesce(array_agg(s.relname::text), '{}')
+FROM pg_stat_user_tables s JOIN pg_inherits i ON i.inhrelid = s.relid
+WHERE i.inhparent = '__schema__.runs'::regclass
+  AND s.n_mod_since_analyze >= greatest(1000, 0.1 * s.n_live_tup)
+  AND coalesce(greatest(s.last_analyze, s.last_autoanalyze), '-infinity')
+      < now() - interval '60 seconds';
 
 -- name: analyze_runs
 -- Gather the runs table's statistics, one orchestrator at a time (the others skip).

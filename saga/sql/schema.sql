@@ -17,12 +17,18 @@ CREATE TABLE __schema__.migrations (
     checksum   text
 );
 
+-- runs, events, watches and signals are partitioned by run id, one partition per UTC
+-- day (`<table>_pYYYYMMDD`, created ahead by saga/_partitions.py: run ids are UUIDv7, so
+-- an id range is a range of start times), plus a DEFAULT partition (`<table>_default`)
+-- for older runs (random ids) and days without a partition. Pruning drops whole days.
+-- The catalog test compares the partitioned tables, not their partitions.
+
 -- One row per run. A run carries its one leasable work item: the step (statuses
 -- pending, running) or the compensation (compensating) named step_name, at attempt.
 -- A sleeping or waiting run is parked at wait_name until due_at (its sleep's end, its
 -- wait's timeout, 'infinity' for a wait without one), then runs step_name.
 CREATE TABLE __schema__.runs (
-    id                 uuid PRIMARY KEY,
+    id                 uuid NOT NULL,  -- UUIDv7: time-ordered
     saga_name          text NOT NULL,
     saga_version       integer NOT NULL,
     -- The definition's fingerprint (NULL for runs started before fingerprints): only a
@@ -81,12 +87,16 @@ CREATE TABLE __schema__.runs (
     finished_at        timestamptz,
     CONSTRAINT runs_check
         CHECK ((due_at IS NULL) = (status IN ('completed', 'compensated', 'failed', 'cancelled',
-                                              'stopped')))
-);
+                                              'stopped'))),
+    PRIMARY KEY (id)
+) PARTITION BY RANGE (id);
+CREATE TABLE __schema__.runs_default PARTITION OF __schema__.runs DEFAULT;
 
--- Idempotent starts: one run per (saga, key).
-CREATE UNIQUE INDEX runs_idempotency_key ON __schema__.runs (saga_name, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
+-- Idempotent starts: one run per (saga, key). No unique index spans partitions: each
+-- partition has its own (`<partition>_idempotency_key`), and a start with a key holds an
+-- advisory lock on it while it looks the key up and inserts (query lock_key).
+CREATE UNIQUE INDEX runs_default_idempotency_key
+    ON __schema__.runs_default (saga_name, idempotency_key) WHERE idempotency_key IS NOT NULL;
 -- The claim path: only active runs, so it stays small whatever the finished history.
 CREATE INDEX runs_due ON __schema__.runs (due_at) WHERE due_at IS NOT NULL;
 -- Runs waiting for an operator, counted by the metrics.
@@ -108,9 +118,10 @@ CREATE INDEX runs_finished_saga ON __schema__.runs (saga_name, created_at, id)
 -- The append-only history. Events of one run are written only by statements holding
 -- that run's row lock, so ordering by id gives each run's history a total order. No
 -- foreign key (a lookup per event on the hot path); deleting a run deletes its events.
+CREATE SEQUENCE __schema__.event_ids;
 CREATE TABLE __schema__.events (
     run_id   uuid NOT NULL,
-    id       bigint GENERATED ALWAYS AS IDENTITY,
+    id       bigint NOT NULL DEFAULT nextval('__schema__.event_ids'),
     at       timestamptz NOT NULL DEFAULT now(),
     kind     text NOT NULL,   -- saga._model.EventKind
     step     text,
@@ -118,7 +129,9 @@ CREATE TABLE __schema__.events (
     worker   text,
     data     jsonb,
     PRIMARY KEY (run_id, id)
-);
+) PARTITION BY RANGE (run_id);
+ALTER SEQUENCE __schema__.event_ids OWNED BY __schema__.events.id;
+CREATE TABLE __schema__.events_default PARTITION OF __schema__.events DEFAULT;
 -- History by time (the dashboard's last hours): BRIN, a few pages for millions of
 -- events and nearly free to maintain, as events are appended in time order.
 CREATE INDEX events_at ON __schema__.events USING brin (at);
@@ -130,7 +143,8 @@ CREATE TABLE __schema__.watches (
     run_id  uuid PRIMARY KEY,
     watched boolean NOT NULL DEFAULT true,
     ended   boolean NOT NULL DEFAULT false
-);
+) PARTITION BY RANGE (run_id);
+CREATE TABLE __schema__.watches_default PARTITION OF __schema__.watches DEFAULT;
 
 -- Signals, one row per (run, name): the first signal of a name wins. Written by the
 -- sender (payload), by the run entering its wait (awaited_at), and by the claim that
@@ -147,7 +161,8 @@ CREATE TABLE __schema__.signals (
     timeout_seconds float8,         -- the wait's timeout ('Infinity': none), to re-wait
     closed          boolean NOT NULL DEFAULT false,
     PRIMARY KEY (run_id, name)
-);
+) PARTITION BY RANGE (run_id);
+CREATE TABLE __schema__.signals_default PARTITION OF __schema__.signals DEFAULT;
 
 -- Fencing tokens of graph items: unique across every item ever leased.
 CREATE SEQUENCE __schema__.item_tokens;

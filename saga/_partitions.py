@@ -1,0 +1,285 @@
+"""Day partitions of runs and their history (see ``sql/migrations/0009_partitions.sql``).
+
+Run ids are UUIDv7: their first 48 bits are the start's Unix time in milliseconds, so
+the runs started on one UTC day are one range of ids. ``runs``, ``events``, ``watches``
+and ``signals`` are partitioned by that range: day D's rows live in ``runs_pYYYYMMDD``,
+``events_pYYYYMMDD``, ... Each parent also has a DEFAULT partition (``runs_default``,
+...): the rows of runs started before migration 0009 (random ids), and of any run whose
+day had no partition yet.
+
+:func:`ensure` creates today's partitions and the next ``DAYS_AHEAD`` days' (executing
+orchestrators call it when they open and from the census; ``migrate`` and ``prune`` too),
+so a run normally lands in its day's partition. Creating a partition moves any row of
+its day out of the DEFAULT partition first, in the same transaction.
+
+:func:`prune_days` drops whole days: a day whose runs all finished long enough ago (in
+a pruned status) is four ``DROP TABLE``\\ s; a day where at least half of them did is
+compacted: the others are copied into fresh tables that replace the day's. No row is
+deleted one by one, so nothing is left for autovacuum to clean. Each day is one short
+transaction holding its four partitions (and briefly the parents) exclusively, with a
+lock timeout: a day that cannot be locked now is left for the next prune.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from uuid import UUID
+
+import anyio
+import asyncpg
+
+from saga._db import quote_ident
+
+#: The tables partitioned by run id, with their run id column.
+TABLES: tuple[tuple[str, str], ...] = (
+    ("runs", "id"),
+    ("events", "run_id"),
+    ("watches", "run_id"),
+    ("signals", "run_id"),
+)
+#: Days of partitions created ahead of today.
+DAYS_AHEAD = 2
+_DAY_MS = 86_400_000
+_EPOCH = date(1970, 1, 1)
+# Partition DDL waits at most this long for a lock (statements on the runs queue behind
+# it meanwhile); a day that cannot be locked is tried again later.
+_LOCK_TIMEOUT = "500ms"
+_LOCK_ATTEMPTS = 3
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+def uuid7() -> UUID:
+    """A new run id: UUIDv7 (RFC 9562), the current Unix time in ms then 74 random bits."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 62 & 0xFFF) << 64
+        | 0b10 << 62
+        | rand & 0x3FFF_FFFF_FFFF_FFFF
+    )
+    return UUID(int=value)
+
+
+def day_start(day: date) -> UUID:
+    """The lowest run id of ``day`` (UTC): the partition bound."""
+    return UUID(int=((day - _EPOCH).days * _DAY_MS) << 80)
+
+
+def day_of(run_id: UUID) -> date:
+    """The UTC day a run id's partition covers (for UUIDv7 ids: the day it started)."""
+    return _EPOCH + timedelta(days=(run_id.int >> 80) // _DAY_MS)
+
+
+def partition(table: str, day: date) -> str:
+    return f"{table}_p{day:%Y%m%d}"
+
+
+async def days(conn: Conn | asyncpg.Pool, schema: str) -> set[date]:
+    """The days that have partitions (those of ``runs``: the four tables go together)."""
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = $1::regclass",
+        f"{quote_ident(schema)}.runs",
+    )
+    found = set()
+    for row in rows:
+        name: str = row["relname"]
+        if name.startswith("runs_p") and len(name) == 14 and name[6:].isdigit():
+            found.add(datetime.strptime(name[6:], "%Y%m%d").date())
+    return found
+
+
+async def ensure(pool: asyncpg.Pool, schema: str, ahead: int = DAYS_AHEAD) -> list[date]:
+    """Create the partitions of today (UTC) and of the ``ahead`` next days that are
+    missing; returns the days created. Safe from several processes at once."""
+    partitioned = await pool.fetchval(
+        "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass",
+        f"{quote_ident(schema)}.runs",
+    )
+    if not partitioned:
+        return []  # a schema not migrated that far (a migration test stops early)
+    today = datetime.now(UTC).date()
+    wanted = [today + timedelta(days=k) for k in range(ahead + 1)]
+    have = await days(pool, schema)
+    created = []
+    for day in wanted:
+        if day not in have and await _create_day(pool, schema, day):
+            created.append(day)
+    return created
+
+
+async def _create_day(pool: asyncpg.Pool, schema: str, day: date) -> bool:
+    s = quote_ident(schema)
+    lo, hi = day_start(day), day_start(day + timedelta(days=1))
+    async with pool.acquire() as conn, conn.transaction():
+        await _serialize(conn, schema)
+        if day in await days(conn, schema):
+            return False  # another process created it meanwhile
+        for table, key in TABLES:
+            part = f"{s}.{quote_ident(partition(table, day))}"
+            default = f"{s}.{quote_ident(table + '_default')}"
+            # Attaching next to a DEFAULT partition locks it exclusively (and checks that
+            # none of its rows belongs to the new day): taken first, not upgraded to.
+            await conn.execute(f"LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE")
+            await conn.execute(
+                f"CREATE TABLE {part} (LIKE {s}.{table} "
+                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
+            )
+            await conn.execute(
+                f"WITH moved AS (DELETE FROM {default} WHERE {key} >= '{lo}' AND {key} < '{hi}' "
+                f"RETURNING *) INSERT INTO {part} SELECT * FROM moved"
+            )
+            if table == "runs":
+                await conn.execute(_key_index(schema, day))
+            await _attach(conn, schema, table, part, day)
+    return True
+
+
+async def _attach(conn: Conn, schema: str, table: str, part: str, day: date) -> None:
+    lo, hi = day_start(day), day_start(day + timedelta(days=1))
+    await conn.execute(
+        f"ALTER TABLE {quote_ident(schema)}.{table} ATTACH PARTITION {part} "
+        f"FOR VALUES FROM ('{lo}') TO ('{hi}')"
+    )
+
+
+def _key_index(schema: str, day: date, suffix: str = "") -> str:
+    """Idempotency keys are unique within a partition too (across partitions: see
+    ``lock_key`` in queries.sql)."""
+    name = partition("runs", day) + suffix
+    return (
+        f"CREATE UNIQUE INDEX {quote_ident(name + '_idempotency_key')} "
+        f"ON {quote_ident(schema)}.{quote_ident(name)} (saga_name, idempotency_key) "
+        "WHERE idempotency_key IS NOT NULL"
+    )
+
+
+async def _serialize(conn: Conn, schema: str) -> None:
+    await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"saga.partitions:{schema}")
+
+
+@dataclass(frozen=True, slots=True)
+class DaysPruned:
+    """What :func:`prune_days` removed: runs and events, in ``days`` whole days."""
+
+    runs: int = 0
+    events: int = 0
+    days: int = 0
+
+
+async def prune_days(
+    pool: asyncpg.Pool, schema: str, older_than: float, statuses: Sequence[str]
+) -> DaysPruned:
+    """Drop or compact every day whose runs all started more than ``older_than``
+    seconds ago, when at least half of its runs finished that long ago in one of
+    ``statuses`` (those go; the others are kept). Oldest day first."""
+    now: datetime = await pool.fetchval("SELECT now()")
+    cutoff = now - timedelta(seconds=older_than)
+    total = DaysPruned()
+    for day in sorted(await days(pool, schema)):
+        end = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
+        if end > cutoff:
+            break
+        done = await _prune_day(pool, schema, day, cutoff, list(statuses))
+        if done is not None:
+            total = DaysPruned(total.runs + done[0], total.events + done[1], total.days + 1)
+    return total
+
+
+_PRUNABLE = "(due_at IS NULL AND finished_at < $1 AND status = ANY($2::text[]))"
+
+
+async def _prune_day(
+    pool: asyncpg.Pool, schema: str, day: date, cutoff: datetime, statuses: list[str]
+) -> tuple[int, int] | None:
+    s = quote_ident(schema)
+    parts = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
+    # Counted before the day is locked: finished runs get no new events (the kept ones
+    # may; their events are counted under the lock, as they are copied).
+    counts = await pool.fetchrow(
+        f"SELECT count(*) FILTER (WHERE {_PRUNABLE}) AS gone, "
+        f"count(*) FILTER (WHERE NOT {_PRUNABLE}) AS kept FROM {parts['runs']}",
+        cutoff,
+        statuses,
+    )
+    assert counts is not None
+    if counts["gone"] == 0 or counts["kept"] > counts["gone"]:
+        return None  # nothing to gain, or less than half: prune's row-by-row pass
+    events = await pool.fetchval(f"SELECT count(*) FROM {parts['events']}")
+    for attempt in range(_LOCK_ATTEMPTS):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await _serialize(conn, schema)
+                if day not in await days(conn, schema):
+                    return None  # another prune took it
+                await conn.execute(
+                    f"LOCK TABLE {', '.join(parts.values())} IN ACCESS EXCLUSIVE MODE"
+                )
+                kept = await conn.fetchval(
+                    f"SELECT count(*) FROM {parts['runs']} WHERE NOT {_PRUNABLE}",
+                    cutoff,
+                    statuses,
+                )
+                if kept == 0:
+                    for part in parts.values():
+                        await conn.execute(f"DROP TABLE {part}")
+                    return counts["gone"], events
+                if kept > counts["gone"]:
+                    return None
+                kept_events = await _compact(conn, schema, day, cutoff, statuses)
+            return counts["gone"] + counts["kept"] - kept, events - kept_events
+        except asyncpg.LockNotAvailableError:
+            if attempt == _LOCK_ATTEMPTS - 1:
+                raise
+            await anyio.sleep(0.5 * (attempt + 1))
+    return None
+
+
+async def _compact(
+    conn: Conn, schema: str, day: date, cutoff: datetime, statuses: list[str]
+) -> int:
+    """Replace the day's partitions with copies holding only its kept runs and their
+    rows; returns the kept runs' events."""
+    s = quote_ident(schema)
+    fresh = {t: f"{s}.{quote_ident(partition(t, day) + '_new')}" for t, _ in TABLES}
+    old = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
+    kept_events = 0
+    for table, key in TABLES:
+        await conn.execute(
+            f"CREATE TABLE {fresh[table]} (LIKE {s}.{table} "
+            "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
+        )
+        if table == "runs":
+            status = await conn.execute(
+                f"INSERT INTO {fresh[table]} SELECT * FROM {old[table]} WHERE NOT {_PRUNABLE}",
+                cutoff,
+                statuses,
+            )
+        else:
+            status = await conn.execute(
+                f"INSERT INTO {fresh[table]} SELECT x.* FROM {old[table]} x "
+                f"WHERE x.{key} IN (SELECT id FROM {fresh['runs']})"
+            )
+        if table == "events":
+            kept_events = int(status.split()[-1])
+    await conn.execute(_key_index(schema, day, "_new"))
+    for table, _ in TABLES:
+        name = quote_ident(partition(table, day))
+        await conn.execute(f"DROP TABLE {old[table]}")
+        if table == "runs":
+            key_index = partition(table, day) + "_idempotency_key"
+            await conn.execute(
+                f"ALTER INDEX {s}.{quote_ident(partition(table, day) + '_new_idempotency_key')} "
+                f"RENAME TO {quote_ident(key_index)}"
+            )
+        await conn.execute(f"ALTER TABLE {fresh[table]} RENAME TO {name}")
+        await _attach(conn, schema, table, f"{s}.{name}", day)
+    return kept_events
