@@ -306,11 +306,9 @@ async def _prune(ctx: _Ctx, orch: Client) -> int:
         )
     else:
         verb = "would delete" if result.dry_run else "deleted"
-        batches = (
-            ""
-            if result.dry_run
-            else f" ({result.days} whole day(s), then {result.batches} batch(es))"
-        )
+        batches = "" if result.dry_run else f" in {result.batches} batch(es)"
+        if result.days:
+            batches = f" in {result.days} whole day(s) and {result.batches} batch(es)"
         ctx.say(
             f"{verb} {result.runs} runs and {result.events} events{batches} "
             f"(finished more than {_duration(args.older_than)} ago)"

@@ -194,7 +194,27 @@ async def prune_days(
     return total
 
 
-_PRUNABLE = "(due_at IS NULL AND finished_at < $1 AND status = ANY($2::text[]))"
+_PRUNABLE = "(due_at IS NULL AND coalesce(finished_at < $1, false) AND status = ANY($2::text[]))"
+_TERMINAL = ("completed", "compensated", "failed", "cancelled", "stopped")
+
+
+async def _any_kept(conn: Conn, runs: str, cutoff: datetime, statuses: list[str]) -> bool:
+    """Whether a run of the (locked) day must stay, read through the partial indexes of
+    active runs, of finished runs by end time, and of failed and stopped runs, rather
+    than the whole partition: the day is locked meanwhile, and claims wait for it."""
+    checks = [
+        f"EXISTS (SELECT 1 FROM {runs} WHERE due_at IS NOT NULL)",
+        f"EXISTS (SELECT 1 FROM {runs} WHERE due_at IS NULL "
+        "AND (finished_at >= $1 OR finished_at IS NULL))",
+    ]
+    # Terminal statuses not pruned (validated RunStatus values, safe as literals: a
+    # literal lets the planner use the partial index of that status).
+    checks += [
+        f"EXISTS (SELECT 1 FROM {runs} WHERE status = '{status}')"
+        for status in _TERMINAL
+        if status not in statuses
+    ]
+    return bool(await conn.fetchval("SELECT " + " OR ".join(checks), cutoff))
 
 
 async def _prune_day(
@@ -223,15 +243,17 @@ async def _prune_day(
                 await conn.execute(
                     f"LOCK TABLE {', '.join(parts.values())} IN ACCESS EXCLUSIVE MODE"
                 )
+                if counts["kept"] == 0 and not await _any_kept(
+                    conn, parts["runs"], cutoff, statuses
+                ):
+                    for part in parts.values():
+                        await conn.execute(f"DROP TABLE {part}")
+                    return counts["gone"], events
                 kept = await conn.fetchval(
                     f"SELECT count(*) FROM {parts['runs']} WHERE NOT {_PRUNABLE}",
                     cutoff,
                     statuses,
                 )
-                if kept == 0:
-                    for part in parts.values():
-                        await conn.execute(f"DROP TABLE {part}")
-                    return counts["gone"], events
                 if kept > counts["gone"]:
                     return None
                 kept_events = await _compact(conn, schema, day, cutoff, statuses)

@@ -140,8 +140,11 @@ async def test_key_lookup_plans_use_the_unique_index_with_many_runs(
     for name, args in cases:
         raw = await db.fetchval(f"EXPLAIN (FORMAT JSON)\n{queries[name]}", *args)
         scans = _scans(json.loads(raw)[0]["Plan"])
-        assert not [s for s in scans if s[0] == "Seq Scan" and s[1] == "runs"], (name, scans)
-        assert any(s[2] == "runs_idempotency_key" for s in scans), (name, scans)
+        # The runs are in the DEFAULT partition (random ids): it is read through its
+        # unique index (the days' partitions are empty: the planner may read them whole).
+        seq = [s for s in scans if s[0] == "Seq Scan" and s[1] == "runs_default"]
+        assert not seq, (name, scans)
+        assert any(s[2] == "runs_default_idempotency_key" for s in scans), (name, scans)
 
     page = await saga.list_runs(await open_client(), key="key-77")
     assert sorted(r.saga for r in page.runs) == ["alpha", "beta", "gamma"]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
 import saga
+from saga import _partitions as partitions
 from saga._db import queries
 from tests.conftest import _drop, _with_database
 
@@ -26,6 +28,8 @@ RUNS = 1_000_000
 SCHEMA = "saga"
 #: The most rows any scan of one page's query may produce or filter away.
 BOUND = 2_000
+#: A day of the fixture's history: a run finishes every 2.6 s, with three events.
+DAY = int(86_400 / 2.6 * 3 * 1.2)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,7 +38,7 @@ pytestmark = pytest.mark.timeout(300)
 async def big(base_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A database holding RUNS finished runs of three sagas over 30 days (1 in 1000
     failed, others completed, compensated or cancelled), three events each, and a few
-    active runs; analyzed, as autovacuum would have it."""
+    active runs, each in its day's partition; analyzed, as autovacuum would have it."""
     name = f"scale_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(base_dsn)
     try:
@@ -43,6 +47,13 @@ async def big(base_dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await admin.close()
     dsn = _with_database(base_dsn, name)
     await saga.migrate(dsn, schema=SCHEMA)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    try:  # the runs' days have their partitions, as orchestrators keep them
+        today = datetime.now(UTC).date()
+        for back in range(1, 33):
+            await partitions._create_day(pool, SCHEMA, today - timedelta(days=back))
+    finally:
+        await pool.close()
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(_FILL_RUNS, RUNS)
@@ -57,7 +68,11 @@ async def big(base_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 _FILL_RUNS = """
 INSERT INTO saga.runs (id, saga_name, saga_version, idempotency_key, status, input,
                        created_at, updated_at, finished_at, error)
-SELECT gen_random_uuid(), (ARRAY['checkout', 'refund', 'payout'])[1 + g % 3], 1,
+SELECT -- a UUIDv7 of the run's start, as saga makes them
+       (lpad(to_hex((extract(epoch FROM now() - g * interval '2.6 seconds') * 1000)::bigint),
+             12, '0') || '7' || substr(md5(g::text), 1, 3) || '8'
+        || substr(md5(g::text), 4, 15))::uuid,
+       (ARRAY['checkout', 'refund', 'payout'])[1 + g % 3], 1,
        'order-' || g,
        CASE WHEN g % 1000 = 0 THEN 'failed' WHEN g % 7 = 0 THEN 'compensated'
             WHEN g % 11 = 0 THEN 'cancelled' ELSE 'completed' END,
@@ -75,8 +90,10 @@ SELECT r.id, r.created_at + k * interval '0.3 seconds',
        (ARRAY['run_started', 'step_completed', 'run_completed'])[k + 1], 'charge', 1
 FROM saga.runs r, generate_series(0, 2) AS k;
 INSERT INTO saga.runs (id, saga_name, saga_version, status, input, step_name, due_at)
-SELECT gen_random_uuid(), 'checkout', 1, 'running', '{}', 'charge', now() + interval '30 s'
-FROM generate_series(1, 20);
+SELECT (lpad(to_hex((extract(epoch FROM now()) * 1000)::bigint), 12, '0') || '7'
+        || substr(md5(g::text), 1, 3) || '9' || substr(md5(g::text), 4, 15))::uuid,
+       'checkout', 1, 'running', '{}', 'charge', now() + interval '30 s'
+FROM generate_series(1, 20) AS g;
 """
 
 
@@ -86,19 +103,28 @@ def _scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
     while stack:
         node = stack.pop()
         stack += node.get("Plans", [])
-        if "Scan" in node["Node Type"] and node.get("Relation Name") in ("runs", "events"):
+        relation = node.get("Relation Name") or ""
+        if "Scan" in node["Node Type"] and relation.split("_")[0] in ("runs", "events"):
             found.append(node)
     return found
 
 
 async def _read(conn: asyncpg.Connection, sql: str, *args: Any) -> int:
-    """The most rows one scan of runs or events read; fails on a sequential scan."""
+    """The most rows one scan of runs or events (or of one of their partitions) read;
+    fails on a sequential scan that read anything."""
     text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
     most = 0
+    today = "_p" + datetime.now(UTC).strftime("%Y%m%d")
     for scan in _scans(json.loads(text)[0]):
         where = f"{scan['Node Type']} on {scan['Relation Name']} ({scan.get('Index Name')})"
-        assert scan["Node Type"] != "Seq Scan", f"{where}: a sequential scan\n{text}"
         read = scan["Actual Rows"] * scan["Actual Loops"] + scan.get("Rows Removed by Filter", 0)
+        if scan["Node Type"] == "Seq Scan" and scan["Relation Name"].endswith(today):
+            # The planner may read today's partition whole while it is small (here some
+            # 30,000 events): a day at most, never the history.
+            assert read <= DAY, f"{where}: read {read} rows\n{text}"
+            continue
+        # (an empty partition, the coming days' or the DEFAULT one, may be read whole)
+        assert scan["Node Type"] != "Seq Scan" or read == 0, f"{where}: a sequential scan\n{text}"
         most = max(most, read)
     return most
 

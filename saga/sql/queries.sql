@@ -1604,8 +1604,8 @@ SELECT name, payload IS NOT NULL AS received, received_at, awaited_at, timeout_s
 FROM __schema__.signals WHERE run_id = $1 ORDER BY name;
 
 -- name: dash_events_sequence
--- The last value of the history's identity sequence: an O(1) read that changes whenever
--- any run records anything (steps in the middle of a run send no NOTIFY): the identity
--- sequence of events.id, under the name the migrations gave it.
+-- The last value of the history's sequence: an O(1) read that changes whenever any run
+-- records anything (steps in the middle of a run send no NOTIFY): the sequence of
+-- events.id (event_ids since migration 0009).
 -- no parameters
-SELECT pg_sequence_last_value('__schema__.events_id_seq'::regclass) AS seq;
+SELECT pg_sequence_last_value('__schema__.event_ids'::regclass) AS seq;
