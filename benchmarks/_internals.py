@@ -1,27 +1,32 @@
 """Everything in ``benchmarks/`` that depends on saga beyond its public API.
 
-This module touches **private API** (``saga._store.Store``) and **saga's table layout**
-(schema ``saga``: ``runs``, ``events``). The benchmarks need both on purpose:
+This module touches **private API** (``saga._store.Store``, ``saga._partitions``) and
+**saga's table layout** (schema ``saga``: ``runs``, ``events``, ``watches``, partitioned
+by day of run id). The benchmarks need both on purpose:
 
 - the scale section EXPLAINs the claim statement exactly as saga sends it, which only the
-  store knows (``Store._q["claim"]``, its ``$n`` parameters in order);
+  store knows (``Store._q["claim"]``, its ``$n`` parameters in order), and checks that
+  every partition's partial due index is used;
 - the profile section counts ``Store`` calls per run in the worker process, by wrapping
   the store's methods (a benchmark-only monkeypatch);
 - the harness times and checks runs from the server's own clock and state (``created_at``,
-  ``finished_at``, ``step_started`` events), and the scale section clones finished runs
-  column by column;
+  ``finished_at``, ``step_started`` events), and the scale and retention sections clone
+  finished runs column by column, with UUIDv7 ids of their creation time, into past days'
+  partitions they create first (``saga._partitions._create_day``) or into the DEFAULT
+  partitions, and read the saga tables' sizes and dead rows;
 - the waits section sees when every run is parked (``status = 'waiting'``), times from the
   first signal received (``signals.received_at``), and sorts the write transactions by
   the events they inserted (``events.xmin``).
 
 Every other module uses the public ``saga`` API only, so when the core is reshaped,
 this is the one file that must follow (the smoke test, ``tests/test_benchmarks_smoke.py``,
-runs the parts that use it).
-"""
+runs the parts that use it)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -114,8 +119,88 @@ def claim_args(definition: saga.Saga[Any], limit: int) -> tuple[object, ...]:
 
 # -- the schema: saga's tables -----------------------------------------------------------
 
-TABLES = ("saga.runs", "saga.events")
-DUE_INDEX = "runs_due"  # the partial index the claim must use
+# The tables the loads fill (partitioned parents: their indexes cascade to partitions).
+TABLES = ("saga.runs", "saga.events", "saga.watches")
+# The partial index the claim must use: runs_due, as each partition of runs has it (a day
+# partition's is named after the table, the DEFAULT partition's is the pre-0009 index).
+DUE_INDEX = re.compile(r"\bruns_(p\d{8}_due_at_idx|default_due)\b")
+
+
+def runs_partition(day: date) -> str:
+    """The partition of runs holding ``day``'s runs."""
+    from saga import _partitions
+
+    return _partitions.partition("runs", day)
+
+
+def uses_due_index(plan: str, days: Iterable[date]) -> bool:
+    """Whether a claim plan reads the partitions of ``days`` (the loaded finished runs)
+    through their due index, never whole. Small partitions (today's, the days ahead, an
+    empty DEFAULT) may be read whole: the planner's choice for a few pages."""
+    if not DUE_INDEX.search(plan):
+        return False
+    for day in days:
+        part = runs_partition(day)
+        if f"{part}_due_at_idx" not in plan or re.search(rf"Seq Scan on {part}\b", plan):
+            return False
+    return True
+
+
+async def create_day_partitions(dsn: str, days: Iterable[date]) -> None:
+    """Create the partitions of past ``days`` (saga only creates today's and ahead)."""
+    from saga import _partitions
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        for day in days:
+            await _partitions._create_day(pool, "saga", day)
+    finally:
+        await pool.close()
+
+
+# The leaf tables of schema saga (partitions and plain tables), for sizes and dead rows.
+_LEAVES = """
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'saga' AND c.relkind = 'r'
+    """
+# Bytes of every saga table with its indexes and TOAST; dead rows of all of them.
+SAGA_BYTES = f"SELECT sum(pg_total_relation_size(oid))::bigint FROM ({_LEAVES}) t"
+DEAD_ROWS = (
+    "SELECT coalesce(sum(n_dead_tup), 0)::bigint FROM pg_stat_user_tables WHERE schemaname = 'saga'"
+)
+AUTOVACUUM_COUNT = (
+    "SELECT coalesce(sum(autovacuum_count), 0)::bigint FROM pg_stat_user_tables "
+    "WHERE schemaname = 'saga'"
+)
+
+
+async def autovacuum_off(conn: asyncpg.Connection) -> None:
+    """Autovacuum off on every saga table (leaves: a partitioned parent has no storage),
+    so that the dead rows a prune leaves stay counted until they are read."""
+    for (name,) in await conn.fetch(f"SELECT oid::regclass::text FROM ({_LEAVES}) t"):
+        await conn.execute(f"ALTER TABLE {name} SET (autovacuum_enabled = off)")
+
+
+# A partitioned parent's indexes (and primary keys) and the partition indexes attached to
+# them: dropping the parent's drops those; rebuilt like pg_dump restores them (the parent's
+# ON ONLY, each partition's by its own name, attached). Indexes of a partition alone (the
+# day partitions' idempotency keys) stay.
+PARENT_INDEXES = """
+    SELECT i.indexrelid::regclass::text AS name, i.indrelid::regclass::text AS tbl,
+           pg_get_indexdef(i.indexrelid) AS def, c.conname, pg_get_constraintdef(c.oid) AS con
+    FROM pg_index i
+    LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.contype = 'p'
+    WHERE i.indrelid = ANY($1::regclass[])
+    """
+PARTITION_INDEXES = """
+    SELECT h.inhparent::regclass::text AS parent, i.indexrelid::regclass::text AS name,
+           i.indrelid::regclass::text AS tbl, pg_get_indexdef(i.indexrelid) AS def,
+           c.conname, pg_get_constraintdef(c.oid) AS con
+    FROM pg_inherits h
+    JOIN pg_index i ON i.indexrelid = h.inhrelid
+    LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.contype = 'p'
+    WHERE h.inhparent = ANY($1::regclass[])
+    """
 
 # What a correctly finished run looks like, per benchmark saga.
 FINISHED_OK = {
@@ -181,19 +266,19 @@ RUN_TIMES = """
     WHERE r.id = ANY($1)
     """
 
-# 1,000 due runs of one definition ($1 name, $2 version, $3 fingerprint) for EXPLAIN.
-INSERT_DUE_RUNS = """
-    INSERT INTO saga.runs (id, saga_name, saga_version, fingerprint, input, step_name, due_at)
-    SELECT gen_random_uuid(), $1, $2, $3, jsonb_build_object('i', g)::text, 's1',
-           now() - interval '1 s'
-    FROM generate_series(1, 1000) g
-    """
-
 # Cloning finished runs: every column of saga.runs as the template run has it (the column
 # list is read from the table, so a new column cannot be skipped silently), except these.
-# ``at`` is the clone's creation time, ``d`` the template's duration, ``g`` its number.
+# ``at`` is the clone's creation time, ``d`` the template's duration, ``g`` its number,
+# ``h`` 32 random hex digits.
+# ``h`` is 32 random hex digits: the id is a UUIDv7 of ``at`` (48 bits of Unix ms, version
+# 7, 12 random bits, variant 10, 62 random bits), so the clone lands in at's day partition.
+UUID7 = (
+    "(lpad(to_hex((extract(epoch FROM at) * 1000)::bigint), 12, '0') || '7' || "
+    "substr(h, 1, 3) || substr('89ab', 1 + floor(random() * 4)::int, 1) || "
+    "substr(h, 4, 15))::uuid"
+)
 RUN_CLONE_OVERRIDES = {
-    "id": "gen_random_uuid()",
+    "id": UUID7,
     "idempotency_key": "NULL",
     "input": "jsonb_build_object('i', g)::text",
     "due_at": "NULL",
@@ -204,23 +289,46 @@ RUN_CLONE_OVERRIDES = {
     "updated_at": "at + d",
     "finished_at": "at + d",
 }
-RUN_COLUMNS = """
+
+# 1,000 due runs of one definition ($1 name, $2 version, $3 fingerprint) for EXPLAIN,
+# started now (UUIDv7 ids: today's partition, as new runs are).
+INSERT_DUE_RUNS = f"""
+    INSERT INTO saga.runs (id, saga_name, saga_version, fingerprint, input, step_name, due_at)
+    SELECT {UUID7}, $1, $2, $3, jsonb_build_object('i', g)::text, 's1',
+           now() - interval '1 s'
+    FROM generate_series(1, 1000) g,
+         LATERAL (SELECT now() AS at, md5(g::text || random()::text) AS h) x
+    """
+COLUMNS = """
     SELECT column_name FROM information_schema.columns
-    WHERE table_schema = 'saga' AND table_name = 'runs' ORDER BY ordinal_position
+    WHERE table_schema = 'saga' AND table_name = $1 ORDER BY ordinal_position
     """
 
 
 def clone_runs_sql(columns: list[str]) -> str:
-    """$2 clones of the run $1, created 2 s apart from 30 days ago."""
+    """$2 clones of the run $1, created evenly over the $4 seconds from $3 (timestamptz)."""
     values = ", ".join(RUN_CLONE_OVERRIDES.get(c, f"t.{c}") for c in columns)
     return f"""
         INSERT INTO saga.runs ({", ".join(columns)})
         SELECT {values}
         FROM saga.runs t,
              generate_series(1, $2) AS g,
-             LATERAL (SELECT now() - interval '30 days' + g * interval '2 s' AS at,
-                             t.finished_at - t.created_at AS d) x
+             LATERAL (SELECT $3::timestamptz + (g - 1) * ($4::float8 / $2) * interval '1 s'
+                             AS at,
+                             t.finished_at - t.created_at AS d,
+                             md5(g::text || random()::text) AS h) x
         WHERE t.id = $1
+        """
+
+
+def clone_watches_sql(columns: list[str]) -> str:
+    """The end mark (watches row) of the run $1, for every other run."""
+    values = ", ".join("r.id" if c == "run_id" else f"w.{c}" for c in columns)
+    return f"""
+        INSERT INTO saga.watches ({", ".join(columns)})
+        SELECT {values}
+        FROM saga.runs r CROSS JOIN (SELECT * FROM saga.watches WHERE run_id = $1) w
+        WHERE r.id <> $1
         """
 
 
@@ -235,3 +343,5 @@ CLONE_EVENTS = """
     WHERE r.id <> $1
     """
 EVENTS_OF = "SELECT count(*) FROM saga.events WHERE run_id = $1"
+# Runs in the DEFAULT partition (no day partition for their day).
+IN_DEFAULT = "SELECT count(*) FROM saga.runs_default"

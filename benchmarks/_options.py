@@ -21,6 +21,7 @@ SECTIONS = (
     "waits",
     "latency",
     "scale",
+    "retention",
     "memory",
     "tracing",
     "profile",
@@ -28,7 +29,7 @@ SECTIONS = (
 # Smoke size: the throughput workloads, waits, and the two sections that use saga's
 # internals (benchmarks/_internals.py; waits does too), so that CI notices when the core
 # moves under them.
-SMOKE_SECTIONS = ("queue", "saga", "versus", "waits", "scale", "profile")
+SMOKE_SECTIONS = ("queue", "saga", "versus", "waits", "scale", "retention", "profile")
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 PYSPY_CANDIDATES = ("/tmp/pyspy-venv/bin/py-spy", "/tmp/pyspy/bin/py-spy")
 
@@ -44,8 +45,10 @@ class Options:
     pgbench_seconds: int = 5
     latency_rate: float = 20.0
     latency_seconds: float = 20.0
-    scale_runs: int = 1_000_000
+    scale_runs: int = 10_000_000  # 1,000,000 a day over past days' partitions
     scale_events: int | None = None  # events per loaded run; None: as a real run has
+    retention_runs: int = 1_000_000  # runs of the day pruned whole
+    retention_rowwise_runs: int = 1_000_000  # runs pruned row by row (at most retention_runs)
     memory_runs: int = 10_000
     statements: bool = False  # diagnostic: pg_stat_statements per measurement
     pool_size: int | None = None  # experiment: the saga workers' own pool of this size
@@ -79,6 +82,8 @@ SMOKE = Options(
     processes=(1,),
     latency_seconds=1.0,
     scale_runs=2000,
+    retention_runs=2000,
+    retention_rowwise_runs=1000,
     memory_runs=200,
     smoke=True,
 )
@@ -120,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-seconds", type=float)
     p.add_argument("--scale-runs", type=int)
     p.add_argument("--scale-events", type=int, help="events per loaded run (default: as real)")
+    p.add_argument("--retention-runs", type=int, help="runs of the day pruned whole (1,000,000)")
+    p.add_argument(
+        "--retention-rowwise-runs",
+        type=int,
+        help="runs of the day pruned row by row, the previous way (1,000,000; at most "
+        "--retention-runs; less keeps it short, the report extrapolates)",
+    )
     p.add_argument("--memory-runs", type=int)
     p.add_argument(
         "--statements",
@@ -194,6 +206,8 @@ def _check(opts: Options) -> str:
         return "--concurrency, --processes and --drain-concurrency need at least one value"
     if min(opts.concurrency + opts.drain_concurrency) < 1 or min(opts.processes) < 1:
         return "concurrency levels and process counts must be >= 1"
+    if min(opts.scale_runs, opts.retention_runs, opts.retention_rowwise_runs) < 1:
+        return "--scale-runs, --retention-runs and --retention-rowwise-runs must be >= 1"
     if opts.pool_size is not None and opts.pool_size < 2:
         return "--pool-size must be >= 2"
     return ""

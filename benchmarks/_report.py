@@ -14,6 +14,7 @@ from benchmarks import (
     _memory,
     _priority,
     _profile,
+    _retention,
     _scale,
     _throughput,
     _tracing,
@@ -59,6 +60,7 @@ def render(r: Results, o: Options, header: dict[str, str]) -> str:
     lines += _latency.render(r.latency, o.latency_rate, o.latency_seconds, o.repeats, commit)
     if r.scale is not None:
         lines += _scale.render(r.scale, o.scale_runs, o.repeats, ceiling)
+    lines += _retention.render(r.retention)
     lines += _memory.render(r.memory, o.memory_runs, o.repeats)
     if r.tracing is not None:
         lines += _tracing.render(r.tracing, o.repeats, ceiling)
@@ -108,9 +110,10 @@ def targets(r: Results, o: Options) -> list[str]:
             f"| throughput at {s.load.runs:,} finished runs within 10 % of empty "
             f"| {s.ratio:.2f} x empty ({b.fmt()} vs {e.fmt()} runs/s) | "
             f"{verdict(s.ratio >= 0.9)} |",
-            f"| claim uses the partial index runs_due at that size | "
+            f"| claim uses the partial index runs_due (each partition's) at that size | "
             f"{'yes' if uses else 'NO'} (custom and generic plan) | {verdict(uses)} |",
         ]
+    lines += _retention.target(r.retention)
     return [*lines, ""]
 
 

@@ -14,6 +14,7 @@ from benchmarks import (
     _memory,
     _priority,
     _profile,
+    _retention,
     _scale,
     _throughput,
     _tracing,
@@ -36,6 +37,7 @@ class Results:
     waits: _waits.Waits | None = None
     latency: _latency.Latency = dataclasses.field(default_factory=dict)
     scale: _scale.Scale | None = None
+    retention: _retention.Retention | None = None
     memory: list[_memory.Memory] = dataclasses.field(default_factory=list)
     tracing: _tracing.TracingResult | None = None
     profile: dict[str, _profile.Profiled] = dataclasses.field(default_factory=dict)
@@ -80,6 +82,10 @@ async def _scale_step(h: Harness, r: Results) -> None:
     r.scale = await _scale.measure(h)
 
 
+async def _retention_step(h: Harness, r: Results) -> None:
+    r.retention = await _retention.measure(h)
+
+
 async def _memory_step(h: Harness, r: Results) -> None:
     r.memory = await _memory.measure(h)
 
@@ -103,6 +109,7 @@ STEPS: list[tuple[str, Callable[[Harness, Results], Awaitable[None]]]] = [
     ("waits", _waits_step),
     ("latency", _latency_step),
     ("scale", _scale_step),
+    ("retention", _retention_step),
     ("memory", _memory_step),
     ("tracing", _tracing_step),
     ("profile", _profile_step),

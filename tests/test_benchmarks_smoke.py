@@ -20,10 +20,14 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
     """With ``--smoke --dsn``, the hand-written queue, the saga throughput and drain rows,
     the versus rows (both hand-written queues drained, saga drained in 1 and 4 processes
     and embedded), the waits rows (2-step sagas with and without a signal wait, commits
-    per run), the scale section (cloned finished runs, EXPLAIN of the claim) and the
-    profile (saga's Store calls counted in the worker) each finish every run as expected
-    (the harness checks every run's final state and raises otherwise), with positive
-    runs/s; the report renders those sections and says the ceiling (pgbench) was skipped."""
+    per run), the scale section (finished runs cloned into a past day's partitions,
+    EXPLAIN of the claim reading that partition through its due index) and the profile
+    (saga's Store calls counted in the worker) each finish every run as expected (the
+    harness checks every run's final state and raises otherwise), with positive runs/s;
+    the retention section prunes its loaded day whole (one day, every run, no dead row
+    left, the tables smaller) and, loaded into the DEFAULT partitions, row by row (dead
+    rows left); the report renders those sections and says the ceiling (pgbench) was
+    skipped."""
     opts, dsn, output = parse_args(["--smoke", "--dsn", base_dsn])
     assert dsn == base_dsn
     assert output is None, "a smoke run never writes RESULTS.md"
@@ -65,6 +69,18 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
     assert results.scale.load.runs == opts.scale_runs + 1  # the clones and their template
     assert "runs" in results.scale.custom_plan
     assert "runs" in results.scale.generic_plan
+    assert len(results.scale.load.days) == 1
+    assert results.scale.uses_due_index, results.scale.custom_plan
+    retention = results.retention
+    assert retention is not None
+    whole, rowwise = retention.whole, retention.rowwise
+    assert (whole.result.runs, whole.result.days) == (opts.retention_runs, 1)
+    assert whole.result.events == opts.retention_runs * whole.load.per_run
+    assert whole.dead_left == 0
+    assert whole.bytes_after < whole.bytes_before
+    assert (rowwise.result.runs, rowwise.result.days) == (opts.retention_rowwise_runs, 0)
+    assert rowwise.result.batches >= 1
+    assert rowwise.dead_left > 0, "deleted rows stay until vacuum"
     for row in results.profile.values():
         assert row.measured.calls.get("claim", 0) > 0
         assert row.measured.calls.get("transition", 0) > 0
@@ -84,6 +100,9 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
         "| 2-step with a wait, 1 process x 64",
         "| entering a wait adds no commit",
         "## Scale",
+        "## Retention: pruning a day of",
+        f"| pruning a day of {opts.retention_runs:,} runs takes seconds",
+        "| pruning leaves no bloat",
         "## Where the time goes",
         "SMOKE RUN",
         "the ceiling (pgbench) is skipped",
