@@ -138,6 +138,7 @@ class Client(Lifecycle, Signalling, Acting):
             self._sagas[key] = saga
         self._definitions: list[DefinitionKey] = []
         self._pool: asyncpg.Pool | None = None
+        self._hot: asyncpg.Pool | None = None  # an orchestrator's leasing pool
         self._store: Store | None = None
         self._listener: Listener | None = None
         self.outage = Outage(self.worker_id)
@@ -145,6 +146,10 @@ class Client(Lifecycle, Signalling, Acting):
 
     def _pool_size(self) -> int:
         return 4
+
+    def _hot_pool_size(self) -> int:
+        """Connections of the pool of leasing statements (0: none, see ``Store.hot``)."""
+        return 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -161,7 +166,9 @@ class Client(Lifecycle, Signalling, Acting):
             await migrate(self._pool, self.schema)
         else:
             await check_migrated(self._pool, self.schema)
-        self._store = Store(self._pool, self.schema)
+        if isinstance(self._dsn_or_pool, str) and self._hot_pool_size():
+            self._hot = await open_pool(self._dsn_or_pool, self._hot_pool_size(), generic=True)
+        self._store = Store(self._pool, self.schema, hot=self._hot)
 
     async def _start_loops(self, tg: TaskGroup) -> None:
         assert self._pool is not None
@@ -197,6 +204,8 @@ class Client(Lifecycle, Signalling, Acting):
             self._listener.waiters.close(reason)
 
     async def _close(self) -> None:
+        if self._hot is not None:
+            await close_pool(self._hot)
         if isinstance(self._dsn_or_pool, str) and self._pool is not None:
             await close_pool(self._pool)
 

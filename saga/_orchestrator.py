@@ -120,6 +120,9 @@ class Orchestrator(Client):
     def _pool_size(self) -> int:
         return max(4, min(self.concurrency + 2, 20))
 
+    def _hot_pool_size(self) -> int:
+        return self._pool_size() if self.concurrency else 0
+
     async def _start_loops(self, tg: TaskGroup) -> None:
         await super()._start_loops(tg)
         assert self._store is not None

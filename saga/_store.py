@@ -83,8 +83,13 @@ class Store(
 ):
     """Database operations on one schema through an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str = "saga") -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, schema: str = "saga", hot: asyncpg.Pool | None = None
+    ) -> None:
         self.pool = pool
+        #: The pool of the leasing statements (claims, transitions, heartbeats, releases):
+        #: an executing orchestrator's own pool of generic plans (see ``open_pool``).
+        self.hot = hot or pool
         self.schema = validate_schema(schema)
         self._q = queries(schema)
         self.work_channel = channel(self.schema, "work")
@@ -194,7 +199,7 @@ class Store(
         prioritized: bool = False,
     ) -> list[ClaimedItem]:
         async with translate_errors("claiming work"):
-            rows = await self.pool.fetch(
+            rows = await self.hot.fetch(
                 self._q["claim_prioritized" if prioritized else "claim"],
                 worker,
                 limit,
@@ -225,7 +230,7 @@ class Store(
         due_in = change.due_in
         async with translate_errors("recording a transition"):
             if (child or keyed) and change.terminal:
-                async with self.pool.acquire() as conn, conn.transaction():
+                async with self.hot.acquire() as conn, conn.transaction():
                     row = await conn.fetchrow(
                         self._q["transition"],
                         *transition_args(
@@ -244,7 +249,7 @@ class Store(
                 row = await self._group.write((args, claim))
                 signalled = False
             else:
-                async with self.pool.acquire() as conn, conn.transaction():
+                async with self.hot.acquire() as conn, conn.transaction():
                     signalled = bool(
                         await conn.fetchval(
                             self._q["enter_wait"],
@@ -273,7 +278,7 @@ class Store(
         """Extend (run id, token, seconds) leases; returns {run id: cancel requested} for
         the leases still held."""
         async with translate_errors("heartbeat"):
-            rows = await self.pool.fetch(
+            rows = await self.hot.fetch(
                 self._q["heartbeat"],
                 worker,
                 [run_id for run_id, _, _ in leases],
@@ -284,7 +289,7 @@ class Store(
 
     async def release(self, worker: str, leases: Sequence[tuple[UUID, int]]) -> int:
         async with translate_errors("releasing leases"):
-            rows = await self.pool.fetch(
+            rows = await self.hot.fetch(
                 self._q["release"],
                 worker,
                 [run_id for run_id, _ in leases],

@@ -92,12 +92,13 @@ class GroupWrites:
 
     if TYPE_CHECKING:
         pool: Any
+        hot: Any
         _q: dict[str, str]
         _claim_table: tuple[Any, ...]
 
     async def _write_one(self, write: Write) -> Any:
         if write[1] is None:
-            return await self.pool.fetchrow(self._q["transition"], *write[0])
+            return await self.hot.fetchrow(self._q["transition"], *write[0])
         return (await self._write_many([write])).get(write_key(write))
 
     async def _write_many(self, writes: Sequence[Write]) -> dict[Hashable, Any]:
@@ -106,11 +107,11 @@ class GroupWrites:
         batch = batch_args([args for args, _ in writes])
         claim = next((c for _, c in writes if c is not None), None)
         if claim is None:
-            rows = await self.pool.fetch(self._q["transition_batch"], *batch)
+            rows = await self.hot.fetch(self._q["transition_batch"], *batch)
             return {(r["id"], r["held"]): r for r in rows}
         asked = sum(c.limit for _, c in writes if c is not None and c.deliver == claim.deliver)
         query = "transition_claim_prioritized" if claim.prioritized else "transition_claim"
-        rows = await self.pool.fetch(
+        rows = await self.hot.fetch(
             self._q[query], claim.worker, asked, claim.lease_seconds, *claim.args, *batch
         )
         claim.deliver([claimed_item(r) for r in rows if r["claim"]], asked)

@@ -317,3 +317,26 @@ async def test_prune_rejects_a_non_bool_whole_days(open_client: ClientFactory) -
     client = await open_client()
     with pytest.raises(saga.ConfigurationError, match="whole_days"):
         await saga.prune(client, older_than=timedelta(days=1), whole_days="yes")  # type: ignore[arg-type]
+
+
+async def test_an_orchestrator_plans_its_leasing_statements_once(
+    orchestrator: OrchestratorFactory, open_client: ClientFactory
+) -> None:
+    """An executing orchestrator runs its claims, transitions, heartbeats and releases on
+    a pool of its own whose sessions use generic plans (planned once per connection: on
+    the partitioned runs a custom plan, made at every execution, cost two thirds of a
+    claim's database time); everything else keeps Postgres' default plan choice (the
+    operator queries' plans depend on their filters). A client that executes nothing,
+    or an orchestrator at concurrency 0, opens no such pool."""
+    quick = small_saga("quick", 2)
+    orch = await orchestrator(quick)
+    store = orch._store
+    assert store.hot is not store.pool
+    assert await store.hot.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+    assert await store.pool.fetchval("SHOW plan_cache_mode") == "auto"
+    run = await orch.start(quick, Job(n=1))
+    assert await run.result(timeout=20) == "s2"
+    idle = await orchestrator(quick, concurrency=0)
+    assert idle._store.hot is idle._store.pool
+    client = await open_client(quick)
+    assert client._store.hot is client._store.pool
