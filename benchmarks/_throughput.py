@@ -120,7 +120,8 @@ def render(t: Throughput, ceiling: float, runs: int, repeats: int) -> list[str]:
     lines += [
         "",
         "Concurrency = the orchestrator's `concurrency` per worker process (queue: worker "
-        "tasks); both use a pool of max(4, min(C + 2, 20)) connections per process. "
+        "tasks); both use a pool of max(4, min(C + 2, 20)) connections per process (saga's "
+        "worker processes a second one of that size for their leasing statements). "
         "÷ queue compares with the queue at the same concurrency (1 process). "
         'Client = this process starting runs. "drain": the runs are all started first, '
         "then the worker process(es) open; runs/s = N / (first claim to last finish), so "
