@@ -71,10 +71,6 @@ _RUN_ERRORS: dict[RunStatus, type[RunError]] = {
 }
 
 
-def _seconds(name: str, value: float, **bounds: Any) -> float:
-    return _checks.seconds(name, value, ConfigurationError, **bounds)
-
-
 class Client(Lifecycle, Signalling, Acting):
     """Starts runs, waits for them and acts on them; executes nothing.
 
@@ -114,7 +110,9 @@ class Client(Lifecycle, Signalling, Acting):
         super().__init__(self.worker_id)
         self._dsn_or_pool = dsn_or_pool
         self.schema = validate_schema(schema)
-        self.poll_interval = _seconds("poll_interval", poll_interval, maximum=3600)
+        self.poll_interval = _checks.seconds(
+            "poll_interval", poll_interval, ConfigurationError, maximum=3600
+        )
         self.max_payload_bytes = _checks.integer(
             "max_payload_bytes",
             max_payload_bytes,
@@ -138,18 +136,15 @@ class Client(Lifecycle, Signalling, Acting):
             self._sagas[key] = saga
         self._definitions: list[DefinitionKey] = []
         self._pool: asyncpg.Pool | None = None
-        self._hot: asyncpg.Pool | None = None  # an orchestrator's leasing pool
+        self._hot: asyncpg.Pool | None = None
         self._store: Store | None = None
         self._listener: Listener | None = None
         self.outage = Outage(self.worker_id)
         self._notifier = StartNotifier(self._notify_work, self._soon)
 
-    def _pool_size(self) -> int:
-        return 4
-
-    def _hot_pool_size(self) -> int:
-        """Connections of the pool of leasing statements (0: none, see ``Store.hot``)."""
-        return 0
+    def _pool_sizes(self) -> tuple[int, int]:
+        """Connections of its pool, and of its pool of leasing statements (see Store.hot)."""
+        return 4, 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -159,15 +154,15 @@ class Client(Lifecycle, Signalling, Acting):
         _children.check_registered(self._sagas)
         self._definitions = [(s.name, s.version, s.fingerprint) for s in self._sagas.values()]
         if isinstance(self._dsn_or_pool, str):
-            self._pool = await open_pool(self._dsn_or_pool, self._pool_size())
+            self._pool = await open_pool(self._dsn_or_pool, self._pool_sizes()[0])
         else:
             self._pool = self._dsn_or_pool
         if self._migrate:
             await migrate(self._pool, self.schema)
         else:
             await check_migrated(self._pool, self.schema)
-        if isinstance(self._dsn_or_pool, str) and self._hot_pool_size():
-            self._hot = await open_pool(self._dsn_or_pool, self._hot_pool_size(), generic=True)
+        if isinstance(self._dsn_or_pool, str) and self._pool_sizes()[1]:
+            self._hot = await open_pool(self._dsn_or_pool, self._pool_sizes()[1], generic=True)
         self._store = Store(self._pool, self.schema, hot=self._hot)
 
     async def _start_loops(self, tg: TaskGroup) -> None:

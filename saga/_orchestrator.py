@@ -117,11 +117,9 @@ class Orchestrator(Client):
         if self._runner is not None:
             self._runner.use_hooks(hooks)
 
-    def _pool_size(self) -> int:
-        return max(4, min(self.concurrency + 2, 20))
-
-    def _hot_pool_size(self) -> int:
-        return self._pool_size() if self.concurrency else 0
+    def _pool_sizes(self) -> tuple[int, int]:
+        size = max(4, min(self.concurrency + 2, 20))
+        return size, size if self.concurrency else 0
 
     async def _start_loops(self, tg: TaskGroup) -> None:
         await super()._start_loops(tg)

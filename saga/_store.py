@@ -9,7 +9,7 @@ the claim table) and are applied here, fenced by the lease token and its owner.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -165,24 +165,6 @@ class Store(
                     return StartResult(existing["id"], False, existing["input"])
                 # The conflicting run was deleted in between (pruned); try again.
         raise DatabaseError(f"could not start run with key {key!r}: it keeps conflicting")
-
-    async def _start_more(
-        self,
-        conn: Executor,
-        args: tuple[Any, ...],
-        roots: list[str] | None,
-        admit: Callable[[Executor], Awaitable[None]] | None,
-    ) -> Any:
-        """A graph run and its first items, a keyed run and its admission, or a run with
-        an idempotency key (after its lock), on ``conn`` (in a transaction)."""
-        if args[3] is not None:
-            await conn.execute(self._q["lock_key"], args[1], args[3])
-        row = await conn.fetchrow(self._q["start_run"], *args)
-        if row is not None and roots is not None:
-            await conn.execute(self._q["start_items"], row["id"], roots)
-        if row is not None and admit is not None:
-            await admit(conn)
-        return row
 
     async def notify_work(self, saga_name: str) -> None:
         async with translate_errors("notifying workers"):

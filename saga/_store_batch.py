@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from saga._db import Executor
 from saga._store_graph import _json_or_none, claimed_item
 from saga._store_ops import DefinitionKey, definition_args
 from saga._transition import ClaimedItem, Transition
@@ -128,6 +129,24 @@ class GroupWrites:
         """What a transition carries to claim a run for the slot it frees."""
         args = (*definition_args(definitions), *self._claim_table)
         return ClaimAlong(worker, lease_seconds, args, prioritized, deliver)
+
+    async def _start_more(
+        self,
+        conn: Executor,
+        args: tuple[Any, ...],
+        roots: list[str] | None,
+        admit: Callable[[Executor], Awaitable[None]] | None,
+    ) -> Any:
+        """A graph run and its first items, a keyed run and its admission, or a run with
+        an idempotency key (after its lock), on ``conn`` (in a transaction)."""
+        if args[3] is not None:
+            await conn.execute(self._q["lock_key"], args[1], args[3])
+        row = await conn.fetchrow(self._q["start_run"], *args)
+        if row is not None and roots is not None:
+            await conn.execute(self._q["start_items"], row["id"], roots)
+        if row is not None and admit is not None:
+            await admit(conn)
+        return row
 
     async def _start_one(self, args: tuple[Any, ...]) -> Any:
         return await self.pool.fetchrow(self._q["start_run"], *args)
