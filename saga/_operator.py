@@ -227,8 +227,9 @@ async def prune(
     Then the remaining runs to prune go row by row, oldest first, ``batch_size`` per
     transaction, each batch one short statement that skips rows another transaction
     holds; ``whole_days=True`` skips that pass (a run then stays until its whole day
-    goes). ``dry_run=True`` only counts. Safe to run from several processes at once, and
-    to interrupt: every day and every batch is complete or absent.
+    goes). ``dry_run=True`` only counts (with ``whole_days``, the whole days only). Safe
+    to run from several processes at once, and to interrupt: every day and every batch
+    is complete or absent.
     """
     store = client._store_or_raise()
     seconds = _seconds("older_than", older_than)
@@ -249,7 +250,10 @@ async def prune(
         raise ConfigurationError(f"batch_size must be an int from 1 to 100000, got {batch_size!r}")
     if not isinstance(whole_days, bool):
         raise ConfigurationError(f"whole_days must be a bool, got {whole_days!r}")
-    if dry_run:
+    if dry_run and whole_days:
+        days = await store.prune_days(seconds, statuses, dry_run=True)
+        return PruneResult(days.runs, days.events, 0, True, days.days)
+    if dry_run:  # both passes together take every prunable run
         runs, events = await store.count_prunable(seconds, statuses)
         return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
     days = await store.prune_days(seconds, statuses)

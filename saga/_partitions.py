@@ -176,11 +176,16 @@ class DaysPruned:
 
 
 async def prune_days(
-    pool: asyncpg.Pool, schema: str, older_than: float, statuses: Sequence[str]
+    pool: asyncpg.Pool,
+    schema: str,
+    older_than: float,
+    statuses: Sequence[str],
+    dry_run: bool = False,
 ) -> DaysPruned:
     """Drop or compact every day whose runs all started more than ``older_than``
     seconds ago, when at least half of its runs finished that long ago in one of
-    ``statuses`` (those go; the others are kept). Oldest day first."""
+    ``statuses`` (those go; the others are kept). Oldest day first. ``dry_run``: only
+    count what would go."""
     now: datetime = await pool.fetchval("SELECT now()")
     cutoff = now - timedelta(seconds=older_than)
     total = DaysPruned()
@@ -188,10 +193,45 @@ async def prune_days(
         end = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
         if end > cutoff:
             break
-        done = await _prune_day(pool, schema, day, cutoff, list(statuses))
+        prune = _count_day if dry_run else _prune_day
+        done = await prune(pool, schema, day, cutoff, list(statuses))
         if done is not None:
             total = DaysPruned(total.runs + done[0], total.events + done[1], total.days + 1)
     return total
+
+
+async def _count_day(
+    pool: asyncpg.Pool, schema: str, day: date, cutoff: datetime, statuses: list[str]
+) -> tuple[int, int] | None:
+    """What ``_prune_day`` would remove of the day now: its runs and their events."""
+    runs = f"{quote_ident(schema)}.{quote_ident(partition('runs', day))}"
+    events = f"{quote_ident(schema)}.{quote_ident(partition('events', day))}"
+    counts = await _counts(pool, runs, cutoff, statuses)
+    if counts is None:
+        return None
+    gone = await pool.fetchval(
+        f"SELECT count(*) FROM {events} e JOIN {runs} r ON r.id = e.run_id WHERE {_PRUNABLE}",
+        cutoff,
+        statuses,
+    )
+    return counts[0], gone
+
+
+async def _counts(
+    pool: asyncpg.Pool, runs: str, cutoff: datetime, statuses: list[str]
+) -> tuple[int, int] | None:
+    """The day's runs that would go and stay, or None when the day is not worth it
+    (nothing goes, or less than half: prune's row-by-row pass takes those)."""
+    row = await pool.fetchrow(
+        f"SELECT count(*) FILTER (WHERE {_PRUNABLE}) AS gone, "
+        f"count(*) FILTER (WHERE NOT {_PRUNABLE}) AS kept FROM {runs}",
+        cutoff,
+        statuses,
+    )
+    assert row is not None
+    if row["gone"] == 0 or row["kept"] > row["gone"]:
+        return None
+    return row["gone"], row["kept"]
 
 
 _PRUNABLE = "(due_at IS NULL AND coalesce(finished_at < $1, false) AND status = ANY($2::text[]))"
@@ -224,15 +264,10 @@ async def _prune_day(
     parts = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
     # Counted before the day is locked: finished runs get no new events (the kept ones
     # may; their events are counted under the lock, as they are copied).
-    counts = await pool.fetchrow(
-        f"SELECT count(*) FILTER (WHERE {_PRUNABLE}) AS gone, "
-        f"count(*) FILTER (WHERE NOT {_PRUNABLE}) AS kept FROM {parts['runs']}",
-        cutoff,
-        statuses,
-    )
-    assert counts is not None
-    if counts["gone"] == 0 or counts["kept"] > counts["gone"]:
-        return None  # nothing to gain, or less than half: prune's row-by-row pass
+    counts = await _counts(pool, parts["runs"], cutoff, statuses)
+    if counts is None:
+        return None
+    gone_runs, kept_runs = counts
     events = await pool.fetchval(f"SELECT count(*) FROM {parts['events']}")
     for attempt in range(_LOCK_ATTEMPTS):
         try:
@@ -243,21 +278,19 @@ async def _prune_day(
                 await conn.execute(
                     f"LOCK TABLE {', '.join(parts.values())} IN ACCESS EXCLUSIVE MODE"
                 )
-                if counts["kept"] == 0 and not await _any_kept(
-                    conn, parts["runs"], cutoff, statuses
-                ):
+                if kept_runs == 0 and not await _any_kept(conn, parts["runs"], cutoff, statuses):
                     for part in parts.values():
                         await conn.execute(f"DROP TABLE {part}")
-                    return counts["gone"], events
+                    return gone_runs, events
                 kept = await conn.fetchval(
                     f"SELECT count(*) FROM {parts['runs']} WHERE NOT {_PRUNABLE}",
                     cutoff,
                     statuses,
                 )
-                if kept > counts["gone"]:
+                if kept > gone_runs:
                     return None
                 kept_events = await _compact(conn, schema, day, cutoff, statuses)
-            return counts["gone"] + counts["kept"] - kept, events - kept_events
+            return gone_runs + kept_runs - kept, events - kept_events
         except asyncpg.LockNotAvailableError:
             if attempt == _LOCK_ATTEMPTS - 1:
                 raise

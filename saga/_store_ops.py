@@ -175,10 +175,15 @@ class OperatorQueries:
         assert row is not None
         return row["runs"], row["events"]
 
-    async def prune_days(self, older_than: float, statuses: Sequence[str]) -> DaysPruned:
-        """Drop or compact the whole days that can go (see saga/_partitions.py)."""
+    async def prune_days(
+        self, older_than: float, statuses: Sequence[str], dry_run: bool = False
+    ) -> DaysPruned:
+        """Drop or compact the whole days that can go (see saga/_partitions.py); with
+        ``dry_run``, only count them."""
         async with translate_errors("pruning whole days"):
-            return await partitions.prune_days(self.pool, self.schema, older_than, statuses)
+            return await partitions.prune_days(
+                self.pool, self.schema, older_than, statuses, dry_run
+            )
 
     async def count_prunable(self, older_than: float, statuses: Sequence[str]) -> tuple[int, int]:
         """What :meth:`prune_runs` would delete: (runs, events)."""

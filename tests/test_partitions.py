@@ -117,8 +117,9 @@ async def test_prune_drops_a_whole_day_without_deleting_rows(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
     """A day whose runs all finished long ago goes as four dropped partitions: prune
-    reports its runs and events and one day, no batch; no row of another day is
-    touched and no dead row is left anywhere (nothing for autovacuum to chase)."""
+    reports its runs and events and one day, no batch (a dry run with whole_days says
+    the same and drops nothing); no row of another day is touched and no dead row is
+    left anywhere (nothing for autovacuum to chase)."""
     quick = small_saga("quick", 2)
     orch = await orchestrator(quick)
     runs = [await orch.start(quick, Job(n=i)) for i in range(6)]
@@ -131,6 +132,10 @@ async def test_prune_drops_a_whole_day_without_deleting_rows(
     dead_before = await db.fetchval(
         "SELECT sum(n_tup_del) FROM pg_stat_user_tables WHERE schemaname = 'saga'"
     )
+
+    dry = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True, dry_run=True)
+    assert (dry.runs, dry.events, dry.days, dry.dry_run) == (5, events, 1, True)
+    assert await _tables_of(db, day) == {partition(t, day) for t in TABLES}
 
     result = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True)
 
@@ -177,9 +182,13 @@ async def test_prune_compacts_a_day_keeping_its_active_and_failed_runs(
         for run_id in (failed, active_id)
     }
 
+    gone_events = await db.fetchval("SELECT count(*) FROM saga.events WHERE run_id = ANY($1)", gone)
+    dry = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True, dry_run=True)
+    assert (dry.runs, dry.events, dry.days) == (5, gone_events, 1)
+
     result = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True)
 
-    assert (result.runs, result.days) == (5, 1)
+    assert (result.runs, result.events, result.days) == (5, gone_events, 1)
     assert await _tables_of(db, day) == {partition(t, day) for t in TABLES}
     left = {r["id"] for r in await db.fetch(f"SELECT id FROM saga.{partition('runs', day)}")}
     assert left == {failed, active_id}
@@ -196,8 +205,8 @@ async def test_a_day_mostly_kept_is_left_to_the_row_by_row_pass(
     orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
     """When fewer than half of a day's runs can go, copying the rest would cost more than
-    deleting: whole_days=True leaves the day alone; the default prune deletes those runs
-    row by row."""
+    deleting: whole_days=True leaves the day alone (and its dry run counts nothing); the
+    default prune deletes those runs row by row."""
     quick = small_saga("quick", 1)
     orch = await orchestrator(quick)
     done = await orch.start(quick, Job(n=1))
@@ -210,6 +219,8 @@ async def test_a_day_mostly_kept_is_left_to_the_row_by_row_pass(
     for run in actives:
         await _backdate(db, run.id, 40)
 
+    counted = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True, dry_run=True)
+    assert (counted.runs, counted.events, counted.days) == (0, 0, 0)
     alone = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True)
     assert (alone.runs, alone.days) == (0, 0)
     rows = await saga.prune(orch, older_than=timedelta(days=30))
