@@ -117,7 +117,7 @@ async def ensure(pool: asyncpg.Pool, schema: str, ahead: int = DAYS_AHEAD) -> li
 
 async def _create_day(pool: asyncpg.Pool, schema: str, day: date) -> bool:
     s = quote_ident(schema)
-    lo, hi = day_start(day), day_start(day + timedelta(days=1))
+    lo, hi = _bounds(day)
     async with pool.acquire() as conn, conn.transaction():
         await _serialize(conn, schema)
         if day in await days(conn, schema):
@@ -128,10 +128,7 @@ async def _create_day(pool: asyncpg.Pool, schema: str, day: date) -> bool:
             # Attaching next to a DEFAULT partition locks it exclusively (and checks that
             # none of its rows belongs to the new day): taken first, not upgraded to.
             await conn.execute(f"LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE")
-            await conn.execute(
-                f"CREATE TABLE {part} (LIKE {s}.{table} "
-                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
-            )
+            await _create_like(conn, schema, table, part)
             await conn.execute(
                 f"WITH moved AS (DELETE FROM {default} WHERE {key} >= '{lo}' AND {key} < '{hi}' "
                 f"RETURNING *) INSERT INTO {part} SELECT * FROM moved"
@@ -142,8 +139,22 @@ async def _create_day(pool: asyncpg.Pool, schema: str, day: date) -> bool:
     return True
 
 
+async def _create_like(conn: Conn, schema: str, table: str, part: str) -> None:
+    """A table shaped as ``table`` (columns, defaults, checks: what attaching needs),
+    without indexes: attaching builds the parent's on it."""
+    await conn.execute(
+        f"CREATE TABLE {part} (LIKE {quote_ident(schema)}.{table} "
+        "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
+    )
+
+
+def _bounds(day: date) -> tuple[UUID, UUID]:
+    """The ids of ``day``'s partition: from its first, up to the next day's first."""
+    return day_start(day), day_start(day + timedelta(days=1))
+
+
 async def _attach(conn: Conn, schema: str, table: str, part: str, day: date) -> None:
-    lo, hi = day_start(day), day_start(day + timedelta(days=1))
+    lo, hi = _bounds(day)
     await conn.execute(
         f"ALTER TABLE {quote_ident(schema)}.{table} ATTACH PARTITION {part} "
         f"FOR VALUES FROM ('{lo}') TO ('{hi}')"
@@ -308,10 +319,7 @@ async def _compact(
     old = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
     kept_events = 0
     for table, key in TABLES:
-        await conn.execute(
-            f"CREATE TABLE {fresh[table]} (LIKE {s}.{table} "
-            "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
-        )
+        await _create_like(conn, schema, table, fresh[table])
         if table == "runs":
             status = await conn.execute(
                 f"INSERT INTO {fresh[table]} SELECT * FROM {old[table]} WHERE NOT {_PRUNABLE}",
