@@ -202,6 +202,12 @@ WITH candidates AS (
                 $12::text[]) AS t(before, cancel, signalled, after, woke, start_kind)
     WHERE r.id = c.id AND t.before = r.status AND t.cancel = r.cancel_requested
       AND t.signalled = (s.payload IS NOT NULL)
+      -- The candidates' ids as an array too: each partition is then read through its
+      -- primary key, whatever the planner guesses of the candidates' count (a generic
+      -- plan guesses a tenth of the due runs for LIMIT $2, and joining that many
+      -- against every partition looked dearer than reading today's partition whole).
+      -- key_fill and claim_items join their chosen runs the same way.
+      AND r.id = ANY (ARRAY(SELECT id FROM candidates))
     RETURNING r.id, r.saga_name, r.saga_version, r.status, r.step_name, r.attempt,
               r.lease_token, r.input, r.results::text AS results,
               r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
@@ -800,7 +806,7 @@ WITH free AS (
     FOR UPDATE
 ), admitted AS (
     UPDATE __schema__.runs r SET key_state = 'held', due_at = now(), updated_at = now()
-    FROM next WHERE r.id = next.id
+    FROM next WHERE r.id = next.id AND r.id = ANY (ARRAY(SELECT id FROM next))
     RETURNING r.id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, data)
@@ -1291,7 +1297,8 @@ WITH candidates AS (
            extract(epoch FROM now() - r.created_at)::float8 AS age,
            c.phase = 'step' AND (r.status = 'compensating' OR r.cancel_requested) AS dropping,
            r.parent_id IS NOT NULL AS child
-    FROM claimed c JOIN __schema__.runs r ON r.id = c.run_id
+    FROM claimed c JOIN __schema__.runs r
+         ON r.id = c.run_id AND r.id = ANY (ARRAY(SELECT run_id FROM claimed))
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
     SELECT run_id, kind, step, attempt, worker FROM (
