@@ -196,9 +196,7 @@ async def test_the_claim_updates_its_runs_through_the_primary_key_in_a_generic_p
         args += [[]] * 16 + ["saga_done"]
     await db.execute("SET plan_cache_mode = force_generic_plan")
     await db.execute(f"PREPARE generic_claim AS {store._q[statement]}")
-    rows = await db.fetch(
-        f"EXPLAIN EXECUTE generic_claim({', '.join(_literal(a) for a in args)})"
-    )
+    rows = await db.fetch(f"EXPLAIN EXECUTE generic_claim({', '.join(_literal(a) for a in args)})")
     plan = "\n".join(r[0] for r in rows)
     generic = "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'generic_claim'"
     assert await db.fetchval(generic) == 1
