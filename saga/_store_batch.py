@@ -52,9 +52,11 @@ def transition_args(
 
 def batch_args(runs: Sequence[TransitionArgs]) -> list[Any]:
     """The ``transition_batch`` statement's arguments: one array per column, the runs in
-    id order (concurrent batches then lock their rows in one order), and the channel."""
+    id order (concurrent batches then lock their rows in one order), the channel, and
+    the first and last run id (the days the batch touches)."""
     ordered = sorted(runs, key=lambda a: a[0])
-    return [[a[i] for a in ordered] for i in _COLUMNS] + [ordered[0][13]]
+    columns = [[a[i] for a in ordered] for i in _COLUMNS]
+    return [*columns, ordered[0][13], ordered[0][0], ordered[-1][0]]
 
 
 @dataclass(frozen=True, slots=True, eq=False)

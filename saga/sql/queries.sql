@@ -301,7 +301,7 @@ FROM upd;
 -- next attempt, completed step, its result JSON, output JSON, error JSON, compensation
 -- error JSON, seconds until due, new lease owner, events JSON array, the worker holding
 -- the lease, refuse when a cancel was requested; $16 the sleep or wait parked at (array),
--- $17 done notification channel
+-- $17 done notification channel, $18 and $19 the smallest and the largest run id
 WITH t AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::integer[],
                          $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
@@ -333,6 +333,10 @@ WITH t AS (
     FROM t
     WHERE r.id = t.id AND r.lease_token = t.token AND r.lease_owner = t.worker
       AND NOT (t.unless_cancelled AND r.cancel_requested)
+      -- The batch's first and last run id (parameters, not a join): Postgres then drops
+      -- the days outside them before it opens anything, where a generic plan would open
+      -- every day's partition kept for retention at every execution.
+      AND r.id BETWEEN $18 AND $19
     RETURNING r.id, t.token AS held, r.lease_token, r.cancel_requested,
               r.due_at IS NULL AS finished,
               extract(epoch FROM now() - r.created_at)::float8 AS age, t.events
