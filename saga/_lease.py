@@ -11,6 +11,7 @@ to change it; they never write its fields.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,20 @@ from saga._store_graph import ItemKey
 from saga._store_ops import DefinitionKey
 from saga._transition import ClaimedItem
 
+_scope_type: list[Callable[..., anyio.CancelScope]] = []
+
+
+def cancel_scope() -> anyio.CancelScope:
+    """A fresh cancel scope, as ``anyio.CancelScope()`` makes it, without looking up the
+    running event loop's backend for each one (a sniffio call: most of a scope's cost,
+    made for every attempt and lease). saga runs on asyncio only (asyncpg), so the
+    backend's scope class, learnt from the first scope, is the one of every later one."""
+    if _scope_type:
+        return _scope_type[0]()
+    scope = anyio.CancelScope()
+    _scope_type.append(type(scope))
+    return scope
+
 
 @dataclass(slots=True, eq=False)
 class Lease:
@@ -40,7 +55,7 @@ class Lease:
     token: int
     seconds: float  # lease length of the item held now; heartbeats renew by this much
     cancel_requested: bool = False  # seen by a heartbeat while the step ran
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    scope: anyio.CancelScope = field(default_factory=cancel_scope)
     lost: bool = False
     item: tuple[str, Phase] | None = None  # a graph run's item (step, phase)
 
@@ -64,7 +79,7 @@ class Lease:
     def attempt_scope(self, seconds: float) -> anyio.CancelScope:
         """A fresh cancel scope for one attempt: a heartbeat cancels it if the lease goes."""
         self.seconds = seconds
-        self.scope = anyio.CancelScope()
+        self.scope = cancel_scope()
         return self.scope
 
     def mark_lost(self) -> None:
@@ -103,6 +118,8 @@ class Leases:
         self._prioritized = prioritized  # some saga has priorities: claim urgent first
         self._outage = outage
         self.inflight: dict[UUID | ItemKey, Lease] = {}
+        #: Runs a transition claimed along, waiting for a task whose run just ended.
+        self._handoff: deque[tuple[ClaimedItem, Lease]] = deque()
         self._spawn: Callable[[ClaimedItem, Lease], None] | None = None
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
@@ -149,13 +166,24 @@ class Leases:
         return self._along
 
     def _claimed_along(self, items: list[ClaimedItem], asked: int) -> None:
-        """Runs a transition claimed for the slots it frees: run each in a task."""
-        assert self._spawn is not None
+        """Runs the transitions of a batch claimed for the slots they free: each goes on
+        in the task of a run that just ended (``take_over``), which saves a task per run;
+        the claim loop spawns what no such task took (see ``finished``)."""
         for item in items:
             lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
             self.inflight[lease.key] = lease
-            self._spawn(item, lease)
+            self._handoff.append((item, lease))
         self._more_work = len(items) == asked
+
+    def take_over(self) -> tuple[ClaimedItem, Lease] | None:
+        """A run claimed along, for the task of a run that just ended, or None."""
+        return self._handoff.popleft() if self._handoff else None
+
+    def _spawn_handed_off(self) -> None:
+        """Runs claimed along that no ending run's task took: a task each."""
+        assert self._spawn is not None
+        while self._handoff:
+            self._spawn(*self._handoff.popleft())
 
     def adopt(self, item: ClaimedItem, lease: Lease) -> None:
         """Run an item a transition of this worker leased to it (a graph run's new
@@ -175,6 +203,7 @@ class Leases:
         task_status.started()
         delay = 0.1
         while not self.stopping:
+            self._spawn_handed_off()
             free = self._concurrency - len(self.inflight)
             if free <= 0:
                 # Full: wait for a free slot, not for a wake-up (a pending one would make
@@ -233,8 +262,12 @@ class Leases:
         if self.inflight.get(lease.key) is lease:
             del self.inflight[lease.key]
             self._slot_freed.set()
-            if self._more_work:
+            if self._more_work or self._handoff:
+                # (the claim loop runs after the tasks this batch's results woke: what
+                # they leave of the runs claimed along, it spawns)
                 self._wake.set()
+            if self.stopping and self._handoff:
+                self._spawn_handed_off()  # the claim loop is gone
             if not self.inflight:
                 self._drained.set()
 
@@ -280,6 +313,8 @@ class Leases:
         self.stopping = True
         self._wake.set()
         self._slot_freed.set()
+        if self._spawn is not None:
+            self._spawn_handed_off()  # leased already: they run, as the others do
         with anyio.move_on_after(timeout):
             while self.inflight:
                 self._drained = anyio.Event()

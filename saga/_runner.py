@@ -105,38 +105,45 @@ class Runner:
 
     async def guard(self, item: ClaimedItem, lease: Lease, process: Process) -> None:
         """Run ``process`` on a claimed item; a crash, a database outage or a bug of
-        saga's ends it (the lease runs out), and its slot is freed."""
-        saga = self._sagas[(item.saga_name, item.saga_version)]
-        finished = False
-        try:
-            await process(item, saga, lease)
-            finished = True
-        except SimulatedCrash:
-            # saga.testing: behave as a dead worker would: write nothing, hold the lease
-            # until it expires, and never release it.
-            finished = True
-            lease.mark_lost()
-            logger.warning("simulated_crash", run_id=str(item.run_id), saga=item.saga_name)
-        except DatabaseError as exc:
-            finished = True  # the lease runs out and any worker takes the run again
-            self._outage.lost("recording an outcome", exc)
-        except BaseException as exc:
-            if is_cancellation(exc):
-                raise  # shutdown: the lease stays listed so it is released
-            # A bug of saga's (user code cannot get here: its failures are recorded). The
-            # lease runs out and the run is retried, counting an attempt.
-            finished = True
-            lease.mark_lost()
-            logger.error(
-                "internal_error",
-                run_id=str(item.run_id),
-                saga=item.saga_name,
-                error_type=type(exc).__name__,
-                exc_info=exc,
-            )
-        finally:
-            if finished:
-                self.leases.finished(item, lease)
+        saga's ends it (the lease runs out), and its slot is freed. Then go on, in this
+        task, with a run the transitions ending runs claimed along, if one is left."""
+        while True:
+            saga = self._sagas[(item.saga_name, item.saga_version)]
+            finished = False
+            try:
+                await process(item, saga, lease)
+                finished = True
+            except SimulatedCrash:
+                # saga.testing: behave as a dead worker would: write nothing, hold the
+                # lease until it expires, and never release it.
+                finished = True
+                lease.mark_lost()
+                logger.warning("simulated_crash", run_id=str(item.run_id), saga=item.saga_name)
+            except DatabaseError as exc:
+                finished = True  # the lease runs out and any worker takes the run again
+                self._outage.lost("recording an outcome", exc)
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise  # shutdown: the lease stays listed so it is released
+                # A bug of saga's (user code cannot get here: its failures are recorded).
+                # The lease runs out and the run is retried, counting an attempt.
+                finished = True
+                lease.mark_lost()
+                logger.error(
+                    "internal_error",
+                    run_id=str(item.run_id),
+                    saga=item.saga_name,
+                    error_type=type(exc).__name__,
+                    exc_info=exc,
+                )
+            finally:
+                if finished:
+                    self.leases.finished(item, lease)
+            taken = self.leases.take_over()
+            if taken is None:
+                return
+            item, lease = taken
+            process = self._process  # runs are claimed along only without graph sagas
 
     def active(self, item: ClaimedItem, saga: Saga[Any]) -> ActiveRun:
         """The claimed item as this worker drives it; an expired lease it took over is

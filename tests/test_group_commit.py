@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 import saga
 from saga._group import GroupCommit
 from saga._hooks import Hooks
-from saga._lease import Lease
+from saga._lease import Lease, Leases
 from saga._log import Outage, logger
 from saga._model import EventKind, RunStatus
 from saga._store import Store
 from saga._store_batch import Write, transition_args
 from saga._store_graph import events_json
-from saga._transition import Event, Transition
+from saga._transition import ClaimedItem, Event, Transition
 from saga._write import COMMITTED, Writer
 from tests._sagas import Job, small_saga
 
@@ -465,6 +465,91 @@ async def test_claims_along_never_run_more_steps_at_once_than_concurrency(
     for run in runs:
         assert await run.result(timeout=20) == "s2"
     assert 1 <= peak <= 3
+
+
+async def test_runs_claimed_along_go_on_in_the_tasks_of_the_runs_that_ended(
+    orchestrator: Any,
+) -> None:
+    """A run claimed by the final transition of another goes on in that run's task (no
+    task per run): 60 three-step runs drained at concurrency 4 run their steps in a
+    handful of tasks, not 60."""
+    tasks: set[asyncio.Task[Any]] = set()  # strong references: no id is reused
+
+    def note(ctx: saga.Context[Any]) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        return ctx.step
+
+    chain = small_saga("handoff", 3, result=note)
+    starter = await orchestrator(chain, concurrency=0)
+    runs = [await starter.start(chain, Job(n=i)) for i in range(60)]
+    await orchestrator(chain, concurrency=4)
+    for run in runs:
+        assert await run.result(timeout=20) == "s3"
+    assert 1 <= len(tasks) <= 8, len(tasks)
+
+
+def _claimed(n: int) -> ClaimedItem:
+    return ClaimedItem(
+        run_id=UUID(int=n),
+        saga_name="x",
+        saga_version=1,
+        status=RunStatus.RUNNING,
+        step_name="s1",
+        attempt=1,
+        lease_token=1,
+        input="{}",
+        results={},
+        completed_steps=(),
+        cancel_requested=False,
+        has_error=False,
+        trace_context=None,
+        age=0.0,
+        expired_owner=None,
+    )
+
+
+async def test_runs_claimed_along_that_no_ending_run_took_still_run(store: Store) -> None:
+    """A run claimed along that no ending run's task took (its task was gone) is started
+    by the claim loop as soon as a run ends, and at shutdown by the drain, which then
+    waits for it like any other (it does not sit leased until the drain's timeout).
+    (Private: the lease bookkeeping itself.)"""
+    started: list[UUID] = []
+    second = anyio.Event()
+
+    async def handler(item: ClaimedItem, lease: Lease) -> None:
+        started.append(item.run_id)
+        second.set()
+        await anyio.sleep(0.05)
+        leases.finished(item, lease)
+
+    leases = Leases(
+        store,
+        worker_id="w",
+        concurrency=4,
+        lease_seconds=30,
+        heartbeat_every=10,
+        poll_interval=60,  # the claim loop sleeps until something wakes it
+        definitions=[("x", 1, "-")],
+        outage=Outage("w"),
+    )
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(leases.claim_loop, tg, handler)
+            leases._claimed_along([_claimed(1), _claimed(2)], 2)
+            taken = leases.take_over()  # the one task whose run ended takes one
+            assert taken is not None
+            assert taken[0].run_id == UUID(int=1)
+            leases.finished(*taken)
+            await second.wait()
+            leases._claimed_along([_claimed(3)], 1)  # then the orchestrator stops
+            before = anyio.current_time()
+            await leases.drain(5)
+            assert started == [UUID(int=2), UUID(int=3)]
+            assert not leases.inflight
+            assert anyio.current_time() - before < 2
+            tg.cancel_scope.cancel()
 
 
 # -- the events' JSON, written by hand ------------------------------------------------------
