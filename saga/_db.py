@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -135,19 +133,39 @@ def schema_sql(schema: str) -> str:
     return text.replace("__schema__", quote_ident(validate_schema(schema)))
 
 
-@asynccontextmanager
-async def translate_errors(what: str) -> AsyncIterator[None]:
-    """Turn driver and connection errors into DatabaseError, keeping them as the cause."""
-    try:
-        yield
-    except (
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-        # Raised on a connection broken in the middle of an operation (server gone).
-        asyncpg.InternalClientError,
-        OSError,
-    ) as exc:
-        raise DatabaseError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # Raised on a connection broken in the middle of an operation (server gone).
+    asyncpg.InternalClientError,
+    OSError,
+)
+
+
+class translate_errors:  # a function to its callers: ``with translate_errors(...)``
+    """Turn driver and connection errors into DatabaseError, keeping them as the cause.
+
+    A plain context manager (``with``; ``async with`` works too, beside other async
+    ones): the step's hot path enters one per write, and a generator-based one cost
+    1.5 µs against 0.2."""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, _DRIVER_ERRORS):
+            raise DatabaseError(f"{self._what} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(kind, exc, tb)
 
 
 async def _keep_session(_conn: Any) -> None:

@@ -180,7 +180,7 @@ class Store(
         definitions: Sequence[DefinitionKey],
         prioritized: bool = False,
     ) -> list[ClaimedItem]:
-        async with translate_errors("claiming work"):
+        with translate_errors("claiming work"):
             rows = await self.hot.fetch(
                 self._q["claim_prioritized" if prioritized else "claim"],
                 worker,
@@ -210,7 +210,7 @@ class Store(
         slot a plain transition frees, in its statement (delivered to ``claim.deliver``)."""
         events = events_json(worker, change.events)
         due_in = change.due_in
-        async with translate_errors("recording a transition"):
+        with translate_errors("recording a transition"):
             if (child or keyed) and change.terminal:
                 async with self.hot.acquire() as conn, conn.transaction():
                     row = await conn.fetchrow(

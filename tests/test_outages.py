@@ -86,3 +86,36 @@ async def test_postgres_restart_mid_work_loses_nothing(
     for run in runs:
         assert await run.result(timeout=90) == "c"
     await assert_each_step_completed_once(dsn, runs)
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        asyncpg.exceptions.ConnectionDoesNotExistError("gone"),
+        asyncpg.exceptions.UniqueViolationError("duplicate"),
+        asyncpg.InterfaceError("closed"),
+        ConnectionResetError("reset"),
+    ],
+)
+async def test_driver_errors_become_database_errors_with_their_cause(raised: Exception) -> None:
+    """Whether entered with ``with`` or ``async with``, a driver or connection error
+    inside ``translate_errors`` becomes a ``saga.DatabaseError`` naming what failed, with
+    the driver's error as its cause; anything else (a bug, a cancellation) goes through
+    as it is. (Private: the store's error translation.)"""
+    from saga._db import translate_errors
+
+    failed = pytest.raises(saga.DatabaseError, match="recording a transition failed")
+    with failed as caught, translate_errors("recording a transition"):
+        raise raised
+    assert caught.value.__cause__ is raised
+    with pytest.raises(saga.DatabaseError, match="claiming work failed") as caught:
+        async with translate_errors("claiming work"):
+            raise raised
+    assert caught.value.__cause__ is raised
+    with pytest.raises(KeyError), translate_errors("anything"):
+        raise KeyError("a bug")
+    with anyio.CancelScope() as scope:
+        async with translate_errors("anything"):
+            scope.cancel()
+            await anyio.sleep(1)
+    assert scope.cancelled_caught
