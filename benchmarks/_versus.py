@@ -3,9 +3,10 @@
 Every row drains pre-started 3-step chains (or, "embedded", starts them in the process
 that executes them), repeat by repeat interleaved: the unbatched queue at 1, 16 and 64
 tasks (its best is the reference), the batched queue (16 jobs per claim) at 4 and 16
-tasks, saga drain at 1 process x 64, 1 x 1 and 4 x 64, and saga embedded (1 x 64, the
-runs started by 32 tasks of the same process through the same orchestrator). Then the
-issue's targets, met or missed (reported, never asserted).
+tasks, saga drain at 1 process x 64, 1 x 128, 1 x 1 and 4 x 64, and saga embedded (1 x
+64, the runs started by 32 tasks of the same process through the same orchestrator).
+Then the issue's targets, met or missed (reported, never asserted): the drain ratios
+take saga at its best one-process concurrency (64 or 128), as each queue at its best.
 """
 
 from __future__ import annotations
@@ -50,18 +51,25 @@ class Spec:
         return max(1, runs // C1_SHARE) if self.concurrency == 1 else runs
 
 
+SAGA_64 = Spec("drain", 64)
+SAGA_128 = Spec("drain", 128)
+SAGA_1 = Spec("drain", 1)
+SAGA_4P = Spec("drain", 64, 4)
+EMBEDDED = Spec("embedded", 64)
 SPECS = (
     Spec("queue", 1),
     Spec("queue", 16),
     Spec("queue", 64),
     Spec("batched", 4),
     Spec("batched", 16),
-    Spec("drain", 64),
-    Spec("drain", 1),
-    Spec("drain", 64, 4),
-    Spec("embedded", 64),
+    SAGA_64,
+    SAGA_128,
+    SAGA_1,
+    SAGA_4P,
+    EMBEDDED,
 )
-SAGA_64, SAGA_1, SAGA_4P, EMBEDDED = SPECS[5:]
+#: The one-process drain rows: saga at its best of these, as the queues at theirs.
+SAGA_DRAINS = (SAGA_64, SAGA_128)
 
 Versus = dict[Spec, list[Measured]]  # row -> repeats
 
@@ -108,8 +116,11 @@ def _writes(ms: list[Measured]) -> Stat:
 
 def best(v: Versus, family: Family) -> Spec | None:
     """The row of ``family`` with the highest median runs/s."""
-    rows = [s for s in v if s.family == family]
-    return max(rows, key=lambda s: _rps(v[s]).med, default=None)
+    return _best(v, [s for s in v if s.family == family])
+
+
+def _best(v: Versus, rows: list[Spec]) -> Spec | None:
+    return max((s for s in rows if s in v), key=lambda s: _rps(v[s]).med, default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,13 +176,24 @@ def _figure_target(
 def targets(v: Versus) -> list[Target]:
     """Issue 15's targets, one each."""
     queue, batched = best(v, "queue"), best(v, "batched")
+    saga = _best(v, list(SAGA_DRAINS)) or SAGA_64
     q64 = Spec("queue", 64) if Spec("queue", 64) in v else None
     q1 = Spec("queue", 1) if Spec("queue", 1) in v else None
     return [
         _ratio_target(
-            v, "drain, 1 process: ≥ 2 x the unbatched queue at its best", SAGA_64, queue, 2.0
+            v,
+            "drain, 1 process at its best: ≥ 2 x the unbatched queue at its best",
+            saga,
+            queue,
+            2.0,
         ),
-        _ratio_target(v, "drain, 1 process: ≥ 0.4 x the batched queue", SAGA_64, batched, 0.4),
+        _ratio_target(
+            v,
+            "drain, 1 process at its best: ≥ 0.4 x the batched queue at its best",
+            saga,
+            batched,
+            0.4,
+        ),
         _ratio_target(
             v,
             "runs started by the same process (embedded): ≥ 1.5 x the unbatched queue at its best",
@@ -251,8 +273,9 @@ def render(v: Versus, runs: int, repeats: int) -> list[str]:
         f"the next in a second statement (2 commits per step); batched: claim up to {BATCH} "
         "in one statement, complete them all and insert their next steps in one "
         "statement. Queue concurrency = worker tasks, saga's = the orchestrator's "
-        "`concurrency` per process. Worker CPU µs/step = CPU seconds of the worker "
-        "process(es) / 3N.",
+        "`concurrency` per process; the drain targets compare each at its best (saga: "
+        "the faster of its one-process rows at 64 and 128). Worker CPU µs/step = CPU "
+        "seconds of the worker process(es) / 3N.",
         "",
         "| target | measured | reference | verdict |",
         "| --- | --- | --- | --- |",
