@@ -304,7 +304,7 @@ class Telemetry:
         ) as span:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
-            yield span, json.dumps(carrier)
+            yield span, json.dumps(carrier) if carrier else "{}"  # (no tracing: nothing)
 
     @staticmethod
     def parent_context(carrier_json: str | None) -> Context | None:
