@@ -6,7 +6,10 @@ fill. Writers that arrive while a write is in flight queue up; when it ends, the
 of them leads the next write and takes everything queued by then (up to ``max_batch``)
 into one statement. So batches grow with the load, by themselves, and each row of a
 batch keeps its own fence (the store's statement checks every run's lease token and
-owner).
+owner). With ``leaders`` above one, up to that many writes are in flight at once, each
+leading its own batch (of at most ``max_batch``): an executing orchestrator writes its
+runs' steps in two statements at a time, each of at most half its runs, which Postgres
+runs on two backends at once.
 
 A batch the database refused outright (an error reported by the server: nothing
 committed) is written again one run at a time, so a row that fails fails its run alone.

@@ -125,6 +125,8 @@ class Orchestrator(Client):
         await super()._start_loops(tg)
         assert self._store is not None
         store = self._store
+        if self.concurrency:
+            store.write_in_pairs(self.concurrency)
         # What this orchestrator can execute: nothing at concurrency 0 (then all active
         # work counts as unclaimable here, and it warns about none of it).
         runnable = (

@@ -117,6 +117,46 @@ async def test_writes_arriving_during_a_write_share_the_next_batch() -> None:
     assert results == {0: "row 0", 1: "row 1", 2: "row 2", 3: None, 4: "row 4", 5: "row 5"}
 
 
+async def test_with_two_leaders_two_batches_are_in_flight_at_once() -> None:
+    """With two leaders and batches of at most two, five writers made ready together go
+    as two batches of two in flight at the same time (not one after the other), and the
+    fifth once one of them ended; each writer gets its own row. (An executing
+    orchestrator writes its steps so: two statements at a time, two backends.)"""
+    script = Script()
+    in_flight = peak = 0
+    release = anyio.Event()
+
+    async def batch(keys: Sequence[int]) -> dict[Hashable, str]:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if len(script.batches) < 2:
+            await release.wait()
+        in_flight -= 1
+        return await script.batch(keys)
+
+    g: GroupCommit[int, str] = GroupCommit(
+        script.single, batch, lambda k: k, leaders=2, max_batch=2
+    )
+    results: dict[int, str | None] = {}
+
+    async def write(k: int) -> None:
+        results[k] = await g.write(k)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for k in range(1, 6):
+                tg.start_soon(write, k)
+            while peak < 2:
+                await anyio.lowlevel.checkpoint()
+            release.set()
+    assert sorted(sorted(b) for b in script.batches) == [[1, 3], [2, 4]]
+    assert peak == 2
+    assert script.singles == [5]
+    assert results == {k: f"row {k}" for k in range(1, 6)}
+    assert g._leaders == 0
+
+
 async def test_a_batch_the_server_refused_is_written_run_by_run() -> None:
     """A batch the database answered with an error (nothing committed) is written again
     one write at a time: the bad row fails alone, the others are written."""
@@ -487,7 +527,9 @@ async def test_runs_claimed_along_go_on_in_the_tasks_of_the_runs_that_ended(
     await orchestrator(chain, concurrency=4)
     for run in runs:
         assert await run.result(timeout=20) == "s3"
-    assert 1 <= len(tasks) <= 8, len(tasks)
+    # One task per run would be 60; a few runs are started by the claim loop when it
+    # runs before the task that would have taken them.
+    assert 1 <= len(tasks) <= 20, len(tasks)
 
 
 def _claimed(n: int) -> ClaimedItem:
