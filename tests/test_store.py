@@ -115,15 +115,10 @@ async def test_a_burst_of_starts_gets_the_claim_fresh_statistics(
                 await anyio.sleep(0.1)
 
 
-@pytest.mark.parametrize("statement", ["claim", "claim_prioritized"])
-async def test_the_claim_reads_the_due_index_with_real_statistics(
-    orchestrator: Any, store: Store, db: asyncpg.Connection, statement: str
-) -> None:
-    """With 3,000 due runs and current statistics, claiming 60 reads the due index in
-    due order: the planner is not misled into sorting every due run (it was, when the
-    registered-definitions filter was an IN over unnest(), estimated at 1 % of rows).
-    (Private: the store's claim statements and their plans.)"""
-    due = small_saga("due")
+async def _due_runs(orchestrator: Any, db: asyncpg.Connection, name: str) -> Any:
+    """A new saga ``name`` with 3,000 runs due that nobody executes, and the runs
+    table's statistics gathered."""
+    due = small_saga(name)
     starter = await orchestrator(due, concurrency=0)
     async with anyio.create_task_group() as tg:
         for first in range(0, 3000, 100):
@@ -134,6 +129,18 @@ async def test_the_claim_reads_the_due_index_with_real_statistics(
 
             tg.start_soon(hundred)
     await db.execute("ANALYZE saga.runs")
+    return due
+
+
+@pytest.mark.parametrize("statement", ["claim", "claim_prioritized"])
+async def test_the_claim_reads_the_due_index_with_real_statistics(
+    orchestrator: Any, store: Store, db: asyncpg.Connection, statement: str
+) -> None:
+    """With 3,000 due runs and current statistics, claiming 60 reads the due index in
+    due order: the planner is not misled into sorting every due run (it was, when the
+    registered-definitions filter was an IN over unnest(), estimated at 1 % of rows).
+    (Private: the store's claim statements and their plans.)"""
+    due = await _due_runs(orchestrator, db, "due")
     rows = await db.fetch(
         "EXPLAIN " + store._q[statement],
         "w",
@@ -182,17 +189,7 @@ async def test_the_claim_updates_its_runs_through_the_primary_key_in_a_generic_p
     that many candidates against every partition's primary key then looked dearer than
     reading the day whole: 3 of a drain's 5 ms per claim, growing with the day.)
     (Private: the store's claim statements and their plans.)"""
-    due = small_saga("generic")
-    starter = await orchestrator(due, concurrency=0)
-    async with anyio.create_task_group() as tg:
-        for first in range(0, 3000, 100):
-
-            async def hundred(first: int = first) -> None:
-                for n in range(first, first + 100):
-                    await starter.start(due, Job(n=n))
-
-            tg.start_soon(hundred)
-    await db.execute("ANALYZE saga.runs")
+    due = await _due_runs(orchestrator, db, "generic")
     args: list[Any] = ["w", 60, 30.0, [due.name], [due.version], [due.fingerprint]]
     args += store._claim_table
     if statement == "transition_claim":  # an empty batch of transitions beside it
