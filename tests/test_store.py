@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
 
 import anyio
 import asyncpg
@@ -246,7 +245,7 @@ async def test_a_batch_of_transitions_opens_only_its_days_partitions(
     )
     await db.execute("SET plan_cache_mode = force_generic_plan")
     await db.execute(f"PREPARE generic_batch AS {store._q['transition_batch']}")
-    literals = ", ".join(_literal(str(a) if isinstance(a, UUID) else a) for a in args)
+    literals = ", ".join(_literal(a) for a in args)
     async with db.transaction():
         rows = await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE generic_batch({literals})")
     plan = "\n".join(r[0] for r in rows)
