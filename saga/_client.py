@@ -36,12 +36,7 @@ from saga._errors import (
     IdempotencyConflictError,
     InvalidInputError,
     LifecycleError,
-    RunCancelledError,
-    RunCompensatedError,
-    RunError,
-    RunFailedError,
     RunNotFoundError,
-    RunStoppedError,
     RunTimeoutError,
 )
 from saga._lifecycle import Lifecycle, started
@@ -62,13 +57,6 @@ InT = TypeVar("InT", bound=pydantic.BaseModel)
 _MAX_KEY_LENGTH = 512
 _MAX_ID_LENGTH = 200
 _MAX_PAYLOAD_LIMIT = 256 * 1024 * 1024  # what Postgres text comfortably holds
-
-_RUN_ERRORS: dict[RunStatus, type[RunError]] = {
-    RunStatus.COMPENSATED: RunCompensatedError,
-    RunStatus.CANCELLED: RunCancelledError,
-    RunStatus.FAILED: RunFailedError,
-    RunStatus.STOPPED: RunStoppedError,
-}
 
 
 class Client(Lifecycle, Signalling, Acting):
@@ -391,9 +379,7 @@ class Client(Lifecycle, Signalling, Acting):
             known = definition is not None and row.fingerprint in (None, definition.fingerprint)
             result_type = definition.output_type if definition and known else Any
             return decode(row.output, result_type)
-        raise _RUN_ERRORS[info.status](
-            info.id, info.status.value, info.error, info.compensation_error
-        )
+        raise info.ended_error()
 
     async def unclaimable_runs(self) -> dict[DefinitionKey, int]:
         """Active runs of definitions this client did not register, by (saga name,

@@ -13,7 +13,14 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from saga._errors import ErrorInfo
+from saga._errors import (
+    ErrorInfo,
+    RunCancelledError,
+    RunCompensatedError,
+    RunError,
+    RunFailedError,
+    RunStoppedError,
+)
 
 
 class RunStatus(enum.StrEnum):
@@ -188,6 +195,19 @@ class RunInfo:
     #: still queued behind the runs holding that key (pending until admitted).
     concurrency_key: str | None = None
     waiting_for_key: bool = False
+
+    def ended_error(self) -> RunError:
+        """What ``result()`` raises for this run, ended without completing."""
+        kind = _RUN_ERRORS.get(self.status, RunError)
+        return kind(self.id, self.status.value, self.error, self.compensation_error)
+
+
+_RUN_ERRORS: dict[RunStatus, type[RunError]] = {
+    RunStatus.COMPENSATED: RunCompensatedError,
+    RunStatus.CANCELLED: RunCancelledError,
+    RunStatus.FAILED: RunFailedError,
+    RunStatus.STOPPED: RunStoppedError,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ the only place statuses and kinds are spelled out."""
 from __future__ import annotations
 
 import re
+import uuid
+from datetime import UTC, datetime
 from importlib import resources
 
 import anyio
@@ -17,6 +19,7 @@ from saga.testing import Faults, advance
 from tests._sagas import small_saga
 from tests.conftest import OrchestratorFactory
 
+NOW = datetime(2026, 12, 5, tzinfo=UTC)
 FAST = saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.02)
 
 
@@ -175,3 +178,27 @@ async def test_every_kind_is_written_by_some_run(
                 await anyio.sleep(0.01)
     kinds = {r["kind"] for r in await db.fetch("SELECT DISTINCT kind FROM saga.events")}
     assert {str(k) for k in EventKind} - kinds == set()
+
+
+def test_every_way_a_run_ends_unfinished_has_its_own_error() -> None:
+    """``result()`` raises a distinct RunError subclass for each terminal status other
+    than completed, carrying the run's id, status and errors; no status falls back to
+    the bare RunError."""
+    errors = saga.ErrorInfo(type="ValueError", message="no")
+    seen: set[type[saga.RunError]] = set()
+    for status in RunStatus.terminal():
+        if status is RunStatus.COMPLETED:
+            continue
+        info = saga.RunInfo(
+            id=uuid.uuid4(), saga="s", version=1, key=None, status=status, step=None,
+            attempt=0, completed_steps=(), error=errors, compensation_error=None,
+            cancel_requested=False, worker=None, created_at=NOW, updated_at=NOW,
+            finished_at=NOW,
+        )  # fmt: skip
+        error = info.ended_error()
+        assert type(error) is not saga.RunError
+        assert isinstance(error, saga.RunError)
+        assert (error.run_id, error.status, error.error) == (info.id, str(status), errors)
+        assert str(status) in str(error)
+        seen.add(type(error))
+    assert len(seen) == len(RunStatus.terminal()) - 1
