@@ -56,9 +56,12 @@ class _LeaseLost(Exception):
 
 
 class GraphQueries:
-    """Needs ``pool``, ``_q``, ``work_channel`` and ``done_channel`` from the store."""
+    """Needs ``pool``, ``hot``, ``_q``, ``work_channel`` and ``done_channel`` from the
+    store. An item's claim, write, heartbeat and release are leasing statements: they go
+    through ``hot`` (generic plans), as a plain run's do."""
 
     pool: asyncpg.Pool
+    hot: asyncpg.Pool
     _q: dict[str, str]
     work_channel: str
     done_channel: str
@@ -67,7 +70,7 @@ class GraphQueries:
         self, worker: str, limit: int, lease_seconds: float, definitions: Sequence[DefinitionKey]
     ) -> list[ClaimedItem]:
         async with translate_errors("claiming work"):
-            rows = await self.pool.fetch(
+            rows = await self.hot.fetch(
                 self._q["claim_items"], worker, limit, lease_seconds, *definition_args(definitions)
             )
         return [claimed_item(r) for r in rows]
@@ -81,7 +84,7 @@ class GraphQueries:
     ) -> tuple[GraphChange, GraphWritten] | None:
         """Lock the run, decide, apply fenced: the change and what it leased here, or
         None when the item's lease was lost (nothing written)."""
-        async with translate_errors("recording a transition"), self.pool.acquire() as conn:
+        async with translate_errors("recording a transition"), self.hot.acquire() as conn:
             try:
                 async with conn.transaction():
                     return await self._graph_write(conn, worker, key, token, decide)
@@ -165,7 +168,7 @@ class GraphQueries:
     ) -> set[ItemKey]:
         """Extend ((run id, step, phase), token, seconds) leases; returns those held."""
         async with translate_errors("heartbeat"):
-            rows = await self.pool.fetch(
+            rows = await self.hot.fetch(
                 self._q["heartbeat_items"],
                 worker,
                 [k[0] for k, _, _ in leases],
@@ -178,7 +181,7 @@ class GraphQueries:
 
     async def release_items(self, worker: str, leases: Sequence[tuple[ItemKey, int]]) -> int:
         async with translate_errors("releasing leases"):
-            rows = await self.pool.fetch(
+            rows = await self.hot.fetch(
                 self._q["release_items"],
                 worker,
                 [k[0] for k, _ in leases],

@@ -323,6 +323,37 @@ async def test_migration_0009_keeps_an_installation_running(
         await conn.close()
 
 
+async def test_graph_items_are_leased_and_written_with_generic_plans(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The items of a graph run (steps in parallel) are claimed and written on the
+    orchestrator's leasing pool too, planned once per connection: written through the
+    general pool, each item's write was planned anew (0.7 ms of the database's CPU per
+    step, most of a fan-out's) on the partitioned runs."""
+    fan = small_saga("fan", 4, after={"s2": ["s1"], "s3": ["s1"], "s4": ["s2", "s3"]})
+    orch = await orchestrator(fan, concurrency=2)
+    run = await orch.start(fan, Job(n=1))
+    assert await run.result(timeout=20) == "s4"
+    hot = orch._store.hot
+    assert hot is not orch._store.pool
+    held = [await hot.acquire(timeout=10) for _ in range(hot.get_max_size())]
+    try:
+        plans: dict[str, int] = {}
+        for conn in held:
+            for r in await conn.fetch(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+            ):
+                assert r["custom_plans"] == 0, r["statement"]
+                for what in ("lock the graph run", "fenced -- by the item", "due items of graph"):
+                    if what in " ".join(r["statement"].split()):
+                        plans[what] = plans.get(what, 0) + r["generic_plans"]
+    finally:
+        for conn in held:
+            await hot.release(conn)
+    assert set(plans) == {"lock the graph run", "fenced -- by the item", "due items of graph"}
+    assert all(n >= 1 for n in plans.values()), plans
+
+
 async def test_prune_rejects_a_non_bool_whole_days(open_client: ClientFactory) -> None:
     """whole_days must be a bool: anything else is refused before anything goes."""
     client = await open_client()

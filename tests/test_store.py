@@ -253,3 +253,33 @@ async def test_a_batch_of_transitions_opens_only_its_days_partitions(
     assert await db.fetchval(generic) == 1
     assert f"Subplans Removed: {days - 1}" in plan, plan
     assert partition("runs", today) in plan, plan
+
+
+async def test_a_graph_items_write_opens_only_its_days_partition(
+    pool: asyncpg.Pool, store: Store, db: asyncpg.Connection
+) -> None:
+    """With 30 past days kept for retention, the generic plans of a graph item's write
+    (the run's lock, then the fenced change: the plans an orchestrator's leasing pool
+    runs) update the run through its own day's partition alone: Postgres drops the other
+    days before it opens anything. (Private: the store's statements and their plans.)"""
+    today = datetime.now(UTC).date()
+    for back in range(1, 31):
+        assert await partitions._create_day(pool, "saga", today - timedelta(days=back))
+    days = await db.fetchval(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'saga.runs'::regclass"
+    )
+    run = uuid7()
+    await db.execute("SET plan_cache_mode = force_generic_plan")
+    lock = f"EXECUTE graph_lock({_literal(run)})"
+    write = [run, "s1", "step", 1, "w", "running", "s1", "1", None, None, None, None, None]
+    write += [[], [], ["s2"], ["step"], [None], "[]", "d", "w"]
+    writing = f"EXECUTE graph_write({', '.join(_literal(a) for a in write)})"
+    for name, execute in (("graph_lock", lock), ("graph_write", writing)):
+        await db.execute(f"PREPARE {name} AS {store._q[name]}")
+        async with db.transaction():
+            rows = await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {execute}")
+        plan = "\n".join(r[0] for r in rows)
+        generic = f"SELECT generic_plans FROM pg_prepared_statements WHERE name = '{name}'"
+        assert await db.fetchval(generic) == 1
+        assert f"Subplans Removed: {days - 1}" in plan, plan
+        assert partition("runs", today) in plan, plan
