@@ -184,10 +184,10 @@ async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncp
     attempt to restore its connection floor while the database is away.
 
     ``generic``: its sessions plan prepared statements once (``plan_cache_mode =
-    force_generic_plan``), for an orchestrator's leasing statements (see ``Store.hot``).
-    On the day-partitioned runs, Postgres would otherwise plan them at every execution
-    (custom plans: their costs depend on a LIMIT or a run id), and planning over every
-    partition cost two thirds of a claim's database time."""
+    force_generic_plan``), for an orchestrator's statements on given runs (see
+    ``Store.hot``). On the day-partitioned runs, Postgres would otherwise plan them at
+    every execution (custom plans: their costs depend on a LIMIT or a run id), and
+    planning over every partition cost two thirds of a claim's database time."""
     settings = {"plan_cache_mode": "force_generic_plan"} if generic else None
     async with translate_errors("connecting"):
         pool: asyncpg.Pool = await asyncpg.create_pool(

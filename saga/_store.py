@@ -87,8 +87,8 @@ class Store(
         self, pool: asyncpg.Pool, schema: str = "saga", hot: asyncpg.Pool | None = None
     ) -> None:
         self.pool = pool
-        #: The pool of the leasing statements (claims, transitions, heartbeats, releases):
-        #: an executing orchestrator's own pool of generic plans (see ``open_pool``).
+        #: Statements on given runs (leases, starts, results, histories, signals): an
+        #: executing orchestrator's own pool of generic plans (see ``open_pool``).
         self.hot = hot or pool
         self.schema = validate_schema(schema)
         self._q = queries(schema)
@@ -162,7 +162,7 @@ class Store(
             traffic.priority,
             traffic.key,
         )
-        db = conn or self.pool
+        db = conn or self.hot
         extra = None if traffic.key is None else partial(self.admit, saga_name, traffic)
         async with translate_errors("starting a run"):
             for _ in range(5):
@@ -171,7 +171,7 @@ class Store(
                 elif roots is None and extra is None and key is None:
                     row = await self._starts.write(args)
                 else:
-                    async with self.pool.acquire() as own, own.transaction():
+                    async with self.hot.acquire() as own, own.transaction():
                         row = await self._start_more(own, args, roots, extra)
                 if row is not None:
                     return StartResult(row["id"], True, None)
@@ -183,7 +183,7 @@ class Store(
 
     async def notify_work(self, saga_name: str) -> None:
         async with translate_errors("notifying workers"):
-            await self.pool.execute(self._q["notify_work"], self.work_channel, saga_name)
+            await self.hot.execute(self._q["notify_work"], self.work_channel, saga_name)
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -312,7 +312,7 @@ class Store(
 
     async def get_run(self, run_id: UUID) -> RunRow | None:
         async with translate_errors("reading a run"):
-            r = await self.pool.fetchrow(self._q["get_run"], run_id)
+            r = await self.hot.fetchrow(self._q["get_run"], run_id)
         if r is None:
             return None
         return RunRow(
@@ -325,7 +325,7 @@ class Store(
 
     async def get_events(self, run_id: UUID) -> list[HistoryEvent]:
         async with translate_errors("reading a run's history"):
-            rows = await self.pool.fetch(self._q["get_events"], run_id)
+            rows = await self.hot.fetch(self._q["get_events"], run_id)
         return [
             HistoryEvent(
                 seq=r["id"],
@@ -343,7 +343,7 @@ class Store(
         """Ask for a NOTIFY when the run ends; False when it has ended already (or does
         not exist), so that the waiter reads its state instead of waiting."""
         async with translate_errors("watching a run"):
-            ended = await self.pool.fetchval(self._q["watch_run"], run_id)
+            ended = await self.hot.fetchval(self._q["watch_run"], run_id)
         return ended is False
 
     async def ended_runs(self, run_ids: Sequence[UUID]) -> set[UUID]:

@@ -151,11 +151,11 @@ class GroupWrites:
         return row
 
     async def _start_one(self, args: tuple[Any, ...]) -> Any:
-        return await self.pool.fetchrow(self._q["start_run"], *args)
+        return await self.hot.fetchrow(self._q["start_run"], *args)
 
     async def _start_many(self, starts: Sequence[tuple[Any, ...]]) -> dict[Hashable, Any]:
         """Several plain runs' starts in one statement: the inserted ones by run id."""
-        rows = await self.pool.fetch(
+        rows = await self.hot.fetch(
             self._q["start_runs"],
             *[[a[i] for a in starts] for i in _START_COLUMNS],
             starts[0][6],

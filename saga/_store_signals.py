@@ -40,9 +40,9 @@ class RunDefinition:
 
 
 class SignalQueries:
-    """Needs ``pool``, ``_q`` and ``work_channel`` from the store it is part of."""
+    """Needs ``hot``, ``_q`` and ``work_channel`` from the store it is part of."""
 
-    pool: asyncpg.Pool
+    hot: asyncpg.Pool
     _q: dict[str, str]
     work_channel: str
 
@@ -59,7 +59,7 @@ class SignalQueries:
         definition ``saga`` (name, version), in one statement (in ``conn``'s open
         transaction if given); ``data``: who sent it and why (JSON), for the history."""
         async with translate_errors("sending a signal"):
-            row = await (conn or self.pool).fetchrow(
+            row = await (conn or self.hot).fetchrow(
                 self._q["send_signal"],
                 run_id,
                 name,
@@ -85,7 +85,7 @@ class SignalQueries:
     async def run_definition(self, run_id: UUID, conn: Executor | None) -> RunDefinition | None:
         """The definition of run ``run_id`` (None: no such run)."""
         async with translate_errors("reading a run"):
-            row = await (conn or self.pool).fetchrow(self._q["run_definition"], run_id)
+            row = await (conn or self.hot).fetchrow(self._q["run_definition"], run_id)
         return None if row is None else RunDefinition(run_id, row[0], row[1])
 
     async def run_by_key(
@@ -93,5 +93,5 @@ class SignalQueries:
     ) -> RunDefinition | None:
         """The run of ``saga_name`` started with ``key`` (None: there is none)."""
         async with translate_errors("finding a run by key"):
-            row = await (conn or self.pool).fetchrow(self._q["find_run_for_signal"], saga_name, key)
+            row = await (conn or self.hot).fetchrow(self._q["find_run_for_signal"], saga_name, key)
         return None if row is None else RunDefinition(row[0], saga_name, row[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Any
 
 import anyio
@@ -255,31 +256,60 @@ async def test_a_batch_of_transitions_opens_only_its_days_partitions(
     assert partition("runs", today) in plan, plan
 
 
-async def test_a_graph_items_write_opens_only_its_days_partition(
-    pool: asyncpg.Pool, store: Store, db: asyncpg.Connection
+def _on_one_run() -> list[str]:
+    """The statements whose first parameter is one run's id (their header says so)."""
+    names, name = [], ""
+    for line in (resources.files("saga") / "sql" / "queries.sql").read_text().splitlines():
+        if line.startswith("-- name: "):
+            name = line.removeprefix("-- name: ").strip()
+        elif re.match(r"-- \$1 run id(,|$)", line):
+            names.append(name)
+    return names
+
+
+#: A value of each parameter type, as an SQL literal (the plans are not executed).
+_DUMMY = {
+    "uuid": "'{run}'",
+    "text": "'x'",
+    "text[]": "'{{}}'",
+    "uuid[]": "'{{}}'",
+    "integer": "1",
+    "bigint": "1",
+    "double precision": "1",
+    "double precision[]": "'{{}}'",
+    "boolean": "false",
+    "jsonb": "'{{}}'",
+    "timestamp with time zone": "now()",
+}
+#: A plan's scans of the partitions of runs and of their tables: (index or None, day).
+_SCANNED = re.compile(
+    r"Scan (?:using (\S+) )?on (?:runs|events|watches|signals)_(p\d{8}|default)\b"
+)
+
+
+@pytest.mark.parametrize("name", _on_one_run())
+async def test_a_statement_on_one_run_opens_only_its_days_partitions(
+    pool: asyncpg.Pool, store: Store, db: asyncpg.Connection, name: str
 ) -> None:
-    """With 30 past days kept for retention, the generic plans of a graph item's write
-    (the run's lock, then the fenced change: the plans an orchestrator's leasing pool
-    runs) update the run through its own day's partition alone: Postgres drops the other
-    days before it opens anything. (Private: the store's statements and their plans.)"""
+    """With 30 past days kept for retention, the generic plan of every statement on one
+    given run (a result's reads, its history, a signal, an operator's action, a graph
+    item's write...) reads the run's own day alone (a start also looks its key up in
+    every day): Postgres drops the other days before it opens anything. Its partitioned
+    tables are reached through the run id itself, never only through a join with an
+    earlier part of the statement, which Postgres cannot narrow to a day (a signal once
+    scanned every day's watches that way). (Private: the store's statements, plans.)"""
     today = datetime.now(UTC).date()
     for back in range(1, 31):
         assert await partitions._create_day(pool, "saga", today - timedelta(days=back))
-    days = await db.fetchval(
-        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'saga.runs'::regclass"
-    )
-    run = uuid7()
     await db.execute("SET plan_cache_mode = force_generic_plan")
-    lock = f"EXECUTE graph_lock({_literal(run)})"
-    write = [run, "s1", "step", 1, "w", "running", "s1", "1", None, None, None, None, None]
-    write += [[], [], ["s2"], ["step"], [None], "[]", "d", "w"]
-    writing = f"EXECUTE graph_write({', '.join(_literal(a) for a in write)})"
-    for name, execute in (("graph_lock", lock), ("graph_write", writing)):
-        await db.execute(f"PREPARE {name} AS {store._q[name]}")
-        async with db.transaction():
-            rows = await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {execute}")
-        plan = "\n".join(r[0] for r in rows)
-        generic = f"SELECT generic_plans FROM pg_prepared_statements WHERE name = '{name}'"
-        assert await db.fetchval(generic) == 1
-        assert f"Subplans Removed: {days - 1}" in plan, plan
-        assert partition("runs", today) in plan, plan
+    await db.execute(f"PREPARE one_run AS {store._q[name]}")
+    types = await db.fetchval(
+        "SELECT parameter_types::text[] FROM pg_prepared_statements WHERE name = 'one_run'"
+    )
+    literals = ", ".join(_DUMMY[t].format(run=uuid7()) for t in types)
+    plan = "\n".join(r[0] for r in await db.fetch(f"EXPLAIN EXECUTE one_run({literals})"))
+    generic = "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'one_run'"
+    assert await db.fetchval(generic) == 1
+    # (an idempotency key is unique across days: its lookup reads every day's key index)
+    days = {day for index, day in _SCANNED.findall(plan) if "idempotency" not in index}
+    assert days <= {partition("runs", today).removeprefix("runs_")}, plan

@@ -541,7 +541,8 @@ WITH old AS (
         resolved = false,
         updated_at = now()
     FROM old
-    WHERE r.id = old.id AND r.status = ANY($3::text[]) AND NOT r.cancel_requested
+    WHERE r.id = $1 AND r.id = old.id AND r.status = ANY($3::text[])
+      AND NOT r.cancel_requested
       AND r.key_state IS DISTINCT FROM 'released'
       AND NOT (r.pivot IS NOT NULL
                AND (r.pivot = ANY(r.completed_steps) OR (r.step_name = r.pivot AND NOT r.graph)
@@ -560,7 +561,8 @@ WITH old AS (
     SELECT id, 'cancel_requested', $4::jsonb FROM upd
 ), revived AS (
     -- A stopped run is active again: its end mark goes, so waiters wait for the end.
-    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+    UPDATE __schema__.watches w SET ended = false
+    FROM upd WHERE w.run_id = $1 AND w.run_id = upd.id
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
@@ -586,7 +588,7 @@ WITH old AS (
         due_at = CASE WHEN old.graph THEN 'infinity'::timestamptz ELSE now() END,
         error = CASE WHEN $5 = 'step' THEN NULL ELSE r.error END,
         compensation_error = NULL, finished_at = NULL, resolved = false, updated_at = now()
-    FROM old WHERE r.id = old.id
+    FROM old WHERE r.id = $1 AND r.id = old.id
     RETURNING r.id, r.saga_name, r.step_name
 ), item AS (
     INSERT INTO __schema__.items (run_id, step, phase)
@@ -598,7 +600,8 @@ WITH old AS (
     SELECT id, 'run_retried', step_name, $6::jsonb FROM upd
 ), revived AS (
     -- The run is active again: its end mark goes, so waiters wait for the next end.
-    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+    UPDATE __schema__.watches w SET ended = false
+    FROM upd WHERE w.run_id = $1 AND w.run_id = upd.id
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
@@ -616,7 +619,7 @@ WITH held AS (
 ), sig AS (
     UPDATE __schema__.signals s SET closed = false, awaited_at = now()
     FROM held
-    WHERE s.run_id = held.id AND s.name = held.wait_name
+    WHERE s.run_id = $1 AND s.run_id = held.id AND s.name = held.wait_name
     RETURNING s.run_id, s.timeout_seconds
 ), upd AS (
     UPDATE __schema__.runs r SET
@@ -625,14 +628,15 @@ WITH held AS (
         due_at = CASE WHEN sig.timeout_seconds = 'Infinity' THEN 'infinity'
                       ELSE now() + make_interval(secs => sig.timeout_seconds) END,
         updated_at = now()
-    FROM sig WHERE r.id = sig.run_id
+    FROM sig WHERE r.id = $1 AND r.id = sig.run_id
     RETURNING r.id, r.wait_name
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, data)
     SELECT id, 'run_retried', wait_name, '{"waits": true}'::jsonb || coalesce($4::jsonb, '{}')
     FROM upd
 ), revived AS (
-    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+    UPDATE __schema__.watches w SET ended = false
+    FROM upd WHERE w.run_id = $1 AND w.run_id = upd.id
 )
 SELECT id FROM upd;
 
@@ -692,7 +696,7 @@ WITH old AS (
         finished_at = CASE WHEN $4::text IS NOT NULL THEN now() END,
         resolved = false,
         updated_at = now()
-    FROM old WHERE r.id = old.id
+    FROM old WHERE r.id = $1 AND r.id = old.id
     RETURNING r.id, r.saga_name, r.due_at IS NOT NULL AS active
 ), items AS (
     INSERT INTO __schema__.items (run_id, step, phase)
@@ -705,7 +709,8 @@ WITH old AS (
     FROM upd, jsonb_array_elements($6::jsonb) WITH ORDINALITY AS e(ev, ord)
     ORDER BY e.ord
 ), revived AS (
-    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id AND upd.active
+    UPDATE __schema__.watches w SET ended = false
+    FROM upd WHERE w.run_id = $1 AND w.run_id = upd.id AND upd.active
 )
 SELECT id, CASE WHEN active THEN pg_notify($7, saga_name)::text END AS notified FROM upd;
 
@@ -1219,7 +1224,8 @@ WITH run AS (
 ), woken AS (
     -- The run is at this wait (or stopped at it): due now; a stopped run waits again.
     -- Only the id is matched against the scanned row (an older version than the locked
-    -- one when the run entered its wait meanwhile: the update then applies to the newest).
+    -- one when the run entered its wait meanwhile: the update then applies to the newest);
+    -- given as $1 too, so that Postgres reads the run's day alone.
     UPDATE __schema__.runs r SET
         status = 'waiting', due_at = now(), finished_at = NULL,
         error = CASE WHEN r.status = 'stopped' THEN NULL ELSE r.error END,
@@ -1227,11 +1233,12 @@ WITH run AS (
         resolved = false,
         updated_at = now()
     FROM outcome o
-    WHERE r.id = o.id AND o.accepted AND o.at_this_wait
+    WHERE r.id = $1 AND r.id = o.id AND o.accepted AND o.at_this_wait
     RETURNING r.id, r.saga_name
 ), revived AS (
     -- A stopped run is active again: its end mark goes, so waiters wait for its end.
-    UPDATE __schema__.watches w SET ended = false FROM woken WHERE w.run_id = woken.id
+    UPDATE __schema__.watches w SET ended = false
+    FROM woken WHERE w.run_id = $1 AND w.run_id = woken.id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, data)
     SELECT id,
@@ -1530,7 +1537,8 @@ WITH upd AS (
     INSERT INTO __schema__.events (run_id, kind, data)
     SELECT id, 'cancel_requested', '{"revert": true}'::jsonb FROM upd
 ), revived AS (
-    UPDATE __schema__.watches w SET ended = false FROM upd WHERE w.run_id = upd.id
+    UPDATE __schema__.watches w SET ended = false
+    FROM upd WHERE w.run_id = $1 AND w.run_id = upd.id
 )
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
