@@ -348,9 +348,12 @@ class Client(Lifecycle, Signalling, Acting):
             waiter = waiters.subscribe(run_id)
             try:
                 try:
-                    if not watched:  # only watched runs NOTIFY when they end (no lock)
-                        watched = await store.watch_run(run_id)
-                    row = await self._row(run_id)
+                    # Only watched runs NOTIFY when they end (no lock). A run just found
+                    # active by its watch has nothing to read until it does.
+                    fresh = not watched and await store.watch_run(run_id)
+                    watched = watched or fresh
+                    remaining = deadline - anyio.current_time()
+                    row = None if fresh and remaining > 0 else await self._row(run_id)
                 except DatabaseError:
                     # The database is away (restart, failover): keep waiting until the
                     # deadline, as the run itself will resume when it is back.
@@ -358,10 +361,9 @@ class Client(Lifecycle, Signalling, Acting):
                         raise
                     await anyio.sleep(min(self.poll_interval, deadline - anyio.current_time()))
                     continue
-                if row.info.status.is_terminal:
+                if row is not None and row.info.status.is_terminal:
                     return self._outcome(row)
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
+                if row is not None and remaining <= 0:
                     raise RunTimeoutError(
                         f"run {run_id} is still {row.info.status} after {timeout} seconds"
                     )

@@ -49,6 +49,49 @@ async def test_a_client_starts_and_waits_but_executes_nothing(dsn: str) -> None:
                 assert await client.result(run.id) == 42
 
 
+async def test_result_reads_a_waited_run_once_it_ended(dsn: str) -> None:
+    """result() on a run still pending sets its watch and waits: it reads the run once,
+    when its end is notified (not also right after the watch); on a run that already
+    ended, it reads it at once; and with a deadline that has passed, it reads the run
+    to say where it is. (Private: the store's reads, counted.)"""
+    s = one_step()
+    async with saga.Client(dsn, sagas=[s], poll_interval=5) as client:
+        store = client._store
+        assert store is not None
+        reads: list[uuid.UUID] = []
+        get_run = store.get_run
+
+        async def counted(run_id: uuid.UUID) -> Any:
+            reads.append(run_id)
+            return await get_run(run_id)
+
+        store.get_run = counted  # type: ignore[method-assign]
+        run = await client.start(s, Job(n=21))
+        with pytest.raises(saga.RunTimeoutError, match="still pending"):
+            await client.result(run.id, timeout=0.2)
+        assert len(reads) == 1  # read when the deadline passed, not also before
+        reads.clear()
+        waited: list[int] = []
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_append, waited, client.result(run.id, timeout=10), done)
+            await anyio.sleep(0.3)
+            assert reads == []  # watched and waiting: nothing read
+            async with saga.Orchestrator(dsn, sagas=[s], poll_interval=0.1):
+                with anyio.fail_after(10):
+                    await done.wait()
+        assert waited == [42]
+        assert reads == [run.id]
+        reads.clear()
+        assert await client.result(run.id) == 42
+        assert reads == [run.id]
+
+
+async def _append(into: list[Any], result: Any, done: anyio.Event) -> None:
+    into.append(await result)
+    done.set()
+
+
 async def test_opening_a_client_logs_nothing_about_others_definitions(
     dsn: str, orchestrator: OrchestratorFactory
 ) -> None:
