@@ -44,7 +44,7 @@ from saga._listener import Listener
 from saga._log import Outage, logger
 from saga._migrate import check_migrated, migrate
 from saga._model import HistoryEvent, RunInfo, RunStatus
-from saga._notify import StartNotifier
+from saga._notify import WorkNotifier
 from saga._partitions import uuid7
 from saga._run import RunHandle
 from saga._signals import Signalling
@@ -128,7 +128,7 @@ class Client(Lifecycle, Signalling, Acting):
         self._store: Store | None = None
         self._listener: Listener | None = None
         self.outage = Outage(self.worker_id)
-        self._notifier = StartNotifier(self._notify_work, self._soon)
+        self._notifier = WorkNotifier(self._notify_work, self._soon)
 
     def _pool_sizes(self) -> tuple[int, int]:
         """Connections of its pool, and of its pool of leasing statements (see Store.hot)."""

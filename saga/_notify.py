@@ -1,9 +1,9 @@
-"""Waking the workers when runs start, without a NOTIFY per start.
+"""Waking the workers when runs start or are signalled, without a NOTIFY per write.
 
-A NOTIFY takes a cluster-wide lock at commit, so under load one start per window (per
-saga, per process) notifies in its own statement; the starts in between are covered by a
-trailing NOTIFY scheduled once they committed (never before: a NOTIFY sent before a
-start commits would wake workers that cannot see it yet).
+A NOTIFY takes a cluster-wide lock at commit, so under load one start or signal per
+window (per saga, per process) notifies in its own statement; the ones in between are
+covered by a trailing NOTIFY scheduled once they committed (never before: a NOTIFY sent
+before a write commits would wake workers that cannot see it yet).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Send = Callable[[str], Coroutine[Any, Any, None]]
 Spawn = Callable[..., None]
 
 
-class StartNotifier:
+class WorkNotifier:
     def __init__(self, send: Send, spawn: Spawn) -> None:
         self._send = send
         self._spawn = spawn
@@ -30,7 +30,7 @@ class StartNotifier:
         self._trailing: set[str] = set()
 
     def claim(self, saga_name: str) -> bool:
-        """Whether this start should NOTIFY the workers itself."""
+        """Whether this start (or signal) should NOTIFY the workers itself."""
         now = time.monotonic()  # (anyio.current_time() looks up the event loop: µs a start)
         if now - self._notified_at.get(saga_name, -math.inf) >= WINDOW:
             self._notified_at[saga_name] = now
@@ -38,7 +38,7 @@ class StartNotifier:
         return False
 
     def after_commit(self, saga_name: str) -> None:
-        """A start that did not NOTIFY has committed: make sure a NOTIFY follows it."""
+        """A write that did not NOTIFY has committed: make sure a NOTIFY follows it."""
         if saga_name not in self._trailing:
             self._trailing.add(saga_name)
             self._spawn(self._later, saga_name)

@@ -28,6 +28,7 @@ from saga._errors import (
     RunNotFoundError,
 )
 from saga._log import logger
+from saga._notify import WorkNotifier
 from saga._store import Store
 from saga._store_signals import Delivery, RunDefinition
 from saga._waits import Wait
@@ -38,10 +39,11 @@ _MAX_KEY_LENGTH = 512
 
 
 class Signalling:
-    """Needs ``_store_or_raise``, ``definition`` and ``max_payload_bytes`` from the
-    client it is part of."""
+    """Needs ``_store_or_raise``, ``definition``, ``max_payload_bytes`` and
+    ``_notifier`` from the client it is part of."""
 
     max_payload_bytes: int
+    _notifier: WorkNotifier
 
     if TYPE_CHECKING:  # provided by the client
 
@@ -89,8 +91,14 @@ class Signalling:
             wait = self._wait(found, signal)
         payload_json = self._payload(wait, payload)
         saga = (wait.saga.name, wait.saga.version)
-        send = store.send_signal(rid, wait.name, payload_json, saga, conn, data)
+        # As for starts: under load one signal per window NOTIFYs in its statement (a
+        # NOTIFY makes its commit wait for the others' WAL flush); the others are covered
+        # by a trailing one. In the caller's transaction it goes out at their commit.
+        notify = conn is not None or self._notifier.claim(saga[0])
+        send = store.send_signal(rid, wait.name, payload_json, saga, conn, data, notify)
         delivery = await (send if conn is not None else uncancellable(send))
+        if not notify and delivery is Delivery.ACCEPTED:
+            self._notifier.after_commit(saga[0])
         return _outcome(delivery, rid, wait)
 
     async def signal_key(

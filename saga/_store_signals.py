@@ -54,10 +54,13 @@ class SignalQueries:
         saga: tuple[str, int],
         conn: Executor | None = None,
         data: str | None = None,
+        notify: bool = True,
     ) -> Delivery:
         """Record the signal ``name`` for the run, its payload checked for the
         definition ``saga`` (name, version), in one statement (in ``conn``'s open
-        transaction if given); ``data``: who sent it and why (JSON), for the history."""
+        transaction if given); ``data``: who sent it and why (JSON), for the history.
+        ``notify``: the statement wakes the workers itself when it wakes the run (else
+        the caller NOTIFYs once it committed)."""
         async with translate_errors("sending a signal"):
             row = await (conn or self.hot).fetchrow(
                 self._q["send_signal"],
@@ -66,7 +69,7 @@ class SignalQueries:
                 payload_json,
                 saga[0],
                 saga[1],
-                self.work_channel,
+                self.work_channel if notify else None,
                 uuid.uuid4(),
                 data,
             )

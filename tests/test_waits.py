@@ -172,6 +172,59 @@ async def test_a_signal_sent_while_the_run_waits_is_its_typed_result(
         assert history.index(earlier) < history.index(later)
 
 
+async def test_a_burst_of_signals_wakes_every_run_with_fewer_notifications(
+    orchestrator: OrchestratorFactory, dsn: str
+) -> None:
+    """With the worker's polling effectively off (30 s), 40 runs parked at their wait,
+    each sent its signal at once from a client: every run completes, so the signals that
+    did not NOTIFY in their own statement were covered by a trailing NOTIFY sent after
+    they committed; and the burst sent fewer NOTIFYs than signals (a NOTIFY makes its
+    commit wait for the other commits' WAL flush, so one per signal capped a burst at
+    the rate of fsyncs)."""
+    s, decision = approval_saga(Ledger(), name="bursty")
+    client = await orchestrator(s, concurrency=0, poll_interval=30)
+    worker = await orchestrator(s, concurrency=64, poll_interval=0.05)
+    runs = [await client.start(s, Job(n=n)) for n in range(40)]
+    for run in runs:
+        await until_status(run, saga.RunStatus.WAITING)
+    await worker.aclose()  # parked: the next worker hears of signals by NOTIFY only
+    await orchestrator(s, concurrency=64, poll_interval=30)
+    heard: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    try:
+        await listener.add_listener("saga_work", lambda *args: heard.append(args[3]))
+        async with anyio.create_task_group() as tg:
+            for n, run in enumerate(runs):
+                tg.start_soon(run.signal, decision, Decision(approved=True, by=f"b{n}"))
+        with anyio.fail_after(15):
+            assert [await run.result() for run in runs] == [f"b{n}" for n in range(40)]
+    finally:
+        await listener.close()
+    assert 1 <= len(heard) < len(runs), heard
+
+
+async def test_a_signal_that_did_not_notify_is_followed_by_a_notification(
+    orchestrator: OrchestratorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal sent within the notification window of an earlier one (here a refused
+    signal, which wakes nothing) does not NOTIFY in its statement: a trailing NOTIFY
+    follows its commit and wakes the idle worker (its polling effectively off)."""
+    monkeypatch.setattr(saga._notify, "WINDOW", 0.5)
+    s, decision = approval_saga(Ledger(), name="trailing")
+    client = await orchestrator(s, concurrency=0, poll_interval=30)
+    await orchestrator(s, concurrency=4, poll_interval=30)
+    first, second = [await client.start(s, Job(n=n)) for n in range(2)]
+    await until_status(first, saga.RunStatus.WAITING)
+    await until_status(second, saga.RunStatus.WAITING)
+    assert await first.signal(decision, Decision(approved=True, by="a")) is True
+    assert await first.result(timeout=10) == "a"
+    await anyio.sleep(0.6)  # the window of the signal above is over
+    with pytest.raises(saga.InvalidRunStateError):  # opens a window, wakes nothing
+        await first.signal(decision, Decision(approved=True, by="again"))
+    assert await second.signal(decision, Decision(approved=True, by="b")) is True
+    assert await second.result(timeout=10) == "b"
+
+
 async def test_a_signal_sent_before_the_run_reaches_its_wait_is_kept(
     orchestrator: OrchestratorFactory, open_client: ClientFactory
 ) -> None:

@@ -1183,7 +1183,8 @@ ORDER BY saga_name, status;
 -- signal row written with INSERT ... ON CONFLICT, the order every writer of signals
 -- takes: a signal racing the run's wait is never lost. No row: no such run.
 -- $1 run id, $2 signal name, $3 payload JSON text, $4 the saga name and $5 version the
--- payload was validated for, $6 work notification channel, $7 a new id for the signal,
+-- payload was validated for, $6 work notification channel (NULL: no NOTIFY, the sender
+-- sends one once this committed), $7 a new id for the signal,
 -- $8 what the history records of the sender (the operator and the note) or NULL
 WITH run AS (
     -- FOR UPDATE returns the newest version of the row (whatever this statement's
@@ -1254,7 +1255,7 @@ WITH run AS (
     FROM outcome WHERE same_saga AND NOT repeated
 )
 SELECT o.saga_name, o.same_saga, o.ended, o.rolling_back, o.accepted, o.repeated,
-       (SELECT pg_notify($6, saga_name)::text FROM woken) AS notified
+       (SELECT pg_notify($6, saga_name)::text FROM woken WHERE $6 IS NOT NULL) AS notified
 FROM outcome o;
 
 -- name: find_run_for_signal
