@@ -46,7 +46,6 @@ from saga._store_signals import SignalQueries
 from saga._traffic import RunTraffic
 from saga._transition import ClaimedItem, Transition
 
-_WAITING = RunStatus.WAITING
 _NO_TRAFFIC = RunTraffic()
 #: The ends that free a keyed run's slot (failed and stopped runs keep it till resolved).
 _RELEASING = frozenset({RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED})
@@ -238,36 +237,16 @@ class Store(
                         await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
                     if row is not None and keyed and change.status in _RELEASING:
                         await self.release_key(conn, run_id)
-                signalled = False
-            elif change.wait is None or change.status is not _WAITING:
+            else:  # (parking at a wait too: see transition_batch)
                 args = transition_args(
                     worker, run_id, lease_token, change, events, due_in, self.done_channel
                 )
                 row = await self._group.write((args, claim))
-                signalled = False
-            else:
-                async with self.hot.acquire() as conn, conn.transaction():
-                    signalled = bool(
-                        await conn.fetchval(
-                            self._q["enter_wait"],
-                            run_id,
-                            lease_token,
-                            worker,
-                            change.unless_cancelled,
-                            change.wait,
-                            due_in,
-                        )
-                    )
-                    due_in = 0.0 if signalled else due_in
-                    row = await conn.fetchrow(
-                        self._q["transition"],
-                        *transition_args(
-                            worker, run_id, lease_token, change, events, due_in, self.done_channel
-                        ),
-                    )
         if row is None:
             return None
-        return TransitionResult(row["lease_token"], row["cancel_requested"], row["age"], signalled)
+        return TransitionResult(
+            row["lease_token"], row["cancel_requested"], row["age"], row["signalled"]
+        )
 
     async def heartbeat(
         self, worker: str, leases: Sequence[tuple[UUID, int, float]]

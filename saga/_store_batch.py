@@ -50,6 +50,12 @@ def transition_args(
     )
 
 
+def parks_at_wait(args: TransitionArgs) -> bool:
+    """Whether the transition parks its run at a wait (only the batch statement marks
+    the wait's signal row)."""
+    return args[2] == "waiting" and args[16] is not None
+
+
 def batch_args(runs: Sequence[TransitionArgs]) -> list[Any]:
     """The ``transition_batch`` statement's arguments: one array per column, the runs in
     id order (concurrent batches then lock their rows in one order), the channel, and
@@ -100,7 +106,7 @@ class GroupWrites:
         _claim_table: tuple[Any, ...]
 
     async def _write_one(self, write: Write) -> Any:
-        if write[1] is None:
+        if write[1] is None and not parks_at_wait(write[0]):
             return await self.hot.fetchrow(self._q["transition"], *write[0])
         return (await self._write_many([write])).get(write_key(write))
 

@@ -203,6 +203,40 @@ async def test_a_burst_of_signals_wakes_every_run_with_fewer_notifications(
     assert 1 <= len(heard) < len(runs), heard
 
 
+async def test_runs_entering_their_wait_together_share_commits(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """40 runs reaching their wait at about the same time park in fewer transactions than
+    runs (group commit, the wait's signal row marked in the same statement); one whose
+    signal was sent before it parked is due at once and completes, the others wait."""
+    gate = anyio.Event()
+    s = saga.Saga("parking", input=Job)
+
+    @s.step(retry=FAST)
+    async def reserve(ctx: saga.Context[Job]) -> int:
+        await gate.wait()
+        return ctx.input.n
+
+    decision = s.wait_for("decision", Decision, timeout=3600)
+
+    @s.step(retry=FAST)
+    async def finish(ctx: saga.Context[Job]) -> str:
+        return ctx.result(decision).by
+
+    orch = await orchestrator(s, concurrency=64)
+    runs = [await orch.start(s, Job(n=n)) for n in range(40)]
+    assert await runs[0].signal(decision, Decision(approved=True, by="early")) is True
+    await until_status(runs[-1], saga.RunStatus.RUNNING)
+    gate.set()
+    assert await runs[0].result(timeout=10) == "early"
+    for run in runs[1:]:
+        await until_status(run, saga.RunStatus.WAITING)
+    parked = await db.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM saga.events WHERE kind = 'wait_started'"
+    )
+    assert parked < 40
+
+
 async def test_a_signal_that_did_not_notify_is_followed_by_a_notification(
     orchestrator: OrchestratorFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

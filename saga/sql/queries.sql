@@ -244,7 +244,8 @@ SELECT * FROM claimed;
 -- worker holding the lease (with $2, a replayed transition can never apply twice), $16
 -- true to refuse the transition when a cancel was requested (a completion must then
 -- roll back instead), $17 the sleep or wait the run parks at (or is stopped at) or NULL
--- ($11 'Infinity': a wait without timeout; see enter_wait for a wait's signal row)
+-- ($11 'Infinity': a wait without timeout; a run parking at a wait goes through
+-- transition_batch, which marks the wait's signal row first)
 WITH upd AS (
     UPDATE __schema__.runs SET
         status = $3,
@@ -287,7 +288,7 @@ WITH upd AS (
     ON CONFLICT (run_id) DO UPDATE SET ended = true
     RETURNING w.watched
 )
-SELECT lease_token, cancel_requested, age,
+SELECT lease_token, cancel_requested, age, false AS signalled,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
             THEN pg_notify($14, id::text)::text END AS notified
 FROM upd;
@@ -301,7 +302,11 @@ FROM upd;
 -- next attempt, completed step, its result JSON, output JSON, error JSON, compensation
 -- error JSON, seconds until due, new lease owner, events JSON array, the worker holding
 -- the lease, refuse when a cancel was requested; $16 the sleep or wait parked at (array),
--- $17 done notification channel, $18 and $19 the smallest and the largest run id
+-- $17 done notification channel, $18 and $19 the smallest and the largest run id.
+-- A run parking at a wait (status waiting, a wait named) first has its row locked, then
+-- its wait's signal row marked awaited (INSERT ... ON CONFLICT sees a signal committed
+-- meanwhile, whatever the snapshot: the order every writer of signals takes); when the
+-- signal is there already, the run is due at once (signalled).
 WITH t AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::integer[],
                          $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
@@ -309,6 +314,21 @@ WITH t AS (
                          $15::boolean[], $16::text[])
         AS t(id, token, status, step, attempt, completed, result, output, error,
              compensation_error, due_in, owner, events, worker, unless_cancelled, wait)
+), parking AS MATERIALIZED (
+    SELECT r.id, t.wait, t.due_in
+    FROM __schema__.runs r JOIN t ON r.id = t.id
+    WHERE t.status = 'waiting' AND t.wait IS NOT NULL
+      AND r.lease_token = t.token AND r.lease_owner = t.worker
+      AND NOT (t.unless_cancelled AND r.cancel_requested)
+      AND r.id BETWEEN $18 AND $19
+    ORDER BY r.id
+    FOR UPDATE OF r
+), awaited AS (
+    INSERT INTO __schema__.signals AS s (run_id, name, awaited_at, timeout_seconds)
+    SELECT id, wait, now(), due_in FROM parking
+    ON CONFLICT (run_id, name) DO UPDATE
+        SET awaited_at = now(), timeout_seconds = excluded.timeout_seconds
+    RETURNING s.run_id, s.payload IS NOT NULL AS arrived
 ), upd AS (
     UPDATE __schema__.runs r SET
         status = t.status,
@@ -322,6 +342,7 @@ WITH t AS (
         error = coalesce(t.error::jsonb, r.error),
         compensation_error = coalesce(t.compensation_error::jsonb, r.compensation_error),
         due_at = CASE WHEN t.due_in IS NULL THEN NULL
+                      WHEN a.arrived THEN now()
                       WHEN t.due_in = 'Infinity' THEN 'infinity'
                       ELSE now() + make_interval(secs => t.due_in) END,
         wait_name = t.wait,
@@ -330,7 +351,7 @@ WITH t AS (
         finished_at = CASE WHEN t.due_in IS NULL THEN now() END,
         released = false,
         updated_at = now()
-    FROM t
+    FROM t LEFT JOIN awaited a ON a.run_id = t.id
     WHERE r.id = t.id AND r.lease_token = t.token AND r.lease_owner = t.worker
       AND NOT (t.unless_cancelled AND r.cancel_requested)
       -- The batch's first and last run id (parameters, not a join): Postgres then drops
@@ -339,7 +360,8 @@ WITH t AS (
       AND r.id BETWEEN $18 AND $19
     RETURNING r.id, t.token AS held, r.lease_token, r.cancel_requested,
               r.due_at IS NULL AS finished,
-              extract(epoch FROM now() - r.created_at)::float8 AS age, t.events
+              extract(epoch FROM now() - r.created_at)::float8 AS age, t.events,
+              coalesce(a.arrived, false) AS signalled
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
@@ -353,7 +375,7 @@ WITH t AS (
     ON CONFLICT (run_id) DO UPDATE SET ended = true
     RETURNING w.run_id, w.watched
 )
-SELECT upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age,
+SELECT upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age, upd.signalled,
        CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified
 FROM upd LEFT JOIN watch ON watch.run_id = upd.id;
 
@@ -363,6 +385,7 @@ FROM upd LEFT JOIN watch ON watch.run_id = upd.id;
 -- claimed for the slots they free (claim true), in the columns of both. Numbered as
 -- transition_batch ($17: done notification channel).
 SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age,
+       upd.signalled,
        CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified,
        NULL::text AS saga_name, NULL::integer AS saga_version, NULL::text AS status,
        NULL::text AS step_name, NULL::integer AS attempt, NULL::text AS input,
@@ -371,7 +394,8 @@ SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, 
        NULL::boolean AS child, NULL::boolean AS keyed
 FROM upd LEFT JOIN watch ON watch.run_id = upd.id
 UNION ALL
-SELECT true, id, NULL, lease_token, cancel_requested, age, NULL, saga_name, saga_version,
+SELECT true, id, NULL, lease_token, cancel_requested, age, false, NULL, saga_name,
+       saga_version,
        status, step_name, attempt, input, results, completed_steps, has_error,
        trace_context, prev_owner, timed_out_wait, child, keyed
 FROM claimed;
@@ -410,28 +434,6 @@ WITH child AS (
 )
 SELECT pg_notify($2, r.saga_name)::text AS notified
 FROM __schema__.runs r WHERE r.id = (SELECT run_id FROM woken LIMIT 1);
-
--- name: enter_wait
--- Before the transition that parks a run at a wait, in the same transaction: lock the
--- run row (fenced like the transition; nothing when the lease was lost or a cancel
--- refuses it), then mark the wait's signal row awaited with INSERT ... ON CONFLICT,
--- which sees a signal committed meanwhile whatever the snapshot (the order every writer
--- of signals takes). Returns whether the signal is there already: the run is then due
--- at once. No row: the transition will be refused.
--- $1 run id, $2 lease token held, $3 the worker holding the lease, $4 true to refuse
--- when a cancel was requested, $5 the wait's name, $6 its timeout in seconds
--- ('Infinity': none)
-WITH held AS (
-    SELECT id FROM __schema__.runs
-    WHERE id = $1 AND lease_token = $2 AND lease_owner = $3
-      AND NOT ($4::boolean AND cancel_requested)
-    FOR UPDATE
-)
-INSERT INTO __schema__.signals AS s (run_id, name, awaited_at, timeout_seconds)
-SELECT id, $5, now(), $6 FROM held
-ON CONFLICT (run_id, name) DO UPDATE
-    SET awaited_at = now(), timeout_seconds = excluded.timeout_seconds
-RETURNING s.payload IS NOT NULL AS arrived;
 
 -- name: heartbeat
 -- Extend the leases this worker still holds; rows missing from the result were lost.
