@@ -131,7 +131,7 @@ class Client(Lifecycle, Signalling, Acting):
         self._notifier = WorkNotifier(self._notify_work, self._soon)
 
     def _pool_sizes(self) -> tuple[int, int]:
-        """Connections of its pool, and of its pool of leasing statements (see Store.hot)."""
+        """Connections of its pool, and of its pool of generic plans (see Store.hot)."""
         return 4, 0
 
     # -- lifecycle --------------------------------------------------------------------------
