@@ -79,9 +79,10 @@ async def test_a_new_run_appears_in_the_open_runs_list(
 async def test_the_cancel_button_cancels_and_the_history_names_who(
     orchestrator: OrchestratorFactory, serve: Serve, context: Context
 ) -> None:
-    """alice types a note and presses Cancel on a running run: the run ends cancelled
-    (its completed step compensated) and the page's history shows the cancel with alice
-    and her note."""
+    """alice types a note and presses Cancel on a running run: the page answers with a
+    flash message, which stays while the page refreshes itself live until the run ends
+    cancelled (its completed step compensated); the page's history then shows the cancel
+    with alice and her note."""
     gate = Gate("charge")
     ledger = Ledger()
     s = small_saga("order", ["reserve", "charge"], gate=gate, compensate=True, ledger=ledger)
@@ -96,12 +97,18 @@ async def test_the_cancel_button_cancels_and_the_history_names_who(
     await form.get_by_label("note").fill("customer changed their mind")
     await page.get_by_test_id("action-cancel").click()
     await expect(page.get_by_test_id("flash")).to_be_visible(timeout=WAIT)
+    await page.evaluate("window.sagaMarker = 'same page'")
+    await _live(page)
     gate.release.set()
     with anyio.fail_after(10):
         with contextlib.suppress(saga.RunCancelledError):
             await run.result()
     assert (await run.info()).status is saga.RunStatus.CANCELLED
     assert ledger.steps("compensation") == ["charge", "reserve"]
+    status = page.get_by_test_id("run-status")
+    await expect(status).to_have_text(re.compile("cancelled"), timeout=WAIT)
+    assert await page.evaluate("window.sagaMarker") == "same page"  # refreshed live
+    await expect(page.get_by_test_id("flash")).to_be_visible()
     await page.goto(f"{url}/runs/{run.id}")
     row = page.get_by_test_id("history-row").filter(has_text="cancel_requested")
     await expect(row.get_by_test_id("history-by")).to_have_text("alice")

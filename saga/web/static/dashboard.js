@@ -22,9 +22,7 @@
     return tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT";
   }
 
-  // keepFlash: the refresh when the stream opens keeps the page's flash message (the
-  // answer to the action that led here); later ones drop it.
-  function refresh(keepFlash) {
+  function refresh() {
     if (busy) { pending = true; return; }
     if (typing()) { pending = true; return; }
     pending = false;
@@ -39,9 +37,12 @@
         var fresh = doc.getElementById("main");
         var main = document.getElementById("main");
         if (fresh && main && !typing()) {
-          // A flash message was shown once already: do not bring it back.
+          // The flash message shown (the answer to the action that led here) stays while
+          // the page does; one in the fetched page is not shown twice.
           var flash = fresh.querySelector("[data-testid=flash]");
-          if (flash && keepFlash !== true) { flash.remove(); }
+          if (flash) { flash.remove(); }
+          var shown = main.querySelector("[data-testid=flash]");
+          if (shown) { fresh.insertBefore(shown, fresh.firstChild); }
           main.replaceWith(fresh);
         } else if (fresh) {
           pending = true;
@@ -63,7 +64,7 @@
   // reconnection) was announced to nobody: fetch the page once the stream is open.
   source.addEventListener("open", function () {
     if (live) { live.classList.add("on"); }
-    refresh(true);
+    refresh();
   });
   source.addEventListener("error", function () { if (live) { live.classList.remove("on"); } });
   source.addEventListener("change", refresh);
