@@ -101,6 +101,7 @@ class Store(
         self._starts: GroupCommit[tuple[Any, ...], Any] = GroupCommit(
             self._start_one, self._start_many, start_key
         )
+        self._graphs = self.graph_group()  # graph items' writes
 
     def write_in_pairs(self, concurrency: int) -> None:
         """An executing orchestrator of ``concurrency``: its transitions go in up to two
@@ -116,6 +117,7 @@ class Store(
             leaders=2,
             max_batch=max(1, -(-concurrency // 2)),
         )
+        self._graphs = self.graph_group(2, max(1, -(-concurrency // 2)))
 
     # -- starting -------------------------------------------------------------------------
 

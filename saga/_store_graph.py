@@ -1,17 +1,23 @@
 """The store's graph items: claiming, writing, renewing and releasing the items of runs
 whose steps run in parallel.
 
-A part of :class:`~saga._store.Store` (a mixin). An item's write is one transaction:
-lock the run row and read its state and items (``graph_lock``, ``graph_items``), let
-the plan decide (a function of that state, called here, under the lock), then apply the
-change fenced by the item's lease token and owner (``graph_write``). Whichever branch
-finishes last decides the join, once.
+A part of :class:`~saga._store.Store` (a mixin). An item's write locks the run row and
+reads its state and items (``graph_lock``, ``graph_items``), lets the plan decide (a
+function of that state, called here, under the lock), then applies the change fenced by
+the item's lease token and owner (``graph_write``). Whichever branch finishes last
+decides the join, once.
+
+Items finishing at about the same time share a transaction and its commit (group commit,
+as plain runs' transitions do: see ``saga._group``): their writes go one after the other
+in run id order, so concurrent batches lock runs in one order, and the items of one run
+are decided one after the other, each seeing the writes before it. An item whose fence
+fails writes nothing and is refused alone.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -20,12 +26,15 @@ import asyncpg
 
 from saga._db import translate_errors
 from saga._graph_plan import GraphChange, GraphRun, Item
+from saga._group import GroupCommit
 from saga._model import Phase, RunStatus
 from saga._store_ops import DefinitionKey, definition_args
 from saga._transition import ClaimedItem, Event
 
 #: An item of a graph run: (run id, step, phase).
 ItemKey = tuple[UUID, str, Phase]
+#: One item's write: (worker, item, the lease token it holds, the plan's decision).
+GraphWrite = tuple[str, ItemKey, int, Callable[[GraphRun], GraphChange]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +60,9 @@ class Child:
     cancel_requested: bool
 
 
-class _LeaseLost(Exception):
-    """The item's fence refused the write: roll the transaction back."""
+def _graph_write_key(write: GraphWrite) -> tuple[ItemKey, int]:
+    """What tells a batch's items apart: the item and the lease token its write holds."""
+    return write[1], write[2]
 
 
 class GraphQueries:
@@ -65,6 +75,19 @@ class GraphQueries:
     _q: dict[str, str]
     work_channel: str
     done_channel: str
+    _graphs: GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]
+
+    def graph_group(
+        self, leaders: int = 1, max_batch: int = 256
+    ) -> GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]:
+        """The group commit of items' writes (see ``Store.write_in_pairs``)."""
+        return GroupCommit(
+            self._graph_one,
+            self._graph_many,
+            _graph_write_key,
+            leaders=leaders,
+            max_batch=max_batch,
+        )
 
     async def claim_items(
         self, worker: str, limit: int, lease_seconds: float, definitions: Sequence[DefinitionKey]
@@ -84,40 +107,69 @@ class GraphQueries:
     ) -> tuple[GraphChange, GraphWritten] | None:
         """Lock the run, decide, apply fenced: the change and what it leased here, or
         None when the item's lease was lost (nothing written)."""
-        async with translate_errors("recording a transition"), self.hot.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    return await self._graph_write(conn, worker, key, token, decide)
-            except _LeaseLost:
-                return None
+        async with translate_errors("recording a transition"):
+            return await self._graphs.write((worker, key, token, decide))
 
-    async def _graph_write(
-        self,
-        conn: Any,
-        worker: str,
-        key: ItemKey,
-        token: int,
-        decide: Callable[[GraphRun], GraphChange],
-    ) -> tuple[GraphChange, GraphWritten]:
-        run_id, step, phase = key
-        r = await conn.fetchrow(self._q["graph_lock"], run_id)
-        if r is None:
-            raise _LeaseLost
-        items = await conn.fetch(self._q["graph_items"], run_id)
-        results: dict[str, str] = json.loads(r["results"])
-        run = GraphRun(
-            status=RunStatus(r["status"]),
-            completed=tuple(r["completed_steps"]),
-            compensated=tuple(r["compensated_steps"]),
-            results=results,
-            cancel_requested=r["cancel_requested"],
-            failed_forward=r["has_error"],
-            compensation_failed=r["compensation_failed"],
-            items=tuple(Item(i["step"], Phase(i["phase"]), i["leased"]) for i in items),
+    async def _graph_one(self, write: GraphWrite) -> tuple[GraphChange, GraphWritten] | None:
+        outcome = (await self._graph_many([write])).get(_graph_write_key(write))
+        if isinstance(outcome, Exception):
+            raise outcome  # the plan's decision failed
+        return outcome
+
+    async def _graph_many(self, writes: Sequence[GraphWrite]) -> dict[Hashable, Any]:
+        """Items' writes in one transaction: the changes written, by item and token (or
+        the exception an item's plan raised); an item whose fence failed is left out.
+
+        In rounds of one item per run, in run id order (a stable sort: one run's items in
+        the order they came): a round locks its runs (the first) and reads them and their
+        items, lets each item's plan decide, then writes every item in one pipelined
+        exchange (``fetchmany``). A run's next item, in the next round, sees the writes
+        of the one before."""
+        found: dict[Hashable, Any] = {}
+        async with self.hot.acquire() as conn, conn.transaction():
+            for round_ in _rounds(sorted(writes, key=lambda w: w[1][0])):
+                await self._graph_round(conn, round_, found)
+        return found
+
+    async def _graph_round(
+        self, conn: Any, writes: list[GraphWrite], found: dict[Hashable, Any]
+    ) -> None:
+        ids = [w[1][0] for w in writes]  # distinct, ascending
+        runs = {r["id"]: r for r in await conn.fetch(self._q["graph_lock"], ids, ids[0], ids[-1])}
+        items: dict[UUID, list[Item]] = {}
+        for i in await conn.fetch(self._q["graph_items"], ids):
+            items.setdefault(i["run_id"], []).append(
+                Item(i["step"], Phase(i["phase"]), i["leased"])
+            )
+        decided: list[tuple[GraphWrite, GraphRun, GraphChange]] = []
+        for write in writes:
+            r = runs.get(write[1][0])
+            if r is None:
+                continue  # not a graph run (any more): refused
+            run = _graph_run(r, items.get(write[1][0], ()))
+            try:
+                decided.append((write, run, write[3](run)))
+            except Exception as exc:  # nothing of this item is written
+                found[_graph_write_key(write)] = exc
+        if not decided:
+            return
+        rows = await conn.fetchmany(
+            self._q["graph_write"], [self._write_args(w, c) for w, _, c in decided]
         )
-        change = decide(run)
-        w = await conn.fetchrow(
-            self._q["graph_write"],
+        woken = []
+        for (write, run, change), w in zip(decided, rows, strict=True):
+            if w["held"] != 1:
+                continue  # the item's lease was lost: it wrote nothing
+            if w["ended_child"]:
+                woken.append((write[1][0], self.work_channel))
+            found[_graph_write_key(write)] = (change, _written(run, change, w))
+        if woken:
+            await conn.executemany(self._q["wake_parent"], woken)
+
+    def _write_args(self, write: GraphWrite, change: GraphChange) -> tuple[Any, ...]:
+        """The ``graph_write`` statement's arguments for one item."""
+        worker, (run_id, step, phase), token, _ = write
+        return (
             run_id,
             step,
             phase,
@@ -140,22 +192,6 @@ class GraphQueries:
             self.done_channel,
             self.work_channel,
         )
-        if w["held"] != 1:
-            raise _LeaseLost
-        if w["ended_child"]:
-            await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
-        if change.completed_step is not None and change.result_json is not None:
-            results[change.completed_step] = change.result_json
-        completed = run.completed
-        if change.completed_step is not None:
-            completed = (*completed, change.completed_step)
-        leased = tuple(
-            (s, Phase(p), t)
-            for s, p, t in zip(
-                w["leased_steps"], w["leased_phases"], w["leased_tokens"], strict=True
-            )
-        )
-        return change, GraphWritten(leased, results, completed, w["age"] or 0.0)
 
     async def items_leased_to(self, run_id: UUID, worker: str) -> list[ClaimedItem]:
         """The first attempts of this run's items this worker holds, as claimed."""
@@ -219,6 +255,48 @@ class GraphQueries:
         async with translate_errors("expiring a lease"):
             found = await self.pool.fetchval(self._q["expire_item_lease"], run_id, step)
         return found is not None
+
+
+def _rounds(writes: list[GraphWrite]) -> list[list[GraphWrite]]:
+    """Writes (sorted by run) in rounds of at most one item per run: a run's second item
+    goes in the second round, and so on."""
+    rounds: list[list[GraphWrite]] = []
+    seen: dict[UUID, int] = {}
+    for write in writes:
+        n = seen[write[1][0]] = seen.get(write[1][0], -1) + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(write)
+    return rounds
+
+
+def _graph_run(r: Any, items: Sequence[Item]) -> GraphRun:
+    """A locked run's state, as the plan decides from it."""
+    return GraphRun(
+        status=RunStatus(r["status"]),
+        completed=tuple(r["completed_steps"]),
+        compensated=tuple(r["compensated_steps"]),
+        results=json.loads(r["results"]),
+        cancel_requested=r["cancel_requested"],
+        failed_forward=r["has_error"],
+        compensation_failed=r["compensation_failed"],
+        items=tuple(items),
+    )
+
+
+def _written(run: GraphRun, change: GraphChange, w: Any) -> GraphWritten:
+    """What an item's write leased to this worker, and the run's results after it."""
+    results = dict(run.results)
+    completed = run.completed
+    if change.completed_step is not None:
+        if change.result_json is not None:
+            results[change.completed_step] = change.result_json
+        completed = (*completed, change.completed_step)
+    leased = tuple(
+        (s, Phase(p), t)
+        for s, p, t in zip(w["leased_steps"], w["leased_phases"], w["leased_tokens"], strict=True)
+    )
+    return GraphWritten(leased, results, completed, w["age"] or 0.0)
 
 
 def events_json(worker: str, events: Sequence[Event]) -> str:

@@ -1333,31 +1333,35 @@ SELECT run_id AS id, step AS step_name, phase, attempt, lease_token, prev_owner,
 FROM state;
 
 -- name: graph_lock
--- The first statement of an item's write: lock the graph run's row (every writer that
--- decides what comes next takes it first, so two branches ending at once are decided
--- one after the other) and read it. The items are read by the next statement, whose
--- snapshot is taken once the lock is held: this one's predates the wait for the lock.
--- $1 run id
-SELECT status, completed_steps, compensated_steps, results::text AS results,
+-- The first statement of a batch of items' writes (a round of one item per run: see
+-- saga/_store_graph.py): lock the graph runs' rows in id order (every writer that decides
+-- what comes next takes the run's lock first, so two branches ending at once are decided
+-- one after the other; concurrent batches lock in one order) and read them. Their items
+-- are read by the next statement, whose snapshot is taken once the locks are held: this
+-- one's predates the wait for them.
+-- $1 run ids (ascending), $2 and $3 the smallest and the largest (the days it touches)
+SELECT id, status, completed_steps, compensated_steps, results::text AS results,
        cancel_requested, error IS NOT NULL AS has_error,
        compensation_error IS NOT NULL AS compensation_failed
-FROM __schema__.runs WHERE id = $1 AND graph
+FROM __schema__.runs WHERE id = ANY($1::uuid[]) AND id BETWEEN $2 AND $3 AND graph
+ORDER BY id
 FOR UPDATE;
 
 -- name: graph_items
--- The items of a graph run (read under its row lock: see graph_lock). An item parked
+-- The items of graph runs (read under their row locks: see graph_lock). An item parked
 -- until its child runs end counts as running.
--- $1 run id
-SELECT step, phase, lease_owner IS NOT NULL OR parked AS leased
-FROM __schema__.items WHERE run_id = $1
-ORDER BY step, phase;
+-- $1 run ids
+SELECT run_id, step, phase, lease_owner IS NOT NULL OR parked AS leased
+FROM __schema__.items WHERE run_id = ANY($1::uuid[])
+ORDER BY run_id, step, phase;
 
 -- name: graph_write
--- The last statement of an item's write (after graph_lock, same transaction): fenced
+-- The last statement of an item's write (after graph_lock and graph_items, in the same
+-- transaction; a batch's items in one pipelined exchange): fenced
 -- by the item's lease token and owner, delete the item (or keep it for a retry), apply
 -- the plan's change to the run, drop and create items, append the events, mark the end
 -- for result waiters, and wake the workers for new items not leased here. held = 0: the
--- lease was lost (the caller rolls back).
+-- lease was lost (nothing was written).
 -- $1 run id, $2 step, $3 phase, $4 lease token held, $5 worker, $6 new status, $7
 -- completed step or NULL, $8 its result JSON, $9 compensated step or NULL, $10 output
 -- JSON or NULL, $11 error JSON or NULL (keeps the old), $12 compensation error JSON or
