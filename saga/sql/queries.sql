@@ -1303,6 +1303,9 @@ WITH candidates AS (
         due_at = now() + make_interval(secs => $3)
     FROM candidates c
     WHERE i.run_id = c.run_id AND i.step = c.step AND i.phase = c.phase
+      -- The candidates' runs named, so the update probes the primary key: joined alone
+      -- (LIMIT $2 estimated at a tenth of the items) it hashed every item of every run.
+      AND i.run_id = ANY (ARRAY(SELECT run_id FROM candidates))
     RETURNING i.run_id, i.step, i.phase, i.attempt, i.lease_token, c.prev_owner
 ), state AS (
     SELECT c.*, r.saga_name, r.saga_version, r.status, r.input,
