@@ -58,6 +58,8 @@ class Lease:
     scope: anyio.CancelScope = field(default_factory=cancel_scope)
     lost: bool = False
     item: tuple[str, Phase] | None = None  # a graph run's item (step, phase)
+    # saga.testing's expire_lease: heartbeats leave it, as a stalled worker's would.
+    stalled: bool = False
 
     @property
     def key(self) -> UUID | ItemKey:
@@ -75,6 +77,7 @@ class Lease:
         """The run's next item was leased to us by the transition just written."""
         self.token = token
         self.seconds = seconds
+        self.stalled = False
 
     def attempt_scope(self, seconds: float) -> anyio.CancelScope:
         """A fresh cancel scope for one attempt: a heartbeat cancels it if the lease goes."""
@@ -277,7 +280,7 @@ class Leases:
         task_status.started()
         while True:
             await anyio.sleep(self._heartbeat_every)
-            leases = list(self.inflight.values())
+            leases = [lease for lease in self.inflight.values() if not lease.stalled]
             if leases:
                 await self._beat(leases)
 
@@ -307,6 +310,17 @@ class Leases:
             logger.warning("lease_lost", run_id=str(lease.run_id), worker=self._worker)
 
     # -- shutdown -------------------------------------------------------------------------------
+
+    def stall(self, run_id: UUID, step: str | None) -> None:
+        """Heartbeats leave the lease of ``run_id`` (or of its item ``step``) alone from
+        now on, as if its worker had stalled (saga.testing's expire_lease)."""
+        keys: list[UUID | ItemKey] = (
+            [run_id] if step is None else [run_id, (run_id, step, Phase.STEP)]
+        )
+        for key in keys:
+            lease = self.inflight.get(key)
+            if lease is not None:
+                lease.stalled = True
 
     async def drain(self, timeout: float) -> None:
         """No new claims; wait up to ``timeout`` for the running items to finish."""

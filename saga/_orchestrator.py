@@ -236,7 +236,11 @@ class Orchestrator(Client):
     # -- what saga.testing's faults act on -----------------------------------------------------
 
     async def expire_lease(self, run_id: UUID, step: str | None = None) -> bool:
+        """Make the lease look expired, and stop renewing it here: a stalled worker's
+        heartbeat would not renew it before another worker's claim either."""
         assert self._store is not None
+        if self._leases is not None:
+            self._leases.stall(run_id, step)
         if step is not None and await self._store.expire_item_lease(run_id, step):
             return True  # a graph run's item
         return await self._store.expire_lease(run_id)

@@ -122,8 +122,10 @@ class Faults(Hooks):
         self, step: Step[Any, Any] | str, *, times: int = 1, run_id: UUID | None = None
     ) -> None:
         """When the step starts, its lease is made to look expired in the database, as if
-        its worker had stalled; the claim path takes the run over with a new fencing token
-        while the first attempt still runs, and that attempt's writes are refused."""
+        its worker had stalled (its heartbeats no longer renew that lease); the claim path
+        (another worker's, or this one's if it has a free slot) takes the run over with a
+        new fencing token while the first attempt still runs, and that attempt's writes
+        are refused."""
         self._add("expire_lease", step, times, False, run_id)
 
     def fail_compensation(

@@ -105,6 +105,45 @@ async def test_expired_lease_fences_out_the_old_attempt(
     assert [e.attempt for e in history if e.kind == "step_completed"] == [2]
 
 
+async def test_an_expired_lease_is_not_renewed_by_its_stalled_worker(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """expire_lease stalls the worker's hold on the lease as well: its heartbeats (every
+    0.2 s with a 0.6 s lease) no longer renew it, so another worker that claims only
+    after several of them still takes the run over, and the stalled attempt's write is
+    refused. (The heartbeat used to renew the expired lease: a claim that came after it
+    found the run held, and the takeover never happened.)"""
+    taken = anyio.Event()
+    s = saga.Saga("stalled", input=Job)  # written out: the two attempts' interplay
+    attempts: list[int] = []
+    started = anyio.Event()
+
+    @s.step(lease_seconds=0.6)
+    async def slow(ctx: saga.Context[Job]) -> int:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            started.set()
+            with anyio.move_on_after(8):
+                await taken.wait()  # the takeover happens while attempt 1 is here
+        else:
+            taken.set()
+        return ctx.attempt
+
+    faults = Faults()
+    faults.expire_lease(slow)
+    first = await orchestrator(s, concurrency=1)
+    faults.attach(first)
+    run = await s.start(Job(n=1))
+    with anyio.fail_after(5):
+        await started.wait()
+    await anyio.sleep(0.7)  # three of the first worker's heartbeats
+    await orchestrator(s)
+    assert await run.result(timeout=15) == 2
+    assert attempts == [1, 2]
+    history = await run.history()
+    assert [e.attempt for e in history if e.kind == "step_completed"] == [2]
+
+
 async def test_failing_compensation_is_retried_then_can_fail_the_run(
     orchestrator: OrchestratorFactory,
 ) -> None:

@@ -498,8 +498,8 @@ async def test_an_attempt_cancelled_for_a_lost_lease_records_no_message(
     with anyio.fail_after(10):
         await started.wait()
     # The lease passes to a worker that vanished at once (its lease expired): the first
-    # worker's heartbeat cannot renew it, whenever it comes (saga.testing's expire_lease
-    # leaves the owner: a heartbeat before the other worker's claim renewed it), and
+    # worker's heartbeat finds it gone and cancels attempt 1 (saga.testing's
+    # expire_lease stalls that heartbeat instead, so the attempt would run on), and
     # whichever worker claims next runs attempt 2.
     await db.execute(
         "UPDATE saga.runs SET lease_owner = 'vanished', due_at = now() - interval '1 ms'"
