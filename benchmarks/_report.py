@@ -59,7 +59,7 @@ def render(r: Results, o: Options, header: dict[str, str]) -> str:
     commit = r.ceiling.commit_ms if r.ceiling else math.nan
     lines += _latency.render(r.latency, o.latency_rate, o.latency_seconds, o.repeats, commit)
     if r.scale is not None:
-        lines += _scale.render(r.scale, o.scale_runs, o.repeats, ceiling)
+        lines += _scale.render(r.scale, o.scale_runs, ceiling)
     lines += _retention.render(r.retention)
     lines += _memory.render(r.memory, o.memory_runs, o.repeats)
     if r.tracing is not None:
