@@ -20,10 +20,10 @@ from saga._lease import Lease
 from saga._log import Outage, logger
 from saga._model import Phase
 from saga._store import Store
-from saga._store_graph import GraphWrite
 from saga._transition import Succeeded
 from saga._write import COMMITTED, Writer
 from tests._sagas import Job, small_saga
+from tests.test_group_commit import slow_first_write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,27 +51,12 @@ async def first_items(store: Store, orchestrator: Any, n: int) -> list[tuple[UUI
     return [(item.run_id, item.lease_token) for item in items]
 
 
-def hold_first_write(store: Store, hold: anyio.Event) -> None:
-    """Make the first lone write wait for ``hold``, so the next writers queue up."""
-    single = store._graphs._single
-    first = True
-
-    async def held(write: GraphWrite) -> Any:
-        nonlocal first
-        if first:
-            first = False
-            await hold.wait()
-        return await single(write)
-
-    store._graphs._single = held
-
-
 async def in_one_batch(store: Store, writes: list[Any]) -> list[Any]:
     """Run ``writes`` (no-argument coroutine functions) at once: the others queue behind
     the first, which goes alone or (made ready in the same turn of the event loop) leads
     them in one batch; their outcomes (or exceptions), in order."""
     hold = anyio.Event()
-    hold_first_write(store, hold)
+    slow_first_write(store._graphs, hold)
     outcomes: list[Any] = [None] * len(writes)
 
     async def one(i: int) -> None:

@@ -308,19 +308,19 @@ def first_step_done() -> Transition:
     )
 
 
-async def slow_first_write(store: Store, hold: anyio.Event) -> None:
-    """Make the first single write wait for ``hold``, so the next writers queue up."""
-    single = store._group._single
+def slow_first_write(group: GroupCommit[Any, Any], hold: anyio.Event) -> None:
+    """Make the group's first lone write wait for ``hold``, so the next writers queue up."""
+    single = group._single
     first = True
 
-    async def held(args: Write) -> Any:
+    async def held(args: Any) -> Any:
         nonlocal first
         if first:
             first = False
             await hold.wait()
         return await single(args)
 
-    store._group._single = held
+    group._single = held
 
 
 async def test_a_batch_fences_each_run_by_its_own_token(
@@ -330,7 +330,7 @@ async def test_a_batch_fences_each_run_by_its_own_token(
     refused alone, the others move on, each with its history in order."""
     runs = await leased_runs(store, orchestrator, 12)
     hold = anyio.Event()
-    await slow_first_write(store, hold)
+    slow_first_write(store._group, hold)
     stale = {runs[3][0], runs[7][0]}
     results: dict[UUID, Any] = {}
 
@@ -367,7 +367,7 @@ async def test_a_bad_row_fails_its_run_alone(store: Store, orchestrator: Any) ->
     its own write; the rest of its batch is written."""
     runs = await leased_runs(store, orchestrator, 4)
     hold = anyio.Event()
-    await slow_first_write(store, hold)
+    slow_first_write(store._group, hold)
     done = first_step_done()
     outcomes: dict[UUID, Any] = {}
 
@@ -400,7 +400,7 @@ async def test_an_uncertain_batch_commit_is_resolved_per_run(
     finds its outcome there, and goes on holding the next step's lease."""
     runs = await leased_runs(store, orchestrator, 6)
     hold = anyio.Event()
-    await slow_first_write(store, hold)
+    slow_first_write(store._group, hold)
     batch = store._group._batch
     lost = True
 

@@ -115,10 +115,10 @@ async def test_a_burst_of_starts_gets_the_claim_fresh_statistics(
                 await anyio.sleep(0.1)
 
 
-async def _due_runs(orchestrator: Any, db: asyncpg.Connection, name: str) -> Any:
-    """A new saga ``name`` with 3,000 runs due that nobody executes, and the runs
-    table's statistics gathered."""
-    due = small_saga(name)
+async def _due_runs(orchestrator: Any, db: asyncpg.Connection, name: str, **options: Any) -> Any:
+    """A new saga ``name`` (``small_saga`` options) with 3,000 runs due that nobody
+    executes, and the statistics of the runs and items tables gathered."""
+    due = small_saga(name, **options)
     starter = await orchestrator(due, concurrency=0)
     async with anyio.create_task_group() as tg:
         for first in range(0, 3000, 100):
@@ -128,7 +128,7 @@ async def _due_runs(orchestrator: Any, db: asyncpg.Connection, name: str) -> Any
                     await starter.start(due, Job(n=n))
 
             tg.start_soon(hundred)
-    await db.execute("ANALYZE saga.runs")
+    await db.execute("ANALYZE saga.runs, saga.items")
     return due
 
 
@@ -323,17 +323,9 @@ async def test_the_claim_of_graph_items_updates_them_through_the_primary_key(
     chose through the primary key: it never reads the items table whole. (It hashed
     every item of every run in flight: 0.85 of a drain's 2 ms per claim, growing with
     the runs in flight.) (Private: the store's statement and its plan.)"""
-    fan = small_saga("generic_items", ["a", "b", "c"], after={"b": ["a"], "c": ["a"]})
-    starter = await orchestrator(fan, concurrency=0)
-    async with anyio.create_task_group() as tg:
-        for first in range(0, 3000, 100):
-
-            async def hundred(first: int = first) -> None:
-                for n in range(first, first + 100):
-                    await starter.start(fan, Job(n=n))
-
-            tg.start_soon(hundred)
-    await db.execute("ANALYZE saga.items")
+    fan = await _due_runs(
+        orchestrator, db, "generic_items", steps=["a", "b", "c"], after={"b": ["a"], "c": ["a"]}
+    )
     args: list[Any] = ["w", 60, 30.0, [fan.name], [fan.version], [fan.fingerprint]]
     await db.execute("SET plan_cache_mode = force_generic_plan")
     await db.execute(f"PREPARE generic_items AS {store._q['claim_items']}")
