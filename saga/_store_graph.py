@@ -8,10 +8,10 @@ the item's lease token and owner (``graph_write``). Whichever branch finishes la
 decides the join, once.
 
 Items finishing at about the same time share a transaction and its commit (group commit,
-as plain runs' transitions do: see ``saga._group``): their writes go one after the other
-in run id order, so concurrent batches lock runs in one order, and the items of one run
-are decided one after the other, each seeing the writes before it. An item whose fence
-fails writes nothing and is refused alone.
+as plain runs' transitions do: see ``saga._group``), in rounds of one item per run, in
+run id order: concurrent batches lock runs in one order, and the items of one run are
+decided one after the other, each seeing the writes before it. An item whose fence fails
+writes nothing and is refused alone.
 """
 
 from __future__ import annotations
