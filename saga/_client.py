@@ -131,8 +131,12 @@ class Client(Lifecycle, Signalling, Acting):
         self._notifier = WorkNotifier(self._notify_work, self._soon)
 
     def _pool_sizes(self) -> tuple[int, int]:
-        """Connections of its pool, and of its pool of generic plans (see Store.hot)."""
-        return 4, 0
+        """Connections of its pool (one holds the LISTEN), and of its pool of generic
+        plans for the statements on given runs (see Store.hot). On the general pool
+        Postgres planned a result's reads at every execution: start and wait for 1,920
+        runs from 32 callers, a worker in another process, 3 + 2 connections against 4:
+        Postgres statement time per run 500-560 -> 280-340 us."""
+        return 3, 2
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -118,8 +118,10 @@ class Orchestrator(Client):
             self._runner.use_hooks(hooks)
 
     def _pool_sizes(self) -> tuple[int, int]:
+        if not self.concurrency:
+            return super()._pool_sizes()
         size = max(4, min(self.concurrency + 2, 20))
-        return size, size if self.concurrency else 0
+        return size, size
 
     async def _start_loops(self, tg: TaskGroup) -> None:
         await super()._start_loops(tg)

@@ -371,8 +371,9 @@ async def test_an_orchestrator_plans_its_leasing_statements_once(
     a pool of its own whose sessions use generic plans (planned once per connection: on
     the partitioned runs a custom plan, made at every execution, cost two thirds of a
     claim's database time); the operator queries keep Postgres' default plan choice
-    (their plans depend on their filters). A client that executes nothing,
-    or an orchestrator at concurrency 0, opens no such pool."""
+    (their plans depend on their filters). A client that executes nothing, or an
+    orchestrator at concurrency 0, has such a pool too, of 2 connections, for its starts,
+    results and signals (a result's reads were planned at every execution)."""
     quick = small_saga("quick", 2)
     orch = await orchestrator(quick)
     store = orch._store
@@ -382,6 +383,11 @@ async def test_an_orchestrator_plans_its_leasing_statements_once(
     run = await orch.start(quick, Job(n=1))
     assert await run.result(timeout=20) == "s2"
     idle = await orchestrator(quick, concurrency=0)
-    assert idle._store.hot is idle._store.pool
     client = await open_client(quick)
-    assert client._store.hot is client._store.pool
+    for store in (idle._store, client._store):
+        assert store.hot is not store.pool
+        assert store.hot.get_max_size() == 2
+        assert await store.hot.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+        assert await store.pool.fetchval("SHOW plan_cache_mode") == "auto"
+    started = await client.start(quick, Job(n=2))
+    assert await started.result(timeout=20) == "s2"
