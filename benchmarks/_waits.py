@@ -27,7 +27,8 @@ from benchmarks._window import Client, Measured, Parking, StartAll
 # Write commits per run beyond claims, as the design says: start, s1 (which leases s2),
 # s2; with a wait: start, s1 (which enters the wait), the signal, s2.
 EXPECTED = {"noop2": 3, "wait": 4}
-# What a wait may add beyond claims: the signal itself (one commit each), and less
+# What a wait may add beyond claims: the signal itself (at most one commit each: signals
+# sent at about the same time share one), and less
 # sharing of the step completions around it than the plain run's (nearly free at
 # concurrency 64): entering the wait is group-committed as any step completion (its
 # signal row marked in the same statement), but the completions after the signals come
@@ -133,13 +134,14 @@ def _delta(w: Waits, key: str) -> Stat:
 
 
 def target(w: Waits | None) -> list[str]:
-    """The Targets row: entering a wait adds no commit, a signal is one, waking a claim."""
+    """The Targets row: entering a wait adds no commit, a signal at most one, waking a
+    claim."""
     if w is None or not w.waits or not w.plain:
         return []
     beyond = _delta(w, "beyond_claims_per_run")
     return [
         "| entering a wait adds no commit beyond the step completion before it; a signal "
-        "is one commit; waking is one claim (write commits/run beyond claims, waits - "
+        "is at most one commit; waking is one claim (write commits/run beyond claims, waits - "
         f"plain 2-step ≤ {WAIT_COMMITS + SLACK:.1f}: the signal, and the step completions "
         "around it, shared by fewer runs than the plain run's) | "
         f"beyond claims: {beyond.fmt(2)} "
@@ -230,10 +232,11 @@ def render(w: Waits | None, repeats: int) -> list[str]:
         _table_row(f"2-step with a wait, {p} process x {c}", w.waits, EXPECTED["wait"]),
         "",
         "Expected beyond claims: start 1, s1 1 (leasing s2 in the same write), s2 1 = 3; "
-        "with a wait: start 1, s1 1 (entering the wait in the same write), the signal 1, "
-        "s2 1 = 4. Claims are batched (one claim leases every due run, up to the free "
-        "slots), so each run costs a share of one: at most 1 (plain) and 2 (with a wait: "
-        "the first claim and the one that wakes it), i.e. at most 4 and 6 write commits "
+        "with a wait: start 1, s1 1 (entering the wait in the same write), the signal 1 "
+        "(at most: signals sent at about the same time share a commit), s2 1 = 4. "
+        "Claims are batched (one claim leases every due run, up to the free slots), so "
+        "each run costs a share of one: at most 1 (plain) and 2 (with a wait: the first "
+        "claim and the one that wakes it), i.e. at most 4 and 6 write commits "
         "per run in all. Beyond claims also counts what writes no history: the client's "
         "coalesced wake-up NOTIFYs after starts (a NOTIFY is assigned a transaction id), "
         "heartbeats, autoanalyze; the two rows share them, the difference cancels them. "

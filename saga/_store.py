@@ -102,6 +102,7 @@ class Store(
             self._start_one, self._start_many, start_key
         )
         self._graphs = self.graph_group()  # graph items' writes
+        self._signals = self.signal_group()  # signals sent on the store's pool
 
     def write_in_pairs(self, concurrency: int) -> None:
         """An executing orchestrator of ``concurrency``: its transitions go in up to two

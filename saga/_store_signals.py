@@ -1,5 +1,6 @@
-"""The store's signal writes: one statement (one commit) per signal, on the store's pool
-or on the caller's connection inside the caller's transaction.
+"""The store's signal writes: one statement per signal, on the caller's connection inside
+the caller's transaction, or else on the store's pool, where signals sent at about the
+same time share a transaction and its commit (group commit, see ``saga._group``).
 
 A part of :class:`~saga._store.Store` (a mixin). Every writer of a signal row (this
 sender, the transition entering a wait, the claim deciding it) locks the run row first:
@@ -10,12 +11,18 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from saga._db import Executor, translate_errors
+from saga._group import GroupCommit
+
+#: One signal's arguments of the ``send_signal`` statement.
+SignalArgs = tuple[Any, ...]
 
 
 class Delivery(enum.Enum):
@@ -45,6 +52,11 @@ class SignalQueries:
     hot: asyncpg.Pool
     _q: dict[str, str]
     work_channel: str
+    _signals: GroupCommit[SignalArgs, Any]
+
+    def signal_group(self) -> GroupCommit[SignalArgs, Any]:
+        """The group commit of signals sent on the store's pool."""
+        return GroupCommit(self._signal_one, self._signal_many, _signal_id)
 
     async def send_signal(
         self,
@@ -61,18 +73,13 @@ class SignalQueries:
         transaction if given); ``data``: who sent it and why (JSON), for the history.
         ``notify``: the statement wakes the workers itself when it wakes the run (else
         the caller NOTIFYs once it committed)."""
+        channel = self.work_channel if notify else None
+        args = (run_id, name, payload_json, saga[0], saga[1], channel, uuid.uuid4(), data)
         async with translate_errors("sending a signal"):
-            row = await (conn or self.hot).fetchrow(
-                self._q["send_signal"],
-                run_id,
-                name,
-                payload_json,
-                saga[0],
-                saga[1],
-                self.work_channel if notify else None,
-                uuid.uuid4(),
-                data,
-            )
+            if conn is not None:
+                row = await conn.fetchrow(self._q["send_signal"], *args)
+            else:
+                row = await self._signals.write(args)
         if row is None:
             return Delivery.NOT_FOUND
         if not row["same_saga"]:
@@ -84,6 +91,19 @@ class SignalQueries:
         if row["accepted"]:
             return Delivery.ACCEPTED
         return Delivery.REPEATED if row["repeated"] else Delivery.DECIDED
+
+    async def _signal_one(self, args: SignalArgs) -> Any:
+        return await self.hot.fetchrow(self._q["send_signal"], *args)
+
+    async def _signal_many(self, batch: Sequence[SignalArgs]) -> dict[Hashable, Any]:
+        """Several signals in one transaction, in run id order (concurrent batches lock
+        runs in one order; one run's signals in the order they came), in one pipelined
+        exchange: each statement sees the ones before it. Their rows by signal id (none:
+        no such run)."""
+        ordered = sorted(batch, key=lambda args: args[0])
+        async with self.hot.acquire() as conn, conn.transaction():
+            rows = await conn.fetchmany(self._q["send_signal"], ordered)
+        return {row["signal_id"]: row for row in rows}
 
     async def run_definition(self, run_id: UUID, conn: Executor | None) -> RunDefinition | None:
         """The definition of run ``run_id`` (None: no such run)."""
@@ -98,3 +118,9 @@ class SignalQueries:
         async with translate_errors("finding a run by key"):
             row = await (conn or self.hot).fetchrow(self._q["find_run_for_signal"], saga_name, key)
         return None if row is None else RunDefinition(row[0], saga_name, row[1])
+
+
+def _signal_id(args: SignalArgs) -> Hashable:
+    """What tells a batch's signals apart: the new signal's id."""
+    signal_id: UUID = args[6]
+    return signal_id

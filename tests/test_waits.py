@@ -14,6 +14,8 @@ import pytest
 from pydantic import BaseModel
 
 import saga
+from saga._partitions import uuid7
+from saga._store_signals import Delivery
 from saga.testing import advance
 from tests._sagas import FAST, Job, Ledger, until_status
 from tests.conftest import ClientFactory, OrchestratorFactory
@@ -201,6 +203,51 @@ async def test_a_burst_of_signals_wakes_every_run_with_fewer_notifications(
     finally:
         await listener.close()
     assert 1 <= len(heard) < len(runs), heard
+
+
+async def test_signals_sent_at_once_share_commits_each_with_its_own_answer(
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
+) -> None:
+    """40 signals sent at once from a client, to 30 parked runs (10 of them twice, and
+    one to a run that does not exist), share transactions (group commit: their history
+    rows were written by fewer transactions than runs), and each gets its own answer as
+    if sent alone: every first signal is accepted, every repeat is a repeat, the unknown
+    run is not found, and every run completes with its first signal's payload."""
+    s, decision = approval_saga(Ledger(), name="grouped_signals")
+    await orchestrator(s, concurrency=64)
+    client = await open_client(s)
+    runs = [await client.start(s, Job(n=n)) for n in range(30)]
+    for run in runs:
+        await until_status(run, saga.RunStatus.WAITING)
+    answers: dict[tuple[int, int], Any] = {}
+
+    async def send(n: int, attempt: int) -> None:
+        by = f"b{n}" if attempt == 0 else f"again{n}"
+        answers[n, attempt] = await runs[n].signal(decision, Decision(approved=True, by=by))
+
+    async def unknown() -> None:  # (the store's call: a client looks the run up first)
+        store = client._store
+        assert store is not None
+        payload = Decision(approved=True).model_dump_json()
+        answers[-1, 0] = await store.send_signal(uuid7(), "decision", payload, (s.name, s.version))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(30):
+            tg.start_soon(send, n, 0)
+        for n in range(10):
+            tg.start_soon(send, n, 1)
+        tg.start_soon(unknown)
+    with anyio.fail_after(15):
+        assert [await run.result() for run in runs] == [f"b{n}" for n in range(30)]
+    assert all(answers[n, 0] is True for n in range(30))
+    assert all(answers[n, 1] is False for n in range(10))
+    assert answers[-1, 0] is Delivery.NOT_FOUND
+    transactions = await db.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM saga.events"
+        " WHERE kind = 'signal_received' AND run_id = ANY($1)",
+        [run.id for run in runs],
+    )
+    assert transactions < 30
 
 
 async def test_runs_entering_their_wait_together_share_commits(

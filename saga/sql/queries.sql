@@ -1187,7 +1187,8 @@ ORDER BY saga_name, status;
 -- $1 run id, $2 signal name, $3 payload JSON text, $4 the saga name and $5 version the
 -- payload was validated for, $6 work notification channel (NULL: no NOTIFY, the sender
 -- sends one once this committed), $7 a new id for the signal,
--- $8 what the history records of the sender (the operator and the note) or NULL
+-- $8 what the history records of the sender (the operator and the note) or NULL.
+-- Signals sent at about the same time go in one transaction (saga/_store_signals.py).
 WITH run AS (
     -- FOR UPDATE returns the newest version of the row (whatever this statement's
     -- snapshot): every decision below reads it from here, never from a scan of runs.
@@ -1257,7 +1258,8 @@ WITH run AS (
     FROM outcome WHERE same_saga AND NOT repeated
 )
 SELECT o.saga_name, o.same_saga, o.ended, o.rolling_back, o.accepted, o.repeated,
-       (SELECT pg_notify($6, saga_name)::text FROM woken WHERE $6 IS NOT NULL) AS notified
+       (SELECT pg_notify($6, saga_name)::text FROM woken WHERE $6 IS NOT NULL) AS notified,
+       $7::uuid AS signal_id
 FROM outcome o;
 
 -- name: find_run_for_signal
