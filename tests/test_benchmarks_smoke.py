@@ -51,7 +51,8 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
         assert m.worker_cpu >= 0
     assert all(m.runs == opts.runs for m in measured[:5])
     (waited,) = results.waits.waits
-    assert waited.by_events.get("signal_received") == opts.runs  # one commit per signal
+    # Every run's signal was written, by at most one commit per signal (group commit).
+    assert 1 <= waited.by_events.get("signal_received", 0) <= opts.runs
     assert waited.claims > 0
     assert results.ceiling is None
 
