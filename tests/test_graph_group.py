@@ -23,7 +23,7 @@ from saga._store import Store
 from saga._transition import Succeeded
 from saga._write import COMMITTED, Writer
 from tests._sagas import Job, small_saga
-from tests.test_group_commit import slow_first_write
+from tests.test_group_commit import lose_first_answer, slow_first_write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -220,18 +220,7 @@ async def test_an_uncertain_batch_commit_is_resolved_item_by_item(
     (refused: the item is written already), finds its outcome in the run's history, and
     reports it committed; each item's completion is in the history once."""
     runs = await first_items(store, orchestrator, 6)
-    batch = store._graphs._batch
-    lost = True
-
-    async def committed_then_lost(writes: Any) -> Any:
-        nonlocal lost
-        found = await batch(writes)
-        if lost:
-            lost = False
-            raise asyncpg.ConnectionDoesNotExistError("connection lost after commit")
-        return found
-
-    store._graphs._batch = committed_then_lost
+    lost = lose_first_answer(store._graphs)
     writer = Writer(store, "w1", Hooks(), Outage("w1"))
     first = Finished("a", STEP, 1, Succeeded('"a"'))
     event = _first_event(first)
@@ -249,7 +238,7 @@ async def test_an_uncertain_batch_commit_is_resolved_item_by_item(
         for run_id, token in runs
     ]
     outcomes = await in_one_batch(store, writes)
-    assert not lost
+    assert lost.is_set()
     assert outcomes[1:] == [COMMITTED] * 5
     assert outcomes[0] is COMMITTED or outcomes[0][0].completed_step == "a"  # (alone)
     for run_id, _ in runs:

@@ -28,7 +28,7 @@ from saga._lease import Lease, Leases
 from saga._log import Outage, logger
 from saga._model import EventKind, RunStatus
 from saga._store import Store
-from saga._store_batch import Write, transition_args
+from saga._store_batch import transition_args
 from saga._store_graph import events_json
 from saga._transition import ClaimedItem, Event, Transition
 from saga._write import COMMITTED, Writer
@@ -323,6 +323,23 @@ def slow_first_write(group: GroupCommit[Any, Any], hold: anyio.Event) -> None:
     group._single = held
 
 
+def lose_first_answer(group: GroupCommit[Any, Any]) -> anyio.Event:
+    """The group's first batch commits, then its answer is lost (the connection breaks
+    as the reply comes): the event is set once that happened."""
+    batch = group._batch
+    lost = anyio.Event()
+
+    async def committed_then_lost(args: Sequence[Any]) -> Any:
+        found = await batch(args)
+        if not lost.is_set():
+            lost.set()
+            raise asyncpg.ConnectionDoesNotExistError("connection lost after commit")
+        return found
+
+    group._batch = committed_then_lost
+    return lost
+
+
 async def test_a_batch_fences_each_run_by_its_own_token(
     store: Store, orchestrator: Any, db: asyncpg.Connection
 ) -> None:
@@ -401,18 +418,7 @@ async def test_an_uncertain_batch_commit_is_resolved_per_run(
     runs = await leased_runs(store, orchestrator, 6)
     hold = anyio.Event()
     slow_first_write(store._group, hold)
-    batch = store._group._batch
-    lost = True
-
-    async def committed_then_lost(args: Sequence[Write]) -> Any:
-        nonlocal lost
-        found = await batch(args)
-        if lost:
-            lost = False
-            raise asyncpg.ConnectionDoesNotExistError("connection lost after commit")
-        return found
-
-    store._group._batch = committed_then_lost
+    lost = lose_first_answer(store._group)
     writer = Writer(store, "w1", Hooks(), Outage("w1"))
     written: dict[UUID, Any] = {}
 
@@ -425,7 +431,7 @@ async def test_an_uncertain_batch_commit_is_resolved_per_run(
             tg.start_soon(write, run_id, token)
         await anyio.sleep(0.05)
         hold.set()
-    assert not lost  # the batch's answer was lost once
+    assert lost.is_set()  # the batch's answer was lost once
     for run_id, token in runs:
         assert written[run_id] is not None
         assert written[run_id] is not COMMITTED
