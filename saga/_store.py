@@ -109,16 +109,13 @@ class Store(
         statements at a time, each of at most half its runs. One batch of every run that
         finished a step left one Postgres backend working while the other, and the
         orchestrator, waited: two batches side by side drained 3,000 runs 19 % faster
-        (at concurrency 64 and 128; three batches were slower than one)."""
+        (at concurrency 64 and 128; three batches were slower than one). Graph items'
+        writes likewise."""
+        half = max(1, -(-concurrency // 2))
         self._group = GroupCommit(
-            self._write_one,
-            self._write_many,
-            write_key,
-            alone=alone,
-            leaders=2,
-            max_batch=max(1, -(-concurrency // 2)),
+            self._write_one, self._write_many, write_key, alone=alone, leaders=2, max_batch=half
         )
-        self._graphs = self.graph_group(2, max(1, -(-concurrency // 2)))
+        self._graphs = self.graph_group(2, half)
 
     # -- starting -------------------------------------------------------------------------
 
