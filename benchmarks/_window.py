@@ -24,9 +24,11 @@ from benchmarks._dbstats import WaitSampler, read_stats, wait_until_no_backends
 from benchmarks._harness import Harness
 from benchmarks._procs import WorkerProc
 from benchmarks._sagas import ITEMS
+from saga._db import channel
 
 POLL_EVERY = 0.2  # seconds between completion polls
 STALL_TIMEOUT = 60.0  # fail when nothing finishes for this long
+HELD_SETTLE = 0.3  # after the held drain's workers opened: their peers' notices arrive
 
 StartAll = Callable[[], Awaitable[None]]
 # A client opens on a DSN and yields the function that starts every run.
@@ -189,6 +191,8 @@ async def window(h: Harness, db: str, dsn: str, w: Workload) -> Measured:
         await run.open_workers()
     poller = await Poller.connect(dsn)
     try:
+        if w.drain and w.kind != "queue":
+            await run.open_held(poller)
         cpu0, cpu1 = await run.measured_part(poller, t0)
         closed = await run.close_workers()
         span_sql = _queue.SPAN if w.kind == "queue" else _internals.span_sql(w.kind)
@@ -211,7 +215,7 @@ async def window(h: Harness, db: str, dsn: str, w: Workload) -> Measured:
         seconds=(span["last_done"] - first).total_seconds(),
         p99_seconds=(span["p99_done"] - first).total_seconds(),
         commits=delta.xact_commit - poller.xacts,
-        write_xacts=delta.next_xid,
+        write_xacts=delta.next_xid - run.held_xacts,
         start_xacts=int(starts),
         wal_syncs=delta.wal_sync,
         wal_bytes=delta.wal_lsn,
@@ -243,6 +247,8 @@ class _Window:
         self.h, self.dsn, self.w = h, dsn, w
         self.sampler = WaitSampler(h.sampler, db)
         self.start_rate = math.nan
+        self.held: tuple[Poller, Any] | None = None  # see open_held
+        self.held_xacts = 0
 
     async def open_workers(self) -> None:
         cmd = {**self.w.open_cmd, "dsn": self.dsn}
@@ -268,6 +274,23 @@ class _Window:
             await start_all()
         self.start_rate = self.w.runs / (time.monotonic() - began)
 
+    async def open_held(self, poller: Poller) -> None:
+        """Saga drain: the workers open while the poller's transaction locks every
+        pre-started run, so each worker process is open, idle and aware of its peers
+        when the window begins; the transaction's end releases them all at once, and
+        its NOTIFY wakes them (see ``_starting``). Opened on the runs, processes would
+        begin one by one, as each connected: the window (from the first claim) would
+        time the others' opening."""
+        held = poller.conn.transaction()
+        await held.start()
+        await poller.conn.execute("SELECT 1 FROM saga.runs FOR UPDATE")
+        await poller.conn.execute(
+            "SELECT pg_notify($1, $2)", channel("saga", "work"), f"bench_{self.w.kind}"
+        )
+        self.held, self.held_xacts = (poller, held), 1
+        await self.open_workers()
+        await anyio.sleep(HELD_SETTLE)
+
     def cpu(self) -> _Cpu:
         workers = self.w.workers
         return _Cpu(
@@ -289,6 +312,7 @@ class _Window:
             if self.w.hook is not None:
                 await stack.enter_async_context(self.w.hook(self.w.workers))
             cpu0 = self.cpu()
+            await self._release()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.sampler.run)
                 tg.start_soon(self._starting, start_all)
@@ -300,7 +324,17 @@ class _Window:
                 tg.cancel_scope.cancel()
         return cpu0, cpu1
 
+    async def _release(self) -> None:
+        """End the held drain's transaction: the runs' locks go, its NOTIFY wakes every
+        worker (before the window's tasks use the poller's connection)."""
+        if self.held is not None:
+            poller, held = self.held
+            await held.commit()
+            poller.xacts += 1
+
     async def _starting(self, start_all: StartAll | None) -> None:
+        if self.held is not None:
+            return  # the workers are open, and _release let them go
         if start_all is None:
             await self.open_workers()
             return

@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -168,6 +168,7 @@ class Client(Lifecycle, Signalling, Acting):
             worker_id=self.worker_id,
             poll_interval=self.poll_interval,
             outage=self.outage,
+            peers=self._peers_present(),
         )
         await tg.start(self._supervised, "listener", self._listener.run)
         await tg.start(self._supervised, "waiter poll", started(self._listener.poll_waiters))
@@ -208,6 +209,11 @@ class Client(Lifecycle, Signalling, Acting):
 
     def _wake(self) -> None:
         """A NOTIFY says there is new work (workers claim; a client ignores it)."""
+
+    def _peers_present(self) -> Callable[[int], None] | None:
+        """What hears how many executing orchestrators share the schema: a client
+        executes nothing, so it is not one of them and does not count them."""
+        return None
 
     def _store_or_raise(self) -> Store:
         self._check_open()

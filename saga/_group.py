@@ -127,14 +127,23 @@ class GroupCommit(Generic[A, R]):
         elif future.exception() is None and future.result() is LEAD:
             self._hand_over()
 
+    def resize(self, leaders: int, max_batch: int) -> None:
+        """Allow up to ``leaders`` writes in flight, each of at most ``max_batch``, from
+        now on: the writes in flight finish as they are, and the next hand-overs follow
+        the new limits."""
+        self._max_leaders, self._max_batch = leaders, max_batch
+
     def _hand_over(self) -> None:
-        """A write ended: the first writer still waiting leads the next batch."""
-        while self._queue:
-            nxt = self._queue.popleft()
+        """A write ended: the first writers still waiting lead the next batches (one, or
+        more when the limit of writes in flight has grown; none while it has shrunk
+        below the writes still in flight, whose hand-overs lead the queue on)."""
+        self._leaders -= 1
+        queue = self._queue
+        while queue and self._leaders < self._max_leaders:
+            nxt = queue.popleft()
             if not nxt.future.done():
                 nxt.future.set_result(LEAD)
-                return
-        self._leaders -= 1
+                self._leaders += 1
 
     async def _lead(self, args: A) -> R | None:
         """Write ``args`` and (up to ``max_batch`` in all) the writes queued by now."""

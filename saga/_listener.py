@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
-from saga._db import translate_errors
+from saga._db import Executor, translate_errors
 from saga._errors import DatabaseError, LifecycleError
 from saga._log import Outage, logger
 from saga._store import Store
@@ -88,6 +88,7 @@ class Listener:
         worker_id: str,
         poll_interval: float,
         outage: Outage,
+        peers: Callable[[int], None] | None = None,
     ) -> None:
         self._pool = pool
         self._store = store
@@ -96,14 +97,29 @@ class Listener:
         self._worker_id = worker_id
         self._poll_interval = poll_interval
         self._outage = outage
+        self._peers = peers
+        self._stirred = anyio.Event()  # the connection was lost, or peers came or went
         self.waiters = Waiters()
 
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
         if channel == self._store.done_channel:
             with contextlib.suppress(ValueError):
                 self.waiters.wake(uuid.UUID(str(payload)))
+        elif channel == self._store.peers_channel:
+            self._stirred.set()
         elif self._wants_work(str(payload)):
             self._wake()
+
+    def _on_lost(self, lost: anyio.Event) -> Callable[[Any], None]:
+        def on_lost(_conn: Any) -> None:
+            lost.set()
+            self._stirred.set()
+
+        return on_lost
+
+    async def _count_peers(self, conn: Executor) -> None:
+        if self._peers is not None:
+            self._peers(await self._store.count_present(conn))
 
     async def poll_waiters(self) -> None:
         """The waiters' fallback: one query per interval for all the runs waited for."""
@@ -121,17 +137,19 @@ class Listener:
                     self.waiters.wake(run_id)
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        """Hold the LISTEN connection; reconnect with backoff. Polling covers the gaps."""
-        store, started, delay = self._store, False, 0.1
-        channels = (store.work_channel, store.done_channel)
+        """Hold the LISTEN connection; reconnect with backoff. Polling covers the gaps.
+
+        With ``peers``, the connection also marks this orchestrator present (see
+        ``saga._store_peers``), and ``peers`` hears how many are, at once, whenever one
+        comes or goes, and every 5 s (one whose process died just disappears)."""
+        started, delay = False, 0.1
         while True:
             lost = anyio.Event()
             try:
                 async with translate_errors("listening"), self._pool.acquire() as conn:
-                    conn.add_termination_listener(_setter(lost))
-                    for channel in channels:
-                        await conn.add_listener(channel, self._on_notify)
-                    try:
+                    conn.add_termination_listener(self._on_lost(lost))
+                    async with self._listening(conn):
+                        await self._count_peers(conn)
                         if not started:
                             started = True
                             task_status.started()
@@ -142,14 +160,7 @@ class Listener:
                             self._wake()
                             self.waiters.wake_all()
                         delay = 0.1
-                        while not lost.is_set() and not conn.is_closed():
-                            with anyio.move_on_after(5):
-                                await lost.wait()
-                    finally:
-                        if not conn.is_closed():
-                            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                                for channel in channels:
-                                    await conn.remove_listener(channel, self._on_notify)
+                        await self._hold(conn, lost)
             except DatabaseError as exc:
                 if not started:
                     raise
@@ -157,6 +168,32 @@ class Listener:
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    @contextlib.asynccontextmanager
+    async def _listening(self, conn: Executor) -> AsyncIterator[None]:
+        """LISTEN on the schema's channels (and be present) until the block ends."""
+        store = self._store
+        channels = [store.work_channel, store.done_channel]
+        if self._peers is not None:
+            channels.append(store.peers_channel)
+        for channel in channels:
+            await conn.add_listener(channel, self._on_notify)
+        present = self._peers is not None and await store.enter_presence(conn)
+        try:
+            yield
+        finally:
+            if not conn.is_closed():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    if present:
+                        with contextlib.suppress(DatabaseError):
+                            await store.leave_presence(conn)
+                    for channel in channels:
+                        await conn.remove_listener(channel, self._on_notify)
 
-def _setter(event: anyio.Event) -> Any:
-    return lambda _conn: event.set()
+    async def _hold(self, conn: Executor, lost: anyio.Event) -> None:
+        """Until the connection is lost: count the peers when stirred, or every 5 s."""
+        while not lost.is_set() and not conn.is_closed():
+            with anyio.move_on_after(5):
+                await self._stirred.wait()
+            self._stirred = anyio.Event()
+            if not lost.is_set() and not conn.is_closed():
+                await self._count_peers(conn)

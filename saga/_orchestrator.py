@@ -9,7 +9,7 @@ gives their leases back so another process can take them at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -28,6 +28,7 @@ from saga._graph_runner import GraphRunner
 from saga._hooks import NO_HOOKS, Hooks
 from saga._lease import Leases, heartbeat_interval
 from saga._lifecycle import started
+from saga._log import logger
 from saga._policy import check_lease_seconds
 from saga._rate import check_consistent
 from saga._run import RunHandle
@@ -104,6 +105,7 @@ class Orchestrator(Client):
         self._hooks: Hooks = NO_HOOKS
         self._leases: Leases | None = None
         self._runner: Runner | None = None
+        self._alone = True  # no other executing orchestrator on the schema (see _pace)
 
     @property
     def hooks(self) -> Hooks:
@@ -123,12 +125,25 @@ class Orchestrator(Client):
         size = max(4, min(self.concurrency + 2, 20))
         return size, size
 
+    def _peers_present(self) -> Callable[[int], None] | None:
+        return self._pace if self.concurrency else None
+
+    def _pace(self, present: int) -> None:
+        """``present`` executing orchestrators share the schema (this one included):
+        alone, this one keeps two writes in flight, else one (see ``Store.pace``)."""
+        alone = present <= 1
+        if self._store is not None and alone != self._alone:
+            self._alone = alone
+            self._store.pace(self.concurrency, alone=alone)
+            logger.info("write_pace", worker=self.worker_id, orchestrators=present)
+
     async def _start_loops(self, tg: TaskGroup) -> None:
-        await super()._start_loops(tg)
         assert self._store is not None
         store = self._store
         if self.concurrency:
-            store.write_in_pairs(self.concurrency)
+            self._alone = True
+            store.pace(self.concurrency, alone=True)
+        await super()._start_loops(tg)
         # What this orchestrator can execute: nothing at concurrency 0 (then all active
         # work counts as unclaimable here, and it warns about none of it).
         runnable = (

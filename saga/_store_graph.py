@@ -77,17 +77,9 @@ class GraphQueries:
     done_channel: str
     _graphs: GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]
 
-    def graph_group(
-        self, leaders: int = 1, max_batch: int = 256
-    ) -> GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]:
-        """The group commit of items' writes (see ``Store.write_in_pairs``)."""
-        return GroupCommit(
-            self._graph_one,
-            self._graph_many,
-            _graph_write_key,
-            leaders=leaders,
-            max_batch=max_batch,
-        )
+    def graph_group(self) -> GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]:
+        """The group commit of items' writes (paced by ``Store.pace``)."""
+        return GroupCommit(self._graph_one, self._graph_many, _graph_write_key)
 
     async def claim_items(
         self, worker: str, limit: int, lease_seconds: float, definitions: Sequence[DefinitionKey]

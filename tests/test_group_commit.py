@@ -213,6 +213,9 @@ async def test_a_batch_that_may_have_committed_fails_every_writer(error: Excepti
     refuse=st.frozensets(st.integers(0, 39), max_size=10),
     delays=st.lists(st.sampled_from([0, 0, 1, 2]), min_size=40, max_size=40),
     batch_error=st.sampled_from([None, "uncertain", "refused"]),
+    resizes=st.dictionaries(
+        st.integers(0, 39), st.tuples(st.integers(1, 3), st.integers(1, 8)), max_size=3
+    ),
 )
 def test_every_writer_gets_its_own_outcome_whatever_the_interleaving(
     n: int,
@@ -222,12 +225,15 @@ def test_every_writer_gets_its_own_outcome_whatever_the_interleaving(
     refuse: frozenset[int],
     delays: list[int],
     batch_error: str | None,
+    resizes: dict[int, tuple[int, int]],
 ) -> None:
     """Property: writers arriving at random moments, some cancelled at random moments,
-    some refused by their fence, with a batch failing once or not: every writer not
-    cancelled gets exactly its own outcome (or, its batch's leader cancelled mid-write,
-    an error that makes it resolve its run from the history); nothing stays queued, no
-    lead is lost (a later write still goes), and no write is left waiting."""
+    some refused by their fence, with a batch failing once or not, and the limits of
+    writes in flight and of a batch changed as writers arrive (an orchestrator's peers
+    come and go): every writer not cancelled gets exactly its own outcome (or, its
+    batch's leader cancelled mid-write, an error that makes it resolve its run from the
+    history); no batch exceeds the limit it was led under; nothing stays queued, no lead
+    is lost (a later write still goes), and no write is left waiting."""
     error: Exception | None = {
         None: None,
         "uncertain": asyncpg.ConnectionDoesNotExistError("gone"),
@@ -239,9 +245,13 @@ def test_every_writer_gets_its_own_outcome_whatever_the_interleaving(
         g = group(script, leaders=leaders, max_batch=max_batch)
         outcomes: dict[int, Any] = {}
 
+        largest = max([max_batch] + [b for _, b in resizes.values()])
+
         async def write(k: int) -> None:
             for _ in range(delays[k]):
                 await asyncio.sleep(0)
+            if k in resizes:
+                g.resize(*resizes[k])
             try:
                 outcomes[k] = await g.write(k)
             except Exception as exc:
@@ -269,10 +279,97 @@ def test_every_writer_gets_its_own_outcome_whatever_the_interleaving(
                 assert got == (None if k in refuse else f"row {k}"), (k, got)
         assert not g._queue
         assert g._leaders == 0
+        assert all(len(b) <= largest for b in script.batches)
         with anyio.fail_after(1):
             assert await g.write(99) == "row 99"
 
     asyncio.run(main())
+
+
+async def test_fewer_writes_in_flight_take_effect_as_the_writes_in_flight_end() -> None:
+    """Two writes in flight, then the limit drops to one: the writers queued meanwhile
+    wait while both are in flight and while the second still is after the first ended
+    (one in flight: the new limit), then go in one batch, alone in flight."""
+    script = Script()
+    release = [anyio.Event(), anyio.Event()]
+    in_flight = peak_after = 0
+    shrunk = False
+
+    async def single(k: int) -> str | None:
+        nonlocal in_flight, peak_after
+        in_flight += 1
+        if shrunk:
+            peak_after = max(peak_after, in_flight)
+        if k < 2:
+            await release[k].wait()
+        result = await script.single(k)
+        in_flight -= 1
+        return result
+
+    async def batch(keys: Sequence[int]) -> dict[Hashable, str]:
+        nonlocal in_flight, peak_after
+        in_flight += 1
+        peak_after = max(peak_after, in_flight)
+        found = await script.batch(keys)
+        in_flight -= 1
+        return found
+
+    g: GroupCommit[int, str] = GroupCommit(single, batch, lambda k: k, leaders=2, max_batch=8)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(g.write, 0)
+            await anyio.sleep(0.01)
+            tg.start_soon(g.write, 1)  # the second write in flight, beside the first
+            await anyio.sleep(0.01)
+            assert in_flight == 2
+            g.resize(1, 8)
+            shrunk = True
+            for k in range(2, 6):
+                tg.start_soon(g.write, k)
+            await anyio.sleep(0.01)
+            assert script.batches == []  # no third write while two are in flight
+            release[0].set()
+            await anyio.sleep(0.01)
+            assert script.batches == []  # one still in flight: the new limit
+            release[1].set()
+    assert script.batches == [[2, 3, 4, 5]]
+    assert peak_after == 1
+    assert g._leaders == 0
+
+
+async def test_more_writes_in_flight_lead_the_queue_at_the_next_hand_over() -> None:
+    """One write in flight with writers queued, then the limit grows to two with
+    batches of two: when the write ends, two of the queued writers lead a batch each,
+    in flight at the same time."""
+    script = Script()
+    in_flight = peak = 0
+    both = anyio.Event()
+
+    async def batch(keys: Sequence[int]) -> dict[Hashable, str]:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if peak == 2:
+            both.set()
+        with anyio.move_on_after(1):
+            await both.wait()
+        in_flight -= 1
+        return await script.batch(keys)
+
+    g: GroupCommit[int, str] = GroupCommit(script.single, batch, lambda k: k)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            script.gate = anyio.Event()
+            tg.start_soon(g.write, 0)
+            await anyio.sleep(0.01)
+            for k in range(1, 5):
+                tg.start_soon(g.write, k)
+            await anyio.sleep(0.01)
+            g.resize(2, 2)
+            script.gate.set()
+    assert peak == 2
+    assert sorted(sorted(b) for b in script.batches) == [[1, 3], [2, 4]]
+    assert g._leaders == 0
 
 
 # -- the real statement ------------------------------------------------------------------

@@ -1640,3 +1640,28 @@ FROM __schema__.signals WHERE run_id = $1 ORDER BY name;
 -- events.id (event_ids since migration 0009).
 -- no parameters
 SELECT pg_sequence_last_value('__schema__.event_ids'::regclass) AS seq;
+
+-- name: presence_enter
+-- Mark this session as an executing orchestrator of the schema (a shared advisory lock,
+-- held until presence_leave or the session's end) and tell the others present.
+-- $1 the schema's peers channel
+SELECT pg_try_advisory_lock_shared(hashtextextended('__schema__ executing', 0)),
+       pg_notify($1, '') IS NULL;
+
+-- name: presence_leave
+-- Unmark this session (see presence_enter) and tell the others present.
+-- $1 the schema's peers channel
+SELECT pg_advisory_unlock_shared(hashtextextended('__schema__ executing', 0)),
+       pg_notify($1, '') IS NULL;
+
+-- name: presence_count
+-- The sessions marked present by presence_enter, in this database (a bigint advisory
+-- key shows in pg_locks as its high half, its low half, and objsubid 1).
+-- no parameters
+SELECT count(*)::int
+FROM pg_locks l,
+     (SELECT hashtextextended('__schema__ executing', 0) AS k) key
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = ((key.k >> 32) & 4294967295)::oid
+  AND l.objid = (key.k & 4294967295)::oid;
