@@ -244,11 +244,11 @@ def _summed(replies: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 class _Window:
     def __init__(self, h: Harness, db: str, dsn: str, w: Workload) -> None:
-        self.h, self.dsn, self.w = h, dsn, w
+        self.h, self.db, self.dsn, self.w = h, db, dsn, w
         self.sampler = WaitSampler(h.sampler, db)
         self.start_rate = math.nan
         self.held: tuple[Poller, Any] | None = None  # see open_held
-        self.held_xacts = 0
+        self.held_xacts = 0  # write transactions while a held drain's workers opened
 
     async def open_workers(self) -> None:
         cmd = {**self.w.open_cmd, "dsn": self.dsn}
@@ -281,15 +281,19 @@ class _Window:
         its NOTIFY wakes them (see ``_starting``). Opened on the runs, processes would
         begin one by one, as each connected: the window (from the first claim) would
         time the others' opening."""
+        before = await read_stats(self.h.admin, self.db)
         held = poller.conn.transaction()
         await held.start()
         await poller.conn.execute("SELECT 1 FROM saga.runs FOR UPDATE")
         await poller.conn.execute(
             "SELECT pg_notify($1, $2)", channel("saga", "work"), f"bench_{self.w.kind}"
         )
-        self.held, self.held_xacts = (poller, held), 1
+        self.held = (poller, held)
         await self.open_workers()
         await anyio.sleep(HELD_SETTLE)
+        # The write transactions of opening (each worker's own, and the held one) are
+        # not the steps': the window's per-step figures leave them out, as its CPU does.
+        self.held_xacts = (await read_stats(self.h.admin, self.db)).next_xid - before.next_xid
 
     def cpu(self) -> _Cpu:
         workers = self.w.workers

@@ -51,6 +51,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     other |= {"worker", "data", "unless_cancelled", "infinity", "signal", "reason"}
     other |= {"ended", "wait_decided", "rolling_back"}  # why a signal was refused
     other |= {"limit", "delay"}  # a rate limit's wait
+    other |= {"advisory"}  # pg_locks' lock type (the orchestrators present)
     assert words - known - other == set()
 
 
