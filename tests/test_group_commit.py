@@ -91,6 +91,29 @@ async def held_then(
         script.gate.set()
 
 
+class InFlight:
+    """Counts the writes in flight through its wrappers, and the most at once."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def wrap(
+        self, write: Callable[[Any], Awaitable[Any]], hold: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[Any]]:
+        """``write``, counted in flight from its call until it returns, after ``hold``."""
+
+        async def wrapped(arg: Any) -> Any:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            try:
+                await hold(arg)
+                return await write(arg)
+            finally:
+                self.now -= 1
+
+        return wrapped
+
+
 async def test_a_lone_write_goes_at_once_and_alone() -> None:
     """With nothing in flight a write is one single statement, no batch, no waiting."""
     script = Script()
@@ -123,20 +146,15 @@ async def test_with_two_leaders_two_batches_are_in_flight_at_once() -> None:
     fifth once one of them ended; each writer gets its own row. (An executing
     orchestrator writes its steps so: two statements at a time, two backends.)"""
     script = Script()
-    in_flight = peak = 0
+    flight = InFlight()
     release = anyio.Event()
 
-    async def batch(keys: Sequence[int]) -> dict[Hashable, str]:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
+    async def hold(_keys: Sequence[int]) -> None:
         if len(script.batches) < 2:
             await release.wait()
-        in_flight -= 1
-        return await script.batch(keys)
 
     g: GroupCommit[int, str] = GroupCommit(
-        script.single, batch, lambda k: k, leaders=2, max_batch=2
+        script.single, flight.wrap(script.batch, hold), lambda k: k, leaders=2, max_batch=2
     )
     results: dict[int, str | None] = {}
 
@@ -147,11 +165,11 @@ async def test_with_two_leaders_two_batches_are_in_flight_at_once() -> None:
         async with anyio.create_task_group() as tg:
             for k in range(1, 6):
                 tg.start_soon(write, k)
-            while peak < 2:
+            while flight.peak < 2:
                 await anyio.lowlevel.checkpoint()
             release.set()
     assert sorted(sorted(b) for b in script.batches) == [[1, 3], [2, 4]]
-    assert peak == 2
+    assert flight.peak == 2
     assert script.singles == [5]
     assert results == {k: f"row {k}" for k in range(1, 6)}
     assert g._leaders == 0
@@ -292,28 +310,17 @@ async def test_fewer_writes_in_flight_take_effect_as_the_writes_in_flight_end() 
     (one in flight: the new limit), then go in one batch, alone in flight."""
     script = Script()
     release = [anyio.Event(), anyio.Event()]
-    in_flight = peak_after = 0
-    shrunk = False
+    flight = InFlight()
 
-    async def single(k: int) -> str | None:
-        nonlocal in_flight, peak_after
-        in_flight += 1
-        if shrunk:
-            peak_after = max(peak_after, in_flight)
+    async def hold_first_two(k: int) -> None:
         if k < 2:
             await release[k].wait()
-        result = await script.single(k)
-        in_flight -= 1
-        return result
 
-    async def batch(keys: Sequence[int]) -> dict[Hashable, str]:
-        nonlocal in_flight, peak_after
-        in_flight += 1
-        peak_after = max(peak_after, in_flight)
-        found = await script.batch(keys)
-        in_flight -= 1
-        return found
+    async def go(_keys: Sequence[int]) -> None:
+        pass
 
+    single = flight.wrap(script.single, hold_first_two)
+    batch = flight.wrap(script.batch, go)
     g: GroupCommit[int, str] = GroupCommit(single, batch, lambda k: k, leaders=2, max_batch=8)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -321,9 +328,9 @@ async def test_fewer_writes_in_flight_take_effect_as_the_writes_in_flight_end() 
             await anyio.sleep(0.01)
             tg.start_soon(g.write, 1)  # the second write in flight, beside the first
             await anyio.sleep(0.01)
-            assert in_flight == 2
+            assert flight.now == 2
             g.resize(1, 8)
-            shrunk = True
+            flight.peak = 0  # from now on
             for k in range(2, 6):
                 tg.start_soon(g.write, k)
             await anyio.sleep(0.01)
@@ -333,7 +340,7 @@ async def test_fewer_writes_in_flight_take_effect_as_the_writes_in_flight_end() 
             assert script.batches == []  # one still in flight: the new limit
             release[1].set()
     assert script.batches == [[2, 3, 4, 5]]
-    assert peak_after == 1
+    assert flight.peak == 1
     assert g._leaders == 0
 
 
@@ -342,21 +349,18 @@ async def test_more_writes_in_flight_lead_the_queue_at_the_next_hand_over() -> N
     batches of two: when the write ends, two of the queued writers lead a batch each,
     in flight at the same time."""
     script = Script()
-    in_flight = peak = 0
+    flight = InFlight()
     both = anyio.Event()
 
-    async def batch(keys: Sequence[int]) -> dict[Hashable, str]:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        if peak == 2:
+    async def hold(_keys: Sequence[int]) -> None:
+        if flight.peak == 2:
             both.set()
         with anyio.move_on_after(1):
             await both.wait()
-        in_flight -= 1
-        return await script.batch(keys)
 
-    g: GroupCommit[int, str] = GroupCommit(script.single, batch, lambda k: k)
+    g: GroupCommit[int, str] = GroupCommit(
+        script.single, flight.wrap(script.batch, hold), lambda k: k
+    )
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             script.gate = anyio.Event()
@@ -367,7 +371,7 @@ async def test_more_writes_in_flight_lead_the_queue_at_the_next_hand_over() -> N
             await anyio.sleep(0.01)
             g.resize(2, 2)
             script.gate.set()
-    assert peak == 2
+    assert flight.peak == 2
     assert sorted(sorted(b) for b in script.batches) == [[1, 3], [2, 4]]
     assert g._leaders == 0
 
