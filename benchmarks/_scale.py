@@ -45,11 +45,21 @@ class Scale:
         big = Stat.of([m.runs_per_s for m in self.big]).med
         return big / Stat.of([m.runs_per_s for m in self.empty]).med
 
+    @property
+    def pairs(self) -> Stat:
+        """The same ratio within each repeat (loaded ÷ the empty window just before)."""
+        return Stat.of(
+            [b.runs_per_s / e.runs_per_s for e, b in zip(self.empty, self.big, strict=True)]
+        )
+
 
 #: At least this many measurements on each side: the target (within 10 %) is about as
 #: wide as one measurement's noise here (a ratio of medians of 3 ranged 0.90-1.00 over
 #: five full runs of unchanged code).
 SCALE_REPEATS = 5
+#: Each window runs this many times --runs (9,000 runs by default): a window of 3,000
+#: lasted under a second here, and its noise alone was as wide as the target.
+SCALE_WINDOW_FACTOR = 3
 
 
 async def measure(h: Harness) -> Scale:
@@ -60,7 +70,7 @@ async def measure(h: Harness) -> Scale:
     custom, generic = await explain_claim(big_dsn)
     empty: list[Measured] = []
     big: list[Measured] = []
-    row = SagaRow(concurrency=c, processes=p)
+    row = SagaRow(concurrency=c, processes=p, runs=h.opts.runs * SCALE_WINDOW_FACTOR)
     for repeat in range(max(h.opts.repeats, SCALE_REPEATS)):
         empty.append(await measure_saga(h, row, f"scale_empty_r{repeat}"))
         big.append(await measure_saga(h, row, f"scale_big_r{repeat}", database=(big_db, big_dsn)))
@@ -136,12 +146,15 @@ def render(s: Scale, scale_runs: int, ceiling: float) -> list[str]:
         "`CHECKPOINT`: "
         f"{load.seconds:.0f} s ("
         + ", ".join(f"{k} {v:.1f} s" for k, v in load.timings.items())
-        + f"). Then the same measurement ({p} process x {c}) alternately on a fresh empty "
-        f"database and on the loaded one, {len(s.empty)} times each.",
+        + f"). Then the same measurement ({p} process x {c}, {s.empty[0].runs:,} runs "
+        f"per window) alternately on a fresh empty database and on the loaded one, "
+        f"{len(s.empty)} times each.",
         "",
         *TP_HEAD,
         tp_row("empty tables", s.empty, ceiling),
         tp_row(f"{load.runs:,} finished runs", s.big, ceiling),
+        "",
+        f"Loaded ÷ empty: {s.ratio:.2f} (medians); within each repeat {s.pairs.fmt(2)}.",
         "",
         'Claim statement (`Store._q["claim"]`) on the loaded tables, custom plan with '
         "`EXPLAIN (ANALYZE, BUFFERS)` (1,000 due runs inserted first in the same, "
