@@ -18,11 +18,14 @@ from benchmarks._otel import (
 )
 from benchmarks._procs import WorkerProc
 from benchmarks._pyspy import Profiles, hook
+from benchmarks._spancost import STEPS
+from benchmarks._spancost import render as render_costs
 from benchmarks._stat import Stat
 from benchmarks._throughput import HEADLINE, TP_HEAD, tp_row
 from benchmarks._window import Measured
 
 TARGET = 15.0  # % of throughput, every span exported (issue 15)
+ATTEMPTS = 30_000  # step attempts per setup and repeat, where a traced attempt's CPU goes
 VARIANTS = ("untraced", "traced", "sampled")
 
 
@@ -35,6 +38,8 @@ class TracingResult:
     sampled_client_spans: dict[str, int]
     profile: Profiles  # a traced row under py-spy (profile section), or empty
     profiled: Measured | None
+    attempt_costs: dict[str, list[float]]  # µs per attempt by setup (benchmarks/_spancost)
+    lost: int  # spans the cost measurement's exporters did not receive
 
 
 async def measure(h: Harness, profile: bool) -> TracingResult:
@@ -52,12 +57,19 @@ async def measure(h: Harness, profile: bool) -> TracingResult:
         try:
             workers = [await h.spawn() for _ in range(HEADLINE[1])]
             setups = (Traced(every, endpoint, workers), Traced(sampled, endpoint, workers))
-            return await _rows(h, setups, profile)
+            result = await _rows(h, setups, profile)
         finally:
             for worker in workers:  # they flush and shut down their SDK at exit
                 await worker.stop()
             every.shutdown()
             sampled.shutdown()
+        costs = await h.spawn("spancost", endpoint, str(ATTEMPTS), str(h.opts.repeats))
+        try:
+            reply = await costs.expect(None, timeout=900)
+        finally:
+            await costs.stop()
+        result.attempt_costs, result.lost = reply["costs"], reply["lost"]
+        return result
     finally:
         await receiver.stop()
 
@@ -86,6 +98,8 @@ async def _rows(h: Harness, setups: tuple[Traced, Traced], profile: bool) -> Tra
         sampled.client.flush(),
         profiles,
         profiled,
+        {},
+        0,
     )
 
 
@@ -150,4 +164,11 @@ def render(t: TracingResult, repeats: int, ceiling: float) -> list[str]:
         f"- Target (issue 15): every span exported costs at most {TARGET:g} % of the "
         f"throughput: **{met}** ({every:.1f} %).",
         "",
+        *render_costs(
+            t.attempt_costs,
+            t.lost,
+            ATTEMPTS,
+            1000 * Stat.of([m.worker_ms_per_run for m in t.plain]).med / STEPS,
+            1000 * Stat.of([m.worker_ms_per_run for m in t.traced]).med / STEPS,
+        ),
     ]

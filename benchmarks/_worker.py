@@ -213,5 +213,9 @@ if __name__ == "__main__":
         from benchmarks._otel import receiver_main
 
         receiver_main()
+    elif sys.argv[1:2] == ["spancost"]:
+        from benchmarks._spancost import main
+
+        main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         asyncio.run(worker_main())

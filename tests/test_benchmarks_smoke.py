@@ -110,3 +110,35 @@ async def test_smoke_run_completes_every_run_and_renders_the_report(base_dsn: st
     ):
         assert heading in report
     assert "## Ceiling" not in report
+
+
+@pytest.mark.timeout(120)
+def test_span_cost_setups_export_every_span_and_render() -> None:
+    """The tracing section's breakdown of a traced attempt's CPU (benchmarks/_spancost):
+    every setup measures a positive cost, its exporter receives every span it should
+    (none dropped, even when more attempts are made than the processor's queue holds,
+    and the sampled setup's share only), and the table renders a row per setup."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from benchmarks import _spancost
+    from benchmarks._otel import MAX_QUEUE, _Discard
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Discard)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        costs: dict[str, list[float]] = {}
+        for name, _ in _spancost.SETUPS:
+            attempts = 2 * MAX_QUEUE if name == "encode" else 300
+            cost, lost = _spancost._measure(name, endpoint, attempts)
+            assert cost > 0, name
+            assert lost == 0, (name, lost)
+            costs[name] = [cost]
+    finally:
+        server.shutdown()
+        server.server_close()
+    table = "\n".join(_spancost.render(costs, 0, 300, 60.0, 160.0))
+    for name, _ in _spancost.SETUPS:
+        assert f"| {name}: " in table
