@@ -122,9 +122,12 @@ async def test_every_kind_is_written_by_some_run(
     graph.children("kids", child, lambda ctx: [Job(n=0)], after=["a"])  # children_waiting
     # key_admitted: a keyed saga's run admitted at start
     keyed = small_saga("keyed", 1, input=Job, traffic={"concurrency_key": lambda job: "k"})
-    rated = saga.Saga("rated", input=Job)  # rate_limited: the second run waits 50 ms
+    # rate_limited: of two runs started together, the second waits for the bucket's
+    # refill (up to 0.5 s). Run one after the other, at 20 per second, the second found
+    # the token back whenever the first took over 50 ms (a loaded machine) and waited not.
+    rated = saga.Saga("rated", input=Job)
 
-    @rated.step(rate_limit=saga.RateLimit("twenty", per_second=20, burst=1))
+    @rated.step(rate_limit=saga.RateLimit("two", per_second=2, burst=1))
     async def call(ctx: saga.Context[Job]) -> int:
         return 0
 
@@ -133,8 +136,9 @@ async def test_every_kind_is_written_by_some_run(
     orch = await orchestrator(s, waits, graph, child, rated, keyed, lease_seconds=0.6)
     faults.attach(orch)
     with anyio.fail_after(20):
-        for _ in range(2):
-            await (await orch.start(rated, Job(n=0))).result()
+        both = [await orch.start(rated, Job(n=n)) for n in range(2)]
+        for handle in both:
+            await handle.result()
         await (await orch.start(keyed, Job(n=0))).result()
         assert await (await orch.start(s, Job(n=4))).result() == 2
         assert faults.fired["expire_lease"] == 1
