@@ -247,8 +247,8 @@ def render(
         f"no-ops; exporting it as the traced setup does, {stats['traced'].med - base:.0f} µs "
         f"with the metrics; the metrics alone, {stats['metrics'].med - base:.0f} µs. In the "
         f"traced worker above, tracing adds {traced_us - step_us:.0f} µs per step (worker "
-        "CPU per run, traced minus untraced, ÷ 3): more than here, where no run is in "
-        "flight while the spans wait in the queue (the garbage collector has less to walk).",
+        "CPU per run, traced minus untraced, ÷ 3): more than here, where nothing else runs "
+        "in the process and few objects live for the garbage collector to walk.",
         f"- The sampled setup costs {stats['sampled'].med - base:.0f} µs per attempt, "
         f"{stats['metrics'].med - base:.0f} of them the metrics, which count every run "
         "whatever the sampling.",
