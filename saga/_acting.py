@@ -73,7 +73,7 @@ class Acting:
                 "now (a run stopped after it is retried, not cancelled)"
             )
         if info.status.is_terminal:
-            raise InvalidRunStateError(f"run {run_id} already ended {info.status}")
+            raise InvalidRunStateError(f"run {run_id} already ended {info.status}{_freed(info)}")
         # Already requested: cancelling twice is harmless.
 
     async def retry(
@@ -94,6 +94,8 @@ class Acting:
         ):
             return  # stopped after its pivot: the step that gave up runs again
         info = await self.info(run_id)
+        if info.resolved:
+            raise InvalidRunStateError(f"run {run_id} is {info.status}{_freed(info)}")
         raise InvalidRunStateError(
             f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} and "
             f"{REWAITABLE_STATUS} runs can be retried"
@@ -139,3 +141,13 @@ class Acting:
             raise InvalidRunStateError(
                 f"run {run_id} changed meanwhile (another operator acted on it); look again"
             )
+
+
+def _freed(info: RunInfo) -> str:
+    """Why an ended run's retry or cancel was refused, when resolving it was the reason."""
+    if not info.resolved:
+        return ""
+    return (
+        ", and resolved: resolving it freed its concurrency key for the next run, so it "
+        "can no longer be retried or cancelled"
+    )

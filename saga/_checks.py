@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 from typing import Any
 
 from saga._errors import DefinitionError
 
 #: Postgres ``integer`` columns (saga version, attempt numbers) hold at most this.
 MAX_INT32 = 2**31 - 1
+#: The longest age or time shift accepted (1,000 years): Postgres' timestamps reach back
+#: to 4713 BC, and a filter beyond them would fail in the database instead.
+MAX_AGE_SECONDS = 1000 * 365.25 * 86400
 
 
 def show(value: Any) -> str:
@@ -24,6 +28,18 @@ def show(value: Any) -> str:
     except ValueError:
         return f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else "<?>"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def run_id(value: Any, error: type[Exception]) -> uuid.UUID:
+    """A run id: a UUID, or its text."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise error(f"not a run id (a UUID): {show(value)}")
 
 
 def finite(value: Any) -> bool:
@@ -41,14 +57,16 @@ def seconds(
     minimum: float = 0.0,
     maximum: float = math.inf,
     allow_zero: bool = False,
+    unit: str = "seconds",
 ) -> float:
-    """A finite number of seconds in ``[minimum, maximum]`` (``> 0`` unless allow_zero)."""
+    """A finite number of seconds (or of ``unit``) in ``[minimum, maximum]`` (``> 0``
+    unless allow_zero)."""
     if not isinstance(value, int | float) or isinstance(value, bool) or not finite(value):
-        raise error(f"{name} must be a finite number of seconds, got {show(value)}")
+        raise error(f"{name} must be a finite number of {unit}, got {show(value)}")
     if value < minimum or (value == 0 and not allow_zero) or value > maximum:
         low = f">= {minimum:g}" if allow_zero or minimum > 0 else "> 0"
         high = "" if maximum == math.inf else f" and <= {maximum:g}"
-        raise error(f"{name} must be {low}{high} seconds, got {show(value)}")
+        raise error(f"{name} must be {low}{high} {unit}, got {show(value)}")
     return float(value)
 
 

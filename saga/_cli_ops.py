@@ -174,7 +174,9 @@ def _parked(info: RunInfo) -> list[tuple[str, str]]:
 def check_run_named(ctx: _Ctx) -> None:
     """RUN or --key, not both; --saga only with --key (usage errors, exit 2)."""
     args = ctx.args
-    if (args.run is None) == (args.key is None):
+    if args.run is None and args.key is None:
+        ctx.fail(EXIT_USAGE, "name the run by its id (RUN) or by --key KEY")
+    if args.run is not None and args.key is not None:
         ctx.fail(EXIT_USAGE, "name the run by its id (RUN) or by --key KEY, not both")
     if args.run is not None and args.saga is not None:
         ctx.fail(EXIT_USAGE, "--saga goes with --key; a run id names one run already")

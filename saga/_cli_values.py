@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import NoReturn
 from uuid import UUID
 
+from saga._checks import MAX_AGE_SECONDS
 from saga._model import RunStatus
 
 EXIT_OK = 0
@@ -60,6 +61,8 @@ def parse_duration(text: str) -> timedelta:
             f"invalid duration {text!r}: use a number and a unit s, m, h, d or w "
             "(e.g. 90s, 10m, 2h, 3d, 1h30m)"
         )
+    if not seconds <= MAX_AGE_SECONDS:  # (inf too)
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: at most 1,000 years")
     return timedelta(seconds=seconds)
 
 

@@ -27,7 +27,7 @@ from saga import _checks, _children, _registry
 from saga._acting import Acting
 from saga._aio import uncancellable
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json
-from saga._db import Executor, close_pool, open_pool, validate_schema
+from saga._db import Executor, check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._definition import Saga
 from saga._errors import (
     ConfigurationError,
@@ -83,13 +83,7 @@ class Client(Lifecycle, Signalling, Acting):
         meter_provider: MeterProvider | None = None,
         worker_id: str | None = None,
     ) -> None:
-        if not isinstance(dsn_or_pool, str | asyncpg.Pool):
-            raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
-        if isinstance(dsn_or_pool, asyncpg.Pool) and dsn_or_pool.get_max_size() < 2:
-            raise ConfigurationError(
-                f"the pool allows {dsn_or_pool.get_max_size()} connection(s); saga needs at "
-                "least 2 (one is held by the LISTEN connection)"
-            )
+        check_dsn_or_pool(dsn_or_pool, 2, " (one is held by the LISTEN connection)")
         if worker_id is None:
             worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.worker_id = _checks.text(
@@ -267,10 +261,7 @@ class Client(Lifecycle, Signalling, Acting):
         priority: int | None = None,
     ) -> RunHandle:
         store = self._store_or_raise()
-        if self._sagas.get((saga.name, saga.version)) is not saga:
-            raise DefinitionError(
-                f"saga {saga.name!r} v{saga.version} is not registered with this client"
-            )
+        _registry.check_start(self._sagas, saga, conn, require_same_input)
         if key is not None:
             _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
         try:
@@ -328,7 +319,7 @@ class Client(Lifecycle, Signalling, Acting):
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle:
         """A handle on an existing run (by id), e.g. one started by another process."""
         self._check_open()
-        return RunHandle(self, run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(run_id))
+        return RunHandle(self, _checks.run_id(run_id, ConfigurationError))
 
     async def _row(self, run_id: uuid.UUID) -> RunRow:
         row = await self._store_or_raise().get_run(run_id)
@@ -352,6 +343,8 @@ class Client(Lifecycle, Signalling, Acting):
         store = self._store_or_raise()
         assert self._listener is not None
         waiters = self._listener.waiters
+        if timeout is not None:
+            timeout = _checks.seconds("timeout", timeout, ConfigurationError, allow_zero=True)
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         watched = False
         while True:

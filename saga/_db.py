@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -35,7 +36,52 @@ def validate_schema(schema: str) -> str:
         raise ConfigurationError(
             f"invalid schema name {schema!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$"
         )
+    if schema.startswith("pg_"):
+        raise ConfigurationError(
+            f"invalid schema name {schema!r}: PostgreSQL reserves the prefix pg_ for its "
+            "own schemas"
+        )
     return schema
+
+
+def validate_dsn(dsn: str) -> str:
+    """A DSN asyncpg can read: a ``postgresql://`` or ``postgres://`` URI (asyncpg reads
+    no libpq ``key=value`` strings). Its other errors come at the first connection."""
+    scheme = dsn.partition("://")[0].lower() if "://" in dsn else ""
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(
+            "the DSN must be a postgresql:// URI, e.g. "
+            "postgresql://user:password@host:5432/database, got one starting "
+            f"{dsn[:12]!r}"
+        )
+    return dsn
+
+
+def check_dsn_or_pool(dsn_or_pool: Any, min_size: int, why: str = "") -> None:
+    """A DSN (see validate_dsn), or an asyncpg pool of at least ``min_size``
+    connections (``why``: what needs them)."""
+    if isinstance(dsn_or_pool, str):
+        validate_dsn(dsn_or_pool)
+    elif not isinstance(dsn_or_pool, asyncpg.Pool):
+        raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
+    elif dsn_or_pool.get_max_size() < min_size:
+        raise ConfigurationError(
+            f"the pool allows {dsn_or_pool.get_max_size()} connection(s); saga needs at "
+            f"least {min_size}{why}"
+        )
+
+
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points (host, port, database: never the user or the password)."""
+    try:
+        url = urllib.parse.urlsplit(dsn)
+        query = urllib.parse.parse_qs(url.query)
+        host = url.hostname or ",".join(query.get("host", [])) or "the default host"
+        port = url.port or ",".join(query.get("port", [])) or "the default port"
+    except ValueError:  # a malformed port: the connection says what is wrong
+        return "the database"
+    database = url.path.lstrip("/") or ",".join(query.get("dbname", [])) or "the default"
+    return f"the database {database!r} at {host}, port {port}"
 
 
 def quote_ident(name: str) -> str:
@@ -158,6 +204,10 @@ class translate_errors:  # a function to its callers: ``with translate_errors(..
         return None
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, asyncpg.ClientConfigurationError):  # a DSN option asyncpg refused
+            raise ConfigurationError(f"{self._what} failed: {exc}") from exc
         if isinstance(exc, _DRIVER_ERRORS):
             raise DatabaseError(f"{self._what} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -173,9 +223,10 @@ async def _keep_session(_conn: Any) -> None:
 
     asyncpg's default reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
     ALL``) is a round trip and a transaction on every release, which doubled the commits
-    per step. saga's sessions keep no server-side state: no session advisory locks (only
-    transaction-scoped ones), no cursors, no settings, and the listener removes its
-    LISTENs explicitly. asyncpg still rolls back any open transaction before this runs.
+    per step. saga's sessions keep no server-side state: no cursors, no settings, no
+    session advisory locks but the LISTEN session's presence mark (see _store_peers), and
+    the listener removes its LISTENs and that mark explicitly. asyncpg still rolls back
+    any open transaction before this runs.
     """
 
 
@@ -189,10 +240,15 @@ async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncp
     every execution (custom plans: their costs depend on a LIMIT or a run id), and
     planning over every partition cost two thirds of a claim's database time."""
     settings = {"plan_cache_mode": "force_generic_plan"} if generic else None
-    async with translate_errors("connecting"):
+    async with translate_errors(f"connecting to {describe_dsn(dsn)}"):
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn, min_size=0, max_size=max_size, reset=_keep_session, server_settings=settings
         )
+        try:  # connect now, so that an unreachable server is named as such
+            await pool.release(await pool.acquire())
+        except BaseException:
+            await close_pool(pool)
+            raise
     return pool
 
 

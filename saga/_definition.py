@@ -379,6 +379,11 @@ class Context(Generic[InT]):
     def result(self, step: Step[Any, Any] | Wait[Any]) -> Any:
         """The typed result of an earlier completed step of this run, or the payload
         of a wait it passed."""
+        if not isinstance(step, Step | Wait):
+            raise DefinitionError(
+                f"ctx.result() takes a step or a wait of saga {self.saga!r} (the object its "
+                f"decorator or wait_for returned), got {_checks.show(step)}"
+            )
         if step.saga is not self._definition:
             raise DefinitionError(f"{step!r} does not belong to saga {self.saga!r}")
         graph = self._definition.graph

@@ -8,6 +8,7 @@ property of :class:`RunStatus`, and nowhere else.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,9 @@ class RunStatus(enum.StrEnum):
         return tuple(s for s in cls if s.is_terminal)
 
 
+#: History data ``HistoryEvent.describe`` shows (never payloads): the operator's name and
+#: note, the signal and why it was refused, the rate limit and its delay.
+_DESCRIBED = ("by", "note", "signal", "reason", "limit", "delay")
 _TERMINAL = frozenset(
     {
         RunStatus.COMPLETED,
@@ -255,6 +259,10 @@ class HistoryEvent:
             parts.append("after=" + (",".join(self.data["after"]) or "start"))
         if "plan" in self.data:
             parts.append("undo=" + ",".join(self.data["plan"]) if self.data["plan"] else "undo=-")
+        for name in _DESCRIBED:  # who acted and why, which signal, which limit
+            value = self.data.get(name)
+            if value is not None:
+                parts.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
         if self.worker:
             parts.append(f"[{self.worker}]")
         return " ".join(parts).rstrip()

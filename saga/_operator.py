@@ -16,8 +16,9 @@ from datetime import timedelta
 
 import asyncpg
 
+from saga import _checks
 from saga._client import Client
-from saga._db import close_pool, open_pool, validate_schema
+from saga._db import check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._errors import ConfigurationError, RunNotFoundError
 from saga._migrate import migrate as _migrate
 from saga._model import RunInfo, RunStatus
@@ -61,6 +62,8 @@ def _seconds(name: str, value: timedelta | None) -> float | None:
     seconds = value.total_seconds()
     if seconds < 0:
         raise ConfigurationError(f"{name} must not be negative, got {value}")
+    if seconds > _checks.MAX_AGE_SECONDS:
+        raise ConfigurationError(f"{name} must be at most 1,000 years, got {value}")
     return seconds
 
 
@@ -280,10 +283,9 @@ async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> l
     Safe to run from several processes at once.
     """
     schema = validate_schema(schema)
+    check_dsn_or_pool(dsn_or_pool, min_size=1)
     if isinstance(dsn_or_pool, asyncpg.Pool):
         return await _migrate(dsn_or_pool, schema)
-    if not isinstance(dsn_or_pool, str):
-        raise ConfigurationError("dsn_or_pool must be a DSN string or an asyncpg.Pool")
     pool = await open_pool(dsn_or_pool, 1)
     try:
         return await _migrate(pool, schema)
@@ -292,9 +294,4 @@ async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> l
 
 
 def _run_id(value: uuid.UUID | str) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise ConfigurationError(f"not a run id (a UUID): {value!r}") from None
+    return _checks.run_id(value, ConfigurationError)

@@ -36,7 +36,7 @@ class RateLimit:
         validate_name(self.name, "rate limit")
         rate = _checks.seconds(
             f"rate limit {self.name!r}: per_second", self.per_second, DefinitionError,
-            maximum=MAX_RATE,
+            maximum=MAX_RATE, unit="calls per second",
         )  # fmt: skip
         object.__setattr__(self, "per_second", rate)
         burst = max(1, math.floor(rate)) if self.burst is None else self.burst

@@ -10,7 +10,9 @@ from __future__ import annotations
 import weakref
 from typing import Any, Protocol
 
-from saga._errors import DefinitionError
+from saga._checks import show
+from saga._db import Executor
+from saga._errors import ConfigurationError, DefinitionError
 from saga._run import RunHandle
 
 
@@ -60,3 +62,35 @@ def the_client(saga: Any) -> Starter:
             else f"saga {saga.name!r} is not registered with an open Client or Orchestrator"
         )
     return live[0]
+
+
+def check_start(
+    sagas: dict[tuple[str, int], Any], saga: Any, conn: Any, require_same_input: Any
+) -> None:
+    """``start()``'s arguments: a saga registered with the client (that very object),
+    ``conn`` an asyncpg connection or None, and a bool ``require_same_input``."""
+    registered = sagas.get((saga.name, saga.version)) if isinstance(saga, _saga_type()) else None
+    if registered is not saga:
+        if not isinstance(saga, _saga_type()):
+            raise ConfigurationError(f"start() takes a saga.Saga, got {show(saga)}")
+        raise DefinitionError(
+            f"saga {saga.name!r} v{saga.version} is not registered with this client"
+            if registered is None
+            else f"another Saga object named {saga.name!r} v{saga.version} is registered with "
+            "this client, not this one (is its module imported twice, e.g. as __main__ "
+            "and by name?): start the registered object"
+        )
+    if conn is not None and not isinstance(conn, Executor):
+        raise ConfigurationError(
+            f"conn must be an asyncpg connection (in a transaction), got {show(conn)}"
+        )
+    if not isinstance(require_same_input, bool):
+        raise ConfigurationError(
+            f"require_same_input must be a bool, got {show(require_same_input)}"
+        )
+
+
+def _saga_type() -> Any:
+    from saga._definition import Saga  # _definition imports this module
+
+    return Saga

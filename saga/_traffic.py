@@ -66,6 +66,11 @@ class Traffic:
             f"saga {saga!r}: concurrency_limit", limit, DefinitionError, minimum=1,
             maximum=MAX_LIMIT,
         )  # fmt: skip
+        if key is None and limit != 1:
+            raise DefinitionError(
+                f"saga {saga!r}: concurrency_limit={limit} limits the runs sharing a key; "
+                "give concurrency_key= too (a function of the input returning the key)"
+            )
         _checks.validate_name(lane, "lane")
         return cls(saga, priority, key, limit, lane)
 

@@ -151,8 +151,9 @@ def declare_sleep(saga: Any, duration: Any, until: Any, name: str | None) -> Sle
         raise DefinitionError(f"saga {saga.name!r}: until must be a function of the context")
     seconds = None if duration is None else wait_seconds("sleep duration", duration)
     default = f"sleep_after_{saga.steps[-1].name}" if saga.steps else "sleep"
-    step = _park_after(saga, "sleep", name or default)
-    sleep = Sleep(name or default, saga, step.name, seconds, until)
+    name = default if name is None else name  # "" is a bad name, not the default
+    step = _park_after(saga, "sleep", name)
+    sleep = Sleep(name, saga, step.name, seconds, until)
     step.after = sleep
     saga._parkings[sleep.name] = sleep
     return sleep

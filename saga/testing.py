@@ -39,6 +39,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
+from saga import _checks
 from saga._client import Client
 from saga._definition import Context, Step
 from saga._errors import DatabaseError, InvalidInputError, LifecycleError, PermanentError
@@ -207,8 +208,11 @@ async def advance(
     worker holds (its lease) and a wait without timeout are left alone. Returns the new
     due time (None: nothing moved). For tests: production runs keep their real timers."""
     seconds = by.total_seconds() if isinstance(by, timedelta) else by
-    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not seconds >= 0:
-        raise InvalidInputError(f"advance() needs a duration >= 0, got {by!r}")
-    run_id = run.id if isinstance(run, RunHandle) else run
-    rid = run_id if isinstance(run_id, UUID) else UUID(run_id)
+    if (
+        not isinstance(seconds, int | float)
+        or isinstance(seconds, bool)
+        or not 0 <= seconds <= _checks.MAX_AGE_SECONDS
+    ):
+        raise InvalidInputError(f"advance() needs a duration from 0 to 1,000 years, got {by!r}")
+    rid = _checks.run_id(run.id if isinstance(run, RunHandle) else run, InvalidInputError)
     return await client._store_or_raise().advance_timers(rid, float(seconds))

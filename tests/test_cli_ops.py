@@ -167,7 +167,7 @@ async def test_show_by_key_when_several_sagas_or_none_have_it(
         assert code == 3, argv
         assert message in err, argv
     for argv, message in [
-        ([], "name the run by its id (RUN) or by --key KEY, not both"),
+        ([], "name the run by its id (RUN) or by --key KEY\n"),
         ([str(a.id), "--key", "shared:1"], "not both"),
         ([str(a.id), "--saga", "alpha"], "--saga goes with --key"),
         (["--key", "a\x00b"], "key must be a non-empty str without NUL"),
