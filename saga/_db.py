@@ -244,11 +244,12 @@ async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncp
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn, min_size=0, max_size=max_size, reset=_keep_session, server_settings=settings
         )
-        try:  # connect now, so that an unreachable server is named as such
-            await pool.release(await pool.acquire())
-        except BaseException:
-            await close_pool(pool)
-            raise
+        if not generic:  # (opened next to a general pool, which reached the server)
+            try:  # connect now, so that an unreachable server is named as such
+                await pool.release(await pool.acquire())
+            except BaseException:
+                await close_pool(pool)
+                raise
     return pool
 
 
