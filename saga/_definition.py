@@ -353,12 +353,9 @@ class Saga(Generic[InT]):
 
 @dataclass(slots=True)
 class Context(Generic[InT]):
-    """What a step or compensation knows about its run.
-
-    ``idempotency_key`` is the same for every attempt of a step on any worker, and
-    different for its compensation: pass it to external services so that a retried
-    side effect happens once.
-    """
+    """What a step or compensation knows about its run. ``idempotency_key`` is the same
+    for every attempt of a step on any worker, and different for its compensation: pass
+    it to external services so that a retried side effect happens once."""
 
     run_id: UUID
     saga: str
@@ -379,13 +376,11 @@ class Context(Generic[InT]):
     def result(self, step: Step[Any, Any] | Wait[Any]) -> Any:
         """The typed result of an earlier completed step of this run, or the payload
         of a wait it passed."""
-        if not isinstance(step, Step | Wait):
+        if not isinstance(step, Step | Wait) or step.saga is not self._definition:
             raise DefinitionError(
                 f"ctx.result() takes a step or a wait of saga {self.saga!r} (the object its "
                 f"decorator or wait_for returned), got {_checks.show(step)}"
             )
-        if step.saga is not self._definition:
-            raise DefinitionError(f"{step!r} does not belong to saga {self.saga!r}")
         graph = self._definition.graph
         if (
             graph is not None
