@@ -130,7 +130,7 @@ async def list_runs(
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
     _check_text("key", key)
-    cursor = _run_id(before) if before is not None else None
+    cursor = _checks.run_id(before, ConfigurationError) if before is not None else None
     if cursor is not None and not await store.run_exists(cursor):
         raise RunNotFoundError(cursor)
     statuses = _statuses(status)
@@ -291,7 +291,3 @@ async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> l
         return await _migrate(pool, schema)
     finally:
         await close_pool(pool)
-
-
-def _run_id(value: uuid.UUID | str) -> uuid.UUID:
-    return _checks.run_id(value, ConfigurationError)

@@ -64,12 +64,13 @@ def the_client(saga: Any) -> Starter:
     return live[0]
 
 
-def check_start(
-    sagas: dict[tuple[str, int], Any], saga: Any, conn: Any, require_same_input: Any
-) -> None:
+def check_start(sagas: dict[Any, Any], saga: Any, conn: Any, require_same_input: Any) -> None:
     """``start()``'s arguments: a saga registered with the client (that very object),
     ``conn`` an asyncpg connection or None, and a bool ``require_same_input``."""
-    registered = sagas.get((saga.name, saga.version)) if isinstance(saga, _saga_type()) else None
+    try:  # the client's sagas are all Saga objects: finding this one is the whole check
+        registered = sagas.get((getattr(saga, "name", None), getattr(saga, "version", None)))
+    except TypeError:  # an unhashable name or version: no saga's
+        registered = None
     if registered is not saga:
         if not isinstance(saga, _saga_type()):
             raise ConfigurationError(f"start() takes a saga.Saga, got {show(saga)}")

@@ -100,14 +100,7 @@ async def test_a_burst_of_starts_gets_the_claim_fresh_statistics(
         )
         for p in partitions:
             await db.execute(f"ALTER TABLE {p['name']} SET (autovacuum_enabled = false)")
-        async with anyio.create_task_group() as tg:
-            for start in range(0, 2000, 100):
-
-                async def hundred(first: int = start) -> None:
-                    for n in range(first, first + 100):
-                        await starter.start(burst, Job(n=n))
-
-                tg.start_soon(hundred)
+        await _start_many(starter, burst, 2000)
     stats = (
         "SELECT max(s.last_analyze) FROM pg_stat_user_tables s "
         "JOIN pg_inherits i ON i.inhrelid = s.relid WHERE i.inhparent = 'saga.runs'::regclass"
@@ -121,19 +114,25 @@ async def test_a_burst_of_starts_gets_the_claim_fresh_statistics(
                 await anyio.sleep(0.1)
 
 
+async def _start_many(starter: Any, definition: Any, runs: int) -> None:
+    """Start ``runs`` runs of ``definition`` (inputs 0..runs-1), 100 at a time from each
+    of runs / 100 concurrent tasks."""
+    async with anyio.create_task_group() as tg:
+        for first in range(0, runs, 100):
+
+            async def hundred(first: int = first) -> None:
+                for n in range(first, first + 100):
+                    await starter.start(definition, Job(n=n))
+
+            tg.start_soon(hundred)
+
+
 async def _due_runs(orchestrator: Any, db: asyncpg.Connection, name: str, **options: Any) -> Any:
     """A new saga ``name`` (``small_saga`` options) with 3,000 runs due that nobody
     executes, and the statistics of the runs and items tables gathered."""
     due = small_saga(name, **options)
     starter = await orchestrator(due, concurrency=0)
-    async with anyio.create_task_group() as tg:
-        for first in range(0, 3000, 100):
-
-            async def hundred(first: int = first) -> None:
-                for n in range(first, first + 100):
-                    await starter.start(due, Job(n=n))
-
-            tg.start_soon(hundred)
+    await _start_many(starter, due, 3000)
     await db.execute("ANALYZE saga.runs, saga.items")
     return due
 
