@@ -103,9 +103,11 @@ Parking = Sleep | Wait[Any]
 
 
 def check_on_timeout(saga: str, name: str, on_timeout: Any, timeout: float | None) -> None:
-    if on_timeout in ("compensate", "stop"):
+    if on_timeout == "compensate":  # the default: with no timeout it never applies
         return
-    if isinstance(on_timeout, str) or not inspect.iscoroutinefunction(on_timeout):
+    if on_timeout != "stop" and (
+        isinstance(on_timeout, str) or not inspect.iscoroutinefunction(on_timeout)
+    ):
         raise DefinitionError(
             f"wait {name!r} of saga {saga!r}: on_timeout must be 'compensate', 'stop' or an "
             f"`async def (ctx)` returning the wait's result, got {_checks.show(on_timeout)}"

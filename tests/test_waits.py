@@ -599,8 +599,9 @@ def test_bad_sleep_and_wait_declarations_are_refused() -> None:
     async def value(ctx: saga.Context[Job]) -> D:
         return D(ok=True)
 
-    with pytest.raises(saga.DefinitionError, match="no timeout"):
-        s.wait_for("d", D, on_timeout=value)
+    for without_timeout in (value, "stop"):
+        with pytest.raises(saga.DefinitionError, match="on_timeout is given but there is no"):
+            s.wait_for("d", D, on_timeout=without_timeout)
     s.wait_for("d", D, timeout=5)
     with pytest.raises(saga.DefinitionError, match="no step in between"):
         s.sleep(5)
