@@ -32,13 +32,12 @@ import json
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from saga._graph import Graph
 from saga._model import EventKind, Phase, RunStatus
 from saga._plan import policy
-from saga._transition import Event, Failed, RunState, Succeeded
+from saga._transition import Event, Failed, RunState, Succeeded, value
 
 if TYPE_CHECKING:
     from saga._definition import Saga
@@ -48,7 +47,7 @@ _COMPENSATION = Phase.COMPENSATION
 _COMPENSATING = RunStatus.COMPENSATING
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Item:
     """One item of a graph run, as the locked read sees it."""
 
@@ -57,7 +56,7 @@ class Item:
     leased: bool  # a worker holds it (or held it: an expired lease is still running)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class GraphRun:
     """A graph run's state, read under its row lock."""
 
@@ -71,14 +70,14 @@ class GraphRun:
     items: tuple[Item, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class NewItem:
     step: str
     phase: Phase
     lease_seconds: float | None  # leased to this worker for that long; None: due now
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class GraphChange:
     """What one finished item changes, written in the transaction that read the run."""
 
@@ -99,7 +98,7 @@ class GraphChange:
         return self.status.is_terminal
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Parked:
     """A step waiting for its child runs: ``ended`` of ``of`` have ended (``started``:
     this attempt started them). Its item gives its slot back until one ends."""
@@ -109,7 +108,7 @@ class Parked:
     started: bool
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Finished:
     """The item that ended: its step, phase and attempt, and how it went (None: it did
     not run, the run rolling back)."""

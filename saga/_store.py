@@ -45,7 +45,7 @@ from saga._store_peers import PresenceQueries
 from saga._store_sched import ScheduleQueries
 from saga._store_signals import SignalQueries
 from saga._traffic import RunTraffic
-from saga._transition import ClaimedItem, Transition
+from saga._transition import ClaimedItem, Transition, value
 
 _NO_TRAFFIC = RunTraffic()
 #: The ends that free a keyed run's slot (failed and stopped runs keep it till resolved).
@@ -70,7 +70,7 @@ class StartResult:
     existing_input: str | None  # the input JSON of the run a key matched
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TransitionResult:
     lease_token: int
     cancel_requested: bool

@@ -29,7 +29,7 @@ from saga._graph_plan import GraphChange, GraphRun, Item
 from saga._group import GroupCommit
 from saga._model import Phase, RunStatus
 from saga._store_ops import DefinitionKey, definition_args
-from saga._transition import ClaimedItem, Event
+from saga._transition import ClaimedItem, Event, value
 
 #: An item of a graph run: (run id, step, phase).
 ItemKey = tuple[UUID, str, Phase]
@@ -37,7 +37,7 @@ ItemKey = tuple[UUID, str, Phase]
 GraphWrite = tuple[str, ItemKey, int, Callable[[GraphRun], GraphChange]]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class GraphWritten:
     """A graph item's change, written: the items leased to this worker, with tokens."""
 

@@ -5,10 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
+from typing_extensions import dataclass_transform
+
 from saga._model import EventKind, Phase, RunStatus
+
+T = TypeVar("T")
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def value(cls: type[T]) -> type[T]:
+    """A slotted dataclass the type checker holds immutable, as ``frozen=True`` would,
+    without its cost at run time: a frozen dataclass's ``__init__`` sets every field
+    through ``object.__setattr__`` (a Transition of 14 fields: 1.25 µs, against 0.19
+    µs), and every step builds several of these. Hashable by its fields, as frozen."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
+
 
 #: How a leased next item's lease length is found (None: do not lease, e.g. stopping).
 LeaseFor = Callable[[str], float] | None
@@ -20,7 +34,7 @@ PHASES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Event:
     """One history entry a transition appends (the store adds the worker and time)."""
 
@@ -33,7 +47,7 @@ class Event:
     unless_cancelled: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Transition:
     """One fenced state change of a leased run."""
 
@@ -57,7 +71,7 @@ class Transition:
         return self.status.is_terminal
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class RunState:
     """What the plan needs to know of a run whose current item was just attempted."""
 
@@ -74,20 +88,20 @@ class RunState:
         return PHASES[self.status]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Succeeded:
     result_json: str | None = None  # a step's result; None for a compensation
     park_in: float | None = None  # seconds of the sleep after the step (computed ones)
     park_error: Mapping[str, Any] | None = None  # computing them failed: roll back
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Failed:
     error: Mapping[str, Any]
     retryable: bool = field(default=True)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ClaimedItem:
     """A leased item with what running it needs (payloads as stored JSON text)."""
 
