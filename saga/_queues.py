@@ -34,7 +34,8 @@ class KeyWait:
 @dataclass(frozen=True, slots=True)
 class RateLimitState:
     """A rate limit's bucket now: ``tokens`` available (negative: reserved ahead), and
-    ``delay``, what an attempt taking a token now would wait (seconds)."""
+    ``delay``, what an attempt taking a token now would wait (seconds): until a whole
+    token is there, as ``rate_take`` counts it."""
 
     name: str
     per_second: float
@@ -43,7 +44,7 @@ class RateLimitState:
 
     @property
     def delay(self) -> float:
-        return max(0.0, -self.tokens / self.per_second)
+        return max(0.0, (1.0 - self.tokens) / self.per_second)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,9 @@ from saga import _checks
 from saga._checks import validate_name
 from saga._errors import DefinitionError
 
-#: The fastest and the largest limits accepted.
+#: The slowest, the fastest and the largest limits accepted. An attempt waits for its
+#: token holding its lease and worker slot, so a token takes at most an hour to come.
+MIN_RATE = 1 / 3600
 MAX_RATE = 1_000_000.0
 MAX_BURST = 1_000_000
 
@@ -36,7 +38,7 @@ class RateLimit:
         validate_name(self.name, "rate limit")
         rate = _checks.seconds(
             f"rate limit {self.name!r}: per_second", self.per_second, DefinitionError,
-            maximum=MAX_RATE, unit="calls per second",
+            minimum=MIN_RATE, maximum=MAX_RATE, unit="calls per second (one an hour at least)",
         )  # fmt: skip
         object.__setattr__(self, "per_second", rate)
         burst = max(1, math.floor(rate)) if self.burst is None else self.burst

@@ -42,7 +42,13 @@ from uuid import UUID
 from saga import _checks
 from saga._client import Client
 from saga._definition import Context, Step
-from saga._errors import DatabaseError, InvalidInputError, LifecycleError, PermanentError
+from saga._errors import (
+    DatabaseError,
+    InvalidInputError,
+    LifecycleError,
+    PermanentError,
+    RunNotFoundError,
+)
 from saga._hooks import NO_HOOKS, FaultTarget, Hooks, SimulatedCrash
 from saga._orchestrator import Orchestrator
 from saga._run import RunHandle
@@ -68,10 +74,12 @@ class _Rule:
     remaining: int | None  # None: every time
     run_id: UUID | None
     option: bool = False
+    saga: Any = None  # the step's saga (a Step given); None: that step name in any saga
 
     def matches(self, ctx: Context[Any]) -> bool:
         return (
             ctx.step == self.step
+            and (self.saga is None or ctx._definition is self.saga)
             and ctx.is_compensation == self.compensation
             and (self.run_id is None or ctx.run_id == self.run_id)
             and (self.remaining is None or self.remaining > 0)
@@ -80,10 +88,6 @@ class _Rule:
     def take(self) -> None:
         if self.remaining is not None:
             self.remaining -= 1
-
-
-def _name(step: Step[Any, Any] | str) -> str:
-    return step if isinstance(step, str) else step.name
 
 
 class Faults(Hooks):
@@ -165,7 +169,13 @@ class Faults(Hooks):
     ) -> None:
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 (or None for every time)")
-        self._rules.append(_Rule(kind, _name(step), compensation, times, run_id, option))
+        if isinstance(step, str):
+            name, saga = step, None
+        elif isinstance(step, Step):
+            name, saga = step.name, step.saga
+        else:
+            raise TypeError(f"a fault needs a step (a Step, or a step name), got {step!r}")
+        self._rules.append(_Rule(kind, name, compensation, times, run_id, option, saga))
 
     def _match(self, kind: str, ctx: Context[Any]) -> _Rule | None:
         for rule in self._rules:
@@ -206,7 +216,8 @@ async def advance(
     time had passed: a sleep ends sooner, a wait times out sooner, a retry's backoff is
     over sooner (a graph run: its steps' backoffs); the workers are woken. An item a
     worker holds (its lease) and a wait without timeout are left alone. Returns the new
-    due time (None: nothing moved). For tests: production runs keep their real timers."""
+    due time (None: nothing moved); raises :class:`RunNotFoundError` for no such run. For
+    tests: production runs keep their real timers."""
     seconds = by.total_seconds() if isinstance(by, timedelta) else by
     if (
         not isinstance(seconds, int | float)
@@ -215,4 +226,8 @@ async def advance(
     ):
         raise InvalidInputError(f"advance() needs a duration from 0 to 1,000 years, got {by!r}")
     rid = _checks.run_id(run.id if isinstance(run, RunHandle) else run, InvalidInputError)
-    return await client._store_or_raise().advance_timers(rid, float(seconds))
+    store = client._store_or_raise()
+    due = await store.advance_timers(rid, float(seconds))
+    if due is None and not await store.run_exists(rid):
+        raise RunNotFoundError(rid)
+    return due

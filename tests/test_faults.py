@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import anyio
 import pytest
 from structlog.testing import capture_logs
 
 import saga
-from saga.testing import Faults
+from saga.testing import Faults, advance
 from tests._sagas import Job, Ledger, fast, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
 
@@ -270,3 +272,53 @@ async def test_uncertain_write_that_committed_is_not_reported_stale(
     failed = [e for e in logs if e["event"] == "step_failed"]
     assert [e["error_type"] for e in failed] == ["ConnectionError"]
     assert [e.kind for e in await run.history()].count("step_failed") == 1
+
+
+async def test_a_fault_given_a_step_fires_in_that_saga_only(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Two sagas each with a step named "charge": a crash_after given saga A's step
+    object crashes A's step, never B's (B's step runs once); given the bare name, the
+    fault fires in whichever saga's "charge" runs first. A rule once matched the step's
+    name only, so A's fault crashed B."""
+    effects = Ledger()
+    a = small_saga("fault_a", ["charge"], ledger=effects)
+    b = small_saga("fault_b", ["charge"], ledger=effects)
+    faults = Faults()
+    faults.crash_after(a.get_step("charge"))
+    orch = await orchestrator(a, b, lease_seconds=0.5)
+    faults.attach(orch)
+    run_b = await b.start(Job(n=1))
+    assert await run_b.result(timeout=15) == "charge"
+    assert faults.fired["crash_after"] == 0
+    run_a = await a.start(Job(n=1))
+    assert await run_a.result(timeout=15) == "charge"
+    assert faults.fired["crash_after"] == 1
+    assert effects.raw()[f"{run_b.id}:step:charge"] == 1
+    assert effects.raw()[f"{run_a.id}:step:charge"] == 2
+    c = small_saga("fault_c", ["charge"], ledger=effects)
+    d = small_saga("fault_d", ["charge"], ledger=effects)
+    by_name = Faults()
+    by_name.crash_after("charge")
+    by_name.attach(await orchestrator(c, d, lease_seconds=0.5))
+    run_d = await d.start(Job(n=2))
+    assert await run_d.result(timeout=15) == "charge"
+    assert by_name.fired["crash_after"] == 1
+    assert effects.raw()[f"{run_d.id}:step:charge"] == 2
+    with pytest.raises(TypeError, match="a fault needs a step"):
+        Faults().crash_after(42)  # type: ignore[arg-type]
+
+
+async def test_advancing_the_timer_of_no_run_raises(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """saga.testing.advance of a run id that exists nowhere raises RunNotFoundError (a
+    test with a wrong id must not pass silently); a run with nothing to move returns
+    None."""
+    s = small_saga("advanced", 1)
+    orch = await orchestrator(s)
+    with pytest.raises(saga.RunNotFoundError):
+        await advance(orch, uuid.uuid4(), 5)
+    run = await orch.start(s, Job(n=1))
+    await run.result(timeout=10)
+    assert await advance(orch, run, 5) is None

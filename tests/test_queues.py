@@ -69,3 +69,28 @@ async def test_queues_show_due_work_keyed_runs_and_rate_limits(
     with anyio.fail_after(10):
         while not points(reader).get("saga.rate_limit.delay"):  # noqa: ASYNC110
             await anyio.sleep(0.05)
+
+
+async def test_a_rate_limits_delay_is_what_the_next_attempt_waits(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A limit of one call per 10 s (burst 1) whose token one attempt just took:
+    saga.queues says the next attempt would wait about 10 s, and the next attempt's
+    rate_limited event records that wait (within a second). The bucket's figure once
+    came a whole token short (it said 0 s)."""
+    s = saga.Saga("paced_view", input=Job)
+
+    @s.step(rate_limit=saga.RateLimit("slow_view", per_second=0.1, burst=1))
+    async def call(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    orch = await orchestrator(s)
+    with anyio.fail_after(10):
+        await (await orch.start(s, Job())).result()
+    (limit,) = (await saga.queues(orch)).rate_limits
+    assert 9.0 < limit.delay <= 10.0
+    second = await orch.start(s, Job())
+    with anyio.fail_after(10):
+        while not (waited := [e for e in await second.history() if e.kind == "rate_limited"]):  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    assert abs(waited[0].data["delay"] - limit.delay) < 1.0

@@ -103,11 +103,15 @@ async def test_the_delay_is_recorded_with_the_attempt(
         ({"per_second": 10, "burst": 0}, "burst"),
         ({"per_second": 10, "burst": 2.5}, "burst"),
         ({"per_second": 10**7}, "per_second"),
+        ({"per_second": 1e-300}, "one an hour at least"),
+        ({"per_second": 1 / 3601}, "one an hour at least"),
     ],
 )
 def test_bad_limits_are_refused(args: dict[str, float], message: str) -> None:
-    """A rate of zero, negative, NaN, infinite or absurd, a burst below 1 or not an int:
-    DefinitionError naming the setting, at definition time."""
+    """A rate of zero, negative, NaN, infinite, absurd or below one call an hour (an
+    attempt waits for its token holding its lease), a burst below 1 or not an int:
+    DefinitionError naming the setting, at definition time; one an hour is accepted."""
+    assert saga.RateLimit("hourly", per_second=1 / 3600).burst == 1
     with pytest.raises(saga.DefinitionError, match=message):
         saga.RateLimit("api", **args)  # type: ignore[arg-type]
     with pytest.raises(saga.DefinitionError, match="rate limit name"):

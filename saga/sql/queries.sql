@@ -1039,8 +1039,9 @@ GROUP BY saga_name
 ORDER BY 1, 2;
 
 -- name: rate_limits
--- Every rate limit's bucket now: tokens available (negative: reserved ahead, the wait
--- of the next taker is -tokens / per_second), as its last taker declared it.
+-- Every rate limit's bucket now: tokens available (negative: reserved ahead; the next
+-- taker waits until a whole token is there, (1 - tokens) / per_second), as its last
+-- taker declared it.
 -- no parameters
 SELECT name, per_second, burst,
        least(burst::float8, tokens + per_second
