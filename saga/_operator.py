@@ -232,7 +232,9 @@ async def prune(
     holds; ``whole_days=True`` skips that pass (a run then stays until its whole day
     goes). ``dry_run=True`` only counts (with ``whole_days``, the whole days only). Safe
     to run from several processes at once, and to interrupt: every day and every batch
-    is complete or absent.
+    is complete or absent. A run pruned while it still holds its concurrency key (failed
+    or stopped, never resolved) frees the key first, as ``resolve()`` does: the oldest
+    run queued for the key goes on.
     """
     store = client._store_or_raise()
     seconds = _seconds("older_than", older_than)
@@ -259,6 +261,7 @@ async def prune(
     if dry_run:  # both passes together take every prunable run
         runs, events = await store.count_prunable(seconds, statuses)
         return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
+    await store.release_prunable_keys(seconds, statuses)
     days = await store.prune_days(seconds, statuses)
     total_runs, total_events, batches = days.runs, days.events, 0
     while not whole_days:

@@ -175,6 +175,23 @@ class OperatorQueries:
         assert row is not None
         return row["runs"], row["events"]
 
+    async def release_prunable_keys(self, older_than: float, statuses: Sequence[str]) -> int:
+        """Free the keys of the runs prune would delete that still hold one (failed or
+        stopped, never resolved), each as resolve() does: the oldest run queued for the
+        key takes the slot, rather than wait for a holder that no longer exists."""
+        async with translate_errors("pruning runs"):
+            rows = await self.pool.fetch(
+                self._q["prunable_key_holders"], older_than, list(statuses)
+            )
+            for row in rows:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    key = await conn.fetchrow(
+                        self._q["prune_key_release"], row["id"], list(statuses)
+                    )
+                    if key is not None:
+                        await conn.fetchrow(self._q["key_fill"], *key, self.work_channel)
+        return len(rows)
+
     async def prune_days(
         self, older_than: float, statuses: Sequence[str], dry_run: bool = False
     ) -> DaysPruned:

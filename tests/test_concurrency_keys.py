@@ -9,7 +9,7 @@ import contextlib
 import itertools
 import random
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -110,6 +110,33 @@ async def test_the_key_is_held_through_compensation_and_a_failed_run(
     assert await _ended(waiting) is saga.RunStatus.COMPLETED
     with pytest.raises(saga.InvalidRunStateError):
         await failing.retry()
+
+
+async def test_pruning_a_failed_run_that_holds_its_key_lets_the_queue_go_on(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A failed run (its compensation gave up) holds its key, and a second run waits
+    for it. Pruning that excludes failed runs leaves both as they are; pruning the failed
+    run frees its key as resolve() does: the waiting run is admitted and completes. The
+    queue once waited for a holder that no longer existed, until the next start."""
+    s = small_saga(
+        "pruned_holder", ["debit", "credit"], compensate={"debit"},
+        fail={"credit": permanent("no", when=lambda ctx: ctx.input.n == 1)},
+        fail_undo={"debit": saga_fail(lambda: True)},
+        undo_retry=saga.Retry(max_attempts=1), traffic={"concurrency_key": lambda job: "acct"},
+    )  # fmt: skip
+    orch = await orchestrator(s, concurrency=8)
+    failing = await orch.start(s, Job(n=1))
+    assert await _ended(failing) is saga.RunStatus.FAILED
+    waiting = await orch.start(s, Job(n=2))
+    await anyio.sleep(0.3)
+    assert (await saga.prune(orch, older_than=timedelta(0))).runs == 0
+    assert (await waiting.info()).waiting_for_key
+    pruned = await saga.prune(orch, older_than=timedelta(0), status=["failed"])
+    assert pruned.runs == 1
+    assert await _ended(waiting) is saga.RunStatus.COMPLETED
+    with pytest.raises(saga.RunNotFoundError):
+        await failing.info()
 
 
 def saga_fail(broken: Any) -> Fail:

@@ -1130,6 +1130,33 @@ WITH doomed AS (
 )
 SELECT (SELECT count(*) FROM gone_runs) AS runs, (SELECT count(*) FROM gone_events) AS events;
 
+-- name: prunable_key_holders
+-- The runs prune_runs would delete that still hold their concurrency key (failed or
+-- stopped, never resolved): prune frees their keys first (prune_key_release). Reads the
+-- partial index of held keys.
+-- $1 seconds since finished, $2 statuses (text[], terminal ones)
+SELECT id FROM __schema__.runs
+WHERE key_state = 'held' AND due_at IS NULL
+  AND finished_at < now() - make_interval(secs => $1::float8)
+  AND status = ANY($2::text[])
+ORDER BY id;
+
+-- name: prune_key_release
+-- A run prune is about to delete lets go of its concurrency key, as resolve() would
+-- (then key_fill, in the same transaction, admits the oldest run queued for it). Locks
+-- the key (as key_lock) and returns it; no row: the run was retried, resolved or pruned
+-- meanwhile (the row's lock makes the update see that).
+-- $1 run id, $2 statuses (text[], terminal ones)
+WITH run AS (
+    UPDATE __schema__.runs SET key_state = 'released'
+    WHERE id = $1 AND key_state = 'held' AND due_at IS NULL AND status = ANY($2::text[])
+    RETURNING saga_name, concurrency_key
+)
+INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit)
+SELECT saga_name, concurrency_key, 1 FROM run
+ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = k.key_limit
+RETURNING k.saga_name, k.key;
+
 -- name: count_prunable
 -- What prune_runs would delete with the same arguments (a dry run): runs and events.
 -- $1 seconds since finished, $2 statuses (text[], terminal ones)
