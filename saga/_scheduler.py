@@ -61,7 +61,8 @@ class Scheduler:
             )
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        """Register, then handle due slots until cancelled."""
+        """Register, then handle due slots until cancelled. A database away is an
+        outage (logged once, through ``Outage``): the loop waits it out and goes on."""
         await self.register()
         task_status.started()
         names = list(self._scheduled)
@@ -79,7 +80,7 @@ class Scheduler:
     async def fire_due(self) -> int:
         """Handle every due schedule (one transaction); the number of runs started."""
         started = 0
-        async with self._store.pool.acquire() as conn, conn.transaction():
+        async with self._store.schedule_transaction() as conn:
             for due in await self._store.schedules_due(conn, list(self._scheduled)):
                 started += await self._fire(conn, self._scheduled[due.name], due.next_fire, due.now)
         return started

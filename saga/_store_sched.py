@@ -9,7 +9,8 @@ A part of :class:`~saga._store.Store` (a mixin); see ``saga/_rate.py``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -110,6 +111,19 @@ class ScheduleQueries:
                 self._q["rate_take"], name, per_second, burst, *attempt, worker
             )
         return delay
+
+    @asynccontextmanager
+    async def schedule_transaction(self) -> AsyncIterator[Executor]:
+        """A connection in a transaction for handling due schedules. Everything in it,
+        taking the connection and committing included, raises driver and connection
+        errors as ``DatabaseError`` (a database away is an outage the scheduler waits
+        out, not a crash)."""
+        async with (
+            translate_errors("starting scheduled runs"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            yield conn
 
     async def schedules_due(self, conn: Executor, names: Sequence[str]) -> list[DueSchedule]:
         """The due schedules among ``names``, locked in ``conn``'s transaction."""
