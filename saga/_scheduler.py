@@ -93,7 +93,10 @@ class Scheduler:
                 data = s.input_for(slot)
             except Exception as exc:  # the user's input function: skip the slot, say so
                 logger.error(
-                    "schedule_input_failed", schedule=s.name, slot=str(slot), error=repr(exc)
+                    "schedule_input_failed",
+                    schedule=s.name,
+                    slot=str(slot),
+                    error_type=type(exc).__name__,
                 )
                 skipped += 1
                 continue
@@ -103,7 +106,10 @@ class Scheduler:
                 if isinstance(exc, DatabaseError):
                     raise
                 logger.error(
-                    "schedule_start_refused", schedule=s.name, slot=str(slot), error=str(exc)
+                    "schedule_start_refused",
+                    schedule=s.name,
+                    slot=str(slot),
+                    error_type=type(exc).__name__,
                 )
                 skipped += 1
                 continue

@@ -5,6 +5,7 @@ within grace still run while the late ones follow the missed policy."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -92,3 +93,58 @@ async def test_an_orchestrator_with_schedules_rides_out_an_outage(
     assert "orchestrator_crashed" not in events
     assert events.count("database_unavailable") == 2, events
     assert events.count("database_available") == 2, events
+
+
+class _Loud(Exception):
+    """An exception whose every rendering carries the secret."""
+
+    def __str__(self) -> str:
+        return f"loud {SECRET}"
+
+    def __repr__(self) -> str:
+        return f"_Loud({SECRET!r})"
+
+
+_RAISED: tuple[type[Exception], ...] = (ValueError, KeyError, RuntimeError, _Loud)
+
+
+def _raises(slot: datetime) -> Job:
+    """An input function that fails with the secret in its message."""
+    raise _RAISED[slot.second % len(_RAISED)](f"no input: {SECRET}")
+
+
+def _invalid(slot: datetime) -> Any:
+    """An input the saga's model refuses: pydantic's message quotes the value."""
+    return {"n": SECRET, "fail": SECRET}
+
+
+def _too_large(slot: datetime) -> Job:
+    """An input larger than the orchestrator's max_payload_bytes."""
+    return Job(fail=SECRET * 100)
+
+
+async def test_scheduler_log_lines_carry_error_types_only(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Input functions that raise (several exception types, the secret in the message),
+    return an input the model refuses (pydantic quotes the value), or one too large: the
+    scheduler logs ``schedule_input_failed`` and ``schedule_start_refused`` with the
+    error's type, and no log line anywhere carries the secret marker."""
+    s = small_saga("leaky", 1)
+    schedules = [
+        saga.Scheduled("raises", s, EVERY_SECOND, _raises),
+        saga.Scheduled("invalid", s, EVERY_SECOND, _invalid),
+        saga.Scheduled("large", s, EVERY_SECOND, _too_large),
+    ]
+    with capture_logs() as logs:
+        orch = await orchestrator(s, schedules=schedules, max_payload_bytes=1000)
+        await anyio.sleep(4.5)
+        await orch.aclose()
+    assert [e for e in logs if SECRET in repr(e)] == []
+    failed = [e for e in logs if e["event"] == "schedule_input_failed"]
+    refused = [e for e in logs if e["event"] == "schedule_start_refused"]
+    assert {e["error_type"] for e in failed} >= {"ValueError", "KeyError", "RuntimeError"}
+    assert {(e["schedule"], e["error_type"]) for e in refused} == {
+        ("invalid", "InvalidInputError"),
+        ("large", "PayloadTooLargeError"),
+    }
