@@ -23,7 +23,7 @@ from anyio.abc import TaskStatus
 from saga._errors import DatabaseError, SagaError
 from saga._log import Outage, logger
 from saga._run import RunHandle
-from saga._schedules import Scheduled, key_of
+from saga._schedules import LOOKBACK, Scheduled, key_of
 from saga._store import Store
 
 #: Start one run in the given transaction: (saga, input, key, conn) -> handle.
@@ -116,6 +116,10 @@ class Scheduler:
             last = (slot, handle.id)
             logger.info("schedule_fired", schedule=s.name, slot=str(slot), run_id=str(handle.id))
         if skipped:
-            logger.warning("schedule_slots_skipped", schedule=s.name, skipped=skipped)
+            # Late slots are counted over the last LOOKBACK at most: say from when.
+            since = str(max(next_fire, now - LOOKBACK))
+            logger.warning(
+                "schedule_slots_skipped", schedule=s.name, skipped=skipped, counted_from=since
+            )
         await self._store.schedule_fired(conn, s.name, s.schedule.next_after(now), last, skipped)
         return len(slots)

@@ -94,21 +94,46 @@ class Scheduled(Generic[InT]):
 
     def slots(self, since: datetime, now: datetime) -> tuple[list[datetime], int]:
         """The slots after ``since`` up to ``now`` that start a run, oldest first, and
-        how many late ones the missed policy skipped."""
+        how many late ones the missed policy skipped (counted over the last
+        ``LOOKBACK`` at most).
+
+        However long nothing ran, the slots within ``grace`` of ``now`` are found from
+        the grace window itself, and the late ones are counted (by arithmetic for an
+        interval), never listed, but for the few the policy runs."""
         start = max(since, now - LOOKBACK)
-        every = self.schedule.fires_between(start, now, limit=100_000)
-        on_time = [s for s in every if now - s <= self.grace]
-        late = [s for s in every if now - s > self.grace]
-        if len(every) == 100_000:  # a dense schedule down for long: count, keep the last
-            latest = self.schedule.latest_at_or_before(now - self.grace)
-            late = late if latest is None or latest in late else [*late[1:], latest]
+        cut = now - self.grace  # a slot at or after ``cut`` is on time
+        on_time = self.schedule.fires_between(max(start, cut - _TICK), now, limit=_ON_TIME)
         if self.missed == "all":
-            fire = late[-self.catch_up :]
-        elif self.missed == "latest" and not on_time:
-            fire = late[-1:]
+            keep = self.catch_up
         else:
-            fire = []
-        return fire + on_time, len(late) - len(fire)
+            keep = 1 if self.missed == "latest" and not on_time else 0
+        count, newest = _late(self.schedule, start, cut - _TICK, keep)
+        return newest + on_time, count - len(newest)
+
+
+#: datetime's resolution: ``(t - _TICK, ...]`` is ``[t, ...]``.
+_TICK = timedelta(microseconds=1)
+#: More than the slots in a grace of at most 1 day (an interval is at least 1 s).
+_ON_TIME = 200_000
+
+
+def _late(
+    schedule: Schedule, start: datetime, end: datetime, keep: int
+) -> tuple[int, list[datetime]]:
+    """How many slots are in ``(start, end]``, and the newest ``keep`` of them, oldest
+    first. An interval's are counted by arithmetic; a cron schedule's (at most one a
+    minute, in the ``LOOKBACK`` window: about 45,000) are walked."""
+    if end <= start:
+        return 0, []
+    if schedule.interval is None:
+        every = schedule.fires_between(start, end, limit=_ON_TIME)
+        return len(every), every[max(0, len(every) - keep) :] if keep else []
+    assert schedule.anchor is not None
+    first = (start - schedule.anchor) // schedule.interval + 1  # the first slot > start
+    last = (end - schedule.anchor) // schedule.interval  # the last slot <= end
+    count = max(0, last - first + 1)
+    newest = range(max(first, last - keep + 1), last + 1)
+    return count, [schedule.anchor + i * schedule.interval for i in newest]
 
 
 def key_of(name: str, slot: datetime) -> str:

@@ -4,6 +4,7 @@ within grace still run while the late ones follow the missed policy."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,9 +12,12 @@ from urllib.parse import urlsplit
 import anyio
 import asyncpg
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import saga
+from saga._schedules import LOOKBACK
 from tests._sagas import Job, small_saga
 from tests.conftest import OrchestratorFactory
 
@@ -148,3 +152,178 @@ async def test_scheduler_log_lines_carry_error_types_only(
         ("invalid", "InvalidInputError"),
         ("large", "PayloadTooLargeError"),
     }
+
+
+def _reference(
+    interval: int, since: datetime, now: datetime, grace: int, missed: str, catch_up: int
+) -> tuple[list[datetime], int]:
+    """The slots of ``every(interval s)`` to run, and the count skipped, by integer
+    arithmetic in microseconds (slots are multiples of the interval since the epoch)."""
+    step = interval * 1_000_000
+    now_us = (now - _EPOCH) // _US
+    start_us = max((since - _EPOCH) // _US, now_us - LOOKBACK // _US)
+    cut_us = now_us - grace * 1_000_000
+    on_time = range(-(-max(start_us + 1, cut_us) // step), now_us // step + 1)
+    late = range(start_us // step + 1, -(-cut_us // step))
+    if missed == "all":
+        fired_late = late[-catch_up:]
+    elif missed == "latest" and not on_time:
+        fired_late = late[-1:]
+    else:
+        fired_late = range(0)
+    slots = [_EPOCH + k * step * _US for k in [*fired_late, *on_time]]
+    return slots, len(late) - len(fired_late)
+
+
+_NOW = datetime(2026, 3, 29, 0, 30, 0, tzinfo=UTC)
+
+
+@settings(max_examples=200, deadline=None)
+@example(interval=1, down=2 * 86400, grace=60, missed="skip", catch_up=10, jitter=0)
+@example(interval=1, down=40 * 86400, grace=5, missed="all", catch_up=1000, jitter=1)
+@example(interval=1, down=2 * 86400, grace=0, missed="latest", catch_up=10, jitter=7)
+@given(
+    interval=st.sampled_from([1, 2, 7, 30, 60, 3600, 86400]),
+    down=st.integers(min_value=0, max_value=45 * 86400),
+    grace=st.integers(min_value=0, max_value=86400),
+    missed=st.sampled_from(["skip", "latest", "all"]),
+    catch_up=st.integers(min_value=1, max_value=1000),
+    jitter=st.integers(min_value=0, max_value=10**9),
+)
+def test_interval_slots_within_grace_run_however_long_the_outage(
+    interval: int, down: int, grace: int, missed: str, catch_up: int, jitter: int
+) -> None:
+    """An interval schedule down from seconds to 45 days: every slot within grace of now
+    runs, the late ones follow the policy ("skip": none, "latest": the newest when none
+    is on time, "all": the newest ``catch_up``), and the skipped count is exact (over the
+    last 31 days at most). The reference is integer arithmetic, not the schedule."""
+    s = small_saga("p", 1)
+    schedule = saga.Schedule.every(timedelta(seconds=interval))
+    d = saga.Scheduled("p", s, schedule, Job(), missed=missed, catch_up=catch_up,
+                       grace=timedelta(seconds=grace))  # type: ignore[arg-type]  # fmt: skip
+    now = _NOW + jitter * _US
+    since = now - timedelta(seconds=down)
+    assert d.slots(since, now) == _reference(interval, since, now, grace, missed, catch_up)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    expression=st.sampled_from(["* * * * *", "*/7 * * * *", "0 * * * *", "30 1-3 * * *"]),
+    zone=st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Australia/Lord_Howe"]),
+    down=st.integers(min_value=0, max_value=45 * 86400),
+    grace=st.integers(min_value=0, max_value=86400),
+    missed=st.sampled_from(["skip", "latest", "all"]),
+    catch_up=st.integers(min_value=1, max_value=1000),
+    shift=st.integers(min_value=0, max_value=366 * 86400),
+)
+def test_cron_slots_within_grace_run_however_long_the_outage(
+    expression: str, zone: str, down: int, grace: int, missed: str, catch_up: int, shift: int
+) -> None:
+    """A cron schedule (time zones with daylight saving) down from seconds to 45 days:
+    the slots within grace of now run, the late ones follow the policy, and fired plus
+    skipped is every slot of the last 31 days at most."""
+    s = small_saga("p", 1)
+    schedule = saga.Schedule.cron(expression, timezone=zone)
+    d = saga.Scheduled("p", s, schedule, Job(), missed=missed, catch_up=catch_up,
+                       grace=timedelta(seconds=grace))  # type: ignore[arg-type]  # fmt: skip
+    now = _NOW + timedelta(seconds=shift)
+    since = now - timedelta(seconds=down)
+    fire, skipped = d.slots(since, now)
+    every = schedule.fires_between(max(since, now - LOOKBACK), now, limit=10**6)
+    on_time = [x for x in every if now - x <= d.grace]
+    late = [x for x in every if now - x > d.grace]
+    if missed == "all":
+        fired_late = late[-catch_up:]
+    elif missed == "latest" and not on_time:
+        fired_late = late[-1:]
+    else:
+        fired_late = []
+    assert fire == fired_late + on_time
+    assert skipped == len(late) - len(fired_late)
+
+
+async def _down_since(db: asyncpg.Connection, d: saga.Scheduled[Any], ago: timedelta) -> datetime:
+    """The schedule's row as a long outage leaves it: its next slot (returned) ``ago``
+    in the past."""
+    overdue = d.schedule.latest_at_or_before(datetime.now(UTC) - ago)
+    assert overdue is not None
+    await db.execute(
+        "INSERT INTO saga.schedules (name, saga_name, saga_version, spec, missed, catch_up,"
+        " next_fire) VALUES ($1, $2, 1, $3, $4, $5, $6)",
+        d.name,
+        d.saga.name,
+        d.schedule.describe(),
+        d.missed,
+        d.catch_up,
+        overdue,
+    )
+    return overdue
+
+
+async def _handled(db: asyncpg.Connection, name: str) -> tuple[list[datetime], int]:
+    """Wait for the orchestrator to move the schedule past now: the slots run by then,
+    and the slots skipped."""
+    with anyio.fail_after(20):
+        while True:
+            row = await db.fetchrow("SELECT now(), next_fire, skipped FROM saga.schedules")
+            if row["next_fire"] > row["now"]:
+                break
+            await anyio.sleep(0.05)
+    ran = [x for x in await _slots_run(db, name) if x <= row["now"]]
+    return ran, row["skipped"]
+
+
+def _consecutive(slots: list[datetime], step: timedelta) -> bool:
+    return all(b - a == step for a, b in itertools.pairwise(slots))
+
+
+@pytest.mark.parametrize(
+    ("missed", "grace", "late_runs"),
+    [("skip", 5, 0), ("all", 5, 3), ("latest", 0, 1)],
+)
+async def test_after_two_days_down_an_every_second_schedule_runs_its_grace_window(
+    orchestrator: OrchestratorFactory,
+    db: asyncpg.Connection,
+    missed: str,
+    grace: int,
+    late_runs: int,
+) -> None:
+    """An every-second schedule whose next slot is two days overdue (172,800 slots):
+    the orchestrator runs each slot of the grace window before now, preceded by the
+    ``late_runs`` newest late ones the policy runs (and nothing older), and counts
+    every slot before those as skipped, exactly (in the database and in the log line,
+    which says from when it counted)."""
+    s = small_saga("tick", 1)
+    d = saga.Scheduled("tick", s, EVERY_SECOND, Job(), missed=missed, catch_up=3,
+                       grace=timedelta(seconds=grace))  # type: ignore[arg-type]  # fmt: skip
+    overdue = await _down_since(db, d, timedelta(days=2))
+    opened = datetime.now(UTC)
+    with capture_logs() as logs:
+        await orchestrator(s, schedules=[d])
+        ran, skipped = await _handled(db, "tick")
+    said = next(e for e in logs if e["event"] == "schedule_slots_skipped")
+    assert (said["skipped"], said["counted_from"]) == (skipped, str(overdue))
+    assert len(ran) >= grace + late_runs
+    assert _consecutive(ran, timedelta(seconds=1))
+    assert ran[0] >= opened - timedelta(seconds=grace + late_runs + 2)
+    assert skipped == (ran[0] - overdue).total_seconds()
+
+
+async def test_after_three_days_down_a_cron_schedule_runs_its_grace_window(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """A minutely cron schedule in Europe/Paris whose next slot is three days overdue,
+    grace 3 minutes, missed="all" with catch_up 2: the slots of the last 3 minutes run,
+    and the 2 just before them; every slot before those is counted as skipped."""
+    s = small_saga("cron", 1)
+    minutely = saga.Schedule.cron("* * * * *", timezone="Europe/Paris")
+    d = saga.Scheduled("cron", s, minutely, Job(), missed="all", catch_up=2,
+                       grace=timedelta(minutes=3))  # fmt: skip
+    overdue = await _down_since(db, d, timedelta(days=3))
+    opened = datetime.now(UTC)
+    await orchestrator(s, schedules=[d])
+    ran, skipped = await _handled(db, "cron")
+    assert 5 <= len(ran) <= 7
+    assert _consecutive(ran, timedelta(minutes=1))
+    assert opened - timedelta(minutes=6) < ran[0] <= opened - timedelta(minutes=4)
+    assert skipped == (ran[0] - overdue) // timedelta(minutes=1)
