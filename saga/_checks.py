@@ -81,6 +81,14 @@ def integer(
     return value
 
 
+def flag(name: str, value: Any, error: type[Exception]) -> bool:
+    """A ``bool``: a truthy stand-in (``"false"``, ``0``, ``None``) must not silently turn
+    a setting on or off."""
+    if not isinstance(value, bool):
+        raise error(f"{name} must be a bool, got {show(value)}")
+    return value
+
+
 def text(name: str, value: Any, error: type[Exception], *, max_length: int) -> str:
     """A non-empty str that Postgres can store: no NUL, valid Unicode (no lone surrogate)."""
     if not isinstance(value, str) or not value:

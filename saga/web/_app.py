@@ -24,6 +24,8 @@ from saga.web._auth import Authorize, Operator, SecurityHeaders, check_authorize
 from saga.web._render import Redact, environment
 from saga.web._site import OPERATOR, Dashboard, Handler
 
+#: Longest title: it heads every page and tab.
+MAX_TITLE_LENGTH = 200
 _STATIC = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
 
 
@@ -42,12 +44,9 @@ class Guard:
             return
         request = Request(scope)
         operator = await self.dash.authorize(request)
-        if operator is not None and not (
-            isinstance(operator, Operator) and isinstance(operator.name, str) and operator.name
-        ):
+        if operator is not None and not isinstance(operator, Operator):
             raise ConfigurationError(
-                "authorize() must return a saga.web.Operator with a non-empty name, or None; "
-                f"got {operator!r}"
+                f"authorize() must return a saga.web.Operator or None, got {operator!r}"
             )
         response: Response | None = None
         if operator is None:
@@ -154,15 +153,17 @@ def dashboard(
     checked = check_authorize(authorize)
     if not isinstance(client, Client):
         raise ConfigurationError(f"client must be a saga.Client, got {client!r}")
+    _checks.flag("show_payloads", show_payloads, ConfigurationError)
     _checks.integer("bulk_limit", bulk_limit, ConfigurationError, minimum=1, maximum=MAX_BULK)
     if redact is not None and not callable(redact):
-        raise ConfigurationError("redact must be a function (path, value) -> value")
-    if not isinstance(title, str) or not title:
-        raise ConfigurationError("title must be a non-empty str")
+        raise ConfigurationError(
+            f"redact must be a function (path, value) -> value, got {_checks.show(redact)}"
+        )
+    _checks.text("title", title, ConfigurationError, max_length=MAX_TITLE_LENGTH)
     dash = Dashboard(
         client,
         checked,
-        show_payloads=bool(show_payloads),
+        show_payloads=show_payloads,
         redact=redact,
         bulk_limit=bulk_limit,
         title=title,

@@ -14,6 +14,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from saga import _checks
+from saga._acting import MAX_BY_LENGTH
 from saga._errors import ConfigurationError
 
 #: What every response carries: no inline script or style, nothing from elsewhere.
@@ -33,12 +35,19 @@ _HEADERS = [
 class Operator:
     """The person (or script) using the dashboard, as the app's ``authorize`` names it.
 
-    ``name`` is recorded in the history of every run they act on (``data.by``);
-    ``can_act=False`` makes them read-only: every POST answers 403.
+    ``name`` is recorded in the history of every run they act on (``data.by``), so it
+    must be a non-empty str that an action can record (at most 200 characters, no NUL,
+    valid Unicode); ``can_act`` is a bool, ``False`` makes them read-only: every POST
+    answers 403. Anything else is a ``ConfigurationError`` here, at construction, not a
+    failure at the first action.
     """
 
     name: str
     can_act: bool = True
+
+    def __post_init__(self) -> None:
+        _checks.text("the operator's name", self.name, ConfigurationError, max_length=MAX_BY_LENGTH)
+        _checks.flag("can_act", self.can_act, ConfigurationError)
 
 
 Authorize = Callable[[Request], Awaitable[Operator | None]]
@@ -62,7 +71,7 @@ class Signer:
         if secret is None:
             secret = secrets.token_bytes(32)
         elif isinstance(secret, str):
-            secret = secret.encode("utf-8")
+            secret = secret.encode("utf-8", "surrogatepass")  # a str is its UTF-8 bytes
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ConfigurationError("secret must be a str or bytes of at least 16 bytes")
         self._secret = secret
