@@ -113,6 +113,14 @@ class UsageError(Exception):
     pass
 
 
+def _check_operator(name: str) -> None:
+    """``--operator``: a name the dashboard's guard accepts (Operator's own rule)."""
+    try:
+        Operator(name)
+    except saga.ConfigurationError as exc:
+        raise UsageError(f"invalid --operator {name!r}: {exc}") from None
+
+
 def access_token(host: str, token_env: str | None, environ: dict[str, str]) -> str:
     """The token the dashboard asks for; UsageError for a public host without one."""
     if token_env is None:
@@ -135,7 +143,9 @@ def access_token(host: str, token_env: str | None, environ: dict[str, str]) -> s
 def token_app(
     client: saga.Client, token: str, *, operator: str, read_only: bool, title: str = "saga"
 ) -> _TokenLanding:
-    """The dashboard behind a token: cookie, ``Authorization: Bearer`` or ``?token=``."""
+    """The dashboard behind a token: cookie, ``Authorization: Bearer`` or ``?token=``.
+    A bad operator name or title is a ConfigurationError now, not at the first request."""
+    holder = Operator(operator, can_act=not read_only)
 
     async def authorize(request: Request) -> Operator | None:
         given = request.cookies.get(COOKIE) or ""
@@ -143,7 +153,7 @@ def token_app(
         if header.lower().startswith("bearer "):
             given = header[7:].strip()
         if given and hmac.compare_digest(given.encode(), token.encode()):
-            return Operator(operator, can_act=not read_only)
+            return holder
         return None
 
     return _TokenLanding(dashboard(client, authorize=authorize, title=title), token)
@@ -197,6 +207,7 @@ def main(
         print("saga dashboard: no database: pass --dsn or set SAGA_DSN", file=err)
         return EXIT_USAGE
     try:
+        _check_operator(args.operator)
         token = access_token(args.host, args.token_env, dict(os.environ))
         sagas = [*sagas, *(load_sagas(args.target) if args.target else [])]
     except UsageError as exc:
@@ -204,6 +215,9 @@ def main(
         return EXIT_USAGE
     try:
         anyio.run(_serve, args, dsn, schema, sagas, token, out)
+    except UsageError as exc:
+        print(f"saga dashboard: {exc}", file=err)
+        return EXIT_USAGE
     except saga.SagaError as exc:
         print(f"saga dashboard: {exc}", file=err)
         return 1
@@ -221,11 +235,19 @@ async def _serve(
     out: TextIO,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly: open event streams get
-    ``_GRACE`` seconds to close, the client's connections are closed, exit 0."""
-    async with saga.Client(dsn, schema=schema, sagas=sagas) as client:
+    ``_GRACE`` seconds to close, the client's connections are closed, exit 0.
+
+    Like the other operator commands, it never creates or migrates a schema: an
+    unmigrated one is a ConfigurationError when the client opens (exit 1). The arguments
+    are checked before any connection: a bad one is a UsageError (exit 2)."""
+    try:
+        client = saga.Client(dsn, schema=schema, sagas=sagas, migrate=False)
         app = token_app(
             client, token, operator=args.operator, read_only=args.read_only, title=args.title
         )
+    except saga.ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+    async with client:
         server = _Server(app, args.host, args.port)
         host = f"[{args.host}]" if ":" in args.host else args.host
         if args.token_env is None:
