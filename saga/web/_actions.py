@@ -76,6 +76,8 @@ async def _signal(dash: Dashboard, ctx: Ctx, rid: Any) -> Response:
         payload = json.loads(text)
     except ValueError as exc:
         raise PageError(400, f"the payload is not valid JSON: {exc}") from None
+    except RecursionError:  # json's own limit: ``[[[[...`` a thousand deep
+        raise PageError(400, "the payload is nested too deeply") from None
     if not isinstance(payload, dict):
         raise PageError(400, "the payload must be a JSON object")
     by = ctx.operator.name

@@ -85,7 +85,7 @@ class Signer:
         return self._mac("csrf", operator.name.encode("utf-8", "surrogatepass"))
 
     def csrf_ok(self, operator: Operator, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(self.csrf_token(operator), token)
+        return token is not None and _same(self.csrf_token(operator), token)
 
     def sign(self, message: str) -> str:
         """A cookie-safe, signed form of ``message`` (a flash message)."""
@@ -101,9 +101,15 @@ class Signer:
             data = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
         except ValueError:
             return None
-        if not hmac.compare_digest(self._mac("flash", data), mac):
+        if not _same(self._mac("flash", data), mac):
             return None
         return data.decode("utf-8", "replace")
+
+
+def _same(expected: str, given: str) -> bool:
+    """Constant-time equality of a MAC and what a request carries, which may be any text:
+    ``hmac.compare_digest`` raises TypeError for a str that is not ASCII."""
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
 
 
 def cross_site(request: Request) -> bool:

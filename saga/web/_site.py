@@ -21,6 +21,7 @@ from saga._errors import (
     InvalidRunStateError,
     LifecycleError,
     RunNotFoundError,
+    SerializationError,
 )
 from saga.web._auth import Authorize, Operator, Signer
 from saga.web._filters import Fields, PageError
@@ -30,6 +31,8 @@ from saga.web._views import RecentCache
 
 #: Largest form body accepted (a signal's payload included).
 MAX_FORM_BYTES = 1024 * 1024
+#: Most fields a form may have (the dashboard's own forms have under ten).
+MAX_FORM_FIELDS = 200
 #: Where the guard leaves the request's operator in the ASGI scope.
 OPERATOR = "saga.operator"
 _FLASH = "saga_flash"
@@ -142,25 +145,30 @@ def _status(exc: Exception) -> int | None:
         return 404
     if isinstance(exc, InvalidRunStateError | DefinitionError):
         return 409
-    if isinstance(exc, InvalidInputError | ConfigurationError):
-        return 400
+    if isinstance(exc, InvalidInputError | ConfigurationError | SerializationError):
+        return 400  # SerializationError: a signal's payload above max_payload_bytes
     if isinstance(exc, DatabaseError | LifecycleError):
         return 503
     return None
 
 
 async def _form(request: Request) -> dict[str, list[str]]:
-    """The urlencoded form of a POST (no multipart), at most MAX_FORM_BYTES."""
-    body = b""
+    """The urlencoded form of a POST (no multipart), at most MAX_FORM_BYTES and
+    MAX_FORM_FIELDS: anything else is a PageError saying what is wrong (413, 415, 400),
+    whatever the body holds."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM_BYTES:
-            raise PageError(413, "the form is too large")
-    kind = request.headers.get("content-type", "").split(";")[0].strip()
+            raise PageError(413, f"the form is too large (at most {MAX_FORM_BYTES} bytes)")
     if body and kind != "application/x-www-form-urlencoded":
         raise PageError(415, "forms must be sent as application/x-www-form-urlencoded")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise PageError(400, "the form is not UTF-8") from None
-    return parse_qs(text, keep_blank_values=True, max_num_fields=200)
+    try:  # percent escapes that are not UTF-8 become U+FFFD, as a browser's would
+        return parse_qs(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
+    except ValueError:  # the only one parse_qs raises without strict_parsing
+        raise PageError(400, f"the form has too many fields (at most {MAX_FORM_FIELDS})") from None

@@ -13,17 +13,21 @@ after its 500: ``call`` fails the test on either.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 
 import saga
 from saga.web import Operator, dashboard
+from saga.web._site import MAX_FORM_BYTES
+from tests._wait_sagas import approval
 from tests.web.conftest import csrf, mounted
 
 ALICE = (b"x-user", b"alice")
@@ -157,3 +161,170 @@ def test_an_operator_is_checked_when_made(name: Any, can_act: Any) -> None:
     rule the guard relies on for what authorize() returns."""
     with pytest.raises(saga.ConfigurationError):
         Operator(name, can_act=can_act)
+
+
+# -- form bodies ----------------------------------------------------------------------------
+
+
+async def test_every_malformed_form_is_a_4xx_with_the_reason(open_client: Any) -> None:
+    """More than 200 fields (400), a body over 1 MiB in one chunk or many (413), a body
+    that is not UTF-8 (400), a body that is not urlencoded (415): each answers with the
+    reason on the page, and nothing is acted on."""
+    app, token = await _app(await open_client())
+    many = "&".join(f"f{i}=1" for i in range(MAX_FIELDS))
+    huge = b"note=" + b"x" * MAX_FORM_BYTES
+    cases: list[tuple[bytes | list[bytes], tuple[bytes, bytes], int, str]] = [
+        (f"csrf={token}&{many}".encode(), FORM, 400, "too many fields"),
+        (huge, FORM, 413, "too large"),
+        ([huge[i : i + 65536] for i in range(0, len(huge), 65536)], FORM, 413, "too large"),
+        (f"csrf={token}&note=\xff".encode("latin-1"), FORM, 400, "not UTF-8"),
+        (b'{"csrf": "x"}', (b"content-type", b"application/json"), 415, "urlencoded"),
+        (b"--x\r\n", (b"content-type", b"multipart/form-data; boundary=x"), 415, "urlencoded"),
+    ]
+    for body, kind, status, reason in cases:
+        got, page = await call(app, "POST", "/saga/runs/bulk", headers=[ALICE, kind], body=body)
+        assert (got, reason in page) == (status, True), (body[:80], page[-500:])
+
+
+async def test_200_fields_is_the_bound(open_client: Any) -> None:
+    """Any number of fields: up to 200 the form is read (here: no bulk action, 400
+    saying so); beyond, 400 "too many fields". Never a 500."""
+    app, token = await _app(await open_client())
+
+    async def post(count: int) -> tuple[int, str]:
+        fields = "".join(f"&f{i}=1" for i in range(count))
+        return await call(
+            app,
+            "POST",
+            "/saga/runs/bulk",
+            headers=[ALICE, FORM],
+            body=f"csrf={token}{fields}".encode(),
+        )
+
+    @HOSTILE
+    @given(count=st.integers(min_value=0, max_value=3 * MAX_FIELDS))
+    def check(count: int) -> None:
+        status, page = anyio.from_thread.run(post, count)
+        assert status == 400
+        if count + 1 > MAX_FIELDS:
+            assert "too many fields" in page
+        else:
+            assert "bulk action must be cancel or retry" in page
+
+    await in_thread(check)
+
+
+#: Pieces of hostile form bodies: the dashboard's field names and values, separators,
+#: broken percent escapes, escapes of NUL, of invalid UTF-8 and of a lone surrogate.
+PIECES = st.sampled_from(
+    [
+        "&", "&&", "=", "==", ";", "+", "%", "%2", "%zz", "%ff", "%C3", "%C3%28", "%00",
+        "%ED%A0%80", "%F4%90%80%80", "csrf=", "action=cancel", "action=retry", "confirm=yes",
+        "expect=", "expect=-1", "expect=99999999999999999999", "status=", "status=failed",
+        "saga=", "key=", "after=", "before=", "0001-01-01T00:00+14:00", "9999-12-31",
+        "note=", "name=", "name=decision", "payload=", "[", "{", "}", '"', "\x00", "é",
+    ]
+)  # fmt: skip
+TEXT_BODIES = st.lists(PIECES | st.text(max_size=12), max_size=30).map("".join)
+TARGETS = st.sampled_from(
+    ["/runs/bulk", "/runs/{run}/cancel", "/runs/{run}/retry", "/runs/{run}/resolve",
+     "/runs/{run}/skip", "/runs/{run}/signal", "/runs/{run}/nope", "/schedules/nightly/pause"]
+)  # fmt: skip
+KINDS = st.sampled_from(
+    [b"application/x-www-form-urlencoded", b"APPLICATION/X-WWW-FORM-URLENCODED; charset=x",
+     b"text/plain", b"", b"multipart/form-data", b"\xff\x00"]
+)  # fmt: skip
+
+
+async def test_no_form_body_is_a_server_error(orchestrator: Any) -> None:
+    """Any body (random bytes, or text built from the dashboard's own fields, broken
+    percent escapes and invalid UTF-8, after a valid CSRF token or with a non-ASCII
+    one), any content type, posted to any action: a 4xx page or a redirect, never a
+    500."""
+    orch = await orchestrator(approval)
+    app, token = await _app(orch)
+
+    async def post(target: str, kind: bytes, body: bytes) -> None:
+        path = "/saga" + target.format(run=uuid.uuid4())
+        await call(app, "POST", path, headers=[ALICE, (b"content-type", kind)], body=body)
+
+    @HOSTILE
+    @given(
+        target=TARGETS,
+        kind=KINDS,
+        prefix=st.sampled_from([f"csrf={token}&", "csrf=\u00e9&", "csrf=%C3%A9&", ""]),
+        text=TEXT_BODIES,
+        raw=st.none() | st.binary(max_size=500),
+    )
+    def check(target: str, kind: bytes, prefix: str, text: str, raw: bytes | None) -> None:
+        body = raw if raw is not None else (prefix + text).encode("utf-8", "surrogatepass")
+        anyio.from_thread.run(post, target, kind, body)
+
+    await in_thread(check)
+
+
+async def test_signal_payloads_too_deep_or_too_large_are_400(orchestrator: Any) -> None:
+    """A signal's payload nested past json's own limit (RecursionError) or above the
+    client's max_payload_bytes (PayloadTooLargeError) answers 400 saying so; the run
+    still waits."""
+    orch = await orchestrator(approval, max_payload_bytes=200)
+    handle = await orch.start(approval, {"n": 1})
+    with anyio.fail_after(10):
+        while True:
+            if (await orch.info(handle.id)).status is saga.RunStatus.WAITING:
+                break
+            await anyio.sleep(0.05)
+    app, token = await _app(orch)
+    deep = "[" * 100_000
+    big = '{"approved": true, "by": "' + "b" * 300 + '"}'
+    for payload, reason in ((deep, "nested too deeply"), (big, "above the limit")):
+        body = f"csrf={token}&name=decision&payload={payload}".encode()
+        status, page = await call(
+            app, "POST", f"/saga/runs/{handle.id}/signal", headers=[ALICE, FORM], body=body
+        )
+        assert (status, reason in page) == (400, True), page[-500:]
+    assert (await orch.info(handle.id)).status is saga.RunStatus.WAITING
+
+
+# -- query strings, paths, headers ------------------------------------------------------------
+
+QUERIES = st.lists(PIECES | st.text(max_size=12), max_size=30).map(
+    lambda parts: "".join(parts).encode("utf-8", "surrogatepass")
+) | st.binary(max_size=300)
+PAGES = st.sampled_from(["/", "/runs", "/attention", "/traffic", "/runs/{run}", "/static/x"])
+
+
+async def test_no_query_path_or_header_is_a_server_error(open_client: Any) -> None:
+    """Any query string (bytes, broken escapes, hostile filters and cursors), any path
+    segment where a run id or schedule name goes, any cookie (a flash cookie that is not
+    ASCII, once a TypeError in the MAC check), Origin or Sec-Fetch-Site header: a page
+    or a 4xx, never a 500."""
+    app, token = await _app(await open_client())
+
+    async def get(path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        await call(app, "GET", "/saga" + path, query=query, headers=[ALICE, *headers])
+
+    async def post(path: str, headers: list[tuple[bytes, bytes]]) -> None:
+        body = f"csrf={token}".encode()
+        await call(app, "POST", "/saga" + path, headers=[ALICE, FORM, *headers], body=body)
+
+    header = st.tuples(
+        st.sampled_from([b"cookie", b"origin", b"sec-fetch-site", b"host", b"content-length"]),
+        st.binary(max_size=60)
+        | st.text(max_size=40).map(lambda t: ("saga_flash=" + t).encode("utf-8", "replace"))
+        | st.text(max_size=40).map(lambda t: ("saga_flash=AA." + t).encode("utf-8", "replace")),
+    )
+
+    @HOSTILE
+    @given(
+        page=PAGES,
+        segment=st.text(max_size=40).filter(lambda s: "/" not in s),
+        query=QUERIES,
+        headers=st.lists(header, max_size=3),
+    )
+    def check(page: str, segment: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        anyio.from_thread.run(get, page.format(run=segment or "x"), query, headers)
+        target = f"/schedules/{segment or 'x'}/pause"
+        anyio.from_thread.run(post, target, headers)
+
+    await in_thread(check)
