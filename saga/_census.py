@@ -78,7 +78,8 @@ async def _partitions(store: Store) -> float:
     try:
         created = await store.ensure_partitions()
     except DatabaseError as exc:
-        logger.warning("partitions_not_created", schema=store.schema, error=str(exc))
+        cause = type(exc.__cause__ or exc).__name__  # the type only, as every log line
+        logger.warning("partitions_not_created", schema=store.schema, error_type=cause)
         return _PARTITIONS_RETRY
     if created:
         logger.info("partitions_created", schema=store.schema, days=[str(d) for d in created])

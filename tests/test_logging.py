@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import textwrap
+from pathlib import Path
 
 import anyio
 import pytest
@@ -98,3 +100,55 @@ async def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(
     assert len(loud) <= 6, kinds
     tracebacks = [r for r in caplog.records if r.exc_info and r.name.startswith("asyncpg")]
     assert tracebacks == []
+
+
+_LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
+
+
+def _log_calls(tree: ast.AST) -> list[ast.Call]:
+    """Calls of a logger's level methods: ``logger.warning(...)``, ``log.info(...)``."""
+    calls = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in _LEVELS
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in {"logger", "log", "_log"}
+        ):
+            calls.append(node)
+    return calls
+
+
+def _texts_of_an_exception(value: ast.expr) -> bool:
+    """Whether a log field is the text of an exception: ``str(exc)``, ``repr(exc)`` or
+    an f-string of it (saga's code names exceptions ``exc``, ``e``, ``err``...)."""
+    names = {"exc", "e", "err", "error", "exception", "again", "cause"}
+    func = value.func if isinstance(value, ast.Call) else None
+    if isinstance(value, ast.Call) and isinstance(func, ast.Name) and func.id in {"str", "repr"}:
+        return any(isinstance(a, ast.Name) and a.id in names for a in value.args)
+    if isinstance(value, ast.JoinedStr):
+        return any(
+            isinstance(part, ast.FormattedValue)
+            and isinstance(part.value, ast.Name)
+            and part.value.id in names
+            for part in value.values
+        )
+    return False
+
+
+def test_no_log_line_of_saga_carries_an_exception_message() -> None:
+    """Every log call in saga/ passes an error's type, never its message: no field is
+    the str(), repr() or an f-string of an exception, and none is named error, message
+    or reason (an exception's text can quote the input: the scheduler, the partition
+    check and the dashboard's hub once logged it). The scan finds saga's log calls."""
+    root = Path(saga.__file__).parent
+    found = 0
+    for path in sorted(root.rglob("*.py")):
+        for call in _log_calls(ast.parse(path.read_text(), str(path))):
+            found += 1
+            where = f"{path.relative_to(root)}:{call.lineno}"
+            for kw in call.keywords:
+                assert kw.arg not in {"error", "message", "reason"}, where
+                assert not _texts_of_an_exception(kw.value), where
+    assert found > 25

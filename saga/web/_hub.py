@@ -93,7 +93,8 @@ class Hub:
             try:
                 await self._watch_once()
             except SagaError as exc:  # the database is away, or the client closed
-                logger.warning("dashboard_hub_lost", error=str(exc))
+                cause = type(exc.__cause__ or exc).__name__
+                logger.warning("dashboard_hub_lost", error_type=cause)
             self.connected = False
             await anyio.sleep(delay)
             delay = min(delay * 2, 10.0)
