@@ -96,6 +96,8 @@ class Acting:
         info = await self.info(run_id)
         if info.resolved:
             raise InvalidRunStateError(f"run {run_id} is {info.status}{_freed(info)}")
+        if info.status in (RETRIABLE_STATUS, REWAITABLE_STATUS):
+            raise _changed(run_id, info.status, "retry")
         raise InvalidRunStateError(
             f"run {run_id} is {info.status}; only {RETRIABLE_STATUS} and "
             f"{REWAITABLE_STATUS} runs can be retried"
@@ -110,6 +112,8 @@ class Acting:
         info = await self.info(run_id)
         if info.resolved:
             raise InvalidRunStateError(f"run {run_id} is resolved already")
+        if info.status in (RunStatus.FAILED, RunStatus.STOPPED):
+            raise _changed(run_id, info.status, "resolve")
         raise InvalidRunStateError(
             f"run {run_id} is {info.status}; only failed and stopped runs can be resolved"
         )
@@ -150,4 +154,14 @@ def _freed(info: RunInfo) -> str:
     return (
         ", and resolved: resolving it freed its concurrency key for the next run, so it "
         "can no longer be retried or cancelled"
+    )
+
+
+def _changed(run_id: uuid.UUID, status: RunStatus, action: str) -> InvalidRunStateError:
+    """An action refused while the run was elsewhere (a retry running it again), read
+    back once it is where the action applies again: say so, rather than contradict."""
+    return InvalidRunStateError(
+        f"run {run_id} was not {status} when the {action} was made (it changed meanwhile, "
+        f"e.g. another retry ran it) and is {status} again now; look again and repeat the "
+        f"{action} if it still applies"
     )

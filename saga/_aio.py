@@ -28,6 +28,22 @@ def is_cancellation(exc: BaseException) -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def is_cancellation_by_saga(exc: BaseException) -> bool:
+    """Whether ``exc``, escaping the user's function, is saga cancelling the call (lease
+    lost, shutdown: a cancel scope around it was cancelled), as opposed to the function
+    cancelling its own task (``asyncio.current_task().cancel()``), which is its failure
+    like any other exception: the task then no longer counts as cancelled (a timeout
+    around the call raises TimeoutError, never gets here)."""
+    if not is_cancellation(exc):
+        return False
+    if anyio.current_effective_deadline() == -math.inf:
+        return True  # a scope around the call was cancelled: the cancellation is saga's
+    task = asyncio.current_task()
+    assert task is not None
+    task.uncancel()
+    return False
+
+
 async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion even if the caller is cancelled meanwhile, by any means
     (anyio scopes, ``asyncio.timeout``, ``wait_for``, ``Task.cancel()``). For writes whose

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from opentelemetry import trace
 
-from saga._aio import is_cancellation
+from saga._aio import is_cancellation_by_saga
 from saga._codec import check_readable
 from saga._errors import SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
@@ -85,7 +85,7 @@ async def call_user(
                     return Succeeded(), None
                 return Succeeded(), await step.fn(ctx)
         except BaseException as exc:
-            if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+            if isinstance(exc, SimulatedCrash) or is_cancellation_by_saga(exc):
                 raise
             return Failed(error_record(exc, step.name), retry.retryable(exc)), None
     # Only reached when the heartbeat cancelled the scope (lease lost): the caller sees

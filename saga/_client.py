@@ -180,8 +180,6 @@ class Client(Lifecycle, Signalling, Acting):
         return entered
 
     def _closing(self, reason: str) -> None:
-        for saga in self._sagas.values():
-            _registry.unregister(saga, self)
         if self._listener is not None:
             self._listener.waiters.close(reason)
 

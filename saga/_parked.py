@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from saga._aio import is_cancellation
+from saga._aio import is_cancellation_by_saga
 from saga._codec import check_readable
 from saga._errors import error_record
 from saga._hooks import SimulatedCrash
@@ -28,7 +28,7 @@ async def sleep_length(
     try:
         seconds = await sleep.due_in(ctx, datetime.now(UTC))
     except BaseException as exc:
-        if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+        if isinstance(exc, SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
         return replace(done, park_error=error_record(exc, sleep.name))
     finally:
@@ -49,6 +49,6 @@ async def timeout_result(
         check_readable(ctx.input)
         return encode(wait, await compute(ctx))
     except BaseException as exc:
-        if is_cancellation(exc) or isinstance(exc, SimulatedCrash):
+        if isinstance(exc, SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
         return Failed(error_record(exc, wait.name), retryable=False), None

@@ -1,8 +1,10 @@
 """Which open clients have registered which saga, so that ``checkout.start(...)`` finds
 its client while the definition itself holds no reference to any runtime.
 
-Weak on both sides: a closed or forgotten client drops out by itself, and so does a saga
-definition nobody holds any more; there is nothing to reset between tests.
+Weak on both sides: a forgotten client drops out by itself, and so does a saga
+definition nobody holds any more; there is nothing to reset between tests. A closed
+client stays listed while something holds it, so that starting through it says it is
+closed rather than that nothing registered the saga.
 """
 
 from __future__ import annotations
@@ -40,20 +42,19 @@ def register(saga: Any, client: Starter) -> None:
     _clients.setdefault(saga, weakref.WeakSet()).add(client)
 
 
-def unregister(saga: Any, client: Starter) -> None:
-    clients = _clients.get(saga)
-    if clients is not None:
-        clients.discard(client)
-
-
 def open_clients(saga: Any) -> list[Starter]:
     """The open clients that registered ``saga``."""
     return [c for c in _clients.get(saga, ()) if c.is_open]
 
 
 def the_client(saga: Any) -> Starter:
-    """The one open client that registered ``saga`` (``Saga.start`` goes through it)."""
+    """The one open client that registered ``saga`` (``Saga.start`` goes through it).
+    None open, but one that registered it is closed or its loops died: that one (its
+    ``start()`` raises LifecycleError, saying which)."""
     live = open_clients(saga)
+    ended: list[Starter] = [c for c in _clients.get(saga, ()) if not c.is_open]
+    if not live and ended:
+        return ended[0]
     if len(live) != 1:
         raise DefinitionError(
             f"saga {saga.name!r} is registered with {len(live)} open clients; "

@@ -333,3 +333,28 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+async def test_a_refused_retry_or_resolve_never_contradicts_itself(
+    orchestrator: OrchestratorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry (or resolve) refused because the run was elsewhere when it was made (a
+    concurrent retry was running it), and read back once the run is failed again, says
+    that it changed meanwhile; it used to say "is failed; only failed and stopped runs
+    can be retried". The race is staged through the private store: its guarded updates
+    refuse, as they do while another retry runs the rollback."""
+    s, _ = _failing_rollback("raced")
+    orch = await orchestrator(s)
+    run = await _failed(orch, s)
+    store = orch._store_or_raise()
+
+    async def refused(*args: Any, **kwargs: Any) -> bool:
+        return False
+
+    for name in ("retry_run", "rewait_run", "resolve_run"):
+        monkeypatch.setattr(store, name, refused)
+    with pytest.raises(saga.InvalidRunStateError, match="changed meanwhile") as raised:
+        await run.retry()
+    assert "only failed and stopped runs" not in str(raised.value)
+    with pytest.raises(saga.InvalidRunStateError, match="changed meanwhile"):
+        await run.resolve(note="fixed by hand")

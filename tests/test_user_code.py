@@ -32,6 +32,16 @@ async def _stray_cancel() -> NoReturn:
     raise AssertionError("unreachable")
 
 
+async def _cancel_itself() -> NoReturn:
+    """Cancel the step's own task, as a step calling ``current_task().cancel()`` does:
+    a real cancellation of the task, yet none of saga's doing."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    await asyncio.sleep(1)
+    raise AssertionError("unreachable")
+
+
 class _StrRaises(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no message for you")
@@ -63,6 +73,7 @@ def _raise(exc: BaseException) -> Callable[[], Any]:
 # (what the step does, the error type recorded)
 RAISED: dict[str, tuple[Callable[[], Any], str]] = {
     "stray CancelledError": (_stray_cancel, "asyncio.exceptions.CancelledError"),
+    "the step cancels its own task": (_cancel_itself, "asyncio.exceptions.CancelledError"),
     "GeneratorExit": (_raise(GeneratorExit()), "GeneratorExit"),
     "SystemExit": (_raise(SystemExit(3)), "SystemExit"),
     "KeyboardInterrupt": (_raise(KeyboardInterrupt()), "KeyboardInterrupt"),
@@ -210,7 +221,8 @@ async def test_a_dying_loop_is_reported_not_hidden(
     """When one of the orchestrator's own loops dies (simulated through the private
     store: its census raises, as a bug would, or raises a stray CancelledError, on which
     anyio would end the loop silently), the orchestrator says so: is_open turns false,
-    start() raises LifecycleError, waiters are woken with LifecycleError, and
+    start() raises LifecycleError (the orchestrator's, and the saga's own: not "not
+    registered"), waiters are woken with LifecycleError, and
     wait_stopped() raises. (Private: nothing public can make a loop fail.)"""
     plain = _plain_saga()
     orch = await orchestrator(plain, concurrency=0, census_interval=0.05)
@@ -234,6 +246,8 @@ async def test_a_dying_loop_is_reported_not_hidden(
     assert not orch.is_open
     with pytest.raises(saga.LifecycleError, match="stopped"):
         await orch.start(plain, Job(n=2))
+    with pytest.raises(saga.LifecycleError, match="stopped"):  # the saga's own start too
+        await plain.start(Job(n=3))
     await orch.aclose()
 
 
