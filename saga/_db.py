@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import urllib.parse
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -20,6 +19,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from saga._dsn import read_dsn
 from saga._errors import ConfigurationError, DatabaseError
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -46,14 +46,9 @@ def validate_schema(schema: str) -> str:
 
 def validate_dsn(dsn: str) -> str:
     """A DSN asyncpg can read: a ``postgresql://`` or ``postgres://`` URI (asyncpg reads
-    no libpq ``key=value`` strings). Its other errors come at the first connection."""
-    scheme = dsn.partition("://")[0].lower() if "://" in dsn else ""
-    if scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(
-            "the DSN must be a postgresql:// URI, e.g. "
-            "postgresql://user:password@host:5432/database, got one starting "
-            f"{dsn[:12]!r}"
-        )
+    no libpq ``key=value`` strings) whose host list, ports (1-65535) and query it can
+    parse (see ``saga._dsn``). A ConfigurationError naming what is wrong otherwise."""
+    read_dsn(dsn)
     return dsn
 
 
@@ -72,16 +67,12 @@ def check_dsn_or_pool(dsn_or_pool: Any, min_size: int, why: str = "") -> None:
 
 
 def describe_dsn(dsn: str) -> str:
-    """Where a DSN points (host, port, database: never the user or the password)."""
+    """Where a DSN points (host, port, database: never the user or the password); for a
+    DSN saga cannot read, why (validate_dsn refuses those before any connection)."""
     try:
-        url = urllib.parse.urlsplit(dsn)
-        query = urllib.parse.parse_qs(url.query)
-        host = url.hostname or ",".join(query.get("host", [])) or "the default host"
-        port = url.port or ",".join(query.get("port", [])) or "the default port"
-    except ValueError:  # a malformed port: the connection says what is wrong
-        return "the database"
-    database = url.path.lstrip("/") or ",".join(query.get("dbname", [])) or "the default"
-    return f"the database {database!r} at {host}, port {port}"
+        return read_dsn(dsn).describe()
+    except ConfigurationError as exc:
+        return f"the database of a DSN saga cannot read ({exc})"
 
 
 def quote_ident(name: str) -> str:
@@ -188,6 +179,12 @@ _DRIVER_ERRORS = (
 )
 
 
+#: What asyncpg's DSN parser raises for what it cannot read, besides its
+#: ClientConfigurationError (int() of a port, an empty host in a list, ...): the text is
+#: not repeated, it may hold the password.
+_DSN_PARSE_ERRORS = (ValueError, TypeError, IndexError, AttributeError)
+
+
 class translate_errors:  # a function to its callers: ``with translate_errors(...)``
     """Turn driver and connection errors into DatabaseError, keeping them as the cause.
 
@@ -240,16 +237,23 @@ async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncp
     every execution (custom plans: their costs depend on a LIMIT or a run id), and
     planning over every partition cost two thirds of a claim's database time."""
     settings = {"plan_cache_mode": "force_generic_plan"} if generic else None
-    async with translate_errors(f"connecting to {describe_dsn(dsn)}"):
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            dsn, min_size=0, max_size=max_size, reset=_keep_session, server_settings=settings
-        )
-        if not generic:  # (opened next to a general pool, which reached the server)
-            try:  # connect now, so that an unreachable server is named as such
-                await pool.release(await pool.acquire())
-            except BaseException:
-                await close_pool(pool)
-                raise
+    where = f"connecting to {describe_dsn(dsn)}"
+    try:
+        async with translate_errors(where):
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                dsn, min_size=0, max_size=max_size, reset=_keep_session, server_settings=settings
+            )
+            if not generic:  # (opened next to a general pool, which reached the server)
+                try:  # connect now, so that an unreachable server is named as such
+                    await pool.release(await pool.acquire())
+                except BaseException:
+                    await close_pool(pool)
+                    raise
+    except _DSN_PARSE_ERRORS as exc:  # what validate_dsn cannot see: PGPORT=abc, ...
+        raise ConfigurationError(
+            f"{where} failed: asyncpg cannot read the DSN or the PG* variables "
+            f"({type(exc).__name__})"
+        ) from exc
     return pool
 
 
