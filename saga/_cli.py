@@ -9,7 +9,7 @@ people; ``--json`` is for scripts. Exit codes are stable:
 ====  =====================================================================
 0     success
 1     error: the database is unreachable, a query failed, the schema is not migrated
-2     usage: a bad option, duration, run id, schema name or target, a key that runs
+2     usage: a bad option, DSN, duration, run id, schema name or target, a key that runs
       of several sagas use, given without --saga, or a signal that cannot be sent (bad
       JSON, a payload its wait's model refuses, a name the run's saga has no wait for,
       a --target without the run's saga); nothing was written
@@ -54,7 +54,7 @@ from saga._cli_ops import COMMANDS, read_payload
 from saga._cli_render import _Ctx
 from saga._cli_sched import SCHEDULE_COMMANDS
 from saga._client import Client
-from saga._db import latest_migration
+from saga._db import latest_migration, validate_dsn, validate_schema
 from saga._definition import Saga
 from saga._errors import (
     ConfigurationError,
@@ -218,23 +218,35 @@ def _load_target(ctx: _Ctx, target: str) -> list[Saga[Any]]:
 
 async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> int:
     args = ctx.args
+    # A ConfigurationError here, before any connection, is a bad argument (exit 2).
+    validate_dsn(dsn)
+    validate_schema(schema)
     if args.command == "migrate":
         return await _migrate(ctx, dsn, schema)
     if args.command == "worker":
         return await _worker(ctx, dsn, schema, sagas)
     orch = Client(dsn, sagas=sagas, schema=schema, migrate=False)
     async with contextlib.AsyncExitStack() as stack:
-        try:
-            await stack.enter_async_context(orch)
-        except ConfigurationError as exc:  # the arguments were fine: the schema is not
-            ctx.fail(EXIT_ERROR, str(exc))
+        await _open(ctx, stack, orch)
         command = {**COMMANDS, **ACTIONS, **SCHEDULE_COMMANDS}[args.command]
         return await command(ctx, orch)
     raise AssertionError("unreachable")  # pragma: no cover - mypy: the block returns
 
 
+async def _open(ctx: _Ctx, stack: contextlib.AsyncExitStack, client: Client) -> None:
+    """Open ``client`` (built, so its arguments were fine): a ConfigurationError now is
+    what the database holds (a schema not migrated), an error (exit 1), not usage."""
+    try:
+        await stack.enter_async_context(client)
+    except ConfigurationError as exc:
+        ctx.fail(EXIT_ERROR, str(exc))
+
+
 async def _migrate(ctx: _Ctx, dsn: str, schema: str) -> int:
-    applied = await migrate(dsn, schema=schema)
+    try:
+        applied = await migrate(dsn, schema=schema)
+    except ConfigurationError as exc:  # the arguments were checked: found on open
+        ctx.fail(EXIT_ERROR, str(exc))
     if ctx.as_json:
         ctx.emit({"schema": schema, "applied": applied, "version": latest_migration()})
     elif applied:
@@ -246,18 +258,20 @@ async def _migrate(ctx: _Ctx, dsn: str, schema: str) -> int:
 
 async def _worker(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> int:
     args = ctx.args
+    orch = Orchestrator(  # a bad setting: ConfigurationError, exit 2
+        dsn,
+        sagas=sagas,
+        schema=schema,
+        concurrency=args.concurrency,
+        lease_seconds=args.lease_seconds,
+        poll_interval=args.poll_interval,
+        shutdown_timeout=args.shutdown_timeout,
+        worker_id=args.worker_id,
+        migrate=not args.no_migrate,
+    )
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with Orchestrator(
-            dsn,
-            sagas=sagas,
-            schema=schema,
-            concurrency=args.concurrency,
-            lease_seconds=args.lease_seconds,
-            poll_interval=args.poll_interval,
-            shutdown_timeout=args.shutdown_timeout,
-            worker_id=args.worker_id,
-            migrate=not args.no_migrate,
-        ) as orch:
+        async with contextlib.AsyncExitStack() as stack:
+            await _open(ctx, stack, orch)
             names = ", ".join(f"{s.name} v{s.version}" for s in sagas)
             ctx.note(
                 f"saga worker {orch.worker_id} ready: {names} (concurrency {orch.concurrency})"
