@@ -80,6 +80,13 @@ def _check_limit(name: str, value: object) -> int:
     return value
 
 
+def _check_expect(value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ConfigurationError(
+            f"expect must be None or an int >= 0 (the count confirmed), got {value!r}"
+        )
+
+
 async def count_matching(
     client: Client,
     *,
@@ -104,7 +111,9 @@ async def _bulk(
     expect: int | None,
     act: Callable[[uuid.UUID], Awaitable[None]],
 ) -> BulkResult:
-    ids = await _matching(client, where, _check_limit("limit", limit))
+    _check_limit("limit", limit)
+    _check_expect(expect)  # both before anything is read
+    ids = await _matching(client, where, limit)
     if len(ids) > limit:
         raise ConfigurationError(
             f"more than limit={limit} runs match; narrow the filter or raise the limit "

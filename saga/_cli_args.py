@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from saga import __version__
+from saga._bulk import MAX_BULK
 from saga._cli_sched import add_schedule_parsers
 from saga._cli_values import (
     EXIT_BROKEN_PIPE,
@@ -18,6 +19,7 @@ from saga._cli_values import (
     EXIT_USAGE,
     _count,
     _Exit,
+    _int_up_to,
     _Parser,
     _positive_float,
     _positive_int,
@@ -102,7 +104,10 @@ def _add_actions(add: Callable[[str, str, str], argparse.ArgumentParser]) -> Non
         parser.add_argument("--all", action="store_true", help="every run the filters match")
         _add_filters(parser)
         parser.add_argument(
-            "--limit", type=_positive_int, default=100, help="with --all: at most this many"
+            "--limit",
+            type=_int_up_to(MAX_BULK),
+            default=100,
+            help=f"with --all: at most this many (up to {MAX_BULK})",
         )
         parser.add_argument(
             "--expect", type=_count, metavar="COUNT", help="with --all: act if COUNT runs match"
@@ -135,7 +140,10 @@ def _add_actions(add: Callable[[str, str, str], argparse.ArgumentParser]) -> Non
         "Failed runs and runs stopped for an operator, except those marked resolved.",
     )
     attention.add_argument(
-        "--limit", type=_positive_int, default=50, help=f"page size, at most {MAX_PAGE_SIZE}"
+        "--limit",
+        type=_int_up_to(MAX_PAGE_SIZE),
+        default=50,
+        help=f"page size, at most {MAX_PAGE_SIZE}",
     )
     attention.add_argument("--after", type=_run_id, metavar="RUN", help="next page")
 
@@ -212,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_filters(runs)
     runs.add_argument(
-        "--limit", type=_positive_int, default=50, help=f"page size, at most {MAX_PAGE_SIZE}"
+        "--limit",
+        type=_int_up_to(MAX_PAGE_SIZE),
+        default=50,
+        help=f"page size, at most {MAX_PAGE_SIZE}",
     )
     runs.add_argument(
         "--before",

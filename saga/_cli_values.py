@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn
 from uuid import UUID
@@ -81,6 +82,24 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def _int_up_to(maximum: int) -> Callable[[str], int]:
+    """An option's integer from 1 to ``maximum``: refused by argparse, naming the option,
+    before any connection (the Python API's own check would name its argument)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be a positive integer, at most {maximum}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _count(text: str) -> int:
