@@ -83,11 +83,7 @@ class _Instruments:
         self._states: list[GaugeState] = []
         runs = "{run}"
         counter = partial(Tally.observed, meter)  # counters: see saga/_tally.py
-        self.runs_started = counter(
-            "saga.runs.started",
-            runs,
-            "Runs start() inserted (committed, or in the caller's transaction).",
-        )
+        self.runs_started = counter("saga.runs.started", runs, "Runs start() inserted.")
         self.runs_ended = {
             status: counter(f"saga.runs.{status}", runs, f"Runs that ended {status}.")
             for status in (str(s) for s in RunStatus.terminal())
