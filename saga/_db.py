@@ -179,6 +179,26 @@ _DRIVER_ERRORS = (
 )
 
 
+#: What a database that cannot be reached now raises (down, restarting, shutting down,
+#: out of connection slots, a connection broken mid-statement), as opposed to one that
+#: refused a statement.
+_UNREACHABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+def unreachable(exc: DatabaseError) -> bool:
+    """Whether ``exc`` says the database cannot be reached now (its cause: see above)."""
+    return isinstance(exc.__cause__, _UNREACHABLE)
+
+
 #: What asyncpg's DSN parser raises for what it cannot read, besides its
 #: ClientConfigurationError (int() of a port, an empty host in a list, ...): the text is
 #: not repeated, it may hold the password.

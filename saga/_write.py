@@ -15,6 +15,7 @@ from uuid import UUID
 
 import anyio
 
+from saga._db import unreachable
 from saga._definition import Context
 from saga._errors import DatabaseError
 from saga._graph_plan import GraphChange, GraphRun
@@ -40,6 +41,10 @@ Written = TransitionResult | _Committed | None
 
 # Waits between attempts to write a transition through connection errors (seconds).
 _RETRY_DELAYS = (0.05, 0.25, 1.0, 3.0)
+# Then, while the database cannot be reached, one more attempt every this many seconds
+# for as long as it takes: the worker holds the attempt's outcome, and giving it up
+# would charge the attempt for an outage (a step with one attempt would roll back).
+_AWAY_DELAY = 2.0
 
 
 class Writer:
@@ -109,8 +114,16 @@ class Writer:
     ) -> T:
         """A write (fenced: replaying it is safe) broke its connection, so it may have
         committed unseen: try again after each delay until it gets an answer (the
-        caller resolves a refusal from the history), or raise the last error."""
-        for delay in _RETRY_DELAYS:
+        caller resolves a refusal from the history), or raise the last error. While the
+        database cannot be reached at all, go on trying every ``_AWAY_DELAY`` seconds:
+        once it is back the write lands, or its fence says another worker took over."""
+        delays = iter(_RETRY_DELAYS)
+        while True:
+            delay = next(delays, None)
+            if delay is None:
+                if not unreachable(exc):
+                    raise exc
+                delay = _AWAY_DELAY
             self._outage.lost("recording an outcome", exc)
             await anyio.sleep(delay)
             try:
@@ -120,7 +133,6 @@ class Writer:
                 continue
             self._outage.back()
             return written
-        raise exc
 
     async def _resolve(self, run_id: UUID, change: Transition, log: Any) -> Written:
         """After an uncertain write was refused on replay: did the first one commit?

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
 import saga
+from saga import _write
 from saga.testing import Faults, advance
 from tests._sagas import Job, Ledger, fast, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
+
+T = TypeVar("T")
 
 
 def ledger_saga(effects: Ledger, name: str = "ledger") -> saga.Saga[Job]:
@@ -322,3 +328,53 @@ async def test_advancing_the_timer_of_no_run_raises(
     run = await orch.start(s, Job(n=1))
     await run.result(timeout=10)
     assert await advance(orch, run, 5) is None
+
+
+async def test_an_outcome_is_written_however_long_the_database_is_away(
+    orchestrator: OrchestratorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step with a single attempt succeeds, then its outcome's write finds the database
+    unreachable eight times in a row (longer than the fixed retries): the worker goes on
+    trying, and once the write lands the run completes, its attempt not charged (no
+    lease expiry, no AttemptLost rollback). It used to give up after four retries (about
+    4 s of an outage), and the lease's expiry rolled the run back. (Private: the delays
+    are shortened, and the lease too, so the old way fails fast.)"""
+    monkeypatch.setattr(_write, "_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(_write, "_AWAY_DELAY", 0.05)
+    effects = Ledger()
+    s = small_saga("away", ["once"], ledger=effects, retry=saga.Retry(max_attempts=1))
+    faults = Faults()
+    faults.drop_connection_at_commit("once", committed=False, times=8)
+    orch = await orchestrator(s, lease_seconds=1.5)
+    faults.attach(orch)
+    run = await s.start(Job(n=1))
+    assert await run.result(timeout=15) == "once"
+    assert faults.fired["drop_connection"] == 8
+    kinds = [e.kind for e in await run.history()]
+    assert kinds.count("step_completed") == 1
+    assert "lease_expired" not in kinds
+
+
+async def test_a_write_the_database_refuses_is_not_tried_forever(
+    orchestrator: OrchestratorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that reaches the database and is refused by it (an error other than the
+    database being away) is tried a few times, then given up: the lease runs out and the
+    attempt is retried elsewhere, never a loop. (Private: delays shortened.)"""
+    monkeypatch.setattr(_write, "_RETRY_DELAYS", (0.01, 0.01))
+    s = small_saga("refused_write", ["once"], retry=saga.Retry(max_attempts=2))
+    refusals = []
+
+    class Refusing(Faults):
+        async def write(self, ctx: saga.Context[Any], write: Callable[[], Awaitable[T]]) -> T:
+            if ctx.attempt == 1:
+                refusals.append(ctx.attempt)
+                raise saga.DatabaseError("refused") from asyncpg.DataError("no")
+            return await write()
+
+    orch = await orchestrator(s, lease_seconds=0.5)
+    Refusing().attach(orch)
+    run = await s.start(Job(n=1))
+    assert await run.result(timeout=15) == "once"
+    assert len(refusals) == 3  # the write and its two retries, then given up
+    assert "lease_expired" in [e.kind for e in await run.history()]

@@ -26,7 +26,7 @@ import anyio
 from saga._client import Client
 from saga._db import channel, translate_errors
 from saga._errors import SagaError
-from saga._log import logger
+from saga._log import Outage
 
 #: How often the history's sequence is read while somebody watches (s).
 SEQUENCE_INTERVAL = 1.0
@@ -46,6 +46,7 @@ class Hub:
         self._closed = False
         self.subscribers = 0
         self.connected = False  # whether the watch loop holds its connection (tests)
+        self._connections = 0  # how many times it took one
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Subscription]:
@@ -87,19 +88,22 @@ class Hub:
         self._poke.set()
 
     async def _watch(self) -> None:
-        """Hold the connection and announce changes; reconnect after an outage."""
+        """Hold the connection and announce changes. An outage is logged once when it
+        starts and once when it ends (as every loop's); the connection is tried again
+        after 1 s, then backing off to 10 s, and from 1 s again after each success."""
+        outage = Outage("dashboard")
         delay = 1.0
         while True:
+            before = self._connections
             try:
-                await self._watch_once()
+                await self._watch_once(outage)
             except SagaError as exc:  # the database is away, or the client closed
-                cause = type(exc.__cause__ or exc).__name__
-                logger.warning("dashboard_hub_lost", error_type=cause)
+                outage.lost("listening for the dashboard", exc)
             self.connected = False
+            delay = 1.0 if self._connections != before else min(delay * 2, 10.0)
             await anyio.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
-    async def _watch_once(self) -> None:
+    async def _watch_once(self, outage: Outage) -> None:
         store = self._client._store_or_raise()
         channels = (channel(store.schema, "work"), channel(store.schema, "done"))
         async with translate_errors("listening for the dashboard"), store.pool.acquire() as conn:
@@ -107,7 +111,11 @@ class Hub:
                 await conn.add_listener(name, self._on_notify)
             try:
                 self.connected = True
-                await self._loop(conn)
+                self._connections += 1
+                # Back after an outage: anything may have changed meanwhile, unheard.
+                missed = outage.down
+                outage.back()
+                await self._loop(conn, missed)
             finally:
                 self.connected = False
                 if not conn.is_closed():
@@ -115,9 +123,11 @@ class Hub:
                         for name in channels:
                             await conn.remove_listener(name, self._on_notify)
 
-    async def _loop(self, conn: Any) -> None:
+    async def _loop(self, conn: Any, missed: bool) -> None:
         store = self._client._store_or_raise()
         last = await store.events_sequence(conn)
+        if missed:
+            self._publish()
         while True:
             with anyio.move_on_after(SEQUENCE_INTERVAL):
                 await self._poke.wait()

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 from starlette.types import Message
+from structlog.testing import capture_logs
 
 from tests._sagas import Gate, small_saga
 from tests.web.conftest import mounted
@@ -145,3 +146,33 @@ async def test_close_streams_ends_open_streams(orchestrator: Any) -> None:
             app.routes[0].app.close_streams()
         # Both runs returned by themselves: nobody disconnected.
     assert _hub(app).subscribers == 0
+
+
+async def test_after_an_outage_open_streams_hear_at_once(orchestrator: Any, db: Any) -> None:
+    """The hub's connection is killed (the database restarting does the same): it logs
+    the outage once when it starts and once when it ends, reconnects, and announces a
+    change at once, because anything may have changed while it was away (runs that ended
+    then sent no event the hub heard). It used to announce nothing until the next change
+    after it was back, and to log every failed reconnect."""
+    s = small_saga("outage_live", ["s1"])
+    orch = await orchestrator(s)
+    app = mounted(orch)
+    hub = _hub(app)
+    stream = Stream(app)
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.run)
+            await stream.until("retry:")
+            await _eventually(lambda: hub.connected)
+            before = stream.text.count("event: change")
+            await db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+            )
+            with anyio.fail_after(10):
+                while stream.text.count("event: change") == before:
+                    await stream.received.wait()
+            await _eventually(lambda: hub.connected)
+            stream.close()
+    mine = [e for e in logs if e.get("worker") == "dashboard"]
+    assert [e["event"] for e in mine] == ["database_unavailable", "database_available"]
