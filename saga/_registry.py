@@ -51,10 +51,10 @@ def the_client(saga: Any) -> Starter:
     """The one open client that registered ``saga`` (``Saga.start`` goes through it).
     None open, but one that registered it is closed or its loops died: that one (its
     ``start()`` raises LifecycleError, saying which)."""
-    live = open_clients(saga)
-    ended: list[Starter] = [c for c in _clients.get(saga, ()) if not c.is_open]
-    if not live and ended:
-        return ended[0]
+    registered: list[Starter] = list(_clients.get(saga, ()))
+    live = [c for c in registered if c.is_open]
+    if not live and registered:
+        return registered[0]
     if len(live) != 1:
         raise DefinitionError(
             f"saga {saga.name!r} is registered with {len(live)} open clients; "

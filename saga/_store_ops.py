@@ -175,7 +175,7 @@ class OperatorQueries:
         assert row is not None
         return row["runs"], row["events"]
 
-    async def release_prunable_keys(self, older_than: float, statuses: Sequence[str]) -> int:
+    async def release_prunable_keys(self, older_than: float, statuses: Sequence[str]) -> None:
         """Free the keys of the runs prune would delete that still hold one (failed or
         stopped, never resolved), each as resolve() does: the oldest run queued for the
         key takes the slot, rather than wait for a holder that no longer exists."""
@@ -190,7 +190,6 @@ class OperatorQueries:
                     )
                     if key is not None:
                         await conn.fetchrow(self._q["key_fill"], *key, self.work_channel)
-        return len(rows)
 
     async def prune_days(
         self, older_than: float, statuses: Sequence[str], dry_run: bool = False
