@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -233,6 +235,35 @@ class translate_errors:  # a function to its callers: ``with translate_errors(..
 
     async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         self.__exit__(kind, exc, tb)
+
+
+@asynccontextmanager
+async def listening(
+    conn: Executor, channels: Sequence[str], callback: Callable[..., None]
+) -> AsyncIterator[None]:
+    """LISTEN on ``channels`` (``callback`` hears them) while the block runs.
+
+    However the block ends (a cancel in the middle of a LISTEN included), the connection
+    goes back to its pool listening to nothing: asyncpg warns about a connection released
+    with a listener, and saga's pools do not UNLISTEN on release (see ``_keep_session``).
+    When a LISTEN or an UNLISTEN was cut short (a cancel, an error, 2 s), the server may
+    still hold it: the connection is closed instead of being reused."""
+    added = 0
+    try:
+        for name in channels:
+            await conn.add_listener(name, callback)
+            added += 1
+        yield
+    finally:
+        clean = added == len(channels)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2) as late:
+            for name in channels:  # (asyncpg forgets the callback before its UNLISTEN)
+                try:
+                    await conn.remove_listener(name, callback)
+                except Exception:  # the connection broke: closing it below is all to do
+                    clean = False
+        if (late.cancelled_caught or not clean) and not conn.is_closed():
+            conn.terminate()
 
 
 async def _keep_session(_conn: Any) -> None:

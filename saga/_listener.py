@@ -22,7 +22,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
-from saga._db import Executor, translate_errors
+from saga._db import Executor, listening, translate_errors
 from saga._errors import DatabaseError, LifecycleError
 from saga._log import Outage, logger
 from saga._store import Store
@@ -75,6 +75,39 @@ class Waiters:
         """Wake everyone for good: later waits raise LifecycleError(reason)."""
         self.closed = reason
         self.wake_all()
+
+
+@contextlib.asynccontextmanager
+async def _forgetting(conn: Executor, on_lost: Callable[[Any], None]) -> AsyncIterator[None]:
+    """The termination listener stays with this use of the connection, not the pool's."""
+    try:
+        yield
+    finally:
+        conn.remove_termination_listener(on_lost)
+
+
+@contextlib.asynccontextmanager
+async def _marked_present(conn: Executor, store: Store) -> AsyncIterator[None]:
+    """The session's presence mark while the block runs. The mark is a session advisory
+    lock: when taking or leaving it was cut short (a cancel, an error, 2 s), the session
+    may still hold it, and back in the pool it would count a peer for as long as the
+    connection lives; the connection is closed instead."""
+    entered = present = False
+    try:
+        present = await store.enter_presence(conn)
+        entered = True
+        yield
+    finally:
+        clean = entered
+        if present and not conn.is_closed():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2) as late:
+                try:
+                    await store.leave_presence(conn)
+                except DatabaseError:
+                    clean = False
+            clean = clean and not late.cancelled_caught
+        if not clean and not conn.is_closed():
+            conn.terminate()
 
 
 class Listener:
@@ -147,8 +180,9 @@ class Listener:
             lost = anyio.Event()
             try:
                 async with translate_errors("listening"), self._pool.acquire() as conn:
-                    conn.add_termination_listener(self._on_lost(lost))
-                    async with self._listening(conn):
+                    on_lost = self._on_lost(lost)
+                    conn.add_termination_listener(on_lost)
+                    async with _forgetting(conn, on_lost), self._listening(conn):
                         await self._count_peers(conn)
                         if not started:
                             started = True
@@ -175,19 +209,12 @@ class Listener:
         channels = [store.work_channel, store.done_channel]
         if self._peers is not None:
             channels.append(store.peers_channel)
-        for channel in channels:
-            await conn.add_listener(channel, self._on_notify)
-        present = self._peers is not None and await store.enter_presence(conn)
-        try:
-            yield
-        finally:
-            if not conn.is_closed():
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    if present:
-                        with contextlib.suppress(DatabaseError):
-                            await store.leave_presence(conn)
-                    for channel in channels:
-                        await conn.remove_listener(channel, self._on_notify)
+        async with listening(conn, channels, self._on_notify):
+            if self._peers is None:
+                yield
+            else:
+                async with _marked_present(conn, store):
+                    yield
 
     async def _hold(self, conn: Executor, lost: anyio.Event) -> None:
         """Until the connection is lost: count the peers when stirred, or every 5 s."""

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from saga._client import Client
-from saga._db import channel, translate_errors
+from saga._db import channel, listening, translate_errors
 from saga._errors import SagaError
 from saga._log import Outage
 
@@ -106,9 +106,11 @@ class Hub:
     async def _watch_once(self, outage: Outage) -> None:
         store = self._client._store_or_raise()
         channels = (channel(store.schema, "work"), channel(store.schema, "done"))
-        async with translate_errors("listening for the dashboard"), store.pool.acquire() as conn:
-            for name in channels:
-                await conn.add_listener(name, self._on_notify)
+        async with (
+            translate_errors("listening for the dashboard"),
+            store.pool.acquire() as conn,
+            listening(conn, channels, self._on_notify),
+        ):
             try:
                 self.connected = True
                 self._connections += 1
@@ -118,10 +120,6 @@ class Hub:
                 await self._loop(conn, missed)
             finally:
                 self.connected = False
-                if not conn.is_closed():
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                        for name in channels:
-                            await conn.remove_listener(name, self._on_notify)
 
     async def _loop(self, conn: Any, missed: bool) -> None:
         store = self._client._store_or_raise()
