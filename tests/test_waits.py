@@ -17,7 +17,7 @@ import saga
 from saga._partitions import uuid7
 from saga._store_signals import Delivery
 from saga.testing import advance
-from tests._sagas import FAST, Job, Ledger, until_status
+from tests._sagas import FAST, Gate, Job, Ledger, until_status
 from tests.conftest import ClientFactory, OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,8 +34,10 @@ def approval_saga(
     timeout: float | None = 3600.0,
     on_timeout: Any = "compensate",
     name: str = "approval",
+    gate: Gate | None = None,
 ) -> tuple[saga.Saga[Job], saga.Wait[Decision]]:
-    """reserve (compensated) -> wait "decision" -> finish (returns who approved)."""
+    """reserve (compensated) -> wait "decision" -> finish (returns who approved; held by
+    ``gate``)."""
     s = saga.Saga(name, input=Job)
 
     @s.step(retry=FAST)
@@ -52,6 +54,8 @@ def approval_saga(
     @s.step(retry=FAST)
     async def finish(ctx: saga.Context[Job]) -> str:
         ledger.record(ctx)
+        if gate is not None:
+            await gate.pass_through(ctx)
         got = ctx.result(decision)
         if not got.approved:
             raise saga.PermanentError(f"rejected by {got.by}")
@@ -324,16 +328,23 @@ async def test_the_first_signal_wins_and_a_repeat_changes_nothing(
     orchestrator: OrchestratorFactory,
 ) -> None:
     """A second signal of the same name is reported (False) and changes nothing, before
-    and after the run consumed the first."""
+    and after the run consumed the first; once the run has ended, a signal is refused.
+    (``finish`` is held until the repeats were sent: a run that ended first would refuse
+    them, which the test must not leave to timing.)"""
     ledger = Ledger()
-    s, decision = approval_saga(ledger)
+    gate = Gate("finish")
+    s, decision = approval_saga(ledger, gate=gate)
     orch = await orchestrator(s)
     run = await orch.start(s, Job(n=1))
     assert await run.signal(decision, Decision(approved=True, by="first")) is True
     assert await run.signal(decision, Decision(approved=False, by="second")) is False
+    with anyio.fail_after(10):
+        await gate.entered.wait()  # consumed
+    assert await run.signal(decision, Decision(approved=False, by="third")) is False
+    gate.release.set()
     assert await run.result(timeout=10) == "first"
     with pytest.raises(saga.InvalidRunStateError, match="has ended"):
-        await run.signal(decision, Decision(approved=False, by="third"))
+        await run.signal(decision, Decision(approved=False, by="fourth"))
 
 
 async def test_a_rejection_compensates_what_completed(orchestrator: OrchestratorFactory) -> None:

@@ -89,16 +89,34 @@ async def test_no_decision_within_48_hours_releases_the_hold(
     assert late.status_code == 409
 
 
-async def test_a_repeated_decision_changes_nothing(client: httpx.AsyncClient) -> None:
-    """Two decisions before the run consumed either: the first wins (202), the second
-    is answered 200 with accepted false."""
+async def test_a_repeated_decision_changes_nothing(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two decisions in a row: the first wins (202), the second is answered 200 with
+    accepted false; once the refund has completed, a decision is 409. (The payment is
+    held until the repeat was answered: a run that ended first would turn it into a
+    409, which the test must not leave to timing.)"""
+    paying, paid = anyio.Event(), anyio.Event()
+    pay = payments.refund
+
+    async def held_refund(hold_id: str, *, key: str) -> str:
+        paying.set()
+        await paid.wait()
+        return await pay(hold_id, key=key)
+
+    monkeypatch.setattr(payments, "refund", held_refund)
     await client.post("/refunds", json=request("r4"))
     first = await client.post("/refunds/r4/decision", json={"approved": True, "manager": "a"})
     second = await client.post("/refunds/r4/decision", json={"approved": False, "manager": "b"})
     assert first.status_code == 202
     assert second.status_code == 200
     assert second.json()["accepted"] is False
+    with anyio.fail_after(15):
+        await paying.wait()  # the first decision was consumed: it approved
+    paid.set()
     await until(client, "r4", "completed")
+    late = await client.post("/refunds/r4/decision", json={"approved": False, "manager": "c"})
+    assert late.status_code == 409
 
 
 async def test_bad_requests(client: httpx.AsyncClient) -> None:
