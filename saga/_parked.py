@@ -47,7 +47,10 @@ async def timeout_result(
         return Succeeded(), None
     try:
         check_readable(ctx.input)
-        return encode(wait, await compute(ctx))
+        value = await compute(ctx)
+        if not isinstance(value, wait.model):  # a mapping, as a signal's payload may be
+            value = wait.model.model_validate(value)
+        return encode(wait, value)
     except BaseException as exc:
         if isinstance(exc, SimulatedCrash) or is_cancellation_by_saga(exc):
             raise

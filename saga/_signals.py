@@ -177,6 +177,12 @@ def _outcome(delivery: Delivery, run_id: uuid.UUID, wait: Wait[Any]) -> bool:
         raise InvalidRunStateError(
             f"run {run_id} has ended: signal {name!r} refused (recorded in its history)"
         )
+    if delivery is Delivery.RESOLVED:
+        raise InvalidRunStateError(
+            f"run {run_id} is stopped and resolved: resolving it freed its concurrency key "
+            f"for the next run, so it can no longer go on: signal {name!r} refused "
+            "(recorded in its history)"
+        )
     if delivery is Delivery.ROLLING_BACK:
         raise InvalidRunStateError(
             f"run {run_id} is rolling back (cancelled, or a step failed) and will wait for "

@@ -33,6 +33,7 @@ class Delivery(enum.Enum):
     NOT_FOUND = "not_found"
     OTHER_SAGA = "other_saga"  # the run is not of the saga the payload was checked for
     ENDED = "ended"  # refused, recorded in the history: the run has ended
+    RESOLVED = "resolved"  # refused, recorded: stopped, resolved, its concurrency key freed
     ROLLING_BACK = "rolling_back"  # refused, recorded: cancelled, or a step failed for good
     DECIDED = "decided"  # refused, recorded: the wait timed out (or the run was cancelled)
 
@@ -86,6 +87,8 @@ class SignalQueries:
             return Delivery.OTHER_SAGA
         if row["ended"]:
             return Delivery.ENDED
+        if row["freed"]:
+            return Delivery.RESOLVED
         if row["rolling_back"]:
             return Delivery.ROLLING_BACK
         if row["accepted"]:

@@ -716,3 +716,85 @@ async def test_a_run_stopped_at_one_wait_keeps_a_signal_for_a_later_one(
     assert await run.signal(second, Decision(approved=True, by="later")) is True
     assert await run.signal(first, Decision(approved=True, by="ops")) is True
     assert await run.result(timeout=10) == "ops+later"
+
+
+async def test_a_signal_cannot_resume_a_resolved_run_whose_key_went_to_another(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A keyed run stopped at its timed-out wait and resolved freed its key, and the next
+    run of that key was admitted: a signal for the wait it is stopped at is refused
+    (InvalidRunStateError saying so, `signal_refused` with reason `resolved` in its
+    history), as its retry() is, and the run never runs again beside the key's new
+    holder. It used to be accepted, and the run completed while the other held the key."""
+    s = saga.Saga("keyed_wait", input=Job, concurrency_key=lambda job: "acct")
+
+    @s.step(retry=FAST)
+    async def reserve(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    decision = s.wait_for("decision", Decision, timeout=60, on_timeout="stop")
+
+    @s.step(retry=FAST)
+    async def finish(ctx: saga.Context[Job]) -> str:
+        return ctx.result(decision).by
+
+    orch = await orchestrator(s)
+    first = await orch.start(s, Job(n=1))
+    await until_status(first, saga.RunStatus.WAITING)
+    second = await orch.start(s, Job(n=2))
+    await advance(orch, first, 60)
+    await until_status(first, saga.RunStatus.STOPPED)
+    await first.resolve(note="refunded by hand")
+    await until_status(second, saga.RunStatus.WAITING)  # the key's holder now
+    with pytest.raises(saga.InvalidRunStateError, match="resolved: resolving it freed"):
+        await first.signal(decision, Decision(approved=True, by="late"))
+    with pytest.raises(saga.InvalidRunStateError):
+        await first.retry()
+    refused = [e for e in await first.history() if e.kind == "signal_refused"]
+    assert [e.data["reason"] for e in refused] == ["resolved"]
+    assert (await first.info()).status is saga.RunStatus.STOPPED
+    # The key's holder is untouched and goes on when signalled.
+    assert await second.signal(decision, Decision(approved=True, by="ana")) is True
+    assert await second.result(timeout=10) == "ana"
+
+
+@pytest.mark.parametrize(
+    ("returned", "outcome"),
+    [
+        ({"approved": True, "by": "auto"}, "auto"),
+        ({"approved": "maybe"}, "ValidationError"),
+    ],
+)
+async def test_an_on_timeout_function_may_return_the_payload_as_a_mapping(
+    orchestrator: OrchestratorFactory, returned: dict[str, Any], outcome: str
+) -> None:
+    """The value an on_timeout function returns is taken as if it were the payload: a
+    mapping is validated against the wait's model (as a signal's is), and the run goes
+    on with the model; one that does not validate fails the wait, and the run rolls back
+    naming the ValidationError. A mapping used to fail as a SerializationError."""
+    s = saga.Saga("mapping_default", input=Job)
+
+    @s.step(retry=FAST)
+    async def reserve(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    async def default(ctx: saga.Context[Job]) -> Any:
+        return returned
+
+    decision = s.wait_for("decision", Decision, timeout=60, on_timeout=default)
+
+    @s.step(retry=FAST)
+    async def finish(ctx: saga.Context[Job]) -> str:
+        got = ctx.result(decision)
+        assert isinstance(got, Decision)
+        return got.by
+
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=2))
+    await until_status(run, saga.RunStatus.WAITING)
+    await advance(orch, run, 60)
+    try:
+        got: Any = await run.result(timeout=10)
+    except saga.RunCompensatedError as exc:
+        got = exc.error.type.rsplit(".", 1)[-1] if exc.error else None
+    assert got == outcome

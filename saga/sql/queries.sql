@@ -1207,9 +1207,11 @@ ORDER BY saga_name, status;
 -- name: send_signal
 -- Record the signal $2 for run $1 in one statement: the first of a name wins; a run
 -- waiting at that wait (or stopped at it) is due now and the workers are woken at
--- commit; a run that has ended, is rolling back (cancelled, or a step failed for good:
--- it will never reach a wait), or whose wait was decided (timed out) refuses it, and the
--- refusal goes into its history with its reason. The run row is locked first, then the
+-- commit; a run that has ended, is stopped and resolved with its concurrency key freed
+-- (another run may hold the key now: it can no longer go on, as for retry()), is rolling
+-- back (cancelled, or a step failed for good: it will never reach a wait), or whose wait
+-- was decided (timed out) refuses it, and the refusal goes into its history with its
+-- reason. The run row is locked first, then the
 -- signal row written with INSERT ... ON CONFLICT, the order every writer of signals
 -- takes: a signal racing the run's wait is never lost. No row: no such run.
 -- $1 run id, $2 signal name, $3 payload JSON text, $4 the saga name and $5 version the
@@ -1222,6 +1224,7 @@ WITH run AS (
     -- snapshot): every decision below reads it from here, never from a scan of runs.
     SELECT id, saga_name, saga_version, status, wait_name,
            status = 'compensating' OR cancel_requested AS rolling_back,
+           status = 'stopped' AND key_state IS NOT DISTINCT FROM 'released' AS freed,
            status = 'stopped' AND wait_name = $2 AS stopped_here,
            status IN ('waiting', 'stopped') AND wait_name = $2 AND lease_owner IS NULL
                AS at_this_wait
@@ -1237,7 +1240,8 @@ WITH run AS (
     -- Always a row back (DO UPDATE), so that why a signal was not taken is known: the
     -- row carries this signal's id only when this statement recorded it.
     INSERT INTO __schema__.signals AS s (run_id, name, payload, signal_id, received_at)
-    SELECT id, $2, $3, $7, now() FROM target WHERE same_saga AND NOT ended AND NOT rolling_back
+    SELECT id, $2, $3, $7, now() FROM target
+    WHERE same_saga AND NOT ended AND NOT freed AND NOT rolling_back
     ON CONFLICT (run_id, name) DO UPDATE SET
         (payload, signal_id, received_at, closed) = (
             SELECT CASE WHEN take THEN excluded.payload ELSE s.payload END,
@@ -1249,7 +1253,7 @@ WITH run AS (
         )
     RETURNING s.signal_id = $7 AS accepted, s.payload IS NOT NULL AS repeated
 ), outcome AS (
-    SELECT t.id, t.saga_name, t.same_saga, t.ended, t.rolling_back, t.at_this_wait,
+    SELECT t.id, t.saga_name, t.same_saga, t.ended, t.freed, t.rolling_back, t.at_this_wait,
            coalesce(r.accepted, false) AS accepted,
            coalesce(r.repeated AND NOT r.accepted, false) AS repeated
     FROM target t LEFT JOIN rec r ON true
@@ -1280,12 +1284,13 @@ WITH run AS (
            CASE WHEN accepted THEN jsonb_build_object('signal', $2::text)
                 ELSE jsonb_build_object('signal', $2::text, 'reason',
                                         CASE WHEN ended THEN 'ended'
+                                             WHEN freed THEN 'resolved'
                                              WHEN rolling_back THEN 'rolling_back'
                                              ELSE 'wait_decided' END)
            END
     FROM outcome WHERE same_saga AND NOT repeated
 )
-SELECT o.saga_name, o.same_saga, o.ended, o.rolling_back, o.accepted, o.repeated,
+SELECT o.saga_name, o.same_saga, o.ended, o.freed, o.rolling_back, o.accepted, o.repeated,
        (SELECT pg_notify($6, saga_name)::text FROM woken WHERE $6 IS NOT NULL) AS notified,
        $7::uuid AS signal_id
 FROM outcome o;
