@@ -82,3 +82,26 @@ def check_registered(sagas: dict[tuple[str, int], Any]) -> None:
                     f"{child.name!r} v{child.version}, which is not registered with this "
                     "client; pass it in sagas= too"
                 )
+
+
+def check_acyclic(sagas: dict[tuple[str, int], Any]) -> None:
+    """No saga starts runs of itself through other sagas' children steps: such runs
+    would nest without bound (a saga naming itself is refused when declared)."""
+    done: set[int] = set()
+
+    def visit(saga: Any, path: list[Any]) -> None:
+        if id(saga) in done:
+            return
+        if any(s is saga for s in path):
+            chain = " -> ".join(f"{s.name!r}" for s in [*path[path.index(saga) :], saga])
+            raise DefinitionError(
+                f"saga {saga.name!r} starts runs of itself through child sagas ({chain}): "
+                "its runs would nest without end; break the chain"
+            )
+        for step in saga.steps:
+            if step.spawn is not None:
+                visit(step.spawn.saga, [*path, saga])
+        done.add(id(saga))
+
+    for saga in sagas.values():
+        visit(saga, [])

@@ -135,9 +135,10 @@ class Client(Lifecycle, Signalling, Acting):
     # -- lifecycle --------------------------------------------------------------------------
 
     async def _open(self) -> None:
+        _children.check_registered(self._sagas)
+        _children.check_acyclic(self._sagas)
         for saga in self._sagas.values():
             saga._freeze()
-        _children.check_registered(self._sagas)
         self._definitions = [(s.name, s.version, s.fingerprint) for s in self._sagas.values()]
         if isinstance(self._dsn_or_pool, str):
             self._pool = await open_pool(self._dsn_or_pool, self._pool_sizes()[0])

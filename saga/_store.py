@@ -343,13 +343,17 @@ class Store(
         return {r["id"] for r in rows}
 
     async def request_cancel(self, run_id: UUID, data: str | None = None) -> bool:
-        async with translate_errors("cancelling a run"):
-            row = await self.pool.fetchrow(
-                self._q["request_cancel"],
-                run_id,
-                self.work_channel,
-                [str(s) for s in (*RunStatus.active(), RunStatus.STOPPED)],
-                data,
+        """Whether the cancel was recorded. The run's row is locked by a first statement:
+        the cancel then sees a pivot item written by the transaction it waited for."""
+        statuses = [str(s) for s in (*RunStatus.active(), RunStatus.STOPPED)]
+        async with (
+            translate_errors("cancelling a run"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(self._q["lock_run_row"], run_id)
+            row = await conn.fetchrow(
+                self._q["request_cancel"], run_id, self.work_channel, statuses, data
             )
         return row is not None
 

@@ -246,3 +246,29 @@ async def test_bad_inputs_fail_the_step_with_the_reason(
         await run.result(timeout=15)
     assert ledger.steps("compensation") == ["split"]
     assert "load" not in ledger.steps()
+
+
+async def test_sagas_starting_each_other_as_children_are_refused(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A saga cannot start itself as a child (refused when declared), nor through other
+    sagas: ping starting pong starting ping is a DefinitionError naming the chain when
+    the client opens. Such runs used to nest without end (1,215 running 20 s after the
+    root was cancelled). A refused open leaves the sagas editable, to fix them."""
+    ping: saga.Saga[Job] = saga.Saga("ping", input=Job)
+    pong: saga.Saga[Job] = saga.Saga("pong", input=Job)
+    tail: saga.Saga[Job] = saga.Saga("tail", input=Job)
+
+    @tail.step()
+    async def last(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    ping.children("to_pong", pong, lambda ctx: [Job(n=ctx.input.n + 1)])
+    pong.children("to_ping", ping, lambda ctx: [Job(n=ctx.input.n + 1)])
+    pong.children("to_tail", tail, lambda ctx: [Job(n=1)])
+    with pytest.raises(saga.DefinitionError, match="'ping' -> 'pong' -> 'ping'"):
+        await orchestrator(ping, pong, tail)
+
+    @ping.step()
+    async def still_editable(ctx: saga.Context[Job]) -> int:
+        return 0

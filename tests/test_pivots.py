@@ -187,3 +187,52 @@ async def test_a_graph_after_its_pivot_finishes_running_branches_then_stops(
     out = await run.result(timeout=10)
     assert out == {"b": "b", "c": "c"}
     assert ledger.steps().count("b") == 1
+
+
+async def test_a_cancel_racing_the_write_that_reaches_the_pivot_is_refused(
+    orchestrator: OrchestratorFactory, db: Any
+) -> None:
+    """a and b at once, then the pivot p after both. The write that completes b and
+    creates p's item is held for 1.5 s inside its transaction (a trigger sleeps), holding
+    the run's lock; a cancel arrives meanwhile and waits for that lock. Once the write
+    committed, the run has reached its pivot: the cancel is refused, p runs, and nothing
+    before it is compensated. The cancel used to decide from a snapshot taken before its
+    wait: it did not see p's item, was accepted, and a and b were undone after p
+    completed."""
+    ledger = Ledger()
+    gate = Gate("b")
+    s = pivoted(
+        ["a", "b", "p", "after_p"],
+        "p",
+        after={"a": [], "b": [], "p": ["a", "b"], "after_p": ["p"]},
+        compensate={"a", "b"},
+        ledger=ledger,
+        gate=gate,
+    )
+    await db.execute(
+        """
+        CREATE FUNCTION saga.slow_pivot() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.step = 'p' THEN PERFORM pg_sleep(1.5); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER slow_pivot AFTER INSERT ON saga.items
+            FOR EACH ROW EXECUTE FUNCTION saga.slow_pivot();
+        """
+    )
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with anyio.fail_after(30):
+        await gate.entered.wait()
+        while "a" not in (await run.info()).completed_steps:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+        gate.release.set()  # b completes: its write creates p's item, slowly
+        while not await db.fetchval(  # noqa: ASYNC110 - polling the database
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+        ):
+            await anyio.sleep(0.01)
+        with pytest.raises(saga.InvalidRunStateError):
+            await run.cancel()
+        await run.result()
+    assert ledger.steps("compensation") == []
+    assert (await run.info()).completed_steps[-2:] == ("p", "after_p")

@@ -513,6 +513,13 @@ SELECT pg_notify($1, $2)::text;
 SELECT id, at, kind, step, attempt, worker, data::text AS data
 FROM __schema__.events WHERE run_id = $1 ORDER BY id;
 
+-- name: lock_run_row
+-- Lock run $1's row for the rest of the transaction, so that the next statement takes
+-- its snapshot after every write that held the lock committed (request_cancel reads the
+-- pivot's item: a statement's own snapshot predates its wait for the lock).
+-- $1 run id
+SELECT 1 FROM __schema__.runs WHERE id = $1 FOR UPDATE;
+
 -- name: request_cancel
 -- Mark an active run (or one stopped at a wait) for cancellation and make it claimable
 -- now if no worker holds it: a sleeping or waiting run does not wait for its timer. The
