@@ -68,6 +68,7 @@ class GraphRun:
     failed_forward: bool  # a step failed for good: the rollback ends compensated
     compensation_failed: bool  # a compensation gave up: no new one starts
     items: tuple[Item, ...]
+    failed_step: str | None = None  # the step of the run's error (failed_forward)
 
 
 @value
@@ -212,16 +213,23 @@ class _Builder:
             if self.status is not _COMPENSATING:
                 self.error = outcome.error
         if self.halted:
-            return  # past the pivot: no rollback, the run stops once nothing runs
+            # Past the pivot, or the step's policy stops: no rollback, and no new step
+            # starts (those ready, not started, go: the run's retry() makes them ready
+            # again); the run stops once nothing runs.
+            self._drop_unstarted()
+            return
         if self.status is not _COMPENSATING and (self.error or self.run.cancel_requested):
             self._start_rollback(graph)
 
-    def _start_rollback(self, graph: Graph) -> None:
-        self.status = _COMPENSATING
+    def _drop_unstarted(self) -> None:
         for key, item in list(self.items.items()):
             if item.phase is _STEP and not item.leased:
                 self.dropped.append(key)
                 del self.items[key]
+
+    def _start_rollback(self, graph: Graph) -> None:
+        self.status = _COMPENSATING
+        self._drop_unstarted()
         plan = [s for s in reversed(graph.order) if s in self.completed]
         reason = "failure" if self.error else "cancel"
         self.events.append(Event(EventKind.RUN_COMPENSATING, data={"plan": plan, "reason": reason}))
@@ -256,7 +264,9 @@ class _Builder:
         if self.halted:
             if not self.items:
                 self.status = RunStatus.STOPPED
-                step = self.error["step"] if self.error else self.done.step
+                # At the step that gave up (the branch ending last may be another).
+                step = self.error["step"] if self.error else self.run.failed_step
+                step = step or self.done.step
                 pivot = self.saga.pivot
                 past = pivot is not None and pivot in self.completed
                 data = {"pivot": pivot} if past else {"on_give_up": "stop"}

@@ -273,6 +273,7 @@ def _graph_run(r: Any, items: Sequence[Item]) -> GraphRun:
         failed_forward=r["has_error"],
         compensation_failed=r["compensation_failed"],
         items=tuple(items),
+        failed_step=r["failed_step"],
     )
 
 

@@ -69,3 +69,64 @@ async def test_cancel_lets_a_stopped_run_compensate(
     with pytest.raises(saga.RunCompensatedError, match="bank down"):
         await run.result(timeout=10)
     assert ledger.steps("compensation") == ["reserve"]
+
+
+_STOP = saga.Retry(max_attempts=1, on_give_up="stop")
+
+
+@pytest.mark.parametrize("why", ["on_give_up", "pivot"])
+async def test_no_new_step_starts_once_a_branch_stopped_the_run(
+    orchestrator: OrchestratorFactory, why: str
+) -> None:
+    """a, then x and y at once; with one slot, a's worker leases x to itself and leaves
+    y ready, not started. x gives up and stops the run (its policy says so, or the run is
+    past its pivot a): y never starts, and the run is stopped at x. y used to be claimed
+    and run after x gave up. The operator's retry() runs x again and then y: the run
+    completes."""
+    ledger = Ledger()
+    first_call = iter([True])
+    s = small_saga(
+        "halt",
+        ["a", "x", "y"],
+        after={"x": ["a"], "y": ["a"]},
+        ledger=ledger,
+        fail={"x": permanent("x broke", when=lambda ctx: next(first_call, False))},
+        retry={"x": _STOP} if why == "on_give_up" else None,
+    )
+    if why == "pivot":
+        s.get_step("a").pivot = True
+    orch = await orchestrator(s, concurrency=1)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunStoppedError):
+        await run.result(timeout=10)
+    info = await run.info()
+    assert (info.step, info.error and info.error.step) == ("x", "x")
+    assert "y" not in ledger.steps("step")
+    await run.retry()
+    await run.result(timeout=10)
+    assert ledger.steps("step").count("y") == 1
+
+
+async def test_a_graph_run_is_stopped_at_the_step_that_gave_up(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """a, then x and y at once: x gives up (on_give_up="stop") while y, slower, still
+    runs. The run stops once y ended, at x: RunInfo.step and the run_stopped event name
+    x, whose error the run carries. They used to name y, the branch that ended last,
+    pointing an operator at a step that completed."""
+    s = small_saga(
+        "halt2",
+        ["a", "x", "y"],
+        after={"x": ["a"], "y": ["a"]},
+        fail={"x": permanent("x broke")},
+        retry={"x": _STOP},
+        delay={"y": 0.3},
+    )
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunStoppedError):
+        await run.result(timeout=10)
+    info = await run.info()
+    stopped = [e for e in await run.history() if e.kind == "run_stopped"]
+    assert info.error is not None
+    assert (info.error.step, info.step, [e.step for e in stopped]) == ("x", "x", ["x"])

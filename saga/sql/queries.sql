@@ -1386,7 +1386,7 @@ FROM state;
 -- one's predates the wait for them.
 -- $1 run ids (ascending), $2 and $3 the smallest and the largest (the days it touches)
 SELECT id, status, completed_steps, compensated_steps, results::text AS results,
-       cancel_requested, error IS NOT NULL AS has_error,
+       cancel_requested, error IS NOT NULL AS has_error, error->>'step' AS failed_step,
        compensation_error IS NOT NULL AS compensation_failed
 FROM __schema__.runs WHERE id = ANY($1::uuid[]) AND id BETWEEN $2 AND $3 AND graph
 ORDER BY id
@@ -1436,7 +1436,9 @@ WITH fenced AS (
 ), upd AS (
     UPDATE __schema__.runs SET
         status = $6,
-        step_name = $2,
+        -- Stopped: at the step that gave up, whichever branch ended last.
+        step_name = CASE WHEN $6 = 'stopped'
+                         THEN coalesce(coalesce($11::jsonb, error)->>'step', $2) ELSE $2 END,
         results = CASE WHEN $7::text IS NULL THEN results
                        ELSE results || jsonb_build_object($7::text, to_jsonb($8::text)) END,
         completed_steps = CASE WHEN $7::text IS NULL THEN completed_steps
