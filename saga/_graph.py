@@ -201,6 +201,7 @@ def of_saga(saga: Any, parkings: dict[str, Any]) -> Graph | None:
         (s.name, s.fn, False) for s in saga.steps
     ]
     functions += [(s.name, s.compensation.fn, True) for s in saga.steps if s.compensation]
+    functions += [(s.name, s.spawn.inputs, False) for s in spawns]  # its code: the inputs
     check_reads(saga, graph, functions)
     return graph
 

@@ -272,3 +272,26 @@ async def test_sagas_starting_each_other_as_children_are_refused(
     @ping.step()
     async def still_editable(ctx: saga.Context[Job]) -> int:
         return 0
+
+
+async def test_children_inputs_reading_a_result_they_do_not_run_after_are_refused(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A children step's inputs(ctx) is its code: reading the result of a step it does
+    not run after (here a sibling branch) is a DefinitionError naming the fix when the
+    client opens, as for a step's own function. It used to be accepted, and to fail
+    each run's step at run time."""
+    kid = small_saga("kid", ["work"])
+    s: saga.Saga[Job] = saga.Saga("fan_kids", input=Job)
+
+    @s.step()
+    async def a(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    @s.step(after=[])
+    async def b(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    s.children("kids", kid, lambda ctx: [Job(n=ctx.result(b))], after=[a])
+    with pytest.raises(saga.DefinitionError, match="add 'b' to after= of 'kids'"):
+        await orchestrator(s, kid)
