@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from saga._definition import Context, Step
 
 _COMPLETED = RunStatus.COMPLETED
+_STOPPED = RunStatus.STOPPED
+_NOT_OVER = (_COMPLETED, _STOPPED)
 Outcome = Succeeded | Failed | Parked | None
 
 
@@ -40,7 +42,9 @@ class Children:
                 return made
             kids = await self._store.children_of(run_id, step.name)
             started = True
-        failed = [k for k in kids if k.status.is_terminal and k.status is not _COMPLETED]
+        # A stopped child is not over: an operator retries it (the step goes on waiting)
+        # or cancels it (it then ends cancelled, which fails the step).
+        failed = [k for k in kids if k.status.is_terminal and k.status not in _NOT_OVER]
         if failed:
             undone = await self.undo(run_id, step)
             if not isinstance(undone, Succeeded):
@@ -52,7 +56,7 @@ class Children:
         if all(k.status is _COMPLETED for k in kids):
             ordered = sorted(kids, key=lambda k: k.index)
             return Succeeded("[" + ",".join(k.output or "null" for k in ordered) + "]")
-        ended = sum(1 for k in kids if k.status.is_terminal)
+        ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
         return Parked(ended, len(kids), started)
 
     async def _start_all(
@@ -86,13 +90,17 @@ class Children:
         return None
 
     async def undo(self, run_id: Any, step: Step[Any, Any]) -> Succeeded | Failed | Parked:
-        """Cancel the running children, revert the completed ones; done once all ended
-        undone (a child that cannot be undone fails this for an operator)."""
+        """Cancel the running (and stopped) children, revert the completed ones; done
+        once all ended undone (a child that cannot be undone fails this for an operator)."""
         kids = await self._store.children_of(run_id, step.name)
         for kid in kids:
             if kid.status is _COMPLETED:
                 if not await self._store.revert_run(kid.id):
                     return _stuck(step, kid, "passed its pivot step and cannot be undone")
+            elif kid.status is _STOPPED and not kid.cancel_requested:
+                if not await self._store.request_cancel(kid.id):
+                    why = "is stopped past its pivot step (or resolved) and cannot be undone"
+                    return _stuck(step, kid, why)
             elif not kid.status.is_terminal and not kid.cancel_requested:
                 await self._store.request_cancel(kid.id)
         kids = await self._store.children_of(run_id, step.name)

@@ -295,3 +295,81 @@ async def test_children_inputs_reading_a_result_they_do_not_run_after_are_refuse
     s.children("kids", kid, lambda ctx: [Job(n=ctx.result(b))], after=[a])
     with pytest.raises(saga.DefinitionError, match="add 'b' to after= of 'kids'"):
         await orchestrator(s, kid)
+
+
+def _stopping_child(ledger: Ledger, stops: int) -> saga.Saga[Job]:
+    """load (compensated) then ship, whose first ``stops`` calls fail and stop the run
+    for an operator (its policy: one attempt, then stop)."""
+    calls = iter(range(stops))
+    return small_saga(
+        "shipment",
+        ["load", "ship"],
+        ledger=ledger,
+        compensate={"load"},
+        fail={"ship": permanent("carrier down", when=lambda ctx: next(calls, None) is not None)},
+        retry={"ship": saga.Retry(max_attempts=1, on_give_up="stop")},
+    )
+
+
+def _parent(child: saga.Saga[Job], ledger: Ledger) -> saga.Saga[Job]:
+    parent = small_saga("orders", ["split"], compensate=True, ledger=ledger)
+    parent.children("ship_all", child, lambda ctx: [Job(n=1)], after=["split"])
+    return parent
+
+
+async def _stopped_child(orch: saga.Orchestrator) -> saga.RunHandle:
+    with anyio.fail_after(10):
+        while True:
+            kids = (await saga.list_runs(orch, saga="shipment")).runs
+            if kids and kids[0].status is saga.RunStatus.STOPPED:
+                return orch.get_run(kids[0].id)
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.parametrize("operator", ["retry", "cancel"])
+async def test_a_stopped_child_is_not_over_its_parent_waits_for_the_operator(
+    orchestrator: OrchestratorFactory, operator: str
+) -> None:
+    """A child that stops for an operator is not over: the parent's step goes on
+    waiting (the parent stays running). The operator's retry() of the child completes
+    it, and then the parent; a cancel() of the child compensates it, and then the
+    parent's step fails for good and the parent rolls back. The parent used to end
+    compensated at once, leaving the stopped child's load never undone."""
+    ledger = Ledger()
+    child = _stopping_child(ledger, stops=1)
+    parent = _parent(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job())
+    kid = await _stopped_child(orch)
+    await anyio.sleep(0.3)
+    assert (await run.info()).status is saga.RunStatus.RUNNING
+    if operator == "retry":
+        await kid.retry()
+        assert await run.result(timeout=10) == ["ship"]
+        assert ledger.steps("compensation") == []
+    else:
+        await kid.cancel()
+        with pytest.raises(saga.RunCompensatedError, match="ChildFailed"):
+            await run.result(timeout=10)
+        assert (await kid.info()).status is saga.RunStatus.COMPENSATED
+        assert ledger.steps("compensation") == ["load", "split"]
+
+
+async def test_cancelling_a_parent_cancels_its_stopped_child(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A parent cancelled while its step waits on a stopped child cancels that child
+    too, as its running ones: the child rolls back (its load undone; a run stopped at a
+    step ends compensated when cancelled), and the parent ends cancelled. Its rollback
+    used to fail for an operator, as if the child could not be undone."""
+    ledger = Ledger()
+    child = _stopping_child(ledger, stops=1)
+    parent = _parent(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job())
+    kid = await _stopped_child(orch)
+    await run.cancel()
+    with pytest.raises(saga.RunCancelledError):
+        await run.result(timeout=10)
+    assert (await kid.info()).status is saga.RunStatus.COMPENSATED
+    assert ledger.steps("compensation") == ["load", "split"]
