@@ -35,8 +35,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from saga._model import EventKind, Phase, RunStatus
+from saga._plan_park import park, stopped_at_wait, wait_timed_out_error
 from saga._transition import Event, Failed, LeaseFor, RunState, Succeeded, Transition
-from saga._waits import Parking, Wait, due_seconds
 
 if TYPE_CHECKING:
     from saga._definition import Saga
@@ -137,11 +137,22 @@ def _step_done(
         failed = Event(
             EventKind.STEP_FAILED, state.step, state.attempt, {"error": outcome.park_error}
         )
+        if saga.pivot is not None and saga.pivot in (*state.completed, state.step):
+            # Past the pivot: stopped at this step, not recorded completed; the
+            # operator's retry() runs it again, and until() after it.
+            stopped = Event(EventKind.RUN_STOPPED, state.step, data={"pivot": saga.pivot})
+            return Transition(
+                status=RunStatus.STOPPED,
+                step=state.step,
+                attempt=0,
+                events=(failed, stopped),
+                error=outcome.park_error,
+            )
         rollback = _rollback(saga, state, outcome.park_error, [done, failed], state.step, lease_for)
         return replace(rollback, completed_step=state.step, result_json=result)
     if step.after is not None:
         nxt = saga.steps[index + 1].name  # a saga never ends with a sleep or wait
-        return _park(step.after, nxt, state, done, result, outcome.park_in)
+        return park(step.after, nxt, state, done, result, outcome.park_in)
     if index + 1 == len(saga.steps):
         return Transition(
             status=_COMPLETED,
@@ -176,43 +187,6 @@ def _step_done(
     )
 
 
-def _park(
-    parking: Parking,
-    next_step: str,
-    state: RunState,
-    done: Event,
-    result: str | None,
-    park_in: float | None,
-) -> Transition:
-    """Record the step and park the run at the sleep or wait after it, unleased, due
-    at the sleep's end or the wait's timeout: one write, no lease, no slot."""
-    waits = isinstance(parking, Wait)
-    seconds = due_seconds(parking) if park_in is None else park_in
-    data: dict[str, Any] = {"signal": parking.name} if waits else {"seconds": seconds}
-    if isinstance(parking, Wait) and parking.timeout is not None:
-        data["timeout"] = parking.timeout
-    kind = EventKind.WAIT_STARTED if waits else EventKind.SLEEP_STARTED
-    return Transition(
-        status=_WAITING if waits else RunStatus.SLEEPING,
-        step=next_step,
-        attempt=0,
-        events=(done, Event(kind, parking.name, data=data)),
-        completed_step=state.step,
-        result_json=result,
-        due_in=seconds,
-        unless_cancelled=True,  # a cancel accepted meanwhile rolls back at once instead
-        wait=parking.name,
-    )
-
-
-def wait_timed_out_error(wait: str, timeout: float | None) -> Mapping[str, Any]:
-    return {
-        "type": "saga.WaitTimedOut",
-        "message": f"no signal {wait!r} arrived within {timeout:g} seconds",
-        "step": wait,
-    }
-
-
 def _wait_timed_out(
     saga: Saga[Any], state: RunState, outcome: Succeeded | Failed, lease_for: LeaseFor
 ) -> Transition:
@@ -226,21 +200,17 @@ def _wait_timed_out(
     if isinstance(outcome, Failed):
         data = {"outcome": "failed", "error": outcome.error}
         failed = Event(EventKind.WAIT_TIMED_OUT, wait.name, data=data)
+        if saga.pivot is not None and saga.pivot in state.completed:
+            # Past the pivot: stopped at the wait, as by on_timeout="stop" (a signal
+            # resumes it, retry() waits again).
+            return stopped_at_wait(wait.name, state, failed, outcome.error, saga.pivot)
         return _rollback(saga, state, outcome.error, [failed], None, lease_for)
     choice = "value" if wait.timeout_value is not None else str(wait.on_timeout)
     timed_out = Event(EventKind.WAIT_TIMED_OUT, wait.name, data={"outcome": choice})
     if choice == "compensate":
         return _rollback(saga, state, error, [timed_out], None, lease_for)
     if choice == "stop":
-        return Transition(
-            status=RunStatus.STOPPED,
-            step=state.step,
-            attempt=0,
-            events=(timed_out, Event(EventKind.RUN_STOPPED, wait.name)),
-            error=error,
-            wait=wait.name,
-            unless_cancelled=True,  # a cancel accepted meanwhile rolls back instead
-        )
+        return stopped_at_wait(wait.name, state, timed_out, error, None)
     events = [timed_out]
     if lease_for is not None:
         events.append(Event(_STEP_STARTED, state.step, 1, unless_cancelled=True))

@@ -798,3 +798,89 @@ async def test_an_on_timeout_function_may_return_the_payload_as_a_mapping(
     except saga.RunCompensatedError as exc:
         got = exc.error.type.rsplit(".", 1)[-1] if exc.error else None
     assert got == outcome
+
+
+@pytest.mark.parametrize("operator", ["signal", "retry"])
+async def test_past_the_pivot_a_failing_on_timeout_stops_the_run_at_its_wait(
+    orchestrator: OrchestratorFactory, operator: str
+) -> None:
+    """Past the pivot, a wait whose on_timeout function raises stops the run at that
+    wait (RunInfo.wait names it), as on_timeout="stop" does: the operator's signal
+    resumes it, or retry() waits again (a fresh timeout, then a signal). It used to stop
+    at the next step with no wait: the signal was refused, and a retry ran that step
+    without the wait's result."""
+    s = saga.Saga("pivot_wait", input=Job)
+
+    @s.step(retry=FAST, pivot=True)
+    async def pay(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    async def default(ctx: saga.Context[Job]) -> Decision:
+        raise RuntimeError("decision service down")
+
+    decision = s.wait_for("decision", Decision, timeout=60, on_timeout=default)
+
+    @s.step(retry=FAST)
+    async def finish(ctx: saga.Context[Job]) -> str:
+        return ctx.result(decision).by
+
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1))
+    await until_status(run, saga.RunStatus.WAITING)
+    await advance(orch, run, 60)
+    with pytest.raises(saga.RunStoppedError, match="decision service down"):
+        await run.result(timeout=10)
+    info = await run.info()
+    assert (info.wait, info.step) == ("decision", "finish")
+    if operator == "retry":
+        await run.retry()
+        await until_status(run, saga.RunStatus.WAITING)
+    assert await run.signal(decision, Decision(approved=True, by="ops")) is True
+    assert await run.result(timeout=10) == "ops"
+
+
+async def test_past_the_pivot_a_failing_until_stops_the_run_at_its_step(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Past the pivot, a sleep whose until() raises stops the run at the step before the
+    sleep (not recorded completed: the history has its step_failed, no step_completed);
+    the operator's retry() runs that step again, then until(), and the run sleeps. It
+    used to stop at the step after the sleep, which a retry ran at once, skipping the
+    sleep."""
+    ledger = Ledger()
+    until_calls: list[datetime] = []
+    s = saga.Saga("pivot_sleep", input=Job)
+
+    @s.step(retry=FAST, pivot=True)
+    async def pay(ctx: saga.Context[Job]) -> int:
+        ledger.record(ctx)
+        return ctx.input.n
+
+    def until(ctx: saga.Context[Job]) -> datetime:
+        until_calls.append(datetime.now(UTC))
+        if len(until_calls) == 1:
+            raise RuntimeError("calendar service down")
+        return datetime.now(UTC) + timedelta(days=1)
+
+    s.sleep(until=until)
+
+    @s.step(retry=FAST)
+    async def ship(ctx: saga.Context[Job]) -> int:
+        ledger.record(ctx)
+        return 1
+
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job(n=1))
+    with pytest.raises(saga.RunStoppedError, match="calendar service down"):
+        await run.result(timeout=10)
+    info = await run.info()
+    assert (info.step, info.wait) == ("pay", None)
+    kinds = [(e.kind, e.step) for e in await run.history()]
+    assert ("step_completed", "pay") not in kinds
+    with pytest.raises(saga.InvalidRunStateError):
+        await run.cancel()  # at its pivot: nothing before it is undone
+    await run.retry()
+    info = await until_status(run, saga.RunStatus.SLEEPING)
+    assert info.wait is not None
+    assert len(until_calls) == 2
+    assert ledger.steps("step") == ["pay", "pay"]
