@@ -49,7 +49,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     # Literals that are neither: the fingerprint placeholder, jsonb keys, and so on.
     other = {"saga", "version", "key", "fingerprint", "counted", "kind", "step", "attempt"}
     other |= {"worker", "data", "unless_cancelled", "infinity", "signal", "reason"}
-    other |= {"ended", "wait_decided", "rolling_back"}  # why a signal was refused
+    other |= {"ended", "resolved", "wait_decided", "rolling_back"}  # why a signal was refused
     other |= {"limit", "delay"}  # a rate limit's wait
     other |= {"advisory"}  # pg_locks' lock type (the orchestrators present)
     assert words - known - other == set()
