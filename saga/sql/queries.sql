@@ -1393,12 +1393,17 @@ ORDER BY id
 FOR UPDATE;
 
 -- name: graph_items
--- The items of graph runs (read under their row locks: see graph_lock). An item parked
--- until its child runs end counts as running.
+-- The items of graph runs (read under their row locks: see graph_lock), locked too: a
+-- claim of one of them (claim_items locks the item, not the run) that is committing
+-- meanwhile is waited for and seen leased, and claims skip them until this write ends;
+-- the plan would otherwise drop, as not started, an item a worker has just started. In
+-- key order, as heartbeat_items locks them. An item parked until its child runs end
+-- counts as running.
 -- $1 run ids
 SELECT run_id, step, phase, lease_owner IS NOT NULL OR parked AS leased
 FROM __schema__.items WHERE run_id = ANY($1::uuid[])
-ORDER BY run_id, step, phase;
+ORDER BY run_id, step, phase
+FOR UPDATE;
 
 -- name: graph_write
 -- The last statement of an item's write (after graph_lock and graph_items, in the same
@@ -1506,11 +1511,22 @@ SELECT (SELECT n FROM held) AS held, (SELECT age FROM upd) AS age,
 -- result were lost.
 -- $1 worker id, $2 run ids, $3 steps, $4 phases, $5 lease tokens, $6 lease seconds (the
 -- five pairwise)
-UPDATE __schema__.items i SET due_at = now() + make_interval(secs => h.seconds)
-FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::float8[])
-     AS h(run_id, step, phase, token, seconds)
-WHERE i.run_id = h.run_id AND i.step = h.step AND i.phase = h.phase
-  AND i.lease_token = h.token AND i.lease_owner = $1
+-- The rows are locked first in key order, as graph_items locks a run's items: two
+-- writers locking the same items in opposite orders would deadlock.
+WITH h AS (
+    SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::float8[])
+                  AS h(run_id, step, phase, token, seconds)
+), held AS (
+    SELECT i.run_id, i.step, i.phase, h.seconds
+    FROM __schema__.items i
+    JOIN h ON i.run_id = h.run_id AND i.step = h.step AND i.phase = h.phase
+          AND i.lease_token = h.token AND i.lease_owner = $1
+    ORDER BY i.run_id, i.step, i.phase
+    FOR UPDATE OF i
+)
+UPDATE __schema__.items i SET due_at = now() + make_interval(secs => held.seconds)
+FROM held
+WHERE i.run_id = held.run_id AND i.step = held.step AND i.phase = held.phase
 RETURNING i.run_id, i.step, i.phase;
 
 -- name: release_items
@@ -1524,6 +1540,7 @@ WITH held AS (
     JOIN unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[]) AS h(run_id, step, phase, token)
       ON i.run_id = h.run_id AND i.step = h.step AND i.phase = h.phase
      AND i.lease_token = h.token AND i.lease_owner = $1
+    ORDER BY i.run_id, i.step, i.phase  -- (the order graph_items locks in)
     FOR UPDATE OF i
 ), upd AS (
     UPDATE __schema__.items i SET
