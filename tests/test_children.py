@@ -373,3 +373,44 @@ async def test_cancelling_a_parent_cancels_its_stopped_child(
         await run.result(timeout=10)
     assert (await kid.info()).status is saga.RunStatus.COMPENSATED
     assert ledger.steps("compensation") == ["load", "split"]
+
+
+async def test_a_parent_cancelled_while_it_looks_at_a_stopped_child_is_not_left_parked(
+    orchestrator: OrchestratorFactory, db: Any
+) -> None:
+    """The child's stop wakes its parent's step, whose worker claims it (the claim is
+    held 1 s by a trigger) and looks at the children; the parent's cancel commits
+    meanwhile (its step is leased: the cancel cannot make it due). The attempt, seeing
+    the child stopped, would park the step until a child ends, which a stopped child
+    never does by itself: the parent hung running. It is due again at once instead, and
+    its next claim cancels the child: the parent ends cancelled."""
+    await db.execute(
+        """
+        CREATE FUNCTION saga.slow_parent_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM saga.runs
+                       WHERE saga_name = 'shipment' AND status = 'stopped') THEN
+                PERFORM pg_sleep(1);
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER slow_parent_claim AFTER UPDATE ON saga.items
+            FOR EACH ROW WHEN (NEW.step = 'ship_all' AND OLD.lease_owner IS NULL
+                               AND NEW.lease_owner IS NOT NULL)
+            EXECUTE FUNCTION saga.slow_parent_claim();
+        """
+    )
+    ledger = Ledger()
+    child = _stopping_child(ledger, stops=1)
+    parent = _parent(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job())
+    with anyio.fail_after(10):
+        while not await db.fetchval(  # noqa: ASYNC110 - polling the database
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+        ):
+            await anyio.sleep(0.01)
+    await run.cancel()
+    with pytest.raises(saga.RunCancelledError):
+        await run.result(timeout=10)
+    assert ledger.steps("compensation") == ["load", "split"]
