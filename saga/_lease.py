@@ -335,25 +335,24 @@ class Leases:
                 await self._drained.wait()
 
     async def release_all(self) -> None:
-        """Give back the leases still held (shielded by the caller), so another worker
-        takes the items at once; the interrupted attempts do not count (once)."""
-        held = [ls for ls in self.inflight.values() if not ls.lost]
-        leases = [(ls.run_id, ls.token) for ls in held if ls.item is None]
-        items = [(ls.item_key, ls.token) for ls in held if ls.item is not None]
+        """Give back every lease this worker holds (its loops have ended; shielded by the
+        caller), so another worker takes the items at once; the interrupted attempts do
+        not count (once). By owner, not by the leases known here: a write cancelled in
+        flight may have committed a lease its runner never learnt of (the next step, or
+        a run claimed along)."""
+        held = len(self.inflight)
         self.inflight.clear()
-        if not held:
-            return
         with anyio.move_on_after(5):
             try:
-                released = await self._store.release(self._worker, leases) if leases else 0
-                if items:
-                    released += await self._store.release_items(self._worker, items)
-                logger.info("leases_released", count=released, worker=self._worker)
+                released = await self._store.release(self._worker)
+                released += await self._store.release_items(self._worker)
+                if released:
+                    logger.info("leases_released", count=released, worker=self._worker)
             except DatabaseError as exc:
                 logger.warning(
                     "lease_release_failed",
                     error_type=type(exc.__cause__).__name__,
-                    leases=len(leases),
+                    leases=held,
                 )
 
 

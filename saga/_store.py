@@ -274,15 +274,10 @@ class Store(
             )
         return {r["id"]: r["cancel_requested"] for r in rows}
 
-    async def release(self, worker: str, leases: Sequence[tuple[UUID, int]]) -> int:
+    async def release(self, worker: str) -> int:
+        """Give back every lease of ``worker`` (its loops have ended); how many."""
         async with translate_errors("releasing leases"):
-            rows = await self.hot.fetch(
-                self._q["release"],
-                worker,
-                [run_id for run_id, _ in leases],
-                [token for _, token in leases],
-                self.work_channel,
-            )
+            rows = await self.hot.fetch(self._q["release"], worker, self.work_channel)
         return len(rows)
 
     async def expire_lease(self, run_id: UUID) -> bool:

@@ -207,17 +207,10 @@ class GraphQueries:
             )
         return {(r["run_id"], r["step"], Phase(r["phase"])) for r in rows}
 
-    async def release_items(self, worker: str, leases: Sequence[tuple[ItemKey, int]]) -> int:
+    async def release_items(self, worker: str) -> int:
+        """Give back every graph item leased to ``worker`` (its loops have ended)."""
         async with translate_errors("releasing leases"):
-            rows = await self.hot.fetch(
-                self._q["release_items"],
-                worker,
-                [k[0] for k, _ in leases],
-                [k[1] for k, _ in leases],
-                [k[2] for k, _ in leases],
-                [token for _, token in leases],
-                self.work_channel,
-            )
+            rows = await self.hot.fetch(self._q["release_items"], worker, self.work_channel)
         return len(rows)
 
     async def children_of(self, run_id: UUID, step: str) -> list[Child]:

@@ -446,16 +446,19 @@ WHERE r.id = h.id AND r.lease_token >= h.token AND r.lease_owner = $1
 RETURNING r.id, r.cancel_requested;
 
 -- name: release
--- Give back leases at shutdown so another worker can claim them at once. The interrupted
--- attempt is not counted, once: an attempt released again before any outcome was
--- recorded (a step that takes its worker down gracefully, or never ends within the
--- shutdown timeout) counts, so the attempt limit still ends it.
--- $1 worker id, $2 run ids, $3 lease tokens (pairwise), $4 work notification channel
+-- Give back every lease of this worker at shutdown, once its loops have ended, so another
+-- worker can claim them at once: those of the items it ran, and any that a write
+-- cancelled in flight committed without its runner learning of them (the next step
+-- leased along, a due run claimed along). The interrupted attempt is not counted, once:
+-- an attempt released again before any outcome was recorded (a step that takes its
+-- worker down gracefully, or never ends within the shutdown timeout) counts, so the
+-- attempt limit still ends it. (A leased run is due: the partial due index finds them.)
+-- $1 worker id, $2 work notification channel
 WITH held AS (
     SELECT r.id, r.attempt, r.released
     FROM __schema__.runs r
-    JOIN unnest($2::uuid[], $3::bigint[]) AS h(id, token)
-      ON r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
+    WHERE r.due_at IS NOT NULL AND r.lease_owner = $1
+    ORDER BY r.id
     FOR UPDATE OF r
 ), upd AS (
     UPDATE __schema__.runs r SET
@@ -473,7 +476,7 @@ WITH held AS (
            jsonb_build_object('counted', counted)
     FROM upd
 )
-SELECT id, pg_notify($4, saga_name)::text AS notified FROM upd;
+SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
 -- name: get_run
 -- One run's current state, without the input and results payloads.
@@ -1530,16 +1533,13 @@ WHERE i.run_id = held.run_id AND i.step = held.step AND i.phase = held.phase
 RETURNING i.run_id, i.step, i.phase;
 
 -- name: release_items
--- Give back graph items' leases at shutdown (as release does for runs: the interrupted
--- attempt is not counted, once).
--- $1 worker id, $2 run ids, $3 steps, $4 phases, $5 lease tokens (pairwise), $6 work
--- notification channel
+-- Give back every graph item leased to this worker at shutdown, once its loops have
+-- ended (as release does for runs: the interrupted attempt is not counted, once).
+-- $1 worker id, $2 work notification channel
 WITH held AS (
     SELECT i.run_id, i.step, i.phase, i.attempt, i.released
     FROM __schema__.items i
-    JOIN unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[]) AS h(run_id, step, phase, token)
-      ON i.run_id = h.run_id AND i.step = h.step AND i.phase = h.phase
-     AND i.lease_token = h.token AND i.lease_owner = $1
+    WHERE i.lease_owner = $1
     ORDER BY i.run_id, i.step, i.phase  -- (the order graph_items locks in)
     FOR UPDATE OF i
 ), upd AS (
@@ -1556,7 +1556,7 @@ WITH held AS (
            jsonb_build_object('counted', counted)
     FROM upd
 )
-SELECT u.run_id, pg_notify($6, r.saga_name)::text AS notified
+SELECT u.run_id, pg_notify($2, r.saga_name)::text AS notified
 FROM upd u JOIN __schema__.runs r ON r.id = u.run_id;
 
 -- name: items_leased_to
