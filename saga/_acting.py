@@ -57,9 +57,10 @@ class Acting:
         def definition(self, name: str, version: int) -> Saga[Any] | None: ...
 
     async def cancel(
-        self, run_id: uuid.UUID, *, by: str | None = None, note: str | None = None
+        self, run_id: uuid.UUID | str, *, by: str | None = None, note: str | None = None
     ) -> None:
         """Cancel a run; see :meth:`RunHandle.cancel`."""
+        run_id = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note)
         store = self._store_or_raise()
         if await uncancellable(store.request_cancel(run_id, data)):
@@ -77,9 +78,10 @@ class Acting:
         # Already requested: cancelling twice is harmless.
 
     async def retry(
-        self, run_id: uuid.UUID, *, by: str | None = None, note: str | None = None
+        self, run_id: uuid.UUID | str, *, by: str | None = None, note: str | None = None
     ) -> None:
         """Resume a failed or stopped run; see :meth:`RunHandle.retry`."""
+        run_id = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note)
         store = self._store_or_raise()
         compensation, step = Phase.COMPENSATION, Phase.STEP
@@ -103,8 +105,9 @@ class Acting:
             f"{REWAITABLE_STATUS} runs can be retried"
         )
 
-    async def resolve(self, run_id: uuid.UUID, *, note: str, by: str | None = None) -> None:
+    async def resolve(self, run_id: uuid.UUID | str, *, note: str, by: str | None = None) -> None:
         """Mark a failed or stopped run resolved; see :meth:`RunHandle.resolve`."""
+        run_id = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note, note_required=True)
         assert data is not None
         if await uncancellable(self._store_or_raise().resolve_run(run_id, data)):
@@ -119,9 +122,10 @@ class Acting:
         )
 
     async def skip_compensation(
-        self, run_id: uuid.UUID, *, note: str, by: str | None = None
+        self, run_id: uuid.UUID | str, *, note: str, by: str | None = None
     ) -> None:
         """Skip the compensation that gave up; see :meth:`RunHandle.skip_compensation`."""
+        run_id = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note, note_required=True)
         assert data is not None
         store = self._store_or_raise()

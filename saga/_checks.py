@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from saga._errors import DefinitionError
@@ -115,3 +116,25 @@ def validate_name(name: str, what: str) -> str:
             "'_', '.', ':' or '-', starting with a letter or '_'"
         )
     return name
+
+
+def providers(tracer_provider: Any, meter_provider: Any, error: type[Exception]) -> None:
+    """OpenTelemetry providers (or None), not something that fails at the first span."""
+    for name, provider, method in (
+        ("tracer_provider", tracer_provider, "get_tracer"),
+        ("meter_provider", meter_provider, "get_meter"),
+    ):
+        if provider is not None and not callable(getattr(provider, method, None)):
+            kind = name.replace("_", " ")
+            raise error(f"{name} must be an OpenTelemetry {kind} (or None), got {show(provider)}")
+
+
+def sequence_of(name: str, value: Any, item: type, error: type[Exception]) -> list[Any]:
+    """A list (any iterable but a string or a lone item) of ``item`` objects."""
+    if isinstance(value, item | str | bytes) or not isinstance(value, Iterable):
+        raise error(f"{name} must be a list of {item.__name__} objects, got {show(value)}")
+    values = list(value)
+    for one in values:
+        if not isinstance(one, item):
+            raise error(f"{name} must hold {item.__name__} objects, got {show(one)}")
+    return values

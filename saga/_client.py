@@ -102,14 +102,11 @@ class Client(Lifecycle, Signalling, Acting):
             minimum=1,
             maximum=_MAX_PAYLOAD_LIMIT,
         )
-        if not isinstance(migrate, bool):
-            raise ConfigurationError(f"migrate must be a bool, got {migrate!r}")
-        self._migrate = migrate
+        self._migrate = _checks.flag("migrate", migrate, ConfigurationError)
+        _checks.providers(tracer_provider, meter_provider, ConfigurationError)
         self.telemetry = Telemetry(tracer_provider, meter_provider)
         self._sagas: dict[tuple[str, int], Saga[Any]] = {}
-        for saga in sagas:
-            if not isinstance(saga, Saga):
-                raise ConfigurationError(f"sagas must hold saga.Saga objects, got {saga!r}")
+        for saga in _checks.sequence_of("sagas", sagas, Saga, ConfigurationError):
             key = (saga.name, saga.version)
             if key in self._sagas and self._sagas[key] is not saga:
                 raise DefinitionError(
@@ -326,19 +323,21 @@ class Client(Lifecycle, Signalling, Acting):
             raise RunNotFoundError(run_id)
         return row
 
-    async def info(self, run_id: uuid.UUID) -> RunInfo:
+    async def info(self, run_id: uuid.UUID | str) -> RunInfo:
         """The run's current state."""
-        return (await self._row(run_id)).info
+        return (await self._row(_checks.run_id(run_id, ConfigurationError))).info
 
-    async def history(self, run_id: uuid.UUID) -> list[HistoryEvent]:
+    async def history(self, run_id: uuid.UUID | str) -> list[HistoryEvent]:
         """The run's events in order: what ran, when, where, which attempt, what failed."""
+        run_id = _checks.run_id(run_id, ConfigurationError)
         events = await self._store_or_raise().get_events(run_id)
         if not events:
             await self._row(run_id)  # raises RunNotFoundError for an unknown id
         return events
 
-    async def result(self, run_id: uuid.UUID, timeout: float | None = None) -> Any:
+    async def result(self, run_id: uuid.UUID | str, timeout: float | None = None) -> Any:
         """Wait for the run to end and return its output; see :meth:`RunHandle.result`."""
+        run_id = _checks.run_id(run_id, ConfigurationError)
         store = self._store_or_raise()
         assert self._listener is not None
         waiters = self._listener.waiters

@@ -213,7 +213,7 @@ class Saga(Generic[InT]):
                 result_type=return_annotation(fn),
                 lease_seconds=lease_seconds,
                 deps=deps,
-                pivot=bool(pivot),
+                pivot=_checks.flag(f"step {step_name!r}: pivot", pivot, DefinitionError),
                 rate_limit=rate_limit,
             )
             self.steps.append(step)

@@ -104,18 +104,14 @@ def check_async(fn: Any, what: str, params: int) -> None:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # pragma: no cover - builtins only
         return
-    positional = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
-    if len(positional) != params and not varargs:
+    try:  # saga calls it so: a required keyword-only parameter, say, could never be given
+        sig.bind(*range(params))
+    except TypeError as exc:
         expected = "(ctx)" if params == 1 else "(ctx, result)"
         raise DefinitionError(
-            f"{what} {fn.__qualname__!r} must take {expected}, it takes {len(positional)} "
-            "required positional parameter(s)"
-        )
+            f"{what} {fn.__qualname__!r} must take {expected} (saga calls it so), and it "
+            f"cannot be called so: {exc}"
+        ) from None
 
 
 def return_annotation(fn: Callable[..., Any]) -> Any:

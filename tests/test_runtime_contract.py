@@ -1,0 +1,151 @@
+"""The runtime's promises at first contact: run ids given as text (or not a UUID) to the
+client's own methods, settings that cannot work, and step functions saga could never
+call, each refused when given with the error the README names."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+import saga
+from tests._sagas import Gate, Job, small_saga
+
+
+@pytest.mark.timeout(30)
+async def test_result_by_str_run_id_returns_when_the_run_ends(
+    orchestrator: Any,
+) -> None:
+    """README, Runtime: Client "does ... `result(run_id, timeout=None)`"; What you can
+    rely on: "`await run.result(timeout=...)` is woken by LISTEN/NOTIFY ... As a
+    fallback, each orchestrator polls every `poll_interval`", and a ConfigurationError
+    "for a run id that is not a UUID" (so a run id's text is otherwise taken, as
+    `get_run()` takes it).
+
+    `orch.result(str(run_id))` used to register its waiter under the str while
+    notifications and the poll report UUIDs: it was never woken, and returned only when
+    its timeout ran out (without one, never). The text is read as the UUID it is.
+    """
+    gate = Gate("a")
+    s = small_saga("bytext", ["a"], gate=gate)
+    orch = await orchestrator(s)
+    run = await s.start(Job())
+    with anyio.fail_after(5):
+        await gate.entered.wait()
+
+    async def release() -> None:
+        await anyio.sleep(0.2)
+        gate.release.set()
+
+    releasing = asyncio.ensure_future(release())
+    began = time.monotonic()
+    assert await orch.result(str(run.id), timeout=3) == "a"
+    took = time.monotonic() - began
+    await releasing
+    assert took < 2, f"result() returned {took:.1f} s after it was called; the run ended at 0.2 s"
+
+
+@pytest.mark.timeout(30)
+async def test_client_methods_refuse_a_run_id_that_is_not_a_uuid(orchestrator: Any) -> None:
+    """README, What you can rely on: "`ConfigurationError` for ... a run id that is not a
+    UUID" (`get_run()` does so).
+
+    The Client's own methods used to pass the text to the database: `info("...")` raised
+    DatabaseError (as if the database failed), and `result("...")` took it for an outage
+    and retried until its timeout (forever without one), failing the shared waiter poll
+    of every other waiter meanwhile. Each now raises ConfigurationError at once.
+    """
+    s = small_saga("ids", ["a"])
+    orch = await orchestrator(s)
+    for call in (orch.info, orch.history, orch.result, orch.cancel, orch.retry):
+        with pytest.raises(saga.ConfigurationError, match="not a run id"), anyio.fail_after(5):
+            await call("not-a-run-id")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("tracer_provider", "not a provider"),
+        ("meter_provider", 5),
+        ("sagas", None),
+        ("sagas", "a single saga, not in a list"),
+    ],
+)
+def test_orchestrator_refuses_providers_and_sagas_that_cannot_work(
+    setting: str, value: Any
+) -> None:
+    """README, What you can rely on: "Settings that cannot work are refused when given,
+    naming the setting"; Errors: "ConfigurationError  a bad runtime argument".
+
+    They used to raise AttributeError, TypeError (a weak reference to an int, 'NoneType'
+    / 'Saga' object is not iterable), naming no setting.
+    """
+    s = small_saga("settings", ["a"])
+    options: dict[str, Any] = {"sagas": [s], setting: value}
+    if value == "a single saga, not in a list":
+        options["sagas"] = s
+    with pytest.raises(saga.ConfigurationError, match=setting):
+        saga.Orchestrator("postgresql://nowhere.invalid/db", **options)
+
+
+def _kw_only_step() -> None:
+    s = saga.Saga("kw_only", input=Job)
+
+    @s.step()  # type: ignore[arg-type]  # mypy sees it; the runtime must too
+    async def reserve(ctx: saga.Context[Job], *, warehouse: str) -> None: ...
+
+
+def _three_positionals_and_varargs() -> None:
+    s = saga.Saga("varargs", input=Job)
+
+    @s.step()  # type: ignore[arg-type]
+    async def reserve(ctx: Any, stock: Any, price: Any, *more: Any) -> None: ...
+
+
+def _kw_only_compensation() -> None:
+    s = saga.Saga("kw_only_undo", input=Job)
+
+    @s.step()
+    async def reserve(ctx: saga.Context[Job]) -> str:
+        return "r"
+
+    @reserve.compensate  # type: ignore[arg-type]
+    async def release(ctx: saga.Context[Job], reservation: str, *, reason: str) -> None: ...
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "define", [_kw_only_step, _three_positionals_and_varargs, _kw_only_compensation]
+)
+def test_steps_and_compensations_that_cannot_be_called_are_refused(define: Any) -> None:
+    """README, Definitions: "Broken definitions fail at once with `DefinitionError`:
+    ... wrong parameters"; a step is `async def step(ctx)`, a compensation
+    `async def undo(ctx, result)`.
+
+    A required keyword-only parameter (`async def step(ctx, *, warehouse)`, `async def
+    undo(ctx, result, *, reason)`) and extra required positionals next to `*args`
+    (`async def step(ctx, stock, price, *more)`) used to be accepted; every attempt then
+    failed with a TypeError.
+    """
+    with pytest.raises(saga.DefinitionError):
+        define()
+
+
+@pytest.mark.timeout(10)
+def test_pivot_refuses_a_truthy_stand_in() -> None:
+    """README, What you can rely on: "Settings that cannot work are refused when given,
+    naming the setting" (saga's own check of flags says a truthy stand-in must not
+    silently turn a setting on; `migrate="false"` is refused so).
+
+    `@saga.step(pivot="no")` used to make the step a pivot (`bool("no")`): a point of
+    no return, never asked for.
+    """
+    s = saga.Saga("pivot_flag", input=Job)
+    with pytest.raises(saga.DefinitionError, match="pivot"):
+
+        @s.step(pivot="no")  # type: ignore[arg-type]
+        async def ship(ctx: saga.Context[Job]) -> None: ...
