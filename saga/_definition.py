@@ -15,7 +15,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from saga import _checks, _children, _graph, _pivot, _registry
+from saga import _checks, _children, _graph, _pivot, _policy, _registry
 from saga._checks import validate_name
 from saga._errors import DefinitionError
 from saga._fingerprint import of_definition
@@ -317,6 +317,7 @@ class Saga(Generic[InT]):
                 f"saga {self.name!r} ends with {self.steps[-1].after!r}: declare the step "
                 "that runs after it"
             )
+        _policy.resolve_annotations(self)
         self.graph = _graph.of_saga(self, self._parkings)
         if self.graph is not None and self.traffic.key is not None:
             raise DefinitionError(

@@ -16,6 +16,7 @@ from typing import Any
 from typing_extensions import TypedDict
 
 from saga._errors import DefinitionError
+from saga._policy import resolve_annotations
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,7 @@ def of_saga(saga: Any, parkings: dict[str, Any]) -> Graph | None:
         return None
     for step in spawns:  # a list of the child saga's outputs
         child = step.spawn.saga
+        resolve_annotations(child)  # (it may be frozen after this one)
         step.result_type = list[output_type(child, child.graph or shape(child))]  # type: ignore[misc]
     if parkings:
         raise DefinitionError(

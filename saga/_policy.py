@@ -114,14 +114,39 @@ def check_async(fn: Any, what: str, params: int) -> None:
         ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """A return annotation naming what is not defined yet when the step is declared (a
+    model defined further down the module): resolved when the saga is registered."""
+
+    fn: Callable[..., Any]
+
+
 def return_annotation(fn: Callable[..., Any]) -> Any:
     """The declared result type, metadata included (``Annotated`` discriminators,
     serializers and validators apply to results too); ``Any`` when undeclared."""
     try:
         hints = typing.get_type_hints(fn, include_extras=True)
+    except NameError:
+        return Unresolved(fn)
     except Exception:
         return Any
     return hints.get("return", Any)
+
+
+def resolve_annotations(saga: Any) -> None:
+    """Resolve the steps' return annotations left for registration (see Unresolved)."""
+    for step in saga.steps:
+        if isinstance(step.result_type, Unresolved):
+            try:
+                hints = typing.get_type_hints(step.fn, include_extras=True)
+            except NameError as exc:
+                raise DefinitionError(
+                    f"saga {saga.name!r}: the return annotation of step {step.name!r} names "
+                    f"{exc.name!r}, which is not defined in its module (imported under "
+                    "TYPE_CHECKING only?): saga reads the step's results back as that type"
+                ) from None
+            step.result_type = hints.get("return", Any)
 
 
 def check_timeout(timeout: float | None) -> None:

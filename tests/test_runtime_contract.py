@@ -10,9 +10,10 @@ from typing import Any
 
 import anyio
 import pytest
+from pydantic import BaseModel
 
 import saga
-from tests._sagas import Gate, Job, small_saga
+from tests._sagas import ONCE, Gate, Job, small_saga
 
 
 @pytest.mark.timeout(30)
@@ -149,3 +150,55 @@ def test_pivot_refuses_a_truthy_stand_in() -> None:
 
         @s.step(pivot="no")  # type: ignore[arg-type]
         async def ship(ctx: saga.Context[Job]) -> None: ...
+
+
+class Order(BaseModel):
+    n: int = 0
+
+
+forward = saga.Saga("forward_ref", input=Order)
+
+
+@forward.step(retry=ONCE)
+async def charge(ctx: saga.Context[Order]) -> Receipt:  # defined below, as modules often do
+    return Receipt(charge_id=f"c-{ctx.input.n}")
+
+
+class Receipt(BaseModel):
+    charge_id: str
+
+
+@pytest.mark.timeout(30)
+async def test_a_forward_referenced_return_annotation_is_the_result_type(
+    orchestrator: Any,
+) -> None:
+    """README, Definitions: "The return annotation is the result's type: results are
+    stored as JSON and read back as that type (pydantic)"; "Broken definitions fail at
+    once with `DefinitionError`".
+
+    With `from __future__ import annotations` (as here) and a result model defined after
+    the step, the annotation used to be resolved when the decorator ran, failed, and was
+    silently taken as `Any`: every run then failed its step with a SerializationError
+    asking for the annotation it has. It is resolved when the saga is registered; one
+    that names what is never defined (imported under TYPE_CHECKING only) is a
+    DefinitionError then, naming it.
+    """
+    orch = await orchestrator(forward)
+    run = await orch.start(forward, Order(n=1))
+    assert await run.result(timeout=10) == Receipt(charge_id="c-1")
+
+
+async def test_a_return_annotation_naming_nothing_defined_is_refused_at_registration(
+    orchestrator: Any,
+) -> None:
+    """A step whose return annotation names a class that is never defined at run time
+    (imported under TYPE_CHECKING only) is a DefinitionError when registered, naming
+    the step and the name: its results could never be read back as that type."""
+    s = saga.Saga("never_defined", input=Order)
+
+    @s.step()
+    async def quote(ctx: saga.Context[Order]) -> Quote:  # type: ignore[name-defined]  # noqa: F821
+        raise AssertionError("never called")
+
+    with pytest.raises(saga.DefinitionError, match="step 'quote' names 'Quote'"):
+        await orchestrator(s)
