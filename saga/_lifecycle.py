@@ -39,6 +39,8 @@ class Lifecycle:
         self._stop = anyio.Event()
         self._host: asyncio.Task[None] | None = None
         self._tg: TaskGroup | None = None
+        self._opened = anyio.Event()  # opening ended, open or not
+        self._closed = anyio.Event()  # closing ended
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -89,6 +91,13 @@ class Lifecycle:
             raise LifecycleError(f"this {self._kind} is {self._state}; create a new one")
         self._state = "opening"
         try:
+            await self._opening()
+        finally:
+            self._opened.set()
+        return self
+
+    async def _opening(self) -> None:
+        try:
             await self._open()
             started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._host = asyncio.create_task(
@@ -105,7 +114,6 @@ class Lifecycle:
                 await self._close()
             raise
         self._state = "open"
-        return self
 
     async def __aexit__(
         self,
@@ -117,9 +125,14 @@ class Lifecycle:
 
     async def aclose(self) -> None:
         """Stop the loops (see the subclass for what stopping lets finish) and release
-        everything. Safe to call more than once."""
-        if self._state in ("closing", "closed", "new"):
-            self._state = "closed" if self._state == "new" else self._state
+        everything. Safe to call more than once, and at any time: while it is opening, it
+        closes once open; while another close runs, it returns once that one ended."""
+        if self._state == "opening":
+            await self._opened.wait()
+        if self._state == "closing":
+            await self._closed.wait()
+        if self._state in ("closed", "new"):
+            self._state = "closed"
             return
         self._state = "closing"
         self._stopping = True
@@ -139,6 +152,7 @@ class Lifecycle:
                 await self._close()
         finally:
             self._state = "closed"
+            self._closed.set()
             logger.info(f"{self._kind.lower()}_stopped", worker=self._name)
 
     async def wait_stopped(self) -> None:

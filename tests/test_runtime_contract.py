@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 from pydantic import BaseModel
 
@@ -202,3 +203,63 @@ async def test_a_return_annotation_naming_nothing_defined_is_refused_at_registra
 
     with pytest.raises(saga.DefinitionError, match="step 'quote' names 'Quote'"):
         await orchestrator(s)
+
+
+@pytest.mark.timeout(30)
+async def test_a_second_aclose_returns_only_once_the_orchestrator_is_closed(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    """README, Runtime: "`aclose()` is the same [as leaving: ... cancels the rest and
+    releases their leases so another process takes them at once] and may be called more
+    than once."
+
+    A second `aclose()` called while the first is still closing (a signal handler and a
+    lifespan both closing, say) used to return at once, the orchestrator still
+    `closing`, its step running and its lease held: an application exiting its event
+    loop then never gave the lease back. It returns once the close ended.
+    """
+    gate = Gate("hold")  # never released
+    s = small_saga("twice", ["hold"], gate=gate)
+    orch = saga.Orchestrator(dsn, sagas=[s], shutdown_timeout=1.0, lease_seconds=60)
+    await orch.__aenter__()
+    await s.start(Job())
+    with anyio.fail_after(5):
+        await gate.entered.wait()
+    first = asyncio.ensure_future(orch.aclose())
+    await asyncio.sleep(0)  # the first close has begun
+    try:
+        await orch.aclose()
+        held = await db.fetchval("SELECT count(*) FROM saga.runs WHERE lease_owner IS NOT NULL")
+        why = f"second aclose() returned while the first is still closing: state={orch._state!r}"
+        assert first.done(), why
+        assert held == 0, f"{why}; leases still held: {held}"
+    finally:
+        await first
+
+
+@pytest.mark.timeout(30)
+async def test_aclose_while_opening_closes_it(dsn: str) -> None:
+    """README, Runtime: "`aclose()` is the same [as leaving] and may be called more than
+    once. An orchestrator cannot be reopened." Errors: LifecycleError for an
+    orchestrator "used before open / after close".
+
+    `aclose()` called while `async with` is still opening (a shutdown signal during
+    startup) used to fail with a bare AssertionError, and the opening then completed
+    with `is_open` True while its loops had stopped. It now waits for the opening, then
+    closes: the orchestrator ends closed.
+    """
+    s = small_saga("opening", ["a"])
+    orch = saga.Orchestrator(dsn, sagas=[s], poll_interval=0.2)
+    opening = asyncio.ensure_future(orch.__aenter__())
+    await asyncio.sleep(0.001)  # opening: connecting and migrating
+    try:
+        closed_error: BaseException | None = None
+        try:
+            await orch.aclose()
+        except BaseException as exc:
+            closed_error = exc
+        await asyncio.wait([opening])
+        assert not isinstance(closed_error, AssertionError), "aclose() raised AssertionError"
+        assert not orch.is_open, "the orchestrator is open after aclose()"
+    finally:
+        await orch.aclose()
