@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import random
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,12 +127,26 @@ def return_annotation(fn: Callable[..., Any]) -> Any:
     """The declared result type, metadata included (``Annotated`` discriminators,
     serializers and validators apply to results too); ``Any`` when undeclared."""
     try:
-        hints = typing.get_type_hints(fn, include_extras=True)
+        return _return_hint(fn)
     except NameError:
         return Unresolved(fn)
     except Exception:
         return Any
-    return hints.get("return", Any)
+
+
+def _return_hint(fn: Callable[..., Any]) -> Any:
+    """The return annotation alone, evaluated in the function's module (the parameters'
+    may name what only exists where it was defined, as the context's input model)."""
+    fn = inspect.unwrap(fn)
+    annotations = getattr(fn, "__annotations__", None) or {}
+    if "return" not in annotations:
+        return Any
+    shim = types.FunctionType(_SHIM_CODE, getattr(fn, "__globals__", {}))
+    shim.__annotations__ = {"return": annotations["return"]}
+    return typing.get_type_hints(shim, include_extras=True)["return"]
+
+
+_SHIM_CODE = (lambda: None).__code__
 
 
 def resolve_annotations(saga: Any) -> None:
@@ -139,14 +154,13 @@ def resolve_annotations(saga: Any) -> None:
     for step in saga.steps:
         if isinstance(step.result_type, Unresolved):
             try:
-                hints = typing.get_type_hints(step.fn, include_extras=True)
+                step.result_type = _return_hint(step.fn)
             except NameError as exc:
                 raise DefinitionError(
                     f"saga {saga.name!r}: the return annotation of step {step.name!r} names "
                     f"{exc.name!r}, which is not defined in its module (imported under "
                     "TYPE_CHECKING only?): saga reads the step's results back as that type"
                 ) from None
-            step.result_type = hints.get("return", Any)
 
 
 def check_timeout(timeout: float | None) -> None:
