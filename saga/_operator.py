@@ -255,17 +255,18 @@ async def prune(
         raise ConfigurationError(f"batch_size must be an int from 1 to 100000, got {batch_size!r}")
     if not isinstance(whole_days, bool):
         raise ConfigurationError(f"whole_days must be a bool, got {whole_days!r}")
+    cutoff = await store.prune_cutoff(seconds)  # one instant for every pass
     if dry_run and whole_days:
-        days = await store.prune_days(seconds, statuses, dry_run=True)
+        days = await store.prune_days(cutoff, statuses, dry_run=True)
         return PruneResult(days.runs, days.events, 0, True, days.days)
     if dry_run:  # both passes together take every prunable run
-        runs, events = await store.count_prunable(seconds, statuses)
+        runs, events = await store.count_prunable(cutoff, statuses)
         return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
-    await store.release_prunable_keys(seconds, statuses)
-    days = await store.prune_days(seconds, statuses)
+    await store.release_prunable_keys(cutoff, statuses)
+    days = await store.prune_days(cutoff, statuses)
     total_runs, total_events, batches = days.runs, days.events, 0
     while not whole_days:
-        runs, events = await store.prune_runs(seconds, statuses, batch_size)
+        runs, events = await store.prune_runs(cutoff, statuses, batch_size)
         total_runs += runs
         total_events += events
         if runs == 0:

@@ -189,16 +189,13 @@ class DaysPruned:
 async def prune_days(
     pool: asyncpg.Pool,
     schema: str,
-    older_than: float,
+    cutoff: datetime,
     statuses: Sequence[str],
     dry_run: bool = False,
 ) -> DaysPruned:
-    """Drop or compact every day whose runs all started more than ``older_than``
-    seconds ago, when at least half of its runs finished that long ago in one of
-    ``statuses`` (those go; the others are kept). Oldest day first. ``dry_run``: only
-    count what would go."""
-    now: datetime = await pool.fetchval("SELECT now()")
-    cutoff = now - timedelta(seconds=older_than)
+    """Drop or compact every day whose runs all started before ``cutoff``, when at least
+    half of its runs finished before it in one of ``statuses`` (those go; the others are
+    kept). Oldest day first. ``dry_run``: only count what would go."""
     total = DaysPruned()
     for day in sorted(await days(pool, schema)):
         end = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)

@@ -164,25 +164,29 @@ class OperatorQueries:
         async with translate_errors("reading a run"):
             return await self.pool.fetchrow(self._q["get_run"], run_id) is not None
 
+    async def prune_cutoff(self, older_than: float) -> datetime:
+        """The instant a prune deletes runs finished before (one for all its passes)."""
+        async with translate_errors("pruning runs"):
+            cutoff: datetime = await self.pool.fetchval(self._q["prune_cutoff"], older_than)
+        return cutoff
+
     async def prune_runs(
-        self, older_than: float, statuses: Sequence[str], batch_size: int
+        self, cutoff: datetime, statuses: Sequence[str], batch_size: int
     ) -> tuple[int, int]:
         """Delete one batch of finished runs and their events; returns (runs, events)."""
         async with translate_errors("pruning runs"):
             row = await self.pool.fetchrow(
-                self._q["prune_runs"], older_than, list(statuses), batch_size
+                self._q["prune_runs"], cutoff, list(statuses), batch_size
             )
         assert row is not None
         return row["runs"], row["events"]
 
-    async def release_prunable_keys(self, older_than: float, statuses: Sequence[str]) -> None:
+    async def release_prunable_keys(self, cutoff: datetime, statuses: Sequence[str]) -> None:
         """Free the keys of the runs prune would delete that still hold one (failed or
         stopped, never resolved), each as resolve() does: the oldest run queued for the
         key takes the slot, rather than wait for a holder that no longer exists."""
         async with translate_errors("pruning runs"):
-            rows = await self.pool.fetch(
-                self._q["prunable_key_holders"], older_than, list(statuses)
-            )
+            rows = await self.pool.fetch(self._q["prunable_key_holders"], cutoff, list(statuses))
             for row in rows:
                 async with self.pool.acquire() as conn, conn.transaction():
                     key = await conn.fetchrow(
@@ -192,19 +196,17 @@ class OperatorQueries:
                         await conn.fetchrow(self._q["key_fill"], *key, self.work_channel)
 
     async def prune_days(
-        self, older_than: float, statuses: Sequence[str], dry_run: bool = False
+        self, cutoff: datetime, statuses: Sequence[str], dry_run: bool = False
     ) -> DaysPruned:
         """Drop or compact the whole days that can go (see saga/_partitions.py); with
         ``dry_run``, only count them."""
         async with translate_errors("pruning whole days"):
-            return await partitions.prune_days(
-                self.pool, self.schema, older_than, statuses, dry_run
-            )
+            return await partitions.prune_days(self.pool, self.schema, cutoff, statuses, dry_run)
 
-    async def count_prunable(self, older_than: float, statuses: Sequence[str]) -> tuple[int, int]:
+    async def count_prunable(self, cutoff: datetime, statuses: Sequence[str]) -> tuple[int, int]:
         """What :meth:`prune_runs` would delete: (runs, events)."""
         async with translate_errors("counting prunable runs"):
-            row = await self.pool.fetchrow(self._q["count_prunable"], older_than, list(statuses))
+            row = await self.pool.fetchrow(self._q["count_prunable"], cutoff, list(statuses))
         assert row is not None
         return row["runs"], row["events"]
 

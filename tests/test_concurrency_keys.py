@@ -139,6 +139,55 @@ async def test_pruning_a_failed_run_that_holds_its_key_lets_the_queue_go_on(
         await failing.info()
 
 
+async def test_a_key_holder_crossing_the_cutoff_during_a_prune_is_not_deleted_holding_it(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """Two failed runs hold their keys (acct-1, acct-2); a run waits behind acct-1's.
+    acct-2's holder finished long ago, acct-1's 0.5 s short of the prune's age limit.
+    Freeing acct-2's key is held 1 s (a trigger), so acct-1's holder crosses the limit
+    during the prune. The prune used to free keys against one instant and delete against
+    a later one: acct-1's holder was deleted still holding its key, and the run behind it
+    waited for ever. Every pass now uses one cutoff: acct-1's holder stays, its key held,
+    and a later prune frees it and lets the queue go on."""
+    s = small_saga(
+        "crossing", ["debit", "credit"], compensate={"debit"},
+        fail={"credit": permanent("no", when=lambda ctx: ctx.input.n < 3)},
+        fail_undo={"debit": saga_fail(lambda: True)},
+        undo_retry=saga.Retry(max_attempts=1),
+        traffic={"concurrency_key": lambda job: f"acct-{min(job.n, 2) if job.n < 3 else 1}"},
+    )  # fmt: skip
+    orch = await orchestrator(s, concurrency=8)
+    crossing = await orch.start(s, Job(n=1))
+    old = await orch.start(s, Job(n=2))
+    assert await _ended(crossing) is saga.RunStatus.FAILED
+    assert await _ended(old) is saga.RunStatus.FAILED
+    waiting = await orch.start(s, Job(n=3))  # acct-1, behind the crossing holder
+    await db.execute(
+        "UPDATE saga.runs SET finished_at = now() - interval '2 days' WHERE id = $1", old.id
+    )
+    await db.execute(
+        "UPDATE saga.runs SET finished_at = now() - interval '1 day' + interval '0.5 s' "
+        "WHERE id = $1",
+        crossing.id,
+    )
+    await db.execute(
+        """
+        CREATE FUNCTION public.slow_release() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;
+        CREATE TRIGGER slow_release BEFORE UPDATE ON saga.runs FOR EACH ROW
+            WHEN (OLD.key_state = 'held' AND NEW.key_state = 'released')
+            EXECUTE FUNCTION public.slow_release();
+        """
+    )
+    pruned = await saga.prune(orch, older_than=timedelta(days=1), status=["failed"])
+    assert pruned.runs == 1  # the old holder only
+    assert (await crossing.info()).status is saga.RunStatus.FAILED
+    assert (await waiting.info()).waiting_for_key
+    await db.execute("DROP TRIGGER slow_release ON saga.runs")
+    assert (await saga.prune(orch, older_than=timedelta(days=1), status=["failed"])).runs == 1
+    assert await _ended(waiting) is saga.RunStatus.COMPLETED
+
+
 def saga_fail(broken: Any) -> Fail:
     """A compensation failure while ``broken()`` says so."""
     return Fail(saga.PermanentError, "undo broken", None, lambda ctx: broken())

@@ -1115,15 +1115,21 @@ SELECT * FROM (
 ORDER BY created_at DESC, id DESC
 LIMIT $6;
 
+-- name: prune_cutoff
+-- The instant a prune deletes runs finished before: $1 seconds before now.
+SELECT now() - make_interval(secs => $1::float8);
+
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first,
 -- and their events, watches and signals (there is no foreign key to cascade). Rows another statement holds
 -- are skipped, never waited for; the batch is one short transaction. Returns the counts.
--- $1 seconds since finished, $2 statuses (text[], terminal ones), $3 batch size
+-- $1 the cutoff (finished before it: one instant for the whole prune, so that a run
+-- held key crossing it meanwhile is not deleted unreleased), $2 statuses (text[],
+-- terminal ones), $3 batch size
 WITH doomed AS (
     SELECT id FROM __schema__.runs
     WHERE due_at IS NULL
-      AND finished_at < now() - make_interval(secs => $1::float8)
+      AND finished_at < $1::timestamptz
       AND status = ANY($2::text[])
     ORDER BY finished_at
     LIMIT $3
@@ -1144,10 +1150,10 @@ SELECT (SELECT count(*) FROM gone_runs) AS runs, (SELECT count(*) FROM gone_even
 -- The runs prune_runs would delete that still hold their concurrency key (failed or
 -- stopped, never resolved): prune frees their keys first (prune_key_release). Reads the
 -- partial index of held keys.
--- $1 seconds since finished, $2 statuses (text[], terminal ones)
+-- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
 SELECT id FROM __schema__.runs
 WHERE key_state = 'held' AND due_at IS NULL
-  AND finished_at < now() - make_interval(secs => $1::float8)
+  AND finished_at < $1::timestamptz
   AND status = ANY($2::text[])
 ORDER BY id;
 
@@ -1169,11 +1175,11 @@ RETURNING k.saga_name, k.key;
 
 -- name: count_prunable
 -- What prune_runs would delete with the same arguments (a dry run): runs and events.
--- $1 seconds since finished, $2 statuses (text[], terminal ones)
+-- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
 WITH doomed AS (
     SELECT id FROM __schema__.runs
     WHERE due_at IS NULL
-      AND finished_at < now() - make_interval(secs => $1::float8)
+      AND finished_at < $1::timestamptz
       AND status = ANY($2::text[])
 )
 SELECT (SELECT count(*) FROM doomed) AS runs,
