@@ -139,10 +139,10 @@ def after_item(
         parked = done.outcome
         data = {"ended": parked.ended, "of": parked.of, "started": parked.started}
         event = Event(EventKind.CHILDREN_WAITING, done.step, done.attempt, data)
-        # Cancelled while this attempt looked at the children: due again at once (its
-        # next claim undoes them) rather than parked until one ends, which a stopped
-        # child never does by itself.
-        cancelled = done.phase is _STEP and run.cancel_requested
+        # Cancelled while this attempt looked at the children (not undoing them): due
+        # again at once (its next claim undoes them) rather than parked until one ends,
+        # which a stopped child never does by itself.
+        cancelled = done.phase is _STEP and not done.undo and run.cancel_requested
         return GraphChange(
             status=run.status, events=(event,), retry_in=0.0 if cancelled else math.inf
         )

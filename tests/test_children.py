@@ -195,6 +195,30 @@ async def test_cancelling_the_parent_while_children_run_cancels_them(
     assert ledger.steps("compensation")[-1] == "split"
 
 
+async def test_a_cancelled_parent_waits_for_its_children_parked_not_polling(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """Cancelled while its children run and stay running for a second: the parent's step,
+    having asked them to cancel, parks until one ends (a handful of children_waiting
+    events, no claim in between), then ends cancelled. Were it due again after every
+    look, as a forward look that a cancel overtook must be, it would spin, counting
+    attempts, until it ended failed with saga.AttemptLost."""
+    ledger, gate = Ledger(), Gate("load")
+    child = chunk_saga(ledger, gate=gate)
+    parent = import_saga(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job(n=2))
+    with anyio.fail_after(15):
+        await gate.entered.wait()
+        await run.cancel()
+        await anyio.sleep(1.0)  # the children hold on; the parent must not spin
+        gate.release.set()
+        with pytest.raises(saga.RunCancelledError):
+            await run.result()
+    looks = [e for e in await run.history() if e.kind == "children_waiting"]
+    assert len(looks) < 10, len(looks)
+
+
 async def test_a_child_past_its_pivot_fails_the_parents_rollback_for_an_operator(
     orchestrator: OrchestratorFactory,
 ) -> None:
@@ -317,12 +341,20 @@ def _parent(child: saga.Saga[Job], ledger: Ledger) -> saga.Saga[Job]:
     return parent
 
 
-async def _stopped_child(orch: saga.Orchestrator) -> saga.RunHandle:
+async def _run_with_a_stopped_child(
+    orchestrator: OrchestratorFactory,
+) -> tuple[Ledger, saga.RunHandle, saga.RunHandle]:
+    """A parent run whose one child has stopped for an operator: (ledger, parent, child)."""
+    ledger = Ledger()
+    child = _stopping_child(ledger, stops=1)
+    parent = _parent(child, ledger)
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job())
     with anyio.fail_after(10):
         while True:
             kids = (await saga.list_runs(orch, saga="shipment")).runs
             if kids and kids[0].status is saga.RunStatus.STOPPED:
-                return orch.get_run(kids[0].id)
+                return ledger, run, orch.get_run(kids[0].id)
             await anyio.sleep(0.02)
 
 
@@ -335,12 +367,7 @@ async def test_a_stopped_child_is_not_over_its_parent_waits_for_the_operator(
     it, and then the parent; a cancel() of the child compensates it, and then the
     parent's step fails for good and the parent rolls back. The parent used to end
     compensated at once, leaving the stopped child's load never undone."""
-    ledger = Ledger()
-    child = _stopping_child(ledger, stops=1)
-    parent = _parent(child, ledger)
-    orch = await orchestrator(parent, child)
-    run = await orch.start(parent, Job())
-    kid = await _stopped_child(orch)
+    ledger, run, kid = await _run_with_a_stopped_child(orchestrator)
     await anyio.sleep(0.3)
     assert (await run.info()).status is saga.RunStatus.RUNNING
     if operator == "retry":
@@ -362,12 +389,7 @@ async def test_cancelling_a_parent_cancels_its_stopped_child(
     too, as its running ones: the child rolls back (its load undone; a run stopped at a
     step ends compensated when cancelled), and the parent ends cancelled. Its rollback
     used to fail for an operator, as if the child could not be undone."""
-    ledger = Ledger()
-    child = _stopping_child(ledger, stops=1)
-    parent = _parent(child, ledger)
-    orch = await orchestrator(parent, child)
-    run = await orch.start(parent, Job())
-    kid = await _stopped_child(orch)
+    ledger, run, kid = await _run_with_a_stopped_child(orchestrator)
     await run.cancel()
     with pytest.raises(saga.RunCancelledError):
         await run.result(timeout=10)
