@@ -114,18 +114,18 @@ class Hub:
             try:
                 self.connected = True
                 self._connections += 1
-                # Back after an outage: anything may have changed meanwhile, unheard.
-                missed = outage.down
                 outage.back()
-                await self._loop(conn, missed)
+                await self._loop(conn)
             finally:
                 self.connected = False
 
-    async def _loop(self, conn: Any, missed: bool) -> None:
+    async def _loop(self, conn: Any) -> None:
         store = self._client._store_or_raise()
         last = await store.events_sequence(conn)
-        if missed:
-            self._publish()
+        # Whatever changed before this baseline was heard by nobody: after an outage, or
+        # between a page's render (its stream then open, its refresh done) and this
+        # connection's first read. The open streams are told once.
+        self._publish()
         while True:
             with anyio.move_on_after(SEQUENCE_INTERVAL):
                 await self._poke.wait()

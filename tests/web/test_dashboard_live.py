@@ -176,3 +176,19 @@ async def test_after_an_outage_open_streams_hear_at_once(orchestrator: Any, db: 
             stream.close()
     mine = [e for e in logs if e.get("worker") == "dashboard"]
     assert [e["event"] for e in mine] == ["database_unavailable", "database_available"]
+
+
+async def test_a_stream_is_told_once_when_the_hub_starts_watching(orchestrator: Any) -> None:
+    """The first stream to open starts the hub's watch, whose baseline is read a moment
+    after the stream opened (and after the page's refresh on open): a run ending in
+    between was heard by nobody, and the page showed it running for ever (CI once saw a
+    retried run stay `compensating`). The hub announces a change once it holds its
+    baseline, so the page fetches itself again, even when nothing else changes."""
+    orch = await orchestrator()
+    app = mounted(orch)
+    stream = Stream(app)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream.run)
+        await stream.until("retry:")
+        await stream.until("event: change", timeout=5)
+        stream.close()
