@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, time, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any
 
@@ -261,7 +262,19 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
             return found
     if a != b:
         return f"{where}: the {type(a).__name__} comes back different"
+    if isinstance(a, datetime | time) and _offset(a.tzinfo) != _offset(b.tzinfo):
+        return (
+            f"{where}: its time zone {a.tzinfo} comes back as the fixed offset {b.tzinfo} "
+            "(only offsets are stored: give it in UTC or a fixed offset)"
+        )
     return None
+
+
+def _offset(zone: tzinfo | None) -> timedelta | None:
+    """A time zone's fixed offset (None: no zone, or one whose offset varies, such as
+    ``ZoneInfo("Europe/Paris")``: equal instants in it and in its offset of the day
+    still differ, an hour apart once its summer time starts)."""
+    return None if zone is None else zone.utcoffset(None)
 
 
 def _shape_change(a: Any, b: Any) -> str | None:

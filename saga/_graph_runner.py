@@ -48,7 +48,7 @@ class GraphRunner:
 
     async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
         runner = self._runner
-        run = runner.active(item, saga)
+        run = runner.active(item, saga, lease)
         if item.phase is Phase.COMPENSATION:
             run.status = RunStatus.COMPENSATING
         elif run.status is RunStatus.COMPENSATING:

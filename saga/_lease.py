@@ -60,6 +60,9 @@ class Lease:
     item: tuple[str, Phase] | None = None  # a graph run's item (step, phase)
     # saga.testing's expire_lease: heartbeats leave it, as a stalled worker's would.
     stalled: bool = False
+    # The run its task drives (saga._active.ActiveRun), for the saga, step and attempt
+    # of the log lines about the lease.
+    active: Any = None
 
     @property
     def key(self) -> UUID | ItemKey:
@@ -88,6 +91,18 @@ class Lease:
     def mark_lost(self) -> None:
         """This worker no longer holds the lease (refused write, crash, cancelled step)."""
         self.lost = True
+
+    def log_fields(self) -> dict[str, Any]:
+        """The run, saga, step and attempt of the item it holds now, for log lines."""
+        run = self.active
+        if run is None:
+            return {"run_id": str(self.run_id)}
+        return {
+            "run_id": str(self.run_id),
+            "saga": run.saga.name,
+            "step": run.step,
+            "attempt": run.attempt,
+        }
 
 
 Handler = Callable[[ClaimedItem, Lease], Coroutine[Any, Any, None]]
@@ -307,7 +322,7 @@ class Leases:
                 continue  # still ours, or the run moved on to a new lease meanwhile
             lease.lost = True
             lease.scope.cancel()
-            logger.warning("lease_lost", run_id=str(lease.run_id), worker=self._worker)
+            logger.warning("lease_lost", worker=self._worker, **lease.log_fields())
 
     # -- shutdown -------------------------------------------------------------------------------
 

@@ -223,7 +223,8 @@ async def prune(
 
     Only terminal states can be pruned; by default ``completed``, ``compensated`` and
     ``cancelled`` (add ``failed`` to ``status`` to prune runs that waited for an operator
-    too). Runs and their history are partitioned by the UTC day they started on. First,
+    too); a child saga's run goes only with its parent, or once its parent is gone.
+    Runs and their history are partitioned by the UTC day they started on. First,
     every day that ended more than ``older_than`` ago goes at once, oldest first: its
     partitions are dropped when all its runs go, or replaced by copies of the runs it
     keeps when at least half go (no row-by-row delete: nothing left for autovacuum).

@@ -214,11 +214,12 @@ async def _count_day(
     """What ``_prune_day`` would remove of the day now: its runs and their events."""
     runs = f"{quote_ident(schema)}.{quote_ident(partition('runs', day))}"
     events = f"{quote_ident(schema)}.{quote_ident(partition('events', day))}"
-    counts = await _counts(pool, runs, cutoff, statuses)
+    counts = await _counts(pool, schema, runs, cutoff, statuses)
     if counts is None:
         return None
     gone = await pool.fetchval(
-        f"SELECT count(*) FROM {events} e JOIN {runs} r ON r.id = e.run_id WHERE {_PRUNABLE}",
+        f"SELECT count(*) FROM {events} e JOIN {runs} r ON r.id = e.run_id "
+        f"WHERE {_prunable(schema)}",
         cutoff,
         statuses,
     )
@@ -226,13 +227,14 @@ async def _count_day(
 
 
 async def _counts(
-    pool: asyncpg.Pool, runs: str, cutoff: datetime, statuses: list[str]
+    pool: asyncpg.Pool, schema: str, runs: str, cutoff: datetime, statuses: list[str]
 ) -> tuple[int, int] | None:
     """The day's runs that would go and stay, or None when the day is not worth it
     (nothing goes, or less than half: prune's row-by-row pass takes those)."""
+    prunable = _prunable(schema)
     row = await pool.fetchrow(
-        f"SELECT count(*) FILTER (WHERE {_PRUNABLE}) AS gone, "
-        f"count(*) FILTER (WHERE NOT {_PRUNABLE}) AS kept FROM {runs}",
+        f"SELECT count(*) FILTER (WHERE {prunable}) AS gone, "
+        f"count(*) FILTER (WHERE NOT {prunable}) AS kept FROM {runs} r",
         cutoff,
         statuses,
     )
@@ -242,11 +244,25 @@ async def _counts(
     return row["gone"], row["kept"]
 
 
-_PRUNABLE = "(due_at IS NULL AND coalesce(finished_at < $1, false) AND status = ANY($2::text[]))"
+def _prunable(schema: str) -> str:
+    """Whether the runs row ``r`` goes ($1 the cutoff, $2 the statuses): it finished
+    before the cutoff in one of the statuses, and it is not the child of a run that
+    stays (a parent still running, or failed and retryable, reads its children)."""
+    own = "({a}.due_at IS NULL AND coalesce({a}.finished_at < $1, false) "
+    own += "AND {a}.status = ANY($2::text[]))"
+    return (
+        f"({own.format(a='r')} AND (r.parent_id IS NULL OR NOT EXISTS ("
+        f"SELECT 1 FROM {quote_ident(schema)}.runs p "
+        f"WHERE p.id = r.parent_id AND NOT {own.format(a='p')})))"
+    )
+
+
 _TERMINAL = ("completed", "compensated", "failed", "cancelled", "stopped")
 
 
-async def _any_kept(conn: Conn, runs: str, cutoff: datetime, statuses: list[str]) -> bool:
+async def _any_kept(
+    conn: Conn, schema: str, runs: str, cutoff: datetime, statuses: list[str]
+) -> bool:
     """Whether a run of the (locked) day must stay, read through the partial indexes of
     active runs, of finished runs by end time, and of failed and stopped runs, rather
     than the whole partition: the day is locked meanwhile, and claims wait for it."""
@@ -254,6 +270,9 @@ async def _any_kept(conn: Conn, runs: str, cutoff: datetime, statuses: list[str]
         f"EXISTS (SELECT 1 FROM {runs} WHERE due_at IS NOT NULL)",
         f"EXISTS (SELECT 1 FROM {runs} WHERE due_at IS NULL "
         "AND (finished_at >= $1 OR finished_at IS NULL))",
+        # A child whose parent stays (through the partial index of children).
+        f"EXISTS (SELECT 1 FROM {runs} r WHERE r.parent_id IS NOT NULL "
+        f"AND NOT {_prunable(schema)})",
     ]
     # Terminal statuses not pruned (validated RunStatus values, safe as literals: a
     # literal lets the planner use the partial index of that status).
@@ -262,7 +281,7 @@ async def _any_kept(conn: Conn, runs: str, cutoff: datetime, statuses: list[str]
         for status in _TERMINAL
         if status not in statuses
     ]
-    return bool(await conn.fetchval("SELECT " + " OR ".join(checks), cutoff))
+    return bool(await conn.fetchval("SELECT " + " OR ".join(checks), cutoff, statuses))
 
 
 async def _prune_day(
@@ -272,7 +291,7 @@ async def _prune_day(
     parts = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
     # Counted before the day is locked: finished runs get no new events (the kept ones
     # may; their events are counted under the lock, as they are copied).
-    counts = await _counts(pool, parts["runs"], cutoff, statuses)
+    counts = await _counts(pool, schema, parts["runs"], cutoff, statuses)
     if counts is None:
         return None
     gone_runs, kept_runs = counts
@@ -286,12 +305,14 @@ async def _prune_day(
                 await conn.execute(
                     f"LOCK TABLE {', '.join(parts.values())} IN ACCESS EXCLUSIVE MODE"
                 )
-                if kept_runs == 0 and not await _any_kept(conn, parts["runs"], cutoff, statuses):
+                if kept_runs == 0 and not await _any_kept(
+                    conn, schema, parts["runs"], cutoff, statuses
+                ):
                     for part in parts.values():
                         await conn.execute(f"DROP TABLE {part}")
                     return gone_runs, events
                 kept = await conn.fetchval(
-                    f"SELECT count(*) FROM {parts['runs']} WHERE NOT {_PRUNABLE}",
+                    f"SELECT count(*) FROM {parts['runs']} r WHERE NOT {_prunable(schema)}",
                     cutoff,
                     statuses,
                 )
@@ -319,7 +340,8 @@ async def _compact(
         await _create_like(conn, schema, table, fresh[table])
         if table == "runs":
             status = await conn.execute(
-                f"INSERT INTO {fresh[table]} SELECT * FROM {old[table]} WHERE NOT {_PRUNABLE}",
+                f"INSERT INTO {fresh[table]} SELECT r.* FROM {old[table]} r "
+                f"WHERE NOT {_prunable(schema)}",
                 cutoff,
                 statuses,
             )

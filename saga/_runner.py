@@ -118,7 +118,8 @@ class Runner:
                 # lease until it expires, and never release it.
                 finished = True
                 lease.mark_lost()
-                logger.warning("simulated_crash", run_id=str(item.run_id), saga=item.saga_name)
+                where = {"saga": item.saga_name, "step": item.step_name, "attempt": item.attempt}
+                logger.warning("simulated_crash", **(where | lease.log_fields()))
             except DatabaseError as exc:
                 finished = True  # the lease runs out and any worker takes the run again
                 self._outage.lost("recording an outcome", exc)
@@ -145,9 +146,9 @@ class Runner:
             item, lease = taken
             process = self._process  # runs are claimed along only without graph sagas
 
-    def active(self, item: ClaimedItem, saga: Saga[Any]) -> ActiveRun:
-        """The claimed item as this worker drives it; an expired lease it took over is
-        counted and logged."""
+    def active(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> ActiveRun:
+        """The claimed item as this worker drives it under ``lease``; an expired lease it
+        took over is counted and logged."""
         if item.expired_owner is not None:
             self.telemetry.leases_expired.add(1, {SAGA: saga.name})
             logger.warning(
@@ -155,9 +156,10 @@ class Runner:
                 run_id=str(item.run_id),
                 saga=saga.name,
                 step=item.step_name,
+                attempt=item.attempt - 1,  # the attempt that expired (as in the history)
                 previous_worker=item.expired_owner,
             )
-        return ActiveRun(
+        run = lease.active = ActiveRun(
             id=item.run_id,
             saga=saga,
             status=item.status,
@@ -176,9 +178,10 @@ class Runner:
             child=item.child,
             keyed=item.keyed,
         )
+        return run
 
     async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
-        run = self.active(item, saga)
+        run = self.active(item, saga, lease)
         # One bound logger per claimed run: binding resolves structlog's configuration.
         log = logger.bind(run_id=str(run.id), saga=saga.name)
         try:

@@ -43,6 +43,7 @@ from saga import _checks
 from saga._client import Client
 from saga._definition import Context, Step
 from saga._errors import (
+    ConfigurationError,
     DatabaseError,
     InvalidInputError,
     LifecycleError,
@@ -225,7 +226,7 @@ async def advance(
         or not 0 <= seconds <= _checks.MAX_AGE_SECONDS
     ):
         raise InvalidInputError(f"advance() needs a duration from 0 to 1,000 years, got {by!r}")
-    rid = _checks.run_id(run.id if isinstance(run, RunHandle) else run, InvalidInputError)
+    rid = _checks.run_id(run.id if isinstance(run, RunHandle) else run, ConfigurationError)
     store = client._store_or_raise()
     due = await store.advance_timers(rid, float(seconds))
     if due is None and not await store.run_exists(rid):

@@ -7,8 +7,11 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from saga import PayloadTooLargeError, SerializationError
@@ -72,3 +75,54 @@ def test_deep_nesting_is_refused() -> None:
         value = [value]
     with pytest.raises(SerializationError, match="nested"):
         encode(value)
+
+
+class Stamped(BaseModel):
+    at: dt.datetime
+    times: list[dt.time] = []
+
+
+_FIXED = [
+    dt.UTC,
+    dt.timezone(dt.timedelta(hours=5, minutes=30)),
+    dt.timezone(dt.timedelta(hours=-3)),
+    ZoneInfo("UTC"),
+    ZoneInfo("Etc/GMT+3"),  # a fixed zone, whatever its name
+]
+_VARYING = ["Europe/Paris", "America/New_York", "Australia/Sydney", "Asia/Tehran"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    at=st.datetimes(min_value=dt.datetime(1990, 1, 1), max_value=dt.datetime(2100, 1, 1)),
+    zone=st.sampled_from(_FIXED),
+    where=st.sampled_from(["at", "times"]),
+)
+def test_datetimes_in_utc_or_a_fixed_offset_round_trip(
+    at: dt.datetime, zone: dt.tzinfo, where: str
+) -> None:
+    """A datetime (or time) in UTC or any fixed offset, a field or inside a list, is
+    stored and read back as the same instant in the same offset."""
+    aware = at.replace(tzinfo=zone)
+    value = {
+        "at": Stamped(at=aware),
+        "times": Stamped(at=aware, times=[aware.timetz()]),
+    }[where]
+    back = decode(encode(value, Stamped), Stamped)
+    assert back.at == aware
+    assert back.at.utcoffset() == aware.utcoffset()
+    assert [t.utcoffset() for t in back.times] == [t.utcoffset() for t in value.times]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    at=st.datetimes(min_value=dt.datetime(1990, 1, 1), max_value=dt.datetime(2100, 1, 1)),
+    zone=st.sampled_from(_VARYING),
+)
+def test_a_datetime_in_a_zone_whose_offset_varies_is_refused(at: dt.datetime, zone: str) -> None:
+    """A datetime in a named zone whose offset varies (Europe/Paris) would come back
+    with its day's fixed offset only, another value (a day later is another instant
+    across a change to summer time): refused, naming the field and what to do."""
+    value = Stamped(at=at.replace(tzinfo=ZoneInfo(zone)))
+    with pytest.raises(SerializationError, match=rf"\.at: its time zone {zone} .*UTC"):
+        encode(value, Stamped)

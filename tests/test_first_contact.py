@@ -106,14 +106,15 @@ async def test_a_time_shift_beyond_a_thousand_years_is_refused(
     orchestrator: OrchestratorFactory,
 ) -> None:
     """saga.testing.advance refuses a shift that is infinite, beyond 1,000 years or not a
-    duration with InvalidInputError, and a run id that is no UUID likewise."""
+    duration with InvalidInputError, and a run id that is no UUID with ConfigurationError,
+    as every other function taking a run id does."""
     s = small_saga("shifted", 2)
     orch = await orchestrator(s)
     run = await orch.start(s, Job(n=1))
     for by in (math.inf, 10.0**12, TOO_OLD[0], "1s", True):
         with pytest.raises(saga.InvalidInputError, match="1,000 years"):
             await advance(orch, run, by)  # type: ignore[arg-type]
-    with pytest.raises(saga.InvalidInputError, match="not a run id"):
+    with pytest.raises(saga.ConfigurationError, match="not a run id"):
         await advance(orch, "junk", 1.0)
 
 

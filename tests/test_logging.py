@@ -8,12 +8,14 @@ import textwrap
 from pathlib import Path
 
 import anyio
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
 import saga
+from saga.testing import Faults
 from tests import _harness
-from tests._sagas import Job, small_saga
+from tests._sagas import Gate, Job, small_saga
 from tests.conftest import OrchestratorFactory
 
 APP = textwrap.dedent(
@@ -152,3 +154,66 @@ def test_no_log_line_of_saga_carries_an_exception_message() -> None:
                 assert kw.arg not in {"error", "message", "reason"}, where
                 assert not _texts_of_an_exception(kw.value), where
     assert found > 25
+
+
+@pytest.mark.timeout(30)
+async def test_lease_lost_is_logged_with_run_saga_step_and_attempt_bound(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README, Logging: "Event names are stable snake_case (`run_completed`,
+    `step_failed`, `lease_lost`, `stale_write_refused`, ...) with `run_id`, `saga`,
+    `step` and `attempt` bound."
+
+    A worker whose heartbeat is refused (another worker now owns the run) logs
+    `lease_lost` with the saga, step and attempt whose lease was lost."""
+    gate = Gate("a")
+    s = small_saga("lost", ["a"], gate=gate)
+    with capture_logs() as logs:
+        await orchestrator(s, lease_seconds=0.6)  # a heartbeat every 0.2 s
+        run = await s.start(Job())
+        with anyio.fail_after(5):
+            await gate.entered.wait()
+        # Another worker took the run over: this worker's next heartbeat is refused.
+        await db.execute(
+            "UPDATE saga.runs SET lease_owner = 'another-worker' WHERE id = $1", run.id
+        )
+        with anyio.fail_after(5):
+            while not any(line["event"] == "lease_lost" for line in logs):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        gate.release.set()
+    lost = next(line for line in logs if line["event"] == "lease_lost")
+    assert lost["run_id"] == str(run.id)
+    missing = {"saga", "step", "attempt"} - set(lost)
+    assert not missing, f"lease_lost lacks {sorted(missing)}: {lost}"
+    assert (lost["saga"], lost["step"], lost["attempt"]) == ("lost", "a", 1)
+
+
+@pytest.mark.timeout(30)
+async def test_lease_expired_and_simulated_crash_are_logged_with_step_and_attempt(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README, Logging: events "with `run_id`, `saga`, `step` and `attempt` bound".
+
+    After `Faults.crash_after(step)` (README, Testing your sagas), the crash
+    (`simulated_crash`) and the takeover (`lease_expired`) are logged with them."""
+    s = small_saga("crashy", ["a", "b"])
+    faults = Faults()
+    faults.crash_after("a")
+    with capture_logs() as logs:
+        orch = await orchestrator(s, lease_seconds=0.5)
+        faults.attach(orch)
+        run = await orch.start(s, Job())
+        assert await run.result(timeout=20) == "b"
+    assert faults.fired["crash_after"] == 1
+    lines = [line for line in logs if line["event"] in ("simulated_crash", "lease_expired")]
+    assert {line["event"] for line in lines} == {"simulated_crash", "lease_expired"}, logs
+    for line in lines:
+        missing = {"run_id", "saga", "step", "attempt"} - set(line)
+        assert not missing, f"{line['event']} lacks {sorted(missing)}: {line}"
+        # Both name the attempt that crashed (as the history's lease_expired does).
+        assert (line["run_id"], line["saga"], line["step"], line["attempt"]) == (
+            str(run.id),
+            "crashy",
+            "a",
+            1,
+        ), line

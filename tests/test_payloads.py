@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import asyncpg
@@ -367,3 +368,32 @@ async def test_refusal_of_a_changed_extra_names_the_key(
         await orch.start(definition, m.Open(name="ada", when=dt.datetime(2020, 1, 1)))
     assert await db.fetchval("SELECT count(*) FROM saga.runs") == 0
     assert "when" in str(raised.value)
+
+
+class Appointment(BaseModel):
+    at: dt.datetime
+
+
+async def test_a_datetime_in_a_zone_whose_offset_varies_is_refused_at_start_and_as_result(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A datetime in ZoneInfo("Europe/Paris") would reach the step with its day's fixed
+    offset (a day later then an hour off across the change to summer time): start()
+    refuses it with a SerializationError naming the field, writing nothing, and a step
+    returning one fails for good with that error; the same instant in UTC runs."""
+    paris = ZoneInfo("Europe/Paris")
+    s = saga.Saga("appointment", input=Appointment)
+
+    @s.step()
+    async def book(ctx: saga.Context[Appointment]) -> dt.datetime:
+        return (ctx.input.at + dt.timedelta(days=1)).astimezone(paris)
+
+    orch = await orchestrator(s)
+    given = dt.datetime(2026, 3, 28, 12, 0, tzinfo=paris)
+    with pytest.raises(saga.SerializationError, match=r"\.at: its time zone Europe/Paris"):
+        await orch.start(s, Appointment(at=given))
+    assert sum((await saga.count_runs(orch)).values()) == 0
+    run = await orch.start(s, Appointment(at=given.astimezone(dt.UTC)))
+    with pytest.raises(saga.RunCompensatedError) as raised:
+        await run.result(timeout=10)
+    assert "its time zone Europe/Paris" in str(raised.value.error)

@@ -1120,20 +1120,27 @@ LIMIT $6;
 SELECT now() - make_interval(secs => $1::float8);
 
 -- name: prune_runs
--- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first,
--- and their events, watches and signals (there is no foreign key to cascade). Rows another statement holds
--- are skipped, never waited for; the batch is one short transaction. Returns the counts.
+-- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
+-- (never the child of a run that stays: a parent still running, or failed and still
+-- retryable, reads and undoes its children), and their events, watches and signals
+-- (there is no foreign key to cascade). Rows another statement holds are skipped, never
+-- waited for; the batch is one short transaction. Returns the counts.
 -- $1 the cutoff (finished before it: one instant for the whole prune, so that a run
 -- held key crossing it meanwhile is not deleted unreleased), $2 statuses (text[],
 -- terminal ones), $3 batch size
 WITH doomed AS (
-    SELECT id FROM __schema__.runs
-    WHERE due_at IS NULL
-      AND finished_at < $1::timestamptz
-      AND status = ANY($2::text[])
-    ORDER BY finished_at
+    SELECT r.id FROM __schema__.runs r
+    WHERE r.due_at IS NULL
+      AND r.finished_at < $1::timestamptz
+      AND r.status = ANY($2::text[])
+      AND (r.parent_id IS NULL OR NOT EXISTS (  -- never a child of a run that stays
+          SELECT 1 FROM __schema__.runs p
+          WHERE p.id = r.parent_id
+            AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
+                     AND p.status = ANY($2::text[]))))
+    ORDER BY r.finished_at
     LIMIT $3
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF r SKIP LOCKED
 ), gone_events AS (
     DELETE FROM __schema__.events e USING doomed d WHERE e.run_id = d.id RETURNING 1
 ), gone_watches AS (
@@ -1151,11 +1158,16 @@ SELECT (SELECT count(*) FROM gone_runs) AS runs, (SELECT count(*) FROM gone_even
 -- stopped, never resolved): prune frees their keys first (prune_key_release). Reads the
 -- partial index of held keys.
 -- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
-SELECT id FROM __schema__.runs
-WHERE key_state = 'held' AND due_at IS NULL
-  AND finished_at < $1::timestamptz
-  AND status = ANY($2::text[])
-ORDER BY id;
+SELECT r.id FROM __schema__.runs r
+WHERE r.key_state = 'held' AND r.due_at IS NULL
+  AND r.finished_at < $1::timestamptz
+  AND r.status = ANY($2::text[])
+  AND (r.parent_id IS NULL OR NOT EXISTS (  -- never a child of a run that stays
+      SELECT 1 FROM __schema__.runs p
+      WHERE p.id = r.parent_id
+        AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
+             AND p.status = ANY($2::text[]))))
+ORDER BY r.id;
 
 -- name: prune_key_release
 -- A run prune is about to delete lets go of its concurrency key, as resolve() would
@@ -1177,10 +1189,15 @@ RETURNING k.saga_name, k.key;
 -- What prune_runs would delete with the same arguments (a dry run): runs and events.
 -- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
 WITH doomed AS (
-    SELECT id FROM __schema__.runs
-    WHERE due_at IS NULL
-      AND finished_at < $1::timestamptz
-      AND status = ANY($2::text[])
+    SELECT r.id FROM __schema__.runs r
+    WHERE r.due_at IS NULL
+      AND r.finished_at < $1::timestamptz
+      AND r.status = ANY($2::text[])
+      AND (r.parent_id IS NULL OR NOT EXISTS (  -- never a child of a run that stays
+          SELECT 1 FROM __schema__.runs p
+          WHERE p.id = r.parent_id
+            AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
+                     AND p.status = ANY($2::text[]))))
 )
 SELECT (SELECT count(*) FROM doomed) AS runs,
        (SELECT count(*) FROM __schema__.events e JOIN doomed d ON e.run_id = d.id) AS events;
