@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from saga import _checks
 from saga._acting import operator_data
 from saga._client import Client
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
@@ -191,17 +192,19 @@ async def retry_runs(
 
 
 async def needs_attention(
-    client: Client, *, limit: int = 50, after: uuid.UUID | None = None
+    client: Client, *, limit: int = 50, after: uuid.UUID | str | None = None
 ) -> RunPage:
     """The runs waiting for an operator, oldest first: ``failed`` ones (a compensation
     gave up) and ``stopped`` ones (a step or a wait stopped for an operator), except
     those marked resolved. Keyset-paged through a partial index: pass the page's
-    ``next_before`` as ``after`` for the next (newer) page."""
+    ``next_before`` as ``after`` for the next (newer) page. Raises
+    :class:`RunNotFoundError` when ``after`` names no run (pruned meanwhile?)."""
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
-    if after is not None and not isinstance(after, uuid.UUID):
-        raise ConfigurationError(f"after must be a run id (uuid.UUID), got {after!r}")
+    cursor = _checks.run_id(after, ConfigurationError) if after is not None else None
     store = client._store_or_raise()
-    runs = await store.needs_attention(limit + 1, after)
+    if cursor is not None and not await store.run_exists(cursor):
+        raise RunNotFoundError(cursor)
+    runs = await store.needs_attention(limit + 1, cursor)
     page = runs[:limit]
     return RunPage(runs=page, next_before=page[-1].id if len(runs) > limit else None)

@@ -34,12 +34,16 @@ async def census_loop(
     store: Store,
     telemetry: Telemetry,
     definitions: Sequence[DefinitionKey],
+    known: Sequence[DefinitionKey],
     interval: float,
     outage: Outage,
     warn: bool,
 ) -> None:
+    """Report the census of ``definitions`` (those executed here) every ``interval``, and
+    the active runs of definitions not ``known`` here; with ``warn``, log those and keep
+    the coming days' partitions created."""
     gauges = telemetry.gauges(store.schema)
-    mine = {(name, version): fp for name, version, fp in definitions}
+    mine = {(name, version): fp for name, version, fp in known}
     warned_at = -math.inf
     partitions_at = -math.inf
     try:
@@ -48,7 +52,7 @@ async def census_loop(
                 partitions_at = anyio.current_time() + await _partitions(store)
             try:
                 census = await store.census(definitions)
-                waiting = await store.count_unclaimable(definitions)
+                waiting = await store.count_unclaimable(known)
                 if warn and await store.refresh_statistics():
                     logger.info("statistics_refreshed", table=f"{store.schema}.runs")
             except DatabaseError as exc:

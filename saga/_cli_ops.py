@@ -15,8 +15,6 @@ from datetime import timedelta
 from typing import Any, NoReturn, cast
 from uuid import UUID
 
-import pydantic
-
 from saga._cli_args import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from saga._cli_render import (
     _attempt_json,
@@ -30,6 +28,7 @@ from saga._cli_render import (
     _time,
 )
 from saga._client import Client
+from saga._codec import validate_as
 from saga._errors import InvalidInputError, SerializationError
 from saga._model import RunInfo, RunStatus
 from saga._operator import (
@@ -245,11 +244,10 @@ async def _signal(ctx: _Ctx, orch: Client) -> int:
     info = await orch.get_run(await named_run(ctx, orch)).info()
     wait = _wait(ctx, orch, info)
     try:
-        payload = wait.model.model_validate_json(args.payload)
+        what = f"payload for signal {wait.name!r}"
+        payload = validate_as(wait.model, args.payload, what, from_json=True)
         accepted = await orch.signal(info.id, wait, payload, by=args.by, note=args.note)
-    except pydantic.ValidationError as exc:
-        ctx.fail(EXIT_USAGE, f"invalid payload for signal {wait.name!r}: {exc}")
-    except (InvalidInputError, SerializationError) as exc:  # too large, not storable
+    except (InvalidInputError, SerializationError) as exc:  # invalid, too large, not storable
         ctx.fail(EXIT_USAGE, str(exc))
     if ctx.as_json:
         ctx.emit(

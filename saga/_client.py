@@ -26,7 +26,7 @@ from opentelemetry.trace import TracerProvider
 from saga import _checks, _children, _registry
 from saga._acting import Acting
 from saga._aio import uncancellable
-from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json
+from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json, validate_as
 from saga._db import Executor, check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._definition import Saga
 from saga._errors import (
@@ -260,10 +260,7 @@ class Client(Lifecycle, Signalling, Acting):
         _registry.check_start(self._sagas, saga, conn, require_same_input)
         if key is not None:
             _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
-        try:
-            model = saga.input_type.model_validate(input)
-        except pydantic.ValidationError as exc:
-            raise InvalidInputError(f"invalid input for saga {saga.name!r}: {exc}") from exc
+        model = validate_as(saga.input_type, input, f"input for saga {saga.name!r}")
         traffic = saga.traffic.for_run(model, priority)
         input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
         # In the caller's transaction the NOTIFY goes out at its commit: never coalesced.

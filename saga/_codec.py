@@ -23,14 +23,21 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, time, timedelta, tzinfo
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, Secret, SecretBytes, SecretStr, TypeAdapter, ValidationError
 
-from saga._errors import PayloadTooLargeError, SerializationError, describe_exception
+from saga._errors import (
+    InvalidInputError,
+    PayloadTooLargeError,
+    SerializationError,
+    describe_exception,
+)
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+M = TypeVar("M", bound=BaseModel)
 
 _MAX_DEPTH = 100
 _SCALARS = frozenset({int, str, bool, type(None)})
@@ -219,7 +226,7 @@ def _expected(adapter: TypeAdapter[Any], annotation: Any, value: Any, what: str)
         return value
     try:
         return adapter.validate_python(value)
-    except ValidationError as exc:
+    except Exception as exc:  # a validator may raise anything (pydantic passes it on)
         declared = getattr(annotation, "__name__", None) or repr(annotation)
         raise SerializationError(
             f"{what}: a {type(value).__name__} does not match the declared type "
@@ -231,7 +238,7 @@ def _round_trip(annotation: Any, expected: Any, text: str) -> tuple[Any, str | N
     """The value read back from ``text``, and what differs from ``expected`` (or None)."""
     try:
         decoded = decode(text, annotation)
-    except ValidationError as exc:
+    except Exception as exc:  # a validator may raise anything (pydantic passes it on)
         return None, f"the stored form does not validate again: {_first_error(exc)}"
     where = _difference(expected, decoded, "")
     if where is None and decoded != expected:
@@ -331,7 +338,26 @@ def _unserializable(value: Any, path: str, depth: int = 0) -> str | None:
     return None
 
 
-def _first_error(exc: ValidationError) -> str:
+def validate_as(model: type[M], value: Any, what: str, *, from_json: bool = False) -> M:
+    """``value`` (a model or a mapping; JSON text ``from_json``) validated into ``model``:
+    :class:`InvalidInputError` naming ``what`` when it does not validate, or when one of
+    its validators raises something else (pydantic passes all but ``ValueError`` on)."""
+    try:
+        if from_json:
+            return model.model_validate_json(value)
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid {what}: {exc}") from exc
+    except Exception as exc:
+        raise InvalidInputError(
+            f"invalid {what}: a validator raised {describe_exception(exc)}"
+        ) from exc
+
+
+def _first_error(exc: Exception) -> str:
+    """Where and why a validation failed (another exception: a validator's own)."""
+    if not isinstance(exc, ValidationError):
+        return f"a validator raised {describe_exception(exc)}"
     errors = exc.errors(include_url=False, include_input=False)
     if not errors:
         return str(exc)

@@ -145,13 +145,16 @@ class Orchestrator(Client):
             store.pace(self.concurrency, alone=True)
         await super()._start_loops(tg)
         # What this orchestrator can execute: nothing at concurrency 0 (then all active
-        # work counts as unclaimable here, and it warns about none of it).
+        # work counts as unclaimable here, and it warns about none of it). Runs of the
+        # sagas of other lanes it registered are not unclaimable: their lane's run them.
         runnable = (
             [d for d in self._definitions if self._executes(d[0])] if self.concurrency else []
         )
+        known = self._definitions if self.concurrency else []
         census = census_loop(
-            store, self.telemetry, runnable, self.census_interval, self.outage, self.concurrency > 0
-        )
+            store, self.telemetry, runnable, known, self.census_interval, self.outage,
+            self.concurrency > 0,
+        )  # fmt: skip
         await tg.start(self._supervised, "census", started(lambda: census))
         if self._schedules:
             scheduler = Scheduler(
@@ -289,7 +292,12 @@ def _check_lanes(
     """The lanes an orchestrator executes: None (all), or names some saga uses."""
     if lanes is None:
         return None
-    if isinstance(lanes, str) or not isinstance(lanes, Sequence) or not lanes:
+    if (
+        isinstance(lanes, str)
+        or not isinstance(lanes, Sequence)
+        or not lanes
+        or not all(isinstance(lane, str) for lane in lanes)
+    ):
         raise ConfigurationError(f"lanes must be a non-empty list of lane names, got {lanes!r}")
     used = {s.traffic.lane for s in sagas.values()}
     unknown = sorted(set(lanes) - used)

@@ -13,6 +13,7 @@ the schedule is up, every slot is handled.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,6 +31,8 @@ from saga._store import Store
 StartIn = Callable[[Any, Any, str, Any], Awaitable[RunHandle]]
 
 _EPSILON = timedelta(microseconds=1)
+#: Seconds before an on-time slot whose run could not start is tried again.
+_RETRY = 1.0
 
 
 class Scheduler:
@@ -47,9 +50,10 @@ class Scheduler:
         self._start = start
         self._poll = poll
         self._outage = outage
+        self._retrying = False  # an on-time slot failed: tried again in _RETRY seconds
 
     async def register(self) -> None:
-        now = datetime.now().astimezone()
+        now = await self._store.database_now()  # slots come from the database's clock
         for s in self._scheduled.values():
             await self._store.register_schedule(
                 s.name,
@@ -75,51 +79,72 @@ class Scheduler:
                 wait = self._poll
             else:
                 self._outage.back()
-            await anyio.sleep(min(self._poll, max(wait if wait is not None else self._poll, 0.01)))
+            wait = min(self._poll, max(wait if wait is not None else self._poll, 0.01))
+            await anyio.sleep(max(wait, _RETRY) if self._retrying else wait)
 
     async def fire_due(self) -> int:
         """Handle every due schedule (one transaction); the number of runs started."""
         started = 0
+        self._retrying = False
         async with self._store.schedule_transaction() as conn:
             for due in await self._store.schedules_due(conn, list(self._scheduled)):
                 started += await self._fire(conn, self._scheduled[due.name], due.next_fire, due.now)
         return started
 
     async def _fire(self, conn: Any, s: Scheduled[Any], next_fire: datetime, now: datetime) -> int:
+        """Start the runs of the schedule's due slots. A slot whose input function raises,
+        or whose start is refused, is tried again while it is on time (within ``grace``),
+        the schedule waiting for it; a late one is skipped (and counted)."""
         slots, skipped = s.slots(next_fire - _EPSILON, now)
         last: tuple[datetime, Any] | None = None
+        following = s.schedule.next_after(now)
+        started = 0
         for slot in slots:
-            try:
-                data = s.input_for(slot)
-            except Exception as exc:  # the user's input function: skip the slot, say so
-                logger.error(
-                    "schedule_input_failed",
-                    schedule=s.name,
-                    slot=str(slot),
-                    error_type=type(exc).__name__,
+            handle = await self._start_slot(conn, s, slot, retry=slot >= now - s.grace)
+            if handle is not None:
+                started += 1
+                last = (slot, handle.id)
+                logger.info(
+                    "schedule_fired", schedule=s.name, slot=str(slot), run_id=str(handle.id)
                 )
+            elif slot >= now - s.grace:
+                following = slot  # due again: tried until its grace has passed
+                self._retrying = True
+                break
+            else:
                 skipped += 1
-                continue
-            try:
-                handle = await self._start(s.saga, data, key_of(s.name, slot), conn)
-            except SagaError as exc:
-                if isinstance(exc, DatabaseError):
-                    raise
-                logger.error(
-                    "schedule_start_refused",
-                    schedule=s.name,
-                    slot=str(slot),
-                    error_type=type(exc).__name__,
-                )
-                skipped += 1
-                continue
-            last = (slot, handle.id)
-            logger.info("schedule_fired", schedule=s.name, slot=str(slot), run_id=str(handle.id))
         if skipped:
             # Late slots are counted over the last LOOKBACK at most: say from when.
             since = str(max(next_fire, now - LOOKBACK))
             logger.warning(
                 "schedule_slots_skipped", schedule=s.name, skipped=skipped, counted_from=since
             )
-        await self._store.schedule_fired(conn, s.name, s.schedule.next_after(now), last, skipped)
-        return len(slots)
+        await self._store.schedule_fired(conn, s.name, following, last, skipped)
+        return started
+
+    async def _start_slot(
+        self, conn: Any, s: Scheduled[Any], slot: datetime, *, retry: bool
+    ) -> RunHandle | None:
+        """The run of ``slot``, or None (logged) when its input function raised (an async
+        one awaited) or its start was refused."""
+        try:
+            data = s.input_for(slot)
+            if inspect.isawaitable(data):
+                data = await data
+        except Exception as exc:  # the user's input function
+            event, error = "schedule_input_failed", type(exc).__name__
+        else:
+            try:
+                return await self._start(s.saga, data, key_of(s.name, slot), conn)
+            except SagaError as exc:
+                if isinstance(exc, DatabaseError):
+                    raise
+                event, error = "schedule_start_refused", type(exc).__name__
+        logger.error(
+            event,
+            schedule=s.name,
+            slot=str(slot),
+            error_type=error,
+            retry_in=_RETRY if retry else None,
+        )
+        return None

@@ -18,10 +18,11 @@ import pydantic
 from saga import _checks
 from saga._acting import operator_data
 from saga._aio import uncancellable
-from saga._codec import encode
+from saga._codec import encode, validate_as
 from saga._db import Executor
 from saga._definition import Saga
 from saga._errors import (
+    ConfigurationError,
     DefinitionError,
     InvalidInputError,
     InvalidRunStateError,
@@ -78,7 +79,7 @@ class Signalling:
         the wait's model). ``by`` and ``note`` (an operator sending it by hand: who and
         why) go into the history's ``signal_received`` event.
         """
-        rid = run_id if isinstance(run_id, uuid.UUID) else _parse_id(run_id)
+        rid = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note)
         store = self._store_or_raise()
         if isinstance(signal, Wait):
@@ -91,15 +92,45 @@ class Signalling:
             wait = self._wait(found, signal)
         payload_json = self._payload(wait, payload)
         saga = (wait.saga.name, wait.saga.version)
+        return await self._deliver(rid, wait.name, payload_json, saga, conn, data)
+
+    async def _signal_unchecked(
+        self,
+        run_id: uuid.UUID,
+        name: str,
+        payload: Mapping[str, Any],
+        saga: tuple[str, int],
+        *,
+        by: str | None = None,
+        note: str | None = None,
+    ) -> bool:
+        """:meth:`signal` to a run of a saga not registered here (the dashboard without
+        its definitions): ``payload``, a JSON object, is stored as it is (size-checked,
+        never validated: the worker reads it against the wait's model)."""
+        what = f"payload of signal {name!r}"
+        payload_json = encode(dict(payload), Any, what=what, max_bytes=self.max_payload_bytes)
+        data = operator_data(by, note)
+        return await self._deliver(run_id, name, payload_json, saga, None, data)
+
+    async def _deliver(
+        self,
+        rid: uuid.UUID,
+        name: str,
+        payload_json: str,
+        saga: tuple[str, int],
+        conn: Executor | None,
+        data: str | None,
+    ) -> bool:
+        store = self._store_or_raise()
         # As for starts: under load one signal per window NOTIFYs in its statement (a
         # NOTIFY makes its commit wait for the others' WAL flush); the others are covered
         # by a trailing one. In the caller's transaction it goes out at their commit.
         notify = conn is not None or self._notifier.claim(saga[0])
-        send = store.send_signal(rid, wait.name, payload_json, saga, conn, data, notify)
+        send = store.send_signal(rid, name, payload_json, saga, conn, data, notify)
         delivery = await (send if conn is not None else uncancellable(send))
         if not notify and delivery is Delivery.ACCEPTED:
             self._notifier.after_commit(saga[0])
-        return _outcome(delivery, rid, wait)
+        return _outcome(delivery, rid, name, saga)
 
     async def signal_key(
         self,
@@ -144,23 +175,12 @@ class Signalling:
 
     def _payload(self, wait: Wait[Any], payload: Any) -> str:
         """The payload's JSON, validated against the wait's model (raises)."""
-        try:
-            model = wait.model.model_validate(payload)
-        except pydantic.ValidationError as exc:
-            raise InvalidInputError(f"invalid payload for signal {wait.name!r}: {exc}") from exc
+        model = validate_as(wait.model, payload, f"payload for signal {wait.name!r}")
         what = f"payload of signal {wait.name!r}"
         return encode(model, wait.model, what=what, max_bytes=self.max_payload_bytes)
 
 
-def _parse_id(value: Any) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except (TypeError, ValueError, AttributeError):
-        raise InvalidInputError(f"not a run id: {_checks.show(value)}") from None
-
-
-def _outcome(delivery: Delivery, run_id: uuid.UUID, wait: Wait[Any]) -> bool:
-    name = wait.name
+def _outcome(delivery: Delivery, run_id: uuid.UUID, name: str, saga: tuple[str, int]) -> bool:
     if delivery is Delivery.ACCEPTED:
         logger.debug("signal_received", run_id=str(run_id), signal=name)
         return True
@@ -170,8 +190,7 @@ def _outcome(delivery: Delivery, run_id: uuid.UUID, wait: Wait[Any]) -> bool:
         raise RunNotFoundError(run_id)
     if delivery is Delivery.OTHER_SAGA:
         raise InvalidInputError(
-            f"run {run_id} is not a run of saga {wait.saga.name!r} v{wait.saga.version}, "
-            f"whose wait {name!r} this is"
+            f"run {run_id} is not a run of saga {saga[0]!r} v{saga[1]}, whose wait {name!r} this is"
         )
     if delivery is Delivery.ENDED:
         raise InvalidRunStateError(

@@ -231,9 +231,17 @@ class GraphQueries:
         ]
 
     async def revert_run(self, run_id: UUID) -> bool:
-        """Roll a completed run back (its compensations run; it ends cancelled)."""
-        async with translate_errors("reverting a run"):
-            row = await self.pool.fetchrow(self._q["revert_run"], run_id, self.work_channel)
+        """Roll a completed run back (its compensations run; it ends cancelled); a keyed
+        one first waits for its key again."""
+        async with (
+            translate_errors("reverting a run"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            row = await conn.fetchrow(self._q["revert_run"], run_id, self.work_channel)
+            if row is not None and row["key"] is not None:
+                key = (row["saga_name"], row["key"], self.work_channel)
+                await conn.fetchrow(self._q["key_fill"], *key)
         return row is not None
 
     async def expire_item_lease(self, run_id: UUID, step: str) -> bool:

@@ -57,6 +57,12 @@ class ScheduleQueries:
     _q: dict[str, str]
     work_channel: str
 
+    async def database_now(self) -> datetime:
+        """The database's clock, now."""
+        async with translate_errors("reading the database's clock"):
+            now: datetime = await self.pool.fetchval("SELECT now()")
+        return now
+
     async def register_schedule(
         self,
         name: str,

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import asyncpg
+import pydantic
 import pytest
 from pydantic import BaseModel, SecretBytes
 
@@ -397,3 +398,59 @@ async def test_a_datetime_in_a_zone_whose_offset_varies_is_refused_at_start_and_
     with pytest.raises(saga.RunCompensatedError) as raised:
         await run.result(timeout=10)
     assert "its time zone Europe/Paris" in str(raised.value.error)
+
+
+class Region(BaseModel):
+    region: str
+
+    @pydantic.field_validator("region")
+    @classmethod
+    def known(cls, region: str) -> str:
+        return {"eu": "eu-west-1", "eu-west-1": "eu-west-1"}[region]  # KeyError otherwise
+
+
+class Once(BaseModel):
+    region: str
+
+    @pydantic.field_validator("region")
+    @classmethod
+    def short_only(cls, region: str) -> str:
+        return {"eu": "eu-west-1"}[region]  # not idempotent: "eu-west-1" raises KeyError
+
+
+async def test_a_validator_raising_anything_is_bad_input_not_a_crash(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """A validator may raise any exception (pydantic passes all but ValueError on):
+    start() refuses such an input with InvalidInputError naming the saga and the
+    exception's type, a signal's payload likewise; a validator that raises on its own
+    output (not idempotent) is a SerializationError, before anything is written."""
+    regions = saga.Saga("regions", input=Region)
+
+    @regions.step()
+    async def place(ctx: saga.Context[Region]) -> str:
+        return ctx.input.region
+
+    approval = regions.wait_for("approval", Region)
+
+    @regions.step()
+    async def confirm(ctx: saga.Context[Region]) -> str:
+        return ctx.result(approval).region
+
+    once = saga.Saga("once", input=Once)
+
+    @once.step()
+    async def go(ctx: saga.Context[Once]) -> str:
+        return ctx.input.region
+
+    orch = await orchestrator(regions, once)
+    with pytest.raises(saga.InvalidInputError, match=r"saga 'regions'.*KeyError"):
+        await orch.start(regions, {"region": "mars"})
+    with pytest.raises(saga.SerializationError, match=r"does not validate again.*KeyError"):
+        await orch.start(once, {"region": "eu"})
+    assert sum((await saga.count_runs(orch)).values()) == 0
+    run = await orch.start(regions, {"region": "eu"})
+    with pytest.raises(saga.InvalidInputError, match=r"signal 'approval'.*KeyError"):
+        await orch.signal(run.id, approval, {"region": "mars"})
+    assert await orch.signal(run.id, approval, {"region": "eu"})
+    assert await run.result(timeout=10) == "eu-west-1"

@@ -112,9 +112,13 @@ class _Loud(Exception):
 _RAISED: tuple[type[Exception], ...] = (ValueError, KeyError, RuntimeError, _Loud)
 
 
+_CALLS = itertools.count()
+
+
 def _raises(slot: datetime) -> Job:
-    """An input function that fails with the secret in its message."""
-    raise _RAISED[slot.second % len(_RAISED)](f"no input: {SECRET}")
+    """An input function that fails with the secret in its message, another exception
+    type at each call (a slot is tried again while on time)."""
+    raise _RAISED[next(_CALLS) % len(_RAISED)](f"no input: {SECRET}")
 
 
 def _invalid(slot: datetime) -> Any:
@@ -133,7 +137,8 @@ async def test_scheduler_log_lines_carry_error_types_only(
     """Input functions that raise (several exception types, the secret in the message),
     return an input the model refuses (pydantic quotes the value), or one too large: the
     scheduler logs ``schedule_input_failed`` and ``schedule_start_refused`` with the
-    error's type, and no log line anywhere carries the secret marker."""
+    error's type (and the slot tried again in a second: it is on time), and no log line
+    anywhere carries the secret marker."""
     s = small_saga("leaky", 1)
     schedules = [
         saga.Scheduled("raises", s, EVERY_SECOND, _raises),
@@ -152,6 +157,7 @@ async def test_scheduler_log_lines_carry_error_types_only(
         ("invalid", "InvalidInputError"),
         ("large", "PayloadTooLargeError"),
     }
+    assert {e["retry_in"] for e in failed + refused} == {1.0}
 
 
 def _reference(

@@ -570,7 +570,7 @@ async def test_bad_signals_are_refused_before_anything_is_written(
         await run.signal(decision, Decision(approved=True, by="x" * 500))
     with pytest.raises(saga.RunNotFoundError):
         await orch.signal(uuid.uuid4(), "decision", {"approved": True})
-    with pytest.raises(saga.InvalidInputError, match="not a run id"):
+    with pytest.raises(saga.ConfigurationError, match="not a run id"):
         await orch.signal("not-a-uuid", "decision", {"approved": True})
     assert await db.fetchval("SELECT count(*) FROM saga.signals WHERE payload IS NOT NULL") == 0
     assert await db.fetchval("SELECT count(*) FROM saga.events") == before

@@ -58,19 +58,21 @@ SELECT max(version) FROM __schema__.migrations;
 -- child run (or NULL), $15 the run's priority, $16 its concurrency key or NULL (a keyed
 -- run starts queued, never claimed until key_fill admits it, in the same transaction).
 -- With an idempotency key, the caller holds lock_key: runs of different days are in
--- different partitions, which no unique index spans.
+-- different partitions, which no unique index spans. created_at is when this statement
+-- ran, not when the caller's transaction began (start(conn=)): runs queued for a key are
+-- admitted in that order.
 WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
          trace_context, fingerprint, graph, status, pivot, parent_id, parent_step,
-         priority, concurrency_key, key_state)
+         priority, concurrency_key, key_state, created_at)
     SELECT $1::uuid, $2::text, $3::integer, $4::text, $5::text, $6::text,
            CASE WHEN $11::boolean OR $16::text IS NOT NULL THEN 'infinity'::timestamptz
                 ELSE now() END,
            $8::jsonb, $10::text, $11::boolean,
            CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12::text, $13::uuid,
            $14::text, $15::integer, $16::text,
-           CASE WHEN $16::text IS NOT NULL THEN 'queued' END
+           CASE WHEN $16::text IS NOT NULL THEN 'queued' END, clock_timestamp()
     WHERE $4::text IS NULL OR NOT EXISTS (
         SELECT 1 FROM __schema__.runs r WHERE r.saga_name = $2 AND r.idempotency_key = $4)
     ON CONFLICT DO NOTHING
@@ -821,7 +823,9 @@ WITH free AS (
 ), next AS (
     SELECT q.id FROM __schema__.runs q
     WHERE q.saga_name = $1 AND q.concurrency_key = $2 AND q.key_state = 'queued'
-      AND NOT q.cancel_requested
+      -- A cancelled run that never ran needs no key; a reverted one (revert_run) has
+      -- steps to compensate.
+      AND (NOT q.cancel_requested OR cardinality(q.completed_steps) > 0)
     ORDER BY q.created_at, q.id
     LIMIT greatest(0, (SELECT slots FROM free))
     FOR UPDATE
@@ -1034,14 +1038,22 @@ GROUP BY saga_name, status;
 
 -- name: census_queues
 -- Runs due and not taken, per saga and priority: how many, and how long the oldest has
--- waited (seconds); and per saga, the runs queued behind their concurrency key (and over
--- how many keys). Through runs_due and runs_key_queue: the active runs only.
+-- waited (seconds); a run whose steps run in parallel counts when one of its items is
+-- due (its row never is); and per saga, the runs queued behind their concurrency key
+-- (and over how many keys). Through runs_due, items_due and runs_key_queue: the active
+-- runs only.
 -- no parameters
 SELECT saga_name, priority, count(*) AS runs,
        extract(epoch FROM now() - min(due_at))::float8 AS oldest, false AS keyed,
        0::bigint AS keys
 FROM __schema__.runs WHERE due_at <= now()
 GROUP BY saga_name, priority
+UNION ALL
+SELECT r.saga_name, r.priority, count(DISTINCT i.run_id),
+       extract(epoch FROM now() - min(i.due_at))::float8, false, 0::bigint
+FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
+WHERE i.due_at <= now()
+GROUP BY r.saga_name, r.priority
 UNION ALL
 SELECT saga_name, 0, count(*), 0::float8, true, count(DISTINCT concurrency_key)
 FROM __schema__.runs WHERE key_state = 'queued'
@@ -1613,16 +1625,26 @@ FROM __schema__.runs WHERE parent_id = $1 AND parent_step = $2;
 -- name: revert_run
 -- Undo a completed run (its parent's step is compensated): it rolls back as if
 -- cancelled, from its last step, and ends cancelled. A graph run gets one forward item
--- the claim drops, which starts its rollback. No row: not completed, or past its pivot.
+-- the claim drops, which starts its rollback. A keyed run (its key released when it
+-- completed) queues for its key again, locked here as key_release does: key_fill, a
+-- later statement of the transaction, admits it (its compensations run holding the
+-- key) when a slot is free. No row: not completed, or past its pivot.
 -- $1 run id, $2 work notification channel
 WITH upd AS (
     UPDATE __schema__.runs SET
         status = 'running', cancel_requested = true, attempt = 0, lease_owner = NULL,
-        due_at = CASE WHEN graph THEN 'infinity'::timestamptz ELSE now() END,
+        due_at = CASE WHEN graph OR concurrency_key IS NOT NULL THEN 'infinity'::timestamptz
+                      ELSE now() END,
+        key_state = CASE WHEN concurrency_key IS NOT NULL THEN 'queued' END,
         finished_at = NULL, updated_at = now()
     WHERE id = $1 AND status = 'completed'
       AND NOT (pivot IS NOT NULL AND pivot = ANY(completed_steps))
-    RETURNING id, saga_name, step_name, graph
+    RETURNING id, saga_name, step_name, graph, concurrency_key
+), key AS (
+    INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit)
+    SELECT saga_name, concurrency_key, 1 FROM upd WHERE concurrency_key IS NOT NULL
+    ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = k.key_limit
+    RETURNING k.saga_name, k.key
 ), item AS (
     INSERT INTO __schema__.items (run_id, step, phase)
     SELECT id, step_name, 'step' FROM upd WHERE graph
@@ -1634,7 +1656,8 @@ WITH upd AS (
     UPDATE __schema__.watches w SET ended = false
     FROM upd WHERE w.run_id = $1 AND w.run_id = upd.id
 )
-SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
+SELECT id, saga_name, (SELECT key FROM key) AS key, pg_notify($2, saga_name)::text AS notified
+FROM upd;
 
 -- Dashboard
 -- What the web dashboard (saga.web) reads besides the operator queries: each bounded by

@@ -80,8 +80,22 @@ async def _signal(dash: Dashboard, ctx: Ctx, rid: Any) -> Response:
         raise PageError(400, "the payload is nested too deeply") from None
     if not isinstance(payload, dict):
         raise PageError(400, "the payload must be a JSON object")
-    by = ctx.operator.name
-    recorded = await dash.client.signal(rid, name, payload, by=by, note=_note(ctx, False))
+    by, client = ctx.operator.name, dash.client
+    info = await client.info(rid)
+    if client.definition(info.saga, info.version) is not None:
+        recorded = await client.signal(rid, name, payload, by=by, note=_note(ctx, False))
+    elif info.wait == name:  # the dashboard does not know the wait's model: sent as given
+        saga = (info.saga, info.version)
+        recorded = await client._signal_unchecked(
+            rid, name, payload, saga, by=by, note=_note(ctx, False)
+        )
+    else:
+        now = f"the one it waits for now, {info.wait!r}" if info.wait else "it waits for none now"
+        raise PageError(
+            400,
+            f"saga {info.saga!r} is not registered with this dashboard (saga dashboard "
+            f"--target): only the signal the run waits for can be sent, unchecked ({now})",
+        )
     if recorded:
         flash = f"Signal {name!r} sent by {by}."
     else:

@@ -18,6 +18,7 @@ import ipaddress
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import saga
 from saga.web._app import DashboardApp, dashboard
-from saga.web._auth import Operator
+from saga.web._auth import Operator, SecurityHeaders
 
 EXIT_USAGE = 2
 COOKIE = "saga_dashboard_token"
@@ -175,7 +176,7 @@ class _TokenLanding:
                 path = scope["path"]  # the full path (ASGI: root_path included)
                 response = RedirectResponse(path + ("?" + rest if rest else ""), 303)
                 response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
-                await response(scope, receive, send)
+                await SecurityHeaders(response)(scope, receive, send)  # as every response
                 return
         await self.app(scope, receive, send)
 
@@ -248,13 +249,15 @@ async def _serve(
     except saga.ConfigurationError as exc:
         raise UsageError(str(exc)) from None
     async with client:
-        server = _Server(app, args.host, args.port)
+        listening = _listen(args.host, args.port)  # before the URL is printed
+        port = listening.getsockname()[1]  # --port 0: the one the system chose
+        server = _Server(app, args.host, port)
         host = f"[{args.host}]" if ":" in args.host else args.host
         if args.token_env is None:
-            print(f"saga dashboard: http://{host}:{args.port}/?token={token}", file=out)
+            print(f"saga dashboard: http://{host}:{port}/?token={token}", file=out)
         else:
             print(
-                f"saga dashboard: http://{host}:{args.port}/ (token: ${args.token_env})",
+                f"saga dashboard: http://{host}:{port}/ (token: ${args.token_env})",
                 file=out,
             )
         out.flush()
@@ -267,8 +270,20 @@ async def _serve(
                         server.should_exit = True
 
                 tg.start_soon(stop_on_signal)
-                await server.serve()
+                with listening:
+                    await server.serve(sockets=[listening])
                 tg.cancel_scope.cancel()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket; a port in use (or a host not here) is an error
+    saying so, before any URL is printed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise saga.ConfigurationError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 #: Seconds open connections (event streams) get to close at shutdown.

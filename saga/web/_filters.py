@@ -110,7 +110,8 @@ def parse_filters(fields: Fields, now: datetime) -> RunFilters:
             raise PageError(
                 400, f"unknown status {value[:60]!r}; the statuses are: {known}"
             ) from None
-    saga, key = field(fields, "saga"), field(fields, "key")
+    # A key is any text, kept as given: "acct-7 " and "acct-7" are two business ids.
+    saga, key = field(fields, "saga"), (fields.get("key") or [""])[0]
     for name, text in (("saga", saga), ("key", key)):
         if "\x00" in text or len(text) > 512:
             raise PageError(400, f"the {name} filter must be at most 512 characters, no NUL")

@@ -3,7 +3,8 @@
 Browsers never poll the database. Each open page holds a server-sent events stream; the
 hub tells every stream when something changed, and the page fetches itself again.
 
-The hub holds one connection from the client's pool, only while at least one stream is
+The hub holds one connection from the client's pool (of at least 3: with 2, it holds
+none and reads the sequence below through the pool), only while at least one stream is
 open: it LISTENs on the schema's work and done channels (new work, runs that ended), and
 reads the history's identity sequence once per second (an O(1) read), because the steps
 in the middle of a run send no NOTIFY on purpose (a NOTIFY serializes commits). Changes
@@ -32,6 +33,9 @@ from saga._log import Outage
 SEQUENCE_INTERVAL = 1.0
 #: The shortest time between two announcements (s).
 DEBOUNCE = 0.5
+#: The smallest client pool the hub holds a connection of while pages are open; below
+#: it (a pool of 2, one held by the client's LISTEN), it polls and holds none.
+_HOLD_FROM_POOL_SIZE = 3
 
 
 class Hub:
@@ -105,6 +109,9 @@ class Hub:
 
     async def _watch_once(self, outage: Outage) -> None:
         store = self._client._store_or_raise()
+        if store.pool.get_max_size() < _HOLD_FROM_POOL_SIZE:
+            await self._poll(outage)
+            return
         channels = (channel(store.schema, "work"), channel(store.schema, "done"))
         async with (
             translate_errors("listening for the dashboard"),
@@ -118,6 +125,34 @@ class Hub:
                 await self._loop(conn)
             finally:
                 self.connected = False
+
+    async def _poll(self, outage: Outage) -> None:
+        """A pool too small to lend a connection for long (the client's LISTEN holds one
+        of two): read the sequence through it once per interval, holding nothing."""
+        store = self._client._store_or_raise()
+
+        async def sequence() -> int | None:
+            async with (
+                translate_errors("reading the history's sequence"),
+                store.pool.acquire() as conn,
+            ):
+                return await store.events_sequence(conn)
+
+        last = await sequence()
+        self.connected = True
+        self._connections += 1
+        outage.back()
+        try:
+            self._publish()  # as _loop: what changed before this baseline
+            while True:
+                await anyio.sleep(SEQUENCE_INTERVAL)
+                seq = await sequence()
+                if seq != last:
+                    last = seq
+                    self._publish()
+                    await anyio.sleep(DEBOUNCE)
+        finally:
+            self.connected = False
 
     async def _loop(self, conn: Any) -> None:
         store = self._client._store_or_raise()

@@ -95,7 +95,12 @@ async def attention(dash: Dashboard, ctx: Ctx) -> Response:
             after = run_id(after_text)
         except PageError:
             raise PageError(400, f"bad page cursor (not a run id): {after_text[:100]!r}") from None
-    page = await saga.needs_attention(dash.client, limit=PAGE_SIZE, after=after)
+    try:
+        page = await saga.needs_attention(dash.client, limit=PAGE_SIZE, after=after)
+    except saga.RunNotFoundError:
+        raise PageError(
+            404, "the page cursor names no run (pruned meanwhile?): start from the first page"
+        ) from None
     return dash.render(
         ctx,
         "attention.html",
