@@ -11,7 +11,9 @@
 - ``POST /refunds/{refund_id}/decision`` sends the manager's decision (one ``await``):
   ``202`` when recorded, ``200`` with ``accepted: false`` for a repeat (the first decision
   wins), ``404`` for an unknown refund, ``409`` once the run ended or its wait timed out,
-  ``422`` for a malformed decision.
+  ``422`` for a malformed decision. saga's errors map to statuses as in the shop app
+  (``ERROR_STATUS``): a ``refund_id`` reused for another refund is a ``409``, text saga
+  cannot store (a NUL character) a ``422``.
 - On approval ``pay_refund`` pays it; on rejection, or after 48 h without a decision,
   the hold is released (compensation) and the run ends ``compensated``.
 - ``GET /refunds/{refund_id}`` shows the run: ``waiting`` (with ``times_out_at``), then
@@ -24,19 +26,24 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Path, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 import saga
+from examples.responses import ERROR_STATUS, error_response
+
+#: A refund id in a URL: what POST /refunds accepts (no NUL: Postgres text cannot hold it).
+RefundId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[^\x00]+$")]
 
 
 class RefundRequest(BaseModel):
     refund_id: str = Field(min_length=1, max_length=100)
     order_id: str = Field(min_length=1, max_length=100)
-    amount_cents: int = Field(gt=0)
+    amount_cents: int = Field(gt=0, le=10**15)  # the table's column is a bigint
 
 
 class Decision(BaseModel):
@@ -96,10 +103,19 @@ REFUNDS_TABLE = """
 CREATE TABLE IF NOT EXISTS refunds (
     refund_id    text PRIMARY KEY,
     order_id     text NOT NULL,
-    amount_cents integer NOT NULL,
+    amount_cents bigint NOT NULL,
     run_id       uuid NOT NULL
 )
 """
+
+
+async def saga_error(request: Request, exc: Exception) -> Response:
+    """One of saga's errors as its status (``ERROR_STATUS``) and ``{"error", "detail"}``."""
+    mapped = error_response(exc)
+    if mapped is None:  # registered for mapped types only
+        raise exc
+    status, body, headers = mapped
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
@@ -115,6 +131,8 @@ def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
                 yield
 
     app = FastAPI(title="refunds", lifespan=lifespan)
+    for error_type in ERROR_STATUS:
+        app.add_exception_handler(error_type, saga_error)
 
     @app.post("/refunds", status_code=202)
     async def request_refund(body: RefundRequest, request: Request) -> dict[str, Any]:
@@ -132,7 +150,7 @@ def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
             )
         return {"refund_id": body.refund_id, "run_id": str(run.id), "created": run.created}
 
-    async def run_of(request: Request, refund_id: str) -> saga.RunHandle:
+    async def run_of(request: Request, refund_id: RefundId) -> saga.RunHandle:
         pool: asyncpg.Pool = request.app.state.pool
         run_id = await pool.fetchval("SELECT run_id FROM refunds WHERE refund_id = $1", refund_id)
         if run_id is None:
@@ -142,7 +160,7 @@ def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
 
     @app.post("/refunds/{refund_id}/decision", status_code=202)
     async def decide(
-        refund_id: str, body: Decision, request: Request, response: Response
+        refund_id: RefundId, body: Decision, request: Request, response: Response
     ) -> dict[str, Any]:
         """The manager's decision, as the saga's ``decision`` signal."""
         run = await run_of(request, refund_id)
@@ -155,7 +173,7 @@ def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
         return {"refund_id": refund_id, "accepted": accepted}
 
     @app.get("/refunds/{refund_id}")
-    async def show(refund_id: str, request: Request) -> dict[str, Any]:
+    async def show(refund_id: RefundId, request: Request) -> dict[str, Any]:
         info = await (await run_of(request, refund_id)).info()
         waiting = info.status is saga.RunStatus.WAITING
         return {

@@ -34,6 +34,10 @@ class ActiveRun:
     wait: str | None = None  # status waiting: the wait whose timeout passed
     child: bool = False  # a child run: its end wakes its parent's step
     keyed: bool = False  # a run with a concurrency key: its end frees its slot
+    # The stored JSON texts of the completed steps' results: a compensation gets its
+    # step's result read from them, whatever later steps did to the objects they read.
+    stored: dict[str, str | None] = field(default_factory=dict, repr=False)
+    born: float = 0.0  # time.perf_counter() when the run was created (for its duration)
     # The attempt being run: its span, start time, and how it went.
     span: Span | None = None
     started: float = 0.0

@@ -11,7 +11,7 @@ import anyio
 from opentelemetry import trace
 
 from saga._aio import is_cancellation_by_saga
-from saga._codec import check_readable
+from saga._codec import check_readable, decode_stored
 from saga._errors import SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._model import Phase
@@ -70,7 +70,11 @@ async def call_user(
     timeout = comp.timeout if compensation and comp else step.timeout
     seconds = step.lease_seconds or env.lease_seconds
     assert run.span is not None
-    with lease.attempt_scope(seconds), trace.use_span(run.span, end_on_exit=False):
+    # Spans hold error types only: nothing escaping here records its message.
+    current = trace.use_span(
+        run.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    )
+    with lease.attempt_scope(seconds), current:
         if step.rate_limit is not None and not compensation:
             delay = await take(env.store, step.rate_limit, run, env.worker)
             env.telemetry.rate_delay.record(delay, {RATE_LIMIT: step.rate_limit.name})
@@ -79,7 +83,7 @@ async def call_user(
             check_readable(run.input)
             with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
                 if compensation and comp is not None:
-                    done = run.results.get(step.name)
+                    done = _stored_result(run, step)
                     check_readable(done)
                     await comp.fn(ctx, done)
                     return Succeeded(), None
@@ -103,3 +107,12 @@ async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str) -> f
     if delay > 0:
         await anyio.sleep(delay)
     return delay
+
+
+def _stored_result(run: ActiveRun, step: Step[Any, Any]) -> Any:
+    """The result a compensation receives: its step's, read again from what was stored
+    (a later step may have changed the object it read), or None (no result stored)."""
+    text = run.stored.get(step.name)
+    if text is None:
+        return run.results.get(step.name)
+    return decode_stored(text, run.saga.result_type(step.name), f"result of {step.name!r}")

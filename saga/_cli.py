@@ -25,13 +25,14 @@ people; ``--json`` is for scripts. Exit codes are stable:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -51,7 +52,7 @@ from saga._cli_args import (
     parse_duration,
 )
 from saga._cli_ops import COMMANDS, read_payload
-from saga._cli_render import _Ctx
+from saga._cli_render import _clean, _Ctx
 from saga._cli_sched import SCHEDULE_COMMANDS
 from saga._client import Client
 from saga._db import latest_migration, validate_dsn, validate_schema
@@ -106,7 +107,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "demo":
         from saga._demo import main as demo_main
 
-        return demo_main(args.pgdata)
+        return demo_main(
+            args.pgdata,
+            dsn=getattr(args, "dsn", None),
+            schema=getattr(args, "schema", None),
+            as_json=getattr(args, "json", False),
+        )
     ctx = _Ctx(args, sys.stdout, sys.stderr, getattr(args, "json", False))
     try:
         return _run(ctx)
@@ -152,7 +158,8 @@ def _run(ctx: _Ctx) -> int:
     dsn = getattr(args, "dsn", None) or os.environ.get("SAGA_DSN")
     if not dsn:
         ctx.fail(EXIT_USAGE, "no database: pass --dsn or set SAGA_DSN")
-    schema = getattr(args, "schema", None) or os.environ.get("SAGA_SCHEMA") or "saga"
+    given = getattr(args, "schema", None)  # --schema "" is a bad name, not the default
+    schema = given if given is not None else os.environ.get("SAGA_SCHEMA") or "saga"
     if args.command == "signal":
         read_payload(ctx)  # usage errors before the target's import and any connection
     with_target = ("worker", "signal", "skip-compensation")
@@ -188,8 +195,11 @@ def _run(ctx: _Ctx) -> int:
 
 def _load_target(ctx: _Ctx, target: str) -> list[Saga[Any]]:
     module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        ctx.fail(EXIT_USAGE, f"invalid target {target!r}: expected MODULE:OBJECT")
+    if not sep or not module_name or not attr or module_name.startswith("."):
+        ctx.fail(
+            EXIT_USAGE,
+            f"invalid target {target!r}: expected MODULE:OBJECT, the module's full dotted path",
+        )
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: the current folder's modules
     try:
@@ -242,6 +252,28 @@ async def _open(ctx: _Ctx, stack: contextlib.AsyncExitStack, client: Client) -> 
         ctx.fail(EXIT_ERROR, str(exc))
 
 
+async def _open_unless_signalled(
+    ctx: _Ctx, stack: contextlib.AsyncExitStack, orch: Orchestrator, signals: AsyncIterator[int]
+) -> int | None:
+    """Open the worker; a SIGTERM or SIGINT while it opens (it may wait for another
+    deploy's migration lock) stops the opening: that signal's number, else None."""
+    got: list[int] = []
+
+    async def first_signal() -> None:
+        async for signum in signals:
+            got.append(signum)
+            opening.cancel()
+            return
+
+    with anyio.CancelScope() as opening:
+        watcher = asyncio.get_running_loop().create_task(first_signal())
+        try:
+            await _open(ctx, stack, orch)
+        finally:
+            watcher.cancel()
+    return got[0] if got else None
+
+
 async def _migrate(ctx: _Ctx, dsn: str, schema: str) -> int:
     try:
         applied = await migrate(dsn, schema=schema)
@@ -271,10 +303,14 @@ async def _worker(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> i
     )
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with contextlib.AsyncExitStack() as stack:
-            await _open(ctx, stack, orch)
+            signum = await _open_unless_signalled(ctx, stack, orch, signals)
+            if signum is not None:
+                ctx.note(f"saga worker: {signal.Signals(signum).name} received while starting")
+                return EXIT_OK
             names = ", ".join(f"{s.name} v{s.version}" for s in sagas)
             ctx.note(
-                f"saga worker {orch.worker_id} ready: {names} (concurrency {orch.concurrency})"
+                f"saga worker {_clean(orch.worker_id)} ready: {names} "
+                f"(concurrency {orch.concurrency})"
             )
             failure: list[BaseException] = []
             async with anyio.create_task_group() as tg:

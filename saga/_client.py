@@ -26,7 +26,7 @@ from opentelemetry.trace import TracerProvider
 from saga import _checks, _children, _registry
 from saga._acting import Acting
 from saga._aio import uncancellable
-from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_json, validate_as
+from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_input, validate_as
 from saga._db import Executor, check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._definition import Saga
 from saga._errors import (
@@ -289,7 +289,11 @@ class Client(Lifecycle, Signalling, Acting):
             span.set_attribute(RUN_ID, str(started_run.run_id))
             span.set_attribute(CREATED, started_run.created)
         existing = started_run.existing_input
-        if require_same_input and existing is not None and not same_json(existing, input_json):
+        if (
+            require_same_input
+            and existing is not None
+            and not same_input(existing, input_json, model)
+        ):
             raise IdempotencyConflictError(
                 f"idempotency key {key!r} of saga {saga.name!r} was used by run "
                 f"{started_run.run_id} with a different input; use a new key, or pass "

@@ -38,10 +38,10 @@ def validate_schema(schema: str) -> str:
         raise ConfigurationError(
             f"invalid schema name {schema!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$"
         )
-    if schema.startswith("pg_"):
+    if schema.startswith("pg_") or schema == "information_schema":
         raise ConfigurationError(
-            f"invalid schema name {schema!r}: PostgreSQL reserves the prefix pg_ for its "
-            "own schemas"
+            f"invalid schema name {schema!r}: PostgreSQL reserves the prefix pg_ and "
+            "information_schema for its own schemas (pg_dump skips them)"
         )
     return schema
 

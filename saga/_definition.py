@@ -200,7 +200,7 @@ class Saga(Generic[InT]):
                 check_lease_seconds(lease_seconds, DefinitionError)
             if rate_limit is not None and not isinstance(rate_limit, RateLimit):
                 raise DefinitionError(f"rate_limit must be a saga.RateLimit, got {rate_limit!r}")
-            step_name = validate_name(fn.__name__ if name is None else name, "step")
+            step_name = validate_name(_policy.function_name(fn) if name is None else name, "step")
             self._check_new_name(step_name)
             deps = None if after is None else _graph.dependencies(self, step_name, after)
             step: Step[InT, OutT] = Step(

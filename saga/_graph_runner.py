@@ -13,6 +13,8 @@ import math
 from functools import partial
 from typing import Any
 
+from opentelemetry import trace
+
 from saga import _graph_plan, _plan
 from saga._active import ActiveRun
 from saga._definition import Saga
@@ -127,7 +129,13 @@ class GraphRunner:
         """A children step: start or look at its children (forward), or undo them
         (compensation, or dropped during a rollback)."""
         runner = self._runner
-        with lease.attempt_scope(runner.lease_seconds):
+        assert run.span is not None
+        # The attempt's span is current: the children's start spans are its children,
+        # so each child run is in its parent's trace (and sampled with it).
+        current = trace.use_span(
+            run.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        )
+        with lease.attempt_scope(runner.lease_seconds), current:
             try:
                 await runner.hooks.before_call(ctx, runner.faults)
             except Exception as exc:  # saga.testing's injected failures

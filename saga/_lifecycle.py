@@ -59,6 +59,10 @@ class Lifecycle:
     async def _close(self) -> None:
         """Release resources (the pool)."""
 
+    def _close_patience(self) -> float | None:
+        """Seconds ``aclose()`` waits for the loops to end (None: as long as it takes)."""
+        return None
+
     def _closing(self, reason: str) -> None:
         """Stop was asked or the loops died: wake whoever waits on this object."""
 
@@ -141,8 +145,13 @@ class Lifecycle:
         try:
             with anyio.CancelScope(shield=True):
                 assert self._host is not None
-                await asyncio.wait([self._host])
-                error = None if self._host.cancelled() else self._host.exception()
+                done, _ = await asyncio.wait([self._host], timeout=self._close_patience())
+                if not done:
+                    # A task swallows its cancellation (a step catching CancelledError):
+                    # it would hold the close for ever. Give its leases back and go on.
+                    logger.error(f"{self._kind.lower()}_close_abandoned", worker=self._name)
+                    await self._after_loops()
+                error = None if not done or self._host.cancelled() else self._host.exception()
                 if error is not None and self._failure is None:
                     logger.error(
                         f"{self._kind.lower()}_crashed",

@@ -37,6 +37,10 @@ from saga._scheduler import Scheduler
 from saga._schedules import Scheduled
 from saga._spawner import Children
 
+#: Seconds aclose() waits, beyond shutdown_timeout, for the loops to end: a step that
+#: swallows its cancellation never lets them (its lease is given back regardless).
+_UNWIND_SECONDS = 5.0
+
 
 class Orchestrator(Client):
     """Starts runs and, unless ``concurrency=0``, executes the registered sagas' work.
@@ -224,6 +228,10 @@ class Orchestrator(Client):
     async def _drain(self) -> None:
         if self._leases is not None:
             await self._leases.drain(self.shutdown_timeout)
+
+    def _close_patience(self) -> float | None:
+        # The steps' shutdown_timeout, then time for the loops to unwind and release.
+        return self.shutdown_timeout + _UNWIND_SECONDS
 
     async def _after_loops(self) -> None:
         if self._leases is not None:

@@ -112,6 +112,11 @@ def cancel_instead(
 ) -> Transition:
     """A completion refused because a cancel was accepted meanwhile: roll back instead,
     the step that just completed included."""
+    if completion.retry:  # a failed attempt's retry: the failure is recorded, no retry
+        failed = completion.events[0]
+        data = {"error": failed.data["error"]} if failed.data else None
+        event = Event(failed.kind, failed.step, failed.attempt, data)
+        return _rollback(saga, state, None, [event], None, lease_for)
     if completion.completed_step is None:  # a wait's timeout stopping the run
         return _rollback(saga, state, None, [], None, lease_for)
     done = completion.events[0]  # step_completed
@@ -228,10 +233,14 @@ def _step_failed(
     lease_for: LeaseFor,
     rand: Callable[[], float],
 ) -> Transition:
+    failed = Event(EventKind.STEP_FAILED, state.step, state.attempt, {"error": outcome.error})
+    if state.cancel_requested and outcome.retryable:
+        # No retry for a run being cancelled: it rolls back now, not after the backoff,
+        # and ends cancelled (the cancel, not this failure, is why it stopped).
+        return _rollback(saga, state, None, [failed], None, lease_for)
     retry = _retry(saga, state, outcome, rand)
     if retry is not None:
         return retry
-    failed = Event(EventKind.STEP_FAILED, state.step, state.attempt, {"error": outcome.error})
     if saga.get_step(state.step).retry.on_give_up == "stop" and not state.cancel_requested:
         data = {"on_give_up": "stop"}  # the step's policy: an operator looks first
         return _stop_for_operator(saga, state, outcome.error, [failed], None, data)
@@ -285,6 +294,9 @@ def _retry(
         events=(Event(EventKind.failed(state.phase), state.step, state.attempt, data),),
         due_in=delay,
         retry=True,
+        # A cancel accepted while a step's attempt ran (unseen) rolls back at once
+        # instead; a compensation's retry goes on whatever a cancel says.
+        unless_cancelled=state.phase is _STEP,
     )
 
 

@@ -89,11 +89,25 @@ class Retry:
         return base * (1 - self.jitter * rand())
 
     def retryable(self, exc: BaseException) -> bool:
+        """Whether another attempt may help: not for a PermanentError or a
+        ``non_retryable`` type, nor for a group of exceptions (a task group's) holding
+        one."""
+        if isinstance(exc, BaseExceptionGroup):
+            return all(self.retryable(inner) for inner in exc.exceptions)
         return not isinstance(exc, (PermanentError, *self.non_retryable))
 
 
 DEFAULT_STEP_RETRY = Retry()
 DEFAULT_COMPENSATION_RETRY = Retry(max_attempts=10)
+
+
+def function_name(fn: Any) -> str:
+    """A step's default name: its function's; one without (a ``functools.partial``) needs
+    ``name=``."""
+    name = getattr(fn, "__name__", None)
+    if not isinstance(name, str):
+        raise DefinitionError(f"{fn!r} has no __name__ (a functools.partial?): pass name=")
+    return name
 
 
 def check_async(fn: Any, what: str, params: int) -> None:

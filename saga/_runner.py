@@ -17,7 +17,7 @@ from typing import Any
 
 from saga import _plan
 from saga._active import ActiveRun
-from saga._aio import is_cancellation
+from saga._aio import is_cancellation_by_saga
 from saga._call import CallUser, call_user
 from saga._codec import decode_stored, encode_checked
 from saga._definition import Context, Saga, Step
@@ -124,10 +124,12 @@ class Runner:
                 finished = True  # the lease runs out and any worker takes the run again
                 self._outage.lost("recording an outcome", exc)
             except BaseException as exc:
-                if is_cancellation(exc):
+                if is_cancellation_by_saga(exc):
                     raise  # shutdown: the lease stays listed so it is released
-                # A bug of saga's (user code cannot get here: its failures are recorded).
-                # The lease runs out and the run is retried, counting an attempt.
+                # A bug of saga's, or a cancel a step scheduled on this task (call_soon,
+                # call_later) that landed after it returned: not a shutdown (no scope was
+                # cancelled; the cancel is taken back). The lease runs out and the run is
+                # retried, counting an attempt.
                 finished = True
                 lease.mark_lost()
                 logger.error(
@@ -171,6 +173,8 @@ class Runner:
                 for name, text in item.results.items()
             },
             completed=list(item.completed_steps),
+            stored=dict(item.results),
+            born=time.perf_counter() - item.age,
             cancel_requested=item.cancel_requested,
             failed_forward=item.has_error,
             trace_parent=Telemetry.parent_context(item.trace_context),
@@ -231,6 +235,7 @@ class Runner:
             if change.completed_step is not None:
                 run.completed.append(change.completed_step)
                 run.results[change.completed_step] = completed_result
+                run.stored[change.completed_step] = change.result_json
             run.failed_forward |= change.error is not None
             run.status, run.step, run.attempt = change.status, change.step, change.attempt
             run.cancel_requested = written.cancel_requested
@@ -260,7 +265,10 @@ class Runner:
         terminal = change.terminal
         self.end_attempt(run, run.outcome, change.status if terminal else None)
         if terminal:
-            age = None if written is COMMITTED or written is None else written.age
+            if written is COMMITTED or written is None:  # its reply was lost: from the claim
+                age = time.perf_counter() - run.born
+            else:
+                age = written.age
             self.telemetry.run_ended(run.saga.name, change.status, age)
         for event in change.events:
             log_event(log, str(event.kind), event.step, event.attempt, event.data)
@@ -282,7 +290,8 @@ class Runner:
             ctx = self.context(run, wait.name, _STEP)
             with lease.attempt_scope(self.lease_seconds):
                 outcome, result = await timeout_result(wait, ctx, partial(self._encode, run))
-            return _plan.after_attempt(run.saga, state, outcome, lease_for), result
+            # Asked again: a shutdown that began meanwhile leases nothing more to us.
+            return _plan.after_attempt(run.saga, state, outcome, self.lease_for(run)), result
         step = run.saga.get_step(run.step)
         self.open_attempt(run)
         skip = _plan.attempts_exhausted(run.saga, state, lease_for)
@@ -297,7 +306,7 @@ class Runner:
         outcome, result = await self.call_user(run, step, ctx, lease, _plan.policy(run.saga, state))
         if lease.scope.cancel_called:
             lease.mark_lost()
-            log.warning(f"{run.phase}_cancelled_lease_lost")
+            log.warning(f"{run.phase}_cancelled_lease_lost", step=run.step, attempt=run.attempt)
             return None, None
         if isinstance(outcome, Succeeded):
             outcome, result = await self.checkpoint(run, step, ctx, outcome, result)
@@ -306,7 +315,9 @@ class Runner:
         if lease.cancel_requested and not run.cancel_requested:
             run.cancel_requested = True
             state = run.state()
-        change = _plan.after_attempt(run.saga, state, outcome, lease_for)
+        # Asked again: a shutdown that began while the step ran leases nothing more to us
+        # (its next step would start only to be cut off).
+        change = _plan.after_attempt(run.saga, state, outcome, self.lease_for(run))
         if change.retry:
             run.outcome = _RETRY
         return change, result

@@ -2,9 +2,8 @@
 
 The application brings the SDK (or nothing: spans are no-ops, counters a dict update). One
 trace per run: ``start()`` opens a span and stores its W3C context with the run; every
-step and compensation attempt, in whatever process it runs, is a child of it. Names and
-attributes live under ``saga.*`` (listed in the README) and never carry input, results
-or exception messages: only types and identifiers.
+step and compensation attempt, in whatever process, is its child. Names and attributes
+(``saga.*``, in the README) carry types and identifiers only: no payload, no message.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ SAGA_VERSION = "saga.version"
 STEP = "saga.step"
 ATTEMPT = "saga.attempt"
 KIND = "saga.kind"  # "step" or "compensation"
-OUTCOME = "saga.outcome"  # success, retry, failure, lease_lost, refused
+OUTCOME = "saga.outcome"  # success, retry, failure, lease_lost, refused, parked, ...
 WORKER = "saga.worker"
 SCHEMA = "saga.schema"
 CREATED = "saga.run.created"
@@ -50,8 +49,7 @@ SCHEDULE = "saga.schedule"
 PRIORITY = "saga.priority"
 RATE_LIMIT = "saga.rate_limit"
 
-# saga.runs.active reports the active statuses and the failed and stopped runs (waiting
-# for an operator); saga.runs.<status> counts how runs end.
+# saga.runs.active: active runs, and failed and stopped ones; saga.runs.<status>: ends.
 #: The parent of the attempts of runs started with no span: none (they are roots).
 _NO_PARENT = Context()
 _GAUGED = tuple(str(s) for s in (*RunStatus.active(), RunStatus.FAILED, RunStatus.STOPPED))
@@ -301,6 +299,8 @@ class Telemetry:
             f"saga.start {saga.name}",
             kind=SpanKind.PRODUCER,
             attributes={SAGA: saga.name, SAGA_VERSION: saga.version},
+            record_exception=False,
+            set_status_on_exception=False,  # never a message
         ) as span:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)

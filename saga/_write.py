@@ -104,7 +104,8 @@ class Writer:
             committed = await self._store.has_event(
                 key[0], str(first.kind), first.step, first.attempt, self._worker
             )
-            log.info("ambiguous_commit_resolved", committed=committed)
+            where = {"step": first.step, "attempt": first.attempt}
+            log.info("ambiguous_commit_resolved", committed=committed, **where)
             return COMMITTED if committed else None
         self._outage.back()
         return written
@@ -144,7 +145,8 @@ class Writer:
         committed = await self._store.has_event(
             run_id, str(first.kind), first.step, first.attempt, self._worker
         )
-        log.info("ambiguous_commit_resolved", committed=committed)
+        where = {"step": first.step, "attempt": first.attempt}
+        log.info("ambiguous_commit_resolved", committed=committed, **where)
         if not committed:
             return None
         if change.leased:

@@ -188,7 +188,11 @@ async def test_a_presence_mark_cut_short_does_not_stay_in_the_pool(
                 assert cut != "entering", "the cancel did not land"
                 assert await Store(pool).count_present(db) == 1
                 tg.cancel_scope.cancel()
-        assert await Store(pool).count_present(db) == 0
+        # A connection closed instead of unmarked: its server process ends (and its mark
+        # goes) a moment after the socket closes, longer on a busy machine.
+        with anyio.fail_after(5):
+            while await Store(pool).count_present(db):  # noqa: ASYNC110 - polling the db
+                await anyio.sleep(0.02)
         assert await _idle_listening_backends(db) == []
     finally:
         await pool.close()

@@ -168,11 +168,26 @@ AFTER_ATTEMPT: list[tuple[str, RunState, Any, bool, Expect]] = [
     ),
     # forward steps failing
     (
-        "step fails, attempts left: retried after the backoff",
+        "step fails, attempts left: retried after the backoff, unless a cancel came",
         _running("notify", attempt=2, done=("reserve",)),
         FAIL,
         True,
-        Expect(S.RUNNING, "notify", 2, (K.STEP_FAILED,), 2.0, retry=True),
+        Expect(S.RUNNING, "notify", 2, (K.STEP_FAILED,), 2.0, retry=True, unless_cancelled=True),
+    ),
+    (
+        "step fails, attempts left, cancel seen: no retry, rolled back at once",
+        _running("notify", attempt=2, done=("reserve",), cancel_requested=True),
+        FAIL,
+        True,
+        Expect(
+            S.COMPENSATING,
+            "reserve",
+            1,
+            (K.STEP_FAILED, K.RUN_COMPENSATING, K.COMPENSATION_STARTED),
+            7.0,
+            True,
+            plan=["reserve"],
+        ),
     ),
     (
         "step fails on its last attempt: the completed steps are undone",

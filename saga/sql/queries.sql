@@ -549,8 +549,11 @@ WITH old AS (
                       WHEN old.at_step THEN 'running' ELSE 'waiting' END,
         -- A run stopped at a wait: its error was the timeout; the rollback is the cancel's.
         error = CASE WHEN r.status = 'stopped' AND NOT old.at_step THEN NULL ELSE r.error END,
+        -- A compensating run (a step failed) keeps its compensation's backoff: the cancel
+        -- changes nothing there.
         due_at = CASE WHEN r.graph AND old.at_step THEN 'infinity'::timestamptz
-                      WHEN r.graph OR r.lease_owner IS NOT NULL THEN r.due_at ELSE now() END,
+                      WHEN r.graph OR r.lease_owner IS NOT NULL OR r.status = 'compensating'
+                      THEN r.due_at ELSE now() END,
         finished_at = NULL,
         resolved = false,
         updated_at = now()
@@ -1006,10 +1009,18 @@ WITH active AS (
            extract(epoch FROM now() - min(created_at))::float8 AS oldest_age
     FROM __schema__.runs WHERE due_at IS NOT NULL GROUP BY status
 ), lag AS (
-    SELECT coalesce(extract(epoch FROM now() - min(due_at))::float8, 0) AS lag
-    FROM __schema__.runs
-    WHERE due_at <= now() AND lease_owner IS NULL
-      AND (saga_name, saga_version, coalesce(fingerprint, '-'))
+    -- The runs' own rows, and the items of runs whose steps run in parallel (their row
+    -- is never due).
+    SELECT coalesce(extract(epoch FROM now() - min(due))::float8, 0) AS lag
+    FROM (
+        SELECT due_at AS due, saga_name, saga_version, fingerprint
+        FROM __schema__.runs WHERE due_at <= now() AND lease_owner IS NULL
+        UNION ALL
+        SELECT i.due_at, r.saga_name, r.saga_version, r.fingerprint
+        FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
+        WHERE i.due_at <= now() AND i.lease_owner IS NULL
+    ) due
+    WHERE (saga_name, saga_version, coalesce(fingerprint, '-'))
           IN (SELECT * FROM unnest($1::text[], $2::integer[], $3::text[]))
 ), timers AS (
     SELECT coalesce(extract(epoch FROM now() - min(due_at))::float8, 0) AS lag

@@ -203,7 +203,10 @@ def main(
     except SystemExit as exc:
         return int(exc.code or 0)
     dsn = args.dsn or dsn or os.environ.get("SAGA_DSN")
-    schema = args.schema or schema or os.environ.get("SAGA_SCHEMA") or "saga"
+    if args.schema is not None:  # --schema "" is a bad name, not the default
+        schema = args.schema
+    else:
+        schema = schema or os.environ.get("SAGA_SCHEMA") or "saga"
     if not dsn:
         print("saga dashboard: no database: pass --dsn or set SAGA_DSN", file=err)
         return EXIT_USAGE
