@@ -48,7 +48,7 @@ class CallEnv(Protocol):
 class CallUser(Protocol):
     def __call__(
         self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], lease: Lease, retry: Retry
-    ) -> Coroutine[Any, Any, tuple[Succeeded | Failed, Any]]: ...
+    ) -> Coroutine[Any, Any, tuple[Succeeded | Failed | None, Any]]: ...
 
 
 async def call_user(
@@ -59,7 +59,7 @@ async def call_user(
     retry: Retry,
     *,
     env: CallEnv,
-) -> tuple[Succeeded | Failed, Any]:
+) -> tuple[Succeeded | Failed | None, Any]:
     """Call the user's function; whatever it raises is this attempt's failure
     (GeneratorExit, SystemExit and stray CancelledErrors included), except the
     cancellation of this task: lease lost, timeout, or shutdown. A step with a rate
@@ -76,8 +76,10 @@ async def call_user(
     )
     with lease.attempt_scope(seconds), current:
         if step.rate_limit is not None and not compensation:
-            delay = await take(env.store, step.rate_limit, run, env.worker)
+            delay = await take(env.store, step.rate_limit, run, env.worker, lease)
             env.telemetry.rate_delay.record(delay, {RATE_LIMIT: step.rate_limit.name})
+            if lease.cancel_requested:
+                return None, None  # cancelled while it waited for its token: not started
         try:
             await env.hooks.before_call(ctx, env.faults)
             check_readable(run.input)
@@ -97,16 +99,22 @@ async def call_user(
     return Failed(error_record(SagaError("lease lost"), step.name), True), None
 
 
-async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str) -> float:
+async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease) -> float:
     """Take a token of ``limit`` for the current attempt of ``run``: wait as long as the
-    bucket says (the delay is recorded in the run's history); return the delay."""
+    bucket says (the delay is recorded in the run's history), or until a heartbeat sees
+    the run cancelled (then the step does not start); return the delay."""
     assert limit.burst is not None
     delay = await store.rate_take(
         limit.name, limit.per_second, limit.burst, (run.id, run.step, run.attempt), worker
     )
-    if delay > 0:
-        await anyio.sleep(delay)
+    end = anyio.current_time() + delay
+    while not lease.cancel_requested and (left := end - anyio.current_time()) > 0:  # noqa: ASYNC110 - the heartbeat sets a flag, not an event
+        await anyio.sleep(min(left, _CANCEL_CHECK))
     return delay
+
+
+#: Seconds between two looks at the lease's cancel flag while waiting for a token.
+_CANCEL_CHECK = 0.25
 
 
 def _stored_result(run: ActiveRun, step: Step[Any, Any]) -> Any:

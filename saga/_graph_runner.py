@@ -117,6 +117,9 @@ class GraphRunner:
         if lease.scope.cancel_called:
             lease.mark_lost()
             return _LOST
+        if outcome is None:  # cancelled while it waited for its rate limit: not started
+            run.outcome = Outcome.INTERRUPTED
+            return None
         if isinstance(outcome, Succeeded):
             outcome, _ = await runner.checkpoint(run, step, ctx, outcome, result)
         if isinstance(outcome, Failed):

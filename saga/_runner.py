@@ -1,10 +1,9 @@
 """Running leased work: one item at a time, per claimed run, in its own task.
 
-For each item: build the context, call the user's step or compensation under its
-timeout, its attempt span and the lease's cancel scope; encode the result; ask the plan
-for the transition; write it. When the plan leases the run's next item to this worker,
-go on in the same task, so the happy path costs one commit per step. The runner never
-sees SQL and decides no transition itself.
+For each item: build the context, call the user's function (under its timeout, its
+attempt span and the lease's cancel scope), encode the result, ask the plan for the
+transition, write it. When the plan leases the run's next item to this worker, go on in
+the same task: the happy path costs one commit per step. No SQL here, and no decision.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from saga._transition import (
     ClaimedItem,
     Failed,
     LeaseFor,
+    RunState,
     Succeeded,
     Transition,
     idempotency_key,
@@ -276,7 +276,9 @@ class Runner:
     async def _attempt(
         self, run: ActiveRun, lease: Lease, log: Any
     ) -> tuple[Transition | None, Any]:
-        """Run the current item; return the transition to record (None: lease lost)."""
+        """Run the current item; return the transition to record (None: lease lost).
+        The plan is asked after the attempt for how to lease the next item: a shutdown
+        that began meanwhile leases nothing more to us (it would be cut off)."""
         run.ctx = None
         lease_for = self.lease_for(run)
         state = run.state()
@@ -290,7 +292,6 @@ class Runner:
             ctx = self.context(run, wait.name, _STEP)
             with lease.attempt_scope(self.lease_seconds):
                 outcome, result = await timeout_result(wait, ctx, partial(self._encode, run))
-            # Asked again: a shutdown that began meanwhile leases nothing more to us.
             return _plan.after_attempt(run.saga, state, outcome, self.lease_for(run)), result
         step = run.saga.get_step(run.step)
         self.open_attempt(run)
@@ -300,27 +301,33 @@ class Runner:
             return skip, None
         if lease.lost:
             return None, None
-        phase = run.phase
-        ctx = self.context(run, step.name, phase)
-        run.ctx = ctx
-        outcome, result = await self.call_user(run, step, ctx, lease, _plan.policy(run.saga, state))
+        ctx = run.ctx = self.context(run, step.name, run.phase)
+        called, result = await self.call_user(run, step, ctx, lease, _plan.policy(run.saga, state))
         if lease.scope.cancel_called:
             lease.mark_lost()
             log.warning(f"{run.phase}_cancelled_lease_lost", step=run.step, attempt=run.attempt)
             return None, None
+        if called is None:  # cancelled while it waited for its rate limit: not started
+            run.cancel_requested, run.outcome = True, Outcome.INTERRUPTED
+            return _plan.cancelled_before_start(run.saga, run.state(), self.lease_for(run)), None
+        return await self._settle(run, step, ctx, lease, state, called, result)
+
+    async def _settle(
+        self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], lease: Lease,
+        state: RunState, outcome: Succeeded | Failed, res: Any,
+    ) -> tuple[Transition, Any]:  # fmt: skip
+        """The step's function returned or raised: the transition that records it."""
         if isinstance(outcome, Succeeded):
-            outcome, result = await self.checkpoint(run, step, ctx, outcome, result)
+            outcome, res = await self.checkpoint(run, step, ctx, outcome, res)
         if isinstance(outcome, Failed):
             run.outcome, run.error_type = _FAILURE, str(outcome.error["type"])
         if lease.cancel_requested and not run.cancel_requested:
             run.cancel_requested = True
             state = run.state()
-        # Asked again: a shutdown that began while the step ran leases nothing more to us
-        # (its next step would start only to be cut off).
         change = _plan.after_attempt(run.saga, state, outcome, self.lease_for(run))
         if change.retry:
             run.outcome = _RETRY
-        return change, result
+        return change, res
 
     async def checkpoint(
         self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], done: Succeeded, result: Any

@@ -42,9 +42,13 @@ class Children:
                 return made
             kids = await self._store.children_of(run_id, step.name)
             started = True
-        # A stopped child is not over: an operator retries it (the step goes on waiting)
-        # or cancels it (it then ends cancelled, which fails the step).
-        failed = [k for k in kids if k.status.is_terminal and k.status not in _NOT_OVER]
+        # A stopped child is not over: an operator retries it (the step goes on waiting),
+        # cancels it (it then ends cancelled, which fails the step) or resolves it (which
+        # fails the step too).
+        # A stopped child an operator resolved is over (it will not go on by itself).
+        failed = [
+            k for k in kids if k.status.is_terminal and (k.status not in _NOT_OVER or k.resolved)
+        ]
         if failed:
             undone = await self.undo(run_id, step)
             if not isinstance(undone, Succeeded):

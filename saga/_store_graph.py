@@ -58,6 +58,7 @@ class Child:
     output: str | None  # JSON text, once completed
     error: str | None  # JSON text of the failure (or the compensation's), if any
     cancel_requested: bool
+    resolved: bool = False  # stopped (or failed) and closed by an operator: over
 
 
 def _graph_write_key(write: GraphWrite) -> tuple[ItemKey, int]:
@@ -226,6 +227,7 @@ class GraphQueries:
                 output=r["output"],
                 error=r["error"] or r["compensation_error"],
                 cancel_requested=r["cancel_requested"],
+                resolved=r["resolved"],
             )
             for r in rows
         ]

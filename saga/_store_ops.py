@@ -245,6 +245,8 @@ class OperatorQueries:
             if await conn.fetchrow(self._q["resolve_run"], run_id, data) is None:
                 return False
             await self.release_key(conn, run_id)
+            # A child run resolved is over for its parent's step, which waits for it.
+            await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
         return True
 
     async def rollback_state(self, run_id: UUID) -> asyncpg.Record | None:

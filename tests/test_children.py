@@ -358,15 +358,17 @@ async def _run_with_a_stopped_child(
             await anyio.sleep(0.02)
 
 
-@pytest.mark.parametrize("operator", ["retry", "cancel"])
+@pytest.mark.parametrize("operator", ["retry", "cancel", "resolve"])
 async def test_a_stopped_child_is_not_over_its_parent_waits_for_the_operator(
     orchestrator: OrchestratorFactory, operator: str
 ) -> None:
     """A child that stops for an operator is not over: the parent's step goes on
     waiting (the parent stays running). The operator's retry() of the child completes
     it, and then the parent; a cancel() of the child compensates it, and then the
-    parent's step fails for good and the parent rolls back. The parent used to end
-    compensated at once, leaving the stopped child's load never undone."""
+    parent's step fails for good and the parent rolls back; a resolve() of the child
+    does the same (the resolved child is cancelled as its step is undone), where the
+    parent used to wait on it for ever. The parent used to end compensated at once,
+    leaving the stopped child's load never undone."""
     ledger, run, kid = await _run_with_a_stopped_child(orchestrator)
     await anyio.sleep(0.3)
     assert (await run.info()).status is saga.RunStatus.RUNNING
@@ -375,7 +377,10 @@ async def test_a_stopped_child_is_not_over_its_parent_waits_for_the_operator(
         assert await run.result(timeout=10) == ["ship"]
         assert ledger.steps("compensation") == []
     else:
-        await kid.cancel()
+        if operator == "cancel":
+            await kid.cancel()
+        else:
+            await kid.resolve(note="carrier sorted out by phone")
         with pytest.raises(saga.RunCompensatedError, match="ChildFailed"):
             await run.result(timeout=10)
         assert (await kid.info()).status is saga.RunStatus.COMPENSATED

@@ -93,6 +93,46 @@ async def test_the_delay_is_recorded_with_the_attempt(
     assert sorted(round(w * 2) / 2 for w in waited) == [0.5, 1.0]
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["linear", "parallel steps"])
+async def test_a_cancel_while_waiting_for_a_token_starts_no_step(
+    orchestrator: OrchestratorFactory, graph: bool
+) -> None:
+    """A run cancelled while its step waits for a rate-limit token (here 20 s away) does
+    not wait for it: a heartbeat sees the cancel, the step never runs (no side effect
+    after the cancel), the completed step before it is compensated, and the run ends
+    cancelled within seconds, on the linear path and with parallel steps alike."""
+    slow = saga.RateLimit("slow", per_second=0.05, burst=1)
+    calls: list[int] = []
+    undone: list[int] = []
+    s = saga.Saga("paced_undo", input=Job)
+
+    @s.step()
+    async def book(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    @book.compensate
+    async def unbook(ctx: saga.Context[Job], n: int) -> None:
+        undone.append(n)
+
+    @s.step(rate_limit=slow, after=[book] if graph else None)
+    async def call(ctx: saga.Context[Job]) -> int:
+        calls.append(ctx.input.n)
+        return 1
+
+    orch = await orchestrator(s, lease_seconds=0.6)  # a heartbeat every 0.2 s
+    first = await orch.start(s, Job(n=1))  # takes the only token
+    assert await first.result(timeout=10) == 1
+    second = await orch.start(s, Job(n=2))
+    with anyio.fail_after(10):
+        while not [e for e in await second.history() if e.kind == "rate_limited"]:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    await second.cancel()
+    with anyio.fail_after(5), pytest.raises(saga.RunCancelledError):
+        await second.result()
+    assert calls == [1]
+    assert undone == [2]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
