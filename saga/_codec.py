@@ -331,6 +331,11 @@ class Unreadable:
     def check(self) -> None:
         raise self.error
 
+    def __getattr__(self, name: str) -> Any:
+        """A step reading a field of it (``ctx.result(wait).approved``) gets the reason
+        (a SerializationError), not an AttributeError about this class."""
+        raise self.error
+
 
 def decode_stored(text: str, annotation: Any, what: str) -> Any:
     """:func:`decode`, or an :class:`Unreadable` saying why the stored ``what`` no longer

@@ -308,8 +308,7 @@ class Leases:
             if runs:
                 held.update(await self._store.heartbeat(self._worker, runs))
             if items:
-                kept = await self._store.heartbeat_items(self._worker, items)
-                held.update(dict.fromkeys(kept, False))
+                held.update(await self._store.heartbeat_items(self._worker, items))
         except DatabaseError as exc:
             self._outage.lost("heartbeat", exc)
             return

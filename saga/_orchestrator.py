@@ -37,9 +37,10 @@ from saga._scheduler import Scheduler
 from saga._schedules import Scheduled
 from saga._spawner import Children
 
-#: Seconds aclose() waits, beyond shutdown_timeout, for the loops to end: a step that
-#: swallows its cancellation never lets them (its lease is given back regardless).
-_UNWIND_SECONDS = 5.0
+#: Seconds aclose() waits, beyond shutdown_timeout, for the loops to end (the leases'
+#: release alone may take 5 s: a row another transaction holds): a step that swallows
+#: its cancellation never lets them (its lease is given back regardless).
+_UNWIND_SECONDS = 15.0
 
 
 class Orchestrator(Client):

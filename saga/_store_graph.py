@@ -194,8 +194,9 @@ class GraphQueries:
 
     async def heartbeat_items(
         self, worker: str, leases: Sequence[tuple[ItemKey, int, float]]
-    ) -> set[ItemKey]:
-        """Extend ((run id, step, phase), token, seconds) leases; returns those held."""
+    ) -> dict[ItemKey, bool]:
+        """Extend ((run id, step, phase), token, seconds) leases; returns those held, and
+        whether their run was asked to cancel."""
         async with translate_errors("heartbeat"):
             rows = await self.hot.fetch(
                 self._q["heartbeat_items"],
@@ -206,7 +207,9 @@ class GraphQueries:
                 [token for _, token, _ in leases],
                 [seconds for _, _, seconds in leases],
             )
-        return {(r["run_id"], r["step"], Phase(r["phase"])) for r in rows}
+        return {
+            (r["run_id"], r["step"], Phase(r["phase"])): bool(r["cancel_requested"]) for r in rows
+        }
 
     async def release_items(self, worker: str) -> int:
         """Give back every graph item leased to ``worker`` (its loops have ended)."""

@@ -286,3 +286,50 @@ def test_lanes_that_are_not_names_get_a_configuration_error() -> None:
     s = small_saga("pay", 1, traffic={"lane": "payments"})
     with pytest.raises(saga.ConfigurationError, match="lanes"):
         saga.Orchestrator("postgresql://nobody@/nowhere", sagas=[s], lanes=[["payments"]])
+
+
+@pytest.mark.timeout(60)
+async def test_queue_depth_counts_linear_and_parallel_versions_of_one_saga_together(
+    open_client: ClientFactory,
+) -> None:
+    """During a deploy that turns a linear saga into one whose steps run in parallel
+    (same name, next version), runs of both versions are due: `saga.queues()` shows one
+    row for the (saga, priority) pair counting all five, and so does the census behind
+    the gauge `saga.queue.depth`."""
+    v1 = saga.Saga("deployed", input=Job, version=1)
+
+    @v1.step()
+    async def a1(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    @v1.step()
+    async def b1(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    v2 = saga.Saga("deployed", input=Job, version=2)
+
+    @v2.step()
+    async def a2(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    @v2.step(after=[a2])
+    async def b2(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    @v2.step(after=[a2])
+    async def c2(ctx: saga.Context[Job]) -> int:
+        return 3
+
+    client = await open_client(v1, v2)  # executes nothing: every run stays due
+    assert v1.graph is None
+    assert v2.graph is not None
+    for n in range(2):
+        await client.start(v1, Job(n=n))
+    for n in range(3):
+        await client.start(v2, Job(n=n))
+    found = await saga.queues(client)
+    rows = [(q.saga, q.priority, q.runs) for q in found.due if q.saga == "deployed"]
+    store = client._store_or_raise()
+    census = await store.census([("deployed", 1, v1.fingerprint), ("deployed", 2, v2.fingerprint)])
+    gauge = sum(runs for (name, _), (runs, _) in census.queues.items() if name == "deployed")
+    assert (len(rows), gauge) == (1, 5), f"queues() rows {rows}; saga.queue.depth {gauge}"

@@ -1054,17 +1054,18 @@ GROUP BY saga_name, status;
 -- (and over how many keys). Through runs_due, items_due and runs_key_queue: the active
 -- runs only.
 -- no parameters
-SELECT saga_name, priority, count(*) AS runs,
-       extract(epoch FROM now() - min(due_at))::float8 AS oldest, false AS keyed,
+SELECT saga_name, priority, count(DISTINCT id) AS runs,
+       extract(epoch FROM now() - min(due))::float8 AS oldest, false AS keyed,
        0::bigint AS keys
-FROM __schema__.runs WHERE due_at <= now()
+FROM (
+    SELECT id, saga_name, priority, due_at AS due
+    FROM __schema__.runs WHERE due_at <= now()
+    UNION ALL  -- one saga may have both kinds of runs: versions deployed side by side
+    SELECT r.id, r.saga_name, r.priority, i.due_at
+    FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
+    WHERE i.due_at <= now()
+) due
 GROUP BY saga_name, priority
-UNION ALL
-SELECT r.saga_name, r.priority, count(DISTINCT i.run_id),
-       extract(epoch FROM now() - min(i.due_at))::float8, false, 0::bigint
-FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
-WHERE i.due_at <= now()
-GROUP BY r.saga_name, r.priority
 UNION ALL
 SELECT saga_name, 0, count(*), 0::float8, true, count(DISTINCT concurrency_key)
 FROM __schema__.runs WHERE key_state = 'queued'
@@ -1557,7 +1558,8 @@ SELECT (SELECT n FROM held) AS held, (SELECT age FROM upd) AS age,
 
 -- name: heartbeat_items
 -- Extend the leases of graph items this worker still holds; rows missing from the
--- result were lost.
+-- result were lost. Each says whether its run was asked to cancel (an item waiting for
+-- a rate-limit token then does not start).
 -- $1 worker id, $2 run ids, $3 steps, $4 phases, $5 lease tokens, $6 lease seconds (the
 -- five pairwise)
 -- The rows are locked first in key order, as graph_items locks a run's items: two
@@ -1576,7 +1578,9 @@ WITH h AS (
 UPDATE __schema__.items i SET due_at = now() + make_interval(secs => held.seconds)
 FROM held
 WHERE i.run_id = held.run_id AND i.step = held.step AND i.phase = held.phase
-RETURNING i.run_id, i.step, i.phase;
+RETURNING i.run_id, i.step, i.phase,
+          (SELECT r.cancel_requested FROM __schema__.runs r WHERE r.id = i.run_id)
+              AS cancel_requested;
 
 -- name: release_items
 -- Give back every graph item leased to this worker at shutdown, once its loops have

@@ -184,3 +184,29 @@ async def test_a_dashboard_without_the_sagas_registered_still_sends_signals(
     assert "only the signal the run waits for" in wrong.text
     assert "decision" in wrong.text
     assert (await worker.info(other)).status is saga.RunStatus.WAITING
+
+
+@pytest.mark.timeout(60)
+async def test_an_unchecked_signal_the_wait_refuses_fails_the_step_with_the_reason(
+    orchestrator: Any, open_client: Any, browse: Browser
+) -> None:
+    """A signal sent unchecked (the dashboard did not register the saga) whose payload
+    the wait's model refuses: the step reading it fails with a SerializationError
+    saying the stored payload does not read as its type (not an AttributeError about
+    saga's internals), and the run rolls back, never stuck."""
+    worker = await orchestrator(approval)
+    (run_id,) = await _parked(worker)
+    http = await browse(await open_client())
+    page = (await http.get(f"/saga/runs/{run_id}", headers=ALICE)).text
+    response = await http.post(
+        f"/saga/runs/{run_id}/signal",
+        data={"csrf": csrf(page), "name": "decision", "payload": '{"approved": "perhaps"}'},
+        headers=ALICE,
+    )
+    assert response.status_code == 303
+    with pytest.raises(saga.RunCompensatedError) as ended:
+        await worker.get_run(run_id).result(timeout=20)
+    error = ended.value.error
+    assert error is not None
+    assert error.type == "saga.SerializationError"
+    assert "decision" in error.message
