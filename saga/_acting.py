@@ -60,11 +60,15 @@ class Acting:
         self, run_id: uuid.UUID | str, *, by: str | None = None, note: str | None = None
     ) -> None:
         """Cancel a run; see :meth:`RunHandle.cancel`."""
+        await self._cancel(run_id, by, note)
+
+    async def _cancel(self, run_id: uuid.UUID | str, by: str | None, note: str | None) -> bool:
+        """:meth:`cancel`: True when it recorded the cancel, False when one was already."""
         run_id = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note)
         store = self._store_or_raise()
         if await uncancellable(store.request_cancel(run_id, data)):
-            return
+            return True
         row = await self._row(run_id)
         info = row.info
         reached = row.pivot in info.completed_steps or not info.status.is_terminal
@@ -75,7 +79,7 @@ class Acting:
             )
         if info.status.is_terminal:
             raise InvalidRunStateError(f"run {run_id} already ended {info.status}{_freed(info)}")
-        # Already requested: cancelling twice is harmless.
+        return False  # already requested: cancelling twice is harmless
 
     async def retry(
         self, run_id: uuid.UUID | str, *, by: str | None = None, note: str | None = None
@@ -136,6 +140,11 @@ class Acting:
             raise InvalidRunStateError(
                 f"run {run_id} is {state['status']}; only a failed run whose compensation "
                 "gave up can skip it"
+            )
+        if state["key_freed"]:
+            raise InvalidRunStateError(
+                f"run {run_id} is resolved: resolving it freed its concurrency key for the "
+                "next run, so its compensations can no longer run"
             )
         saga = self.definition(state["saga_name"], state["saga_version"])
         if saga is None:

@@ -20,7 +20,7 @@ from saga._acting import operator_data
 from saga._client import Client
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from saga._model import RunStatus
-from saga._operator import MAX_PAGE_SIZE, RunPage, list_runs
+from saga._operator import MAX_PAGE_SIZE, RunPage, _statuses, list_runs
 
 #: The most runs one bulk action may touch.
 MAX_BULK = 10_000
@@ -54,24 +54,33 @@ class BulkResult:
 
 
 async def _matching(client: Client, where: RunFilter, cap: int) -> list[uuid.UUID]:
-    """The ids of the runs matching, newest first, at most ``cap`` + 1 of them."""
+    """The ids of the runs matching, newest first, at most ``cap`` + 1 of them. A page
+    goes on from the last run of the one before that still exists (a prune may delete
+    it meanwhile)."""
     ids: list[uuid.UUID] = []
-    before: uuid.UUID | None = None
+    status = _statuses(where.status)  # once: an iterator would be used up by one page
+    cursors: list[uuid.UUID] = []
     while len(ids) <= cap:
-        page: RunPage = await list_runs(
-            client,
-            saga=where.saga,
-            status=where.status,
-            key=where.key,
-            older_than=where.older_than,
-            newer_than=where.newer_than,
-            before=before,
-            limit=min(MAX_PAGE_SIZE, cap + 1 - len(ids)),
-        )
+        try:
+            page: RunPage = await list_runs(
+                client,
+                saga=where.saga,
+                status=status,
+                key=where.key,
+                older_than=where.older_than,
+                newer_than=where.newer_than,
+                before=cursors[-1] if cursors else None,
+                limit=min(MAX_PAGE_SIZE, cap + 1 - len(ids)),
+            )
+        except RunNotFoundError:
+            ids.remove(cursors.pop())  # pruned meanwhile: go on from the run before it
+            if not cursors:
+                raise
+            continue
         ids += [run.id for run in page.runs]
         if page.next_before is None:
             break
-        before = page.next_before
+        cursors = [run.id for run in page.runs]
     return ids
 
 
@@ -159,7 +168,8 @@ async def cancel_runs(
     operator_data(by, note)  # checked before anything is read
 
     async def act(run_id: uuid.UUID) -> None:
-        await client.cancel(run_id, by=by, note=note)
+        if not await client._cancel(run_id, by, note):
+            raise InvalidRunStateError(f"run {run_id} is already being cancelled (nothing changed)")
 
     where = RunFilter(saga, status, key, older_than, newer_than)
     return await _bulk(client, where, limit, expect, act)

@@ -88,6 +88,10 @@ def _statuses(values: Iterable[RunStatus | str] | RunStatus | str | None) -> lis
         return None
     if isinstance(values, str):  # RunStatus is a str too
         values = [values]
+    if not isinstance(values, Iterable):
+        raise ConfigurationError(
+            f"status must be a run status or an iterable of them, got {values!r}"
+        )
     out: list[str] = []
     for value in values:
         try:
@@ -248,14 +252,7 @@ async def prune(
         raise ConfigurationError(
             f"only finished runs can be pruned; {', '.join(active)} is not a final status"
         )
-    if (
-        not isinstance(batch_size, int)
-        or isinstance(batch_size, bool)
-        or not 1 <= batch_size <= 100_000
-    ):
-        raise ConfigurationError(f"batch_size must be an int from 1 to 100000, got {batch_size!r}")
-    if not isinstance(whole_days, bool):
-        raise ConfigurationError(f"whole_days must be a bool, got {whole_days!r}")
+    _check_prune_options(batch_size, whole_days=whole_days, dry_run=dry_run)
     cutoff = await store.prune_cutoff(seconds)  # one instant for every pass
     if dry_run and whole_days:
         days = await store.prune_days(cutoff, statuses, dry_run=True)
@@ -278,6 +275,18 @@ async def prune(
     return PruneResult(
         runs=total_runs, events=total_events, batches=batches, dry_run=False, days=days.days
     )
+
+
+def _check_prune_options(batch_size: object, **flags: object) -> None:
+    if (
+        not isinstance(batch_size, int)
+        or isinstance(batch_size, bool)
+        or not 1 <= batch_size <= 100_000
+    ):
+        raise ConfigurationError(f"batch_size must be an int from 1 to 100000, got {batch_size!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):  # "false", 0 or None must not turn deleting on
+            raise ConfigurationError(f"{name} must be a bool, got {flag!r}")
 
 
 async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> list[int]:

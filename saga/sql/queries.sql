@@ -678,7 +678,8 @@ SELECT id FROM upd;
 -- $1 run id
 SELECT saga_name, saga_version, status, graph, completed_steps, compensated_steps,
        coalesce(compensation_error->>'step', step_name) AS failed_step,
-       compensation_error IS NOT NULL AS compensation_failed, error IS NOT NULL AS has_error
+       compensation_error IS NOT NULL AS compensation_failed, error IS NOT NULL AS has_error,
+       resolved, key_state IS NOT DISTINCT FROM 'released' AS key_freed
 FROM __schema__.runs WHERE id = $1;
 
 -- name: skip_compensation
@@ -697,6 +698,8 @@ WITH old AS (
     WHERE id = $1 AND status = 'failed' AND compensation_error IS NOT NULL
       AND coalesce(compensation_error->>'step', step_name) = $2
       AND cardinality(compensated_steps) = $8
+      -- Resolving it freed its concurrency key for the next run: no more compensating.
+      AND key_state IS DISTINCT FROM 'released'
     FOR UPDATE
 ), upd AS (
     UPDATE __schema__.runs r SET

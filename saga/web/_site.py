@@ -84,7 +84,11 @@ class Dashboard:
     ) -> HTMLResponse:
         values.setdefault("page", "")
         flash = None
-        if ctx is not None and ctx.request.method == "GET":
+        # A live refresh (X-Saga-Refresh) leaves the flash to the page it answers: one
+        # fetched by the page an action is leaving, as its redirect is followed, would
+        # otherwise take the new page's message.
+        refresh = ctx is not None and "x-saga-refresh" in ctx.request.headers
+        if ctx is not None and ctx.request.method == "GET" and not refresh:
             flash = self.signer.unsign(ctx.request.cookies.get(_FLASH))
         page = (
             environment()

@@ -288,3 +288,28 @@ async def test_bulk_with_a_malformed_filter_is_400(orchestrator: Any, browse: Br
     assert (await http.post("/saga/runs/bulk", data=bad_status, headers=ALICE)).status_code == 400
     bad_action = {"csrf": token, "action": "explode"}
     assert (await http.post("/saga/runs/bulk", data=bad_action, headers=ALICE)).status_code == 400
+
+
+async def test_a_live_refresh_leaves_the_flash_to_the_page_it_answers(
+    orchestrator: Any, browse: Browser
+) -> None:
+    """The page an action leaves may refresh itself live (its event stream heard the
+    action's change) while the browser follows the redirect: that refresh (it says
+    X-Saga-Refresh) shows no flash and leaves it, so the page the redirect leads to
+    still shows "Cancel requested by alice", once."""
+    orch = await orchestrator(approval)
+    (run_id,) = await _parked(orch)
+    http = await browse(orch)
+    response = await http.post(
+        f"/saga/runs/{run_id}/cancel",
+        data={"csrf": await _token(http), "note": "customer asked"},
+        headers=ALICE,
+    )
+    assert response.status_code == 303
+    leaving = await http.get(f"/saga/runs/{run_id}", headers={**ALICE, "X-Saga-Refresh": "1"})
+    assert leaving.status_code == 200
+    assert 'data-testid="flash"' not in leaving.text
+    page = await http.get(response.headers["location"], headers=ALICE)
+    assert "Cancel requested by alice" in page.text
+    again = await http.get(f"/saga/runs/{run_id}", headers=ALICE)
+    assert 'data-testid="flash"' not in again.text  # shown once
