@@ -216,7 +216,9 @@ class _Builder:
         elif isinstance(outcome, Failed):
             data = {"error": outcome.error}
             self.events.append(Event(EventKind.STEP_FAILED, done.step, done.attempt, data))
-            if self.status is not _COMPENSATING:
+            # A cancel pending: no retry (_retry), and the rollback is the cancel's.
+            cancelled = self.run.cancel_requested and outcome.retryable
+            if self.status is not _COMPENSATING and not cancelled:
                 self.error = outcome.error
         if self.halted:
             # Past the pivot, or the step's policy stops: no rollback, and no new step

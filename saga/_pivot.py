@@ -30,6 +30,11 @@ def check(saga: Any, graph: Graph | None) -> str | None:
         )
     later = _after(saga, graph, pivot.name)
     for step in saga.steps:
+        if step.name in later and step.spawn is not None:
+            raise DefinitionError(
+                f"{where}: step {step.name!r} runs child sagas after it: a child failing "
+                "would undo its siblings, and after the pivot a run only goes forward"
+            )
         if step.name in later and step.compensation is not None:
             raise DefinitionError(
                 f"{where}: step {step.name!r} runs after it and has a compensation that "

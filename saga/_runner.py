@@ -223,7 +223,7 @@ class Runner:
             if written is COMMITTED:
                 return  # committed, but the run has moved on since: nothing more for us
             if not change.leased:
-                if written.signalled:  # the wait just entered had its signal already
+                if written.signalled or change.due_in == 0:  # its signal came; a sleep ended
                     self.leases.wake()
                 elif change.due_in is not None and 0 < change.due_in < math.inf:
                     self.leases.wake_later(change.due_in)

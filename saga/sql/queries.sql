@@ -481,14 +481,19 @@ WITH held AS (
 SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 
 -- name: get_run
--- One run's current state, without the input and results payloads.
+-- One run's current state, without the input and results payloads. A run whose steps
+-- run in parallel is due when its first item is (its row never is).
 -- $1 run id
 SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
        completed_steps, output, error::text AS error,
        compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-       lease_token, created_at, updated_at, finished_at, fingerprint, wait_name, due_at,
+       lease_token, created_at, updated_at, finished_at, fingerprint, wait_name,
+       CASE WHEN r.graph AND r.due_at IS NOT NULL
+            THEN coalesce((SELECT min(i.due_at) FROM __schema__.items i
+                           WHERE i.run_id = r.id), r.due_at)
+            ELSE r.due_at END AS due_at,
        pivot, resolved, priority, concurrency_key, key_state
-FROM __schema__.runs WHERE id = $1;
+FROM __schema__.runs r WHERE id = $1;
 
 -- name: watch_run
 -- Ask for a NOTIFY when this active run ends (result() waits on it). Takes no lock on
@@ -562,7 +567,9 @@ WITH old AS (
       AND NOT r.cancel_requested
       AND r.key_state IS DISTINCT FROM 'released'
       AND NOT (r.pivot IS NOT NULL
-               AND (r.pivot = ANY(r.completed_steps) OR (r.step_name = r.pivot AND NOT r.graph)
+               -- (a run parked at the sleep or wait before its pivot has not reached it)
+               AND (r.pivot = ANY(r.completed_steps)
+                    OR (r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL)
                     OR EXISTS (SELECT 1 FROM __schema__.items i
                                WHERE i.run_id = $1 AND i.step = r.pivot)))
     RETURNING r.id, r.saga_name, r.graph AND old.at_step AS restart, r.error->>'step' AS failed
@@ -1108,9 +1115,13 @@ SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
             compensation_error::text AS compensation_error, cancel_requested, lease_owner,
-            created_at, updated_at, finished_at, wait_name, due_at, resolved, priority,
-            concurrency_key, key_state
-     FROM __schema__.runs
+            created_at, updated_at, finished_at, wait_name,
+            CASE WHEN r.graph  -- due when its first item is (see get_run)
+                 THEN coalesce((SELECT min(i.due_at) FROM __schema__.items i
+                                WHERE i.run_id = r.id), r.due_at)
+                 ELSE r.due_at END AS due_at,
+            resolved, priority, concurrency_key, key_state
+     FROM __schema__.runs r
      WHERE due_at IS NOT NULL
        AND ($1::text IS NULL OR saga_name = $1)
        AND ($2::text[] IS NULL OR status = ANY($2::text[]))
