@@ -260,7 +260,8 @@ async def prune(
     if dry_run:  # both passes together take every prunable run
         runs, events = await store.count_prunable(cutoff, statuses)
         return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
-    await store.release_prunable_keys(cutoff, statuses)
+    if not whole_days:  # the batches delete them all (a whole day frees its own keys)
+        await store.release_prunable_keys(cutoff, statuses)
     days = await store.prune_days(cutoff, statuses)
     total_runs, total_events, batches = days.runs, days.events, 0
     while not whole_days:

@@ -1,30 +1,27 @@
 """Day partitions of runs and their history (see ``sql/migrations/0009_partitions.sql``).
 
-Run ids are UUIDv7: their first 48 bits are the start's Unix time in milliseconds, so
-the runs started on one UTC day are one range of ids. ``runs``, ``events``, ``watches``
-and ``signals`` are partitioned by that range: day D's rows live in ``runs_pYYYYMMDD``,
-``events_pYYYYMMDD``, ... Each parent also has a DEFAULT partition (``runs_default``,
-...): the rows of runs started before migration 0009 (random ids), and of any run whose
-day had no partition yet.
+Run ids are UUIDv7 (their first 48 bits: the start's Unix time in ms), so a UTC day's
+runs are one range of ids. ``runs``, ``events``, ``watches`` and ``signals`` are
+partitioned by it (``runs_pYYYYMMDD``, ...), each parent with a DEFAULT partition for
+runs from before migration 0009 (random ids) and any run whose day had no partition.
 
-:func:`ensure` creates today's partitions and the next ``DAYS_AHEAD`` days' (executing
-orchestrators call it when they open and from the census; ``migrate`` and ``prune`` too),
-so a run normally lands in its day's partition. Creating a partition moves any row of
-its day out of the DEFAULT partition first, in the same transaction.
+:func:`ensure` creates today's and the next ``DAYS_AHEAD`` days' partitions (run by
+orchestrators, ``migrate`` and ``prune``), moving their days' rows out of DEFAULT.
 
 :func:`prune_days` drops whole days: a day whose runs all finished long enough ago (in
 a pruned status) is four ``DROP TABLE``\\ s; a day where at least half of them did is
 compacted: the others are copied into fresh tables that replace the day's. No row is
 deleted one by one, so nothing is left for autovacuum to clean. Each day is one short
 transaction holding its four partitions (and briefly the parents) exclusively, with a
-lock timeout: a day that cannot be locked now is left for the next prune.
+lock timeout (a day that cannot be locked now is left for the next prune); the keys of
+its runs that go are freed in it.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
@@ -33,6 +30,7 @@ import anyio
 import asyncpg
 
 from saga._db import quote_ident
+from saga._log import logger
 
 #: The tables partitioned by run id, with their run id column.
 TABLES: tuple[tuple[str, str], ...] = (
@@ -173,8 +171,11 @@ def _key_index(schema: str, day: date, suffix: str = "") -> str:
 
 
 async def _serialize(conn: Conn, schema: str) -> None:
-    await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+    """One partition change of the schema at a time: the advisory lock is waited for as
+    long as another's change lasts (migrate and prune from several processes at once);
+    the tables' locks then wait at most ``_LOCK_TIMEOUT``."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"saga.partitions:{schema}")
+    await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,23 +187,31 @@ class DaysPruned:
     days: int = 0
 
 
+#: Frees the concurrency key of a run about to be deleted (in the caller's transaction).
+ReleaseKey = Callable[[Conn, UUID], Awaitable[None]]
+
+
 async def prune_days(
     pool: asyncpg.Pool,
     schema: str,
     cutoff: datetime,
     statuses: Sequence[str],
+    release: ReleaseKey,
     dry_run: bool = False,
 ) -> DaysPruned:
     """Drop or compact every day whose runs all started before ``cutoff``, when at least
-    half of its runs finished before it in one of ``statuses`` (those go; the others are
-    kept). Oldest day first. ``dry_run``: only count what would go."""
+    half of its runs finished before it in one of ``statuses`` (those go, freeing their
+    keys with ``release``; the others are kept). Oldest day first. ``dry_run``: only
+    count what would go."""
     total = DaysPruned()
     for day in sorted(await days(pool, schema)):
         end = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
         if end > cutoff:
             break
-        prune = _count_day if dry_run else _prune_day
-        done = await prune(pool, schema, day, cutoff, list(statuses))
+        if dry_run:
+            done = await _count_day(pool, schema, day, cutoff, list(statuses))
+        else:
+            done = await _prune_day(pool, schema, day, cutoff, list(statuses), release)
         if done is not None:
             total = DaysPruned(total.runs + done[0], total.events + done[1], total.days + 1)
     return total
@@ -285,17 +294,21 @@ async def _any_kept(
 
 
 async def _prune_day(
-    pool: asyncpg.Pool, schema: str, day: date, cutoff: datetime, statuses: list[str]
+    pool: asyncpg.Pool,
+    schema: str,
+    day: date,
+    cutoff: datetime,
+    statuses: list[str],
+    release: ReleaseKey,
 ) -> tuple[int, int] | None:
     s = quote_ident(schema)
     parts = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
-    # Counted before the day is locked: finished runs get no new events (the kept ones
-    # may; their events are counted under the lock, as they are copied).
+    # Whether the day is worth it, read before it is locked; what goes is counted under
+    # the lock (a kept run, or a refused signal to a finished one, may add events).
     counts = await _counts(pool, schema, parts["runs"], cutoff, statuses)
     if counts is None:
         return None
-    gone_runs, kept_runs = counts
-    events = await pool.fetchval(f"SELECT count(*) FROM {parts['events']}")
+    kept_runs = counts[1]
     for attempt in range(_LOCK_ATTEMPTS):
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -305,26 +318,46 @@ async def _prune_day(
                 await conn.execute(
                     f"LOCK TABLE {', '.join(parts.values())} IN ACCESS EXCLUSIVE MODE"
                 )
-                if kept_runs == 0 and not await _any_kept(
+                runs = await conn.fetchval(f"SELECT count(*) FROM {parts['runs']}")
+                events = await conn.fetchval(f"SELECT count(*) FROM {parts['events']}")
+                kept = 0
+                drop = kept_runs == 0 and not await _any_kept(
                     conn, schema, parts["runs"], cutoff, statuses
-                ):
+                )
+                if not drop:
+                    kept = await conn.fetchval(
+                        f"SELECT count(*) FROM {parts['runs']} r WHERE NOT {_prunable(schema)}",
+                        cutoff,
+                        statuses,
+                    )
+                    if kept > runs - kept:
+                        return None
+                await _release_keys(conn, schema, parts["runs"], cutoff, statuses, release)
+                if drop:
                     for part in parts.values():
                         await conn.execute(f"DROP TABLE {part}")
-                    return gone_runs, events
-                kept = await conn.fetchval(
-                    f"SELECT count(*) FROM {parts['runs']} r WHERE NOT {_prunable(schema)}",
-                    cutoff,
-                    statuses,
-                )
-                if kept > gone_runs:
-                    return None
+                    return runs, events
                 kept_events = await _compact(conn, schema, day, cutoff, statuses)
-            return gone_runs + kept_runs - kept, events - kept_events
+            return runs - kept, events - kept_events
         except asyncpg.LockNotAvailableError:
-            if attempt == _LOCK_ATTEMPTS - 1:
-                raise
+            if attempt == _LOCK_ATTEMPTS - 1:  # left for the next prune; the rest goes on
+                logger.warning("prune_day_skipped", day=str(day), reason="lock not granted")
+                return None
             await anyio.sleep(0.5 * (attempt + 1))
     return None
+
+
+async def _release_keys(
+    conn: Conn, schema: str, runs: str, cutoff: datetime, statuses: list[str], release: ReleaseKey
+) -> None:
+    """The day's runs that go and still hold their key free it first, in the day's
+    transaction: the oldest run queued for it goes on once the day is gone."""
+    for row in await conn.fetch(
+        f"SELECT r.id FROM {runs} r WHERE r.key_state = 'held' AND {_prunable(schema)}",
+        cutoff,
+        statuses,
+    ):
+        await release(conn, row["id"])
 
 
 async def _compact(

@@ -220,16 +220,16 @@ class Runner:
                 self.refused(run, lease, log)
                 return
             self._recorded(run, change, written, log)
+            if not change.leased:  # (COMMITTED: its reply was lost, a signal may have come)
+                due = change.due_in
+                if due == 0 or (change.wait and (written is COMMITTED or written.signalled)):
+                    self.leases.wake()
+                if due is not None and 0 < due < math.inf:
+                    self.leases.wake_later(due)
+                return
             if written is COMMITTED:
                 return  # committed, but the run has moved on since: nothing more for us
-            if not change.leased:
-                if written.signalled or change.due_in == 0:  # its signal came; a sleep ended
-                    self.leases.wake()
-                elif change.due_in is not None and 0 < change.due_in < math.inf:
-                    self.leases.wake_later(change.due_in)
-                return
-            # The transition leased the run's next item to us: go on in this task.
-            assert change.step is not None
+            assert change.step is not None  # leased its next item to us: go on in this task
             assert change.due_in is not None
             lease.moved_on(written.lease_token, change.due_in)
             if change.completed_step is not None:

@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -189,19 +190,26 @@ class OperatorQueries:
             rows = await self.pool.fetch(self._q["prunable_key_holders"], cutoff, list(statuses))
             for row in rows:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    key = await conn.fetchrow(
-                        self._q["prune_key_release"], row["id"], list(statuses)
-                    )
-                    if key is not None:
-                        await conn.fetchrow(self._q["key_fill"], *key, self.work_channel)
+                    await self._release_for_prune(conn, row["id"], statuses)
+
+    async def _release_for_prune(self, conn: Executor, run_id: UUID, statuses: Any) -> None:
+        """In ``conn``'s transaction: the run lets go of its key, and the oldest run queued
+        for it is admitted (no row: released already)."""
+        key = await conn.fetchrow(self._q["prune_key_release"], run_id, list(statuses))
+        if key is not None:
+            await conn.fetchrow(self._q["key_fill"], *key, self.work_channel)
 
     async def prune_days(
         self, cutoff: datetime, statuses: Sequence[str], dry_run: bool = False
     ) -> DaysPruned:
-        """Drop or compact the whole days that can go (see saga/_partitions.py); with
-        ``dry_run``, only count them."""
+        """Drop or compact the whole days that can go (see saga/_partitions.py), the keys
+        of their runs that go freed in the same transaction; with ``dry_run``, only count
+        them."""
+        release = partial(self._release_for_prune, statuses=statuses)
         async with translate_errors("pruning whole days"):
-            return await partitions.prune_days(self.pool, self.schema, cutoff, statuses, dry_run)
+            return await partitions.prune_days(
+                self.pool, self.schema, cutoff, statuses, release, dry_run
+            )
 
     async def count_prunable(self, cutoff: datetime, statuses: Sequence[str]) -> tuple[int, int]:
         """What :meth:`prune_runs` would delete: (runs, events)."""
