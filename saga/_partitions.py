@@ -339,9 +339,9 @@ async def _prune_day(
                     return runs, events
                 kept_events = await _compact(conn, schema, day, cutoff, statuses)
             return runs - kept, events - kept_events
-        except asyncpg.LockNotAvailableError:
+        except asyncpg.LockNotAvailableError as exc:
             if attempt == _LOCK_ATTEMPTS - 1:  # left for the next prune; the rest goes on
-                logger.warning("prune_day_skipped", day=str(day), reason="lock not granted")
+                logger.warning("prune_day_skipped", day=str(day), error_type=type(exc).__name__)
                 return None
             await anyio.sleep(0.5 * (attempt + 1))
     return None

@@ -5,7 +5,6 @@ process creates a day."""
 from __future__ import annotations
 
 import contextlib
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -18,6 +17,7 @@ from saga import _partitions as partitions
 from saga._partitions import partition
 from tests._sagas import Fail, Job, parked_saga, permanent, small_saga
 from tests.conftest import ClientFactory, OrchestratorFactory
+from tests.test_partitions import _backdate, _past_day
 
 TABLES = [t for t, _ in partitions.TABLES]
 
@@ -35,33 +35,6 @@ async def _ended(run: saga.RunHandle) -> saga.RunStatus:
 
 def _undo_broken() -> Fail:
     return Fail(saga.PermanentError, "undo broken", None, lambda ctx: True)
-
-
-async def _backdate(db: asyncpg.Connection, run_id: uuid.UUID, days: int) -> uuid.UUID:
-    """Move a run (its rows in the four tables) ``days`` back in time (as in
-    tests/test_partitions.py)."""
-    new = uuid.UUID(int=run_id.int - ((days * 86_400_000) << 80))
-    async with db.transaction():
-        await db.execute(
-            "UPDATE saga.runs SET id = $2, created_at = created_at - make_interval(days => $3),"
-            " finished_at = finished_at - make_interval(days => $3) WHERE id = $1",
-            run_id,
-            new,
-            days,
-        )
-        for table in TABLES[1:]:
-            await db.execute(f"UPDATE saga.{table} SET run_id = $2 WHERE run_id = $1", run_id, new)
-    return new
-
-
-async def _past_day(dsn: str, days: int) -> date:
-    day = _today() - timedelta(days=days)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    try:
-        assert await partitions._create_day(pool, "saga", day)
-    finally:
-        await pool.close()
-    return day
 
 
 async def test_a_whole_days_prune_frees_no_key_of_a_run_it_does_not_delete(
