@@ -88,8 +88,9 @@ class GraphRunner:
         if written is None:
             runner.refused(run, lease, log)
             return
-        if written is COMMITTED:
+        if written is COMMITTED:  # its reply was lost: what it decided is not known here
             runner.end_attempt(run, run.outcome)
+            self._leases.wake()  # (it may have parked a step whose children ended meanwhile)
             await self._carry_on(run)
             return
         change, result = written

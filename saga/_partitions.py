@@ -339,7 +339,7 @@ async def _prune_day(
                     return runs, events
                 kept_events = await _compact(conn, schema, day, cutoff, statuses)
             return runs - kept, events - kept_events
-        except asyncpg.LockNotAvailableError as exc:
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             if attempt == _LOCK_ATTEMPTS - 1:  # left for the next prune; the rest goes on
                 logger.warning("prune_day_skipped", day=str(day), error_type=type(exc).__name__)
                 return None

@@ -65,6 +65,8 @@ def _due(value: datetime | None) -> datetime | None:
 
 #: Stands for "no fingerprint recorded" (runs started before fingerprints existed).
 _NO_FINGERPRINT = "-"
+#: Tries of a prune's statement that a deadlock with partition creation may abort.
+_DEADLOCK_ATTEMPTS = 3
 
 
 def definition_args(
@@ -174,11 +176,19 @@ class OperatorQueries:
     async def prune_runs(
         self, cutoff: datetime, statuses: Sequence[str], batch_size: int
     ) -> tuple[int, int]:
-        """Delete one batch of finished runs and their events; returns (runs, events)."""
+        """Delete one batch of finished runs and their events; returns (runs, events). A
+        batch chosen as the victim of a deadlock (a day's partitions being created at the
+        same moment) changed nothing: it is tried again."""
         async with translate_errors("pruning runs"):
-            row = await self.pool.fetchrow(
-                self._q["prune_runs"], cutoff, list(statuses), batch_size
-            )
+            for attempt in range(_DEADLOCK_ATTEMPTS):
+                try:
+                    row = await self.pool.fetchrow(
+                        self._q["prune_runs"], cutoff, list(statuses), batch_size
+                    )
+                    break
+                except asyncpg.DeadlockDetectedError:
+                    if attempt == _DEADLOCK_ATTEMPTS - 1:
+                        raise
         assert row is not None
         return row["runs"], row["events"]
 
@@ -189,8 +199,14 @@ class OperatorQueries:
         async with translate_errors("pruning runs"):
             rows = await self.pool.fetch(self._q["prunable_key_holders"], cutoff, list(statuses))
             for row in rows:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    await self._release_for_prune(conn, row["id"], statuses)
+                for attempt in range(_DEADLOCK_ATTEMPTS):  # as prune_runs
+                    try:
+                        async with self.pool.acquire() as conn, conn.transaction():
+                            await self._release_for_prune(conn, row["id"], statuses)
+                        break
+                    except asyncpg.DeadlockDetectedError:
+                        if attempt == _DEADLOCK_ATTEMPTS - 1:
+                            raise
 
     async def _release_for_prune(self, conn: Executor, run_id: UUID, statuses: Any) -> None:
         """In ``conn``'s transaction: the run lets go of its key, and the oldest run queued

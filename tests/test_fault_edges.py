@@ -379,7 +379,7 @@ async def test_children_step_under_faults_starts_each_child_once(
     orch = await orchestrator(parent, child, lease_seconds=1, poll_interval=poll)
     faults.attach(orch)
     run = await orch.start(parent, Job(n=3))
-    assert await run.result(timeout=12) == [0, 10, 20]
+    assert await run.result(timeout=20) == [0, 10, 20]
     assert sum(faults.fired.values()) == 1
     kids = (await saga.list_runs(orch, saga="chunk")).runs
     assert len(kids) == 3
