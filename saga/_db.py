@@ -1,6 +1,6 @@
 """The database boundary: pools, schema names, saga's SQL files, driver errors.
 
-Everything here is what the store modules (``_store``, ``_store_ops``, ``_migrate``)
+Everything here is what the store modules (``_store*``, ``_migrate``, ``_partitions``)
 share: one helper opens every pool saga owns; the schema name is validated against a
 strict pattern and quoted, never interpolated raw; the named queries of
 ``sql/queries.sql`` and the numbered migrations are read once; asyncpg errors are
@@ -98,12 +98,21 @@ def _raw_queries() -> dict[str, str]:
     named = {
         name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
     }
+    # A fragment (a condition several queries share) replaces its placeholder in them.
+    for name in [n for n in named if n.startswith("fragment_")]:
+        fragment = _without_comments(named.pop(name))
+        placeholder = "__" + name.removeprefix("fragment_") + "__"
+        named = {n: sql.replace(placeholder, fragment) for n, sql in named.items()}
     named["claim_prioritized"] = _prioritized(named["claim"], named["claim_prioritized_candidates"])
     for claim in ("claim", "claim_prioritized"):
         named[f"transition_{claim}"] = _with_claim(
             named[claim], named["transition_batch"], named["transition_claim_rows"]
         )
     return named
+
+
+def _without_comments(sql: str) -> str:
+    return "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
 
 
 def _with_claim(claim: str, batch: str, rows: str) -> str:
@@ -135,6 +144,24 @@ def queries(schema: str) -> dict[str, str]:
     """The named queries, for one (validated) schema."""
     quoted = quote_ident(validate_schema(schema))
     return {name: sql.replace("__schema__", quoted) for name, sql in _raw_queries().items()}
+
+
+_PLACEHOLDER = re.compile(r"__([a-z]+(?:_[a-z]+)*)__")
+
+
+def query(name: str, schema: str, /, **values: str) -> str:
+    """The named query ``name`` for one (validated) schema, its other placeholders
+    filled: ``part=...`` for ``__part__``, and so on (each value a quoted identifier or
+    a literal the caller built, never user input). One pass: a value is never read
+    again for placeholders (a schema may be named ``__part__``)."""
+    values["schema"] = quote_ident(validate_schema(schema))
+
+    def value(match: re.Match[str]) -> str:
+        if match[1] not in values:  # a programming error: never sent half-filled
+            raise RuntimeError(f"query {name} needs a value for {match[0]}")
+        return values[match[1]]
+
+    return _PLACEHOLDER.sub(value, _raw_queries()[name])
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,10 @@ deleted one by one, so nothing is left for autovacuum to clean. Each day is one 
 transaction holding its four partitions (and briefly the parents) exclusively, with a
 lock timeout (a day that cannot be locked now is left for the next prune); the keys of
 its runs that go are freed in it.
+
+Part of the store: its SQL is in ``sql/queries.sql`` (the queries ``partition_*`` and
+``day_*``), where each table that depends on the day is a placeholder this module fills
+with a quoted name it builds (see :func:`_sql`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from uuid import UUID
 import anyio
 import asyncpg
 
-from saga._db import quote_ident
+from saga._db import query, quote_ident
 from saga._log import logger
 
 #: The tables partitioned by run id, with their run id column.
@@ -43,9 +47,8 @@ TABLES: tuple[tuple[str, str], ...] = (
 DAYS_AHEAD = 2
 _DAY_MS = 86_400_000
 _EPOCH = date(1970, 1, 1)
-# Partition DDL waits at most this long for a lock (statements on the runs queue behind
-# it meanwhile); a day that cannot be locked is tried again later.
-_LOCK_TIMEOUT = "500ms"
+# Tries of a day that cannot be locked (its DDL waits at most 500 ms for a lock: see the
+# query partition_lock_timeout) or that loses a deadlock; then it is left for later.
 _LOCK_ATTEMPTS = 3
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -79,13 +82,23 @@ def partition(table: str, day: date) -> str:
     return f"{table}_p{day:%Y%m%d}"
 
 
+def _literal(value: UUID) -> str:
+    """A partition bound as an SQL literal (DDL takes no parameters); only UUIDs."""
+    return f"'{UUID(str(value))}'"
+
+
+def _table(schema: str, name: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+def _day_tables(schema: str, day: date, suffix: str = "") -> dict[str, str]:
+    """The day's four partitions (``runs=...``, ...), quoted and schema-qualified."""
+    return {table: _table(schema, partition(table, day) + suffix) for table, _ in TABLES}
+
+
 async def days(conn: Conn | asyncpg.Pool, schema: str) -> set[date]:
     """The days that have partitions (those of ``runs``: the four tables go together)."""
-    rows = await conn.fetch(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = $1::regclass",
-        f"{quote_ident(schema)}.runs",
-    )
+    rows = await conn.fetch(query("partition_days", schema))
     found = set()
     for row in rows:
         name: str = row["relname"]
@@ -97,11 +110,7 @@ async def days(conn: Conn | asyncpg.Pool, schema: str) -> set[date]:
 async def ensure(pool: asyncpg.Pool, schema: str, ahead: int = DAYS_AHEAD) -> list[date]:
     """Create the partitions of today (UTC) and of the ``ahead`` next days that are
     missing; returns the days created. Safe from several processes at once."""
-    partitioned = await pool.fetchval(
-        "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass",
-        f"{quote_ident(schema)}.runs",
-    )
-    if not partitioned:
+    if not await pool.fetchval(query("partitioned", schema)):
         return []  # a schema not migrated that far (a migration test stops early)
     today = datetime.now(UTC).date()
     wanted = [today + timedelta(days=k) for k in range(ahead + 1)]
@@ -114,36 +123,22 @@ async def ensure(pool: asyncpg.Pool, schema: str, ahead: int = DAYS_AHEAD) -> li
 
 
 async def _create_day(pool: asyncpg.Pool, schema: str, day: date) -> bool:
-    s = quote_ident(schema)
     lo, hi = _bounds(day)
     async with pool.acquire() as conn, conn.transaction():
         await _serialize(conn, schema)
         if day in await days(conn, schema):
             return False  # another process created it meanwhile
-        for table, key in TABLES:
-            part = f"{s}.{quote_ident(partition(table, day))}"
-            default = f"{s}.{quote_ident(table + '_default')}"
-            # Attaching next to a DEFAULT partition locks it exclusively (and checks that
-            # none of its rows belongs to the new day): taken first, not upgraded to.
-            await conn.execute(f"LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE")
-            await _create_like(conn, schema, table, part)
-            await conn.execute(
-                f"WITH moved AS (DELETE FROM {default} WHERE {key} >= '{lo}' AND {key} < '{hi}' "
-                f"RETURNING *) INSERT INTO {part} SELECT * FROM moved"
-            )
+        for (table, key), part in zip(TABLES, _day_tables(schema, day).values(), strict=True):
+            tables = {"part": part, "parent": _table(schema, table)}
+            default = _table(schema, table + "_default")
+            await conn.execute(query("partition_lock_default", schema, default=default))
+            await conn.execute(query("partition_create", schema, **tables))
+            fill = query("partition_fill", schema, default=default, key=quote_ident(key), part=part)
+            await conn.execute(fill, lo, hi)
             if table == "runs":
                 await conn.execute(_key_index(schema, day))
-            await _attach(conn, schema, table, part, day)
+            await _attach(conn, schema, day, **tables)
     return True
-
-
-async def _create_like(conn: Conn, schema: str, table: str, part: str) -> None:
-    """A table shaped as ``table`` (columns, defaults, checks: what attaching needs),
-    without indexes: attaching builds the parent's on it."""
-    await conn.execute(
-        f"CREATE TABLE {part} (LIKE {quote_ident(schema)}.{table} "
-        "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
-    )
 
 
 def _bounds(day: date) -> tuple[UUID, UUID]:
@@ -151,31 +146,23 @@ def _bounds(day: date) -> tuple[UUID, UUID]:
     return day_start(day), day_start(day + timedelta(days=1))
 
 
-async def _attach(conn: Conn, schema: str, table: str, part: str, day: date) -> None:
-    lo, hi = _bounds(day)
-    await conn.execute(
-        f"ALTER TABLE {quote_ident(schema)}.{table} ATTACH PARTITION {part} "
-        f"FOR VALUES FROM ('{lo}') TO ('{hi}')"
-    )
+async def _attach(conn: Conn, schema: str, day: date, *, part: str, parent: str) -> None:
+    lo, hi = (_literal(bound) for bound in _bounds(day))
+    await conn.execute(query("partition_attach", schema, parent=parent, part=part, lo=lo, hi=hi))
 
 
 def _key_index(schema: str, day: date, suffix: str = "") -> str:
-    """Idempotency keys are unique within a partition too (across partitions: see
-    ``lock_key`` in queries.sql)."""
     name = partition("runs", day) + suffix
-    return (
-        f"CREATE UNIQUE INDEX {quote_ident(name + '_idempotency_key')} "
-        f"ON {quote_ident(schema)}.{quote_ident(name)} (saga_name, idempotency_key) "
-        "WHERE idempotency_key IS NOT NULL"
-    )
+    index = quote_ident(name + "_idempotency_key")
+    return query("partition_key_index", schema, index=index, part=_table(schema, name))
 
 
 async def _serialize(conn: Conn, schema: str) -> None:
     """One partition change of the schema at a time: the advisory lock is waited for as
     long as another's change lasts (migrate and prune from several processes at once);
-    the tables' locks then wait at most ``_LOCK_TIMEOUT``."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"saga.partitions:{schema}")
-    await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+    the tables' locks then wait at most 500 ms."""
+    await conn.execute(query("partition_lock", schema), f"saga.partitions:{schema}")
+    await conn.execute(query("partition_lock_timeout", schema))
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,18 +208,12 @@ async def _count_day(
     pool: asyncpg.Pool, schema: str, day: date, cutoff: datetime, statuses: list[str]
 ) -> tuple[int, int] | None:
     """What ``_prune_day`` would remove of the day now: its runs and their events."""
-    runs = f"{quote_ident(schema)}.{quote_ident(partition('runs', day))}"
-    events = f"{quote_ident(schema)}.{quote_ident(partition('events', day))}"
-    counts = await _counts(pool, schema, runs, cutoff, statuses)
+    tables = _day_tables(schema, day)
+    counts = await _counts(pool, schema, tables["runs"], cutoff, statuses)
     if counts is None:
         return None
-    gone = await pool.fetchval(
-        f"SELECT count(*) FROM {events} e JOIN {runs} r ON r.id = e.run_id "
-        f"WHERE {_prunable(schema)}",
-        cutoff,
-        statuses,
-    )
-    return counts[0], gone
+    gone_events = query("day_events_gone", schema, events=tables["events"], runs=tables["runs"])
+    return counts[0], await pool.fetchval(gone_events, cutoff, statuses)
 
 
 async def _counts(
@@ -240,57 +221,11 @@ async def _counts(
 ) -> tuple[int, int] | None:
     """The day's runs that would go and stay, or None when the day is not worth it
     (nothing goes, or less than half: prune's row-by-row pass takes those)."""
-    prunable = _prunable(schema)
-    row = await pool.fetchrow(
-        f"SELECT count(*) FILTER (WHERE {prunable}) AS gone, "
-        f"count(*) FILTER (WHERE NOT {prunable}) AS kept FROM {runs} r",
-        cutoff,
-        statuses,
-    )
+    row = await pool.fetchrow(query("day_counts", schema, runs=runs), cutoff, statuses)
     assert row is not None
     if row["gone"] == 0 or row["kept"] > row["gone"]:
         return None
     return row["gone"], row["kept"]
-
-
-def _prunable(schema: str) -> str:
-    """Whether the runs row ``r`` goes ($1 the cutoff, $2 the statuses): it finished
-    before the cutoff in one of the statuses, and it is not the child of a run that
-    stays (a parent still running, or failed and retryable, reads its children)."""
-    own = "({a}.due_at IS NULL AND coalesce({a}.finished_at < $1, false) "
-    own += "AND {a}.status = ANY($2::text[]))"
-    return (
-        f"({own.format(a='r')} AND (r.parent_id IS NULL OR NOT EXISTS ("
-        f"SELECT 1 FROM {quote_ident(schema)}.runs p "
-        f"WHERE p.id = r.parent_id AND NOT {own.format(a='p')})))"
-    )
-
-
-_TERMINAL = ("completed", "compensated", "failed", "cancelled", "stopped")
-
-
-async def _any_kept(
-    conn: Conn, schema: str, runs: str, cutoff: datetime, statuses: list[str]
-) -> bool:
-    """Whether a run of the (locked) day must stay, read through the partial indexes of
-    active runs, of finished runs by end time, and of failed and stopped runs, rather
-    than the whole partition: the day is locked meanwhile, and claims wait for it."""
-    checks = [
-        f"EXISTS (SELECT 1 FROM {runs} WHERE due_at IS NOT NULL)",
-        f"EXISTS (SELECT 1 FROM {runs} WHERE due_at IS NULL "
-        "AND (finished_at >= $1 OR finished_at IS NULL))",
-        # A child whose parent stays (through the partial index of children).
-        f"EXISTS (SELECT 1 FROM {runs} r WHERE r.parent_id IS NOT NULL "
-        f"AND NOT {_prunable(schema)})",
-    ]
-    # Terminal statuses not pruned (validated RunStatus values, safe as literals: a
-    # literal lets the planner use the partial index of that status).
-    checks += [
-        f"EXISTS (SELECT 1 FROM {runs} WHERE status = '{status}')"
-        for status in _TERMINAL
-        if status not in statuses
-    ]
-    return bool(await conn.fetchval("SELECT " + " OR ".join(checks), cutoff, statuses))
 
 
 async def _prune_day(
@@ -301,44 +236,21 @@ async def _prune_day(
     statuses: list[str],
     release: ReleaseKey,
 ) -> tuple[int, int] | None:
-    s = quote_ident(schema)
-    parts = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
+    parts = _day_tables(schema, day)
     # Whether the day is worth it, read before it is locked; what goes is counted under
     # the lock (a kept run, or a refused signal to a finished one, may add events).
     counts = await _counts(pool, schema, parts["runs"], cutoff, statuses)
     if counts is None:
         return None
-    kept_runs = counts[1]
     for attempt in range(_LOCK_ATTEMPTS):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await _serialize(conn, schema)
                 if day not in await days(conn, schema):
                     return None  # another prune took it
-                await conn.execute(
-                    f"LOCK TABLE {', '.join(parts.values())} IN ACCESS EXCLUSIVE MODE"
+                return await _prune_locked(
+                    conn, schema, day, counts[1] > 0, cutoff, statuses, release
                 )
-                runs = await conn.fetchval(f"SELECT count(*) FROM {parts['runs']}")
-                events = await conn.fetchval(f"SELECT count(*) FROM {parts['events']}")
-                kept = 0
-                drop = kept_runs == 0 and not await _any_kept(
-                    conn, schema, parts["runs"], cutoff, statuses
-                )
-                if not drop:
-                    kept = await conn.fetchval(
-                        f"SELECT count(*) FROM {parts['runs']} r WHERE NOT {_prunable(schema)}",
-                        cutoff,
-                        statuses,
-                    )
-                    if kept > runs - kept:
-                        return None
-                await _release_keys(conn, schema, parts["runs"], cutoff, statuses, release)
-                if drop:
-                    for part in parts.values():
-                        await conn.execute(f"DROP TABLE {part}")
-                    return runs, events
-                kept_events = await _compact(conn, schema, day, cutoff, statuses)
-            return runs - kept, events - kept_events
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             if attempt == _LOCK_ATTEMPTS - 1:  # left for the next prune; the rest goes on
                 logger.warning("prune_day_skipped", day=str(day), error_type=type(exc).__name__)
@@ -347,17 +259,39 @@ async def _prune_day(
     return None
 
 
-async def _release_keys(
-    conn: Conn, schema: str, runs: str, cutoff: datetime, statuses: list[str], release: ReleaseKey
-) -> None:
-    """The day's runs that go and still hold their key free it first, in the day's
-    transaction: the oldest run queued for it goes on once the day is gone."""
-    for row in await conn.fetch(
-        f"SELECT r.id FROM {runs} r WHERE r.key_state = 'held' AND {_prunable(schema)}",
-        cutoff,
-        statuses,
-    ):
-        await release(conn, row["id"])
+async def _prune_locked(
+    conn: Conn,
+    schema: str,
+    day: date,
+    kept_before: bool,
+    cutoff: datetime,
+    statuses: list[str],
+    release: ReleaseKey,
+) -> tuple[int, int] | None:
+    """In the day's transaction (see _prune_day): drop the day, or compact it, or leave
+    it (None: more runs stay than go now). ``kept_before``: whether runs were seen to
+    stay before the lock (then the day is compacted, never dropped)."""
+    parts = _day_tables(schema, day)
+    await conn.execute(query("day_lock", schema, **parts))
+    row = await conn.fetchrow(query("day_rows", schema, runs=parts["runs"], events=parts["events"]))
+    assert row is not None
+    runs, events = row["runs"], row["events"]
+    any_kept = query("day_any_kept", schema, runs=parts["runs"])
+    drop = not kept_before and not await conn.fetchval(any_kept, cutoff, statuses)
+    kept = 0
+    if not drop:
+        kept = await conn.fetchval(query("day_kept", schema, runs=parts["runs"]), cutoff, statuses)
+        if kept > runs - kept:
+            return None
+    holders = query("day_key_holders", schema, runs=parts["runs"])
+    for holder in await conn.fetch(holders, cutoff, statuses):
+        # The oldest run queued for the key goes on once the day is gone.
+        await release(conn, holder["id"])
+    if drop:
+        await conn.execute(query("day_drop", schema, **parts))
+        return runs, events
+    kept_events = await _compact(conn, schema, day, cutoff, statuses)
+    return runs - kept, events - kept_events
 
 
 async def _compact(
@@ -365,36 +299,36 @@ async def _compact(
 ) -> int:
     """Replace the day's partitions with copies holding only its kept runs and their
     rows; returns the kept runs' events."""
-    s = quote_ident(schema)
-    fresh = {t: f"{s}.{quote_ident(partition(t, day) + '_new')}" for t, _ in TABLES}
-    old = {t: f"{s}.{quote_ident(partition(t, day))}" for t, _ in TABLES}
+    fresh, old = _day_tables(schema, day, "_new"), _day_tables(schema, day)
     kept_events = 0
     for table, key in TABLES:
-        await _create_like(conn, schema, table, fresh[table])
+        parent = _table(schema, table)
+        await conn.execute(query("partition_create", schema, part=fresh[table], parent=parent))
         if table == "runs":
-            status = await conn.execute(
-                f"INSERT INTO {fresh[table]} SELECT r.* FROM {old[table]} r "
-                f"WHERE NOT {_prunable(schema)}",
-                cutoff,
-                statuses,
-            )
+            copy = query("day_copy_kept_runs", schema, fresh=fresh[table], runs=old[table])
+            status = await conn.execute(copy, cutoff, statuses)
         else:
-            status = await conn.execute(
-                f"INSERT INTO {fresh[table]} SELECT x.* FROM {old[table]} x "
-                f"WHERE x.{key} IN (SELECT id FROM {fresh['runs']})"
+            copy = query(
+                "day_copy_kept_rows",
+                schema,
+                fresh=fresh[table],
+                old=old[table],
+                key=quote_ident(key),
+                fresh_runs=fresh["runs"],
             )
+            status = await conn.execute(copy)
         if table == "events":
             kept_events = int(status.split()[-1])
     await conn.execute(_key_index(schema, day, "_new"))
     for table, _ in TABLES:
-        name = quote_ident(partition(table, day))
-        await conn.execute(f"DROP TABLE {old[table]}")
+        name = partition(table, day)
+        await conn.execute(query("partition_drop", schema, part=old[table]))
         if table == "runs":
-            key_index = partition(table, day) + "_idempotency_key"
-            await conn.execute(
-                f"ALTER INDEX {s}.{quote_ident(partition(table, day) + '_new_idempotency_key')} "
-                f"RENAME TO {quote_ident(key_index)}"
-            )
-        await conn.execute(f"ALTER TABLE {fresh[table]} RENAME TO {name}")
-        await _attach(conn, schema, table, f"{s}.{name}", day)
+            index = _table(schema, name + "_new_idempotency_key")
+            new_name = quote_ident(name + "_idempotency_key")
+            rename = query("partition_rename_index", schema, index=index, name=new_name)
+            await conn.execute(rename)
+        rename = query("partition_rename", schema, part=fresh[table], name=quote_ident(name))
+        await conn.execute(rename)
+        await _attach(conn, schema, day, part=old[table], parent=_table(schema, table))
     return kept_events

@@ -17,7 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from saga import _partitions as partitions
-from saga._db import Executor, quote_ident, translate_errors
+from saga._db import Executor, query, quote_ident, translate_errors
 from saga._errors import ErrorInfo
 from saga._model import RunInfo, RunStatus
 from saga._partitions import DaysPruned
@@ -331,7 +331,8 @@ class OperatorQueries:
                 if not await conn.fetchval(self._q["analyze_runs"]):
                     return False
                 for name in stale:
-                    await conn.execute(f"ANALYZE {quote_ident(self.schema)}.{quote_ident(name)}")
+                    table = f"{quote_ident(self.schema)}.{quote_ident(name)}"
+                    await conn.execute(query("analyze_table", self.schema, table=table))
         return True
 
     async def census(self, definitions: Sequence[DefinitionKey]) -> Census:

@@ -60,7 +60,7 @@ class ScheduleQueries:
     async def database_now(self) -> datetime:
         """The database's clock, now."""
         async with translate_errors("reading the database's clock"):
-            now: datetime = await self.pool.fetchval("SELECT now()")
+            now: datetime = await self.pool.fetchval(self._q["database_now"])
         return now
 
     async def register_schedule(

@@ -391,3 +391,45 @@ async def test_an_orchestrator_plans_its_leasing_statements_once(
         assert await store.pool.fetchval("SHOW plan_cache_mode") == "auto"
     started = await client.start(quick, Job(n=2))
     assert await started.result(timeout=20) == "s2"
+
+
+@pytest.mark.parametrize("schema", ["__runs__", "__part__", "x__schema__y"])
+async def test_a_schema_named_like_a_placeholder_is_partitioned_and_pruned(
+    orchestrator: OrchestratorFactory, dsn: str, schema: str
+) -> None:
+    """The SQL files mark the tables of a day with placeholders (``__runs__``, ...); a
+    schema may be named like one. Migrating it creates its coming days' partitions in
+    it, and prune drops a past day of it (its runs and history), touching nothing of
+    the schema ``saga``."""
+    quick = small_saga("quick", 1)
+    orch = await orchestrator(quick, schema=schema)
+    runs = [await orch.start(quick, Job(n=i)) for i in range(3)]
+    for run in runs:
+        await run.result(timeout=20)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        have = await partitions.days(pool, schema)
+        assert {_today() + timedelta(days=k) for k in range(partitions.DAYS_AHEAD + 1)} <= have
+        day = _today() - timedelta(days=40)
+        assert await partitions._create_day(pool, schema, day)
+        table = f'"{schema}".runs'
+        async with pool.acquire() as db, db.transaction():
+            for run in runs:
+                new = uuid.UUID(int=run.id.int - ((40 * 86_400_000) << 80))
+                await db.execute(
+                    f"UPDATE {table} SET id = $2, finished_at = finished_at - interval '40 days'"
+                    " WHERE id = $1",
+                    run.id,
+                    new,
+                )
+                for other in TABLES[1:]:
+                    await db.execute(
+                        f'UPDATE "{schema}".{other} SET run_id = $2 WHERE run_id = $1', run.id, new
+                    )
+        result = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True)
+        assert (result.runs, result.days) == (3, 1)
+        assert day not in await partitions.days(pool, schema)
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+        assert _today() in await partitions.days(pool, "saga")
+    finally:
+        await pool.close()

@@ -341,3 +341,40 @@ async def test_the_claim_of_graph_items_updates_them_through_the_primary_key(
     assert await db.fetchval(generic) == 1
     assert "Seq Scan on items" not in plan, plan
     assert "Index Scan using items_pkey on items" in plan, plan
+
+
+#: How a statement starts (after blanks): what no string of saga's Python code may be.
+_STATEMENT = re.compile(
+    r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|CREATE|ALTER|DROP|LOCK|ANALYZE|SET|LISTEN|"
+    r"UNLISTEN|NOTIFY|TRUNCATE|VACUUM|COPY|BEGIN|COMMIT|EXPLAIN)\s"
+)
+
+
+def test_all_sql_lives_in_the_sql_files() -> None:
+    """DESIGN: all SQL is in one place, named queries in a .sql file. No string of the
+    package's Python code (an f-string's pieces included) starts a statement; the one
+    place queries are put together from the file's pieces is saga/_db.py, which splices
+    named queries, not statements of its own."""
+    import ast
+    from pathlib import Path
+
+    package = Path(saga.__file__).parent
+    found = []
+    for path in sorted(set(package.rglob("*.py")) - {package / "_db.py"}):
+        tree = ast.parse(path.read_text("utf-8"))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        found += [
+            f"{path.relative_to(package)}:{node.lineno}: {node.value[:40]}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+            and _STATEMENT.match(node.value)
+        ]
+    assert found == []

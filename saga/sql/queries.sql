@@ -1,6 +1,8 @@
--- Named queries, read only by saga/_store.py. Each block starts with "-- name: NAME",
--- then a line saying what it does and a line per positional parameter. __schema__ is
--- replaced by the validated, quoted schema identifier when the store loads the file.
+-- Named queries, read only by the store (saga/_store*.py, saga/_migrate.py and
+-- saga/_partitions.py, through saga/_db.py). Each block starts with "-- name: NAME", then
+-- a line saying what it does and a line per positional parameter. __schema__ is replaced
+-- by the validated, quoted schema identifier when the store loads the file; a block
+-- named fragment_X is a shared condition that replaces __X__ in the others.
 
 -- name: migration_lock
 -- Serialize migrations of one schema across processes until the transaction ends.
@@ -1157,6 +1159,23 @@ LIMIT $6;
 -- The instant a prune deletes runs finished before: $1 seconds before now.
 SELECT now() - make_interval(secs => $1::float8);
 
+-- name: fragment_prunable
+-- Not a statement: a condition that replaces the word "prunable" between double
+-- underscores in the other queries (when the file is read). Whether the runs row "r" goes in a prune: it finished before
+-- the cutoff in one of the statuses, and it is not the child of a run that stays (a
+-- parent still running, or failed and still retryable, reads and undoes its children).
+-- NULL (not false) for a run not finished: to keep those, negate it as NOT coalesce(it,
+-- false).
+-- $1 the prune's cutoff (one instant for the whole prune), $2 statuses (text[], terminal)
+(r.due_at IS NULL
+ AND r.finished_at < $1::timestamptz
+ AND r.status = ANY($2::text[])
+ AND (r.parent_id IS NULL OR NOT EXISTS (
+     SELECT 1 FROM __schema__.runs p
+     WHERE p.id = r.parent_id
+       AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
+                AND p.status = ANY($2::text[])))))
+
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
 -- (never the child of a run that stays: a parent still running, or failed and still
@@ -1168,14 +1187,7 @@ SELECT now() - make_interval(secs => $1::float8);
 -- terminal ones), $3 batch size
 WITH doomed AS (
     SELECT r.id FROM __schema__.runs r
-    WHERE r.due_at IS NULL
-      AND r.finished_at < $1::timestamptz
-      AND r.status = ANY($2::text[])
-      AND (r.parent_id IS NULL OR NOT EXISTS (  -- never a child of a run that stays
-          SELECT 1 FROM __schema__.runs p
-          WHERE p.id = r.parent_id
-            AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
-                     AND p.status = ANY($2::text[]))))
+    WHERE __prunable__
     ORDER BY r.finished_at
     LIMIT $3
     FOR UPDATE OF r SKIP LOCKED
@@ -1197,14 +1209,7 @@ SELECT (SELECT count(*) FROM gone_runs) AS runs, (SELECT count(*) FROM gone_even
 -- partial index of held keys.
 -- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
 SELECT r.id FROM __schema__.runs r
-WHERE r.key_state = 'held' AND r.due_at IS NULL
-  AND r.finished_at < $1::timestamptz
-  AND r.status = ANY($2::text[])
-  AND (r.parent_id IS NULL OR NOT EXISTS (  -- never a child of a run that stays
-      SELECT 1 FROM __schema__.runs p
-      WHERE p.id = r.parent_id
-        AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
-             AND p.status = ANY($2::text[]))))
+WHERE r.key_state = 'held' AND __prunable__
 ORDER BY r.id;
 
 -- name: prune_key_release
@@ -1228,14 +1233,7 @@ RETURNING k.saga_name, k.key;
 -- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
 WITH doomed AS (
     SELECT r.id FROM __schema__.runs r
-    WHERE r.due_at IS NULL
-      AND r.finished_at < $1::timestamptz
-      AND r.status = ANY($2::text[])
-      AND (r.parent_id IS NULL OR NOT EXISTS (  -- never a child of a run that stays
-          SELECT 1 FROM __schema__.runs p
-          WHERE p.id = r.parent_id
-            AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
-                     AND p.status = ANY($2::text[]))))
+    WHERE __prunable__
 )
 SELECT (SELECT count(*) FROM doomed) AS runs,
        (SELECT count(*) FROM __schema__.events e JOIN doomed d ON e.run_id = d.id) AS events;
@@ -1799,3 +1797,168 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.classid = ((key.k >> 32) & 4294967295)::oid
   AND l.objid = (key.k & 4294967295)::oid;
+
+-- Day partitions (read by saga/_partitions.py, see its docstring). Besides __schema__,
+-- these queries name tables that depend on the day: each placeholder between double
+-- underscores is replaced by a quoted identifier (or, for the bounds, a UUID literal)
+-- that saga/_partitions.py builds from the day and the table, never from user input.
+
+-- name: partition_days
+-- The partitions of runs (runs_pYYYYMMDD and runs_default): their names.
+-- no parameters
+SELECT c.relname::text AS relname
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = '__schema__.runs'::regclass;
+
+-- name: partitioned
+-- Whether runs is partitioned (false: a schema not migrated as far as 0009).
+-- no parameters
+SELECT EXISTS (SELECT 1 FROM pg_partitioned_table
+               WHERE partrelid = '__schema__.runs'::regclass);
+
+-- name: partition_lock
+-- One partition change of the schema at a time, until the transaction ends (waited for
+-- as long as another's change lasts).
+-- $1 lock key text ("saga.partitions:" + schema)
+SELECT pg_advisory_xact_lock(hashtext($1));
+
+-- name: partition_lock_timeout
+-- This transaction's statements wait at most 500 ms for a table's lock, then fail
+-- (statements on the runs queue behind a waiting lock meanwhile); the caller tries the
+-- day again later.
+-- no parameters
+SET LOCAL lock_timeout = '500ms';
+
+-- name: partition_lock_default
+-- Take the DEFAULT partition of a table exclusively: attaching a partition next to it
+-- does (checking that none of its rows belongs there), so it is taken first rather than
+-- upgraded to. __default__: the table's DEFAULT partition.
+-- no parameters
+LOCK TABLE __default__ IN ACCESS EXCLUSIVE MODE;
+
+-- name: partition_create
+-- A table __part__ shaped as __parent__ (columns, defaults, checks: what attaching
+-- needs), without indexes: attaching builds the parent's on it.
+-- no parameters
+CREATE TABLE __part__ (LIKE __parent__ INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE);
+
+-- name: partition_fill
+-- Move the day's rows out of the DEFAULT partition __default__ into __part__ (__key__:
+-- the table's run id column).
+-- $1 the day's first run id, $2 the next day's first run id
+WITH moved AS (
+    DELETE FROM __default__ WHERE __key__ >= $1::uuid AND __key__ < $2::uuid RETURNING *
+)
+INSERT INTO __part__ SELECT * FROM moved;
+
+-- name: partition_key_index
+-- Idempotency keys are unique within the runs partition __part__ (across partitions:
+-- see lock_key). __index__: the index's name.
+-- no parameters
+CREATE UNIQUE INDEX __index__ ON __part__ (saga_name, idempotency_key)
+WHERE idempotency_key IS NOT NULL;
+
+-- name: partition_attach
+-- Make __part__ the partition of __parent__ for the run ids from __lo__ (the day's
+-- first) up to __hi__ (the next day's first); DDL takes literals, not parameters.
+-- no parameters
+ALTER TABLE __parent__ ATTACH PARTITION __part__ FOR VALUES FROM (__lo__) TO (__hi__);
+
+-- name: day_counts
+-- The runs of the day's partition __runs__ that a prune would remove, and those it keeps.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
+SELECT count(*) FILTER (WHERE __prunable__) AS gone,
+       count(*) FILTER (WHERE NOT coalesce(__prunable__, false)) AS kept
+FROM __runs__ r;
+
+-- name: day_events_gone
+-- The events (in the day's partition __events__) of the day's runs (__runs__) that a
+-- prune would remove.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
+SELECT count(*) FROM __events__ e JOIN __runs__ r ON r.id = e.run_id WHERE __prunable__;
+
+-- name: day_lock
+-- Hold the day's four partitions exclusively until the transaction ends (claims and
+-- writes of the day's runs wait meanwhile: the day's transaction is short).
+-- no parameters
+LOCK TABLE __runs__, __events__, __watches__, __signals__ IN ACCESS EXCLUSIVE MODE;
+
+-- name: day_rows
+-- The rows of the day's (locked) partitions of runs and of events.
+-- no parameters
+SELECT (SELECT count(*) FROM __runs__) AS runs, (SELECT count(*) FROM __events__) AS events;
+
+-- name: day_any_kept
+-- Whether a run of the (locked) day's partition __runs__ must stay, read through the
+-- partial indexes (of active runs, of finished runs by end time, of children, of each
+-- terminal status) rather than the whole partition: a run still active, one finished
+-- after the cutoff, a child whose parent stays, or one in a status not pruned.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
+SELECT EXISTS (SELECT 1 FROM __runs__ WHERE due_at IS NOT NULL)
+    OR EXISTS (SELECT 1 FROM __runs__
+               WHERE due_at IS NULL AND (finished_at >= $1::timestamptz OR finished_at IS NULL))
+    OR EXISTS (SELECT 1 FROM __runs__ r
+               WHERE r.parent_id IS NOT NULL AND NOT coalesce(__prunable__, false))
+    -- Each status a literal: the planner then reads that status's partial index.
+    OR (NOT 'completed' = ANY($2::text[])
+        AND EXISTS (SELECT 1 FROM __runs__ WHERE status = 'completed'))
+    OR (NOT 'compensated' = ANY($2::text[])
+        AND EXISTS (SELECT 1 FROM __runs__ WHERE status = 'compensated'))
+    OR (NOT 'failed' = ANY($2::text[])
+        AND EXISTS (SELECT 1 FROM __runs__ WHERE status = 'failed'))
+    OR (NOT 'cancelled' = ANY($2::text[])
+        AND EXISTS (SELECT 1 FROM __runs__ WHERE status = 'cancelled'))
+    OR (NOT 'stopped' = ANY($2::text[])
+        AND EXISTS (SELECT 1 FROM __runs__ WHERE status = 'stopped'));
+
+-- name: day_kept
+-- The runs of the (locked) day's partition __runs__ that a prune keeps.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
+SELECT count(*) FROM __runs__ r WHERE NOT coalesce(__prunable__, false);
+
+-- name: day_key_holders
+-- The runs of the (locked) day's partition __runs__ that a prune removes and that still
+-- hold their concurrency key: each frees it first (prune_key_release).
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
+SELECT r.id FROM __runs__ r WHERE r.key_state = 'held' AND __prunable__ ORDER BY r.id;
+
+-- name: day_drop
+-- Drop the day's four partitions (every run of the day goes).
+-- no parameters
+DROP TABLE __runs__, __events__, __watches__, __signals__;
+
+-- name: day_copy_kept_runs
+-- Copy the runs a prune keeps from the day's partition __runs__ into __fresh__.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
+INSERT INTO __fresh__ SELECT r.* FROM __runs__ r WHERE NOT coalesce(__prunable__, false);
+
+-- name: day_copy_kept_rows
+-- Copy the rows of __old__ (events, watches or signals of the day; __key__ its run id
+-- column) that belong to the runs copied into __fresh_runs__, into __fresh__.
+-- no parameters
+INSERT INTO __fresh__ SELECT x.* FROM __old__ x WHERE x.__key__ IN (SELECT id FROM __fresh_runs__);
+
+-- name: partition_drop
+-- Drop one partition (__part__).
+-- no parameters
+DROP TABLE __part__;
+
+-- name: partition_rename_index
+-- Rename the index __index__ (schema-qualified) to __name__.
+-- no parameters
+ALTER INDEX __index__ RENAME TO __name__;
+
+-- name: partition_rename
+-- Rename the table __part__ (schema-qualified) to __name__.
+-- no parameters
+ALTER TABLE __part__ RENAME TO __name__;
+
+-- name: analyze_table
+-- Gather the planner's statistics of one table (__table__) of the schema.
+-- no parameters
+ANALYZE __table__;
+
+-- name: database_now
+-- The database's clock, now.
+-- no parameters
+SELECT now();
