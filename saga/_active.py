@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -9,9 +10,11 @@ from uuid import UUID
 from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import Span
 
+from saga._codec import decode_stored
 from saga._definition import Context, Saga
 from saga._model import Outcome, Phase, RunStatus
-from saga._transition import PHASES, RunState
+from saga._telemetry import Telemetry
+from saga._transition import PHASES, ClaimedItem, RunState
 
 _SUCCESS = Outcome.SUCCESS
 
@@ -33,6 +36,7 @@ class ActiveRun:
     trace_parent: OtelContext | None
     wait: str | None = None  # status waiting: the wait whose timeout passed
     child: bool = False  # a child run: its end wakes its parent's step
+    reclaimed: bool = False  # claimed after an expired lease: its start is not logged yet
     keyed: bool = False  # a run with a concurrency key: its end frees its slot
     # The stored JSON texts of the completed steps' results: a compensation gets its
     # step's result read from them, whatever later steps did to the objects they read.
@@ -59,3 +63,29 @@ class ActiveRun:
     @property
     def phase(self) -> Phase:
         return PHASES[self.status]  # a dict read: no enum attribute on the hot path
+
+
+def claimed_run(item: ClaimedItem, saga: Saga[Any]) -> ActiveRun:
+    """A claimed item as the worker drives it (payloads decoded)."""
+    return ActiveRun(
+        id=item.run_id,
+        saga=saga,
+        status=item.status,
+        step=item.step_name,
+        attempt=item.attempt,
+        input=decode_stored(item.input, saga.input_type, "input"),
+        results={
+            name: decode_stored(text, saga.result_type(name), f"result of {name!r}")
+            for name, text in item.results.items()
+        },
+        completed=list(item.completed_steps),
+        stored=dict(item.results),
+        born=time.perf_counter() - item.age,
+        cancel_requested=item.cancel_requested,
+        failed_forward=item.has_error,
+        trace_parent=Telemetry.parent_context(item.trace_context),
+        wait=item.timed_out_wait,
+        child=item.child,
+        keyed=item.keyed,
+        reclaimed=item.expired_owner is not None,
+    )

@@ -103,12 +103,16 @@ class GraphRunner:
         undone), or ``_LOST``."""
         runner = self._runner
         step = run.saga.get_step(run.step)
-        runner.open_attempt(run)
         rule = _plan.policy(run.saga, RunState(run.status, run.step, run.attempt))
-        if run.attempt > rule.max_attempts:  # the last attempt's worker died: none left
+        lost = run.attempt > rule.max_attempts  # the last attempt's worker died: none left
+        if lost:
+            run.attempt -= 1  # the attempt lost fails; none starts
+        runner.open_attempt(run)
+        if lost:
             run.outcome, run.error_type = Outcome.FAILURE, "saga.AttemptLost"
-            return Failed(_plan.attempt_lost(run.step, run.attempt), retryable=False)
-        if lease.lost:
+            return Failed(_plan.attempt_lost(run.step, run.attempt + 1), retryable=False)
+        run.reclaimed = run.reclaimed and not dropping  # (a dropped item does not start)
+        if lease.lost or not await runner.writer.started(run, lease):
             return _LOST
         ctx = runner.context(run, step.name, run.phase)
         run.ctx = ctx

@@ -189,9 +189,22 @@ class Leases:
         the claim loop spawns what no such task took (see ``finished``)."""
         for item in items:
             lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
-            self.inflight[lease.key] = lease
+            self._hold(lease)
             self._handoff.append((item, lease))
         self._more_work = len(items) == asked
+
+    def _hold(self, lease: Lease) -> None:
+        """A new lease of this worker. When it holds what an older lease of ours held
+        (that lease expired while its heartbeats did not get through, and we claimed the
+        run again), the older one is lost: its step is cancelled, as a refused heartbeat
+        would. Not under saga.testing's expire_lease (``stalled``), which plays a worker
+        too stalled to notice: that attempt goes on, and its writes are refused."""
+        old = self.inflight.get(lease.key)
+        self.inflight[lease.key] = lease
+        if old is not None and old is not lease and not old.lost and not old.stalled:
+            old.lost = True
+            old.scope.cancel()
+            logger.warning("lease_lost", worker=self._worker, **old.log_fields())
 
     def take_over(self) -> tuple[ClaimedItem, Lease] | None:
         """A run claimed along, for the task of a run that just ended, or None."""
@@ -207,7 +220,7 @@ class Leases:
         """Run an item a transition of this worker leased to it (a graph run's new
         branch), in a task of its own."""
         assert self._spawn is not None
-        self.inflight[lease.key] = lease
+        self._hold(lease)
         self._spawn(item, lease)
 
     async def claim_loop(
@@ -245,7 +258,7 @@ class Leases:
             for item in items:
                 held = None if item.phase is None else (item.step_name, item.phase)
                 lease = Lease(item.run_id, item.lease_token, self._lease_seconds, item=held)
-                self.inflight[lease.key] = lease
+                self._hold(lease)
                 tg.start_soon(run, item, lease)
             self._more_work = len(items) == free
             if not self._more_work:

@@ -79,12 +79,25 @@ def cancelled_before_start(
     return None
 
 
+#: Claims of a wait whose timeout passed, at most: a worker that dies computing its
+#: ``on_timeout`` value every time (out of memory, ``os._exit``) cannot take workers down
+#: for ever; then the wait fails, as when the function raises.
+WAIT_ATTEMPTS = 3
+
+
 def attempts_exhausted(saga: Saga[Any], state: RunState, lease_for: LeaseFor) -> Transition | None:
     """An attempt beyond the limit does not run: the previous attempt's worker stopped
     without recording an outcome (it counts), and none are left."""
+    if state.status is _WAITING:
+        if state.attempt <= WAIT_ATTEMPTS:
+            return None
+        assert state.wait is not None
+        error = attempt_lost(state.wait, state.attempt)
+        return after_attempt(saga, state, Failed(error, retryable=False), lease_for)
     if state.attempt > policy(saga, state).max_attempts:
         error = attempt_lost(state.step, state.attempt)
-        return after_attempt(saga, state, Failed(error, retryable=False), lease_for)
+        lost = replace(state, attempt=state.attempt - 1)  # its failure is the lost attempt's
+        return after_attempt(saga, lost, Failed(error, retryable=False), lease_for)
     return None
 
 

@@ -15,10 +15,10 @@ from functools import partial
 from typing import Any
 
 from saga import _plan
-from saga._active import ActiveRun
+from saga._active import ActiveRun, claimed_run
 from saga._aio import is_cancellation_by_saga
 from saga._call import CallUser, call_user
-from saga._codec import decode_stored, encode_checked
+from saga._codec import encode_checked
 from saga._definition import Context, Saga, Step
 from saga._errors import DatabaseError, SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
@@ -161,27 +161,7 @@ class Runner:
                 attempt=item.attempt - 1,  # the attempt that expired (as in the history)
                 previous_worker=item.expired_owner,
             )
-        run = lease.active = ActiveRun(
-            id=item.run_id,
-            saga=saga,
-            status=item.status,
-            step=item.step_name,
-            attempt=item.attempt,
-            input=decode_stored(item.input, saga.input_type, "input"),
-            results={
-                name: decode_stored(text, saga.result_type(name), f"result of {name!r}")
-                for name, text in item.results.items()
-            },
-            completed=list(item.completed_steps),
-            stored=dict(item.results),
-            born=time.perf_counter() - item.age,
-            cancel_requested=item.cancel_requested,
-            failed_forward=item.has_error,
-            trace_parent=Telemetry.parent_context(item.trace_context),
-            wait=item.timed_out_wait,
-            child=item.child,
-            keyed=item.keyed,
-        )
+        run = lease.active = claimed_run(item, saga)
         return run
 
     async def _process(self, item: ClaimedItem, saga: Saga[Any], lease: Lease) -> None:
@@ -206,6 +186,7 @@ class Runner:
     async def _drive(self, run: ActiveRun, lease: Lease, log: Any) -> None:
         while True:
             change, completed_result = await self._attempt(run, lease, log)
+            run.reclaimed = False  # the next item's start is logged by this transition
             if change is None:
                 self.end_attempt(run, Outcome.LEASE_LOST)
                 return  # lease lost while the step ran; another worker owns the run now
@@ -289,17 +270,23 @@ class Runner:
             assert run.wait is not None
             wait = run.saga.get_wait(run.wait)
             assert wait is not None
+            skip = _plan.attempts_exhausted(run.saga, state, lease_for)
+            if skip is not None:
+                run.outcome, run.error_type = _FAILURE, "saga.AttemptLost"
+                return skip, None
             ctx = self.context(run, wait.name, _STEP)
             with lease.attempt_scope(self.lease_seconds):
                 outcome, result = await timeout_result(wait, ctx, partial(self._encode, run))
             return _plan.after_attempt(run.saga, state, outcome, self.lease_for(run)), result
         step = run.saga.get_step(run.step)
-        self.open_attempt(run)
         skip = _plan.attempts_exhausted(run.saga, state, lease_for)
+        if skip is not None:
+            run.attempt -= 1  # the attempt lost fails; none starts
+        self.open_attempt(run)
         if skip is not None:
             run.outcome, run.error_type = _FAILURE, "saga.AttemptLost"
             return skip, None
-        if lease.lost:
+        if lease.lost or not await self.writer.started(run, lease):
             return None, None
         ctx = run.ctx = self.context(run, step.name, run.phase)
         called, result = await self.call_user(run, step, ctx, lease, _plan.policy(run.saga, state))

@@ -45,7 +45,7 @@ from saga._store_peers import PresenceQueries
 from saga._store_sched import ScheduleQueries
 from saga._store_signals import SignalQueries
 from saga._traffic import RunTraffic
-from saga._transition import ClaimedItem, Transition, value
+from saga._transition import ClaimedItem, Event, Transition, value
 
 _NO_TRAFFIC = RunTraffic()
 #: The ends that free a keyed run's slot (failed and stopped runs keep it till resolved).
@@ -258,6 +258,23 @@ class Store(
         return TransitionResult(
             row["lease_token"], row["cancel_requested"], row["age"], row["signalled"]
         )
+
+    async def started(
+        self, worker: str, run_id: UUID, token: int, event: Event, phase: Phase | None
+    ) -> bool:
+        """Log an attempt's start (see the query ``started``); whether the lease holds."""
+        async with translate_errors("recording a start"):
+            held: bool = await self.pool.fetchval(
+                self._q["started"],
+                run_id,
+                token,
+                worker,
+                str(event.kind),
+                event.step,
+                event.attempt,
+                None if phase is None else str(phase),
+            )
+        return held
 
     async def heartbeat(
         self, worker: str, leases: Sequence[tuple[UUID, int, float]]

@@ -15,6 +15,7 @@ from uuid import UUID
 
 import anyio
 
+from saga._active import ActiveRun
 from saga._db import unreachable
 from saga._definition import Context
 from saga._errors import DatabaseError
@@ -22,6 +23,7 @@ from saga._graph_plan import GraphChange, GraphRun
 from saga._hooks import Hooks
 from saga._lease import Lease
 from saga._log import Outage
+from saga._model import EventKind
 from saga._store import Store, TransitionResult
 from saga._store_batch import ClaimAlong
 from saga._store_graph import GraphWritten, ItemKey
@@ -81,6 +83,21 @@ class Writer:
             return written if written is not None else await self._resolve(run_id, change, log)
         self._outage.back()
         return written
+
+    async def started(self, run: ActiveRun, lease: Lease) -> bool:
+        """An attempt claimed after an expired lease logs its start (the claim did not:
+        the attempt lost may have been the last one allowed, and then none starts);
+        whether the lease still holds. Other attempts: True, nothing to do."""
+        if not run.reclaimed:
+            return True
+        run.reclaimed = False
+        event = Event(EventKind.started(run.phase), run.step, run.attempt)
+        phase = None if lease.item is None else lease.item[1]
+        attempt = partial(self._store.started, self._worker, run.id, lease.token, event, phase)
+        try:
+            return await attempt()
+        except DatabaseError as exc:
+            return await self._after_error(attempt, None, exc)
 
     async def write_graph(
         self,

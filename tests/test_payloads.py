@@ -454,3 +454,43 @@ async def test_a_validator_raising_anything_is_bad_input_not_a_crash(
         await orch.signal(run.id, approval, {"region": "mars"})
     assert await orch.signal(run.id, approval, {"region": "eu"})
     assert await run.result(timeout=10) == "eu-west-1"
+
+
+class _Payment(BaseModel):
+    order_id: str
+    amount_cents: int = pydantic.Field(gt=0)
+
+
+async def test_a_model_instance_changed_after_validation_is_invalid_input(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README: "invalid input raises `InvalidInputError` and nothing is written". A model
+    instance whose field was assigned an invalid value after it was built (pydantic does
+    not validate assignments by default) is invalid input, the error a web handler maps
+    to a 422 (not a SerializationError, a 500 there); the same for a signal's payload.
+    Nothing is written either way."""
+    s = saga.Saga("invalid_instance", input=_Payment)
+
+    @s.step()
+    async def charge(ctx: saga.Context[_Payment]) -> int:
+        return ctx.input.amount_cents
+
+    approval = s.wait_for("approval", _Payment)
+
+    @s.step()
+    async def finish(ctx: saga.Context[_Payment]) -> int:
+        return ctx.result(approval).amount_cents
+
+    orch = await orchestrator(s)
+    payment = _Payment(order_id="o-1", amount_cents=500)
+    payment.amount_cents = -5  # no validation on assignment
+    with pytest.raises(saga.InvalidInputError, match="amount_cents"):
+        await s.start(payment, key="o-1")
+    assert await db.fetchval("SELECT count(*) FROM saga.runs") == 0
+
+    run = await s.start(_Payment(order_id="o-2", amount_cents=500))
+    with pytest.raises(saga.InvalidInputError, match="amount_cents"):
+        await orch.signal(run.id, approval, payment)
+    assert await db.fetchval("SELECT count(*) FROM saga.signals") == 0
+    assert await orch.signal(run.id, approval, _Payment(order_id="o-2", amount_cents=7))
+    assert await run.result(timeout=20) == 7

@@ -152,7 +152,8 @@ SELECT id, input FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key =
 -- name: claim
 -- Lease up to $2 runnable items (due, or whose lease expired) of registered sagas in one
 -- statement, bumping each fencing token and attempt, and log the start (and any expired
--- lease, and a sleeping or waiting run's wake-up) in the history. A waiting run's wait
+-- lease, and a sleeping or waiting run's wake-up) in the history; after an expired lease,
+-- the worker logs the start (see started). A waiting run's wait
 -- is decided here, durably: its signal row is closed (later signals are refused), and
 -- the payload it holds, if any, becomes the wait's result. What a claim does to each
 -- (status, cancel requested, signalled) is the plan's table ($7-$12). Only runs of the
@@ -222,19 +223,47 @@ WITH candidates AS (
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT run_id, kind, step, attempt, worker, data FROM (
-        SELECT id AS run_id, 1 AS ord, 'lease_expired' AS kind, step_name AS step,
-               attempt - 1 AS attempt, prev_owner AS worker, NULL::jsonb AS data
+        -- (a waiting run's expired lease was deciding its wait's timeout)
+        SELECT id AS run_id, 1 AS ord, 'lease_expired' AS kind,
+               coalesce(wait_name, step_name) AS step, attempt - 1 AS attempt,
+               prev_owner AS worker, NULL::jsonb AS data
         FROM claimed WHERE prev_owner IS NOT NULL
         UNION ALL
         SELECT id, 2, woke, wait_name, NULL, $1, NULL
         FROM claimed WHERE woke IS NOT NULL
         UNION ALL
+        -- Not after an expired lease: the worker records that start itself, unless the
+        -- lost attempt was the last one allowed (none starts: see attempts_exhausted).
         SELECT id, 3, start_kind, step_name, attempt, $1, NULL
-        FROM claimed WHERE start_kind IS NOT NULL
+        FROM claimed WHERE start_kind IS NOT NULL AND prev_owner IS NULL
     ) e
     ORDER BY run_id, ord
 )
 SELECT * FROM claimed;
+
+-- name: started
+-- Log the start of an attempt claimed after an expired lease (claim and claim_items log
+-- the others), fenced like a transition: whether the lease is still held (nothing is
+-- logged when it is not). Safe to replay: a start logged already is not logged again.
+-- $1 run id, $2 lease token held, $3 the worker holding it, $4 event kind
+-- (step_started or compensation_started), $5 step name, $6 attempt, $7 the graph item's
+-- phase, or NULL for a linear run (whose lease is in its run row)
+WITH lease AS (
+    SELECT CASE WHEN $7::text IS NULL
+                THEN EXISTS (SELECT 1 FROM __schema__.runs
+                             WHERE id = $1 AND lease_token = $2 AND lease_owner = $3)
+                ELSE EXISTS (SELECT 1 FROM __schema__.items
+                             WHERE run_id = $1 AND step = $5 AND phase = $7
+                               AND lease_token = $2 AND lease_owner = $3)
+           END AS held
+), logged AS (
+    INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
+    SELECT $1, $4, $5, $6, $3 FROM lease
+    WHERE lease.held AND NOT EXISTS (
+        SELECT 1 FROM __schema__.events
+        WHERE run_id = $1 AND kind = $4 AND step = $5 AND attempt = $6)
+)
+SELECT held FROM lease;
 
 -- name: transition
 -- Apply one state transition of a leased run, fenced by its lease token, append its
@@ -1430,7 +1459,9 @@ WITH candidates AS (
         SELECT run_id, 2,
                CASE WHEN phase = 'step' THEN 'step_started' ELSE 'compensation_started' END,
                step, attempt, $1
-        FROM state WHERE NOT dropping
+        -- Not after an expired lease: the worker records that start itself, unless the
+        -- lost attempt was the last one allowed (none starts).
+        FROM state WHERE NOT dropping AND prev_owner IS NULL
     ) e
     ORDER BY run_id, ord
 )
