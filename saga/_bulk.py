@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from saga import _checks
 from saga._acting import operator_data
-from saga._client import Client
+from saga._client import Client, store_of
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from saga._model import RunStatus
 from saga._operator import MAX_PAGE_SIZE, RunPage, _statuses, list_runs
@@ -212,7 +212,7 @@ async def needs_attention(
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
     cursor = _checks.run_id(after, ConfigurationError) if after is not None else None
-    store = client._store_or_raise()
+    store = store_of(client)
     if cursor is not None and not await store.run_exists(cursor):
         raise RunNotFoundError(cursor)
     runs = await store.needs_attention(limit + 1, cursor)

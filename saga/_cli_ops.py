@@ -227,11 +227,13 @@ def read_payload(ctx: _Ctx) -> None:
     payload (``-``: read from stdin) is JSON. ``args.payload`` becomes the JSON text."""
     check_run_named(ctx)
     text = sys.stdin.read() if ctx.args.payload == "-" else ctx.args.payload
+    where = "on stdin" if ctx.args.payload == "-" else "in --payload"
     try:
         json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:
-        where = "on stdin" if ctx.args.payload == "-" else "in --payload"
         ctx.fail(EXIT_USAGE, f"invalid JSON {where}: {exc}")
+    except RecursionError:
+        ctx.fail(EXIT_USAGE, f"invalid JSON {where}: nested too deeply")
     ctx.args.payload = text
 
 

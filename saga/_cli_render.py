@@ -33,9 +33,10 @@ class _Ctx:
         self.err.write(line + "\n")
 
     def fail(self, code: int, message: str) -> NoReturn:
-        """Say what went wrong on stderr and leave the command with ``code``."""
+        """Say what went wrong on stderr, on one line (control characters escaped: a
+        message may quote what a sender chose), and leave the command with ``code``."""
         error = "error: " if code == EXIT_ERROR else ""
-        self.note(f"saga {self.args.command}: {error}{message}")
+        self.note(f"saga {self.args.command}: {error}{_clean(message)}")
         raise _Exit(code)
 
 

@@ -93,7 +93,7 @@ class Client(Lifecycle, Signalling, Acting):
         self._dsn_or_pool = dsn_or_pool
         self.schema = validate_schema(schema)
         self.poll_interval = _checks.seconds(
-            "poll_interval", poll_interval, ConfigurationError, maximum=3600
+            "poll_interval", poll_interval, ConfigurationError, minimum=0.01, maximum=3600
         )
         self.max_payload_bytes = _checks.integer(
             "max_payload_bytes",
@@ -396,3 +396,13 @@ class Client(Lifecycle, Signalling, Acting):
         version, fingerprint; None: started before fingerprints were recorded). They wait
         for an orchestrator that has their definition: watch this during deploys."""
         return await self._store_or_raise().count_unclaimable(self._definitions)
+
+
+def store_of(client: Any) -> Store:
+    """The store of an open client, for the operator functions taking one: a clear
+    ConfigurationError for anything else (only its type is named: a DSN holds secrets)."""
+    if not isinstance(client, Client):
+        raise ConfigurationError(
+            f"expected a saga.Client or saga.Orchestrator, got {type(client).__name__}"
+        )
+    return client._store_or_raise()

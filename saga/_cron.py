@@ -291,6 +291,8 @@ class Schedule:
             raise DefinitionError(f"anchor must be an aware datetime, got {show(anchor)}")
         elif anchor.microsecond:
             raise DefinitionError(f"anchor must be a whole second, got {anchor.isoformat()}")
+        elif not 2 <= anchor.year <= 9980:  # (its UTC form and its slots stay in range)
+            raise DefinitionError(f"anchor must be within the years 2-9980, got {anchor}")
         object.__setattr__(self, "anchor", anchor.astimezone(UTC))
 
     @classmethod

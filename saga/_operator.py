@@ -17,7 +17,7 @@ from datetime import timedelta
 import asyncpg
 
 from saga import _checks
-from saga._client import Client
+from saga._client import Client, store_of
 from saga._db import check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._errors import ConfigurationError, RunNotFoundError
 from saga._migrate import migrate as _migrate
@@ -129,7 +129,7 @@ async def list_runs(
     Raises :class:`ConfigurationError` for a bad argument and :class:`RunNotFoundError`
     when ``before`` names no run.
     """
-    store = client._store_or_raise()
+    store = store_of(client)
     _check_text("saga", saga)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
@@ -201,7 +201,7 @@ async def count_runs_by_saga(
 ) -> dict[str, dict[RunStatus, int]]:
     """:func:`count_runs` per saga name, in name order (what ``saga stats`` prints); a
     saga with no matching run is absent."""
-    store = client._store_or_raise()
+    store = store_of(client)
     _check_text("saga", saga)
     rows = await store.count_runs(
         saga_name=saga,
@@ -241,7 +241,7 @@ async def prune(
     or stopped, never resolved) frees the key first, as ``resolve()`` does: the oldest
     run queued for the key goes on.
     """
-    store = client._store_or_raise()
+    store = store_of(client)
     seconds = _seconds("older_than", older_than)
     if seconds is None:
         raise ConfigurationError("older_than is required")

@@ -89,7 +89,7 @@ class Orchestrator(Client):
             "shutdown_timeout", shutdown_timeout, err, maximum=86400, allow_zero=True
         )
         self.census_interval = _checks.seconds(
-            "census_interval", census_interval, err, maximum=86400
+            "census_interval", census_interval, err, minimum=0.05, maximum=86400
         )
         super().__init__(
             dsn_or_pool,
@@ -204,7 +204,9 @@ class Orchestrator(Client):
         graphs = any(s.graph is not None for s in self._sagas.values())
         # Only sagas with graph items need the dispatch between runs and items.
         handler = (
-            GraphRunner(runner, leases, Children(store, self.start_child)).run
+            GraphRunner(
+                runner, leases, Children(store, self.start_child, self.max_payload_bytes)
+            ).run
             if graphs
             else runner.run
         )

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from saga._client import store_of
+
 if TYPE_CHECKING:
     from saga._client import Client
 
@@ -60,7 +62,7 @@ async def queues(client: Client) -> Queues:
     """Work due and not taken per saga and priority (with the oldest wait), runs queued
     behind their concurrency key per saga, and every rate limit's bucket. Reads the
     active runs only (two partial indexes), whatever the finished history."""
-    store = client._store_or_raise()
+    store = store_of(client)
     rows = await store.queue_rows()
     due = [QueueDepth(r[0], r[1], r[2], r[3]) for r in rows if not r[4]]
     keyed = [KeyWait(r[0], r[2], r[5]) for r in rows if r[4]]

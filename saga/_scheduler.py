@@ -33,6 +33,10 @@ StartIn = Callable[[Any, Any, str, Any], Awaitable[RunHandle]]
 _EPSILON = timedelta(microseconds=1)
 #: Seconds before an on-time slot whose run could not start is tried again.
 _RETRY = 1.0
+# An async input function taking longer fails (the slot is tried again within grace).
+_INPUT_SECONDS = 10.0
+# Due schedules handled at once (a transaction, so a connection, each).
+_AT_ONCE = 2
 
 
 class Scheduler:
@@ -83,13 +87,26 @@ class Scheduler:
             await anyio.sleep(max(wait, _RETRY) if self._retrying else wait)
 
     async def fire_due(self) -> int:
-        """Handle every due schedule (one transaction); the number of runs started."""
-        started = 0
+        """Handle every due schedule, each in a transaction of its own (its row locked:
+        one orchestrator at a time), two at once: a slow input function holds up only
+        its own schedule. The number of runs started."""
         self._retrying = False
-        async with self._store.schedule_transaction() as conn:
-            for due in await self._store.schedules_due(conn, list(self._scheduled)):
-                started += await self._fire(conn, self._scheduled[due.name], due.next_fire, due.now)
-        return started
+        started: list[int] = []
+        async with self._store.schedule_transaction() as conn:  # which are due (no lock kept)
+            due = [d.name for d in await self._store.schedules_due(conn, list(self._scheduled))]
+        limiter = anyio.CapacityLimiter(_AT_ONCE)
+
+        async def fire(name: str) -> None:
+            async with limiter, self._store.schedule_transaction() as conn:
+                for d in await self._store.schedules_due(conn, [name]):  # still due: locked
+                    started.append(
+                        await self._fire(conn, self._scheduled[name], d.next_fire, d.now)
+                    )
+
+        async with anyio.create_task_group() as tg:
+            for name in due:
+                tg.start_soon(fire, name)
+        return sum(started)
 
     async def _fire(self, conn: Any, s: Scheduled[Any], next_fire: datetime, now: datetime) -> int:
         """Start the runs of the schedule's due slots. A slot whose input function raises,
@@ -128,10 +145,11 @@ class Scheduler:
         """The run of ``slot``, or None (logged) when its input function raised (an async
         one awaited) or its start was refused."""
         try:
-            data = s.input_for(slot)
-            if inspect.isawaitable(data):
-                data = await data
-        except Exception as exc:  # the user's input function
+            with anyio.fail_after(_INPUT_SECONDS):
+                data = s.input_for(slot)
+                if inspect.isawaitable(data):
+                    data = await data
+        except Exception as exc:  # the user's input function (or its time limit)
             event, error = "schedule_input_failed", type(exc).__name__
         else:
             try:

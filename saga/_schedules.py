@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from saga import _checks
 from saga._checks import validate_name
+from saga._client import store_of
 from saga._cron import Schedule
 from saga._definition import Saga
 from saga._errors import ConfigurationError, DefinitionError
@@ -145,7 +146,7 @@ async def list_schedules(client: Client) -> list[ScheduleInfo]:
     """Every schedule the orchestrators registered, by name: what it starts, when it
     fires next and fired last (with that run), paused or not, late slots skipped, and
     how late it is now (``late`` > a few seconds: no orchestrator handled its slot)."""
-    return await client._store_or_raise().list_schedules()
+    return await store_of(client).list_schedules()
 
 
 async def pause_schedule(client: Client, name: str) -> None:
@@ -162,5 +163,5 @@ async def resume_schedule(client: Client, name: str) -> None:
 
 async def _pause(client: Client, name: str, paused: bool) -> None:
     _checks.text("schedule name", name, ConfigurationError, max_length=128)
-    if not await client._store_or_raise().pause_schedule(name, paused):
+    if not await store_of(client).pause_schedule(name, paused):
         raise ConfigurationError(f"no schedule named {name!r}")

@@ -9,7 +9,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from saga._children import ChildFailed, TooManyChildren
-from saga._errors import DatabaseError, InvalidInputError, SerializationError, error_record
+from saga._errors import (
+    DatabaseError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    SerializationError,
+    error_record,
+)
 from saga._graph_plan import Parked
 from saga._model import RunStatus
 from saga._store_graph import Child
@@ -27,9 +33,12 @@ Outcome = Succeeded | Failed | Parked | None
 class Children:
     """Runs children steps: start, look, cancel and revert child runs."""
 
-    def __init__(self, store: Any, start: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(
+        self, store: Any, start: Callable[..., Awaitable[Any]], max_payload_bytes: int
+    ) -> None:
         self._store = store
         self._start = start  # Client.start_child
+        self._max_bytes = max_payload_bytes  # of the step's result, the outputs' list
 
     async def forward(self, run_id: Any, step: Step[Any, Any], ctx: Context[Any]) -> Outcome:
         """The step's attempt: start what is missing, then done, failed, or parked."""
@@ -59,7 +68,19 @@ class Children:
             return Failed(error_record(error, step.name), retryable=False)
         if all(k.status is _COMPLETED for k in kids):
             ordered = sorted(kids, key=lambda k: k.index)
-            return Succeeded("[" + ",".join(k.output or "null" for k in ordered) + "]")
+            joined = "[" + ",".join(k.output or "null" for k in ordered) + "]"
+            size = len(joined.encode("utf-8"))
+            if size <= self._max_bytes:
+                return Succeeded(joined)
+            undone = await self.undo(run_id, step)  # the step fails: its children go
+            if not isinstance(undone, Succeeded):
+                return undone
+            too_large = PayloadTooLargeError(
+                f"result of step {step.name!r}: the {len(kids)} child runs' outputs are "
+                f"{size} bytes of JSON, above the limit of {self._max_bytes} bytes "
+                "(max_payload_bytes)"
+            )
+            return Failed(error_record(too_large, step.name), retryable=False)
         ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
         return Parked(ended, len(kids), started)
 

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from saga._errors import ErrorInfo
+from saga import _checks
+from saga._errors import ErrorInfo, InvalidInputError
 from saga._model import EventKind, HistoryEvent
 
 _STARTED = (EventKind.STEP_STARTED, EventKind.COMPENSATION_STARTED)
@@ -61,8 +62,9 @@ def timeline(history: Sequence[HistoryEvent]) -> list[StepAttempt]:
     duration and error: what ``saga show`` prints. Works on any run, including runs of
     sagas this process has not registered.
     """
+    events = _checks.sequence_of("history", history, HistoryEvent, InvalidInputError)
     assembler = _Assembler()
-    for event in history:
+    for event in events:
         assembler.feed(event)
     return assembler.attempts
 

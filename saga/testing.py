@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from saga import _checks
-from saga._client import Client
+from saga._client import Client, store_of
 from saga._definition import Context, Step
 from saga._errors import (
     ConfigurationError,
@@ -168,14 +168,16 @@ class Faults(Hooks):
         run_id: UUID | None,
         option: bool = False,
     ) -> None:
-        if times is not None and times < 1:
-            raise ValueError("times must be >= 1 (or None for every time)")
+        if times is not None:  # (a float would fire a count no one asked for)
+            _checks.integer("times", times, ConfigurationError, minimum=1)
         if isinstance(step, str):
-            name, saga = step, None
+            name, saga = _checks.text("step name", step, ConfigurationError, max_length=128), None
         elif isinstance(step, Step):
             name, saga = step.name, step.saga
         else:
             raise TypeError(f"a fault needs a step (a Step, or a step name), got {step!r}")
+        if run_id is not None:
+            run_id = _checks.run_id(run_id, ConfigurationError)
         self._rules.append(_Rule(kind, name, compensation, times, run_id, option, saga))
 
     def _match(self, kind: str, ctx: Context[Any]) -> _Rule | None:
@@ -227,7 +229,7 @@ async def advance(
     ):
         raise InvalidInputError(f"advance() needs a duration from 0 to 1,000 years, got {by!r}")
     rid = _checks.run_id(run.id if isinstance(run, RunHandle) else run, ConfigurationError)
-    store = client._store_or_raise()
+    store = store_of(client)
     due = await store.advance_timers(rid, float(seconds))
     if due is None and not await store.run_exists(rid):
         raise RunNotFoundError(rid)
