@@ -7,6 +7,7 @@ for good the completed steps are compensated newest first.
 """
 
 from saga._bulk import BulkResult, cancel_runs, count_matching, needs_attention, retry_runs
+from saga._children import ChildFailed, TooManyChildren
 from saga._client import Client
 from saga._cron import Schedule
 from saga._definition import Compensation, Context, Saga, Step
@@ -53,6 +54,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BulkResult",
+    "ChildFailed",
     "Client",
     "Compensation",
     "ConfigurationError",
@@ -96,6 +98,7 @@ __all__ = [
     "Sleep",
     "Step",
     "StepAttempt",
+    "TooManyChildren",
     "Wait",
     "cancel_runs",
     "count_matching",

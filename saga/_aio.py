@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 def is_cancellation(exc: BaseException) -> bool:
     """Whether ``exc`` is the current task being cancelled (not a stray CancelledError)."""
-    if not isinstance(exc, asyncio.CancelledError):
+    if not issubclass(type(exc), asyncio.CancelledError):  # (exc.__class__ may lie)
         return False
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0

@@ -91,7 +91,7 @@ async def call_user(
                     return Succeeded(), None
                 return Succeeded(), await step.fn(ctx)
         except BaseException as exc:
-            if isinstance(exc, SimulatedCrash) or is_cancellation_by_saga(exc):
+            if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
                 raise
             return Failed(error_record(exc, step.name), retry.retryable(exc)), None
     # Only reached when the heartbeat cancelled the scope (lease lost): the caller sees

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from saga._errors import DefinitionError
+from saga._errors import DefinitionError, SagaError
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +30,14 @@ class Spawn:
     max_children: int
 
 
-class ChildFailed(Exception):
-    """A child run ended without completing (the parent step fails for good)."""
+class ChildFailed(SagaError):
+    """A child run ended without completing: its parent's children step fails for good
+    with this error (recorded as ``saga.ChildFailed``, with the child's reason)."""
 
 
-class TooManyChildren(Exception):
-    """More inputs than the step's ``max_children``."""
+class TooManyChildren(SagaError):
+    """A children step's ``inputs`` returned more items than its ``max_children``: the
+    step fails for good with this error (recorded as ``saga.TooManyChildren``)."""
 
 
 def declare(

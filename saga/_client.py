@@ -262,13 +262,7 @@ class Client(Lifecycle, Signalling, Acting):
             _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
         model = validate_as(saga.input_type, input, f"input for saga {saga.name!r}")
         traffic = saga.traffic.for_run(model, priority)
-        input_json = encode(
-            model,
-            saga.input_type,
-            what="input",
-            max_bytes=self.max_payload_bytes,
-            invalid=InvalidInputError,
-        )
+        input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
         # In the caller's transaction the NOTIFY goes out at its commit: never coalesced.
         notify = conn is not None or self._notifier.claim(saga.name)
         with self.telemetry.start_span(saga) as (span, carrier):

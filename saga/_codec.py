@@ -32,7 +32,6 @@ from saga._compare import difference, same_json
 from saga._errors import (
     InvalidInputError,
     PayloadTooLargeError,
-    SagaError,
     SerializationError,
     describe_exception,
 )
@@ -157,7 +156,6 @@ def encode(
     *,
     what: str = "value",
     max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    invalid: type[SagaError] = SerializationError,
 ) -> str:
     """Serialize ``value`` to a JSON text that :func:`decode` turns back into it.
 
@@ -165,10 +163,8 @@ def encode(
     model). Raises :class:`SerializationError` (naming ``what`` and where in the value)
     when no serialization survives the round trip, and :class:`PayloadTooLargeError`
     above ``max_bytes``. Never raises anything else, whatever the value does.
-    ``invalid``: what to raise instead when the value is not valid as its type (a model
-    instance changed after it was validated: pydantic does not check assignments).
     """
-    return encode_checked(value, annotation, what=what, max_bytes=max_bytes, invalid=invalid)[0]
+    return encode_checked(value, annotation, what=what, max_bytes=max_bytes)[0]
 
 
 def encode_checked(
@@ -177,13 +173,10 @@ def encode_checked(
     *,
     what: str = "value",
     max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    invalid: type[SagaError] = SerializationError,
 ) -> tuple[str, Any]:
     """:func:`encode`, also returning the value as :func:`decode` reads it back."""
     try:
         return _encode(value, annotation, what, max_bytes)
-    except _NotValid as exc:
-        raise invalid(str(exc)) from exc.__cause__
     except SerializationError:
         raise
     except BaseException as exc:  # a value whose own methods raise (iteration, __eq__ ...)
@@ -226,17 +219,7 @@ def _encode(value: Any, annotation: Any, what: str, max_bytes: int) -> tuple[str
         if problem is None:
             return text, decoded
         problems.append(problem)
-    message = f"{what}: cannot be stored and read back unchanged: {problems[0]}"
-    if all(problem.startswith(_NOT_VALID) for problem in problems):
-        raise _NotValid(message)
-    raise SerializationError(message)
-
-
-class _NotValid(SerializationError):
-    """The value's stored form does not validate as its type (see ``invalid``)."""
-
-
-_NOT_VALID = "the stored form does not validate again"
+    raise SerializationError(f"{what}: cannot be stored and read back unchanged: {problems[0]}")
 
 
 def _expected(adapter: TypeAdapter[Any], annotation: Any, value: Any, what: str) -> Any:
@@ -247,7 +230,7 @@ def _expected(adapter: TypeAdapter[Any], annotation: Any, value: Any, what: str)
         return adapter.validate_python(value)
     except Exception as exc:  # a validator may raise anything (pydantic passes it on)
         declared = getattr(annotation, "__name__", None) or repr(annotation)
-        raise _NotValid(
+        raise SerializationError(
             f"{what}: a {type(value).__name__} does not match the declared type "
             f"{declared}: {_first_error(exc)}"
         ) from exc
@@ -258,7 +241,7 @@ def _round_trip(annotation: Any, expected: Any, text: str) -> tuple[Any, str | N
     try:
         decoded = decode(text, annotation)
     except Exception as exc:  # a validator may raise anything (pydantic passes it on)
-        return None, f"{_NOT_VALID}: {_first_error(exc)}"
+        return None, f"the stored form does not validate again: {_first_error(exc)}"
     where = difference(expected, decoded, "")
     if where is None and decoded != expected:
         where = "the value comes back different"
@@ -359,9 +342,10 @@ def decode_stored(text: str, annotation: Any, what: str) -> Any:
     reads as its declared type (the definition changed under a matching fingerprint)."""
     try:
         return decode(text, annotation)
-    except Exception as exc:
+    except BaseException as exc:  # a validator may raise anything, BaseExceptions included
+        why = describe_exception(exc)
         return Unreadable(
-            SerializationError(f"the stored {what} no longer reads as its declared type: {exc}")
+            SerializationError(f"the stored {what} no longer reads as its declared type: {why}")
         )
 
 

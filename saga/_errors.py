@@ -74,14 +74,23 @@ def storable_text(text: str, limit: int = _MAX_MESSAGE) -> str:
 
 
 def exception_type(exc: BaseException) -> str:
-    """The qualified type name recorded for an exception (``saga.X`` for saga's own)."""
+    """The qualified type name recorded for an exception (``saga.X`` for saga's own),
+    read past a metaclass that hides it."""
     cls = type(exc)
-    module = str(getattr(cls, "__module__", "") or "")
-    qualname = str(getattr(cls, "__qualname__", "") or cls.__name__)
+    try:
+        module = _plain(type.__getattribute__(cls, "__module__"))
+        qualname = _plain(type.__getattribute__(cls, "__qualname__"))
+    except Exception:
+        return "<unnamed exception type>"
     if module.startswith("saga._"):
         module = "saga"
     name = qualname if module in ("builtins", "") else f"{module}.{qualname}"
     return storable_text(name, 500)
+
+
+def _plain(text: object) -> str:
+    """A str as itself (a str subclass may override what len() or slicing do)."""
+    return str.__str__(text) if isinstance(text, str) else ""
 
 
 def exception_message(exc: BaseException) -> str:
@@ -89,6 +98,8 @@ def exception_message(exc: BaseException) -> str:
     hold NUL or lone surrogates)."""
     try:
         text = str(exc)
+        if type(text) is not str:  # a subclass whose own methods may raise
+            text = str.__str__(text)
     except BaseException:
         try:
             text = f"<unprintable {type(exc).__name__}: {object.__repr__(exc)}>"

@@ -8,6 +8,7 @@ in reverse dependency order. Pure data, built once when the saga is registered.
 
 from __future__ import annotations
 
+import dis
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -146,9 +147,16 @@ def _steps_named(saga: Any, fn: Callable[..., Any]) -> Iterator[str]:
             yield value.name
 
 
+#: The instructions that read a variable (as opposed to an attribute: ``ctx.input.items``
+#: names no step, whatever ``items`` is at module level).
+_VARIABLE_READS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"})
+
+
 def _names(code: types.CodeType) -> Iterator[str]:
-    yield from code.co_names
-    yield from code.co_freevars
+    """The variables ``code`` (and the functions it defines) reads."""
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in _VARIABLE_READS and isinstance(instruction.argval, str):
+            yield instruction.argval
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             yield from _names(const)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from collections.abc import Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -135,3 +137,15 @@ def log_event(
         log.info(kind, **fields)
     else:
         log.debug(kind, **fields)
+
+
+def frames(exc: BaseException, limit: int = 8) -> str:
+    """Where ``exc`` was raised, as ``file:line function`` of its innermost frames: what a
+    log line may say of an error without its message (a message may quote a payload)."""
+    try:
+        getter: Any = BaseException.__dict__["__traceback__"]  # (exc's own may be overridden)
+        tb = getter.__get__(exc)
+        summary = traceback.extract_tb(tb)[-limit:]
+        return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in summary[::-1])
+    except Exception:
+        return "<no traceback>"

@@ -28,7 +28,7 @@ async def sleep_length(
     try:
         seconds = await sleep.due_in(ctx, datetime.now(UTC))
     except BaseException as exc:
-        if isinstance(exc, SimulatedCrash) or is_cancellation_by_saga(exc):
+        if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
         return replace(done, park_error=error_record(exc, sleep.name))
     finally:
@@ -52,6 +52,6 @@ async def timeout_result(
             value = wait.model.model_validate(value)
         return encode(wait, value)
     except BaseException as exc:
-        if isinstance(exc, SimulatedCrash) or is_cancellation_by_saga(exc):
+        if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
         return Failed(error_record(exc, wait.name), retryable=False), None

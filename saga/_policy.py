@@ -91,10 +91,26 @@ class Retry:
     def retryable(self, exc: BaseException) -> bool:
         """Whether another attempt may help: not for a PermanentError or a
         ``non_retryable`` type, nor for a group of exceptions (a task group's) holding
-        one."""
-        if isinstance(exc, BaseExceptionGroup):
-            return all(self.retryable(inner) for inner in exc.exceptions)
-        return not isinstance(exc, (PermanentError, *self.non_retryable))
+        one. An exception that cannot be classified (a group nested too deeply or
+        holding itself, a type whose checks raise) may be retried: attempts are bounded.
+        """
+        try:
+            return self._retryable(exc, 0)
+        except Exception:
+            return True
+
+    def _retryable(self, exc: BaseException, depth: int) -> bool:
+        kind = type(exc)  # (not exc.__class__: an exception may lie about it)
+        if issubclass(kind, BaseExceptionGroup):
+            if depth > _GROUP_DEPTH:
+                raise RecursionError("exception groups nested too deeply")
+            inner = tuple(BaseExceptionGroup.exceptions.__get__(exc))
+            return all(self._retryable(one, depth + 1) for one in inner if one is not exc)
+        return not issubclass(kind, (PermanentError, *self.non_retryable))
+
+
+#: Levels of nested exception groups looked into for a non-retryable error.
+_GROUP_DEPTH = 100
 
 
 DEFAULT_STEP_RETRY = Retry()

@@ -20,10 +20,10 @@ from saga._aio import is_cancellation_by_saga
 from saga._call import CallUser, call_user
 from saga._codec import encode_checked
 from saga._definition import Context, Saga, Step
-from saga._errors import DatabaseError, SagaError, error_record
+from saga._errors import DatabaseError, SagaError, error_record, exception_type
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._lease import Lease, Leases
-from saga._log import Outage, log_event, logger
+from saga._log import Outage, frames, log_event, logger
 from saga._model import Outcome, Phase, RunStatus
 from saga._parked import sleep_length, timeout_result
 from saga._store import Store
@@ -136,8 +136,8 @@ class Runner:
                     "internal_error",
                     run_id=str(item.run_id),
                     saga=item.saga_name,
-                    error_type=type(exc).__name__,
-                    exc_info=exc,
+                    error_type=exception_type(exc),
+                    where=frames(exc),  # (never the message: it may quote a payload)
                 )
             finally:
                 if finished:

@@ -19,9 +19,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
-from saga._errors import DatabaseError, SagaError
+from saga._aio import is_cancellation_by_saga
+from saga._errors import DatabaseError, exception_type
 from saga._log import Outage, logger
 from saga._run import RunHandle
 from saga._schedules import LOOKBACK, Scheduled, key_of
@@ -55,6 +56,8 @@ class Scheduler:
         self._poll = poll
         self._outage = outage
         self._retrying = False  # an on-time slot failed: tried again in _RETRY seconds
+        self._firing: set[str] = set()  # the schedules being handled now
+        self._limiter = anyio.CapacityLimiter(_AT_ONCE)
 
     async def register(self) -> None:
         now = await self._store.database_now()  # slots come from the database's clock
@@ -74,39 +77,41 @@ class Scheduler:
         await self.register()
         task_status.started()
         names = list(self._scheduled)
-        while True:
-            try:
-                await self.fire_due()
-                wait = await self._store.schedules_next(names)
-            except DatabaseError as exc:
-                self._outage.lost("starting scheduled runs", exc)
-                wait = self._poll
-            else:
-                self._outage.back()
-            wait = min(self._poll, max(wait if wait is not None else self._poll, 0.01))
-            await anyio.sleep(max(wait, _RETRY) if self._retrying else wait)
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    await self.fire_due(tg)
+                    wait = await self._store.schedules_next(names)
+                except DatabaseError as exc:
+                    self._outage.lost("starting scheduled runs", exc)
+                    wait = self._poll
+                else:
+                    self._outage.back()
+                wait = min(self._poll, max(wait if wait is not None else self._poll, 0.01))
+                await anyio.sleep(max(wait, _RETRY) if self._retrying else wait)
 
-    async def fire_due(self) -> int:
-        """Handle every due schedule, each in a transaction of its own (its row locked:
-        one orchestrator at a time), two at once: a slow input function holds up only
-        its own schedule. The number of runs started."""
+    async def fire_due(self, tg: TaskGroup) -> None:
+        """Handle each due schedule not being handled already, in a task of its own (see
+        :meth:`_fire_one`): a slow input function holds up only its own schedule."""
         self._retrying = False
-        started: list[int] = []
         async with self._store.schedule_transaction() as conn:  # which are due (no lock kept)
             due = [d.name for d in await self._store.schedules_due(conn, list(self._scheduled))]
-        limiter = anyio.CapacityLimiter(_AT_ONCE)
+        for name in due:
+            if name not in self._firing:
+                self._firing.add(name)
+                tg.start_soon(self._fire_one, name)
 
-        async def fire(name: str) -> None:
-            async with limiter, self._store.schedule_transaction() as conn:
-                for d in await self._store.schedules_due(conn, [name]):  # still due: locked
-                    started.append(
-                        await self._fire(conn, self._scheduled[name], d.next_fire, d.now)
-                    )
-
-        async with anyio.create_task_group() as tg:
-            for name in due:
-                tg.start_soon(fire, name)
-        return sum(started)
+    async def _fire_one(self, name: str) -> None:
+        """The schedule's due slots, in a transaction of its own holding its row (one
+        orchestrator at a time), at most ``_AT_ONCE`` schedules at once."""
+        try:
+            async with self._limiter, self._store.schedule_transaction() as conn:
+                for due in await self._store.schedules_due(conn, [name]):  # still due: locked
+                    await self._fire(conn, self._scheduled[name], due.next_fire, due.now)
+        except DatabaseError as exc:
+            self._outage.lost("starting scheduled runs", exc)
+        finally:
+            self._firing.discard(name)
 
     async def _fire(self, conn: Any, s: Scheduled[Any], next_fire: datetime, now: datetime) -> int:
         """Start the runs of the schedule's due slots. A slot whose input function raises,
@@ -149,15 +154,17 @@ class Scheduler:
                 data = s.input_for(slot)
                 if inspect.isawaitable(data):
                     data = await data
-        except Exception as exc:  # the user's input function (or its time limit)
-            event, error = "schedule_input_failed", type(exc).__name__
+        except BaseException as exc:  # the user's input function (or its time limit)
+            if is_cancellation_by_saga(exc):
+                raise
+            event, error = "schedule_input_failed", _name(exc)
         else:
             try:
                 return await self._start(s.saga, data, key_of(s.name, slot), conn)
-            except SagaError as exc:
+            except Exception as exc:  # refused (a key function raising included)
                 if isinstance(exc, DatabaseError):
                     raise
-                event, error = "schedule_start_refused", type(exc).__name__
+                event, error = "schedule_start_refused", _name(exc)
         logger.error(
             event,
             schedule=s.name,
@@ -166,3 +173,8 @@ class Scheduler:
             retry_in=_RETRY if retry else None,
         )
         return None
+
+
+def _name(exc: BaseException) -> str:
+    """The exception's type, unqualified (as the scheduler's lines always gave it)."""
+    return exception_type(exc).rsplit(".", 1)[-1]

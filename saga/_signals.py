@@ -177,13 +177,7 @@ class Signalling:
         """The payload's JSON, validated against the wait's model (raises)."""
         model = validate_as(wait.model, payload, f"payload for signal {wait.name!r}")
         what = f"payload of signal {wait.name!r}"
-        return encode(
-            model,
-            wait.model,
-            what=what,
-            max_bytes=self.max_payload_bytes,
-            invalid=InvalidInputError,
-        )
+        return encode(model, wait.model, what=what, max_bytes=self.max_payload_bytes)
 
 
 def _outcome(delivery: Delivery, run_id: uuid.UUID, name: str, saga: tuple[str, int]) -> bool:

@@ -8,6 +8,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from saga._aio import is_cancellation_by_saga
 from saga._children import ChildFailed, TooManyChildren
 from saga._errors import (
     DatabaseError,
@@ -17,6 +18,7 @@ from saga._errors import (
     error_record,
 )
 from saga._graph_plan import Parked
+from saga._hooks import SimulatedCrash
 from saga._model import RunStatus
 from saga._store_graph import Child
 from saga._transition import Failed, Succeeded
@@ -109,9 +111,12 @@ class Children:
                 await self._start(spec.saga, value, key, (run_id, step.name))
         except DatabaseError:
             raise  # an outage: the lease runs out and the step runs again
-        except Exception as exc:  # the user's inputs, or an input the child refuses
+        except BaseException as exc:  # the user's inputs, or an input the child refuses
+            if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
+                raise
             refused = TooManyChildren | TypeError | InvalidInputError | SerializationError
-            return Failed(error_record(exc, step.name), retryable=not isinstance(exc, refused))
+            retry = not issubclass(type(exc), refused) and issubclass(type(exc), Exception)
+            return Failed(error_record(exc, step.name), retryable=retry)
         return None
 
     async def undo(self, run_id: Any, step: Step[Any, Any]) -> Succeeded | Failed | Parked:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saga import _checks
-from saga._errors import DefinitionError, InvalidInputError
+from saga._errors import DefinitionError, InvalidInputError, describe_exception
 
 #: The priorities a run may have: 0 (the default, lowest) to 100.
 MAX_PRIORITY = 100
@@ -106,7 +106,7 @@ def _call(what: str, fn: Callable[[Any], Any], model: Any) -> Any:
     try:
         return fn(model)
     except Exception as exc:
-        raise InvalidInputError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+        raise InvalidInputError(f"{what} raised {describe_exception(exc)}") from exc
 
 
 def check_priority(name: str, value: Any, error: type[Exception]) -> int:

@@ -432,3 +432,34 @@ async def test_advance_moves_a_branch_backoff(orchestrator: OrchestratorFactory)
     assert await advance(orch, run, 3600) is not None
     assert await run.result(timeout=10) == "e"
     assert ledger.steps().count("c") == 2
+
+
+class Basket(BaseModel):
+    items: list[int] = []
+
+
+basket: saga.Saga[Basket] = saga.Saga("basket", input=Basket)
+
+
+@basket.step(after=[])
+async def items(ctx: saga.Context[Basket]) -> int:
+    return len(ctx.input.items)
+
+
+@basket.step(after=[])
+async def total(ctx: saga.Context[Basket]) -> int:
+    return sum(ctx.input.items)  # an attribute named like the step `items`: no read of it
+
+
+async def test_an_attribute_named_like_a_step_is_not_a_read_of_it(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The check of which results a step reads looks at the variables its code reads,
+    not at attribute names: ``ctx.input.items`` beside a (module-level) step named
+    ``items`` that it does not run after is no read of it. The saga registers, and both
+    steps run."""
+    orch = await orchestrator(basket)
+    run = await orch.start(basket, Basket(items=[2, 3]))
+    await run.result(timeout=20)
+    history = await run.history()
+    assert {e.step for e in history if e.kind == "step_completed"} == {"items", "total"}

@@ -1190,20 +1190,30 @@ SELECT now() - make_interval(secs => $1::float8);
 
 -- name: fragment_prunable
 -- Not a statement: a condition that replaces the word "prunable" between double
--- underscores in the other queries (when the file is read). Whether the runs row "r" goes in a prune: it finished before
--- the cutoff in one of the statuses, and it is not the child of a run that stays (a
--- parent still running, or failed and still retryable, reads and undoes its children).
--- NULL (not false) for a run not finished: to keep those, negate it as NOT coalesce(it,
--- false).
+-- underscores in the other queries (when the file is read). Whether the runs row "r"
+-- goes in a prune: it finished before the cutoff in one of the statuses, and none of its
+-- ancestors stays (a parent still running, or failed and still retryable, reads and
+-- undoes its children, and their own children through them: a grandchild goes only
+-- with its grandparent). NULL (not false) for a run not finished: to keep those,
+-- negate it as NOT coalesce(it, false).
 -- $1 the prune's cutoff (one instant for the whole prune), $2 statuses (text[], terminal)
 (r.due_at IS NULL
  AND r.finished_at < $1::timestamptz
  AND r.status = ANY($2::text[])
  AND (r.parent_id IS NULL OR NOT EXISTS (
-     SELECT 1 FROM __schema__.runs p
-     WHERE p.id = r.parent_id
-       AND NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
-                AND p.status = ANY($2::text[])))))
+     WITH RECURSIVE ancestors(id, parent_id, stays) AS (
+         SELECT p.id, p.parent_id,
+                NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
+                     AND p.status = ANY($2::text[]))
+         FROM __schema__.runs p WHERE p.id = r.parent_id
+         UNION ALL
+         SELECT p.id, p.parent_id,
+                NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
+                     AND p.status = ANY($2::text[]))
+         FROM __schema__.runs p JOIN ancestors a ON p.id = a.parent_id
+         WHERE NOT a.stays
+     )
+     SELECT 1 FROM ancestors WHERE stays)))
 
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
