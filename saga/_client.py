@@ -46,7 +46,7 @@ from saga._migrate import check_migrated, migrate
 from saga._model import HistoryEvent, RunInfo, RunStatus
 from saga._notify import WorkNotifier
 from saga._partitions import uuid7
-from saga._run import RunHandle
+from saga._run import OutputT, RunHandle
 from saga._signals import Signalling
 from saga._store import RunRow, Store
 from saga._store_ops import DefinitionKey
@@ -218,14 +218,14 @@ class Client(Lifecycle, Signalling, Acting):
 
     async def start(
         self,
-        saga: Saga[InT],
+        saga: Saga[InT, OutputT],
         input: InT | Mapping[str, Any],
         *,
         key: str | None = None,
         require_same_input: bool = True,
         conn: Executor | None = None,
         priority: int | None = None,
-    ) -> RunHandle:
+    ) -> RunHandle[OutputT]:
         """Validate ``input``, durably record a new run, and return its handle.
 
         When this returns the run is committed; cancelling the caller once the insert was
@@ -248,14 +248,14 @@ class Client(Lifecycle, Signalling, Acting):
 
     async def _start(
         self,
-        saga: Saga[InT],
+        saga: Saga[InT, OutputT],
         input: InT | Mapping[str, Any],
         key: str | None,
         require_same_input: bool,
         conn: Executor | None,
         parent: tuple[uuid.UUID, str] | None = None,
         priority: int | None = None,
-    ) -> RunHandle:
+    ) -> RunHandle[OutputT]:
         store = self._store_or_raise()
         _registry.check_start(self._sagas, saga, conn, require_same_input)
         if key is not None:

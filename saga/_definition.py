@@ -7,13 +7,14 @@ process, worker processes and tests alike.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, overload
 from uuid import UUID
 
 from pydantic import BaseModel
+from typing_extensions import TypeVar
 
 from saga import _checks, _children, _graph, _pivot, _policy, _registry
 from saga._checks import validate_name
@@ -42,6 +43,10 @@ InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT")
 R = TypeVar("R")
 P = TypeVar("P", bound=BaseModel)
+CIn = TypeVar("CIn", bound=BaseModel)
+COut = TypeVar("COut")
+#: A saga's output type, when it declares one (``output=``); Any otherwise.
+OutputT = TypeVar("OutputT", default=Any)
 
 StepFn = Callable[["Context[InT]"], Awaitable[OutT]]
 CompensateFn = Callable[["Context[InT]", OutT], Awaitable[None]]
@@ -119,12 +124,14 @@ class Step(Generic[InT, OutT]):
         return f"<Step {self.saga.name}.{self.name}>"
 
 
-class Saga(Generic[InT]):
+class Saga(Generic[InT, OutputT]):
     """A named, versioned sequence of steps over one pydantic input model.
 
     ``version`` is recorded with every run: an orchestrator only claims runs whose
     (name, version) it has registered, so a deploy that changes the steps bumps it and
-    old runs finish on workers that still have the old definition.
+    old runs finish on workers that still have the old definition. ``output``: the type
+    of a completed run's output (checked against the steps at registration), which then
+    types ``run.result()`` and a parent's children step.
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class Saga(Generic[InT]):
         name: str,
         *,
         input: type[InT],
+        output: type[OutputT] | None = None,
         version: int = 1,
         priority: int | Callable[[InT], int] | None = None,
         concurrency_key: Callable[[InT], str] | None = None,
@@ -145,6 +153,7 @@ class Saga(Generic[InT]):
             raise DefinitionError(f"saga {name!r}: input must be a pydantic BaseModel subclass")
         _checks.integer(f"saga {name!r}: version", version, DefinitionError, minimum=1)
         self.input_type: type[InT] = input
+        self.declared_output: Any = output
         self.version = version
         self.steps: list[Step[InT, Any]] = []
         self._by_name: dict[str, Step[InT, Any]] = {}
@@ -259,17 +268,20 @@ class Saga(Generic[InT]):
     def children(
         self,
         name: str,
-        saga: Saga[Any],
-        inputs: Callable[[Context[InT]], Sequence[Any] | Awaitable[Sequence[Any]]],
+        saga: Saga[CIn, COut],
+        inputs: Callable[
+            [Context[InT]],
+            Sequence[CIn | Mapping[str, Any]] | Awaitable[Sequence[CIn | Mapping[str, Any]]],
+        ],
         *,
         max_children: int = 100,
         after: Sequence[Step[InT, Any] | str] | None = None,
-    ) -> Step[InT, list[Any]]:
+    ) -> Step[InT, list[COut]]:
         """Declare a step that starts one run of ``saga`` per item ``inputs(ctx)``
         returns (a list of its inputs, sync or async; at most ``max_children``) and
         completes with the list of their outputs once they all completed. See the README,
         "Child sagas"."""
-        step: Step[InT, list[Any]] = _children.declare(
+        step: Step[InT, list[COut]] = _children.declare(
             self, name, saga, inputs, max_children, after
         )
         return step
@@ -325,6 +337,7 @@ class Saga(Generic[InT]):
                 "steps run in parallel (after=); use it on linear sagas or child sagas"
             )
         self.pivot = _pivot.check(self, self.graph)
+        _graph.check_output(self)
         self._frozen = True
         self._fingerprint = of_definition(self, self.graph)
 
@@ -336,19 +349,21 @@ class Saga(Generic[InT]):
 
     async def start(
         self,
-        input: InT,
+        input: InT | Mapping[str, Any],
         *,
         key: str | None = None,
         require_same_input: bool = True,
         conn: Executor | None = None,
-    ) -> RunHandle:
+        priority: int | None = None,
+    ) -> RunHandle[OutputT]:
         """Durably start a run of this saga through the orchestrator it is registered with.
 
         Returns once the run is committed; ``orchestrator.start(saga, input, ...)`` (see
-        :meth:`saga.Client.start` for ``key``, ``require_same_input`` and ``conn``)."""
-        client = _registry.the_client(self)
+        :meth:`saga.Client.start` for ``key``, ``require_same_input``, ``conn`` and
+        ``priority``)."""
+        client, same = _registry.the_client(self), require_same_input
         return await client.start(
-            self, input, key=key, require_same_input=require_same_input, conn=conn
+            self, input, key=key, require_same_input=same, conn=conn, priority=priority
         )
 
 
@@ -372,7 +387,7 @@ class Context(Generic[InT]):
     def result(self, step: Wait[P]) -> P: ...
 
     @overload
-    def result(self, step: Step[Any, R]) -> R: ...
+    def result(self, step: Step[InT, R]) -> R: ...
 
     def result(self, step: Step[Any, Any] | Wait[Any]) -> Any:
         """The typed result of an earlier completed step of this run, or the payload
@@ -382,16 +397,7 @@ class Context(Generic[InT]):
                 f"ctx.result() takes a step or a wait of saga {self.saga!r} (the object its "
                 f"decorator or wait_for returned), got {_checks.show(step)}"
             )
-        graph = self._definition.graph
-        if (
-            graph is not None
-            and step.name not in graph.ancestors[self.step]
-            and not (self.is_compensation and step.name == self.step)
-        ):
-            raise DefinitionError(
-                f"step {self.step!r} does not run after {step.name!r}: it can only read "
-                "the results of the steps it runs after (add it to after=)"
-            )
+        _graph.check_read(self._definition.graph, self.step, step.name, self.is_compensation)
         if step.name not in self._results:
             raise DefinitionError(
                 f"{'wait' if isinstance(step, Wait) else 'step'} {step.name!r} has not "

@@ -12,9 +12,9 @@ import dis
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_type_hints
 
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict, is_typeddict
 
 from saga._errors import DefinitionError
 from saga._policy import resolve_annotations
@@ -226,3 +226,31 @@ def output_type(saga: Any, graph: Graph | None = None) -> Any:
         return saga.get_step(graph.sinks[0]).result_type
     fields = {name: saga.get_step(name).result_type for name in graph.sinks}
     return TypedDict(f"{saga.name}_output", fields)  # type: ignore[operator]
+
+
+def check_read(graph: Graph | None, reader: str, read: str, compensation: bool) -> None:
+    """A run's step reads only the results of the steps it runs after (a compensation,
+    its own step's too)."""
+    if graph is None or read in graph.ancestors[reader] or (compensation and read == reader):
+        return
+    raise DefinitionError(
+        f"step {reader!r} does not run after {read!r}: it can only read the results of the "
+        "steps it runs after (add it to after=)"
+    )
+
+
+def check_output(saga: Any) -> None:
+    """A declared ``output=`` must be the type the runs end with (what ``result()``
+    reads): the last step's result type, or the final steps' results by name (a
+    TypedDict of the same fields)."""
+    declared, actual = saga.declared_output, output_type(saga)
+    if declared is None or declared == actual:
+        return
+    both_dicts = is_typeddict(declared) and is_typeddict(actual)
+    if both_dicts and get_type_hints(declared) == get_type_hints(actual):
+        return
+    raise DefinitionError(
+        f"saga {saga.name!r}: output={getattr(declared, '__name__', declared)!r}, but its "
+        f"runs end with {getattr(actual, '__name__', actual)!r} (the result type of its "
+        "final step, or of its final steps by name)"
+    )

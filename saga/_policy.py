@@ -8,7 +8,7 @@ import math
 import random
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,7 +44,7 @@ class Retry:
     max_delay: float = 60.0
     multiplier: float = 2.0
     jitter: float = 0.5
-    non_retryable: tuple[type[BaseException], ...] = ()
+    non_retryable: Sequence[type[BaseException]] = ()  # a tuple or list (kept as a tuple)
     on_give_up: Literal["compensate", "stop"] = "compensate"
 
     def __post_init__(self) -> None:

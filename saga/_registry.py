@@ -32,6 +32,7 @@ class Starter(Protocol):
         key: str | None = None,
         require_same_input: bool = True,
         conn: Any = None,
+        priority: int | None = None,
     ) -> RunHandle: ...
 
 

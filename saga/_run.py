@@ -6,10 +6,22 @@ asks the client, which reads the database when called.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Generic, Protocol, cast
 from uuid import UUID
 
+from pydantic import BaseModel
+from typing_extensions import TypeVar
+
 from saga._model import HistoryEvent, RunInfo, RunStatus
+
+if TYPE_CHECKING:
+    from saga._db import Executor
+    from saga._waits import Wait
+
+P = TypeVar("P", bound=BaseModel)
+#: A run's output type (its saga's ``output``; Any when the saga declares none).
+OutputT = TypeVar("OutputT", default=Any)
 
 
 class RunOps(Protocol):
@@ -36,16 +48,16 @@ class RunOps(Protocol):
     async def signal(
         self,
         run_id: UUID | str,
-        signal: Any,
-        payload: Any,
+        signal: str | Wait[P],
+        payload: P | Mapping[str, Any],
         *,
-        conn: Any = None,
+        conn: Executor | None = None,
         by: str | None = ...,
         note: str | None = ...,
     ) -> bool: ...
 
 
-class RunHandle:
+class RunHandle(Generic[OutputT]):
     """A reference to one run, bound to the client (or orchestrator) that gave it out.
 
     Holding a handle costs nothing: every method reads the database when called.
@@ -71,7 +83,7 @@ class RunHandle:
         """The run's events in order: what ran, when, where, which attempt, what failed."""
         return await self._client.history(self.id)
 
-    async def result(self, timeout: float | None = None) -> Any:
+    async def result(self, timeout: float | None = None) -> OutputT:
         """Wait for the run to end; return its output (the last step's typed result).
 
         Raises :class:`RunCompensatedError`, :class:`RunCancelledError` or
@@ -81,7 +93,7 @@ class RunHandle:
         when the client closes meanwhile. Woken by NOTIFY; the client polls for all its
         waiters at once as a fallback, so a lost notification costs only latency.
         """
-        return await self._client.result(self.id, timeout)
+        return cast("OutputT", await self._client.result(self.id, timeout))
 
     async def cancel(self, *, by: str | None = None, note: str | None = None) -> None:
         """Cancel the run: the steps that completed are compensated, newest first.
@@ -130,10 +142,10 @@ class RunHandle:
 
     async def signal(
         self,
-        signal: Any,
-        payload: Any,
+        signal: str | Wait[P],
+        payload: P | Mapping[str, Any],
         *,
-        conn: Any = None,
+        conn: Executor | None = None,
         by: str | None = None,
         note: str | None = None,
     ) -> bool:

@@ -55,8 +55,10 @@ class Scheduler:
         self._start = start
         self._poll = poll
         self._outage = outage
-        self._retrying = False  # an on-time slot failed: tried again in _RETRY seconds
         self._firing: set[str] = set()  # the schedules being handled now
+        # Schedules whose on-time slot failed: tried again at this time (anyio's clock).
+        self._backoff: dict[str, float] = {}
+        self._wake = anyio.Event()  # set when a schedule's task ends
         self._limiter = anyio.CapacityLimiter(_AT_ONCE)
 
     async def register(self) -> None:
@@ -76,30 +78,43 @@ class Scheduler:
         outage (logged once, through ``Outage``): the loop waits it out and goes on."""
         await self.register()
         task_status.started()
-        names = list(self._scheduled)
         async with anyio.create_task_group() as tg:
             while True:
+                idle = self._idle()
                 try:
-                    await self.fire_due(tg)
-                    wait = await self._store.schedules_next(names)
+                    await self.fire_due(tg, idle)
+                    idle = self._idle()  # (the schedules just handed to a task are busy)
+                    wait = await self._store.schedules_next(idle) if idle else None
                 except DatabaseError as exc:
                     self._outage.lost("starting scheduled runs", exc)
                     wait = self._poll
                 else:
                     self._outage.back()
-                wait = min(self._poll, max(wait if wait is not None else self._poll, 0.01))
-                await anyio.sleep(max(wait, _RETRY) if self._retrying else wait)
+                wait = min(self._poll, wait if wait is not None else self._poll)
+                if self._backoff:  # a failed slot is tried again after its delay
+                    wait = min(wait, min(self._backoff.values()) - anyio.current_time())
+                with anyio.move_on_after(max(wait, 0.01)):
+                    await self._wake.wait()  # (or a task ending: its schedule is free)
+                self._wake = anyio.Event()
 
-    async def fire_due(self, tg: TaskGroup) -> None:
-        """Handle each due schedule not being handled already, in a task of its own (see
+    def _idle(self) -> list[str]:
+        """The schedules neither being handled nor waiting to try a failed slot again."""
+        now = anyio.current_time()
+        for name, until in list(self._backoff.items()):
+            if until <= now:
+                del self._backoff[name]
+        return [n for n in self._scheduled if n not in self._firing and n not in self._backoff]
+
+    async def fire_due(self, tg: TaskGroup, names: list[str]) -> None:
+        """Handle each of ``names`` that is due in a task of its own (see
         :meth:`_fire_one`): a slow input function holds up only its own schedule."""
-        self._retrying = False
+        if not names:
+            return
         async with self._store.schedule_transaction() as conn:  # which are due (no lock kept)
-            due = [d.name for d in await self._store.schedules_due(conn, list(self._scheduled))]
+            due = [d.name for d in await self._store.schedules_due(conn, names)]
         for name in due:
-            if name not in self._firing:
-                self._firing.add(name)
-                tg.start_soon(self._fire_one, name)
+            self._firing.add(name)
+            tg.start_soon(self._fire_one, name)
 
     async def _fire_one(self, name: str) -> None:
         """The schedule's due slots, in a transaction of its own holding its row (one
@@ -112,6 +127,7 @@ class Scheduler:
             self._outage.lost("starting scheduled runs", exc)
         finally:
             self._firing.discard(name)
+            self._wake.set()
 
     async def _fire(self, conn: Any, s: Scheduled[Any], next_fire: datetime, now: datetime) -> int:
         """Start the runs of the schedule's due slots. A slot whose input function raises,
@@ -131,7 +147,7 @@ class Scheduler:
                 )
             elif slot >= now - s.grace:
                 following = slot  # due again: tried until its grace has passed
-                self._retrying = True
+                self._backoff[s.name] = anyio.current_time() + _RETRY
                 break
             else:
                 skipped += 1

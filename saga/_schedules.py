@@ -8,7 +8,7 @@ run per slot: see ``saga/_scheduler.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -53,7 +53,13 @@ class Scheduled(Generic[InT]):
     name: str
     saga: Saga[InT]
     schedule: Schedule
-    input: InT | Callable[[datetime], InT]
+    # A model, or a function (sync or async) of the slot's time returning the input (or
+    # a mapping validated as it).
+    input: (
+        InT
+        | Callable[[datetime], InT | Mapping[str, Any]]
+        | Callable[[datetime], Awaitable[InT | Mapping[str, Any]]]
+    )
     missed: Missed = "skip"
     catch_up: int = 10
     grace: timedelta = timedelta(minutes=1)

@@ -53,6 +53,22 @@ class Children:
                 return made
             kids = await self._store.children_of(run_id, step.name)
             started = True
+        if all(k.output is not None for k in kids):  # all completed (some reverted since)
+            ordered = sorted(kids, key=lambda k: k.index)
+            joined = "[" + ",".join(k.output or "null" for k in ordered) + "]"
+            size = len(joined.encode("utf-8"))
+            if size <= self._max_bytes and all(k.status is _COMPLETED for k in kids):
+                return Succeeded(joined)
+            if size > self._max_bytes:  # the step fails: its children are undone first
+                undone = await self.undo(run_id, step)
+                if not isinstance(undone, Succeeded):
+                    return undone
+                too_large = PayloadTooLargeError(
+                    f"result of step {step.name!r}: the {len(kids)} child runs' outputs are "
+                    f"{size} bytes of JSON, above the limit of {self._max_bytes} bytes "
+                    "(max_payload_bytes)"
+                )
+                return Failed(error_record(too_large, step.name), retryable=False)
         # A stopped child is not over: an operator retries it (the step goes on waiting),
         # cancels it (it then ends cancelled, which fails the step) or resolves it (which
         # fails the step too).
@@ -68,21 +84,6 @@ class Children:
             first = min(failed, key=lambda k: (k.cancel_requested, k.index))
             error = ChildFailed(f"child run {first.id} ended {first.status}: {_reason(first)}")
             return Failed(error_record(error, step.name), retryable=False)
-        if all(k.status is _COMPLETED for k in kids):
-            ordered = sorted(kids, key=lambda k: k.index)
-            joined = "[" + ",".join(k.output or "null" for k in ordered) + "]"
-            size = len(joined.encode("utf-8"))
-            if size <= self._max_bytes:
-                return Succeeded(joined)
-            undone = await self.undo(run_id, step)  # the step fails: its children go
-            if not isinstance(undone, Succeeded):
-                return undone
-            too_large = PayloadTooLargeError(
-                f"result of step {step.name!r}: the {len(kids)} child runs' outputs are "
-                f"{size} bytes of JSON, above the limit of {self._max_bytes} bytes "
-                "(max_payload_bytes)"
-            )
-            return Failed(error_record(too_large, step.name), retryable=False)
         ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
         return Parked(ended, len(kids), started)
 

@@ -248,41 +248,6 @@ async def test_an_idle_client_cannot_be_set_to_spin(dsn: str) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_a_children_step_result_is_held_to_max_payload_bytes(
-    orchestrator: OrchestratorFactory, db: asyncpg.Connection
-) -> None:
-    """README: payloads above ``max_payload_bytes`` are refused (PayloadTooLargeError);
-    "a step that returns an unstorable value fails permanently". A children step's
-    result (the list of its children's outputs) is a step result like any other, but
-    saga builds it by concatenating the children's stored outputs without checking its
-    size: with a limit of 4,000 bytes, 8 children of ~900 bytes each make the parent
-    store (and return as the run's output) a result of ~7,300 bytes."""
-    chunk = saga.Saga("chunk", input=Job)
-
-    @chunk.step()
-    async def load(ctx: saga.Context[Job]) -> str:
-        return "x" * 900
-
-    parent = saga.Saga("fan", input=Job)
-
-    @parent.step()
-    async def split(ctx: saga.Context[Job]) -> int:
-        return 8
-
-    parent.children(
-        "loads", chunk, lambda ctx: [Job(n=i) for i in range(ctx.result(split))], after=[split]
-    )
-    orch = await orchestrator(parent, chunk, max_payload_bytes=4000)
-    run = await orch.start(parent, Job(n=1))
-    with anyio.fail_after(30):
-        while not (await run.status()).is_terminal:  # noqa: ASYNC110
-            await anyio.sleep(0.1)
-    output = await db.fetchval("SELECT output FROM saga.runs WHERE id = $1", run.id)
-    size = len((output or "").encode())
-    assert size <= 4000, f"the run's output is {size} bytes, above max_payload_bytes=4000"
-
-
-@pytest.mark.timeout(60)
 async def test_cli_views_escape_control_characters_of_recorded_errors(
     cli: Cli, orchestrator: OrchestratorFactory
 ) -> None:

@@ -7,6 +7,8 @@ import pytest
 from pydantic import BaseModel
 
 import saga
+from tests._sagas import Job
+from tests.conftest import OrchestratorFactory
 
 
 class In(BaseModel):
@@ -177,3 +179,33 @@ def test_bad_orchestrator_arguments_fail_before_any_sql(kwargs: dict[str, object
     s = saga.Saga("cfg", input=In)
     with pytest.raises(saga.ConfigurationError):
         saga.Orchestrator("postgresql://nowhere/db", sagas=[s], **kwargs)  # type: ignore[arg-type]
+
+
+class _Receipt(BaseModel):
+    charge_id: str
+
+
+async def test_a_declared_output_is_checked_and_types_the_result(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """``Saga(output=...)`` declares the type of a completed run's output: registration
+    refuses one the steps do not end with (a DefinitionError naming both), and a saga
+    whose last step returns it registers, its run's result being that type."""
+    wrong = saga.Saga("wrong_output", input=Job, output=int)
+
+    @wrong.step()
+    async def pay(ctx: saga.Context[Job]) -> _Receipt:
+        return _Receipt(charge_id="c")
+
+    with pytest.raises(saga.DefinitionError, match=r"output='int'.*'_Receipt'"):
+        await orchestrator(wrong)
+
+    right = saga.Saga("right_output", input=Job, output=_Receipt)
+
+    @right.step()
+    async def charge(ctx: saga.Context[Job]) -> _Receipt:
+        return _Receipt(charge_id=f"c-{ctx.input.n}")
+
+    orch = await orchestrator(right)
+    run = await orch.start(right, Job(n=3))
+    assert await run.result(timeout=20) == _Receipt(charge_id="c-3")

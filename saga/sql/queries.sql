@@ -244,7 +244,9 @@ SELECT * FROM claimed;
 -- name: started
 -- Log the start of an attempt claimed after an expired lease (claim and claim_items log
 -- the others), fenced like a transition: whether the lease is still held (nothing is
--- logged when it is not). Safe to replay: a start logged already is not logged again.
+-- logged when it is not). Safe to replay: a start logged already since that claim's
+-- lease_expired is not logged again (an earlier one of the same attempt number, before
+-- an operator's retry restarted the count, does not count).
 -- $1 run id, $2 lease token held, $3 the worker holding it, $4 event kind
 -- (step_started or compensation_started), $5 step name, $6 attempt, $7 the graph item's
 -- phase, or NULL for a linear run (whose lease is in its run row)
@@ -260,8 +262,11 @@ WITH lease AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker)
     SELECT $1, $4, $5, $6, $3 FROM lease
     WHERE lease.held AND NOT EXISTS (
-        SELECT 1 FROM __schema__.events
-        WHERE run_id = $1 AND kind = $4 AND step = $5 AND attempt = $6)
+        SELECT 1 FROM __schema__.events e
+        WHERE e.run_id = $1 AND e.kind = $4 AND e.step = $5 AND e.attempt = $6
+          AND e.worker = $3
+          AND e.id > (SELECT max(x.id) FROM __schema__.events x
+                      WHERE x.run_id = $1 AND x.kind = 'lease_expired' AND x.step = $5))
 )
 SELECT held FROM lease;
 

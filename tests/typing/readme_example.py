@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import assert_type
 
 import asyncpg
 import structlog
@@ -66,7 +67,7 @@ class Receipt(BaseModel):
     charge_id: str
 
 
-checkout = saga.Saga("checkout", input=Order)
+checkout = saga.Saga("checkout", input=Order, output=Receipt)  # output: optional, checked
 
 
 @checkout.step(retry=saga.Retry(max_attempts=5), timeout=10)
@@ -82,7 +83,7 @@ async def release_stock(ctx: saga.Context[Order], reservation_id: str) -> None:
 @checkout.step()
 async def charge_card(ctx: saga.Context[Order]) -> Receipt:
     reservation_id = ctx.result(reserve_stock)  # typed result of an earlier step
-    _: str = reservation_id  # mypy proves ctx.result() returns the step's type
+    assert_type(reservation_id, str)  # mypy proves ctx.result() returns the step's type
     return await payments.charge(ctx.input.amount_cents, key=ctx.idempotency_key)
 
 
@@ -95,7 +96,8 @@ async def main(dsn: str) -> None:
     async with saga.Orchestrator(dsn, sagas=[checkout]) as orch:  # e.g. in a FastAPI lifespan
         run = await checkout.start(Order(order_id="o-1", amount_cents=500), key="o-1")
         try:
-            receipt = await run.result(timeout=30)  # or return run.id at once
+            receipt = await run.result(timeout=30)  # a Receipt; or return run.id at once
+            assert_type(receipt, Receipt)
         except saga.RunCompensatedError as exc:
             print("rolled back because", exc.error)
         for event in await run.history():
@@ -271,7 +273,7 @@ decision = refunds.wait_for("decision", Decision, timeout=timedelta(hours=48))
 @refunds.step()
 async def pay_refund(ctx: saga.Context[RefundRequest]) -> str:
     answer = ctx.result(decision)  # the signal's payload, typed
-    _decision: Decision = answer  # mypy proves ctx.result(wait) returns the model
+    assert_type(answer, Decision)  # mypy proves ctx.result(wait) returns the model
     if not answer.approved:
         raise saga.PermanentError(f"rejected by {answer.manager}")  # releases the hold
     return await bank.pay(ctx.result(hold_funds), key=ctx.idempotency_key)
@@ -308,6 +310,7 @@ async def book_slot(ctx: saga.Context[Order]) -> str:
 @order.step(after=[reserve, book_slot])  # the join: once both completed
 async def charge(ctx: saga.Context[Order]) -> Receipt:
     slot = ctx.result(book_slot)  # typed; only steps it runs after
+    assert_type(slot, str)
     return await payments.charge(ctx.input.amount_cents, key=f"{slot}:{ctx.idempotency_key}")
 
 
@@ -320,7 +323,7 @@ class ImportJob(BaseModel):
     rows: int
 
 
-chunk = saga.Saga("chunk", input=Chunk)
+chunk = saga.Saga("chunk", input=Chunk, output=int)
 
 
 @chunk.step()
@@ -348,6 +351,7 @@ loads = imports.children(
 @imports.step(after=[loads])
 async def report(ctx: saga.Context[ImportJob]) -> int:
     loaded: list[int] = ctx.result(loads)  # the children's outputs, in input order
+    assert_type(ctx.result(loads), list[int])
     return sum(loaded)
 
 
