@@ -147,11 +147,12 @@ class Acting:
                 "next run, so its compensations can no longer run"
             )
         saga = self.definition(state["saga_name"], state["saga_version"])
-        if saga is None:
+        if saga is None or state["fingerprint"] not in (None, saga.fingerprint):
             raise ConfigurationError(
                 f"skipping a compensation needs the definition of saga "
-                f"{state['saga_name']!r} version {state['saga_version']} (what is left to "
-                "undo depends on it): pass it to this client's sagas= (saga CLI: --target)"
+                f"{state['saga_name']!r} version {state['saga_version']} the run started "
+                f"with (fingerprint {state['fingerprint']}; what is left to undo depends on "
+                "it): pass it to this client's sagas= (saga CLI: --target)"
             )
         skip = plan_skip(saga, dict(state), json.loads(data))
         if not await uncancellable(store.skip_compensation(run_id, skip)):

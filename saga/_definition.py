@@ -314,12 +314,9 @@ class Saga(Generic[InT, OutputT]):
         version, the input model's fields, and the steps with their order, result types
         and whether they compensate. Recorded with every run; an orchestrator executes
         only runs whose fingerprint it has (see the README on deploys)."""
-        if self._fingerprint is not None:
-            return self._fingerprint
-        value = of_definition(self, self.graph if self._frozen else _graph.shape(self))
-        if self._frozen:
-            self._fingerprint = value
-        return value
+        if self._fingerprint is None and self._frozen:
+            self._fingerprint = of_definition(self, self.graph)
+        return self._fingerprint or of_definition(self, _graph.preview(self))
 
     def _freeze(self) -> None:
         if not self.steps:

@@ -125,8 +125,10 @@ def of_definition(saga: Any, graph: Any) -> str:
     steps: list[tuple[str, Any, bool]] = []
     for s in saga.steps:
         steps.append((s.name, s.result_type, s.compensation is not None))
-        if s.spawn is not None:
-            steps.append((f"children:{s.spawn.saga.name}", None, False))
+        if s.spawn is not None:  # (a child saga's version 1 is implied, as it always was)
+            child = s.spawn.saga
+            suffix = "" if child.version == 1 else f"@v{child.version}"
+            steps.append((f"children:{child.name}{suffix}", None, False))
         if s.pivot:
             steps.append(("pivot", None, False))
         if graph is not None:

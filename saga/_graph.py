@@ -192,15 +192,28 @@ def shape(saga: Any) -> Graph | None:
         return None
 
 
-def of_saga(saga: Any, parkings: dict[str, Any]) -> Graph | None:
-    """The graph of a saga being registered (None: linear), every rule checked."""
+def preview(saga: Any) -> Graph | None:
+    """The graph registration would give the saga now (None: linear), its annotations
+    and children steps' result types resolved as registration does, so that a
+    fingerprint read before registration is the one its runs record; as declared so far
+    when it cannot be registered yet."""
+    try:
+        resolve_annotations(saga, final=False)
+        return of_saga(saga, saga._parkings, final=False)
+    except DefinitionError:
+        return shape(saga)
+
+
+def of_saga(saga: Any, parkings: dict[str, Any], *, final: bool = True) -> Graph | None:
+    """The graph of a saga being registered (None: linear), every rule checked (not
+    ``final``: a preview, see :func:`preview`)."""
     spawns = [s for s in saga.steps if s.spawn is not None]
     graph = build(saga.name, [(s.name, s.deps) for s in saga.steps], force=bool(spawns))
     if graph is None:
         return None
     for step in spawns:  # a list of the child saga's outputs
         child = step.spawn.saga
-        resolve_annotations(child)  # (it may be frozen after this one)
+        resolve_annotations(child, final=final)  # (it may be frozen after this one)
         step.result_type = list[output_type(child, child.graph or shape(child))]  # type: ignore[misc]
     if parkings:
         raise DefinitionError(

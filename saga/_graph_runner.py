@@ -112,7 +112,7 @@ class GraphRunner:
             run.outcome, run.error_type = Outcome.FAILURE, "saga.AttemptLost"
             return Failed(_plan.attempt_lost(run.step, run.attempt + 1), retryable=False)
         run.reclaimed = run.reclaimed and not dropping  # (a dropped item does not start)
-        if lease.lost or not await runner.writer.started(run, lease):
+        if lease.lost or (run.reclaimed and not await runner.writer.started(run, lease)):
             return _LOST
         ctx = runner.context(run, step.name, run.phase)
         run.ctx = ctx

@@ -34,6 +34,7 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
     file has changed since it was applied (its checksum differs): the database holds what
     the old file did, and nothing is applied until that is resolved.
     """
+    _not_newer(await applied_version(pool, schema), schema)
     q = queries(schema)
     quoted = quote_ident(schema)
     applied_now: list[int] = []
@@ -90,9 +91,21 @@ async def applied_version(pool: asyncpg.Pool, schema: str) -> int:
 async def check_migrated(pool: asyncpg.Pool, schema: str) -> None:
     """Raise ConfigurationError unless every migration this version knows is applied."""
     applied = await applied_version(pool, schema)
+    _not_newer(applied, schema)
     if applied < latest_migration():
         raise ConfigurationError(
             f"schema {schema!r} is not migrated (at migration {applied} of "
             f"{latest_migration()}); run `saga migrate` (or saga.migrate()) first, or open "
             "with migrate=True"
+        )
+
+
+def _not_newer(applied: int, schema: str) -> None:
+    """A schema a newer release of saga migrated: this one's statements may not work on
+    it (a rolling deploy runs the newer release's ``saga migrate`` once its previous
+    processes are gone, or says in its CHANGELOG that they may stay)."""
+    if applied > latest_migration():
+        raise MigrationError(
+            f"schema {schema!r} was migrated by a newer release of saga (migration "
+            f"{applied}; this one knows {latest_migration()}): run the newer release"
         )

@@ -147,10 +147,14 @@ def check_async(fn: Any, what: str, params: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Unresolved:
-    """A return annotation naming what is not defined yet when the step is declared (a
-    model defined further down the module): resolved when the saga is registered."""
+    """A return annotation that cannot be evaluated yet when the step is declared (a
+    model defined further down the module, or in a module still being imported):
+    resolved when the saga is registered, whatever the import order was."""
 
     fn: Callable[..., Any]
+
+    def __repr__(self) -> str:  # (no address: fingerprints read early stay the same)
+        return f"<unresolved return annotation of {getattr(self.fn, '__qualname__', '?')}>"
 
 
 def return_annotation(fn: Callable[..., Any]) -> Any:
@@ -158,10 +162,8 @@ def return_annotation(fn: Callable[..., Any]) -> Any:
     serializers and validators apply to results too); ``Any`` when undeclared."""
     try:
         return _return_hint(fn)
-    except NameError:
+    except Exception:  # NameError, or AttributeError from a module half imported
         return Unresolved(fn)
-    except Exception:
-        return Any
 
 
 def _return_hint(fn: Callable[..., Any]) -> Any:
@@ -179,18 +181,31 @@ def _return_hint(fn: Callable[..., Any]) -> Any:
 _SHIM_CODE = (lambda: None).__code__
 
 
-def resolve_annotations(saga: Any) -> None:
-    """Resolve the steps' return annotations left for registration (see Unresolved)."""
+def resolve_annotations(saga: Any, *, final: bool = True) -> None:
+    """Resolve the steps' return annotations left for registration (see Unresolved);
+    not ``final`` (a fingerprint read early), those that still fail stay unresolved."""
     for step in saga.steps:
         if isinstance(step.result_type, Unresolved):
             try:
                 step.result_type = _return_hint(step.fn)
-            except NameError as exc:
-                raise DefinitionError(
-                    f"saga {saga.name!r}: the return annotation of step {step.name!r} names "
-                    f"{exc.name!r}, which is not defined in its module (imported under "
-                    "TYPE_CHECKING only?): saga reads the step's results back as that type"
-                ) from None
+            except Exception:
+                if final:
+                    _unresolvable(saga, step)
+
+
+def _unresolvable(saga: Any, step: Any) -> None:
+    """At registration: a name the annotation uses is missing (DefinitionError), or it
+    evaluates to nothing usable (then the step's results are untyped, as they were)."""
+    try:
+        step.result_type = _return_hint(step.fn)
+    except NameError as exc:
+        raise DefinitionError(
+            f"saga {saga.name!r}: the return annotation of step {step.name!r} names "
+            f"{exc.name!r}, which is not defined in its module (imported under "
+            "TYPE_CHECKING only?): saga reads the step's results back as that type"
+        ) from None
+    except Exception:
+        step.result_type = Any
 
 
 def check_timeout(timeout: float | None) -> None:

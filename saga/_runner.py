@@ -286,7 +286,7 @@ class Runner:
         if skip is not None:
             run.outcome, run.error_type = _FAILURE, "saga.AttemptLost"
             return skip, None
-        if lease.lost or not await self.writer.started(run, lease):
+        if lease.lost or (run.reclaimed and not await self.writer.started(run, lease)):
             return None, None
         ctx = run.ctx = self.context(run, step.name, run.phase)
         called, result = await self.call_user(run, step, ctx, lease, _plan.policy(run.saga, state))

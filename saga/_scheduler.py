@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from saga._aio import is_cancellation_by_saga
+from saga._db import unreachable
 from saga._errors import DatabaseError, exception_type
 from saga._log import Outage, logger
 from saga._run import RunHandle
@@ -124,7 +125,12 @@ class Scheduler:
                 for due in await self._store.schedules_due(conn, [name]):  # still due: locked
                     await self._fire(conn, self._scheduled[name], due.next_fire, due.now)
         except DatabaseError as exc:
-            self._outage.lost("starting scheduled runs", exc)
+            # The loop's own queries report an outage (once, as it starts and ends); a
+            # task's connection cut by it may only fail after the loop saw it end.
+            if not unreachable(exc):
+                logger.error(
+                    "schedule_failed", schedule=name, error_type=_name(exc.__cause__ or exc)
+                )
         finally:
             self._firing.discard(name)
             self._wake.set()

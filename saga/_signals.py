@@ -91,7 +91,7 @@ class Signalling:
                 raise RunNotFoundError(rid)
             wait = self._wait(found, signal)
         payload_json = self._payload(wait, payload)
-        saga = (wait.saga.name, wait.saga.version)
+        saga = (wait.saga.name, wait.saga.version, wait.saga.fingerprint)
         return await self._deliver(rid, wait.name, payload_json, saga, conn, data)
 
     async def _signal_unchecked(
@@ -110,14 +110,15 @@ class Signalling:
         what = f"payload of signal {name!r}"
         payload_json = encode(dict(payload), Any, what=what, max_bytes=self.max_payload_bytes)
         data = operator_data(by, note)
-        return await self._deliver(run_id, name, payload_json, saga, None, data)
+        unchecked = (*saga, None)  # any definition of that name and version
+        return await self._deliver(run_id, name, payload_json, unchecked, None, data)
 
     async def _deliver(
         self,
         rid: uuid.UUID,
         name: str,
         payload_json: str,
-        saga: tuple[str, int],
+        saga: tuple[str, int, str | None],
         conn: Executor | None,
         data: str | None,
     ) -> bool:
@@ -158,6 +159,13 @@ class Signalling:
     def _wait(self, run: RunDefinition, name: str) -> Wait[Any]:
         """The wait ``name`` of the run's registered definition (raises)."""
         definition = self.definition(run.saga_name, run.saga_version)
+        if definition is not None and run.fingerprint not in (None, definition.fingerprint):
+            raise DefinitionError(
+                f"run {run.run_id} is a run of saga {run.saga_name!r} v{run.saga_version} "
+                f"as defined with fingerprint {run.fingerprint}; this client registers it "
+                f"with fingerprint {definition.fingerprint} (another definition: its waits "
+                "may differ): send the signal from a process with the run's definition"
+            )
         if definition is None:
             raise DefinitionError(
                 f"run {run.run_id} is a run of saga {run.saga_name!r} v{run.saga_version}, "
@@ -180,7 +188,9 @@ class Signalling:
         return encode(model, wait.model, what=what, max_bytes=self.max_payload_bytes)
 
 
-def _outcome(delivery: Delivery, run_id: uuid.UUID, name: str, saga: tuple[str, int]) -> bool:
+def _outcome(
+    delivery: Delivery, run_id: uuid.UUID, name: str, saga: tuple[str, int, str | None]
+) -> bool:
     if delivery is Delivery.ACCEPTED:
         logger.debug("signal_received", run_id=str(run_id), signal=name)
         return True
@@ -190,7 +200,8 @@ def _outcome(delivery: Delivery, run_id: uuid.UUID, name: str, saga: tuple[str, 
         raise RunNotFoundError(run_id)
     if delivery is Delivery.OTHER_SAGA:
         raise InvalidInputError(
-            f"run {run_id} is not a run of saga {saga[0]!r} v{saga[1]}, whose wait {name!r} this is"
+            f"run {run_id} is not a run of saga {saga[0]!r} v{saga[1]} as defined here "
+            f"(fingerprint {saga[2]}), whose wait {name!r} this is"
         )
     if delivery is Delivery.ENDED:
         raise InvalidRunStateError(

@@ -45,6 +45,7 @@ class RunDefinition:
     run_id: UUID
     saga_name: str
     saga_version: int
+    fingerprint: str | None  # None: started before fingerprints were recorded
 
 
 class SignalQueries:
@@ -64,18 +65,18 @@ class SignalQueries:
         run_id: UUID,
         name: str,
         payload_json: str,
-        saga: tuple[str, int],
+        saga: tuple[str, int, str | None],
         conn: Executor | None = None,
         data: str | None = None,
         notify: bool = True,
     ) -> Delivery:
         """Record the signal ``name`` for the run, its payload checked for the
-        definition ``saga`` (name, version), in one statement (in ``conn``'s open
-        transaction if given); ``data``: who sent it and why (JSON), for the history.
-        ``notify``: the statement wakes the workers itself when it wakes the run (else
-        the caller NOTIFYs once it committed)."""
+        definition ``saga`` (name, version, fingerprint; None: any), in one statement
+        (in ``conn``'s open transaction if given); ``data``: who sent it and why (JSON),
+        for the history. ``notify``: the statement wakes the workers itself when it
+        wakes the run (else the caller NOTIFYs once it committed)."""
         channel = self.work_channel if notify else None
-        args = (run_id, name, payload_json, saga[0], saga[1], channel, uuid.uuid4(), data)
+        args = (run_id, name, payload_json, saga[0], saga[1], channel, uuid.uuid4(), data, saga[2])
         async with translate_errors("sending a signal"):
             if conn is not None:
                 row = await conn.fetchrow(self._q["send_signal"], *args)
@@ -112,7 +113,7 @@ class SignalQueries:
         """The definition of run ``run_id`` (None: no such run)."""
         async with translate_errors("reading a run"):
             row = await (conn or self.hot).fetchrow(self._q["run_definition"], run_id)
-        return None if row is None else RunDefinition(run_id, row[0], row[1])
+        return None if row is None else RunDefinition(run_id, row[0], row[1], row[2])
 
     async def run_by_key(
         self, saga_name: str, key: str, conn: Executor | None
@@ -120,7 +121,7 @@ class SignalQueries:
         """The run of ``saga_name`` started with ``key`` (None: there is none)."""
         async with translate_errors("finding a run by key"):
             row = await (conn or self.hot).fetchrow(self._q["find_run_for_signal"], saga_name, key)
-        return None if row is None else RunDefinition(row[0], saga_name, row[1])
+        return None if row is None else RunDefinition(row[0], saga_name, row[1], row[2])
 
 
 def _signal_id(args: SignalArgs) -> Hashable:

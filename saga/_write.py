@@ -95,9 +95,11 @@ class Writer:
         phase = None if lease.item is None else lease.item[1]
         attempt = partial(self._store.started, self._worker, run.id, lease.token, event, phase)
         try:
-            return await attempt()
+            held = await attempt()
         except DatabaseError as exc:
             return await self._after_error(attempt, None, exc)
+        self._outage.back()
+        return held
 
     async def write_graph(
         self,

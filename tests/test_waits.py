@@ -233,7 +233,9 @@ async def test_signals_sent_at_once_share_commits_each_with_its_own_answer(
         store = client._store
         assert store is not None
         payload = Decision(approved=True).model_dump_json()
-        answers[-1, 0] = await store.send_signal(uuid7(), "decision", payload, (s.name, s.version))
+        answers[-1, 0] = await store.send_signal(
+            uuid7(), "decision", payload, (s.name, s.version, None)
+        )
 
     async with anyio.create_task_group() as tg:
         for n in range(30):

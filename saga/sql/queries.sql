@@ -719,7 +719,7 @@ SELECT id FROM upd;
 -- name: rollback_state
 -- Where a failed run's rollback stopped (to skip the compensation that gave up).
 -- $1 run id
-SELECT saga_name, saga_version, status, graph, completed_steps, compensated_steps,
+SELECT saga_name, saga_version, fingerprint, status, graph, completed_steps, compensated_steps,
        coalesce(compensation_error->>'step', step_name) AS failed_step,
        compensation_error IS NOT NULL AS compensation_failed, error IS NOT NULL AS has_error,
        resolved, key_state IS NOT DISTINCT FROM 'released' AS key_freed
@@ -1330,12 +1330,14 @@ ORDER BY saga_name, status;
 -- $1 run id, $2 signal name, $3 payload JSON text, $4 the saga name and $5 version the
 -- payload was validated for, $6 work notification channel (NULL: no NOTIFY, the sender
 -- sends one once this committed), $7 a new id for the signal,
--- $8 what the history records of the sender (the operator and the note) or NULL.
+-- $8 what the history records of the sender (the operator and the note) or NULL, $9 the
+-- fingerprint of the definition the payload was validated for (a run started with
+-- another definition of the same name and version refuses it, as another saga's would).
 -- Signals sent at about the same time go in one transaction (saga/_store_signals.py).
 WITH run AS (
     -- FOR UPDATE returns the newest version of the row (whatever this statement's
     -- snapshot): every decision below reads it from here, never from a scan of runs.
-    SELECT id, saga_name, saga_version, status, wait_name,
+    SELECT id, saga_name, saga_version, fingerprint, status, wait_name,
            status = 'compensating' OR cancel_requested AS rolling_back,
            status = 'stopped' AND key_state IS NOT DISTINCT FROM 'released' AS freed,
            status = 'stopped' AND wait_name = $2 AS stopped_here,
@@ -1344,7 +1346,8 @@ WITH run AS (
     FROM __schema__.runs WHERE id = $1
     FOR UPDATE
 ), target AS (
-    SELECT *, (saga_name, saga_version) = ($4::text, $5::integer) AS same_saga,
+    SELECT *, (saga_name, saga_version) = ($4::text, $5::integer)
+              AND coalesce(fingerprint = $9::text, true) AS same_saga,
            -- A stopped run is not over: an operator resumes it (a signal for a later
            -- wait is kept for it like any early signal).
            status IN ('completed', 'compensated', 'failed', 'cancelled') AS ended
@@ -1409,14 +1412,17 @@ SELECT o.saga_name, o.same_saga, o.ended, o.freed, o.rolling_back, o.accepted, o
 FROM outcome o;
 
 -- name: find_run_for_signal
--- The run a signal by idempotency key goes to: its id and definition version.
+-- The run a signal by idempotency key goes to: its id, definition version and
+-- fingerprint.
 -- $1 saga name, $2 idempotency key
-SELECT id, saga_version FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
+SELECT id, saga_version, fingerprint FROM __schema__.runs
+WHERE saga_name = $1 AND idempotency_key = $2;
 
 -- name: run_definition
--- Which definition a run belongs to (to validate a signal's payload against it).
+-- Which definition a run belongs to (to validate a signal's payload against it), its
+-- fingerprint NULL for runs started before fingerprints were recorded.
 -- $1 run id
-SELECT saga_name, saga_version FROM __schema__.runs WHERE id = $1;
+SELECT saga_name, saga_version, fingerprint FROM __schema__.runs WHERE id = $1;
 
 -- name: claim_items
 -- Lease up to $2 due items of graph runs (due, or whose lease expired) of registered
