@@ -22,6 +22,7 @@ from saga._skip import plan_skip
 if TYPE_CHECKING:
     from saga._definition import Saga
     from saga._store import RunRow, Store
+    from saga._telemetry import Telemetry
 
 #: Longest operator name and note an action records.
 MAX_BY_LENGTH = 200
@@ -55,6 +56,8 @@ class Acting:
         async def info(self, run_id: uuid.UUID) -> RunInfo: ...
 
         def definition(self, name: str, version: int) -> Saga[Any] | None: ...
+
+        telemetry: Telemetry
 
     async def cancel(
         self, run_id: uuid.UUID | str, *, by: str | None = None, note: str | None = None
@@ -159,6 +162,11 @@ class Acting:
             raise InvalidRunStateError(
                 f"run {run_id} changed meanwhile (another operator acted on it); look again"
             )
+        if skip.ends is not None:  # nothing left to undo: the run ended here, not in a worker
+            info = await self.info(run_id)
+            took = None if info.finished_at is None else info.finished_at - info.created_at
+            age = None if took is None else took.total_seconds()
+            self.telemetry.run_ended(saga.name, str(skip.ends), age)
 
 
 def _freed(info: RunInfo) -> str:

@@ -14,9 +14,10 @@ from saga._aio import is_cancellation_by_saga
 from saga._codec import check_readable, decode_stored
 from saga._errors import SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
+from saga._instruments import RATE_LIMIT
 from saga._model import Phase
 from saga._rate import RateLimit
-from saga._telemetry import RATE_LIMIT, Telemetry
+from saga._telemetry import Telemetry
 from saga._transition import Failed, Succeeded
 
 if TYPE_CHECKING:

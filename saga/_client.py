@@ -39,6 +39,7 @@ from saga._errors import (
     RunNotFoundError,
     RunTimeoutError,
 )
+from saga._instruments import CREATED, RUN_ID, SAGA
 from saga._lifecycle import Lifecycle, started
 from saga._listener import Listener
 from saga._log import Outage, logger
@@ -50,7 +51,7 @@ from saga._run import OutputT, RunHandle
 from saga._signals import Signalling
 from saga._store import RunRow, Store
 from saga._store_ops import DefinitionKey
-from saga._telemetry import CREATED, RUN_ID, SAGA, Telemetry
+from saga._telemetry import Telemetry
 
 InT = TypeVar("InT", bound=pydantic.BaseModel)
 

@@ -10,6 +10,7 @@ so branches run concurrently here too, and on any other worker that claims them.
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 from typing import Any
 
@@ -18,7 +19,7 @@ from opentelemetry import trace
 from saga import _graph_plan, _plan
 from saga._active import ActiveRun
 from saga._definition import Saga
-from saga._errors import error_record
+from saga._errors import DatabaseError, error_record
 from saga._graph_plan import Finished, GraphChange, Parked
 from saga._lease import Lease, Leases
 from saga._log import log_event, logger
@@ -31,6 +32,11 @@ from saga._write import COMMITTED
 
 _STEP = Phase.STEP
 _LOST = object()  # the lease was lost while the item ran: nothing is written
+# The states a run's end is counted in (saga.runs.<status>), as the runner's writes do.
+_ENDS = frozenset(
+    (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED, RunStatus.FAILED,
+     RunStatus.STOPPED)
+)  # fmt: skip
 
 
 class GraphRunner:
@@ -89,7 +95,10 @@ class GraphRunner:
             runner.refused(run, lease, log)
             return
         if written is COMMITTED:  # its reply was lost: what it decided is not known here
-            runner.end_attempt(run, run.outcome)
+            ended = await self._ended_by_us(run)
+            runner.end_attempt(run, run.outcome, ended)
+            if ended is not None:
+                runner.telemetry.run_ended(run.saga.name, ended, time.perf_counter() - run.born)
             self._leases.wake()  # (it may have parked a step whose children ended meanwhile)
             await self._carry_on(run)
             return
@@ -97,6 +106,21 @@ class GraphRunner:
         self._recorded(run, change, result, log)
         for step, new_phase, token in result.leased:
             self._adopt(item, run, change, result, step, new_phase, token)
+
+    async def _ended_by_us(self, run: ActiveRun) -> RunStatus | None:
+        """The run's end, if a write of this worker recorded it (an uncertain write that
+        committed may have: its run is then counted as ended here, as the others are)."""
+        store, worker = self._runner.store, self._runner.worker
+        try:
+            row = await store.get_run(run.id)
+            if row is None or row.info.status not in _ENDS:
+                return None
+            kind = str(EventKind.ended(row.info.status))
+            return (
+                row.info.status if await store.has_event(run.id, kind, None, None, worker) else None
+            )
+        except DatabaseError:  # counted by no one: the run itself ended all the same
+            return None
 
     async def _attempt(self, run: ActiveRun, lease: Lease, dropping: bool) -> object:
         """Run the item: its outcome (None: a children step dropped, its children

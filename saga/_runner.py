@@ -22,12 +22,13 @@ from saga._codec import encode_checked
 from saga._definition import Context, Saga, Step
 from saga._errors import DatabaseError, SagaError, error_record, exception_type
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
+from saga._instruments import SAGA
 from saga._lease import Lease, Leases
 from saga._log import Outage, frames, log_event, logger
 from saga._model import Outcome, Phase, RunStatus
 from saga._parked import sleep_length, timeout_result
 from saga._store import Store
-from saga._telemetry import SAGA, Telemetry
+from saga._telemetry import Telemetry
 from saga._transition import (
     ClaimedItem,
     Failed,
@@ -136,6 +137,8 @@ class Runner:
                     "internal_error",
                     run_id=str(item.run_id),
                     saga=item.saga_name,
+                    step=item.step_name,
+                    attempt=item.attempt,
                     error_type=exception_type(exc),
                     where=frames(exc),  # (never the message: it may quote a payload)
                 )

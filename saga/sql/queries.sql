@@ -1056,15 +1056,15 @@ WITH active AS (
     FROM __schema__.runs WHERE due_at IS NOT NULL GROUP BY status
 ), lag AS (
     -- The runs' own rows, and the items of runs whose steps run in parallel (their row
-    -- is never due).
+    -- is never due). A leased one is due once its lease expired: runnable again.
     SELECT coalesce(extract(epoch FROM now() - min(due))::float8, 0) AS lag
     FROM (
         SELECT due_at AS due, saga_name, saga_version, fingerprint
-        FROM __schema__.runs WHERE due_at <= now() AND lease_owner IS NULL
+        FROM __schema__.runs WHERE due_at <= now()
         UNION ALL
         SELECT i.due_at, r.saga_name, r.saga_version, r.fingerprint
         FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
-        WHERE i.due_at <= now() AND i.lease_owner IS NULL
+        WHERE i.due_at <= now()
     ) due
     WHERE (saga_name, saga_version, coalesce(fingerprint, '-'))
           IN (SELECT * FROM unnest($1::text[], $2::integer[], $3::text[]))
@@ -1078,12 +1078,12 @@ SELECT status, runs, oldest_age, (SELECT lag FROM lag) AS lag,
 FROM active
 UNION ALL
 -- One literal status per count, so that each reads its partial index (runs_failed,
--- runs_stopped), not the table.
+-- runs_stopped), not the table; those an operator resolved wait for no one.
 SELECT 'failed', count(*), NULL, (SELECT lag FROM lag), (SELECT lag FROM timers)
-FROM __schema__.runs WHERE status = 'failed'
+FROM __schema__.runs WHERE status = 'failed' AND NOT resolved
 UNION ALL
 SELECT 'stopped', count(*), NULL, (SELECT lag FROM lag), (SELECT lag FROM timers)
-FROM __schema__.runs WHERE status = 'stopped';
+FROM __schema__.runs WHERE status = 'stopped' AND NOT resolved;
 
 -- name: census_parked
 -- Sleeping and waiting runs per saga (an index-backed read of the active runs only).
