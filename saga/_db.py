@@ -313,8 +313,13 @@ async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncp
     force_generic_plan``), for an orchestrator's statements on given runs (see
     ``Store.hot``). On the day-partitioned runs, Postgres would otherwise plan them at
     every execution (custom plans: their costs depend on a LIMIT or a run id), and
-    planning over every partition cost two thirds of a claim's database time."""
-    settings = {"plan_cache_mode": "force_generic_plan"} if generic else None
+    planning over every partition cost two thirds of a claim's database time. Every
+    pool saga owns runs with ``jit = off``."""
+    # No JIT: saga's statements are short, and the few that read a whole day (a prune's)
+    # are costed high enough for Postgres to spend a second compiling them.
+    settings = {"jit": "off"}
+    if generic:
+        settings["plan_cache_mode"] = "force_generic_plan"
     where = f"connecting to {describe_dsn(dsn)}"
     try:
         async with translate_errors(where):

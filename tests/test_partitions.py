@@ -433,3 +433,15 @@ async def test_a_schema_named_like_a_placeholder_is_partitioned_and_pruned(
         assert _today() in await partitions.days(pool, "saga")
     finally:
         await pool.close()
+
+
+async def test_saga_pools_run_without_jit(orchestrator: OrchestratorFactory) -> None:
+    """Both pools an orchestrator opens run with ``jit = off``: a prune's statements read
+    a whole day and are costed high enough for Postgres to JIT-compile them, which cost
+    a second per statement (more than the statement)."""
+    quick = small_saga("quick", 1)
+    orch = await orchestrator(quick)
+    assert orch._pool is not None
+    assert await orch._pool.fetchval("SHOW jit") == "off"
+    assert orch._hot is not None
+    assert await orch._hot.fetchval("SHOW jit") == "off"

@@ -1199,26 +1199,31 @@ SELECT now() - make_interval(secs => $1::float8);
 -- goes in a prune: it finished before the cutoff in one of the statuses, and none of its
 -- ancestors stays (a parent still running, or failed and still retryable, reads and
 -- undoes its children, and their own children through them: a grandchild goes only
--- with its grandparent). NULL (not false) for a run not finished: to keep those,
--- negate it as NOT coalesce(it, false).
+-- with its grandparent). Three generations up are looked at; a run nested deeper is
+-- kept as if its ancestors stayed, and goes once they are pruned (a few prunes for a
+-- deep chain). Joins, not a recursive query: the planner then costs the condition as
+-- the few index probes it is (a recursive one was costed so high that Postgres JIT-
+-- compiled every prune statement, a second per batch). NULL (not false) for a run not
+-- finished: to keep those, negate it as NOT coalesce(it, false).
 -- $1 the prune's cutoff (one instant for the whole prune), $2 statuses (text[], terminal)
 (r.due_at IS NULL
  AND r.finished_at < $1::timestamptz
  AND r.status = ANY($2::text[])
  AND (r.parent_id IS NULL OR NOT EXISTS (
-     WITH RECURSIVE ancestors(id, parent_id, stays) AS (
-         SELECT p.id, p.parent_id,
-                NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
-                     AND p.status = ANY($2::text[]))
-         FROM __schema__.runs p WHERE p.id = r.parent_id
-         UNION ALL
-         SELECT p.id, p.parent_id,
-                NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
-                     AND p.status = ANY($2::text[]))
-         FROM __schema__.runs p JOIN ancestors a ON p.id = a.parent_id
-         WHERE NOT a.stays
-     )
-     SELECT 1 FROM ancestors WHERE stays)))
+     SELECT 1 FROM __schema__.runs p
+     LEFT JOIN __schema__.runs g ON g.id = p.parent_id
+     LEFT JOIN __schema__.runs gg ON gg.id = g.parent_id
+     WHERE p.id = r.parent_id
+       AND (NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
+                 AND p.status = ANY($2::text[]))
+            OR (g.id IS NOT NULL
+                AND NOT (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false)
+                         AND g.status = ANY($2::text[])))
+            OR (gg.id IS NOT NULL
+                AND (gg.parent_id IS NOT NULL
+                     OR NOT (gg.due_at IS NULL
+                             AND coalesce(gg.finished_at < $1::timestamptz, false)
+                             AND gg.status = ANY($2::text[]))))))))
 
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
@@ -1877,9 +1882,10 @@ SELECT pg_advisory_xact_lock(hashtext($1));
 -- name: partition_lock_timeout
 -- This transaction's statements wait at most 500 ms for a table's lock, then fail
 -- (statements on the runs queue behind a waiting lock meanwhile); the caller tries the
--- day again later.
+-- day again later. No JIT either (a pool the user gave may have it on): the statements
+-- reading a whole day are costed high enough for Postgres to spend a second compiling.
 -- no parameters
-SET LOCAL lock_timeout = '500ms';
+SET LOCAL lock_timeout = '500ms'; SET LOCAL jit = off
 
 -- name: partition_lock_default
 -- Take the DEFAULT partition of a table exclusively: attaching a partition next to it
