@@ -4,6 +4,7 @@ row by row) or their dry runs; with its parent, it goes in the same prune."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -155,3 +156,42 @@ async def test_children_go_with_their_parent_whatever_the_batch_order(
 
     assert (dry.runs, gone.runs) == (3, 3)
     assert await db.fetchval("SELECT count(*) FROM saga.runs") == 0
+
+
+async def test_a_chain_of_nested_children_goes_only_after_its_top(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """Five finished runs nested as child of child (top -> c1 -> c2 -> c3 -> c4), all
+    ended 40 days ago, but the top still running: a prune deletes none of them, however
+    deep (a run four levels down is kept while anything above it stays). Once the top
+    has ended too, prunes take the whole chain (the deepest once the chain above it is
+    gone), and nothing of it is left."""
+    from tests._sagas import small_saga
+
+    quick = small_saga("nested", 1)
+    orch = await orchestrator(quick)
+    runs = [await orch.start(quick, Job(n=i)) for i in range(5)]
+    for run in runs:
+        await run.result(timeout=20)
+    ids = [await _backdate(db, run.id, 40) for run in runs]
+    for parent, child in itertools.pairwise(ids):
+        await db.execute(
+            "UPDATE saga.runs SET parent_id = $2, parent_step = 's1' WHERE id = $1", child, parent
+        )
+    await db.execute(  # the top runs again (as if retried): its descendants stay
+        "UPDATE saga.runs SET status = 'running', due_at = now() + interval '1 hour',"
+        " finished_at = NULL WHERE id = $1",
+        ids[0],
+    )
+    gone = await saga.prune(orch, older_than=timedelta(days=30))
+    assert gone.runs == 0
+    await db.execute(
+        "UPDATE saga.runs SET status = 'completed', due_at = NULL,"
+        " finished_at = now() - interval '40 days' WHERE id = $1",
+        ids[0],
+    )
+    pruned = 0
+    for _ in range(5):
+        pruned += (await saga.prune(orch, older_than=timedelta(days=30))).runs
+    assert pruned == 5
+    assert await db.fetchval("SELECT count(*) FROM saga.runs WHERE id = ANY($1)", ids) == 0

@@ -1199,9 +1199,9 @@ SELECT now() - make_interval(secs => $1::float8);
 -- goes in a prune: it finished before the cutoff in one of the statuses, and none of its
 -- ancestors stays (a parent still running, or failed and still retryable, reads and
 -- undoes its children, and their own children through them: a grandchild goes only
--- with its grandparent). Three generations up are looked at; a run nested deeper is
--- kept as if its ancestors stayed, and goes once they are pruned (a few prunes for a
--- deep chain). Joins, not a recursive query: the planner then costs the condition as
+-- with its grandparent). Three generations up are looked at; a run with a fourth
+-- ancestor still there is kept as if it stayed, and goes once the chain above it is
+-- pruned (a few prunes for a deep chain). Joins, not a recursive query: the planner then costs the condition as
 -- the few index probes it is (a recursive one was costed so high that Postgres JIT-
 -- compiled every prune statement, a second per batch). NULL (not false) for a run not
 -- finished: to keep those, negate it as NOT coalesce(it, false).
@@ -1213,6 +1213,7 @@ SELECT now() - make_interval(secs => $1::float8);
      SELECT 1 FROM __schema__.runs p
      LEFT JOIN __schema__.runs g ON g.id = p.parent_id
      LEFT JOIN __schema__.runs gg ON gg.id = g.parent_id
+     LEFT JOIN __schema__.runs ggg ON ggg.id = gg.parent_id
      WHERE p.id = r.parent_id
        AND (NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
                  AND p.status = ANY($2::text[]))
@@ -1220,7 +1221,7 @@ SELECT now() - make_interval(secs => $1::float8);
                 AND NOT (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false)
                          AND g.status = ANY($2::text[])))
             OR (gg.id IS NOT NULL
-                AND (gg.parent_id IS NOT NULL
+                AND (ggg.id IS NOT NULL  -- deeper still: kept until that one is gone
                      OR NOT (gg.due_at IS NULL
                              AND coalesce(gg.finished_at < $1::timestamptz, false)
                              AND gg.status = ANY($2::text[]))))))))
