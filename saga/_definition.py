@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, overload
 from uuid import UUID
 
 from pydantic import BaseModel
@@ -32,7 +32,7 @@ from saga._policy import (
 )
 from saga._rate import RateLimit
 from saga._traffic import Traffic
-from saga._waits import OnTimeout, Parking, Sleep, Wait, declare_sleep, declare_wait
+from saga._waits import Parking, Sleep, Wait, declare_sleep, declare_wait
 
 if TYPE_CHECKING:
     from saga._children import Spawn
@@ -255,7 +255,8 @@ class Saga(Generic[InT, OutputT]):
         model: type[P],
         *,
         timeout: timedelta | float | None = None,
-        on_timeout: OnTimeout = "compensate",
+        on_timeout: Literal["compensate", "stop"]
+        | Callable[[Context[InT]], Awaitable[P | Mapping[str, Any]]] = "compensate",
     ) -> Wait[P]:
         """Declare a wait for the signal ``name`` after the last declared step. The
         signal's payload (a ``model``) is the wait's result: later steps read it with

@@ -86,3 +86,48 @@ async def refused(dsn: str, run: saga.RunHandle) -> None:
 @checkout.step()
 async def reads_another_saga(ctx: saga.Context[Order]) -> None:
     ctx.result(refund)  # type: ignore[arg-type]
+
+
+async def default_approval(ctx: saga.Context[Order]) -> Approval:
+    return Approval(approved=False)
+
+
+async def default_mapping(ctx: saga.Context[Order]) -> dict[str, Any]:
+    return {"approved": False}
+
+
+async def wrong_default(ctx: saga.Context[Order]) -> Refund:
+    return Refund(refund_id="r")
+
+
+orders = saga.Saga("orders", input=Order)
+
+
+@orders.step()
+async def place(ctx: saga.Context[Order]) -> None:
+    return None
+
+
+orders.wait_for("approval", Approval, timeout=60, on_timeout=default_approval)
+
+
+@orders.step()
+async def confirm(ctx: saga.Context[Order]) -> None:
+    return None
+
+
+orders.wait_for("second", Approval, timeout=60, on_timeout=default_mapping)
+
+
+@orders.step()
+async def settle(ctx: saga.Context[Order]) -> None:
+    return None
+
+
+# An on_timeout returning another model than the wait's: refused by mypy.
+orders.wait_for("third", Approval, timeout=60, on_timeout=wrong_default)  # type: ignore[arg-type]
+
+
+@orders.step()
+async def close(ctx: saga.Context[Order]) -> None:
+    return None
