@@ -23,7 +23,7 @@ from saga._transition import Failed, Succeeded
 if TYPE_CHECKING:
     from saga._active import ActiveRun
     from saga._definition import Context, Step
-    from saga._lease import Lease
+    from saga._lease import Lease, Leases
     from saga._policy import Retry
     from saga._store import Store
 
@@ -35,6 +35,7 @@ class CallEnv(Protocol):
     """What a call needs from the runner making it."""
 
     store: Store
+    leases: Leases
     worker: str
     lease_seconds: float
     telemetry: Telemetry
@@ -65,17 +66,22 @@ async def call_user(
     (GeneratorExit, SystemExit and stray CancelledErrors included), except the
     cancellation of this task: lease lost, timeout, or shutdown. A step with a rate
     limit first waits for its token (not counted in its timeout; the lease is renewed
-    meanwhile)."""
+    meanwhile). A step whose own lease is shorter than the one its item was leased with
+    (a claim leases with the orchestrator's) renews it to its own length first, so that
+    a worker dying in it is noticed after that step's lease, not the claim's."""
     compensation = run.phase is _COMPENSATION
     comp = step.compensation
     timeout = comp.timeout if compensation and comp else step.timeout
     seconds = step.lease_seconds or env.lease_seconds
+    leased = lease.seconds
     assert run.span is not None
     # Spans hold error types only: nothing escaping here records its message.
     current = trace.use_span(
         run.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
     )
     with lease.attempt_scope(seconds), current:
+        if seconds < leased:
+            await env.leases.renew(lease)  # a lost lease cancels this scope
         if step.rate_limit is not None and not compensation:
             delay = await take(env.store, step.rate_limit, run, env.worker, lease)
             env.telemetry.rate_delay.record(delay, {RATE_LIMIT: step.rate_limit.name})

@@ -312,6 +312,12 @@ class Leases:
             if leases:
                 await self._beat(leases)
 
+    async def renew(self, lease: Lease) -> None:
+        """Renew ``lease`` now, by its length (saga._call: an attempt whose step leases
+        for less than the claim did), as a heartbeat would."""
+        if not lease.stalled:
+            await self._beat([lease])
+
     async def _beat(self, leases: list[Lease]) -> None:
         sent = {lease.key: lease.token for lease in leases}
         runs = [(ls.run_id, ls.token, ls.seconds) for ls in leases if ls.item is None]
