@@ -4,7 +4,8 @@ its span and its timeout, after the step's rate limit (if any) let it through.""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine
+import math
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -15,6 +16,7 @@ from saga._codec import check_readable, decode_stored
 from saga._errors import SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._instruments import RATE_LIMIT
+from saga._lease import cancel_scope
 from saga._model import Phase
 from saga._rate import RateLimit
 from saga._telemetry import Telemetry
@@ -90,7 +92,7 @@ async def call_user(
         try:
             await env.hooks.before_call(ctx, env.faults)
             check_readable(run.input)
-            with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
+            with _time_limit(timeout, seconds, lease) if timeout is not None else _NO_TIMEOUT:
                 if compensation and comp is not None:
                     done = _stored_result(run, step)
                     check_readable(done)
@@ -104,6 +106,25 @@ async def call_user(
     # Only reached when the heartbeat cancelled the scope (lease lost): the caller sees
     # lease.scope.cancel_called and records nothing.
     return Failed(error_record(SagaError("lease lost"), step.name), True), None
+
+
+@contextlib.contextmanager
+def _time_limit(timeout: float, grace: float, lease: Lease) -> Iterator[None]:
+    """An attempt's timeout: TimeoutError once it is past, even when the function
+    swallowed the cancellation and returned (its late result is not recorded). A
+    function still running ``grace`` seconds after its timeout ignores cancellation: its
+    heartbeats stop (see Leases.heartbeat_loop), so that another attempt takes over once
+    its lease expires, and its own writes are refused."""
+    scope = cancel_scope()
+    scope.deadline = anyio.current_time() + timeout
+    lease.unresponsive_at = scope.deadline + grace
+    try:
+        with scope:
+            yield
+    finally:
+        lease.unresponsive_at = math.inf
+    if scope.cancel_called:
+        raise TimeoutError(f"the attempt ran past its {timeout:g} s timeout")
 
 
 async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease) -> float:

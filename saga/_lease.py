@@ -60,6 +60,8 @@ class Lease:
     item: tuple[str, Phase] | None = None  # a graph run's item (step, phase)
     # saga.testing's expire_lease: heartbeats leave it, as a stalled worker's would.
     stalled: bool = False
+    # When the attempt, past its timeout, counts as ignoring cancellation (saga._call).
+    unresponsive_at: float = math.inf
     # The run its task drives (saga._active.ActiveRun), for the saga, step and attempt
     # of the log lines about the lease.
     active: Any = None
@@ -308,7 +310,8 @@ class Leases:
         task_status.started()
         while True:
             await anyio.sleep(self._heartbeat_every)
-            leases = [lease for lease in self.inflight.values() if not lease.stalled]
+            now = anyio.current_time()
+            leases = [ls for ls in self.inflight.values() if self._responsive(ls, now)]
             if leases:
                 await self._beat(leases)
 
@@ -317,6 +320,19 @@ class Leases:
         for less than the claim did), as a heartbeat would."""
         if not lease.stalled:
             await self._beat([lease])
+
+    def _responsive(self, lease: Lease, now: float) -> bool:
+        """Whether heartbeats renew ``lease``: not a stalled one (saga.testing's
+        expire_lease), nor one whose attempt ignored its timeout's cancellation for the
+        grace saga._call gives it. That attempt's lease then expires, and another attempt
+        takes over."""
+        if lease.stalled:
+            return False
+        if lease.unresponsive_at > now:
+            return True
+        lease.stalled = True
+        logger.error("step_unresponsive", worker=self._worker, **lease.log_fields())
+        return False
 
     async def _beat(self, leases: list[Lease]) -> None:
         sent = {lease.key: lease.token for lease in leases}
