@@ -11,7 +11,6 @@ A bulk action first prints how many runs match and changes nothing; ``--expect N
 
 from __future__ import annotations
 
-import getpass
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,19 +20,6 @@ from saga._cli_ops import runs_table
 from saga._cli_render import _clean, _Ctx, _info_json
 from saga._client import Client
 from saga._model import RunStatus
-
-
-def default_operator() -> str:
-    """Who acts when ``--by`` is not given: the user running the command."""
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no user name in the environment or the password file
-        return "cli"
-
-
-def _by(ctx: _Ctx) -> str:
-    by: str | None = ctx.args.by
-    return default_operator() if by is None else by
 
 
 def _filters(ctx: _Ctx) -> dict[str, Any]:
@@ -79,7 +65,7 @@ async def _bulk(
             )
         return EXIT_OK
     result = await act(
-        orch, limit=args.limit, expect=args.expect, by=_by(ctx), note=args.note, **where
+        orch, limit=args.limit, expect=args.expect, by=ctx.by, note=args.note, **where
     )
     if ctx.as_json:
         refused = {str(run): why for run, why in result.refused.items()}
@@ -97,7 +83,7 @@ async def _retry(ctx: _Ctx, orch: Client) -> int:
         return await _bulk(ctx, orch, "retry", retry_runs)
     handle = orch.get_run(ctx.args.run)
     before = await handle.info()  # where it stopped: a worker may move it on at once
-    await handle.retry(by=_by(ctx), note=ctx.args.note)
+    await handle.retry(by=ctx.by, note=ctx.args.note)
     if ctx.as_json:
         ctx.emit({"run": _info_json(await handle.info()), "action": "retry"})
     elif before.status is RunStatus.STOPPED and before.wait is not None:
@@ -113,7 +99,7 @@ async def _cancel(ctx: _Ctx, orch: Client) -> int:
     if ctx.args.all:
         return await _bulk(ctx, orch, "cancel", cancel_runs)
     handle = orch.get_run(ctx.args.run)
-    await handle.cancel(by=_by(ctx), note=ctx.args.note)
+    await handle.cancel(by=ctx.by, note=ctx.args.note)
     info = await handle.info()
     if ctx.as_json:
         ctx.emit({"run": _info_json(info), "action": "cancel"})
@@ -124,7 +110,7 @@ async def _cancel(ctx: _Ctx, orch: Client) -> int:
 
 async def _resolve(ctx: _Ctx, orch: Client) -> int:
     handle = orch.get_run(ctx.args.run)
-    await handle.resolve(note=ctx.args.note, by=_by(ctx))
+    await handle.resolve(note=ctx.args.note, by=ctx.by)
     info = await handle.info()
     if ctx.as_json:
         ctx.emit({"run": _info_json(info), "action": "resolve"})
@@ -136,7 +122,7 @@ async def _resolve(ctx: _Ctx, orch: Client) -> int:
 async def _skip(ctx: _Ctx, orch: Client) -> int:
     handle = orch.get_run(ctx.args.run)
     before = await handle.info()
-    await handle.skip_compensation(note=ctx.args.note, by=_by(ctx))
+    await handle.skip_compensation(note=ctx.args.note, by=ctx.by)
     info = await handle.info()
     if ctx.as_json:
         ctx.emit({"run": _info_json(info), "action": "skip-compensation"})

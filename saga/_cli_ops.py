@@ -164,9 +164,12 @@ def _parked(info: RunInfo) -> list[tuple[str, str]]:
     if info.status is RunStatus.WAITING:
         until = f"times out {due}" if info.due_at else "no timeout"
         return [("waiting for", f"{wait} ({until})")]
-    if info.status is RunStatus.STOPPED:
+    if info.status is RunStatus.STOPPED and info.wait is not None:
         hint = "saga signal resumes it, saga retry waits again, saga cancel compensates"
         return [("stopped at", f"{wait}: the wait timed out ({hint})")]
+    if info.status is RunStatus.STOPPED:
+        hint = "saga retry runs it again, saga cancel compensates"
+        return [("stopped at", f"{info.step or '-'}: the step gave up ({hint})")]
     return []
 
 
@@ -248,7 +251,7 @@ async def _signal(ctx: _Ctx, orch: Client) -> int:
     try:
         what = f"payload for signal {wait.name!r}"
         payload = validate_as(wait.model, args.payload, what, from_json=True)
-        accepted = await orch.signal(info.id, wait, payload, by=args.by, note=args.note)
+        accepted = await orch.signal(info.id, wait, payload, by=ctx.by, note=args.note)
     except (InvalidInputError, SerializationError) as exc:  # invalid, too large, not storable
         ctx.fail(EXIT_USAGE, str(exc))
     if ctx.as_json:

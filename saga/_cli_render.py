@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,20 @@ class _Ctx:
         error = "error: " if code == EXIT_ERROR else ""
         self.note(f"saga {self.args.command}: {error}{_clean(message)}")
         raise _Exit(code)
+
+    @property
+    def by(self) -> str:
+        """Who acts: ``--by``, or the user running the command."""
+        by: str | None = self.args.by
+        return default_operator() if by is None else by
+
+
+def default_operator() -> str:
+    """Who acts when ``--by`` is not given: the user running the command."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment or the password file
+        return "cli"
 
 
 def _clean(text: str) -> str:

@@ -3,6 +3,7 @@ reader that stops early (`| head`), finding a run by its business key, and `saga
 
 from __future__ import annotations
 
+import getpass
 import uuid
 
 import anyio
@@ -11,8 +12,10 @@ import pytest
 
 import saga
 from tests import _harness
-from tests._sagas import Job, parked_saga
-from tests.conftest import Cli, ClientFactory
+from tests._sagas import Job, parked_saga, permanent, small_saga, until_status
+from tests._wait_sagas import SAGAS as WAIT_SAGAS
+from tests._wait_sagas import approval
+from tests.conftest import Cli, ClientFactory, OrchestratorFactory
 from tests.test_operator_lookup import KEYS
 
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
@@ -249,3 +252,51 @@ async def test_stats_counts_runs_per_saga_and_status_with_filters(
     code, out, _ = await cli("stats", "--help", dsn=False)
     assert code == 0
     assert out.startswith("usage: saga stats")
+
+
+async def test_cli_signal_records_the_user_running_it_when_no_by_is_given(
+    cli: Cli, orchestrator: OrchestratorFactory
+) -> None:
+    """README (Command line): every action, `signal` included, takes `--by NAME`
+    (default: the user running the command), recorded in the run's history."""
+    orch = await orchestrator(*WAIT_SAGAS)
+    run = await orch.start(approval, Job(n=1))
+    await until_status(run, saga.RunStatus.WAITING)
+    code, _, err = await cli(
+        "signal",
+        "decision",
+        str(run.id),
+        "--payload",
+        '{"approved": true, "by": "ana"}',
+        "--target",
+        "tests._wait_sagas:SAGAS",
+        "--note",
+        "approved on the phone",
+    )
+    assert code == 0, err
+    (received,) = [e for e in await run.history() if e.kind == "signal_received"]
+    assert received.data["note"] == "approved on the phone"
+    assert received.data["by"] == getpass.getuser()
+
+
+async def test_cli_show_tells_a_run_stopped_at_a_step_from_one_stopped_at_a_wait(
+    cli: Cli, orchestrator: OrchestratorFactory
+) -> None:
+    """README (Stopping for an operator): a step whose policy says on_give_up="stop"
+    ends the run `stopped` at that step; `saga show` says so and what resumes it
+    (retry, cancel), not that a wait timed out nor that a signal resumes it."""
+    s = small_saga(
+        "stopper",
+        ["a"],
+        fail={"a": permanent("declined")},
+        retry=saga.Retry(max_attempts=1, on_give_up="stop"),
+    )
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunStoppedError):
+        await run.result(timeout=15)
+    code, out, err = await cli("show", str(run.id))
+    assert code == 0, err
+    assert "a: the step gave up (saga retry runs it again, saga cancel compensates)" in out
+    assert "wait timed out" not in out
+    assert "saga signal" not in out

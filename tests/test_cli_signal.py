@@ -5,6 +5,7 @@ leaves written), `saga show` and `saga runs` of parked runs, and `saga retry` /
 
 from __future__ import annotations
 
+import getpass
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -211,7 +212,8 @@ async def test_a_signal_to_an_ended_run_exits_4_and_the_refusal_is_recorded(
         assert (code, out) == (4, ""), err
         assert "has ended: signal 'decision' refused" in err
         refused = [e for e in await run.history() if e.kind == "signal_refused"]
-        assert [e.data for e in refused] == [{"signal": "decision", "reason": "ended"}]
+        by = getpass.getuser()  # README: --by defaults to the user running the command
+        assert [e.data for e in refused] == [{"signal": "decision", "reason": "ended", "by": by}]
     assert await signal_rows(db) == before
 
 

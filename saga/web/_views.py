@@ -185,8 +185,8 @@ def _actions(info: RunInfo, resolved: bool) -> set[str]:
             actions.add("resolve")
     if status is RunStatus.FAILED and info.compensation_error is not None:
         actions.add("skip")
-    if not status.is_terminal:
-        actions.add("signal")
+    if not status.is_terminal or (status is RunStatus.STOPPED and info.wait is not None):
+        actions.add("signal")  # a run stopped at its timed-out wait goes on with it
     return actions
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -13,7 +14,9 @@ import httpx
 import pytest
 
 import saga
-from tests._sagas import ONCE, Fail, permanent, small_saga
+from saga.testing import advance
+from tests._sagas import ONCE, Fail, Job, permanent, small_saga, until_status
+from tests._wait_sagas import SAGAS as WAIT_SAGAS
 from tests._wait_sagas import approval
 from tests.web.conftest import ALICE, Browser, csrf
 
@@ -153,6 +156,25 @@ async def test_a_signal_from_the_dashboard_resumes_the_run(
     assert response.status_code == 303
     assert await orch.get_run(run_id).result(timeout=10) == "boss"
     assert any(e.data.get("by") == "alice" for e in await orch.history(run_id))
+
+
+async def test_a_run_stopped_at_its_timed_out_wait_offers_the_signal(
+    orchestrator: Any, browse: Browser
+) -> None:
+    """README (Waits): on_timeout="stop" stops the run for an operator, "who sends the
+    awaited signal (the run goes on) or retries it ... or cancels it". The run's page
+    offers all three: the signal form beside retry and cancel."""
+    orch = await orchestrator(*WAIT_SAGAS)
+    run = await orch.start(approval, Job(n=1))
+    await until_status(run, saga.RunStatus.WAITING)
+    await advance(orch, run, timedelta(hours=49))
+    info = await until_status(run, saga.RunStatus.STOPPED)
+    assert info.wait == "decision"
+    http = await browse(orch)
+    page = await http.get(f"/saga/runs/{run.id}", headers=ALICE)
+    assert page.status_code == 200
+    for action in ("retry", "cancel", "signal"):
+        assert f'data-testid="action-{action}"' in page.text
 
 
 async def test_retry_resolve_and_skip_of_a_failed_run(orchestrator: Any, browse: Browser) -> None:
