@@ -125,7 +125,9 @@ def cancel_instead(
 ) -> Transition:
     """A completion refused because a cancel was accepted meanwhile: roll back instead,
     the step that just completed included."""
-    if completion.retry:  # a failed attempt's retry: the failure is recorded, no retry
+    if completion.retry or (completion.status is RunStatus.STOPPED and completion.wait is None):
+        # A failed attempt's retry, or its stop for an operator: the failure is
+        # recorded, then the rollback the cancel asked for.
         failed = completion.events[0]
         data = {"error": failed.data["error"]} if failed.data else None
         event = Event(failed.kind, failed.step, failed.attempt, data)
@@ -256,7 +258,8 @@ def _step_failed(
         return retry
     if saga.get_step(state.step).retry.on_give_up == "stop" and not state.cancel_requested:
         data = {"on_give_up": "stop"}  # the step's policy: an operator looks first
-        return _stop_for_operator(saga, state, outcome.error, [failed], None, data)
+        stop = _stop_for_operator(saga, state, outcome.error, [failed], None, data)
+        return replace(stop, unless_cancelled=True)  # a cancel accepted meanwhile rolls back
     return _rollback(saga, state, outcome.error, [failed], None, lease_for)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from saga._aio import is_cancellation_by_saga
@@ -80,8 +81,9 @@ class Children:
             undone = await self.undo(run_id, step)
             if not isinstance(undone, Succeeded):
                 return undone
-            # The child that ended on its own, not one this step cancelled since.
-            first = min(failed, key=lambda k: (k.cancel_requested, k.index))
+            # The child that ended first: on its own, or cancelled by an operator; not
+            # one this step cancelled or reverted since (they end after it asked).
+            first = min(failed, key=_culprit_order)
             error = ChildFailed(f"child run {first.id} ended {first.status}: {_reason(first)}")
             return Failed(error_record(error, step.name), retryable=False)
         ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
@@ -142,6 +144,13 @@ class Children:
             return Succeeded()
         ended = sum(1 for k in kids if k.status.is_terminal)
         return Parked(ended, len(kids), False)
+
+
+def _culprit_order(kid: Child) -> tuple[datetime, bool, int]:
+    return (kid.finished_at or _NEVER, kid.cancel_requested, kid.index)
+
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 
 def _count(kids: list[Child]) -> int:

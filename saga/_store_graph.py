@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -59,6 +60,7 @@ class Child:
     error: str | None  # JSON text of the failure (or the compensation's), if any
     cancel_requested: bool
     resolved: bool = False  # stopped (or failed) and closed by an operator: over
+    finished_at: datetime | None = None  # when it ended (again, once reverted)
 
 
 def _graph_write_key(write: GraphWrite) -> tuple[ItemKey, int]:
@@ -231,6 +233,7 @@ class GraphQueries:
                 error=r["error"] or r["compensation_error"],
                 cancel_requested=r["cancel_requested"],
                 resolved=r["resolved"],
+                finished_at=r["finished_at"],
             )
             for r in rows
         ]

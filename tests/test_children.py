@@ -441,3 +441,39 @@ async def test_a_parent_cancelled_while_it_looks_at_a_stopped_child_is_not_left_
     with pytest.raises(saga.RunCancelledError):
         await run.result(timeout=10)
     assert ledger.steps("compensation") == ["load", "split"]
+
+
+async def test_a_child_cancelled_by_an_operator_is_the_one_its_parents_error_names(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README (Child sagas): "A child that ends compensated, cancelled or failed fails
+    the step for good (a saga.ChildFailed error with that child's), once its siblings
+    are undone." Of three children, two complete and an operator cancels the third: the
+    parent's error names the cancelled child, not a sibling the parent reverted since."""
+    ledger = Ledger()
+    gate = Gate("load", when=lambda ctx: ctx.input.n == 1)
+    child = small_saga(
+        "chunk", ["load"], compensate=True, ledger=ledger, gate=gate,
+        result=lambda ctx: ctx.input.n * 10,
+    )  # fmt: skip
+    parent = small_saga("imp", ["split"], compensate=True, ledger=ledger)
+    parent.children("chunks", child, lambda ctx: [Job(n=i) for i in range(3)], after=["split"])
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job())
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+        while True:
+            kids = (await saga.list_runs(orch, saga="chunk")).runs
+            if len(kids) == 3 and sum(k.status is saga.RunStatus.COMPLETED for k in kids) == 2:
+                break
+            await anyio.sleep(0.02)
+    (held,) = [k for k in kids if k.status is saga.RunStatus.RUNNING]
+    await orch.get_run(held.id).cancel(by="ops", note="bad chunk")
+    gate.release.set()
+    with pytest.raises(saga.RunCompensatedError) as raised:
+        await run.result(timeout=15)
+    assert (await orch.get_run(held.id).info()).status is saga.RunStatus.CANCELLED
+    error = raised.value.error
+    assert error is not None
+    assert error.type == "saga.ChildFailed"
+    assert f"child run {held.id} ended cancelled" in error.message

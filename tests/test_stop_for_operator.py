@@ -4,10 +4,11 @@ compensate."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 import saga
-from tests._sagas import Job, Ledger, permanent, small_saga
+from tests._sagas import Gate, Job, Ledger, permanent, small_saga
 from tests.conftest import OrchestratorFactory
 
 LOOK_FIRST = saga.Retry(max_attempts=2, initial_delay=0.01, on_give_up="stop")
@@ -130,3 +131,31 @@ async def test_a_graph_run_is_stopped_at_the_step_that_gave_up(
     stopped = [e for e in await run.history() if e.kind == "run_stopped"]
     assert info.error is not None
     assert (info.error.step, info.step, [e.step for e in stopped]) == ("x", "x", ["x"])
+
+
+async def test_a_cancel_accepted_during_the_last_attempt_of_a_stopping_step_rolls_back(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README (Runtime, cancel()): "the step running now finishes its attempt, then
+    every completed step is compensated ... A cancel accepted before the run ended always
+    wins over its completion." A cancel accepted while the last attempt of a step whose
+    policy stops the run (on_give_up="stop") runs and fails: the failure is recorded,
+    the completed step is undone and the run ends cancelled, not stopped."""
+    gate, ledger = Gate("pay"), Ledger()
+    s = small_saga(
+        "stopping", ["reserve", "pay"], compensate={"reserve"}, ledger=ledger, gate=gate,
+        fail={"pay": permanent("bank down")},
+        retry={"pay": saga.Retry(max_attempts=1, on_give_up="stop")},
+    )  # fmt: skip
+    orch = await orchestrator(s)
+    run = await orch.start(s, Job())
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+    await run.cancel(by="ana", note="customer asked")
+    gate.release.set()
+    with pytest.raises(saga.RunCancelledError):
+        await run.result(timeout=15)
+    assert ledger.steps("compensation") == ["reserve"]
+    kinds = [(e.kind, e.step) for e in await run.history()]
+    assert ("step_failed", "pay") in kinds
+    assert ("run_stopped", "pay") not in kinds

@@ -1704,7 +1704,8 @@ RETURNING run_id;
 -- The child runs a step started, in the order of their keys' index.
 -- $1 parent run id, $2 parent step
 SELECT id, idempotency_key, status, output, error::text AS error,
-       compensation_error::text AS compensation_error, cancel_requested, resolved
+       compensation_error::text AS compensation_error, cancel_requested, resolved,
+       finished_at
 FROM __schema__.runs WHERE parent_id = $1 AND parent_step = $2;
 
 -- name: revert_run
