@@ -30,11 +30,12 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import FastAPI, HTTPException, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 import saga
-from examples.responses import ERROR_STATUS, error_response
+from examples.responses import ERROR_STATUS, error_response, validation_body
 
 #: A refund id in a URL: what POST /refunds accepts (no NUL: Postgres text cannot hold it).
 RefundId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[^\x00]+$")]
@@ -118,6 +119,13 @@ async def saga_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+async def malformed(request: Request, exc: Exception) -> Response:
+    """422 without the offending input: FastAPI's own handler echoes it, and answers 500
+    instead when JSON cannot encode it (NaN, a lone surrogate)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(validation_body(exc.errors()), status_code=422)
+
+
 def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
     """The app. ``dsn`` defaults to ``$SAGA_DSN``; ``options`` go to
     :class:`saga.Orchestrator` (``concurrency``, ``poll_interval`` ...)."""
@@ -131,6 +139,7 @@ def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
                 yield
 
     app = FastAPI(title="refunds", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, malformed)
     for error_type in ERROR_STATUS:
         app.add_exception_handler(error_type, saga_error)
 

@@ -263,6 +263,43 @@ async def test_approval_bad_requests_are_4xx_not_500(dsn: str) -> None:
     assert {k: v for k, v in answers.items() if v >= 500} == {}, answers
 
 
+@pytest.mark.timeout(60)
+async def test_approval_requests_json_cannot_echo_are_422_not_500(dsn: str) -> None:
+    """README (Web apps): FastAPI's own 422 handler answers 500 for input JSON cannot
+    encode, since it echoes it, so the examples leave the input out. A refund request
+    or a decision holding NaN or a lone surrogate is a malformed request: 422."""
+    import httpx
+
+    app = await _approval(dsn)
+    json_type = {"content-type": "application/json"}
+    answers: dict[str, int] = {}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as http:
+            ok = '{"refund_id":"r1","order_id":"o-1","amount_cents":100}'
+            assert (await http.post("/refunds", content=ok, headers=json_type)).status_code == 202
+            decide = "/refunds/r1/decision"
+            bodies = {
+                "refund, NaN amount": (
+                    "/refunds",
+                    '{"refund_id":"r2","order_id":"o","amount_cents":NaN}',
+                ),
+                "refund, lone surrogate id": (
+                    "/refunds",
+                    '{"refund_id":"\\ud800","order_id":"o","amount_cents":1}',
+                ),
+                "decision, NaN approved": (decide, '{"approved":NaN,"manager":"a"}'),
+                "decision, lone surrogate manager": (
+                    decide,
+                    '{"approved":true,"manager":"\\ud800"}',
+                ),
+            }
+            for label, (path, body) in bodies.items():
+                response = await http.post(path, content=body, headers=json_type)
+                answers[label] = response.status_code
+    assert answers == dict.fromkeys(answers, 422), answers
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_worker_starts_no_new_step_after_sigterm(

@@ -11,6 +11,7 @@ from typing import Any
 from starlette.responses import Response
 
 import saga
+from saga._model import RunStatus
 from saga.web._filters import PageError, field, parse_filters, run_id
 from saga.web._site import Ctx, Dashboard
 
@@ -84,7 +85,9 @@ async def _signal(dash: Dashboard, ctx: Ctx, rid: Any) -> Response:
     info = await client.info(rid)
     if client.definition(info.saga, info.version) is not None:
         recorded = await client.signal(rid, name, payload, by=by, note=_note(ctx, False))
-    elif info.wait == name:  # the dashboard does not know the wait's model: sent as given
+    elif info.wait == name and info.status is not RunStatus.SLEEPING:
+        # The dashboard does not know the wait's model: sent as given (a sleep, whose
+        # name RunInfo.wait also holds, takes no signal).
         saga = (info.saga, info.version)
         recorded = await client._signal_unchecked(
             rid, name, payload, saga, by=by, note=_note(ctx, False)

@@ -16,6 +16,7 @@ import hmac
 import importlib
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import socket
@@ -133,12 +134,17 @@ def access_token(host: str, token_env: str | None, environ: dict[str, str]) -> s
             )
         return secrets.token_urlsafe(24)
     token = environ.get(token_env, "")
-    if len(token) < 16:
+    if len(token) < 16 or not _COOKIE_SAFE.fullmatch(token):
         raise UsageError(
             f"--token-env {token_env}: the environment variable must hold a token of at "
-            "least 16 characters"
+            "least 16 characters, printable ASCII without spaces, quotes, commas, "
+            "semicolons or backslashes (it is sent back as a cookie)"
         )
     return token
+
+
+#: What a cookie's value may hold unquoted (RFC 6265's cookie-octet).
+_COOKIE_SAFE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]+")
 
 
 def token_app(
@@ -173,7 +179,9 @@ class _TokenLanding:
             given = [v for k, v in pairs if k == "token"]
             if given and hmac.compare_digest(given[0].encode(), self.token.encode()):
                 rest = urlencode([(k, v) for k, v in pairs if k != "token"])
-                path = scope["path"]  # the full path (ASGI: root_path included)
+                # The full path (ASGI: root_path included); never "//host/...", which
+                # a browser would follow to another site.
+                path = "/" + scope["path"].lstrip("/")
                 response = RedirectResponse(path + ("?" + rest if rest else ""), 303)
                 response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
                 await SecurityHeaders(response)(scope, receive, send)  # as every response

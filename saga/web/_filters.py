@@ -47,8 +47,10 @@ def _time(name: str, text: str, now: datetime) -> datetime | None:
         raise PageError(
             400, f"{name} must be a date and time such as 2024-05-01T13:30, got {text[:60]!r}"
         ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)  # the dashboard shows and reads UTC
+    try:  # the dashboard shows and reads UTC: an offset given is converted
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before the first day
+        raise PageError(400, f"{name} is out of range: {text[:60]!r}") from None
     if value > now:
         raise PageError(400, f"{name} is in the future: {text[:60]!r}")
     return value

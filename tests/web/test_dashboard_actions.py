@@ -17,7 +17,7 @@ import saga
 from saga.testing import advance
 from tests._sagas import ONCE, Fail, Job, permanent, small_saga, until_status
 from tests._wait_sagas import SAGAS as WAIT_SAGAS
-from tests._wait_sagas import approval
+from tests._wait_sagas import approval, napping
 from tests.web.conftest import ALICE, Browser, csrf
 
 
@@ -175,6 +175,28 @@ async def test_a_run_stopped_at_its_timed_out_wait_offers_the_signal(
     assert page.status_code == 200
     for action in ("retry", "cancel", "signal"):
         assert f'data-testid="action-{action}"' in page.text
+
+
+async def test_a_dashboard_without_the_saga_sends_no_signal_to_a_sleeping_run(
+    orchestrator: Any, open_client: Any, browse: Browser, db: Any
+) -> None:
+    """README (Dashboard): a signal is "checked against the wait's model when the client
+    registered the saga; otherwise only the signal the run waits for now, stored as
+    given". A sleeping run waits for no signal: a dashboard that does not know its saga
+    refuses one named after the sleep (400) and stores nothing."""
+    orch = await orchestrator(napping)
+    run = await orch.start(napping, Job(n=1))
+    info = await until_status(run, saga.RunStatus.SLEEPING)
+    assert info.wait is not None
+    http = await browse(await open_client())  # napping is not registered there
+    response = await http.post(
+        f"/saga/runs/{run.id}/signal",
+        data={"csrf": await _token(http), "name": info.wait, "payload": '{"x": 1}'},
+        headers=ALICE,
+    )
+    assert response.status_code == 400
+    assert "signal_received" not in [e.kind for e in await run.history()]
+    assert await db.fetchval("SELECT count(*) FROM saga.signals WHERE run_id = $1", run.id) == 0
 
 
 async def test_retry_resolve_and_skip_of_a_failed_run(orchestrator: Any, browse: Browser) -> None:

@@ -67,6 +67,66 @@ async def test_the_token_url_sets_a_cookie_and_drops_the_token(open_client: Any)
         assert bearer.status_code == 200
 
 
+@pytest.mark.parametrize(
+    "token",
+    [
+        "токен-доступа-1234567890",  # not ASCII: no cookie can carry it
+        "a token with spaces 123",
+        "trailing-newline-1234567\n",
+        'quote"semicolon;1234567890',
+        "back\\slash,comma-1234567890",
+    ],
+)
+def test_a_token_a_cookie_cannot_carry_is_refused_at_start(token: str) -> None:
+    """README (saga dashboard): the token URL sets a cookie holding the token; a token
+    that a cookie cannot carry as it is (outside printable ASCII, spaces, quotes,
+    commas, semicolons, backslashes) would let nobody sign in, so --token-env refuses it
+    at start, saying why, instead of serving a dashboard nobody can open."""
+    with pytest.raises(UsageError, match="printable ASCII"):
+        access_token("0.0.0.0", "T", {"T": token})
+
+
+def test_a_generated_token_is_accepted() -> None:
+    """Tokens as people make them (openssl rand -base64, secrets.token_urlsafe, hex)
+    are accepted by --token-env."""
+    for token in ("q1w2e3R4+T5y6/U7i8o9P0==", "Zm9vYmFyLWJhei1xdXV4LTEyMzQ", "0123456789abcdef"):
+        assert access_token("0.0.0.0", "T", {"T": token}) == token
+
+
+async def test_the_token_landing_never_redirects_to_another_site(open_client: Any) -> None:
+    """A token URL whose path starts with two slashes (//evil.example/?token=...)
+    redirects to a path of this site (/evil.example/), never to the protocol-relative
+    address //evil.example/, which a browser would follow to another host."""
+    app = token_app(await open_client(), TOKEN, operator="ops", read_only=False)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "//evil.example/",
+        "raw_path": b"//evil.example/",
+        "root_path": "",
+        "query_string": f"token={TOKEN}".encode(),
+        "headers": [(b"host", b"127.0.0.1")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8080),
+    }
+    await app(scope, receive, send)
+    start = sent[0]
+    assert start["status"] == 303
+    location = dict(start["headers"])[b"location"].decode()
+    assert location == "/evil.example/"
+
+
 async def test_read_only_token_holders_cannot_act(open_client: Any) -> None:
     """--read-only: token holders may look (200) but every POST is 403."""
     client = await open_client()

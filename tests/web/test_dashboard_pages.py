@@ -225,3 +225,24 @@ async def _until_status(client: saga.Client, run_id: uuid.UUID, want: str) -> No
             if (await client.info(run_id)).status.value == want:
                 return
             await anyio.sleep(0.05)
+
+
+async def test_a_creation_time_filter_with_an_offset_shows_in_utc(
+    open_client: Any, browse: Browser
+) -> None:
+    """README (Dashboard): the runs page filters by creation time, in fields labelled
+    UTC. A filter given with an offset (13:30+02:00) shows as 11:30 in them, so that
+    submitting the form again keeps the same window."""
+    http = await browse(await open_client())
+    page = await http.get(
+        "/saga/runs",
+        params={"after": "2024-05-01T13:30:00+02:00", "before": "2024-05-02T01:00:00-03:00"},
+        headers=ALICE,
+    )
+    assert page.status_code == 200
+    after = re.search(r'<input name="after"[^>]*data-testid="filter-after"', page.text)
+    before = re.search(r'<input name="before"[^>]*data-testid="filter-before"', page.text)
+    assert after is not None
+    assert before is not None
+    assert 'value="2024-05-01T11:30:00"' in after[0]
+    assert 'value="2024-05-02T04:00:00"' in before[0]
