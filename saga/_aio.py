@@ -11,8 +11,9 @@ is pending exactly when it is above zero.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -72,3 +73,15 @@ async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
         if not task.cancelled():
             task.exception()  # retrieved: the caller gets its cancellation instead
         raise
+
+
+@contextlib.contextmanager
+def time_limit(scope: anyio.CancelScope, seconds: float, what: str) -> Iterator[None]:
+    """Cancel what runs under it after ``seconds`` (by ``scope``), then raise
+    TimeoutError, even when that code swallowed the cancellation and returned (its late
+    result is not used): anyio's fail_after raises only if the cancellation reached it."""
+    scope.deadline = anyio.current_time() + seconds
+    with scope:
+        yield
+    if scope.cancel_called:
+        raise TimeoutError(f"{what} ran past its time limit of {seconds:g} s")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from opentelemetry import trace
 
-from saga._aio import is_cancellation_by_saga
+from saga._aio import is_cancellation_by_saga, time_limit
 from saga._codec import check_readable, decode_stored
 from saga._errors import SagaError, error_record
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
@@ -115,16 +115,12 @@ def _time_limit(timeout: float, grace: float, lease: Lease) -> Iterator[None]:
     function still running ``grace`` seconds after its timeout ignores cancellation: its
     heartbeats stop (see Leases.heartbeat_loop), so that another attempt takes over once
     its lease expires, and its own writes are refused."""
-    scope = cancel_scope()
-    scope.deadline = anyio.current_time() + timeout
-    lease.unresponsive_at = scope.deadline + grace
+    lease.unresponsive_at = anyio.current_time() + timeout + grace
     try:
-        with scope:
+        with time_limit(cancel_scope(), timeout, "the attempt"):
             yield
     finally:
         lease.unresponsive_at = math.inf
-    if scope.cancel_called:
-        raise TimeoutError(f"the attempt ran past its {timeout:g} s timeout")
 
 
 async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease) -> float:

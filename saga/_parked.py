@@ -9,7 +9,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from saga._aio import is_cancellation_by_saga
+import anyio
+
+from saga._aio import is_cancellation_by_saga, time_limit
 from saga._codec import check_readable
 from saga._errors import error_record
 from saga._hooks import SimulatedCrash
@@ -17,6 +19,10 @@ from saga._transition import Failed, Succeeded
 from saga._waits import Sleep, Wait
 
 Encode = Callable[[Wait[Any], Any], tuple[Succeeded | Failed, Any]]
+
+#: Seconds a sleep's until() or a wait's on_timeout function has to return: past it,
+#: it failed with TimeoutError (it would hold its run, and a worker slot, for ever).
+CALLBACK_SECONDS = 60.0
 
 
 async def sleep_length(
@@ -26,7 +32,8 @@ async def sleep_length(
     step's result readable); a failure of ``until`` rolls the run back, step included."""
     results[step] = result
     try:
-        seconds = await sleep.due_in(ctx, datetime.now(UTC))
+        with time_limit(anyio.CancelScope(), CALLBACK_SECONDS, f"until() of sleep {sleep.name!r}"):
+            seconds = await sleep.due_in(ctx, datetime.now(UTC))
     except BaseException as exc:
         if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
@@ -47,7 +54,8 @@ async def timeout_result(
         return Succeeded(), None
     try:
         check_readable(ctx.input)
-        value = await compute(ctx)
+        with time_limit(anyio.CancelScope(), CALLBACK_SECONDS, f"on_timeout of wait {wait.name!r}"):
+            value = await compute(ctx)
         if not isinstance(value, wait.model):  # a mapping, as a signal's payload may be
             value = wait.model.model_validate(value)
         return encode(wait, value)
