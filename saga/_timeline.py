@@ -27,7 +27,8 @@ class StepAttempt:
     """One attempt of a step or compensation, assembled from a run's history.
 
     ``outcome`` is ``completed``, ``failed`` (``retry_in`` is set when another attempt is
-    scheduled), ``lease_expired`` (its worker stopped heartbeating; the attempt counts),
+    scheduled), ``lease_expired`` (its worker stopped heartbeating; the attempt counts:
+    when it was the last, it shows ``failed`` with ``saga.AttemptLost``),
     ``released`` (its worker shut down and gave the run back; it does not count, unless
     the same attempt was released before: ``data["counted"]`` of the event) or
     ``waiting`` (a step running child sagas gave its slot back until one of them ends)
@@ -76,6 +77,10 @@ class _Assembler:
     def __init__(self) -> None:
         self.attempts: list[StepAttempt] = []
         self._open: dict[Key, int] = {}  # -> index in attempts
+        # Attempts whose worker stopped holding them (lease expired, released): the
+        # failure a later worker records for such an attempt (saga.AttemptLost, when no
+        # attempt is left) is that attempt's outcome, not another attempt.
+        self._lost: dict[Key, int] = {}
         self._compensating = False
         self._after: dict[str, tuple[str, ...]] = {}  # graph steps: what they waited on
 
@@ -83,6 +88,8 @@ class _Assembler:
         kind, step, attempt = event.kind, event.step, event.attempt or 0
         if kind in (EventKind.RUN_COMPENSATING, EventKind.RUN_RETRIED):
             self._compensating = True
+            if kind == EventKind.RUN_RETRIED:
+                self._lost.clear()  # fresh attempts, numbered from 1 again
         elif step is None:
             return
         elif kind == EventKind.STEP_READY:
@@ -107,6 +114,7 @@ class _Assembler:
             self._close(key, event, _ENDS_OF_HOLD[kind])
 
     def _start(self, event: HistoryEvent, key: Key) -> None:
+        self._lost.pop(key, None)
         self._compensating = self._compensating or key[0]
         self._open[key] = len(self.attempts)
         self.attempts.append(
@@ -126,6 +134,8 @@ class _Assembler:
         self, key: Key, event: HistoryEvent, outcome: str, retry_in: float | None = None
     ) -> None:
         index = self._open.pop(key, None)
+        if index is None and outcome == "failed":
+            index = self._lost.pop(key, None)
         if index is None:  # no start recorded (e.g. claimed while a cancel was pending)
             begun = StepAttempt(key[1], key[0], key[2], event.worker, None, None, outcome)
             index = len(self.attempts)
@@ -143,3 +153,5 @@ class _Assembler:
             retry_in=retry_in,
             after=begun.after,
         )
+        if outcome in ("lease_expired", "released"):
+            self._lost[key] = index

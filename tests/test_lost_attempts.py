@@ -222,3 +222,43 @@ async def test_a_graph_step_lost_on_its_last_attempt_shows_no_attempt_that_never
     assert ("step_started", 1) in right_events
     assert ("step_failed", 1) in right_events
     assert all(attempt == 1 for _, attempt in right_events if attempt is not None), right_events
+
+
+@pytest.mark.parametrize("phase", ["step", "compensation"])
+async def test_the_timeline_shows_a_lost_last_attempt_once_with_its_failure(
+    orchestrator: OrchestratorFactory, phase: str
+) -> None:
+    """README (Operator API): timeline() lists each step and compensation attempt once.
+    A last attempt whose worker died (crash_after, one attempt) ends lease_expired and
+    then fails with saga.AttemptLost, recorded at that attempt: the timeline shows that
+    attempt once, failed with saga.AttemptLost."""
+    s: saga.Saga[Job] = saga.Saga(f"crash_once_{phase}", input=Job)
+
+    @s.step(retry=saga.Retry(max_attempts=1))
+    async def only(ctx: saga.Context[Job]) -> str:
+        return "x"
+
+    @only.compensate(retry=saga.Retry(max_attempts=1))
+    async def undo(ctx: saga.Context[Job], result: str) -> None:
+        return None
+
+    @s.step(retry=saga.Retry(max_attempts=1))
+    async def last(ctx: saga.Context[Job]) -> str:
+        raise saga.PermanentError("declined")
+
+    faults = Faults()
+    faults.crash_after(only, compensation=phase == "compensation")
+    orch = await orchestrator(s, lease_seconds=0.3)
+    faults.attach(orch)
+    run = await orch.start(s, Job())
+    with pytest.raises(saga.RunError):
+        await run.result(timeout=15)
+    lost = [
+        a
+        for a in saga.timeline(await run.history())
+        if a.step == "only" and a.compensation == (phase == "compensation")
+    ]
+    assert [(a.attempt, a.outcome) for a in lost] == [(1, "failed")]
+    assert lost[0].error is not None
+    assert lost[0].error.type == "saga.AttemptLost"
+    assert lost[0].started_at is not None
