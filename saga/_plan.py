@@ -125,9 +125,12 @@ def cancel_instead(
 ) -> Transition:
     """A completion refused because a cancel was accepted meanwhile: roll back instead,
     the step that just completed included."""
-    if completion.retry or (completion.status is RunStatus.STOPPED and completion.wait is None):
-        # A failed attempt's retry, or its stop for an operator: the failure is
-        # recorded, then the rollback the cancel asked for.
+    if completion.status is RunStatus.STOPPED and completion.wait is None:
+        # A step gave up, stopping for an operator: rolled back with its error, as when
+        # the cancel was seen before it gave up (and as cancelling the stopped run does).
+        failed = completion.events[0]
+        return _rollback(saga, state, completion.error, [failed], None, lease_for)
+    if completion.retry:  # a failed attempt's retry: the failure is recorded, no retry
         failed = completion.events[0]
         data = {"error": failed.data["error"]} if failed.data else None
         event = Event(failed.kind, failed.step, failed.attempt, data)

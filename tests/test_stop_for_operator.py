@@ -140,7 +140,9 @@ async def test_a_cancel_accepted_during_the_last_attempt_of_a_stopping_step_roll
     every completed step is compensated ... A cancel accepted before the run ended always
     wins over its completion." A cancel accepted while the last attempt of a step whose
     policy stops the run (on_give_up="stop") runs and fails: the failure is recorded,
-    the completed step is undone and the run ends cancelled, not stopped."""
+    the completed step is undone and the run ends compensated with the step's error (as
+    when the cancel is seen before the step gives up, and as cancelling the stopped run
+    does), not stopped."""
     gate, ledger = Gate("pay"), Ledger()
     s = small_saga(
         "stopping", ["reserve", "pay"], compensate={"reserve"}, ledger=ledger, gate=gate,
@@ -153,8 +155,10 @@ async def test_a_cancel_accepted_during_the_last_attempt_of_a_stopping_step_roll
         await gate.entered.wait()
     await run.cancel(by="ana", note="customer asked")
     gate.release.set()
-    with pytest.raises(saga.RunCancelledError):
+    with pytest.raises(saga.RunCompensatedError) as raised:
         await run.result(timeout=15)
+    assert raised.value.error is not None
+    assert "bank down" in raised.value.error.message
     assert ledger.steps("compensation") == ["reserve"]
     kinds = [(e.kind, e.step) for e in await run.history()]
     assert ("step_failed", "pay") in kinds
