@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from saga._log import Outage, logger
 from saga._run import RunHandle
 from saga._schedules import LOOKBACK, Scheduled, key_of
 from saga._store import Store
+from saga._store_sched import DueSchedule
 
 #: Start one run in the given transaction: (saga, input, key, conn) -> handle.
 StartIn = Callable[[Any, Any, str, Any], Awaitable[RunHandle]]
@@ -112,18 +114,23 @@ class Scheduler:
         if not names:
             return
         async with self._store.schedule_transaction() as conn:  # which are due (no lock kept)
-            due = [d.name for d in await self._store.schedules_due(conn, names)]
-        for name in due:
-            self._firing.add(name)
-            tg.start_soon(self._fire_one, name)
+            due = await self._store.schedules_due(conn, names)
+        for d in due:
+            self._firing.add(d.name)
+            tg.start_soon(self._fire_one, d)
 
-    async def _fire_one(self, name: str) -> None:
-        """The schedule's due slots, in a transaction of its own holding its row (one
+    async def _fire_one(self, due: DueSchedule) -> None:
+        """The schedule's due slots: their inputs first, computed outside any transaction
+        (a slow input function holds neither a connection nor another schedule's turn),
+        then their runs, in a transaction of its own holding the schedule's row (one
         orchestrator at a time), at most ``_AT_ONCE`` schedules at once."""
+        name = due.name
+        s = self._scheduled[name]
         try:
+            inputs = await _inputs(s, s.slots(due.next_fire - _EPSILON, due.now)[0])
             async with self._limiter, self._store.schedule_transaction() as conn:
-                for due in await self._store.schedules_due(conn, [name]):  # still due: locked
-                    await self._fire(conn, self._scheduled[name], due.next_fire, due.now)
+                for locked in await self._store.schedules_due(conn, [name]):  # still due
+                    await self._fire(conn, s, locked.next_fire, locked.now, inputs)
         except DatabaseError as exc:
             # The loop's own queries report an outage (once, as it starts and ends); a
             # task's connection cut by it may only fail after the loop saw it end.
@@ -135,23 +142,36 @@ class Scheduler:
             self._firing.discard(name)
             self._wake.set()
 
-    async def _fire(self, conn: Any, s: Scheduled[Any], next_fire: datetime, now: datetime) -> int:
-        """Start the runs of the schedule's due slots. A slot whose input function raises,
-        or whose start is refused, is tried again while it is on time (within ``grace``),
-        the schedule waiting for it; a late one is skipped (and counted)."""
+    async def _fire(
+        self,
+        conn: Any,
+        s: Scheduled[Any],
+        next_fire: datetime,
+        now: datetime,
+        inputs: dict[datetime, Any],
+    ) -> int:
+        """Start the runs of the schedule's due slots, with the ``inputs`` computed for
+        them (a slot without one is left for the next pass, at once). A slot whose input
+        function raised, or whose start is refused, is tried again while it is on time
+        (within ``grace``), the schedule waiting for it; a late one is skipped (and
+        counted)."""
         slots, skipped = s.slots(next_fire - _EPSILON, now)
         last: tuple[datetime, Any] | None = None
         following = s.schedule.next_after(now)
         started = 0
         for slot in slots:
-            handle = await self._start_slot(conn, s, slot, retry=slot >= now - s.grace)
+            if slot not in inputs:
+                following = slot  # became due since the inputs were computed
+                self._wake.set()
+                break
+            handle = await self._start_slot(conn, s, slot, inputs[slot], now)
             if handle is not None:
                 started += 1
                 last = (slot, handle.id)
                 logger.info(
                     "schedule_fired", schedule=s.name, slot=str(slot), run_id=str(handle.id)
                 )
-            elif slot >= now - s.grace:
+            elif slot >= now - s.on_time:
                 following = slot  # due again: tried until its grace has passed
                 self._backoff[s.name] = anyio.current_time() + _RETRY
                 break
@@ -167,19 +187,12 @@ class Scheduler:
         return started
 
     async def _start_slot(
-        self, conn: Any, s: Scheduled[Any], slot: datetime, *, retry: bool
+        self, conn: Any, s: Scheduled[Any], slot: datetime, data: Any, now: datetime
     ) -> RunHandle | None:
-        """The run of ``slot``, or None (logged) when its input function raised (an async
-        one awaited) or its start was refused."""
-        try:
-            with anyio.fail_after(_INPUT_SECONDS):
-                data = s.input_for(slot)
-                if inspect.isawaitable(data):
-                    data = await data
-        except BaseException as exc:  # the user's input function (or its time limit)
-            if is_cancellation_by_saga(exc):
-                raise
-            event, error = "schedule_input_failed", _name(exc)
+        """The run of ``slot``, or None (logged) when its input function failed (``data``
+        is then the failure) or its start was refused."""
+        if isinstance(data, _InputFailed):
+            event, error = "schedule_input_failed", data.error_type
         else:
             try:
                 return await self._start(s.saga, data, key_of(s.name, slot), conn)
@@ -187,6 +200,7 @@ class Scheduler:
                 if isinstance(exc, DatabaseError):
                     raise
                 event, error = "schedule_start_refused", _name(exc)
+        retry = slot >= now - s.on_time
         logger.error(
             event,
             schedule=s.name,
@@ -195,6 +209,32 @@ class Scheduler:
             retry_in=_RETRY if retry else None,
         )
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class _InputFailed:
+    """A slot's input function raised (or, async, ran out of time)."""
+
+    error_type: str
+
+
+async def _inputs(s: Scheduled[Any], slots: list[datetime]) -> dict[datetime, Any]:
+    """The inputs of ``slots``, oldest first, up to the first that fails (included, as
+    an :class:`_InputFailed`: the later slots wait behind it)."""
+    inputs: dict[datetime, Any] = {}
+    for slot in slots:
+        try:
+            with anyio.fail_after(_INPUT_SECONDS):
+                data = s.input_for(slot)
+                if inspect.isawaitable(data):
+                    data = await data
+        except BaseException as exc:  # the user's input function (or its time limit)
+            if is_cancellation_by_saga(exc):
+                raise
+            inputs[slot] = _InputFailed(_name(exc))
+            break
+        inputs[slot] = data
+    return inputs
 
 
 def _name(exc: BaseException) -> str:

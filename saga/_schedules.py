@@ -44,7 +44,8 @@ class Scheduled(Generic[InT]):
     of the slot's time returning one). ``name`` identifies the schedule in the database
     (pausing, listing) and in each run's idempotency key ``schedule:<name>:<slot>``.
 
-    A slot handled within ``grace`` of its time is on time and always runs. Slots later
+    A slot handled within ``grace`` (at least ``HANDLING``: the scheduler's own delay) of
+    its time is on time and always runs. Slots later
     than that (no orchestrator was up) follow ``missed``: ``"skip"`` runs none of them,
     ``"latest"`` the most recent one, ``"all"`` each of them, oldest first, at most the
     ``catch_up`` most recent ones.
@@ -99,6 +100,12 @@ class Scheduled(Generic[InT]):
             return self.input
         return self.input(slot)
 
+    @property
+    def on_time(self) -> timedelta:
+        """How late a slot may be handled and still run: ``grace``, but never less than
+        the scheduler's own delay (a slot is handled a little after its time)."""
+        return max(self.grace, HANDLING)
+
     def slots(self, since: datetime, now: datetime) -> tuple[list[datetime], int]:
         """The slots after ``since`` up to ``now`` that start a run, oldest first, and
         how many late ones the missed policy skipped (counted over the last
@@ -108,7 +115,7 @@ class Scheduled(Generic[InT]):
         the grace window itself, and the late ones are counted (by arithmetic for an
         interval), never listed, but for the few the policy runs."""
         start = max(since, now - LOOKBACK)
-        cut = now - self.grace  # a slot at or after ``cut`` is on time
+        cut = now - self.on_time  # a slot at or after ``cut`` is on time
         on_time = self.schedule.fires_between(max(start, cut - _TICK), now, limit=_ON_TIME)
         if self.missed == "all":
             keep = self.catch_up
@@ -118,6 +125,9 @@ class Scheduled(Generic[InT]):
         return newest + on_time, count - len(newest)
 
 
+#: A slot handled this soon after its time is on time, whatever its ``grace`` (0
+#: included): an orchestrator that is up handles it a little late, never much later.
+HANDLING = timedelta(seconds=2)
 #: datetime's resolution: ``(t - _TICK, ...]`` is ``[t, ...]``.
 _TICK = timedelta(microseconds=1)
 #: More than the slots in a grace of at most 1 day (an interval is at least 1 s).

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from structlog.testing import capture_logs
 
 import saga
 from tests._sagas import Job, small_saga
@@ -267,3 +268,43 @@ async def test_a_schedule_nobody_handles_shows_in_the_late_gauge(
     late = {attrs["saga.schedule"]: value for attrs, value in points(reader)["saga.schedules.late"]}
     assert set(late) == {"orphan"}
     assert 115 <= late["orphan"] <= 180
+
+
+async def test_a_zero_grace_schedule_fires_every_slot_while_an_orchestrator_is_up(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README (Schedules): each slot starts "exactly one [run] while at least one
+    [orchestrator] is up"; slots missed while nothing ran follow `missed`. With
+    grace=0 and missed="skip", an orchestrator that stays up still starts a run for
+    (nearly) every slot of an every-second schedule: it handles a slot a little after
+    its time, which is not a slot missed while nothing ran."""
+    s = small_saga("zero_grace", 1)
+    ticks = saga.Scheduled("zero-grace", s, EVERY_SECOND, Job(), grace=timedelta(0))
+    orch = await orchestrator(s, schedules=[ticks], poll_interval=0.2)
+    await anyio.sleep(4.2)
+    assert len(await _scheduled_runs(db, "zero-grace")) >= 3
+    (info,) = await saga.list_schedules(orch)
+    assert info.skipped == 0
+
+
+async def _hangs(slot: datetime) -> Job:
+    await anyio.sleep(3600)  # an async input over 10 s fails; its slot is tried again
+    return Job()
+
+
+async def test_schedules_with_hung_inputs_do_not_hold_up_the_others(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README (Schedules): a slot whose async input function takes more than 10 s is
+    tried again while within grace, "the schedule's later slots wait behind it; other
+    schedules do not". Three hung schedules beside a plain one: the plain schedule
+    goes on firing every second."""
+    s = small_saga("hung_inputs", 1)
+    hung = [saga.Scheduled(f"hung-{n}", s, EVERY_SECOND, _hangs) for n in range(3)]
+    plain = saga.Scheduled("plain", s, EVERY_SECOND, Job())
+    with capture_logs():  # (the hung slots' schedule_input_failed lines)
+        await orchestrator(s, schedules=[*hung, plain], poll_interval=0.2)
+        await anyio.sleep(5.5)
+    assert len(await _scheduled_runs(db, "plain")) >= 3
+    for n in range(3):
+        assert await _scheduled_runs(db, f"hung-{n}") == []
