@@ -49,6 +49,7 @@ _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February: leap
 _ALLOWED = re.compile(r"[0-9A-Za-z*/, \t@-]*")
 _TOKEN = re.compile(r"[0-9]+|[A-Za-z]+")
 _ZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")
+_LOCAL = frozenset({"localtime", "posixrules"})  # files of tzdata, not IANA zones
 #: A cron search looks this far ahead: Feb 29 can be 8 years away (2096 -> 2104).
 _HORIZON_DAYS = 9 * 366
 #: latest_at_or_before looks back this far for cron schedules.
@@ -182,8 +183,8 @@ def _zone(timezone: Any) -> ZoneInfo:
     if not isinstance(timezone, str) or not timezone:
         raise DefinitionError(f"timezone must be a non-empty IANA name, got {show(timezone)}")
     try:
-        if len(timezone) > 255 or not _ZONE.fullmatch(timezone):
-            raise ValueError(timezone)
+        if len(timezone) > 255 or not _ZONE.fullmatch(timezone) or timezone in _LOCAL:
+            raise ValueError(timezone)  # (a machine's own zone differs between machines)
         return ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise DefinitionError(

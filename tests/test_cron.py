@@ -334,6 +334,9 @@ def test_broken_cron_expressions_are_refused_by_name(expression: str, message: s
         (lambda: Schedule.cron("* * * * *", timezone="Nowhere/Land"), "'Nowhere/Land'"),
         (lambda: Schedule.cron("* * * * *", timezone="../etc/passwd"), "'../etc/passwd'"),
         (lambda: Schedule.cron("* * * * *", timezone="/etc/localtime"), "unknown time zone"),
+        # The machine's own zone (a file of tzdata, not an IANA zone): machines disagree.
+        (lambda: Schedule.cron("* * * * *", timezone="localtime"), "unknown time zone"),
+        (lambda: Schedule.every(timedelta(hours=1), timezone="posixrules"), "unknown time zone"),
         (lambda: Schedule.cron("* * * * *", timezone="America"), "unknown time zone 'America'"),
         (lambda: Schedule.cron("* * * * *", timezone=""), "non-empty IANA name"),
         (lambda: Schedule.cron("* * * * *", timezone=None), "got None"),  # type: ignore[arg-type]
