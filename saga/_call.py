@@ -92,7 +92,10 @@ async def call_user(
         try:
             await env.hooks.before_call(ctx, env.faults)
             check_readable(run.input)
-            with _time_limit(timeout, seconds, lease) if timeout is not None else _NO_TIMEOUT:
+            limit = (
+                _NO_TIMEOUT if timeout is None else user_time_limit(timeout, lease, "the attempt")
+            )
+            with limit:
                 if compensation and comp is not None:
                     done = _stored_result(run, step)
                     check_readable(done)
@@ -109,15 +112,16 @@ async def call_user(
 
 
 @contextlib.contextmanager
-def _time_limit(timeout: float, grace: float, lease: Lease) -> Iterator[None]:
-    """An attempt's timeout: TimeoutError once it is past, even when the function
-    swallowed the cancellation and returned (its late result is not recorded). A
-    function still running ``grace`` seconds after its timeout ignores cancellation: its
-    heartbeats stop (see Leases.heartbeat_loop), so that another attempt takes over once
-    its lease expires, and its own writes are refused."""
-    lease.unresponsive_at = anyio.current_time() + timeout + grace
+def user_time_limit(timeout: float, lease: Lease, what: str) -> Iterator[None]:
+    """A time limit on the user's code under ``lease`` (a step's timeout, a sleep's
+    until()): TimeoutError once it is past, even when the code swallowed the
+    cancellation and returned (its late result is not used). Code still running the
+    lease's length after it ignores cancellation: its heartbeats stop (see
+    Leases.heartbeat_loop), its slot is freed, another attempt takes over once its lease
+    expires, and its own writes are refused."""
+    lease.unresponsive_at = anyio.current_time() + timeout + lease.seconds
     try:
-        with time_limit(cancel_scope(), timeout, "the attempt"):
+        with time_limit(cancel_scope(), timeout, what):
             yield
     finally:
         lease.unresponsive_at = math.inf

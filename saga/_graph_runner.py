@@ -150,7 +150,7 @@ class GraphRunner:
             run.outcome = Outcome.INTERRUPTED
             return None
         if isinstance(outcome, Succeeded):
-            outcome, _ = await runner.checkpoint(run, step, ctx, outcome, result)
+            outcome, _ = await runner.checkpoint(run, step, ctx, outcome, result, lease)
         if isinstance(outcome, Failed):
             run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
         return outcome

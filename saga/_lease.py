@@ -140,6 +140,7 @@ class Leases:
         self.inflight: dict[UUID | ItemKey, Lease] = {}
         #: Runs a transition claimed along, waiting for a task whose run just ended.
         self._handoff: deque[tuple[ClaimedItem, Lease]] = deque()
+        self._dead: dict[UUID | ItemKey, int] = {}  # crashed by saga.testing: key -> token
         self._spawn: Callable[[ClaimedItem, Lease], None] | None = None
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
@@ -311,7 +312,8 @@ class Leases:
         while True:
             await anyio.sleep(self._heartbeat_every)
             now = anyio.current_time()
-            leases = [ls for ls in self.inflight.values() if self._responsive(ls, now)]
+            held = list(self.inflight.values())
+            leases = [lease for lease in held if self._responsive(lease, now)]
             if leases:
                 await self._beat(leases)
 
@@ -332,6 +334,10 @@ class Leases:
             return True
         lease.stalled = True
         logger.error("step_unresponsive", worker=self._worker, **lease.log_fields())
+        if self.inflight.get(lease.key) is lease:  # its slot goes to other work
+            del self.inflight[lease.key]
+            self._slot_freed.set()
+            self._wake.set()
         return False
 
     async def _beat(self, leases: list[Lease]) -> None:
@@ -359,6 +365,12 @@ class Leases:
             logger.warning("lease_lost", worker=self._worker, **lease.log_fields())
 
     # -- shutdown -------------------------------------------------------------------------------
+
+    def died(self, lease: Lease) -> None:
+        """saga.testing crashed the attempt under ``lease``: as a dead worker's, it stays
+        held until it expires (release_all leaves it)."""
+        lease.mark_lost()
+        self._dead[lease.key] = lease.token
 
     def stall(self, run_id: UUID, step: str | None) -> None:
         """Heartbeats leave the lease of ``run_id`` (or of its item ``step``) alone from
@@ -391,10 +403,12 @@ class Leases:
         a run claimed along)."""
         held = len(self.inflight)
         self.inflight.clear()
+        runs = [(k, token) for k, token in self._dead.items() if not isinstance(k, tuple)]
+        items = [(k, token) for k, token in self._dead.items() if isinstance(k, tuple)]
         with anyio.move_on_after(5):
             try:
-                released = await self._store.release(self._worker)
-                released += await self._store.release_items(self._worker)
+                released = await self._store.release(self._worker, runs)
+                released += await self._store.release_items(self._worker, items)
                 if released:
                     logger.info("leases_released", count=released, worker=self._worker)
             except DatabaseError as exc:

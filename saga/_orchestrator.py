@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
+import anyio
 import asyncpg
 from anyio.abc import TaskGroup
 from opentelemetry.metrics import MeterProvider
@@ -266,15 +267,28 @@ class Orchestrator(Client):
 
     # -- what saga.testing's faults act on -----------------------------------------------------
 
-    async def expire_lease(self, run_id: UUID, step: str | None = None) -> bool:
+    async def expire_lease(self, run_id: UUID, step: str) -> tuple[str | None, int] | None:
         """Make the lease look expired, and stop renewing it here: a stalled worker's
         heartbeat would not renew it before another worker's claim either."""
         assert self._store is not None
         if self._leases is not None:
             self._leases.stall(run_id, step)
-        if step is not None and await self._store.expire_item_lease(run_id, step):
-            return True  # a graph run's item
-        return await self._store.expire_lease(run_id)
+        return await self._store.expire_lease(run_id, step)
+
+    async def taken_over(self, run_id: UUID, expired: tuple[str | None, int]) -> None:
+        """Until a claim took over the lease ``expire_lease`` expired (its token moved
+        on), for at most ``_TAKEOVER_SECONDS``: the stalled attempt's write then comes
+        after it, and is refused, however quickly its step returned."""
+        assert self._store is not None
+        step, token = expired
+        with anyio.move_on_after(_TAKEOVER_SECONDS):
+            while await self._store.lease_token_of(run_id, step) == token:
+                self.wake()
+                await anyio.sleep(0.02)
+
+
+#: How long a stalled attempt (saga.testing's expire_lease) waits for its takeover.
+_TAKEOVER_SECONDS = 10.0
 
 
 def _check_schedules(

@@ -9,12 +9,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
-
-from saga._aio import is_cancellation_by_saga, time_limit
+from saga._aio import is_cancellation_by_saga
+from saga._call import user_time_limit
 from saga._codec import check_readable
 from saga._errors import error_record
 from saga._hooks import SimulatedCrash
+from saga._lease import Lease
 from saga._transition import Failed, Succeeded
 from saga._waits import Sleep, Wait
 
@@ -26,13 +26,19 @@ CALLBACK_SECONDS = 60.0
 
 
 async def sleep_length(
-    sleep: Sleep, ctx: Any, results: dict[str, Any], step: str, result: Any, done: Succeeded
+    sleep: Sleep,
+    ctx: Any,
+    results: dict[str, Any],
+    step: str,
+    result: Any,
+    done: Succeeded,
+    lease: Lease,
 ) -> Succeeded:
     """``done`` with the length of the sleep after ``step``, from ``until(ctx)`` (the
     step's result readable); a failure of ``until`` rolls the run back, step included."""
     results[step] = result
     try:
-        with time_limit(anyio.CancelScope(), CALLBACK_SECONDS, f"until() of sleep {sleep.name!r}"):
+        with user_time_limit(CALLBACK_SECONDS, lease, f"until() of sleep {sleep.name!r}"):
             seconds = await sleep.due_in(ctx, datetime.now(UTC))
     except BaseException as exc:
         if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
@@ -44,7 +50,7 @@ async def sleep_length(
 
 
 async def timeout_result(
-    wait: Wait[Any], ctx: Any, encode: Encode
+    wait: Wait[Any], ctx: Any, encode: Encode, lease: Lease
 ) -> tuple[Succeeded | Failed, Any]:
     """A wait whose timeout passed without its signal: the result to go on with, when
     its ``on_timeout`` computes one (else nothing to compute: the plan compensates or
@@ -54,7 +60,7 @@ async def timeout_result(
         return Succeeded(), None
     try:
         check_readable(ctx.input)
-        with time_limit(anyio.CancelScope(), CALLBACK_SECONDS, f"on_timeout of wait {wait.name!r}"):
+        with user_time_limit(CALLBACK_SECONDS, lease, f"on_timeout of wait {wait.name!r}"):
             value = await compute(ctx)
         if not isinstance(value, wait.model):  # a mapping, as a signal's payload may be
             value = wait.model.model_validate(value)

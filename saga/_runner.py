@@ -118,7 +118,7 @@ class Runner:
                 # saga.testing: behave as a dead worker would: write nothing, hold the
                 # lease until it expires, and never release it.
                 finished = True
-                lease.mark_lost()
+                self.leases.died(lease)
                 where = {"saga": item.saga_name, "step": item.step_name, "attempt": item.attempt}
                 logger.warning("simulated_crash", **(where | lease.log_fields()))
             except DatabaseError as exc:
@@ -279,7 +279,7 @@ class Runner:
                 return skip, None
             ctx = self.context(run, wait.name, _STEP)
             with lease.attempt_scope(self.lease_seconds):
-                outcome, result = await timeout_result(wait, ctx, partial(self._encode, run))
+                outcome, result = await timeout_result(wait, ctx, partial(self._encode, run), lease)
             return _plan.after_attempt(run.saga, state, outcome, self.lease_for(run)), result
         step = run.saga.get_step(run.step)
         skip = _plan.attempts_exhausted(run.saga, state, lease_for)
@@ -308,7 +308,7 @@ class Runner:
     ) -> tuple[Transition, Any]:  # fmt: skip
         """The step's function returned or raised: the transition that records it."""
         if isinstance(outcome, Succeeded):
-            outcome, res = await self.checkpoint(run, step, ctx, outcome, res)
+            outcome, res = await self.checkpoint(run, step, ctx, outcome, res, lease)
         if isinstance(outcome, Failed):
             run.outcome, run.error_type = _FAILURE, str(outcome.error["type"])
         if lease.cancel_requested and not run.cancel_requested:
@@ -320,7 +320,13 @@ class Runner:
         return change, res
 
     async def checkpoint(
-        self, run: ActiveRun, step: Step[Any, Any], ctx: Context[Any], done: Succeeded, result: Any
+        self,
+        run: ActiveRun,
+        step: Step[Any, Any],
+        ctx: Context[Any],
+        done: Succeeded,
+        result: Any,
+        lease: Lease,
     ) -> tuple[Succeeded | Failed, Any]:
         """A step or compensation returned: the hooks' checkpoint, then (a step) its
         result encoded, and the length of a computed sleep after it."""
@@ -330,7 +336,7 @@ class Runner:
         outcome, result = self._encode(run, step, result)
         after = step.after
         if isinstance(after, Sleep) and after.until is not None and isinstance(outcome, Succeeded):
-            outcome = await sleep_length(after, ctx, run.results, step.name, result, outcome)
+            outcome = await sleep_length(after, ctx, run.results, step.name, result, outcome, lease)
         return outcome, result
 
     def _encode(

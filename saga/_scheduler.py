@@ -130,7 +130,10 @@ class Scheduler:
             inputs = await _inputs(s, s.slots(due.next_fire - _EPSILON, due.now)[0])
             async with self._limiter, self._store.schedule_transaction() as conn:
                 for locked in await self._store.schedules_due(conn, [name]):  # still due
-                    await self._fire(conn, s, locked.next_fire, locked.now, inputs)
+                    if locked.next_fire == due.next_fire:  # (else handled meanwhile)
+                        # Judged at the time the slots were read: computing their inputs
+                        # is part of handling them, not lateness.
+                        await self._fire(conn, s, due.next_fire, due.now, inputs)
         except DatabaseError as exc:
             # The loop's own queries report an outage (once, as it starts and ends); a
             # task's connection cut by it may only fail after the loop saw it end.

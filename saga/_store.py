@@ -291,15 +291,30 @@ class Store(
             )
         return {r["id"]: r["cancel_requested"] for r in rows}
 
-    async def release(self, worker: str) -> int:
-        """Give back every lease of ``worker`` (its loops have ended); how many."""
+    async def release(self, worker: str, keep: Sequence[tuple[UUID, int]] = ()) -> int:
+        """Give back every lease of ``worker`` (its loops have ended) but ``keep`` (run,
+        token); how many."""
+        runs, tokens = [k[0] for k in keep], [k[1] for k in keep]
         async with translate_errors("releasing leases"):
-            rows = await self.hot.fetch(self._q["release"], worker, self.work_channel)
+            rows = await self.hot.fetch(self._q["release"], worker, self.work_channel, runs, tokens)
         return len(rows)
 
-    async def expire_lease(self, run_id: UUID) -> bool:
+    async def expire_lease(self, run_id: UUID, step: str | None) -> tuple[str | None, int] | None:
+        """saga.testing: make the lease of ``run_id``'s graph item ``step`` (or, the run has
+        none, of the run) look expired: which (the step, or None: the run's) and the
+        token it had; None when not leased."""
         async with translate_errors("expiring a lease"):
-            return await self.pool.fetchval(self._q["expire_lease"], run_id) is not None
+            if step is not None:
+                token = await self.pool.fetchval(self._q["expire_item_lease"], run_id, step)
+                if token is not None:
+                    return step, token
+            token = await self.pool.fetchval(self._q["expire_lease"], run_id)
+            return None if token is None else (None, token)
+
+    async def lease_token_of(self, run_id: UUID, step: str | None) -> int | None:
+        async with translate_errors("reading a lease"):
+            token: int | None = await self.pool.fetchval(self._q["lease_token_of"], run_id, step)
+            return token
 
     async def has_event(
         self, run_id: UUID, kind: str, step: str | None, attempt: int | None, worker: str

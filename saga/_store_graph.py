@@ -213,10 +213,15 @@ class GraphQueries:
             (r["run_id"], r["step"], Phase(r["phase"])): bool(r["cancel_requested"]) for r in rows
         }
 
-    async def release_items(self, worker: str) -> int:
-        """Give back every graph item leased to ``worker`` (its loops have ended)."""
+    async def release_items(self, worker: str, keep: Sequence[tuple[ItemKey, int]] = ()) -> int:
+        """Give back every graph item leased to ``worker`` (its loops have ended) but
+        ``keep`` (item, token)."""
+        args = [[k[0][0] for k in keep], [k[0][1] for k in keep], [str(k[0][2]) for k in keep]]
+        tokens = [k[1] for k in keep]
         async with translate_errors("releasing leases"):
-            rows = await self.hot.fetch(self._q["release_items"], worker, self.work_channel)
+            rows = await self.hot.fetch(
+                self._q["release_items"], worker, self.work_channel, *args, tokens
+            )
         return len(rows)
 
     async def children_of(self, run_id: UUID, step: str) -> list[Child]:
@@ -251,11 +256,6 @@ class GraphQueries:
                 key = (row["saga_name"], row["key"], self.work_channel)
                 await conn.fetchrow(self._q["key_fill"], *key)
         return row is not None
-
-    async def expire_item_lease(self, run_id: UUID, step: str) -> bool:
-        async with translate_errors("expiring a lease"):
-            found = await self.pool.fetchval(self._q["expire_item_lease"], run_id, step)
-        return found is not None
 
 
 def _rounds(writes: list[GraphWrite]) -> list[list[GraphWrite]]:

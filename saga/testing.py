@@ -64,7 +64,12 @@ class InjectedFault(Exception):
 
 
 class _PermanentInjectedFault(InjectedFault, PermanentError):
-    pass
+    """``fail_compensation(permanent=True)``'s: recorded as InjectedFault, as the README
+    says, and never retried."""
+
+
+# The recorded error type is the class's qualified name: the one the README gives.
+_PermanentInjectedFault.__qualname__ = _PermanentInjectedFault.__name__ = "InjectedFault"
 
 
 @dataclass
@@ -101,6 +106,9 @@ class Faults(Hooks):
     def __init__(self) -> None:
         self._rules: list[_Rule] = []
         self.fired: Counter[str] = Counter()
+        # Attempts whose lease expire_lease expired: their checkpoint waits for the
+        # takeover. (run, step, attempt) -> (the orchestrator, what it expired)
+        self._expired: dict[tuple[UUID, str, int], tuple[FaultTarget, Any]] = {}
 
     def attach(self, orchestrator: Orchestrator) -> Faults:
         """Inject this plan into an orchestrator's execution (open or not)."""
@@ -157,7 +165,7 @@ class Faults(Hooks):
     ) -> None:
         """The connection breaks while the step's outcome is written: after the commit
         reached the database (``committed=True``, the reply is lost) or before it."""
-        self._add("drop_connection", step, times, compensation, run_id, option=committed)
+        self._add("drop_connection_at_commit", step, times, compensation, run_id, committed)
 
     def _add(
         self,
@@ -170,6 +178,11 @@ class Faults(Hooks):
     ) -> None:
         if times is not None:  # (a float would fire a count no one asked for)
             _checks.integer("times", times, ConfigurationError, minimum=1)
+        # ("no" would mean yes, and compensation="yes" would never fire)
+        _checks.flag("compensation", compensation, ConfigurationError)
+        _checks.flag(
+            "committed" if kind.startswith("drop") else "permanent", option, ConfigurationError
+        )
         if isinstance(step, str):
             name, saga = _checks.text("step name", step, ConfigurationError, max_length=128), None
         elif isinstance(step, Step):
@@ -192,19 +205,25 @@ class Faults(Hooks):
 
     async def before_call(self, ctx: Context[Any], target: FaultTarget) -> None:
         if self._match("expire_lease", ctx) is not None:
-            await target.expire_lease(ctx.run_id, ctx.step)
+            expired = await target.expire_lease(ctx.run_id, ctx.step)
             target.wake()
+            if expired is not None:
+                self._expired[(ctx.run_id, ctx.step, ctx.attempt)] = (target, expired)
         rule = self._match("fail_compensation", ctx)
         if rule is not None:
             error = _PermanentInjectedFault if rule.option else InjectedFault
             raise error(f"injected failure of the compensation of {ctx.step!r}")
 
     async def before_checkpoint(self, ctx: Context[Any]) -> None:
+        stalled = None if ctx.is_compensation else (ctx.run_id, ctx.step, ctx.attempt)
+        if stalled is not None and stalled in self._expired:
+            target, expired = self._expired.pop(stalled)
+            await target.taken_over(ctx.run_id, expired)  # so its write comes after
         if self._match("crash_after", ctx) is not None:
             raise SimulatedCrash(f"injected crash after {ctx.step!r}")
 
     async def write(self, ctx: Context[Any], write: Callable[[], Awaitable[T]]) -> T:
-        rule = self._match("drop_connection", ctx)
+        rule = self._match("drop_connection_at_commit", ctx)
         if rule is None:
             return await write()
         if rule.option:

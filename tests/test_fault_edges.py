@@ -111,7 +111,7 @@ async def test_dropped_compensation_commit_in_a_graph_undoes_once(
     run = await s.start(Job(n=1))
     with pytest.raises(saga.RunCompensatedError):
         await run.result(timeout=15)
-    assert faults.fired["drop_connection"] == 2
+    assert faults.fired["drop_connection_at_commit"] == 2
     hist = [e.kind for e in await run.history()]
     assert hist.count("compensation_completed") == 2
     assert sorted(c.step for c in effects.of("compensation", run.id)) == ["a", "b"]
@@ -422,4 +422,4 @@ async def test_signal_that_came_first_wakes_the_run_despite_a_lost_commit_reply(
     assert await run.signal("decision", Decision(approved=True, by="ana"))
     release.set()
     assert await run.result(timeout=8) == "ana"
-    assert faults.fired["drop_connection"] == int(drop)
+    assert faults.fired["drop_connection_at_commit"] == int(drop)

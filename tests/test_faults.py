@@ -193,7 +193,7 @@ async def test_dropped_connection_at_commit_loses_and_doubles_nothing(
     faults.attach(orch)
     run = await s.start(Job(n=1))
     await run.result(timeout=15)
-    assert faults.fired["drop_connection"] == 3
+    assert faults.fired["drop_connection_at_commit"] == 3
     assert [e.kind for e in await run.history()].count("step_completed") == 3
     assert set(effects.raw().values()) == {1}
 
@@ -349,7 +349,7 @@ async def test_an_outcome_is_written_however_long_the_database_is_away(
     faults.attach(orch)
     run = await s.start(Job(n=1))
     assert await run.result(timeout=15) == "once"
-    assert faults.fired["drop_connection"] == 8
+    assert faults.fired["drop_connection_at_commit"] == 8
     kinds = [e.kind for e in await run.history()]
     assert kinds.count("step_completed") == 1
     assert "lease_expired" not in kinds

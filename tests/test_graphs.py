@@ -322,7 +322,7 @@ async def test_the_join_starts_exactly_once_when_the_last_branch_fails_at_commit
     faults.attach(orch)
     run = await orch.start(s, Job())
     await run.result(timeout=20)
-    assert faults.fired["crash_after" if fault == "crash" else "drop_connection"] == 1
+    assert faults.fired["crash_after" if fault == "crash" else "drop_connection_at_commit"] == 1
     calls = ledger.steps()
     assert calls.count("e") == 1
     assert (calls.count("b"), calls.count("d")) == (1, 1)

@@ -263,7 +263,7 @@ async def test_connection_lost_during_a_write_is_resolved_by_rereading(
     faults.attach(await orchestrator(shaky))
     run = await shaky.start(Job(n=1))
     assert await run.result(timeout=10) == "c"
-    assert faults.fired["drop_connection"] == 2
+    assert faults.fired["drop_connection_at_commit"] == 2
     assert ledger.steps() == ["a", "b", "c"]
     assert [e.kind for e in await run.history()].count("step_completed") == 3
 

@@ -131,3 +131,27 @@ async def test_a_step_ignoring_its_timeout_is_given_up_and_taken_over(
     assert [(e["step"], e["attempt"], e["log_level"]) for e in unresponsive] == [
         ("stubborn", 1, "error")
     ]
+
+
+async def test_a_step_ignoring_its_timeout_gives_its_slot_back(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """The attempt given up frees its worker slot: in an orchestrator of concurrency 1,
+    the run is taken over by that same orchestrator while the first attempt still runs
+    (for 6 s), instead of waiting for it."""
+    attempts: list[int] = []
+    s = saga.Saga("ignores_timeout_one_slot", input=Job)
+
+    @s.step(retry=fast(3), timeout=0.2, lease_seconds=1)
+    async def stubborn(ctx: saga.Context[Job]) -> str:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            return await _ignore_cancellation_for(6)
+        return f"attempt {ctx.attempt}"
+
+    with capture_logs():
+        await orchestrator(s, concurrency=1)
+        run = await s.start(Job(n=1))
+        with anyio.fail_after(5):
+            assert await run.result() == "attempt 2"
+    assert attempts == [1, 2]

@@ -113,7 +113,7 @@ async def test_graph_run_whose_final_commit_reply_was_lost_is_counted_as_ended(
         faults.attach(orch)
         run = await s.start(Job())
         assert await run.result(timeout=20) == "d"
-        assert faults.fired["drop_connection"] == 1
+        assert faults.fired["drop_connection_at_commit"] == 1
         await _until(lambda: total(points(reader), "saga.runs.completed") >= 1, 5)
         await _until(lambda: _by_name(tracing.spans(), "saga.step d"), 5)
     resolved = [line for line in logs if line["event"] == "ambiguous_commit_resolved"]

@@ -7,10 +7,12 @@ tests shorten the 60 s (``saga._parked.CALLBACK_SECONDS``) to keep them quick.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 import saga
 from tests._sagas import Job, Ledger
@@ -79,3 +81,29 @@ async def test_an_on_timeout_function_that_never_returns_rolls_the_run_back(
     assert raised.value.error.type == "TimeoutError"
     assert "on_timeout of wait 'decision'" in raised.value.error.message
     assert ledger.steps("compensation") == ["reserve"]
+
+
+async def test_an_until_function_ignoring_its_cancellation_does_not_hold_its_run(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """An until() that keeps running through its time limit's cancellation (6 s here)
+    is given up as a step ignoring its timeout is (its lease's length later): other
+    attempts take over, and once they are used up the run rolls back, well before the
+    hostile function ends."""
+    ledger = Ledger()
+
+    async def until(ctx: saga.Context[Job]) -> datetime:
+        end = time.monotonic() + 6
+        while time.monotonic() < end:
+            try:
+                await anyio.sleep(0.05)
+            except BaseException:  # the hostile code under test
+                time.sleep(0.005)  # noqa: ASYNC251 - throttles the re-delivered cancellations
+        return datetime.now(UTC)  # late: not used
+
+    s = sleep_saga(ledger, until=until)
+    with capture_logs():
+        await orchestrator(s, lease_seconds=0.5)
+        run = await s.start(Job(n=1))
+        with anyio.fail_after(5), pytest.raises(saga.RunError):
+            await run.result()

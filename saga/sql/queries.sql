@@ -491,11 +491,13 @@ RETURNING r.id, r.cancel_requested;
 -- an attempt released again before any outcome was recorded (a step that takes its
 -- worker down gracefully, or never ends within the shutdown timeout) counts, so the
 -- attempt limit still ends it. (A leased run is due: the partial due index finds them.)
--- $1 worker id, $2 work notification channel
+-- Not those of attempts saga.testing crashed ($3, $4): a dead worker releases nothing.
+-- $1 worker id, $2 work notification channel, $3 run ids and $4 lease tokens to keep
 WITH held AS (
     SELECT r.id, r.attempt, r.released
     FROM __schema__.runs r
     WHERE r.due_at IS NOT NULL AND r.lease_owner = $1
+      AND (r.id, r.lease_token) NOT IN (SELECT * FROM unnest($3::uuid[], $4::bigint[]))
     ORDER BY r.id
     FOR UPDATE OF r
 ), upd AS (
@@ -1016,7 +1018,16 @@ SELECT due_at, pg_notify($3, saga_name)::text AS notified FROM moved LIMIT 1;
 -- $1 run id
 UPDATE __schema__.runs SET due_at = now() - interval '1 millisecond'
 WHERE id = $1 AND lease_owner IS NOT NULL
-RETURNING id;
+RETURNING lease_token;
+
+-- name: lease_token_of
+-- saga.testing only: the fencing token of a run's lease ($2 NULL), or of its graph item
+-- $2's (the step, not its compensation); it changes when another claim takes it over.
+-- $1 run id, $2 step or NULL
+SELECT CASE WHEN $2::text IS NULL
+            THEN (SELECT lease_token FROM __schema__.runs WHERE id = $1)
+            ELSE (SELECT lease_token FROM __schema__.items
+                  WHERE run_id = $1 AND step = $2 AND phase = 'step') END;
 
 -- name: count_unclaimable
 -- Active runs of definitions (name, version, fingerprint) this orchestrator has not
@@ -1655,11 +1666,15 @@ RETURNING i.run_id, i.step, i.phase,
 -- name: release_items
 -- Give back every graph item leased to this worker at shutdown, once its loops have
 -- ended (as release does for runs: the interrupted attempt is not counted, once).
--- $1 worker id, $2 work notification channel
+-- Not those of attempts saga.testing crashed ($3-$6), as release.
+-- $1 worker id, $2 work notification channel, $3 run ids, $4 steps, $5 phases and $6
+-- lease tokens of the items to keep
 WITH held AS (
     SELECT i.run_id, i.step, i.phase, i.attempt, i.released
     FROM __schema__.items i
     WHERE i.lease_owner = $1
+      AND (i.run_id, i.step, i.phase::text, i.lease_token) NOT IN (
+          SELECT * FROM unnest($3::uuid[], $4::text[], $5::text[], $6::bigint[]))
     ORDER BY i.run_id, i.step, i.phase  -- (the order graph_items locks in)
     FOR UPDATE OF i
 ), upd AS (
@@ -1698,7 +1713,7 @@ WHERE i.run_id = $1 AND i.lease_owner = $2 AND i.attempt = 1;
 -- $1 run id, $2 step
 UPDATE __schema__.items SET due_at = now() - interval '1 millisecond'
 WHERE run_id = $1 AND step = $2 AND lease_owner IS NOT NULL
-RETURNING run_id;
+RETURNING lease_token;
 
 -- name: children_of
 -- The child runs a step started, in the order of their keys' index.

@@ -1,0 +1,147 @@
+"""saga.testing used as a user testing their own sagas uses it: what README ("Testing
+your sagas") and saga/testing.py's docstrings promise of each fault."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import saga
+from saga.testing import Faults
+from tests._sagas import Job, Ledger, permanent, small_saga
+from tests.conftest import OrchestratorFactory
+
+
+async def test_a_permanent_injected_compensation_failure_is_recorded_as_injected_fault(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README ("Testing your sagas"): "`fail_compensation(step, times=None,
+    permanent=False)`: the compensation raises `saga.testing.InjectedFault`." Failures are
+    recorded with the exception's qualified type name: with permanent=True too, the run's
+    compensation_error.type is "saga.testing.InjectedFault"."""
+    s = small_saga("perm_fault", ["reserve", "charge"], compensate={"reserve"},
+                   fail={"charge": permanent("declined")})  # fmt: skip
+    faults = Faults()
+    faults.fail_compensation("reserve", permanent=True)
+    faults.attach(await orchestrator(s))
+    run = await s.start(Job(n=1))
+    with pytest.raises(saga.RunFailedError) as raised:
+        await run.result(timeout=10)
+    assert faults.fired["fail_compensation"] == 1
+    error = raised.value.compensation_error
+    assert error is not None
+    assert error.step == "reserve"
+    assert error.type == "saga.testing.InjectedFault"
+
+
+@pytest.mark.parametrize("by", ["name", "step"])
+async def test_expire_lease_on_a_quick_step_of_a_linear_saga_takes_the_run_over(
+    orchestrator: OrchestratorFactory, by: str
+) -> None:
+    """README ("Testing your sagas"): "`expire_lease(step)`: while the step runs, its lease
+    expires as if its worker had stalled (...), and another attempt takes over (on another
+    worker, or on the same one if it has a free slot); the first attempt's writes are
+    refused by the fencing token." and "`faults.fired` counts what really happened".
+
+    A linear saga whose step returns at once (an in-memory fake service, as users' tests
+    have), on one orchestrator with free slots: each time, a second attempt takes over
+    (lease_expired in the history), and only its outcome is recorded (the first
+    attempt's write comes after the takeover, and is refused)."""
+    effects = Ledger()
+    s = small_saga("quick_stall", ["reserve", "charge", "notify"], ledger=effects)
+    faults = Faults()
+    faults.attach(await orchestrator(s, lease_seconds=5))
+    seen = []
+    for n in range(3):  # one run after the other, each with a fault of its own
+        faults.expire_lease("charge" if by == "name" else s.get_step("charge"))
+        run = await s.start(Job(n=n))
+        assert await run.result(timeout=15) == "notify"
+        assert faults.fired["expire_lease"] == n + 1
+        charges = [c for c in effects.of("step", run.id) if c.step == "charge"]
+        history = await run.history()
+        assert {c.key for c in charges} == {f"{run.id}:step:charge"}
+        seen.append(
+            (
+                [c.attempt for c in charges],
+                "lease_expired" in [e.kind for e in history],
+                [e.attempt for e in history if e.kind == "step_completed" and e.step == "charge"],
+            )
+        )
+    assert seen == [([1, 2], True, [2])] * 3
+
+
+async def test_fired_counts_a_dropped_connection_under_the_fault_s_name(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README: "Call `faults.attach(orchestrator)`; `faults.fired` counts what really
+    happened", by the fault's method name (`fired["crash_after"]`): a connection dropped
+    at commit is counted as `fired["drop_connection_at_commit"]`, once."""
+    s = small_saga("drop_commit", ["reserve", "charge"])
+    faults = Faults()
+    faults.drop_connection_at_commit("charge", committed=True)
+    faults.attach(await orchestrator(s))
+    run = await s.start(Job(n=1))
+    assert await run.result(timeout=15) == "charge"
+    assert sum(faults.fired.values()) == 1
+    assert faults.fired["drop_connection_at_commit"] == 1, dict(faults.fired)
+
+
+@pytest.mark.parametrize(
+    "declare",
+    [
+        pytest.param(lambda f: f.crash_after("charge", compensation="yes"), id="compensation"),
+        pytest.param(
+            lambda f: f.drop_connection_at_commit("charge", committed="no"), id="committed"
+        ),
+        pytest.param(lambda f: f.fail_compensation("charge", permanent="no"), id="permanent"),
+    ],
+)
+async def test_a_fault_flag_that_is_not_a_bool_is_refused(declare: Any) -> None:
+    """DESIGN: "Bad input gets a clear error"; README: "Settings that cannot work are
+    refused when given, naming the setting". A fault's flags must be bools: a rule with
+    `compensation="yes"` would never fire (the user's test passing without its fault),
+    and `committed="no"` or `permanent="no"` would mean yes."""
+    with pytest.raises(saga.ConfigurationError, match="must be a bool"):
+        declare(Faults())
+
+
+@pytest.mark.parametrize("graph", [False, True])
+async def test_a_crashed_worker_s_lease_is_not_given_back_when_its_orchestrator_closes(
+    dsn: str, graph: bool
+) -> None:
+    """README ("Testing your sagas"): "`crash_after(step)`: the step's side effect
+    happens, then its worker dies before the checkpoint (nothing is written; the lease
+    must expire; the step runs again with the same `ctx.idempotency_key`)"; testing.py:
+    "nothing is recorded and the lease is never released, so the run waits for the lease
+    to expire"; README: "A crash mid-step counts as an attempt".
+
+    A user's test of a restart: the worker crashes in `charge`, its orchestrator is
+    closed, a new one opens. The close gives back no lease of the dead worker: the lease
+    expires, the crash counts as attempt 1, and the step runs again as attempt 2."""
+    effects = Ledger()
+    s = small_saga(
+        f"restart_crash_{int(graph)}",
+        ["reserve", "charge"],
+        after={"reserve": [], "charge": ["reserve"]} if graph else None,
+        ledger=effects,
+    )
+    faults = Faults()
+    faults.crash_after("charge")
+    options: dict[str, Any] = {"lease_seconds": 2, "poll_interval": 0.2, "shutdown_timeout": 2}
+    async with saga.Orchestrator(dsn, sagas=[s], **options) as first:
+        faults.attach(first)
+        run = await s.start(Job(n=1))
+        with anyio.fail_after(10):
+            while not faults.fired["crash_after"]:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+    async with saga.Orchestrator(dsn, sagas=[s], **options) as second:
+        handle = second.get_run(run.id)
+        assert await handle.result(timeout=15) == "charge"
+        history = [(e.kind, e.step, e.attempt) for e in await handle.history()]
+    charges = [c for c in effects.of("step", run.id) if c.step == "charge"]
+    assert {c.key for c in charges} == {f"{run.id}:step:charge"}
+    assert ("lease_released", "charge", 1) not in history, history
+    assert ("lease_expired", "charge", 1) in history, history
+    assert [c.attempt for c in charges] == [1, 2]
