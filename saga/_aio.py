@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -45,10 +45,12 @@ def is_cancellation_by_saga(exc: BaseException) -> bool:
     return False
 
 
-async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
+async def uncancellable(coro: Coroutine[Any, Any, T], then: Callable[[T], None] | None = None) -> T:
     """Run ``coro`` to completion even if the caller is cancelled meanwhile, by any means
     (anyio scopes, ``asyncio.timeout``, ``wait_for``, ``Task.cancel()``). For writes whose
-    outcome must not depend on the caller staying around.
+    outcome must not depend on the caller staying around. ``then`` gets the outcome of a
+    write that succeeded, cancelled caller or not: what must follow the write (a
+    wake-up, a count) is not lost with the caller.
 
     Under an anyio cancel scope the outcome is returned (the scope cancels the caller
     again at its next checkpoint, as a shielded scope would); under a plain asyncio
@@ -57,7 +59,7 @@ async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
     """
     task = asyncio.ensure_future(coro)
     try:
-        return await asyncio.shield(task)
+        done = await asyncio.shield(task)
     except asyncio.CancelledError:
         if not is_cancellation(asyncio.CancelledError()):
             raise  # not a cancellation of the caller: the write itself was cancelled
@@ -68,11 +70,14 @@ async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
                     await asyncio.shield(task)
                 except asyncio.CancelledError:
                     continue
+        if not task.cancelled() and task.exception() is None and then is not None:
+            then(task.result())
         if redelivered:
             return task.result()
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller gets its cancellation instead
-        raise
+        raise  # (the write's exception, if any, retrieved above: the caller gets this)
+    if then is not None:
+        then(done)
+    return done
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -49,7 +50,7 @@ from saga._notify import WorkNotifier
 from saga._partitions import uuid7
 from saga._run import OutputT, RunHandle
 from saga._signals import Signalling
-from saga._store import RunRow, Store
+from saga._store import RunRow, StartResult, Store
 from saga._store_ops import DefinitionKey
 from saga._telemetry import Telemetry
 
@@ -269,6 +270,8 @@ class Client(Lifecycle, Signalling, Acting):
         with self.telemetry.start_span(saga) as (span, carrier):
             # Once the INSERT is sent its outcome must be known: a cancelled caller gets
             # its cancellation only after the insert committed or failed.
+            # What follows a run's insert happens even if the caller is cancelled meanwhile.
+            committed = partial(self._committed, saga, notify)
             started_run = await uncancellable(
                 store.start_run(
                     uuid7(),
@@ -285,7 +288,8 @@ class Client(Lifecycle, Signalling, Acting):
                     pivot=saga.pivot,
                     parent=parent,
                     traffic=traffic,
-                )
+                ),
+                committed,
             )
             span.set_attribute(RUN_ID, str(started_run.run_id))
             span.set_attribute(CREATED, started_run.created)
@@ -301,13 +305,17 @@ class Client(Lifecycle, Signalling, Acting):
                 "require_same_input=False to get that run",
                 started_run.run_id,
             )
+        return RunHandle(self, started_run.run_id, created=started_run.created)
+
+    def _committed(self, saga: Saga[Any], notified: bool, started_run: StartResult) -> None:
+        """A start's insert is done: for a new run, the trailing wake-up (unless its
+        statement notified), the count, the log line, and the local orchestrator's claim."""
         if started_run.created:
-            if not notify:
+            if not notified:
                 self._notifier.after_commit(saga.name)
             self.telemetry.runs_started.add(1, {SAGA: saga.name})
             logger.debug("run_started", run_id=str(started_run.run_id), saga=saga.name)
             self._started_locally(saga)
-        return RunHandle(self, started_run.run_id, created=started_run.created)
 
     def _started_locally(self, saga: Saga[Any]) -> None:
         """A run of ``saga`` was committed by this process (an orchestrator claims it)."""

@@ -83,13 +83,27 @@ def check_start(sagas: dict[Any, Any], saga: Any, conn: Any, require_same_input:
             "this client, not this one (is its module imported twice, e.g. as __main__ "
             "and by name?): start the registered object"
         )
-    if conn is not None and not isinstance(conn, Executor):
-        raise ConfigurationError(
-            f"conn must be an asyncpg connection (in a transaction), got {show(conn)}"
-        )
+    check_conn(conn)
     if not isinstance(require_same_input, bool):
         raise ConfigurationError(
             f"require_same_input must be a bool, got {show(require_same_input)}"
+        )
+
+
+def check_conn(conn: Any) -> None:
+    """``conn=`` of a start or a signal: None, or an asyncpg connection in an open
+    transaction (outside one each statement commits alone: a start of several
+    statements could be half-written, and nothing would be the caller's to roll back)."""
+    if conn is None:
+        return
+    if not isinstance(conn, Executor):
+        raise ConfigurationError(
+            f"conn must be an asyncpg connection (in a transaction), got {show(conn)}"
+        )
+    if not conn.is_in_transaction():
+        raise ConfigurationError(
+            "conn must be in an open transaction (async with conn.transaction()): "
+            "saga writes in the caller's transaction, and commits nothing itself"
         )
 
 

@@ -30,6 +30,7 @@ from saga._errors import (
 )
 from saga._log import logger
 from saga._notify import WorkNotifier
+from saga._registry import check_conn
 from saga._store import Store
 from saga._store_signals import Delivery, RunDefinition
 from saga._waits import Wait
@@ -81,6 +82,7 @@ class Signalling:
         """
         rid = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note)
+        check_conn(conn)
         store = self._store_or_raise()
         if isinstance(signal, Wait):
             wait: Wait[Any] = signal
@@ -128,9 +130,16 @@ class Signalling:
         # by a trailing one. In the caller's transaction it goes out at their commit.
         notify = conn is not None or self._notifier.claim(saga[0])
         send = store.send_signal(rid, name, payload_json, saga, conn, data, notify)
-        delivery = await (send if conn is not None else uncancellable(send))
-        if not notify and delivery is Delivery.ACCEPTED:
-            self._notifier.after_commit(saga[0])
+
+        def delivered(delivery: Delivery) -> None:  # (even if the caller is cancelled)
+            if not notify and delivery is Delivery.ACCEPTED:
+                self._notifier.after_commit(saga[0])
+
+        if conn is not None:
+            delivery = await send
+            delivered(delivery)
+        else:
+            delivery = await uncancellable(send, delivered)
         return _outcome(delivery, rid, name, saga)
 
     async def signal_key(
@@ -149,6 +158,7 @@ class Signalling:
         :class:`RunNotFoundError`."""
         saga_name = saga.name if isinstance(saga, Saga) else saga
         _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
+        check_conn(conn)
         found = await self._store_or_raise().run_by_key(saga_name, key, conn)
         if found is None:
             raise RunNotFoundError(key=key, saga=saga_name)
