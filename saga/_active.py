@@ -11,7 +11,7 @@ from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import Span
 
 from saga._codec import decode_stored
-from saga._definition import Context, Saga
+from saga._definition import INPUT, Context, Saga
 from saga._model import Outcome, Phase, RunStatus
 from saga._telemetry import Telemetry
 from saga._transition import PHASES, ClaimedItem, RunState
@@ -30,6 +30,7 @@ class ActiveRun:
     attempt: int
     input: Any  # the input model, or Unreadable
     results: dict[str, Any]  # decoded results of completed steps (or Unreadable)
+    input_text: str  # the input as stored
     completed: list[str]
     cancel_requested: bool
     failed_forward: bool
@@ -48,6 +49,8 @@ class ActiveRun:
     outcome: Outcome = _SUCCESS
     error_type: str | None = None
     ctx: Context[Any] | None = field(default=None, repr=False)
+    # The input (INPUT) and results already handed to a step: the next reads them again.
+    exposed: set[str] = field(default_factory=set, repr=False)
 
     def state(self) -> RunState:
         return RunState(
@@ -74,6 +77,7 @@ def claimed_run(item: ClaimedItem, saga: Saga[Any]) -> ActiveRun:
         step=item.step_name,
         attempt=item.attempt,
         input=decode_stored(item.input, saga.input_type, "input"),
+        input_text=item.input,
         results={
             name: decode_stored(text, saga.result_type(name), f"result of {name!r}")
             for name, text in item.results.items()
@@ -89,3 +93,39 @@ def claimed_run(item: ClaimedItem, saga: Saga[Any]) -> ActiveRun:
         keyed=item.keyed,
         reclaimed=item.expired_owner is not None,
     )
+
+
+class Reads:
+    """What one step's context reads of its run: its input, and the results of the steps
+    before it. An object no step was given yet is handed over as decoded; one an earlier
+    step was given is decoded again from its stored text, so that what a step does to
+    an object it read never reaches the next (as it would not on another worker)."""
+
+    __slots__ = ("_run", "_seen")
+
+    def __init__(self, run: ActiveRun) -> None:
+        self._run = run
+        self._seen: dict[str, Any] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._run.results
+
+    def __getitem__(self, name: str) -> Any:
+        seen = self._seen
+        if name in seen:
+            return seen[name]
+        run = self._run
+        if name not in run.exposed:
+            value = run.input if name == INPUT else run.results[name]
+            run.exposed.add(name)
+        elif name == INPUT:
+            value = decode_stored(run.input_text, run.saga.input_type, "input")
+        else:
+            text = run.stored.get(name)
+            value = (
+                run.results[name]
+                if text is None
+                else decode_stored(text, run.saga.result_type(name), f"result of {name!r}")
+            )
+        seen[name] = value
+        return value

@@ -49,6 +49,16 @@ def _adapter(annotation: Any) -> TypeAdapter[Any]:
     return TypeAdapter(annotation)
 
 
+def unusable_type(annotation: Any) -> str | None:
+    """Why pydantic cannot store and read back values of ``annotation`` (a
+    ``typing.TypedDict`` before Python 3.12, an arbitrary class ...), or None."""
+    try:
+        _adapter(annotation)
+    except Exception as exc:  # pydantic's schema errors, an unhashable annotation ...
+        return describe_exception(exc)
+    return None
+
+
 def _check_raw(value: Any, path: str, depth: int) -> None:
     """Reject values that no serialization stores faithfully (NaN, bytes, NUL), naming
     where they sit. Anything else (datetime, UUID, Decimal, enums, arbitrary objects) is
@@ -223,17 +233,28 @@ def _encode(value: Any, annotation: Any, what: str, max_bytes: int) -> tuple[str
 
 
 def _expected(adapter: TypeAdapter[Any], annotation: Any, value: Any, what: str) -> Any:
-    """What reading the value back must give: the value as its declared type."""
+    """What reading the value back must give: the value as its declared type, which must
+    be the value handed over (an enum where an int is declared, a key a TypedDict does
+    not have, a validator changing it: refused, not altered; an int where a float is
+    declared is fine)."""
     if annotation is Any:
         return value
+    declared = getattr(annotation, "__name__", None) or repr(annotation)
     try:
-        return adapter.validate_python(value)
+        expected = adapter.validate_python(value)
     except Exception as exc:  # a validator may raise anything (pydantic passes it on)
-        declared = getattr(annotation, "__name__", None) or repr(annotation)
         raise SerializationError(
             f"{what}: a {type(value).__name__} does not match the declared type "
             f"{declared}: {_first_error(exc)}"
         ) from exc
+    if expected is not value:
+        changed = difference(value, expected, "", widened=True)
+        if changed is not None:
+            raise SerializationError(
+                f"{what}: the declared type {declared} would change it ({changed}): return "
+                "the value as declared"
+            )
+    return expected
 
 
 def _round_trip(annotation: Any, expected: Any, text: str) -> tuple[Any, str | None]:

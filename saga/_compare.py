@@ -14,18 +14,22 @@ from pydantic import BaseModel
 _SCALARS = frozenset({int, str, bool, type(None)})
 
 
-def difference(a: Any, b: Any, path: str) -> str | None:
-    """Where ``b`` differs from ``a`` (types included), or None when it does not."""
+def difference(a: Any, b: Any, path: str, *, widened: bool = False) -> str | None:
+    """Where ``b`` differs from ``a`` (types included), or None when it does not.
+    ``widened``: an int that became an equal float does not count (a declared ``float``
+    takes ints, as a type checker does)."""
     if type(a) is type(b) and type(a) in _SCALARS and a == b:
         return None  # the common case, decided without walking
     where = path or "the value"
+    if widened and type(a) is int and type(b) is float and a == b:
+        return None
     if type(a) is not type(b):
         return f"{where}: a {type(a).__name__} comes back as a {type(b).__name__}"
     shape = _shape_change(a, b)
     if shape is not None:
         return f"{where}: {shape}"
     for child_path, x, y in _pairs(a, b, path):
-        found = difference(x, y, child_path)
+        found = difference(x, y, child_path, widened=widened)
         if found:
             return found
     if a != b:
@@ -48,7 +52,7 @@ def _offset(zone: tzinfo | None) -> timedelta | None:
 def _shape_change(a: Any, b: Any) -> str | None:
     if isinstance(a, BaseModel) and list(a.model_extra or {}) != list(b.model_extra or {}):
         return "its extra fields change"
-    if isinstance(a, dict) and list(a) != list(b):
+    if isinstance(a, dict) and (list(a) != list(b) or list(map(type, a)) != list(map(type, b))):
         return "its keys change"
     if isinstance(a, list | tuple) and len(a) != len(b):
         return "its length changes"

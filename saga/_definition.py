@@ -365,6 +365,11 @@ class Saga(Generic[InT, OutputT]):
         )
 
 
+#: The input's key among what a step's context reads (saga._active.Reads): no step has
+#: this name (names are identifiers).
+INPUT = " input"
+
+
 @dataclass(slots=True)
 class Context(Generic[InT]):
     """What a step or compensation knows about its run. ``idempotency_key`` is the same
@@ -375,11 +380,17 @@ class Context(Generic[InT]):
     saga: str
     step: str
     attempt: int
-    input: InT
     idempotency_key: str
     is_compensation: bool
-    _results: dict[str, Any] = field(repr=False)
+    # The run's input and earlier results as this step reads them (saga._active.Reads).
+    _results: Any = field(repr=False)
     _definition: Saga[InT] = field(repr=False)
+
+    @property
+    def input(self) -> InT:
+        """The run's input (its saga's input model), as stored when the run started."""
+        value: InT = self._results[INPUT]
+        return value
 
     @overload
     def result(self, step: Wait[P]) -> P: ...

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from saga import _checks
+from saga._codec import unusable_type
 from saga._errors import DefinitionError, PermanentError
 
 #: The most attempts a policy may allow (attempt numbers are stored as 32-bit ints).
@@ -191,6 +192,13 @@ def resolve_annotations(saga: Any, *, final: bool = True) -> None:
             except Exception:
                 if final:
                     _unresolvable(saga, step)
+        kind = step.result_type
+        problem = None if not final or kind is Any else unusable_type(kind)
+        if problem is not None:  # refused now, not once a run's step has had its effect
+            raise DefinitionError(
+                f"saga {saga.name!r}: the return annotation of step {step.name!r} cannot "
+                f"be stored and read back: {problem}"
+            )
 
 
 def _unresolvable(saga: Any, step: Any) -> None:

@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from saga import _plan
-from saga._active import ActiveRun, claimed_run
+from saga._active import ActiveRun, Reads, claimed_run
 from saga._aio import is_cancellation_by_saga
 from saga._call import CallUser, call_user
 from saga._codec import encode_checked
@@ -357,10 +357,9 @@ class Runner:
             saga=run.saga.name,
             step=name,
             attempt=run.attempt,
-            input=run.input,
             idempotency_key=idempotency_key(run.id, name, phase),
             is_compensation=phase is _COMPENSATION,
-            _results=run.results,
+            _results=Reads(run),
             _definition=run.saga,
         )
 
