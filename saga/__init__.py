@@ -9,8 +9,9 @@ for good the completed steps are compensated newest first.
 from saga._bulk import BulkResult, cancel_runs, count_matching, needs_attention, retry_runs
 from saga._children import ChildFailed, TooManyChildren
 from saga._client import Client
+from saga._context import Context
 from saga._cron import Schedule
-from saga._definition import Compensation, Context, Saga, Step
+from saga._definition import Compensation, Saga, Step
 from saga._errors import (
     ConfigurationError,
     DatabaseError,

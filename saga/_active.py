@@ -11,7 +11,8 @@ from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import Span
 
 from saga._codec import decode_stored
-from saga._definition import INPUT, Context, Saga
+from saga._context import INPUT, Context
+from saga._definition import Saga
 from saga._model import Outcome, Phase, RunStatus
 from saga._telemetry import Telemetry
 from saga._transition import PHASES, ClaimedItem, RunState
@@ -99,33 +100,41 @@ class Reads:
     """What one step's context reads of its run: its input, and the results of the steps
     before it. An object no step was given yet is handed over as decoded; one an earlier
     step was given is decoded again from its stored text, so that what a step does to
-    an object it read never reaches the next (as it would not on another worker)."""
+    an object it read never reaches the next (as it would not on another worker). It
+    holds the run's parts, not the run: the run holds the context (no reference cycle
+    for the garbage collector to find on every step)."""
 
-    __slots__ = ("_run", "_seen")
+    __slots__ = ("_exposed", "_input", "_input_text", "_results", "_saga", "_seen", "_stored")
 
     def __init__(self, run: ActiveRun) -> None:
-        self._run = run
-        self._seen: dict[str, Any] = {}
+        self._input = run.input
+        self._input_text = run.input_text
+        self._results = run.results
+        self._stored = run.stored
+        self._exposed = run.exposed
+        self._saga = run.saga
+        self._seen: dict[str, Any] | None = None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._run.results
+        return name in self._results
 
     def __getitem__(self, name: str) -> Any:
         seen = self._seen
-        if name in seen:
+        if seen is None:
+            seen = self._seen = {}
+        elif name in seen:
             return seen[name]
-        run = self._run
-        if name not in run.exposed:
-            value = run.input if name == INPUT else run.results[name]
-            run.exposed.add(name)
+        if name not in self._exposed:
+            value = self._input if name == INPUT else self._results[name]
+            self._exposed.add(name)
         elif name == INPUT:
-            value = decode_stored(run.input_text, run.saga.input_type, "input")
+            value = decode_stored(self._input_text, self._saga.input_type, "input")
         else:
-            text = run.stored.get(name)
+            text = self._stored.get(name)
             value = (
-                run.results[name]
+                self._results[name]
                 if text is None
-                else decode_stored(text, run.saga.result_type(name), f"result of {name!r}")
+                else decode_stored(text, self._saga.result_type(name), f"result of {name!r}")
             )
         seen[name] = value
         return value

@@ -4,7 +4,6 @@ its span and its timeout, after the step's rate limit (if any) let it through.""
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,9 +13,9 @@ from opentelemetry import trace
 from saga._aio import is_cancellation_by_saga, time_limit
 from saga._codec import check_readable, decode_stored
 from saga._errors import SagaError, error_record
+from saga._held import cancel_scope
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._instruments import RATE_LIMIT
-from saga._lease import cancel_scope
 from saga._model import Phase
 from saga._rate import RateLimit
 from saga._telemetry import Telemetry
@@ -24,8 +23,10 @@ from saga._transition import Failed, Succeeded
 
 if TYPE_CHECKING:
     from saga._active import ActiveRun
-    from saga._definition import Context, Step
-    from saga._lease import Lease, Leases
+    from saga._context import Context
+    from saga._definition import Step
+    from saga._held import Lease
+    from saga._lease import Leases
     from saga._policy import Retry
     from saga._store import Store
 
@@ -119,12 +120,12 @@ def user_time_limit(timeout: float, lease: Lease, what: str) -> Iterator[None]:
     lease's length after it ignores cancellation: its heartbeats stop (see
     Leases.heartbeat_loop), its slot is freed, another attempt takes over once its lease
     expires, and its own writes are refused."""
-    lease.unresponsive_at = anyio.current_time() + timeout + lease.seconds
+    lease.time_limited(anyio.current_time() + timeout)
     try:
         with time_limit(cancel_scope(), timeout, what):
             yield
     finally:
-        lease.unresponsive_at = math.inf
+        lease.time_limited(None)
 
 
 async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease) -> float:

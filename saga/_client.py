@@ -9,7 +9,6 @@ loops.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import uuid
@@ -17,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Self, TypeVar
 
-import anyio
 import asyncpg
 import pydantic
 from anyio.abc import TaskGroup
@@ -27,7 +25,8 @@ from opentelemetry.trace import TracerProvider
 from saga import _checks, _children, _registry
 from saga._acting import Acting
 from saga._aio import uncancellable
-from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, same_input, validate_as
+from saga._awaiting import Awaiting
+from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode, same_input, validate_as
 from saga._db import Executor, check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._definition import Saga
 from saga._errors import (
@@ -36,16 +35,14 @@ from saga._errors import (
     DefinitionError,
     IdempotencyConflictError,
     InvalidInputError,
-    LifecycleError,
     RunNotFoundError,
-    RunTimeoutError,
 )
 from saga._instruments import CREATED, RUN_ID, SAGA
 from saga._lifecycle import Lifecycle, started
 from saga._listener import Listener
 from saga._log import Outage, logger
 from saga._migrate import check_migrated, migrate
-from saga._model import HistoryEvent, RunInfo, RunStatus
+from saga._model import HistoryEvent, RunInfo
 from saga._notify import WorkNotifier
 from saga._partitions import uuid7
 from saga._run import OutputT, RunHandle
@@ -61,7 +58,7 @@ _MAX_ID_LENGTH = 200
 _MAX_PAYLOAD_LIMIT = 256 * 1024 * 1024  # what Postgres text comfortably holds
 
 
-class Client(Lifecycle, Signalling, Acting):
+class Client(Lifecycle, Signalling, Acting, Awaiting):
     """Starts runs, waits for them and acts on them; executes nothing.
 
     ``dsn_or_pool`` is a PostgreSQL DSN (the client then owns its pool) or an
@@ -344,55 +341,6 @@ class Client(Lifecycle, Signalling, Acting):
         if not events:
             await self._row(run_id)  # raises RunNotFoundError for an unknown id
         return events
-
-    async def result(self, run_id: uuid.UUID | str, timeout: float | None = None) -> Any:
-        """Wait for the run to end and return its output; see :meth:`RunHandle.result`."""
-        run_id = _checks.run_id(run_id, ConfigurationError)
-        store = self._store_or_raise()
-        assert self._listener is not None
-        waiters = self._listener.waiters
-        if timeout is not None:
-            timeout = _checks.seconds("timeout", timeout, ConfigurationError, allow_zero=True)
-        deadline = math.inf if timeout is None else anyio.current_time() + timeout
-        watched = False
-        while True:
-            waiter = waiters.subscribe(run_id)
-            try:
-                try:
-                    # Only watched runs NOTIFY when they end (no lock). A run just found
-                    # active by its watch has nothing to read until it does.
-                    fresh = not watched and await store.watch_run(run_id)
-                    watched = watched or fresh
-                    remaining = deadline - anyio.current_time()
-                    row = None if fresh and remaining > 0 else await self._row(run_id)
-                except DatabaseError:
-                    # The database is away (restart, failover): keep waiting until the
-                    # deadline, as the run itself will resume when it is back.
-                    if anyio.current_time() >= deadline:
-                        raise
-                    await anyio.sleep(min(self.poll_interval, deadline - anyio.current_time()))
-                    continue
-                if row is not None and row.info.status.is_terminal:
-                    return self._outcome(row)
-                if row is not None and remaining <= 0:
-                    raise RunTimeoutError(
-                        f"run {run_id} is still {row.info.status} after {timeout} seconds"
-                    )
-                with anyio.move_on_after(remaining):
-                    await waiter.wait()
-                if waiters.closed is not None:
-                    raise LifecycleError(waiters.closed)
-            finally:
-                waiters.unsubscribe(run_id, waiter)
-
-    def _outcome(self, row: RunRow) -> Any:
-        info = row.info
-        if info.status is RunStatus.COMPLETED:
-            definition = self.definition(info.saga, info.version)
-            known = definition is not None and row.fingerprint in (None, definition.fingerprint)
-            result_type = definition.output_type if definition and known else Any
-            return decode(row.output, result_type)
-        raise info.ended_error()
 
     async def unclaimable_runs(self) -> dict[DefinitionKey, int]:
         """Active runs of definitions this client did not register, by (saga name,

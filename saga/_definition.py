@@ -8,10 +8,9 @@ process, worker processes and tests alike.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, overload
-from uuid import UUID
 
 from pydantic import BaseModel
 from typing_extensions import TypeVar
@@ -36,6 +35,7 @@ from saga._waits import Parking, Sleep, Wait, declare_sleep, declare_wait
 
 if TYPE_CHECKING:
     from saga._children import Spawn
+    from saga._context import Context
     from saga._db import Executor
     from saga._run import RunHandle
 
@@ -363,53 +363,3 @@ class Saga(Generic[InT, OutputT]):
         return await client.start(
             self, input, key=key, require_same_input=same, conn=conn, priority=priority
         )
-
-
-#: The input's key among what a step's context reads (saga._active.Reads): no step has
-#: this name (names are identifiers).
-INPUT = " input"
-
-
-@dataclass(slots=True)
-class Context(Generic[InT]):
-    """What a step or compensation knows about its run. ``idempotency_key`` is the same
-    for every attempt of a step on any worker, and different for its compensation: pass
-    it to external services so that a retried side effect happens once."""
-
-    run_id: UUID
-    saga: str
-    step: str
-    attempt: int
-    idempotency_key: str
-    is_compensation: bool
-    # The run's input and earlier results as this step reads them (saga._active.Reads).
-    _results: Any = field(repr=False)
-    _definition: Saga[InT] = field(repr=False)
-
-    @property
-    def input(self) -> InT:
-        """The run's input (its saga's input model), as stored when the run started."""
-        value: InT = self._results[INPUT]
-        return value
-
-    @overload
-    def result(self, step: Wait[P]) -> P: ...
-
-    @overload
-    def result(self, step: Step[InT, R]) -> R: ...
-
-    def result(self, step: Step[Any, Any] | Wait[Any]) -> Any:
-        """The typed result of an earlier completed step of this run, or the payload
-        of a wait it passed."""
-        if not isinstance(step, Step | Wait) or step.saga is not self._definition:
-            raise DefinitionError(
-                f"ctx.result() takes a step or a wait of saga {self.saga!r} (the object its "
-                f"decorator or wait_for returned), got {_checks.show(step)}"
-            )
-        _graph.check_read(self._definition.graph, self.step, step.name, self.is_compensation)
-        if step.name not in self._results:
-            raise DefinitionError(
-                f"{'wait' if isinstance(step, Wait) else 'step'} {step.name!r} has not "
-                f"completed in run {self.run_id}; only earlier results can be read"
-            )
-        return self._results[step.name]

@@ -21,7 +21,8 @@ from saga._active import ActiveRun
 from saga._definition import Saga
 from saga._errors import DatabaseError, error_record
 from saga._graph_plan import Finished, GraphChange, Parked
-from saga._lease import Lease, Leases
+from saga._held import Lease
+from saga._lease import Leases
 from saga._log import log_event, logger
 from saga._model import EventKind, Outcome, Phase, RunStatus
 from saga._runner import Runner

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from saga._definition import Context
+from saga._context import Context
 
 T = TypeVar("T")
 

@@ -13,8 +13,8 @@ from saga._aio import is_cancellation_by_saga
 from saga._call import user_time_limit
 from saga._codec import check_readable
 from saga._errors import error_record
+from saga._held import Lease
 from saga._hooks import SimulatedCrash
-from saga._lease import Lease
 from saga._transition import Failed, Succeeded
 from saga._waits import Sleep, Wait
 

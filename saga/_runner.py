@@ -19,11 +19,13 @@ from saga._active import ActiveRun, Reads, claimed_run
 from saga._aio import is_cancellation_by_saga
 from saga._call import CallUser, call_user
 from saga._codec import encode_checked
-from saga._definition import Context, Saga, Step
+from saga._context import Context
+from saga._definition import Saga, Step
 from saga._errors import DatabaseError, SagaError, error_record, exception_type
+from saga._held import Lease
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._instruments import SAGA
-from saga._lease import Lease, Leases
+from saga._lease import Leases
 from saga._log import Outage, frames, log_event, logger
 from saga._model import Outcome, Phase, RunStatus
 from saga._parked import sleep_length, timeout_result

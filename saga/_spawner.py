@@ -25,7 +25,8 @@ from saga._store_graph import Child
 from saga._transition import Failed, Succeeded
 
 if TYPE_CHECKING:
-    from saga._definition import Context, Step
+    from saga._context import Context
+    from saga._definition import Step
 
 _COMPLETED = RunStatus.COMPLETED
 _STOPPED = RunStatus.STOPPED

@@ -44,6 +44,7 @@ from saga._store_ops import (
 from saga._store_peers import PresenceQueries
 from saga._store_sched import ScheduleQueries
 from saga._store_signals import SignalQueries
+from saga._store_testing import FaultQueries
 from saga._traffic import RunTraffic
 from saga._transition import ClaimedItem, Event, Transition, value
 
@@ -86,6 +87,7 @@ class Store(
     DashboardQueries,
     ScheduleQueries,
     PresenceQueries,
+    FaultQueries,
 ):
     """Database operations on one schema through an asyncpg pool."""
 
@@ -298,23 +300,6 @@ class Store(
         async with translate_errors("releasing leases"):
             rows = await self.hot.fetch(self._q["release"], worker, self.work_channel, runs, tokens)
         return len(rows)
-
-    async def expire_lease(self, run_id: UUID, step: str | None) -> tuple[str | None, int] | None:
-        """saga.testing: make the lease of ``run_id``'s graph item ``step`` (or, the run has
-        none, of the run) look expired: which (the step, or None: the run's) and the
-        token it had; None when not leased."""
-        async with translate_errors("expiring a lease"):
-            if step is not None:
-                token = await self.pool.fetchval(self._q["expire_item_lease"], run_id, step)
-                if token is not None:
-                    return step, token
-            token = await self.pool.fetchval(self._q["expire_lease"], run_id)
-            return None if token is None else (None, token)
-
-    async def lease_token_of(self, run_id: UUID, step: str | None) -> int | None:
-        async with translate_errors("reading a lease"):
-            token: int | None = await self.pool.fetchval(self._q["lease_token_of"], run_id, step)
-            return token
 
     async def has_event(
         self, run_id: UUID, kind: str, step: str | None, attempt: int | None, worker: str

@@ -307,14 +307,6 @@ class OperatorQueries:
             rows = await self.pool.fetch(self._q["needs_attention"], limit, after)
         return [run_info(r) for r in rows]
 
-    async def advance_timers(self, run_id: UUID, seconds: float) -> datetime | None:
-        """saga.testing: the run's timer moved ``seconds`` earlier; its new due time."""
-        async with translate_errors("advancing a timer"):
-            row = await self.pool.fetchrow(
-                self._q["advance_timers"], run_id, seconds, self.work_channel
-            )
-        return None if row is None else _due(row["due_at"])
-
     async def ensure_partitions(self) -> list[date]:
         """Create today's and the coming days' partitions where missing (the days)."""
         async with translate_errors("creating partitions"):

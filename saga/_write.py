@@ -16,12 +16,12 @@ from uuid import UUID
 import anyio
 
 from saga._active import ActiveRun
+from saga._context import Context
 from saga._db import unreachable
-from saga._definition import Context
 from saga._errors import DatabaseError
 from saga._graph_plan import GraphChange, GraphRun
+from saga._held import Lease
 from saga._hooks import Hooks
-from saga._lease import Lease
 from saga._log import Outage
 from saga._model import EventKind
 from saga._store import Store, TransitionResult

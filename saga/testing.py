@@ -41,7 +41,8 @@ from uuid import UUID
 
 from saga import _checks
 from saga._client import Client, store_of
-from saga._definition import Context, Step
+from saga._context import Context
+from saga._definition import Step
 from saga._errors import (
     ConfigurationError,
     DatabaseError,

@@ -15,8 +15,8 @@ import pytest
 from saga import _graph_plan
 from saga._graph_plan import Finished, GraphChange, GraphRun
 from saga._graph_runner import _first_event
+from saga._held import Lease
 from saga._hooks import Hooks
-from saga._lease import Lease
 from saga._log import Outage, logger
 from saga._model import Phase
 from saga._store import Store

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 
 import saga
 from saga._group import GroupCommit
+from saga._held import Lease
 from saga._hooks import Hooks
-from saga._lease import Lease, Leases
+from saga._lease import Leases
 from saga._log import Outage, logger
 from saga._model import EventKind, RunStatus
 from saga._store import Store
