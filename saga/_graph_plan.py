@@ -216,6 +216,11 @@ class _Builder:
         elif isinstance(outcome, Failed):
             data = {"error": outcome.error}
             self.events.append(Event(EventKind.STEP_FAILED, done.step, done.attempt, data))
+            if outcome.undo_error is not None:  # its other children could not be undone
+                undo = {"error": outcome.undo_error}
+                event = Event(EventKind.COMPENSATION_FAILED, done.step, done.attempt, undo)
+                self.events.append(event)
+                self.compensation_error = outcome.undo_error
             # A cancel pending: no retry (_retry), and the rollback is the cancel's.
             cancelled = self.run.cancel_requested and outcome.retryable
             if self.status is not _COMPENSATING and not cancelled:

@@ -80,13 +80,14 @@ class Children:
         ]
         if failed:
             undone = await self.undo(run_id, step)
-            if not isinstance(undone, Succeeded):
+            if isinstance(undone, Parked):
                 return undone
             # The child that ended first: on its own, or cancelled by an operator; not
             # one this step cancelled or reverted since (they end after it asked).
             first = min(failed, key=_culprit_order)
             error = ChildFailed(f"child run {first.id} ended {first.status}: {_reason(first)}")
-            return Failed(error_record(error, step.name), retryable=False)
+            stuck = undone.error if isinstance(undone, Failed) else None
+            return Failed(error_record(error, step.name), retryable=False, undo_error=stuck)
         ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
         return Parked(ended, len(kids), started)
 
@@ -125,26 +126,39 @@ class Children:
 
     async def undo(self, run_id: Any, step: Step[Any, Any]) -> Succeeded | Failed | Parked:
         """Cancel the running (and stopped) children, revert the completed ones; done
-        once all ended undone (a child that cannot be undone fails this for an operator)."""
+        once all ended: undone, or (a child that cannot be undone) failed for an operator,
+        but only once the others ended too."""
+        stuck = await self._ask_undo(await self._store.children_of(run_id, step.name))
         kids = await self._store.children_of(run_id, step.name)
-        for kid in kids:
-            if kid.status is _COMPLETED:
-                if not await self._store.revert_run(kid.id):
-                    return _stuck(step, kid, "passed its pivot step and cannot be undone")
-            elif kid.status is _STOPPED and not kid.cancel_requested:
-                if not await self._store.request_cancel(kid.id):
-                    why = "is stopped past its pivot step (or resolved) and cannot be undone"
-                    return _stuck(step, kid, why)
-            elif not kid.status.is_terminal and not kid.cancel_requested:
-                await self._store.request_cancel(kid.id)
-        kids = await self._store.children_of(run_id, step.name)
+        held = {kid.id for kid, _ in stuck}
+        if any(not k.status.is_terminal for k in kids if k.id not in held):
+            ended = sum(1 for k in kids if k.status.is_terminal)
+            return Parked(ended, len(kids), False)  # the others are still rolling back
+        if stuck:
+            return _stuck(step, *stuck[0])
         for kid in kids:
             if kid.status in (RunStatus.FAILED, RunStatus.STOPPED):
                 return _stuck(step, kid, f"ended {kid.status}: {_reason(kid)}")
-        if all(k.status.is_terminal and k.status is not _COMPLETED for k in kids):
+        if all(k.status is not _COMPLETED for k in kids):
             return Succeeded()
         ended = sum(1 for k in kids if k.status.is_terminal)
         return Parked(ended, len(kids), False)
+
+    async def _ask_undo(self, kids: list[Child]) -> list[tuple[Child, str]]:
+        """Ask each child to end undone (revert a completed one, cancel the others); the
+        children that cannot be, and why."""
+        stuck: list[tuple[Child, str]] = []
+        for kid in kids:
+            if kid.status is _COMPLETED:
+                if not await self._store.revert_run(kid.id):
+                    stuck.append((kid, "passed its pivot step and cannot be undone"))
+            elif kid.status is _STOPPED and not kid.cancel_requested:
+                if not await self._store.request_cancel(kid.id):
+                    why = "is stopped past its pivot step (or resolved) and cannot be undone"
+                    stuck.append((kid, why))
+            elif not kid.status.is_terminal and not kid.cancel_requested:
+                await self._store.request_cancel(kid.id)
+        return stuck
 
 
 def _culprit_order(kid: Child) -> tuple[datetime, bool, int]:

@@ -99,6 +99,9 @@ class Succeeded:
 class Failed:
     error: Mapping[str, Any]
     retryable: bool = field(default=True)
+    # A children step whose failure could not undo its other children: that undo is a
+    # compensation that gave up (the run ends failed, for an operator).
+    undo_error: Mapping[str, Any] | None = None
 
 
 @value
