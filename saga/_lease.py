@@ -63,6 +63,7 @@ class Leases:
         #: Runs a transition claimed along, waiting for a task whose run just ended.
         self._handoff: deque[tuple[ClaimedItem, Lease]] = deque()
         self._dead: dict[UUID | ItemKey, int] = {}  # crashed by saga.testing: key -> token
+        self._given_up: set[Lease] = set()  # attempts ignoring their timeout (_responsive)
         self._spawn: Callable[[ClaimedItem, Lease], None] | None = None
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
@@ -93,7 +94,17 @@ class Leases:
             sleep.deadline = min(sleep.deadline, due)
 
     def free_slots(self) -> int:
-        return self._concurrency - len(self.inflight)
+        return self._concurrency - self._busy()
+
+    def _busy(self) -> int:
+        """The slots taken: the leases held, but those of attempts given up (they run on
+        uncounted until they end, their run moves on, or another attempt takes it)."""
+        if self._given_up:
+            inflight = self.inflight
+            self._given_up = {
+                ls for ls in self._given_up if ls.stalled and inflight.get(ls.key) is ls
+            }
+        return len(self.inflight) - len(self._given_up)
 
     def along(self) -> ClaimAlong | None:
         """A claim for a transition that frees a slot to carry, when there is likely
@@ -103,7 +114,7 @@ class Leases:
             or self.stopping
             or self._graphs
             or self._spawn is None
-            or len(self.inflight) > self._concurrency
+            or self._busy() > self._concurrency
         ):
             return None
         return self._along
@@ -160,7 +171,7 @@ class Leases:
         delay = 0.1
         while not self.stopping:
             self._spawn_handed_off()
-            free = self._concurrency - len(self.inflight)
+            free = self._concurrency - self._busy()
             if free <= 0:
                 # Full: wait for a free slot, not for a wake-up (a pending one would make
                 # this loop spin until a run finishes).
@@ -256,10 +267,9 @@ class Leases:
             return True
         lease.stalled = True
         logger.error("step_unresponsive", worker=self._worker, **lease.log_fields())
-        if self.inflight.get(lease.key) is lease:  # its slot goes to other work
-            del self.inflight[lease.key]
-            self._slot_freed.set()
-            self._wake.set()
+        self._given_up.add(lease)  # its slot goes to other work
+        self._slot_freed.set()
+        self._wake.set()
         return False
 
     async def _beat(self, leases: list[Lease]) -> None:
