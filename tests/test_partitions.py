@@ -309,7 +309,7 @@ async def test_migration_0009_keeps_an_installation_running(
         await conn.execute(
             "INSERT INTO legacy.events (run_id, kind) VALUES ($1, 'run_started')", old_id
         )
-        assert await saga.migrate(dsn, schema="legacy") == [9]
+        assert (await saga.migrate(dsn, schema="legacy"))[0] == 9  # (and any later ones)
         async with saga.Orchestrator(dsn, sagas=[quick], schema="legacy") as orch:
             assert await orch.get_run(old_id).result(timeout=20) == "s3"
             kinds = [e.kind for e in await orch.get_run(old_id).history()]

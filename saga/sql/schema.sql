@@ -122,7 +122,7 @@ CREATE SEQUENCE __schema__.event_ids;
 CREATE TABLE __schema__.events (
     run_id   uuid NOT NULL,
     id       bigint NOT NULL DEFAULT nextval('__schema__.event_ids'),
-    at       timestamptz NOT NULL DEFAULT now(),
+    at       timestamptz NOT NULL DEFAULT clock_timestamp(),  -- when written (0010)
     kind     text NOT NULL,   -- saga._model.EventKind
     step     text,
     attempt  integer,
