@@ -89,13 +89,19 @@ def _late(i: ScheduleInfo) -> str:
 
 async def _pause(ctx: _Ctx, orch: Client) -> int:
     await pause_schedule(orch, ctx.args.name)
-    ctx.say(f"schedule {_clean(ctx.args.name)!r}: paused")
-    return EXIT_OK
+    return _paused(ctx, True)
 
 
 async def _resume(ctx: _Ctx, orch: Client) -> int:
     await resume_schedule(orch, ctx.args.name)
-    ctx.say(f"schedule {_clean(ctx.args.name)!r}: resumed")
+    return _paused(ctx, False)
+
+
+def _paused(ctx: _Ctx, paused: bool) -> int:
+    if ctx.as_json:
+        ctx.emit({"schedule": ctx.args.name, "paused": paused})
+    else:
+        ctx.say(f"schedule {_clean(ctx.args.name)!r}: {'paused' if paused else 'resumed'}")
     return EXIT_OK
 
 

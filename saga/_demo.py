@@ -124,7 +124,11 @@ def main(
             folder = pgdata or Path.cwd() / ".saga-demo" / "pgdata"
             where = f"Starting an embedded PostgreSQL in {folder} (set SAGA_DSN to use your own)"
             print(where, file=sys.stderr if as_json else sys.stdout)
-            dsn = embedded_postgres_dsn(folder)
+            try:
+                dsn = embedded_postgres_dsn(folder)
+            except (ImportError, ValueError) as exc:  # the extra missing, an unusable folder
+                print(f"saga demo: {exc}", file=sys.stderr)
+                return 2
         return anyio.run(run_demo, dsn, schema, as_json)
     except saga.ConfigurationError as exc:
         print(f"saga demo: {exc}", file=sys.stderr)
