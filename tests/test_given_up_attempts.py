@@ -63,9 +63,7 @@ async def test_a_given_up_attempt_that_ends_before_its_takeover_leaves_no_unrene
         run = await s.start(Job(n=1))
         with anyio.fail_after(30), pytest.raises(saga.RunCompensatedError):
             await run.result()
-    assert [e["event"] for e in logs if e["event"] == "step_unresponsive"] == [
-        "step_unresponsive"
-    ]
+    assert [e["event"] for e in logs if e["event"] == "step_unresponsive"] == ["step_unresponsive"]
     expired = [e for e in logs if e["event"] == "lease_expired"]
     assert undo_calls == [1], f"compensation attempts {undo_calls}; lease_expired: {expired}"
 
