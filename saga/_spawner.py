@@ -63,14 +63,14 @@ class Children:
                 return Succeeded(joined)
             if size > self._max_bytes:  # the step fails: its children are undone first
                 undone = await self.undo(run_id, step)
-                if not isinstance(undone, Succeeded):
+                if isinstance(undone, Parked):
                     return undone
                 too_large = PayloadTooLargeError(
                     f"result of step {step.name!r}: the {len(kids)} child runs' outputs are "
                     f"{size} bytes of JSON, above the limit of {self._max_bytes} bytes "
                     "(max_payload_bytes)"
                 )
-                return Failed(error_record(too_large, step.name), retryable=False)
+                return _failed(step, too_large, undone)
         # A stopped child is not over: an operator retries it (the step goes on waiting),
         # cancels it (it then ends cancelled, which fails the step) or resolves it (which
         # fails the step too).
@@ -86,8 +86,7 @@ class Children:
             # one this step cancelled or reverted since (they end after it asked).
             first = min(failed, key=_culprit_order)
             error = ChildFailed(f"child run {first.id} ended {first.status}: {_reason(first)}")
-            stuck = undone.error if isinstance(undone, Failed) else None
-            return Failed(error_record(error, step.name), retryable=False, undo_error=stuck)
+            return _failed(step, error, undone)
         ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
         return Parked(ended, len(kids), started)
 
@@ -159,6 +158,13 @@ class Children:
             elif not kid.status.is_terminal and not kid.cancel_requested:
                 await self._store.request_cancel(kid.id)
         return stuck
+
+
+def _failed(step: Step[Any, Any], error: Exception, undone: Succeeded | Failed) -> Failed:
+    """The step failed for good with ``error``, once its children were undone; a child
+    that could not be is a compensation that gave up (``undo_error``)."""
+    stuck = undone.error if isinstance(undone, Failed) else None
+    return Failed(error_record(error, step.name), retryable=False, undo_error=stuck)
 
 
 def _culprit_order(kid: Child) -> tuple[datetime, bool, int]:

@@ -201,3 +201,44 @@ async def test_a_parent_failed_by_a_child_it_could_not_revert_resumes_once_it_is
     with anyio.fail_after(15), pytest.raises(saga.RunCompensatedError):
         await run.result()
     assert ledger.steps("compensation")[-1] == "split"
+
+
+async def test_outputs_too_large_with_a_child_that_cannot_be_reverted_does_not_end_compensated(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README (Child sagas, Outcome): a list of outputs above `max_payload_bytes` fails
+    the step for good ("a `PayloadTooLargeError`, once the children are undone"); (Undone
+    with the step) "A child that cannot be undone (it gave up compensating ...) fails that
+    compensation for an operator"; (What you can rely on) a run is `compensated` only when
+    every compensation succeeded.
+
+    Two children complete with outputs whose list is above the limit; reverting child
+    n=0 gives up (it ends failed). The parent does not end `compensated` (split undone,
+    as if everything had been undone): it ends `failed` with a compensation error, its
+    error the PayloadTooLargeError."""
+    ledger = Ledger()
+    child = small_saga(
+        "chunk",
+        ["load"],
+        compensate={"load"},
+        ledger=ledger,
+        fail_undo={"load": permanent("undo broken", when=lambda ctx: ctx.input.n == 0)},
+        result=lambda ctx: "x" * 3000,
+    )
+    parent = small_saga("imp", ["split"], compensate=True, ledger=ledger)
+    parent.children("chunks", child, lambda ctx: [Job(n=i) for i in range(2)], after=["split"])
+    orch = await orchestrator(parent, child, max_payload_bytes=5000)
+    run = await orch.start(parent, Job())
+    with anyio.fail_after(20), pytest.raises(saga.RunError) as raised:
+        await run.result()
+    kids = await db.fetch(
+        "SELECT id, status FROM saga.runs WHERE parent_id = $1 ORDER BY idempotency_key", run.id
+    )
+    info = await run.info()
+    why = f"{type(raised.value).__name__}; kids {[dict(k) for k in kids]}; {ledger.trace()}"
+    assert kids[0]["status"] == "failed", f"premise: {why}"
+    assert info.status is saga.RunStatus.FAILED, f"parent ended {info.status}: {why}"
+    assert isinstance(raised.value, saga.RunFailedError)
+    assert raised.value.compensation_error is not None, why
+    assert raised.value.error is not None
+    assert raised.value.error.type == "saga.PayloadTooLargeError"
