@@ -129,6 +129,9 @@ def main(
             except (ImportError, ValueError) as exc:  # the extra missing, an unusable folder
                 print(f"saga demo: {exc}", file=sys.stderr)
                 return 2
+            except OSError as exc:  # the folder cannot be created (a file there, no rights)
+                print(f"saga demo: cannot use {folder}: {exc}", file=sys.stderr)
+                return 1
         return anyio.run(run_demo, dsn, schema, as_json)
     except saga.ConfigurationError as exc:
         print(f"saga demo: {exc}", file=sys.stderr)

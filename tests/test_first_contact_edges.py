@@ -104,3 +104,20 @@ async def test_saga_demo_with_a_data_folder_path_holding_a_space_says_so_without
     assert done.returncode in (1, 2), (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+async def test_saga_demo_with_a_data_folder_it_cannot_create_says_so_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """`saga demo --pgdata` under a path where a file stands (the folder cannot be
+    created) says so in one line and exits 1 (an error), no traceback."""
+    stub = _stub_pgserver(tmp_path / "stub", importable=True)
+    (tmp_path / "a-file").write_text("not a folder")
+    folder = tmp_path / "a-file" / "pgdata"
+    done = await _harness.run(
+        "-m", "saga", "demo", "--pgdata", str(folder), env=_demo_env(stub), timeout=50
+    )
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "cannot use" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
