@@ -20,7 +20,7 @@ import asyncpg
 import pydantic
 from anyio.abc import TaskGroup
 from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import TracerProvider
+from opentelemetry.trace import Span, TracerProvider
 
 from saga import _checks, _children, _registry
 from saga._acting import Acting
@@ -268,7 +268,7 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
             # Once the INSERT is sent its outcome must be known: a cancelled caller gets
             # its cancellation only after the insert committed or failed.
             # What follows a run's insert happens even if the caller is cancelled meanwhile.
-            committed = partial(self._committed, saga, notify)
+            committed = partial(self._committed, saga, notify, span)
             started_run = await uncancellable(
                 store.start_run(
                     uuid7(),
@@ -288,8 +288,6 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
                 ),
                 committed,
             )
-            span.set_attribute(RUN_ID, str(started_run.run_id))
-            span.set_attribute(CREATED, started_run.created)
         existing = started_run.existing_input
         if (
             require_same_input
@@ -304,9 +302,14 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
             )
         return RunHandle(self, started_run.run_id, created=started_run.created)
 
-    def _committed(self, saga: Saga[Any], notified: bool, started_run: StartResult) -> None:
-        """A start's insert is done: for a new run, the trailing wake-up (unless its
-        statement notified), the count, the log line, and the local orchestrator's claim."""
+    def _committed(
+        self, saga: Saga[Any], notified: bool, span: Span, started_run: StartResult
+    ) -> None:
+        """A start's insert is done: its span names the run; for a new run, the trailing
+        wake-up (unless its statement notified), the count, the log line, and the local
+        orchestrator's claim."""
+        span.set_attribute(RUN_ID, str(started_run.run_id))
+        span.set_attribute(CREATED, started_run.created)
         if started_run.created:
             if not notified:
                 self._notifier.after_commit(saga.name)

@@ -93,6 +93,6 @@ class Lease:
         return {
             "run_id": str(self.run_id),
             "saga": run.saga.name,
-            "step": run.step,
+            "step": run.wait or run.step,  # a waiting run's item is its wait's on_timeout
             "attempt": run.attempt,
         }

@@ -162,7 +162,7 @@ class Runner:
                 "lease_expired",
                 run_id=str(item.run_id),
                 saga=saga.name,
-                step=item.step_name,
+                step=item.timed_out_wait or item.step_name,  # (a wait's on_timeout)
                 attempt=item.attempt - 1,  # the attempt that expired (as in the history)
                 previous_worker=item.expired_owner,
             )
@@ -224,6 +224,7 @@ class Runner:
                 run.stored[change.completed_step] = change.result_json
             run.failed_forward |= change.error is not None
             run.status, run.step, run.attempt = change.status, change.step, change.attempt
+            run.wait = None  # (past the wait whose timeout this task decided, if any)
             run.cancel_requested = written.cancel_requested
 
     def refused(self, run: ActiveRun, lease: Lease, log: Any) -> None:
@@ -231,7 +232,7 @@ class Runner:
         lease.mark_lost()
         self.telemetry.writes_refused.add(1, {SAGA: run.saga.name})
         self.end_attempt(run, Outcome.REFUSED)
-        log.warning("stale_write_refused", step=run.step, attempt=run.attempt)
+        log.warning("stale_write_refused", step=run.wait or run.step, attempt=run.attempt)
 
     async def _cancel_instead(
         self, run: ActiveRun, lease: Lease, change: Transition, log: Any
@@ -311,8 +312,9 @@ class Runner:
         """The step's function returned or raised: the transition that records it."""
         if isinstance(outcome, Succeeded):
             outcome, res = await self.checkpoint(run, step, ctx, outcome, res, lease)
-        if isinstance(outcome, Failed):
-            run.outcome, run.error_type = _FAILURE, str(outcome.error["type"])
+        failure = outcome.error if isinstance(outcome, Failed) else outcome.park_error
+        if failure is not None:  # (a sleep's until() failing fails the step's attempt)
+            run.outcome, run.error_type = _FAILURE, str(failure["type"])
         if lease.cancel_requested and not run.cancel_requested:
             run.cancel_requested = True
             state = run.state()
