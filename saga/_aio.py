@@ -85,8 +85,42 @@ def time_limit(scope: anyio.CancelScope, seconds: float, what: str) -> Iterator[
     """Cancel what runs under it after ``seconds`` (by ``scope``), then raise
     TimeoutError, even when that code swallowed the cancellation and returned (its late
     result is not used): anyio's fail_after raises only if the cancellation reached it."""
+    task = asyncio.current_task()
+    assert task is not None
+    before = task.cancelling()
     scope.deadline = anyio.current_time() + seconds
-    with scope:
-        yield
+    try:
+        with scope:
+            yield
+    except asyncio.CancelledError:
+        # The scope's own cancellation escapes it when the code swallowed a cancel of
+        # its own task before (anyio then leaves the task's count alone): still this
+        # limit's, unless a scope around it was cancelled too.
+        if not scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
+            raise
+        while task.cancelling() > before:
+            task.uncancel()
     if scope.cancel_called:
         raise TimeoutError(f"{what} ran past its time limit of {seconds:g} s")
+
+
+def cancelling() -> int:
+    """The current task's count of cancellations pending (see settle_self_cancel)."""
+    task = asyncio.current_task()
+    assert task is not None
+    return task.cancelling()
+
+
+async def settle_self_cancel(before: int) -> None:
+    """User code that cancelled its own task (``asyncio.current_task().cancel()``) and
+    returned before the cancellation reached it left it pending: take it here, so that
+    it does not land in saga's next await (the attempt's write). ``before``: the task's
+    ``cancelling()`` when the user's code was called."""
+    task = asyncio.current_task()
+    assert task is not None
+    if task.cancelling() <= before:
+        return
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(0)  # the pending cancellation is delivered here, if still due
+    while task.cancelling() > before:
+        task.uncancel()

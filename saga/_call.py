@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from opentelemetry import trace
 
-from saga._aio import is_cancellation_by_saga, time_limit
+from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel, time_limit
 from saga._codec import check_readable, decode_stored
 from saga._errors import SagaError, error_record
 from saga._held import cancel_scope
@@ -96,13 +96,17 @@ async def call_user(
             limit = (
                 _NO_TIMEOUT if timeout is None else user_time_limit(timeout, lease, "the attempt")
             )
+            before = cancelling()
             with limit:
                 if compensation and comp is not None:
                     done = _stored_result(run, step)
                     check_readable(done)
                     await comp.fn(ctx, done)
-                    return Succeeded(), None
-                return Succeeded(), await step.fn(ctx)
+                    result = None
+                else:
+                    result = await step.fn(ctx)
+            await settle_self_cancel(before)
+            return Succeeded(), result
         except BaseException as exc:
             if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
                 raise

@@ -34,12 +34,17 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
     file has changed since it was applied (its checksum differs): the database holds what
     the old file did, and nothing is applied until that is resolved.
     """
-    _not_newer(await applied_version(pool, schema), schema)
+    version = await applied_version(pool, schema)
+    _not_newer(version, schema)
     q = queries(schema)
     quoted = quote_ident(schema)
     applied_now: list[int] = []
+    if version and await _up_to_date(pool, q):
+        pending: tuple[Migration, ...] = ()  # every one recorded, unchanged: no lock
+    else:
+        pending = migrations()
     async with translate_errors("migration"), pool.acquire() as conn:
-        for migration in migrations():
+        for migration in pending:
             async with conn.transaction():
                 await conn.execute(q["migration_lock"], _LOCK_NAMESPACE + schema)
                 await conn.execute(q["migration_prepare"])
@@ -55,6 +60,18 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
     async with translate_errors("creating partitions"):
         await partitions.ensure(pool, schema)
     return applied_now
+
+
+async def _up_to_date(pool: asyncpg.Pool, q: dict[str, str]) -> bool:
+    """Whether every migration is recorded with its file's checksum (one read; the
+    locked path, a write transaction per migration, then only runs when one is not)."""
+    async with translate_errors("reading migrations"):
+        try:
+            rows = await pool.fetch(q["migrations_recorded"])
+        except asyncpg.UndefinedColumnError:
+            return False  # a table from before checksums: the locked path adds the column
+    recorded = {r["version"]: r["checksum"] for r in rows}
+    return all(recorded.get(m.version) == m.checksum for m in migrations())
 
 
 async def _verify(

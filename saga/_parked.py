@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from saga._aio import is_cancellation_by_saga
+from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel
 from saga._call import user_time_limit
 from saga._codec import check_readable
 from saga._errors import error_record
@@ -39,7 +39,9 @@ async def sleep_length(
     results[step] = result
     try:
         with user_time_limit(CALLBACK_SECONDS, lease, f"until() of sleep {sleep.name!r}"):
+            before = cancelling()
             seconds = await sleep.due_in(ctx, datetime.now(UTC))
+        await settle_self_cancel(before)
     except BaseException as exc:
         if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
@@ -61,7 +63,9 @@ async def timeout_result(
     try:
         check_readable(ctx.input)
         with user_time_limit(CALLBACK_SECONDS, lease, f"on_timeout of wait {wait.name!r}"):
+            before = cancelling()
             value = await compute(ctx)
+        await settle_self_cancel(before)
         if not isinstance(value, wait.model):  # a mapping, as a signal's payload may be
             value = wait.model.model_validate(value)
         return encode(wait, value)

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from saga._aio import is_cancellation_by_saga
+from saga._aio import is_cancellation_by_saga, time_limit
 from saga._db import unreachable
 from saga._errors import DatabaseError, exception_type
 from saga._log import Outage, logger
@@ -199,8 +199,9 @@ class Scheduler:
         else:
             try:
                 return await self._start(s.saga, data, key_of(s.name, slot), conn)
-            except Exception as exc:  # refused (a key function raising included)
-                if isinstance(exc, DatabaseError):
+            except BaseException as exc:  # refused (the saga's key, priority or validators
+                # raising included, whatever they raise: they cannot stop the orchestrator)
+                if isinstance(exc, DatabaseError) or is_cancellation_by_saga(exc):
                     raise
                 event, error = "schedule_start_refused", _name(exc)
         retry = slot >= now - s.on_time
@@ -227,7 +228,7 @@ async def _inputs(s: Scheduled[Any], slots: list[datetime]) -> dict[datetime, An
     inputs: dict[datetime, Any] = {}
     for slot in slots:
         try:
-            with anyio.fail_after(_INPUT_SECONDS):
+            with time_limit(anyio.CancelScope(), _INPUT_SECONDS, f"input of {s.name!r}"):
                 data = s.input_for(slot)
                 if inspect.isawaitable(data):
                     data = await data

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from saga._aio import is_cancellation_by_saga
+from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel
 from saga._children import ChildFailed, TooManyChildren
 from saga._errors import (
     DatabaseError,
@@ -98,8 +98,10 @@ class Children:
         spec = step.spawn
         assert spec is not None
         try:
+            before = cancelling()
             made = spec.inputs(ctx)
             values = await made if inspect.isawaitable(made) else made
+            await settle_self_cancel(before)
             if not isinstance(values, Sequence) or isinstance(values, str | bytes):
                 raise TypeError(f"inputs of step {step.name!r} must return a list, got {values!r}")
             if len(values) > spec.max_children:

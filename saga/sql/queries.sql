@@ -22,6 +22,11 @@ CREATE TABLE IF NOT EXISTS __schema__.migrations (
 );
 ALTER TABLE __schema__.migrations ADD COLUMN IF NOT EXISTS checksum text;
 
+-- name: migrations_recorded
+-- Every applied migration's version and checksum: an up-to-date schema is seen without
+-- the lock's write transactions (see saga/_migrate.py).
+SELECT version, checksum FROM __schema__.migrations;
+
 -- name: migration_applied
 -- The record of an applied migration version (no row: not applied).
 -- $1 version
