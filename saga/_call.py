@@ -105,7 +105,8 @@ async def call_user(
                     result = None
                 else:
                     result = await step.fn(ctx)
-            await settle_self_cancel(before)
+            if cancelling() > before:  # (checked here: no coroutine per attempt otherwise)
+                await settle_self_cancel(before)
             return Succeeded(), result
         except BaseException as exc:
             if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
