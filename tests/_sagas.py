@@ -10,6 +10,7 @@ payload types, attempt-by-attempt choreography) writes its saga by hand instead.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -268,3 +269,15 @@ async def until_status(run: saga.RunHandle, *statuses: saga.RunStatus) -> saga.R
             if info.status in statuses:
                 return info
             await anyio.sleep(0.02)
+
+
+async def ignore_cancellation_for(seconds: float) -> str:
+    """Hostile user code: keeps running for ``seconds`` whatever cancels it (each
+    re-delivered cancellation is swallowed, briefly throttled), then returns "late"."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            await anyio.sleep(0.05)
+        except BaseException:  # the hostile code under test
+            time.sleep(0.005)  # noqa: ASYNC251 - throttles the re-delivered cancellations
+    return "late"

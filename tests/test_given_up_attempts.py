@@ -11,21 +11,10 @@ import pytest
 from structlog.testing import capture_logs
 
 import saga
-from tests._sagas import Job, fast
+from tests._sagas import Job, fast, ignore_cancellation_for
 from tests.conftest import OrchestratorFactory
 
 ONCE = saga.Retry(max_attempts=1)
-
-
-async def _ignore_cancellation_for(seconds: float) -> str:
-    """Keeps running for ``seconds`` whatever cancels it."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            await anyio.sleep(0.05)
-        except BaseException:  # the hostile code under test
-            time.sleep(0.005)  # noqa: ASYNC251
-    return "late"
 
 
 async def test_a_given_up_attempt_that_ends_before_its_takeover_leaves_no_unrenewed_lease(
@@ -56,7 +45,7 @@ async def test_a_given_up_attempt_that_ends_before_its_takeover_leaves_no_unrene
     async def stubborn(ctx: saga.Context[Job]) -> str:
         # Given up at 0.2 + 3 s (plus up to a heartbeat); its lease runs out about 5.9 s
         # in at the earliest: it ends in between.
-        return await _ignore_cancellation_for(4.6)
+        return await ignore_cancellation_for(4.6)
 
     with capture_logs() as logs:
         await orchestrator(s, concurrency=4)
@@ -86,7 +75,7 @@ async def test_a_close_returns_once_a_given_up_attempt_has_ended(dsn: str) -> No
             return "again"
         started.set()
         try:
-            return await _ignore_cancellation_for(3)
+            return await ignore_cancellation_for(3)
         finally:
             ended.set()
 

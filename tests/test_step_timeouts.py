@@ -9,14 +9,12 @@ when its lease expires.
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import pytest
 from structlog.testing import capture_logs
 
 import saga
-from tests._sagas import Job, fast
+from tests._sagas import Job, fast, ignore_cancellation_for
 from tests.conftest import OrchestratorFactory
 
 
@@ -27,17 +25,6 @@ async def _swallow_then_return(seconds: float) -> str:
     except BaseException:  # the hostile code under test
         return "late"
     return "slept"
-
-
-async def _ignore_cancellation_for(seconds: float) -> str:
-    """Keeps running for ``seconds`` whatever cancels it."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            await anyio.sleep(0.05)
-        except BaseException:  # the hostile code under test
-            time.sleep(0.005)  # noqa: ASYNC251 - throttles the re-delivered cancellations
-    return "late"
 
 
 def _saga(shape: str, calls: list[tuple[str, int]]) -> saga.Saga[Job]:
@@ -118,7 +105,7 @@ async def test_a_step_ignoring_its_timeout_is_given_up_and_taken_over(
     async def stubborn(ctx: saga.Context[Job]) -> str:
         attempts.append(ctx.attempt)
         if ctx.attempt == 1:
-            return await _ignore_cancellation_for(6)
+            return await ignore_cancellation_for(6)
         return f"attempt {ctx.attempt}"
 
     with capture_logs() as logs:
@@ -146,7 +133,7 @@ async def test_a_step_ignoring_its_timeout_gives_its_slot_back(
     async def stubborn(ctx: saga.Context[Job]) -> str:
         attempts.append(ctx.attempt)
         if ctx.attempt == 1:
-            return await _ignore_cancellation_for(6)
+            return await ignore_cancellation_for(6)
         return f"attempt {ctx.attempt}"
 
     with capture_logs():

@@ -5,7 +5,6 @@ attempts given up for ignoring their timeout, starts whose caller was cancelled.
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
 
 import anyio
@@ -16,21 +15,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from structlog.testing import capture_logs
 
 import saga
-from tests._sagas import Job, Ledger, small_saga
+from tests._sagas import Job, Ledger, ignore_cancellation_for, small_saga
 from tests.conftest import ClientFactory, OrchestratorFactory
 from tests.test_cancelled_callers import _slow_insert_of_key
 from tests.test_telemetry import Tracing, points, total
 from tests.test_waits import Decision, approval_saga, sleep_saga
-
-
-async def _ignore_cancellation_for(seconds: float) -> None:
-    """Keeps running for ``seconds`` whatever cancels it."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            await anyio.sleep(0.05)
-        except BaseException:  # the hostile code under test
-            time.sleep(0.005)  # noqa: ASYNC251
 
 
 async def test_an_until_past_its_limit_fails_the_attempt_in_its_span_and_counter_too(
@@ -122,7 +111,7 @@ async def test_an_unresponsive_on_timeout_is_logged_at_its_wait_not_a_step_never
     monkeypatch.setattr("saga._parked.CALLBACK_SECONDS", 0.3)
 
     async def default(ctx: saga.Context[Job]) -> Decision:
-        await _ignore_cancellation_for(3)
+        await ignore_cancellation_for(3)
         return Decision(approved=True, by="late")
 
     s, _ = approval_saga(Ledger(), timeout=0.5, on_timeout=default, name="ignored_on_timeout")
