@@ -104,6 +104,15 @@ def _raw_queries() -> dict[str, str]:
         placeholder = "__" + name.removeprefix("fragment_") + "__"
         named = {n: sql.replace(placeholder, fragment) for n, sql in named.items()}
     named["claim_prioritized"] = _prioritized(named["claim"], named["claim_prioritized_candidates"])
+    # Graph items' writes and signals in a group commit's lead skip the runs another
+    # transaction holds (written again alone, waiting: see saga._group).
+    assert named["graph_lock"].endswith("FOR UPDATE")
+    named["graph_lock_skip"] = named["graph_lock"] + " SKIP LOCKED"
+    run_lock = "FROM __schema__.runs WHERE id = $1\n    FOR UPDATE\n), target AS ("
+    assert named["send_signal"].count(run_lock) == 1
+    named["send_signal_skip"] = named["send_signal"].replace(
+        run_lock, run_lock.replace("FOR UPDATE", "FOR UPDATE SKIP LOCKED")
+    )
     for claim in ("claim", "claim_prioritized"):
         named[f"transition_{claim}"] = _with_claim(
             named[claim], named["transition_batch"], named["transition_claim_rows"]

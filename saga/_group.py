@@ -11,6 +11,12 @@ leading its own batch (of at most ``max_batch``): an executing orchestrator writ
 runs' steps in two statements at a time, each of at most half its runs, which Postgres
 runs on two backends at once.
 
+A write in the lead never waits for a row another transaction holds locked (a caller's
+transaction that sent a run a signal holds its row until it commits): its statement
+skips that row (``BUSY``), and the row's writer writes it again, waiting for that lock
+by itself, once the batch is answered and the lead handed on. So one run's lock holds
+up no other run's write, neither in its batch nor queued behind it.
+
 A batch the database refused outright (an error reported by the server: nothing
 committed) is written again one run at a time, so a row that fails fails its run alone.
 A batch whose connection broke may have committed: every writer in it gets the error and
@@ -44,6 +50,13 @@ class _Lead:
 LEAD = _Lead()
 
 
+class _Busy:
+    """A batch's answer for a write whose row another transaction held: write it alone."""
+
+
+BUSY = _Busy()
+
+
 def definitely_not_committed(exc: BaseException) -> bool:
     """The server answered the statement with an error: its transaction rolled back.
     (A broken connection, or the server going away, leaves the outcome unknown.)"""
@@ -66,9 +79,12 @@ class _Waiter(Generic[A]):
 class GroupCommit(Generic[A, R]):
     """Write ``A``s alone when nothing is in flight, else in batches.
 
-    ``single`` writes one; ``batch`` writes several in one statement and returns their
-    results keyed by ``key(args)`` (a missing key: that write's fence refused it);
-    ``alone(args)`` is what a write of a refused batch becomes when written again alone.
+    ``single`` writes one and ``batch`` several in one statement, returning their
+    results keyed by ``key(args)`` (a missing key: that write's fence refused it); both
+    skip a row another transaction holds (its answer is ``BUSY``). ``wait`` writes one
+    (as ``alone(args)``), waiting for its row's lock: a busy write's writer calls it
+    once out of the lead (None: ``single`` never answers ``BUSY``). ``alone(args)`` is
+    also what a write of a refused batch becomes when written again alone.
     """
 
     def __init__(
@@ -77,11 +93,13 @@ class GroupCommit(Generic[A, R]):
         batch: Callable[[Sequence[A]], Awaitable[dict[Hashable, R]]],
         key: Callable[[A], Hashable],
         *,
+        wait: Callable[[A], Awaitable[R | None]] | None = None,
         alone: Callable[[A], A] = lambda args: args,
         leaders: int = 1,
         max_batch: int = 256,
     ) -> None:
         self._single = single
+        self._wait = wait or single
         self._as_alone = alone
         self._batch = batch
         self._key = key
@@ -100,22 +118,25 @@ class GroupCommit(Generic[A, R]):
                 # One turn of the event loop: the writers made ready with this one (the
                 # runs a batch just answered) queue up behind it.
                 await asyncio.sleep(0)
-                return await self._lead(args)
+                outcome = await self._lead(args)
             finally:
                 self._hand_over()
-        waiter: _Waiter[A] = _Waiter(args, asyncio.get_running_loop().create_future())
-        self._queue.append(waiter)
-        try:
-            outcome = await waiter.future
-        except BaseException:
-            self._abandon(waiter)
-            raise
-        if outcome is not LEAD:
-            return outcome  # type: ignore[no-any-return]
-        try:
-            return await self._lead(waiter.args)
-        finally:
-            self._hand_over()
+        else:
+            waiter: _Waiter[A] = _Waiter(args, asyncio.get_running_loop().create_future())
+            self._queue.append(waiter)
+            try:
+                outcome = await waiter.future
+            except BaseException:
+                self._abandon(waiter)
+                raise
+            if outcome is LEAD:
+                try:
+                    outcome = await self._lead(args)
+                finally:
+                    self._hand_over()
+        if outcome is BUSY:  # out of any lead: only this write waits for its row
+            return await self._wait(self._as_alone(args))
+        return outcome
 
     def _abandon(self, waiter: _Waiter[A]) -> None:
         """A queued writer was cancelled: out of the queue, or (its turn to lead had

@@ -64,6 +64,8 @@ class Leases:
         self._handoff: deque[tuple[ClaimedItem, Lease]] = deque()
         self._dead: dict[UUID | ItemKey, int] = {}  # crashed by saga.testing: key -> token
         self._given_up: set[Lease] = set()  # attempts ignoring their timeout (_responsive)
+        self._renewals: TaskGroup | None = None  # the heartbeat loop's (see _renew_alone)
+        self._renewing: set[UUID | ItemKey] = set()
         self._spawn: Callable[[ClaimedItem, Lease], None] | None = None
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
@@ -241,14 +243,18 @@ class Leases:
     # -- heartbeats -----------------------------------------------------------------------------
 
     async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
-        task_status.started()
-        while True:
-            await anyio.sleep(self._heartbeat_every)
-            now = anyio.current_time()
-            held = list(self.inflight.values())
-            leases = [lease for lease in held if self._responsive(lease, now)]
-            if leases:
-                await self._beat(leases)
+        async with anyio.create_task_group() as self._renewals:
+            task_status.started()
+            try:
+                while True:
+                    await anyio.sleep(self._heartbeat_every)
+                    now = anyio.current_time()
+                    held = list(self.inflight.values())
+                    leases = [lease for lease in held if self._responsive(lease, now)]
+                    if leases:
+                        await self._beat(leases)
+            finally:
+                self._renewals = None
 
     async def renew(self, lease: Lease) -> None:
         """Renew ``lease`` now, by its length (saga._call: an attempt whose step leases
@@ -277,7 +283,7 @@ class Leases:
         runs = [(ls.run_id, ls.token, ls.seconds) for ls in leases if ls.item is None]
         items = [(ls.item_key, ls.token, ls.seconds) for ls in leases if ls.item is not None]
         try:
-            held: dict[Any, bool] = {}
+            held: dict[Any, bool | None] = {}
             if runs:
                 held.update(await self._store.heartbeat(self._worker, runs))
             if items:
@@ -286,6 +292,34 @@ class Leases:
             self._outage.lost("heartbeat", exc)
             return
         self._outage.back()
+        self._heard(sent, held)
+        for lease in leases:
+            if lease.item is None and lease.key in held and held[lease.key] is None:
+                self._renew_alone(lease)
+
+    def _renew_alone(self, lease: Lease) -> None:
+        """The heartbeat skipped ``lease``: another transaction held its run's row (a
+        caller's transaction that sent it a signal). Renew it on a connection of its own,
+        waiting for that lock, so that the lease is renewed the moment the lock is
+        released (the other leases' heartbeats wait for no one)."""
+        if self._renewals is None or lease.key in self._renewing:
+            return
+        self._renewing.add(lease.key)
+        self._renewals.start_soon(self._renewal, lease)
+
+    async def _renewal(self, lease: Lease) -> None:
+        beat = [(lease.run_id, lease.token, lease.seconds)]
+        try:
+            held = await self._store.heartbeat(self._worker, beat, wait=True)
+        except DatabaseError:
+            return  # (the next heartbeat tries again)
+        finally:
+            self._renewing.discard(lease.key)
+        self._heard({lease.key: lease.token}, dict(held))
+
+    def _heard(self, sent: dict[Any, int], held: dict[Any, bool | None]) -> None:
+        """A heartbeat's answer: a cancel requested is noted, a lease missing was lost
+        (its attempt is cancelled)."""
         for key, token in sent.items():
             lease = self.inflight.get(key)
             if lease is not None and held.get(key):

@@ -106,7 +106,7 @@ class Store(
         self._claim_table = claim_table_args()
         #: Plain transitions (and starts) made at about the same time share a statement.
         self._group: GroupCommit[Write, Any] = GroupCommit(
-            self._write_one, self._write_many, write_key, alone=alone
+            self._try_one, self._write_many, write_key, wait=self._write_one, alone=alone
         )
         self._starts: GroupCommit[tuple[Any, ...], Any] = GroupCommit(
             self._start_one, self._start_many, start_key
@@ -279,13 +279,14 @@ class Store(
         return held
 
     async def heartbeat(
-        self, worker: str, leases: Sequence[tuple[UUID, int, float]]
-    ) -> dict[UUID, bool]:
+        self, worker: str, leases: Sequence[tuple[UUID, int, float]], wait: bool = False
+    ) -> dict[UUID, bool | None]:
         """Extend (run id, token, seconds) leases; returns {run id: cancel requested} for
-        the leases still held."""
+        the leases still held (None: held, not renewed: another transaction held its row;
+        ``wait`` for such locks instead)."""
         async with translate_errors("heartbeat"):
             rows = await self.hot.fetch(
-                self._q["heartbeat"],
+                self._q["heartbeat_waiting" if wait else "heartbeat"],
                 worker,
                 [run_id for run_id, _, _ in leases],
                 [token for _, token, _ in leases],

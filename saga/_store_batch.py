@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from saga._db import Executor
+from saga._group import BUSY
 from saga._store_graph import _json_or_none, claimed_item
 from saga._store_ops import DefinitionKey, definition_args
 from saga._transition import ClaimedItem, Transition
@@ -105,26 +106,42 @@ class GroupWrites:
         _q: dict[str, str]
         _claim_table: tuple[Any, ...]
 
-    async def _write_one(self, write: Write) -> Any:
-        if write[1] is None and not parks_at_wait(write[0]):
-            return await self.hot.fetchrow(self._q["transition"], *write[0])
+    async def _try_one(self, write: Write) -> Any:
+        """One run's transition (and its claim), unless another transaction holds its
+        row (``BUSY``)."""
         return (await self._write_many([write])).get(write_key(write))
 
-    async def _write_many(self, writes: Sequence[Write]) -> dict[Hashable, Any]:
+    async def _write_one(self, write: Write) -> Any:
+        """One run's transition (without a claim), waiting for its row if another
+        transaction holds it."""
+        if not parks_at_wait(write[0]):
+            return await self.hot.fetchrow(self._q["transition"], *write[0])
+        # The batch statement (the one that parks at a wait) skips a row another
+        # transaction holds: hold it first (a row this transaction holds is not skipped).
+        async with self.hot.acquire() as conn, conn.transaction():
+            await conn.execute(self._q["lock_run_row"], write[0][0])
+            return (await self._write_many([write], conn)).get(write_key(write))
+
+    async def _write_many(
+        self, writes: Sequence[Write], conn: Executor | None = None
+    ) -> dict[Hashable, Any]:
         """Several runs' transitions in one statement, and the claims they carry: the
-        transitions' rows by (run, token held); the claimed runs go to the claimer."""
+        transitions' rows by (run, token held), ``BUSY`` for those another transaction
+        held (skipped, written alone by their writers); the claimed runs go to the
+        claimer."""
+        on = self.hot if conn is None else conn
         batch = batch_args([args for args, _ in writes])
         claim = next((c for _, c in writes if c is not None), None)
         if claim is None:
-            rows = await self.hot.fetch(self._q["transition_batch"], *batch)
-            return {(r["id"], r["held"]): r for r in rows}
+            rows = await on.fetch(self._q["transition_batch"], *batch)
+            return {(r["id"], r["held"]): BUSY if r["busy"] else r for r in rows}
         asked = sum(c.limit for _, c in writes if c is not None and c.deliver == claim.deliver)
         query = "transition_claim_prioritized" if claim.prioritized else "transition_claim"
-        rows = await self.hot.fetch(
+        rows = await on.fetch(
             self._q[query], claim.worker, asked, claim.lease_seconds, *claim.args, *batch
         )
         claim.deliver([claimed_item(r) for r in rows if r["claim"]], asked)
-        return {(r["id"], r["held"]): r for r in rows if not r["claim"]}
+        return {(r["id"], r["held"]): BUSY if r["busy"] else r for r in rows if not r["claim"]}
 
     def claim_along(
         self,

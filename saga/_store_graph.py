@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -27,7 +28,7 @@ import asyncpg
 
 from saga._db import translate_errors
 from saga._graph_plan import GraphChange, GraphRun, Item
-from saga._group import GroupCommit
+from saga._group import BUSY, GroupCommit
 from saga._model import Phase, RunStatus
 from saga._store_ops import DefinitionKey, definition_args
 from saga._transition import ClaimedItem, Event, value
@@ -82,7 +83,12 @@ class GraphQueries:
 
     def graph_group(self) -> GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]:
         """The group commit of items' writes (paced by ``Store.pace``)."""
-        return GroupCommit(self._graph_one, self._graph_many, _graph_write_key)
+        return GroupCommit(
+            partial(self._graph_one, skip=True),
+            partial(self._graph_many, skip=True),
+            _graph_write_key,
+            wait=self._graph_one,
+        )
 
     async def claim_items(
         self, worker: str, limit: int, lease_seconds: float, definitions: Sequence[DefinitionKey]
@@ -105,15 +111,21 @@ class GraphQueries:
         async with translate_errors("recording a transition"):
             return await self._graphs.write((worker, key, token, decide))
 
-    async def _graph_one(self, write: GraphWrite) -> tuple[GraphChange, GraphWritten] | None:
-        outcome = (await self._graph_many([write])).get(_graph_write_key(write))
+    async def _graph_one(
+        self, write: GraphWrite, skip: bool = False
+    ) -> tuple[GraphChange, GraphWritten] | None:
+        outcome = (await self._graph_many([write], skip)).get(_graph_write_key(write))
         if isinstance(outcome, Exception):
             raise outcome  # the plan's decision failed
         return outcome
 
-    async def _graph_many(self, writes: Sequence[GraphWrite]) -> dict[Hashable, Any]:
+    async def _graph_many(
+        self, writes: Sequence[GraphWrite], skip: bool = False
+    ) -> dict[Hashable, Any]:
         """Items' writes in one transaction: the changes written, by item and token (or
         the exception an item's plan raised); an item whose fence failed is left out.
+        ``skip``: a run whose row another transaction holds is not waited for: its items
+        are ``BUSY`` (each written alone by its writer: see saga._group).
 
         In rounds of one item per run, in run id order (a stable sort: one run's items in
         the order they came): a round locks its runs (the first) and reads them and their
@@ -121,31 +133,35 @@ class GraphQueries:
         exchange (``fetchmany``). A run's next item, in the next round, sees the writes
         of the one before."""
         found: dict[Hashable, Any] = {}
+        busy: set[UUID] | None = set() if skip else None
         async with self.hot.acquire() as conn, conn.transaction():
             for round_ in _rounds(sorted(writes, key=lambda w: w[1][0])):
-                await self._graph_round(conn, round_, found)
+                await self._graph_round(conn, round_, found, busy)
         return found
 
     async def _graph_round(
-        self, conn: Any, writes: list[GraphWrite], found: dict[Hashable, Any]
+        self,
+        conn: Any,
+        writes: list[GraphWrite],
+        found: dict[Hashable, Any],
+        busy: set[UUID] | None,
     ) -> None:
+        if busy is not None:
+            writes = _not_busy(writes, found, busy)  # (its run's next items wait too)
+            if not writes:
+                return
         ids = [w[1][0] for w in writes]  # distinct, ascending
-        runs = {r["id"]: r for r in await conn.fetch(self._q["graph_lock"], ids, ids[0], ids[-1])}
+        lock = self._q["graph_lock" if busy is None else "graph_lock_skip"]
+        runs = {r["id"]: r for r in await conn.fetch(lock, ids, ids[0], ids[-1])}
+        if busy is not None:  # (a run no longer a graph one is refused when alone)
+            busy.update(run_id for run_id in ids if run_id not in runs)
+            writes = _not_busy(writes, found, busy)
         items: dict[UUID, list[Item]] = {}
-        for i in await conn.fetch(self._q["graph_items"], ids):
+        for i in await conn.fetch(self._q["graph_items"], list(runs)):
             items.setdefault(i["run_id"], []).append(
                 Item(i["step"], Phase(i["phase"]), i["leased"])
             )
-        decided: list[tuple[GraphWrite, GraphRun, GraphChange]] = []
-        for write in writes:
-            r = runs.get(write[1][0])
-            if r is None:
-                continue  # not a graph run (any more): refused
-            run = _graph_run(r, items.get(write[1][0], ()))
-            try:
-                decided.append((write, run, write[3](run)))
-            except Exception as exc:  # nothing of this item is written
-                found[_graph_write_key(write)] = exc
+        decided = _decide(writes, runs, items, found)
         if not decided:
             return
         rows = await conn.fetchmany(
@@ -256,6 +272,40 @@ class GraphQueries:
                 key = (row["saga_name"], row["key"], self.work_channel)
                 await conn.fetchrow(self._q["key_fill"], *key)
         return row is not None
+
+
+def _decide(
+    writes: list[GraphWrite],
+    runs: dict[UUID, Any],
+    items: dict[UUID, list[Item]],
+    found: dict[Hashable, Any],
+) -> list[tuple[GraphWrite, GraphRun, GraphChange]]:
+    """Each item's plan decides from its locked run: the changes to write (an item whose
+    plan raised writes nothing: its outcome is the exception)."""
+    decided: list[tuple[GraphWrite, GraphRun, GraphChange]] = []
+    for write in writes:
+        r = runs.get(write[1][0])
+        if r is None:
+            continue  # not a graph run (any more): refused
+        run = _graph_run(r, items.get(write[1][0], ()))
+        try:
+            decided.append((write, run, write[3](run)))
+        except Exception as exc:  # nothing of this item is written
+            found[_graph_write_key(write)] = exc
+    return decided
+
+
+def _not_busy(
+    writes: list[GraphWrite], found: dict[Hashable, Any], busy: set[UUID]
+) -> list[GraphWrite]:
+    """The writes whose runs are not ``busy``; the others' outcomes are ``BUSY``."""
+    kept = []
+    for write in writes:
+        if write[1][0] in busy:
+            found[_graph_write_key(write)] = BUSY
+        else:
+            kept.append(write)
+    return kept
 
 
 def _rounds(writes: list[GraphWrite]) -> list[list[GraphWrite]]:

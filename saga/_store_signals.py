@@ -19,7 +19,7 @@ from uuid import UUID
 import asyncpg
 
 from saga._db import Executor, translate_errors
-from saga._group import GroupCommit
+from saga._group import BUSY, GroupCommit
 
 #: One signal's arguments of the ``send_signal`` statement.
 SignalArgs = tuple[Any, ...]
@@ -58,7 +58,7 @@ class SignalQueries:
 
     def signal_group(self) -> GroupCommit[SignalArgs, Any]:
         """The group commit of signals sent on the store's pool."""
-        return GroupCommit(self._signal_one, self._signal_many, _signal_id)
+        return GroupCommit(self._try_signal, self._signal_many, _signal_id, wait=self._signal_one)
 
     async def send_signal(
         self,
@@ -96,18 +96,27 @@ class SignalQueries:
             return Delivery.ACCEPTED
         return Delivery.REPEATED if row["repeated"] else Delivery.DECIDED
 
+    async def _try_signal(self, args: SignalArgs) -> Any:
+        """One signal, unless another transaction holds its run's row (``BUSY``; as is a
+        signal that found no run: sent again, waiting, it says so)."""
+        row = await self.hot.fetchrow(self._q["send_signal_skip"], *args)
+        return BUSY if row is None else row
+
     async def _signal_one(self, args: SignalArgs) -> Any:
         return await self.hot.fetchrow(self._q["send_signal"], *args)
 
     async def _signal_many(self, batch: Sequence[SignalArgs]) -> dict[Hashable, Any]:
         """Several signals in one transaction, in run id order (concurrent batches lock
         runs in one order; one run's signals in the order they came), in one pipelined
-        exchange: each statement sees the ones before it. Their rows by signal id (none:
-        no such run)."""
+        exchange: each statement sees the ones before it. Their rows by signal id;
+        ``BUSY`` (sent again alone, waiting: see saga._group) for those whose run's row
+        another transaction holds, or that found no run."""
         ordered = sorted(batch, key=lambda args: args[0])
         async with self.hot.acquire() as conn, conn.transaction():
-            rows = await conn.fetchmany(self._q["send_signal"], ordered)
-        return {row["signal_id"]: row for row in rows}
+            rows = await conn.fetchmany(self._q["send_signal_skip"], ordered)
+        found: dict[Hashable, Any] = {_signal_id(args): BUSY for args in ordered}
+        found.update((row["signal_id"], row) for row in rows)
+        return found
 
     async def run_definition(self, run_id: UUID, conn: Executor | None) -> RunDefinition | None:
         """The definition of run ``run_id`` (None: no such run)."""

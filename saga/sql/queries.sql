@@ -346,6 +346,10 @@ FROM upd;
 -- error JSON, seconds until due, new lease owner, events JSON array, the worker holding
 -- the lease, refuse when a cancel was requested; $16 the sleep or wait parked at (array),
 -- $17 done notification channel, $18 and $19 the smallest and the largest run id.
+-- Every row is locked first, in id order, skipping those another transaction holds (a
+-- caller's transaction that sent the run a signal holds it until it ends): those come
+-- back as busy (only id and held set), and their writers write them alone, waiting for
+-- that run's lock and holding up no other run of the batch.
 -- A run parking at a wait (status waiting, a wait named) first has its row locked, then
 -- its wait's signal row marked awaited (INSERT ... ON CONFLICT sees a signal committed
 -- meanwhile, whatever the snapshot: the order every writer of signals takes); when the
@@ -357,9 +361,14 @@ WITH t AS (
                          $15::boolean[], $16::text[])
         AS t(id, token, status, step, attempt, completed, result, output, error,
              compensation_error, due_in, owner, events, worker, unless_cancelled, wait)
+), locked AS MATERIALIZED (
+    SELECT r.id FROM __schema__.runs r
+    WHERE r.id = ANY ($1::uuid[]) AND r.id BETWEEN $18 AND $19
+    ORDER BY r.id
+    FOR UPDATE OF r SKIP LOCKED
 ), parking AS MATERIALIZED (
     SELECT r.id, t.wait, t.due_in
-    FROM __schema__.runs r JOIN t ON r.id = t.id
+    FROM __schema__.runs r JOIN t ON r.id = t.id JOIN locked l ON l.id = t.id
     WHERE t.status = 'waiting' AND t.wait IS NOT NULL
       AND r.lease_token = t.token AND r.lease_owner = t.worker
       AND NOT (t.unless_cancelled AND r.cancel_requested)
@@ -394,7 +403,7 @@ WITH t AS (
         finished_at = CASE WHEN t.due_in IS NULL THEN now() END,
         released = false,
         updated_at = now()
-    FROM t LEFT JOIN awaited a ON a.run_id = t.id
+    FROM t JOIN locked l ON l.id = t.id LEFT JOIN awaited a ON a.run_id = t.id
     WHERE r.id = t.id AND r.lease_token = t.token AND r.lease_owner = t.worker
       AND NOT (t.unless_cancelled AND r.cancel_requested)
       -- The batch's first and last run id (parameters, not a join): Postgres then drops
@@ -419,14 +428,19 @@ WITH t AS (
     RETURNING w.run_id, w.watched
 )
 SELECT upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age, upd.signalled,
-       CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified
-FROM upd LEFT JOIN watch ON watch.run_id = upd.id;
+       CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified,
+       false AS busy
+FROM upd LEFT JOIN watch ON watch.run_id = upd.id
+UNION ALL
+SELECT t.id, t.token, NULL, NULL, NULL, NULL, NULL, true
+FROM t WHERE t.id <> ALL (ARRAY(SELECT id FROM locked));
 
 -- name: transition_claim_rows
 -- The result of transition_claim (see saga/_db.py: claim's CTEs, then transition_batch's,
--- then this, in one statement): the transitions' rows (claim false), then the runs
--- claimed for the slots they free (claim true), in the columns of both. Numbered as
--- transition_batch ($17: done notification channel).
+-- then this, in one statement): the transitions' rows (claim false; busy ones as
+-- transition_batch returns them), then the runs claimed for the slots they free (claim
+-- true), in the columns of all. Numbered as transition_batch ($17: done notification
+-- channel).
 SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age,
        upd.signalled,
        CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified,
@@ -434,13 +448,17 @@ SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, 
        NULL::text AS step_name, NULL::integer AS attempt, NULL::text AS input,
        NULL::text AS results, NULL::text[] AS completed_steps, NULL::boolean AS has_error,
        NULL::text AS trace_context, NULL::text AS prev_owner, NULL::text AS timed_out_wait,
-       NULL::boolean AS child, NULL::boolean AS keyed
+       NULL::boolean AS child, NULL::boolean AS keyed, false AS busy
 FROM upd LEFT JOIN watch ON watch.run_id = upd.id
+UNION ALL
+SELECT false, t.id, t.token, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+FROM t WHERE t.id <> ALL (ARRAY(SELECT id FROM locked))
 UNION ALL
 SELECT true, id, NULL, lease_token, cancel_requested, age, false, NULL, saga_name,
        saga_version,
        status, step_name, attempt, input, results, completed_steps, has_error,
-       trace_context, prev_owner, timed_out_wait, child, keyed
+       trace_context, prev_owner, timed_out_wait, child, keyed, false
 FROM claimed;
 
 -- name: statistics_stale
@@ -482,6 +500,34 @@ FROM __schema__.runs r WHERE r.id = (SELECT run_id FROM woken LIMIT 1);
 -- Extend the leases this worker still holds; rows missing from the result were lost.
 -- A newer token still owned by this worker is ours too: a transition of this worker
 -- leased the run's next item between the heartbeat reading the token and this write.
+-- A row another transaction holds locked (a caller's transaction that sent the run a
+-- signal, until it ends) is not waited for: it comes back with cancel_requested NULL,
+-- still held as far as its last commit says, and is renewed by the next heartbeat (one
+-- run's lock must not stop every other lease of the worker from being renewed).
+-- $1 worker id, $2 run ids, $3 lease tokens, $4 lease seconds (the three pairwise)
+WITH h AS (
+    SELECT * FROM unnest($2::uuid[], $3::bigint[], $4::float8[]) AS h(id, token, seconds)
+), locked AS MATERIALIZED (
+    SELECT r.id FROM __schema__.runs r JOIN h ON r.id = h.id
+    WHERE r.lease_token >= h.token AND r.lease_owner = $1
+    ORDER BY r.id
+    FOR UPDATE OF r SKIP LOCKED
+), upd AS (
+    UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => h.seconds)
+    FROM h JOIN locked l ON l.id = h.id
+    WHERE r.id = h.id
+    RETURNING r.id, r.cancel_requested
+)
+SELECT id, cancel_requested FROM upd
+UNION ALL
+SELECT r.id, NULL FROM __schema__.runs r JOIN h ON r.id = h.id
+WHERE r.lease_token >= h.token AND r.lease_owner = $1
+  AND r.id <> ALL (ARRAY(SELECT id FROM locked));
+
+-- name: heartbeat_waiting
+-- heartbeat, for leases whose rows another transaction held when it came by: this one
+-- waits for those locks (on a connection of its own), so that the lease is renewed as
+-- soon as the lock is released, before a claim of the expired lease could take the run.
 -- $1 worker id, $2 run ids, $3 lease tokens, $4 lease seconds (the three pairwise)
 UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => h.seconds)
 FROM unnest($2::uuid[], $3::bigint[], $4::float8[]) AS h(id, token, seconds)
@@ -497,6 +543,8 @@ RETURNING r.id, r.cancel_requested;
 -- worker down gracefully, or never ends within the shutdown timeout) counts, so the
 -- attempt limit still ends it. (A leased run is due: the partial due index finds them.)
 -- Not those of attempts saga.testing crashed ($3, $4): a dead worker releases nothing.
+-- Nor those whose row another transaction holds (a caller's transaction that sent the
+-- run a signal): shutting down waits for no one's transaction, and their leases expire.
 -- $1 worker id, $2 work notification channel, $3 run ids and $4 lease tokens to keep
 WITH held AS (
     SELECT r.id, r.attempt, r.released
@@ -504,7 +552,7 @@ WITH held AS (
     WHERE r.due_at IS NOT NULL AND r.lease_owner = $1
       AND (r.id, r.lease_token) NOT IN (SELECT * FROM unnest($3::uuid[], $4::bigint[]))
     ORDER BY r.id
-    FOR UPDATE OF r
+    FOR UPDATE OF r SKIP LOCKED
 ), upd AS (
     UPDATE __schema__.runs r SET
         lease_owner = NULL, due_at = now(),
