@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from saga import _checks
 from saga._acting import operator_data
+from saga._checks import show
 from saga._client import Client, store_of
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from saga._model import RunStatus
@@ -86,14 +87,14 @@ async def _matching(client: Client, where: RunFilter, cap: int) -> list[uuid.UUI
 
 def _check_limit(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BULK:
-        raise ConfigurationError(f"{name} must be an int from 1 to {MAX_BULK}, got {value!r}")
+        raise ConfigurationError(f"{name} must be an int from 1 to {MAX_BULK}, got {show(value)}")
     return value
 
 
 def _check_expect(value: object) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise ConfigurationError(
-            f"expect must be None or an int >= 0 (the count confirmed), got {value!r}"
+            f"expect must be None or an int >= 0 (the count confirmed), got {show(value)}"
         )
 
 
@@ -210,11 +211,15 @@ async def needs_attention(
     ``next_before`` as ``after`` for the next (newer) page. Raises
     :class:`RunNotFoundError` when ``after`` names no run (pruned meanwhile?)."""
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
+        raise ConfigurationError(
+            f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {show(limit)}"
+        )
     cursor = _checks.run_id(after, ConfigurationError) if after is not None else None
     store = store_of(client)
     if cursor is not None and not await store.run_exists(cursor):
         raise RunNotFoundError(cursor)
     runs = await store.needs_attention(limit + 1, cursor)
+    if cursor is not None and not runs and not await store.run_exists(cursor):
+        raise RunNotFoundError(cursor)  # pruned since it was checked: no page follows it
     page = runs[:limit]
     return RunPage(runs=page, next_before=page[-1].id if len(runs) > limit else None)

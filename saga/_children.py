@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from saga._checks import show
 from saga._errors import DefinitionError, SagaError
 
 
@@ -58,7 +59,7 @@ def declare(
     if isinstance(max_children, bool) or not isinstance(max_children, int) or max_children < 1:
         raise DefinitionError(
             f"saga {parent.name!r}: max_children of step {name!r} must be an int >= 1, "
-            f"got {max_children!r}"
+            f"got {show(max_children)}"
         )
 
     async def start_children(ctx: Any) -> list[Any]:

@@ -288,6 +288,20 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
                 ),
                 committed,
             )
+        other = started_run.existing_definition
+        if (
+            require_same_input
+            and other is not None
+            and (other[0] != saga.version or other[1] not in (None, saga.fingerprint))
+        ):
+            raise IdempotencyConflictError(
+                f"idempotency key {key!r} of saga {saga.name!r} was used by run "
+                f"{started_run.run_id} of another definition (version {other[0]}, "
+                f"fingerprint {other[1]}; this start's: version {saga.version}, fingerprint "
+                f"{saga.fingerprint}); use a new key, or pass require_same_input=False to "
+                "get that run",
+                started_run.run_id,
+            )
         existing = started_run.existing_input
         if (
             require_same_input

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from typing_extensions import TypeVar
 
 from saga import _checks, _children, _graph, _pivot, _policy, _registry
-from saga._checks import validate_name
+from saga._checks import show, validate_name
 from saga._errors import DefinitionError
 from saga._fingerprint import of_definition
 from saga._policy import (
@@ -208,7 +208,9 @@ class Saga(Generic[InT, OutputT]):
             if lease_seconds is not None:
                 check_lease_seconds(lease_seconds, DefinitionError)
             if rate_limit is not None and not isinstance(rate_limit, RateLimit):
-                raise DefinitionError(f"rate_limit must be a saga.RateLimit, got {rate_limit!r}")
+                raise DefinitionError(
+                    f"rate_limit must be a saga.RateLimit, got {show(rate_limit)}"
+                )
             step_name = validate_name(_policy.function_name(fn) if name is None else name, "step")
             self._check_new_name(step_name)
             deps = None if after is None else _graph.dependencies(self, step_name, after)

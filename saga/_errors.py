@@ -12,7 +12,7 @@ Hierarchy::
     ├── ConfigurationError       a bad argument to the runtime (schema name, sizes, ...)
     ├── MigrationError           a recorded migration's file changed since it was applied
     ├── InvalidInputError        start() input failed pydantic validation; nothing written
-    ├── IdempotencyConflictError start() key already used by a run with another input
+    ├── IdempotencyConflictError start() key used by a run with another input or definition
     ├── SerializationError       a payload cannot be stored as JSON (NaN, bytes, objects, NUL)
     │   └── PayloadTooLargeError a payload is above the configured size cap
     ├── PermanentError           raised by a step to fail at once, without retries
@@ -145,7 +145,8 @@ class InvalidInputError(SagaError):
 
 class IdempotencyConflictError(SagaError):
     """``start()`` got an idempotency key that an existing run of the saga was started
-    with, but a different input. Nothing was written; ``run_id`` is the existing run.
+    with, but a different input (or by another version or fingerprint of the saga).
+    Nothing was written; ``run_id`` is the existing run.
 
     Pass ``require_same_input=False`` to ``start()`` to get the existing run instead.
     """

@@ -39,22 +39,18 @@ def _name(tp: Any) -> str:
 
 def describe_type(tp: Any, _seen: tuple[int, ...] = ()) -> Any:
     """A JSON-able, version-stable description of a type annotation."""
-    if tp is Any:
-        return "any"
-    if tp is None or tp is type(None):
-        return "none"
+    simple = _simple(tp)
+    if simple is not None:
+        return simple
     origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        return describe_type(typing.get_args(tp)[0], _seen)
-    if origin is typing.Literal:
-        return ["literal", [repr(arg) for arg in typing.get_args(tp)]]
     if origin is not None:
-        head = "union" if origin in _UNIONS else _name(origin)
-        return [head, [describe_type(arg, _seen) for arg in typing.get_args(tp)]]
-    if isinstance(tp, typing.TypeVar):
-        return ["typevar", tp.__name__]
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return ["enum", [repr(member.value) for member in tp]]
+        return _generic(tp, origin, _seen)
+    if isinstance(tp, typing.NewType):  # stored as its supertype
+        return ["newtype", _name(tp), describe_type(tp.__supertype__, _seen)]
+    if _is_alias(tp):  # `type Amount = int` (or typing_extensions.TypeAliasType)
+        if id(tp) in _seen:
+            return ["ref", _seen.index(id(tp))]
+        return ["alias", _name(tp), describe_type(tp.__value__, (*_seen, id(tp)))]
     fields = _fields(tp)
     if fields is None:
         return _name(tp)
@@ -70,19 +66,70 @@ def describe_type(tp: Any, _seen: tuple[int, ...] = ()) -> Any:
     ]
 
 
+def _simple(tp: Any) -> Any:
+    """The description of ``Any``, ``None``, a type variable or an enum (else None)."""
+    if tp is Any:
+        return "any"
+    if tp is None or tp is type(None):
+        return "none"
+    if isinstance(tp, typing.TypeVar):
+        return ["typevar", tp.__name__]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return ["enum", [repr(member.value) for member in tp]]
+    return None
+
+
+def _generic(tp: Any, origin: Any, seen: tuple[int, ...]) -> Any:
+    """The description of a parametrized type (``list[int]``, a union, a literal...)."""
+    if origin is typing.Annotated:
+        return describe_type(typing.get_args(tp)[0], seen)
+    if origin is typing.Literal:
+        return ["literal", [repr(arg) for arg in typing.get_args(tp)]]
+    head = "union" if origin in _UNIONS else _name(origin)
+    return [head, [describe_type(arg, seen) for arg in typing.get_args(tp)]]
+
+
+def _is_alias(tp: Any) -> bool:
+    """A type alias object (``type X = ...``, ``TypeAliasType``): named, with a value."""
+    return type(tp).__name__ == "TypeAliasType" and hasattr(tp, "__value__")
+
+
+def _alias(field: Any) -> str:
+    """A pydantic field's JSON names: its ``alias``, and (only where they differ from it,
+    so that fields without them keep their description) the names it is stored under
+    and read from."""
+    alias = field.alias or ""
+    extra = []
+    if field.serialization_alias not in (None, field.alias):
+        extra.append(f"out={field.serialization_alias}")
+    if field.validation_alias not in (None, field.alias):
+        extra.append(f"in={_choices(field.validation_alias)}")
+    return alias if not extra else "|".join([alias, *extra])
+
+
+def _choices(alias: Any) -> str:
+    """A validation alias (a name, an ``AliasPath`` or ``AliasChoices``) as text."""
+    if isinstance(alias, str):
+        return alias
+    if hasattr(alias, "choices"):
+        return "(" + ",".join(_choices(choice) for choice in alias.choices) + ")"
+    return "/".join(str(part) for part in getattr(alias, "path", [alias]))
+
+
 def _fields(tp: Any) -> list[tuple[str, str, bool, Any]] | None:
     """(name, alias, required, annotation) of a structured type's fields, or None."""
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return [
-            (name, field.alias or "", field.is_required(), field.annotation)
+            (name, _alias(field), field.is_required(), field.annotation)
             for name, field in tp.model_fields.items()
         ]
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         hints = _hints(tp)
+        infos = getattr(tp, "__pydantic_fields__", {})  # a pydantic dataclass's aliases
         return [
             (
                 f.name,
-                "",
+                _alias(infos[f.name]) if f.name in infos else "",
                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
                 hints.get(f.name, Any),
             )
@@ -91,6 +138,10 @@ def _fields(tp: Any) -> list[tuple[str, str, bool, Any]] | None:
     if typing.is_typeddict(tp):
         required: frozenset[str] = getattr(tp, "__required_keys__", frozenset())
         return [(name, "", name in required, ann) for name, ann in _hints(tp).items()]
+    if isinstance(tp, type) and issubclass(tp, tuple) and hasattr(tp, "_fields"):
+        hints = _hints(tp)  # a NamedTuple: stored as a list, in the fields' order
+        defaults = getattr(tp, "_field_defaults", {})
+        return [(name, "", name not in defaults, hints.get(name, Any)) for name in tp._fields]
     return None
 
 

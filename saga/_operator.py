@@ -17,6 +17,7 @@ from datetime import timedelta
 import asyncpg
 
 from saga import _checks
+from saga._checks import show
 from saga._client import Client, store_of
 from saga._db import check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._errors import ConfigurationError, RunNotFoundError
@@ -58,7 +59,7 @@ def _seconds(name: str, value: timedelta | None) -> float | None:
     if value is None:
         return None
     if not isinstance(value, timedelta):
-        raise ConfigurationError(f"{name} must be a datetime.timedelta, got {value!r}")
+        raise ConfigurationError(f"{name} must be a datetime.timedelta, got {show(value)}")
     seconds = value.total_seconds()
     if seconds < 0:
         raise ConfigurationError(f"{name} must not be negative, got {value}")
@@ -72,7 +73,7 @@ def _check_text(name: str, value: str | None) -> None:
     if value is not None and (
         not isinstance(value, str) or not value or "\x00" in value or not _encodable(value)
     ):
-        raise ConfigurationError(f"{name} must be a non-empty str without NUL, got {value!r}")
+        raise ConfigurationError(f"{name} must be a non-empty str without NUL, got {show(value)}")
 
 
 def _encodable(text: str) -> bool:
@@ -90,7 +91,7 @@ def _statuses(values: Iterable[RunStatus | str] | RunStatus | str | None) -> lis
         values = [values]
     if not isinstance(values, Iterable):
         raise ConfigurationError(
-            f"status must be a run status or an iterable of them, got {values!r}"
+            f"status must be a run status or an iterable of them, got {show(values)}"
         )
     out: list[str] = []
     for value in values:
@@ -132,7 +133,9 @@ async def list_runs(
     store = store_of(client)
     _check_text("saga", saga)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ConfigurationError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
+        raise ConfigurationError(
+            f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {show(limit)}"
+        )
     _check_text("key", key)
     cursor = _checks.run_id(before, ConfigurationError) if before is not None else None
     if cursor is not None and not await store.run_exists(cursor):
@@ -161,6 +164,10 @@ async def list_runs(
         for name in sorted({name for _, name in await store.find_runs_by_key(key, saga)}):
             records += await fetch(name)
         records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    if cursor is not None and not records and not await store.run_exists(cursor):
+        # Pruned since it was checked: the page's statement found no cursor to go on
+        # from (an empty page would read as the last one).
+        raise RunNotFoundError(cursor)
     runs = records[:limit]
     return RunPage(runs=runs, next_before=runs[-1].id if len(records) > limit else None)
 
@@ -284,10 +291,12 @@ def _check_prune_options(batch_size: object, **flags: object) -> None:
         or isinstance(batch_size, bool)
         or not 1 <= batch_size <= 100_000
     ):
-        raise ConfigurationError(f"batch_size must be an int from 1 to 100000, got {batch_size!r}")
+        raise ConfigurationError(
+            f"batch_size must be an int from 1 to 100000, got {show(batch_size)}"
+        )
     for name, flag in flags.items():
         if not isinstance(flag, bool):  # "false", 0 or None must not turn deleting on
-            raise ConfigurationError(f"{name} must be a bool, got {flag!r}")
+            raise ConfigurationError(f"{name} must be a bool, got {show(flag)}")
 
 
 async def migrate(dsn_or_pool: str | asyncpg.Pool, *, schema: str = "saga") -> list[int]:

@@ -21,6 +21,7 @@ from opentelemetry.trace import TracerProvider
 
 from saga import _checks
 from saga._census import census_loop
+from saga._checks import show
 from saga._client import Client
 from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES
 from saga._definition import Saga
@@ -300,7 +301,7 @@ def _check_schedules(
     by_name: dict[str, Scheduled[Any]] = {}
     for s in schedules:
         if not isinstance(s, Scheduled):
-            raise ConfigurationError(f"schedules must hold saga.Scheduled objects, got {s!r}")
+            raise ConfigurationError(f"schedules must hold saga.Scheduled objects, got {show(s)}")
         if sagas.get((s.saga.name, s.saga.version)) is not s.saga:
             raise ConfigurationError(
                 f"schedule {s.name!r} starts saga {s.saga.name!r}, which is not in sagas="
@@ -323,7 +324,7 @@ def _check_lanes(
         or not lanes
         or not all(isinstance(lane, str) for lane in lanes)
     ):
-        raise ConfigurationError(f"lanes must be a non-empty list of lane names, got {lanes!r}")
+        raise ConfigurationError(f"lanes must be a non-empty list of lane names, got {show(lanes)}")
     used = {s.traffic.lane for s in sagas.values()}
     unknown = sorted(set(lanes) - used)
     if unknown:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from saga import _checks
+from saga._checks import show
 from saga._codec import unusable_type
 from saga._errors import DefinitionError, PermanentError
 
@@ -223,7 +224,7 @@ def check_timeout(timeout: float | None) -> None:
 
 def check_retry(retry: Retry | None) -> None:
     if retry is not None and not isinstance(retry, Retry):
-        raise DefinitionError(f"retry must be a saga.Retry, got {retry!r}")
+        raise DefinitionError(f"retry must be a saga.Retry, got {show(retry)}")
 
 
 def check_lease_seconds(value: float, error: type[Exception]) -> float:

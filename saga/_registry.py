@@ -73,7 +73,7 @@ def check_start(sagas: dict[Any, Any], saga: Any, conn: Any, require_same_input:
         registered = sagas.get((getattr(saga, "name", None), getattr(saga, "version", None)))
     except TypeError:  # an unhashable name or version: no saga's
         registered = None
-    if registered is not saga:
+    if registered is None or registered is not saga:
         if not isinstance(saga, _saga_type()):
             raise ConfigurationError(f"start() takes a saga.Saga, got {show(saga)}")
         raise DefinitionError(

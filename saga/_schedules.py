@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel
 
 from saga import _checks
-from saga._checks import validate_name
+from saga._checks import show, validate_name
 from saga._client import store_of
 from saga._cron import Schedule
 from saga._definition import Saga
@@ -69,11 +69,16 @@ class Scheduled(Generic[InT]):
         validate_name(self.name, "schedule")
         where = f"schedule {self.name!r}"
         if not isinstance(self.saga, Saga):
-            raise DefinitionError(f"{where}: saga must be a saga.Saga, got {self.saga!r}")
+            raise DefinitionError(f"{where}: saga must be a saga.Saga, got {show(self.saga)}")
         if not isinstance(self.schedule, Schedule):
             raise DefinitionError(
                 f"{where}: schedule must be a saga.Schedule (Schedule.cron(...) or "
                 f"Schedule.every(...)), got {_checks.show(self.schedule)}"
+            )
+        if isinstance(self.input, type):  # a model class is callable, never with a slot
+            raise DefinitionError(
+                f"{where}: input is the class {self.input.__name__}: give an instance "
+                f"({self.input.__name__}(...)) or a function of the slot's time returning one"
             )
         if not (callable(self.input) or isinstance(self.input, self.saga.input_type)):
             raise DefinitionError(
@@ -82,7 +87,7 @@ class Scheduled(Generic[InT]):
             )
         if self.missed not in _MISSED:
             raise DefinitionError(
-                f"{where}: missed must be one of {', '.join(_MISSED)}, got {self.missed!r}"
+                f"{where}: missed must be one of {', '.join(_MISSED)}, got {show(self.missed)}"
             )
         _checks.integer(
             f"{where}: catch_up", self.catch_up, DefinitionError, minimum=1, maximum=MAX_CATCH_UP
@@ -91,7 +96,7 @@ class Scheduled(Generic[InT]):
             timedelta(0) <= self.grace <= timedelta(days=1)
         ):
             raise DefinitionError(
-                f"{where}: grace must be a timedelta from 0 to 1 day, got {self.grace!r}"
+                f"{where}: grace must be a timedelta from 0 to 1 day, got {show(self.grace)}"
             )
 
     def input_for(self, slot: datetime) -> Any:

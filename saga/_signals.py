@@ -156,7 +156,12 @@ class Signalling:
         """:meth:`signal` to the run of ``saga`` started with the idempotency ``key``
         (the business id a webhook carries); an unknown key is a
         :class:`RunNotFoundError`."""
-        saga_name = saga.name if isinstance(saga, Saga) else saga
+        if isinstance(saga, Saga):
+            saga_name = saga.name
+        else:  # a name: anything else could only reach the database as garbage
+            saga_name = _checks.text(
+                "saga (a saga.Saga or its name)", saga, ConfigurationError, max_length=128
+            )
         _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
         check_conn(conn)
         found = await self._store_or_raise().run_by_key(saga_name, key, conn)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel
+from saga._checks import show
 from saga._children import ChildFailed, TooManyChildren
 from saga._errors import (
     DatabaseError,
@@ -103,7 +104,9 @@ class Children:
             values = await made if inspect.isawaitable(made) else made
             await settle_self_cancel(before)
             if not isinstance(values, Sequence) or isinstance(values, str | bytes):
-                raise TypeError(f"inputs of step {step.name!r} must return a list, got {values!r}")
+                raise TypeError(
+                    f"inputs of step {step.name!r} must return a list, got {show(values)}"
+                )
             if len(values) > spec.max_children:
                 raise TooManyChildren(
                     f"step {step.name!r} would start {len(values)} child runs of saga "

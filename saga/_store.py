@@ -69,6 +69,8 @@ class StartResult:
     run_id: UUID
     created: bool
     existing_input: str | None  # the input JSON of the run a key matched
+    #: The definition (version, fingerprint) of the run a key matched.
+    existing_definition: tuple[int, str | None] | None = None
 
 
 @value
@@ -189,7 +191,12 @@ class Store(
                     return StartResult(row["id"], True, None)
                 existing = await db.fetchrow(self._q["find_run_by_key"], saga_name, key)
                 if existing is not None:
-                    return StartResult(existing["id"], False, existing["input"])
+                    return StartResult(
+                        existing["id"],
+                        False,
+                        existing["input"],
+                        (existing["saga_version"], existing["fingerprint"]),
+                    )
                 # The conflicting run was deleted in between (pruned); try again.
         raise DatabaseError(f"could not start run with key {key!r}: it keeps conflicting")
 
@@ -354,41 +361,6 @@ class Store(
         async with translate_errors("polling runs"):
             rows = await self.pool.fetch(self._q["ended_runs"], list(run_ids))
         return {r["id"] for r in rows}
-
-    async def request_cancel(self, run_id: UUID, data: str | None = None) -> bool:
-        """Whether the cancel was recorded. The run's row is locked by a first statement:
-        the cancel then sees a pivot item written by the transaction it waited for."""
-        statuses = [str(s) for s in (*RunStatus.active(), RunStatus.STOPPED)]
-        async with (
-            translate_errors("cancelling a run"),
-            self.pool.acquire() as conn,
-            conn.transaction(),
-        ):
-            await conn.execute(self._q["lock_run_row"], run_id)
-            row = await conn.fetchrow(
-                self._q["request_cancel"], run_id, self.work_channel, statuses, data
-            )
-        return row is not None
-
-    async def retry_run(
-        self,
-        run_id: UUID,
-        stopped: RunStatus,
-        resumed: RunStatus,
-        phase: Phase,
-        data: str | None = None,
-    ) -> bool:
-        async with translate_errors("retrying a run"):
-            row = await self.pool.fetchrow(
-                self._q["retry_run"],
-                run_id,
-                self.work_channel,
-                str(stopped),
-                str(resumed),
-                str(phase),
-                data,
-            )
-        return row is not None
 
     # -- definitions and census -------------------------------------------------------------
 

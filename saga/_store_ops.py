@@ -19,7 +19,7 @@ import asyncpg
 from saga import _partitions as partitions
 from saga._db import Executor, query, quote_ident, translate_errors
 from saga._errors import ErrorInfo
-from saga._model import RunInfo, RunStatus
+from saga._model import Phase, RunInfo, RunStatus
 from saga._partitions import DaysPruned
 
 #: A saga definition as the database knows it: (name, version, fingerprint).
@@ -247,6 +247,41 @@ class OperatorQueries:
         async with translate_errors("counting runs"):
             rows = await self.pool.fetch(self._q["count_runs"], saga_name, older_than, newer_than)
         return [(r["saga_name"], r["status"], r["runs"]) for r in rows]
+
+    async def request_cancel(self, run_id: UUID, data: str | None = None) -> bool:
+        """Whether the cancel was recorded. The run's row is locked by a first statement:
+        the cancel then sees a pivot item written by the transaction it waited for."""
+        statuses = [str(s) for s in (*RunStatus.active(), RunStatus.STOPPED)]
+        async with (
+            translate_errors("cancelling a run"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(self._q["lock_run_row"], run_id)
+            row = await conn.fetchrow(
+                self._q["request_cancel"], run_id, self.work_channel, statuses, data
+            )
+        return row is not None
+
+    async def retry_run(
+        self,
+        run_id: UUID,
+        stopped: RunStatus,
+        resumed: RunStatus,
+        phase: Phase,
+        data: str | None = None,
+    ) -> bool:
+        async with translate_errors("retrying a run"):
+            row = await self.pool.fetchrow(
+                self._q["retry_run"],
+                run_id,
+                self.work_channel,
+                str(stopped),
+                str(resumed),
+                str(phase),
+                data,
+            )
+        return row is not None
 
     async def rewait_run(
         self, run_id: UUID, stopped: RunStatus, resumed: RunStatus, data: str | None = None

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from saga import _checks
+from saga._checks import show
 from saga._client import Client, store_of
 from saga._context import Context
 from saga._definition import Step
@@ -189,7 +190,7 @@ class Faults(Hooks):
         elif isinstance(step, Step):
             name, saga = step.name, step.saga
         else:
-            raise TypeError(f"a fault needs a step (a Step, or a step name), got {step!r}")
+            raise TypeError(f"a fault needs a step (a Step, or a step name), got {show(step)}")
         if run_id is not None:
             run_id = _checks.run_id(run_id, ConfigurationError)
         self._rules.append(_Rule(kind, name, compensation, times, run_id, option, saga))
@@ -247,7 +248,7 @@ async def advance(
         or isinstance(seconds, bool)
         or not 0 <= seconds <= _checks.MAX_AGE_SECONDS
     ):
-        raise InvalidInputError(f"advance() needs a duration from 0 to 1,000 years, got {by!r}")
+        raise InvalidInputError(f"advance() needs a duration from 0 to 1,000 years, got {show(by)}")
     rid = _checks.run_id(run.id if isinstance(run, RunHandle) else run, ConfigurationError)
     store = store_of(client)
     due = await store.advance_timers(rid, float(seconds))

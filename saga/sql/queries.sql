@@ -150,9 +150,10 @@ INSERT INTO __schema__.items (run_id, step, phase)
 SELECT $1, step, 'step' FROM unnest($2::text[]) AS step;
 
 -- name: find_run_by_key
--- The id and input (JSON text) of the run started with this idempotency key.
+-- The id, input (JSON text) and definition of the run started with this idempotency key.
 -- $1 saga name, $2 idempotency key
-SELECT id, input FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
+SELECT id, input, saga_version, fingerprint
+FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
 
 -- name: claim
 -- Lease up to $2 runnable items (due, or whose lease expired) of registered sagas in one
@@ -2007,8 +2008,14 @@ SELECT count(*) FROM __events__ e JOIN __runs__ r ON r.id = e.run_id WHERE __pru
 
 -- name: day_lock
 -- Hold the day's four partitions exclusively until the transaction ends (claims and
--- writes of the day's runs wait meanwhile: the day's transaction is short).
+-- writes wait meanwhile: the day's transaction is short). The parents first, as every
+-- statement locks them (a cached plan then locks every partition): dropping or
+-- attaching a partition needs its parent too, and taking it last would wait for
+-- statements that hold it and wait for the day's partitions (a deadlock each time,
+-- broken by the lock timeout, under steady traffic).
 -- no parameters
+LOCK TABLE ONLY __schema__.runs, ONLY __schema__.events, ONLY __schema__.watches,
+    ONLY __schema__.signals IN ACCESS EXCLUSIVE MODE;
 LOCK TABLE __runs__, __events__, __watches__, __signals__ IN ACCESS EXCLUSIVE MODE;
 
 -- name: day_rows

@@ -36,7 +36,9 @@ async def act(dash: Dashboard, ctx: Ctx) -> Response:
     action = ctx.request.path_params["action"]
     client, by = dash.client, ctx.operator.name
     if action == "cancel":
-        await client.cancel(rid, by=by, note=_note(ctx, False))
+        if not await client._cancel(rid, by, _note(ctx, False)):
+            flash = "A cancel was requested before: the run is being cancelled, nothing changed."
+            return dash.redirect(ctx, f"/runs/{rid}", flash)
     elif action == "retry":
         await client.retry(rid, by=by, note=_note(ctx, False))
     elif action == "resolve":
@@ -92,6 +94,8 @@ async def _signal(dash: Dashboard, ctx: Ctx, rid: Any) -> Response:
         recorded = await client._signal_unchecked(
             rid, name, payload, saga, by=by, note=_note(ctx, False)
         )
+    elif info.status.is_terminal:
+        raise PageError(409, f"run {rid} has ended {info.status}: it takes no signal")
     else:
         now = f"the one it waits for now, {info.wait!r}" if info.wait else "it waits for none now"
         raise PageError(

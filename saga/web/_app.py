@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from saga import _checks
 from saga._bulk import MAX_BULK
+from saga._checks import show
 from saga._client import Client
 from saga._errors import ConfigurationError
 from saga.web import _actions, _pages
@@ -46,7 +47,7 @@ class Guard:
         operator = await self.dash.authorize(request)
         if operator is not None and not isinstance(operator, Operator):
             raise ConfigurationError(
-                f"authorize() must return a saga.web.Operator or None, got {operator!r}"
+                f"authorize() must return a saga.web.Operator or None, got {show(operator)}"
             )
         response: Response | None = None
         if operator is None:
@@ -152,7 +153,7 @@ def dashboard(
     """
     checked = check_authorize(authorize)
     if not isinstance(client, Client):
-        raise ConfigurationError(f"client must be a saga.Client, got {client!r}")
+        raise ConfigurationError(f"client must be a saga.Client, got {show(client)}")
     _checks.flag("show_payloads", show_payloads, ConfigurationError)
     _checks.integer("bulk_limit", bulk_limit, ConfigurationError, minimum=1, maximum=MAX_BULK)
     if redact is not None and not callable(redact):

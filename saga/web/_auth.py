@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from saga import _checks
 from saga._acting import MAX_BY_LENGTH
+from saga._checks import show
 from saga._errors import ConfigurationError
 
 #: What every response carries: no inline script or style, nothing from elsewhere.
@@ -58,7 +59,7 @@ def check_authorize(authorize: Any) -> Authorize:
         raise ConfigurationError(
             "dashboard() needs authorize=: an async function (request) -> saga.web.Operator "
             "| None that applies the app's own authentication (None answers 401); the "
-            f"dashboard has no open mode (got {authorize!r})"
+            f"dashboard has no open mode (got {show(authorize)})"
         )
     checked: Authorize = authorize
     return checked

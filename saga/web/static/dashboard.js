@@ -3,7 +3,8 @@
 // The page listens to the dashboard's server-sent events (/events). The server tells it
 // when something changed in the database (it LISTENs and watches the history; browsers
 // never poll the database); the page then fetches its own URL again and swaps the main
-// content. While a form field has focus (somebody is typing), the refresh waits.
+// content. While somebody is using a form (a field has focus, a field holds what they
+// typed and have not sent, or a button is being pressed), the refresh waits.
 (function () {
   "use strict";
   var body = document.body;
@@ -14,18 +15,48 @@
 
   var pending = false;
   var busy = false;
+  var pressing = false;
+
+  function edited(el) {
+    var type = (el.getAttribute("type") || "").toLowerCase();
+    if (type === "hidden" || type === "submit" || type === "button") { return false; }
+    if (type === "checkbox" || type === "radio") { return el.checked !== el.defaultChecked; }
+    if (el.tagName === "SELECT") {
+      for (var i = 0; i < el.options.length; i++) {
+        if (el.options[i].selected !== el.options[i].defaultSelected) { return true; }
+      }
+      return false;
+    }
+    return el.value !== el.defaultValue;
+  }
 
   function typing() {
+    if (pressing) { return true; }
     var el = document.activeElement;
-    if (!el) { return false; }
-    var tag = el.tagName;
-    return tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT";
+    if (el) {
+      var tag = el.tagName;
+      if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") { return true; }
+    }
+    // What was typed into a form and not sent would be lost with the page's content.
+    var fields = document.querySelectorAll("#main form input, #main form textarea, #main form select");
+    for (var i = 0; i < fields.length; i++) {
+      if (edited(fields[i])) { return true; }
+    }
+    return false;
+  }
+
+  function held() {
+    if (!live) { return; }
+    var waiting = pending && typing();
+    live.classList.toggle("held", waiting);
+    live.title = waiting ? "updates wait while a form holds what you typed" : "live updates";
   }
 
   function refresh() {
     if (busy) { pending = true; return; }
-    if (typing()) { pending = true; return; }
+    if (typing()) { pending = true; held(); return; }
     pending = false;
+    held();
     busy = true;
     fetch(window.location.href, { credentials: "same-origin", headers: { "X-Saga-Refresh": "1" } })
       .then(function (response) {
@@ -55,9 +86,19 @@
       });
   }
 
-  document.addEventListener("focusout", function () {
+  function later() {
     window.setTimeout(function () { if (pending && !typing()) { refresh(); } }, 100);
-  });
+  }
+
+  // A press (button down, then up) must land on the page it began on.
+  document.addEventListener("pointerdown", function () { pressing = true; }, true);
+  document.addEventListener("pointerup", function () {
+    window.setTimeout(function () { pressing = false; later(); }, 0);
+  }, true);
+  document.addEventListener("pointercancel", function () { pressing = false; later(); }, true);
+  document.addEventListener("focusout", later);
+  document.addEventListener("input", held);
+  document.addEventListener("reset", function () { window.setTimeout(later, 0); }, true);
 
   var source = new EventSource(url);
   // Whatever changed between the page's render and its stream's start (or during a
