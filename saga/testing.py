@@ -114,6 +114,11 @@ class Faults(Hooks):
 
     def attach(self, orchestrator: Orchestrator) -> Faults:
         """Inject this plan into an orchestrator's execution (open or not)."""
+        if not isinstance(orchestrator, Orchestrator):
+            raise ConfigurationError(
+                "faults attach to the saga.Orchestrator that executes the steps (a Client "
+                f"executes none), got {show(orchestrator)}"
+            )
         if orchestrator.hooks is not NO_HOOKS and orchestrator.hooks is not self:
             raise LifecycleError("this orchestrator already has a fault plan attached")
         orchestrator.hooks = self
@@ -190,7 +195,9 @@ class Faults(Hooks):
         elif isinstance(step, Step):
             name, saga = step.name, step.saga
         else:
-            raise TypeError(f"a fault needs a step (a Step, or a step name), got {show(step)}")
+            raise ConfigurationError(
+                f"a fault needs a step (a Step, or a step name), got {show(step)}"
+            )
         if run_id is not None:
             run_id = _checks.run_id(run_id, ConfigurationError)
         self._rules.append(_Rule(kind, name, compensation, times, run_id, option, saga))

@@ -3,6 +3,7 @@ static files, the event stream and the routes."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -44,7 +45,8 @@ class Guard:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        operator = await self.dash.authorize(request)
+        answer: Any = self.dash.authorize(request)
+        operator = await answer if inspect.isawaitable(answer) else answer  # (or a plain def)
         if operator is not None and not isinstance(operator, Operator):
             raise ConfigurationError(
                 f"authorize() must return a saga.web.Operator or None, got {show(operator)}"

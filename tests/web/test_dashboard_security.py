@@ -165,3 +165,21 @@ async def test_bad_settings_are_refused(open_client: Any) -> None:
     for options in ({"bulk_limit": 0}, {"redact": "no"}, {"secret": "short"}):
         with pytest.raises(saga.ConfigurationError):
             dashboard(client, authorize=anyone, **options)
+
+
+async def test_a_plain_authorize_function_signs_operators_in(
+    open_client: Any, browse: Browser
+) -> None:
+    """``authorize`` may be a plain function as well as an async one: its Operator is
+    signed in (the page answers 200), and its None is 401, never a 500."""
+
+    def plain(request: Any) -> Operator | None:
+        name = request.headers.get("x-user")
+        return Operator(name) if name else None
+
+    s = small_saga("plain_authorize", ["s1"])
+    client = await open_client(s)
+    handle = await client.start(s, {})
+    http = await browse(client, authorize=plain)
+    assert (await http.get(f"/saga/runs/{handle.id}", headers=ALICE)).status_code == 200
+    assert (await http.get(f"/saga/runs/{handle.id}")).status_code == 401
