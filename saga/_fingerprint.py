@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
+from typing_extensions import is_typeddict
 
 from saga._waits import Wait
 
@@ -135,7 +136,7 @@ def _fields(tp: Any) -> list[tuple[str, str, bool, Any]] | None:
             )
             for f in dataclasses.fields(tp)
         ]
-    if typing.is_typeddict(tp):
+    if is_typeddict(tp):  # (typing_extensions': it knows both kinds, on every Python)
         required: frozenset[str] = getattr(tp, "__required_keys__", frozenset())
         return [(name, "", name in required, ann) for name, ann in _hints(tp).items()]
     if isinstance(tp, type) and issubclass(tp, tuple) and hasattr(tp, "_fields"):

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
+import anyio
 import asyncpg
 
 A = TypeVar("A")  # what one write is: the statement's arguments for one run
@@ -83,8 +84,11 @@ class GroupCommit(Generic[A, R]):
     results keyed by ``key(args)`` (a missing key: that write's fence refused it); both
     skip a row another transaction holds (its answer is ``BUSY``). ``wait`` writes one
     (as ``alone(args)``), waiting for its row's lock: a busy write's writer calls it
-    once out of the lead (None: ``single`` never answers ``BUSY``). ``alone(args)`` is
-    also what a write of a refused batch becomes when written again alone.
+    once out of the lead (None: ``single`` never answers ``BUSY``), when one of the
+    ``waiting`` permits is free (a write waiting for a lock holds a connection: the
+    permits keep most of the pool for the others); without one it tries ``single``
+    again, from time to time, holding nothing meanwhile. ``alone(args)`` is also what a
+    write of a refused batch becomes when written again alone.
     """
 
     def __init__(
@@ -94,12 +98,14 @@ class GroupCommit(Generic[A, R]):
         key: Callable[[A], Hashable],
         *,
         wait: Callable[[A], Awaitable[R | None]] | None = None,
+        waiting: anyio.Semaphore | None = None,
         alone: Callable[[A], A] = lambda args: args,
         leaders: int = 1,
         max_batch: int = 256,
     ) -> None:
         self._single = single
         self._wait = wait or single
+        self._waiting = waiting
         self._as_alone = alone
         self._batch = batch
         self._key = key
@@ -135,8 +141,30 @@ class GroupCommit(Generic[A, R]):
                 finally:
                     self._hand_over()
         if outcome is BUSY:  # out of any lead: only this write waits for its row
-            return await self._wait(self._as_alone(args))
+            return await self._busy(self._as_alone(args))
         return outcome
+
+    async def _busy(self, args: A) -> R | None:
+        """Write ``args`` (whose row another transaction held) once that lock is free:
+        waiting for it on a connection while a permit is free, else trying again from
+        time to time, holding no connection meanwhile."""
+        delay = 0.02
+        while True:
+            if self._waiting is not None:
+                try:
+                    self._waiting.acquire_nowait()
+                except anyio.WouldBlock:
+                    pass
+                else:
+                    try:
+                        return await self._wait(args)
+                    finally:
+                        self._waiting.release()
+            outcome = await self._single(args)
+            if outcome is not BUSY:
+                return outcome
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def _abandon(self, waiter: _Waiter[A]) -> None:
         """A queued writer was cancelled: out of the queue, or (its turn to lead had

@@ -121,15 +121,20 @@ class Leases:
             return None
         return self._along
 
-    def _claimed_along(self, items: list[ClaimedItem], asked: int) -> None:
+    def _claimed_along(self, items: list[ClaimedItem], asked: int, held_up: bool = False) -> None:
         """Runs the transitions of a batch claimed for the slots they free: each goes on
         in the task of a run that just ended (``take_over``), which saves a task per run;
-        the claim loop spawns what no such task took (see ``finished``)."""
+        the claim loop spawns what no such task took (see ``finished``). ``held_up``: a
+        run whose slot was to go waits for a lock (its row held by another transaction):
+        the claim loop spawns them now (that run runs no step while it waits)."""
         for item in items:
             lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
             self._hold(lease)
             self._handoff.append((item, lease))
         self._more_work = len(items) == asked
+        if held_up and items:
+            self._slot_freed.set()
+            self._wake.set()
 
     def _hold(self, lease: Lease) -> None:
         """A new lease of this worker. When it holds what an older lease of ours held
@@ -304,18 +309,28 @@ class Leases:
         released (the other leases' heartbeats wait for no one)."""
         if self._renewals is None or lease.key in self._renewing:
             return
+        waiting = self._store.waiting  # a connection each: a quarter of the pool at most
+        if waiting is None:
+            return  # (the next heartbeat tries again)
+        try:
+            waiting.acquire_nowait()
+        except anyio.WouldBlock:
+            return
         self._renewing.add(lease.key)
-        self._renewals.start_soon(self._renewal, lease)
+        self._renewals.start_soon(self._renewal, lease, waiting)
 
-    async def _renewal(self, lease: Lease) -> None:
+    async def _renewal(self, lease: Lease, waiting: anyio.Semaphore) -> None:
         beat = [(lease.run_id, lease.token, lease.seconds)]
         try:
             held = await self._store.heartbeat(self._worker, beat, wait=True)
         except DatabaseError:
             return  # (the next heartbeat tries again)
         finally:
+            waiting.release()
             self._renewing.discard(lease.key)
-        self._heard({lease.key: lease.token}, dict(held))
+        if held:  # (missing, it may have been given back meanwhile by the run's own write,
+            # which waited for the same lock: the next heartbeat tells a lost lease)
+            self._heard({lease.key: lease.token}, dict(held))
 
     def _heard(self, sent: dict[Any, int], held: dict[Any, bool | None]) -> None:
         """A heartbeat's answer: a cancel requested is noted, a lease missing was lost

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+import anyio
 import asyncpg
 
 from saga._claims import claim_table_args
@@ -106,9 +107,19 @@ class Store(
         self.done_channel = channel(self.schema, "done")
         self.peers_channel = channel(self.schema, "peers")
         self._claim_table = claim_table_args()
+        #: Writes that wait for a row another transaction holds (a caller's transaction
+        #: that sent the run a signal) each hold a connection of ``hot``: at most a
+        #: quarter of it (the others try again from time to time: see saga._group).
+        size = self.hot.get_max_size()
+        self.waiting = anyio.Semaphore(size // 4) if size >= 4 else None
         #: Plain transitions (and starts) made at about the same time share a statement.
         self._group: GroupCommit[Write, Any] = GroupCommit(
-            self._try_one, self._write_many, write_key, wait=self._write_one, alone=alone
+            self._try_one,
+            self._write_many,
+            write_key,
+            wait=self._write_one,
+            waiting=self.waiting,
+            alone=alone,
         )
         self._starts: GroupCommit[tuple[Any, ...], Any] = GroupCommit(
             self._start_one, self._start_many, start_key

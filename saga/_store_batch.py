@@ -71,13 +71,14 @@ class ClaimAlong:
     """Claim due runs with a transition that frees a slot, in its statement and commit:
     ``limit`` of them (per transition) with the claim statement's arguments ``args``
     (worker, then the definitions and the claim table: see ``Store.claim``);
-    ``deliver(items, asked)`` takes what was claimed for ``asked`` slots."""
+    ``deliver(items, asked, held_up)`` takes what was claimed for ``asked`` slots
+    (``held_up``: some of them are not free yet, their run's write waits for a lock)."""
 
     worker: str
     lease_seconds: float
     args: tuple[Any, ...]
     prioritized: bool
-    deliver: Callable[[list[ClaimedItem], int], None]
+    deliver: Callable[[list[ClaimedItem], int, bool], None]
     limit: int = 1
 
 
@@ -140,8 +141,13 @@ class GroupWrites:
         rows = await on.fetch(
             self._q[query], claim.worker, asked, claim.lease_seconds, *claim.args, *batch
         )
-        claim.deliver([claimed_item(r) for r in rows if r["claim"]], asked)
-        return {(r["id"], r["held"]): BUSY if r["busy"] else r for r in rows if not r["claim"]}
+        found: dict[Hashable, Any] = {
+            (r["id"], r["held"]): BUSY if r["busy"] else r for r in rows if not r["claim"]
+        }
+        # A busy write's claim went through all the same: its slot is not free yet.
+        held_up = any(c is not None and found.get(write_key((a, c))) is BUSY for a, c in writes)
+        claim.deliver([claimed_item(r) for r in rows if r["claim"]], asked, held_up)
+        return found
 
     def claim_along(
         self,
@@ -149,7 +155,7 @@ class GroupWrites:
         lease_seconds: float,
         definitions: Sequence[DefinitionKey],
         prioritized: bool,
-        deliver: Callable[[list[ClaimedItem], int], None],
+        deliver: Callable[[list[ClaimedItem], int, bool], None],
     ) -> ClaimAlong:
         """What a transition carries to claim a run for the slot it frees."""
         args = (*definition_args(definitions), *self._claim_table)

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+import anyio
 import asyncpg
 
 from saga._db import translate_errors
@@ -80,6 +81,7 @@ class GraphQueries:
     work_channel: str
     done_channel: str
     _graphs: GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]
+    waiting: anyio.Semaphore | None
 
     def graph_group(self) -> GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]:
         """The group commit of items' writes (paced by ``Store.pace``)."""
@@ -88,6 +90,7 @@ class GraphQueries:
             partial(self._graph_many, skip=True),
             _graph_write_key,
             wait=self._graph_one,
+            waiting=self.waiting,
         )
 
     async def claim_items(
@@ -153,8 +156,9 @@ class GraphQueries:
         ids = [w[1][0] for w in writes]  # distinct, ascending
         lock = self._q["graph_lock" if busy is None else "graph_lock_skip"]
         runs = {r["id"]: r for r in await conn.fetch(lock, ids, ids[0], ids[-1])}
-        if busy is not None:  # (a run no longer a graph one is refused when alone)
-            busy.update(run_id for run_id in ids if run_id not in runs)
+        if busy is not None and len(runs) < len(ids):  # skipped, or not a graph run
+            held = await conn.fetch(self._q["graph_runs"], [i for i in ids if i not in runs])
+            busy.update(r["id"] for r in held)  # (the others are refused)
             writes = _not_busy(writes, found, busy)
         items: dict[UUID, list[Item]] = {}
         for i in await conn.fetch(self._q["graph_items"], list(runs)):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import anyio
 import asyncpg
 
 from saga._db import Executor, translate_errors
@@ -55,10 +56,17 @@ class SignalQueries:
     _q: dict[str, str]
     work_channel: str
     _signals: GroupCommit[SignalArgs, Any]
+    waiting: anyio.Semaphore | None
 
     def signal_group(self) -> GroupCommit[SignalArgs, Any]:
         """The group commit of signals sent on the store's pool."""
-        return GroupCommit(self._try_signal, self._signal_many, _signal_id, wait=self._signal_one)
+        return GroupCommit(
+            self._try_signal,
+            self._signal_many,
+            _signal_id,
+            wait=self._signal_one,
+            waiting=self.waiting,
+        )
 
     async def send_signal(
         self,
@@ -97,10 +105,11 @@ class SignalQueries:
         return Delivery.REPEATED if row["repeated"] else Delivery.DECIDED
 
     async def _try_signal(self, args: SignalArgs) -> Any:
-        """One signal, unless another transaction holds its run's row (``BUSY``; as is a
-        signal that found no run: sent again, waiting, it says so)."""
+        """One signal, unless another transaction holds its run's row (``BUSY``)."""
         row = await self.hot.fetchrow(self._q["send_signal_skip"], *args)
-        return BUSY if row is None else row
+        if row is None and await self.hot.fetchval(self._q["run_exists"], args[0]):
+            return BUSY  # (no row and no run: no such run)
+        return row
 
     async def _signal_one(self, args: SignalArgs) -> Any:
         return await self.hot.fetchrow(self._q["send_signal"], *args)
@@ -109,8 +118,8 @@ class SignalQueries:
         """Several signals in one transaction, in run id order (concurrent batches lock
         runs in one order; one run's signals in the order they came), in one pipelined
         exchange: each statement sees the ones before it. Their rows by signal id;
-        ``BUSY`` (sent again alone, waiting: see saga._group) for those whose run's row
-        another transaction holds, or that found no run."""
+        ``BUSY`` (sent again alone: see saga._group) for those whose run's row another
+        transaction holds, or that found no run."""
         ordered = sorted(batch, key=lambda args: args[0])
         async with self.hot.acquire() as conn, conn.transaction():
             rows = await conn.fetchmany(self._q["send_signal_skip"], ordered)

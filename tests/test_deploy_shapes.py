@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, NewType
 import anyio
 import pydantic
 import pytest
+import typing_extensions
 from pydantic import BaseModel, Field
 from typing_extensions import TypeAliasType
 
@@ -277,3 +278,32 @@ async def test_a_start_of_v2_does_not_hand_back_a_v1_run_as_its_own(
         same = await new_web.start(v2, Order(order_id="o-1"), key="o-1", require_same_input=False)
     assert same.id == first.id
     assert not same.created
+
+
+def _payment_saga(amount_type: Any) -> saga.Saga[Job]:
+    """A saga whose one step returns a ``Payment`` TypedDict (typing_extensions: the one
+    README asks for before Python 3.12) with an ``amount`` of ``amount_type``."""
+
+    Payment = typing_extensions.TypedDict(  # noqa: UP013 - a field of a given type
+        "Payment", {"amount": amount_type, "fee": int}
+    )
+
+    s = saga.Saga("payments", input=Job)
+
+    async def pay(ctx: saga.Context[Job]) -> Any:
+        return Payment(amount=amount_type(1), fee=0)
+
+    pay.__annotations__["return"] = Payment
+    s.step(name="pay")(pay)
+    return s
+
+
+def test_the_fingerprint_sees_a_typing_extensions_typeddict() -> None:
+    """A step's result is a ``typing_extensions.TypedDict`` (the one README asks for
+    before Python 3.12) whose field ``amount`` changes from int to str: the fingerprint
+    changes (it describes the fields, not only the name)."""
+    old, new = _payment_saga(int), _payment_saga(str)
+    from saga._fingerprint import describe_type
+
+    desc = describe_type(old.get_step("pay").result_type)
+    assert old.fingerprint != new.fingerprint, desc

@@ -9,6 +9,7 @@ renewed, so none of their steps runs twice.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from pydantic import BaseModel
 
 import saga
 from tests._sagas import FAST, ONCE, Gate, Job, Ledger, small_saga, until_status
-from tests.conftest import OrchestratorFactory
+from tests.conftest import ClientFactory, OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -262,3 +263,169 @@ async def test_closing_a_worker_waits_for_no_callers_transaction(orchestrator, d
     worker = await orchestrator(s)
     await worker.signal(a.id, "go", Go())
     assert await worker.get_run(a.id).result(timeout=20) == 2
+
+
+async def test_five_held_runs_cost_no_other_run_its_lease(
+    orchestrator: OrchestratorFactory, dsn: str
+) -> None:
+    """A worker of concurrency 8 (10 connections for its writes and heartbeats) runs 3
+    long steps (one attempt allowed, lease 3 s) beside 5 runs whose rows 5 callers'
+    signal transactions hold for 6 s, and a peer would take over any lease left to
+    expire. The held runs' writes and renewals wait on a quarter of the connections at
+    most, so the 3 other runs' leases are renewed meanwhile: none expires, each step runs
+    once, and every run completes."""
+    gate = Gate("hold")
+    held = held_then_wait(gate)
+    ledger = Ledger()
+    work = small_saga("work", ["w"], delay=9.0, retry=ONCE, ledger=ledger)
+    orch = await orchestrator(held, work, concurrency=8, lease_seconds=3)
+    heldruns = [await held.start(Job(n=i)) for i in range(5)]
+    with anyio.fail_after(10):
+        while gate.held < 5:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    runs = [await work.start(Job(n=i)) for i in range(3)]
+    with anyio.fail_after(10):
+        while len(ledger.calls) < 3:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    # A peer that would take over any lease left to expire.
+    await orchestrator(work, concurrency=4, lease_seconds=3)
+    callers = [await asyncpg.connect(dsn) for _ in heldruns]
+    expired: set[UUID] = set()
+    try:
+        txs = [c.transaction() for c in callers]
+        for c, tx, r in zip(callers, txs, heldruns, strict=True):
+            await tx.start()
+            assert await orch.signal(r.id, "go", Go(), conn=c)
+        gate.release.set()  # the held runs' steps end: their writes wait for the callers
+        probe = await asyncpg.connect(dsn)
+        try:
+            deadline = time.monotonic() + 6.0
+            while time.monotonic() < deadline:
+                rows = await probe.fetch(
+                    "SELECT id FROM saga.runs WHERE id = ANY($1::uuid[]) AND due_at < now()",
+                    [r.id for r in runs],
+                )
+                expired.update(row["id"] for row in rows)
+                await anyio.sleep(0.2)
+        finally:
+            await probe.close()
+        for tx in txs:
+            await tx.commit()
+    finally:
+        for c in callers:
+            await c.close()
+    outcomes: list[str] = []
+    for r in runs:
+        try:
+            outcomes.append(await r.result(timeout=30))
+        except saga.RunError as exc:
+            outcomes.append(f"{type(exc).__name__}")
+    for r in heldruns:
+        assert await r.result(timeout=20) == "done"
+    lost = await _lost_leases(runs)
+    calls = Counter(c.run_id for c in ledger.calls)
+    assert not expired
+    assert lost == {}
+    assert outcomes == ["w"] * 3
+    assert sorted(calls.values()) == [1, 1, 1]
+
+
+async def test_a_run_claimed_along_by_a_held_runs_write_starts_at_once(
+    orchestrator: OrchestratorFactory, dsn: str
+) -> None:
+    """Worker W (concurrency 1) runs A; 4 quick runs are due. A caller's signal
+    transaction holds A's row when A's step ends: A's write, which carries a claim for
+    the slot it frees, is skipped, and its claim leases a quick run to W. W starts that
+    run at once (A only waits for a lock), and a peer completes the others: all 4
+    complete while the caller's transaction is open."""
+    gate = Gate("hold")
+    held = held_then_wait(gate)
+    quick = small_saga("quick", ["q"])
+    w = await orchestrator(held, quick, concurrency=1)
+    a = await held.start(Job(n=1))
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+    runs = [await quick.start(Job(n=i)) for i in range(4)]
+    caller = await asyncpg.connect(dsn)
+    stuck: list[tuple[str, bool]] = []
+    try:
+        async with caller.transaction():
+            assert await w.signal(a.id, "go", Go(), conn=caller)
+            gate.release.set()  # A's write now waits for the caller
+            await anyio.sleep(1.0)
+            await orchestrator(quick, concurrency=4)  # a peer with free slots
+            ids = [r.id for r in runs]
+            query = "SELECT status, lease_owner FROM saga.runs WHERE id = ANY($1::uuid[])"
+            deadline = time.monotonic() + 6.0
+            while time.monotonic() < deadline:
+                rows = await caller.fetch(query, ids)
+                stuck = [
+                    (str(row["status"]), row["lease_owner"] == w.worker_id)
+                    for row in rows
+                    if row["status"] != "completed"
+                ]
+                if not stuck:
+                    break
+                await anyio.sleep(0.1)
+    finally:
+        await caller.close()
+    assert await a.result(timeout=10) == "done"
+    for r in runs:
+        assert await r.result(timeout=10) == "q"
+    assert not stuck, f"not completed while A's row was held: (status, leased to W) {stuck}"
+
+
+async def test_a_clients_other_signals_and_starts_go_on_while_two_runs_are_held(
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, dsn: str
+) -> None:
+    """Eight runs wait for `go`. Two callers' open transactions hold the rows of runs 0
+    and 1 (each sent its run a signal with `conn=`). A Client (its pool of 2
+    connections) sends `go` to runs 0 and 1 too (those wait, holding no connection),
+    then to run 2, and starts a new run: both are answered while the two callers'
+    transactions are open."""
+    s = saga.Saga("two_held", input=Job)
+
+    @s.step()
+    async def first(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    s.wait_for("go", Go)
+
+    @s.step()
+    async def second(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    orch = await orchestrator(s)
+    client = await open_client(s)
+    runs = [await orch.start(s, Job(n=i)) for i in range(8)]
+    for run in runs:
+        await until_status(run, saga.RunStatus.WAITING)
+    callers = [await asyncpg.connect(dsn) for _ in range(2)]
+    answered: dict[str, float] = {}
+    try:
+        txs = [c.transaction() for c in callers]
+        for c, tx, run in zip(callers, txs, runs[:2], strict=True):
+            await tx.start()
+            await orch.signal(run.id, "go", Go(), conn=c)
+        async with anyio.create_task_group() as tg:
+
+            async def second_go(run_id: UUID) -> None:
+                with contextlib.suppress(saga.InvalidRunStateError):
+                    await client.signal(run_id, "go", Go())  # (ended since: refused)
+
+            for run in runs[:2]:
+                tg.start_soon(second_go, run.id)
+            await anyio.sleep(0.5)
+            began = time.monotonic()
+            with anyio.move_on_after(5):
+                await client.signal(runs[2].id, "go", Go())
+                answered["signal"] = time.monotonic() - began
+                await client.start(s, Job(n=99))
+                answered["start"] = time.monotonic() - began
+            for tx in txs:
+                await tx.commit()
+    finally:
+        for c in callers:
+            await c.close()
+    assert "signal" in answered, answered
+    assert "start" in answered, answered

@@ -434,7 +434,8 @@ SELECT upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age, upd.sig
 FROM upd LEFT JOIN watch ON watch.run_id = upd.id
 UNION ALL
 SELECT t.id, t.token, NULL, NULL, NULL, NULL, NULL, true
-FROM t WHERE t.id <> ALL (ARRAY(SELECT id FROM locked));
+FROM t WHERE t.id <> ALL (ARRAY(SELECT id FROM locked))
+  AND EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.id = t.id);
 
 -- name: transition_claim_rows
 -- The result of transition_claim (see saga/_db.py: claim's CTEs, then transition_batch's,
@@ -455,6 +456,7 @@ UNION ALL
 SELECT false, t.id, t.token, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
 FROM t WHERE t.id <> ALL (ARRAY(SELECT id FROM locked))
+  AND EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.id = t.id)
 UNION ALL
 SELECT true, id, NULL, lease_token, cancel_requested, age, false, NULL, saga_name,
        saga_version,
@@ -614,6 +616,14 @@ SELECT pg_notify($1, $2)::text;
 -- $1 run id
 SELECT id, at, kind, step, attempt, worker, data::text AS data
 FROM __schema__.events WHERE run_id = $1 ORDER BY id;
+
+-- name: run_exists
+-- Whether run $1 exists (read as committed, never waiting for its row's lock).
+SELECT EXISTS (SELECT 1 FROM __schema__.runs WHERE id = $1);
+
+-- name: graph_runs
+-- Which of the runs $1 are graph runs (read as committed, never waiting for a lock).
+SELECT id FROM __schema__.runs WHERE id = ANY($1::uuid[]) AND graph;
 
 -- name: lock_run_row
 -- Lock run $1's row for the rest of the transaction, so that the next statement takes
