@@ -195,9 +195,7 @@ class Faults(Hooks):
         elif isinstance(step, Step):
             name, saga = step.name, step.saga
         else:
-            raise ConfigurationError(
-                f"a fault needs a step (a Step, or a step name), got {show(step)}"
-            )
+            raise TypeError(f"a fault needs a step (a Step, or a step name), got {show(step)}")
         if run_id is not None:
             run_id = _checks.run_id(run_id, ConfigurationError)
         self._rules.append(_Rule(kind, name, compensation, times, run_id, option, saga))

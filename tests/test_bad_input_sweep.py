@@ -298,15 +298,12 @@ async def test_scheduled_with_the_input_model_class_instead_of_an_instance_is_re
     )
 
 
-async def test_faults_refuse_what_is_not_an_orchestrator_or_a_step(
+async def test_faults_refuse_what_is_not_an_orchestrator(
     open_client: ClientFactory,
 ) -> None:
     """README, "Testing your sagas": faults are attached to the orchestrator that
-    executes the steps, and name a step. A ``Client`` (which executes nothing) or a
-    step given as an int is a ``ConfigurationError`` naming what is wrong, like the
-    other arguments of a fault (never an ``AttributeError`` or a ``TypeError``)."""
+    executes the steps: a ``Client`` (which executes nothing) is a
+    ``ConfigurationError`` naming what is wrong (not an ``AttributeError``)."""
     client = await open_client(sweep)
     with pytest.raises(saga.ConfigurationError, match="Orchestrator"):
         saga.testing.Faults().attach(client)  # type: ignore[arg-type]
-    with pytest.raises(saga.ConfigurationError, match="step"):
-        saga.testing.Faults().crash_after(5)  # type: ignore[arg-type]
