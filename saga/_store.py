@@ -263,6 +263,7 @@ class Store(
                         *transition_args(
                             worker, run_id, lease_token, change, events, due_in, self.done_channel
                         ),
+                        False,  # (waiting for the row: a child's or keyed run's end)
                     )
                     if row is not None and child:
                         await conn.execute(self._q["wake_parent"], run_id, self.work_channel)

@@ -110,13 +110,16 @@ class GroupWrites:
     async def _try_one(self, write: Write) -> Any:
         """One run's transition (and its claim), unless another transaction holds its
         row (``BUSY``)."""
+        if write[1] is None and not parks_at_wait(write[0]):
+            row = await self.hot.fetchrow(self._q["transition"], *write[0], True)
+            return BUSY if row is not None and row["busy"] else row
         return (await self._write_many([write])).get(write_key(write))
 
     async def _write_one(self, write: Write) -> Any:
         """One run's transition (without a claim), waiting for its row if another
         transaction holds it."""
         if not parks_at_wait(write[0]):
-            return await self.hot.fetchrow(self._q["transition"], *write[0])
+            return await self.hot.fetchrow(self._q["transition"], *write[0], False)
         # The batch statement (the one that parks at a wait) skips a row another
         # transaction holds: hold it first (a row this transaction holds is not skipped).
         async with self.hot.acquire() as conn, conn.transaction():

@@ -289,8 +289,14 @@ SELECT held FROM lease;
 -- true to refuse the transition when a cancel was requested (a completion must then
 -- roll back instead), $17 the sleep or wait the run parks at (or is stopped at) or NULL
 -- ($11 'Infinity': a wait without timeout; a run parking at a wait goes through
--- transition_batch, which marks the wait's signal row first)
-WITH upd AS (
+-- transition_batch, which marks the wait's signal row first), $18 true not to wait for
+-- the run's row when another transaction holds it: then nothing is written and the one
+-- row returned says busy (see transition_batch)
+WITH skipping AS (
+    SELECT id FROM __schema__.runs WHERE id = $1 AND $18::boolean FOR UPDATE SKIP LOCKED
+), locked AS (
+    SELECT id FROM skipping UNION ALL SELECT $1::uuid WHERE NOT $18::boolean
+), upd AS (
     UPDATE __schema__.runs SET
         status = $3,
         step_name = $4,
@@ -313,6 +319,7 @@ WITH upd AS (
         updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
+      AND EXISTS (SELECT 1 FROM locked)
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
               extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
@@ -334,8 +341,13 @@ WITH upd AS (
 )
 SELECT lease_token, cancel_requested, age, false AS signalled,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
-            THEN pg_notify($14, id::text)::text END AS notified
-FROM upd;
+            THEN pg_notify($14, id::text)::text END AS notified,
+       false AS busy
+FROM upd
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, true
+WHERE NOT EXISTS (SELECT 1 FROM locked)
+  AND EXISTS (SELECT 1 FROM __schema__.runs WHERE id = $1);
 
 -- name: transition_batch
 -- The transitions of several leased runs in one statement and one commit (group commit:
