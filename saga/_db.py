@@ -134,7 +134,7 @@ def _with_claim(claim: str, batch: str, rows: str) -> str:
         "WHERE r.due_at <= now()", "WHERE r.due_at <= now() AND r.id <> ALL($13::uuid[])"
     )
     shift = int(max(re.findall(r"\$(\d+)", claim), key=int))
-    ctes = batch[batch.index("WITH t AS (") + len("WITH ") : batch.rindex("\nSELECT upd.id")]
+    ctes = batch[batch.index("WITH briefly AS") + len("WITH ") : batch.rindex("\nSELECT upd.id")]
     body = ctes + "\n" + rows
     body = re.sub(r"\$(\d+)", lambda m: f"${int(m[1]) + shift}", body)
     return f"{claim_ctes}, {body.replace('), ev AS (', '), transition_ev AS (')}"

@@ -57,13 +57,13 @@ def parks_at_wait(args: TransitionArgs) -> bool:
     return args[2] == "waiting" and args[16] is not None
 
 
-def batch_args(runs: Sequence[TransitionArgs]) -> list[Any]:
+def batch_args(runs: Sequence[TransitionArgs], skip: bool) -> list[Any]:
     """The ``transition_batch`` statement's arguments: one array per column, the runs in
-    id order (concurrent batches then lock their rows in one order), the channel, and
-    the first and last run id (the days the batch touches)."""
+    id order (concurrent batches then lock their rows in one order), the channel, the
+    first and last run id (the days the batch touches), and whether to skip held rows."""
     ordered = sorted(runs, key=lambda a: a[0])
     columns = [[a[i] for a in ordered] for i in _COLUMNS]
-    return [*columns, ordered[0][13], ordered[0][0], ordered[-1][0]]
+    return [*columns, ordered[0][13], ordered[0][0], ordered[-1][0], skip]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -113,7 +113,7 @@ class GroupWrites:
         if write[1] is None and not parks_at_wait(write[0]):
             row = await self.hot.fetchrow(self._q["transition"], *write[0], True)
             return BUSY if row is not None and row["busy"] else row
-        return (await self._write_many([write])).get(write_key(write))
+        return (await self._write_many([write], skip=True)).get(write_key(write))
 
     async def _write_one(self, write: Write) -> Any:
         """One run's transition (without a claim), waiting for its row if another
@@ -124,17 +124,18 @@ class GroupWrites:
         # transaction holds: hold it first (a row this transaction holds is not skipped).
         async with self.hot.acquire() as conn, conn.transaction():
             await conn.execute(self._q["lock_run_row"], write[0][0])
-            return (await self._write_many([write], conn)).get(write_key(write))
+            return (await self._write_many([write], conn, skip=True)).get(write_key(write))
 
     async def _write_many(
-        self, writes: Sequence[Write], conn: Executor | None = None
+        self, writes: Sequence[Write], conn: Executor | None = None, skip: bool = False
     ) -> dict[Hashable, Any]:
         """Several runs' transitions in one statement, and the claims they carry: the
-        transitions' rows by (run, token held), ``BUSY`` for those another transaction
-        held (skipped, written alone by their writers); the claimed runs go to the
-        claimer."""
+        transitions' rows by (run, token held); the claimed runs go to the claimer.
+        ``skip``: ``BUSY`` for the rows another transaction holds (written alone by their
+        writers); else such a row is waited for 50 ms at most, then the statement fails
+        (``LockNotAvailableError``: nothing was written, see transition_batch)."""
         on = self.hot if conn is None else conn
-        batch = batch_args([args for args, _ in writes])
+        batch = batch_args([args for args, _ in writes], skip)
         claim = next((c for _, c in writes if c is not None), None)
         if claim is None:
             rows = await on.fetch(self._q["transition_batch"], *batch)

@@ -198,7 +198,7 @@ async def test_the_claim_updates_its_runs_through_the_primary_key_in_a_generic_p
     args: list[Any] = ["w", 60, 30.0, [due.name], [due.version], [due.fingerprint]]
     args += store._claim_table
     if statement == "transition_claim":  # an empty batch of transitions beside it
-        args += [[]] * 16 + ["saga_done", None, None]
+        args += [[]] * 16 + ["saga_done", None, None, False]
     await db.execute("SET plan_cache_mode = force_generic_plan")
     await db.execute(f"PREPARE generic_claim AS {store._q[statement]}")
     rows = await db.fetch(f"EXPLAIN EXECUTE generic_claim({', '.join(_literal(a) for a in args)})")
@@ -247,7 +247,8 @@ async def test_a_batch_of_transitions_opens_only_its_days_partitions(
                 False,
                 None,
             )
-        ]
+        ],
+        False,
     )
     await db.execute("SET plan_cache_mode = force_generic_plan")
     await db.execute(f"PREPARE generic_batch AS {store._q['transition_batch']}")
