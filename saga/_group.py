@@ -11,11 +11,12 @@ leading its own batch (of at most ``max_batch``): an executing orchestrator writ
 runs' steps in two statements at a time, each of at most half its runs, which Postgres
 runs on two backends at once.
 
-A write in the lead never waits for a row another transaction holds locked (a caller's
-transaction that sent a run a signal holds its row until it commits): its statement
-skips that row (``BUSY``), and the row's writer writes it again, waiting for that lock
-by itself, once the batch is answered and the lead handed on. So one run's lock holds
-up no other run's write, neither in its batch nor queued behind it.
+A write in the lead does not wait long for a row another transaction holds locked (a
+caller's transaction that sent a run a signal holds its row until it commits): the
+store's statements give up after a moment, having written nothing, and the batch's
+writes go again one by one; a write whose row is still held answers ``BUSY``, and its
+writer writes it again, waiting for that lock by itself, once the lead is handed on. So
+one run's lock holds up no other run's write, neither in its batch nor queued behind it.
 
 A batch the database refused outright (an error reported by the server: nothing
 committed) is written again one run at a time, so a row that fails fails its run alone.
@@ -81,8 +82,9 @@ class GroupCommit(Generic[A, R]):
     """Write ``A``s alone when nothing is in flight, else in batches.
 
     ``single`` writes one and ``batch`` several in one statement, returning their
-    results keyed by ``key(args)`` (a missing key: that write's fence refused it); both
-    skip a row another transaction holds (its answer is ``BUSY``). ``wait`` writes one
+    results keyed by ``key(args)`` (a missing key: that write's fence refused it); a
+    write whose row another transaction holds is ``BUSY`` (or the batch fails, having
+    written nothing, and its writes go again as singles). ``wait`` writes one
     (as ``alone(args)``), waiting for its row's lock: a busy write's writer calls it
     once out of the lead (None: ``single`` never answers ``BUSY``), when one of the
     ``waiting`` permits is free (a write waiting for a lock holds a connection: the

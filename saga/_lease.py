@@ -121,20 +121,15 @@ class Leases:
             return None
         return self._along
 
-    def _claimed_along(self, items: list[ClaimedItem], asked: int, held_up: bool = False) -> None:
+    def _claimed_along(self, items: list[ClaimedItem], asked: int) -> None:
         """Runs the transitions of a batch claimed for the slots they free: each goes on
         in the task of a run that just ended (``take_over``), which saves a task per run;
-        the claim loop spawns what no such task took (see ``finished``). ``held_up``: a
-        run whose slot was to go waits for a lock (its row held by another transaction):
-        the claim loop spawns them now (that run runs no step while it waits)."""
+        the claim loop spawns what no such task took (see ``finished``)."""
         for item in items:
             lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
             self._hold(lease)
             self._handoff.append((item, lease))
         self._more_work = len(items) == asked
-        if held_up and items:
-            self._slot_freed.set()
-            self._wake.set()
 
     def _hold(self, lease: Lease) -> None:
         """A new lease of this worker. When it holds what an older lease of ours held

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import asyncpg
+
 from saga._db import Executor
 from saga._group import BUSY
 from saga._store_graph import _json_or_none, claimed_item
@@ -57,13 +59,14 @@ def parks_at_wait(args: TransitionArgs) -> bool:
     return args[2] == "waiting" and args[16] is not None
 
 
-def batch_args(runs: Sequence[TransitionArgs], skip: bool) -> list[Any]:
+def batch_args(runs: Sequence[TransitionArgs], briefly: bool) -> list[Any]:
     """The ``transition_batch`` statement's arguments: one array per column, the runs in
     id order (concurrent batches then lock their rows in one order), the channel, the
-    first and last run id (the days the batch touches), and whether to skip held rows."""
+    first and last run id (the days the batch touches), and whether to wait at most
+    50 ms for a row another transaction holds."""
     ordered = sorted(runs, key=lambda a: a[0])
     columns = [[a[i] for a in ordered] for i in _COLUMNS]
-    return [*columns, ordered[0][13], ordered[0][0], ordered[-1][0], skip]
+    return [*columns, ordered[0][13], ordered[0][0], ordered[-1][0], briefly]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -71,14 +74,13 @@ class ClaimAlong:
     """Claim due runs with a transition that frees a slot, in its statement and commit:
     ``limit`` of them (per transition) with the claim statement's arguments ``args``
     (worker, then the definitions and the claim table: see ``Store.claim``);
-    ``deliver(items, asked, held_up)`` takes what was claimed for ``asked`` slots
-    (``held_up``: some of them are not free yet, their run's write waits for a lock)."""
+    ``deliver(items, asked)`` takes what was claimed for ``asked`` slots."""
 
     worker: str
     lease_seconds: float
     args: tuple[Any, ...]
     prioritized: bool
-    deliver: Callable[[list[ClaimedItem], int, bool], None]
+    deliver: Callable[[list[ClaimedItem], int], None]
     limit: int = 1
 
 
@@ -108,50 +110,41 @@ class GroupWrites:
         _claim_table: tuple[Any, ...]
 
     async def _try_one(self, write: Write) -> Any:
-        """One run's transition (and its claim), unless another transaction holds its
-        row (``BUSY``)."""
-        if write[1] is None and not parks_at_wait(write[0]):
-            row = await self.hot.fetchrow(self._q["transition"], *write[0], True)
-            return BUSY if row is not None and row["busy"] else row
-        return (await self._write_many([write], skip=True)).get(write_key(write))
+        """One run's transition (and its claim), or ``BUSY`` when another transaction
+        held its row for 50 ms (nothing was written)."""
+        try:
+            if write[1] is None and not parks_at_wait(write[0]):
+                return await self.hot.fetchrow(self._q["transition"], *write[0], True)
+            return (await self._write_many([write])).get(write_key(write))
+        except asyncpg.LockNotAvailableError:
+            return BUSY
 
     async def _write_one(self, write: Write) -> Any:
         """One run's transition (without a claim), waiting for its row if another
         transaction holds it."""
         if not parks_at_wait(write[0]):
             return await self.hot.fetchrow(self._q["transition"], *write[0], False)
-        # The batch statement (the one that parks at a wait) skips a row another
-        # transaction holds: hold it first (a row this transaction holds is not skipped).
-        async with self.hot.acquire() as conn, conn.transaction():
-            await conn.execute(self._q["lock_run_row"], write[0][0])
-            return (await self._write_many([write], conn, skip=True)).get(write_key(write))
+        return (await self._write_many([write], briefly=False)).get(write_key(write))
 
     async def _write_many(
-        self, writes: Sequence[Write], conn: Executor | None = None, skip: bool = False
+        self, writes: Sequence[Write], briefly: bool = True
     ) -> dict[Hashable, Any]:
         """Several runs' transitions in one statement, and the claims they carry: the
         transitions' rows by (run, token held); the claimed runs go to the claimer.
-        ``skip``: ``BUSY`` for the rows another transaction holds (written alone by their
-        writers); else such a row is waited for 50 ms at most, then the statement fails
-        (``LockNotAvailableError``: nothing was written, see transition_batch)."""
-        on = self.hot if conn is None else conn
-        batch = batch_args([args for args, _ in writes], skip)
+        ``briefly``: a row another transaction holds is waited for 50 ms at most, then
+        the statement fails (``LockNotAvailableError``: nothing was written)."""
+        batch = batch_args([args for args, _ in writes], briefly)
         claim = next((c for _, c in writes if c is not None), None)
         if claim is None:
-            rows = await on.fetch(self._q["transition_batch"], *batch)
-            return {(r["id"], r["held"]): BUSY if r["busy"] else r for r in rows}
+            rows = await self.hot.fetch(self._q["transition_batch"], *batch)
+            return {(r["id"], r["held"]): r for r in rows}
         asked = sum(c.limit for _, c in writes if c is not None and c.deliver == claim.deliver)
         query = "transition_claim_prioritized" if claim.prioritized else "transition_claim"
-        rows = await on.fetch(
+        rows = await self.hot.fetch(
             self._q[query], claim.worker, asked, claim.lease_seconds, *claim.args, *batch
         )
-        found: dict[Hashable, Any] = {
-            (r["id"], r["held"]): BUSY if r["busy"] else r for r in rows if not r["claim"]
-        }
-        # A busy write's claim went through all the same: its slot is not free yet.
-        held_up = any(c is not None and found.get(write_key((a, c))) is BUSY for a, c in writes)
-        claim.deliver([claimed_item(r) for r in rows if r["claim"]], asked, held_up)
-        return found
+        claim.deliver([claimed_item(r) for r in rows if r["claim"]], asked)
+        return {(r["id"], r["held"]): r for r in rows if not r["claim"]}
 
     def claim_along(
         self,
@@ -159,7 +152,7 @@ class GroupWrites:
         lease_seconds: float,
         definitions: Sequence[DefinitionKey],
         prioritized: bool,
-        deliver: Callable[[list[ClaimedItem], int, bool], None],
+        deliver: Callable[[list[ClaimedItem], int], None],
     ) -> ClaimAlong:
         """What a transition carries to claim a run for the slot it frees."""
         args = (*definition_args(definitions), *self._claim_table)

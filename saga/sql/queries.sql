@@ -289,13 +289,11 @@ SELECT held FROM lease;
 -- true to refuse the transition when a cancel was requested (a completion must then
 -- roll back instead), $17 the sleep or wait the run parks at (or is stopped at) or NULL
 -- ($11 'Infinity': a wait without timeout; a run parking at a wait goes through
--- transition_batch, which marks the wait's signal row first), $18 true not to wait for
--- the run's row when another transaction holds it: then nothing is written and the one
--- row returned says busy (see transition_batch)
-WITH skipping AS (
-    SELECT id FROM __schema__.runs WHERE id = $1 AND $18::boolean FOR UPDATE SKIP LOCKED
-), locked AS (
-    SELECT id FROM skipping UNION ALL SELECT $1::uuid WHERE NOT $18::boolean
+-- transition_batch, which marks the wait's signal row first), $18 true to wait at most
+-- 50 ms for the run's row when another transaction holds it (then LockNotAvailable:
+-- nothing is written; see transition_batch)
+WITH briefly AS MATERIALIZED (
+    SELECT set_config('lock_timeout', '50ms', true) WHERE $18::boolean
 ), upd AS (
     UPDATE __schema__.runs SET
         status = $3,
@@ -319,7 +317,7 @@ WITH skipping AS (
         updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
-      AND EXISTS (SELECT 1 FROM locked)
+      AND (SELECT count(*) FROM briefly) >= 0  -- (set before the row is locked)
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
               extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
@@ -341,13 +339,8 @@ WITH skipping AS (
 )
 SELECT lease_token, cancel_requested, age, false AS signalled,
        CASE WHEN EXISTS (SELECT 1 FROM watch WHERE watched)
-            THEN pg_notify($14, id::text)::text END AS notified,
-       false AS busy
-FROM upd
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, true
-WHERE NOT EXISTS (SELECT 1 FROM locked)
-  AND EXISTS (SELECT 1 FROM __schema__.runs WHERE id = $1);
+            THEN pg_notify($14, id::text)::text END AS notified
+FROM upd;
 
 -- name: transition_batch
 -- The transitions of several leased runs in one statement and one commit (group commit:
@@ -359,19 +352,17 @@ WHERE NOT EXISTS (SELECT 1 FROM locked)
 -- error JSON, seconds until due, new lease owner, events JSON array, the worker holding
 -- the lease, refuse when a cancel was requested; $16 the sleep or wait parked at (array),
 -- $17 done notification channel, $18 and $19 the smallest and the largest run id, $20
--- true to skip the rows another transaction holds (a caller's transaction that sent the
--- run a signal holds it until it ends): each row is then locked first, in id order, and
--- a held one comes back as busy (only id and held set), for its writer to write alone.
--- With $20 false (a group commit's batch) nothing is locked first (a lock per row costs
--- about a tenth of the statement) and a held row is waited for 50 ms at most: then the
--- statement fails (LockNotAvailable, nothing committed) and its writes go again one by
--- one, skipping (see saga/_group.py).
+-- true to wait at most 50 ms for a row another transaction holds (a caller's
+-- transaction that sent the run a signal holds it until it ends): then the statement
+-- fails (LockNotAvailable, nothing committed), and a group commit writes its runs again
+-- one by one, each held one on its own, waiting (see saga/_group.py). Locking the rows
+-- first with SKIP LOCKED instead cost about a tenth of the statement.
 -- A run parking at a wait (status waiting, a wait named) first has its row locked, then
 -- its wait's signal row marked awaited (INSERT ... ON CONFLICT sees a signal committed
 -- meanwhile, whatever the snapshot: the order every writer of signals takes); when the
 -- signal is there already, the run is due at once (signalled).
 WITH briefly AS MATERIALIZED (
-    SELECT set_config('lock_timeout', '50ms', true) WHERE NOT $20::boolean
+    SELECT set_config('lock_timeout', '50ms', true) WHERE $20::boolean
 ), t AS (
     SELECT t.* FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::integer[],
                            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
@@ -380,16 +371,9 @@ WITH briefly AS MATERIALIZED (
         AS t(id, token, status, step, attempt, completed, result, output, error,
              compensation_error, due_in, owner, events, worker, unless_cancelled, wait)
         LEFT JOIN briefly ON true  -- (read first: the timeout is set before any lock)
-), skipping AS MATERIALIZED (
-    SELECT r.id FROM __schema__.runs r
-    WHERE $20::boolean AND r.id = ANY ($1::uuid[]) AND r.id BETWEEN $18 AND $19
-    ORDER BY r.id
-    FOR UPDATE OF r SKIP LOCKED
-), locked AS MATERIALIZED (
-    SELECT id FROM skipping UNION ALL SELECT id FROM t WHERE NOT $20::boolean
 ), parking AS MATERIALIZED (
     SELECT r.id, t.wait, t.due_in
-    FROM __schema__.runs r JOIN t ON r.id = t.id JOIN locked l ON l.id = t.id
+    FROM __schema__.runs r JOIN t ON r.id = t.id
     WHERE t.status = 'waiting' AND t.wait IS NOT NULL
       AND r.lease_token = t.token AND r.lease_owner = t.worker
       AND NOT (t.unless_cancelled AND r.cancel_requested)
@@ -424,7 +408,7 @@ WITH briefly AS MATERIALIZED (
         finished_at = CASE WHEN t.due_in IS NULL THEN now() END,
         released = false,
         updated_at = now()
-    FROM t JOIN locked l ON l.id = t.id LEFT JOIN awaited a ON a.run_id = t.id
+    FROM t LEFT JOIN awaited a ON a.run_id = t.id
     WHERE r.id = t.id AND r.lease_token = t.token AND r.lease_owner = t.worker
       AND NOT (t.unless_cancelled AND r.cancel_requested)
       -- The batch's first and last run id (parameters, not a join): Postgres then drops
@@ -449,20 +433,14 @@ WITH briefly AS MATERIALIZED (
     RETURNING w.run_id, w.watched
 )
 SELECT upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age, upd.signalled,
-       CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified,
-       false AS busy
-FROM upd LEFT JOIN watch ON watch.run_id = upd.id
-UNION ALL
-SELECT t.id, t.token, NULL, NULL, NULL, NULL, NULL, true
-FROM t WHERE $20::boolean AND t.id <> ALL (ARRAY(SELECT id FROM locked))
-  AND EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.id = t.id);
+       CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified
+FROM upd LEFT JOIN watch ON watch.run_id = upd.id;
 
 -- name: transition_claim_rows
 -- The result of transition_claim (see saga/_db.py: claim's CTEs, then transition_batch's,
--- then this, in one statement): the transitions' rows (claim false; busy ones as
--- transition_batch returns them), then the runs claimed for the slots they free (claim
--- true), in the columns of all. Numbered as transition_batch ($17: done notification
--- channel).
+-- then this, in one statement): the transitions' rows (claim false), then the runs
+-- claimed for the slots they free (claim true), in the columns of both. Numbered as
+-- transition_batch ($17: done notification channel).
 SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, upd.age,
        upd.signalled,
        CASE WHEN watch.watched THEN pg_notify($17, upd.id::text)::text END AS notified,
@@ -470,18 +448,13 @@ SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, 
        NULL::text AS step_name, NULL::integer AS attempt, NULL::text AS input,
        NULL::text AS results, NULL::text[] AS completed_steps, NULL::boolean AS has_error,
        NULL::text AS trace_context, NULL::text AS prev_owner, NULL::text AS timed_out_wait,
-       NULL::boolean AS child, NULL::boolean AS keyed, false AS busy
+       NULL::boolean AS child, NULL::boolean AS keyed
 FROM upd LEFT JOIN watch ON watch.run_id = upd.id
-UNION ALL
-SELECT false, t.id, t.token, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
-FROM t WHERE $20::boolean AND t.id <> ALL (ARRAY(SELECT id FROM locked))
-  AND EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.id = t.id)
 UNION ALL
 SELECT true, id, NULL, lease_token, cancel_requested, age, false, NULL, saga_name,
        saga_version,
        status, step_name, attempt, input, results, completed_steps, has_error,
-       trace_context, prev_owner, timed_out_wait, child, keyed, false
+       trace_context, prev_owner, timed_out_wait, child, keyed
 FROM claimed;
 
 -- name: statistics_stale
