@@ -330,14 +330,14 @@ async def test_five_held_runs_cost_no_other_run_its_lease(
     assert sorted(calls.values()) == [1, 1, 1]
 
 
-async def test_a_run_claimed_along_by_a_held_runs_write_starts_at_once(
+async def test_runs_due_beside_a_held_runs_write_are_not_held_up(
     orchestrator: OrchestratorFactory, dsn: str
 ) -> None:
     """Worker W (concurrency 1) runs A; 4 quick runs are due. A caller's signal
-    transaction holds A's row when A's step ends: A's write, which carries a claim for
-    the slot it frees, is skipped, and its claim leases a quick run to W. W starts that
-    run at once (A only waits for a lock), and a peer completes the others: all 4
-    complete while the caller's transaction is open."""
+    transaction holds A's row when A's step ends: A's write (which would claim a run for
+    the slot it frees) gives up on the row after a moment, having claimed nothing, and
+    waits alone; the quick runs are claimed and completed (by W's claim loop or by a
+    peer with free slots) while the caller's transaction is open."""
     gate = Gate("hold")
     held = held_then_wait(gate)
     quick = small_saga("quick", ["q"])
