@@ -23,6 +23,7 @@ from saga._db import Executor, channel, queries, translate_errors, validate_sche
 from saga._errors import DatabaseError
 from saga._group import GroupCommit
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
+from saga._rows import claimed_item, events_json
 from saga._store_batch import (
     ClaimAlong,
     GroupWrites,
@@ -33,7 +34,7 @@ from saga._store_batch import (
     write_key,
 )
 from saga._store_dash import DashboardQueries
-from saga._store_graph import GraphQueries, claimed_item, events_json
+from saga._store_graph import GraphQueries
 from saga._store_ops import (
     DefinitionKey,
     OperatorQueries,

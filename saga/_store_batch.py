@@ -11,7 +11,7 @@ import asyncpg
 
 from saga._db import Executor
 from saga._group import BUSY
-from saga._store_graph import _json_or_none, claimed_item
+from saga._rows import claimed_item, json_or_none
 from saga._store_ops import DefinitionKey, definition_args
 from saga._transition import ClaimedItem, Transition
 
@@ -41,8 +41,8 @@ def transition_args(
         change.completed_step,
         change.result_json,
         change.output_json,
-        _json_or_none(change.error),
-        _json_or_none(change.compensation_error),
+        json_or_none(change.error),
+        json_or_none(change.compensation_error),
         due_in,
         worker if change.leased else None,
         events,

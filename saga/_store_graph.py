@@ -31,8 +31,9 @@ from saga._db import translate_errors
 from saga._graph_plan import GraphChange, GraphRun, Item
 from saga._group import BUSY, GroupCommit
 from saga._model import Phase, RunStatus
+from saga._rows import claimed_item, events_json, json_or_none
 from saga._store_ops import DefinitionKey, definition_args
-from saga._transition import ClaimedItem, Event, value
+from saga._transition import ClaimedItem, value
 
 #: An item of a graph run: (run id, step, phase).
 ItemKey = tuple[UUID, str, Phase]
@@ -195,8 +196,8 @@ class GraphQueries:
             change.result_json,
             change.compensated_step,
             change.output_json,
-            _json_or_none(change.error),
-            _json_or_none(change.compensation_error),
+            json_or_none(change.error),
+            json_or_none(change.compensation_error),
             change.retry_in,
             [s for s, _ in change.dropped],
             [p for _, p in change.dropped],
@@ -353,56 +354,3 @@ def _written(run: GraphRun, change: GraphChange, w: Any) -> GraphWritten:
         for s, p, t in zip(w["leased_steps"], w["leased_phases"], w["leased_tokens"], strict=True)
     )
     return GraphWritten(leased, results, completed, w["age"] or 0.0)
-
-
-def events_json(worker: str, events: Sequence[Event]) -> str:
-    """A change's history events as the writing statements take them (a JSON array; the
-    store adds the worker, the database the time). Written out by hand: it runs for every
-    step, and json.dumps of a list of dicts costs four times as much."""
-    who = _quote(worker)
-    return (
-        "["
-        + ",".join(
-            f'{{"kind":"{e.kind}","step":{"null" if e.step is None else _quote(e.step)},'
-            f'"attempt":{"null" if e.attempt is None else int(e.attempt)},"worker":{who},'
-            f'"data":{"null" if e.data is None else json.dumps(e.data, separators=_TIGHT)},'
-            f'"unless_cancelled":{"true" if e.unless_cancelled else "false"}}}'
-            for e in events
-        )
-        + "]"
-    )
-
-
-_quote = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
-_TIGHT = (",", ":")
-
-
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(dict(value), separators=(",", ":"))
-
-
-def claimed_item(r: Any) -> ClaimedItem:
-    """A claimed row (a linear run's, or a graph item's: it has a ``phase``)."""
-    phase = r.get("phase")
-    return ClaimedItem(
-        run_id=r["id"],
-        saga_name=r["saga_name"],
-        saga_version=r["saga_version"],
-        status=RunStatus(r["status"]),
-        step_name=r["step_name"],
-        attempt=r["attempt"],
-        lease_token=r["lease_token"],
-        input=r["input"],
-        results=json.loads(r["results"]),
-        completed_steps=tuple(r["completed_steps"]),
-        cancel_requested=r["cancel_requested"],
-        has_error=r["has_error"],
-        trace_context=r["trace_context"],
-        age=r["age"],
-        expired_owner=r["prev_owner"],
-        timed_out_wait=r.get("timed_out_wait"),
-        phase=None if phase is None else Phase(phase),
-        dropping=bool(r.get("dropping")),
-        child=r["child"],
-        keyed=bool(r.get("keyed")),
-    )

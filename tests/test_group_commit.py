@@ -28,9 +28,9 @@ from saga._hooks import Hooks
 from saga._lease import Leases
 from saga._log import Outage, logger
 from saga._model import EventKind, RunStatus
+from saga._rows import events_json
 from saga._store import Store
 from saga._store_batch import transition_args
-from saga._store_graph import events_json
 from saga._transition import ClaimedItem, Event, Transition
 from saga._write import COMMITTED, Writer
 from tests._sagas import Job, small_saga
