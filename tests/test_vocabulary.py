@@ -52,6 +52,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     other |= {"ended", "resolved", "wait_decided", "rolling_back"}  # why a signal was refused
     other |= {"limit", "delay"}  # a rate limit's wait
     other |= {"advisory"}  # pg_locks' lock type (the orchestrators present)
+    other |= {"lock_timeout"}  # a setting a statement sets for itself (set_config)
     assert words - known - other == set()
 
 
