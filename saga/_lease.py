@@ -358,9 +358,6 @@ class Leases:
             lease = self.inflight.get(key)
             if lease is not None:
                 lease.stalled = True
-                # Claim again once it has expired (its takeover must not wait for a poll
-                # or for other work to wake the claim loop).
-                self.wake_later(lease.seconds + 0.05)
 
     async def drain(self, timeout: float) -> None:
         """No new claims; wait up to ``timeout`` for the running items to finish."""
