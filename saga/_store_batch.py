@@ -113,18 +113,16 @@ class GroupWrites:
         """One run's transition (and its claim), or ``BUSY`` when another transaction
         held its row for 50 ms (nothing was written)."""
         try:
-            if write[1] is None and not parks_at_wait(write[0]):
-                return await self.hot.fetchrow(self._q["transition"], *write[0], True)
-            return (await self._write_many([write])).get(write_key(write))
+            return await self._write_one(write, briefly=True)
         except asyncpg.LockNotAvailableError:
             return BUSY
 
-    async def _write_one(self, write: Write) -> Any:
-        """One run's transition (without a claim), waiting for its row if another
-        transaction holds it."""
-        if not parks_at_wait(write[0]):
-            return await self.hot.fetchrow(self._q["transition"], *write[0], False)
-        return (await self._write_many([write], briefly=False)).get(write_key(write))
+    async def _write_one(self, write: Write, briefly: bool = False) -> Any:
+        """One run's transition (and its claim), waiting for its row if another
+        transaction holds it (``briefly``: 50 ms at most, see ``_write_many``)."""
+        if write[1] is None and not parks_at_wait(write[0]):
+            return await self.hot.fetchrow(self._q["transition"], *write[0], briefly)
+        return (await self._write_many([write], briefly)).get(write_key(write))
 
     async def _write_many(
         self, writes: Sequence[Write], briefly: bool = True
