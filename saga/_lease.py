@@ -2,7 +2,8 @@
 
 The claim loop leases due work (``FOR UPDATE SKIP LOCKED`` in one statement), hands each
 item to the runner, and sleeps until woken (a NOTIFY, a freed slot) or until the next due
-item this worker knows of (one timer: a retry's backoff, a poll). The heartbeat loop
+item this worker knows of (one timer: a retry's backoff, a poll, or due work a claim
+passed, held by another transaction: looked at again soon). The heartbeat loop
 renews the leases held and cancels a step whose lease was lost. At shutdown the leases of
 unfinished items are given back. Other modules read a :class:`Lease` and ask this module
 to change it; they never write its fields.
@@ -28,6 +29,9 @@ from saga._store_batch import ClaimAlong
 from saga._store_graph import ItemKey
 from saga._store_ops import DefinitionKey
 from saga._transition import ClaimedItem
+
+#: How soon the claim loop claims again due work its last claim passed (see _idle).
+_RECHECK = 0.02
 
 Handler = Callable[[ClaimedItem, Lease], Coroutine[Any, Any, None]]
 
@@ -73,6 +77,7 @@ class Leases:
         self._more_work = False
         self._sleep: anyio.CancelScope | None = None  # the claim loop's wait, if waiting
         self._next_due = math.inf  # the one timer: when a known item comes due
+        self._recheck = _RECHECK  # (see _idle)
         self.stopping = False
         #: What a transition that frees a slot carries to claim the next due run in its
         #: own statement and commit (not for graph items: the claim loop claims those).
@@ -180,8 +185,7 @@ class Leases:
                 self._slot_freed = anyio.Event()
                 await self._slot_freed.wait()
                 if not self._more_work and not self.stopping:
-                    # A transition's claim found no more due work: wait for some.
-                    await self._sleep_until_woken()
+                    await self._idle()  # a transition's claim found no more due work
                 continue
             self._wake = anyio.Event()
             try:
@@ -200,7 +204,7 @@ class Leases:
                 tg.start_soon(run, item, lease)
             self._more_work = len(items) == free
             if not self._more_work:
-                await self._sleep_until_woken()
+                await self._idle()
 
     async def _claim(self, free: int) -> list[ClaimedItem]:
         """Due runs, then (graph sagas registered) due items, up to ``free``."""
@@ -212,6 +216,19 @@ class Leases:
                 self._worker, free - len(items), self._lease_seconds, self._graphs
             )
         return items
+
+    async def _idle(self) -> None:
+        """The last claim found no more due work: wait for some. Due work it passed
+        (rows another transaction held locked: nobody announces their release) is
+        claimed again soon: after 20 ms, doubling up to the poll while it stays held."""
+        try:
+            passed = await self._store.due_unclaimed(self._definitions, self._graphs)
+        except DatabaseError:
+            passed = False  # (the next claim reports the outage)
+        if passed:
+            self.wake_later(self._recheck)
+        self._recheck = min(self._recheck * 2, self._poll) if passed else _RECHECK
+        await self._sleep_until_woken()
 
     async def _sleep_until_woken(self) -> None:
         """Until a wake-up, the timer, or the poll interval, whichever comes first."""

@@ -103,6 +103,19 @@ class GraphQueries:
             )
         return [claimed_item(r) for r in rows]
 
+    async def due_unclaimed(
+        self, definitions: Sequence[DefinitionKey], graphs: Sequence[DefinitionKey]
+    ) -> bool:
+        """Whether due runs of ``definitions`` or due items of ``graphs`` are left
+        unleased: the last claim passed them, locked by another transaction."""
+        async with translate_errors("claiming work"):
+            due = await self.hot.fetchval(
+                self._q["due_unclaimed"],
+                *definition_args(definitions),
+                *definition_args(graphs),
+            )
+        return bool(due)
+
     async def graph_write(
         self,
         worker: str,

@@ -1565,6 +1565,32 @@ SELECT run_id AS id, step AS step_name, phase, attempt, lease_token, prev_owner,
        trace_context, age, dropping, child
 FROM state;
 
+-- name: due_unclaimed
+-- Whether due work of the registered definitions is left once the claim loop's claim
+-- leased what it could: a row that another transaction held locked, which the claim's
+-- SKIP LOCKED passed (a graph write locks its run's items; a signal's sender, its run),
+-- and whose release nobody announces. The claim loop then claims again soon, not at the
+-- poll. Read-only, through the due indexes, as the claims read them.
+-- $1 saga names, $2 saga versions, $3 fingerprints (runs); $4, $5, $6 the same for the
+-- graph sagas (their items)
+SELECT EXISTS (
+    SELECT 1 FROM __schema__.runs r
+    WHERE r.due_at <= now()
+      AND array_position(
+            ARRAY(SELECT format('%s/%s/%s', d.n, d.v, d.f)
+                  FROM unnest($1::text[], $2::integer[], $3::text[]) AS d(n, v, f)),
+            format('%s/%s/%s', r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+          ) IS NOT NULL
+) OR CASE WHEN cardinality($4::text[]) = 0 THEN false ELSE EXISTS (
+    SELECT 1 FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
+    WHERE i.due_at <= now()
+      AND array_position(
+            ARRAY(SELECT format('%s/%s/%s', d.n, d.v, d.f)
+                  FROM unnest($4::text[], $5::integer[], $6::text[]) AS d(n, v, f)),
+            format('%s/%s/%s', r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+          ) IS NOT NULL
+) END AS due;
+
 -- name: graph_lock
 -- The first statement of a batch of items' writes (a round of one item per run: see
 -- saga/_store_graph.py): lock the graph runs' rows in id order (every writer that decides
