@@ -14,8 +14,6 @@ import time
 from functools import partial
 from typing import Any
 
-from opentelemetry import trace
-
 from saga import _graph_plan, _plan
 from saga._active import ActiveRun
 from saga._definition import Saga
@@ -23,11 +21,12 @@ from saga._errors import DatabaseError, error_record
 from saga._graph_plan import Finished, GraphChange, Parked
 from saga._held import Lease
 from saga._lease import Leases
-from saga._log import log_event, logger
+from saga._log import log_events, logger
 from saga._model import EventKind, Outcome, Phase, RunStatus
 from saga._runner import Runner
 from saga._spawner import Children
 from saga._store_graph import GraphWritten
+from saga._telemetry import in_run_trace
 from saga._transition import ClaimedItem, Event, Failed, RunState, Succeeded
 from saga._write import COMMITTED
 
@@ -165,10 +164,7 @@ class GraphRunner:
         assert run.span is not None
         # The attempt's span is current: the children's start spans are its children,
         # so each child run is in its parent's trace (and sampled with it).
-        current = trace.use_span(
-            run.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-        )
-        with lease.attempt_scope(runner.lease_seconds), current:
+        with lease.attempt_scope(runner.lease_seconds), in_run_trace(run.span, None):
             try:
                 await runner.hooks.before_call(ctx, runner.faults)
             except Exception as exc:  # saga.testing's injected failures
@@ -208,8 +204,7 @@ class GraphRunner:
             runner.telemetry.run_ended(run.saga.name, change.status, written.age)
         if any(n.lease_seconds is None for n in change.new):
             self._leases.wake()
-        for event in change.events:
-            log_event(log, str(event.kind), event.step, event.attempt, event.data)
+        log_events(log, change.events, change.error)
 
     def _adopt(
         self,

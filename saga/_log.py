@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -113,11 +113,34 @@ class Outage:
             logger.warning("database_available", worker=self._worker, after=round(down_for, 3))
 
 
+#: The events of a run that waits for an operator: logged as errors.
+_NEEDS_OPERATOR = ("run_failed", "run_stopped")
+
+
+def log_events(log: Any, events: Iterable[Any], error: Mapping[str, Any] | None = None) -> None:
+    """Log the history events one write of a worker appended (each as
+    :func:`log_event`). The line of a run that now needs an operator names the step,
+    attempt and error type of the failure that stopped it (an event's, else the
+    write's ``error``), when its event does not."""
+    cause: tuple[str | None, int | None, Mapping[str, Any] | None] = (
+        None, None, None if error is None else {"error": error},
+    )  # fmt: skip
+    for event in events:
+        kind, step, attempt, data = str(event.kind), event.step, event.attempt, event.data
+        if data and "error" in data:
+            cause = (step, attempt, {"error": data["error"]})
+        elif kind in _NEEDS_OPERATOR and cause[2] is not None:
+            step, attempt = step or cause[0], attempt or cause[1]
+            data = {**(data or {}), **cause[2]}
+        log_event(log, kind, step, attempt, data)
+
+
 def log_event(
     log: Any, kind: str, step: str | None, attempt: int | None, data: Mapping[str, Any] | None
 ) -> None:
     """Log one history event a worker wrote: failures as warnings, a run that needs an
-    operator as an error, run-level events as info, the rest as debug."""
+    operator (failed, stopped) as an error, run-level events as info, the rest as
+    debug."""
     fields: dict[str, Any] = {}
     if step:
         fields["step"] = step
@@ -131,7 +154,7 @@ def log_event(
         fields["retry_in"] = round(data["retry_in"], 3)
     if kind in ("step_failed", "compensation_failed"):
         log.warning(kind, **fields)
-    elif kind == "run_failed":
+    elif kind in _NEEDS_OPERATOR:
         log.error(kind, **fields)
     elif kind.startswith("run_"):
         log.info(kind, **fields)

@@ -26,11 +26,11 @@ from saga._held import Lease
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._instruments import SAGA
 from saga._lease import Leases
-from saga._log import Outage, frames, log_event, logger
+from saga._log import Outage, frames, log_events, logger
 from saga._model import Outcome, Phase, RunStatus
 from saga._parked import sleep_length, timeout_result
 from saga._store import Store
-from saga._telemetry import Telemetry
+from saga._telemetry import Telemetry, in_run_trace
 from saga._transition import (
     ClaimedItem,
     Failed,
@@ -257,8 +257,7 @@ class Runner:
             else:
                 age = written.age
             self.telemetry.run_ended(run.saga.name, change.status, age)
-        for event in change.events:
-            log_event(log, str(event.kind), event.step, event.attempt, event.data)
+        log_events(log, change.events, change.error)
 
     async def _attempt(
         self, run: ActiveRun, lease: Lease, log: Any
@@ -281,7 +280,7 @@ class Runner:
                 run.outcome, run.error_type = _FAILURE, "saga.AttemptLost"
                 return skip, None
             ctx = self.context(run, wait.name, _STEP)
-            with lease.attempt_scope(self.lease_seconds):
+            with lease.attempt_scope(self.lease_seconds), in_run_trace(None, run.trace_parent):
                 outcome, result = await timeout_result(wait, ctx, partial(self._encode, run), lease)
             return _plan.after_attempt(run.saga, state, outcome, self.lease_for(run)), result
         step = run.saga.get_step(run.step)
@@ -340,7 +339,10 @@ class Runner:
         outcome, result = self._encode(run, step, result)
         after = step.after
         if isinstance(after, Sleep) and after.until is not None and isinstance(outcome, Succeeded):
-            outcome = await sleep_length(after, ctx, run.results, step.name, result, outcome, lease)
+            with in_run_trace(run.span, run.trace_parent):
+                outcome = await sleep_length(
+                    after, ctx, run.results, step.name, result, outcome, lease
+                )
         return outcome, result
 
     def _encode(

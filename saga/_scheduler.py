@@ -172,8 +172,9 @@ class Scheduler:
                 started += 1
                 last = (slot, handle.id)
                 logger.info(
-                    "schedule_fired", schedule=s.name, slot=str(slot), run_id=str(handle.id)
-                )
+                    "schedule_fired", schedule=s.name, slot=str(slot), run_id=str(handle.id),
+                    saga=s.saga.name,
+                )  # fmt: skip
             elif slot >= now - s.on_time:
                 following = slot  # due again: tried until its grace has passed
                 self._backoff[s.name] = anyio.current_time() + _RETRY

@@ -207,7 +207,7 @@ def _outcome(
     delivery: Delivery, run_id: uuid.UUID, name: str, saga: tuple[str, int, str | None]
 ) -> bool:
     if delivery is Delivery.ACCEPTED:
-        logger.debug("signal_received", run_id=str(run_id), signal=name)
+        logger.debug("signal_received", run_id=str(run_id), saga=saga[0], signal=name)
         return True
     if delivery is Delivery.REPEATED:
         return False

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -159,6 +160,27 @@ class Telemetry:
         self.runs_ended[status].count(((SAGA, saga),))
         if age is not None:
             self.run_duration.record(age, attrs)
+
+
+@contextmanager
+def in_run_trace(span: Span | None, parent: Context | None) -> Iterator[None]:
+    """User code that saga calls outside a step's function (a sleep's ``until()``, a
+    wait's ``on_timeout``) runs in the run's trace: under the attempt's ``span`` if there
+    is one (not ended here, and recording no message), else under the run's start span
+    (``parent``, the context stored with the run)."""
+    if span is not None:
+        with trace.use_span(
+            span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        ):
+            yield
+    elif parent is not None:
+        token = otel_context.attach(parent)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+    else:
+        yield
 
 
 _ERROR_OUTCOMES = frozenset(("failure", "lease_lost", "refused"))
