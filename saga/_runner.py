@@ -165,6 +165,7 @@ class Runner:
                 step=item.timed_out_wait or item.step_name,  # (a wait's on_timeout)
                 attempt=item.attempt - 1,  # the attempt that expired (as in the history)
                 previous_worker=item.expired_owner,
+                worker=self.worker,  # the one taking it over
             )
         run = lease.active = claimed_run(item, saga)
         return run

@@ -129,3 +129,23 @@ async def test_a_run_stopped_for_an_operator_at_a_wait_logs_an_error_naming_the_
     assert stopped["log_level"] == "error"
     assert stopped["step"] == "decision"
     assert stopped["error_type"] == "saga.WaitTimedOut"
+
+
+async def test_the_lease_expired_line_names_both_workers(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """``lease_expired``, the warning of a takeover, names the worker whose lease expired
+    (``previous_worker``) and the one taking the run over (``worker``)."""
+    s = small_saga("expired_line", ["a", "b"])
+    faults = Faults()
+    faults.expire_lease("a")
+    with capture_logs() as logs:
+        orch = await orchestrator(s, lease_seconds=1)
+        faults.attach(orch)
+        run = await s.start(Job())
+        assert await run.result(timeout=20) == "b"
+        await orch.aclose()
+    [expired] = [line for line in logs if line["event"] == "lease_expired"]
+    assert expired["worker"] == orch.worker_id
+    assert expired["previous_worker"] == orch.worker_id  # (it expired its own, here)
+    assert (expired["saga"], expired["step"], expired["attempt"]) == ("expired_line", "a", 1)
