@@ -27,7 +27,7 @@ from saga._cli_render import (
     _table,
     _time,
 )
-from saga._client import Client
+from saga._client import Client, store_of
 from saga._codec import validate_as
 from saga._errors import InvalidInputError, SerializationError
 from saga._model import RunInfo, RunStatus
@@ -248,6 +248,17 @@ async def _signal(ctx: _Ctx, orch: Client) -> int:
     args = ctx.args
     info = await orch.get_run(await named_run(ctx, orch)).info()
     wait = _wait(ctx, orch, info)
+    # The run's own definition first: a payload refused by another definition's model
+    # would say nothing true about what the run waits for.
+    found = await store_of(orch).run_definition(info.id, None)
+    if found is not None and found.fingerprint not in (None, wait.saga.fingerprint):
+        ctx.fail(
+            EXIT_USAGE,
+            f"run {info.id} is a run of saga {info.saga!r} v{info.version} as defined with "
+            f"fingerprint {found.fingerprint}; {_clean(ctx.args.target)} defines it with "
+            f"fingerprint {wait.saga.fingerprint} (another definition: its waits may "
+            "differ): send the signal with the run's definition",
+        )
     try:
         what = f"payload for signal {wait.name!r}"
         payload = validate_as(wait.model, args.payload, what, from_json=True)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from pydantic import BaseModel
 
 import saga
 from saga.testing import advance
@@ -307,3 +308,52 @@ async def test_signal_has_help(cli: Cli) -> None:
     assert out.startswith("usage: saga signal")
     assert "--payload JSON" in out
     assert "--target MODULE:OBJECT" in out
+
+
+class Verdict(BaseModel):
+    amount: int
+
+
+def _approval_redefined() -> saga.Saga[Job]:
+    """``approval`` v1 as another release defines it: its wait takes another model."""
+    s = saga.Saga("approval", input=Job)
+
+    @s.step()
+    async def reserve(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    @reserve.compensate
+    async def release(ctx: saga.Context[Job], n: int) -> None:
+        return None
+
+    verdict = s.wait_for("decision", Verdict, timeout=timedelta(hours=48), on_timeout="stop")
+
+    @s.step()
+    async def finish(ctx: saga.Context[Job]) -> str:
+        return str(ctx.result(verdict).amount)
+
+    return s
+
+
+@pytest.mark.parametrize("payload", [YES, '{"amount": 5}'])
+async def test_signal_to_a_run_of_another_definition_says_so_whatever_the_payload(
+    cli: Cli, orchestrator: OrchestratorFactory, payload: str
+) -> None:
+    """README (Deploys): a run is executed only by its own definition (name, version,
+    fingerprint). `saga signal` to a run of ``approval`` v1 as another release defined
+    it (another model at the wait) exits 2 saying the definitions differ, with both
+    fingerprints, whether the payload suits the --target's model or the run's (it never
+    calls the payload invalid for a model the run does not wait with); nothing is
+    written and the run keeps waiting."""
+    other = _approval_redefined()
+    orch = await orchestrator(other)
+    run = await waiting(orch, other)
+    code, _, err = await cli(
+        "signal", "decision", str(run.id), "--payload", payload, "--target", TARGET
+    )
+    assert code == 2
+    assert "invalid payload" not in err
+    assert f"fingerprint {other.fingerprint}" in err, err
+    assert f"fingerprint {approval.fingerprint}" in err, err
+    assert (await run.info()).status is saga.RunStatus.WAITING
+    assert "signal_received" not in [e.kind for e in await run.history()]
