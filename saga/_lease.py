@@ -3,8 +3,9 @@
 The claim loop leases due work (``FOR UPDATE SKIP LOCKED`` in one statement), hands each
 item to the runner, and sleeps until woken (a NOTIFY, a freed slot) or until the next due
 item this worker knows of (one timer: a retry's backoff, a poll, or due work a claim
-passed, held by another transaction: looked at again soon). The heartbeat loop
-renews the leases held and cancels a step whose lease was lost. At shutdown the leases of
+passed, held by another transaction: looked at again soon). The heartbeat loop (its
+half of this class is in ``saga._heartbeat``) renews the leases held and cancels a step
+whose lease was lost. At shutdown the leases of
 unfinished items are given back. Other modules read a :class:`Lease` and ask this module
 to change it; they never write its fields.
 """
@@ -21,6 +22,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from saga._errors import DatabaseError
+from saga._heartbeat import Heartbeats
 from saga._held import Lease
 from saga._log import Outage, logger
 from saga._model import Phase
@@ -36,7 +38,7 @@ _RECHECK = 0.02
 Handler = Callable[[ClaimedItem, Lease], Coroutine[Any, Any, None]]
 
 
-class Leases:
+class Leases(Heartbeats):
     """Claims, heartbeats, the wake-up timer and the release of one worker's leases."""
 
     def __init__(
@@ -257,106 +259,6 @@ class Leases:
             if not self.inflight:
                 self._drained.set()
 
-    # -- heartbeats -----------------------------------------------------------------------------
-
-    async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as self._renewals:
-            task_status.started()
-            try:
-                while True:
-                    await anyio.sleep(self._heartbeat_every)
-                    now = anyio.current_time()
-                    held = list(self.inflight.values())
-                    leases = [lease for lease in held if self._responsive(lease, now)]
-                    if leases:
-                        await self._beat(leases)
-            finally:
-                self._renewals = None
-
-    async def renew(self, lease: Lease) -> None:
-        """Renew ``lease`` now, by its length (saga._call: an attempt whose step leases
-        for less than the claim did), as a heartbeat would."""
-        if not lease.stalled:
-            await self._beat([lease])
-
-    def _responsive(self, lease: Lease, now: float) -> bool:
-        """Whether heartbeats renew ``lease``: not a stalled one (saga.testing's
-        expire_lease), nor one whose attempt ignored its timeout's cancellation for the
-        grace saga._call gives it. That attempt's lease then expires, and another attempt
-        takes over."""
-        if lease.stalled:
-            return False
-        if lease.unresponsive_at > now:
-            return True
-        lease.stalled = True
-        logger.error("step_unresponsive", worker=self._worker, **lease.log_fields())
-        self._given_up.add(lease)  # its slot goes to other work
-        self._slot_freed.set()
-        self._wake.set()
-        return False
-
-    async def _beat(self, leases: list[Lease]) -> None:
-        sent = {lease.key: lease.token for lease in leases}
-        runs = [(ls.run_id, ls.token, ls.seconds) for ls in leases if ls.item is None]
-        items = [(ls.item_key, ls.token, ls.seconds) for ls in leases if ls.item is not None]
-        try:
-            held: dict[Any, bool | None] = {}
-            if runs:
-                held.update(await self._store.heartbeat(self._worker, runs))
-            if items:
-                held.update(await self._store.heartbeat_items(self._worker, items))
-        except DatabaseError as exc:
-            self._outage.lost("heartbeat", exc)
-            return
-        self._outage.back()
-        self._heard(sent, held)
-        for lease in leases:
-            if lease.item is None and lease.key in held and held[lease.key] is None:
-                self._renew_alone(lease)
-
-    def _renew_alone(self, lease: Lease) -> None:
-        """The heartbeat skipped ``lease``: another transaction held its run's row (a
-        caller's transaction that sent it a signal). Renew it on a connection of its own,
-        waiting for that lock, so that the lease is renewed the moment the lock is
-        released (the other leases' heartbeats wait for no one)."""
-        if self._renewals is None or lease.key in self._renewing:
-            return
-        waiting = self._store.waiting  # a connection each: a quarter of the pool at most
-        if waiting is None:
-            return  # (the next heartbeat tries again)
-        try:
-            waiting.acquire_nowait()
-        except anyio.WouldBlock:
-            return
-        self._renewing.add(lease.key)
-        self._renewals.start_soon(self._renewal, lease, waiting)
-
-    async def _renewal(self, lease: Lease, waiting: anyio.Semaphore) -> None:
-        beat = [(lease.run_id, lease.token, lease.seconds)]
-        try:
-            held = await self._store.heartbeat(self._worker, beat, wait=True)
-        except DatabaseError:
-            return  # (the next heartbeat tries again)
-        finally:
-            waiting.release()
-            self._renewing.discard(lease.key)
-        if held:  # (missing, it may have been given back meanwhile by the run's own write,
-            # which waited for the same lock: the next heartbeat tells a lost lease)
-            self._heard({lease.key: lease.token}, dict(held))
-
-    def _heard(self, sent: dict[Any, int], held: dict[Any, bool | None]) -> None:
-        """A heartbeat's answer: a cancel requested is noted, a lease missing was lost
-        (its attempt is cancelled)."""
-        for key, token in sent.items():
-            lease = self.inflight.get(key)
-            if lease is not None and held.get(key):
-                lease.cancel_requested = True  # the runner rolls back after this step
-            if key in held or lease is None or lease.token != token:
-                continue  # still ours, or the run moved on to a new lease meanwhile
-            lease.lost = True
-            lease.scope.cancel()
-            logger.warning("lease_lost", worker=self._worker, **lease.log_fields())
-
     # -- shutdown -------------------------------------------------------------------------------
 
     def died(self, lease: Lease) -> None:
@@ -410,8 +312,3 @@ class Leases:
                     error_type=type(exc.__cause__).__name__,
                     leases=held,
                 )
-
-
-def heartbeat_interval(lease_seconds: Sequence[float]) -> float:
-    """Heartbeats go every third of the shortest lease this worker may hold."""
-    return min(lease_seconds, default=math.inf) / 3

@@ -27,8 +27,9 @@ from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES
 from saga._definition import Saga
 from saga._errors import ConfigurationError
 from saga._graph_runner import GraphRunner
+from saga._heartbeat import heartbeat_interval
 from saga._hooks import NO_HOOKS, Hooks
-from saga._lease import Leases, heartbeat_interval
+from saga._lease import Leases
 from saga._lifecycle import started
 from saga._log import logger
 from saga._policy import check_lease_seconds
