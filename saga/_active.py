@@ -38,7 +38,7 @@ class ActiveRun:
     trace_parent: OtelContext | None
     wait: str | None = None  # status waiting: the wait whose timeout passed
     child: bool = False  # a child run: its end wakes its parent's step
-    reclaimed: bool = False  # claimed after an expired lease: its start is not logged yet
+    reclaimed: bool = False  # claimed after an expired lease or a release: start not logged
     keyed: bool = False  # a run with a concurrency key: its end frees its slot
     # The stored JSON texts of the completed steps' results: a compensation gets its
     # step's result read from them, whatever later steps did to the objects they read.
@@ -92,7 +92,7 @@ def claimed_run(item: ClaimedItem, saga: Saga[Any]) -> ActiveRun:
         wait=item.timed_out_wait,
         child=item.child,
         keyed=item.keyed,
-        reclaimed=item.expired_owner is not None,
+        reclaimed=item.expired_owner is not None or item.released,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel
@@ -40,7 +41,7 @@ async def sleep_length(
     try:
         with user_time_limit(CALLBACK_SECONDS, lease, f"until() of sleep {sleep.name!r}"):
             before = cancelling()
-            seconds = await sleep.due_in(ctx, datetime.now(UTC))
+            seconds = await sleep.due_in(ctx, partial(datetime.now, UTC))
         await settle_self_cancel(before)
     except BaseException as exc:
         if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):

@@ -56,6 +56,7 @@ def claimed_item(r: Any) -> ClaimedItem:
         trace_context=r["trace_context"],
         age=r["age"],
         expired_owner=r["prev_owner"],
+        released=bool(r.get("released")),
         timed_out_wait=r.get("timed_out_wait"),
         phase=None if phase is None else Phase(phase),
         dropping=bool(r.get("dropping")),

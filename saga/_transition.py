@@ -123,6 +123,9 @@ class ClaimedItem:
     trace_context: str | None
     age: float  # seconds since the run was created, by the database clock
     expired_owner: str | None
+    #: Given back at a worker's shutdown before this claim: the worker logs the start
+    #: (none starts when that give-back counted the last attempt allowed).
+    released: bool = False
     timed_out_wait: str | None = None  # status waiting: this wait's timeout passed
     # A graph run's item: its phase (None: a linear run's one item, in the run row).
     phase: Phase | None = None

@@ -85,8 +85,9 @@ class Writer:
         return written
 
     async def started(self, run: ActiveRun, lease: Lease) -> bool:
-        """An attempt claimed after an expired lease logs its start (the claim did not:
-        the attempt lost may have been the last one allowed, and then none starts);
+        """An attempt claimed after an expired lease or a release logs its start (the
+        claim did not: the attempt lost, or given back a second time, may have been the
+        last one allowed, and then none starts);
         whether the lease still holds. Other attempts: True, nothing to do."""
         if not run.reclaimed:
             return True

@@ -172,7 +172,7 @@ FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
 -- cancel requested, $9 signalled, $10 status after, $11 wake-up event kind or NULL, $12
 -- start event kind or NULL
 WITH candidates AS (
-    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
+    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name, r.released
     FROM __schema__.runs r
     WHERE r.due_at <= now()
       -- Registered definitions only, written so the planner sees that most due runs
@@ -224,7 +224,7 @@ WITH candidates AS (
               r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
               r.trace_context::text AS trace_context,
               extract(epoch FROM now() - r.created_at)::float8 AS age, c.prev_owner,
-              t.start_kind, t.woke, c.wait_name, r.wait_name AS timed_out_wait,
+              c.released, t.start_kind, t.woke, c.wait_name, r.wait_name AS timed_out_wait,
               r.parent_id IS NOT NULL AS child, r.concurrency_key IS NOT NULL AS keyed
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
@@ -238,21 +238,22 @@ WITH candidates AS (
         SELECT id, 2, woke, wait_name, NULL, $1, NULL
         FROM claimed WHERE woke IS NOT NULL
         UNION ALL
-        -- Not after an expired lease: the worker records that start itself, unless the
-        -- lost attempt was the last one allowed (none starts: see attempts_exhausted).
+        -- Not after an expired lease or a release: the worker records that start
+        -- itself, unless the attempt lost (or given back a second time, which counts)
+        -- was the last one allowed (none starts: see attempts_exhausted).
         SELECT id, 3, start_kind, step_name, attempt, $1, NULL
-        FROM claimed WHERE start_kind IS NOT NULL AND prev_owner IS NULL
+        FROM claimed WHERE start_kind IS NOT NULL AND prev_owner IS NULL AND NOT released
     ) e
     ORDER BY run_id, ord
 )
 SELECT * FROM claimed;
 
 -- name: started
--- Log the start of an attempt claimed after an expired lease (claim and claim_items log
--- the others), fenced like a transition: whether the lease is still held (nothing is
--- logged when it is not). Safe to replay: a start logged already since that claim's
--- lease_expired is not logged again (an earlier one of the same attempt number, before
--- an operator's retry restarted the count, does not count).
+-- Log the start of an attempt claimed after an expired lease or a release (claim and
+-- claim_items log the others), fenced like a transition: whether the lease is still held
+-- (nothing is logged when it is not). Safe to replay: a start logged already since that
+-- claim's lease_expired (or lease_released) is not logged again (an earlier one of the
+-- same attempt number, before an operator's retry restarted the count, does not count).
 -- $1 run id, $2 lease token held, $3 the worker holding it, $4 event kind
 -- (step_started or compensation_started), $5 step name, $6 attempt, $7 the graph item's
 -- phase, or NULL for a linear run (whose lease is in its run row)
@@ -272,7 +273,8 @@ WITH lease AS (
         WHERE e.run_id = $1 AND e.kind = $4 AND e.step = $5 AND e.attempt = $6
           AND e.worker = $3
           AND e.id > (SELECT max(x.id) FROM __schema__.events x
-                      WHERE x.run_id = $1 AND x.kind = 'lease_expired' AND x.step = $5))
+                      WHERE x.run_id = $1 AND x.step = $5
+                        AND x.kind IN ('lease_expired', 'lease_released')))
 )
 SELECT held FROM lease;
 
@@ -447,14 +449,14 @@ SELECT false AS claim, upd.id, upd.held, upd.lease_token, upd.cancel_requested, 
        NULL::text AS saga_name, NULL::integer AS saga_version, NULL::text AS status,
        NULL::text AS step_name, NULL::integer AS attempt, NULL::text AS input,
        NULL::text AS results, NULL::text[] AS completed_steps, NULL::boolean AS has_error,
-       NULL::text AS trace_context, NULL::text AS prev_owner, NULL::text AS timed_out_wait,
-       NULL::boolean AS child, NULL::boolean AS keyed
+       NULL::text AS trace_context, NULL::text AS prev_owner, NULL::boolean AS released,
+       NULL::text AS timed_out_wait, NULL::boolean AS child, NULL::boolean AS keyed
 FROM upd LEFT JOIN watch ON watch.run_id = upd.id
 UNION ALL
 SELECT true, id, NULL, lease_token, cancel_requested, age, false, NULL, saga_name,
        saga_version,
        status, step_name, attempt, input, results, completed_steps, has_error,
-       trace_context, prev_owner, timed_out_wait, child, keyed
+       trace_context, prev_owner, released, timed_out_wait, child, keyed
 FROM claimed;
 
 -- name: statistics_stale
@@ -557,8 +559,9 @@ WITH held AS (
         released = true, updated_at = now()
     FROM held
     WHERE r.id = held.id
-    RETURNING r.id, r.saga_name, r.step_name, held.attempt AS released_attempt,
-              held.released AS counted
+    -- (a waiting run's lease was deciding its wait's timeout: the wait is named)
+    RETURNING r.id, r.saga_name, coalesce(r.wait_name, r.step_name) AS step_name,
+              held.attempt AS released_attempt, held.released AS counted
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT id, 'lease_released', step_name, released_attempt, $1,
@@ -859,7 +862,7 @@ LIMIT $1;
 -- whatever its priority (its due time is its wake-up time; it stays out of runs_urgent).
 -- The parameters are claim's.
 WITH urgent AS (
-    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
+    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name, r.released
     FROM __schema__.runs r
     WHERE r.due_at <= now() AND r.priority > 0
       AND r.status NOT IN ('sleeping', 'waiting')
@@ -875,7 +878,7 @@ WITH urgent AS (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), normal AS (
-    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name
+    SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name, r.released
     FROM __schema__.runs r
     WHERE r.due_at <= now()
       AND (r.priority = 0 OR r.status IN ('sleeping', 'waiting'))
@@ -1508,7 +1511,7 @@ SELECT saga_name, saga_version, fingerprint FROM __schema__.runs WHERE id = $1;
 -- $1 worker id, $2 max items, $3 lease seconds, $4 saga names, $5 saga versions, $6
 -- fingerprints (the three pairwise)
 WITH candidates AS (
-    SELECT i.run_id, i.step, i.phase, i.lease_owner AS prev_owner
+    SELECT i.run_id, i.step, i.phase, i.lease_owner AS prev_owner, i.released
     FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
     WHERE i.due_at <= now()
       -- Registered definitions only, written so the planner sees that most due runs
@@ -1534,7 +1537,7 @@ WITH candidates AS (
       -- The candidates' runs named, so the update probes the primary key: joined alone
       -- (LIMIT $2 estimated at a tenth of the items) it hashed every item of every run.
       AND i.run_id = ANY (ARRAY(SELECT run_id FROM candidates))
-    RETURNING i.run_id, i.step, i.phase, i.attempt, i.lease_token, c.prev_owner
+    RETURNING i.run_id, i.step, i.phase, i.attempt, i.lease_token, c.prev_owner, c.released
 ), state AS (
     SELECT c.*, r.saga_name, r.saga_version, r.status, r.input,
            r.results::text AS results, r.completed_steps, r.cancel_requested,
@@ -1554,13 +1557,15 @@ WITH candidates AS (
         SELECT run_id, 2,
                CASE WHEN phase = 'step' THEN 'step_started' ELSE 'compensation_started' END,
                step, attempt, $1
-        -- Not after an expired lease: the worker records that start itself, unless the
-        -- lost attempt was the last one allowed (none starts).
-        FROM state WHERE NOT dropping AND prev_owner IS NULL
+        -- Not after an expired lease or a release: the worker records that start
+        -- itself, unless the attempt lost (or given back a second time) was the last
+        -- one allowed (none starts).
+        FROM state WHERE NOT dropping AND prev_owner IS NULL AND NOT released
     ) e
     ORDER BY run_id, ord
 )
-SELECT run_id AS id, step AS step_name, phase, attempt, lease_token, prev_owner, saga_name,
+SELECT run_id AS id, step AS step_name, phase, attempt, lease_token, prev_owner, released,
+       saga_name,
        saga_version, status, input, results, completed_steps, cancel_requested, has_error,
        trace_context, age, dropping, child
 FROM state;
@@ -1782,7 +1787,7 @@ FROM upd u JOIN __schema__.runs r ON r.id = u.run_id;
 -- them (after an uncertain write that committed: the items it leased here go on).
 -- $1 run id, $2 worker id
 SELECT i.run_id AS id, i.step AS step_name, i.phase, i.attempt, i.lease_token,
-       NULL AS prev_owner,
+       NULL AS prev_owner, false AS released,
        r.saga_name, r.saga_version, r.status, r.input, r.results::text AS results,
        r.completed_steps, r.cancel_requested, r.error IS NOT NULL AS has_error,
        r.trace_context::text AS trace_context,
