@@ -337,9 +337,10 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
     # -- runs ---------------------------------------------------------------------------------
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle:
-        """A handle on an existing run (by id), e.g. one started by another process."""
+        """A handle on an existing run (by id), e.g. one started by another process
+        (``created`` is False: this call created nothing)."""
         self._check_open()
-        return RunHandle(self, _checks.run_id(run_id, ConfigurationError))
+        return RunHandle(self, _checks.run_id(run_id, ConfigurationError), created=False)
 
     async def _row(self, run_id: uuid.UUID) -> RunRow:
         row = await self._store_or_raise().get_run(run_id)

@@ -67,7 +67,9 @@ class RunHandle(Generic[OutputT]):
         self._client = client
         self.id = run_id
         self.created = created
-        """False when ``start()`` found an existing run with the same idempotency key."""
+        """Whether the call that gave out this handle inserted the run: False when
+        ``start()`` found an existing run with the same idempotency key, and for a
+        handle from ``get_run()``."""
 
     def __repr__(self) -> str:
         return f"<RunHandle {self.id}>"

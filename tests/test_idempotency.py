@@ -182,6 +182,20 @@ async def test_restart_with_an_equal_input_returns_the_same_run(
     assert await _rows(db) == before
 
 
+async def test_a_handle_from_get_run_says_it_created_nothing(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README: `RunHandle.created` says whether the call that gave out the handle
+    inserted the run: True from the `start()` that did, False from `get_run()` (it only
+    names an existing run, e.g. one another process started)."""
+    s = ordering()
+    client = await orchestrator(s, concurrency=0)
+    first = await client.start(s, Order.model_validate(ORIGINAL), key="order-2")
+    assert first.created
+    assert client.get_run(first.id).created is False
+    assert client.get_run(str(first.id)).created is False
+
+
 @pytest.mark.parametrize("other", list(DIFFERENT_INPUTS.values()), ids=list(DIFFERENT_INPUTS))
 async def test_restart_with_a_different_input_conflicts_and_writes_nothing(
     orchestrator: OrchestratorFactory, db: asyncpg.Connection, other: dict[str, Any]
