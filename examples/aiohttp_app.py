@@ -34,6 +34,7 @@ from examples.responses import (
     MAX_WAIT,
     describe,
     error_response,
+    order_run,
     outcome,
     validation_body,
 )
@@ -96,12 +97,12 @@ def _seconds(request: web.Request, name: str, default: float | None) -> float | 
     return value
 
 
-def _run(request: web.Request) -> saga.RunHandle:
+async def _run(request: web.Request) -> saga.RunHandle:
     try:
         run_id = uuid.UUID(request.match_info["run_id"])
     except ValueError:
         raise web.HTTPUnprocessableEntity(text="run_id must be a UUID") from None
-    return request.app[ORCHESTRATOR].get_run(run_id)
+    return await order_run(request.app[ORCHESTRATOR], run_id)
 
 
 @routes.post("/orders")
@@ -124,14 +125,14 @@ async def create_order(request: web.Request) -> web.Response:
 @routes.get("/orders/{run_id}")
 async def get_order(request: web.Request) -> web.Response:
     """The run's state and timeline."""
-    run = _run(request)
+    run = await _run(request)
     return web.json_response(describe(await run.info(), await run.history()))
 
 
 @routes.get("/orders/{run_id}/result")
 async def get_result(request: web.Request) -> web.Response:
     """Wait up to ``timeout`` seconds for the outcome (long-poll)."""
-    run = _run(request)
+    run = await _run(request)
     timeout = _seconds(request, "timeout", 10.0)
     assert timeout is not None
     code, body = await outcome(run, timeout)
@@ -141,6 +142,6 @@ async def get_result(request: web.Request) -> web.Response:
 @routes.post("/orders/{run_id}/cancel")
 async def cancel_order(request: web.Request) -> web.Response:
     """Cancel the order: what completed is compensated."""
-    run = _run(request)
+    run = await _run(request)
     await run.cancel()
     return web.json_response({"run_id": str(run.id), "status": "cancel_requested"}, status=202)

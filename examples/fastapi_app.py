@@ -48,6 +48,7 @@ from examples.responses import (
     MAX_WAIT,
     describe,
     error_response,
+    order_run,
     outcome,
     validation_body,
 )
@@ -122,7 +123,7 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
     @app.get("/orders/{run_id}")
     async def get_order(run_id: uuid.UUID, orchestrator: Orch) -> dict[str, Any]:
         """The run's state and timeline."""
-        run = orchestrator.get_run(run_id)
+        run = await order_run(orchestrator, run_id)
         return describe(await run.info(), await run.history())
 
     @app.get("/orders/{run_id}/result")
@@ -132,13 +133,13 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
         timeout: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 10.0,
     ) -> JSONResponse:
         """Wait up to ``timeout`` seconds for the outcome (long-poll)."""
-        code, body = await outcome(orchestrator.get_run(run_id), timeout)
+        code, body = await outcome(await order_run(orchestrator, run_id), timeout)
         return JSONResponse(body, status_code=code)
 
     @app.post("/orders/{run_id}/cancel", status_code=202)
     async def cancel_order(run_id: uuid.UUID, orchestrator: Orch) -> dict[str, Any]:
         """Cancel the order: what completed is compensated."""
-        await orchestrator.get_run(run_id).cancel()
+        await (await order_run(orchestrator, run_id)).cancel()
         return {"run_id": str(run_id), "status": "cancel_requested"}
 
     return app

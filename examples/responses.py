@@ -8,10 +8,12 @@ same error and no handler needs its own ``try``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import saga
+from examples.checkout import checkout
 
 #: The longest a request may wait for a run's outcome, in seconds.
 MAX_WAIT = 30.0
@@ -62,6 +64,16 @@ def validation_body(errors: Sequence[Any]) -> dict[str, Any]:
     may be large, private, or NaN, which JSON cannot encode)."""
     detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
     return {"error": "ValidationError", "detail": detail}
+
+
+async def order_run(client: saga.Client, run_id: uuid.UUID) -> saga.RunHandle:
+    """The checkout run an order's URL names. A run of another saga sharing the database
+    (the approval example's refunds, say) is no order: 404, as an unknown id, so that no
+    order route reads its output as a shipment or cancels it."""
+    run = client.get_run(run_id)
+    if (await run.info()).saga != checkout.name:
+        raise saga.RunNotFoundError(run_id)
+    return run
 
 
 async def outcome(run: saga.RunHandle, timeout: float) -> tuple[int, dict[str, Any]]:

@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from examples.aiohttp_app import ORCHESTRATOR, create_app
 from examples.responses import RETRY_AFTER
+from tests._sagas import Job, small_saga
+from tests.conftest import OrchestratorFactory
 from tests.examples._http import (
     INVALID_ORDERS,
     MALFORMED_RUN_IDS,
@@ -182,6 +184,22 @@ async def test_invalid_orders_get_422(client: Client, db: asyncpg.Connection) ->
         response = await client.post("/orders", params={"wait": wait}, json=order("a-8"))
         assert response.status == 422
     assert await count_runs(db) == 0
+
+
+async def test_a_run_of_another_saga_is_no_order(
+    client: Client, orchestrator: OrchestratorFactory
+) -> None:
+    """The order routes name checkout runs only: a run of another saga sharing the
+    database (the approval example's refunds, say) answers 404 on every one, as an
+    unknown id (not a 500 reading its output as a shipment), and is not cancelled."""
+    other = small_saga("not_an_order", ["a"], result=lambda ctx: "a string")
+    orch = await orchestrator(other, concurrency=0)
+    run = await orch.start(other, Job(n=1))
+    await assert_error(await client.get(f"/orders/{run.id}"), 404, "RunNotFoundError")
+    response = await client.get(f"/orders/{run.id}/result", params={"timeout": "0"})
+    await assert_error(response, 404, "RunNotFoundError")
+    await assert_error(await client.post(f"/orders/{run.id}/cancel"), 404, "RunNotFoundError")
+    assert not (await run.info()).cancel_requested
 
 
 async def test_unknown_run_ids_get_404_and_malformed_ones_422(client: Client) -> None:

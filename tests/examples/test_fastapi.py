@@ -14,6 +14,8 @@ import pytest
 
 from examples.fastapi_app import create_app
 from examples.responses import RETRY_AFTER
+from tests._sagas import Job, small_saga
+from tests.conftest import OrchestratorFactory
 from tests.examples._http import (
     INVALID_ORDERS,
     MALFORMED_RUN_IDS,
@@ -198,6 +200,22 @@ async def test_invalid_orders_get_422(client: httpx.AsyncClient, db: asyncpg.Con
         response = await client.post("/orders", params={"wait": wait}, json=order("o-8"))
         assert_error(response, 422, "ValidationError")
     assert await count_runs(db) == 0
+
+
+async def test_a_run_of_another_saga_is_no_order(
+    client: httpx.AsyncClient, orchestrator: OrchestratorFactory
+) -> None:
+    """The order routes name checkout runs only: a run of another saga sharing the
+    database (the approval example's refunds, say) answers 404 on every one, as an
+    unknown id (not a 500 reading its output as a shipment), and is not cancelled."""
+    other = small_saga("not_an_order", ["a"], result=lambda ctx: "a string")
+    orch = await orchestrator(other, concurrency=0)
+    run = await orch.start(other, Job(n=1))
+    assert_error(await client.get(f"/orders/{run.id}"), 404, "RunNotFoundError")
+    response = await client.get(f"/orders/{run.id}/result", params={"timeout": "0"})
+    assert_error(response, 404, "RunNotFoundError")
+    assert_error(await client.post(f"/orders/{run.id}/cancel"), 404, "RunNotFoundError")
+    assert not (await run.info()).cancel_requested
 
 
 async def test_unknown_run_ids_get_404_and_malformed_ones_422(client: httpx.AsyncClient) -> None:
