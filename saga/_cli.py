@@ -32,7 +32,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -52,7 +52,7 @@ from saga._cli_args import (
     parse_duration,
 )
 from saga._cli_ops import COMMANDS, read_payload
-from saga._cli_render import _clean, _Ctx
+from saga._cli_render import ClosedOutput, Discarded, _clean, _Ctx
 from saga._cli_sched import SCHEDULE_COMMANDS
 from saga._client import Client
 from saga._db import latest_migration, validate_dsn, validate_schema
@@ -72,12 +72,30 @@ __all__ = ["EXIT_USAGE", "build_parser", "main", "parse_duration"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``saga`` command with ``argv`` (default: ``sys.argv[1:]``); return the
     exit code."""
+    with _standard_streams():
+        try:
+            code = _main(argv)
+            sys.stdout.flush()  # a closed pipe must show up here, not in the exit's flush
+        except BrokenPipeError:
+            return _stdout_closed()
+        return code
+
+
+@contextlib.contextmanager
+def _standard_streams() -> Iterator[None]:
+    """Stand in for the standard streams the process was started without (``>&-``,
+    ``2>&-``: Python then has None for them): stdout closed stops the output at its
+    first line (exit 141), stderr closed drops the messages (the exit code still tells)."""
+    saved = sys.stdout, sys.stderr
+    if sys.stdout is None:
+        sys.stdout = ClosedOutput()
+    if sys.stderr is None:
+        sys.stderr = Discarded()
     try:
-        code = _main(argv)
-        sys.stdout.flush()  # a closed pipe must show up here, not in the exit's flush
-    except BrokenPipeError:
-        return _stdout_closed()
-    return code
+        yield
+    finally:
+        sys.stdout = saved[0] if saved[0] is None else sys.stdout
+        sys.stderr = saved[1] if saved[1] is None else sys.stderr
 
 
 def _stdout_closed() -> int:
@@ -150,7 +168,9 @@ def _dashboard(argv: list[str], dsn: str | None, schema: str | None) -> int:
     except ImportError as exc:
         print(f"saga dashboard: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return dashboard_main(argv, dsn=dsn, schema=schema)
+    # A server runs on without anyone reading its address line.
+    out = Discarded() if isinstance(sys.stdout, ClosedOutput) else None
+    return dashboard_main(argv, dsn=dsn, schema=schema, out=out)
 
 
 def _run(ctx: _Ctx) -> int:
@@ -239,8 +259,37 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
     async with contextlib.AsyncExitStack() as stack:
         await _open(ctx, stack, orch)
         command = {**COMMANDS, **ACTIONS, **SCHEDULE_COMMANDS}[args.command]
+        if args.command in _WRITES_ONE and not getattr(args, "all", False):
+            return await _to_its_end(ctx, command(ctx, orch))
         return await command(ctx, orch)
     raise AssertionError("unreachable")  # pragma: no cover - mypy: the block returns
+
+
+#: The commands that write one run's action: once started, they run to their end.
+_WRITES_ONE = frozenset(("signal", "cancel", "retry", "resolve", "skip-compensation"))
+
+
+async def _to_its_end(ctx: _Ctx, action: Awaitable[int]) -> int:
+    """Run an action on one run to its end, a Ctrl-C notwithstanding: saga's writes are
+    not undone by an interrupt (a signal waiting for a row another transaction holds is
+    recorded once it is released), so the command reports what was written, with its
+    exit code, not "interrupted". A second Ctrl-C aborts (exit 130)."""
+    task = asyncio.ensure_future(action)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is None or not current.cancelling():
+            raise  # not an interrupt of this command
+        current.uncancel()
+        ctx.note(f"saga {ctx.args.command}: interrupted: finishing the write in flight "
+                 "(Ctrl-C again to abort)")  # fmt: skip
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if current.cancelling():
+                    current.uncancel()
 
 
 async def _open(ctx: _Ctx, stack: contextlib.AsyncExitStack, client: Client) -> None:

@@ -229,6 +229,8 @@ def read_payload(ctx: _Ctx) -> None:
     """``saga signal``'s checks before any connection: how the run is named, and the
     payload (``-``: read from stdin) is JSON. ``args.payload`` becomes the JSON text."""
     check_run_named(ctx)
+    if ctx.args.payload == "-" and sys.stdin is None:  # started with stdin closed (<&-)
+        ctx.fail(EXIT_USAGE, "--payload -: there is no stdin to read the JSON from")
     text = sys.stdin.read() if ctx.args.payload == "-" else ctx.args.payload
     where = "on stdin" if ctx.args.payload == "-" else "in --payload"
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import io
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,22 @@ from saga._cli_values import EXIT_ERROR, _Exit
 from saga._errors import ErrorInfo
 from saga._model import HistoryEvent, RunInfo
 from saga._timeline import StepAttempt
+
+
+class Discarded(io.StringIO):
+    """A standard stream the process was started without (``2>&-``, or stdout for a
+    server command): what goes to it is dropped, and the exit code still tells."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+class ClosedOutput(Discarded):
+    """stdout closed before the command started (``saga runs >&-``): the first write
+    stops the output as a closed pipe does (exit 141, nothing on stderr)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError("stdout is closed")
 
 
 @dataclass
