@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable, Coroutine, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import anyio
@@ -45,6 +46,13 @@ def is_cancellation_by_saga(exc: BaseException) -> bool:
     return False
 
 
+#: The writes started in this context, when a caller asks (saga._cli: whether an
+#: operator's action interrupted by Ctrl-C has a write in flight); None elsewhere.
+started_writes: ContextVar[list[asyncio.Future[Any]] | None] = ContextVar(
+    "saga_started_writes", default=None
+)
+
+
 async def uncancellable(coro: Coroutine[Any, Any, T], then: Callable[[T], None] | None = None) -> T:
     """Run ``coro`` to completion even if the caller is cancelled meanwhile, by any means
     (anyio scopes, ``asyncio.timeout``, ``wait_for``, ``Task.cancel()``). For writes whose
@@ -58,6 +66,9 @@ async def uncancellable(coro: Coroutine[Any, Any, T], then: Callable[[T], None] 
     the write is done.
     """
     task = asyncio.ensure_future(coro)
+    writes = started_writes.get()
+    if writes is not None:
+        writes.append(task)
     try:
         done = await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -32,12 +32,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
 import structlog
 
+from saga._aio import started_writes
 from saga._cli_acts import ACTIONS
 from saga._cli_args import (
     EXIT_BROKEN_PIPE,
@@ -270,26 +272,56 @@ _WRITES_ONE = frozenset(("signal", "cancel", "retry", "resolve", "skip-compensat
 
 
 async def _to_its_end(ctx: _Ctx, action: Awaitable[int]) -> int:
-    """Run an action on one run to its end, a Ctrl-C notwithstanding: saga's writes are
-    not undone by an interrupt (a signal waiting for a row another transaction holds is
-    recorded once it is released), so the command reports what was written, with its
-    exit code, not "interrupted". A second Ctrl-C aborts (exit 130)."""
-    task = asyncio.ensure_future(action)
+    """Run an action on one run; a Ctrl-C before its write started stops it (exit 130).
+    Once its write is in flight (a signal waiting, say, for a row another transaction
+    holds) an interrupt would not undo it: the action goes on to its end and reports
+    what was written, with its own exit code. A second Ctrl-C aborts (exit 130)."""
+    writes: list[asyncio.Future[Any]] = []
+    interrupts = 0
+
+    async def tracked() -> int:
+        started_writes.set(writes)  # (in this task's own context)
+        return await action
+
+    task = asyncio.ensure_future(tracked())
+
+    def on_sigint() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if not writes:
+            task.cancel()  # nothing written yet: the action stops where it is
+        elif interrupts == 1:
+            ctx.note(f"saga {ctx.args.command}: interrupted: finishing the write in flight "
+                     "(Ctrl-C again to abort)")  # fmt: skip
+        else:
+            raise KeyboardInterrupt  # out of the event loop, whatever is in flight
+
+    with _on_sigint(on_sigint):
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if interrupts and task.cancelled():
+                ctx.note("saga: interrupted")
+                raise _Exit(EXIT_INTERRUPTED) from None
+            raise
+
+
+@contextlib.contextmanager
+def _on_sigint(callback: Callable[[], None]) -> Iterator[None]:
+    """``callback`` (in the event loop) handles SIGINT for the block, instead of the
+    runner's cancelling of the whole command; only in the main thread (an in-process
+    caller running the command in a thread keeps its own handling)."""
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    loop.add_signal_handler(signal.SIGINT, callback)
     try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is None or not current.cancelling():
-            raise  # not an interrupt of this command
-        current.uncancel()
-        ctx.note(f"saga {ctx.args.command}: interrupted: finishing the write in flight "
-                 "(Ctrl-C again to abort)")  # fmt: skip
-        while True:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if current.cancelling():
-                    current.uncancel()
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, before)
 
 
 async def _open(ctx: _Ctx, stack: contextlib.AsyncExitStack, client: Client) -> None:

@@ -21,7 +21,7 @@ from saga._errors import DatabaseError, error_record
 from saga._graph_plan import Finished, GraphChange, Parked
 from saga._held import Lease
 from saga._lease import Leases
-from saga._log import log_events, logger
+from saga._log import Cause, log_events, logger, needs_cause
 from saga._model import EventKind, Outcome, Phase, RunStatus
 from saga._runner import Runner
 from saga._spawner import Children
@@ -103,7 +103,7 @@ class GraphRunner:
             await self._carry_on(run)
             return
         change, result = written
-        self._recorded(run, change, result, log)
+        await self._recorded(run, change, result, log)
         for step, new_phase, token in result.leased:
             self._adopt(item, run, change, result, step, new_phase, token)
 
@@ -186,7 +186,7 @@ class GraphRunner:
             run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
         return outcome
 
-    def _recorded(
+    async def _recorded(
         self, run: ActiveRun, change: GraphChange, written: GraphWritten, log: Any
     ) -> None:
         """The item's outcome is in the database: close its span, count, log."""
@@ -204,7 +204,18 @@ class GraphRunner:
             runner.telemetry.run_ended(run.saga.name, change.status, written.age)
         if any(n.lease_seconds is None for n in change.new):
             self._leases.wake()
-        log_events(log, change.events, change.error)
+        cause: Cause = (None, None, change.error)
+        if needs_cause(change.events, change.error):  # (the run failed in an earlier write)
+            cause = await self._last_failure(run)
+        log_events(log, change.events, cause)
+
+    async def _last_failure(self, run: ActiveRun) -> Cause:
+        """The run's latest failure in its history (for the line of a run that now
+        waits for an operator); unknown if the history cannot be read."""
+        try:
+            return await self._runner.store.last_failure(run.id)
+        except DatabaseError:
+            return (None, None, None)
 
     def _adopt(
         self,

@@ -117,21 +117,38 @@ class Outage:
 _NEEDS_OPERATOR = ("run_failed", "run_stopped")
 
 
-def log_events(log: Any, events: Iterable[Any], error: Mapping[str, Any] | None = None) -> None:
+#: A failure as the line of a run that waits for an operator names it: its step,
+#: attempt and error record (each None when not known).
+Cause = tuple[str | None, int | None, Mapping[str, Any] | None]
+
+
+def needs_cause(events: Iterable[Any], error: Mapping[str, Any] | None) -> bool:
+    """Whether the events of one write end the run waiting for an operator without
+    naming the failure that stopped it (nor does the write's ``error``): it came in an
+    earlier write (a graph run whose other branches ended after it)."""
+    if error is not None:
+        return False
+    found = False
+    for event in events:
+        if event.data and "error" in event.data:
+            return False
+        found = found or str(event.kind) in _NEEDS_OPERATOR
+    return found
+
+
+def log_events(log: Any, events: Iterable[Any], cause: Cause | None = None) -> None:
     """Log the history events one write of a worker appended (each as
     :func:`log_event`). The line of a run that now needs an operator names the step,
-    attempt and error type of the failure that stopped it (an event's, else the
-    write's ``error``), when its event does not."""
-    cause: tuple[str | None, int | None, Mapping[str, Any] | None] = (
-        None, None, None if error is None else {"error": error},
-    )  # fmt: skip
+    attempt and error type of the failure that stopped it (an event's of this write,
+    else ``cause``), when its event does not."""
+    step_of, attempt_of, error = cause or (None, None, None)
     for event in events:
         kind, step, attempt, data = str(event.kind), event.step, event.attempt, event.data
         if data and "error" in data:
-            cause = (step, attempt, {"error": data["error"]})
-        elif kind in _NEEDS_OPERATOR and cause[2] is not None:
-            step, attempt = step or cause[0], attempt or cause[1]
-            data = {**(data or {}), **cause[2]}
+            step_of, attempt_of, error = step, attempt, data["error"]
+        elif kind in _NEEDS_OPERATOR and error is not None:
+            step, attempt = step or step_of, attempt or attempt_of
+            data = {**(data or {}), "error": error}
         log_event(log, kind, step, attempt, data)
 
 

@@ -258,7 +258,7 @@ class Runner:
             else:
                 age = written.age
             self.telemetry.run_ended(run.saga.name, change.status, age)
-        log_events(log, change.events, change.error)
+        log_events(log, change.events, (None, None, change.error))
 
     async def _attempt(
         self, run: ActiveRun, lease: Lease, log: Any

@@ -116,6 +116,15 @@ class GraphQueries:
             )
         return bool(due)
 
+    async def last_failure(self, run_id: UUID) -> tuple[str | None, int | None, Any]:
+        """The step, attempt and error record of the run's latest failure in its
+        history (Nones: none)."""
+        async with translate_errors("reading a run's history"):
+            row = await self.hot.fetchrow(self._q["last_failure"], run_id)
+        if row is None:
+            return None, None, None
+        return row["step"], row["attempt"], json.loads(row["error"])
+
     async def graph_write(
         self,
         worker: str,

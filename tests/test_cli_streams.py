@@ -25,7 +25,7 @@ from pydantic import BaseModel
 import saga
 from tests._harness import ROOT, Children, python_env
 from tests._sagas import until_status
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -242,3 +242,104 @@ async def test_a_worker_with_stderr_closed_runs_until_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def _blocked(db: asyncpg.Connection, proc: subprocess.Popen[bytes]) -> None:
+    """Until a statement of the command waits for a lock (the test's transaction's)."""
+    with anyio.fail_after(20):
+        while not await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        ):
+            assert proc.poll() is None, proc.communicate()
+            await anyio.sleep(0.1)
+
+
+async def _stopped_run(orchestrator: OrchestratorFactory, name: str) -> saga.RunHandle:
+    """A run stopped for an operator, with no worker left to move it on."""
+    s = saga.Saga(name, input=Req)
+
+    @s.step(retry=saga.Retry(max_attempts=1, on_give_up="stop"))
+    async def one(ctx: saga.Context[Req]) -> str:
+        raise saga.PermanentError("declined")
+
+    orch = await orchestrator(s)
+    run = await s.start(Req())
+    with pytest.raises(saga.RunStoppedError):
+        await run.result(timeout=20)
+    await orch.aclose()
+    return run
+
+
+async def _retried(db: asyncpg.Connection, run: saga.RunHandle) -> int:
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM saga.events WHERE run_id = $1 AND kind = 'run_retried'", run.id
+        )
+    )
+
+
+async def test_ctrl_c_before_an_actions_write_stops_it(
+    dsn: str, orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README, Command line: exit "`130` interrupted"; only an action whose write is in
+    flight finishes it. `saga retry RUN` first reads the run; that read waits (here for
+    a table lock an application's migration holds) when the operator presses Ctrl-C:
+    nothing was written, so the command stops, exits 130, and the run is not retried,
+    even once the lock is gone."""
+    run = await _stopped_run(orchestrator, "cli_interrupted_read")
+    app = await asyncpg.connect(dsn)
+    try:
+        async with app.transaction():
+            await app.execute("LOCK TABLE saga.runs IN ACCESS EXCLUSIVE MODE")
+            proc = _saga_process(dsn, "retry", str(run.id))
+            await _blocked(db, proc)  # connected, and reading the run: held by the lock
+            proc.send_signal(signal.SIGINT)
+            await anyio.sleep(1.0)
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        await app.close()
+    code, _, err = await _finish(proc)
+    assert (code, await _retried(db, run)) == (130, 0), err
+    assert "finishing" not in err, err
+    assert await db.fetchval("SELECT status FROM saga.runs WHERE id = $1", run.id) == "stopped"
+
+
+async def test_a_second_ctrl_c_aborts_an_action_waiting_for_a_held_row(
+    dsn: str, orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README, Command line: an action interrupted while its write is in flight finishes
+    it; "a second Ctrl-C aborts (130)". `saga retry RUN` waits for the run's row, which
+    an application's transaction holds; two Ctrl-C: the command exits 130 at once, and
+    its write, never committed, left nothing."""
+    run = await _stopped_run(orchestrator, "cli_second_ctrl_c")
+    app = await asyncpg.connect(dsn)
+    try:
+        async with app.transaction():
+            await app.execute("SELECT 1 FROM saga.runs WHERE id = $1 FOR UPDATE", run.id)
+            proc = _saga_process(dsn, "retry", str(run.id))
+            await _blocked(db, proc)  # its write waits for the row
+            proc.send_signal(signal.SIGINT)
+            await anyio.sleep(1.0)
+            assert proc.poll() is None  # finishing its write
+            proc.send_signal(signal.SIGINT)  # abort
+            with anyio.move_on_after(10):
+                while proc.poll() is None:  # noqa: ASYNC110 - a child process
+                    await anyio.sleep(0.1)
+            aborted = proc.poll()
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        await app.close()
+    code, _, err = await _finish(proc)
+    assert aborted == code == 130, (aborted, code, err)
+    assert "finishing the write in flight" in err, err
+    assert await _retried(db, run) == 0
+    assert await db.fetchval("SELECT status FROM saga.runs WHERE id = $1", run.id) == "stopped"
+
+
+class _Rollback(Exception):
+    """Leaves a test's transaction block, rolled back."""

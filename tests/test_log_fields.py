@@ -9,6 +9,7 @@ alerts on, so it names the step and the error type that stopped the run.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import anyio
 import pytest
@@ -149,3 +150,89 @@ async def test_the_lease_expired_line_names_both_workers(
     assert expired["worker"] == orch.worker_id
     assert expired["previous_worker"] == orch.worker_id  # (it expired its own, here)
     assert (expired["saga"], expired["step"], expired["attempt"]) == ("expired_line", "a", 1)
+
+
+def _named(line: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return line.get("step"), line.get("attempt"), line.get("error_type")
+
+
+async def test_graph_run_failed_line_names_the_compensation_that_gave_up(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README ("Logging"): "A run that waits for an operator logs an error, `run_failed`
+    or `run_stopped`, naming the step (or wait), attempt and error type that stopped
+    it."
+
+    A run whose steps run in parallel: `a`'s compensation gives up at once while `b`'s
+    is still running; the run ends `failed` in `b`'s later write. Its `run_failed` line
+    names the compensation that gave up (`a`, attempt 1) and its error type, recorded
+    by that earlier write."""
+    s = saga.Saga("graph_failed_line", input=Job)
+
+    @s.step(after=[])
+    async def a(ctx: saga.Context[Job]) -> str:
+        return "a"
+
+    @a.compensate(retry=saga.Retry(max_attempts=1))
+    async def undo_a(ctx: saga.Context[Job], result: str) -> None:
+        raise saga.PermanentError("cannot undo a")
+
+    @s.step(after=[])
+    async def b(ctx: saga.Context[Job]) -> str:
+        return "b"
+
+    @b.compensate
+    async def undo_b(ctx: saga.Context[Job], result: str) -> None:
+        await anyio.sleep(1.0)  # the branch that ends last
+
+    @s.step(after=[a, b], retry=saga.Retry(max_attempts=1))
+    async def c(ctx: saga.Context[Job]) -> str:
+        raise saga.PermanentError("declined")
+
+    with capture_logs() as logs:
+        orch = await orchestrator(s)
+        run = await s.start(Job())
+        with pytest.raises(saga.RunFailedError):
+            await run.result(timeout=20)
+        await orch.aclose()
+    [gave_up] = [line for line in logs if line["event"] == "compensation_failed"]
+    [failed] = [line for line in logs if line["event"] == "run_failed"]
+    assert failed["log_level"] == "error"
+    assert _named(failed) == _named(gave_up) == ("a", 1, "saga.PermanentError"), (
+        f"run_failed names {_named(failed)}; the compensation that gave up was {_named(gave_up)}"
+    )
+
+
+async def test_graph_run_stopped_line_names_the_attempt_and_error_that_stopped_it(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README ("Logging"): "A run that waits for an operator logs an error, `run_failed`
+    or `run_stopped`, naming the step (or wait), attempt and error type that stopped
+    it."; ("Retries") `on_give_up="stop"`: "The run ends `stopped` at that step".
+
+    A run whose steps run in parallel: `a` gives up at once with `on_give_up="stop"`
+    while `b` still runs; the run stops once `b` ends, in `b`'s write. Its
+    `run_stopped` line names `a`, its attempt and its error type."""
+    s = saga.Saga("graph_stopped_line", input=Job)
+
+    @s.step(after=[], retry=saga.Retry(max_attempts=1, on_give_up="stop"))
+    async def a(ctx: saga.Context[Job]) -> str:
+        raise saga.PermanentError("declined")
+
+    @s.step(after=[])
+    async def b(ctx: saga.Context[Job]) -> str:
+        await anyio.sleep(1.0)  # the branch that ends last
+        return "b"
+
+    with capture_logs() as logs:
+        orch = await orchestrator(s)
+        run = await s.start(Job())
+        with pytest.raises(saga.RunStoppedError):
+            await run.result(timeout=20)
+        await orch.aclose()
+    [gave_up] = [line for line in logs if line["event"] == "step_failed"]
+    [stopped] = [line for line in logs if line["event"] == "run_stopped"]
+    assert stopped["log_level"] == "error"
+    assert _named(stopped) == _named(gave_up) == ("a", 1, "saga.PermanentError"), (
+        f"run_stopped names {_named(stopped)}; the step that gave up was {_named(gave_up)}"
+    )

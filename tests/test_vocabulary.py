@@ -53,6 +53,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     other |= {"limit", "delay"}  # a rate limit's wait
     other |= {"advisory"}  # pg_locks' lock type (the orchestrators present)
     other |= {"lock_timeout"}  # a setting a statement sets for itself (set_config)
+    other |= {"error"}  # the jsonb key of a history event's failure
     assert words - known - other == set()
 
 

@@ -1570,6 +1570,15 @@ SELECT run_id AS id, step AS step_name, phase, attempt, lease_token, prev_owner,
        trace_context, age, dropping, child
 FROM state;
 
+-- name: last_failure
+-- The step, attempt and error of the run's latest failure in its history: the log line
+-- of a graph run that now waits for an operator names it, when the write that failed
+-- or stopped the run came after the one that recorded that failure.
+-- $1 run id
+SELECT step, attempt, (data->'error')::text AS error FROM __schema__.events
+WHERE run_id = $1 AND data ? 'error'
+ORDER BY id DESC LIMIT 1;
+
 -- name: due_unclaimed
 -- Whether due work of the registered definitions is left once the claim loop's claim
 -- leased what it could: a row that another transaction held locked, which the claim's
