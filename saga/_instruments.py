@@ -255,17 +255,21 @@ class _Instruments:
         return [Observation(found.get(attrs, 0), dict(attrs)) for attrs in seen]
 
     def _observe_unclaimable(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for schema, _, unclaimable in self._merged():
-            for (name, version, fingerprint), count in unclaimable.items():
-                yield Observation(
-                    count,
-                    {
-                        SCHEMA: schema,
-                        SAGA: name,
-                        SAGA_VERSION: version,
-                        FINGERPRINT: fingerprint or "-",
-                    },
-                )
+        """The unclaimable runs per definition, and 0 for a definition reported before
+        whose runs are gone (drained by a worker that has it, or pruned)."""
+        found: dict[Attrs, float] = {
+            (
+                (SCHEMA, schema),
+                (SAGA, name),
+                (SAGA_VERSION, version),
+                (FINGERPRINT, fingerprint or "-"),
+            ): count
+            for schema, _, unclaimable in self._merged()
+            for (name, version, fingerprint), count in unclaimable.items()
+        }
+        seen = self._seen.setdefault(self._observe_unclaimable, set())
+        seen.update(found)
+        return [Observation(found.get(attrs, 0), dict(attrs)) for attrs in seen]
 
 
 _by_provider: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()

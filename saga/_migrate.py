@@ -18,7 +18,8 @@ from saga._db import (
     quote_ident,
     translate_errors,
 )
-from saga._errors import ConfigurationError, MigrationError
+from saga._errors import ConfigurationError, DatabaseError, MigrationError
+from saga._log import logger
 
 # Key of the transaction-scoped advisory lock serializing migrations of one schema.
 _LOCK_NAMESPACE = "saga.migrate:"
@@ -57,8 +58,20 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
                     q["migration_record"], migration.version, migration.name, migration.checksum
                 )
                 applied_now.append(migration.version)
-    async with translate_errors("creating partitions"):
-        await partitions.ensure(pool, schema)
+    if pending:
+        # A newer release may have migrated while this one waited for the lock (it found
+        # its own migrations applied by that one): refused as at the first check.
+        _not_newer(await applied_version(pool, schema), schema)
+    try:
+        async with translate_errors("creating partitions"):
+            await partitions.ensure(pool, schema)
+    except DatabaseError as exc:
+        if not isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+            raise
+        # A long read of the runs (a report, a backup) holds a lock the new day's
+        # partition needs: the day's runs go to the DEFAULT partition meanwhile, and
+        # executing orchestrators try again a minute later (saga/_census.py).
+        logger.warning("partitions_not_created", schema=schema, error_type="LockNotAvailableError")
     return applied_now
 
 

@@ -1906,17 +1906,18 @@ LIMIT $2;
 -- name: dash_overdue
 -- Work nobody runs: run rows and graph items due more than $1 seconds ago. A held
 -- lease's due time is its expiry, so these are unleased (or their worker is gone): work
--- waiting for a definition version no live worker has, or for workers at all. Counted
--- per saga (name, version, fingerprint; '-': none recorded), with the oldest's age.
+-- waiting for a definition version no live worker has, or for workers at all. Runs
+-- counted per saga (name, version, fingerprint; '-': none recorded), a run whose steps
+-- run in parallel once however many of its items are due, with the oldest's age.
 -- $1 seconds overdue
 SELECT saga_name, saga_version, coalesce(fingerprint, '-') AS fingerprint,
-       count(*) AS runs, extract(epoch FROM now() - min(due_at))::float8 AS oldest
+       count(DISTINCT id) AS runs, extract(epoch FROM now() - min(due_at))::float8 AS oldest
 FROM (
-    SELECT saga_name, saga_version, fingerprint, due_at
+    SELECT id, saga_name, saga_version, fingerprint, due_at
     FROM __schema__.runs
     WHERE due_at <= now() - make_interval(secs => $1::float8)
     UNION ALL
-    SELECT r.saga_name, r.saga_version, r.fingerprint, i.due_at
+    SELECT r.id, r.saga_name, r.saga_version, r.fingerprint, i.due_at
     FROM __schema__.items i
     JOIN __schema__.runs r ON r.id = i.run_id
     WHERE i.due_at <= now() - make_interval(secs => $1::float8)
