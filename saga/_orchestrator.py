@@ -156,7 +156,9 @@ class Orchestrator(Client):
         # work counts as unclaimable here, and it warns about none of it). Runs of the
         # sagas of other lanes it registered are not unclaimable: their lane's run them.
         runnable = (
-            [d for d in self._definitions if self._executes(d[0])] if self.concurrency else []
+            [(s.name, s.version, s.fingerprint) for s in self._sagas.values() if self._in_lanes(s)]
+            if self.concurrency
+            else []
         )
         known = self._definitions if self.concurrency else []
         census = census_loop(
@@ -184,11 +186,10 @@ class Orchestrator(Client):
             graphs=[
                 (s.name, s.version, s.fingerprint)
                 for s in self._sagas.values()
-                if s.graph is not None and self._executes(s.name)
+                if s.graph is not None and self._in_lanes(s)
             ],
             prioritized=any(
-                s.traffic.priority is not None and self._executes(s.name)
-                for s in self._sagas.values()
+                s.traffic.priority is not None and self._in_lanes(s) for s in self._sagas.values()
             ),
         )
         runner = self._runner = Runner(
@@ -249,11 +250,13 @@ class Orchestrator(Client):
         return self.concurrency > 0 and self._executes(saga_name)
 
     def _executes(self, saga_name: str) -> bool:
-        """Whether this orchestrator runs the work of ``saga_name`` (its lanes)."""
-        return any(
-            s.name == saga_name and (self.lanes is None or s.traffic.lane in self.lanes)
-            for s in self._sagas.values()
-        )
+        """Whether this orchestrator runs the work of some version of ``saga_name``."""
+        return any(s.name == saga_name and self._in_lanes(s) for s in self._sagas.values())
+
+    def _in_lanes(self, saga: Saga[Any]) -> bool:
+        """Whether this orchestrator runs the work of ``saga`` (this version): one of
+        its lanes, or every lane when it has none."""
+        return self.lanes is None or saga.traffic.lane in self.lanes
 
     def _wake(self) -> None:
         if self._leases is not None:
