@@ -4,18 +4,19 @@ its span and its timeout, after the step's rate limit (if any) let it through.""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 from opentelemetry import trace
 
 from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel, time_limit
 from saga._codec import check_readable, decode_stored
-from saga._errors import SagaError, error_record
+from saga._errors import DatabaseError, SagaError, error_record
 from saga._held import cancel_scope
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._instruments import RATE_LIMIT
+from saga._log import Outage
 from saga._model import Phase
 from saga._rate import RateLimit
 from saga._telemetry import Telemetry
@@ -34,6 +35,9 @@ _NO_TIMEOUT = contextlib.nullcontext()
 _COMPENSATION = Phase.COMPENSATION
 
 
+T = TypeVar("T")
+
+
 class CallEnv(Protocol):
     """What a call needs from the runner making it."""
 
@@ -42,6 +46,9 @@ class CallEnv(Protocol):
     worker: str
     lease_seconds: float
     telemetry: Telemetry
+
+    @property
+    def outage(self) -> Outage: ...
 
     @property
     def hooks(self) -> Hooks: ...
@@ -86,7 +93,7 @@ async def call_user(
         if seconds < leased:
             await env.leases.renew(lease)  # a lost lease cancels this scope
         if step.rate_limit is not None and not compensation:
-            delay = await take(env.store, step.rate_limit, run, env.worker, lease)
+            delay = await take(env.store, step.rate_limit, run, env.worker, lease, env.outage)
             env.telemetry.rate_delay.record(delay, {RATE_LIMIT: step.rate_limit.name})
             if lease.cancel_requested:
                 return None, None  # cancelled while it waited for its token: not started
@@ -133,18 +140,55 @@ def user_time_limit(timeout: float, lease: Lease, what: str) -> Iterator[None]:
         lease.time_limited(None)
 
 
-async def take(store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease) -> float:
+async def take(
+    store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease, outage: Outage
+) -> float:
     """Take a token of ``limit`` for the current attempt of ``run``: wait as long as the
     bucket says (the delay is recorded in the run's history), or until a heartbeat sees
-    the run cancelled (then the step does not start); return the delay."""
+    the run cancelled (then the step does not start); return the delay. The step has
+    not started: a database away is waited out here (a lost lease cancels the wait),
+    never counted as the attempt's failure."""
     assert limit.burst is not None
-    delay = await store.rate_take(
-        limit.name, limit.per_second, limit.burst, (run.id, run.step, run.attempt), worker
-    )
+    lease.before_start(True)  # (left set when the wait is cut short: a shutdown)
+    delay = await _take(store, limit, run, worker, lease, outage)
+    lease.before_start(False)
+    return delay
+
+
+async def _take(
+    store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease, outage: Outage
+) -> float:
+    attempt = (run.id, run.step, run.attempt)
+    delay, taken = await _again(
+        outage, "taking a rate limit token",
+        lambda: store.rate_take(limit.name, limit.per_second, limit.burst or 1),
+    )  # fmt: skip
+    if delay > 0:
+        await _again(
+            outage, "recording a rate limit's delay",
+            lambda: store.rate_limited(limit.name, delay, taken, attempt, worker),
+        )  # fmt: skip
     end = anyio.current_time() + delay
     while not lease.cancel_requested and (left := end - anyio.current_time()) > 0:  # noqa: ASYNC110 - the heartbeat sets a flag, not an event
         await anyio.sleep(min(left, _CANCEL_CHECK))
     return delay
+
+
+async def _again(outage: Outage, what: str, statement: Callable[[], Awaitable[T]]) -> T:
+    """``statement``, tried again (every 0.1 s, up to every 2 s) while the database is
+    away. A token taken whose reply was lost is taken again: the lost one delays later
+    attempts by one token's time, never beyond the rate."""
+    wait = 0.1
+    while True:
+        try:
+            done = await statement()
+        except DatabaseError as exc:
+            outage.lost(what, exc)
+            await anyio.sleep(wait)
+            wait = min(wait * 2, 2.0)
+            continue
+        outage.back()
+        return done
 
 
 #: Seconds between two looks at the lease's cancel flag while waiting for a token.

@@ -50,6 +50,9 @@ class Lease:
     # The run its task drives (saga._active.ActiveRun), for the saga, step and attempt
     # of the log lines about the lease.
     active: Any = None
+    # The attempt waits for its rate limit's token: its step has not started, and a
+    # give-back at shutdown does not count it (saga._call.take).
+    unstarted: bool = False
 
     @property
     def key(self) -> UUID | ItemKey:
@@ -80,6 +83,10 @@ class Lease:
         ``deadline`` plus the lease's length it counts as ignoring its cancellation, and
         the heartbeats give it up (saga._call.user_time_limit)."""
         self.unresponsive_at = math.inf if deadline is None else deadline + self.seconds
+
+    def before_start(self, waiting: bool) -> None:
+        """Whether the attempt under this lease still waits to start (its token)."""
+        self.unstarted = waiting
 
     def mark_lost(self) -> None:
         """This worker no longer holds the lease (refused write, crash, cancelled step)."""

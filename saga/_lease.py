@@ -297,13 +297,17 @@ class Leases(Heartbeats):
         flight may have committed a lease its runner never learnt of (the next step, or
         a run claimed along)."""
         held = len(self.inflight)
+        # Attempts still waiting for a rate limit's token never started: not counted.
+        unstarted = [k for k, lease in self.inflight.items() if lease.unstarted]
         self.inflight.clear()
         runs = [(k, token) for k, token in self._dead.items() if not isinstance(k, tuple)]
         items = [(k, token) for k, token in self._dead.items() if isinstance(k, tuple)]
+        idle_runs = [k for k in unstarted if not isinstance(k, tuple)]
+        idle_items = [k for k in unstarted if isinstance(k, tuple)]
         with anyio.move_on_after(5):
             try:
-                released = await self._store.release(self._worker, runs)
-                released += await self._store.release_items(self._worker, items)
+                released = await self._store.release(self._worker, runs, idle_runs)
+                released += await self._store.release_items(self._worker, items, idle_items)
                 if released:
                     logger.info("leases_released", count=released, worker=self._worker)
             except DatabaseError as exc:

@@ -98,6 +98,10 @@ class Runner:
         return self._hooks
 
     @property
+    def outage(self) -> Outage:
+        return self._outage
+
+    @property
     def faults(self) -> FaultTarget:
         return self._faults
 

@@ -314,12 +314,16 @@ class Store(
             )
         return {r["id"]: r["cancel_requested"] for r in rows}
 
-    async def release(self, worker: str, keep: Sequence[tuple[UUID, int]] = ()) -> int:
+    async def release(
+        self, worker: str, keep: Sequence[tuple[UUID, int]] = (), unstarted: Sequence[UUID] = ()
+    ) -> int:
         """Give back every lease of ``worker`` (its loops have ended) but ``keep`` (run,
-        token); how many."""
+        token), not counting the attempts of ``unstarted``; how many."""
         runs, tokens = [k[0] for k in keep], [k[1] for k in keep]
         async with translate_errors("releasing leases"):
-            rows = await self.hot.fetch(self._q["release"], worker, self.work_channel, runs, tokens)
+            rows = await self.hot.fetch(
+                self._q["release"], worker, self.work_channel, runs, tokens, list(unstarted)
+            )
         return len(rows)
 
     async def has_event(

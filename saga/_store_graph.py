@@ -256,14 +256,24 @@ class GraphQueries:
             (r["run_id"], r["step"], Phase(r["phase"])): bool(r["cancel_requested"]) for r in rows
         }
 
-    async def release_items(self, worker: str, keep: Sequence[tuple[ItemKey, int]] = ()) -> int:
+    async def release_items(
+        self,
+        worker: str,
+        keep: Sequence[tuple[ItemKey, int]] = (),
+        unstarted: Sequence[ItemKey] = (),
+    ) -> int:
         """Give back every graph item leased to ``worker`` (its loops have ended) but
-        ``keep`` (item, token)."""
+        ``keep`` (item, token), not counting the attempts of ``unstarted``."""
         args = [[k[0][0] for k in keep], [k[0][1] for k in keep], [str(k[0][2]) for k in keep]]
         tokens = [k[1] for k in keep]
+        idle = [
+            [k[0] for k in unstarted],
+            [k[1] for k in unstarted],
+            [str(k[2]) for k in unstarted],
+        ]
         async with translate_errors("releasing leases"):
             rows = await self.hot.fetch(
-                self._q["release_items"], worker, self.work_channel, *args, tokens
+                self._q["release_items"], worker, self.work_channel, *args, tokens, *idle
             )
         return len(rows)
 

@@ -102,21 +102,26 @@ class ScheduleQueries:
             rows = await self.pool.fetch(self._q["rate_limits"])
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
-    async def rate_take(
+    async def rate_take(self, name: str, per_second: float, burst: int) -> tuple[float, datetime]:
+        """Take a token of a rate limit: the seconds to wait for it, and when it was
+        taken (the bucket's lock alone is held, for one statement)."""
+        async with translate_errors("taking a rate limit token"):
+            row = await self.pool.fetchrow(self._q["rate_take"], name, per_second, burst)
+        assert row is not None  # (an upsert returns its row)
+        return row["delay"], row["taken"]
+
+    async def rate_limited(
         self,
         name: str,
-        per_second: float,
-        burst: int,
+        delay: float,
+        taken: datetime,
         attempt: tuple[UUID, str, int],
         worker: str,
-    ) -> float:
-        """Take a token of a rate limit for ``attempt`` (run, step, number): the seconds
-        to wait for it (recorded in the run's history when above 0)."""
-        async with translate_errors("taking a rate limit token"):
-            delay: float = await self.pool.fetchval(
-                self._q["rate_take"], name, per_second, burst, *attempt, worker
-            )
-        return delay
+    ) -> None:
+        """Record in the run's history that ``attempt`` (run, step, number) waits
+        ``delay`` seconds for a token of ``name`` taken at ``taken``."""
+        async with translate_errors("recording a rate limit's delay"):
+            await self.pool.execute(self._q["rate_limited"], name, delay, taken, *attempt, worker)
 
     @asynccontextmanager
     async def schedule_transaction(self) -> AsyncIterator[Executor]:

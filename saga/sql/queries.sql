@@ -543,9 +543,13 @@ RETURNING r.id, r.cancel_requested;
 -- Not those of attempts saga.testing crashed ($3, $4): a dead worker releases nothing.
 -- Nor those whose row another transaction holds (a caller's transaction that sent the
 -- run a signal): shutting down waits for no one's transaction, and their leases expire.
--- $1 worker id, $2 work notification channel, $3 run ids and $4 lease tokens to keep
+-- An attempt still waiting for its rate limit's token ($5) never started: its
+-- give-back is not counted, however many times.
+-- $1 worker id, $2 work notification channel, $3 run ids and $4 lease tokens to keep,
+-- $5 run ids of attempts not started
 WITH held AS (
-    SELECT r.id, r.attempt, r.released
+    SELECT r.id, r.attempt, r.released AND NOT r.id = ANY($5::uuid[]) AS counts,
+           r.id = ANY($5::uuid[]) AS unstarted, r.released
     FROM __schema__.runs r
     WHERE r.due_at IS NOT NULL AND r.lease_owner = $1
       AND (r.id, r.lease_token) NOT IN (SELECT * FROM unnest($3::uuid[], $4::bigint[]))
@@ -554,14 +558,14 @@ WITH held AS (
 ), upd AS (
     UPDATE __schema__.runs r SET
         lease_owner = NULL, due_at = now(),
-        attempt = CASE WHEN held.released THEN held.attempt
+        attempt = CASE WHEN held.counts THEN held.attempt
                        ELSE greatest(held.attempt - 1, 0) END,
-        released = true, updated_at = now()
+        released = held.released OR NOT held.unstarted, updated_at = now()
     FROM held
     WHERE r.id = held.id
     -- (a waiting run's lease was deciding its wait's timeout: the wait is named)
     RETURNING r.id, r.saga_name, coalesce(r.wait_name, r.step_name) AS step_name,
-              held.attempt AS released_attempt, held.released AS counted
+              held.attempt AS released_attempt, held.counts AS counted
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT id, 'lease_released', step_name, released_attempt, $1,
@@ -955,30 +959,34 @@ FROM admitted;
 -- name: rate_take
 -- Take one token of the rate limit $1 (refilled at $2 per second, up to $3): the bucket
 -- may go into debt, and the delay returned is how long until this token would have
--- been there (0: at once). Times are read after the bucket's row lock is held. A delay
--- is recorded in the run's history (its row locked first, as every history writer does),
--- at the moment the token was taken: at + delay is when the attempt goes on.
--- $1 limit name, $2 tokens per second, $3 burst, $4 run id, $5 step, $6 attempt,
+-- been there (0: at once), with the moment it was taken. Times are read after the
+-- bucket's row lock is held. The bucket's row alone is locked: a delay is recorded in
+-- the run's history by rate_limited, in a statement of its own (waiting for the run's
+-- row, held by a caller's transaction that signalled it, holds no other run's token).
+-- $1 limit name, $2 tokens per second, $3 burst
+INSERT INTO __schema__.rate_limits AS b (name, tokens, updated_at, per_second, burst)
+VALUES ($1, $3::float8 - 1, clock_timestamp(), $2, $3)
+ON CONFLICT (name) DO UPDATE SET
+    tokens = least($3::float8, b.tokens + $2::float8
+                   * greatest(0, extract(epoch FROM clock_timestamp() - b.updated_at)))
+             - 1,
+    updated_at = clock_timestamp(), per_second = $2, burst = $3
+RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay, b.updated_at AS taken;
+
+-- name: rate_limited
+-- Record in the run's history that an attempt waits $2 seconds for a token of the limit
+-- $1 taken at $3 (its row locked first, as every history writer does): at + delay is
+-- when the attempt goes on.
+-- $1 limit name, $2 delay, $3 when the token was taken, $4 run id, $5 step, $6 attempt,
 -- $7 worker
-WITH bucket AS (
-    INSERT INTO __schema__.rate_limits AS b (name, tokens, updated_at, per_second, burst)
-    VALUES ($1, $3::float8 - 1, clock_timestamp(), $2, $3)
-    ON CONFLICT (name) DO UPDATE SET
-        tokens = least($3::float8, b.tokens + $2::float8
-                       * greatest(0, extract(epoch FROM clock_timestamp() - b.updated_at)))
-                 - 1,
-        updated_at = clock_timestamp(), per_second = $2, burst = $3
-    RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay, b.updated_at AS taken
-), run AS (
-    SELECT r.id FROM __schema__.runs r, bucket WHERE r.id = $4 AND bucket.delay > 0
+WITH run AS (
+    SELECT r.id FROM __schema__.runs r WHERE r.id = $4
     FOR UPDATE OF r
-), ev AS (
-    INSERT INTO __schema__.events (run_id, at, kind, step, attempt, worker, data)
-    SELECT run.id, bucket.taken, 'rate_limited', $5, $6, $7,
-           jsonb_build_object('limit', $1::text, 'delay', bucket.delay)
-    FROM run, bucket
 )
-SELECT delay FROM bucket;
+INSERT INTO __schema__.events (run_id, at, kind, step, attempt, worker, data)
+SELECT run.id, $3, 'rate_limited', $5, $6, $7,
+       jsonb_build_object('limit', $1::text, 'delay', $2::float8)
+FROM run;
 
 -- name: schedule_register
 -- Register a schedule, or update it from the code: a new one, or one whose spec changed,
@@ -1763,11 +1771,16 @@ RETURNING i.run_id, i.step, i.phase,
 -- name: release_items
 -- Give back every graph item leased to this worker at shutdown, once its loops have
 -- ended (as release does for runs: the interrupted attempt is not counted, once).
--- Not those of attempts saga.testing crashed ($3-$6), as release.
+-- Not those of attempts saga.testing crashed ($3-$6), as release. The attempts still
+-- waiting for their rate limit's token ($7-$9) never started: not counted.
 -- $1 worker id, $2 work notification channel, $3 run ids, $4 steps, $5 phases and $6
--- lease tokens of the items to keep
-WITH held AS (
-    SELECT i.run_id, i.step, i.phase, i.attempt, i.released
+-- lease tokens of the items to keep; $7 run ids, $8 steps and $9 phases of the items
+-- whose attempts had not started
+WITH idle AS (
+    SELECT * FROM unnest($7::uuid[], $8::text[], $9::text[]) AS u(run_id, step, phase)
+), held AS (
+    SELECT i.run_id, i.step, i.phase, i.attempt, i.released,
+           (i.run_id, i.step, i.phase::text) IN (SELECT * FROM idle) AS unstarted
     FROM __schema__.items i
     WHERE i.lease_owner = $1
       AND (i.run_id, i.step, i.phase::text, i.lease_token) NOT IN (
@@ -1776,12 +1789,13 @@ WITH held AS (
     FOR UPDATE OF i
 ), upd AS (
     UPDATE __schema__.items i SET
-        lease_owner = NULL, due_at = now(), released = true,
-        attempt = CASE WHEN held.released THEN held.attempt
+        lease_owner = NULL, due_at = now(), released = held.released OR NOT held.unstarted,
+        attempt = CASE WHEN held.released AND NOT held.unstarted THEN held.attempt
                        ELSE greatest(held.attempt - 1, 0) END
     FROM held
     WHERE i.run_id = held.run_id AND i.step = held.step AND i.phase = held.phase
-    RETURNING i.run_id, i.step, held.attempt AS released_attempt, held.released AS counted
+    RETURNING i.run_id, i.step, held.attempt AS released_attempt,
+              held.released AND NOT held.unstarted AS counted
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT run_id, 'lease_released', step, released_attempt, $1,
