@@ -100,14 +100,12 @@ def _value(token: str, spec: _Field, expr: str) -> int:
     return names.index(upper) + (1 if name == "month" else 0)
 
 
-def _step(text: str, name: str, span: int, expr: str) -> int:
-    """A whole number from 1 to ``span``: a larger step would match one value only."""
+def _step(text: str, name: str, expr: str) -> int:
+    """A positive whole number. One larger than its range matches the range's first
+    value only, as in cron (``0 */24 * * *``: at midnight)."""
     if not text.isdigit() or int(text) == 0:
         raise _fail(expr, f"{name} step {text!r} must be a positive whole number")
-    if (step := int(text)) > span:  # */90 in minutes would fire at :00 only, hourly
-        why = "only its first value would match; write that value, or use Schedule.every()"
-        raise _fail(expr, f"{name} step {step} is larger than the span {span}: {why}")
-    return step
+    return int(text)
 
 
 def _part(part: str, spec: _Field, expr: str) -> range:
@@ -128,7 +126,7 @@ def _part(part: str, spec: _Field, expr: str) -> range:
             last = 7
         if first > last:
             raise _fail(expr, f"{name} range {base} is reversed: write the smaller value first")
-    step = _step(step_text, name, max(last - first, 1), expr) if slash else 1
+    step = _step(step_text, name, expr) if slash else 1
     return range(first, last + 1, step)
 
 

@@ -118,7 +118,8 @@ class Scheduled(Generic[InT]):
 
         However long nothing ran, the slots within ``grace`` of ``now`` are found from
         the grace window itself, and the late ones are counted (by arithmetic for an
-        interval), never listed, but for the few the policy runs."""
+        interval), never listed, but for the few the policy runs, found backwards from
+        ``now`` however long ago ``since`` is (a cron schedule's within 366 days)."""
         start = max(since, now - LOOKBACK)
         cut = now - self.on_time  # a slot at or after ``cut`` is on time
         on_time = self.schedule.fires_between(max(start, cut - _TICK), now, limit=_ON_TIME)
@@ -126,8 +127,9 @@ class Scheduled(Generic[InT]):
             keep = self.catch_up
         else:
             keep = 1 if self.missed == "latest" and not on_time else 0
-        count, newest = _late(self.schedule, start, cut - _TICK, keep)
-        return newest + on_time, count - len(newest)
+        count, _ = _late(self.schedule, start, cut - _TICK, 0)
+        newest = _newest(self.schedule, since, cut - _TICK, keep)
+        return newest + on_time, count - sum(1 for slot in newest if slot > start)
 
 
 #: A slot handled this soon after its time is on time, whatever its ``grace`` (0
@@ -137,6 +139,20 @@ HANDLING = timedelta(seconds=2)
 _TICK = timedelta(microseconds=1)
 #: More than the slots in a grace of at most 1 day (an interval is at least 1 s).
 _ON_TIME = 200_000
+
+
+def _newest(schedule: Schedule, since: datetime, end: datetime, keep: int) -> list[datetime]:
+    """The newest ``keep`` slots in ``(since, end]``, oldest first, found backwards from
+    ``end``: as many steps as slots kept, however long ago ``since`` is."""
+    found: list[datetime] = []
+    moment = end
+    while len(found) < keep:
+        slot = schedule.latest_at_or_before(moment)
+        if slot is None or slot <= since:
+            break
+        found.append(slot)
+        moment = slot - _TICK
+    return found[::-1]
 
 
 def _late(

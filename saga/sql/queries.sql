@@ -989,9 +989,11 @@ SELECT run.id, $3, 'rate_limited', $5, $6, $7,
 FROM run;
 
 -- name: schedule_register
--- Register a schedule, or update it from the code: a new one, or one whose spec changed,
--- is next due at $7; an unchanged one keeps its next slot (slots missed while nothing
--- ran are still ahead of it), and its paused state.
+-- Register a schedule, or update it from the code: a new one is next due at $7; an
+-- unchanged one keeps its next slot (slots missed while nothing ran are still ahead of
+-- it), and its paused state; one whose spec changed (a deploy: respelled, or another
+-- time) keeps its next slot too if that is sooner (the new spec's slots since then are
+-- handled as on time or missed, not lost), else is next due at $7.
 -- $1 name, $2 saga name, $3 saga version, $4 spec, $5 missed policy, $6 catch-up cap,
 -- $7 its next slot after now
 INSERT INTO __schema__.schedules AS s
@@ -1002,7 +1004,8 @@ ON CONFLICT (name) DO UPDATE SET
     saga_version = excluded.saga_version,
     missed = excluded.missed,
     catch_up = excluded.catch_up,
-    next_fire = CASE WHEN s.spec = excluded.spec THEN s.next_fire ELSE excluded.next_fire END,
+    next_fire = CASE WHEN s.spec = excluded.spec THEN s.next_fire
+                     ELSE least(s.next_fire, excluded.next_fire) END,
     spec = excluded.spec,
     updated_at = now();
 
@@ -1047,12 +1050,14 @@ SELECT name, saga_name, saga_version, spec, missed, catch_up, paused, next_fire,
 FROM __schema__.schedules ORDER BY name;
 
 -- name: pause_schedule
--- Pause ($2 true) or resume ($2 false) a schedule. Resuming makes it due now: its slots
+-- Pause ($2 true) or resume ($2 false) a schedule. Resuming keeps its next slot when
+-- that is still ahead (none passed while it was paused); else it is due now: its slots
 -- from now on fire, those that passed while it was paused do not.
 -- $1 name, $2 paused
 UPDATE __schema__.schedules SET
     paused = $2,
-    next_fire = CASE WHEN $2 OR NOT paused THEN next_fire ELSE now() END,
+    next_fire = CASE WHEN $2 OR NOT paused OR next_fire > now() THEN next_fire
+                     ELSE now() END,
     updated_at = now()
 WHERE name = $1
 RETURNING paused;
