@@ -32,17 +32,14 @@ import logging
 import os
 import signal
 import sys
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
 import structlog
 
-from saga._aio import started_writes
 from saga._cli_acts import ACTIONS
 from saga._cli_args import (
-    EXIT_BROKEN_PIPE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_INVALID_STATE,
@@ -54,6 +51,7 @@ from saga._cli_args import (
     parse_duration,
 )
 from saga._cli_ops import COMMANDS, read_payload
+from saga._cli_process import WRITES_ONE, standard_streams, stdout_closed, to_its_end
 from saga._cli_render import ClosedOutput, Discarded, _clean, _Ctx
 from saga._cli_sched import SCHEDULE_COMMANDS
 from saga._client import Client
@@ -74,45 +72,13 @@ __all__ = ["EXIT_USAGE", "build_parser", "main", "parse_duration"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``saga`` command with ``argv`` (default: ``sys.argv[1:]``); return the
     exit code."""
-    with _standard_streams():
+    with standard_streams():
         try:
             code = _main(argv)
             sys.stdout.flush()  # a closed pipe must show up here, not in the exit's flush
         except BrokenPipeError:
-            return _stdout_closed()
+            return stdout_closed()
         return code
-
-
-@contextlib.contextmanager
-def _standard_streams() -> Iterator[None]:
-    """Stand in for the standard streams the process was started without (``>&-``,
-    ``2>&-``: Python then has None for them): stdout closed stops the output at its
-    first line (exit 141), stderr closed drops the messages (the exit code still tells)."""
-    saved = sys.stdout, sys.stderr
-    if sys.stdout is None:
-        sys.stdout = ClosedOutput()
-    if sys.stderr is None:
-        sys.stderr = Discarded()
-    try:
-        yield
-    finally:
-        sys.stdout = saved[0] if saved[0] is None else sys.stdout
-        sys.stderr = saved[1] if saved[1] is None else sys.stderr
-
-
-def _stdout_closed() -> int:
-    """The reader of stdout went away (``saga show RUN | head -1``): stop quietly.
-
-    The recipe of the Python docs ("Note on SIGPIPE"): point stdout at devnull, so that
-    the interpreter's own flush at exit does not fail again with a traceback.
-    """
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # stdout is not a real file (a test's)
-        pass
-    return EXIT_BROKEN_PIPE
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -261,67 +227,10 @@ async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) ->
     async with contextlib.AsyncExitStack() as stack:
         await _open(ctx, stack, orch)
         command = {**COMMANDS, **ACTIONS, **SCHEDULE_COMMANDS}[args.command]
-        if args.command in _WRITES_ONE and not getattr(args, "all", False):
-            return await _to_its_end(ctx, command(ctx, orch))
+        if args.command in WRITES_ONE and not getattr(args, "all", False):
+            return await to_its_end(ctx, command(ctx, orch))
         return await command(ctx, orch)
     raise AssertionError("unreachable")  # pragma: no cover - mypy: the block returns
-
-
-#: The commands that write one run's action: once started, they run to their end.
-_WRITES_ONE = frozenset(("signal", "cancel", "retry", "resolve", "skip-compensation"))
-
-
-async def _to_its_end(ctx: _Ctx, action: Awaitable[int]) -> int:
-    """Run an action on one run; a Ctrl-C before its write started stops it (exit 130).
-    Once its write is in flight (a signal waiting, say, for a row another transaction
-    holds) an interrupt would not undo it: the action goes on to its end and reports
-    what was written, with its own exit code. A second Ctrl-C aborts (exit 130)."""
-    writes: list[asyncio.Future[Any]] = []
-    interrupts = 0
-
-    async def tracked() -> int:
-        started_writes.set(writes)  # (in this task's own context)
-        return await action
-
-    task = asyncio.ensure_future(tracked())
-
-    def on_sigint() -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if not writes:
-            task.cancel()  # nothing written yet: the action stops where it is
-        elif interrupts == 1:
-            ctx.note(f"saga {ctx.args.command}: interrupted: finishing the write in flight "
-                     "(Ctrl-C again to abort)")  # fmt: skip
-        else:
-            raise KeyboardInterrupt  # out of the event loop, whatever is in flight
-
-    with _on_sigint(on_sigint):
-        try:
-            return await task
-        except asyncio.CancelledError:
-            if interrupts and task.cancelled():
-                ctx.note("saga: interrupted")
-                raise _Exit(EXIT_INTERRUPTED) from None
-            raise
-
-
-@contextlib.contextmanager
-def _on_sigint(callback: Callable[[], None]) -> Iterator[None]:
-    """``callback`` (in the event loop) handles SIGINT for the block, instead of the
-    runner's cancelling of the whole command; only in the main thread (an in-process
-    caller running the command in a thread keeps its own handling)."""
-    loop = asyncio.get_running_loop()
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.getsignal(signal.SIGINT)
-    loop.add_signal_handler(signal.SIGINT, callback)
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-        signal.signal(signal.SIGINT, before)
 
 
 async def _open(ctx: _Ctx, stack: contextlib.AsyncExitStack, client: Client) -> None:
