@@ -334,7 +334,8 @@ class Saga(Generic[InT, OutputT]):
         if self.graph is not None and self.traffic.key is not None:
             raise DefinitionError(
                 f"saga {self.name!r}: a concurrency_key is not supported yet on a saga whose "
-                "steps run in parallel (after=); use it on linear sagas or child sagas"
+                "steps run in parallel (after=) or that starts child sagas (children()); "
+                "use it on linear sagas or on the child sagas themselves"
             )
         self.pivot = _pivot.check(self, self.graph)
         _graph.check_output(self)

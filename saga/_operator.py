@@ -267,10 +267,11 @@ async def prune(
     if dry_run:  # both passes together take every prunable run
         runs, events = await store.count_prunable(cutoff, statuses)
         return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
-    if not whole_days:  # the batches delete them all (a whole day frees its own keys)
-        await store.release_prunable_keys(cutoff, statuses)
+    held = (0, 0)
+    if not whole_days:  # (a whole day frees its own runs' keys as it drops them)
+        held = await store.prune_key_holders(cutoff, statuses)
     days = await store.prune_days(cutoff, statuses)
-    total_runs, total_events, batches = days.runs, days.events, 0
+    total_runs, total_events, batches = days.runs + held[0], days.events + held[1], 0
     while not whole_days:
         runs, events = await store.prune_runs(cutoff, statuses, batch_size)
         total_runs += runs

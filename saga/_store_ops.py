@@ -192,21 +192,36 @@ class OperatorQueries:
         assert row is not None
         return row["runs"], row["events"]
 
-    async def release_prunable_keys(self, cutoff: datetime, statuses: Sequence[str]) -> None:
-        """Free the keys of the runs prune would delete that still hold one (failed or
-        stopped, never resolved), each as resolve() does: the oldest run queued for the
-        key takes the slot, rather than wait for a holder that no longer exists."""
+    async def prune_key_holders(self, cutoff: datetime, statuses: Sequence[str]) -> tuple[int, int]:
+        """Delete the runs prune would delete that still hold their key (failed or
+        stopped, never resolved), each in one transaction with its key's release, as
+        resolve() does (the oldest run queued for the key takes the slot). A run another
+        transaction holds is skipped, key and all. Returns (runs, events) deleted."""
+        runs = events = 0
         async with translate_errors("pruning runs"):
             rows = await self.pool.fetch(self._q["prunable_key_holders"], cutoff, list(statuses))
             for row in rows:
                 for attempt in range(_DEADLOCK_ATTEMPTS):  # as prune_runs
                     try:
                         async with self.pool.acquire() as conn, conn.transaction():
-                            await self._release_for_prune(conn, row["id"], statuses)
+                            gone = await self._prune_holder(conn, cutoff, statuses, row["id"])
                         break
                     except asyncpg.DeadlockDetectedError:
                         if attempt == _DEADLOCK_ATTEMPTS - 1:
                             raise
+                runs, events = runs + gone[0], events + gone[1]
+        return runs, events
+
+    async def _prune_holder(
+        self, conn: Executor, cutoff: datetime, statuses: Sequence[str], run_id: UUID
+    ) -> tuple[int, int]:
+        key = await conn.fetchrow(self._q["prune_key_holder"], cutoff, list(statuses), run_id)
+        if key is None:
+            return 0, 0  # held by another transaction, or changed meanwhile
+        await conn.fetchrow(self._q["key_fill"], *key, self.work_channel)
+        gone = await conn.fetchrow(self._q["prune_one"], run_id)
+        assert gone is not None
+        return gone["runs"], gone["events"]
 
     async def _release_for_prune(self, conn: Executor, run_id: UUID, statuses: Any) -> None:
         """In ``conn``'s transaction: the run lets go of its key, and the oldest run queued

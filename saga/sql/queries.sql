@@ -1339,12 +1339,49 @@ SELECT (SELECT count(*) FROM gone_runs) AS runs, (SELECT count(*) FROM gone_even
 
 -- name: prunable_key_holders
 -- The runs prune_runs would delete that still hold their concurrency key (failed or
--- stopped, never resolved): prune frees their keys first (prune_key_release). Reads the
--- partial index of held keys.
+-- stopped, never resolved): prune frees each one's key and deletes it in one transaction
+-- (prune_key_holder, prune_one). Reads the partial index of held keys.
 -- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
 SELECT r.id FROM __schema__.runs r
 WHERE r.key_state = 'held' AND __prunable__
 ORDER BY r.id;
+
+-- name: prune_key_holder
+-- One run prune deletes that still holds its concurrency key (failed or stopped, never
+-- resolved), in a transaction that deletes it too (prune_one): locked, and skipped if
+-- another transaction holds it (prune waits for no one; its key stays held with it);
+-- still prunable. It lets go of its key, as resolve() would (key_fill, in the same
+-- transaction, then admits the oldest run queued for it), and returns the key, locked
+-- as key_lock does. No row: skipped, or retried, resolved or pruned meanwhile.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 run id
+WITH doomed AS (
+    SELECT r.id FROM __schema__.runs r
+    WHERE r.id = $3 AND r.key_state = 'held' AND __prunable__
+    FOR UPDATE OF r SKIP LOCKED
+), run AS (
+    UPDATE __schema__.runs r SET key_state = 'released'
+    FROM doomed WHERE r.id = doomed.id
+    RETURNING r.saga_name, r.concurrency_key
+)
+INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit)
+SELECT saga_name, concurrency_key, 1 FROM run
+ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = k.key_limit
+RETURNING k.saga_name, k.key;
+
+-- name: prune_one
+-- Delete one run prune_key_holder locked in this transaction, with its events, watches
+-- and signals; returns the counts.
+-- $1 run id
+WITH gone_events AS (
+    DELETE FROM __schema__.events WHERE run_id = $1 RETURNING 1
+), gone_watches AS (
+    DELETE FROM __schema__.watches WHERE run_id = $1
+), gone_signals AS (
+    DELETE FROM __schema__.signals WHERE run_id = $1
+), gone_runs AS (
+    DELETE FROM __schema__.runs WHERE id = $1 RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone_runs) AS runs, (SELECT count(*) FROM gone_events) AS events;
 
 -- name: prune_key_release
 -- A run prune is about to delete lets go of its concurrency key, as resolve() would
@@ -1682,9 +1719,13 @@ WITH fenced AS (
 ), upd AS (
     UPDATE __schema__.runs SET
         status = $6,
-        -- Stopped: at the step that gave up, whichever branch ended last.
+        -- Stopped (failed): at the step (compensation) that gave up, whichever branch
+        -- ended last.
         step_name = CASE WHEN $6 = 'stopped'
-                         THEN coalesce(coalesce($11::jsonb, error)->>'step', $2) ELSE $2 END,
+                         THEN coalesce(coalesce($11::jsonb, error)->>'step', $2)
+                         WHEN $6 = 'failed'
+                         THEN coalesce(coalesce($12::jsonb, compensation_error)->>'step', $2)
+                         ELSE $2 END,
         results = CASE WHEN $7::text IS NULL THEN results
                        ELSE results || jsonb_build_object($7::text, to_jsonb($8::text)) END,
         completed_steps = CASE WHEN $7::text IS NULL THEN completed_steps
