@@ -140,8 +140,8 @@ class Children:
             return Parked(ended, len(kids), False)  # the others are still rolling back
         if stuck:
             return _stuck(step, *stuck[0])
-        for kid in kids:
-            if kid.status in (RunStatus.FAILED, RunStatus.STOPPED):
+        for kid in kids:  # (one an operator resolved is closed: not stuck)
+            if kid.status in (RunStatus.FAILED, RunStatus.STOPPED) and not kid.resolved:
                 return _stuck(step, kid, f"ended {kid.status}: {_reason(kid)}")
         if all(k.status is not _COMPLETED for k in kids):
             return Succeeded()
@@ -157,8 +157,10 @@ class Children:
                 if not await self._store.revert_run(kid.id):
                     stuck.append((kid, "passed its pivot step and cannot be undone"))
             elif kid.status is _STOPPED and not kid.cancel_requested:
-                if not await self._store.request_cancel(kid.id):
-                    why = "is stopped past its pivot step (or resolved) and cannot be undone"
+                # A resolved child whose key resolving freed is left alone: an operator
+                # closed it (README: it is cancelled with its siblings' undoing unless so).
+                if not await self._store.request_cancel(kid.id) and not kid.resolved:
+                    why = "is stopped past its pivot step and cannot be undone"
                     stuck.append((kid, why))
             elif not kid.status.is_terminal and not kid.cancel_requested:
                 await self._store.request_cancel(kid.id)

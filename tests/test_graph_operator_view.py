@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import saga
-from tests._sagas import Gate, Job, fast, permanent, small_saga, until_status
+from tests._sagas import Fail, Gate, Job, Ledger, fast, permanent, small_saga, until_status
 from tests.conftest import ClientFactory, OrchestratorFactory
 
 Ctx = saga.Context[Any]
@@ -66,3 +66,44 @@ async def test_a_failed_graph_run_names_the_compensation_that_gave_up_as_its_ste
     assert info.compensation_error is not None
     assert info.compensation_error.step == "b"
     assert info.step == "b", info.step
+
+
+async def test_a_resolved_child_whose_key_was_freed_lets_its_parent_roll_back(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README, Child sagas: "A child stopped for an operator is not over: the step waits
+    until the operator retries it (the step goes on), cancels it, or resolves it (either
+    then fails the step; a resolved child is cancelled with its siblings' undoing, unless
+    resolving freed its key)." and "A child that cannot be undone (it gave up
+    compensating, or passed its own pivot) fails that compensation for an operator".
+
+    A keyed child (no pivot) stops; the operator resolves it, which frees its key. The
+    README says the step then fails and the resolved child is left alone (not cancelled);
+    the parent rolls back (its sibling reverted, split undone) and ends compensated:
+    the resolved child is not one that "cannot be undone"."""
+    ledger = Ledger()
+    child = small_saga(
+        "rkchild", ["w", "x"], compensate={"w"}, ledger=ledger,
+        fail={"x": Fail(RuntimeError, "x breaks", None, lambda ctx: ctx.input.n == 1)},
+        retry=saga.Retry(max_attempts=1, on_give_up="stop"),
+        traffic={"concurrency_key": lambda i: f"acct{i.n}", "concurrency_limit": 1},
+    )  # fmt: skip
+    parent = small_saga("rkparent", ["split"], compensate=True, ledger=ledger)
+    parent.children("kids", child, lambda ctx: [Job(n=0), Job(n=1)], after=["split"])
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Job())
+    with anyio.fail_after(20):
+        while True:
+            kids = (await saga.list_runs(orch, saga="rkchild")).runs
+            stopped = [k for k in kids if k.status is saga.RunStatus.STOPPED]
+            if stopped:
+                break
+            await anyio.sleep(0.05)
+    await orch.get_run(stopped[0].id).resolve(note="sorted out by phone")
+    with pytest.raises(saga.RunError) as exc:
+        await run.result(timeout=20)
+    assert isinstance(exc.value, saga.RunCompensatedError), (
+        exc.value,
+        exc.value.compensation_error,
+    )
+    assert "split" in ledger.steps("compensation")
