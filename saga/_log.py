@@ -13,6 +13,7 @@ lost, then back (with how long it took), instead of a line per failed call.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Iterable, Mapping
@@ -91,6 +92,7 @@ class Outage:
     def __init__(self, worker: str) -> None:
         self._worker = worker
         self._since: float | None = None
+        self._back_at = -math.inf
 
     @property
     def down(self) -> bool:
@@ -98,6 +100,15 @@ class Outage:
 
     def lost(self, what: str, exc: BaseException) -> None:
         cause = type(exc.__cause__ or exc).__name__
+        if (
+            self._since is None
+            and cause in _STALE
+            and anyio.current_time() - self._back_at < _STALE_SECONDS
+        ):
+            # A pooled connection the database dropped while it was away: its first use
+            # since fails once (the pool replaces it). Not a new outage.
+            logger.debug("database_connection_stale", during=what, error_type=cause)
+            return
         if self._since is None:
             self._since = anyio.current_time()
             logger.warning(
@@ -108,9 +119,22 @@ class Outage:
 
     def back(self) -> None:
         if self._since is not None:
-            down_for = anyio.current_time() - self._since
+            now = anyio.current_time()
+            if now - self._since < _SETTLE_SECONDS:
+                return  # a call in flight as the database went away: not back yet
+            self._back_at = now
+            down_for = now - self._since
             self._since = None
             logger.warning("database_available", worker=self._worker, after=round(down_for, 3))
+
+
+#: The errors of a pooled connection the database dropped (a restart): after it is back,
+#: each such connection fails once on its first use, for a while after the outage.
+_STALE = frozenset({"ConnectionDoesNotExistError", "InterfaceError", "ConnectionResetError"})
+_STALE_SECONDS = 30.0
+#: How long after the first error a success counts as the database being back (calls in
+#: flight as it goes down still succeed for a moment: one outage, not three lines).
+_SETTLE_SECONDS = 0.5
 
 
 #: The events of a run that waits for an operator: logged as errors.

@@ -217,3 +217,35 @@ async def test_lease_expired_and_simulated_crash_are_logged_with_step_and_attemp
             "a",
             1,
         ), line
+
+
+async def test_an_outage_flapping_as_it_starts_and_stale_connections_after_are_one_outage() -> None:
+    """README ("Logging"): outages "are one line per change of state, not one per failed
+    call". As Postgres goes down, a call already in flight may still succeed just after
+    the first error; once it is back, each pooled connection the restart dropped fails
+    once on its first use. Neither is a new outage: one `database_unavailable`, one
+    `database_available`. A lasting failure after that is a new outage again."""
+    import asyncpg
+
+    from saga._errors import DatabaseError
+    from saga._log import Outage
+
+    def error(cause: BaseException) -> DatabaseError:
+        exc = DatabaseError("a call failed")
+        exc.__cause__ = cause
+        return exc
+
+    outage = Outage("w")
+    with capture_logs() as logs:
+        outage.lost("claiming work", error(asyncpg.InternalClientError("going down")))
+        outage.back()  # a call in flight as it went down
+        outage.lost("recording an outcome", error(ConnectionRefusedError()))
+        await anyio.sleep(0.6)
+        outage.back()  # the database is back
+        outage.lost("heartbeat", error(asyncpg.ConnectionDoesNotExistError("dropped")))
+        outage.back()
+    loud = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert loud == ["database_unavailable", "database_available"]
+    with capture_logs() as logs:
+        outage.lost("claiming work", error(ConnectionRefusedError()))  # down again
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["database_unavailable"]
