@@ -225,8 +225,10 @@ class Leases(Heartbeats):
         claimed again soon: after 20 ms, doubling up to the poll while it stays held."""
         try:
             passed = await self._store.due_unclaimed(self._definitions, self._graphs)
-        except DatabaseError:
-            passed = False  # (the next claim reports the outage)
+        except DatabaseError as exc:
+            # Not known: look again soon (the next claim reports an outage, if it is one).
+            logger.debug("due_unclaimed_failed", error_type=type(exc.__cause__).__name__)
+            passed = True
         if passed:
             self.wake_later(self._recheck)
         self._recheck = min(self._recheck * 2, self._poll) if passed else _RECHECK
