@@ -16,6 +16,29 @@ from tests._sagas import Job
 from tests.conftest import ClientFactory, OrchestratorFactory
 
 
+def _charge(
+    name: str, limit: saga.RateLimit, calls: list[int], undone: list[int]
+) -> saga.Saga[Job]:
+    """``reserve`` (compensated: ``undone``) -> ``charge`` (one attempt, rate-limited
+    by ``limit``: ``calls``)."""
+    s = saga.Saga(name, input=Job)
+
+    @s.step()
+    async def reserve(ctx: saga.Context[Job]) -> int:
+        return ctx.input.n
+
+    @reserve.compensate
+    async def unreserve(ctx: saga.Context[Job], n: int) -> None:
+        undone.append(n)
+
+    @s.step(rate_limit=limit, retry=saga.Retry(max_attempts=1))
+    async def charge(ctx: saga.Context[Job]) -> int:
+        calls.append(ctx.input.n)
+        return ctx.input.n
+
+    return s
+
+
 @pytest.mark.timeout(60)
 async def test_a_lane_orchestrator_does_not_run_an_older_version_of_another_lane(
     orchestrator: OrchestratorFactory, open_client: ClientFactory
@@ -69,20 +92,7 @@ async def test_an_attempt_waiting_for_its_token_is_not_failed_by_two_restarts(
     calls: list[int] = []
     undone: list[int] = []
     slow = saga.RateLimit("bank_traffic", per_second=0.05, burst=1)
-    s = saga.Saga("charge_traffic", input=Job)
-
-    @s.step()
-    async def reserve(ctx: saga.Context[Job]) -> int:
-        return ctx.input.n
-
-    @reserve.compensate
-    async def unreserve(ctx: saga.Context[Job], n: int) -> None:
-        undone.append(n)
-
-    @s.step(rate_limit=slow, retry=saga.Retry(max_attempts=1))
-    async def charge(ctx: saga.Context[Job]) -> int:
-        calls.append(ctx.input.n)
-        return ctx.input.n
+    s = _charge("charge_traffic", slow, calls, undone)
 
     client = await open_client(s)
     first = await client.start(s, Job(n=1))  # takes the bucket's only token
@@ -126,20 +136,7 @@ async def test_a_connection_dropped_while_taking_a_token_does_not_fail_the_step(
     calls: list[int] = []
     undone: list[int] = []
     api = saga.RateLimit("api_traffic", per_second=100, burst=100)
-    s = saga.Saga("drop_traffic", input=Job)
-
-    @s.step()
-    async def reserve(ctx: saga.Context[Job]) -> int:
-        return ctx.input.n
-
-    @reserve.compensate
-    async def unreserve(ctx: saga.Context[Job], n: int) -> None:
-        undone.append(n)
-
-    @s.step(rate_limit=api, retry=saga.Retry(max_attempts=1))
-    async def charge(ctx: saga.Context[Job]) -> int:
-        calls.append(ctx.input.n)
-        return ctx.input.n
+    s = _charge("drop_traffic", api, calls, undone)
 
     orch = await orchestrator(s, lease_seconds=1)
     assert await (await orch.start(s, Job(n=1))).result(timeout=10) == 1  # the bucket exists
