@@ -26,7 +26,7 @@ from saga import _checks, _children, _registry
 from saga._acting import Acting
 from saga._aio import uncancellable
 from saga._awaiting import Awaiting
-from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode, same_input, validate_as
+from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode_valid, same_input
 from saga._db import Executor, check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._definition import Saga
 from saga._errors import (
@@ -259,9 +259,11 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
         _registry.check_start(self._sagas, saga, conn, require_same_input)
         if key is not None:
             _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
-        model = validate_as(saga.input_type, input, f"input for saga {saga.name!r}")
+        what = f"input for saga {saga.name!r}"
+        model, input_json = encode_valid(
+            saga.input_type, input, what, "input", self.max_payload_bytes
+        )
         traffic = saga.traffic.for_run(model, priority)
-        input_json = encode(model, saga.input_type, what="input", max_bytes=self.max_payload_bytes)
         # In the caller's transaction the NOTIFY goes out at its commit: never coalesced.
         notify = conn is not None or self._notifier.claim(saga.name)
         with self.telemetry.start_span(saga) as (span, carrier):

@@ -320,6 +320,30 @@ def validate_as(model: type[M], value: Any, what: str, *, from_json: bool = Fals
         ) from exc
 
 
+def encode_valid(
+    model: type[M], value: Any, what: str, stored_as: str, max_bytes: int
+) -> tuple[M, str]:
+    """``value`` validated into ``model`` (:func:`validate_as`) and its JSON (:func:`encode`).
+
+    An instance of ``model`` is taken as it is, unless it cannot be stored: one built with
+    ``model_construct`` or changed after it was built may then not validate, which is bad
+    input (:class:`InvalidInputError`), not a value that JSON cannot hold."""
+    validated = validate_as(model, value, what)
+    try:
+        return validated, encode(validated, model, what=stored_as, max_bytes=max_bytes)
+    except PayloadTooLargeError:
+        raise
+    except SerializationError:
+        if isinstance(value, model):
+            try:
+                dumped = value.model_dump(warnings=False)
+            except Exception:  # not even a dump: what encode said stands
+                dumped = None
+            if dumped is not None:
+                validate_as(model, dumped, what)
+        raise
+
+
 def _first_error(exc: Exception) -> str:
     """Where and why a validation failed (another exception: a validator's own)."""
     if not isinstance(exc, ValidationError):

@@ -18,7 +18,7 @@ import pydantic
 from saga import _checks
 from saga._acting import operator_data
 from saga._aio import uncancellable
-from saga._codec import encode, validate_as
+from saga._codec import encode, encode_valid
 from saga._db import Executor
 from saga._definition import Saga
 from saga._errors import (
@@ -198,9 +198,9 @@ class Signalling:
 
     def _payload(self, wait: Wait[Any], payload: Any) -> str:
         """The payload's JSON, validated against the wait's model (raises)."""
-        model = validate_as(wait.model, payload, f"payload for signal {wait.name!r}")
-        what = f"payload of signal {wait.name!r}"
-        return encode(model, wait.model, what=what, max_bytes=self.max_payload_bytes)
+        what = f"payload for signal {wait.name!r}"
+        stored_as = f"payload of signal {wait.name!r}"
+        return encode_valid(wait.model, payload, what, stored_as, self.max_payload_bytes)[1]
 
 
 def _outcome(

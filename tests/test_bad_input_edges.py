@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 import saga
 from tests._sagas import Job, until_status
-from tests._wait_sagas import SAGAS, approval
+from tests._wait_sagas import SAGAS, Decision, approval
 from tests.conftest import Cli, OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(90)
@@ -417,3 +417,40 @@ def test_timeline_names_a_wrong_history(history: Any) -> None:
     TypeError/AttributeError from inside (``'int' object has no attribute 'kind'``)."""
     with pytest.raises(saga.SagaError):
         saga.timeline(history)
+
+
+# -- model instances that were never validated ---------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("built", ["model_construct", "changed_after"])
+async def test_an_instance_that_does_not_validate_is_invalid_input_and_writes_nothing(
+    open_client: Any, built: str
+) -> None:
+    """DESIGN.md: "Bad input gets a clear error, and nothing is lost". An input or signal
+    payload given as an instance of its model that does not validate (built with
+    ``model_construct``, or a field set to another type after it was built) is bad input:
+    ``InvalidInputError`` naming the field, as the same values given as a mapping are,
+    and nothing is written. (It was a SerializationError, a "cannot be stored" error.)"""
+
+    def bad_job() -> Job:
+        if built == "model_construct":
+            return Job.model_construct(n="many", fail="")
+        job = Job(n=1)
+        job.n = "many"  # type: ignore[assignment]
+        return job
+
+    client = await open_client(approval)
+    with pytest.raises(saga.InvalidInputError, match=r"(?s)input for saga 'approval'.*\bn\b"):
+        await client.start(approval, bad_job())
+    assert await saga.count_matching(client, saga="approval") == 0
+
+    run = await client.start(approval, Job(n=1))
+    bad = Decision.model_construct(approved="perhaps", by="x")
+    if built == "changed_after":
+        bad = Decision(approved=True)
+        bad.approved = "perhaps"  # type: ignore[assignment]
+    refused = r"(?s)payload for signal 'decision'.*approved"
+    with pytest.raises(saga.InvalidInputError, match=refused):
+        await run.signal("decision", bad)
+    assert not [e for e in await run.history() if "signal" in e.kind]
