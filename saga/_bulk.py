@@ -21,7 +21,8 @@ from saga._checks import show
 from saga._client import Client, store_of
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from saga._model import RunStatus
-from saga._operator import MAX_PAGE_SIZE, RunPage, _statuses, list_runs
+from saga._operator import MAX_PAGE_SIZE, RunPage, _statuses, runs_page
+from saga._store_ops import Position
 
 #: The most runs one bulk action may touch.
 MAX_BULK = 10_000
@@ -56,32 +57,30 @@ class BulkResult:
 
 async def _matching(client: Client, where: RunFilter, cap: int) -> list[uuid.UUID]:
     """The ids of the runs matching, newest first, at most ``cap`` + 1 of them. A page
-    goes on from the last run of the one before that still exists (a prune may delete
-    it meanwhile)."""
+    goes on from the place of the last run of the one before, which a prune may have
+    deleted meanwhile (with all the page): runs of earlier pages pruned since are left
+    out."""
     ids: list[uuid.UUID] = []
     status = _statuses(where.status)  # once: an iterator would be used up by one page
-    cursors: list[uuid.UUID] = []
+    position: Position | None = None
     while len(ids) <= cap:
-        try:
-            page: RunPage = await list_runs(
-                client,
-                saga=where.saga,
-                status=status,
-                key=where.key,
-                older_than=where.older_than,
-                newer_than=where.newer_than,
-                before=cursors[-1] if cursors else None,
-                limit=min(MAX_PAGE_SIZE, cap + 1 - len(ids)),
-            )
-        except RunNotFoundError:
-            ids.remove(cursors.pop())  # pruned meanwhile: go on from the run before it
-            if not cursors:
-                raise
-            continue
+        page: RunPage = await runs_page(
+            client,
+            saga=where.saga,
+            status=status,
+            key=where.key,
+            older_than=where.older_than,
+            newer_than=where.newer_than,
+            before=position,
+            limit=min(MAX_PAGE_SIZE, cap + 1 - len(ids)),
+        )
         ids += [run.id for run in page.runs]
         if page.next_before is None:
             break
-        cursors = [run.id for run in page.runs]
+        position = Position(page.runs[-1].created_at, page.runs[-1].id)
+    if position is not None:  # more than one page: leave out what a prune took since
+        existing = await store_of(client).existing_runs(ids)
+        ids = [run_id for run_id in ids if run_id in existing]
     return ids
 
 

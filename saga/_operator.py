@@ -23,6 +23,7 @@ from saga._db import check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._errors import ConfigurationError, RunNotFoundError
 from saga._migrate import migrate as _migrate
 from saga._model import RunInfo, RunStatus
+from saga._store_ops import Position
 
 #: Largest page :func:`list_runs` returns.
 MAX_PAGE_SIZE = 1000
@@ -130,6 +131,32 @@ async def list_runs(
     Raises :class:`ConfigurationError` for a bad argument and :class:`RunNotFoundError`
     when ``before`` names no run.
     """
+    return await runs_page(
+        client,
+        saga=saga,
+        status=status,
+        older_than=older_than,
+        newer_than=newer_than,
+        before=before,
+        limit=limit,
+        key=key,
+    )
+
+
+async def runs_page(
+    client: Client,
+    *,
+    saga: str | None,
+    status: Iterable[RunStatus | str] | RunStatus | str | None,
+    older_than: timedelta | None,
+    newer_than: timedelta | None,
+    before: uuid.UUID | str | Position | None,
+    limit: int,
+    key: str | None,
+) -> RunPage:
+    """:func:`list_runs`, whose ``before`` may also be a :class:`Position`: the place of
+    the last run of the page before, which need not exist any more (a prune may have
+    deleted it since; a run id must name a run)."""
     store = store_of(client)
     _check_text("saga", saga)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
@@ -137,12 +164,17 @@ async def list_runs(
             f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {show(limit)}"
         )
     _check_text("key", key)
-    cursor = _checks.run_id(before, ConfigurationError) if before is not None else None
-    if cursor is not None and not await store.run_exists(cursor):
-        raise RunNotFoundError(cursor)
+    position = before if isinstance(before, Position) else None
+    cursor = None
+    if before is not None and position is None:
+        cursor = _checks.run_id(before, ConfigurationError)
     statuses = _statuses(status)
     older = _seconds("older_than", older_than)
     newer = _seconds("newer_than", newer_than)
+    if cursor is not None:
+        position = await store.position(cursor)
+        if position is None:
+            raise RunNotFoundError(cursor)
 
     async def fetch(saga_name: str | None) -> list[RunInfo]:
         return await store.list_runs(
@@ -150,7 +182,7 @@ async def list_runs(
             statuses=statuses,
             older_than=older,
             newer_than=newer,
-            before=cursor,
+            before=position,
             limit=limit + 1,  # one more tells whether another page follows
             key=key,
         )
@@ -164,10 +196,6 @@ async def list_runs(
         for name in sorted({name for _, name in await store.find_runs_by_key(key, saga)}):
             records += await fetch(name)
         records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-    if cursor is not None and not records and not await store.run_exists(cursor):
-        # Pruned since it was checked: the page's statement found no cursor to go on
-        # from (an empty page would read as the last one).
-        raise RunNotFoundError(cursor)
     runs = records[:limit]
     return RunPage(runs=runs, next_before=runs[-1].id if len(records) > limit else None)
 

@@ -91,6 +91,14 @@ def fingerprint_or_none(value: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """A run's place in the newest-first order of ``list_runs``: a page cursor."""
+
+    created_at: datetime
+    id: UUID
+
+
+@dataclass(frozen=True, slots=True)
 class Skip:
     """An operator's skip of the compensation of ``step`` that gave up, as planned from
     the run's state (``undone``: how many steps the plan saw undone, the fence): a
@@ -145,11 +153,12 @@ class OperatorQueries:
         statuses: Sequence[str] | None,
         older_than: float | None,
         newer_than: float | None,
-        before: UUID | None,
+        before: Position | None,
         limit: int,
         key: str | None = None,
     ) -> list[RunInfo]:
-        """Runs newest first, filtered; ``before`` is the page cursor (a run's id)."""
+        """Runs newest first, filtered; ``before`` is the page cursor: the position of the
+        last run of the page before (which may since have been pruned)."""
         async with translate_errors("listing runs"):
             rows = await self.pool.fetch(
                 self._q["list_runs"],
@@ -157,15 +166,28 @@ class OperatorQueries:
                 None if statuses is None else list(statuses),
                 older_than,
                 newer_than,
-                before,
+                None if before is None else before.id,
                 limit,
                 key,
+                None if before is None else before.created_at,
             )
         return [run_info(r) for r in rows]
 
     async def run_exists(self, run_id: UUID) -> bool:
         async with translate_errors("reading a run"):
             return await self.pool.fetchrow(self._q["get_run"], run_id) is not None
+
+    async def existing_runs(self, run_ids: Sequence[UUID]) -> set[UUID]:
+        """The runs of ``run_ids`` that still exist."""
+        async with translate_errors("reading runs"):
+            rows = await self.pool.fetch(self._q["existing_runs"], list(run_ids))
+        return {r["id"] for r in rows}
+
+    async def position(self, run_id: UUID) -> Position | None:
+        """Where a run is in the order of :meth:`list_runs` (None: no such run)."""
+        async with translate_errors("reading a run"):
+            row = await self.pool.fetchrow(self._q["get_run"], run_id)
+        return None if row is None else Position(row["created_at"], run_id)
 
     async def prune_cutoff(self, older_than: float) -> datetime:
         """The instant a prune deletes runs finished before (one for all its passes)."""

@@ -189,34 +189,37 @@ async def test_count_matching_takes_any_iterable_of_statuses_over_many_pages(
         assert await saga.count_matching(client, status=statuses) == 1001
 
 
-async def test_count_matching_survives_a_run_pruned_between_its_pages(
-    open_client: ClientFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("pruned", ["last_run", "whole_page"])
+async def test_count_matching_survives_runs_pruned_between_its_pages(
+    open_client: ClientFactory,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    pruned: str,
 ) -> None:
-    """Promise (README): `count_matching(...) -> int`: "how many runs the filters of
-    list_runs match"; list_runs' docstring: keyset pages "stay correct while runs are
-    being added or pruned"; bulk actions report a run "deleted meanwhile" in `refused`
-    (saga/_bulk.py), so a concurrent prune is expected.
+    """README: `count_matching` counts the runs "the filters of list_runs" match, whose
+    keyset pages "stay correct while runs are being added or pruned"; a bulk action
+    reports a run deleted meanwhile in `refused`, so a prune running meanwhile is normal.
 
-    1,001 finished runs take two pages; a prune deletes the run the first page ended
-    on before the second page is read (staged: the first page's last run is deleted
-    right after that page is returned, as a concurrent `saga prune` would). The count
-    fails with RunNotFoundError (list_runs' cursor names no run) instead of counting
-    the 1,000 runs that remain; retry_runs/cancel_runs fail the same way, so an operator
-    cannot act on the runs while a prune runs."""
-    s = parked_saga("pruned_meanwhile")
+    1,001 finished runs take two pages. Right after the first page is read, a prune
+    deletes the run it ended on, or every run of it (a prune of a day deletes whole
+    pages). The count goes on from where the page ended and leaves the pruned runs out
+    (1,000 or 1 left), instead of failing with RunNotFoundError (a whole page), which
+    left an operator unable to act while a prune ran."""
+    s = parked_saga(f"pruned_{pruned}")
     client = await open_client(s)
     import saga._bulk as bulk
 
-    real = bulk.list_runs
+    real = bulk.runs_page
     pages = 0
 
-    async def list_then_prune(*args: Any, **kwargs: Any) -> Any:
+    async def page_then_prune(*args: Any, **kwargs: Any) -> Any:
         nonlocal pages
         page = await real(*args, **kwargs)
         pages += 1
-        if pages == 1 and page.next_before is not None:  # a prune deletes that run now
-            await db.execute("DELETE FROM saga.events WHERE run_id = $1", page.next_before)
-            await db.execute("DELETE FROM saga.runs WHERE id = $1", page.next_before)
+        if pages == 1 and page.next_before is not None:  # a prune deletes them now
+            gone = [page.next_before] if pruned == "last_run" else [r.id for r in page.runs]
+            await db.execute("DELETE FROM saga.events WHERE run_id = ANY($1)", gone)
+            await db.execute("DELETE FROM saga.runs WHERE id = ANY($1)", gone)
         return page
 
     with anyio.fail_after(120):
@@ -225,8 +228,10 @@ async def test_count_matching_survives_a_run_pruned_between_its_pages(
         await db.execute(
             "UPDATE saga.runs SET status = 'completed', due_at = NULL, finished_at = now()"
         )
-        monkeypatch.setattr(bulk, "list_runs", list_then_prune)
-        assert await saga.count_matching(client, saga="pruned_meanwhile") == 1000
+        monkeypatch.setattr(bulk, "runs_page", page_then_prune)
+        expected = 1000 if pruned == "last_run" else 1
+        assert await saga.count_matching(client, saga=f"pruned_{pruned}") == expected
+        assert pages == 2
 
 
 # --- prune's flags ----------------------------------------------------------------------

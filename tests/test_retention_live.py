@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import anyio
 import asyncpg
@@ -49,27 +50,27 @@ async def test_count_matching_keeps_paging_when_its_cursor_is_pruned_during_the_
     between two of its pages is left out; the paging goes on."
 
     1,500 finished runs: count_matching reads them in pages of 1,000. The run the second
-    page starts from is pruned right after list_runs checked that it exists and before
-    the page's statement runs (a prune batch committing at that moment: simulated by
-    deleting its row as the existence check returns): the count goes on past it, to the
-    1,499 runs left."""
+    page starts from is pruned just before the page's statement runs (a prune batch
+    committing at that moment: simulated by deleting its row then): the count goes on
+    past it, to the 1,499 runs left."""
     await db.execute(_fill(), 1500)
     client = await open_client()
     store = store_of(client)
-    real = store.run_exists
+    real = store.list_runs
 
     pruned: list[uuid.UUID] = []
 
-    async def exists_then_pruned(run_id: uuid.UUID) -> bool:
-        found = await real(run_id)
-        if not pruned:  # the first cursor checked goes, as its page is about to be read
-            pruned.append(run_id)
-            await db.execute("DELETE FROM saga.runs WHERE id = $1", run_id)
-        return found
+    async def pruned_then_listed(**kwargs: Any) -> list[saga.RunInfo]:
+        before = kwargs["before"]
+        if before is not None and not pruned:  # the first cursor goes, as its page is read
+            pruned.append(before.id)
+            await db.execute("DELETE FROM saga.runs WHERE id = $1", before.id)
+        return await real(**kwargs)
 
-    store.run_exists = exists_then_pruned  # type: ignore[method-assign]
+    store.list_runs = pruned_then_listed  # type: ignore[method-assign]
     with anyio.fail_after(30):
         count = await saga.count_matching(client)
+    assert pruned
     assert count == 1499
 
 

@@ -149,21 +149,23 @@ async def test_operator_queries_read_a_page_not_the_history(big: asyncpg.Connect
     """Every filter and page of the runs list, a lookup by business key, the runs that
     need attention, one run and its history: index scans reading at most BOUND rows."""
     q = queries(SCHEMA)
-    mid = await big.fetchval("SELECT id FROM saga.runs WHERE idempotency_key = 'order-500000'")
+    mid, at = await big.fetchrow(
+        "SELECT id, created_at FROM saga.runs WHERE idempotency_key = 'order-500000'"
+    )
     day = 86_400.0
     cases: list[tuple[str, tuple[Any, ...]]] = [
-        ("list_runs", (None, None, None, None, None, 51, None)),
-        ("list_runs", ("refund", None, None, None, None, 51, None)),
-        ("list_runs", ("nobody", None, None, None, None, 51, None)),
-        ("list_runs", (None, ["failed"], None, None, None, 51, None)),
-        ("list_runs", ("refund", ["failed"], None, None, None, 51, None)),
-        ("list_runs", ("refund", ["compensated"], None, None, None, 51, None)),
-        ("list_runs", (None, ["completed", "cancelled"], 10 * day, None, None, 51, None)),
-        ("list_runs", (None, None, 10 * day, 11 * day, None, 51, None)),
-        ("list_runs", (None, None, None, None, mid, 51, None)),
-        ("list_runs", ("checkout", None, None, None, mid, 51, None)),
-        ("list_runs", ("nobody", None, None, None, mid, 51, None)),
-        ("list_runs", ("checkout", None, None, None, None, 51, "order-500001")),
+        ("list_runs", (None, None, None, None, None, 51, None, None)),
+        ("list_runs", ("refund", None, None, None, None, 51, None, None)),
+        ("list_runs", ("nobody", None, None, None, None, 51, None, None)),
+        ("list_runs", (None, ["failed"], None, None, None, 51, None, None)),
+        ("list_runs", ("refund", ["failed"], None, None, None, 51, None, None)),
+        ("list_runs", ("refund", ["compensated"], None, None, None, 51, None, None)),
+        ("list_runs", (None, ["completed", "cancelled"], 10 * day, None, None, 51, None, None)),
+        ("list_runs", (None, None, 10 * day, 11 * day, None, 51, None, None)),
+        ("list_runs", (None, None, None, None, mid, 51, None, at)),
+        ("list_runs", ("checkout", None, None, None, mid, 51, None, at)),
+        ("list_runs", ("nobody", None, None, None, mid, 51, None, at)),
+        ("list_runs", ("checkout", None, None, None, None, 51, "order-500001", None)),
         ("find_runs_by_key", ("order-500000", None)),
         ("needs_attention", (51, None)),
         ("needs_attention", (51, mid)),

@@ -843,6 +843,11 @@ WITH old AS (
 )
 SELECT id, CASE WHEN active THEN pg_notify($7, saga_name)::text END AS notified FROM upd;
 
+-- name: existing_runs
+-- Which of the runs named still exist (a bulk action's pages read before a prune).
+-- $1 run ids (uuid[])
+SELECT id FROM __schema__.runs WHERE id = ANY($1::uuid[]);
+
 -- name: needs_attention
 -- Failed runs and runs stopped for an operator, not resolved, oldest first (created_at,
 -- id), through the partial index runs_attention; $2 is the page cursor.
@@ -1226,11 +1231,11 @@ FROM __schema__.schedules WHERE NOT paused;
 -- number of finished runs.
 -- $1 saga name or NULL, $2 statuses (text[]) or NULL for all, $3 created at least this
 -- many seconds ago or NULL, $4 created at most this many seconds ago or NULL, $5 the page
--- cursor, a run id: only runs strictly older (by created_at, id) than it, or NULL,
+-- cursor, a position ($5 id, $8 created_at): only runs strictly older (by created_at, id),
+-- or NULL (a position, not a row: the run there may have been pruned since),
 -- $6 page size, $7 idempotency key or NULL (exact match; with $1 an index probe). The
 -- cursor's bound is also given on created_at alone, so that an index on (saga_name,
 -- created_at) can start there (a row comparison only bounds an index's leading columns).
-WITH cursor AS (SELECT created_at, id FROM __schema__.runs WHERE id = $5)
 SELECT * FROM (
     (SELECT id, saga_name, saga_version, idempotency_key, status, step_name, attempt,
             completed_steps, error::text AS error,
@@ -1247,8 +1252,8 @@ SELECT * FROM (
        AND ($2::text[] IS NULL OR status = ANY($2::text[]))
        AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
-       AND ($5::uuid IS NULL OR (created_at <= (SELECT created_at FROM cursor)
-                                 AND (created_at, id) < (SELECT created_at, id FROM cursor)))
+       AND ($5::uuid IS NULL OR (created_at <= $8::timestamptz
+                                 AND (created_at, id) < ($8::timestamptz, $5::uuid)))
        AND ($7::text IS NULL OR idempotency_key = $7)
      ORDER BY created_at DESC, id DESC
      LIMIT $6)
@@ -1264,8 +1269,8 @@ SELECT * FROM (
        AND ($2::text[] IS NULL OR status = ANY($2::text[]))
        AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
-       AND ($5::uuid IS NULL OR (created_at <= (SELECT created_at FROM cursor)
-                                 AND (created_at, id) < (SELECT created_at, id FROM cursor)))
+       AND ($5::uuid IS NULL OR (created_at <= $8::timestamptz
+                                 AND (created_at, id) < ($8::timestamptz, $5::uuid)))
        AND ($7::text IS NULL OR idempotency_key = $7)
      ORDER BY created_at DESC, id DESC
      LIMIT $6)
