@@ -236,3 +236,55 @@ async def test_a_cancel_racing_the_write_that_reaches_the_pivot_is_refused(
         await run.result()
     assert ledger.steps("compensation") == []
     assert (await run.info()).completed_steps[-2:] == ("p", "after_p")
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["linear", "graph"])
+async def test_a_run_stopped_at_its_pivot_is_cancelled_and_compensates(
+    orchestrator: OrchestratorFactory, graph: bool
+) -> None:
+    """README ("Pivot steps"): a cancel is refused from the moment the run reaches its
+    pivot, "except when the pivot itself gave up and stopped the run
+    (`on_give_up="stop"` on the pivot): it never completed, and `cancel()` undoes the
+    steps before it"; ("Stopping for an operator"): the operator "lets the run compensate
+    (`cancel()`: the completed steps are undone and the run ends `compensated` with the
+    step's error)".
+
+    The pivot (capturing a payment) gives up and stops the run. cancel() undoes
+    `reserve` and the run ends compensated with the pivot's error (linear and graph).
+    Before, cancel() raised InvalidRunStateError "already ended stopped" and nothing
+    could be undone."""
+    calls: list[str] = []
+    s = saga.Saga("stopped_pivot", input=Job)
+
+    @s.step(after=[] if graph else None)
+    async def reserve(ctx: saga.Context[Job]) -> str:
+        calls.append("reserve")
+        return "r-1"
+
+    @reserve.compensate
+    async def release(ctx: saga.Context[Job], reservation: str) -> None:
+        calls.append(f"release {reservation}")
+
+    @s.step(
+        after=[reserve] if graph else None,
+        pivot=True,
+        retry=saga.Retry(max_attempts=1, on_give_up="stop"),
+    )
+    async def capture(ctx: saga.Context[Job]) -> str:
+        calls.append("capture")
+        raise RuntimeError("card declined")
+
+    @s.step(after=[capture] if graph else None)
+    async def ship(ctx: saga.Context[Job]) -> str:
+        return "shipped"
+
+    await orchestrator(s)
+    run = await s.start(Job(n=1))
+    with pytest.raises(saga.RunStoppedError):
+        await run.result(timeout=10)
+    await run.cancel(by="ana", note="card declined: undo the reservation")
+    with pytest.raises(saga.RunCompensatedError) as ended:
+        await run.result(timeout=10)
+    assert ended.value.error is not None
+    assert ended.value.error.step == "capture"
+    assert calls == ["reserve", "capture", "release r-1"]

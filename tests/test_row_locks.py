@@ -429,3 +429,123 @@ async def test_a_clients_other_signals_and_starts_go_on_while_two_runs_are_held(
             await c.close()
     assert "signal" in answered, answered
     assert "start" in answered, answered
+
+
+# -- leases written by writes that waited for a caller's transaction --------------------
+
+
+class _Proceed(BaseModel):
+    ok: bool
+
+
+#: The lease of the tests of a caller's transaction holding a run's row, and how long
+#: that transaction holds it: longer than the lease.
+SHORT_LEASE, HOLD = 1.2, 2.5
+
+
+async def test_a_lease_renewed_when_a_callers_transaction_ends_is_not_taken_over(
+    orchestrator: OrchestratorFactory, dsn: str
+) -> None:
+    """README ("In your transaction"): a signal locks the run's row until your
+    transaction ends; "the worker's heartbeats renew its other leases meanwhile, and
+    that run's lease as soon as the lock is released".
+
+    A step runs (lease 1.2 s, a second orchestrator polling every 20 ms) while a caller's
+    transaction that signalled the run holds its row for 2.5 s. The renewal that waited
+    for the lock renews the lease from the moment it is written: one attempt, no
+    `lease_expired`. Before, the renewal computed the lease's end before its wait for
+    the lock (an UPDATE computes the new row first), so it wrote a lease already expired
+    and the peer took the run over: the step ran twice."""
+    calls: list[int] = []
+    s = saga.Saga("held_lease", input=Job)
+
+    started = anyio.Event()
+
+    @s.step()
+    async def slow(ctx: saga.Context[Job]) -> int:
+        calls.append(ctx.attempt)
+        started.set()
+        await anyio.sleep(HOLD + 1)
+        return 1
+
+    go = s.wait_for("go", _Proceed)
+
+    @s.step()
+    async def done(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    first = await orchestrator(s, lease_seconds=SHORT_LEASE)
+    # a peer that would take an expired lease (it looks for due work often)
+    await orchestrator(s, lease_seconds=SHORT_LEASE, poll_interval=0.02)
+    run = await first.start(s, Job(n=1))
+    with anyio.fail_after(5):
+        await started.wait()
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            assert await first.signal(run.id, go, _Proceed(ok=True), conn=conn)
+            await anyio.sleep(HOLD)  # the run's row is held meanwhile
+    finally:
+        await conn.close()
+    assert await run.result(timeout=10) == 2
+    kinds = [e.kind for e in await run.history()]
+    assert "lease_expired" not in kinds
+    assert calls == [1]
+
+
+async def test_a_write_that_waited_for_a_callers_transaction_leases_the_next_step_from_then(
+    orchestrator: OrchestratorFactory, dsn: str
+) -> None:
+    """README ("In your transaction"): the workers' writes of a run whose row a caller's
+    transaction holds wait for it ("the held run's write goes again alone, waiting for
+    the lock by itself"); a linear saga's completion leases the next step to its worker
+    in the same write.
+
+    Step `quick` returns while a caller's transaction that signalled the run holds its
+    row for 2.5 s (lease 1.2 s, a second orchestrator polling every 20 ms). The write
+    waits, records `quick` and leases `slow` from the moment it is written: one attempt
+    of `slow`, no `lease_expired`. Before, the next lease counted from the statement's
+    start, before the wait: written expired, taken over by the peer, `slow` ran twice."""
+    calls: list[tuple[str, int]] = []
+    returned = anyio.Event()
+    s = saga.Saga("held_transition", input=Job)
+
+    started = anyio.Event()
+
+    @s.step()
+    async def quick(ctx: saga.Context[Job]) -> int:
+        calls.append(("quick", ctx.attempt))
+        started.set()
+        await returned.wait()
+        return 1
+
+    @s.step()
+    async def slow(ctx: saga.Context[Job]) -> int:
+        calls.append(("slow", ctx.attempt))
+        await anyio.sleep(1)
+        return 1
+
+    go = s.wait_for("go", _Proceed)
+
+    @s.step()
+    async def done(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    first = await orchestrator(s, lease_seconds=SHORT_LEASE)
+    # a peer that would take an expired lease (it looks for due work often)
+    await orchestrator(s, lease_seconds=SHORT_LEASE, poll_interval=0.02)
+    run = await first.start(s, Job(n=1))
+    with anyio.fail_after(5):
+        await started.wait()
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            assert await first.signal(run.id, go, _Proceed(ok=True), conn=conn)
+            returned.set()  # quick returns; its completion waits for the row
+            await anyio.sleep(HOLD)
+    finally:
+        await conn.close()
+    assert await run.result(timeout=10) == 2
+    kinds = [e.kind for e in await run.history()]
+    assert "lease_expired" not in kinds
+    assert calls == [("quick", 1), ("slow", 1)]

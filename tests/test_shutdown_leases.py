@@ -12,7 +12,9 @@ import asyncpg
 import pytest
 
 import saga
+from saga.testing import Faults
 from tests._sagas import ONCE, Job, small_saga
+from tests.conftest import OrchestratorFactory
 
 # -- shutdown: leases given back, interrupted attempts not counted ------------------------
 
@@ -97,3 +99,101 @@ async def test_a_graceful_shutdown_never_fails_a_run(dsn: str, db: asyncpg.Conne
 
 
 NOT_ENDED = "SELECT count(*) FROM saga.runs WHERE due_at IS NOT NULL"
+
+
+# -- a crash between two shutdowns ------------------------------------------------------
+
+
+#: Two attempts, 10-20 ms apart.
+TWO_ATTEMPTS = saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.02)
+
+
+def _shutdown_crash_saga(
+    name: str, calls: list[str], *, graph: bool, compensation: bool
+) -> saga.Saga[Any]:
+    """``first`` then ``x`` (a graph saga when ``graph``). The function under test (``x``,
+    or ``first``'s compensation once ``x`` fails for good) follows a script, call by
+    call: the 1st and 3rd calls block until their worker shuts down, the 2nd and 4th
+    return at once. Its policy allows two attempts."""
+    s = saga.Saga(name, input=Job)
+    script = ["hold", "ok", "hold", "ok"]
+
+    async def act() -> None:
+        what = script[len(calls)] if len(calls) < len(script) else "ok"
+        calls.append(what)
+        if what == "hold":
+            await anyio.sleep(100)  # until its worker shuts down and cancels it
+
+    @s.step(after=[] if graph else None)
+    async def first(ctx: saga.Context[Job]) -> int:
+        return 0
+
+    if compensation:
+
+        @first.compensate(retry=TWO_ATTEMPTS)
+        async def undo_first(ctx: saga.Context[Job], value: int) -> None:
+            await act()
+
+        @s.step(after=[first] if graph else None, retry=ONCE)
+        async def x(ctx: saga.Context[Job]) -> int:
+            raise saga.PermanentError("roll back")
+
+    else:
+
+        @s.step(after=[first] if graph else None, retry=TWO_ATTEMPTS)
+        async def x(ctx: saga.Context[Job]) -> int:
+            await act()
+            return 1
+
+    return s
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["linear", "graph"])
+@pytest.mark.parametrize("compensation", [False, True], ids=["step", "compensation"])
+async def test_a_crash_between_two_shutdowns_does_not_make_the_next_give_back_count(
+    orchestrator: OrchestratorFactory, graph: bool, compensation: bool
+) -> None:
+    """README ("Retries"): "A crash mid-step counts as an attempt" and "A worker shutting
+    down gives its leases back without counting the interrupted attempts, once: an
+    attempt given back a second time before any outcome (...) counts".
+
+    Attempt 1 is given back by a shutdown (not counted), then its worker crashes: the
+    expired lease counts attempt 1, and attempt 2 runs. Attempt 2 is then given back by
+    a shutdown, its first give-back: not counted, so the function's second attempt runs
+    and the run completes (the compensation under test: ends compensated). Before, the
+    claim taking over the expired lease kept the earlier attempt's "given back" mark,
+    and that give-back counted: AttemptLost, one crash and two shutdowns using up both
+    attempts (steps and compensations, linear and graph)."""
+    calls: list[str] = []
+    s = _shutdown_crash_saga("crash_between", calls, graph=graph, compensation=compensation)
+
+    async def until_calls(n: int) -> None:
+        with anyio.fail_after(10):
+            while len(calls) < n:  # noqa: ASYNC110 - counting the calls of a script
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)  # the call is under way
+
+    first = await orchestrator(s, shutdown_timeout=0.2, lease_seconds=0.5)
+    run = await s.start(Job(n=1))
+    await until_calls(1)  # attempt 1 holds
+    await first.aclose()  # ... and is given back, uncounted
+    faults = Faults()
+    faults.crash_after("first" if compensation else "x", compensation=compensation)
+    second = await orchestrator(s, shutdown_timeout=0.2, lease_seconds=0.5)
+    faults.attach(second)
+    await until_calls(3)  # attempt 1 returned, its worker "crashed"; attempt 2 holds
+    assert faults.fired["crash_after"] == 1
+    await second.aclose()  # attempt 2's first give-back
+    third = await orchestrator(s, lease_seconds=0.5)
+    handle = third.get_run(run.id)
+    released = [
+        (e.attempt, e.data.get("counted"))
+        for e in await handle.history()
+        if e.kind == "lease_released"
+    ]
+    if compensation:
+        with pytest.raises(saga.RunCompensatedError):
+            await handle.result(timeout=10)
+    else:
+        assert await handle.result(timeout=10) == 1
+    assert released == [(1, False), (2, False)]

@@ -197,7 +197,7 @@ WITH candidates AS (
         lease_owner = $1,
         lease_token = r.lease_token + 1,
         attempt = r.attempt + 1,
-        due_at = now() + make_interval(secs => $3),
+        due_at = clock_timestamp() + make_interval(secs => $3),
         status = t.after,
         results = CASE WHEN t.woke IS NOT NULL AND s.payload IS NOT NULL
                        THEN r.results || jsonb_build_object(r.wait_name, to_jsonb(s.payload))
@@ -206,6 +206,8 @@ WITH candidates AS (
                                THEN array_append(r.completed_steps, r.wait_name)
                                ELSE r.completed_steps END,
         wait_name = CASE WHEN t.after = 'waiting' THEN r.wait_name END,
+        -- An expired lease counts its attempt: the next one has not been given back.
+        released = r.released AND c.prev_owner IS NULL,
         updated_at = now()
     FROM candidates c
          LEFT JOIN closing s ON s.run_id = c.id,
@@ -296,6 +298,12 @@ SELECT held FROM lease;
 -- nothing is written; see transition_batch)
 WITH briefly AS MATERIALIZED (
     SELECT set_config('lock_timeout', '50ms', true) WHERE $18::boolean
+), waited AS MATERIALIZED (
+    -- Going alone, the write waits for the run's row before it computes the new one (an
+    -- UPDATE computes it first, then waits): a lease or delay counts from the write.
+    SELECT id FROM __schema__.runs
+    WHERE id = $1 AND NOT $18::boolean AND $11::float8 IS NOT NULL
+    FOR UPDATE
 ), upd AS (
     UPDATE __schema__.runs SET
         status = $3,
@@ -310,7 +318,7 @@ WITH briefly AS MATERIALIZED (
         compensation_error = coalesce($10::jsonb, compensation_error),
         due_at = CASE WHEN $11::float8 IS NULL THEN NULL
                       WHEN $11::float8 = 'Infinity' THEN 'infinity'
-                      ELSE now() + make_interval(secs => $11::float8) END,
+                      ELSE clock_timestamp() + make_interval(secs => $11::float8) END,
         wait_name = $17,
         lease_owner = $12,
         lease_token = CASE WHEN $12::text IS NULL THEN lease_token ELSE lease_token + 1 END,
@@ -320,6 +328,7 @@ WITH briefly AS MATERIALIZED (
     WHERE id = $1 AND lease_token = $2 AND lease_owner = $15
       AND NOT ($16::boolean AND cancel_requested)
       AND (SELECT count(*) FROM briefly) >= 0  -- (set before the row is locked)
+      AND (SELECT count(*) FROM waited) >= 0
     RETURNING id, lease_token, cancel_requested, due_at IS NULL AS finished,
               extract(epoch FROM now() - created_at)::float8 AS age
 ), ev AS (
@@ -384,9 +393,9 @@ WITH briefly AS MATERIALIZED (
     FOR UPDATE OF r
 ), awaited AS (
     INSERT INTO __schema__.signals AS s (run_id, name, awaited_at, timeout_seconds)
-    SELECT id, wait, now(), due_in FROM parking
+    SELECT id, wait, clock_timestamp(), due_in FROM parking
     ON CONFLICT (run_id, name) DO UPDATE
-        SET awaited_at = now(), timeout_seconds = excluded.timeout_seconds
+        SET awaited_at = clock_timestamp(), timeout_seconds = excluded.timeout_seconds
     RETURNING s.run_id, s.payload IS NOT NULL AS arrived
 ), upd AS (
     UPDATE __schema__.runs r SET
@@ -403,7 +412,7 @@ WITH briefly AS MATERIALIZED (
         due_at = CASE WHEN t.due_in IS NULL THEN NULL
                       WHEN a.arrived THEN now()
                       WHEN t.due_in = 'Infinity' THEN 'infinity'
-                      ELSE now() + make_interval(secs => t.due_in) END,
+                      ELSE clock_timestamp() + make_interval(secs => t.due_in) END,
         wait_name = t.wait,
         lease_owner = t.owner,
         lease_token = CASE WHEN t.owner IS NULL THEN r.lease_token ELSE r.lease_token + 1 END,
@@ -511,7 +520,7 @@ WITH h AS (
     ORDER BY r.id
     FOR UPDATE OF r SKIP LOCKED
 ), upd AS (
-    UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => h.seconds)
+    UPDATE __schema__.runs r SET due_at = clock_timestamp() + make_interval(secs => h.seconds)
     FROM h JOIN locked l ON l.id = h.id
     WHERE r.id = h.id
     RETURNING r.id, r.cancel_requested
@@ -526,10 +535,23 @@ WHERE r.lease_token >= h.token AND r.lease_owner = $1
 -- heartbeat, for leases whose rows another transaction held when it came by: this one
 -- waits for those locks (on a connection of its own), so that the lease is renewed as
 -- soon as the lock is released, before a claim of the expired lease could take the run.
+-- Like every write of a lease's or a delay's end, it counts from the moment of the
+-- write (clock_timestamp), not from the statement's start (now()), which was before
+-- its wait for the lock; and the rows are locked first: an UPDATE computes the new row
+-- before it waits for a lock on the old (a lease renewed after a long wait would be
+-- written expired).
 -- $1 worker id, $2 run ids, $3 lease tokens, $4 lease seconds (the three pairwise)
-UPDATE __schema__.runs r SET due_at = now() + make_interval(secs => h.seconds)
-FROM unnest($2::uuid[], $3::bigint[], $4::float8[]) AS h(id, token, seconds)
-WHERE r.id = h.id AND r.lease_token >= h.token AND r.lease_owner = $1
+WITH h AS (
+    SELECT * FROM unnest($2::uuid[], $3::bigint[], $4::float8[]) AS h(id, token, seconds)
+), locked AS MATERIALIZED (
+    SELECT r.id, h.seconds FROM __schema__.runs r JOIN h ON r.id = h.id
+    WHERE r.lease_token >= h.token AND r.lease_owner = $1
+    ORDER BY r.id
+    FOR UPDATE OF r
+)
+UPDATE __schema__.runs r SET due_at = clock_timestamp() + make_interval(secs => l.seconds)
+FROM locked l
+WHERE r.id = l.id
 RETURNING r.id, r.cancel_requested;
 
 -- name: release
@@ -639,7 +661,8 @@ SELECT 1 FROM __schema__.runs WHERE id = $1 FOR UPDATE;
 -- worker holds are due now instead (the run row is locked first, then they): the worker
 -- that claims one starts the rollback, and the items running see the cancel when they
 -- write. A run that reached its pivot step (it is the current step, an item, or
--- completed) only goes forward: no row. No row either: not in a cancellable status, or
+-- completed) only goes forward: no row; but one stopped at its pivot (the pivot gave
+-- up) rolls back. No row either: not in a cancellable status, or
 -- already cancelling. A run stopped for an operator at a step (its policy stopped it
 -- when it gave up) rolls back, keeping its error: it ends compensated (a graph run gets
 -- one forward item, which the claim drops, to start its rollback).
@@ -669,11 +692,13 @@ WITH old AS (
       AND NOT r.cancel_requested
       AND r.key_state IS DISTINCT FROM 'released'
       AND NOT (r.pivot IS NOT NULL
-               -- (a run parked at the sleep or wait before its pivot has not reached it)
+               -- (a run parked at the sleep or wait before its pivot has not reached it;
+               -- one stopped at its pivot, whose attempts gave up, never passed it)
                AND (r.pivot = ANY(r.completed_steps)
-                    OR (r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL)
-                    OR EXISTS (SELECT 1 FROM __schema__.items i
-                               WHERE i.run_id = $1 AND i.step = r.pivot)))
+                    OR (r.status <> 'stopped'
+                        AND ((r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL)
+                             OR EXISTS (SELECT 1 FROM __schema__.items i
+                                        WHERE i.run_id = $1 AND i.step = r.pivot)))))
     RETURNING r.id, r.saga_name, r.graph AND old.at_step AS restart, r.error->>'step' AS failed
 ), items AS (
     UPDATE __schema__.items i SET due_at = now()
@@ -1586,7 +1611,9 @@ WITH candidates AS (
         lease_token = nextval('__schema__.item_tokens'),
         attempt = i.attempt + 1,
         woken = false,
-        due_at = now() + make_interval(secs => $3)
+        -- An expired lease counts its attempt: the next one has not been given back.
+        released = i.released AND c.prev_owner IS NULL,
+        due_at = clock_timestamp() + make_interval(secs => $3)
     FROM candidates c
     WHERE i.run_id = c.run_id AND i.step = c.step AND i.phase = c.phase
       -- The candidates' runs named, so the update probes the primary key: joined alone
@@ -1712,7 +1739,7 @@ WITH fenced AS (
         lease_owner = NULL, released = false,
         -- woken: a child ended since the claim (its wake-up found the item leased).
         due_at = CASE WHEN $13::float8 <> 'Infinity'
-                      THEN now() + make_interval(secs => $13::float8)
+                      THEN clock_timestamp() + make_interval(secs => $13::float8)
                       WHEN woken THEN now() ELSE 'infinity' END,
         attempt = CASE WHEN $13::float8 = 'Infinity' THEN attempt - 1 ELSE attempt END,
         parked = $13::float8 = 'Infinity', woken = false
@@ -1764,7 +1791,8 @@ WITH fenced AS (
     INSERT INTO __schema__.items (run_id, step, phase, attempt, due_at, lease_owner,
                                   lease_token)
     SELECT upd.id, n.step, n.phase, CASE WHEN n.secs IS NULL THEN 0 ELSE 1 END,
-           CASE WHEN n.secs IS NULL THEN now() ELSE now() + make_interval(secs => n.secs) END,
+           CASE WHEN n.secs IS NULL THEN now()
+                ELSE clock_timestamp() + make_interval(secs => n.secs) END,
            CASE WHEN n.secs IS NOT NULL THEN $5 END, nextval('__schema__.item_tokens')
     FROM upd, unnest($16::text[], $17::text[], $18::float8[]) WITH ORDINALITY
               AS n(step, phase, secs, ord)
@@ -1812,7 +1840,7 @@ WITH h AS (
     ORDER BY i.run_id, i.step, i.phase
     FOR UPDATE OF i
 )
-UPDATE __schema__.items i SET due_at = now() + make_interval(secs => held.seconds)
+UPDATE __schema__.items i SET due_at = clock_timestamp() + make_interval(secs => held.seconds)
 FROM held
 WHERE i.run_id = held.run_id AND i.step = held.step AND i.phase = held.phase
 RETURNING i.run_id, i.step, i.phase,
