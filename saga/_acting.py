@@ -74,7 +74,11 @@ class Acting:
             return True
         row = await self._row(run_id)
         info = row.info
-        reached = row.pivot in info.completed_steps or not info.status.is_terminal
+        reached = (
+            row.pivot in info.completed_steps
+            or not info.status.is_terminal
+            or (info.status is RunStatus.STOPPED and info.step == row.pivot)
+        )
         if row.pivot is not None and not info.cancel_requested and reached:
             raise InvalidRunStateError(
                 f"run {run_id} reached its pivot step {row.pivot!r}: it only goes forward "

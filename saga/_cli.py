@@ -33,11 +33,12 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TextIO, cast
 
 import anyio
 import structlog
 
+from saga import _children, _registry
 from saga._cli_acts import ACTIONS
 from saga._cli_args import (
     EXIT_ERROR,
@@ -51,14 +52,22 @@ from saga._cli_args import (
     parse_duration,
 )
 from saga._cli_ops import COMMANDS, read_payload
-from saga._cli_process import WRITES_ONE, standard_streams, stdout_closed, to_its_end
+from saga._cli_process import (
+    WRITES_ONE,
+    LogStream,
+    standard_streams,
+    stdout_closed,
+    to_its_end,
+)
 from saga._cli_render import ClosedOutput, Discarded, _clean, _Ctx
 from saga._cli_sched import SCHEDULE_COMMANDS
 from saga._client import Client
 from saga._db import latest_migration, validate_dsn, validate_schema
 from saga._definition import Saga
+from saga._dsn import command_dsn
 from saga._errors import (
     ConfigurationError,
+    DefinitionError,
     InvalidRunStateError,
     RunNotFoundError,
     SagaError,
@@ -143,7 +152,10 @@ def _dashboard(argv: list[str], dsn: str | None, schema: str | None) -> int:
 
 def _run(ctx: _Ctx) -> int:
     args = ctx.args
-    dsn = getattr(args, "dsn", None) or os.environ.get("SAGA_DSN")
+    try:
+        dsn = command_dsn(getattr(args, "dsn", None))
+    except ConfigurationError as exc:
+        ctx.fail(EXIT_USAGE, str(exc))
     if not dsn:
         ctx.fail(EXIT_USAGE, "no database: pass --dsn or set SAGA_DSN")
     given = getattr(args, "schema", None)  # --schema "" is a bad name, not the default
@@ -159,7 +171,7 @@ def _run(ctx: _Ctx) -> int:
     if args.command != "worker" or previous is None:
         level = args.log_level if args.command == "worker" else "warning"
         structlog.configure(
-            logger_factory=structlog.PrintLoggerFactory(ctx.err),
+            logger_factory=structlog.PrintLoggerFactory(cast("TextIO", LogStream(ctx.err))),
             wrapper_class=structlog.make_filtering_bound_logger(
                 logging.getLevelNamesMapping()[level.upper()]
             ),
@@ -205,13 +217,26 @@ def _load_target(ctx: _Ctx, target: str) -> list[Saga[Any]]:
             ctx.fail(EXIT_USAGE, f"{module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if isinstance(obj, Saga):
-        return [obj]
+        return _registrable(ctx, target, [obj])
     if isinstance(obj, list | tuple) and obj and all(isinstance(s, Saga) for s in obj):
-        return list(obj)
+        return _registrable(ctx, target, list(obj))
     ctx.fail(
         EXIT_USAGE,
         f"{target} is {type(obj).__name__}, not a saga.Saga or a non-empty list/tuple of them",
     )
+
+
+def _registrable(ctx: _Ctx, target: str, sagas: list[Saga[Any]]) -> list[Saga[Any]]:
+    """The target's sagas, if a client can register them (a bad target is a usage
+    error, found before any connection): one definition per name and version, every
+    child saga there too, no saga its own descendant."""
+    try:
+        registered = _registry.definitions(sagas)
+        _children.check_registered(registered)
+        _children.check_acyclic(registered)
+    except DefinitionError as exc:
+        ctx.fail(EXIT_USAGE, f"invalid target {target}: {exc}")
+    return sagas
 
 
 async def _dispatch(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> int:

@@ -21,8 +21,8 @@ from saga._cli_values import (
     _Exit,
     _int_up_to,
     _Parser,
-    _positive_float,
     _positive_int,
+    _positive_seconds,
     _run_id,
     _statuses,
     parse_duration,
@@ -197,10 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a saga.Saga, or a list/tuple of them, e.g. myapp.sagas:checkout",
     )
     worker.add_argument("--concurrency", type=_positive_int, default=32, help="default: 32")
-    worker.add_argument("--lease-seconds", type=_positive_float, default=30.0, help="default: 30")
-    worker.add_argument("--poll-interval", type=_positive_float, default=1.0, help="default: 1")
+    seconds = "seconds, or a duration such as 30s or 2m"
     worker.add_argument(
-        "--shutdown-timeout", type=_positive_float, default=10.0, help="default: 10"
+        "--lease-seconds", type=_positive_seconds, default=30.0, help=f"{seconds} (default: 30)"
+    )
+    worker.add_argument(
+        "--poll-interval", type=_positive_seconds, default=1.0, help=f"{seconds} (default: 1)"
+    )
+    worker.add_argument(
+        "--shutdown-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help=f"{seconds} (default: 10)",
     )
     worker.add_argument("--worker-id", help="default: host:pid:random")
     worker.add_argument(

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from saga._aio import started_writes
 from saga._cli_render import ClosedOutput, Discarded, _Ctx
@@ -32,6 +32,40 @@ def standard_streams() -> Iterator[None]:
     finally:
         sys.stdout = saved[0] if saved[0] is None else sys.stdout
         sys.stderr = saved[1] if saved[1] is None else sys.stderr
+
+
+class LogStream:
+    """The stream the command's log lines go to (stderr): once a write to it fails (its
+    reader went away: ``2>&1 | head``, a log shipper restarting; a full disk), the
+    lines are dropped and the command goes on: a worker does not die of its log. The
+    stream's file then points at devnull, so that the interpreter's own flush at exit
+    does not fail again."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lost = False
+
+    def write(self, text: str) -> int:
+        if not self._lost:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError):
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._lost:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lose()
+
+    def _lose(self) -> None:
+        self._lost = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # not a real file
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
 
 
 def stdout_closed() -> int:

@@ -112,6 +112,23 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    """Seconds: a positive number (``30``, ``0.5``) or a duration (``30s``, ``2m``)."""
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except argparse.ArgumentTypeError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of seconds or a duration (30, 0.5, 30s, 2m), got {text!r}"
+        )
+    return seconds
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)

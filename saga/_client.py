@@ -32,7 +32,6 @@ from saga._definition import Saga
 from saga._errors import (
     ConfigurationError,
     DatabaseError,
-    DefinitionError,
     IdempotencyConflictError,
     InvalidInputError,
     RunNotFoundError,
@@ -104,14 +103,9 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
         self._migrate = _checks.flag("migrate", migrate, ConfigurationError)
         _checks.providers(tracer_provider, meter_provider, ConfigurationError)
         self.telemetry = Telemetry(tracer_provider, meter_provider)
-        self._sagas: dict[tuple[str, int], Saga[Any]] = {}
-        for saga in _checks.sequence_of("sagas", sagas, Saga, ConfigurationError):
-            key = (saga.name, saga.version)
-            if key in self._sagas and self._sagas[key] is not saga:
-                raise DefinitionError(
-                    f"two different definitions of saga {saga.name!r} version {saga.version}"
-                )
-            self._sagas[key] = saga
+        self._sagas: dict[tuple[str, int], Saga[Any]] = _registry.definitions(
+            _checks.sequence_of("sagas", sagas, Saga, ConfigurationError)
+        )
         self._definitions: list[DefinitionKey] = []
         self._pool: asyncpg.Pool | None = None
         self._hot: asyncpg.Pool | None = None

@@ -20,6 +20,7 @@ import structlog
 from pydantic import BaseModel
 
 import saga
+from saga._dsn import command_dsn
 
 
 class Order(BaseModel):
@@ -115,9 +116,9 @@ def main(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # stdout: the runs
     )
-    dsn = dsn or os.environ.get("SAGA_DSN")
     schema = schema if schema is not None else os.environ.get("SAGA_SCHEMA") or "saga_demo"
     try:
+        dsn = command_dsn(dsn)
         if not dsn:
             from saga._embedded import embedded_postgres_dsn
 

@@ -148,3 +148,18 @@ def read_dsn(dsn: object) -> Target:
     path = urllib.parse.unquote(url.path[1:] if url.path.startswith("/") else url.path)
     database = path or query.get("dbname") or query.get("database")
     return Target(database, tuple(hosts), tuple(ports))
+
+
+def command_dsn(given: str | None) -> str | None:
+    """The DSN a command runs on: ``--dsn`` when given, else ``SAGA_DSN`` (empty: not
+    set); None: neither. An empty ``--dsn`` is refused, never read as "use SAGA_DSN":
+    it is a shell variable that was not set (``--dsn "$STAGING_DSN"``), and the
+    environment's database may be another one."""
+    if given is None:
+        return os.environ.get("SAGA_DSN") or None
+    if not given.strip():
+        raise ConfigurationError(
+            "--dsn is empty (a shell variable that was not set?): pass a DSN, or leave "
+            "--dsn out to use SAGA_DSN"
+        )
+    return given

@@ -85,7 +85,10 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _statuses(values: Iterable[RunStatus | str] | RunStatus | str | None) -> list[str] | None:
+def _statuses(
+    values: Iterable[RunStatus | str] | RunStatus | str | None,
+    empty: str = "status filter is empty; pass None to list every status",
+) -> list[str] | None:
     if values is None:
         return None
     if isinstance(values, str):  # RunStatus is a str too
@@ -102,7 +105,7 @@ def _statuses(values: Iterable[RunStatus | str] | RunStatus | str | None) -> lis
             known = ", ".join(s.value for s in RunStatus)
             raise ConfigurationError(f"unknown run status {value!r}; use one of: {known}") from None
     if not out:
-        raise ConfigurationError("status filter is empty; pass None to list every status")
+        raise ConfigurationError(empty)
     return sorted(set(out))
 
 
@@ -280,7 +283,13 @@ async def prune(
     seconds = _seconds("older_than", older_than)
     if seconds is None:
         raise ConfigurationError("older_than is required")
-    statuses = _statuses(status)
+    named = (
+        "status must name the final statuses prune deletes (default: completed, "
+        "compensated, cancelled)"
+    )
+    if status is None:
+        raise ConfigurationError(f"{named}, got None")
+    statuses = _statuses(status, empty=f"{named}, got none")
     assert statuses is not None
     active = [s for s in statuses if not RunStatus(s).is_terminal]
     if active:

@@ -220,10 +220,11 @@ async def _counts(
     pool: asyncpg.Pool, schema: str, runs: str, cutoff: datetime, statuses: list[str]
 ) -> tuple[int, int] | None:
     """The day's runs that would go and stay, or None when the day is not worth it
-    (nothing goes, or less than half: prune's row-by-row pass takes those)."""
+    (less than half goes: prune's row-by-row pass takes those). A day with no run at
+    all (created ahead on a quiet day, or emptied row by row) goes too."""
     row = await pool.fetchrow(query("day_counts", schema, runs=runs), cutoff, statuses)
     assert row is not None
-    if row["gone"] == 0 or row["kept"] > row["gone"]:
+    if row["kept"] > row["gone"]:
         return None
     return row["gone"], row["kept"]
 

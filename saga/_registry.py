@@ -10,6 +10,7 @@ closed rather than that nothing registered the saga.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from saga._checks import show
@@ -37,6 +38,17 @@ class Starter(Protocol):
 
 
 _clients: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def definitions(sagas: Iterable[Any]) -> dict[tuple[str, int], Any]:
+    """The sagas a client registers, by (name, version): one definition each."""
+    found: dict[tuple[str, int], Any] = {}
+    for saga in sagas:
+        if found.setdefault((saga.name, saga.version), saga) is not saga:
+            raise DefinitionError(
+                f"two different definitions of saga {saga.name!r} version {saga.version}"
+            )
+    return found
 
 
 def register(saga: Any, client: Starter) -> None:

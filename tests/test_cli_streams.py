@@ -9,6 +9,7 @@ module: it must stay free of side effects at import).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,9 @@ import pytest
 from pydantic import BaseModel
 
 import saga
-from tests._harness import ROOT, Children, python_env
+from examples.checkout import SAGAS as CHECKOUT_SAGAS
+from examples.checkout import Order, checkout
+from tests._harness import ROOT, Children, popen, python_env
 from tests._sagas import until_status
 from tests.conftest import ClientFactory, OrchestratorFactory
 
@@ -343,3 +346,45 @@ async def test_a_second_ctrl_c_aborts_an_action_waiting_for_a_held_row(
 
 class _Rollback(Exception):
     """Leaves a test's transaction block, rolled back."""
+
+
+async def test_worker_keeps_running_when_the_reader_of_its_log_goes_away(
+    dsn: str, open_client: ClientFactory
+) -> None:
+    """README, Command line: "`saga worker MODULE:OBJECT` | execute the runs ... until
+    SIGTERM/SIGINT", and "with stderr closed (`2>&-`) they [messages] are dropped and the
+    exit code still tells"; DESIGN: no setting "can stop an orchestrator".
+
+    A worker whose stderr is a pipe whose reader goes away (`saga worker ... 2>&1 | tee
+    log`, a log shipper restarting) keeps running: its log lines are dropped and the
+    next run completes. Before, the first log line after that raised BrokenPipeError
+    inside the orchestrator and the worker exited 141, leaving the next run pending."""
+    proc = popen(
+        "-m", "saga", "worker", "examples.checkout:SAGAS", "--dsn", dsn,
+        env=python_env(dsn), stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        with anyio.fail_after(20):
+            while True:
+                line = await anyio.to_thread.run_sync(proc.stderr.readline)
+                assert line, "the worker ended before it was ready"
+                if b" ready: " in line:
+                    break
+        proc.stderr.close()  # the log's reader goes away; nothing signals the worker
+        await open_client(*CHECKOUT_SAGAS)
+        first = await checkout.start(Order(order_id="o-1", amount_cents=5))
+        assert (await first.result(timeout=10)).order_id == "o-1"
+        await anyio.sleep(1.0)
+        second = await checkout.start(Order(order_id="o-2", amount_cents=5))
+        with contextlib.suppress(saga.RunTimeoutError):
+            await second.result(timeout=8)
+        assert proc.poll() is None, (
+            f"saga worker exited {proc.poll()} with no SIGTERM/SIGINT once its stderr "
+            f"reader went away; the next run is {(await second.info()).status}"
+        )
+        assert (await second.info()).status is saga.RunStatus.COMPLETED
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)

@@ -252,7 +252,8 @@ async def test_a_run_stopped_at_its_pivot_is_cancelled_and_compensates(
     The pivot (capturing a payment) gives up and stops the run. cancel() undoes
     `reserve` and the run ends compensated with the pivot's error (linear and graph).
     Before, cancel() raised InvalidRunStateError "already ended stopped" and nothing
-    could be undone."""
+    could be undone. (A run stopped at its pivot because the sleep after it failed to
+    start is still refused: the pivot ran; tests/test_waits.py.)"""
     calls: list[str] = []
     s = saga.Saga("stopped_pivot", input=Job)
 

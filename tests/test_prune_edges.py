@@ -252,3 +252,51 @@ async def test_migrate_waits_for_another_process_creating_a_day(
         await other.close()
     assert applied == []
     assert far in await partitions.days(db, "saga")
+
+
+async def test_prune_drops_a_past_day_that_holds_no_run(
+    open_client: ClientFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    """README, Retention: "`saga prune` (and `saga.prune`) drops a day when all its runs
+    finished more than `--older-than` ago in a pruned status", and orchestrators create
+    the next days' partitions ahead whatever the traffic.
+
+    A past day with no run in it (a quiet day whose partitions were created ahead, or
+    one pruned row by row) is dropped too, and the dry run counts it. Before, a day
+    where nothing "goes" was skipped: its four tables stayed for ever."""
+    day = datetime.now(UTC).date() - timedelta(days=40)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        assert await partitions._create_day(pool, "saga", day)  # created ahead, back then
+    finally:
+        await pool.close()
+    quick = small_saga("quick", 1)
+    client = await open_client(quick)
+    # Today's runs, pruned row by row the same day, leave today's partitions just as empty.
+    assert await db.fetchval(f"SELECT count(*) FROM saga.{partitions.partition('runs', day)}") == 0
+
+    dry = await saga.prune(client, older_than=timedelta(days=30), whole_days=True, dry_run=True)
+    whole = await saga.prune(client, older_than=timedelta(days=30), whole_days=True)
+    rows = await saga.prune(client, older_than=timedelta(days=30))
+
+    left = day in await partitions.days(db, "saga")
+    assert not left, (
+        f"the empty day {day} (40 days ago) is still there after prune --older-than 30d "
+        f"(dry run days={dry.days}, --whole-days days={whole.days}, default days={rows.days})"
+    )
+
+
+@pytest.mark.parametrize("status", [None, [], ()], ids=["none", "empty_list", "empty_tuple"])
+async def test_prune_without_statuses_is_a_clear_configuration_error(
+    open_client: ClientFactory, status: Any
+) -> None:
+    """README, Operator API: `prune(orch, *, older_than, status=(completed, compensated,
+    cancelled), ...)`; DESIGN: "Bad input gets a clear error".
+
+    `status=None` or an empty collection is a ConfigurationError saying that prune needs
+    the final statuses it deletes, and nothing is deleted. Before, None raised a bare
+    AssertionError, and an empty list advised passing None."""
+    client = await open_client(small_saga("quick", 1))
+    with pytest.raises(saga.ConfigurationError, match="final statuses prune deletes") as refused:
+        await saga.prune(client, older_than=timedelta(days=1), status=status)
+    assert "pass None" not in str(refused.value)

@@ -879,7 +879,7 @@ async def test_past_the_pivot_a_failing_until_stops_the_run_at_its_step(
     assert (info.step, info.wait) == ("pay", None)
     kinds = [(e.kind, e.step) for e in await run.history()]
     assert ("step_completed", "pay") not in kinds
-    with pytest.raises(saga.InvalidRunStateError):
+    with pytest.raises(saga.InvalidRunStateError, match="reached its pivot step"):
         await run.cancel()  # at its pivot: nothing before it is undone
     await run.retry()
     info = await until_status(run, saga.RunStatus.SLEEPING)

@@ -693,12 +693,16 @@ WITH old AS (
       AND r.key_state IS DISTINCT FROM 'released'
       AND NOT (r.pivot IS NOT NULL
                -- (a run parked at the sleep or wait before its pivot has not reached it;
-               -- one stopped at its pivot, whose attempts gave up, never passed it)
+               -- one its pivot's policy stopped when the pivot gave up never passed it,
+               -- unlike one stopped there because the sleep after it failed to start)
                AND (r.pivot = ANY(r.completed_steps)
-                    OR (r.status <> 'stopped'
-                        AND ((r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL)
-                             OR EXISTS (SELECT 1 FROM __schema__.items i
-                                        WHERE i.run_id = $1 AND i.step = r.pivot)))))
+                    OR ((r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL)
+                        OR EXISTS (SELECT 1 FROM __schema__.items i
+                                   WHERE i.run_id = $1 AND i.step = r.pivot))
+                       AND NOT (r.status = 'stopped' AND coalesce(
+                           (SELECT e.data ? 'on_give_up' FROM __schema__.events e
+                            WHERE e.run_id = $1 AND e.kind = 'run_stopped'
+                            ORDER BY e.id DESC LIMIT 1), false))))
     RETURNING r.id, r.saga_name, r.graph AND old.at_step AS restart, r.error->>'step' AS failed
 ), items AS (
     UPDATE __schema__.items i SET due_at = now()

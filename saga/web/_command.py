@@ -31,6 +31,8 @@ from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import saga
+from saga._dsn import command_dsn
+from saga._errors import ConfigurationError
 from saga.web._app import DashboardApp, dashboard
 from saga.web._auth import Operator, SecurityHeaders
 
@@ -210,7 +212,11 @@ def main(
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    dsn = args.dsn or dsn or os.environ.get("SAGA_DSN")
+    try:
+        dsn = command_dsn(args.dsn if args.dsn is not None else dsn)
+    except ConfigurationError as exc:
+        print(f"saga dashboard: {exc}", file=err)
+        return EXIT_USAGE
     if args.schema is not None:  # --schema "" is a bad name, not the default
         schema = args.schema
     else:
