@@ -61,6 +61,28 @@ class SignalState:
     closed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Sequence:
+    """The history's last event id, and the transactions running when it was read: those
+    listed (``running``, all below ``xmax``), and any at ``xmax`` or above (not ended:
+    ``xmax`` is the first transaction id that has not)."""
+
+    seq: int | None
+    xmax: int
+    running: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRun:
+    """A child run, as its parent's page lists it."""
+
+    id: UUID
+    saga: str
+    step: str
+    status: str
+    created_at: datetime
+
+
 class DashboardQueries:
     """Needs ``pool`` and ``_q`` (the named queries) from the store it is part of."""
 
@@ -136,8 +158,19 @@ class DashboardQueries:
             for r in rows
         ]
 
-    async def events_sequence(self, conn: Executor) -> int | None:
-        """The history's last event id (None before the first event), on ``conn``."""
+    async def children(self, run_id: UUID, limit: int) -> list[ChildRun]:
+        """The child runs the run's steps started, oldest first, at most ``limit``."""
+        async with translate_errors("reading a run's child runs"):
+            rows = await self.pool.fetch(self._q["dash_children"], run_id, limit)
+        return [
+            ChildRun(r["id"], r["saga_name"], r["parent_step"], r["status"], r["created_at"])
+            for r in rows
+        ]
+
+    async def events_sequence(self, conn: Executor) -> Sequence:
+        """The history's last event id (None before the first event), and which
+        transactions are running, on ``conn``."""
         async with translate_errors("reading the history's sequence"):
-            value: int | None = await conn.fetchval(self._q["dash_events_sequence"])
-        return value
+            row = await conn.fetchrow(self._q["dash_events_sequence"])
+        assert row is not None
+        return Sequence(row["seq"], row["xmax"], frozenset(row["running"]))

@@ -1961,11 +1961,13 @@ FROM upd;
 -- name: dash_finished_per_hour
 -- Runs that finished from the start of the hour ($1 - 1) hours ago until now, per hour
 -- (truncated, database clock) and final status; reads the finished runs' partial index.
+-- Hours are UTC's, whatever the session's time zone (in one a half hour off UTC, its
+-- hours would start at :30 UTC).
 -- $1 hours to look back (the current hour included)
-SELECT date_trunc('HOUR', finished_at) AS hour, status, count(*) AS runs
+SELECT date_trunc('HOUR', finished_at, 'UTC') AS hour, status, count(*) AS runs
 FROM __schema__.runs
 WHERE due_at IS NULL
-  AND finished_at >= date_trunc('HOUR', now()) - make_interval(hours => $1::int - 1)
+  AND finished_at >= date_trunc('HOUR', now(), 'UTC') - make_interval(hours => $1::int - 1)
 GROUP BY 1, 2
 ORDER BY 1, 2;
 
@@ -2028,6 +2030,14 @@ ORDER BY 1, 2, 3;
 -- $1 run id
 SELECT input, results::text AS results, output FROM __schema__.runs WHERE id = $1;
 
+-- name: dash_children
+-- The child runs a run's steps started, oldest first, at most $2 of them (runs_parent).
+-- $1 parent run id, $2 how many
+SELECT id, saga_name, parent_step, status, created_at
+FROM __schema__.runs WHERE parent_id = $1
+ORDER BY created_at, id
+LIMIT $2;
+
 -- name: dash_signals
 -- One run's signals: whether each was received, when, and whether its wait is decided.
 -- $1 run id
@@ -2038,9 +2048,16 @@ FROM __schema__.signals WHERE run_id = $1 ORDER BY name;
 -- name: dash_events_sequence
 -- The last value of the history's sequence: an O(1) read that changes whenever any run
 -- records anything (steps in the middle of a run send no NOTIFY): the sequence of
--- events.id (event_ids since migration 0009).
+-- events.id (event_ids since migration 0009). With the transactions running now (the
+-- ids of those that wrote): events a running one wrote are seen once it has ended (a
+-- signal sent in a caller's transaction).
 -- no parameters
-SELECT pg_sequence_last_value('__schema__.event_ids'::regclass) AS seq;
+-- running: those listed running below xmax, the first transaction id not yet ended
+-- (one at xmax or above has not ended: running, or not started).
+SELECT pg_sequence_last_value('__schema__.event_ids'::regclass) AS seq,
+       pg_snapshot_xmax(s)::text::bigint AS xmax,
+       ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) AS x) AS running
+FROM pg_current_snapshot() AS s;
 
 -- name: presence_enter
 -- Mark this session as an executing orchestrator of the schema (a shared advisory lock,

@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 import saga
 from saga._model import RunStatus
-from saga.web._filters import PageError, field, parse_filters, run_id
+from saga.web._filters import PageError, field, form_filters, run_id
 from saga.web._site import Ctx, Dashboard
 
 _DONE = {
@@ -117,7 +117,7 @@ async def bulk(dash: Dashboard, ctx: Ctx) -> Response:
     if action not in ("cancel", "retry"):
         raise PageError(400, "bulk action must be cancel or retry")
     now = datetime.now(UTC)
-    filters = parse_filters(ctx.form, now)
+    filters = form_filters(ctx.form, now)
     arguments = filters.arguments(now)
     if field(ctx.form, "confirm") != "yes":
         count = await saga.count_matching(dash.client, cap=dash.bulk_limit, **arguments)

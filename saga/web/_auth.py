@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -114,16 +115,18 @@ def _same(expected: str, given: str) -> bool:
 
 
 def cross_site(request: Request) -> bool:
-    """Whether the browser says this request comes from another site (Fetch metadata),
-    or its ``Origin`` is not this dashboard's own."""
+    """Whether the browser says this request comes from another site (Fetch metadata:
+    its own verdict, which no page can forge), or, from a browser that does not send
+    it, whether its ``Origin`` names another host. The scheme is not compared: behind a
+    proxy that terminates TLS the dashboard sees ``http`` where the browser says
+    ``https``."""
     site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
-        return True
+    if site is not None:
+        return site not in ("same-origin", "none")
     origin = request.headers.get("origin")
     if origin is None:
         return False
-    own = f"{request.url.scheme}://{request.url.netloc}"
-    return origin != own
+    return urlsplit(origin).netloc != request.url.netloc
 
 
 class SecurityHeaders:

@@ -23,7 +23,7 @@ import socket
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import quote, unquote
 
 import anyio
 from starlette.requests import Request
@@ -177,10 +177,12 @@ class _TokenLanding:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and b"token=" in scope.get("query_string", b""):
-            pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-            given = [v for k, v in pairs if k == "token"]
+            # Read as a URL, not as a form: a "+" of the token (base64) is a "+".
+            parts = [p for p in scope["query_string"].decode("latin-1").split("&") if p]
+            named = [(unquote(p.partition("=")[0]), p) for p in parts]
+            given = [unquote(p.partition("=")[2]) for k, p in named if k == "token"]
             if given and hmac.compare_digest(given[0].encode(), self.token.encode()):
-                rest = urlencode([(k, v) for k, v in pairs if k != "token"])
+                rest = "&".join(p for k, p in named if k != "token")
                 # The full path (ASGI: root_path included); never "//host/...", which
                 # a browser would follow to another site.
                 path = "/" + scope["path"].lstrip("/")
@@ -271,7 +273,7 @@ async def _serve(
         server = _Server(app, args.host, port)
         host = f"[{args.host}]" if ":" in args.host else args.host
         if args.token_env is None:
-            print(f"saga dashboard: http://{host}:{port}/?token={token}", file=out)
+            print(f"saga dashboard: http://{host}:{port}/?token={quote(token, safe='')}", file=out)
         else:
             print(
                 f"saga dashboard: http://{host}:{port}/ (token: ${args.token_env})",

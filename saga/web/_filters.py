@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from saga._model import RunStatus
 
@@ -97,6 +97,19 @@ class RunFilters:
             "newer_than": None if self.after is None else max(now - self.after, timedelta(0)),
             "older_than": None if self.before is None else max(now - self.before, timedelta(0)),
         }
+
+
+def form_filters(form: Fields, now: datetime) -> RunFilters:
+    """The filter a form carries in its hidden ``filter`` field (see runs.html): one
+    query string, whose line breaks a browser cannot turn into CRLF as it does with a
+    field's text. A form without it gives its own fields."""
+    carried = form.get("filter")
+    if not carried:
+        return parse_filters(form, now)
+    fields: dict[str, list[str]] = {}
+    for name, value in parse_qsl(carried[0], keep_blank_values=True):
+        fields.setdefault(name, []).append(value)
+    return parse_filters(fields, now)
 
 
 def parse_filters(fields: Fields, now: datetime) -> RunFilters:

@@ -7,8 +7,8 @@ The hub holds one connection from the client's pool (of at least 3: with 2, it h
 none and reads the sequence below through the pool), only while at least one stream is
 open: it LISTENs on the schema's work and done channels (new work, runs that ended), and
 reads the history's identity sequence once per second (an O(1) read), because the steps
-in the middle of a run send no NOTIFY on purpose (a NOTIFY serializes commits). Changes
-are announced at most twice per second.
+in the middle of a run send no NOTIFY on purpose (a NOTIFY serializes commits), with the
+transactions running then (see History). Changes are announced at most twice per second.
 
 No task outlives the streams: the first stream to arrive takes a lock and runs the
 watch loop inside its own task group; the others wait on that lock. When the holder's
@@ -28,6 +28,7 @@ from saga._client import Client
 from saga._db import channel, listening, translate_errors
 from saga._errors import SagaError
 from saga._log import Outage
+from saga._store_dash import Sequence
 
 #: How often the history's sequence is read while somebody watches (s).
 SEQUENCE_INTERVAL = 1.0
@@ -36,6 +37,31 @@ DEBOUNCE = 0.5
 #: The smallest client pool the hub holds a connection of while pages are open; below
 #: it (a pool of 2, one held by the client's LISTEN), it polls and holds none.
 _HOLD_FROM_POOL_SIZE = 3
+
+
+class History:
+    """Whether the history changed since the last look: its sequence moved, or one of
+    the transactions that were running when it moved has ended since. An event is
+    numbered when it is written and seen only once its transaction commits: a signal
+    sent in a caller's transaction that commits seconds later would otherwise be
+    announced while nobody can read it yet, and never again. (A transaction that ended
+    without writing an event makes one announcement too: a page fetches itself again
+    for nothing.)"""
+
+    def __init__(self) -> None:
+        self._seq: int | None = None
+        self._xmax = 0  # watched: every transaction from here on ...
+        self._running: frozenset[int] = frozenset()  # ... and these, below it
+
+    def changed(self, now: Sequence) -> bool:
+        if now.seq != self._seq:
+            self._seq, self._xmax, self._running = now.seq, now.xmax, now.running
+            return True
+        below = {x for x in now.running if self._xmax <= x < now.xmax}
+        ended = not self._running <= now.running or now.xmax - self._xmax > len(below)
+        self._running = (self._running & now.running) | below
+        self._xmax = now.xmax
+        return ended
 
 
 class Hub:
@@ -131,14 +157,15 @@ class Hub:
         of two): read the sequence through it once per interval, holding nothing."""
         store = self._client._store_or_raise()
 
-        async def sequence() -> int | None:
+        async def sequence() -> Sequence:
             async with (
                 translate_errors("reading the history's sequence"),
                 store.pool.acquire() as conn,
             ):
                 return await store.events_sequence(conn)
 
-        last = await sequence()
+        history = History()
+        history.changed(await sequence())
         self.connected = True
         self._connections += 1
         outage.back()
@@ -146,9 +173,7 @@ class Hub:
             self._publish()  # as _loop: what changed before this baseline
             while True:
                 await anyio.sleep(SEQUENCE_INTERVAL)
-                seq = await sequence()
-                if seq != last:
-                    last = seq
+                if history.changed(await sequence()):
                     self._publish()
                     await anyio.sleep(DEBOUNCE)
         finally:
@@ -156,7 +181,8 @@ class Hub:
 
     async def _loop(self, conn: Any) -> None:
         store = self._client._store_or_raise()
-        last = await store.events_sequence(conn)
+        history = History()
+        history.changed(await store.events_sequence(conn))
         # Whatever changed before this baseline was heard by nobody: after an outage, or
         # between a page's render (its stream then open, its refresh done) and this
         # connection's first read. The open streams are told once.
@@ -166,9 +192,7 @@ class Hub:
                 await self._poke.wait()
             poked = self._poke.is_set()
             self._poke = anyio.Event()
-            seq = await store.events_sequence(conn)
-            if poked or seq != last:
-                last = seq
+            if history.changed(await store.events_sequence(conn)) or poked:
                 self._publish()
                 await anyio.sleep(DEBOUNCE)
 

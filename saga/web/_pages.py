@@ -10,8 +10,8 @@ import saga
 from saga._model import RunStatus
 from saga.web._filters import PageError, field, parse_filters, run_id
 from saga.web._site import Ctx, Dashboard
+from saga.web._views import CHILDREN_SHOWN, run_view
 from saga.web._views import overview as gather_overview
-from saga.web._views import run_view
 
 PAGE_SIZE = 50
 
@@ -74,6 +74,7 @@ async def run(dash: Dashboard, ctx: Ctx) -> Response:
         view=view,
         show_payloads=dash.show_payloads,
         now=datetime.now(UTC),
+        children_shown=CHILDREN_SHOWN,
     )
 
 

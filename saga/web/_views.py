@@ -12,7 +12,7 @@ from typing import Any
 
 from saga._client import Client
 from saga._model import EventKind, HistoryEvent, RunInfo, RunStatus
-from saga._store_dash import FailureCount, Overdue, SignalState
+from saga._store_dash import ChildRun, FailureCount, Overdue, SignalState
 from saga._store_ops import Census, DefinitionKey
 from saga._timeline import StepAttempt, timeline
 from saga.web._render import Redact, show_error, show_payload
@@ -146,6 +146,23 @@ class RunView:
     compensation_error: str | None
     payloads: list[tuple[str, str]] = field(default_factory=list)  # (path, pretty JSON)
     actions: set[str] = field(default_factory=set)
+    children: list[ChildRun] = field(default_factory=list)  # the first CHILDREN_SHOWN
+
+    @property
+    def running(self) -> list[str]:
+        """The steps (and compensations) with an attempt running now, in start order:
+        several at once when steps run in parallel."""
+        names: list[str] = []
+        for row in self.attempts:
+            a = row.attempt
+            name = f"undo {a.step}" if a.compensation else a.step
+            if a.outcome == "running" and not self.info.status.is_terminal and name not in names:
+                names.append(name)
+        return names
+
+
+#: How many of a run's child runs its page lists.
+CHILDREN_SHOWN = 200
 
 
 _HIDDEN_DATA = ("error", "by", "note")
@@ -190,6 +207,29 @@ def _actions(info: RunInfo, resolved: bool) -> set[str]:
     return actions
 
 
+_UNDOING = (
+    EventKind.COMPENSATION_STARTED,
+    EventKind.COMPENSATION_COMPLETED,
+    EventKind.COMPENSATION_FAILED,
+)
+
+
+def _compensation_plan(history: list[HistoryEvent]) -> list[str] | None:
+    """The steps the rollback undoes, in the order it undoes them: those it started
+    undoing, then the rest of the plan recorded when it began. A branch that was
+    running then and completed later is undone too, though not in that plan."""
+    plan: list[str] | None = None
+    undone: list[str] = []
+    for event in history:
+        if event.kind == EventKind.RUN_COMPENSATING and isinstance(event.data.get("plan"), list):
+            plan, undone = [str(step) for step in event.data["plan"]], []
+        elif event.kind in _UNDOING and plan is not None and event.step not in undone:
+            undone.append(str(event.step))
+    if plan is None:
+        return None
+    return [*undone, *(step for step in plan if step not in undone)]
+
+
 async def run_view(
     client: Client, run_id: uuid.UUID, *, show_payloads: bool, redact: Redact | None
 ) -> RunView:
@@ -200,10 +240,7 @@ async def run_view(
     attempts = timeline(history)
     ended = info.status.is_terminal and history
     end = history[-1].at if ended else datetime.now(UTC)
-    plan: list[str] | None = None
-    for event in history:
-        if event.kind == EventKind.RUN_COMPENSATING and isinstance(event.data.get("plan"), list):
-            plan = [str(step) for step in event.data["plan"]]
+    plan = _compensation_plan(history)
     compensated = [e.step for e in history if e.kind == EventKind.COMPENSATION_COMPLETED and e.step]
     resolved = info.resolved
     view = RunView(
@@ -223,6 +260,7 @@ async def run_view(
         if info.compensation_error is None
         else show_error(info.compensation_error.message, redact),
         actions=_actions(info, resolved),
+        children=await store.children(run_id, CHILDREN_SHOWN),
     )
     if show_payloads:
         payloads = await store.payloads(run_id)

@@ -10,6 +10,8 @@ import anyio
 from starlette.types import Message
 from structlog.testing import capture_logs
 
+from saga._store_dash import Sequence
+from saga.web._hub import History
 from tests._sagas import Gate, small_saga
 from tests.web.conftest import mounted
 
@@ -192,3 +194,26 @@ async def test_a_stream_is_told_once_when_the_hub_starts_watching(orchestrator: 
         await stream.until("retry:")
         await stream.until("event: change", timeout=5)
         stream.close()
+
+
+def test_the_hub_announces_the_commit_of_a_transaction_running_when_the_history_moved() -> None:
+    """README, Dashboard: "Live. Open pages update without a reload: ... reads the
+    history's sequence once a second". An event is numbered when it is written and seen
+    when its transaction commits: the hub announces a change when the sequence moves,
+    and again when a transaction running then has ended (listed below the snapshot's
+    xmax, or at it and above), never while nothing moved and nothing ended."""
+    history = History()
+    assert history.changed(Sequence(5, 100, frozenset()))  # the first look
+    assert not history.changed(Sequence(5, 100, frozenset()))
+    # Transaction 100 (at xmax: not ended) writes event 6 and holds it uncommitted.
+    assert history.changed(Sequence(6, 100, frozenset()))
+    assert not history.changed(Sequence(6, 100, frozenset()))
+    assert history.changed(Sequence(6, 101, frozenset()))  # it committed: told again
+    assert not history.changed(Sequence(6, 101, frozenset()))
+    # A transaction listed running (99, below xmax 103) when event 7 was numbered.
+    assert history.changed(Sequence(7, 103, frozenset({99, 101})))
+    assert not history.changed(Sequence(7, 103, frozenset({99, 101})))
+    assert history.changed(Sequence(7, 103, frozenset({101})))  # 99 ended
+    assert not history.changed(Sequence(7, 103, frozenset({101})))
+    assert history.changed(Sequence(7, 103, frozenset()))  # and 101
+    assert not history.changed(Sequence(7, 103, frozenset()))

@@ -100,13 +100,53 @@
   document.addEventListener("input", held);
   document.addEventListener("reset", function () { window.setTimeout(later, 0); }, true);
 
-  var source = new EventSource(url);
-  // Whatever changed between the page's render and its stream's start (or during a
-  // reconnection) was announced to nobody: fetch the page once the stream is open.
-  source.addEventListener("open", function () {
+  function opened() {
     if (live) { live.classList.add("on"); }
     refresh();
+  }
+
+  function lost() {
+    if (live) { live.classList.remove("on"); }
+  }
+
+  // Whatever changed between the page's render and its stream's start (or during a
+  // reconnection) was announced to nobody: the page is fetched once the stream is open.
+  function listen(tell) {
+    var source = new EventSource(url);
+    source.addEventListener("open", function () { tell("open"); opened(); });
+    source.addEventListener("error", function () { tell("error"); lost(); });
+    source.addEventListener("change", function () { tell("change"); refresh(); });
+    return source;
+  }
+
+  // A browser opens at most 6 HTTP/1.1 connections to a host, and a stream holds one for
+  // as long as its page is open: with a stream per tab, six open tabs would leave none
+  // for the pages themselves. So the tabs of this dashboard share one stream: the tab
+  // holding the lock (until it closes) listens and tells the others on a channel; the
+  // next one takes over when it closes. Without these APIs (an insecure context: plain
+  // http on another host than localhost), each tab has a stream of its own.
+  if (!window.BroadcastChannel || !navigator.locks || !navigator.locks.request) {
+    listen(function () {});
+    return;
+  }
+  var name = "saga-dashboard " + new URL(url, window.location.href).href;
+  var channel = new BroadcastChannel(name);
+  var source = null;
+  channel.onmessage = function (message) {
+    var what = message.data;
+    if (what === "hello") {  // a tab just opened: is the stream open?
+      if (source && source.readyState === 1) { channel.postMessage("open"); }
+    } else if (what === "open") {
+      opened();
+    } else if (what === "error") {
+      lost();
+    } else if (what === "change") {
+      refresh();
+    }
+  };
+  navigator.locks.request(name, function () {
+    source = listen(function (what) { channel.postMessage(what); });
+    return new Promise(function () {});  // held until this tab closes
   });
-  source.addEventListener("error", function () { if (live) { live.classList.remove("on"); } });
-  source.addEventListener("change", refresh);
+  channel.postMessage("hello");
 })();
