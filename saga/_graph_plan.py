@@ -91,6 +91,9 @@ class GraphChange:
     error: Mapping[str, Any] | None = None
     compensation_error: Mapping[str, Any] | None = None
     retry_in: float | None = None  # the item stays, unleased, due in this many seconds
+    # Parked (retry_in infinite) but due now: a children step that parked while its run
+    # rolls back is claimed again at once, to undo its children.
+    undo_now: bool = False
     dropped: tuple[tuple[str, Phase], ...] = ()  # other items deleted (not running)
     new: tuple[NewItem, ...] = ()
 
@@ -139,12 +142,16 @@ def after_item(
         parked = done.outcome
         data = {"ended": parked.ended, "of": parked.of, "started": parked.started}
         event = Event(EventKind.CHILDREN_WAITING, done.step, done.attempt, data)
-        # Cancelled while this attempt looked at the children (not undoing them): due
-        # again at once (its next claim undoes them) rather than parked until one ends,
-        # which a stopped child never does by itself.
-        cancelled = done.phase is _STEP and not done.undo and run.cancel_requested
+        # Rolling back (cancelled, or a step failed for good) while this attempt started
+        # or looked at the children (not undoing them): parked, so the rollback counts it
+        # as a step that ran (it never drops it as unstarted), but due again at once: its
+        # next claim undoes the children, rather than parked until one of them ends
+        # (which a stopped child never does by itself, and a running one only once it
+        # ran on).
+        rolling = run.cancel_requested or run.status is _COMPENSATING
+        undo_now = done.phase is _STEP and not done.undo and rolling
         return GraphChange(
-            status=run.status, events=(event,), retry_in=0.0 if cancelled else math.inf
+            status=run.status, events=(event,), retry_in=math.inf, undo_now=undo_now
         )
     retry = _retry(saga, run, done, rand)
     if retry is not None:

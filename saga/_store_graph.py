@@ -229,6 +229,7 @@ class GraphQueries:
             events_json(worker, change.events),
             self.done_channel,
             self.work_channel,
+            change.undo_now,
         )
 
     async def items_leased_to(self, run_id: UUID, worker: str) -> list[ClaimedItem]:

@@ -4,11 +4,13 @@ everything had been undone; an operator who fixes the child resumes the parent."
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
 import asyncpg
 import pytest
+from pydantic import BaseModel
 
 import saga
 from tests._sagas import Gate, Job, Ledger, permanent, small_saga
@@ -242,3 +244,178 @@ async def test_outputs_too_large_with_a_child_that_cannot_be_reverted_does_not_e
     assert raised.value.compensation_error is not None, why
     assert raised.value.error is not None
     assert raised.value.error.type == "saga.PayloadTooLargeError"
+
+
+# -- a children step that parks while its run rolls back ------------------------------------
+
+
+async def _until_event(run: Any, kind: str, step: str | None) -> None:
+    with anyio.fail_after(10):
+        while not any(e.kind == kind and e.step == step for e in await run.history()):  # noqa: ASYNC110 - polling the database
+            await anyio.sleep(0.02)
+
+
+class Piece(BaseModel):
+    """The input of the child sagas below."""
+
+    n: int
+
+
+async def _until_event(run: Any, kind: str, step: str | None) -> None:
+    with anyio.fail_after(10):
+        while not any(e.kind == kind and e.step == step for e in await run.history()):  # noqa: ASYNC110 - polling the database
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.timeout(30)
+async def test_a_cancel_while_a_children_step_starts_them_undoes_its_running_child(
+    dsn: str,
+) -> None:
+    """README, Child sagas, "Undone with the step": "Compensating the step (a later
+    failure, a cancel), or dropping it in a rollback, cancels its running and stopped
+    children and rolls back the completed ones (...); it completes when they all ended."
+
+    Two branches: ``kids`` starts one child run, ``other`` runs beside it. The run is
+    cancelled while ``kids`` computes its inputs; ``kids`` then starts its child and
+    parks. With 2 slots (``other`` and the child), nobody claims ``kids`` before
+    ``other`` completes and its write starts the rollback. The rollback cancels the
+    running child, whose work is undone, and the parent ends ``cancelled`` only after
+    it; it is ``compensating`` meanwhile. Before, the park of a run being cancelled left
+    the item unleased and due: the rollback dropped it as a step that never started, the
+    parent ended at once, and the child completed, never undone."""
+    child_gate = anyio.Event()
+    other_gate = anyio.Event()
+    cancelled = anyio.Event()
+    child_running = anyio.Event()
+    effects: list[str] = []
+
+    child: saga.Saga[Piece] = saga.Saga("parked_child", input=Piece, output=int)
+
+    @child.step()
+    async def work(ctx: saga.Context[Piece]) -> int:
+        child_running.set()
+        await child_gate.wait()
+        effects.append("work")
+        return ctx.input.n
+
+    @work.compensate
+    async def unwork(ctx: saga.Context[Piece], result: int) -> None:
+        effects.append("unwork")
+
+    parent: saga.Saga[Job] = saga.Saga("parked_parent", input=Job)
+
+    async def inputs(ctx: saga.Context[Job]) -> list[Piece]:
+        await cancelled.wait()  # the cancel lands while this step starts its children
+        return [Piece(n=0)]
+
+    parent.children("kids", child, inputs, after=[])
+
+    @parent.step(after=[])
+    async def other(ctx: saga.Context[Job]) -> str:
+        await other_gate.wait()
+        return "x"
+
+    @other.compensate
+    async def undo_other(ctx: saga.Context[Job], result: str) -> None:
+        effects.append("undo_other")
+
+    async with saga.Orchestrator(
+        dsn, sagas=[parent, child], poll_interval=0.05, concurrency=2
+    ) as orch:
+        run = await orch.start(parent, Job())
+        await _until_event(run, "step_started", "other")
+        await _until_event(run, "step_started", "kids")
+        await run.cancel()
+        cancelled.set()
+        await _until_event(run, "children_waiting", "kids")
+        with anyio.fail_after(10):
+            await child_running.wait()  # the child runs, holding the 2nd slot
+        other_gate.set()  # other completes: its write starts the cancel's rollback
+        await anyio.sleep(0.5)
+        while_child_runs = (await run.info()).status
+        child_gate.set()
+        with contextlib.suppress(saga.RunError):
+            await run.result(timeout=10)
+        with anyio.fail_after(10):
+            while True:
+                kids = (await saga.list_runs(orch, saga=child.name)).runs
+                if kids and all(k.status.is_terminal for k in kids):
+                    break
+                await anyio.sleep(0.05)
+        info = await run.info()
+        history = [e.describe() for e in await run.history()]
+
+    assert len(kids) == 1
+    assert info.status == saga.RunStatus.CANCELLED
+    # The parent may not end while its child still runs ("it completes when they all
+    # ended"), and the child must end cancelled with its work undone.
+    assert kids[0].status == saga.RunStatus.CANCELLED, (kids[0].status, effects, history)
+    assert effects.count("unwork") == 1, effects
+    assert while_child_runs == saga.RunStatus.COMPENSATING, (while_child_runs, history)
+
+
+@pytest.mark.timeout(30)
+async def test_a_children_step_that_parks_during_a_rollback_cancels_its_child_at_once(
+    dsn: str,
+) -> None:
+    """README, Child sagas, "Undone with the step": dropping the step in a rollback
+    "cancels its running and stopped children"; Steps in parallel: "When a step fails
+    for good (or the run is cancelled), no new step starts".
+
+    ``kids`` (one child of two steps, ``work`` then ``more``) and ``other`` run side by
+    side; ``other`` fails for good while ``kids`` computes its inputs, so the rollback
+    has begun when ``kids`` starts its child and parks. The child is cancelled at once,
+    and ``more`` never runs. Before, the step parked until a child ended: the child ran
+    ``more`` during its parent's rollback, and was cancelled and undone only then."""
+    failed = anyio.Event()
+    gate = anyio.Event()
+    effects: list[str] = []
+    child: saga.Saga[Piece] = saga.Saga("late_child", input=Piece, output=int)
+
+    @child.step()
+    async def work(ctx: saga.Context[Piece]) -> int:
+        await gate.wait()
+        effects.append("work")
+        return 1
+
+    @work.compensate
+    async def unwork(ctx: saga.Context[Piece], result: int) -> None:
+        effects.append("unwork")
+
+    @child.step()
+    async def more(ctx: saga.Context[Piece]) -> int:
+        effects.append("more")
+        return 2
+
+    parent: saga.Saga[Job] = saga.Saga("late_parent", input=Job)
+
+    async def inputs(ctx: saga.Context[Job]) -> list[Piece]:
+        await failed.wait()  # the rollback has begun when this step starts its child
+        return [Piece(n=0)]
+
+    parent.children("kids", child, inputs, after=[])
+
+    @parent.step(after=[])
+    async def other(ctx: saga.Context[Job]) -> str:
+        raise saga.PermanentError("other fails")
+
+    async with saga.Orchestrator(dsn, sagas=[parent, child], poll_interval=0.05) as orch:
+        run = await orch.start(parent, Job())
+        await _until_event(run, "run_compensating", None)
+        failed.set()
+        await _until_event(run, "children_waiting", "kids")
+        await anyio.sleep(0.5)
+        kids = (await saga.list_runs(orch, saga=child.name)).runs
+        while_rolling_back = [(k.status, k.cancel_requested) for k in kids]
+        gate.set()
+        with contextlib.suppress(saga.RunError):
+            await run.result(timeout=10)
+        info = await run.info()
+        kids = (await saga.list_runs(orch, saga=child.name)).runs
+        child_history = [e.describe() for e in await orch.get_run(kids[0].id).history()]
+
+    assert info.status == saga.RunStatus.COMPENSATED
+    assert [k.status for k in kids] == [saga.RunStatus.CANCELLED]
+    # The child was running while its parent rolled back: it must have been cancelled.
+    assert while_rolling_back == [(saga.RunStatus.RUNNING, True)], child_history
+    assert "more" not in effects, (effects, child_history)

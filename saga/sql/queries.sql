@@ -1732,7 +1732,9 @@ FOR UPDATE;
 -- NULL (keeps the old), $13 retry in seconds (the item stays) or NULL ('Infinity': parked
 -- until one of its child runs ends, the attempt not counted), $14/$15 dropped
 -- items' steps and phases, $16/$17/$18 new items' steps, phases and lease seconds
--- (NULL: due now, unleased), $19 events JSON array, $20 done channel, $21 work channel
+-- (NULL: due now, unleased), $19 events JSON array, $20 done channel, $21 work channel,
+-- $22 true: parked ($13 'Infinity') but due now (its run rolls back: its next claim
+-- undoes its children)
 WITH fenced AS (
     DELETE FROM __schema__.items
     WHERE run_id = $1 AND step = $2 AND phase = $3 AND lease_token = $4
@@ -1744,7 +1746,7 @@ WITH fenced AS (
         -- woken: a child ended since the claim (its wake-up found the item leased).
         due_at = CASE WHEN $13::float8 <> 'Infinity'
                       THEN clock_timestamp() + make_interval(secs => $13::float8)
-                      WHEN woken THEN now() ELSE 'infinity' END,
+                      WHEN woken OR $22::boolean THEN now() ELSE 'infinity' END,
         attempt = CASE WHEN $13::float8 = 'Infinity' THEN attempt - 1 ELSE attempt END,
         parked = $13::float8 = 'Infinity', woken = false
     WHERE run_id = $1 AND step = $2 AND phase = $3 AND lease_token = $4
