@@ -150,9 +150,7 @@ def after_item(
         # ran on).
         rolling = run.cancel_requested or run.status is _COMPENSATING
         undo_now = done.phase is _STEP and not done.undo and rolling
-        return GraphChange(
-            status=run.status, events=(event,), retry_in=math.inf, undo_now=undo_now
-        )
+        return GraphChange(status=run.status, events=(event,), retry_in=math.inf, undo_now=undo_now)
     retry = _retry(saga, run, done, rand)
     if retry is not None:
         return retry
