@@ -59,11 +59,11 @@ async def _matching(client: Client, where: RunFilter, cap: int) -> list[uuid.UUI
     """The ids of the runs matching, newest first, at most ``cap`` + 1 of them. A page
     goes on from the place of the last run of the one before, which a prune may have
     deleted meanwhile (with all the page): runs of earlier pages pruned since are left
-    out."""
+    out, and the paging goes on until ``cap`` + 1 runs that exist were seen."""
     ids: list[uuid.UUID] = []
     status = _statuses(where.status)  # once: an iterator would be used up by one page
     position: Position | None = None
-    while len(ids) <= cap:
+    while True:
         page: RunPage = await runs_page(
             client,
             saga=where.saga,
@@ -75,13 +75,15 @@ async def _matching(client: Client, where: RunFilter, cap: int) -> list[uuid.UUI
             limit=min(MAX_PAGE_SIZE, cap + 1 - len(ids)),
         )
         ids += [run.id for run in page.runs]
-        if page.next_before is None:
-            break
+        more = page.next_before is not None
+        if position is not None and (len(ids) > cap or not more):
+            # Past the first page: what a prune took since is left out (the count may
+            # then fall back to the cap, and the paging goes on).
+            existing = await store_of(client).existing_runs(ids)
+            ids = [run_id for run_id in ids if run_id in existing]
+        if len(ids) > cap or not more:
+            return ids
         position = Position(page.runs[-1].created_at, page.runs[-1].id)
-    if position is not None:  # more than one page: leave out what a prune took since
-        existing = await store_of(client).existing_runs(ids)
-        ids = [run_id for run_id in ids if run_id in existing]
-    return ids
 
 
 def _check_limit(name: str, value: object) -> int:

@@ -108,7 +108,9 @@ def _main(argv: Sequence[str] | None) -> int:
             schema=getattr(args, "schema", None),
             as_json=getattr(args, "json", False),
         )
-    ctx = _Ctx(args, sys.stdout, sys.stderr, getattr(args, "json", False))
+    # Messages and log lines alike are dropped once stderr's reader went away.
+    err = cast("TextIO", LogStream(sys.stderr))
+    ctx = _Ctx(args, sys.stdout, err, getattr(args, "json", False))
     try:
         return _run(ctx)
     except _Exit as exc:
@@ -171,7 +173,7 @@ def _run(ctx: _Ctx) -> int:
     if args.command != "worker" or previous is None:
         level = args.log_level if args.command == "worker" else "warning"
         structlog.configure(
-            logger_factory=structlog.PrintLoggerFactory(cast("TextIO", LogStream(ctx.err))),
+            logger_factory=structlog.PrintLoggerFactory(ctx.err),
             wrapper_class=structlog.make_filtering_bound_logger(
                 logging.getLevelNamesMapping()[level.upper()]
             ),
@@ -228,9 +230,11 @@ def _load_target(ctx: _Ctx, target: str) -> list[Saga[Any]]:
 
 def _registrable(ctx: _Ctx, target: str, sagas: list[Saga[Any]]) -> list[Saga[Any]]:
     """The target's sagas, if a client can register them (a bad target is a usage
-    error, found before any connection): one definition per name and version, every
-    child saga there too, no saga its own descendant."""
+    error, found before any connection): each a whole definition, one per name and
+    version, every child saga there too, no saga its own descendant."""
     try:
+        for saga in sagas:
+            saga._freeze()  # (what a client's open does: steps, pivot, keys checked)
         registered = _registry.definitions(sagas)
         _children.check_registered(registered)
         _children.check_acyclic(registered)

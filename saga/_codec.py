@@ -17,6 +17,7 @@ Serializations tried, in order (the first that survives wins; :func:`decode` rea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -334,14 +335,27 @@ def encode_valid(
     except PayloadTooLargeError:
         raise
     except SerializationError:
-        if isinstance(value, model):
-            try:
-                dumped = value.model_dump(warnings=False)
-            except Exception:  # not even a dump: what encode said stands
-                dumped = None
-            if dumped is not None:
-                validate_as(model, dumped, what)
+        plain, dumped = None, False
+        with contextlib.suppress(Exception):  # not even a dump: what encode said stands
+            plain, dumped = _plain(value, 0), True
+        if dumped:
+            validate_as(model, plain, what)  # InvalidInputError when that is the trouble
         raise
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """``value`` with every model instance in it (at any depth of mappings, lists and
+    tuples) dumped to what it holds: validated again, it tells whether an instance that
+    was never validated (pydantic takes instances as they are) is the trouble."""
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump(warnings=False)
+    if isinstance(value, Mapping):
+        return {k: _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v, depth + 1) for v in value)
+    return value
 
 
 def _first_error(exc: Exception) -> str:

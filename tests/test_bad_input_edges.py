@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 import saga
-from tests._sagas import Job, until_status
+from tests._sagas import Job, parked_saga, until_status
 from tests._wait_sagas import SAGAS, Decision, approval
-from tests.conftest import Cli, OrchestratorFactory
+from tests.conftest import Cli, ClientFactory, OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -454,3 +454,38 @@ async def test_an_instance_that_does_not_validate_is_invalid_input_and_writes_no
     with pytest.raises(saga.InvalidInputError, match=refused):
         await run.signal("decision", bad)
     assert not [e for e in await run.history() if "signal" in e.kind]
+
+
+class _Item(BaseModel):
+    """A field of _Basket."""
+
+    sku: str
+
+
+class _Basket(BaseModel):
+    """An input holding a model."""
+
+    item: _Item
+
+
+async def test_an_unvalidated_instance_inside_a_mapping_is_invalid_input(
+    open_client: ClientFactory, db: asyncpg.Connection
+) -> None:
+    """DESIGN.md: "Bad input gets a clear error, and nothing is lost"; an input is
+    validated by pydantic first, invalid input raises `InvalidInputError`.
+
+    An instance that does not validate, built with `model_construct`, is invalid input
+    wherever it is: the whole input, or a field of a mapping
+    (`{"item": _Item.model_construct(sku=5)}`), as the same values as plain mappings
+    are; nothing is written. Before, the nested one was a SerializationError (pydantic
+    takes an instance as it is)."""
+    s = parked_saga("nested_instance", input=_Basket)
+    await open_client(s)
+    for bad in (
+        _Basket.model_construct(item=_Item.model_construct(sku=5)),
+        {"item": {"sku": 5}},
+        {"item": _Item.model_construct(sku=5)},
+    ):
+        with pytest.raises(saga.InvalidInputError, match=r"item\.sku"):
+            await s.start(bad)
+    assert await db.fetchval("SELECT count(*) FROM saga.runs") == 0

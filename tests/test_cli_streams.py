@@ -388,3 +388,35 @@ async def test_worker_keeps_running_when_the_reader_of_its_log_goes_away(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
+
+
+async def test_an_idle_worker_whose_log_reader_went_away_stops_on_sigterm_with_exit_0(
+    dsn: str,
+) -> None:
+    """README, Command line: `saga worker` runs "until SIGTERM/SIGINT, then shut down
+    gracefully and exit 0", and log lines are dropped "once their reader went away".
+
+    A worker is ready, the reader of its stderr goes away, nothing runs (no log line),
+    then SIGTERM: it exits 0. Before, its own note ("SIGTERM received, shutting down")
+    went straight to stderr: BrokenPipeError, exit 1."""
+    proc = popen(
+        "-m", "saga", "worker", "examples.checkout:SAGAS", "--dsn", dsn,
+        env=python_env(dsn), stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        with anyio.fail_after(20):
+            while True:
+                line = await anyio.to_thread.run_sync(proc.stderr.readline)
+                assert line, "the worker ended before it was ready"
+                if b" ready: " in line:
+                    break
+        proc.stderr.close()  # the log's reader goes away
+        await anyio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = await anyio.to_thread.run_sync(lambda: proc.wait(20))
+        assert code == 0, f"saga worker exited {code} on SIGTERM once its log reader went away"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

@@ -54,6 +54,9 @@ async def right(ctx: saga.Context[Part]) -> int:
 
 
 TWINS = [twin_a, twin_b]
+
+#: A saga with no step: a client cannot register it (DefinitionError at open).
+stepless = saga.Saga("targets_stepless", input=Part)
 RUN_ID = "01a24b94-3bde-74fc-a4f6-568cd712def8"
 
 
@@ -135,3 +138,17 @@ async def test_a_worker_duration_that_is_not_one_is_a_usage_error(cli: Cli) -> N
         code, _, err = await cli("worker", "examples.checkout:SAGAS", option, value)
         assert code == 2, (option, value, err)
         assert "a duration" in err, err
+
+
+async def test_a_target_saga_without_steps_is_a_usage_error(dsn: str) -> None:
+    """README, Command line: exit "`2` usage (... target, ...)". A target whose saga has
+    no step (what a client refuses at open: also a saga ending with a sleep, a key on a
+    graph saga, a bad pivot) exits 2 before any connection. Before, it exited 1 after
+    connecting."""
+    done = await run(
+        "-m", "saga", "worker", "tests.test_cli_targets:stepless", "--dsn", dsn,
+        env=python_env(dsn), timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2, f"exit {done.returncode}: {done.stderr.strip()}"
+    assert "targets_stepless" in done.stderr
+    assert "no steps" in done.stderr

@@ -252,3 +252,41 @@ async def test_prune_dry_run_refuses_truthy_stand_ins(open_client: ClientFactory
             await saga.prune(client, older_than=timedelta(days=30), whole_days=bad)
         with pytest.raises(saga.ConfigurationError, match="dry_run"):
             await saga.prune(client, older_than=timedelta(days=30), dry_run=bad)
+
+
+async def test_cancel_runs_over_its_limit_changes_nothing_even_when_a_prune_ran_between_pages(
+    open_client: ClientFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README (Operator API): more than `limit` matching runs "raise `ConfigurationError`
+    and change nothing", and "A run pruned between two of its pages is left out; the
+    paging goes on."
+
+    Six runs match; one of the first page is pruned right after that page is read, so
+    five match: more than limit=4. cancel_runs refuses and changes nothing. Before, the
+    paging stopped at limit + 1 ids (the pruned one counted), then left it out: four,
+    within the limit, cancelled while a fifth matching run was left running. (Pages of 2
+    stand for pages of 1,000: the same code.)"""
+    s = parked_saga("bulk_cap")
+    client = await open_client(s)
+    import saga._bulk as bulk
+
+    for n in range(6):
+        await s.start(Job(n=n))
+    real = bulk.runs_page
+    pages = 0
+
+    async def page_then_prune(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pages
+        page = await real(*args, **kwargs)
+        pages += 1
+        if pages == 1:  # a prune deletes the newest run (of the first page) now
+            gone = page.runs[0].id
+            await db.execute("DELETE FROM saga.events WHERE run_id = $1", gone)
+            await db.execute("DELETE FROM saga.runs WHERE id = $1", gone)
+        return page
+
+    monkeypatch.setattr(bulk, "MAX_PAGE_SIZE", 2)
+    monkeypatch.setattr(bulk, "runs_page", page_then_prune)
+    with anyio.fail_after(30), pytest.raises(saga.ConfigurationError, match="limit=4"):
+        await saga.cancel_runs(client, saga="bulk_cap", limit=4)
+    assert not await db.fetchval("SELECT count(*) FROM saga.runs WHERE cancel_requested")

@@ -549,3 +549,54 @@ async def test_a_write_that_waited_for_a_callers_transaction_leases_the_next_ste
     kinds = [e.kind for e in await run.history()]
     assert "lease_expired" not in kinds
     assert calls == [("quick", 1), ("slow", 1)]
+
+
+class _Approval(BaseModel):
+    """The signal of the rewait_held saga's wait."""
+
+    ok: bool
+
+
+async def test_a_retried_wait_gets_a_fresh_timeout_when_the_retry_waited_for_the_row(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README: `retry()` of a run stopped at a timed-out wait "waits again for its
+    signal, with a fresh timeout"; every wait timeout counts from the write.
+
+    A run stops at its timed-out wait (2 s, on_timeout="stop"). While another
+    transaction holds its row for 3 s, an operator retries it: 1 s after the retry the
+    run still waits. Before, the fresh timeout counted from the statement's start,
+    before its wait for the row: already passed, so the run timed out again at once."""
+    s = saga.Saga("rewait_held", input=Job)
+
+    @s.step()
+    async def first(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    s.wait_for("approval", _Approval, timeout=2.0, on_timeout="stop")
+
+    @s.step()
+    async def after(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    orch = await orchestrator(s, poll_interval=0.1)
+    run = await orch.start(s, Job(n=1))
+    with pytest.raises(saga.RunStoppedError):
+        await run.result(timeout=15)
+    assert (await run.info()).wait == "approval"
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tr = db.transaction()
+            await tr.start()
+            await db.execute("SELECT 1 FROM saga.runs WHERE id = $1 FOR UPDATE", run.id)
+            tg.start_soon(run.retry)
+            await anyio.sleep(3.0)
+            await tr.commit()
+    await anyio.sleep(1.0)  # half the fresh timeout
+    info = await run.info()
+    timed_out = [e for e in await run.history() if e.kind == "wait_timed_out"]
+    assert info.status is saga.RunStatus.WAITING, (
+        f"1 s after the retry, the run is {info.status} (its wait timed out "
+        f"{len(timed_out)} times): the fresh 2 s timeout was counted from before the "
+        "retry's wait for the row"
+    )

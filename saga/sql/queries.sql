@@ -772,7 +772,7 @@ WITH held AS (
     WHERE id = $1 AND status = $2 AND key_state IS DISTINCT FROM 'released'
     FOR UPDATE
 ), sig AS (
-    UPDATE __schema__.signals s SET closed = false, awaited_at = now()
+    UPDATE __schema__.signals s SET closed = false, awaited_at = clock_timestamp()
     FROM held
     WHERE s.run_id = $1 AND s.run_id = held.id AND s.name = held.wait_name
     RETURNING s.run_id, s.timeout_seconds
@@ -781,7 +781,7 @@ WITH held AS (
         status = $3, attempt = 0, lease_owner = NULL, error = NULL, finished_at = NULL,
         resolved = false,
         due_at = CASE WHEN sig.timeout_seconds = 'Infinity' THEN 'infinity'
-                      ELSE now() + make_interval(secs => sig.timeout_seconds) END,
+                      ELSE clock_timestamp() + make_interval(secs => sig.timeout_seconds) END,
         updated_at = now()
     FROM sig WHERE r.id = $1 AND r.id = sig.run_id
     RETURNING r.id, r.wait_name
