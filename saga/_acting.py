@@ -175,7 +175,7 @@ class Acting:
 
 def _freed(info: RunInfo) -> str:
     """Why an ended run's retry or cancel was refused, when resolving it was the reason."""
-    if not info.resolved:
+    if not info.resolved or info.concurrency_key is None:
         return ""
     return (
         ", and resolved: resolving it freed its concurrency key for the next run, so it "

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from saga import _checks
-from saga._codec import decode
+from saga._codec import Unreadable, decode_stored
 from saga._errors import ConfigurationError, DatabaseError, LifecycleError, RunTimeoutError
 from saga._model import RunStatus
 
@@ -83,5 +83,8 @@ class Awaiting:
             definition = self.definition(info.saga, info.version)
             known = definition is not None and row.fingerprint in (None, definition.fingerprint)
             result_type = definition.output_type if definition and known else Any
-            return decode(row.output, result_type)
+            output = decode_stored(row.output, result_type, f"output of run {info.id}")
+            if isinstance(output, Unreadable):
+                raise output.error  # a SerializationError: the definition changed under it
+            return output
         raise info.ended_error()

@@ -7,6 +7,7 @@ beyond what Postgres stores) must fail at once, never later inside a loop of a w
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import uuid
@@ -112,10 +113,27 @@ def validate_name(name: str, what: str) -> str:
     """Names are stored as data, but they also appear in logs, CLIs and metrics."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise DefinitionError(
-            f"invalid {what} name {name!r}: use 1-128 characters, letters, digits, "
+            f"invalid {what} name {show(name)}: use 1-128 characters, letters, digits, "
             "'_', '.', ':' or '-', starting with a letter or '_'"
         )
     return name
+
+
+def takes(fn: Any, params: int, what: str) -> None:
+    """``fn`` can be called with ``params`` positional arguments, as saga calls it: a
+    :class:`DefinitionError` naming ``what`` otherwise (a required keyword-only
+    parameter, say, could never be given), at definition rather than in a run."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: called as they are
+        return
+    try:
+        sig.bind(*range(params))
+    except TypeError as exc:
+        expected = "(ctx)" if params == 1 else "(ctx, result)"
+        raise DefinitionError(
+            f"{what} must take {expected} (saga calls it so), and it cannot be called so: {exc}"
+        ) from None
 
 
 def providers(tracer_provider: Any, meter_provider: Any, error: type[Exception]) -> None:

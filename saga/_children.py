@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from saga import _checks
 from saga._checks import show
 from saga._errors import DefinitionError, SagaError
 
@@ -56,6 +57,7 @@ def declare(
         )
     if not callable(inputs):
         raise DefinitionError(f"saga {parent.name!r}: inputs of step {name!r} must be callable")
+    _checks.takes(inputs, 1, f"saga {parent.name!r}: inputs of step {name!r}")
     if isinstance(max_children, bool) or not isinstance(max_children, int) or max_children < 1:
         raise DefinitionError(
             f"saga {parent.name!r}: max_children of step {name!r} must be an int >= 1, "

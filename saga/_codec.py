@@ -396,7 +396,7 @@ class Unreadable:
         raise self.error
 
 
-def decode_stored(text: str, annotation: Any, what: str) -> Any:
+def decode_stored(text: str | None, annotation: Any, what: str) -> Any:
     """:func:`decode`, or an :class:`Unreadable` saying why the stored ``what`` no longer
     reads as its declared type (the definition changed under a matching fingerprint)."""
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from saga._checks import show
 from saga._dsn import read_dsn
 from saga._errors import ConfigurationError, DatabaseError
 
@@ -36,11 +37,11 @@ Executor = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 def validate_schema(schema: str) -> str:
     if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
         raise ConfigurationError(
-            f"invalid schema name {schema!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$"
+            f"invalid schema name {show(schema)}: it must match ^[a-z_][a-z0-9_]{{0,62}}$"
         )
     if schema.startswith("pg_") or schema == "information_schema":
         raise ConfigurationError(
-            f"invalid schema name {schema!r}: PostgreSQL reserves the prefix pg_ and "
+            f"invalid schema name {show(schema)}: PostgreSQL reserves the prefix pg_ and "
             "information_schema for its own schemas (pg_dump skips them)"
         )
     return schema

@@ -7,6 +7,7 @@ process, worker processes and tests alike.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -201,6 +202,8 @@ class Saga(Generic[InT, OutputT]):
         """
 
         def register(fn: StepFn[InT, OutT]) -> Step[InT, OutT]:
+            where = sys._getframe(1)  # where the step is declared: a model defined there
+            local = where.f_locals if where.f_locals is not where.f_globals else None
             self._check_open()
             check_async(fn, "step", 1)
             check_timeout(timeout)
@@ -221,7 +224,7 @@ class Saga(Generic[InT, OutputT]):
                 index=len(self.steps),
                 retry=retry or DEFAULT_STEP_RETRY,
                 timeout=timeout,
-                result_type=return_annotation(fn),
+                result_type=return_annotation(fn, local),
                 lease_seconds=lease_seconds,
                 deps=deps,
                 pivot=_checks.flag(f"step {step_name!r}: pivot", pivot, DefinitionError),

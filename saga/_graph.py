@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 
 from typing_extensions import TypedDict, is_typeddict
 
+from saga._checks import show
 from saga._errors import DefinitionError
 from saga._policy import resolve_annotations
 
@@ -171,14 +172,14 @@ def dependencies(saga: Any, name: str, after: Any) -> tuple[str, ...]:
         owner = getattr(dep, "saga", None)
         if owner is not None and owner is not saga:
             raise DefinitionError(
-                f"saga {saga.name!r}: step {name!r} cannot run after {dep!r}, a step of "
+                f"saga {saga.name!r}: step {name!r} cannot run after {show(dep)}, a step of "
                 f"saga {owner.name!r}"
             )
         found = dep if isinstance(dep, str) else getattr(dep, "name", None)
         if not isinstance(found, str) or (owner is None and not isinstance(dep, str)):
             raise DefinitionError(
                 f"saga {saga.name!r}: after= of step {name!r} takes steps or step names, "
-                f"not {dep!r}"
+                f"not {show(dep)}"
             )
         names.append(found)
     return tuple(names)

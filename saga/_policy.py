@@ -79,7 +79,7 @@ class Retry:
         object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
         for exc_type in self.non_retryable:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
-                raise err(f"Retry.non_retryable holds a non-exception {exc_type!r}")
+                raise err(f"Retry.non_retryable holds a non-exception {show(exc_type)}")
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -129,22 +129,10 @@ def function_name(fn: Any) -> str:
 
 
 def check_async(fn: Any, what: str, params: int) -> None:
+    name = show(getattr(fn, "__qualname__", fn))
     if not inspect.iscoroutinefunction(fn):
-        raise DefinitionError(
-            f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function"
-        )
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # pragma: no cover - builtins only
-        return
-    try:  # saga calls it so: a required keyword-only parameter, say, could never be given
-        sig.bind(*range(params))
-    except TypeError as exc:
-        expected = "(ctx)" if params == 1 else "(ctx, result)"
-        raise DefinitionError(
-            f"{what} {fn.__qualname__!r} must take {expected} (saga calls it so), and it "
-            f"cannot be called so: {exc}"
-        ) from None
+        raise DefinitionError(f"{what} {name} must be an `async def` function")
+    _checks.takes(fn, params, f"{what} {name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,30 +142,35 @@ class Unresolved:
     resolved when the saga is registered, whatever the import order was."""
 
     fn: Callable[..., Any]
+    #: The names where the step was declared (a function's locals: a model defined in
+    #: the function that builds the saga), or None (its module's).
+    local: dict[str, Any] | None = None
 
     def __repr__(self) -> str:  # (no address: fingerprints read early stay the same)
         return f"<unresolved return annotation of {getattr(self.fn, '__qualname__', '?')}>"
 
 
-def return_annotation(fn: Callable[..., Any]) -> Any:
+def return_annotation(fn: Callable[..., Any], local: dict[str, Any] | None = None) -> Any:
     """The declared result type, metadata included (``Annotated`` discriminators,
-    serializers and validators apply to results too); ``Any`` when undeclared."""
+    serializers and validators apply to results too); ``Any`` when undeclared.
+    ``local``: the names where the step was declared, besides its module's."""
     try:
-        return _return_hint(fn)
+        return _return_hint(fn, local)
     except Exception:  # NameError, or AttributeError from a module half imported
-        return Unresolved(fn)
+        return Unresolved(fn, local)
 
 
-def _return_hint(fn: Callable[..., Any]) -> Any:
-    """The return annotation alone, evaluated in the function's module (the parameters'
-    may name what only exists where it was defined, as the context's input model)."""
+def _return_hint(fn: Callable[..., Any], local: dict[str, Any] | None = None) -> Any:
+    """The return annotation alone, evaluated in the function's module and the names
+    where it was declared (the parameters' may name what only exists where it was
+    defined, as the context's input model)."""
     fn = inspect.unwrap(fn)
     annotations = getattr(fn, "__annotations__", None) or {}
     if "return" not in annotations:
         return Any
     shim = types.FunctionType(_SHIM_CODE, getattr(fn, "__globals__", {}))
     shim.__annotations__ = {"return": annotations["return"]}
-    return typing.get_type_hints(shim, include_extras=True)["return"]
+    return typing.get_type_hints(shim, localns=local, include_extras=True)["return"]
 
 
 _SHIM_CODE = (lambda: None).__code__
@@ -189,7 +182,7 @@ def resolve_annotations(saga: Any, *, final: bool = True) -> None:
     for step in saga.steps:
         if isinstance(step.result_type, Unresolved):
             try:
-                step.result_type = _return_hint(step.fn)
+                step.result_type = _return_hint(step.fn, step.result_type.local)
             except Exception:
                 if final:
                     _unresolvable(saga, step)
@@ -205,8 +198,9 @@ def resolve_annotations(saga: Any, *, final: bool = True) -> None:
 def _unresolvable(saga: Any, step: Any) -> None:
     """At registration: a name the annotation uses is missing (DefinitionError), or it
     evaluates to nothing usable (then the step's results are untyped, as they were)."""
+    local = step.result_type.local if isinstance(step.result_type, Unresolved) else None
     try:
-        step.result_type = _return_hint(step.fn)
+        step.result_type = _return_hint(step.fn, local)
     except NameError as exc:
         raise DefinitionError(
             f"saga {saga.name!r}: the return annotation of step {step.name!r} names "

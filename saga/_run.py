@@ -48,7 +48,7 @@ class RunOps(Protocol):
     async def signal(
         self,
         run_id: UUID | str,
-        signal: str | Wait[P],
+        wait_or_name: str | Wait[P],
         payload: P | Mapping[str, Any],
         *,
         conn: Executor | None = None,
@@ -144,13 +144,15 @@ class RunHandle(Generic[OutputT]):
 
     async def signal(
         self,
-        signal: str | Wait[P],
+        wait_or_name: str | Wait[P],
         payload: P | Mapping[str, Any],
         *,
         conn: Executor | None = None,
         by: str | None = None,
         note: str | None = None,
     ) -> bool:
-        """Send this run the signal ``signal`` (a name or the :class:`Wait`) with
+        """Send this run the signal ``wait_or_name`` (a name or the :class:`Wait`) with
         ``payload``; see :meth:`Client.signal`. True when recorded, False for a repeat."""
-        return await self._client.signal(self.id, signal, payload, conn=conn, by=by, note=note)
+        return await self._client.signal(
+            self.id, wait_or_name, payload, conn=conn, by=by, note=note
+        )

@@ -56,14 +56,14 @@ class Signalling:
     async def signal(
         self,
         run_id: uuid.UUID | str,
-        signal: str | Wait[P],
+        wait_or_name: str | Wait[P],
         payload: P | Mapping[str, Any],
         *,
         conn: Executor | None = None,
         by: str | None = None,
         note: str | None = None,
     ) -> bool:
-        """Send the signal ``signal`` (a name, or the :class:`Wait` object) with
+        """Send the signal ``wait_or_name`` (a name, or the :class:`Wait` object) with
         ``payload`` to a run, from any process.
 
         The payload is validated against the wait's model and size-checked before
@@ -84,14 +84,14 @@ class Signalling:
         data = operator_data(by, note)
         check_conn(conn)
         store = self._store_or_raise()
-        if isinstance(signal, Wait):
-            wait: Wait[Any] = signal
+        if isinstance(wait_or_name, Wait):
+            wait: Wait[Any] = wait_or_name
         else:
-            _checks.text("signal name", signal, InvalidInputError, max_length=128)
+            _checks.text("signal name", wait_or_name, InvalidInputError, max_length=128)
             found = await store.run_definition(rid, conn)
             if found is None:
                 raise RunNotFoundError(rid)
-            wait = self._wait(found, signal)
+            wait = self._wait(found, wait_or_name)
         payload_json = self._payload(wait, payload)
         saga = (wait.saga.name, wait.saga.version, wait.saga.fingerprint)
         return await self._deliver(rid, wait.name, payload_json, saga, conn, data)
@@ -146,7 +146,7 @@ class Signalling:
         self,
         saga: Saga[Any] | str,
         key: str,
-        signal: str | Wait[P],
+        wait_or_name: str | Wait[P],
         payload: P | Mapping[str, Any],
         *,
         conn: Executor | None = None,
@@ -167,9 +167,10 @@ class Signalling:
         found = await self._store_or_raise().run_by_key(saga_name, key, conn)
         if found is None:
             raise RunNotFoundError(key=key, saga=saga_name)
-        if not isinstance(signal, Wait):
-            signal = self._wait(found, signal)
-        return await self.signal(found.run_id, signal, payload, conn=conn, by=by, note=note)
+        wait = wait_or_name
+        if not isinstance(wait, Wait):
+            wait = self._wait(found, wait)
+        return await self.signal(found.run_id, wait, payload, conn=conn, by=by, note=note)
 
     def _wait(self, run: RunDefinition, name: str) -> Wait[Any]:
         """The wait ``name`` of the run's registered definition (raises)."""

@@ -24,7 +24,7 @@ from saga._errors import DefinitionError
 P = TypeVar("P", bound=BaseModel)
 
 #: The longest sleep or wait timeout: ten years (longer is a mistake, not a process).
-MAX_WAIT_SECONDS = 10 * 365 * 24 * 3600.0
+MAX_WAIT_SECONDS = 3653 * 24 * 3600.0  # ten years, with their leap days
 
 #: What a wait does when its timeout passes without its signal: roll back what completed
 #: ("compensate"), stop for an operator ("stop"), or go on with the value an async
@@ -113,6 +113,8 @@ def check_on_timeout(saga: str, name: str, on_timeout: Any, timeout: float | Non
             f"wait {name!r} of saga {saga!r}: on_timeout must be 'compensate', 'stop' or an "
             f"`async def (ctx)` returning the wait's result, got {_checks.show(on_timeout)}"
         )
+    if on_timeout != "stop":
+        _checks.takes(on_timeout, 1, f"wait {name!r} of saga {saga!r}: on_timeout")
     if timeout is None:
         raise DefinitionError(
             f"wait {name!r} of saga {saga!r}: on_timeout is given but there is no timeout"
@@ -152,6 +154,8 @@ def declare_sleep(saga: Any, duration: Any, until: Any, name: str | None) -> Sle
         raise DefinitionError(f"saga {saga.name!r}: sleep takes a duration or until=, one")
     if until is not None and not callable(until):
         raise DefinitionError(f"saga {saga.name!r}: until must be a function of the context")
+    if until is not None:
+        _checks.takes(until, 1, f"saga {saga.name!r}: until")
     seconds = None if duration is None else wait_seconds("sleep duration", duration)
     default = f"sleep_after_{saga.steps[-1].name}" if saga.steps else "sleep"
     name = default if name is None else name  # "" is a bad name, not the default
