@@ -315,6 +315,11 @@ async def _keep_session(_conn: Any) -> None:
     """
 
 
+#: How long a session of a pool saga owns may sit idle inside a transaction (see
+#: open_pool).
+IDLE_IN_TRANSACTION = "10s"
+
+
 async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncpg.Pool:
     """A pool saga owns. ``min_size=0``: asyncpg would otherwise log a traceback for each
     attempt to restore its connection floor while the database is away.
@@ -326,8 +331,12 @@ async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncp
     planning over every partition cost two thirds of a claim's database time. Every
     pool saga owns runs with ``jit = off``."""
     # No JIT: saga's statements are short, and the few that read a whole day (a prune's)
-    # are costed high enough for Postgres to spend a second compiling them.
-    settings = {"jit": "off"}
+    # are costed high enough for Postgres to spend a second compiling them. A process
+    # that stalls inside one of its transactions (a frozen VM or container) would hold
+    # that transaction's row locks for as long as it stalls: a session idle in a
+    # transaction for IDLE_IN_TRANSACTION is ended by Postgres (saga's own transactions
+    # are a few statements, run back to back).
+    settings = {"jit": "off", "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION}
     if generic:
         settings["plan_cache_mode"] = "force_generic_plan"
     where = f"connecting to {describe_dsn(dsn)}"

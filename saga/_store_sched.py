@@ -20,6 +20,10 @@ import asyncpg
 from saga._db import Executor, translate_errors
 from saga._traffic import RunTraffic
 
+#: How long a schedule's transaction may sit idle (a stalled process) before Postgres
+#: ends it and frees the schedule's turn.
+SCHEDULE_IDLE = "2s"
+
 
 @dataclass(frozen=True, slots=True)
 class ScheduleInfo:
@@ -128,12 +132,16 @@ class ScheduleQueries:
         """A connection in a transaction for handling due schedules. Everything in it,
         taking the connection and committing included, raises driver and connection
         errors as ``DatabaseError`` (a database away is an outage the scheduler waits
-        out, not a crash)."""
+        out, not a crash). It holds the schedule's row (and the keys of the keyed runs it
+        starts): if this process stalls in it (a frozen VM), Postgres ends it after
+        ``SCHEDULE_IDLE`` idle, and another orchestrator takes the schedule's turn (its
+        statements run back to back: the inputs were computed before it began)."""
         async with (
             translate_errors("starting scheduled runs"),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
+            await conn.execute(self._q["schedule_idle"], SCHEDULE_IDLE)
             yield conn
 
     async def schedules_due(self, conn: Executor, names: Sequence[str]) -> list[DueSchedule]:

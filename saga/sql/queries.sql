@@ -1043,6 +1043,12 @@ ON CONFLICT (name) DO UPDATE SET
     spec = excluded.spec,
     updated_at = now();
 
+-- name: schedule_idle
+-- The schedule transaction ends if its session sits idle in it for $1 (a stalled
+-- process: its locks go, another orchestrator takes the turn).
+-- $1 the timeout ('2s')
+SELECT set_config('idle_in_transaction_session_timeout', $1, true);
+
 -- name: schedules_due
 -- The schedules among $1 that are due and not paused, locked: each is handled by one
 -- orchestrator at a time (SKIP LOCKED), which reads the slots due from next_fire up to
