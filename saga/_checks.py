@@ -123,8 +123,8 @@ def takes(fn: Any, params: int, what: str) -> None:
     """``fn`` can be called with ``params`` positional arguments, as saga calls it: a
     :class:`DefinitionError` naming ``what`` otherwise (a required keyword-only
     parameter, say, could never be given), at definition rather than in a run."""
-    try:
-        sig = inspect.signature(fn)
+    try:  # the function as called (a decorator's wrapper may supply arguments itself)
+        sig = inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):  # builtins without a signature: called as they are
         return
     try:

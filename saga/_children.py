@@ -51,9 +51,11 @@ def declare(
     after: Sequence[Any] | None,
 ) -> Any:
     """The step of ``parent`` that starts the children (see :meth:`Saga.children`)."""
+    _checks.validate_name(name, "step")  # first: the messages below quote it
     if not isinstance(child, type(parent)) or child is parent:
         raise DefinitionError(
-            f"saga {parent.name!r}: step {name!r} starts runs of another saga.Saga, not {child!r}"
+            f"saga {parent.name!r}: step {name!r} starts runs of another saga.Saga, "
+            f"not {show(child)}"
         )
     if not callable(inputs):
         raise DefinitionError(f"saga {parent.name!r}: inputs of step {name!r} must be callable")

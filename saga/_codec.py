@@ -326,36 +326,63 @@ def encode_valid(
 ) -> tuple[M, str]:
     """``value`` validated into ``model`` (:func:`validate_as`) and its JSON (:func:`encode`).
 
-    An instance of ``model`` is taken as it is, unless it cannot be stored: one built with
-    ``model_construct`` or changed after it was built may then not validate, which is bad
-    input (:class:`InvalidInputError`), not a value that JSON cannot hold."""
+    A model instance is taken as it is (pydantic does not validate instances again),
+    unless it cannot be stored: then one whose own fields do not validate (built with
+    ``model_construct``, or changed after it was built), anywhere in the value, is bad
+    input (:class:`InvalidInputError` naming where), not a value JSON cannot hold."""
     validated = validate_as(model, value, what)
     try:
         return validated, encode(validated, model, what=stored_as, max_bytes=max_bytes)
     except PayloadTooLargeError:
         raise
-    except SerializationError:
-        plain, dumped = None, False
-        with contextlib.suppress(Exception):  # not even a dump: what encode said stands
-            plain, dumped = _plain(value, 0), True
-        if dumped:
-            validate_as(model, plain, what)  # InvalidInputError when that is the trouble
+    except SerializationError as exc:
+        found = None
+        with contextlib.suppress(Exception):  # a value whose own methods raise
+            found = _unvalidated(value, "", 0)
+        if found is not None:
+            raise InvalidInputError(f"invalid {what}: {found}") from exc
         raise
 
 
-def _plain(value: Any, depth: int) -> Any:
-    """``value`` with every model instance in it (at any depth of mappings, lists and
-    tuples) dumped to what it holds: validated again, it tells whether an instance that
-    was never validated (pydantic takes instances as they are) is the trouble."""
+def _unvalidated(value: Any, path: str, depth: int) -> str | None:
+    """Where in ``value`` (mappings, lists, tuples, dataclasses, models: at any depth) a
+    model instance holds fields that do not validate as its own, and why; None: none.
+    Each instance is checked on the values it holds (not on what they serialize to: a
+    valid instance that serializes to something else is not bad input)."""
     if depth > _MAX_DEPTH:
-        return value
+        return None
+    held = _held(value)
+    for key, item in held:
+        found = _unvalidated(item, f"{path}.{key}" if path else str(key), depth + 1)
+        if found is not None:
+            return found
+    if not isinstance(value, BaseModel):
+        return None
+    try:
+        try:  # the fields by name (aliases aside: pydantic 2.11 and later)
+            type(value).model_validate(dict(held), by_alias=False, by_name=True)
+        except TypeError:
+            type(value).model_validate(dict(held))
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in (path, *first["loc"]) if part != "")
+        return f"{where}: {first['msg']}"
+    return None
+
+
+def _held(value: Any) -> list[tuple[Any, Any]]:
+    """What ``value`` holds, by key: a model's fields (as set), a mapping's items, a
+    sequence's or a dataclass's members; nothing for anything else."""
     if isinstance(value, BaseModel):
-        return value.model_dump(warnings=False)
+        fields = type(value).model_fields
+        return [(n, v) for n, v in vars(value).items() if n in fields]
     if isinstance(value, Mapping):
-        return {k: _plain(v, depth + 1) for k, v in value.items()}
+        return list(value.items())
     if isinstance(value, list | tuple):
-        return type(value)(_plain(v, depth + 1) for v in value)
-    return value
+        return list(enumerate(value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    return []
 
 
 def _first_error(exc: Exception) -> str:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, Literal, overload
 
 from pydantic import BaseModel
@@ -125,6 +126,24 @@ class Step(Generic[InT, OutT]):
         return f"<Step {self.saga.name}.{self.name}>"
 
 
+def _declaring_frames(frame: FrameType | None) -> tuple[FrameType, ...]:
+    """The frames of the functions a step is declared in, innermost first, up to the
+    module (a few: a builder may declare its steps through a decorator of its own). A
+    return annotation the module cannot resolve is looked for there (see
+    saga._policy._return_hint)."""
+    frames: list[FrameType] = []
+    while frame is not None and len(frames) < _DECLARING_DEPTH:
+        if frame.f_locals is frame.f_globals:  # the module: its names are read anyway
+            break
+        frames.append(frame)
+        frame = frame.f_back
+    return tuple(frames)
+
+
+#: How many functions out a step's result annotation is looked for.
+_DECLARING_DEPTH = 4
+
+
 class Saga(Generic[InT, OutputT]):
     """A named, versioned sequence of steps over one pydantic input model.
 
@@ -202,8 +221,7 @@ class Saga(Generic[InT, OutputT]):
         """
 
         def register(fn: StepFn[InT, OutT]) -> Step[InT, OutT]:
-            where = sys._getframe(1)  # where the step is declared: a model defined there
-            local = where.f_locals if where.f_locals is not where.f_globals else None
+            frames = _declaring_frames(sys._getframe(1))
             self._check_open()
             check_async(fn, "step", 1)
             check_timeout(timeout)
@@ -224,7 +242,7 @@ class Saga(Generic[InT, OutputT]):
                 index=len(self.steps),
                 retry=retry or DEFAULT_STEP_RETRY,
                 timeout=timeout,
-                result_type=return_annotation(fn, local),
+                result_type=return_annotation(fn, frames),
                 lease_seconds=lease_seconds,
                 deps=deps,
                 pivot=_checks.flag(f"step {step_name!r}: pivot", pivot, DefinitionError),

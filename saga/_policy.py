@@ -3,6 +3,7 @@ is given: pure values and functions, validated when a saga is declared."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
@@ -142,35 +143,43 @@ class Unresolved:
     resolved when the saga is registered, whatever the import order was."""
 
     fn: Callable[..., Any]
-    #: The names where the step was declared (a function's locals: a model defined in
-    #: the function that builds the saga), or None (its module's).
-    local: dict[str, Any] | None = None
+    #: The frames of the functions the step was declared in (innermost first): a model
+    #: defined in the function that builds the saga, read when resolved.
+    frames: tuple[types.FrameType, ...] = ()
 
     def __repr__(self) -> str:  # (no address: fingerprints read early stay the same)
         return f"<unresolved return annotation of {getattr(self.fn, '__qualname__', '?')}>"
 
 
-def return_annotation(fn: Callable[..., Any], local: dict[str, Any] | None = None) -> Any:
+def return_annotation(fn: Callable[..., Any], frames: tuple[types.FrameType, ...] = ()) -> Any:
     """The declared result type, metadata included (``Annotated`` discriminators,
     serializers and validators apply to results too); ``Any`` when undeclared.
-    ``local``: the names where the step was declared, besides its module's."""
+    ``frames``: those of the functions the step was declared in (see _return_hint)."""
     try:
-        return _return_hint(fn, local)
+        return _return_hint(fn, frames)
     except Exception:  # NameError, or AttributeError from a module half imported
-        return Unresolved(fn, local)
+        return Unresolved(fn, frames)
 
 
-def _return_hint(fn: Callable[..., Any], local: dict[str, Any] | None = None) -> Any:
-    """The return annotation alone, evaluated in the function's module and the names
-    where it was declared (the parameters' may name what only exists where it was
-    defined, as the context's input model)."""
+def _return_hint(fn: Callable[..., Any], frames: tuple[types.FrameType, ...] = ()) -> Any:
+    """The return annotation alone, evaluated in the function's module (the parameters'
+    may name what only exists where it was defined, as the context's input model); a
+    name the module lacks, in the functions it was declared in, innermost first, as
+    their locals are now (a model defined there, even below the step)."""
     fn = inspect.unwrap(fn)
     annotations = getattr(fn, "__annotations__", None) or {}
     if "return" not in annotations:
         return Any
     shim = types.FunctionType(_SHIM_CODE, getattr(fn, "__globals__", {}))
     shim.__annotations__ = {"return": annotations["return"]}
-    return typing.get_type_hints(shim, localns=local, include_extras=True)["return"]
+    try:
+        return typing.get_type_hints(shim, include_extras=True)["return"]
+    except NameError:
+        for frame in frames:
+            with contextlib.suppress(NameError):
+                hints = typing.get_type_hints(shim, localns=frame.f_locals, include_extras=True)
+                return hints["return"]
+        raise
 
 
 _SHIM_CODE = (lambda: None).__code__
@@ -182,7 +191,7 @@ def resolve_annotations(saga: Any, *, final: bool = True) -> None:
     for step in saga.steps:
         if isinstance(step.result_type, Unresolved):
             try:
-                step.result_type = _return_hint(step.fn, step.result_type.local)
+                step.result_type = _return_hint(step.fn, step.result_type.frames)
             except Exception:
                 if final:
                     _unresolvable(saga, step)
@@ -198,9 +207,9 @@ def resolve_annotations(saga: Any, *, final: bool = True) -> None:
 def _unresolvable(saga: Any, step: Any) -> None:
     """At registration: a name the annotation uses is missing (DefinitionError), or it
     evaluates to nothing usable (then the step's results are untyped, as they were)."""
-    local = step.result_type.local if isinstance(step.result_type, Unresolved) else None
+    frames = step.result_type.frames if isinstance(step.result_type, Unresolved) else ()
     try:
-        step.result_type = _return_hint(step.fn, local)
+        step.result_type = _return_hint(step.fn, frames)
     except NameError as exc:
         raise DefinitionError(
             f"saga {saga.name!r}: the return annotation of step {step.name!r} names "

@@ -170,6 +170,7 @@ def declare_wait(
     saga: Any, name: str, model: type[P], timeout: Any, on_timeout: OnTimeout
 ) -> Wait[P]:
     """``Saga.wait_for``: a wait for the signal ``name`` after the last declared step."""
+    _checks.validate_name(name, "wait")  # first: the messages below quote it
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise DefinitionError(
             f"saga {saga.name!r}: the payload of wait {name!r} must be a pydantic model"
