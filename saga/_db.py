@@ -316,8 +316,9 @@ async def _keep_session(_conn: Any) -> None:
 
 
 #: How long a session of a pool saga owns may sit idle inside a transaction (see
-#: open_pool).
-IDLE_IN_TRANSACTION = "10s"
+#: open_pool): longer than a busy but healthy process ever leaves one (its event loop
+#: blocked that long, its leases, 30 s by default, would have expired too).
+IDLE_IN_TRANSACTION = "60s"
 
 
 async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncpg.Pool:

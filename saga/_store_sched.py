@@ -22,7 +22,7 @@ from saga._traffic import RunTraffic
 
 #: How long a schedule's transaction may sit idle (a stalled process) before Postgres
 #: ends it and frees the schedule's turn.
-SCHEDULE_IDLE = "2s"
+SCHEDULE_IDLE = "5s"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """An orchestrator that stalls without dying (SIGSTOP, as tests/_harness.Child.pause: a
 paused VM, a frozen container) while it holds a schedule's turn: the schedule's row and
 the keys of the keyed runs it starts are locked by its transaction. Postgres ends that
-transaction once it sits idle for 2 s, so the other orchestrators go on.
+transaction once it sits idle for 5 s, so the other orchestrators go on.
 
 To stall the process at that instant, the child orchestrator stops itself from the
 saga's ``priority`` function, which the scheduler calls for each slot inside its
@@ -133,7 +133,7 @@ async def test_an_orchestrator_stalled_in_a_schedules_turn_does_not_stop_its_slo
 
     Two orchestrators hold an every-second schedule; the other one stalls while it
     handles a slot (its transaction holds the schedule's row). This test's goes on
-    firing the slots (3 or more in the next 5 s). Before, its SKIP LOCKED skipped the
+    firing the slots (3 or more in the next 10 s). Before, its SKIP LOCKED skipped the
     held row every second for as long as the stall lasted: no slot ran."""
     options = {**_OPTIONS, "sagas": [stall], "schedules": [TICKS_SLOW_INPUT]}
     async with saga.Orchestrator(dsn, **options):
@@ -142,7 +142,7 @@ async def test_an_orchestrator_stalled_in_a_schedules_turn_does_not_stop_its_slo
                 await anyio.sleep(0.1)  # the healthy orchestrator fires slots
         child = _stalling_child(children, dsn, "stall", "TICKS_SLOW_INPUT", 1)
         stalled_at = await _until_stalled(child)
-        await anyio.sleep(5)
+        await anyio.sleep(10)
         slots = [s for s in await _slots_run(db, TICKS_SLOW_INPUT.name) if s > stalled_at]
         child.kill()
     assert len(slots) >= 3, (
@@ -171,7 +171,7 @@ async def test_an_orchestrator_opens_while_another_is_stalled_in_a_schedules_tur
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(take_over)
-        await anyio.sleep(6)
+        await anyio.sleep(10)
         was_open = opened.is_set()
         slots = [s for s in await _slots_run(db, TICKS.name) if s > stalled_at]
         child.kill()  # frees the row: the orchestrator above can open, then close
@@ -180,7 +180,7 @@ async def test_an_orchestrator_opens_while_another_is_stalled_in_a_schedules_tur
         tg.cancel_scope.cancel()
     assert (was_open, len(slots) >= 3) == (True, True), (
         f"a second orchestrator given the schedule while the first is stalled: opened "
-        f"within 6 s: {was_open}; slots run meanwhile: {len(slots)}"
+        f"within 10 s: {was_open}; slots run meanwhile: {len(slots)}"
     )
 
 
@@ -208,34 +208,40 @@ async def test_a_stalled_scheduler_does_not_keep_a_keys_holder_from_ending(
         child = _stalling_child(children, dsn, "keyed", "KEYED_TICKS", 2)
         await _until_stalled(child)
         ended = None
-        with anyio.move_on_after(8):
-            ended = (await _outcome(holder, 8), await _outcome(queued, 8))
+        with anyio.move_on_after(14):
+            ended = (await _outcome(holder, 14), await _outcome(queued, 14))
         status = (await holder.info()).status
         child.kill()
     assert ended == (1, 2), (
-        f"the key's holder (3 s step) did not end within 8 s (status {status}); the run "
+        f"the key's holder (3 s step) did not end within 14 s (status {status}); the run "
         f"waiting for the key was never admitted"
     )
 
 
 @pytest.mark.timeout(40)
 async def test_a_stalled_session_of_sagas_own_pool_frees_its_locks(
-    orchestrator: Any, db: asyncpg.Connection
+    orchestrator: Any, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README, Runtime: the pools saga owns run with `idle_in_transaction_session_timeout
-    = 10s`: a process that stalls inside one of saga's transactions does not hold its
-    row locks longer. A session of an orchestrator's pool takes a lock in a transaction
-    and sends nothing more (as a frozen process would): within 10 s Postgres ends it,
-    and the lock is free for another session."""
+    """README, Runtime: the pools saga owns run with `idle_in_transaction_session_timeout`
+    (60 s): a process that stalls inside one of saga's transactions does not hold its
+    row locks longer. With the setting at 2 s (the module's constant, read when a pool
+    opens), a session of an orchestrator's pool takes a lock in a transaction and sends
+    nothing more, as a frozen process would: Postgres ends it, and the lock is free for
+    another session; the sessions say the setting."""
+    import saga._db
     from saga._client import store_of
 
+    assert saga._db.IDLE_IN_TRANSACTION == "60s"
+    monkeypatch.setattr(saga._db, "IDLE_IN_TRANSACTION", "2s")
     orch = await orchestrator()
-    async with store_of(orch).pool.acquire() as conn:
+    pool = store_of(orch).pool
+    assert await pool.fetchval("SHOW idle_in_transaction_session_timeout") == "2s"
+    async with pool.acquire() as conn:
         transaction = conn.transaction()
         await transaction.start()
         await conn.execute("SELECT pg_advisory_xact_lock(4242)")
         assert not await db.fetchval("SELECT pg_try_advisory_lock(4242)")  # held
-        with anyio.fail_after(20):
+        with anyio.fail_after(10):
             while not await db.fetchval("SELECT pg_try_advisory_lock(4242)"):  # noqa: ASYNC110 - the server's timeout
-                await anyio.sleep(0.5)
+                await anyio.sleep(0.2)
         await db.execute("SELECT pg_advisory_unlock(4242)")

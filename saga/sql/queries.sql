@@ -1046,7 +1046,7 @@ ON CONFLICT (name) DO UPDATE SET
 -- name: schedule_idle
 -- The schedule transaction ends if its session sits idle in it for $1 (a stalled
 -- process: its locks go, another orchestrator takes the turn).
--- $1 the timeout ('2s')
+-- $1 the timeout ('5s')
 SELECT set_config('idle_in_transaction_session_timeout', $1, true);
 
 -- name: schedules_due
