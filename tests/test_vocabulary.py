@@ -52,7 +52,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     other |= {"ended", "resolved", "wait_decided", "rolling_back"}  # why a signal was refused
     other |= {"limit", "delay"}  # a rate limit's wait
     other |= {"advisory"}  # pg_locks' lock type (the orchestrators present)
-    other |= {"lock_timeout"}  # a setting a statement sets for itself (set_config)
+    other |= {"lock_timeout", "idle_in_transaction_session_timeout"}  # set_config'd settings
     other |= {"error"}  # the jsonb key of a history event's failure
     other |= {"on_give_up"}  # the jsonb key of run_stopped by a step's policy
     assert words - known - other == set()
