@@ -28,8 +28,8 @@ from saga._cli_render import (
     _time,
 )
 from saga._client import Client, store_of
-from saga._codec import validate_as
 from saga._errors import InvalidInputError, SerializationError
+from saga._input import validate_as
 from saga._model import RunInfo, RunStatus
 from saga._operator import (
     MAX_PAGE_SIZE,

@@ -26,7 +26,7 @@ from saga import _checks, _children, _registry
 from saga._acting import Acting
 from saga._aio import uncancellable
 from saga._awaiting import Awaiting
-from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, encode_valid, same_input
+from saga._codec import DEFAULT_MAX_PAYLOAD_BYTES, same_input
 from saga._db import Executor, check_dsn_or_pool, close_pool, open_pool, validate_schema
 from saga._definition import Saga
 from saga._errors import (
@@ -36,6 +36,7 @@ from saga._errors import (
     InvalidInputError,
     RunNotFoundError,
 )
+from saga._input import encode_valid
 from saga._instruments import CREATED, RUN_ID, SAGA
 from saga._lifecycle import Lifecycle, started
 from saga._listener import Listener

@@ -1,13 +1,18 @@
 """Rows to and from the store's statements: a change's history events as the JSON the
-writing statements take, a JSON column's value, and a claimed row as a ``ClaimedItem``."""
+writing statements take, a JSON column's value, a claimed row as a ``ClaimedItem``, and
+a run's row as a ``RunInfo``."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from saga._model import Phase, RunStatus
+import asyncpg
+
+from saga._errors import ErrorInfo
+from saga._model import Phase, RunInfo, RunStatus
 from saga._transition import ClaimedItem, Event
 
 
@@ -63,3 +68,40 @@ def claimed_item(r: Any) -> ClaimedItem:
         child=r["child"],
         keyed=bool(r.get("keyed")),
     )
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def run_info(r: asyncpg.Record) -> RunInfo:
+    """A RunInfo from a row of get_run or list_runs."""
+    return RunInfo(
+        id=r["id"],
+        saga=r["saga_name"],
+        version=r["saga_version"],
+        key=r["idempotency_key"],
+        status=RunStatus(r["status"]),
+        step=r["step_name"],
+        attempt=r["attempt"],
+        completed_steps=tuple(r["completed_steps"]),
+        error=ErrorInfo.from_json(loads(r["error"])),
+        compensation_error=ErrorInfo.from_json(loads(r["compensation_error"])),
+        cancel_requested=r["cancel_requested"],
+        worker=r["lease_owner"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        finished_at=r["finished_at"],
+        wait=r["wait_name"],
+        due_at=due_time(r["due_at"]),
+        resolved=r["resolved"],
+        priority=r["priority"],
+        concurrency_key=r["concurrency_key"],
+        waiting_for_key=r["key_state"] == "queued",
+    )
+
+
+def due_time(value: datetime | None) -> datetime | None:
+    """A due time; 'infinity' (a wait without timeout) reads as None. asyncpg decodes
+    it as a naive ``datetime.max``, even for a timestamptz."""
+    return None if value is None or value.replace(tzinfo=None) == datetime.max else value

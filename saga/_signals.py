@@ -18,7 +18,7 @@ import pydantic
 from saga import _checks
 from saga._acting import operator_data
 from saga._aio import uncancellable
-from saga._codec import encode, encode_valid
+from saga._codec import encode
 from saga._db import Executor
 from saga._definition import Saga
 from saga._errors import (
@@ -28,6 +28,7 @@ from saga._errors import (
     InvalidRunStateError,
     RunNotFoundError,
 )
+from saga._input import encode_valid
 from saga._log import logger
 from saga._notify import WorkNotifier
 from saga._registry import check_conn

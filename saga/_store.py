@@ -23,7 +23,7 @@ from saga._db import Executor, channel, queries, translate_errors, validate_sche
 from saga._errors import DatabaseError
 from saga._group import GroupCommit
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
-from saga._rows import claimed_item, events_json
+from saga._rows import claimed_item, events_json, loads, run_info
 from saga._store_batch import (
     ClaimAlong,
     GroupWrites,
@@ -40,8 +40,6 @@ from saga._store_ops import (
     OperatorQueries,
     definition_args,
     fingerprint_or_none,
-    loads,
-    run_info,
 )
 from saga._store_peers import PresenceQueries
 from saga._store_sched import ScheduleQueries

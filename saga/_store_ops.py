@@ -6,7 +6,6 @@ finished history at operator pace while the rest of the store serves the per-ste
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -18,49 +17,12 @@ import asyncpg
 
 from saga import _partitions as partitions
 from saga._db import Executor, query, quote_ident, translate_errors
-from saga._errors import ErrorInfo
 from saga._model import Phase, RunInfo, RunStatus
 from saga._partitions import DaysPruned
+from saga._rows import run_info
 
 #: A saga definition as the database knows it: (name, version, fingerprint).
 DefinitionKey = tuple[str, int, str | None]
-
-
-def loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def run_info(r: asyncpg.Record) -> RunInfo:
-    """A RunInfo from a row of get_run or list_runs."""
-    return RunInfo(
-        id=r["id"],
-        saga=r["saga_name"],
-        version=r["saga_version"],
-        key=r["idempotency_key"],
-        status=RunStatus(r["status"]),
-        step=r["step_name"],
-        attempt=r["attempt"],
-        completed_steps=tuple(r["completed_steps"]),
-        error=ErrorInfo.from_json(loads(r["error"])),
-        compensation_error=ErrorInfo.from_json(loads(r["compensation_error"])),
-        cancel_requested=r["cancel_requested"],
-        worker=r["lease_owner"],
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        finished_at=r["finished_at"],
-        wait=r["wait_name"],
-        due_at=_due(r["due_at"]),
-        resolved=r["resolved"],
-        priority=r["priority"],
-        concurrency_key=r["concurrency_key"],
-        waiting_for_key=r["key_state"] == "queued",
-    )
-
-
-def _due(value: datetime | None) -> datetime | None:
-    """A due time; 'infinity' (a wait without timeout) reads as None. asyncpg decodes
-    it as a naive ``datetime.max``, even for a timestamptz."""
-    return None if value is None or value.replace(tzinfo=None) == datetime.max else value
 
 
 #: Stands for "no fingerprint recorded" (runs started before fingerprints existed).

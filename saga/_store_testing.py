@@ -11,7 +11,7 @@ from uuid import UUID
 import asyncpg
 
 from saga._db import translate_errors
-from saga._store_ops import _due
+from saga._rows import due_time
 
 
 class FaultQueries:
@@ -45,4 +45,4 @@ class FaultQueries:
             row = await self.pool.fetchrow(
                 self._q["advance_timers"], run_id, seconds, self.work_channel
             )
-        return None if row is None else _due(row["due_at"])
+        return None if row is None else due_time(row["due_at"])

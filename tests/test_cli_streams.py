@@ -348,6 +348,22 @@ class _Rollback(Exception):
     """Leaves a test's transaction block, rolled back."""
 
 
+async def _ready_worker(dsn: str) -> subprocess.Popen[bytes]:
+    """A `saga worker` of the checkout example, once it says it is ready (its stderr a
+    pipe this test reads)."""
+    proc = popen(
+        "-m", "saga", "worker", "examples.checkout:SAGAS", "--dsn", dsn,
+        env=python_env(dsn), stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    with anyio.fail_after(20):
+        while True:
+            line = await anyio.to_thread.run_sync(proc.stderr.readline)
+            assert line, "the worker ended before it was ready"
+            if b" ready: " in line:
+                return proc
+
+
 async def test_worker_keeps_running_when_the_reader_of_its_log_goes_away(
     dsn: str, open_client: ClientFactory
 ) -> None:
@@ -359,18 +375,9 @@ async def test_worker_keeps_running_when_the_reader_of_its_log_goes_away(
     log`, a log shipper restarting) keeps running: its log lines are dropped and the
     next run completes. Before, the first log line after that raised BrokenPipeError
     inside the orchestrator and the worker exited 141, leaving the next run pending."""
-    proc = popen(
-        "-m", "saga", "worker", "examples.checkout:SAGAS", "--dsn", dsn,
-        env=python_env(dsn), stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = await _ready_worker(dsn)
     try:
         assert proc.stderr is not None
-        with anyio.fail_after(20):
-            while True:
-                line = await anyio.to_thread.run_sync(proc.stderr.readline)
-                assert line, "the worker ended before it was ready"
-                if b" ready: " in line:
-                    break
         proc.stderr.close()  # the log's reader goes away; nothing signals the worker
         await open_client(*CHECKOUT_SAGAS)
         first = await checkout.start(Order(order_id="o-1", amount_cents=5))
@@ -399,18 +406,9 @@ async def test_an_idle_worker_whose_log_reader_went_away_stops_on_sigterm_with_e
     A worker is ready, the reader of its stderr goes away, nothing runs (no log line),
     then SIGTERM: it exits 0. Before, its own note ("SIGTERM received, shutting down")
     went straight to stderr: BrokenPipeError, exit 1."""
-    proc = popen(
-        "-m", "saga", "worker", "examples.checkout:SAGAS", "--dsn", dsn,
-        env=python_env(dsn), stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = await _ready_worker(dsn)
     try:
         assert proc.stderr is not None
-        with anyio.fail_after(20):
-            while True:
-                line = await anyio.to_thread.run_sync(proc.stderr.readline)
-                assert line, "the worker ended before it was ready"
-                if b" ready: " in line:
-                    break
         proc.stderr.close()  # the log's reader goes away
         await anyio.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
