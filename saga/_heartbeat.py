@@ -131,8 +131,11 @@ class Heartbeats:
             lease = self.inflight.get(key)
             if lease is not None and held.get(key):
                 lease.cancel_requested = True  # the runner rolls back after this step
-            if key in held or lease is None or lease.token != token:
-                continue  # still ours, or the run moved on to a new lease meanwhile
+            if key in held or lease is None or lease.token != token or lease.writing:
+                # Still ours, or the run moved on to a new lease meanwhile, or its outcome
+                # is being written: that fenced write tells whether the lease held (a
+                # run's end that committed after the heartbeat was sent is no loss).
+                continue
             lease.lost = True
             lease.scope.cancel()
             logger.warning("lease_lost", worker=self._worker, **lease.log_fields())

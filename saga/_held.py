@@ -53,6 +53,9 @@ class Lease:
     # The attempt waits for its rate limit's token: its step has not started, and a
     # give-back at shutdown does not count it (saga._call.take).
     unstarted: bool = False
+    # The item's outcome is being written (saga._write): that write, fenced, tells
+    # whether the lease still held; a heartbeat that no longer finds it has raced it.
+    writing: bool = False
 
     @property
     def key(self) -> UUID | ItemKey:
@@ -71,6 +74,7 @@ class Lease:
         self.token = token
         self.seconds = seconds
         self.stalled = False
+        self.writing = False
 
     def attempt_scope(self, seconds: float) -> anyio.CancelScope:
         """A fresh cancel scope for one attempt: a heartbeat cancels it if the lease goes."""

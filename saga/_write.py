@@ -76,6 +76,7 @@ class Writer:
         attempt = partial(
             self._store.transition, self._worker, run_id, lease.token, change, child, keyed, claim
         )
+        lease.writing = True  # (until the lease moves on, or goes)
         try:
             written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
         except DatabaseError as exc:
@@ -115,6 +116,7 @@ class Writer:
         ``COMMITTED`` when an uncertain write turned out committed (``first`` is the
         event it begins with; None: it has none of its own, taken as not committed)."""
         attempt = partial(self._store.graph_write, self._worker, key, lease.token, decide)
+        lease.writing = True  # (until the lease moves on, or goes)
         try:
             written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
         except DatabaseError as exc:

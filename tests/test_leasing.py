@@ -386,3 +386,46 @@ async def test_waiting_for_a_run_never_hides_it_from_workers(
         await watcher.execute(store._q["watch_run"], run.id)  # not committed yet
         claimed = await store.claim("w", 10, 30, [("single", 1, s.fingerprint)])
     assert [item.run_id for item in claimed] == [run.id]
+
+
+async def test_a_heartbeat_that_races_the_leases_own_write_does_not_call_it_lost() -> None:
+    """README, Leasing: a lease lost (another worker took the run) cancels the attempt
+    and logs `lease_lost`. A heartbeat sent just before a run's end write committed
+    comes back without that lease, while the step's task still holds it: that is the
+    run moving on, not a loss. With the lease's outcome being written, the heartbeat
+    leaves it to that fenced write: no `lease_lost`, the scope is not cancelled. Without
+    a write in flight, the same answer still marks it lost (seen in a busy process:
+    `lease_lost` logged for runs that completed with one attempt)."""
+    from structlog.testing import capture_logs
+
+    from saga._held import Lease
+    from saga._lease import Leases
+    from saga._log import Outage
+
+    class _NoStatements:
+        """No statement is sent: only a heartbeat's answer is read."""
+
+        def claim_along(self, *args: object) -> None:
+            return None
+
+    leases = Leases(
+        _NoStatements(),  # type: ignore[arg-type]
+        worker_id="w",
+        concurrency=2,
+        lease_seconds=30.0,
+        heartbeat_every=10.0,
+        poll_interval=1.0,
+        definitions=[],
+        outage=Outage("w"),
+    )
+    writing, idle = Lease(uuid.uuid4(), 7, 30.0), Lease(uuid.uuid4(), 8, 30.0)
+    writing.writing = True
+    for lease in (writing, idle):
+        leases.inflight[lease.key] = lease
+    with capture_logs() as logs:
+        leases._heard({writing.key: 7, idle.key: 8}, {})  # neither found any more
+    assert not writing.lost
+    assert not writing.scope.cancel_called
+    assert idle.lost
+    assert idle.scope.cancel_called
+    assert [e["run_id"] for e in logs if e["event"] == "lease_lost"] == [str(idle.run_id)]
