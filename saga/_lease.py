@@ -32,8 +32,11 @@ from saga._store_graph import ItemKey
 from saga._store_ops import DefinitionKey
 from saga._transition import ClaimedItem
 
-#: How soon the claim loop claims again due work its last claim passed (see _idle).
+#: How soon the claim loop claims again due work its last claim passed (see _idle), and
+#: how far apart those looks grow while it stays held: a row released after a long hold is
+#: claimed within a second, not after twice the hold.
 _RECHECK = 0.02
+_RECHECK_MAX = 1.0
 
 Handler = Callable[[ClaimedItem, Lease], Coroutine[Any, Any, None]]
 
@@ -222,7 +225,7 @@ class Leases(Heartbeats):
     async def _idle(self) -> None:
         """The last claim found no more due work: wait for some. Due work it passed
         (rows another transaction held locked: nobody announces their release) is
-        claimed again soon: after 20 ms, doubling up to the poll while it stays held."""
+        claimed again soon: after 20 ms, doubling up to a second while it stays held."""
         try:
             passed = await self._store.due_unclaimed(self._definitions, self._graphs)
         except DatabaseError as exc:
@@ -231,7 +234,7 @@ class Leases(Heartbeats):
             passed = True
         if passed:
             self.wake_later(self._recheck)
-        self._recheck = min(self._recheck * 2, self._poll) if passed else _RECHECK
+        self._recheck = min(self._recheck * 2, _RECHECK_MAX, self._poll) if passed else _RECHECK
         await self._sleep_until_woken()
 
     async def _sleep_until_woken(self) -> None:
