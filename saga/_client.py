@@ -48,6 +48,7 @@ from saga._partitions import uuid7
 from saga._run import OutputT, RunHandle
 from saga._signals import Signalling
 from saga._store import RunRow, StartResult, Store
+from saga._store_graph import ParentClaim
 from saga._store_ops import DefinitionKey
 from saga._telemetry import Telemetry
 
@@ -235,9 +236,10 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
         return await self._start(saga, input, key, require_same_input, conn, priority=priority)
 
     async def start_child(
-        self, saga: Saga[Any], input: Any, key: str, parent: tuple[uuid.UUID, str]
+        self, saga: Saga[Any], input: Any, key: str, parent: ParentClaim
     ) -> RunHandle:
-        """A child run of the step ``parent`` (run id, step): by key, its end wakes it."""
+        """A child run of the step ``parent`` (run id, step, and the claim it runs under:
+        a lost one raises ``ClaimLost``): by key, its end wakes it."""
         return await self._start(saga, input, key, False, None, parent)
 
     async def _start(
@@ -247,7 +249,7 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
         key: str | None,
         require_same_input: bool,
         conn: Executor | None,
-        parent: tuple[uuid.UUID, str] | None = None,
+        parent: ParentClaim | None = None,
         priority: int | None = None,
     ) -> RunHandle[OutputT]:
         store = self._store_or_raise()

@@ -94,6 +94,9 @@ class GraphChange:
     # Parked (retry_in infinite) but due now: a children step that parked while its run
     # rolls back is claimed again at once, to undo its children.
     undo_now: bool = False
+    # Parked by a step whose last attempt was lost (undoing its children before it
+    # fails): its wake-ups are that lost attempt again, not attempts that start.
+    lost: bool = False
     dropped: tuple[tuple[str, Phase], ...] = ()  # other items deleted (not running)
     new: tuple[NewItem, ...] = ()
 
@@ -110,6 +113,7 @@ class Parked:
     ended: int
     of: int
     started: bool
+    lost: bool = False  # undoing the children of a step whose last attempt was lost
 
 
 @value
@@ -150,7 +154,13 @@ def after_item(
         # ran on).
         rolling = run.cancel_requested or run.status is _COMPENSATING
         undo_now = done.phase is _STEP and not done.undo and rolling
-        return GraphChange(status=run.status, events=(event,), retry_in=math.inf, undo_now=undo_now)
+        return GraphChange(
+            status=run.status,
+            events=(event,),
+            retry_in=math.inf,
+            undo_now=undo_now,
+            lost=parked.lost,
+        )
     retry = _retry(saga, run, done, rand)
     if retry is not None:
         return retry

@@ -25,7 +25,7 @@ from saga._log import Cause, log_events, logger, needs_cause
 from saga._model import EventKind, Outcome, Phase, RunStatus
 from saga._runner import Runner
 from saga._spawner import Children
-from saga._store_graph import GraphWritten
+from saga._store_graph import ClaimLost, GraphWritten, ParentClaim
 from saga._telemetry import in_run_trace
 from saga._transition import ClaimedItem, Event, Failed, RunState, Succeeded
 from saga._write import COMMITTED
@@ -134,7 +134,10 @@ class GraphRunner:
         runner.open_attempt(run)
         if lost:
             run.outcome, run.error_type = Outcome.FAILURE, "saga.AttemptLost"
-            return Failed(_plan.attempt_lost(run.step, run.attempt + 1), retryable=False)
+            failed = Failed(_plan.attempt_lost(run.step, run.attempt + 1), retryable=False)
+            if step.spawn is None or run.phase is not _STEP or dropping:
+                return failed
+            return await self._undo_lost(run, step, lease, failed)
         run.reclaimed = run.reclaimed and not dropping  # (a dropped item does not start)
         if lease.lost or (run.reclaimed and not await runner.writer.started(run, lease)):
             return _LOST
@@ -155,6 +158,21 @@ class GraphRunner:
             run.outcome, run.error_type = Outcome.FAILURE, str(outcome.error["type"])
         return outcome
 
+    async def _undo_lost(self, run: ActiveRun, step: Any, lease: Lease, failed: Failed) -> object:
+        """A children step whose last attempt's worker died fails, once the children its
+        attempts started are undone (as any failure of the step undoes them first)."""
+        assert run.span is not None
+        with lease.attempt_scope(self._runner.lease_seconds), in_run_trace(run.span, None):
+            undone = await self._children.undo(run.id, step)
+        if lease.scope.cancel_called:
+            lease.mark_lost()
+            return _LOST
+        if isinstance(undone, Parked):  # (each wake-up's claim is this lost attempt again)
+            run.outcome = Outcome.PARKED
+            return Parked(undone.ended, undone.of, False, lost=True)
+        stuck = undone.error if isinstance(undone, Failed) else None
+        return Failed(failed.error, retryable=False, undo_error=stuck)
+
     async def _spawn(
         self, run: ActiveRun, step: Any, ctx: Any, lease: Lease, dropping: bool
     ) -> object:
@@ -171,7 +189,12 @@ class GraphRunner:
                 rule = _plan.policy(run.saga, RunState(run.status, run.step, run.attempt))
                 return Failed(error_record(exc, step.name), rule.retryable(exc))
             if run.phase is _STEP and not dropping:
-                outcome = await self._children.forward(run.id, step, ctx)
+                claim = ParentClaim(run.id, step.name, lease.token, runner.worker)
+                try:
+                    outcome = await self._children.forward(claim, step, ctx)
+                except ClaimLost:
+                    lease.mark_lost()
+                    return _LOST
             else:
                 outcome = await self._children.undo(run.id, step)
                 if dropping and isinstance(outcome, Succeeded):

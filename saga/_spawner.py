@@ -22,7 +22,7 @@ from saga._errors import (
 from saga._graph_plan import Parked
 from saga._hooks import SimulatedCrash
 from saga._model import RunStatus
-from saga._store_graph import Child
+from saga._store_graph import Child, ClaimLost, ParentClaim
 from saga._transition import Failed, Succeeded
 
 if TYPE_CHECKING:
@@ -45,13 +45,15 @@ class Children:
         self._start = start  # Client.start_child
         self._max_bytes = max_payload_bytes  # of the step's result, the outputs' list
 
-    async def forward(self, run_id: Any, step: Step[Any, Any], ctx: Context[Any]) -> Outcome:
-        """The step's attempt: start what is missing, then done, failed, or parked."""
+    async def forward(self, claim: ParentClaim, step: Step[Any, Any], ctx: Context[Any]) -> Outcome:
+        """The step's attempt under ``claim``: start what is missing (only while the claim
+        holds: ``ClaimLost``), then done, failed, or parked."""
         assert step.spawn is not None
+        run_id = claim.run_id
         kids = await self._store.children_of(run_id, step.name)
         started = False
         if not kids or len(kids) < _count(kids):
-            made = await self._start_all(run_id, step, ctx)
+            made = await self._start_all(claim, step, ctx)
             if made is not None:
                 return made
             kids = await self._store.children_of(run_id, step.name)
@@ -92,7 +94,7 @@ class Children:
         return Parked(ended, len(kids), started)
 
     async def _start_all(
-        self, run_id: Any, step: Step[Any, Any], ctx: Context[Any]
+        self, claim: ParentClaim, step: Step[Any, Any], ctx: Context[Any]
     ) -> Succeeded | Failed | None:
         """Compute the inputs and start every child (idempotent); an outcome when there
         is nothing to start or the inputs are refused."""
@@ -116,10 +118,10 @@ class Children:
                 return Succeeded("[]")
             count = len(values)
             for index, value in enumerate(values):
-                key = f"{run_id}:child:{step.name}:{count}:{index}"
-                await self._start(spec.saga, value, key, (run_id, step.name))
-        except DatabaseError:
-            raise  # an outage: the lease runs out and the step runs again
+                key = f"{claim.run_id}:child:{step.name}:{count}:{index}"
+                await self._start(spec.saga, value, key, claim)
+        except (DatabaseError, ClaimLost):
+            raise  # an outage: the lease runs out and the step runs again; or it ran out
         except BaseException as exc:  # the user's inputs, or an input the child refuses
             if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
                 raise

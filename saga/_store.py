@@ -34,7 +34,7 @@ from saga._store_batch import (
     write_key,
 )
 from saga._store_dash import DashboardQueries
-from saga._store_graph import GraphQueries
+from saga._store_graph import GraphQueries, ParentClaim
 from saga._store_ops import (
     DefinitionKey,
     OperatorQueries,
@@ -159,13 +159,14 @@ class Store(
         *,
         roots: list[str] | None = None,
         pivot: str | None = None,
-        parent: tuple[UUID, str] | None = None,
+        parent: ParentClaim | None = None,
         traffic: RunTraffic = _NO_TRAFFIC,
     ) -> StartResult:
         """Insert a run (on ``conn``, in its transaction, if given); a key that already
         exists returns that run, with its input so the caller can tell a replay from a
         conflict. ``roots``: a graph run's first steps (None: a linear run); ``pivot``:
-        the definition's pivot step; ``parent``: the run and step starting this child;
+        the definition's pivot step; ``parent``: the claim of the step starting this child
+        (the start commits only while it holds, else ``ClaimLost``);
         ``traffic``: its priority and concurrency key (a keyed run is admitted, or
         queued, in the same transaction)."""
         args = (
@@ -181,22 +182,23 @@ class Store(
             fingerprint,
             roots is not None,
             pivot,
-            None if parent is None else parent[0],
-            None if parent is None else parent[1],
+            None if parent is None else parent.run_id,
+            None if parent is None else parent.step,
             traffic.priority,
             traffic.key,
         )
         db = conn or self.hot
         extra = None if traffic.key is None else partial(self.admit, saga_name, traffic)
+        fence = None if parent is None else partial(self.fence_child, parent)
         async with translate_errors("starting a run"):
             for _ in range(5):
                 if conn is not None:  # the caller's transaction holds it all
-                    row = await self._start_more(conn, args, roots, extra)
-                elif roots is None and extra is None and key is None:
+                    row = await self._start_more(conn, args, roots, extra, fence)
+                elif roots is None and extra is None and key is None and fence is None:
                     row = await self._starts.write(args)
                 else:
                     async with self.hot.acquire() as own, own.transaction():
-                        row = await self._start_more(own, args, roots, extra)
+                        row = await self._start_more(own, args, roots, extra, fence)
                 if row is not None:
                     return StartResult(row["id"], True, None)
                 existing = await db.fetchrow(self._q["find_run_by_key"], saga_name, key)

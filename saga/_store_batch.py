@@ -162,9 +162,13 @@ class GroupWrites:
         args: tuple[Any, ...],
         roots: list[str] | None,
         admit: Callable[[Executor], Awaitable[None]] | None,
+        fence: Callable[[Executor], Awaitable[None]] | None = None,
     ) -> Any:
         """A graph run and its first items, a keyed run and its admission, or a run with
-        an idempotency key (after its lock), on ``conn`` (in a transaction)."""
+        an idempotency key (after its lock), on ``conn`` (in a transaction); ``fence``
+        first (a child run's: its parent's claim still holds)."""
+        if fence is not None:
+            await fence(conn)
         if args[3] is not None:
             await conn.execute(self._q["lock_key"], args[1], args[3])
         row = await conn.fetchrow(self._q["start_run"], *args)

@@ -27,7 +27,7 @@ from uuid import UUID
 import anyio
 import asyncpg
 
-from saga._db import translate_errors
+from saga._db import Executor, translate_errors
 from saga._graph_plan import GraphChange, GraphRun, Item
 from saga._group import BUSY, GroupCommit
 from saga._model import Phase, RunStatus
@@ -39,6 +39,22 @@ from saga._transition import ClaimedItem, value
 ItemKey = tuple[UUID, str, Phase]
 #: One item's write: (worker, item, the lease token it holds, the plan's decision).
 GraphWrite = tuple[str, ItemKey, int, Callable[[GraphRun], GraphChange]]
+
+
+class ClaimLost(Exception):
+    """A children step's attempt that lost its claim (another worker holds the item)
+    tried to start a child run: nothing was written."""
+
+
+@value
+class ParentClaim:
+    """The children step starting a child run, and the claim it runs under: the start
+    commits only while that claim holds the item (a lost one starts no child)."""
+
+    run_id: UUID
+    step: str
+    token: int
+    worker: str
 
 
 @value
@@ -230,6 +246,7 @@ class GraphQueries:
             self.done_channel,
             self.work_channel,
             change.undo_now,
+            change.lost,
         )
 
     async def items_leased_to(self, run_id: UUID, worker: str) -> list[ClaimedItem]:
@@ -277,6 +294,16 @@ class GraphQueries:
                 self._q["release_items"], worker, self.work_channel, *args, tokens, *idle
             )
         return len(rows)
+
+    async def fence_child(self, parent: ParentClaim, conn: Executor) -> None:
+        """In a child's start transaction: ``ClaimLost`` unless the parent's claim still
+        holds its item, which stays locked (shared) until the start commits, so no claim
+        takes it over meanwhile."""
+        args = (parent.run_id, parent.step, parent.token, parent.worker)
+        if await conn.fetchval(self._q["fence_child"], *args) is None:
+            raise ClaimLost(
+                f"step {parent.step!r} of run {parent.run_id} lost its claim: no child started"
+            )
 
     async def children_of(self, run_id: UUID, step: str) -> list[Child]:
         """The child runs ``step`` of run ``run_id`` started."""

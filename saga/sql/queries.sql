@@ -1740,7 +1740,8 @@ FOR UPDATE;
 -- items' steps and phases, $16/$17/$18 new items' steps, phases and lease seconds
 -- (NULL: due now, unleased), $19 events JSON array, $20 done channel, $21 work channel,
 -- $22 true: parked ($13 'Infinity') but due now (its run rolls back: its next claim
--- undoes its children)
+-- undoes its children), $23 true: parked by a step whose last attempt was lost (its
+-- claims log no start: marked released, the worker logs none)
 WITH fenced AS (
     DELETE FROM __schema__.items
     WHERE run_id = $1 AND step = $2 AND phase = $3 AND lease_token = $4
@@ -1748,7 +1749,7 @@ WITH fenced AS (
     RETURNING 1
 ), kept AS (
     UPDATE __schema__.items SET
-        lease_owner = NULL, released = false,
+        lease_owner = NULL, released = $13::float8 = 'Infinity' AND $23::boolean,
         -- woken: a child ended since the claim (its wake-up found the item leased).
         due_at = CASE WHEN $13::float8 <> 'Infinity'
                       THEN clock_timestamp() + make_interval(secs => $13::float8)
@@ -1916,6 +1917,15 @@ WHERE i.run_id = $1 AND i.lease_owner = $2 AND i.attempt = 1;
 UPDATE __schema__.items SET due_at = now() - interval '1 millisecond'
 WHERE run_id = $1 AND step = $2 AND lease_owner IS NOT NULL
 RETURNING lease_token;
+
+-- name: fence_child
+-- Whether a children step's claim (its lease token and worker) still holds the step's
+-- item, locked until the transaction that starts a child run ends (a claim skips it): a
+-- claim that lost its lease starts no child.
+-- $1 parent run id, $2 parent step, $3 lease token, $4 worker
+SELECT 1 FROM __schema__.items
+WHERE run_id = $1 AND step = $2 AND phase = 'step' AND lease_token = $3 AND lease_owner = $4
+FOR SHARE;
 
 -- name: children_of
 -- The child runs a step started, in the order of their keys' index.
