@@ -16,6 +16,7 @@ from saga import _checks
 from saga._aio import uncancellable
 from saga._claims import RETRIABLE_STATUS, RETRIED_STATUS, REWAITABLE_STATUS, REWAITED_STATUS
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
+from saga._log import log_event, logger
 from saga._model import Phase, RunInfo, RunStatus
 from saga._skip import plan_skip
 
@@ -166,6 +167,9 @@ class Acting:
             raise InvalidRunStateError(
                 f"run {run_id} changed meanwhile (another operator acted on it); look again"
             )
+        log = logger.bind(run_id=str(run_id), saga=saga.name)
+        for event in json.loads(skip.events_json):  # (as a worker logs what it wrote)
+            log_event(log, event["kind"], event["step"], None, None)
         if skip.ends is not None:  # nothing left to undo: the run ended here, not in a worker
             info = await self.info(run_id)
             took = None if info.finished_at is None else info.finished_at - info.created_at

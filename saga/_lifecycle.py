@@ -18,6 +18,7 @@ from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from opentelemetry import context as otel_context
 
 from saga._aio import is_cancellation
 from saga._errors import LifecycleError, exception_type
@@ -177,6 +178,10 @@ class Lifecycle:
             raise LifecycleError(f"the {self._kind}'s loops stopped unexpectedly")
 
     async def _host_main(self, started: asyncio.Future[None]) -> None:
+        # The loops run in no caller's trace: the span current where the object was opened
+        # (a worker's startup, a traced lifespan) would parent every run a schedule
+        # starts, for the life of the process. (This task's context is its own copy.)
+        otel_context.attach(otel_context.Context())
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg

@@ -10,6 +10,7 @@ one trace per run; no payload in spans or logs."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -176,7 +177,9 @@ async def test_a_run_ended_by_skipping_its_last_compensation_is_counted(
     `.stopped` count "how runs end"; `saga.run.duration` is "start to terminal state".
     A run whose only compensation gave up ends `failed` (counted); the operator's
     skip_compensation() then ends it `compensated` at once (nothing is left to undo,
-    README: "ends compensated ... when none is left"). That end is counted nowhere."""
+    README: "ends compensated ... when none is left"), in the operator's process, which
+    counts and logs that end ("counts and logs its end (`compensation_skipped`,
+    `run_compensated`)"). Before, the end was counted nowhere, then logged nowhere."""
     reader, meters = _meters()
     s = small_saga(
         "h8_skip",
@@ -191,7 +194,12 @@ async def test_a_run_ended_by_skipping_its_last_compensation_is_counted(
     with pytest.raises(saga.RunFailedError):
         await run.result(timeout=20)
     assert await _until(lambda: total(points(reader), "saga.runs.failed") >= 1, 5)
-    await run.skip_compensation(note="refunded by hand")
+    with capture_logs() as logs:
+        await run.skip_compensation(note="refunded by hand")
+    assert [e["event"] for e in logs if e.get("run_id") == str(run.id)] == [
+        "compensation_skipped",
+        "run_compensated",
+    ], logs
     assert (await run.info()).status is saga.RunStatus.COMPENSATED
     await _until(lambda: total(points(reader), "saga.runs.compensated") >= 1, 3)
     found = points(reader)
@@ -765,24 +773,30 @@ async def test_rate_limited_and_key_queued_runs_are_measured(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("opened_in_span", [False, True])
 async def test_scheduled_runs_are_counted_and_each_is_one_trace(
-    orchestrator: OrchestratorFactory,
+    orchestrator: OrchestratorFactory, opened_in_span: bool
 ) -> None:
     """DESIGN: "one trace per run"; README: start() records a `saga.start <saga>` span
     and every attempt is its child. A run started by a schedule (no caller span) gets a
     root start span of its own, with saga.run.id and saga.run.created, its attempts
-    under it; each run its own trace; saga.runs.started counts them."""
+    under it; each run its own trace; saga.runs.started counts them. Also when the
+    orchestrator was opened while a span was current (a worker's traced startup):
+    before, every scheduled run's start span was a child of that span, all of them in
+    one trace for the life of the process."""
     reader, meters = _meters()
     tracing = Tracing()
     s = small_saga("h8_tick", ["t"])
     ticks = saga.Scheduled("h8_ticks", s, saga.Schedule.every(timedelta(seconds=1)), Job())
-    await orchestrator(
-        s,
-        schedules=[ticks],
-        meter_provider=meters,
-        tracer_provider=tracing.provider,
-        poll_interval=0.2,
-    )
+    startup = tracing.provider.get_tracer("app").start_as_current_span("worker startup")
+    with startup if opened_in_span else contextlib.nullcontext():
+        await orchestrator(
+            s,
+            schedules=[ticks],
+            meter_provider=meters,
+            tracer_provider=tracing.provider,
+            poll_interval=0.2,
+        )
     assert await _until(lambda: len(_by_name(tracing.spans(), "saga.step t")) >= 2, 10)
     spans = tracing.spans()
     starts = {s_.context.span_id: s_ for s_ in _by_name(spans, "saga.start h8_tick") if s_.context}
