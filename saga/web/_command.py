@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import hmac
 import importlib
 import ipaddress
@@ -38,6 +39,13 @@ from saga.web._auth import Operator, SecurityHeaders
 
 EXIT_USAGE = 2
 COOKIE = "saga_dashboard_token"
+
+
+def cookie_name(token: str) -> str:
+    """The cookie holding ``token``: named after it, since a browser keeps the cookies of
+    one host together whatever the port, and two dashboards on one machine (8080, 8081)
+    under one name would each sign the other's visitor out."""
+    return f"{COOKIE}_{hashlib.sha256(token.encode()).hexdigest()[:16]}"
 
 
 def build_parser(prog: str = "saga dashboard") -> argparse.ArgumentParser:
@@ -155,9 +163,10 @@ def token_app(
     """The dashboard behind a token: cookie, ``Authorization: Bearer`` or ``?token=``.
     A bad operator name or title is a ConfigurationError now, not at the first request."""
     holder = Operator(operator, can_act=not read_only)
+    cookie = cookie_name(token)
 
     async def authorize(request: Request) -> Operator | None:
-        given = request.cookies.get(COOKIE) or ""
+        given = request.cookies.get(cookie) or ""
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
             given = header[7:].strip()
@@ -187,7 +196,9 @@ class _TokenLanding:
                 # a browser would follow to another site.
                 path = "/" + scope["path"].lstrip("/")
                 response = RedirectResponse(path + ("?" + rest if rest else ""), 303)
-                response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
+                response.set_cookie(
+                    cookie_name(self.token), self.token, httponly=True, samesite="strict", path="/"
+                )
                 await SecurityHeaders(response)(scope, receive, send)  # as every response
                 return
         await self.app(scope, receive, send)

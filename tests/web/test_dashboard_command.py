@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from saga.web._command import COOKIE, UsageError, access_token, load_sagas, main, token_app
+from saga.web._command import UsageError, access_token, cookie_name, load_sagas, main, token_app
 
 TOKEN = "t" * 32
 
@@ -56,7 +56,7 @@ async def test_the_token_url_sets_a_cookie_and_drops_the_token(open_client: Any)
         assert landing.status_code == 303
         assert landing.headers["location"] == "/runs?status=failed"
         cookie = landing.headers["set-cookie"]
-        assert f"{COOKIE}={TOKEN}" in cookie
+        assert f"{cookie_name(TOKEN)}={TOKEN}" in cookie
         assert "HttpOnly" in cookie
         assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
         page = await http.get("/runs?status=failed")

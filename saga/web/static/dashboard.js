@@ -16,6 +16,15 @@
   var pending = false;
   var busy = false;
   var pressing = false;
+  var FIELDS = "#main form input, #main form textarea, #main form select";
+
+  // A field's value as the page showed it, read once it is in the page: the browser
+  // normalizes a value (a time's ":00" seconds dropped, a text field's line breaks), so
+  // comparing with the markup's default would take every such field for typed into.
+  function remember() {
+    var fields = document.querySelectorAll(FIELDS);
+    for (var i = 0; i < fields.length; i++) { fields[i].sagaShown = fields[i].value; }
+  }
 
   function edited(el) {
     var type = (el.getAttribute("type") || "").toLowerCase();
@@ -27,7 +36,7 @@
       }
       return false;
     }
-    return el.value !== el.defaultValue;
+    return el.value !== (el.sagaShown === undefined ? el.defaultValue : el.sagaShown);
   }
 
   function typing() {
@@ -38,7 +47,7 @@
       if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") { return true; }
     }
     // What was typed into a form and not sent would be lost with the page's content.
-    var fields = document.querySelectorAll("#main form input, #main form textarea, #main form select");
+    var fields = document.querySelectorAll(FIELDS);
     for (var i = 0; i < fields.length; i++) {
       if (edited(fields[i])) { return true; }
     }
@@ -75,6 +84,7 @@
           var shown = main.querySelector("[data-testid=flash]");
           if (shown) { fresh.insertBefore(shown, fresh.firstChild); }
           main.replaceWith(fresh);
+          remember();
         } else if (fresh) {
           pending = true;
         }
@@ -100,6 +110,8 @@
   document.addEventListener("input", held);
   document.addEventListener("reset", function () { window.setTimeout(later, 0); }, true);
 
+  remember();
+
   function opened() {
     if (live) { live.classList.add("on"); }
     refresh();
@@ -109,14 +121,38 @@
     if (live) { live.classList.remove("on"); }
   }
 
+  // What time alone changes (lags, work overdue once due for a minute) writes nothing
+  // that would announce it: a page showing such figures (data-tick, in seconds) is
+  // fetched again that often while it is live.
+  window.setInterval(function () {
+    var tick = document.querySelector("#main [data-tick]");
+    if (!tick || !live || !live.classList.contains("on")) { return; }
+    var every = 1000 * Number(tick.getAttribute("data-tick"));
+    if (Date.now() - (tick.sagaSince || (tick.sagaSince = Date.now())) >= every) { refresh(); }
+  }, 1000);
+
   // Whatever changed between the page's render and its stream's start (or during a
   // reconnection) was announced to nobody: the page is fetched once the stream is open.
+  // A browser reconnects a stream by itself after a network error, but gives up on an
+  // HTTP error (a proxy's 502 while the server restarts): then this tries again, from
+  // 3 s doubling to 30 s, so the tab (and the tabs it tells) does not stay stale.
+  var stream = null;
   function listen(tell) {
-    var source = new EventSource(url);
-    source.addEventListener("open", function () { tell("open"); opened(); });
-    source.addEventListener("error", function () { tell("error"); lost(); });
-    source.addEventListener("change", function () { tell("change"); refresh(); });
-    return source;
+    var delay = 3000;
+    function connect() {
+      var source = stream = new EventSource(url);
+      source.addEventListener("open", function () { delay = 3000; tell("open"); opened(); });
+      source.addEventListener("error", function () {
+        tell("error");
+        lost();
+        if (source.readyState === 2) {  // closed for good by the browser
+          window.setTimeout(connect, delay);
+          delay = Math.min(delay * 2, 30000);
+        }
+      });
+      source.addEventListener("change", function () { tell("change"); refresh(); });
+    }
+    connect();
   }
 
   // A browser opens at most 6 HTTP/1.1 connections to a host, and a stream holds one for
@@ -131,11 +167,10 @@
   }
   var name = "saga-dashboard " + new URL(url, window.location.href).href;
   var channel = new BroadcastChannel(name);
-  var source = null;
   channel.onmessage = function (message) {
     var what = message.data;
     if (what === "hello") {  // a tab just opened: is the stream open?
-      if (source && source.readyState === 1) { channel.postMessage("open"); }
+      if (stream && stream.readyState === 1) { channel.postMessage("open"); }
     } else if (what === "open") {
       opened();
     } else if (what === "error") {
@@ -145,7 +180,7 @@
     }
   };
   navigator.locks.request(name, function () {
-    source = listen(function (what) { channel.postMessage(what); });
+    listen(function (what) { channel.postMessage(what); });
     return new Promise(function () {});  // held until this tab closes
   });
   channel.postMessage("hello");
