@@ -75,6 +75,8 @@ class Acting:
             return True
         row = await self._row(run_id)
         info = row.info
+        if info.status.is_terminal and _freed(info):
+            raise InvalidRunStateError(f"run {run_id} is {info.status}{_freed(info)}")
         reached = (
             row.pivot in info.completed_steps
             or not info.status.is_terminal

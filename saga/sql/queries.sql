@@ -660,9 +660,10 @@ SELECT 1 FROM __schema__.runs WHERE id = $1 FOR UPDATE;
 -- worker that claims it rolls back what completed. A graph run's forward items that no
 -- worker holds are due now instead (the run row is locked first, then they): the worker
 -- that claims one starts the rollback, and the items running see the cancel when they
--- write. A run that reached its pivot step (it is the current step, an item, or
--- completed) only goes forward: no row; but one stopped at its pivot (the pivot gave
--- up) rolls back. No row either: not in a cancellable status, or
+-- write. A run that reached its pivot step (an attempt of it began: claimed, or given
+-- back; or it completed) only goes forward: no row; but one stopped at its pivot (the
+-- pivot gave up) rolls back. A run whose next step is its pivot, not begun (queued for
+-- its key, pending), has not reached it. No row either: not in a cancellable status, or
 -- already cancelling. A run stopped for an operator at a step (its policy stopped it
 -- when it gave up) rolls back, keeping its error: it ends compensated (a graph run gets
 -- one forward item, which the claim drops, to start its rollback).
@@ -696,9 +697,11 @@ WITH old AS (
                -- one its pivot's policy stopped when the pivot gave up never passed it,
                -- unlike one stopped there because the sleep after it failed to start)
                AND (r.pivot = ANY(r.completed_steps)
-                    OR ((r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL)
+                    OR ((r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL
+                         AND (r.attempt > 0 OR r.released))
                         OR EXISTS (SELECT 1 FROM __schema__.items i
-                                   WHERE i.run_id = $1 AND i.step = r.pivot))
+                                   WHERE i.run_id = $1 AND i.step = r.pivot
+                                     AND (i.attempt > 0 OR i.released)))
                        AND NOT (r.status = 'stopped' AND coalesce(
                            (SELECT e.data ? 'on_give_up' FROM __schema__.events e
                             WHERE e.run_id = $1 AND e.kind = 'run_stopped'
