@@ -132,12 +132,15 @@ class GraphRunner:
         if lost:
             run.attempt -= 1  # the attempt lost fails; none starts
         runner.open_attempt(run)
+        spawns = step.spawn is not None and run.phase is _STEP
+        if lost and spawns and dropping:
+            # Dropped in a rollback: it undoes its children, as any dropped children step.
+            run.ctx = runner.context(run, step.name, run.phase)
+            return await self._spawn(run, step, run.ctx, lease, dropping)
         if lost:
             run.outcome, run.error_type = Outcome.FAILURE, "saga.AttemptLost"
             failed = Failed(_plan.attempt_lost(run.step, run.attempt + 1), retryable=False)
-            if step.spawn is None or run.phase is not _STEP or dropping:
-                return failed
-            return await self._undo_lost(run, step, lease, failed)
+            return await self._undo_lost(run, step, lease, failed) if spawns else failed
         run.reclaimed = run.reclaimed and not dropping  # (a dropped item does not start)
         if lease.lost or (run.reclaimed and not await runner.writer.started(run, lease)):
             return _LOST

@@ -166,9 +166,7 @@ class GroupWrites:
     ) -> Any:
         """A graph run and its first items, a keyed run and its admission, or a run with
         an idempotency key (after its lock), on ``conn`` (in a transaction); ``fence``
-        first (a child run's: its parent's claim still holds)."""
-        if fence is not None:
-            await fence(conn)
+        last (a child run's: its parent's claim still holds)."""
         if args[3] is not None:
             await conn.execute(self._q["lock_key"], args[1], args[3])
         row = await conn.fetchrow(self._q["start_run"], *args)
@@ -176,6 +174,8 @@ class GroupWrites:
             await conn.execute(self._q["start_items"], row["id"], roots)
         if row is not None and admit is not None:
             await admit(conn)
+        if row is not None and fence is not None:
+            await fence(conn)
         return row
 
     async def _start_one(self, args: tuple[Any, ...]) -> Any:

@@ -296,9 +296,9 @@ class GraphQueries:
         return len(rows)
 
     async def fence_child(self, parent: ParentClaim, conn: Executor) -> None:
-        """In a child's start transaction: ``ClaimLost`` unless the parent's claim still
-        holds its item, which stays locked (shared) until the start commits, so no claim
-        takes it over meanwhile."""
+        """Last in a child's start transaction: ``ClaimLost`` unless the parent's claim
+        still holds its item; the parent's run row stays locked (shared) until the start
+        commits, so the run cannot roll back or end without seeing the child."""
         args = (parent.run_id, parent.step, parent.token, parent.worker)
         if await conn.fetchval(self._q["fence_child"], *args) is None:
             raise ClaimLost(

@@ -1922,13 +1922,19 @@ WHERE run_id = $1 AND step = $2 AND lease_owner IS NOT NULL
 RETURNING lease_token;
 
 -- name: fence_child
--- Whether a children step's claim (its lease token and worker) still holds the step's
--- item, locked until the transaction that starts a child run ends (a claim skips it): a
--- claim that lost its lease starts no child.
+-- The last statement of a child run's start: whether the children step's claim (its
+-- lease token and worker) still holds the step's item. The parent's run row is locked
+-- (shared) until the start commits: a cancel, a rollback or the run's end, which all
+-- write that row, wait for it and then see the child; a claim that lost its lease starts
+-- no child. Taken last, after the child's key: a child's end and an operator's resolve
+-- take the key, then the parent's item, never the parent's row.
 -- $1 parent run id, $2 parent step, $3 lease token, $4 worker
-SELECT 1 FROM __schema__.items
-WHERE run_id = $1 AND step = $2 AND phase = 'step' AND lease_token = $3 AND lease_owner = $4
-FOR SHARE;
+SELECT 1 FROM __schema__.runs r
+JOIN __schema__.items i
+  ON i.run_id = r.id AND i.step = $2 AND i.phase = 'step' AND i.lease_token = $3
+     AND i.lease_owner = $4
+WHERE r.id = $1
+FOR SHARE OF r;
 
 -- name: children_of
 -- The child runs a step started, in the order of their keys' index.
