@@ -118,9 +118,11 @@ def check_reads(
     """Refuse a step (or compensation: ``True``) whose code reads the result of a step
     of this saga that is not among its ancestors (it may not have run, or may be running
     right now). Finds the steps a function names (globals, closures, nested functions);
-    ``ctx.result`` checks the same rule when a run reads, whatever the code looks like."""
+    ``ctx.result`` checks the same rule when a run reads, whatever the code looks like.
+    A function naming its own step (``b.retry``) reads nothing of it that this could
+    tell: ``ctx.result`` refuses a step's own result when it runs."""
     for name, fn, compensation in functions:
-        allowed = graph.ancestors[name] | {name} if compensation else graph.ancestors[name]
+        allowed = graph.ancestors[name] | {name}
         for other in _steps_named(saga, fn):
             if other not in allowed:
                 what = f"compensation of {name!r}" if compensation else f"step {name!r}"

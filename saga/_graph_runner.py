@@ -80,13 +80,22 @@ class GraphRunner:
         else:  # _LOST
             runner.end_attempt(run, Outcome.LEASE_LOST)
             return
+        # The free slots are this write's until what it leased is held (the claim loop
+        # would lease into them meanwhile); this item's own slot is free once written.
+        extra = self._leases.reserve()
+        try:
+            await self._write(item, run, lease, done, extra + 1, log)
+        finally:
+            self._leases.unreserve(extra)
+
+    async def _write(
+        self, item: ClaimedItem, run: ActiveRun, lease: Lease, done: Finished, slots: int, log: Any
+    ) -> None:
+        """Write the item's outcome, leasing up to ``slots`` ready items to this worker."""
+        runner = self._runner
         lease_for = runner.lease_for(run)
         decide = partial(
-            _graph_plan.after_item,
-            run.saga,
-            done=done,
-            lease_for=lease_for,
-            slots=self._leases.free_slots() + 1,  # this item's slot is free once written
+            _graph_plan.after_item, run.saga, done=done, lease_for=lease_for, slots=slots
         )
         first = _first_event(done)
         key = lease.item_key
@@ -193,8 +202,10 @@ class GraphRunner:
                 return Failed(error_record(exc, step.name), rule.retryable(exc))
             if run.phase is _STEP and not dropping:
                 claim = ParentClaim(run.id, step.name, lease.token, runner.worker)
+                rule = _plan.policy(run.saga, RunState(run.status, run.step, run.attempt))
+                final = run.attempt >= rule.max_attempts and rule.on_give_up != "stop"
                 try:
-                    outcome = await self._children.forward(claim, step, ctx)
+                    outcome = await self._children.forward(claim, step, ctx, final)
                 except ClaimLost:
                     lease.mark_lost()
                     return _LOST

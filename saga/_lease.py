@@ -78,6 +78,7 @@ class Leases(Heartbeats):
         self._spawn: Callable[[ClaimedItem, Lease], None] | None = None
         self._wake = anyio.Event()
         self._slot_freed = anyio.Event()
+        self._reserved = 0  # free slots that work about to be leased here will take
         self._drained = anyio.Event()
         self._more_work = False
         self._sleep: anyio.CancelScope | None = None  # the claim loop's wait, if waiting
@@ -106,7 +107,21 @@ class Leases(Heartbeats):
             sleep.deadline = min(sleep.deadline, due)
 
     def free_slots(self) -> int:
-        return self._concurrency - self._busy()
+        return self._concurrency - self._busy() - self._reserved
+
+    def reserve(self) -> int:
+        """Take the free slots for work about to be leased here (a claim in flight, a
+        graph write that may lease the steps it makes ready): no other may lease into
+        them meanwhile, or the worker would run more than its concurrency. How many."""
+        taken = max(self.free_slots(), 0)
+        self._reserved += taken
+        return taken
+
+    def unreserve(self, taken: int) -> None:
+        """Give back what :meth:`reserve` took (the work it leased is held by now)."""
+        self._reserved -= taken
+        if taken:
+            self._slot_freed.set()
 
     def _busy(self) -> int:
         """The slots taken: the leases held, but those of attempts given up (they run on
@@ -183,7 +198,7 @@ class Leases(Heartbeats):
         delay = 0.1
         while not self.stopping:
             self._spawn_handed_off()
-            free = self._concurrency - self._busy()
+            free = self.free_slots()
             if free <= 0:
                 # Full: wait for a free slot, not for a wake-up (a pending one would make
                 # this loop spin until a run finishes).
@@ -193,13 +208,19 @@ class Leases(Heartbeats):
                     await self._idle()  # a transition's claim found no more due work
                 continue
             self._wake = anyio.Event()
+            free = self.reserve()
             try:
                 items = await self._claim(free)
             except DatabaseError as exc:
+                self.unreserve(free)
                 self._outage.lost("claiming work", exc)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            except BaseException:
+                self.unreserve(free)
+                raise
+            self._reserved -= free  # (what it leased is held below, before any await)
             self._outage.back()
             delay = 0.1
             for item in items:

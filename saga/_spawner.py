@@ -45,15 +45,22 @@ class Children:
         self._start = start  # Client.start_child
         self._max_bytes = max_payload_bytes  # of the step's result, the outputs' list
 
-    async def forward(self, claim: ParentClaim, step: Step[Any, Any], ctx: Context[Any]) -> Outcome:
+    async def forward(
+        self, claim: ParentClaim, step: Step[Any, Any], ctx: Context[Any], final: bool = False
+    ) -> Outcome:
         """The step's attempt under ``claim``: start what is missing (only while the claim
-        holds: ``ClaimLost``), then done, failed, or parked."""
+        holds: ``ClaimLost``), then done, failed, or parked. ``final``: a failure of this
+        attempt fails the step for good (its last, and its policy does not stop)."""
         assert step.spawn is not None
         run_id = claim.run_id
         kids = await self._store.children_of(run_id, step.name)
         started = False
         if not kids or len(kids) < _count(kids):
             made = await self._start_all(claim, step, ctx)
+            if isinstance(made, Failed) and (not made.retryable or final):
+                # Failing for good (an input refused mid-list, the last attempt): the
+                # children started before it are undone first, as any failure's.
+                return await self._fail_undone(run_id, step, made)
             if made is not None:
                 return made
             kids = await self._store.children_of(run_id, step.name)
@@ -92,6 +99,16 @@ class Children:
             return _failed(step, error, undone)
         ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
         return Parked(ended, len(kids), started)
+
+    async def _fail_undone(
+        self, run_id: Any, step: Step[Any, Any], failed: Failed
+    ) -> Failed | Parked:
+        """``failed`` for good, once the step's children are undone (parked until then)."""
+        undone = await self.undo(run_id, step)
+        if isinstance(undone, Parked):
+            return undone
+        stuck = undone.error if isinstance(undone, Failed) else None
+        return Failed(failed.error, retryable=False, undo_error=stuck)
 
     async def _start_all(
         self, claim: ParentClaim, step: Step[Any, Any], ctx: Context[Any]
