@@ -296,13 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
         "delete old finished runs and their history",
         "Delete runs that finished more than --older-than ago, with their events. Whole "
         "days of runs are dropped at once (their partitions); the rest go in batches (one "
-        "short transaction each), unless --whole-days. Failed runs wait for an operator "
-        "and are kept unless --include-failed.",
+        "short transaction each), unless --whole-days. Failed and stopped runs wait for an "
+        "operator and are kept unless --include-failed and --include-stopped.",
     )
     prune_.add_argument(
         "--older-than", type=parse_duration, required=True, help="finished at least this long ago"
     )
     prune_.add_argument("--include-failed", action="store_true", help="prune failed runs too")
+    prune_.add_argument("--include-stopped", action="store_true", help="prune stopped runs too")
     prune_.add_argument(
         "--batch-size", type=_positive_int, default=1000, help="runs per transaction"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any, NoReturn, cast
 from uuid import UUID
 
@@ -30,7 +30,7 @@ from saga._cli_render import (
 from saga._client import Client, store_of
 from saga._errors import InvalidInputError, SerializationError
 from saga._input import validate_as
-from saga._model import RunInfo, RunStatus
+from saga._model import EventKind, RunInfo, RunStatus
 from saga._operator import (
     MAX_PAGE_SIZE,
     PRUNABLE_BY_DEFAULT,
@@ -38,7 +38,7 @@ from saga._operator import (
     list_runs,
     prune,
 )
-from saga._timeline import timeline
+from saga._timeline import StepAttempt, timeline
 from saga._waits import Wait
 
 _AT_A_WAIT = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.STOPPED})
@@ -112,14 +112,16 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
         )
         return EXIT_OK
     took = f" (took {_duration(info.finished_at - info.created_at)})" if info.finished_at else ""
+    graph = any(a.after is not None for a in attempts)  # show what each step waited on
+    signalled = {e.step for e in history if e.kind == EventKind.SIGNAL_RECEIVED}
+    marks = (" (cancel requested)", info.cancel_requested), (" (resolved)", info.resolved)
     fields = [
         ("run", str(info.id)),
         ("saga", f"{info.saga} v{info.version}"),
         ("key", info.key or "-"),
-        ("status", str(info.status) + (" (cancel requested)" if info.cancel_requested else "")),
-        ("step", f"{info.step} (attempt {info.attempt})" if info.step else "-"),
-        *_parked(info),
-        ("worker", info.worker or "-"),
+        ("status", str(info.status) + "".join(m for m, on in marks if on)),
+        *(_running(attempts, info) if graph else _current(info)),
+        *_parked(info, signalled),
         ("created", _time(info.created_at) + " UTC"),
         ("finished", _time(info.finished_at) + " UTC" + took if info.finished_at else "-"),
         ("error", _error(info.error, full=True)),
@@ -128,7 +130,6 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
     for name, value in fields:
         ctx.say(f"{name + ':':<20}{_clean(value)}")
     ctx.say()
-    graph = any(a.after is not None for a in attempts)  # show what each step waited on
     rows = [
         [
             a.step,
@@ -150,20 +151,42 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
         ctx.say("no attempts yet")
     if ctx.args.events:
         ctx.say()
-        for event in history:
-            ctx.say(_clean(event.describe()))
+        for event in history:  # (a wait of days: each line says its day)
+            ctx.say(_clean(f"{event.at.astimezone(UTC):%Y-%m-%d} {event.describe()}"))
     return EXIT_OK
 
 
-def _parked(info: RunInfo) -> list[tuple[str, str]]:
-    """Where a sleeping, waiting or stopped run is parked, and until when."""
+def _current(info: RunInfo) -> list[tuple[str, str]]:
+    """A linear run's current step and the worker holding it."""
+    step = f"{info.step} (attempt {info.attempt})" if info.step else "-"
+    return [("step", step), ("worker", info.worker or "-")]
+
+
+def _running(attempts: list[StepAttempt], info: RunInfo) -> list[tuple[str, str]]:
+    """A graph run's steps running now (several at once), and the workers holding them."""
+    now = [a for a in attempts if a.outcome == "running"] if not info.status.is_terminal else []
+    steps = ", ".join(f"{a.step} (attempt {a.attempt})" for a in now) or "-"
+    workers = ", ".join(dict.fromkeys(a.worker or "-" for a in now)) or "-"
+    return [("steps running", steps), ("worker", workers)]
+
+
+def _parked(info: RunInfo, signalled: set[str | None]) -> list[tuple[str, str]]:
+    """Where a run is parked (a sleep, a wait, stopped, queued for its key), and until
+    when; ``signalled``: the waits whose signal was received."""
     due = f"{_time(info.due_at)} UTC" if info.due_at else "-"
     wait = info.wait or "-"
+    if info.waiting_for_key:
+        return [("waiting for key", f"{info.concurrency_key} (queued behind its holders)")]
     if info.status is RunStatus.SLEEPING:
         return [("sleeping", f"{wait} (wakes {due})")]
+    if info.status is RunStatus.WAITING and info.wait in signalled:
+        return [("waiting for", f"{wait} (signal received: wakes {due})")]
     if info.status is RunStatus.WAITING:
         until = f"times out {due}" if info.due_at else "no timeout"
         return [("waiting for", f"{wait} ({until})")]
+    if info.status is RunStatus.STOPPED and info.resolved and info.concurrency_key is not None:
+        why = "resolved: resolving freed its concurrency key, so it can no longer go on"
+        return [("stopped at", f"{wait if info.wait else info.step or '-'}: {why}")]
     if info.status is RunStatus.STOPPED and info.wait is not None:
         hint = "saga signal resumes it, saga retry waits again, saga cancel compensates"
         return [("stopped at", f"{wait}: the wait timed out ({hint})")]
@@ -303,11 +326,11 @@ def _wait(ctx: _Ctx, orch: Client, info: RunInfo) -> Wait[Any]:
 
 async def _prune(ctx: _Ctx, orch: Client) -> int:
     args = ctx.args
-    statuses = (*PRUNABLE_BY_DEFAULT, RunStatus.FAILED) if args.include_failed else None
+    extra = [RunStatus.FAILED] * args.include_failed + [RunStatus.STOPPED] * args.include_stopped
     result = await prune(
         orch,
         older_than=args.older_than,
-        status=statuses or PRUNABLE_BY_DEFAULT,
+        status=(*PRUNABLE_BY_DEFAULT, *extra),
         batch_size=args.batch_size,
         dry_run=args.dry_run,
         whole_days=args.whole_days,

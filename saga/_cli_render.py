@@ -157,6 +157,9 @@ def _info_json(info: RunInfo) -> dict[str, Any]:
         "wait": info.wait,
         "due_at": info.due_at.isoformat() if info.due_at else None,
         "resolved": info.resolved,
+        "priority": info.priority,
+        "concurrency_key": info.concurrency_key,
+        "waiting_for_key": info.waiting_for_key,
     }
 
 

@@ -78,7 +78,10 @@ async def _schedules(ctx: _Ctx, orch: Client) -> int:
         ]
         for i in infos
     ]
-    headers = ["NAME", "SAGA", "SCHEDULE", "STATE", "LAST FIRE", "NEXT FIRE", "LATE", "SKIPPED"]
+    headers = [
+        "NAME", "SAGA", "SCHEDULE", "STATE", "LAST FIRE (UTC)", "NEXT FIRE (UTC)", "LATE",
+        "SKIPPED",
+    ]  # fmt: skip
     _table(ctx, headers, rows)
     return EXIT_OK
 

@@ -301,6 +301,12 @@ async def listening(
                     clean = False
         if (late.cancelled_caught or not clean) and not conn.is_closed():
             conn.terminate()
+        if conn.is_closed():
+            # asyncpg keeps the callbacks of a connection that closed under them (the
+            # server ended it), and warns when it goes back to its pool.
+            listeners = getattr(conn, "_listeners", {})
+            for name in channels:
+                listeners.pop(name, None)
 
 
 async def _keep_session(_conn: Any) -> None:

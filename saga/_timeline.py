@@ -136,6 +136,8 @@ class _Assembler:
         index = self._open.pop(key, None)
         if index is None and outcome == "failed":
             index = self._lost.pop(key, None)
+        if index is None and outcome == "waiting":
+            return  # a children step dropped in a rollback, waiting for its children's undo
         if index is None:  # no start recorded (e.g. claimed while a cancel was pending)
             begun = StepAttempt(key[1], key[0], key[2], event.worker, None, None, outcome)
             index = len(self.attempts)

@@ -1768,11 +1768,12 @@ WITH fenced AS (
     UPDATE __schema__.runs SET
         status = $6,
         -- Stopped (failed): at the step (compensation) that gave up, whichever branch
-        -- ended last.
+        -- ended last; ended otherwise: at no step (as a linear run).
         step_name = CASE WHEN $6 = 'stopped'
                          THEN coalesce(coalesce($11::jsonb, error)->>'step', $2)
                          WHEN $6 = 'failed'
                          THEN coalesce(coalesce($12::jsonb, compensation_error)->>'step', $2)
+                         WHEN $6 IN ('completed', 'compensated', 'cancelled') THEN NULL
                          ELSE $2 END,
         results = CASE WHEN $7::text IS NULL THEN results
                        ELSE results || jsonb_build_object($7::text, to_jsonb($8::text)) END,
@@ -1961,7 +1962,9 @@ WITH upd AS (
         finished_at = NULL, updated_at = now()
     WHERE id = $1 AND status = 'completed'
       AND NOT (pivot IS NOT NULL AND pivot = ANY(completed_steps))
-    RETURNING id, saga_name, step_name, graph, concurrency_key
+    -- (an ended graph run is at no step: its dropped item is its last completed one)
+    RETURNING id, saga_name, graph, concurrency_key,
+              coalesce(step_name, completed_steps[cardinality(completed_steps)]) AS step_name
 ), key AS (
     INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit)
     SELECT saga_name, concurrency_key, 1 FROM upd WHERE concurrency_key IS NOT NULL

@@ -167,14 +167,16 @@ async def test_after_an_outage_open_streams_hear_at_once(orchestrator: Any, db: 
             await stream.until("retry:")
             await _eventually(lambda: hub.connected)
             before = stream.text.count("event: change")
+            connections = hub._connections
             await db.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE pid <> pg_backend_pid() AND datname = current_database()"
             )
+            # (back on a new connection: the old one may still look connected a moment)
+            await _eventually(lambda: hub.connected and hub._connections > connections)
             with anyio.fail_after(10):
                 while stream.text.count("event: change") == before:
                     await stream.received.wait()
-            await _eventually(lambda: hub.connected)
             stream.close()
     mine = [e for e in logs if e.get("worker") == "dashboard"]
     assert [e["event"] for e in mine] == ["database_unavailable", "database_available"]
