@@ -114,6 +114,9 @@ class Parked:
     of: int
     started: bool
     lost: bool = False  # undoing the children of a step whose last attempt was lost
+    # Undoing the children of a step failing for good with this error (its wake-ups
+    # apply it once they are undone; see saga._spawner).
+    failing: Mapping[str, Any] | None = None
 
 
 @value
@@ -144,7 +147,9 @@ def after_item(
     assert graph is not None
     if isinstance(done.outcome, Parked):
         parked = done.outcome
-        data = {"ended": parked.ended, "of": parked.of, "started": parked.started}
+        data: dict[str, Any] = {"ended": parked.ended, "of": parked.of, "started": parked.started}
+        if parked.failing is not None:
+            data["failing"] = dict(parked.failing)
         event = Event(EventKind.CHILDREN_WAITING, done.step, done.attempt, data)
         # Rolling back (cancelled, or a step failed for good) while this attempt started
         # or looked at the children (not undoing them): parked, so the rollback counts it

@@ -82,7 +82,7 @@ class GraphRunner:
             return
         # The free slots are this write's until what it leased is held (the claim loop
         # would lease into them meanwhile); this item's own slot is free once written.
-        extra = self._leases.reserve()
+        extra = self._leases.reserve(_may_lease(run.saga, done))
         try:
             await self._write(item, run, lease, done, extra + 1, log)
         finally:
@@ -301,6 +301,17 @@ class GraphRunner:
                 item=(item.step_name, item.phase),
             )
             self._leases.adopt(item, lease)
+
+
+def _may_lease(saga: Saga[Any], done: Finished) -> int:
+    """How many items the write of ``done`` may lease at most: a step's dependents, a
+    compensation's dependencies; a failure or a drop, any (a rollback starts)."""
+    graph = saga.graph
+    assert graph is not None
+    if isinstance(done.outcome, Succeeded) and not done.undo:
+        deps = graph.dependents if done.phase is _STEP else graph.deps
+        return len(deps[done.step])
+    return len(graph.order)
 
 
 def _first_event(done: Finished) -> Event | None:

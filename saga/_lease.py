@@ -109,11 +109,12 @@ class Leases(Heartbeats):
     def free_slots(self) -> int:
         return self._concurrency - self._busy() - self._reserved
 
-    def reserve(self) -> int:
-        """Take the free slots for work about to be leased here (a claim in flight, a
-        graph write that may lease the steps it makes ready): no other may lease into
-        them meanwhile, or the worker would run more than its concurrency. How many."""
-        taken = max(self.free_slots(), 0)
+    def reserve(self, at_most: float = math.inf) -> int:
+        """Take the free slots (``at_most`` of them) for work about to be leased here (a
+        claim in flight, a graph write that may lease the steps it makes ready): no other
+        may lease into them meanwhile, or the worker would run more than its concurrency.
+        How many."""
+        taken = int(max(min(self.free_slots(), at_most), 0))
         self._reserved += taken
         return taken
 

@@ -53,6 +53,9 @@ class Children:
         attempt fails the step for good (its last, and its policy does not stop)."""
         assert step.spawn is not None
         run_id = claim.run_id
+        failing = await self._store.children_failing(run_id, step.name)
+        if failing is not None:  # decided on an earlier wake-up: undo, then fail with it
+            return await self._fail_undone(run_id, step, Failed(failing, retryable=False))
         kids = await self._store.children_of(run_id, step.name)
         started = False
         if not kids or len(kids) < _count(kids):
@@ -72,15 +75,12 @@ class Children:
             if size <= self._max_bytes and all(k.status is _COMPLETED for k in kids):
                 return Succeeded(joined)
             if size > self._max_bytes:  # the step fails: its children are undone first
-                undone = await self.undo(run_id, step)
-                if isinstance(undone, Parked):
-                    return undone
                 too_large = PayloadTooLargeError(
                     f"result of step {step.name!r}: the {len(kids)} child runs' outputs are "
                     f"{size} bytes of JSON, above the limit of {self._max_bytes} bytes "
                     "(max_payload_bytes)"
                 )
-                return _failed(step, too_large, undone)
+                return await self._fail_undone(run_id, step, _failure(step, too_large))
         # A stopped child is not over: an operator retries it (the step goes on waiting),
         # cancels it (it then ends cancelled, which fails the step) or resolves it (which
         # fails the step too).
@@ -89,24 +89,23 @@ class Children:
             k for k in kids if k.status.is_terminal and (k.status not in _NOT_OVER or k.resolved)
         ]
         if failed:
-            undone = await self.undo(run_id, step)
-            if isinstance(undone, Parked):
-                return undone
-            # The child that ended first: on its own, or cancelled by an operator; not
-            # one this step cancelled or reverted since (they end after it asked).
+            # The child that ended first: on its own, or cancelled or resolved by an
+            # operator; chosen now, before this step cancels or reverts the others.
             first = min(failed, key=_culprit_order)
             error = ChildFailed(f"child run {first.id} ended {first.status}: {_reason(first)}")
-            return _failed(step, error, undone)
+            return await self._fail_undone(run_id, step, _failure(step, error))
         ended = sum(1 for k in kids if k.status.is_terminal and k.status is not _STOPPED)
         return Parked(ended, len(kids), started)
 
     async def _fail_undone(
         self, run_id: Any, step: Step[Any, Any], failed: Failed
     ) -> Failed | Parked:
-        """``failed`` for good, once the step's children are undone (parked until then)."""
+        """``failed`` for good, once the step's children are undone (parked until then,
+        with the failure, which its wake-ups then apply: they start no child, and the
+        failure chosen now stays the step's)."""
         undone = await self.undo(run_id, step)
         if isinstance(undone, Parked):
-            return undone
+            return Parked(undone.ended, undone.of, False, failing=failed.error)
         stuck = undone.error if isinstance(undone, Failed) else None
         return Failed(failed.error, retryable=False, undo_error=stuck)
 
@@ -186,11 +185,9 @@ class Children:
         return stuck
 
 
-def _failed(step: Step[Any, Any], error: Exception, undone: Succeeded | Failed) -> Failed:
-    """The step failed for good with ``error``, once its children were undone; a child
-    that could not be is a compensation that gave up (``undo_error``)."""
-    stuck = undone.error if isinstance(undone, Failed) else None
-    return Failed(error_record(error, step.name), retryable=False, undo_error=stuck)
+def _failure(step: Step[Any, Any], error: Exception) -> Failed:
+    """The step fails for good with ``error`` (once its children are undone)."""
+    return Failed(error_record(error, step.name), retryable=False)
 
 
 def _culprit_order(kid: Child) -> tuple[datetime, bool, int]:

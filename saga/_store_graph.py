@@ -305,6 +305,13 @@ class GraphQueries:
                 f"step {parent.step!r} of run {parent.run_id} lost its claim: no child started"
             )
 
+    async def children_failing(self, run_id: UUID, step: str) -> dict[str, Any] | None:
+        """The failure ``step`` decided while its children were being undone (it parked
+        with it), if any since the run's last operator retry."""
+        async with translate_errors("reading child runs"):
+            text = await self.pool.fetchval(self._q["children_failing"], run_id, step)
+        return None if text is None else dict(json.loads(text))
+
     async def children_of(self, run_id: UUID, step: str) -> list[Child]:
         """The child runs ``step`` of run ``run_id`` started."""
         async with translate_errors("reading child runs"):

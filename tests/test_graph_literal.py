@@ -1,9 +1,11 @@
 """Steps in parallel and child sagas, read literally: a children step that fails for good
 midway through its inputs undoes the children it started, a worker never runs more
 branches than its concurrency (a write leasing ready steps and a claim in flight share
-the free slots), and a step may name its own step object."""
+the free slots, and a write holds only those it may lease into), a step may name its
+own step object, and a resolved child is the one a failed step names."""
 
 # Polling the database: there is no event to wait on.
+# ruff: noqa: ASYNC110
 
 from __future__ import annotations
 
@@ -11,12 +13,63 @@ from typing import Any
 
 import anyio
 import pytest
+from pydantic import BaseModel
 
 import saga
-from tests._sagas import Job, Ledger, small_saga
+import saga.testing
+from tests._sagas import FAST, Job, Ledger, small_saga
 from tests.conftest import OrchestratorFactory
 
 Ctx = saga.Context[Any]
+
+
+class Pay(BaseModel):
+    n: int = 0
+
+
+class Chunk(BaseModel):
+    rows: int
+
+
+class ImportJob(BaseModel):
+    rows: int
+
+
+def _stoppable_children() -> tuple[saga.Saga[Any], saga.Saga[Any]]:
+    """The README's import fan-out, with a child that stops for an operator (chunk 2)."""
+    chunk = saga.Saga("stc", input=Chunk, output=int)
+
+    @chunk.step(retry=saga.Retry(max_attempts=1, on_give_up="stop"))
+    async def load(ctx: saga.Context[Chunk]) -> int:
+        if ctx.input.rows == 2:
+            raise ValueError("stuck")
+        return ctx.input.rows
+
+    parent = saga.Saga("stp", input=ImportJob)
+
+    @parent.step()
+    async def split(ctx: saga.Context[ImportJob]) -> list[int]:
+        return [1, 2, 3]
+
+    loads = parent.children(
+        "loads", chunk, lambda ctx: [Chunk(rows=r) for r in ctx.result(split)], after=[split]
+    )
+
+    @parent.step(after=[loads])
+    async def report(ctx: saga.Context[ImportJob]) -> int:
+        return sum(ctx.result(loads))
+
+    return chunk, parent
+
+
+async def _stopped_child(orch: saga.Client) -> saga.RunHandle[Any]:
+    with anyio.fail_after(20):
+        while True:
+            page = await saga.list_runs(orch, saga="stc")
+            for r in page.runs:
+                if r.status is saga.RunStatus.STOPPED:
+                    return orch.get_run(r.id)
+            await anyio.sleep(0.1)
 
 
 @pytest.mark.timeout(60)
@@ -127,3 +180,137 @@ async def test_a_branch_that_names_its_own_step_is_not_refused_with_an_impossibl
     orch = await orchestrator(s)
     run = await orch.start(s, Job())
     assert await run.result(timeout=10) == {"a": 1, "b": 2}
+
+
+@pytest.mark.timeout(40)
+async def test_a_children_step_failed_for_good_midway_starts_no_child_once_woken(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README, Child sagas: "`inputs(ctx)` (sync or async) returns the children's
+    inputs"; "the first input given for a key wins"; a step failing for good undoes the
+    children it started first ("Undone with the step").
+
+    `inputs()` first returns two valid inputs and one the child refuses, later only
+    valid ones. The step fails for good on the refused input once the two children it
+    started are undone; its wake-ups (as they end) start no child and keep that error.
+    Before, a wake-up asked `inputs()` again, started a third child, and the step failed
+    with a `saga.ChildFailed` naming a child it had cancelled itself."""
+    log: list[str] = []
+    child: saga.Saga[Pay] = saga.Saga("h19_kid", input=Pay, output=int)
+
+    @child.step(retry=FAST)
+    async def load(ctx: saga.Context[Pay]) -> int:
+        log.append(f"load{ctx.input.n}")
+        await anyio.sleep(0.5)
+        return ctx.input.n
+
+    @load.compensate
+    async def unload(ctx: saga.Context[Pay], r: int) -> None:
+        log.append(f"unload{ctx.input.n}")
+
+    asked: list[int] = []
+
+    async def inputs(ctx: saga.Context[Pay]) -> list[Any]:
+        asked.append(1)
+        if len(asked) == 1:  # the service's first answer has a bad row
+            return [Pay(n=0), Pay(n=1), {"n": "not a number"}]
+        return [Pay(n=0), Pay(n=1), Pay(n=2)]
+
+    parent: saga.Saga[Pay] = saga.Saga("h19_fanout", input=Pay)
+    kids = parent.children("kids", child, inputs)
+
+    @parent.step(after=[kids])
+    async def report(ctx: saga.Context[Pay]) -> int:
+        return len(ctx.result(kids))
+
+    orch = await orchestrator(parent, child)
+    run = await orch.start(parent, Pay())
+    with pytest.raises(saga.RunCompensatedError):
+        await run.result(timeout=20)
+    info = await run.info()
+    started = (await saga.list_runs(orch, saga="h19_kid")).runs
+    error_type = info.error.type if info.error else None
+    said = f"{len(started)} children started, the step's error {info.error}, log {log}"
+    assert len(started) == 2, said
+    assert error_type not in (None, "saga.ChildFailed"), said
+
+
+@pytest.mark.timeout(40)
+async def test_a_graph_write_retrying_a_dropped_connection_does_not_idle_the_worker(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README, Orchestrator: `concurrency=32`, the steps a worker runs at once: no more,
+    and no fewer while work is due.
+
+    A graph write whose connection drops (and that retries for seconds) reserves only
+    the slots it may lease into (here the step's two dependents): a linear run started
+    meanwhile is claimed into the worker's other free slot. A first version of the
+    reservation took every free slot for the whole write, and the worker claimed
+    nothing meanwhile."""
+    g: saga.Saga[Pay] = saga.Saga("h19_graph_write", input=Pay)
+
+    @g.step()
+    async def a(ctx: saga.Context[Pay]) -> int:
+        return 1
+
+    @g.step(after=[a])
+    async def b(ctx: saga.Context[Pay]) -> int:
+        return 2
+
+    @g.step(after=[a])
+    async def c(ctx: saga.Context[Pay]) -> int:
+        return 3
+
+    lin: saga.Saga[Pay] = saga.Saga("h19_linear", input=Pay)
+    ran = anyio.Event()
+
+    @lin.step()
+    async def only(ctx: saga.Context[Pay]) -> int:
+        ran.set()
+        return 3
+
+    faults = saga.testing.Faults()
+    faults.drop_connection_at_commit(a, committed=False, times=4)
+    orch = await orchestrator(g, lin, concurrency=4)
+    faults.attach(orch)
+    graph_run = await orch.start(g, Pay())
+    with anyio.fail_after(5):
+        while faults.fired["drop_connection_at_commit"] < 2:
+            await anyio.sleep(0.01)  # a ran; its write is retrying
+    started = anyio.current_time()
+    await orch.start(lin, Pay())
+    with anyio.move_on_after(2.0):
+        await ran.wait()
+    took = anyio.current_time() - started
+    assert ran.is_set(), (
+        f"a worker with 3 free slots did not claim a due run for {took:.1f} s "
+        "(a graph write retrying its dropped connection held them)"
+    )
+    await graph_run.result(timeout=15)
+
+
+@pytest.mark.timeout(60)
+async def test_resolving_a_stopped_child_fails_the_step_with_that_childs_error(dsn: str) -> None:
+    """README, Child sagas: "A child that ends compensated, cancelled or failed fails the
+    step for good (a `saga.ChildFailed` error with that child's) ... A child stopped for an
+    operator is not over: the step waits until the operator retries it (the step goes
+    on), cancels it, or resolves it (either then fails the step; a resolved child is
+    cancelled with its siblings' undoing ...)".
+
+    Chunk 2 stops for an operator, who resolves it: the step fails with a ChildFailed
+    naming that child (chosen before the step cancels the others). Before, it named a
+    sibling that completed fine and was cancelled by the step's own undoing (the
+    resolved child, cancelled too, ended later)."""
+    chunk, parent = _stoppable_children()
+    async with saga.Orchestrator(dsn, sagas=[parent, chunk], poll_interval=0.2) as orch:
+        run = await parent.start(ImportJob(rows=3))
+        child = await _stopped_child(orch)
+        await child.resolve(note="handled by hand")
+        with pytest.raises(saga.RunCompensatedError) as exc:
+            await run.result(timeout=20)
+    error = exc.value.error
+    assert error is not None
+    assert error.type == "saga.ChildFailed", error
+    assert str(child.id) in error.message, (
+        f"the parent's error names another child than the resolved one {child.id}: {error}"
+    )

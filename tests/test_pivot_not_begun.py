@@ -18,6 +18,10 @@ from tests.conftest import OrchestratorFactory
 _ENDED = [status for status in saga.RunStatus if status.is_terminal]
 
 
+class Pay(BaseModel):
+    n: int = 0
+
+
 class Acct(BaseModel):
     account: str = "a"
     n: int = 0
@@ -180,3 +184,100 @@ async def test_cancelling_a_parent_whose_queued_child_starts_with_its_pivot_neve
     assert calls == [0], f"the queued child of a cancelled parent captured: {calls}"
     assert parent_status is saga.RunStatus.CANCELLED, parent_status
     assert (await kid.info()).status is saga.RunStatus.CANCELLED
+
+
+@pytest.mark.timeout(40)
+async def test_cancel_after_retry_of_a_run_stopped_at_its_pivot_is_refused(dsn: str) -> None:
+    """README, Pivot steps: "A cancel is refused (`InvalidRunStateError`) from the
+    moment the run reaches its pivot (an attempt of the pivot began ...), except when the
+    pivot itself gave up and stopped the run"; and "`retry()` runs that step again with
+    fresh attempts, and the run goes on".
+
+    The pivot `capture` began (its attempt failed and, `on_give_up="stop"`, stopped the
+    run); the operator chose `retry()`. Until a worker claims it again, `cancel()` is
+    refused: an attempt of the pivot began. A first version of the rule read the run's
+    attempt counter, which `retry()` resets to 0, and accepted the cancel."""
+    calls: list[str] = []
+    s: saga.Saga[Pay] = saga.Saga("h19_retry_pivot", input=Pay)
+
+    @s.step(retry=FAST)
+    async def book(ctx: saga.Context[Pay]) -> int:
+        calls.append("book")
+        return 1
+
+    @book.compensate
+    async def release(ctx: saga.Context[Pay], n: int) -> None:
+        calls.append("release")
+
+    @s.step(retry=saga.Retry(max_attempts=1, on_give_up="stop"), pivot=True)
+    async def capture(ctx: saga.Context[Pay]) -> int:
+        calls.append("capture")
+        if calls.count("capture") == 1:
+            raise RuntimeError("bank timed out")
+        return 2
+
+    async with saga.Orchestrator(dsn, sagas=[s], poll_interval=0.2, shutdown_timeout=2.0) as orch:
+        run = await orch.start(s, Pay())
+        info = await until_status(run, saga.RunStatus.STOPPED)
+        assert info.step == "capture"
+    # No worker now: the retried run waits to be claimed.
+    async with saga.Client(dsn, sagas=[s], poll_interval=0.2) as client:
+        await client.retry(run.id, by="ana", note="bank is back")
+        with pytest.raises(saga.InvalidRunStateError):
+            await client.cancel(run.id, by="bob")
+        info = await client.info(run.id)
+        assert not info.cancel_requested, info
+
+
+@pytest.mark.timeout(40)
+async def test_a_run_stopped_at_its_pivot_by_a_failing_until_cannot_be_cancelled(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README, Pivot steps: "once it completed, nothing before it is ever compensated";
+    "a sleep's `until()` that raises stops it at the step before the sleep, whose
+    `retry()` runs that step again, then `until()`"; "A cancel is refused
+    (`InvalidRunStateError`) from the moment the run reaches its pivot (an attempt of
+    the pivot began ...), except when the pivot itself gave up and stopped the run
+    (`on_give_up="stop"` on the pivot)".
+
+    The pivot `capture` ran and returned; the sleep after it computes its end with
+    `until()`, which raises: the run stops at `capture` (not recorded completed). Its
+    pivot did not give up: `cancel()` is refused, nothing before it is undone. A first
+    version of the rule read the run's attempt counter, which the stop sets to 0, and
+    the run rolled back around a captured payment."""
+    calls: list[str] = []
+    s: saga.Saga[Pay] = saga.Saga("h19_until_pivot", input=Pay)
+
+    @s.step(retry=FAST)
+    async def book(ctx: saga.Context[Pay]) -> int:
+        calls.append("book")
+        return 1
+
+    @book.compensate
+    async def release(ctx: saga.Context[Pay], n: int) -> None:
+        calls.append("release")
+
+    @s.step(retry=FAST, pivot=True)
+    async def capture(ctx: saga.Context[Pay]) -> int:
+        calls.append("capture")
+        return 2
+
+    def broken(ctx: saga.Context[Pay]) -> Any:
+        raise RuntimeError("calendar service down")
+
+    s.sleep(until=broken)
+
+    @s.step(retry=FAST)
+    async def ship(ctx: saga.Context[Pay]) -> int:
+        return 3
+
+    orch = await orchestrator(s)
+    run = await orch.start(s, Pay())
+    info = await until_status(run, saga.RunStatus.STOPPED)
+    assert info.step == "capture"
+    assert calls == ["book", "capture"]
+    with pytest.raises(saga.InvalidRunStateError, match="pivot"):
+        await run.cancel(by="bob")
+    await anyio.sleep(0.5)
+    assert (await run.info()).status is saga.RunStatus.STOPPED
+    assert calls == ["book", "capture"]

@@ -660,8 +660,8 @@ SELECT 1 FROM __schema__.runs WHERE id = $1 FOR UPDATE;
 -- worker that claims it rolls back what completed. A graph run's forward items that no
 -- worker holds are due now instead (the run row is locked first, then they): the worker
 -- that claims one starts the rollback, and the items running see the cancel when they
--- write. A run that reached its pivot step (an attempt of it began: claimed, or given
--- back; or it completed) only goes forward: no row; but one stopped at its pivot (the
+-- write. A run that reached its pivot step (an attempt of it began, as its history
+-- says, or it completed) only goes forward: no row; but one stopped at its pivot (the
 -- pivot gave up) rolls back. A run whose next step is its pivot, not begun (queued for
 -- its key, pending), has not reached it. No row either: not in a cancellable status, or
 -- already cancelling. A run stopped for an operator at a step (its policy stopped it
@@ -697,11 +697,11 @@ WITH old AS (
                -- one its pivot's policy stopped when the pivot gave up never passed it,
                -- unlike one stopped there because the sleep after it failed to start)
                AND (r.pivot = ANY(r.completed_steps)
-                    OR ((r.step_name = r.pivot AND NOT r.graph AND r.wait_name IS NULL
-                         AND (r.attempt > 0 OR r.released))
-                        OR EXISTS (SELECT 1 FROM __schema__.items i
-                                   WHERE i.run_id = $1 AND i.step = r.pivot
-                                     AND (i.attempt > 0 OR i.released)))
+                    -- an attempt of the pivot began (whatever happened since: a retry,
+                    -- a sleep after it that failed to start)
+                    OR EXISTS (SELECT 1 FROM __schema__.events e
+                               WHERE e.run_id = $1 AND e.kind = 'step_started'
+                                 AND e.step = r.pivot)
                        AND NOT (r.status = 'stopped' AND coalesce(
                            (SELECT e.data ? 'on_give_up' FROM __schema__.events e
                             WHERE e.run_id = $1 AND e.kind = 'run_stopped'
@@ -1936,6 +1936,17 @@ JOIN __schema__.items i
      AND i.lease_owner = $4
 WHERE r.id = $1
 FOR SHARE OF r;
+
+-- name: children_failing
+-- The failure a children step decided while its children were still being undone (it
+-- parked with it, in its children_waiting event), unless a later event of the step
+-- or an operator's retry of the run came after it. JSON text or NULL.
+-- $1 run id, $2 step
+SELECT (SELECT e.data->'failing' FROM __schema__.events e
+        WHERE e.run_id = $1 AND e.step = $2 AND e.kind = 'children_waiting'
+          AND e.id > coalesce((SELECT max(r.id) FROM __schema__.events r
+                               WHERE r.run_id = $1 AND r.kind = 'run_retried'), 0)
+        ORDER BY e.id DESC LIMIT 1)::text;
 
 -- name: children_of
 -- The child runs a step started, in the order of their keys' index.
