@@ -299,14 +299,14 @@ async def listening(
                     await conn.remove_listener(name, callback)
                 except Exception:  # the connection broke: closing it below is all to do
                     clean = False
-        if (late.cancelled_caught or not clean) and not conn.is_closed():
-            conn.terminate()
         if conn.is_closed():
             # asyncpg keeps the callbacks of a connection that closed under them (the
             # server ended it), and warns when it goes back to its pool.
             listeners = getattr(conn, "_listeners", {})
             for name in channels:
                 listeners.pop(name, None)
+        elif late.cancelled_caught or not clean:
+            conn.terminate()  # (a pool's connection: released by this, not usable after)
 
 
 async def _keep_session(_conn: Any) -> None:
