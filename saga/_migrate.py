@@ -7,6 +7,8 @@ migrations to an empty database and compares the catalog with it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 
 from saga import _partitions as partitions
@@ -46,18 +48,16 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
         pending = migrations()
     async with translate_errors("migration"), pool.acquire() as conn:
         for migration in pending:
-            async with conn.transaction():
-                await conn.execute(q["migration_lock"], _LOCK_NAMESPACE + schema)
-                await conn.execute(q["migration_prepare"])
-                recorded = await conn.fetchrow(q["migration_applied"], migration.version)
-                if recorded is not None:
-                    await _verify(conn, q, schema, migration, recorded["checksum"])
-                    continue
-                await conn.execute(migration.sql.replace("__schema__", quoted))
-                await conn.execute(
-                    q["migration_record"], migration.version, migration.name, migration.checksum
-                )
-                applied_now.append(migration.version)
+            for tries_left in (2, 1, 0):
+                try:
+                    if await _apply(conn, q, schema, quoted, migration):
+                        applied_now.append(migration.version)
+                    break
+                except asyncpg.UniqueViolationError:
+                    # A catalog row another migrator's transaction created meanwhile (a
+                    # new schema's): that transaction has ended; look again, under the lock.
+                    if not tries_left:
+                        raise
     if pending:
         # A newer release may have migrated while this one waited for the lock (it found
         # its own migrations applied by that one): refused as at the first check.
@@ -104,6 +104,25 @@ async def _verify(
             f"{migration.checksum[:12]} now): migrations are immutable once applied; "
             "restore the file, or add a new migration for the change"
         )
+
+
+async def _apply(
+    conn: Any, q: dict[str, str], schema: str, quoted: str, migration: Migration
+) -> bool:
+    """Apply ``migration`` in a transaction of its own, under the lock, unless recorded
+    (then verified); whether this call applied it."""
+    async with conn.transaction():
+        await conn.execute(q["migration_lock"], _LOCK_NAMESPACE + schema)
+        await conn.execute(q["migration_prepare"])
+        recorded = await conn.fetchrow(q["migration_applied"], migration.version)
+        if recorded is not None:
+            await _verify(conn, q, schema, migration, recorded["checksum"])
+            return False
+        await conn.execute(migration.sql.replace("__schema__", quoted))
+        await conn.execute(
+            q["migration_record"], migration.version, migration.name, migration.checksum
+        )
+        return True
 
 
 async def applied_version(pool: asyncpg.Pool, schema: str) -> int:
