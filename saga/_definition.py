@@ -332,6 +332,10 @@ class Saga(Generic[InT, OutputT]):
         except KeyError:
             raise DefinitionError(f"saga {self.name!r} has no step {name!r}") from None
 
+    def undoes(self, name: str) -> bool:
+        """Whether step ``name`` has a compensation."""
+        return self.get_step(name).compensation is not None
+
     @property
     def fingerprint(self) -> str:
         """Identifies what this definition's stored data depends on: the saga's name and

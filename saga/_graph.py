@@ -41,6 +41,34 @@ class Graph:
             if s not in completed and s not in taken and all(d in completed for d in self.deps[s])
         ]
 
+    def undo_ready(
+        self,
+        undoes: Callable[[str], bool],
+        completed: set[str],
+        compensated: set[str],
+        running: set[str],
+    ) -> list[str]:
+        """The completed steps whose compensation may start now (``undoes``: the step has
+        one), in reverse dependency order: every step that runs after it is settled:
+        never ran, or undone (compensated, or without compensation and itself settled)."""
+        settled: dict[str, bool] = {}
+        ready = []
+        for step in reversed(self.order):  # every dependent is looked at before its step
+            after_settled = all(
+                d not in running and (d not in completed or settled[d])
+                for d in self.dependents[step]
+            )
+            if step not in completed:
+                settled[step] = step not in running
+                continue
+            if not undoes(step):
+                settled[step] = after_settled
+                continue
+            settled[step] = step in compensated
+            if not settled[step] and after_settled:
+                ready.append(step)
+        return ready
+
 
 def build(
     saga: str, steps: Sequence[tuple[str, Sequence[str] | None]], force: bool = False

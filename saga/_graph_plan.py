@@ -302,7 +302,10 @@ class _Builder:
                 step = step or self.done.step
                 pivot = self.saga.pivot
                 past = pivot is not None and pivot in self.completed
-                data = {"pivot": pivot} if past else {"on_give_up": "stop"}
+                data: dict[str, Any] = {"pivot": pivot} if past else {"on_give_up": "stop"}
+                # The steps the run's retry() starts again (the one that gave up too).
+                ready = graph.ready(self.completed, set())
+                data["held"] = [{"step": s, "after": list(graph.deps[s])} for s in ready]
                 self.events.append(Event(EventKind.RUN_STOPPED, step, data=data))
             return
         taken = {step for step, phase in self.items if phase is _STEP}
@@ -322,7 +325,8 @@ class _Builder:
         if not (self.run.compensation_failed or self.compensation_error):
             running = {step for step, phase in self.items if phase is _STEP}
             queued = {step for step, phase in self.items if phase is _COMPENSATION}
-            for step in undo_ready(saga, graph, self.completed, self.compensated, running):
+            ready = graph.undo_ready(saga.undoes, self.completed, self.compensated, running)
+            for step in ready:
                 if step not in queued:
                     self.ready.append((step, _COMPENSATION))
         if self.items or self.ready:
@@ -333,7 +337,11 @@ class _Builder:
             self.status = RunStatus.COMPENSATED
         else:
             self.status = RunStatus.CANCELLED
-        self.events.append(Event(EventKind.ended(self.status)))
+        data = None
+        if self.status is RunStatus.FAILED:  # what the run's retry() starts again
+            held = graph.undo_ready(saga.undoes, self.completed, self.compensated, set())
+            data = {"held": [{"step": step} for step in held]}
+        self.events.append(Event(EventKind.ended(self.status), data=data))
 
     def change(
         self, graph: Graph, lease_for: Callable[[str], float] | None, slots: int
@@ -369,34 +377,6 @@ def _ready_events(graph: Graph, new: list[NewItem]) -> list[Event]:
         if item.lease_seconds is not None:
             events.append(Event(EventKind.started(item.phase), item.step, 1))
     return events
-
-
-def undo_ready(
-    saga: Saga[Any],
-    graph: Graph,
-    completed: set[str],
-    compensated: set[str],
-    running: set[str],
-) -> list[str]:
-    """The completed steps whose compensation may start now: every step that runs after
-    it is settled (see the module's rules), in reverse dependency order."""
-    settled: dict[str, bool] = {}
-    ready = []
-    for step in reversed(graph.order):  # every dependent is looked at before its step
-        after_settled = all(
-            d not in running and (d not in completed or settled[d]) for d in graph.dependents[step]
-        )
-        if step not in completed:
-            settled[step] = step not in running
-            continue
-        has_undo = saga.get_step(step).compensation is not None
-        if not has_undo:
-            settled[step] = after_settled
-            continue
-        settled[step] = step in compensated
-        if not settled[step] and after_settled:
-            ready.append(step)
-    return ready
 
 
 def _output(graph: Graph, results: Mapping[str, str]) -> str:

@@ -7,7 +7,6 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from saga._graph_plan import undo_ready
 from saga._model import EventKind, RunStatus
 from saga._plan import compensation_plan
 from saga._store_ops import Skip
@@ -35,7 +34,8 @@ def plan_skip(saga: Saga[Any], state: Mapping[str, Any], data: Mapping[str, Any]
         rest = plan[plan.index(step) + 1 :] if step in plan else []
         next_step = rest[0] if rest else None
     else:
-        items = tuple(undo_ready(saga, saga.graph, set(completed), {*undone, step}, set()))
+        undoes = saga.undoes
+        items = tuple(saga.graph.undo_ready(undoes, set(completed), {*undone, step}, set()))
     ends: RunStatus | None = None
     if next_step is None and not items:
         ends = RunStatus.COMPENSATED if state["has_error"] else RunStatus.CANCELLED

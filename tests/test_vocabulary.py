@@ -56,6 +56,7 @@ def test_the_queries_spell_only_known_kinds_and_statuses() -> None:
     other |= {"error"}  # the jsonb key of a history event's failure
     other |= {"on_give_up"}  # the jsonb key of run_stopped by a step's policy
     other |= {"failing"}  # the jsonb key of a children step's failure while it undoes
+    other |= {"after"}  # the jsonb key of step_ready: the steps it waited on
     assert words - known - other == set()
 
 

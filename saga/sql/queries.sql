@@ -727,7 +727,8 @@ SELECT id, pg_notify($2, saga_name)::text AS notified FROM upd;
 -- name: retry_run
 -- Resume a run stopped for an operator at its current item, attempts reset: a failed
 -- run at the compensation that gave up, a run stopped after its pivot at the step that
--- gave up (its error goes: the run goes on). A graph run's item is a row of items again.
+-- gave up (its error goes: the run goes on). A graph run gets its items again: that one
+-- and those its stop held back (ready then, independent of it).
 -- Not a run stopped at a wait (wait_name set: see rewait_run).
 -- $1 run id, $2 work notification channel, $3 the status it must be in, $4 the status
 -- it resumes in, $5 the phase it resumes ('step': after a pivot; 'compensation'), $6 the
@@ -748,14 +749,35 @@ WITH old AS (
         compensation_error = NULL, finished_at = NULL, resolved = false, updated_at = now()
     FROM old WHERE r.id = $1 AND r.id = old.id
     RETURNING r.id, r.saga_name, r.step_name
+), held AS (
+    -- A graph run's stop recorded what was ready then (the item that gave up and the
+    -- independent ones held back meanwhile): all start again now, not once it completes.
+    SELECT h->>'step' AS step, h->'after' AS after
+    FROM old
+    CROSS JOIN LATERAL (
+        SELECT e.data FROM __schema__.events e
+        WHERE e.run_id = old.id AND e.kind IN ('run_stopped', 'run_failed')
+        ORDER BY e.id DESC LIMIT 1
+    ) stop
+    CROSS JOIN LATERAL jsonb_array_elements(coalesce(stop.data->'held', '[]')) h
+    WHERE old.graph
 ), item AS (
     INSERT INTO __schema__.items (run_id, step, phase)
-    SELECT old.id, old.failed_step, $5 FROM old JOIN upd ON upd.id = old.id
+    SELECT old.id, s.step, $5 FROM old JOIN upd ON upd.id = old.id
+    CROSS JOIN LATERAL (SELECT old.failed_step AS step UNION SELECT step FROM held) s
     WHERE old.graph
     ON CONFLICT DO NOTHING
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, data)
-    SELECT id, 'run_retried', step_name, $6::jsonb FROM upd
+    SELECT run_id, kind, step, data FROM (
+        SELECT 0 AS n, id AS run_id, 'run_retried' AS kind, step_name AS step,
+               $6::jsonb AS data
+        FROM upd
+        UNION ALL
+        SELECT 1, upd.id, 'step_ready', held.step, jsonb_build_object('after', held.after)
+        FROM upd, held, old
+        WHERE $5 = 'step' AND held.step IS DISTINCT FROM old.failed_step
+    ) e ORDER BY n
 ), revived AS (
     -- The run is active again: its end mark goes, so waiters wait for the next end.
     UPDATE __schema__.watches w SET ended = false
