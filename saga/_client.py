@@ -48,7 +48,7 @@ from saga._partitions import uuid7
 from saga._run import OutputT, RunHandle
 from saga._signals import Signalling
 from saga._store import RunRow, StartResult, Store
-from saga._store_graph import ParentClaim
+from saga._store_children import ParentClaim
 from saga._store_ops import DefinitionKey
 from saga._telemetry import Telemetry
 

@@ -25,7 +25,8 @@ from saga._log import Cause, log_events, logger, needs_cause
 from saga._model import EventKind, Outcome, Phase, RunStatus
 from saga._runner import Runner
 from saga._spawner import Children
-from saga._store_graph import ClaimLost, GraphWritten, ParentClaim
+from saga._store_children import ClaimLost, ParentClaim
+from saga._store_graph import GraphWritten
 from saga._telemetry import in_run_trace
 from saga._transition import ClaimedItem, Event, Failed, RunState, Succeeded
 from saga._write import COMMITTED

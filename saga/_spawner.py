@@ -22,7 +22,7 @@ from saga._errors import (
 from saga._graph_plan import Parked
 from saga._hooks import SimulatedCrash
 from saga._model import RunStatus
-from saga._store_graph import Child, ClaimLost, ParentClaim
+from saga._store_children import Child, ClaimLost, ParentClaim
 from saga._transition import Failed, Succeeded
 
 if TYPE_CHECKING:

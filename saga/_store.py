@@ -33,8 +33,9 @@ from saga._store_batch import (
     transition_args,
     write_key,
 )
+from saga._store_children import ChildQueries, ParentClaim
 from saga._store_dash import DashboardQueries
-from saga._store_graph import GraphQueries, ParentClaim
+from saga._store_graph import GraphQueries
 from saga._store_ops import (
     DefinitionKey,
     OperatorQueries,
@@ -86,6 +87,7 @@ class Store(
     OperatorQueries,
     SignalQueries,
     GraphQueries,
+    ChildQueries,
     DashboardQueries,
     ScheduleQueries,
     PresenceQueries,
