@@ -423,13 +423,15 @@ nightly = saga.Scheduled(
 
 
 async def serve(dsn: str) -> None:
-    async with saga.Orchestrator(
-        dsn,
-        sagas=[transfer, daily_report],
-        schedules=[nightly],
-        lanes=["payments"],
-    ) as orch:
+    # The web app: starts transfers, fires the schedule and executes every saga.
+    async with saga.Orchestrator(dsn, sagas=[transfer, daily_report], schedules=[nightly]) as orch:
         await orch.start(transfer, Transfer(account="acct-7", amount=5), priority=50)
+
+
+async def payments_worker(dsn: str) -> None:
+    # Workers of the "payments" lane's own: they execute transfers only.
+    async with saga.Orchestrator(dsn, sagas=[transfer], lanes=["payments"]) as orch:
+        await orch.wait_stopped()
 
 
 # The README's "Tracing at high throughput": sample 5 % of runs, bigger span batches.
