@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, cast
 from uuid import UUID
 
@@ -130,6 +130,7 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
     for name, value in fields:
         ctx.say(f"{name + ':':<20}{_clean(value)}")
     ctx.say()
+    now = datetime.now(UTC)
     rows = [
         [
             a.step,
@@ -139,7 +140,7 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
             a.worker or "-",
             _time(a.started_at, precise=True) if a.started_at else "-",
             _duration(timedelta(seconds=a.duration)) if a.duration is not None else "-",
-            a.outcome + (f" (retry in {a.retry_in:.2f}s)" if a.retry_in is not None else ""),
+            _outcome(a, now),
             _error(a.error),
         ]
         for a in attempts
@@ -154,6 +155,14 @@ async def _show(ctx: _Ctx, orch: Client) -> int:
         for event in history:  # (a wait of days: each line says its day)
             ctx.say(_clean(f"{event.at.astimezone(UTC):%Y-%m-%d} {event.describe()}"))
     return EXIT_OK
+
+
+def _outcome(a: StepAttempt, now: datetime) -> str:
+    if a.waits_for_token(now):
+        assert a.rate_limited_until is not None
+        until = _time(a.rate_limited_until, precise=True)
+        return f"rate limited ({a.rate_limit}, starts {until} UTC)"
+    return a.outcome + (f" (retry in {a.retry_in:.2f}s)" if a.retry_in is not None else "")
 
 
 def _current(info: RunInfo) -> list[tuple[str, str]]:

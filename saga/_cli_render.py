@@ -176,6 +176,8 @@ def _attempt_json(a: StepAttempt) -> dict[str, Any]:
         "error": _error_json(a.error),
         "retry_in": a.retry_in,
         "after": None if a.after is None else list(a.after),
+        "rate_limit": a.rate_limit,
+        "rate_limited_until": limited.isoformat() if (limited := a.rate_limited_until) else None,
     }
 
 

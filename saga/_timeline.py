@@ -4,8 +4,8 @@ dashboard draws. Pure: works on any run's history, of sagas registered or not.""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 from saga import _checks
 from saga._errors import ErrorInfo, InvalidInputError
@@ -32,7 +32,9 @@ class StepAttempt:
     ``released`` (its worker shut down and gave the run back; it does not count, unless
     the same attempt was released before: ``data["counted"]`` of the event) or
     ``waiting`` (a step running child sagas gave its slot back until one of them ends)
-    or ``running`` (no outcome recorded yet).
+    or ``running`` (no outcome recorded yet). A ``running`` attempt that waits for a
+    token of its step's rate limit has ``rate_limit`` (the limit's name) and
+    ``rate_limited_until`` (when it goes on): until then, the step has not started.
     """
 
     step: str
@@ -47,6 +49,14 @@ class StepAttempt:
     #: A graph run's step: the steps it waited on (``()``: none, it ran at the start);
     #: None for compensations and the steps of linear runs.
     after: tuple[str, ...] | None = None
+    rate_limit: str | None = None
+    rate_limited_until: datetime | None = None
+
+    def waits_for_token(self, now: datetime) -> bool:
+        """Whether this attempt, running, still waits for its rate limit's token at
+        ``now`` (its step has not started yet)."""
+        until = self.rate_limited_until
+        return self.outcome == "running" and until is not None and now < until
 
     @property
     def duration(self) -> float | None:
@@ -92,8 +102,8 @@ class _Assembler:
                 self._lost.clear()  # fresh attempts, numbered from 1 again
         elif step is None:
             return
-        elif kind == EventKind.STEP_READY:
-            self._after[step] = tuple(event.data.get("after") or ())
+        elif kind in (EventKind.STEP_READY, EventKind.RATE_LIMITED):
+            self._note(event, step, attempt)
         elif kind in _STARTED:
             self._start(event, (kind == EventKind.COMPENSATION_STARTED, step, attempt))
         elif kind in _COMPLETED:
@@ -130,6 +140,24 @@ class _Assembler:
             )
         )
 
+    def _note(self, event: HistoryEvent, step: str, attempt: int) -> None:
+        """What a step waited on before it started: its dependencies (``step_ready``) or
+        its rate limit's token (``rate_limited``, of the attempt open)."""
+        if event.kind == EventKind.STEP_READY:
+            self._after[step] = tuple(event.data.get("after") or ())
+            return
+        index = self._open.get((False, step, attempt))
+        delay = event.data.get("delay")
+        if index is None or not isinstance(delay, int | float):
+            return
+        until = event.at + timedelta(seconds=float(delay))
+        limit = event.data.get("limit")
+        self.attempts[index] = replace(
+            self.attempts[index],
+            rate_limit=None if limit is None else str(limit),
+            rate_limited_until=until,
+        )
+
     def _close(
         self, key: Key, event: HistoryEvent, outcome: str, retry_in: float | None = None
     ) -> None:
@@ -154,6 +182,8 @@ class _Assembler:
             error=event.error,
             retry_in=retry_in,
             after=begun.after,
+            rate_limit=begun.rate_limit,
+            rate_limited_until=begun.rate_limited_until,
         )
         if outcome in ("lease_expired", "released"):
             self._lost[key] = index

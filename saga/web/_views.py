@@ -130,6 +130,7 @@ class HistoryRow:
 class AttemptRow:
     attempt: StepAttempt
     error: str | None
+    waits_for_token: bool = False  # running, but waiting for its rate limit's token
 
 
 @dataclass(slots=True)
@@ -247,7 +248,11 @@ async def run_view(
         info=info,
         resolved=resolved,
         attempts=[
-            AttemptRow(a, None if a.error is None else show_error(a.error.message, redact))
+            AttemptRow(
+                a,
+                None if a.error is None else show_error(a.error.message, redact),
+                a.waits_for_token(end),
+            )
             for a in attempts
         ],
         picture=timeline_picture(attempts, history, end),

@@ -268,3 +268,36 @@ async def test_a_change_before_the_stream_opens_still_reaches_the_page(
     held.set()
     await _live(page)
     await expect(status).to_have_text(re.compile("completed"), timeout=WAIT)
+
+
+async def test_an_attempt_waiting_for_its_rate_limit_token_is_shown_so(
+    orchestrator: OrchestratorFactory, serve: Serve, context: Context
+) -> None:
+    """A limit of one call per 6 s: the second run's attempt waits for its token. Its
+    page says "rate limited", naming the limit, not "running" (README: "The step has not
+    started while it waits"); once it ran, the row says completed."""
+    slow = saga.RateLimit("slow_page", per_second=1 / 6, burst=1)
+    s = saga.Saga("paced_page", input=Job)
+
+    @s.step(rate_limit=slow)
+    async def call(ctx: saga.Context[Job]) -> int:
+        return 1
+
+    orch = await orchestrator(s)
+    url = await serve(orch)
+    assert await (await orch.start(s, Job(n=1))).result(timeout=10) == 1
+    run = await orch.start(s, Job(n=2))
+    with anyio.fail_after(10):
+        while True:
+            if any(e.kind == "rate_limited" for e in await run.history()):
+                break
+            await anyio.sleep(0.02)
+    page = await _page(context)
+    await page.goto(f"{url}/runs/{run.id}")
+    row = page.get_by_test_id("attempt-row")
+    await expect(row.get_by_test_id("rate-limited")).to_have_text("rate limited")
+    await expect(row).to_contain_text("slow_page")
+    await expect(row).not_to_contain_text("running")
+    await run.result(timeout=15)
+    await page.reload()
+    await expect(row).to_contain_text("completed", timeout=WAIT)
