@@ -21,6 +21,7 @@ from uuid import UUID
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from saga._aio import uncancellable
 from saga._errors import DatabaseError
 from saga._heartbeat import Heartbeats
 from saga._held import Lease
@@ -211,7 +212,10 @@ class Leases(Heartbeats):
             self._wake = anyio.Event()
             free = self.reserve()
             try:
-                items = await self._claim(free)
+                # Not cancelled in flight: a claim the server commits after its caller
+                # went would lease runs to a worker whose shutdown already released
+                # what it held (they would wait for their lease to expire).
+                items = await uncancellable(self._claim(free))
             except DatabaseError as exc:
                 self.unreserve(free)
                 self._outage.lost("claiming work", exc)
