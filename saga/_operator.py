@@ -310,14 +310,17 @@ async def prune(
     days = await store.prune_days(cutoff, statuses)
     total_runs, total_events, batches = days.runs + held[0], days.events + held[1], 0
     while not whole_days:
+        # Until nothing is left: a child goes in a batch after its parent's, and one
+        # still holding its key (freed by the key holders' pass) once its parent went.
         runs, events = await store.prune_runs(cutoff, statuses, batch_size)
+        if runs:
+            batches += 1
+        else:
+            runs, events = await store.prune_key_holders(cutoff, statuses)
+            if not runs:
+                break
         total_runs += runs
         total_events += events
-        if runs == 0:
-            break
-        batches += 1
-        if runs < batch_size:
-            break
     return PruneResult(
         runs=total_runs, events=total_events, batches=batches, dry_run=False, days=days.days
     )

@@ -209,11 +209,14 @@ async def _count_day(
 ) -> tuple[int, int] | None:
     """What ``_prune_day`` would remove of the day now: its runs and their events."""
     tables = _day_tables(schema, day)
-    counts = await _counts(pool, schema, tables["runs"], cutoff, statuses)
-    if counts is None:
-        return None
     gone_events = query("day_events_gone", schema, events=tables["events"], runs=tables["runs"])
-    return counts[0], await pool.fetchval(gone_events, cutoff, statuses)
+    try:
+        counts = await _counts(pool, schema, tables["runs"], cutoff, statuses)
+        if counts is None:
+            return None
+        return counts[0], await pool.fetchval(gone_events, cutoff, statuses)
+    except asyncpg.UndefinedTableError:
+        return None  # another prune dropped the day meanwhile
 
 
 async def _counts(
@@ -240,7 +243,10 @@ async def _prune_day(
     parts = _day_tables(schema, day)
     # Whether the day is worth it, read before it is locked; what goes is counted under
     # the lock (a kept run, or a refused signal to a finished one, may add events).
-    counts = await _counts(pool, schema, parts["runs"], cutoff, statuses)
+    try:
+        counts = await _counts(pool, schema, parts["runs"], cutoff, statuses)
+    except asyncpg.UndefinedTableError:
+        return None  # another prune dropped the day since it was listed
     if counts is None:
         return None
     for attempt in range(_LOCK_ATTEMPTS):

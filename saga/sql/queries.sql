@@ -1345,16 +1345,25 @@ SELECT now() - make_interval(secs => $1::float8);
 -- name: fragment_prunable
 -- Not a statement: a condition that replaces the word "prunable" between double
 -- underscores in the other queries (when the file is read). Whether the runs row "r"
--- goes in a prune: it finished before the cutoff in one of the statuses, and none of its
--- ancestors stays (a parent still running, or failed and still retryable, reads and
--- undoes its children, and their own children through them: a grandchild goes only
--- with its grandparent). Three generations up are looked at; a run with a fourth
--- ancestor still there is kept as if it stayed, and goes once the chain above it is
--- pruned (a few prunes for a deep chain). Joins, not a recursive query: the planner then costs the condition as
--- the few index probes it is (a recursive one was costed so high that Postgres JIT-
--- compiled every prune statement, a second per batch). NULL (not false) for a run not
--- finished: to keep those, negate it as NOT coalesce(it, false).
+-- goes in a prune's row-by-row pass now: it finished before the cutoff in one of the
+-- statuses, and it has no parent, or its parent is gone (a parent that stays reads and
+-- undoes its children; a child goes in a batch after its parent's, never before, so no
+-- lock skipped, batch limit or interruption leaves a parent without its children). NULL
+-- (not false) for a run not finished: to keep those, negate it as NOT coalesce(it, false).
 -- $1 the prune's cutoff (one instant for the whole prune), $2 statuses (text[], terminal)
+(r.due_at IS NULL
+ AND r.finished_at < $1::timestamptz
+ AND r.status = ANY($2::text[])
+ AND (r.parent_id IS NULL
+      OR NOT EXISTS (SELECT 1 FROM __schema__.runs p WHERE p.id = r.parent_id)))
+
+-- name: fragment_prunable_eventually
+-- Not a statement: as prunable (above), but what a whole prune's passes take in the end:
+-- a child whose ancestors all go too (a dry run's count). Three generations up are
+-- looked at; a run with a fourth ancestor still there is kept as if it stayed. Joins, not
+-- a recursive query: the planner then costs the condition as the few index probes it is
+-- (a recursive one was costed so high that Postgres JIT-compiled every prune statement).
+-- $1 the prune's cutoff, $2 statuses (text[], terminal)
 (r.due_at IS NULL
  AND r.finished_at < $1::timestamptz
  AND r.status = ANY($2::text[])
@@ -1364,21 +1373,44 @@ SELECT now() - make_interval(secs => $1::float8);
      LEFT JOIN __schema__.runs gg ON gg.id = g.parent_id
      LEFT JOIN __schema__.runs ggg ON ggg.id = gg.parent_id
      WHERE p.id = r.parent_id
-       AND (NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false)
-                 AND p.status = ANY($2::text[]))
-            OR (g.id IS NOT NULL
-                AND NOT (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false)
-                         AND g.status = ANY($2::text[])))
-            OR (gg.id IS NOT NULL
-                AND (ggg.id IS NOT NULL  -- deeper still: kept until that one is gone
-                     OR NOT (gg.due_at IS NULL
-                             AND coalesce(gg.finished_at < $1::timestamptz, false)
-                             AND gg.status = ANY($2::text[]))))))))
+       AND (NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[]))
+            OR (g.id IS NOT NULL AND NOT (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false) AND g.status = ANY($2::text[])))
+            OR (gg.id IS NOT NULL AND (ggg.id IS NOT NULL OR NOT (gg.due_at IS NULL AND coalesce(gg.finished_at < $1::timestamptz, false) AND gg.status = ANY($2::text[]))))))))
+
+-- name: fragment_prunable_in_day
+-- Not a statement: as prunable (above), for the runs of one day's partition __runs__
+-- that a whole-days prune drops or compacts in one transaction: a child goes if its
+-- parent is gone, or goes with it (in the same day, and going), three generations up (a
+-- run with a fourth ancestor still there stays). A parent in an earlier day is there
+-- only because that day kept it: its children stay.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal)
+(r.due_at IS NULL
+ AND r.finished_at < $1::timestamptz
+ AND r.status = ANY($2::text[])
+ AND (r.parent_id IS NULL
+      OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = r.parent_id)
+      OR EXISTS (
+          SELECT 1 FROM __runs__ p
+          WHERE p.id = r.parent_id AND (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[]))
+            AND (p.parent_id IS NULL
+                 OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = p.parent_id)
+                 OR EXISTS (
+                     SELECT 1 FROM __runs__ g
+                     WHERE g.id = p.parent_id AND (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false) AND g.status = ANY($2::text[]))
+                       AND (g.parent_id IS NULL
+                            OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
+                                           WHERE x.id = g.parent_id)
+                            OR EXISTS (
+                                SELECT 1 FROM __runs__ gg
+                                WHERE gg.id = g.parent_id AND (gg.due_at IS NULL AND coalesce(gg.finished_at < $1::timestamptz, false) AND gg.status = ANY($2::text[]))
+                                  AND (gg.parent_id IS NULL
+                                       OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
+                                                      WHERE x.id = gg.parent_id)))))))))
 
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
--- (never the child of a run that stays: a parent still running, or failed and still
--- retryable, reads and undoes its children), and their events, watches and signals
+-- (a child only once its parent is gone: see fragment_prunable; never a run that still
+-- holds its concurrency key: prune_key_holder frees it first), and their events, watches and signals
 -- (there is no foreign key to cascade). Rows another statement holds are skipped, never
 -- waited for; the batch is one short transaction. Returns the counts.
 -- $1 the cutoff (finished before it: one instant for the whole prune, so that a run
@@ -1387,6 +1419,7 @@ SELECT now() - make_interval(secs => $1::float8);
 WITH doomed AS (
     SELECT r.id FROM __schema__.runs r
     WHERE __prunable__
+      AND r.key_state IS DISTINCT FROM 'held'  -- prune_key_holder frees the key first
     ORDER BY r.finished_at
     LIMIT $3
     FOR UPDATE OF r SKIP LOCKED
@@ -1469,7 +1502,7 @@ RETURNING k.saga_name, k.key;
 -- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
 WITH doomed AS (
     SELECT r.id FROM __schema__.runs r
-    WHERE __prunable__
+    WHERE __prunable_eventually__
 )
 SELECT (SELECT count(*) FROM doomed) AS runs,
        (SELECT count(*) FROM __schema__.events e JOIN doomed d ON e.run_id = d.id) AS events;
@@ -2216,16 +2249,16 @@ ALTER TABLE __parent__ ATTACH PARTITION __part__ FOR VALUES FROM (__lo__) TO (__
 
 -- name: day_counts
 -- The runs of the day's partition __runs__ that a prune would remove, and those it keeps.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
-SELECT count(*) FILTER (WHERE __prunable__) AS gone,
-       count(*) FILTER (WHERE NOT coalesce(__prunable__, false)) AS kept
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+SELECT count(*) FILTER (WHERE __prunable_in_day__) AS gone,
+       count(*) FILTER (WHERE NOT coalesce(__prunable_in_day__, false)) AS kept
 FROM __runs__ r;
 
 -- name: day_events_gone
 -- The events (in the day's partition __events__) of the day's runs (__runs__) that a
 -- prune would remove.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
-SELECT count(*) FROM __events__ e JOIN __runs__ r ON r.id = e.run_id WHERE __prunable__;
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+SELECT count(*) FROM __events__ e JOIN __runs__ r ON r.id = e.run_id WHERE __prunable_in_day__;
 
 -- name: day_lock
 -- Hold the day's four partitions exclusively until the transaction ends (claims and
@@ -2249,12 +2282,12 @@ SELECT (SELECT count(*) FROM __runs__) AS runs, (SELECT count(*) FROM __events__
 -- partial indexes (of active runs, of finished runs by end time, of children, of each
 -- terminal status) rather than the whole partition: a run still active, one finished
 -- after the cutoff, a child whose parent stays, or one in a status not pruned.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
 SELECT EXISTS (SELECT 1 FROM __runs__ WHERE due_at IS NOT NULL)
     OR EXISTS (SELECT 1 FROM __runs__
                WHERE due_at IS NULL AND (finished_at >= $1::timestamptz OR finished_at IS NULL))
     OR EXISTS (SELECT 1 FROM __runs__ r
-               WHERE r.parent_id IS NOT NULL AND NOT coalesce(__prunable__, false))
+               WHERE r.parent_id IS NOT NULL AND NOT coalesce(__prunable_in_day__, false))
     -- Each status a literal: the planner then reads that status's partial index.
     OR (NOT 'completed' = ANY($2::text[])
         AND EXISTS (SELECT 1 FROM __runs__ WHERE status = 'completed'))
@@ -2269,14 +2302,14 @@ SELECT EXISTS (SELECT 1 FROM __runs__ WHERE due_at IS NOT NULL)
 
 -- name: day_kept
 -- The runs of the (locked) day's partition __runs__ that a prune keeps.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
-SELECT count(*) FROM __runs__ r WHERE NOT coalesce(__prunable__, false);
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+SELECT count(*) FROM __runs__ r WHERE NOT coalesce(__prunable_in_day__, false);
 
 -- name: day_key_holders
 -- The runs of the (locked) day's partition __runs__ that a prune removes and that still
 -- hold their concurrency key: each frees it first (prune_key_release).
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
-SELECT r.id FROM __runs__ r WHERE r.key_state = 'held' AND __prunable__ ORDER BY r.id;
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+SELECT r.id FROM __runs__ r WHERE r.key_state = 'held' AND __prunable_in_day__ ORDER BY r.id;
 
 -- name: day_drop
 -- Drop the day's four partitions (every run of the day goes).
@@ -2285,8 +2318,8 @@ DROP TABLE __runs__, __events__, __watches__, __signals__;
 
 -- name: day_copy_kept_runs
 -- Copy the runs a prune keeps from the day's partition __runs__ into __fresh__.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable
-INSERT INTO __fresh__ SELECT r.* FROM __runs__ r WHERE NOT coalesce(__prunable__, false);
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+INSERT INTO __fresh__ SELECT r.* FROM __runs__ r WHERE NOT coalesce(__prunable_in_day__, false);
 
 -- name: day_copy_kept_rows
 -- Copy the rows of __old__ (events, watches or signals of the day; __key__ its run id
