@@ -308,6 +308,11 @@ class Leases(Heartbeats):
             lease = self.inflight.get(key)
             if lease is not None:
                 lease.stalled = True
+                # Its slot goes to other work, as a step given up's does: the takeover
+                # may run here (a worker of one slot, or of all its slots busy, too).
+                self._given_up.add(lease)
+                self._slot_freed.set()
+                self._wake.set()
 
     async def drain(self, timeout: float) -> None:
         """No new claims; wait up to ``timeout`` for the running items to finish."""

@@ -88,7 +88,15 @@ class Telemetry:
         per claimed run, not per attempt)."""
         if carrier_json == "{}":  # started with no span (no tracing): a root, parsed free
             return _NO_PARENT
-        return propagate.extract(json.loads(carrier_json)) if carrier_json else None
+        if not carrier_json:
+            return None
+        try:
+            carrier = json.loads(carrier_json)
+            if isinstance(carrier, dict):
+                return propagate.extract(carrier)
+        except Exception:  # a carrier it cannot read: a trace of its own
+            pass
+        return None
 
     def attempt_span(
         self,

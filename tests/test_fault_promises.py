@@ -145,3 +145,28 @@ async def test_a_crashed_worker_s_lease_is_not_given_back_when_its_orchestrator_
     assert ("lease_released", "charge", 1) not in history, history
     assert ("lease_expired", "charge", 1) in history, history
     assert [c.attempt for c in charges] == [1, 2]
+
+
+@pytest.mark.timeout(60)
+async def test_expire_lease_takes_over_on_a_worker_of_one_slot(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README, Testing your sagas: with `expire_lease(step)` "another attempt takes
+    over (on another worker, or on the same one: the stalled attempt's slot goes to
+    other work ...); the first attempt's writes are refused". On the only orchestrator,
+    of concurrency 1, the step runs twice (the takeover's attempt 2 completes) and the
+    run completes. Before, no slot was free for the takeover: the stalled attempt waited
+    10 s, then its write was accepted (one call, nothing refused), the fault counted."""
+    ledger = Ledger()
+    s = small_saga("expire_one_slot", ["a", "b"], ledger=ledger, delay={"a": 0.2})
+    faults = Faults()
+    faults.expire_lease("a")
+    orch = await orchestrator(s, concurrency=1, lease_seconds=2)
+    faults.attach(orch)
+    run = await orch.start(s, Job())
+    assert await run.result(timeout=30) == "b"
+    assert faults.fired["expire_lease"] == 1
+    assert [c.attempt for c in ledger.of("step") if c.step == "a"] == [1, 2]
+    history = await run.history()
+    completed = [e.attempt for e in history if e.kind == "step_completed" and e.step == "a"]
+    assert completed == [2]

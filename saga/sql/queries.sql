@@ -76,7 +76,7 @@ WITH ins AS (
     SELECT $1::uuid, $2::text, $3::integer, $4::text, $5::text, $6::text,
            CASE WHEN $11::boolean OR $16::text IS NOT NULL THEN 'infinity'::timestamptz
                 ELSE now() END,
-           $8::jsonb, $10::text, $11::boolean,
+           $8::text::jsonb, $10::text, $11::boolean,
            CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12::text, $13::uuid,
            $14::text, $15::integer, $16::text,
            CASE WHEN $16::text IS NOT NULL THEN 'queued' END, clock_timestamp()
@@ -314,8 +314,8 @@ WITH briefly AS MATERIALIZED (
         completed_steps = CASE WHEN $6::text IS NULL THEN completed_steps
                                ELSE array_append(completed_steps, $6::text) END,
         output = coalesce($8::text, output),
-        error = coalesce($9::jsonb, error),
-        compensation_error = coalesce($10::jsonb, compensation_error),
+        error = coalesce($9::text::jsonb, error),
+        compensation_error = coalesce($10::text::jsonb, compensation_error),
         due_at = CASE WHEN $11::float8 IS NULL THEN NULL
                       WHEN $11::float8 = 'Infinity' THEN 'infinity'
                       ELSE clock_timestamp() + make_interval(secs => $11::float8) END,
@@ -335,7 +335,7 @@ WITH briefly AS MATERIALIZED (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
            e.ev->>'worker', e.ev->'data'
-    FROM upd, jsonb_array_elements($13::jsonb) WITH ORDINALITY AS e(ev, ord)
+    FROM upd, jsonb_array_elements($13::text::jsonb) WITH ORDINALITY AS e(ev, ord)
     -- Events the plan marked so are dropped on a run being cancelled: a step leased to
     -- us then will not run (the worker sees cancel_requested and rolls back).
     WHERE NOT (upd.cancel_requested AND coalesce((e.ev->>'unless_cancelled')::boolean, false))
@@ -716,7 +716,7 @@ WITH old AS (
     ON CONFLICT DO NOTHING
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, data)
-    SELECT id, 'cancel_requested', $4::jsonb FROM upd
+    SELECT id, 'cancel_requested', $4::text::jsonb FROM upd
 ), revived AS (
     -- A stopped run is active again: its end mark goes, so waiters wait for the end.
     UPDATE __schema__.watches w SET ended = false
@@ -771,7 +771,7 @@ WITH old AS (
     INSERT INTO __schema__.events (run_id, kind, step, data)
     SELECT run_id, kind, step, data FROM (
         SELECT 0 AS n, id AS run_id, 'run_retried' AS kind, step_name AS step,
-               $6::jsonb AS data
+               $6::text::jsonb AS data
         FROM upd
         UNION ALL
         SELECT 1, upd.id, 'step_ready', held.step, jsonb_build_object('after', held.after)
@@ -812,7 +812,7 @@ WITH held AS (
     RETURNING r.id, r.wait_name
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, data)
-    SELECT id, 'run_retried', wait_name, '{"waits": true}'::jsonb || coalesce($4::jsonb, '{}')
+    SELECT id, 'run_retried', wait_name, '{"waits": true}'::jsonb || coalesce($4::text::jsonb, '{}')
     FROM upd
 ), revived AS (
     UPDATE __schema__.watches w SET ended = false
@@ -832,7 +832,7 @@ WITH upd AS (
     RETURNING id
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, data)
-    SELECT id, 'run_resolved', $2::jsonb FROM upd
+    SELECT id, 'run_resolved', $2::text::jsonb FROM upd
 )
 SELECT id FROM upd;
 
@@ -889,7 +889,7 @@ WITH old AS (
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer, e.ev->'data'
-    FROM upd, jsonb_array_elements($6::jsonb) WITH ORDINALITY AS e(ev, ord)
+    FROM upd, jsonb_array_elements($6::text::jsonb) WITH ORDINALITY AS e(ev, ord)
     ORDER BY e.ord
 ), revived AS (
     UPDATE __schema__.watches w SET ended = false
@@ -1621,7 +1621,7 @@ WITH run AS (
     SELECT id,
            CASE WHEN accepted THEN 'signal_received' ELSE 'signal_refused' END,
            $2,
-           coalesce($8::jsonb, '{}') ||
+           coalesce($8::text::jsonb, '{}') ||
            CASE WHEN accepted THEN jsonb_build_object('signal', $2::text)
                 ELSE jsonb_build_object('signal', $2::text, 'reason',
                                         CASE WHEN ended THEN 'ended'
@@ -1825,9 +1825,9 @@ WITH fenced AS (
         -- Stopped (failed): at the step (compensation) that gave up, whichever branch
         -- ended last; ended otherwise: at no step (as a linear run).
         step_name = CASE WHEN $6 = 'stopped'
-                         THEN coalesce(coalesce($11::jsonb, error)->>'step', $2)
+                         THEN coalesce(coalesce($11::text::jsonb, error)->>'step', $2)
                          WHEN $6 = 'failed'
-                         THEN coalesce(coalesce($12::jsonb, compensation_error)->>'step', $2)
+                         THEN coalesce(coalesce($12::text::jsonb, compensation_error)->>'step', $2)
                          WHEN $6 IN ('completed', 'compensated', 'cancelled') THEN NULL
                          ELSE $2 END,
         results = CASE WHEN $7::text IS NULL THEN results
@@ -1837,8 +1837,8 @@ WITH fenced AS (
         compensated_steps = CASE WHEN $9::text IS NULL THEN compensated_steps
                                  ELSE array_append(compensated_steps, $9::text) END,
         output = coalesce($10::text, output),
-        error = coalesce($11::jsonb, error),
-        compensation_error = coalesce($12::jsonb, compensation_error),
+        error = coalesce($11::text::jsonb, error),
+        compensation_error = coalesce($12::text::jsonb, compensation_error),
         due_at = CASE WHEN $6 IN ('completed', 'compensated', 'failed', 'cancelled', 'stopped')
                       THEN NULL ELSE 'infinity'::timestamptz END,
         finished_at = CASE WHEN $6 IN ('completed', 'compensated', 'failed', 'cancelled',
@@ -1874,7 +1874,7 @@ WITH fenced AS (
     INSERT INTO __schema__.events (run_id, kind, step, attempt, worker, data)
     SELECT upd.id, e.ev->>'kind', e.ev->>'step', (e.ev->>'attempt')::integer,
            e.ev->>'worker', e.ev->'data'
-    FROM upd, jsonb_array_elements($19::jsonb) WITH ORDINALITY AS e(ev, ord)
+    FROM upd, jsonb_array_elements($19::text::jsonb) WITH ORDINALITY AS e(ev, ord)
     ORDER BY e.ord
 ), watch AS (
     INSERT INTO __schema__.watches AS w (run_id, watched, ended)
