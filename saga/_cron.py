@@ -48,7 +48,7 @@ _LAYOUT = "5 fields: minute hour day-of-month month day-of-week"
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February: leap years
 _ALLOWED = re.compile(r"[0-9A-Za-z*/, \t@-]*")
 _TOKEN = re.compile(r"[0-9]+|[A-Za-z]+")
-_ZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")
+_ZONE = re.compile(r"(?!right/|posix/)[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")  # not tzdata builds
 _LOCAL = frozenset({"localtime", "posixrules"})  # files of tzdata, not IANA zones
 #: A cron search looks this far ahead: Feb 29 can be 8 years away (2096 -> 2104).
 _HORIZON_DAYS = 9 * 366

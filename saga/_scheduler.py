@@ -27,7 +27,7 @@ from saga._db import unreachable
 from saga._errors import DatabaseError, exception_type
 from saga._log import Outage, logger
 from saga._run import RunHandle
-from saga._schedules import LOOKBACK, Scheduled, key_of
+from saga._schedules import LOOKBACK, Scheduled, as_stored, key_of
 from saga._store import Store
 from saga._store_sched import DueSchedule
 
@@ -125,7 +125,7 @@ class Scheduler:
         then their runs, in a transaction of its own holding the schedule's row (one
         orchestrator at a time), at most ``_AT_ONCE`` schedules at once."""
         name = due.name
-        s = self._scheduled[name]
+        s = as_stored(self._scheduled[name], due.spec, due.missed, due.catch_up)
         try:
             inputs = await _inputs(s, s.slots(due.next_fire - _EPSILON, due.now)[0])
             async with self._limiter, self._store.schedule_transaction() as conn:

@@ -8,10 +8,12 @@ run per slot: see ``saga/_scheduler.py``.
 
 from __future__ import annotations
 
+import ast
+import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -174,6 +176,42 @@ def _late(
     return count, [schedule.anchor + i * schedule.interval for i in newest]
 
 
+def as_stored(s: Scheduled[Any], spec: str, missed: str, catch_up: int) -> Scheduled[Any]:
+    """``s`` with the schedule and missed policy its row holds: those of the orchestrator
+    that registered it last (a deploy's newest definition), so that every orchestrator
+    holding the schedule handles its slots alike, old ones in a rolling deploy too.
+    ``s`` itself when they are the same, or when the row's spec is not understood."""
+    if spec == s.schedule.describe() and (missed, catch_up) == (s.missed, s.catch_up):
+        return s
+    schedule = described(spec)
+    if schedule is None or missed not in _MISSED:
+        return s
+    return replace(s, schedule=schedule, missed=cast(Missed, missed), catch_up=catch_up)
+
+
+_CRON_SPEC = re.compile(r"cron ('[^']*'|\"[^\"]*\") in (\S+)")
+_EVERY_SPEC = re.compile(r"every ((?:\d+ (?:days?|h|min|s) ?)+?)(?: from (\S+))?")
+_UNITS = {"day": 86400, "days": 86400, "h": 3600, "min": 60, "s": 1}
+
+
+def described(spec: str) -> Schedule | None:
+    """The schedule whose :meth:`Schedule.describe` is ``spec`` (None: not one)."""
+    try:
+        cron = _CRON_SPEC.fullmatch(spec)
+        if cron is not None:
+            return Schedule.cron(ast.literal_eval(cron[1]), timezone=cron[2])
+        every = _EVERY_SPEC.fullmatch(spec)
+        if every is not None:
+            words = every[1].split()
+            pairs = zip(words[::2], words[1::2], strict=True)
+            seconds = sum(int(n) * _UNITS[unit] for n, unit in pairs)
+            anchor = None if every[2] is None else datetime.fromisoformat(every[2])
+            return Schedule.every(timedelta(seconds=seconds), anchor=anchor)
+    except (DefinitionError, ValueError, SyntaxError):
+        pass
+    return None
+
+
 def key_of(name: str, slot: datetime) -> str:
     """The idempotency key of a slot's run: at most one run per schedule and slot."""
     return f"schedule:{name}:{slot.strftime('%Y-%m-%dT%H:%M:%SZ')}"
@@ -194,11 +232,20 @@ async def pause_schedule(client: Client, name: str) -> None:
 
 async def resume_schedule(client: Client, name: str) -> None:
     """Resume a paused schedule: its slots from now on start runs; those that passed
-    while it was paused do not. ``ConfigurationError`` for an unknown name."""
+    while it was paused (or were late when it was paused) do not, and it is next due at
+    its next slot. ``ConfigurationError`` for an unknown name."""
     await _pause(client, name, False)
 
 
 async def _pause(client: Client, name: str, paused: bool) -> None:
     _checks.text("schedule name", name, ConfigurationError, max_length=128)
-    if not await store_of(client).pause_schedule(name, paused):
+    store = store_of(client)
+    following = None
+    if not paused:
+        found = await store.schedule_spec(name)
+        if found is None:
+            raise ConfigurationError(f"no schedule named {name!r}")
+        schedule = described(found[0])
+        following = None if schedule is None else schedule.next_after(found[1])
+    if not await store.pause_schedule(name, paused, following):
         raise ConfigurationError(f"no schedule named {name!r}")

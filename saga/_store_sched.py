@@ -51,6 +51,9 @@ class DueSchedule:
     name: str
     next_fire: datetime
     now: datetime  # the database's clock
+    spec: str = ""  # the definition registered last: its schedule and missed policy
+    missed: str = "skip"
+    catch_up: int = 10
 
 
 class ScheduleQueries:
@@ -147,7 +150,10 @@ class ScheduleQueries:
     async def schedules_due(self, conn: Executor, names: Sequence[str]) -> list[DueSchedule]:
         """The due schedules among ``names``, locked in ``conn``'s transaction."""
         rows = await conn.fetch(self._q["schedules_due"], list(names))
-        return [DueSchedule(r["name"], r["next_fire"], r["now"]) for r in rows]
+        return [
+            DueSchedule(r["name"], r["next_fire"], r["now"], r["spec"], r["missed"], r["catch_up"])
+            for r in rows
+        ]
 
     async def schedule_fired(
         self,
@@ -193,8 +199,18 @@ class ScheduleQueries:
             for r in rows
         ]
 
-    async def pause_schedule(self, name: str, paused: bool) -> bool:
-        """Pause or resume; False when there is no such schedule."""
+    async def schedule_spec(self, name: str) -> tuple[str, datetime] | None:
+        """The schedule's spec as registered last, and the database's now (None: no such
+        schedule)."""
+        async with translate_errors("reading a schedule"):
+            row = await self.pool.fetchrow(self._q["schedule_spec"], name)
+        return None if row is None else (row["spec"], row["now"])
+
+    async def pause_schedule(
+        self, name: str, paused: bool, following: datetime | None = None
+    ) -> bool:
+        """Pause or resume (next due at ``following`` if its slot passed meanwhile);
+        False when there is no such schedule."""
         async with translate_errors("pausing a schedule"):
-            row = await self.pool.fetchrow(self._q["pause_schedule"], name, paused)
+            row = await self.pool.fetchrow(self._q["pause_schedule"], name, paused, following)
         return row is not None

@@ -10,10 +10,13 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import asyncpg
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import saga
+from saga._schedules import described
 from tests._sagas import Job, small_saga
 from tests.conftest import ClientFactory, OrchestratorFactory
 from tests.test_telemetry import points
@@ -176,3 +179,138 @@ def test_valid_cron_steps_wider_than_their_range_are_accepted(
     schedule = saga.Schedule.cron(expression)
     start = datetime(2026, 6, 1, 0, 0, 30, tzinfo=UTC)
     assert schedule.fires_between(start, fires[-1], limit=2) == fires
+
+
+async def _overdue_row(db: asyncpg.Connection, d: saga.Scheduled[Job], next_fire: datetime) -> None:
+    """The schedule's row as an outage leaves it: its next slot in the past."""
+    await db.execute(
+        "INSERT INTO saga.schedules (name, saga_name, saga_version, spec, missed, catch_up,"
+        " next_fire) VALUES ($1, $2, 1, $3, $4, $5, $6)",
+        d.name,
+        d.saga.name,
+        d.schedule.describe(),
+        d.missed,
+        d.catch_up,
+        next_fire,
+    )
+
+
+async def _slow_job(slot: datetime) -> Job:
+    await anyio.sleep(0.3)  # an input read from a service: well under the 10 s limit
+    return Job()
+
+
+@pytest.mark.timeout(60)
+async def test_a_rolling_deploy_runs_the_new_definitions_slots(
+    dsn: str, orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README (Schedules): "any number of them may hold the same one"; a definition
+    changed in a deploy: "the new definition's slots since then run on time or follow
+    `missed`, none is lost to the deploy". An old orchestrator holds "sync" daily at
+    12:00 UTC; the new one (every second) starts, then the old one stops: every second
+    after the deploy has its run, whichever orchestrator handled it (the old one by the
+    row's definition). Before, the old orchestrator handled the first due slot by its
+    own definition and moved the next slot to 12:00: no run until then, none counted."""
+    s = small_saga("sync", 1)
+    old = saga.Scheduled("sync", s, saga.Schedule.cron("0 12 * * *"), Job())
+    new = saga.Scheduled("sync", s, saga.Schedule.every(timedelta(seconds=1)), _slow_job)
+    async with saga.Orchestrator(dsn, sagas=[s], schedules=[old], poll_interval=0.2,
+                                 shutdown_timeout=2.0):  # fmt: skip
+        await orchestrator(s, schedules=[new])
+        deployed = datetime.now(UTC)
+        await anyio.sleep(2.5)
+    await anyio.sleep(3)  # the new orchestrator alone
+    ran = [x for x in await _slots(db, "sync") if x > deployed]
+    row = await db.fetchrow("SELECT spec, skipped FROM saga.schedules")
+    assert row["spec"] == "every 1 s"
+    assert len(ran) + row["skipped"] >= 4, (ran, dict(row))
+
+
+@pytest.mark.parametrize("zone", ["right/Europe/Paris", "posix/UTC", "right/UTC"])
+def test_tzdata_builds_are_not_iana_zones(zone: str) -> None:
+    """README: cron times are "in an IANA time zone", and time zones that do not exist
+    are refused with a DefinitionError. tzdata's right/ (leap seconds) and posix/ builds
+    are refused. Before, right/Europe/Paris was taken, and `0 2 * * *` fired at 01:00 in
+    Paris in December (Python keeps that file's summer time for ever)."""
+    with pytest.raises(saga.DefinitionError, match="unknown time zone"):
+        saga.Schedule.cron("0 2 * * *", timezone=zone)
+
+
+async def test_a_schedule_resumed_after_its_slot_passed_is_next_due_at_its_next_slot(
+    open_client: ClientFactory, db: asyncpg.Connection
+) -> None:
+    """README: `resume_schedule` (slots that passed while paused never run);
+    `ScheduleInfo.late`: "seconds since a slot passed unhandled". A daily 02:00 Paris
+    schedule paused over its slot, resumed with no orchestrator up, says its next fire is
+    tomorrow's 02:00 Paris, and it is not late. Before, its next fire was the instant of
+    the resume (no slot) and `late` grew from there."""
+    s = small_saga("report", 1)
+    daily = saga.Schedule.cron("0 2 * * *", timezone="Europe/Paris")
+    d = saga.Scheduled("nightly", s, daily, Job())
+    now = datetime.now(UTC)
+    passed = daily.latest_at_or_before(now - timedelta(minutes=1))
+    assert passed is not None
+    await _overdue_row(db, d, passed)
+    await db.execute("UPDATE saga.schedules SET paused = true")
+    client = await open_client(s)
+    await saga.resume_schedule(client, "nightly")
+    await anyio.sleep(1)
+    (info,) = await saga.list_schedules(client)
+    assert (info.next_fire, info.late, info.paused) == (daily.next_after(now), 0, False)
+
+
+async def test_resuming_drops_the_late_slots_a_schedule_was_paused_with(
+    orchestrator: OrchestratorFactory, open_client: ClientFactory, db: asyncpg.Connection
+) -> None:
+    """README: resuming, "those that passed while it was paused, or were late when it
+    was paused, do not" run. An hourly schedule (missed="all") 3 hours overdue, paused
+    and resumed: it is next due at its next hourly slot, and an orchestrator starting
+    then runs none of the late slots (pausing is the operator's say)."""
+    s = small_saga("hourly", 1)
+    hourly = saga.Schedule.every(timedelta(hours=1))
+    d = saga.Scheduled("hourly", s, hourly, Job(), missed="all", catch_up=10)
+    overdue = hourly.latest_at_or_before(datetime.now(UTC) - timedelta(hours=3))
+    assert overdue is not None
+    await _overdue_row(db, d, overdue)
+    client = await open_client(s)
+    await saga.pause_schedule(client, "hourly")
+    await saga.resume_schedule(client, "hourly")
+    (info,) = await saga.list_schedules(client)
+    assert info.next_fire == hourly.next_after(datetime.now(UTC))
+    await orchestrator(s, schedules=[d])
+    await anyio.sleep(1)
+    assert await _slots(db, "hourly") == []
+
+
+_UNITS = st.sampled_from(["*", "0", "*/15", "5-40/5", "1,2,3"])
+
+
+@example(seconds=86400, anchor=None, minute="0", hour="2", zone="Europe/Paris")
+@settings(max_examples=200, deadline=None)
+@given(
+    seconds=st.integers(1, 366 * 86400),
+    anchor=st.none() | st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)),
+    minute=_UNITS,
+    hour=st.sampled_from(["*", "2", "9-17", "*/6"]),
+    zone=st.sampled_from(["UTC", "Europe/Paris", "America/Santiago", "Australia/Lord_Howe"]),
+)
+def test_a_stored_spec_reads_back_as_the_same_schedule(
+    seconds: int, anchor: datetime | None, minute: str, hour: str, zone: str
+) -> None:
+    """Orchestrators handle a schedule by the definition registered last, read back from
+    its row (`Schedule.describe()`): for intervals (with or without anchors) and cron
+    expressions in any zone, what is read back describes itself the same and fires at
+    the same times."""
+    every = saga.Schedule.every(
+        timedelta(seconds=seconds),
+        anchor=None if anchor is None else anchor.replace(microsecond=0, tzinfo=UTC),
+    )
+    cron = saga.Schedule.cron(f"{minute} {hour} * * *", timezone=zone)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    for schedule in (every, cron):
+        back = described(schedule.describe())
+        assert back is not None
+        assert back.describe() == schedule.describe()
+        assert back.fires_between(start, start + timedelta(days=40), limit=5) == (
+            schedule.fires_between(start, start + timedelta(days=40), limit=5)
+        )

@@ -1077,9 +1077,9 @@ SELECT set_config('idle_in_transaction_session_timeout', $1, true);
 -- name: schedules_due
 -- The schedules among $1 that are due and not paused, locked: each is handled by one
 -- orchestrator at a time (SKIP LOCKED), which reads the slots due from next_fire up to
--- the database's now.
+-- the database's now, by the definition registered last (spec, missed, catch_up).
 -- $1 schedule names
-SELECT name, next_fire, now() AS now
+SELECT name, next_fire, now() AS now, spec, missed, catch_up
 FROM __schema__.schedules
 WHERE name = ANY($1::text[]) AND NOT paused AND next_fire <= now()
 ORDER BY next_fire
@@ -1114,15 +1114,22 @@ SELECT name, saga_name, saga_version, spec, missed, catch_up, paused, next_fire,
             ELSE greatest(0, extract(epoch FROM now() - next_fire))::float8 END AS late
 FROM __schema__.schedules ORDER BY name;
 
+-- name: schedule_spec
+-- A schedule's definition as registered last, and the database's now (to find its next
+-- slot from).
+-- $1 name
+SELECT spec, now() AS now FROM __schema__.schedules WHERE name = $1;
+
 -- name: pause_schedule
 -- Pause ($2 true) or resume ($2 false) a schedule. Resuming keeps its next slot when
--- that is still ahead (none passed while it was paused); else it is due now: its slots
--- from now on fire, those that passed while it was paused do not.
--- $1 name, $2 paused
+-- that is still ahead (none passed while it was paused); else it is next due at $3, its
+-- first slot after now (now itself if its spec was not understood): its slots from now
+-- on fire, those that passed while it was paused (or were late when it was paused) do not.
+-- $1 name, $2 paused, $3 the first slot after now, or NULL
 UPDATE __schema__.schedules SET
     paused = $2,
     next_fire = CASE WHEN $2 OR NOT paused OR next_fire > now() THEN next_fire
-                     ELSE now() END,
+                     ELSE coalesce($3::timestamptz, now()) END,
     updated_at = now()
 WHERE name = $1
 RETURNING paused;
