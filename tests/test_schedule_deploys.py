@@ -19,6 +19,7 @@ import saga
 from saga._schedules import described
 from tests._sagas import Job, small_saga
 from tests.conftest import ClientFactory, OrchestratorFactory
+from tests.test_schedule_outages import _down_since
 from tests.test_telemetry import points
 
 
@@ -181,20 +182,6 @@ def test_valid_cron_steps_wider_than_their_range_are_accepted(
     assert schedule.fires_between(start, fires[-1], limit=2) == fires
 
 
-async def _overdue_row(db: asyncpg.Connection, d: saga.Scheduled[Job], next_fire: datetime) -> None:
-    """The schedule's row as an outage leaves it: its next slot in the past."""
-    await db.execute(
-        "INSERT INTO saga.schedules (name, saga_name, saga_version, spec, missed, catch_up,"
-        " next_fire) VALUES ($1, $2, 1, $3, $4, $5, $6)",
-        d.name,
-        d.saga.name,
-        d.schedule.describe(),
-        d.missed,
-        d.catch_up,
-        next_fire,
-    )
-
-
 async def _slow_job(slot: datetime) -> Job:
     await anyio.sleep(0.3)  # an input read from a service: well under the 10 s limit
     return Job()
@@ -248,9 +235,7 @@ async def test_a_schedule_resumed_after_its_slot_passed_is_next_due_at_its_next_
     daily = saga.Schedule.cron("0 2 * * *", timezone="Europe/Paris")
     d = saga.Scheduled("nightly", s, daily, Job())
     now = datetime.now(UTC)
-    passed = daily.latest_at_or_before(now - timedelta(minutes=1))
-    assert passed is not None
-    await _overdue_row(db, d, passed)
+    await _down_since(db, d, timedelta(minutes=1))
     await db.execute("UPDATE saga.schedules SET paused = true")
     client = await open_client(s)
     await saga.resume_schedule(client, "nightly")
@@ -269,9 +254,7 @@ async def test_resuming_drops_the_late_slots_a_schedule_was_paused_with(
     s = small_saga("hourly", 1)
     hourly = saga.Schedule.every(timedelta(hours=1))
     d = saga.Scheduled("hourly", s, hourly, Job(), missed="all", catch_up=10)
-    overdue = hourly.latest_at_or_before(datetime.now(UTC) - timedelta(hours=3))
-    assert overdue is not None
-    await _overdue_row(db, d, overdue)
+    await _down_since(db, d, timedelta(hours=3))
     client = await open_client(s)
     await saga.pause_schedule(client, "hourly")
     await saga.resume_schedule(client, "hourly")
