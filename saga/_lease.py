@@ -12,6 +12,7 @@ to change it; they never write its fields.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -21,7 +22,6 @@ from uuid import UUID
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from saga._aio import uncancellable
 from saga._errors import DatabaseError
 from saga._heartbeat import Heartbeats
 from saga._held import Lease
@@ -73,6 +73,9 @@ class Leases(Heartbeats):
         #: Runs a transition claimed along, waiting for a task whose run just ended.
         self._handoff: deque[tuple[ClaimedItem, Lease]] = deque()
         self._dead: dict[UUID | ItemKey, int] = {}  # crashed by saga.testing: key -> token
+        # The claim in flight, in a task of its own: a shutdown does not cancel it (see
+        # claim_loop), it waits for it a little before giving the leases back.
+        self._claiming: asyncio.Future[list[ClaimedItem]] | None = None
         self._given_up: set[Lease] = set()  # attempts ignoring their timeout (_responsive)
         self._renewals: TaskGroup | None = None  # the heartbeat loop's (see _renew_alone)
         self._renewing: set[UUID | ItemKey] = set()
@@ -214,8 +217,11 @@ class Leases(Heartbeats):
             try:
                 # Not cancelled in flight: a claim the server commits after its caller
                 # went would lease runs to a worker whose shutdown already released
-                # what it held (they would wait for their lease to expire).
-                items = await uncancellable(self._claim(free))
+                # what it held (they would wait for their lease to expire). A shutdown
+                # waits for it (release_all), a little.
+                claim = self._claiming = asyncio.ensure_future(self._claim(free))
+                claim.add_done_callback(_retrieve)
+                items = await asyncio.shield(claim)
             except DatabaseError as exc:
                 self.unreserve(free)
                 self._outage.lost("claiming work", exc)
@@ -332,6 +338,11 @@ class Leases(Heartbeats):
         not count (once). By owner, not by the leases known here: a write cancelled in
         flight may have committed a lease its runner never learnt of (the next step, or
         a run claimed along)."""
+        claim = self._claiming
+        if claim is not None and not claim.done():
+            with anyio.move_on_after(_CLAIM_PATIENCE):  # (what it leases goes back below)
+                await asyncio.wait([claim])
+            claim.cancel()  # held up (a lock): what it may still lease expires
         held = len(self.inflight)
         # Attempts still waiting for a rate limit's token never started: not counted.
         unstarted = [k for k, lease in self.inflight.items() if lease.unstarted]
@@ -352,3 +363,13 @@ class Leases(Heartbeats):
                     error_type=type(exc.__cause__).__name__,
                     leases=held,
                 )
+
+
+#: How long a shutdown waits for a claim in flight before giving its leases back.
+_CLAIM_PATIENCE = 5.0
+
+
+def _retrieve(claim: asyncio.Future[Any]) -> None:
+    """A claim's outcome no one awaits any more (a shutdown came): read, not warned of."""
+    if not claim.cancelled():
+        claim.exception()

@@ -280,16 +280,19 @@ class Orchestrator(Client):
             self._leases.stall(run_id, step)
         return await self._store.expire_lease(run_id, step)
 
-    async def taken_over(self, run_id: UUID, expired: tuple[str | None, int]) -> None:
+    async def taken_over(self, run_id: UUID, expired: tuple[str | None, int]) -> bool:
         """Until a claim took over the lease ``expire_lease`` expired (its token moved
         on), for at most ``_TAKEOVER_SECONDS``: the stalled attempt's write then comes
-        after it, and is refused, however quickly its step returned."""
+        after it, and is refused, however quickly its step returned. False: not taken
+        over yet (every slot of every worker busy with other work)."""
         assert self._store is not None
         step, token = expired
         with anyio.move_on_after(_TAKEOVER_SECONDS):
             while await self._store.lease_token_of(run_id, step) == token:
                 self.wake()
                 await anyio.sleep(0.02)
+            return True
+        return False
 
 
 #: How long a stalled attempt (saga.testing's expire_lease) waits for its takeover.

@@ -174,6 +174,10 @@ class DaysPruned:
     days: int = 0
 
 
+#: The runs a prune that removes rows counts as gone beyond those absent: none (a dry
+#: run, which removes nothing, passes the parents of the days it counted).
+_NONE_GONE: list[UUID] = []
+
 #: Frees the concurrency key of a run about to be deleted (in the caller's transaction).
 ReleaseKey = Callable[[Conn, UUID], Awaitable[None]]
 
@@ -191,12 +195,13 @@ async def prune_days(
     keys with ``release``; the others are kept). Oldest day first. ``dry_run``: only
     count what would go."""
     total = DaysPruned()
+    gone: list[UUID] = []  # a dry run's parents that the days it counted remove
     for day in sorted(await days(pool, schema)):
         end = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
         if end > cutoff:
             break
         if dry_run:
-            done = await _count_day(pool, schema, day, cutoff, list(statuses))
+            done = await _count_day(pool, schema, day, cutoff, list(statuses), gone)
         else:
             done = await _prune_day(pool, schema, day, cutoff, list(statuses), release)
         if done is not None:
@@ -205,27 +210,42 @@ async def prune_days(
 
 
 async def _count_day(
-    pool: asyncpg.Pool, schema: str, day: date, cutoff: datetime, statuses: list[str]
+    pool: asyncpg.Pool,
+    schema: str,
+    day: date,
+    cutoff: datetime,
+    statuses: list[str],
+    gone: list[UUID],
 ) -> tuple[int, int] | None:
-    """What ``_prune_day`` would remove of the day now: its runs and their events."""
+    """What ``_prune_day`` would remove of the day, the earlier days counted gone (their
+    parents in ``gone``, to which the day's own that go are added): its runs and their
+    events."""
     tables = _day_tables(schema, day)
     gone_events = query("day_events_gone", schema, events=tables["events"], runs=tables["runs"])
+    parents = query("day_parents_gone", schema, runs=tables["runs"])
     try:
-        counts = await _counts(pool, schema, tables["runs"], cutoff, statuses)
+        counts = await _counts(pool, schema, tables["runs"], cutoff, statuses, gone)
         if counts is None:
             return None
-        return counts[0], await pool.fetchval(gone_events, cutoff, statuses)
+        events = await pool.fetchval(gone_events, cutoff, statuses, gone)
+        gone += [r["id"] for r in await pool.fetch(parents, cutoff, statuses, gone)]
+        return counts[0], events
     except asyncpg.UndefinedTableError:
         return None  # another prune dropped the day meanwhile
 
 
 async def _counts(
-    pool: asyncpg.Pool, schema: str, runs: str, cutoff: datetime, statuses: list[str]
+    pool: asyncpg.Pool,
+    schema: str,
+    runs: str,
+    cutoff: datetime,
+    statuses: list[str],
+    gone: list[UUID] = _NONE_GONE,
 ) -> tuple[int, int] | None:
     """The day's runs that would go and stay, or None when the day is not worth it
     (less than half goes: prune's row-by-row pass takes those). A day with no run at
     all (created ahead on a quiet day, or emptied row by row) goes too."""
-    row = await pool.fetchrow(query("day_counts", schema, runs=runs), cutoff, statuses)
+    row = await pool.fetchrow(query("day_counts", schema, runs=runs), cutoff, statuses, gone)
     assert row is not None
     if row["kept"] > row["gone"]:
         return None
@@ -284,14 +304,15 @@ async def _prune_locked(
     assert row is not None
     runs, events = row["runs"], row["events"]
     any_kept = query("day_any_kept", schema, runs=parts["runs"])
-    drop = not kept_before and not await conn.fetchval(any_kept, cutoff, statuses)
+    drop = not kept_before and not await conn.fetchval(any_kept, cutoff, statuses, _NONE_GONE)
     kept = 0
     if not drop:
-        kept = await conn.fetchval(query("day_kept", schema, runs=parts["runs"]), cutoff, statuses)
+        kept_query = query("day_kept", schema, runs=parts["runs"])
+        kept = await conn.fetchval(kept_query, cutoff, statuses, _NONE_GONE)
         if kept > runs - kept:
             return None
     holders = query("day_key_holders", schema, runs=parts["runs"])
-    for holder in await conn.fetch(holders, cutoff, statuses):
+    for holder in await conn.fetch(holders, cutoff, statuses, _NONE_GONE):
         # The oldest run queued for the key goes on once the day is gone.
         await release(conn, holder["id"])
     if drop:
@@ -313,7 +334,7 @@ async def _compact(
         await conn.execute(query("partition_create", schema, part=fresh[table], parent=parent))
         if table == "runs":
             copy = query("day_copy_kept_runs", schema, fresh=fresh[table], runs=old[table])
-            status = await conn.execute(copy, cutoff, statuses)
+            status = await conn.execute(copy, cutoff, statuses, _NONE_GONE)
         else:
             copy = query(
                 "day_copy_kept_rows",

@@ -225,7 +225,11 @@ class Faults(Hooks):
         stalled = None if ctx.is_compensation else (ctx.run_id, ctx.step, ctx.attempt)
         if stalled is not None and stalled in self._expired:
             target, expired = self._expired.pop(stalled)
-            await target.taken_over(ctx.run_id, expired)  # so its write comes after
+            if not await target.taken_over(ctx.run_id, expired):  # so its write comes after
+                # No slot freed for the takeover yet: the stalled attempt writes nothing
+                # (as a write the takeover refuses), and a claim takes the run over once
+                # one is free.
+                raise SimulatedCrash(f"stalled attempt of {ctx.step!r} not taken over yet")
         if self._match("crash_after", ctx) is not None:
             raise SimulatedCrash(f"injected crash after {ctx.step!r}")
 

@@ -10,7 +10,7 @@ import pytest
 
 import saga
 from saga.testing import Faults
-from tests._sagas import Job, Ledger, permanent, small_saga
+from tests._sagas import Gate, Job, Ledger, permanent, small_saga
 from tests.conftest import OrchestratorFactory
 
 
@@ -170,3 +170,42 @@ async def test_expire_lease_takes_over_on_a_worker_of_one_slot(
     history = await run.history()
     completed = [e.attempt for e in history if e.kind == "step_completed" and e.step == "a"]
     assert completed == [2]
+
+
+@pytest.mark.timeout(90)
+async def test_expire_lease_takes_over_when_other_work_was_pending_on_one_slot(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README, Testing your sagas: `expire_lease(step)`: "another attempt takes over (on
+    another worker, or on the same one: the stalled attempt's slot goes to other work,
+    as a step given up does, so a worker of one slot takes over too); the first
+    attempt's writes are refused by the fencing token (a step that returns before the
+    takeover waits for it, up to 10 s, before its checkpoint)".
+
+    One orchestrator of concurrency 1. Run A is at its first step x; run B (one 12 s
+    step) waits for the slot. A's step a is stalled; the freed slot goes to B (due
+    first), so no takeover comes within 10 s: the stalled attempt writes nothing, and
+    once B is done a claim takes A over (attempt 2 of a completes). Before, the stalled
+    attempt's write was accepted after 10 s: a ran once, though the fault had fired."""
+
+    ledger = Ledger()
+    gate = Gate("x", times=1)
+    a_saga = small_saga("stall_first", ["x", "a"], ledger=ledger, gate=gate, delay={"a": 0.2})
+    b_saga = small_saga("slow_other", ["s"], delay={"s": 12.0})
+    faults = Faults()
+    faults.expire_lease("a")
+    orch = await orchestrator(a_saga, b_saga, concurrency=1, lease_seconds=2)
+    faults.attach(orch)
+    run_a = await orch.start(a_saga, Job(n=1))
+    with anyio.fail_after(10):
+        await gate.entered.wait()
+    run_b = await orch.start(b_saga, Job(n=2))
+    await anyio.sleep(0.2)
+    gate.release.set()
+    assert await run_a.result(timeout=40) == "a"
+    assert faults.fired["expire_lease"] == 1
+    history = await run_a.history()
+    completed = [e.attempt for e in history if e.kind == "step_completed" and e.step == "a"]
+    assert [c.attempt for c in ledger.of("step") if c.step == "a"] == [1, 2], completed
+    assert completed == [2], completed
+    await run_b.result(timeout=30)

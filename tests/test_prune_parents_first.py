@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import timedelta
+from itertools import pairwise
+from typing import Any
 
 import anyio
 import asyncpg
@@ -221,3 +223,67 @@ async def test_a_whole_days_prune_drops_children_whose_parents_day_it_leaves(
     with anyio.fail_after(20), pytest.raises(saga.RunError):
         await stopped.result()
     assert undone == Counter({0: 1, 1: 1})
+
+
+async def _chain(
+    orch: saga.Orchestrator, quick: saga.Saga[Job], db: asyncpg.Connection, depth: int
+) -> list[Any]:
+    runs = [await orch.start(quick, Job(n=i)) for i in range(depth)]
+    for r in runs:
+        await r.result(timeout=20)
+    ids = [r.id for r in runs]
+    for parent, child in pairwise(ids):
+        await db.execute("UPDATE saga.runs SET parent_id = $2 WHERE id = $1", child, parent)
+    return ids
+
+
+async def test_dry_run_counts_what_the_prune_then_deletes_for_a_deep_chain(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README, Operator API, prune: "`dry_run=True` counts what would go".
+
+    A chain of six finished runs, each the child run of the one before, none in an old
+    day (the row-by-row passes): the dry run counts the 6 that the prune then deletes (a
+    child in a batch after its parent's). Before, the dry run looked three generations
+    up and said 4."""
+    quick = small_saga("quick", 1)
+    orch = await orchestrator(quick)
+    ids = await _chain(orch, quick, db, 6)
+    with anyio.fail_after(30):
+        dry = await saga.prune(orch, older_than=timedelta(0), dry_run=True)
+        done = await saga.prune(orch, older_than=timedelta(0))
+    left = await db.fetchval("SELECT count(*) FROM saga.runs WHERE id = ANY($1)", ids)
+    assert (done.runs, left) == (6, 0)
+    assert dry.runs == done.runs, (dry.runs, done.runs)
+
+
+async def test_whole_days_dry_run_counts_a_child_whose_parent_s_earlier_day_goes(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    """README, Operator API, prune: "`dry_run=True` counts what would go (with
+    `whole_days`, the whole days only)".
+
+    A finished parent run started 41 days ago, its finished child run 40 days ago (the
+    next UTC day). `prune(whole_days=True)` drops both days (the parent's first, then the
+    child's, its parent gone), 2 runs, and the dry run counts both. Before, it counted
+    the child's day as keeping the child (its parent still there), and said 1."""
+
+    quick = small_saga("quick", 1)
+    orch = await orchestrator(quick)
+    parent = await orch.start(quick, Job(n=1))
+    child = await orch.start(quick, Job(n=2))
+    for r in (parent, child):
+        await r.result(timeout=20)
+    await _past_day(dsn, 41)
+    await _past_day(dsn, 40)
+    parent_id = await _backdate(db, parent.id, 41)
+    child_id = await _backdate(db, child.id, 40)
+    await db.execute("UPDATE saga.runs SET parent_id = $1 WHERE id = $2", parent_id, child_id)
+    with anyio.fail_after(30):
+        dry = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True, dry_run=True)
+        done = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True)
+    left = await db.fetchval(
+        "SELECT count(*) FROM saga.runs WHERE id = ANY($1)", [parent_id, child_id]
+    )
+    assert (done.runs, left) == (2, 0)
+    assert dry.runs == done.runs, (dry.runs, done.runs)

@@ -197,3 +197,44 @@ async def test_a_crash_between_two_shutdowns_does_not_make_the_next_give_back_co
     else:
         assert await handle.result(timeout=10) == 1
     assert released == [(1, False), (2, False)]
+
+
+@pytest.mark.timeout(90)
+async def test_close_is_not_held_by_a_claim_waiting_for_a_lock(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    """README, Orchestrator: "Leaving stops claiming, lets running steps finish for up to
+    `shutdown_timeout`, then cancels the rest ... A step that swallows its cancellation
+    cannot hold the close: 15 s past `shutdown_timeout` ... the close returns".
+
+    An idle orchestrator (shutdown_timeout=1) whose claim waits for a lock another
+    transaction holds on the runs table (a migration's ALTER, an operator's LOCK
+    TABLE): the close waits for that claim 5 s at most, and returns well within 15 s
+    past shutdown_timeout. Before (a claim made uncancellable so that a shutdown never
+    gives leases back under a claim still committing), it took about 26 s."""
+    quick = small_saga("quick", 1)
+    orch = await orchestrator(quick, shutdown_timeout=1, poll_interval=0.2)
+    holder = await asyncpg.connect(dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("LOCK TABLE saga.runs IN ACCESS EXCLUSIVE MODE")
+        with anyio.fail_after(10):
+            while True:  # until the claim waits for the lock
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                )
+                if waiting:
+                    break
+                await anyio.sleep(0.05)
+        took = None
+        start = anyio.current_time()
+        with anyio.move_on_after(50):
+            await orch.aclose()
+            took = anyio.current_time() - start
+        await tx.rollback()
+    finally:
+        await holder.close()
+    assert took is not None
+    assert took < 16

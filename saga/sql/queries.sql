@@ -1364,55 +1364,36 @@ SELECT now() - make_interval(secs => $1::float8);
  AND (r.parent_id IS NULL
       OR NOT EXISTS (SELECT 1 FROM __schema__.runs p WHERE p.id = r.parent_id)))
 
--- name: fragment_prunable_eventually
--- Not a statement: as prunable (above), but what a whole prune's passes take in the end:
--- a child whose ancestors all go too (a dry run's count). Three generations up are
--- looked at; a run with a fourth ancestor still there is kept as if it stayed. Joins, not
--- a recursive query: the planner then costs the condition as the few index probes it is
--- (a recursive one was costed so high that Postgres JIT-compiled every prune statement).
--- $1 the prune's cutoff, $2 statuses (text[], terminal)
-(r.due_at IS NULL
- AND r.finished_at < $1::timestamptz
- AND r.status = ANY($2::text[])
- AND (r.parent_id IS NULL OR NOT EXISTS (
-     SELECT 1 FROM __schema__.runs p
-     LEFT JOIN __schema__.runs g ON g.id = p.parent_id
-     LEFT JOIN __schema__.runs gg ON gg.id = g.parent_id
-     LEFT JOIN __schema__.runs ggg ON ggg.id = gg.parent_id
-     WHERE p.id = r.parent_id
-       AND (NOT (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[]))
-            OR (g.id IS NOT NULL AND NOT (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false) AND g.status = ANY($2::text[])))
-            OR (gg.id IS NOT NULL AND (ggg.id IS NOT NULL OR NOT (gg.due_at IS NULL AND coalesce(gg.finished_at < $1::timestamptz, false) AND gg.status = ANY($2::text[]))))))))
-
 -- name: fragment_prunable_in_day
 -- Not a statement: as prunable (above), for the runs of one day's partition __runs__
 -- that a whole-days prune drops or compacts in one transaction: a child goes if its
 -- parent is gone, or goes with it (in the same day, and going), three generations up (a
 -- run with a fourth ancestor still there stays). A parent in an earlier day is there
--- only because that day kept it: its children stay.
--- $1 the prune's cutoff, $2 statuses (text[], terminal)
+-- only because that day kept it: its children stay. A dry run, which removes nothing,
+-- gives the parents the earlier days it counted remove as gone ($3).
+-- $1 the prune's cutoff, $2 statuses (text[], terminal), $3 runs gone (uuid[]: a dry run)
 (r.due_at IS NULL
  AND r.finished_at < $1::timestamptz
  AND r.status = ANY($2::text[])
  AND (r.parent_id IS NULL
-      OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = r.parent_id)
+      OR (r.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = r.parent_id))
       OR EXISTS (
           SELECT 1 FROM __runs__ p
           WHERE p.id = r.parent_id AND (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[]))
             AND (p.parent_id IS NULL
-                 OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = p.parent_id)
+                 OR (p.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = p.parent_id))
                  OR EXISTS (
                      SELECT 1 FROM __runs__ g
                      WHERE g.id = p.parent_id AND (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false) AND g.status = ANY($2::text[]))
                        AND (g.parent_id IS NULL
-                            OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
-                                           WHERE x.id = g.parent_id)
+                            OR (g.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
+                                           WHERE x.id = g.parent_id))
                             OR EXISTS (
                                 SELECT 1 FROM __runs__ gg
                                 WHERE gg.id = g.parent_id AND (gg.due_at IS NULL AND coalesce(gg.finished_at < $1::timestamptz, false) AND gg.status = ANY($2::text[]))
                                   AND (gg.parent_id IS NULL
-                                       OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
-                                                      WHERE x.id = gg.parent_id)))))))))
+                                       OR (gg.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
+                                                      WHERE x.id = gg.parent_id))))))))))
 
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
@@ -1505,11 +1486,17 @@ ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = k.key_limit
 RETURNING k.saga_name, k.key;
 
 -- name: count_prunable
--- What prune_runs would delete with the same arguments (a dry run): runs and events.
+-- What prune_runs' batches (and the key holders' pass) would delete with the same
+-- arguments, once every batch ran (a dry run): runs and events. The runs whose parent is
+-- gone (see fragment_prunable), then their children that go too, generation by
+-- generation, as the batches take them.
 -- $1 the prune's cutoff (see prune_runs), $2 statuses (text[], terminal ones)
-WITH doomed AS (
+WITH RECURSIVE doomed AS (
     SELECT r.id FROM __schema__.runs r
-    WHERE __prunable_eventually__
+    WHERE __prunable__
+    UNION ALL
+    SELECT c.id FROM doomed d JOIN __schema__.runs c ON c.parent_id = d.id
+    WHERE c.due_at IS NULL AND c.finished_at < $1::timestamptz AND c.status = ANY($2::text[])
 )
 SELECT (SELECT count(*) FROM doomed) AS runs,
        (SELECT count(*) FROM __schema__.events e JOIN doomed d ON e.run_id = d.id) AS events;
@@ -2256,7 +2243,8 @@ ALTER TABLE __parent__ ATTACH PARTITION __part__ FOR VALUES FROM (__lo__) TO (__
 
 -- name: day_counts
 -- The runs of the day's partition __runs__ that a prune would remove, and those it keeps.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 runs gone: see
+-- fragment_prunable_in_day
 SELECT count(*) FILTER (WHERE __prunable_in_day__) AS gone,
        count(*) FILTER (WHERE NOT coalesce(__prunable_in_day__, false)) AS kept
 FROM __runs__ r;
@@ -2264,7 +2252,8 @@ FROM __runs__ r;
 -- name: day_events_gone
 -- The events (in the day's partition __events__) of the day's runs (__runs__) that a
 -- prune would remove.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 runs gone: see
+-- fragment_prunable_in_day
 SELECT count(*) FROM __events__ e JOIN __runs__ r ON r.id = e.run_id WHERE __prunable_in_day__;
 
 -- name: day_lock
@@ -2284,12 +2273,21 @@ LOCK TABLE __runs__, __events__, __watches__, __signals__ IN ACCESS EXCLUSIVE MO
 -- no parameters
 SELECT (SELECT count(*) FROM __runs__) AS runs, (SELECT count(*) FROM __events__) AS events;
 
+-- name: day_parents_gone
+-- The runs of the day's partition __runs__ that a prune removes and that have children:
+-- a dry run counts their children's days as if they were gone.
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 runs gone: see
+-- fragment_prunable_in_day
+SELECT r.id FROM __runs__ r
+WHERE __prunable_in_day__ AND EXISTS (SELECT 1 FROM __schema__.runs c WHERE c.parent_id = r.id);
+
 -- name: day_any_kept
 -- Whether a run of the (locked) day's partition __runs__ must stay, read through the
 -- partial indexes (of active runs, of finished runs by end time, of children, of each
 -- terminal status) rather than the whole partition: a run still active, one finished
 -- after the cutoff, a child whose parent stays, or one in a status not pruned.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 runs gone: see
+-- fragment_prunable_in_day
 SELECT EXISTS (SELECT 1 FROM __runs__ WHERE due_at IS NOT NULL)
     OR EXISTS (SELECT 1 FROM __runs__
                WHERE due_at IS NULL AND (finished_at >= $1::timestamptz OR finished_at IS NULL))
@@ -2309,13 +2307,15 @@ SELECT EXISTS (SELECT 1 FROM __runs__ WHERE due_at IS NOT NULL)
 
 -- name: day_kept
 -- The runs of the (locked) day's partition __runs__ that a prune keeps.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 runs gone: see
+-- fragment_prunable_in_day
 SELECT count(*) FROM __runs__ r WHERE NOT coalesce(__prunable_in_day__, false);
 
 -- name: day_key_holders
 -- The runs of the (locked) day's partition __runs__ that a prune removes and that still
 -- hold their concurrency key: each frees it first (prune_key_release).
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 runs gone: see
+-- fragment_prunable_in_day
 SELECT r.id FROM __runs__ r WHERE r.key_state = 'held' AND __prunable_in_day__ ORDER BY r.id;
 
 -- name: day_drop
@@ -2325,7 +2325,8 @@ DROP TABLE __runs__, __events__, __watches__, __signals__;
 
 -- name: day_copy_kept_runs
 -- Copy the runs a prune keeps from the day's partition __runs__ into __fresh__.
--- $1 the prune's cutoff, $2 statuses (text[], terminal ones): see fragment_prunable_in_day
+-- $1 the prune's cutoff, $2 statuses (text[], terminal ones), $3 runs gone: see
+-- fragment_prunable_in_day
 INSERT INTO __fresh__ SELECT r.* FROM __runs__ r WHERE NOT coalesce(__prunable_in_day__, false);
 
 -- name: day_copy_kept_rows
