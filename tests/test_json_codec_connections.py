@@ -130,6 +130,7 @@ _UNPREPARED = {
     "day_kept",
     "day_key_holders",
     "day_lock",
+    "day_parents_gone",
     "day_rows",
     "migration_prepare",
     "partition_fill",
