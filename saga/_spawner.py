@@ -150,9 +150,12 @@ class Children:
         """Cancel the running (and stopped) children, revert the completed ones; done
         once all ended: undone, or (a child that cannot be undone) failed for an operator,
         but only once the others ended too."""
-        stuck = await self._ask_undo(await self._store.children_of(run_id, step.name))
-        kids = await self._store.children_of(run_id, step.name)
-        held = {kid.id for kid, _ in stuck}
+        for _ in range(3):  # a child that completed as it was asked to cancel: reverted
+            stuck = await self._ask_undo(await self._store.children_of(run_id, step.name))
+            kids = await self._store.children_of(run_id, step.name)
+            held = {kid.id for kid, _ in stuck}
+            if not any(k.status is _COMPLETED and k.id not in held for k in kids):
+                break
         if any(not k.status.is_terminal for k in kids if k.id not in held):
             ended = sum(1 for k in kids if k.status.is_terminal)
             return Parked(ended, len(kids), False)  # the others are still rolling back
