@@ -700,12 +700,23 @@ async def _verify(w: World) -> list[str]:
             continue
         order = Order.model_validate_json(runs[rid]["input"])
         kids_of = by_parent.get(rid, [])
+        # The step's own attempts (not its undo, once the run compensates) start every
+        # item's child before they wait or complete; a run cancelled while its first
+        # attempt was starting them undoes those started, and starts no more.
+        forward = []
+        for e in events[rid]:
+            if e["kind"] == "run_compensating":
+                break
+            forward.append(e)
         reached = any(
             e["kind"] in ("step_completed", "children_waiting") and e["step"] == "kids"
-            for e in events[rid]
+            for e in forward
         )
-        if reached and len(kids_of) != len(order.accts):
+        accts = Counter(Acct.model_validate_json(k["input"]).acct for k in kids_of)
+        if (reached and len(kids_of) != len(order.accts)) or len(kids_of) > len(order.accts):
             problems.append(f"{rid}: {len(kids_of)} child runs for {len(order.accts)} items")
+        if any(n > 1 for n in accts.values()) or not set(accts) <= set(order.accts):
+            problems.append(f"{rid}: child runs {dict(accts)} for items {order.accts}")
         for k in kids_of:
             kin = Acct.model_validate_json(k["input"])
             if w.cancels.get(rid) == "accepted":
