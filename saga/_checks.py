@@ -119,7 +119,7 @@ def validate_name(name: str, what: str) -> str:
     return name
 
 
-def takes(fn: Any, params: int, what: str) -> None:
+def takes(fn: Any, params: int, what: str, expected: str | None = None) -> None:
     """``fn`` can be called with ``params`` positional arguments, as saga calls it: a
     :class:`DefinitionError` naming ``what`` otherwise (a required keyword-only
     parameter, say, could never be given), at definition rather than in a run."""
@@ -130,7 +130,7 @@ def takes(fn: Any, params: int, what: str) -> None:
     try:
         sig.bind(*range(params))
     except TypeError as exc:
-        expected = "(ctx)" if params == 1 else "(ctx, result)"
+        expected = expected or ("(ctx)" if params == 1 else "(ctx, result)")
         raise DefinitionError(
             f"{what} must take {expected} (saga calls it so), and it cannot be called so: {exc}"
         ) from None

@@ -351,6 +351,7 @@ async def _prune(ctx: _Ctx, orch: Client) -> int:
                 "events": result.events,
                 "batches": result.batches,
                 "days": result.days,
+                "keys": result.keys,
                 "dry_run": result.dry_run,
             }
         )
@@ -359,9 +360,10 @@ async def _prune(ctx: _Ctx, orch: Client) -> int:
         batches = "" if result.dry_run else f" in {result.batches} batch(es)"
         if result.days:
             batches = f" in {result.days} whole day(s) and {result.batches} batch(es)"
+        keys = f"; {verb} {result.keys} concurrency key(s) no run uses" if result.keys else ""
         ctx.say(
             f"{verb} {result.runs} runs and {result.events} events{batches} "
-            f"(finished more than {_duration(args.older_than)} ago)"
+            f"(finished more than {_duration(args.older_than)} ago){keys}"
         )
     return EXIT_OK
 

@@ -54,6 +54,7 @@ class PruneResult:
     batches: int  # row-by-row batches
     dry_run: bool
     days: int = 0  # whole days dropped (or compacted) at once, before the batches
+    keys: int = 0  # concurrency keys no run holds or waits for any more, deleted last
 
 
 def _seconds(name: str, value: timedelta | None) -> float | None:
@@ -277,7 +278,8 @@ async def prune(
     to run from several processes at once, and to interrupt: every day and every batch
     is complete or absent. A run pruned while it still holds its concurrency key (failed
     or stopped, never resolved) frees the key first, as ``resolve()`` does: the oldest
-    run queued for the key goes on.
+    run queued for the key goes on. Last, the concurrency keys no run holds or waits for
+    any more go too (``keys``; a dry run counts those unused now).
     """
     store = store_of(client)
     seconds = _seconds("older_than", older_than)
@@ -300,10 +302,12 @@ async def prune(
     cutoff = await store.prune_cutoff(seconds)  # one instant for every pass
     if dry_run and whole_days:
         days = await store.prune_days(cutoff, statuses, dry_run=True)
-        return PruneResult(days.runs, days.events, 0, True, days.days)
+        keys = await store.count_unused_keys()
+        return PruneResult(days.runs, days.events, 0, True, days.days, keys)
     if dry_run:  # both passes together take every prunable run
         runs, events = await store.count_prunable(cutoff, statuses)
-        return PruneResult(runs=runs, events=events, batches=0, dry_run=True)
+        keys = await store.count_unused_keys()
+        return PruneResult(runs=runs, events=events, batches=0, dry_run=True, keys=keys)
     held = (0, 0)
     if not whole_days:  # (a whole day frees its own runs' keys as it drops them)
         held = await store.prune_key_holders(cutoff, statuses)
@@ -321,9 +325,8 @@ async def prune(
                 break
         total_runs += runs
         total_events += events
-    return PruneResult(
-        runs=total_runs, events=total_events, batches=batches, dry_run=False, days=days.days
-    )
+    keys = await store.prune_keys(batch_size)  # (a run pruned holding its key freed it)
+    return PruneResult(total_runs, total_events, batches, False, days.days, keys)
 
 
 def _check_prune_options(batch_size: object, **flags: object) -> None:

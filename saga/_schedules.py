@@ -87,6 +87,8 @@ class Scheduled(Generic[InT]):
                 f"{where}: input must be a {self.saga.input_type.__name__} or a function "
                 f"of the slot's time returning one, got {_checks.show(self.input)}"
             )
+        if not isinstance(self.input, BaseModel):  # called with the slot's time only
+            _checks.takes(self.input, 1, f"{where}: input", expected="(slot)")
         if self.missed not in _MISSED:
             raise DefinitionError(
                 f"{where}: missed must be one of {', '.join(_MISSED)}, got {show(self.missed)}"

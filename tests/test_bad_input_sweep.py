@@ -298,6 +298,38 @@ async def test_scheduled_with_the_input_model_class_instead_of_an_instance_is_re
     )
 
 
+def _no_slot() -> ReportRequest:
+    return ReportRequest()
+
+
+async def _two_args(slot: Any, other: Any) -> ReportRequest:
+    return ReportRequest()
+
+
+def _keyword_only(*, slot: Any) -> ReportRequest:
+    return ReportRequest()
+
+
+@pytest.mark.parametrize("fn", [_no_slot, _two_args, _keyword_only, lambda: ReportRequest()])
+def test_an_input_function_that_cannot_take_the_slot_is_refused(fn: Any) -> None:
+    """README, "Traffic control": "`input` is a model, or a function (sync or async) of
+    the slot's time returning one ... Refused at definition with a `DefinitionError`
+    naming what is wrong".
+
+    Before, a function taking no argument (or two, or only a keyword) passed the
+    definition and every slot then failed (`schedule_input_failed`, a TypeError), for
+    ever: now a ``DefinitionError`` naming the schedule's input and "(slot)". A function
+    of the slot (one positional argument, or ``*args``) is accepted."""
+    with pytest.raises(saga.DefinitionError, match=r"schedule 'bad-input': input .*\(slot\)"):
+        saga.Scheduled("bad-input", report, saga.Schedule.every(timedelta(seconds=1)), fn)
+    for fine in (lambda slot: ReportRequest(), _args_only, ReportRequest()):
+        saga.Scheduled("fine-input", report, saga.Schedule.every(timedelta(seconds=1)), fine)
+
+
+def _args_only(*args: Any) -> ReportRequest:
+    return ReportRequest()
+
+
 async def test_faults_refuse_what_is_not_an_orchestrator(
     open_client: ClientFactory,
 ) -> None:

@@ -287,7 +287,14 @@ async def test_prune_reports_counts_and_honours_dry_run(
     assert f"would delete 3 runs and {events} events" in out
     assert await db.fetchval("SELECT count(*) FROM saga.runs") == 4
     data = await cli.json("prune", "--older-than", "7d", "--batch-size", "2")
-    assert data == {"runs": 3, "events": events, "batches": 2, "days": 0, "dry_run": False}
+    assert data == {
+        "runs": 3,
+        "events": events,
+        "batches": 2,
+        "days": 0,
+        "keys": 0,
+        "dry_run": False,
+    }
     assert await db.fetchval("SELECT count(*) FROM saga.runs") == 1
     code, out, _ = await cli("prune", "--older-than", "30d", "--include-failed")
     assert "deleted 0 runs" in out

@@ -1501,6 +1501,48 @@ WITH RECURSIVE doomed AS (
 SELECT (SELECT count(*) FROM doomed) AS runs,
        (SELECT count(*) FROM __schema__.events e JOIN doomed d ON e.run_id = d.id) AS events;
 
+-- name: unused_keys_lock
+-- The next batch of concurrency keys (key_slots rows) that no run holds or waits for,
+-- after ($1, $2) in key order, locked; a key another transaction holds is in use, and
+-- skipped. prune_unused_keys then deletes them, in the same transaction.
+-- $1 saga name, $2 key (the last of the batch before; '' and '' first), $3 batch size
+SELECT k.saga_name, k.key FROM __schema__.key_slots k
+WHERE (k.saga_name, k.key) > ($1::text, $2::text)
+  AND NOT EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.saga_name = k.saga_name
+                  AND r.concurrency_key = k.key AND r.key_state = 'held')
+  AND NOT EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.saga_name = k.saga_name
+                  AND r.concurrency_key = k.key AND r.key_state = 'queued')
+ORDER BY k.saga_name, k.key
+LIMIT $3
+FOR UPDATE OF k SKIP LOCKED;
+
+-- name: prune_unused_keys
+-- Delete the keys unused_keys_lock locked that are still unused. A later statement than
+-- the lock, so it sees every run that took the key before (each admission and release
+-- locks the key first; one that comes after the delete creates the row again, with its
+-- definition's limit). Returns how many went.
+-- $1 saga names, $2 keys (text[], the locked rows')
+WITH gone AS (
+    DELETE FROM __schema__.key_slots k
+    USING unnest($1::text[], $2::text[]) AS l(saga_name, key)
+    WHERE k.saga_name = l.saga_name AND k.key = l.key
+      AND NOT EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.saga_name = k.saga_name
+                      AND r.concurrency_key = k.key AND r.key_state = 'held')
+      AND NOT EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.saga_name = k.saga_name
+                      AND r.concurrency_key = k.key AND r.key_state = 'queued')
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: count_unused_keys
+-- How many concurrency keys (key_slots rows) no run holds or waits for now: what a
+-- prune would delete of them, unless a run takes one meanwhile.
+SELECT count(*) FROM __schema__.key_slots k
+WHERE NOT EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.saga_name = k.saga_name
+                  AND r.concurrency_key = k.key AND r.key_state = 'held')
+  AND NOT EXISTS (SELECT 1 FROM __schema__.runs r WHERE r.saga_name = k.saga_name
+                  AND r.concurrency_key = k.key AND r.key_state = 'queued');
+
 -- name: find_runs_by_key
 -- The runs started with this idempotency key: at most one per saga (runs_idempotency_key
 -- is unique on (saga_name, idempotency_key)). Index-backed however many runs there are:
