@@ -419,3 +419,61 @@ async def test_a_children_step_that_parks_during_a_rollback_cancels_its_child_at
     # The child was running while its parent rolled back: it must have been cancelled.
     assert while_rolling_back == [(saga.RunStatus.RUNNING, True)], child_history
     assert "more" not in effects, (effects, child_history)
+
+
+@pytest.mark.timeout(60)
+async def test_a_sibling_that_completes_just_as_it_is_asked_to_cancel_is_reverted(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README (Child sagas): "A child that ends compensated, cancelled or failed fails
+    the step for good ..., once its siblings are undone"; "Compensating the step ...
+    rolls back the completed ones".
+
+    Child n=1 fails for good and cannot be undone (it ends failed) while sibling n=0 is in
+    its last step. The parent's step reads its children (n=0 running) and asks n=0 to
+    cancel; n=0 completes that step in between (made certain here: the request lets it
+    complete first). Before, the step looked again, found n=0 completed, neither reverted
+    nor waited for it, and failed at once on n=1: the parent ended `failed` with n=0
+    `completed` (seen once in CI). Now n=0 is reverted (its load compensated: the run
+    ends `cancelled`) before the parent fails on n=1."""
+    ledger = Ledger()
+    gate = Gate("check", when=lambda ctx: ctx.input.n == 0)
+    child = small_saga(
+        "chunk", ["load", "check"], compensate={"load"}, ledger=ledger, gate=gate,
+        fail={"check": permanent("bad chunk", when=lambda ctx: ctx.input.n == 1)},
+        fail_undo={"load": permanent("undo broken", when=lambda ctx: ctx.input.n == 1)},
+    )  # fmt: skip
+    parent = small_saga("imp", ["split"], compensate=True, ledger=ledger)
+    parent.children("chunks", child, lambda ctx: [Job(n=i) for i in range(2)], after=["split"])
+    orch = await orchestrator(parent, child)
+    store: Any = orch._store  # the parent's step asks through it
+    ask = store.request_cancel
+    raced: list[Any] = []
+
+    async def status(run_id: Any) -> str:
+        return str(await db.fetchval("SELECT status FROM saga.runs WHERE id = $1", run_id))
+
+    async def completes_first(run_id: Any, data: str | None = None) -> bool:
+        if (
+            gate.entered.is_set()
+            and not gate.release.is_set()
+            and await status(run_id) == "running"
+        ):
+            gate.release.set()  # n=0 completes its last step before the request lands
+            with anyio.fail_after(10):
+                while await status(run_id) != "completed":  # noqa: ASYNC110 - the server
+                    await anyio.sleep(0.01)
+            raced.append(run_id)
+        return bool(await ask(run_id, data))
+
+    store.request_cancel = completes_first
+    run = await orch.start(parent, Job())
+    with anyio.fail_after(30):
+        await gate.entered.wait()
+        with pytest.raises(saga.RunError):
+            await run.result()
+        kids = {k["idempotency_key"][-1]: k["status"] for k in await _kids(db, run.id)}
+    why = f"{ledger.trace()}; kids {kids}"
+    assert raced, f"the race was not made: {why}"
+    assert kids == {"0": "cancelled", "1": "failed"}, why
+    assert (await run.info()).status is saga.RunStatus.FAILED, why
