@@ -226,27 +226,6 @@ class OperatorQueries:
                 self.pool, self.schema, cutoff, statuses, release, dry_run
             )
 
-    async def prune_keys(self, batch_size: int) -> int:
-        """Delete the concurrency keys no run holds or waits for (their ``key_slots``
-        rows), ``batch_size`` per transaction, in key order; a key another transaction
-        holds is in use and stays. Returns how many went."""
-        gone, after = 0, ("", "")
-        async with translate_errors("pruning concurrency keys"):
-            while True:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    rows = await conn.fetch(self._q["unused_keys_lock"], *after, batch_size)
-                    if not rows:
-                        return gone
-                    names, keys = [r[0] for r in rows], [r[1] for r in rows]
-                    gone += await conn.fetchval(self._q["prune_unused_keys"], names, keys)
-                after = (names[-1], keys[-1])
-
-    async def count_unused_keys(self) -> int:
-        """How many concurrency keys :meth:`prune_keys` would delete now."""
-        async with translate_errors("counting unused concurrency keys"):
-            count: int = await self.pool.fetchval(self._q["count_unused_keys"])
-        return count
-
     async def count_prunable(self, cutoff: datetime, statuses: Sequence[str]) -> tuple[int, int]:
         """What :meth:`prune_runs` would delete: (runs, events)."""
         async with translate_errors("counting prunable runs"):

@@ -97,6 +97,27 @@ class ScheduleQueries:
         if key is not None:
             await conn.fetchrow(self._q["key_fill"], key[0], key[1], self.work_channel)
 
+    async def prune_keys(self, batch_size: int) -> int:
+        """Delete the concurrency keys no run holds or waits for (their ``key_slots``
+        rows), ``batch_size`` per transaction, in key order; a key another transaction
+        holds is in use and stays. Returns how many went."""
+        gone, after = 0, ("", "")
+        async with translate_errors("pruning concurrency keys"):
+            while True:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    rows = await conn.fetch(self._q["unused_keys_lock"], *after, batch_size)
+                    if not rows:
+                        return gone
+                    names, keys = [r[0] for r in rows], [r[1] for r in rows]
+                    gone += await conn.fetchval(self._q["prune_unused_keys"], names, keys)
+                after = (names[-1], keys[-1])
+
+    async def count_unused_keys(self) -> int:
+        """How many concurrency keys :meth:`prune_keys` would delete now."""
+        async with translate_errors("counting unused concurrency keys"):
+            count: int = await self.pool.fetchval(self._q["count_unused_keys"])
+        return count
+
     async def queue_rows(self) -> list[tuple[str, int, int, float, bool, int]]:
         """(saga, priority, runs, oldest wait, keyed, keys): see ``census_queues``."""
         async with translate_errors("reading queues"):
