@@ -45,6 +45,7 @@ from saga._schedules import (
     Scheduled,
     list_schedules,
     pause_schedule,
+    remove_schedule,
     resume_schedule,
 )
 from saga._store_sched import ScheduleInfo
@@ -111,6 +112,7 @@ __all__ = [
     "pause_schedule",
     "prune",
     "queues",
+    "remove_schedule",
     "resume_schedule",
     "retry_runs",
     "timeline",

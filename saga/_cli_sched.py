@@ -1,6 +1,7 @@
-"""The schedule commands of ``saga``: ``schedules`` (list), ``pause-schedule`` and
-``resume-schedule``: thin layers over :func:`saga.list_schedules`,
-:func:`saga.pause_schedule` and :func:`saga.resume_schedule`."""
+"""The schedule commands of ``saga``: ``schedules`` (list), ``pause-schedule``,
+``resume-schedule`` and ``remove-schedule``: thin layers over :func:`saga.list_schedules`,
+:func:`saga.pause_schedule`, :func:`saga.resume_schedule` and
+:func:`saga.remove_schedule`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from saga._cli_render import _clean, _Ctx, _duration, _table, _time
 from saga._cli_values import EXIT_OK
 from saga._client import Client
 from saga._queues import queues
-from saga._schedules import list_schedules, pause_schedule, resume_schedule
+from saga._schedules import list_schedules, pause_schedule, remove_schedule, resume_schedule
 from saga._store_sched import ScheduleInfo
 
 
@@ -38,6 +39,14 @@ def add_schedule_parsers(add: Callable[[str, str, str], argparse.ArgumentParser]
         parser = add(f"{verb}-schedule", f"{verb} a schedule ({what})", f"{verb.title()} a "
                      f"schedule: {what}. It stays so across restarts and deploys.")  # fmt: skip
         parser.add_argument("name", metavar="NAME", help="the schedule's name")
+    parser = add(
+        "remove-schedule",
+        "forget a schedule no orchestrator declares any more",
+        "Forget a schedule gone from the code: it leaves `saga schedules`, and the "
+        "saga.schedules.late gauge reports it 0 (the runs it started stay). One a running "
+        "orchestrator still declares is registered again by it, as new.",
+    )
+    parser.add_argument("name", metavar="NAME", help="the schedule's name")
 
 
 def _info_json(i: ScheduleInfo) -> dict[str, object]:
@@ -100,6 +109,15 @@ async def _resume(ctx: _Ctx, orch: Client) -> int:
     return _paused(ctx, False)
 
 
+async def _remove(ctx: _Ctx, orch: Client) -> int:
+    await remove_schedule(orch, ctx.args.name)
+    if ctx.as_json:
+        ctx.emit({"schedule": ctx.args.name, "removed": True})
+    else:
+        ctx.say(f"schedule {_clean(ctx.args.name)!r}: removed")
+    return EXIT_OK
+
+
 def _paused(ctx: _Ctx, paused: bool) -> int:
     if ctx.as_json:
         ctx.emit({"schedule": ctx.args.name, "paused": paused})
@@ -146,4 +164,5 @@ SCHEDULE_COMMANDS: dict[str, Callable[[_Ctx, Client], Awaitable[int]]] = {
     "schedules": _schedules,
     "pause-schedule": _pause,
     "resume-schedule": _resume,
+    "remove-schedule": _remove,
 }

@@ -14,7 +14,7 @@ the schedule is up, every slot is handled.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -64,9 +64,12 @@ class Scheduler:
         self._wake = anyio.Event()  # set when a schedule's task ends
         self._limiter = anyio.CapacityLimiter(_AT_ONCE)
 
-    async def register(self) -> None:
+    async def register(self, names: Collection[str] | None = None) -> None:
+        """Register the schedules (``names`` only, when given)."""
         now = await self._store.database_now()  # slots come from the database's clock
         for s in self._scheduled.values():
+            if names is not None and s.name not in names:
+                continue
             await self._store.register_schedule(
                 s.name,
                 (s.saga.name, s.saga.version),
@@ -87,7 +90,10 @@ class Scheduler:
                 try:
                     await self.fire_due(tg, idle)
                     idle = self._idle()  # (the schedules just handed to a task are busy)
-                    wait = await self._store.schedules_next(idle) if idle else None
+                    wait, found = await self._store.schedules_next(idle) if idle else (None, ())
+                    if missing := set(idle).difference(found):  # an operator removed them
+                        await self.register(missing)  # (declared here: they come back)
+                        wait = 0.0
                 except DatabaseError as exc:
                     self._outage.lost("starting scheduled runs", exc)
                     wait = self._poll

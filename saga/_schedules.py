@@ -239,6 +239,17 @@ async def resume_schedule(client: Client, name: str) -> None:
     await _pause(client, name, False)
 
 
+async def remove_schedule(client: Client, name: str) -> None:
+    """Forget a schedule no orchestrator declares any more (gone from the code): it
+    leaves :func:`list_schedules`, and the ``saga.schedules.late`` gauge reports it 0
+    (not late); the runs it started stay. One that a running orchestrator still
+    declares is registered again by it (as new: next due at its next slot, not paused).
+    ``ConfigurationError`` for an unknown name."""
+    _checks.text("schedule name", name, ConfigurationError, max_length=128)
+    if not await store_of(client).remove_schedule(name):
+        raise ConfigurationError(f"no schedule named {name!r}")
+
+
 async def _pause(client: Client, name: str, paused: bool) -> None:
     _checks.text("schedule name", name, ConfigurationError, max_length=128)
     store = store_of(client)

@@ -193,11 +193,18 @@ class ScheduleQueries:
             skipped,
         )
 
-    async def schedules_next(self, names: Sequence[str]) -> float | None:
-        """Seconds until the first of ``names`` is due (negative: overdue; None: none)."""
+    async def schedules_next(self, names: Sequence[str]) -> tuple[float | None, set[str]]:
+        """Seconds until the first of ``names`` is due (negative: overdue; None: none),
+        and those of ``names`` that have a row."""
         async with translate_errors("reading schedules"):
-            wait: float | None = await self.pool.fetchval(self._q["schedules_next"], list(names))
-        return wait
+            row = await self.pool.fetchrow(self._q["schedules_next"], list(names))
+        assert row is not None
+        return row["wait"], set(row["found"])
+
+    async def remove_schedule(self, name: str) -> bool:
+        """Whether a schedule of that name was there (and is gone)."""
+        async with translate_errors("removing a schedule"):
+            return await self.pool.fetchval(self._q["remove_schedule"], name) is not None
 
     async def list_schedules(self) -> list[ScheduleInfo]:
         async with translate_errors("listing schedules"):

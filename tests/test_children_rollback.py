@@ -261,12 +261,6 @@ class Piece(BaseModel):
     n: int
 
 
-async def _until_event(run: Any, kind: str, step: str | None) -> None:
-    with anyio.fail_after(10):
-        while not any(e.kind == kind and e.step == step for e in await run.history()):  # noqa: ASYNC110 - polling the database
-            await anyio.sleep(0.02)
-
-
 @pytest.mark.timeout(30)
 async def test_a_cancel_while_a_children_step_starts_them_undoes_its_running_child(
     dsn: str,

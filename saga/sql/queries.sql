@@ -1099,10 +1099,16 @@ WHERE name = $1;
 
 -- name: schedules_next
 -- Seconds until the first of the schedules $1 not paused is due (negative: overdue;
--- NULL: none).
+-- NULL: none), and those of $1 that have a row (one an operator removed has none).
 -- $1 schedule names
-SELECT extract(epoch FROM min(next_fire) - now())::float8 AS wait
-FROM __schema__.schedules WHERE name = ANY($1::text[]) AND NOT paused;
+SELECT extract(epoch FROM min(next_fire) FILTER (WHERE NOT paused) - now())::float8 AS wait,
+       coalesce(array_agg(name), '{}') AS found
+FROM __schema__.schedules WHERE name = ANY($1::text[]);
+
+-- name: remove_schedule
+-- Forget a schedule: its row goes (the runs it started stay). No row: no such schedule.
+-- $1 name
+DELETE FROM __schema__.schedules WHERE name = $1 RETURNING name;
 
 -- name: list_schedules
 -- Every schedule, by name, with how late it is (seconds since its next slot passed
