@@ -150,8 +150,10 @@ class Children:
         """Cancel the running (and stopped) children, revert the completed ones; done
         once all ended: undone, or (a child that cannot be undone) failed for an operator,
         but only once the others ended too."""
+        assert step.spawn is not None
+        limit = step.spawn.saga.traffic.limit
         for _ in range(3):  # a child that completed as it was asked to cancel: reverted
-            stuck = await self._ask_undo(await self._store.children_of(run_id, step.name))
+            stuck = await self._ask_undo(await self._store.children_of(run_id, step.name), limit)
             kids = await self._store.children_of(run_id, step.name)
             held = {kid.id for kid, _ in stuck}
             if not any(k.status is _COMPLETED and k.id not in held for k in kids):
@@ -169,13 +171,14 @@ class Children:
         ended = sum(1 for k in kids if k.status.is_terminal)
         return Parked(ended, len(kids), False)
 
-    async def _ask_undo(self, kids: list[Child]) -> list[tuple[Child, str]]:
-        """Ask each child to end undone (revert a completed one, cancel the others); the
-        children that cannot be, and why."""
+    async def _ask_undo(self, kids: list[Child], key_limit: int) -> list[tuple[Child, str]]:
+        """Ask each child to end undone (revert a completed one, queued again for its key
+        of ``key_limit`` if it has one; cancel the others); the children that cannot be,
+        and why."""
         stuck: list[tuple[Child, str]] = []
         for kid in kids:
             if kid.status is _COMPLETED:
-                if not await self._store.revert_run(kid.id):
+                if not await self._store.revert_run(kid.id, key_limit):
                     stuck.append((kid, "passed its pivot step and cannot be undone"))
             elif kid.status is _STOPPED and not kid.cancel_requested:
                 # A resolved child whose key resolving freed is left alone: an operator

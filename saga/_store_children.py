@@ -94,15 +94,15 @@ class ChildQueries:
             for r in rows
         ]
 
-    async def revert_run(self, run_id: UUID) -> bool:
+    async def revert_run(self, run_id: UUID, key_limit: int) -> bool:
         """Roll a completed run back (its compensations run; it ends cancelled); a keyed
-        one first waits for its key again."""
+        one first waits for its key again (``key_limit``: its saga's limit)."""
         async with (
             translate_errors("reverting a run"),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
-            row = await conn.fetchrow(self._q["revert_run"], run_id, self.work_channel)
+            row = await conn.fetchrow(self._q["revert_run"], run_id, self.work_channel, key_limit)
             if row is not None and row["key"] is not None:
                 key = (row["saga_name"], row["key"], self.work_channel)
                 await conn.fetchrow(self._q["key_fill"], *key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from datetime import timedelta
+from typing import Any
 
 import anyio
 import asyncpg
@@ -126,3 +127,72 @@ async def test_keys_pruned_while_runs_take_and_free_them_keep_their_limit(
     assert deleted > 0, "no prune ever found a key unused: the test proved nothing"
     await saga.prune(orch, older_than=timedelta(days=1))
     assert await _keys(db) == {}
+
+
+@pytest.mark.timeout(60)
+async def test_a_keyed_child_reverted_after_its_key_was_pruned_keeps_its_sagas_limit(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection
+) -> None:
+    """README (Operator API, prune): "Last, the concurrency keys no run holds or waits for
+    any more go too ...: a key used again later starts afresh with its saga's
+    `concurrency_limit`."; (Traffic control) "When a run with that key ends, the oldest
+    waiting one ... is admitted" while fewer than the limit hold it.
+
+    Two keyed children (same key, concurrency_limit=2) complete; their parent waits at a
+    later step. A prune deletes the key (no run holds or waits for it). The parent's next
+    step fails: both children are reverted, and queue for their key again. Before, the
+    revert created the key's row afresh with a limit of 1 (not the saga's 2): only one
+    child's compensation ran, the other stayed queued although one slot of two was
+    free. Now the row gets the child saga's limit, and both compensations run at once."""
+    undoing: list[int] = []
+    go_undo = anyio.Event()
+    both_undoing = anyio.Event()
+    parent_waits = anyio.Event()
+    parent_go = anyio.Event()
+
+    child = saga.Saga("kchild", input=Job, concurrency_key=lambda job: "acct", concurrency_limit=2)
+
+    @child.step()
+    async def load(ctx: saga.Context[Any]) -> int:
+        return ctx.input.n
+
+    @load.compensate
+    async def unload(ctx: saga.Context[Any], result: int) -> None:
+        undoing.append(ctx.input.n)
+        if len(undoing) == 2:
+            both_undoing.set()
+        await go_undo.wait()
+
+    parent = saga.Saga("kparent", input=Job)
+    kids = parent.children("kids", child, lambda ctx: [Job(n=0), Job(n=1)], after=[])
+
+    @parent.step(after=[kids])
+    async def boom(ctx: saga.Context[Any]) -> None:
+        parent_waits.set()
+        await parent_go.wait()
+        raise saga.PermanentError("boom")
+
+    orch = await orchestrator(parent, child, concurrency=8)
+    run = await orch.start(parent, Job())
+    try:
+        with anyio.fail_after(40):
+            await parent_waits.wait()
+            pruned = await saga.prune(orch, older_than=timedelta(0))
+            assert pruned.keys == 1, pruned
+            assert await db.fetch("SELECT * FROM saga.key_slots") == []
+            parent_go.set()
+            with anyio.move_on_after(10):  # both compensations start at once
+                await both_undoing.wait()
+            rows = await db.fetch("SELECT key_limit FROM saga.key_slots")
+            limits = [r["key_limit"] for r in rows]
+            both = len(undoing)
+            go_undo.set()
+            with pytest.raises(saga.RunError):
+                await run.result(timeout=20)
+    finally:
+        parent_go.set()
+        go_undo.set()
+    assert (both, limits) == (2, [2]), (
+        f"after the prune, the reverted children's key came back with limit(s) {limits};"
+        f" {both} of 2 compensations ran at once under concurrency_limit=2"
+    )

@@ -2059,8 +2059,9 @@ FROM __schema__.runs WHERE parent_id = $1 AND parent_step = $2;
 -- the claim drops, which starts its rollback. A keyed run (its key released when it
 -- completed) queues for its key again, locked here as key_release does: key_fill, a
 -- later statement of the transaction, admits it (its compensations run holding the
--- key) when a slot is free. No row: not completed, or past its pivot.
--- $1 run id, $2 work notification channel
+-- key) when a slot is free. The key's row (a prune may have deleted it) gets the
+-- definition's limit, as key_lock does. No row: not completed, or past its pivot.
+-- $1 run id, $2 work notification channel, $3 the child saga's concurrency_limit
 WITH upd AS (
     UPDATE __schema__.runs SET
         status = 'running', cancel_requested = true, attempt = 0, lease_owner = NULL,
@@ -2075,8 +2076,8 @@ WITH upd AS (
               coalesce(step_name, completed_steps[cardinality(completed_steps)]) AS step_name
 ), key AS (
     INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit)
-    SELECT saga_name, concurrency_key, 1 FROM upd WHERE concurrency_key IS NOT NULL
-    ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = k.key_limit
+    SELECT saga_name, concurrency_key, $3::integer FROM upd WHERE concurrency_key IS NOT NULL
+    ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = excluded.key_limit
     RETURNING k.saga_name, k.key
 ), item AS (
     INSERT INTO __schema__.items (run_id, step, phase)
