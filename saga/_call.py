@@ -97,13 +97,13 @@ async def call_user(
             env.telemetry.rate_delay.record(delay, {RATE_LIMIT: step.rate_limit.name})
             if lease.cancel_requested:
                 return None, None  # cancelled while it waited for its token: not started
+        before = cancelling()
         try:
             await env.hooks.before_call(ctx, env.faults)
             check_readable(run.input)
             limit = (
                 _NO_TIMEOUT if timeout is None else user_time_limit(timeout, lease, "the attempt")
             )
-            before = cancelling()
             with limit:
                 if compensation and comp is not None:
                     done = _stored_result(run, step)
@@ -118,6 +118,8 @@ async def call_user(
         except BaseException as exc:
             if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
                 raise
+            if cancelling() > before:  # it cancelled its own task, then raised at once
+                await settle_self_cancel(before)
             return Failed(error_record(exc, step.name), retry.retryable(exc)), None
     # Only reached when the heartbeat cancelled the scope (lease lost): the caller sees
     # lease.scope.cancel_called and records nothing.

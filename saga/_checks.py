@@ -109,6 +109,11 @@ def text(name: str, value: Any, error: type[Exception], *, max_length: int) -> s
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 
 
+def is_name(value: str) -> bool:
+    """Whether a saga, step, wait or schedule could be named ``value``."""
+    return bool(_NAME_RE.fullmatch(value))
+
+
 def validate_name(name: str, what: str) -> str:
     """Names are stored as data, but they also appear in logs, CLIs and metrics."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):

@@ -4,20 +4,24 @@ transitions; these only run the user's functions and report how they went."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel
 from saga._call import user_time_limit
 from saga._codec import check_readable
-from saga._errors import error_record
+from saga._errors import DatabaseError, error_record
 from saga._held import Lease
 from saga._hooks import SimulatedCrash
 from saga._transition import Failed, Succeeded
 from saga._waits import Sleep, Wait
+
+if TYPE_CHECKING:
+    from saga._store import Store
 
 Encode = Callable[[Wait[Any], Any], tuple[Succeeded | Failed, Any]]
 
@@ -34,15 +38,17 @@ async def sleep_length(
     result: Any,
     done: Succeeded,
     lease: Lease,
+    store: Store,
 ) -> Succeeded:
     """``done`` with the length of the sleep after ``step``, from ``until(ctx)`` (the
-    step's result readable); a failure of ``until`` rolls the run back, step included."""
+    step's result readable) and the database's clock, read once it returned (the sleep
+    ends at that time whatever the worker's clock says); a failure of ``until`` rolls
+    the run back, step included."""
     results[step] = result
     try:
-        with user_time_limit(CALLBACK_SECONDS, lease, f"until() of sleep {sleep.name!r}"):
-            before = cancelling()
-            seconds = await sleep.due_in(ctx, partial(datetime.now, UTC))
-        await settle_self_cancel(before)
+        what = f"until() of sleep {sleep.name!r}"
+        value = await _limited(sleep.target, ctx, lease, what)
+        seconds = sleep.seconds_until(value, await clock(store))
     except BaseException as exc:
         if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
@@ -50,6 +56,14 @@ async def sleep_length(
     finally:
         del results[step]
     return replace(done, park_in=seconds)
+
+
+async def clock(store: Store) -> datetime:
+    """The database's clock (timers count in it); the worker's while it is away."""
+    try:
+        return await store.database_now()
+    except DatabaseError:
+        return datetime.now(UTC)
 
 
 async def timeout_result(
@@ -63,10 +77,7 @@ async def timeout_result(
         return Succeeded(), None
     try:
         check_readable(ctx.input)
-        with user_time_limit(CALLBACK_SECONDS, lease, f"on_timeout of wait {wait.name!r}"):
-            before = cancelling()
-            value = await compute(ctx)
-        await settle_self_cancel(before)
+        value = await _limited(compute, ctx, lease, f"on_timeout of wait {wait.name!r}")
         if not isinstance(value, wait.model):  # a mapping, as a signal's payload may be
             value = wait.model.model_validate(value)
         return encode(wait, value)
@@ -74,3 +85,25 @@ async def timeout_result(
         if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
             raise
         return Failed(error_record(exc, wait.name), retryable=False), None
+
+
+async def _limited(fn: Callable[[Any], Awaitable[Any]], ctx: Any, lease: Lease, what: str) -> Any:
+    """``fn(ctx)`` within ``CALLBACK_SECONDS``: past it, TimeoutError, also when a sync
+    function blocked the worker that long (nothing could cancel it; its late value is
+    not used). A cancellation of its own task it left pending is taken here, raised or
+    not (it would land in saga's next await, the write)."""
+    before = cancelling()
+    started = anyio.current_time()
+    try:
+        with user_time_limit(CALLBACK_SECONDS, lease, what):
+            value = await fn(ctx)
+    except BaseException as exc:
+        ours = issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc)
+        if not ours and cancelling() > before:
+            await settle_self_cancel(before)
+        raise
+    if cancelling() > before:
+        await settle_self_cancel(before)
+    if anyio.current_time() - started > CALLBACK_SECONDS:
+        raise TimeoutError(f"{what} ran past its time limit of {CALLBACK_SECONDS:g} s")
+    return value

@@ -346,7 +346,7 @@ class Runner:
         if isinstance(after, Sleep) and after.until is not None and isinstance(outcome, Succeeded):
             with in_run_trace(run.span, run.trace_parent):
                 outcome = await sleep_length(
-                    after, ctx, run.results, step.name, result, outcome, lease
+                    after, ctx, run.results, step.name, result, outcome, lease, self.store
                 )
         return outcome, result
 

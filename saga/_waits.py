@@ -50,10 +50,8 @@ class Sleep:
     seconds: float | None
     until: Callable[[Any], datetime | Awaitable[datetime]] | None
 
-    async def due_in(self, ctx: Any, now: Callable[[], datetime]) -> float:
-        """Seconds from ``now()``, read once ``until(ctx)`` returned (however long it
-        took), until the time it gives (0 for a time already past); a fixed sleep's
-        length is :func:`due_seconds`."""
+    async def target(self, ctx: Any) -> datetime:
+        """The time ``until(ctx)`` gives (a fixed sleep's length is :func:`due_seconds`)."""
         assert self.until is not None
         value = self.until(ctx)
         if inspect.isawaitable(value):
@@ -63,7 +61,12 @@ class Sleep:
                 f"sleep {self.name!r}: until() must return a timezone-aware datetime, "
                 f"got {_checks.show(value)}"
             )
-        seconds = (value - now()).total_seconds()
+        return value
+
+    def seconds_until(self, value: datetime, now: datetime) -> float:
+        """Seconds from ``now`` (the database's clock) until ``value`` (0 for a time
+        already past)."""
+        seconds = (value - now).total_seconds()
         if seconds > MAX_WAIT_SECONDS:
             raise ValueError(
                 f"sleep {self.name!r}: until() returned {value.isoformat()}, more than "

@@ -192,10 +192,17 @@ class Faults(Hooks):
         )
         if isinstance(step, str):
             name, saga = _checks.text("step name", step, ConfigurationError, max_length=128), None
+            if not _checks.is_name(name):  # the fault could never fire
+                raise ConfigurationError(
+                    f"step name {show(name)} is not a name a step can have (1-128 letters, "
+                    "digits, '_', '.', ':' or '-', starting with a letter or '_')"
+                )
         elif isinstance(step, Step):
             name, saga = step.name, step.saga
         else:
-            raise TypeError(f"a fault needs a step (a Step, or a step name), got {show(step)}")
+            raise ConfigurationError(
+                f"a fault needs a step (a Step, or a step name), got {show(step)}"
+            )
         if run_id is not None:
             run_id = _checks.run_id(run_id, ConfigurationError)
         self._rules.append(_Rule(kind, name, compensation, times, run_id, option, saga))

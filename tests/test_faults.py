@@ -311,7 +311,7 @@ async def test_a_fault_given_a_step_fires_in_that_saga_only(
     assert await run_d.result(timeout=15) == "charge"
     assert by_name.fired["crash_after"] == 1
     assert effects.raw()[f"{run_d.id}:step:charge"] == 2
-    with pytest.raises(TypeError, match="a fault needs a step"):
+    with pytest.raises(saga.ConfigurationError, match="a fault needs a step"):
         Faults().crash_after(42)  # type: ignore[arg-type]
 
 
