@@ -7,6 +7,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -212,3 +213,12 @@ def test_every_way_a_run_ends_unfinished_has_its_own_error() -> None:
         assert str(status) in str(error)
         seen.add(type(error))
     assert len(seen) == len(RunStatus.terminal()) - 1
+
+
+def test_the_readme_lists_every_history_event_kind() -> None:
+    """README (API): "History event kinds: ..." names every kind a run's history can
+    hold (EventKind), and no other: a user matching on `event.kind` sees them all.
+    Before, `rate_limited` and `key_admitted` were missing from the list."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    listed = readme.split("History event kinds:", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`([a-z_]+)`", listed)) == {str(k) for k in EventKind}
