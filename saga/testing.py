@@ -199,6 +199,10 @@ class Faults(Hooks):
                 )
         elif isinstance(step, Step):
             name, saga = step.name, step.saga
+            if compensation and step.compensation is None:  # it could never fire
+                raise ConfigurationError(
+                    f"{kind}(..., compensation) on step {name!r}, which has no compensation"
+                )
         else:
             raise ConfigurationError(
                 f"a fault needs a step (a Step, or a step name), got {show(step)}"

@@ -95,3 +95,22 @@ def test_a_fault_on_a_step_name_no_step_can_have_is_refused(fault: str, name: st
     faults = saga.testing.Faults()
     with pytest.raises(saga.ConfigurationError, match="not a name a step can have"):
         getattr(faults, fault)(name)
+
+
+@pytest.mark.timeout(30)
+def test_a_compensation_fault_on_a_step_without_one_is_refused() -> None:
+    """README ("What you can rely on"): "Settings that cannot work are refused when
+    given, naming the setting". ``fail_compensation(step)`` and the compensation side of
+    ``crash_after``/``drop_connection_at_commit`` on a step object that has no
+    compensation could never fire (the test would pass without its fault): a
+    ConfigurationError naming the step. On a step that has one they are accepted."""
+    faults = saga.testing.Faults()
+    for call in (
+        lambda: faults.fail_compensation(pay),
+        lambda: faults.crash_after(pay, compensation=True),
+        lambda: faults.drop_connection_at_commit(pay, compensation=True),
+    ):
+        with pytest.raises(saga.ConfigurationError, match="'pay', which has no compensation"):
+            call()
+    faults.fail_compensation(book)
+    faults.crash_after(book, compensation=True)
