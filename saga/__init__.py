@@ -7,7 +7,7 @@ for good the completed steps are compensated newest first.
 """
 
 from saga._bulk import BulkResult, cancel_runs, count_matching, needs_attention, retry_runs
-from saga._children import ChildFailed, TooManyChildren
+from saga._children import ChildFailed, InputsChanged, TakenKey, TooManyChildren
 from saga._client import Client
 from saga._context import Context
 from saga._cron import Schedule
@@ -66,6 +66,7 @@ __all__ = [
     "ErrorInfo",
     "HistoryEvent",
     "IdempotencyConflictError",
+    "InputsChanged",
     "InvalidInputError",
     "InvalidRunStateError",
     "KeyWait",
@@ -100,6 +101,7 @@ __all__ = [
     "Sleep",
     "Step",
     "StepAttempt",
+    "TakenKey",
     "TooManyChildren",
     "Wait",
     "cancel_runs",

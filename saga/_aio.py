@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -94,12 +94,13 @@ async def uncancellable(coro: Coroutine[Any, Any, T], then: Callable[[T], None] 
 @contextlib.contextmanager
 def time_limit(scope: anyio.CancelScope, seconds: float, what: str) -> Iterator[None]:
     """Cancel what runs under it after ``seconds`` (by ``scope``), then raise
-    TimeoutError, even when that code swallowed the cancellation and returned (its late
-    result is not used): anyio's fail_after raises only if the cancellation reached it."""
+    TimeoutError, even when that code swallowed the cancellation and returned, or
+    blocked past the time without an await (its late result is not used): anyio's
+    fail_after raises only if the cancellation reached it."""
     task = asyncio.current_task()
     assert task is not None
     before = task.cancelling()
-    scope.deadline = anyio.current_time() + seconds
+    deadline = scope.deadline = anyio.current_time() + seconds
     try:
         with scope:
             yield
@@ -111,7 +112,8 @@ def time_limit(scope: anyio.CancelScope, seconds: float, what: str) -> Iterator[
             raise
         while task.cancelling() > before:
             task.uncancel()
-    if scope.cancel_called:
+    # (Sync code that blocked past the deadline was never cancelled: late all the same.)
+    if scope.cancel_called or anyio.current_time() > deadline:
         raise TimeoutError(f"{what} ran past its time limit of {seconds:g} s")
 
 
@@ -135,3 +137,19 @@ async def settle_self_cancel(before: int) -> None:
         await asyncio.sleep(0)  # the pending cancellation is delivered here, if still due
     while task.cancelling() > before:
         task.uncancel()
+
+
+@contextlib.asynccontextmanager
+async def own_cancel_settled() -> AsyncIterator[None]:
+    """Around user code saga calls: a cancellation of its own task that it left pending
+    (``asyncio.current_task().cancel()``, then a return or a raise at once) is taken when
+    it ends, so that it does not land in saga's next await; saga's own is left alone."""
+    before = cancelling()
+    try:
+        yield
+    except BaseException as exc:
+        if not is_cancellation_by_saga(exc) and cancelling() > before:
+            await settle_self_cancel(before)
+        raise
+    if cancelling() > before:
+        await settle_self_cancel(before)

@@ -42,6 +42,17 @@ class TooManyChildren(SagaError):
     step fails for good with this error (recorded as ``saga.TooManyChildren``)."""
 
 
+class InputsChanged(SagaError):
+    """A retried children step's ``inputs`` returned a list of another length than the
+    one its first attempt started children for (recorded as ``saga.InputsChanged``):
+    the step fails for good, its children undone."""
+
+
+class TakenKey(SagaError):
+    """A child's idempotency key belongs to a run started outside its step (recorded as
+    ``saga.TakenKey``): the step fails for good, its children undone."""
+
+
 def declare(
     parent: Any,
     name: str,

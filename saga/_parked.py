@@ -9,9 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel
+from saga._aio import is_cancellation_by_saga, own_cancel_settled
 from saga._call import user_time_limit
 from saga._codec import check_readable
 from saga._errors import DatabaseError, error_record
@@ -88,22 +86,9 @@ async def timeout_result(
 
 
 async def _limited(fn: Callable[[Any], Awaitable[Any]], ctx: Any, lease: Lease, what: str) -> Any:
-    """``fn(ctx)`` within ``CALLBACK_SECONDS``: past it, TimeoutError, also when a sync
-    function blocked the worker that long (nothing could cancel it; its late value is
-    not used). A cancellation of its own task it left pending is taken here, raised or
-    not (it would land in saga's next await, the write)."""
-    before = cancelling()
-    started = anyio.current_time()
-    try:
+    """``fn(ctx)`` within ``CALLBACK_SECONDS`` (past it, TimeoutError, a sync function
+    that blocked that long included); a cancellation of its own task it left pending is
+    taken here, raised or not."""
+    async with own_cancel_settled():
         with user_time_limit(CALLBACK_SECONDS, lease, what):
-            value = await fn(ctx)
-    except BaseException as exc:
-        ours = issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc)
-        if not ours and cancelling() > before:
-            await settle_self_cancel(before)
-        raise
-    if cancelling() > before:
-        await settle_self_cancel(before)
-    if anyio.current_time() - started > CALLBACK_SECONDS:
-        raise TimeoutError(f"{what} ran past its time limit of {CALLBACK_SECONDS:g} s")
-    return value
+            return await fn(ctx)

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from saga._aio import is_cancellation_by_saga, time_limit
+from saga._aio import is_cancellation_by_saga, own_cancel_settled, time_limit
 from saga._db import unreachable
 from saga._errors import DatabaseError, exception_type
 from saga._log import Outage, logger
@@ -205,7 +205,8 @@ class Scheduler:
             event, error = "schedule_input_failed", data.error_type
         else:
             try:
-                return await self._start(s.saga, data, key_of(s.name, slot), conn)
+                async with own_cancel_settled():  # (the saga's key function is the user's)
+                    return await self._start(s.saga, data, key_of(s.name, slot), conn)
             except BaseException as exc:  # refused (the saga's key, priority or validators
                 # raising included, whatever they raise: they cannot stop the orchestrator)
                 if isinstance(exc, DatabaseError) or is_cancellation_by_saga(exc):
@@ -235,10 +236,11 @@ async def _inputs(s: Scheduled[Any], slots: list[datetime]) -> dict[datetime, An
     inputs: dict[datetime, Any] = {}
     for slot in slots:
         try:
-            with time_limit(anyio.CancelScope(), _INPUT_SECONDS, f"input of {s.name!r}"):
-                data = s.input_for(slot)
-                if inspect.isawaitable(data):
-                    data = await data
+            async with own_cancel_settled():
+                with time_limit(anyio.CancelScope(), _INPUT_SECONDS, f"input of {s.name!r}"):
+                    data = s.input_for(slot)
+                    if inspect.isawaitable(data):
+                        data = await data
         except BaseException as exc:  # the user's input function (or its time limit)
             if is_cancellation_by_saga(exc):
                 raise

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from saga._aio import cancelling, is_cancellation_by_saga, settle_self_cancel
+from saga._aio import is_cancellation_by_saga, own_cancel_settled
 from saga._checks import show
-from saga._children import ChildFailed, TooManyChildren
+from saga._children import ChildFailed, InputsChanged, TakenKey, TooManyChildren
 from saga._errors import (
     DatabaseError,
     InvalidInputError,
@@ -59,7 +59,7 @@ class Children:
         kids = await self._store.children_of(run_id, step.name)
         started = False
         if not kids or len(kids) < _count(kids):
-            made = await self._start_all(claim, step, ctx)
+            made = await self._start_all(claim, step, ctx, _count(kids))
             if isinstance(made, Failed) and (not made.retryable or final):
                 # Failing for good (an input refused mid-list, the last attempt): the
                 # children started before it are undone first, as any failure's.
@@ -68,6 +68,13 @@ class Children:
                 return made
             kids = await self._store.children_of(run_id, step.name)
             started = True
+            if missing := sorted(set(range(_count(kids))) - {k.index for k in kids}):
+                taken = TakenKey(
+                    f"step {step.name!r}: the idempotency key of child {missing[0]} "
+                    f"({run_id}:child:{step.name}:{_count(kids)}:{missing[0]}) belongs to a run "
+                    "started outside the step (saga reserves these keys for its children)"
+                )
+                return await self._fail_undone(run_id, step, _failure(step, taken))
         if all(k.output is not None for k in kids):  # all completed (some reverted since)
             ordered = sorted(kids, key=lambda k: k.index)
             joined = "[" + ",".join(k.output or "null" for k in ordered) + "]"
@@ -110,17 +117,17 @@ class Children:
         return Failed(failed.error, retryable=False, undo_error=stuck)
 
     async def _start_all(
-        self, claim: ParentClaim, step: Step[Any, Any], ctx: Context[Any]
+        self, claim: ParentClaim, step: Step[Any, Any], ctx: Context[Any], started: int
     ) -> Succeeded | Failed | None:
         """Compute the inputs and start every child (idempotent); an outcome when there
-        is nothing to start or the inputs are refused."""
+        is nothing to start or the inputs are refused. ``started``: how many children an
+        earlier attempt started children for (0: none), which the inputs must match."""
         spec = step.spawn
         assert spec is not None
         try:
-            before = cancelling()
-            made = spec.inputs(ctx)
-            values = await made if inspect.isawaitable(made) else made
-            await settle_self_cancel(before)
+            async with own_cancel_settled():
+                made = spec.inputs(ctx)
+                values = await made if inspect.isawaitable(made) else made
             if not isinstance(values, Sequence) or isinstance(values, str | bytes):
                 raise TypeError(
                     f"inputs of step {step.name!r} must return a list, got {show(values)}"
@@ -130,19 +137,30 @@ class Children:
                     f"step {step.name!r} would start {len(values)} child runs of saga "
                     f"{spec.saga.name!r}, over its max_children={spec.max_children}"
                 )
+            if started and len(values) != started:
+                raise InputsChanged(
+                    f"inputs of step {step.name!r} returned {len(values)} item(s), and an "
+                    f"earlier attempt started children for {started}: inputs must return "
+                    "the same list on every attempt"
+                )
             if not values:
                 return Succeeded("[]")
             count = len(values)
-            for index, value in enumerate(values):
-                key = f"{claim.run_id}:child:{step.name}:{count}:{index}"
-                await self._start(spec.saga, value, key, claim)
+            async with own_cancel_settled():  # (the child saga's key function is the user's)
+                for index, value in enumerate(values):
+                    key = f"{claim.run_id}:child:{step.name}:{count}:{index}"
+                    await self._start(spec.saga, value, key, claim)
         except (DatabaseError, ClaimLost):
             raise  # an outage: the lease runs out and the step runs again; or it ran out
         except BaseException as exc:  # the user's inputs, or an input the child refuses
             if issubclass(type(exc), SimulatedCrash) or is_cancellation_by_saga(exc):
                 raise
-            refused = TooManyChildren | TypeError | InvalidInputError | SerializationError
-            retry = not issubclass(type(exc), refused) and issubclass(type(exc), Exception)
+            refused = TooManyChildren | InputsChanged | TypeError | InvalidInputError
+            retry = (
+                not issubclass(type(exc), refused | SerializationError)
+                and issubclass(type(exc), Exception)
+                and step.retry.retryable(exc)  # PermanentError, non_retryable: at once
+            )
             return Failed(error_record(exc, step.name), retryable=retry)
         return None
 

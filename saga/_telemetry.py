@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from saga._errors import exception_type
 from saga._instruments import (
     ATTEMPT,
     ERROR_TYPE,
@@ -33,6 +34,7 @@ from saga._instruments import (
     GaugeState,
     instruments,
 )
+from saga._log import logger
 from saga._tally import Key, key_of
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class Telemetry:
         self._attempt_attrs: dict[tuple[str, str, str, str | None], tuple[Key, dict[str, str]]]
         self._attempt_attrs = {}
         self._run_attrs: dict[tuple[str, str], dict[str, str]] = {}
+        self._failures: set[str] = set()  # the tracer's failures logged (once each)
 
     def gauges(self, schema: str) -> GaugeState:
         """A gauge state of this telemetry's own, reported until :meth:`forget`."""
@@ -70,17 +73,42 @@ class Telemetry:
 
     @contextmanager
     def start_span(self, saga: Saga[Any]) -> Iterator[tuple[Span, str]]:
-        """The span of ``start()``; yields it and the context carrier (JSON) to store."""
-        with self.tracer.start_as_current_span(
-            f"saga.start {saga.name}",
-            kind=SpanKind.PRODUCER,
-            attributes={SAGA: saga.name, SAGA_VERSION: saga.version},
-            record_exception=False,
-            set_status_on_exception=False,  # never a message
-        ) as span:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-            yield span, json.dumps(carrier) if carrier else "{}"  # (no tracing: nothing)
+        """The span of ``start()``; yields it and the context carrier (JSON) to store. A
+        tracer (or propagator) that raises costs the run its trace, never its start."""
+        try:
+            span = self.tracer.start_span(
+                f"saga.start {saga.name}",
+                kind=SpanKind.PRODUCER,
+                attributes={SAGA: saga.name, SAGA_VERSION: saga.version},
+            )
+        except Exception as exc:
+            span = self._failed("starting a span", exc)
+        carrier: dict[str, str] = {}
+        try:
+            with trace.use_span(  # (never a message: no exception recorded)
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
+                try:
+                    propagate.inject(carrier)
+                except Exception as exc:
+                    self._failed("propagating a span", exc)
+                yield span, json.dumps(carrier) if carrier else "{}"  # (no tracing: nothing)
+        finally:
+            self._end(span)
+
+    def _end(self, span: Span) -> None:
+        try:
+            span.end()
+        except Exception as exc:
+            self._failed("ending a span", exc)
+
+    def _failed(self, during: str, exc: Exception) -> Span:
+        """The application's tracer raised: logged (once per kind of failure), and the
+        work goes on without that span (a non-recording one)."""
+        if during not in self._failures:
+            self._failures.add(during)
+            logger.warning("tracing_failed", during=during, error_type=exception_type(exc))
+        return trace.INVALID_SPAN
 
     @staticmethod
     def parent_context(carrier_json: str | None) -> Context | None:
@@ -112,20 +140,23 @@ class Telemetry:
     ) -> Span:
         """A span for one attempt, parented to the run's start span (any process)."""
         verb = "compensate" if kind == "compensation" else "step"
-        return self.tracer.start_span(
-            f"saga.{verb} {step}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes={
-                RUN_ID: run_id,
-                SAGA: saga,
-                SAGA_VERSION: version,
-                STEP: step,
-                ATTEMPT: attempt,
-                KIND: kind,
-                WORKER: worker,
-            },
-        )
+        try:
+            return self.tracer.start_span(
+                f"saga.{verb} {step}",
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    RUN_ID: run_id,
+                    SAGA: saga,
+                    SAGA_VERSION: version,
+                    STEP: step,
+                    ATTEMPT: attempt,
+                    KIND: kind,
+                    WORKER: worker,
+                },
+            )
+        except Exception as exc:  # the application's tracer: the attempt goes on
+            return self._failed("starting a span", exc)
 
     def end_attempt(
         self,
@@ -141,17 +172,20 @@ class Telemetry:
     ) -> None:
         """Close an attempt's span and count it. Only types, never messages. A span that
         records nothing (no SDK, or its trace not sampled) gets no attributes."""
-        if span.is_recording():
-            attrs: dict[str, str] = {OUTCOME: outcome}
-            if error_type is not None:
-                attrs[ERROR_TYPE] = error_type
-                span.add_event("exception", {"exception.type": error_type})
-            if run_status is not None:
-                attrs[RUN_STATUS] = run_status
-            span.set_attributes(attrs)
-            if outcome in _ERROR_OUTCOMES or (outcome == "retry" and error_type is not None):
-                span.set_status(Status(StatusCode.ERROR, error_type or outcome))
-        span.end()
+        try:
+            if span.is_recording():
+                attrs: dict[str, str] = {OUTCOME: outcome}
+                if error_type is not None:
+                    attrs[ERROR_TYPE] = error_type
+                    span.add_event("exception", {"exception.type": error_type})
+                if run_status is not None:
+                    attrs[RUN_STATUS] = run_status
+                span.set_attributes(attrs)
+                if outcome in _ERROR_OUTCOMES or (outcome == "retry" and error_type is not None):
+                    span.set_status(Status(StatusCode.ERROR, error_type or outcome))
+            span.end()
+        except Exception as exc:  # the application's tracer: the outcome is recorded
+            self._failed("ending a span", exc)
         cache, combination = self._attempt_attrs, (saga, step, outcome, error_type)
         found = cache.get(combination)
         if found is None:
