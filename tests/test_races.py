@@ -710,7 +710,10 @@ async def test_a_rate_limit_is_shared_by_every_orchestrator(
 ) -> None:
     """A rate limit is shared by every worker: 3 orchestrators run 45 runs of a step
     limited to 10/s (burst 5). In any window of w seconds the step starts at most
-    burst + 10 * w times (a little slack for timer jitter)."""
+    burst + 10 * w times, give or take the timer's jitter: one start more, and 50 ms of
+    the window (tokens are timed by the database's clock; each worker's wait for its
+    own starts from the reply, whose latency varies: once in CI, 20 starts fell in a
+    window 0.3 ms short of the 1.4 s that admits them)."""
     starts: list[float] = []
     limit = saga.RateLimit("api", per_second=10, burst=5)
     s = saga.Saga("limited", input=Job)
@@ -736,7 +739,7 @@ async def test_a_rate_limit_is_shared_by_every_orchestrator(
     for i, t0 in enumerate(starts):
         for j in range(i, len(starts)):
             w = starts[j] - t0
-            assert j - i + 1 <= 5 + 10 * w + 1, (j - i + 1, w)
+            assert j - i + 1 <= 5 + 10 * (w + 0.05) + 1, (j - i + 1, w)
 
 
 # --------------------------------------------------------------------------------------
