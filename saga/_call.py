@@ -161,6 +161,7 @@ async def _take(
     store: Store, limit: RateLimit, run: ActiveRun, worker: str, lease: Lease, outage: Outage
 ) -> float:
     attempt = (run.id, run.step, run.attempt)
+    held = (lease.token, None if lease.item is None else lease.item[1].value)
     delay, taken = await _again(
         outage, "taking a rate limit token",
         lambda: store.rate_take(limit.name, limit.per_second, limit.burst or 1),
@@ -168,7 +169,7 @@ async def _take(
     if delay > 0:
         await _again(
             outage, "recording a rate limit's delay",
-            lambda: store.rate_limited(limit.name, delay, taken, attempt, worker),
+            lambda: store.rate_limited(limit.name, delay, taken, attempt, worker, held),
         )  # fmt: skip
     end = anyio.current_time() + delay
     while not lease.cancel_requested and (left := end - anyio.current_time()) > 0:  # noqa: ASYNC110 - the heartbeat sets a flag, not an event

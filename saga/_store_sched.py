@@ -145,11 +145,15 @@ class ScheduleQueries:
         taken: datetime,
         attempt: tuple[UUID, str, int],
         worker: str,
+        held: tuple[int, str | None],
     ) -> None:
         """Record in the run's history that ``attempt`` (run, step, number) waits
-        ``delay`` seconds for a token of ``name`` taken at ``taken``."""
+        ``delay`` seconds for a token of ``name`` taken at ``taken``, if ``worker``
+        still holds the lease ``held`` (its token, and a graph item's phase)."""
         async with translate_errors("recording a rate limit's delay"):
-            await self.pool.execute(self._q["rate_limited"], name, delay, taken, *attempt, worker)
+            await self.pool.execute(
+                self._q["rate_limited"], name, delay, taken, *attempt, worker, *held
+            )
 
     @asynccontextmanager
     async def schedule_transaction(self) -> AsyncIterator[Executor]:

@@ -1035,11 +1035,18 @@ RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay, b.updated_at AS 
 -- name: rate_limited
 -- Record in the run's history that an attempt waits $2 seconds for a token of the limit
 -- $1 taken at $3 (its row locked first, as every history writer does): at + delay is
--- when the attempt goes on.
+-- when the attempt goes on. Fenced like every write of an attempt: only while the worker
+-- still holds the lease it took the token under (the run's, or with $9 the graph item's
+-- of that phase); a worker that lost it writes nothing.
 -- $1 limit name, $2 delay, $3 when the token was taken, $4 run id, $5 step, $6 attempt,
--- $7 worker
+-- $7 worker, $8 lease token, $9 the graph item's phase (NULL: a linear run)
 WITH run AS (
-    SELECT r.id FROM __schema__.runs r WHERE r.id = $4
+    SELECT r.id FROM __schema__.runs r
+    WHERE r.id = $4
+      AND CASE WHEN $9::text IS NULL THEN r.lease_token = $8 AND r.lease_owner = $7
+          ELSE EXISTS (SELECT FROM __schema__.items i
+                       WHERE i.run_id = r.id AND i.step = $5 AND i.phase = $9
+                         AND i.lease_token = $8 AND i.lease_owner = $7) END
     FOR UPDATE OF r
 )
 INSERT INTO __schema__.events (run_id, at, kind, step, attempt, worker, data)
