@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from saga import _checks
 from saga._acting import operator_data
@@ -21,7 +20,7 @@ from saga._checks import show
 from saga._client import Client, store_of
 from saga._errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from saga._model import RunStatus
-from saga._operator import MAX_PAGE_SIZE, RunPage, _statuses, runs_page
+from saga._operator import MAX_PAGE_SIZE, Age, RunPage, _statuses, runs_page
 from saga._store_ops import Position
 
 #: The most runs one bulk action may touch.
@@ -38,8 +37,8 @@ class RunFilter:
     saga: str | None = None
     status: Statuses = None
     key: str | None = None
-    older_than: timedelta | None = None
-    newer_than: timedelta | None = None
+    older_than: Age | None = None
+    newer_than: Age | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +104,8 @@ async def count_matching(
     saga: str | None = None,
     status: Statuses = None,
     key: str | None = None,
-    older_than: timedelta | None = None,
-    newer_than: timedelta | None = None,
+    older_than: Age | None = None,
+    newer_than: Age | None = None,
     cap: int = MAX_BULK,
 ) -> int:
     """How many runs match the filters (those of :func:`saga.list_runs`), counting at
@@ -156,8 +155,8 @@ async def cancel_runs(
     saga: str | None = None,
     status: Statuses = None,
     key: str | None = None,
-    older_than: timedelta | None = None,
-    newer_than: timedelta | None = None,
+    older_than: Age | None = None,
+    newer_than: Age | None = None,
     expect: int | None = None,
     by: str | None = None,
     note: str | None = None,
@@ -184,8 +183,8 @@ async def retry_runs(
     saga: str | None = None,
     status: Statuses = None,
     key: str | None = None,
-    older_than: timedelta | None = None,
-    newer_than: timedelta | None = None,
+    older_than: Age | None = None,
+    newer_than: Age | None = None,
     expect: int | None = None,
     by: str | None = None,
     note: str | None = None,

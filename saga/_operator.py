@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -70,6 +70,29 @@ def _seconds(name: str, value: timedelta | None) -> float | None:
     return seconds
 
 
+#: A filter on a run's creation time: an age (by the database's clock) or a time.
+Age = timedelta | datetime
+
+
+def _bound(name: str, value: Age | None) -> float | datetime | None:
+    """An age (seconds) or a time (UTC) for the store, from a filter argument."""
+    if not isinstance(value, datetime):
+        if value is not None and not isinstance(value, timedelta):
+            raise ConfigurationError(
+                f"{name} must be a datetime.timedelta (an age) or an aware datetime, "
+                f"got {show(value)}"
+            )
+        return _seconds(name, value)
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ConfigurationError(
+            f"{name} must be a timezone-aware datetime (or a timedelta), got {value!r}"
+        )
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # datetime(1, 1, 1, tzinfo=+01:00) is before the first day
+        raise ConfigurationError(f"{name} is out of range, got {value!r}") from None
+
+
 def _check_text(name: str, value: str | None) -> None:
     """A saga name or key to look up: a non-empty str the database can hold."""
     if value is not None and (
@@ -115,8 +138,8 @@ async def list_runs(
     *,
     saga: str | None = None,
     status: Iterable[RunStatus | str] | RunStatus | str | None = None,
-    older_than: timedelta | None = None,
-    newer_than: timedelta | None = None,
+    older_than: Age | None = None,
+    newer_than: Age | None = None,
     before: uuid.UUID | str | None = None,
     limit: int = 50,
     key: str | None = None,
@@ -124,8 +147,9 @@ async def list_runs(
     """List runs newest first (by creation time), with optional filters, one page at a time.
 
     ``saga`` filters by saga name; ``status`` by one or several states; ``older_than`` /
-    ``newer_than`` by age (created at least / at most that long ago, by the database
-    clock); ``key`` by idempotency key (the business id given to ``start(key=...)``, an
+    ``newer_than`` by age (a timedelta: created at least / at most that long ago, by the
+    database clock) or by time (an aware datetime: created at or before / at or after
+    it); ``key`` by idempotency key (the business id given to ``start(key=...)``, an
     exact match: at most one run per saga, found through the unique index on (saga, key)
     with or without ``saga``). Pages are keyset-paged: pass the previous page's
     ``next_before`` as ``before`` to get the next one, which stays correct while runs are
@@ -152,8 +176,8 @@ async def runs_page(
     *,
     saga: str | None,
     status: Iterable[RunStatus | str] | RunStatus | str | None,
-    older_than: timedelta | None,
-    newer_than: timedelta | None,
+    older_than: Age | None,
+    newer_than: Age | None,
     before: uuid.UUID | str | Position | None,
     limit: int,
     key: str | None,
@@ -173,8 +197,8 @@ async def runs_page(
     if before is not None and position is None:
         cursor = _checks.run_id(before, ConfigurationError)
     statuses = _statuses(status)
-    older = _seconds("older_than", older_than)
-    newer = _seconds("newer_than", newer_than)
+    older = _bound("older_than", older_than)
+    newer = _bound("newer_than", newer_than)
     if cursor is not None:
         position = await store.position(cursor)
         if position is None:
@@ -208,15 +232,16 @@ async def count_runs(
     client: Client,
     *,
     saga: str | None = None,
-    older_than: timedelta | None = None,
-    newer_than: timedelta | None = None,
+    older_than: Age | None = None,
+    newer_than: Age | None = None,
 ) -> dict[RunStatus, int]:
     """How many runs are in each state: every :class:`RunStatus` is a key, 0 when none.
 
     ``saga`` counts one saga's runs only; ``older_than`` / ``newer_than`` only runs
-    created at least / at most that long ago (by the database clock), as in
-    :func:`list_runs`. What it costs: one statement that reads every matching run,
-    finished ones included, so its time grows with the table (prune keeps it small).
+    created at least / at most that long ago (by the database clock), or at or before /
+    at or after a time, as in :func:`list_runs`. What it costs: one statement that reads
+    every matching run, finished ones included, so its time grows with the table (prune
+    keeps it small).
     For a frequent, cheap view of the active runs, use the orchestrators' metrics.
 
     Raises :class:`ConfigurationError` for a bad argument.
@@ -235,8 +260,8 @@ async def count_runs_by_saga(
     client: Client,
     *,
     saga: str | None = None,
-    older_than: timedelta | None = None,
-    newer_than: timedelta | None = None,
+    older_than: Age | None = None,
+    newer_than: Age | None = None,
 ) -> dict[str, dict[RunStatus, int]]:
     """:func:`count_runs` per saga name, in name order (what ``saga stats`` prints); a
     saga with no matching run is absent."""
@@ -244,8 +269,8 @@ async def count_runs_by_saga(
     _check_text("saga", saga)
     rows = await store.count_runs(
         saga_name=saga,
-        older_than=_seconds("older_than", older_than),
-        newer_than=_seconds("newer_than", newer_than),
+        older_than=_bound("older_than", older_than),
+        newer_than=_bound("newer_than", newer_than),
     )
     counts: dict[str, dict[RunStatus, int]] = {}
     for name, status, runs in rows:

@@ -23,6 +23,8 @@ from saga._rows import run_info
 
 #: A saga definition as the database knows it: (name, version, fingerprint).
 DefinitionKey = tuple[str, int, str | None]
+#: A bound on a run's creation time: an age in seconds (by the database's clock), or a time.
+Bound = float | datetime | None
 
 
 #: Stands for "no fingerprint recorded" (runs started before fingerprints existed).
@@ -46,6 +48,14 @@ def definition_args(
             versions.append(version)
             fingerprints.append(fp)
     return names, versions, fingerprints
+
+
+def _age(bound: Bound) -> float | None:
+    return bound if isinstance(bound, float) else None
+
+
+def _time(bound: Bound) -> datetime | None:
+    return bound if isinstance(bound, datetime) else None
 
 
 def fingerprint_or_none(value: str) -> str | None:
@@ -113,25 +123,28 @@ class OperatorQueries:
         *,
         saga_name: str | None,
         statuses: Sequence[str] | None,
-        older_than: float | None,
-        newer_than: float | None,
+        older_than: Bound,
+        newer_than: Bound,
         before: Position | None,
         limit: int,
         key: str | None = None,
     ) -> list[RunInfo]:
         """Runs newest first, filtered; ``before`` is the page cursor: the position of the
-        last run of the page before (which may since have been pruned)."""
+        last run of the page before (which may since have been pruned). A bound on the
+        creation time is an age in seconds (by the database's clock) or a time."""
         async with translate_errors("listing runs"):
             rows = await self.pool.fetch(
                 self._q["list_runs"],
                 saga_name,
                 None if statuses is None else list(statuses),
-                older_than,
-                newer_than,
+                _age(older_than),
+                _age(newer_than),
                 None if before is None else before.id,
                 limit,
                 key,
                 None if before is None else before.created_at,
+                _time(older_than),
+                _time(newer_than),
             )
         return [run_info(r) for r in rows]
 
@@ -240,11 +253,18 @@ class OperatorQueries:
         return [(r["id"], r["saga_name"]) for r in rows]
 
     async def count_runs(
-        self, *, saga_name: str | None, older_than: float | None, newer_than: float | None
+        self, *, saga_name: str | None, older_than: Bound, newer_than: Bound
     ) -> list[tuple[str, str, int]]:
         """(saga name, status, runs) for every pair that has runs, by saga name."""
         async with translate_errors("counting runs"):
-            rows = await self.pool.fetch(self._q["count_runs"], saga_name, older_than, newer_than)
+            rows = await self.pool.fetch(
+                self._q["count_runs"],
+                saga_name,
+                _age(older_than),
+                _age(newer_than),
+                _time(older_than),
+                _time(newer_than),
+            )
         return [(r["saga_name"], r["status"], r["runs"]) for r in rows]
 
     async def request_cancel(self, run_id: UUID, data: str | None = None) -> bool:

@@ -135,7 +135,7 @@ async def test_key_lookup_plans_use_the_unique_index_with_many_runs(
         ("find_runs_by_key", ["key-77", None]),
         ("find_runs_by_key", ["no-such-key", None]),
         ("find_runs_by_key", ["key-77", "beta"]),
-        ("list_runs", ["beta", None, None, None, None, 51, "key-77", None]),
+        ("list_runs", ["beta", None, None, None, None, 51, "key-77", None, None, None]),
     ]
     for name, args in cases:
         raw = await db.fetchval(f"EXPLAIN (FORMAT JSON)\n{queries[name]}", *args)

@@ -1313,7 +1313,8 @@ FROM __schema__.schedules WHERE NOT paused;
 -- many seconds ago or NULL, $4 created at most this many seconds ago or NULL, $5 the page
 -- cursor, a position ($5 id, $8 created_at): only runs strictly older (by created_at, id),
 -- or NULL (a position, not a row: the run there may have been pruned since),
--- $6 page size, $7 idempotency key or NULL (exact match; with $1 an index probe). The
+-- $6 page size, $7 idempotency key or NULL (exact match; with $1 an index probe), $9
+-- created at or before this time or NULL, $10 created at or after this time or NULL. The
 -- cursor's bound is also given on created_at alone, so that an index on (saga_name,
 -- created_at) can start there (a row comparison only bounds an index's leading columns).
 SELECT * FROM (
@@ -1332,6 +1333,8 @@ SELECT * FROM (
        AND ($2::text[] IS NULL OR status = ANY($2::text[]))
        AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
+       AND ($9::timestamptz IS NULL OR created_at <= $9::timestamptz)
+       AND ($10::timestamptz IS NULL OR created_at >= $10::timestamptz)
        AND ($5::uuid IS NULL OR (created_at <= $8::timestamptz
                                  AND (created_at, id) < ($8::timestamptz, $5::uuid)))
        AND ($7::text IS NULL OR idempotency_key = $7)
@@ -1349,6 +1352,8 @@ SELECT * FROM (
        AND ($2::text[] IS NULL OR status = ANY($2::text[]))
        AND ($3::float8 IS NULL OR created_at <= now() - make_interval(secs => $3::float8))
        AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4::float8))
+       AND ($9::timestamptz IS NULL OR created_at <= $9::timestamptz)
+       AND ($10::timestamptz IS NULL OR created_at >= $10::timestamptz)
        AND ($5::uuid IS NULL OR (created_at <= $8::timestamptz
                                  AND (created_at, id) < ($8::timestamptz, $5::uuid)))
        AND ($7::text IS NULL OR idempotency_key = $7)
@@ -1582,12 +1587,15 @@ ORDER BY r.saga_name;
 -- finished ones included (a scan of the table): for an operator's question, not for a
 -- dashboard refreshing every second (the census is the cheap, active-only count).
 -- $1 saga name or NULL, $2 created at least this many seconds ago or NULL, $3 created at
--- most this many seconds ago or NULL
+-- most this many seconds ago or NULL, $4 created at or before this time or NULL, $5
+-- created at or after this time or NULL
 SELECT saga_name, status, count(*) AS runs
 FROM __schema__.runs
 WHERE ($1::text IS NULL OR saga_name = $1)
   AND ($2::float8 IS NULL OR created_at <= now() - make_interval(secs => $2::float8))
   AND ($3::float8 IS NULL OR created_at >= now() - make_interval(secs => $3::float8))
+  AND ($4::timestamptz IS NULL OR created_at <= $4::timestamptz)
+  AND ($5::timestamptz IS NULL OR created_at >= $5::timestamptz)
 GROUP BY saga_name, status
 ORDER BY saga_name, status;
 

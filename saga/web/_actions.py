@@ -5,12 +5,12 @@ message; a refusal changes nothing and answers with its status (400, 404, 409)."
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.responses import Response
 
 import saga
+from saga._acting import operator_data
 from saga._model import RunStatus
 from saga.web._filters import PageError, field, form_filters, run_id
 from saga.web._site import Ctx, Dashboard
@@ -116,9 +116,8 @@ async def bulk(dash: Dashboard, ctx: Ctx) -> Response:
     action = field(ctx.form, "action")
     if action not in ("cancel", "retry"):
         raise PageError(400, "bulk action must be cancel or retry")
-    now = datetime.now(UTC)
-    filters = form_filters(ctx.form, now)
-    arguments = filters.arguments(now)
+    filters = form_filters(ctx.form)
+    arguments = filters.arguments()
     if field(ctx.form, "confirm") != "yes":
         count = await saga.count_matching(dash.client, cap=dash.bulk_limit, **arguments)
         return dash.render(
@@ -134,7 +133,14 @@ async def bulk(dash: Dashboard, ctx: Ctx) -> Response:
     try:
         expect = int(field(ctx.form, "expect"))
     except ValueError:
-        raise PageError(400, "the confirmation carries no count: start again") from None
+        expect = -1
+    if expect < 0:
+        raise PageError(400, "the confirmation carries no count: start again")
+    note = _note(ctx, False)
+    try:  # bad input is the operator's to fix (400): what is left is the runs moving
+        operator_data(ctx.operator.name, note)
+    except saga.ConfigurationError as exc:
+        raise PageError(400, str(exc)) from None
     act_on = saga.cancel_runs if action == "cancel" else saga.retry_runs
     try:
         result = await act_on(
@@ -142,10 +148,10 @@ async def bulk(dash: Dashboard, ctx: Ctx) -> Response:
             limit=dash.bulk_limit,
             expect=expect,
             by=ctx.operator.name,
-            note=_note(ctx, False),
+            note=note,
             **arguments,
         )
-    except saga.ConfigurationError as exc:  # the filters were checked: the count moved
+    except saga.ConfigurationError as exc:  # the input was checked: the count moved
         raise PageError(409, str(exc)) from None
     verb = "Cancelled" if action == "cancel" else "Retried"
     acted = len(result.acted)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -38,7 +38,7 @@ def run_id(text: str) -> uuid.UUID:
         raise PageError(400, f"not a run id (a UUID): {text[:100]!r}") from None
 
 
-def _time(name: str, text: str, now: datetime) -> datetime | None:
+def _time(name: str, text: str) -> datetime | None:
     if not text:
         return None
     try:
@@ -51,8 +51,6 @@ def _time(name: str, text: str, now: datetime) -> datetime | None:
         value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00+14:00 is before the first day
         raise PageError(400, f"{name} is out of range: {text[:60]!r}") from None
-    if value > now:
-        raise PageError(400, f"{name} is in the future: {text[:60]!r}")
     return value
 
 
@@ -87,32 +85,32 @@ class RunFilters:
     def active(self) -> bool:
         return bool(self.pairs())
 
-    def arguments(self, now: datetime) -> dict[str, Any]:
-        """Keyword arguments of list_runs and the bulk functions (times become ages,
-        by this process's clock)."""
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments of list_runs and the bulk functions (the times as given:
+        never turned into ages by this process's clock, which the database's is not)."""
         return {
             "saga": self.saga,
             "status": list(self.statuses) or None,
             "key": self.key,
-            "newer_than": None if self.after is None else max(now - self.after, timedelta(0)),
-            "older_than": None if self.before is None else max(now - self.before, timedelta(0)),
+            "newer_than": self.after,
+            "older_than": self.before,
         }
 
 
-def form_filters(form: Fields, now: datetime) -> RunFilters:
+def form_filters(form: Fields) -> RunFilters:
     """The filter a form carries in its hidden ``filter`` field (see runs.html): one
     query string, whose line breaks a browser cannot turn into CRLF as it does with a
     field's text. A form without it gives its own fields."""
     carried = form.get("filter")
     if not carried:
-        return parse_filters(form, now)
+        return parse_filters(form)
     fields: dict[str, list[str]] = {}
     for name, value in parse_qsl(carried[0], keep_blank_values=True):
         fields.setdefault(name, []).append(value)
-    return parse_filters(fields, now)
+    return parse_filters(fields)
 
 
-def parse_filters(fields: Fields, now: datetime) -> RunFilters:
+def parse_filters(fields: Fields) -> RunFilters:
     """The filter a query string or form gives; 400 (PageError) for a malformed one."""
     statuses: list[str] = []
     for value in fields.get("status", ()):
@@ -130,8 +128,8 @@ def parse_filters(fields: Fields, now: datetime) -> RunFilters:
     for name, text in (("saga", saga), ("key", key)):
         if "\x00" in text or len(text) > 512:
             raise PageError(400, f"the {name} filter must be at most 512 characters, no NUL")
-    after = _time("created after", field(fields, "after"), now)
-    before = _time("created before", field(fields, "before"), now)
+    after = _time("created after", field(fields, "after"))
+    before = _time("created before", field(fields, "before"))
     if after and before and after >= before:
         raise PageError(400, "created after must be earlier than created before")
     return RunFilters(

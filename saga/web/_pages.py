@@ -29,7 +29,7 @@ async def overview(dash: Dashboard, ctx: Ctx) -> Response:
 async def runs(dash: Dashboard, ctx: Ctx) -> Response:
     now = datetime.now(UTC)
     query = _query(ctx)
-    filters = parse_filters(query, now)
+    filters = parse_filters(query)
     cursor_text = field(query, "cursor")
     cursor = None
     if cursor_text:
@@ -39,7 +39,7 @@ async def runs(dash: Dashboard, ctx: Ctx) -> Response:
             raise PageError(400, f"bad page cursor (not a run id): {cursor_text[:100]!r}") from None
     try:
         page = await saga.list_runs(
-            dash.client, before=cursor, limit=PAGE_SIZE, **filters.arguments(now)
+            dash.client, before=cursor, limit=PAGE_SIZE, **filters.arguments()
         )
     except saga.RunNotFoundError:
         raise PageError(

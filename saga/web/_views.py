@@ -169,12 +169,17 @@ CHILDREN_SHOWN = 200
 _HIDDEN_DATA = ("error", "by", "note")
 
 
-def _details(data: dict[str, Any]) -> str:
+def _details(data: dict[str, Any], redact: Redact | None) -> str:
+    """An event's other data, one ``key=value`` apiece; an error record among them
+    (a failing child's, say) is shown as the page shows errors, through ``redact``."""
     parts = []
     for key, value in sorted(data.items()):
         if key in _HIDDEN_DATA:
             continue
-        text = json.dumps(value, ensure_ascii=False, default=str)
+        if isinstance(value, dict) and isinstance(message := value.get("message"), str):
+            text = f"{value.get('type')}: {show_error(message, redact)}"
+        else:
+            text = json.dumps(value, ensure_ascii=False, default=str)
         parts.append(f"{key}={text[:200]}")
     return " ".join(parts)
 
@@ -187,7 +192,7 @@ def _history_row(event: HistoryEvent, redact: Redact | None) -> HistoryRow:
         by=None if by is None else str(by),
         note=None if note is None else str(note),
         error=None if error is None else f"{error.type}: {show_error(error.message, redact)}",
-        details=_details(event.data),
+        details=_details(event.data, redact),
     )
 
 

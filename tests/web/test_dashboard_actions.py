@@ -334,6 +334,44 @@ async def test_bulk_with_a_malformed_filter_is_400(orchestrator: Any, browse: Br
     assert (await http.post("/saga/runs/bulk", data=bad_action, headers=ALICE)).status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("extra", "what"),
+    [
+        ({"note": "n" * 4001}, "note must be at most 4000 characters"),
+        ({"note": "bad\x00note"}, "NUL"),
+        ({"expect": "-1"}, "carries no count"),
+        ({"expect": "two"}, "carries no count"),
+    ],
+    ids=["long note", "NUL in note", "negative count", "no count"],
+)
+async def test_bad_input_in_a_bulk_confirmation_is_400_and_acts_on_nothing(
+    open_client: Any, browse: Browser, extra: dict[str, str], what: str
+) -> None:
+    """README (Dashboard): "Wrong state answers 409, unknown run 404, bad input 400,
+    with the reason on the page, and nothing changes." A bulk confirmation with a bad
+    note or count is bad input: 400 with the reason, no run cancelled. Before, a bad
+    note or a negative count answered 409, the status of runs that moved meanwhile."""
+    s = small_saga("bulky", 1)
+    client = await open_client(s)  # executes nothing: the runs stay pending
+    ids = [(await client.start(s, Job(n=i))).id for i in range(2)]
+    http = await browse(client)
+    form = {
+        "csrf": await _token(http),
+        "action": "cancel",
+        "filter": "saga=bulky",
+        "confirm": "yes",
+        "expect": "2",
+        **extra,
+    }
+    with anyio.fail_after(20):
+        response = await http.post("/saga/runs/bulk", data=form, headers=ALICE)
+    message = " ".join(re.findall(r'data-testid="error-message">(.*?)</p>', response.text, re.S))
+    assert response.status_code == 400
+    assert what in message
+    for run_id in ids:
+        assert not (await client.info(run_id)).cancel_requested
+
+
 async def test_a_live_refresh_leaves_the_flash_to_the_page_it_answers(
     orchestrator: Any, browse: Browser
 ) -> None:
