@@ -199,6 +199,30 @@ async def test_a_dashboard_without_the_saga_sends_no_signal_to_a_sleeping_run(
     assert await db.fetchval("SELECT count(*) FROM saga.signals WHERE run_id = $1", run.id) == 0
 
 
+async def test_the_signal_form_of_a_run_is_filled_with_its_signal_never_a_sleep(
+    orchestrator: Any, browse: Browser
+) -> None:
+    """The run page's signal form is filled with the signal the run waits for; a
+    sleeping run waits for none, so the form is empty (a signal for a later wait is kept
+    by the run). Before, it was filled with the sleep's name, which the button then
+    sent and the dashboard refused."""
+    orch = await orchestrator(napping, approval)
+    sleeping = await orch.start(napping, Job(n=1))
+    waiting = await orch.start(approval, Job(n=1))
+    await until_status(sleeping, saga.RunStatus.SLEEPING)
+    await until_status(waiting, saga.RunStatus.WAITING)
+    http = await browse(orch)
+
+    async def filled(run: saga.RunHandle[Any]) -> str:
+        page = (await http.get(f"/saga/runs/{run.id}", headers=ALICE)).text
+        match = re.search(r'name="name"[^>]*value="([^"]*)"[^>]*data-testid="signal-name"', page)
+        assert match is not None
+        return match[1]
+
+    assert await filled(sleeping) == ""
+    assert await filled(waiting) == "decision"
+
+
 async def test_retry_resolve_and_skip_of_a_failed_run(orchestrator: Any, browse: Browser) -> None:
     """A failed run (its compensation gave up) shows on the attention page; resolve and
     skip need a note (400 without); retry runs the compensation again, and the run ends
