@@ -76,6 +76,26 @@ async def test_a_new_run_appears_in_the_open_runs_list(
     assert await page.evaluate("window.sagaMarker") == "same page"
 
 
+async def test_a_right_button_press_left_unfinished_does_not_stop_the_live_page(
+    orchestrator: OrchestratorFactory, serve: Serve, context: Context
+) -> None:
+    """A press of the right button whose release never reaches the page (a context menu
+    takes it) does not hold the page's updates: a run started meanwhile still appears
+    without a reload. Before, any button's press held them until the next release."""
+    s = small_saga("billing", 1)
+    orch = await orchestrator(s)
+    url = await serve(orch)
+    await (await orch.start(s, Job())).result(timeout=10)
+    page = await _page(context)
+    await page.goto(f"{url}/runs")
+    await expect(page.get_by_test_id("run-row")).to_have_count(1)
+    await _live(page)
+    await page.mouse.move(5, 5)
+    await page.mouse.down(button="right")  # and no release
+    await orch.start(s, Job())
+    await expect(page.get_by_test_id("run-row")).to_have_count(2, timeout=WAIT)
+
+
 async def test_the_cancel_button_cancels_and_the_history_names_who(
     orchestrator: OrchestratorFactory, serve: Serve, context: Context
 ) -> None:

@@ -100,8 +100,15 @@
     window.setTimeout(function () { if (pending && !typing()) { refresh(); } }, 100);
   }
 
-  // A press (button down, then up) must land on the page it began on.
-  document.addEventListener("pointerdown", function () { pressing = true; }, true);
+  // A press (button down, then up) must land on the page it began on. Only the main
+  // button's: a right button's up may never come (the context menu takes it), nor one
+  // whose window lost focus meanwhile (a blur ends the press).
+  document.addEventListener("pointerdown", function (e) {
+    if (e.button === 0) { pressing = true; }
+  }, true);
+  window.addEventListener("blur", function () {
+    if (pressing) { pressing = false; later(); }
+  });
   document.addEventListener("pointerup", function () {
     window.setTimeout(function () { pressing = false; later(); }, 0);
   }, true);
