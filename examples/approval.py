@@ -30,12 +30,11 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import FastAPI, HTTPException, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 import saga
-from examples.responses import ERROR_STATUS, error_response, validation_body
+from examples.fastapi_app import add_error_handlers
+from examples.responses import MAX_BODY_BYTES
 
 #: A refund id in a URL: what POST /refunds accepts (no NUL: Postgres text cannot hold it).
 RefundId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[^\x00]+$")]
@@ -110,22 +109,6 @@ CREATE TABLE IF NOT EXISTS refunds (
 """
 
 
-async def saga_error(request: Request, exc: Exception) -> Response:
-    """One of saga's errors as its status (``ERROR_STATUS``) and ``{"error", "detail"}``."""
-    mapped = error_response(exc)
-    if mapped is None:  # registered for mapped types only
-        raise exc
-    status, body, headers = mapped
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-async def malformed(request: Request, exc: Exception) -> Response:
-    """422 without the offending input: FastAPI's own handler echoes it, and answers 500
-    instead when JSON cannot encode it (NaN, a lone surrogate)."""
-    assert isinstance(exc, RequestValidationError)
-    return JSONResponse(validation_body(exc.errors()), status_code=422)
-
-
 def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
     """The app. ``dsn`` defaults to ``$SAGA_DSN``; ``options`` go to
     :class:`saga.Orchestrator` (``concurrency``, ``poll_interval`` ...)."""
@@ -138,10 +121,9 @@ def create_app(dsn: str | None = None, **options: Any) -> FastAPI:
                 app.state.pool, app.state.orchestrator = pool, orchestrator
                 yield
 
-    app = FastAPI(title="refunds", lifespan=lifespan)
-    app.add_exception_handler(RequestValidationError, malformed)
-    for error_type in ERROR_STATUS:
-        app.add_exception_handler(error_type, saga_error)
+    # The shop's error handlers: saga's errors as statuses, invalid bodies as 422.
+    app = FastAPI(title="refunds", lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
+    add_error_handlers(app)
 
     @app.post("/refunds", status_code=202)
     async def request_refund(body: RefundRequest, request: Request) -> dict[str, Any]:

@@ -15,8 +15,10 @@ saga's errors become statuses in one place, ``ERROR_STATUS`` in
 gets them: ``422`` for an order saga cannot store (NaN, Infinity), ``413`` for one above
 ``max_payload_bytes``, ``404`` for an unknown run, ``409`` for a cancel of an ended run,
 ``503`` with ``Retry-After`` while Postgres is unreachable. A malformed run id is a
-``422`` (FastAPI's path validation), and a body above ``MAX_BODY_BYTES`` a ``413``
-before it is read in full (``max_body_size``, FastAPI 0.165 and later).
+``422`` (FastAPI's path validation), so is a body no JSON parser reads (a 5,000-digit
+number, arrays nested 5,000 deep, bytes that are not UTF-8), and a body above
+``MAX_BODY_BYTES`` a ``413`` before it is read in full (``max_body_size``, FastAPI
+0.165 and later).
 
 The orchestrator opens in the app's lifespan, so the process starts and watches runs and,
 with ``concurrency > 0``, also executes them. ``create_app(concurrency=0)`` makes a pure
@@ -37,8 +39,10 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import saga
 from examples.checkout import SAGAS, Order, checkout
@@ -50,6 +54,7 @@ from examples.responses import (
     error_response,
     order_run,
     outcome,
+    unreadable_body,
     validation_body,
 )
 
@@ -80,6 +85,26 @@ async def validation_error_handler(request: Request, exc: Exception) -> Response
     return JSONResponse(validation_body(exc.errors()), status_code=422)
 
 
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own refusals as FastAPI answers them, but one: a body its JSON parser
+    raised on (an integer over 4,300 digits, arrays nested thousands deep, bytes that are
+    not UTF-8) is an invalid body like ``not json``, a 422 ValidationError, not FastAPI's
+    ``400 "There was an error parsing the body"``."""
+    assert isinstance(exc, StarletteHTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, ValueError | RecursionError):
+        return JSONResponse(unreadable_body(cause), status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """saga's errors as ``ERROR_STATUS`` says, and invalid bodies as 422 ValidationError."""
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    for error_type in ERROR_STATUS:
+        app.add_exception_handler(error_type, saga_error_handler)
+
+
 def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) -> FastAPI:
     """The app. ``dsn`` defaults to ``$SAGA_DSN``, read when the app starts;
     ``options`` go to :class:`saga.Orchestrator` (``poll_interval``, ``schema`` ...).
@@ -100,9 +125,7 @@ def create_app(dsn: str | None = None, *, concurrency: int = 8, **options: Any) 
 
     # Starlette reads a body of any size unless told otherwise (aiohttp stops at 1 MiB).
     app = FastAPI(title="shop", lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    for error_type in ERROR_STATUS:
-        app.add_exception_handler(error_type, saga_error_handler)
+    add_error_handlers(app)
 
     @app.post("/orders", status_code=202)
     async def create_order(

@@ -66,6 +66,13 @@ def validation_body(errors: Sequence[Any]) -> dict[str, Any]:
     return {"error": "ValidationError", "detail": detail}
 
 
+def unreadable_body(cause: BaseException) -> dict[str, Any]:
+    """The 422 body for a request body whose JSON cannot be read (``cause``: the parser's
+    error), in the form of :func:`validation_body`."""
+    msg = f"the body is not JSON this app can read ({type(cause).__name__})"
+    return validation_body([{"loc": ("body",), "msg": msg, "type": "json_invalid"}])
+
+
 async def order_run(client: saga.Client, run_id: uuid.UUID) -> saga.RunHandle:
     """The checkout run an order's URL names. A run of another saga sharing the database
     (the approval example's refunds, say) is no order: 404, as an unknown id, so that no

@@ -16,6 +16,7 @@ import pytest
 
 from tests import _harness
 from tests._harness import Children
+from tests.examples._http import UNREADABLE_BODIES
 
 UNREACHABLE = "postgresql://postgres@/postgres?host=/nonexistent-socket-dir&port=1"
 
@@ -237,7 +238,8 @@ async def test_approval_a_valid_refund_request_is_not_a_500(
 async def test_approval_bad_requests_are_4xx_not_500(dsn: str) -> None:
     """examples/approval.py maps saga's errors as the shop app does: a `refund_id` reused
     for another refund is 409, NUL characters in ids or a decision 422 or 404 (an
-    unknown refund), never a 500."""
+    unknown refund), never a 500; a body no JSON parser reads is a 422 ValidationError
+    (before, FastAPI's own 400)."""
     import httpx
 
     app = await _approval(dsn)
@@ -262,6 +264,12 @@ async def test_approval_bad_requests_are_4xx_not_500(dsn: str) -> None:
             answers["decision with NUL manager"] = (
                 await http.post("/refunds/r1/decision", json=bad)
             ).status_code
+            for what, body in UNREADABLE_BODIES.items():
+                answer = await http.post(
+                    "/refunds", content=body, headers={"content-type": "application/json"}
+                )
+                assert answer.status_code == 422, (what, answer.text[:200])
+                assert answer.json()["error"] == "ValidationError"
     assert {k: v for k, v in answers.items() if v >= 500} == {}, answers
 
 

@@ -49,6 +49,18 @@ INVALID_ORDERS = [
     "",
 ]
 
+#: Bodies no JSON parser of Python reads, each an invalid order as "not json" is: an
+#: integer beyond Python's 4,300-digit limit, arrays nested deeper than its recursion
+#: limit, bytes that are not UTF-8 (FastAPI itself answers them 400, not 422).
+UNREADABLE_BODIES = {
+    "a 5,000-digit amount": b'{"order_id":"h1","amount_cents":' + b"9" * 5000 + b"}",
+    "nesting 5,000 deep": b'{"order_id":"d1","amount_cents":5,"card":'
+    + b"[" * 5000
+    + b"]" * 5000
+    + b"}",
+    "bytes that are not UTF-8": b'{"order_id":"u\xff\xfe","amount_cents":5}',
+}
+
 #: Run ids that are not UUIDs (the apps answer 422: the request is malformed, it does
 #: not name a run that could exist).
 MALFORMED_RUN_IDS = ["not-a-uuid", "123", "00000000-0000-0000-0000-0000000000000", "%20"]

@@ -23,6 +23,7 @@ from tests.examples._http import (
     MALFORMED_RUN_IDS,
     NON_FINITE_ORDERS,
     REACHES_SAGA,
+    UNREADABLE_BODIES,
     chunks,
     database_down,
     huge_order,
@@ -183,6 +184,21 @@ async def test_invalid_orders_get_422(client: Client, db: asyncpg.Connection) ->
     for wait in ("3600", "-1", "nan", "soon"):
         response = await client.post("/orders", params={"wait": wait}, json=order("a-8"))
         assert response.status == 422
+    assert await count_runs(db) == 0
+
+
+@pytest.mark.parametrize("what", sorted(UNREADABLE_BODIES))
+async def test_a_body_no_json_parser_reads_is_an_invalid_order(
+    client: Client, db: asyncpg.Connection, what: str
+) -> None:
+    """README (Web apps): "`422`: the order is invalid", validation errors answering
+    {"error": "ValidationError", "detail": [...]}: a body Python's JSON parser raises on
+    (a 5,000-digit number, arrays nested 5,000 deep, bytes that are not UTF-8) is one,
+    and starts nothing. Before, the FastAPI app answered FastAPI's own 400 "There was an
+    error parsing the body"."""
+    body = UNREADABLE_BODIES[what]
+    response = await client.post("/orders", data=body, headers=JSON)
+    await assert_error(response, 422, "ValidationError")
     assert await count_runs(db) == 0
 
 
