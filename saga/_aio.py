@@ -153,3 +153,40 @@ async def own_cancel_settled() -> AsyncIterator[None]:
         raise
     if cancelling() > before:
         await settle_self_cancel(before)
+
+
+class Threads:
+    """Sync user functions called in worker threads, at most one at a time per key: a
+    blocking call holds up no other work of the event loop. A call cancelled (its time
+    limit, a shutdown) is abandoned, not stopped (no thread can be), and keeps its key
+    busy until it returns: a later call with the key raises TimeoutError at once, so a
+    function that never returns costs one thread, not one per try."""
+
+    def __init__(self) -> None:
+        self._busy: dict[object, object] = {}  # key -> the call holding it
+
+    async def call(self, key: object, what: str, fn: Callable[..., T], *args: Any) -> T:
+        if key in self._busy:
+            raise TimeoutError(f"{what}: its call before is still running")
+        call = self._busy[key] = object()
+        loop = asyncio.get_running_loop()
+
+        def free() -> None:
+            if self._busy.get(key) is call:
+                del self._busy[key]
+
+        def run() -> T:
+            try:
+                return fn(*args)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop has closed since
+                    loop.call_soon_threadsafe(free)
+
+        try:
+            value = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except BaseException as exc:
+            if not is_cancellation(exc):  # returned (raised): free now, not a bit later
+                free()
+            raise
+        free()
+        return value

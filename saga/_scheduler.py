@@ -21,8 +21,9 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from pydantic import BaseModel
 
-from saga._aio import is_cancellation_by_saga, own_cancel_settled, time_limit
+from saga._aio import Threads, is_cancellation_by_saga, own_cancel_settled, time_limit
 from saga._db import unreachable
 from saga._errors import DatabaseError, exception_type
 from saga._log import Outage, logger
@@ -37,7 +38,7 @@ StartIn = Callable[[Any, Any, str, Any], Awaitable[RunHandle]]
 _EPSILON = timedelta(microseconds=1)
 #: Seconds before an on-time slot whose run could not start is tried again.
 _RETRY = 1.0
-# An async input function taking longer fails (the slot is tried again within grace).
+# An input function taking longer fails (the slot is tried again within grace).
 _INPUT_SECONDS = 10.0
 # Due schedules handled at once (a transaction, so a connection, each).
 _AT_ONCE = 2
@@ -63,6 +64,7 @@ class Scheduler:
         self._backoff: dict[str, float] = {}
         self._wake = anyio.Event()  # set when a schedule's task ends
         self._limiter = anyio.CapacityLimiter(_AT_ONCE)
+        self._threads = Threads()  # the sync input functions
 
     async def register(self, names: Collection[str] | None = None) -> None:
         """Register the schedules (``names`` only, when given)."""
@@ -133,7 +135,8 @@ class Scheduler:
         name = due.name
         s = as_stored(self._scheduled[name], due.spec, due.missed, due.catch_up)
         try:
-            inputs = await _inputs(s, s.slots(due.next_fire - _EPSILON, due.now)[0])
+            slots = s.slots(due.next_fire - _EPSILON, due.now)[0]
+            inputs = await _inputs(s, slots, self._threads)
             async with self._limiter, self._store.schedule_transaction() as conn:
                 for locked in await self._store.schedules_due(conn, [name]):  # still due
                     if locked.next_fire == due.next_fire:  # (else handled meanwhile)
@@ -230,15 +233,25 @@ class _InputFailed:
     error_type: str
 
 
-async def _inputs(s: Scheduled[Any], slots: list[datetime]) -> dict[datetime, Any]:
+async def _inputs(
+    s: Scheduled[Any], slots: list[datetime], threads: Threads
+) -> dict[datetime, Any]:
     """The inputs of ``slots``, oldest first, up to the first that fails (included, as
-    an :class:`_InputFailed`: the later slots wait behind it)."""
+    an :class:`_InputFailed`: the later slots wait behind it). A sync function runs in a
+    worker thread (one at a time per schedule), so that a blocking one holds up nothing
+    else; past its time limit it is left to finish there."""
     inputs: dict[datetime, Any] = {}
+    what = f"input of {s.name!r}"
+    fn = s.input
+    sync = not isinstance(fn, BaseModel) and not inspect.iscoroutinefunction(fn)
     for slot in slots:
         try:
             async with own_cancel_settled():
-                with time_limit(anyio.CancelScope(), _INPUT_SECONDS, f"input of {s.name!r}"):
-                    data = s.input_for(slot)
+                with time_limit(anyio.CancelScope(), _INPUT_SECONDS, what):
+                    if sync:
+                        data = await threads.call(s.name, what, fn, slot)
+                    else:
+                        data = s.input_for(slot)
                     if inspect.isawaitable(data):
                         data = await data
         except BaseException as exc:  # the user's input function (or its time limit)
