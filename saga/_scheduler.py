@@ -135,14 +135,14 @@ class Scheduler:
         name = due.name
         s = as_stored(self._scheduled[name], due.spec, due.missed, due.catch_up)
         try:
-            slots = s.slots(due.next_fire - _EPSILON, due.now)[0]
-            inputs = await _inputs(s, slots, self._threads)
+            slots = s.slots(due.next_fire - _EPSILON, due.now)  # (once: a month of minutes)
+            inputs = await _inputs(s, slots[0], self._threads)
             async with self._limiter, self._store.schedule_transaction() as conn:
                 for locked in await self._store.schedules_due(conn, [name]):  # still due
                     if locked.next_fire == due.next_fire:  # (else handled meanwhile)
                         # Judged at the time the slots were read: computing their inputs
                         # is part of handling them, not lateness.
-                        await self._fire(conn, s, due.next_fire, due.now, inputs)
+                        await self._fire(conn, s, due.next_fire, due.now, slots, inputs)
         except DatabaseError as exc:
             # The loop's own queries report an outage (once, as it starts and ends); a
             # task's connection cut by it may only fail after the loop saw it end.
@@ -160,14 +160,15 @@ class Scheduler:
         s: Scheduled[Any],
         next_fire: datetime,
         now: datetime,
+        due: tuple[list[datetime], int],
         inputs: dict[datetime, Any],
     ) -> int:
-        """Start the runs of the schedule's due slots, with the ``inputs`` computed for
-        them (a slot without one is left for the next pass, at once). A slot whose input
-        function raised, or whose start is refused, is tried again while it is on time
-        (within ``grace``), the schedule waiting for it; a late one is skipped (and
-        counted)."""
-        slots, skipped = s.slots(next_fire - _EPSILON, now)
+        """Start the runs of the schedule's ``due`` slots (and the late ones its missed
+        policy skipped), with the ``inputs`` computed for them (a slot without one is
+        left for the next pass, at once). A slot whose input function raised, or whose
+        start is refused, is tried again while it is on time (within ``grace``), the
+        schedule waiting for it; a late one is skipped (and counted)."""
+        slots, skipped = due
         last: tuple[datetime, Any] | None = None
         following = s.schedule.next_after(now)
         started = 0
