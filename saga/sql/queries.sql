@@ -1385,10 +1385,11 @@ SELECT now() - make_interval(secs => $1::float8);
 -- name: fragment_prunable_in_day
 -- Not a statement: as prunable (above), for the runs of one day's partition __runs__
 -- that a whole-days prune drops or compacts in one transaction: a child goes if its
--- parent is gone, or goes with it (in the same day, and going), three generations up (a
--- run with a fourth ancestor still there stays). A parent in an earlier day is there
--- only because that day kept it: its children stay. A dry run, which removes nothing,
--- gives the parents the earlier days it counted remove as gone ($3).
+-- parent is gone, or goes with it (in the same day, and going), however many
+-- generations up: its ancestors in the day are walked up (one index probe each) to the
+-- first whose parent is gone, and every one of them must go. A parent in an earlier day
+-- is there only because that day kept it: its children stay. A dry run, which removes
+-- nothing, gives the parents the earlier days it counted remove as gone ($3).
 -- $1 the prune's cutoff, $2 statuses (text[], terminal), $3 runs gone (uuid[]: a dry run)
 (r.due_at IS NULL
  AND r.finished_at < $1::timestamptz
@@ -1396,22 +1397,16 @@ SELECT now() - make_interval(secs => $1::float8);
  AND (r.parent_id IS NULL
       OR (r.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = r.parent_id))
       OR EXISTS (
-          SELECT 1 FROM __runs__ p
-          WHERE p.id = r.parent_id AND (p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[]))
-            AND (p.parent_id IS NULL
-                 OR (p.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = p.parent_id))
-                 OR EXISTS (
-                     SELECT 1 FROM __runs__ g
-                     WHERE g.id = p.parent_id AND (g.due_at IS NULL AND coalesce(g.finished_at < $1::timestamptz, false) AND g.status = ANY($2::text[]))
-                       AND (g.parent_id IS NULL
-                            OR (g.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
-                                           WHERE x.id = g.parent_id))
-                            OR EXISTS (
-                                SELECT 1 FROM __runs__ gg
-                                WHERE gg.id = g.parent_id AND (gg.due_at IS NULL AND coalesce(gg.finished_at < $1::timestamptz, false) AND gg.status = ANY($2::text[]))
-                                  AND (gg.parent_id IS NULL
-                                       OR (gg.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x
-                                                      WHERE x.id = gg.parent_id))))))))))
+          WITH RECURSIVE up (id, parent_id) AS (
+              SELECT p.id, p.parent_id FROM __runs__ p
+              WHERE p.id = r.parent_id AND p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[])
+              UNION ALL
+              SELECT p.id, p.parent_id FROM __runs__ p JOIN up ON p.id = up.parent_id
+              WHERE p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[])
+          )
+          SELECT 1 FROM up
+          WHERE up.parent_id IS NULL OR up.parent_id = ANY($3::uuid[])
+             OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = up.parent_id))))
 
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
