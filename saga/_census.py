@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import anyio
 
+from saga._db import unreachable
 from saga._errors import DatabaseError
+from saga._instruments import GaugeState
 from saga._log import Outage, logger
 from saga._store import Store
 from saga._store_ops import DefinitionKey
@@ -41,49 +43,76 @@ async def census_loop(
 ) -> None:
     """Report the census of ``definitions`` (those executed here) every ``interval``, and
     the active runs of definitions not ``known`` here; with ``warn``, log those and keep
-    the coming days' partitions created."""
+    the coming days' partitions created (on a timer of their own: a failed check is
+    tried again a minute later, whatever ``interval``)."""
     gauges = telemetry.gauges(store.schema)
-    mine = {(name, version): fp for name, version, fp in known}
-    warned_at = -math.inf
-    partitions_at = -math.inf
+    report = _Report(store, gauges, {(name, version): fp for name, version, fp in known}, warn)
+    census_at = partitions_at = -math.inf
     try:
         while True:
             if warn and anyio.current_time() >= partitions_at:
-                partitions_at = anyio.current_time() + await _partitions(store)
-            try:
-                census = await store.census(definitions)
-                waiting = await store.count_unclaimable(known)
-                if warn and await store.refresh_statistics():
-                    logger.info("statistics_refreshed", table=f"{store.schema}.runs")
-            except DatabaseError as exc:
-                outage.lost("reading run statistics", exc)
-            else:
-                outage.back()
-                gauges.update(census, waiting)
-                if warn and waiting and anyio.current_time() - warned_at >= _WARN_EVERY:
-                    warned_at = anyio.current_time()
-                    for (name, version, fp), runs in waiting.items():
-                        logger.warning(
-                            "unknown_definition_waiting",
-                            saga=name,
-                            version=version,
-                            fingerprint=fp,
-                            registered_fingerprint=mine.get((name, version)),
-                            runs=runs,
-                        )
-            await anyio.sleep(interval)
+                partitions_at = anyio.current_time() + await _partitions(store, outage)
+            if anyio.current_time() >= census_at:
+                await report.once(definitions, known, outage)
+                census_at = anyio.current_time() + interval
+            wake = min(census_at, partitions_at if warn else math.inf)
+            await anyio.sleep(max(wake - anyio.current_time(), 0.0))
     finally:
         telemetry.forget(gauges)
 
 
-async def _partitions(store: Store) -> float:
+class _Report:
+    """One census: the gauges, and the warning about waiting work (once a minute)."""
+
+    def __init__(
+        self, store: Store, gauges: GaugeState, mine: dict[tuple[str, int], str | None], warn: bool
+    ) -> None:
+        self._store, self._gauges, self._mine, self._warn = store, gauges, mine, warn
+        self._warned_at = -math.inf
+
+    async def once(
+        self,
+        definitions: Sequence[DefinitionKey],
+        known: Sequence[DefinitionKey],
+        outage: Outage,
+    ) -> None:
+        store, warn = self._store, self._warn
+        try:
+            census = await store.census(definitions)
+            waiting = await store.count_unclaimable(known)
+            if warn and await store.refresh_statistics():
+                logger.info("statistics_refreshed", table=f"{store.schema}.runs")
+        except DatabaseError as exc:
+            outage.lost("reading run statistics", exc)
+            return
+        outage.back()
+        self._gauges.update(census, waiting)
+        if warn and waiting and anyio.current_time() - self._warned_at >= _WARN_EVERY:
+            self._warned_at = anyio.current_time()
+            for (name, version, fp), runs in waiting.items():
+                logger.warning(
+                    "unknown_definition_waiting",
+                    saga=name,
+                    version=version,
+                    fingerprint=fp,
+                    registered_fingerprint=self._mine.get((name, version)),
+                    runs=runs,
+                )
+
+
+async def _partitions(store: Store, outage: Outage) -> float:
     """Create the coming days' partitions when missing; seconds until the next check
-    (sooner after a failure: a lock not granted in time, a database away)."""
+    (sooner after a failure: a lock not granted in time, a database away). A database
+    away is the outage's to report (one line as it starts, one as it ends), not a
+    warning a minute."""
     try:
         created = await store.ensure_partitions()
     except DatabaseError as exc:
-        cause = type(exc.__cause__ or exc).__name__  # the type only, as every log line
-        logger.warning("partitions_not_created", schema=store.schema, error_type=cause)
+        if unreachable(exc):
+            outage.lost("creating partitions", exc)
+        else:
+            cause = type(exc.__cause__ or exc).__name__  # the type only, as every log line
+            logger.warning("partitions_not_created", schema=store.schema, error_type=cause)
         return _PARTITIONS_RETRY
     if created:
         logger.info("partitions_created", schema=store.schema, days=[str(d) for d in created])

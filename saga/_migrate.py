@@ -62,9 +62,15 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
         # A newer release may have migrated while this one waited for the lock (it found
         # its own migrations applied by that one): refused as at the first check.
         _not_newer(await applied_version(pool, schema), schema)
+    await _create_partitions(pool, schema)
+    return applied_now
+
+
+async def _create_partitions(pool: asyncpg.Pool, schema: str) -> None:
+    """The coming days' partitions, created when missing (and said in the log)."""
     try:
         async with translate_errors("creating partitions"):
-            await partitions.ensure(pool, schema)
+            created = await partitions.ensure(pool, schema)
     except DatabaseError as exc:
         if not isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
             raise
@@ -72,7 +78,9 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[int]:
         # partition needs: the day's runs go to the DEFAULT partition meanwhile, and
         # executing orchestrators try again a minute later (saga/_census.py).
         logger.warning("partitions_not_created", schema=schema, error_type="LockNotAvailableError")
-    return applied_now
+        return
+    if created:
+        logger.info("partitions_created", schema=schema, days=[str(d) for d in created])
 
 
 async def _up_to_date(pool: asyncpg.Pool, q: dict[str, str]) -> bool:
