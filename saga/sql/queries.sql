@@ -97,7 +97,7 @@ SELECT id, CASE WHEN $9 THEN pg_notify($7, $2)::text END AS notified FROM ins;
 -- start_run for several runs in one statement and one commit (group commit of starts:
 -- see saga/_group.py), for runs that are neither graphs nor keyed (no concurrency key,
 -- no idempotency key: those take lock_key first): each as start_run inserts it.
--- $1..$14 arrays, one element per run, as start_run's $1..$6, $8..$10, $12..$15 and $9
+-- $1..$13 arrays, one element per run, as start_run's $1..$6, $8, $10, $12..$15 and $9
 -- (in that order: id, saga, version, key, input, first step, trace context,
 -- fingerprint, pivot, parent, parent step, priority, whether to NOTIFY); $14 the work
 -- notification channel
