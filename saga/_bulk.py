@@ -92,9 +92,12 @@ def _check_limit(name: str, value: object) -> int:
 
 
 def _check_expect(value: object) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_BULK
+    ):
         raise ConfigurationError(
-            f"expect must be None or an int >= 0 (the count confirmed), got {show(value)}"
+            f"expect must be None or an int from 0 to {MAX_BULK} (the count confirmed), "
+            f"got {show(value)}"
         )
 
 

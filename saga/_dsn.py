@@ -22,6 +22,8 @@ from saga._errors import ConfigurationError
 _IPV6 = re.compile(r"(?:\[([^\]]+)\])(?::([0-9]+))?")  # asyncpg's, with re.match
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _EXAMPLE = "postgresql://user:password@host:5432/database"
+#: What a URI scheme looks like (RFC 3986), up to 20 characters: safe to name in an error.
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +135,10 @@ def read_dsn(dsn: object) -> Target:
         raise ConfigurationError(f"the DSN must be a str, got {type(dsn).__name__}")
     scheme = dsn.partition("://")[0].lower() if "://" in dsn else ""
     if scheme not in ("postgresql", "postgres"):
+        # Only a scheme is named: the rest of a DSN may be a password (u:secret@db/app).
+        shown = f"the scheme {scheme!r}" if _SCHEME.fullmatch(scheme) else "no scheme"
         raise ConfigurationError(
-            f"the DSN must be a postgresql:// URI, e.g. {_EXAMPLE}, got one starting {dsn[:12]!r}"
+            f"the DSN must be a postgresql:// URI, e.g. {_EXAMPLE}, got {shown}"
         )
     try:
         url = urllib.parse.urlparse(dsn)

@@ -29,6 +29,7 @@ Hierarchy::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -155,6 +156,9 @@ class IdempotencyConflictError(SagaError):
         super().__init__(message)
         self.run_id = run_id
 
+    def __reduce__(self) -> tuple[Any, ...]:  # (as every error here: it crosses processes)
+        return type(self), (self.args[0], self.run_id), self.__dict__
+
 
 class SerializationError(SagaError):
     """A value cannot be stored as JSON without loss (NaN, bytes, sets, objects, NUL...)."""
@@ -185,6 +189,11 @@ class RunNotFoundError(SagaError):
             super().__init__(f"no run with id {run_id}")
         self.run_id = run_id
         self.key = key
+        self.saga = saga
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild = functools.partial(type(self), key=self.key, saga=self.saga)
+        return rebuild, (self.run_id,), self.__dict__
 
 
 class InvalidRunStateError(SagaError):
@@ -219,6 +228,10 @@ class RunError(SagaError):
         self.status = status
         self.error = error
         self.compensation_error = compensation_error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.run_id, self.status, self.error, self.compensation_error)
+        return type(self), args, self.__dict__
 
 
 class RunCompensatedError(RunError):

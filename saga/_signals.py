@@ -164,6 +164,8 @@ class Signalling:
                 "saga (a saga.Saga or its name)", saga, ConfigurationError, max_length=128
             )
         _checks.text("idempotency key", key, InvalidInputError, max_length=_MAX_KEY_LENGTH)
+        if not isinstance(wait_or_name, Wait):
+            _checks.text("signal name", wait_or_name, InvalidInputError, max_length=128)
         check_conn(conn)
         found = await self._store_or_raise().run_by_key(saga_name, key, conn)
         if found is None:
