@@ -36,7 +36,7 @@ def operator_data(by: str | None, note: str | None, *, note_required: bool = Fal
     reason (resolving, skipping). None when neither is given."""
     data: dict[str, str] = {}
     if by is not None:
-        data["by"] = _checks.text("by", by, ConfigurationError, max_length=MAX_BY_LENGTH)
+        data["by"] = _checks.who("by", by, ConfigurationError, max_length=MAX_BY_LENGTH)
     if note is not None or note_required:
         if note_required and (not isinstance(note, str) or not note.strip()):
             raise ConfigurationError(f"a note is required (why), got {_checks.show(note)}")

@@ -106,6 +106,14 @@ def text(name: str, value: Any, error: type[Exception], *, max_length: int) -> s
     return value
 
 
+def who(name: str, value: Any, error: type[Exception], *, max_length: int) -> str:
+    """Who acted, as history records it: :func:`text`, and not blank (no one to name)."""
+    checked = text(name, value, error, max_length=max_length)
+    if not checked.strip():
+        raise error(f"{name} must name someone, got a blank str")
+    return checked
+
+
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 
 

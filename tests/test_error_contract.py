@@ -161,3 +161,24 @@ def test_every_error_crosses_a_process_intact() -> None:
         assert type(back) is type(error)
         assert str(back) == str(error)
         assert vars(back) == vars(error)
+
+
+@pytest.mark.parametrize("by", ["   ", "\t\n"], ids=["spaces", "tab and newline"])
+async def test_a_blank_operator_name_is_refused_before_anything_is_written(
+    open_client: Any, db: asyncpg.Connection, by: str
+) -> None:
+    """README (Operator API): every action is recorded "with who did it and why". A
+    blank `by` names no one: `ConfigurationError` naming `by`, nothing written, as for
+    the dashboard's `Operator` name. Before, it was recorded as who acted."""
+    from saga.web import Operator
+
+    s = parked_saga("h36_by")
+    with anyio.fail_after(20):
+        client = await open_client(s)
+        run = await client.start(s, Job())
+        before = await _snapshot(db)
+        with pytest.raises(saga.ConfigurationError, match="by must name someone"):
+            await run.cancel(by=by)
+        assert await _snapshot(db) == before
+    with pytest.raises(saga.ConfigurationError, match="operator's name must name someone"):
+        Operator(by)

@@ -48,7 +48,7 @@ class Operator:
     can_act: bool = True
 
     def __post_init__(self) -> None:
-        _checks.text("the operator's name", self.name, ConfigurationError, max_length=MAX_BY_LENGTH)
+        _checks.who("the operator's name", self.name, ConfigurationError, max_length=MAX_BY_LENGTH)
         _checks.flag("can_act", self.can_act, ConfigurationError)
 
 
