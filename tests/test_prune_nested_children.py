@@ -92,3 +92,51 @@ async def test_whole_days_prunes_never_take_a_day_of_deeply_nested_finished_chil
     left = await db.fetchval("SELECT count(*) FROM saga.runs WHERE id = ANY($1)", ids)
     assert (removed, left) == (9, 0)
     assert await _tables_of(db, day) == set()
+
+
+async def _deep_old_chain(
+    orch: saga.Orchestrator, quick: saga.Saga[Job], db: asyncpg.Connection, dsn: str, depth: int
+) -> date:
+    """``depth`` completed runs of one day 40 days back, each the child run of the one
+    before (cloned in SQL from one real run: same day, ids with that day's time bits)."""
+    run = await orch.start(quick, Job(n=0))
+    await run.result(timeout=20)
+    day = await _past_day(dsn, 40)
+    top = await _backdate(db, run.id, 40)
+    await db.execute(
+        """
+        WITH a AS (SELECT array_agg((substr($1::uuid::text, 1, 14)
+                                     || substr(gen_random_uuid()::text, 15))::uuid) AS ids
+                   FROM generate_series(1, $2::int))
+        INSERT INTO saga.runs
+        SELECT (jsonb_populate_record(r, jsonb_build_object(
+                   'id', a.ids[i], 'idempotency_key', null,
+                   'parent_id', CASE WHEN i = 1 THEN $1::uuid ELSE a.ids[i - 1] END,
+                   'parent_step', 's1'))).*
+        FROM saga.runs r, a, generate_series(1, $2::int) i WHERE r.id = $1::uuid
+        """,
+        top,
+        depth - 1,
+    )
+    return day
+
+
+@pytest.mark.parametrize("depth", [2000])
+async def test_a_chain_thousands_deep_goes_in_one_whole_days_prune(
+    orchestrator: OrchestratorFactory, db: asyncpg.Connection, dsn: str, depth: int
+) -> None:
+    """README (Retention): a whole-days prune drops a day whatever it held. A day 40
+    days back holding a chain of 2,000 completed runs, each the child of the one before
+    (a saga continuing itself as a child, say): the dry run counts them all and the
+    prune drops the day, well within the test's minute. Before, each run walked its
+    ancestry (from inside a per-row EXISTS): at 1,000 deep the dry run had not ended
+    after 120 s, so the day was never pruned."""
+    quick = small_saga("deep", 1)
+    orch = await orchestrator(quick)
+    day = await _deep_old_chain(orch, quick, db, dsn, depth)
+    with anyio.fail_after(60):
+        dry = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True, dry_run=True)
+        done = await saga.prune(orch, older_than=timedelta(days=30), whole_days=True)
+    assert (dry.runs, dry.days) == (depth, 1)
+    assert (done.runs, done.days) == (depth, 1)
+    assert await _tables_of(db, day) == set()

@@ -1386,27 +1386,34 @@ SELECT now() - make_interval(secs => $1::float8);
 -- Not a statement: as prunable (above), for the runs of one day's partition __runs__
 -- that a whole-days prune drops or compacts in one transaction: a child goes if its
 -- parent is gone, or goes with it (in the same day, and going), however many
--- generations up: its ancestors in the day are walked up (one index probe each) to the
--- first whose parent is gone, and every one of them must go. A parent in an earlier day
--- is there only because that day kept it: its children stay. A dry run, which removes
--- nothing, gives the parents the earlier days it counted remove as gone ($3).
+-- generations down. The day's parents that go are found once per statement, from the
+-- top down (children's partial index, one probe a generation): those whose own parent is
+-- gone (or who have none), then their children that go, and so on. A parent in an
+-- earlier day is there only because that day kept it: its children stay. A dry run,
+-- which removes nothing, gives the parents the earlier days it counted remove as gone
+-- ($3).
 -- $1 the prune's cutoff, $2 statuses (text[], terminal), $3 runs gone (uuid[]: a dry run)
 (r.due_at IS NULL
  AND r.finished_at < $1::timestamptz
  AND r.status = ANY($2::text[])
  AND (r.parent_id IS NULL
       OR (r.parent_id = ANY($3::uuid[]) OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = r.parent_id))
-      OR EXISTS (
-          WITH RECURSIVE up (id, parent_id) AS (
-              SELECT p.id, p.parent_id FROM __runs__ p
-              WHERE p.id = r.parent_id AND p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[])
+      OR r.parent_id IN (
+          WITH RECURSIVE going (id) AS (
+              SELECT p.id FROM __runs__ p
+              WHERE p.id IN (SELECT c.parent_id FROM __runs__ c WHERE c.parent_id IS NOT NULL)
+                AND p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[])
+                AND (p.parent_id IS NULL OR p.parent_id = ANY($3::uuid[])
+                     OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = p.parent_id))
               UNION ALL
-              SELECT p.id, p.parent_id FROM __runs__ p JOIN up ON p.id = up.parent_id
-              WHERE p.due_at IS NULL AND coalesce(p.finished_at < $1::timestamptz, false) AND p.status = ANY($2::text[])
+              SELECT c.id FROM going g, LATERAL (
+                  -- A fence (OFFSET 0): each generation is read through the children's
+                  -- index, never by scanning the day's finished runs once per generation.
+                  SELECT k.id, k.due_at, k.finished_at, k.status FROM __runs__ k
+                  WHERE k.parent_id = g.id OFFSET 0) c
+              WHERE c.due_at IS NULL AND coalesce(c.finished_at < $1::timestamptz, false) AND c.status = ANY($2::text[])
           )
-          SELECT 1 FROM up
-          WHERE up.parent_id IS NULL OR up.parent_id = ANY($3::uuid[])
-             OR NOT EXISTS (SELECT 1 FROM __schema__.runs x WHERE x.id = up.parent_id))))
+          SELECT id FROM going)))
 
 -- name: prune_runs
 -- Delete one batch of finished runs that ended more than $1 seconds ago, oldest first
