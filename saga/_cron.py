@@ -166,8 +166,7 @@ def _parse(expression: Any) -> tuple[str, _Spec]:
         for text, spec in zip(texts, _FIELDS, strict=True)
     ]
     minutes, hours, days, months, weekdays = sets
-    # As Vixie cron: a day field starting with "*" (*/2 too) restricts nothing here.
-    either_day = not texts[2].startswith("*") and not texts[4].startswith("*")
+    either_day = texts[2] != "*" and texts[4] != "*"
     weekdays = {day % 7 for day in weekdays}
     ordered = tuple(sorted(minutes)), tuple(sorted(hours))
     spec = _Spec(*ordered, frozenset(days), frozenset(months), frozenset(weekdays), either_day)
@@ -303,8 +302,7 @@ class Schedule:
         steps (``*/15``, ``10-40/10``, ``5/15`` = ``5-59/15``), names (``JAN``-``DEC``,
         ``SUN``-``SAT``, any case) and 0 or 7 for Sunday (``FRI-SUN`` is Friday to
         Sunday). When both day fields are
-        restricted (neither starts with ``*``, as in Vixie cron: ``*/2`` does not) a day
-        matches if either does; otherwise it must match both.
+        restricted (neither is exactly ``*``) a day matches if either does (Vixie cron).
         An expression that can never fire (``0 0 30 2 *``) is refused.
         """
         return cls(expression=expression, timezone=timezone)
