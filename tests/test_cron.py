@@ -611,3 +611,16 @@ def test_interval_fires_are_anchored_and_evenly_spaced(
     assert all((f - schedule.anchor) % interval == timedelta(0) for f in got)
     assert schedule.latest_at_or_before(moment) == got[0] - interval
     assert schedule.latest_at_or_before(got[1]) == got[1]
+
+
+@pytest.mark.parametrize(
+    "expression", ["0 0 30 2 */1", "0 0 31 4 */2", "0 0 30 2 */1,3", "0 0 29 2 */7", "0 0 13 5 0"]
+)
+def test_a_restricted_day_of_month_with_a_stepped_weekday_fires_by_either(expression: str) -> None:
+    """README: "when both day fields are restricted, neither exactly `*`, either matches:
+    `*/2` is a restriction". Each of these fires within a week (a matching weekday):
+    none is accepted and then fails at its first use for want of a fire time (as the
+    AND of a rare day and a weekday would, years apart or never)."""
+    start = utc(2026, 1, 1)
+    (first,) = fires(Schedule.cron(expression), start, 1)
+    assert first - start <= timedelta(days=8)
