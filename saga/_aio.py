@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -156,11 +158,13 @@ async def own_cancel_settled() -> AsyncIterator[None]:
 
 
 class Threads:
-    """Sync user functions called in worker threads, at most one at a time per key: a
-    blocking call holds up no other work of the event loop. A call cancelled (its time
-    limit, a shutdown) is abandoned, not stopped (no thread can be), and keeps its key
-    busy until it returns: a later call with the key raises TimeoutError at once, so a
-    function that never returns costs one thread, not one per try."""
+    """Sync user functions called in threads of their own, at most one at a time per key:
+    a blocking call holds up no other work of the event loop. A call cancelled (its time
+    limit, a shutdown) is abandoned, not stopped (no thread can be): its thread is a
+    daemon, which never holds up the process's exit, and it keeps its key busy until it
+    returns, so a later call with the key raises TimeoutError at once and a function
+    that never returns costs one thread, not one per try. Threads of their own, not
+    anyio's pool: that pool's are not daemons, and the app's sync code shares its 40."""
 
     def __init__(self) -> None:
         self._busy: dict[object, object] = {}  # key -> the call holding it
@@ -170,23 +174,31 @@ class Threads:
             raise TimeoutError(f"{what}: its call before is still running")
         call = self._busy[key] = object()
         loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        context = contextvars.copy_context()
 
         def free() -> None:
             if self._busy.get(key) is call:
                 del self._busy[key]
 
-        def run() -> T:
-            try:
-                return fn(*args)
-            finally:
-                with contextlib.suppress(RuntimeError):  # the loop has closed since
-                    loop.call_soon_threadsafe(free)
+        def settle(value: T | None, exc: BaseException | None) -> None:
+            free()
+            if done.done():  # abandoned: nobody waits for it
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(value)  # type: ignore[arg-type]
 
-        try:
-            value = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-        except BaseException as exc:
-            if not is_cancellation(exc):  # returned (raised): free now, not a bit later
-                free()
-            raise
-        free()
-        return value
+        def run() -> None:
+            value: T | None = None
+            failure: BaseException | None = None
+            try:
+                value = context.run(fn, *args)
+            except BaseException as exc:  # handed to the caller, as a call on the loop would
+                failure = exc
+            with contextlib.suppress(RuntimeError):  # the loop has closed since
+                loop.call_soon_threadsafe(settle, value, failure)
+
+        threading.Thread(target=run, name=f"saga {what}", daemon=True).start()
+        return await done

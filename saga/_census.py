@@ -114,6 +114,7 @@ async def _partitions(store: Store, outage: Outage) -> float:
             cause = type(exc.__cause__ or exc).__name__  # the type only, as every log line
             logger.warning("partitions_not_created", schema=store.schema, error_type=cause)
         return _PARTITIONS_RETRY
+    outage.back()
     if created:
         logger.info("partitions_created", schema=store.schema, days=[str(d) for d in created])
     return _PARTITIONS_EVERY

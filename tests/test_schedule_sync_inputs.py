@@ -4,9 +4,12 @@ event loop, and one that never returns costs one thread, not one per try."""
 
 from __future__ import annotations
 
+import sys
+import textwrap
 import threading
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -15,6 +18,7 @@ from structlog.testing import capture_logs
 
 import saga
 from saga import _scheduler
+from tests._harness import python_env
 from tests._sagas import Job, small_saga
 from tests.conftest import OrchestratorFactory
 
@@ -96,3 +100,67 @@ async def test_a_sync_input_that_never_returns_takes_one_thread_and_fails_its_sl
     failed = [e for e in logs if e["event"] == "schedule_input_failed"]
     assert len(failed) >= 2
     assert {e["error_type"] for e in failed} == {"TimeoutError"}
+
+
+_BLOCKED_SCRIPT = """
+import asyncio, os, sys, threading, time
+from datetime import timedelta
+import saga
+from tests._harness import python_env
+from tests._sagas import Job, small_saga
+
+called = threading.Event()
+
+def blocking(slot):
+    called.set()
+    time.sleep(300)  # a synchronous call to a service that hangs
+    return Job(n=1)
+
+async def main():
+    s = small_saga("blocked_exit", 1)
+    sched = saga.Scheduled("blocked", s, saga.Schedule.every(timedelta(seconds=1)), blocking)
+    async with saga.Orchestrator(os.environ["SAGA_DSN"], sagas=[s], schedules=[sched],
+                                 poll_interval=0.2, shutdown_timeout=1):
+        while not called.is_set():
+            await asyncio.sleep(0.05)
+        print("input called", flush=True)
+    print("closed", flush=True)
+
+asyncio.run(main())
+print("main returned", flush=True)
+"""
+
+
+async def test_a_process_whose_sync_input_hangs_exits_after_the_orchestrator_closes(
+    dsn: str, tmp_path: Path
+) -> None:
+    """README (Orchestrator): leaving `async with` "stops claiming, lets running steps
+    finish for up to `shutdown_timeout`, then cancels the rest ... and the close
+    returns"; (Schedules): a sync input "still running past the limit below is left to
+    finish there". A process whose schedule's sync input hangs (a synchronous call to a
+    service that never answers) exits once its orchestrator closed. Before, the input
+    ran in anyio's worker thread, not a daemon: the interpreter's exit waited for the
+    hung call (300 s here), and a worker told to stop by SIGTERM hung until SIGKILL."""
+    script = tmp_path / "blocked.py"
+    script.write_text(textwrap.dedent(_BLOCKED_SCRIPT))
+    process = await anyio.open_process(
+        [sys.executable, str(script)], env=python_env(dsn), stderr=None
+    )
+    try:
+        with anyio.fail_after(40):
+            out = b""
+            assert process.stdout is not None
+            while b"main returned" not in out:
+                out += await process.stdout.receive()
+        returned = time.monotonic()
+        with anyio.move_on_after(15):
+            await process.wait()
+        waited = time.monotonic() - returned
+        assert process.returncode is not None, (
+            f"the process still runs {waited:.0f} s after its orchestrator closed and "
+            "asyncio.run returned (a hung sync input's worker thread holds the exit)"
+        )
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -93,7 +93,7 @@ async def test_a_schedule_input_that_cancels_its_own_task_then_raises_is_logged(
     plain = _plain()
     calls = 0
 
-    def build(slot: Any) -> Job:
+    async def build(slot: Any) -> Job:  # (a sync one runs in a thread: it has no task)
         nonlocal calls
         calls += 1
         _cancel_own_task_then_raise(ValueError("after cancelling itself"))
