@@ -174,7 +174,9 @@ class Threads:
             raise TimeoutError(f"{what}: its call before is still running")
         call = self._busy[key] = object()
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
+        # (value, None) or (None, what it raised): raised below, in the caller's own frame,
+        # as a call on the loop would (a future would mangle GeneratorExit, say).
+        done: asyncio.Future[tuple[T | None, BaseException | None]] = loop.create_future()
         context = contextvars.copy_context()
 
         def free() -> None:
@@ -183,22 +185,21 @@ class Threads:
 
         def settle(value: T | None, exc: BaseException | None) -> None:
             free()
-            if done.done():  # abandoned: nobody waits for it
-                return
-            if exc is not None:
-                done.set_exception(exc)
-            else:
-                done.set_result(value)  # type: ignore[arg-type]
+            if not done.done():  # (else abandoned: nobody waits for it)
+                done.set_result((value, exc))
 
         def run() -> None:
             value: T | None = None
             failure: BaseException | None = None
             try:
                 value = context.run(fn, *args)
-            except BaseException as exc:  # handed to the caller, as a call on the loop would
+            except BaseException as exc:  # handed to the caller
                 failure = exc
             with contextlib.suppress(RuntimeError):  # the loop has closed since
                 loop.call_soon_threadsafe(settle, value, failure)
 
         threading.Thread(target=run, name=f"saga {what}", daemon=True).start()
-        return await done
+        value, failure = await done
+        if failure is not None:
+            raise failure
+        return value  # type: ignore[return-value]

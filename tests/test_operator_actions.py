@@ -310,14 +310,15 @@ async def test_bad_operator_or_note_is_refused_before_anything_is_written(
 @settings(max_examples=200, deadline=None)
 @given(by=st.text(max_size=300), note=st.text(max_size=300))
 def test_operator_data_accepts_exactly_what_postgres_stores(by: str, note: str) -> None:
-    """Any str without NUL or lone surrogates, within the bounds, is recorded as given
-    (round-trips through JSON); anything else is refused naming the field."""
+    """Any str without NUL or lone surrogates, within the bounds (and, for `by`, not
+    blank), is recorded as given (round-trips through JSON); anything else is refused
+    naming the field."""
     from saga._acting import operator_data
 
     def ok(text: str, bound: int) -> bool:
         return bool(text) and len(text) <= bound and "\x00" not in text and _utf8(text)
 
-    expect_ok = ok(by, 200) and ok(note, 4000)
+    expect_ok = ok(by, 200) and bool(by.strip()) and ok(note, 4000)  # by names someone
     if expect_ok:
         data = operator_data(by, note)
         assert data is not None
