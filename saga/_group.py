@@ -25,6 +25,14 @@ resolves its own run from the history, as a single write does (see ``saga._write
 
 No task of its own: the leader is one of the writers, and a writer cancelled while it
 waits or leads hands the lead on, so nothing queued is ever stranded.
+
+With ``flights``, a write that may lease work to its worker (the next step, a run claimed
+along, a graph's new items) is not cancelled in flight: the leader's statement runs in a
+task of its own, kept in ``flights`` until it ends, and a leader cancelled meanwhile
+leaves it to finish (the batch's other writers still get their outcomes). asyncpg cannot
+take back a statement the server already runs: one cut short by a shutdown could commit
+after the shutdown gave its worker's leases back, leasing work to a worker that is gone.
+The shutdown waits for the flights, a little, before it gives them back.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import asyncpg
 
 A = TypeVar("A")  # what one write is: the statement's arguments for one run
 R = TypeVar("R")  # what one write returns (a row, or None: its fence refused it)
+T = TypeVar("T")
 
 #: A batch's answer: for each write, its result or the error it alone ended with.
 Outcomes = list[Any]
@@ -104,6 +113,7 @@ class GroupCommit(Generic[A, R]):
         alone: Callable[[A], A] = lambda args: args,
         leaders: int = 1,
         max_batch: int = 256,
+        flights: set[asyncio.Future[Any]] | None = None,
     ) -> None:
         self._single = single
         self._wait = wait or single
@@ -113,6 +123,7 @@ class GroupCommit(Generic[A, R]):
         self._key = key
         self._max_leaders = leaders
         self._max_batch = max_batch
+        self._flights = flights
         self._leaders = 0  # writes in flight (each led by one writer)
         self._queue: deque[_Waiter[A]] = deque()
         #: Batches written and the writes in them (for tests and benchmarks).
@@ -159,10 +170,12 @@ class GroupCommit(Generic[A, R]):
                     pass
                 else:
                     try:
+                        # (not a flight: it waits for someone else's transaction,
+                        # which a shutdown does not; the release leaves its row too)
                         return await self._wait(args)
                     finally:
                         self._waiting.release()
-            outcome = await self._single(args)
+            outcome = await self._flown(self._single(args))
             if outcome is not BUSY:
                 return outcome
             await anyio.sleep(delay)
@@ -205,15 +218,19 @@ class GroupCommit(Generic[A, R]):
             if not waiter.future.done():
                 waiters.append(waiter)
         if not waiters:
-            return await self._single(args)
+            return await self._flown(self._single(args))
         self.batches += 1
         self.batched += len(waiters) + 1
+        return await self._flown(self._led(args, waiters))
+
+    async def _led(self, args: A, waiters: list[_Waiter[A]]) -> R | None:
+        """A batch: ``args`` and the queued ``waiters``' writes; each waiter gets its own
+        outcome."""
         try:
             outcomes = await self._write_batch([args] + [w.args for w in waiters])
         except BaseException:
-            # This writer was cancelled while the batch was in flight: its fate is
-            # unknown, so each writer in it resolves its own run, as after a lost
-            # connection.
+            # Cancelled while the batch was in flight: its fate is unknown, so each
+            # writer in it resolves its own run, as after a lost connection.
             for waiter in waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(
@@ -225,6 +242,10 @@ class GroupCommit(Generic[A, R]):
         if isinstance(mine, BaseException):
             raise mine
         return mine  # type: ignore[no-any-return]
+
+    async def _flown(self, write: Awaitable[T]) -> T:
+        flights = self._flights
+        return await (write if flights is None else fly(flights, write))
 
     async def _write_batch(self, batch: list[A]) -> Outcomes:
         try:
@@ -241,6 +262,34 @@ class GroupCommit(Generic[A, R]):
             return await self._single(args)
         except Exception as exc:
             return exc
+
+
+async def fly(flights: set[asyncio.Future[Any]], statement: Awaitable[T]) -> T:
+    """Await ``statement`` in a task of its own, kept in ``flights`` until it ends, that a
+    cancel of its caller does not cut short (see the module's docstring). The outcome
+    comes back through a plain future, set in the same turn as those of the batch's
+    other writers (a shield would wake this writer one turn after them)."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[T] = loop.create_future()
+    flight = loop.create_task(_carry(statement, outcome))
+    flights.add(flight)
+    flight.add_done_callback(flights.discard)
+    return await outcome
+
+
+async def _carry(statement: Awaitable[T], outcome: asyncio.Future[T]) -> None:
+    """A flight: ``statement``'s outcome to ``outcome``, unless its writer is gone."""
+    try:
+        result = await statement
+    except asyncio.CancelledError:  # (a shutdown gave up waiting for it)
+        outcome.cancel()
+        raise
+    except BaseException as exc:
+        if not outcome.done():
+            outcome.set_exception(exc)
+    else:
+        if not outcome.done():
+            outcome.set_result(result)
 
 
 def _deliver(waiters: list[_Waiter[Any]], outcomes: Outcomes) -> None:

@@ -337,12 +337,14 @@ class Leases(Heartbeats):
         caller), so another worker takes the items at once; the interrupted attempts do
         not count (once). By owner, not by the leases known here: a write cancelled in
         flight may have committed a lease its runner never learnt of (the next step, or
-        a run claimed along)."""
-        claim = self._claiming
-        if claim is not None and not claim.done():
-            with anyio.move_on_after(_CLAIM_PATIENCE):  # (what it leases goes back below)
-                await asyncio.wait([claim])
-            claim.cancel()  # held up (a lock): what it may still lease expires
+        a run claimed along). So the claim and the writes in flight (see saga._group),
+        which may still lease work here, end first (a little patience)."""
+        flying = [f for f in (self._claiming, *self._store.flights) if f and not f.done()]
+        if flying:
+            with anyio.move_on_after(_FLIGHT_PATIENCE):  # (what they lease goes back below)
+                await asyncio.wait(flying)
+            for flight in flying:
+                flight.cancel()  # held up (a lock): what it may still lease expires
         held = len(self.inflight)
         # Attempts still waiting for a rate limit's token never started: not counted.
         unstarted = [k for k, lease in self.inflight.items() if lease.unstarted]
@@ -365,8 +367,8 @@ class Leases(Heartbeats):
                 )
 
 
-#: How long a shutdown waits for a claim in flight before giving its leases back.
-_CLAIM_PATIENCE = 5.0
+#: How long a shutdown waits for a claim or writes in flight before giving its leases back.
+_FLIGHT_PATIENCE = 5.0
 
 
 def _retrieve(claim: asyncio.Future[Any]) -> None:

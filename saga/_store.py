@@ -9,6 +9,7 @@ the claim table) and are applied here, fenced by the lease token and its owner.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +22,7 @@ import asyncpg
 from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
-from saga._group import GroupCommit
+from saga._group import GroupCommit, fly
 from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
 from saga._rows import claimed_item, events_json, loads, run_info
 from saga._store_batch import (
@@ -113,6 +114,9 @@ class Store(
         #: quarter of it (the others try again from time to time: see saga._group).
         size = self.hot.get_max_size()
         self.waiting = anyio.Semaphore(size // 4) if size >= 4 else None
+        #: The writes in flight that may lease work to their worker (see saga._group):
+        #: a shutdown waits for them before it gives its worker's leases back.
+        self.flights: set[asyncio.Future[Any]] = set()
         #: Plain transitions (and starts) made at about the same time share a statement.
         self._group: GroupCommit[Write, Any] = GroupCommit(
             self._try_one,
@@ -121,6 +125,7 @@ class Store(
             wait=self._write_one,
             waiting=self.waiting,
             alone=alone,
+            flights=self.flights,
         )
         self._starts: GroupCommit[tuple[Any, ...], Any] = GroupCommit(
             self._start_one, self._start_many, start_key
@@ -306,14 +311,18 @@ class Store(
         """Extend (run id, token, seconds) leases; returns {run id: cancel requested} for
         the leases still held (None: held, not renewed: another transaction held its row;
         ``wait`` for such locks instead)."""
+        beat = self.hot.fetch(
+            self._q["heartbeat_waiting" if wait else "heartbeat"],
+            worker,
+            [run_id for run_id, _, _ in leases],
+            [token for _, token, _ in leases],
+            [seconds for _, _, seconds in leases],
+        )
         async with translate_errors("heartbeat"):
-            rows = await self.hot.fetch(
-                self._q["heartbeat_waiting" if wait else "heartbeat"],
-                worker,
-                [run_id for run_id, _, _ in leases],
-                [token for _, token, _ in leases],
-                [seconds for _, _, seconds in leases],
-            )
+            # A flight (see saga._group): one cut short by a shutdown could renew a lease
+            # after the shutdown gave it back. Not one waiting for a row another
+            # transaction holds: a shutdown waits for no one's transaction.
+            rows = await (beat if wait else fly(self.flights, beat))
         return {r["id"]: r["cancel_requested"] for r in rows}
 
     async def release(

@@ -16,6 +16,7 @@ writes nothing and is refused alone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
@@ -27,7 +28,7 @@ import asyncpg
 
 from saga._db import translate_errors
 from saga._graph_plan import GraphChange, GraphRun, Item
-from saga._group import BUSY, GroupCommit
+from saga._group import BUSY, GroupCommit, fly
 from saga._model import Phase, RunStatus
 from saga._rows import claimed_item, events_json, json_or_none
 from saga._store_ops import DefinitionKey, definition_args
@@ -66,6 +67,7 @@ class GraphQueries:
     done_channel: str
     _graphs: GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]
     waiting: anyio.Semaphore | None
+    flights: set[asyncio.Future[Any]]
 
     def graph_group(self) -> GroupCommit[GraphWrite, tuple[GraphChange, GraphWritten]]:
         """The group commit of items' writes (paced by ``Store.pace``)."""
@@ -75,6 +77,7 @@ class GraphQueries:
             _graph_write_key,
             wait=self._graph_one,
             waiting=self.waiting,
+            flights=self.flights,
         )
 
     async def claim_items(
@@ -227,16 +230,17 @@ class GraphQueries:
     ) -> dict[ItemKey, bool]:
         """Extend ((run id, step, phase), token, seconds) leases; returns those held, and
         whether their run was asked to cancel."""
+        beat = self.hot.fetch(
+            self._q["heartbeat_items"],
+            worker,
+            [k[0] for k, _, _ in leases],
+            [k[1] for k, _, _ in leases],
+            [k[2] for k, _, _ in leases],
+            [token for _, token, _ in leases],
+            [seconds for _, _, seconds in leases],
+        )
         async with translate_errors("heartbeat"):
-            rows = await self.hot.fetch(
-                self._q["heartbeat_items"],
-                worker,
-                [k[0] for k, _, _ in leases],
-                [k[1] for k, _, _ in leases],
-                [k[2] for k, _, _ in leases],
-                [token for _, token, _ in leases],
-                [seconds for _, _, seconds in leases],
-            )
+            rows = await fly(self.flights, beat)  # (see Store.heartbeat)
         return {
             (r["run_id"], r["step"], Phase(r["phase"])): bool(r["cancel_requested"]) for r in rows
         }
