@@ -71,12 +71,15 @@ class GraphRunner:
     async def _item(self, item: ClaimedItem, run: ActiveRun, lease: Lease, log: Any) -> None:
         runner = self._runner
         spawns = run.saga.get_step(run.step).spawn is not None
-        if item.dropping and not spawns:
-            outcome: object = None  # a step of a run rolling back does not start
+        # A step of a run rolling back does not start, but one whose attempt began and
+        # was lost (its worker died, or shut down past shutdown_timeout) runs again.
+        dropping = item.dropping and not await runner.writer.lost_midway(run)
+        if dropping and not spawns:
+            outcome: object = None
         else:
-            outcome = await self._attempt(run, lease, item.dropping)
+            outcome = await self._attempt(run, lease, dropping)
         if outcome is None or isinstance(outcome, Succeeded | Failed | Parked):
-            undo = item.dropping and spawns
+            undo = dropping and spawns
             done = Finished(run.step, run.phase, run.attempt, outcome, undo)
         else:  # _LOST
             runner.end_attempt(run, Outcome.LEASE_LOST)

@@ -274,7 +274,7 @@ class Runner:
         lease_for = self.lease_for(run)
         state = run.state()
         skip = _plan.cancelled_before_start(run.saga, state, lease_for)
-        if skip is not None:
+        if skip is not None and not await self.writer.lost_midway(run):
             return skip, None
         if run.status is _WAITING:
             assert run.wait is not None

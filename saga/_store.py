@@ -337,6 +337,13 @@ class Store(
             )
         return len(rows)
 
+    async def attempt_began(self, run_id: UUID, step: str) -> bool:
+        """Whether ``step``'s latest attempt began and recorded no outcome (see the
+        query)."""
+        async with translate_errors("reading a run's history"):
+            began = await self.pool.fetchval(self._q["attempt_began"], run_id, step)
+        return bool(began)
+
     async def has_event(
         self, run_id: UUID, kind: str, step: str | None, attempt: int | None, worker: str
     ) -> bool:

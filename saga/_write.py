@@ -23,7 +23,7 @@ from saga._graph_plan import GraphChange, GraphRun
 from saga._held import Lease
 from saga._hooks import Hooks
 from saga._log import Outage
-from saga._model import EventKind
+from saga._model import EventKind, RunStatus
 from saga._store import Store, TransitionResult
 from saga._store_batch import ClaimAlong
 from saga._store_graph import GraphWritten, ItemKey
@@ -102,6 +102,25 @@ class Writer:
             return await self._after_error(attempt, None, exc)
         self._outage.back()
         return held
+
+    async def lost_midway(self, run: ActiveRun) -> bool:
+        """Whether the attempt this claim took over (after an expired lease or a
+        release: ``reclaimed``) had begun running its (forward, not children) step and
+        recorded no outcome: it may have had effects, so a run rolling back runs that
+        step again (and compensates it if it completes) rather than dropping it. False
+        for any other claim."""
+        if not run.reclaimed or run.status is RunStatus.WAITING:
+            return False
+        step = next((s for s in run.saga.steps if s.name == run.step), None)
+        if step is None or step.spawn is not None:
+            return False
+        attempt = partial(self._store.attempt_began, run.id, run.step)
+        try:
+            began = await attempt()
+        except DatabaseError as exc:
+            began = await self._after_error(attempt, None, exc)
+        self._outage.back()
+        return began
 
     async def write_graph(
         self,

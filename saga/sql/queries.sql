@@ -1201,6 +1201,21 @@ WHERE due_at IS NOT NULL
 GROUP BY 1, 2, 3
 ORDER BY 1, 2, 3;
 
+-- name: attempt_began
+-- Whether step $2's latest attempt began (its step_started is the last of its forward
+-- events) and recorded no outcome: the attempt a claim took over, after an expired lease
+-- or a release, had begun running the step and may have had effects. A run rolling back
+-- then runs the step again rather than dropping it (see saga/_runner.py).
+-- $1 run id, $2 step name
+SELECT coalesce((
+    SELECT kind = 'step_started' FROM __schema__.events
+    WHERE run_id = $1 AND step = $2
+      AND kind IN ('step_started', 'step_completed', 'step_failed', 'step_ready',
+                   'sleep_started', 'wait_started', 'children_waiting')
+    ORDER BY id DESC
+    LIMIT 1
+), false);
+
 -- name: has_event
 -- Whether this worker's write with this first event committed: an attempt writes its
 -- outcome once, so (kind, step, attempt, worker) identifies it in the run's history.
