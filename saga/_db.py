@@ -238,6 +238,15 @@ def unreachable(exc: DatabaseError) -> bool:
     return isinstance(exc.__cause__, _UNREACHABLE)
 
 
+#: What a server answers at connection time to a setting asyncpg passed it from the DSN's
+#: query (``?statement_timeout=abc``, ``?connect_timeout=5``, which libpq reads but
+#: asyncpg does not): an option of the DSN it refused, not an outage.
+_REFUSED_SETTINGS = (
+    asyncpg.UndefinedObjectError,
+    asyncpg.InvalidParameterValueError,
+    asyncpg.CantChangeRuntimeParamError,
+)
+
 #: What asyncpg's DSN parser raises for what it cannot read, besides its
 #: ClientConfigurationError (int() of a port, an empty host in a list, ...): the text is
 #: not repeated, it may hold the password.
@@ -358,6 +367,12 @@ async def open_pool(dsn: str, max_size: int, *, generic: bool = False) -> asyncp
                 except BaseException:
                     await close_pool(pool)
                     raise
+    except DatabaseError as exc:
+        if isinstance(exc.__cause__, _REFUSED_SETTINGS):  # the DSN's, saga's are valid
+            raise ConfigurationError(
+                f"{where} failed: the server refused an option of the DSN: {exc.__cause__}"
+            ) from exc.__cause__
+        raise
     except _DSN_PARSE_ERRORS as exc:  # what validate_dsn cannot see: PGPORT=abc, ...
         raise ConfigurationError(
             f"{where} failed: asyncpg cannot read the DSN or the PG* variables "

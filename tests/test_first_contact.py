@@ -72,6 +72,35 @@ async def test_a_dsn_option_asyncpg_refuses_is_a_configuration_error(dsn: str) -
             pass
 
 
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("connect_timeout=5", "connect_timeout"),  # libpq's, which asyncpg sends on
+        ("statement_timeout=abc", "statement_timeout"),
+        ("shared_buffers=1MB", "shared_buffers"),
+    ],
+)
+async def test_a_dsn_option_the_server_refuses_is_a_configuration_error(
+    dsn: str, cli: Cli, option: str, named: str
+) -> None:
+    """README, Errors: a DSN option refused is "a `ConfigurationError` ... on open, and
+    a server that cannot be reached a `DatabaseError`". asyncpg sends the DSN's query
+    options it does not know to the server as settings; one the server refuses (an
+    unknown name, a bad value, one it cannot change now) was a DatabaseError, the kind
+    a caller retries as an outage. It is a ConfigurationError naming the option, for the
+    client and the orchestrator alike; the CLI exits 1 naming it (found on open, as
+    an unknown sslmode is), not with a traceback."""
+    bad = dsn + "&" + option
+    with anyio.fail_after(30), pytest.raises(saga.ConfigurationError, match=named):
+        async with saga.Client(bad):
+            pass
+    with anyio.fail_after(30), pytest.raises(saga.ConfigurationError, match=named):
+        async with saga.Orchestrator(bad, sagas=[small_saga("dsn_options")]):
+            pass
+    code, _, err = await cli("runs", "--dsn", bad, dsn=False)
+    assert (code, named in err, "Traceback" in err) == (1, True, False), err
+
+
 @pytest.mark.parametrize("schema", ["pg_x", "pg_", "pg_catalog"])
 def test_schema_names_postgres_reserves_are_refused(schema: str) -> None:
     """Schema names that match saga's pattern but start with pg_ (reserved by
