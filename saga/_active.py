@@ -39,6 +39,9 @@ class ActiveRun:
     wait: str | None = None  # status waiting: the wait whose timeout passed
     child: bool = False  # a child run: its end wakes its parent's step
     reclaimed: bool = False  # claimed after an expired lease or a release: start not logged
+    # Runs again an attempt cut short while its run rolls back (Writer.lost_midway): a
+    # cancel does not stop it from starting (waiting for a rate limit's token).
+    finishing: bool = False
     keyed: bool = False  # a run with a concurrency key: its end frees its slot
     # The stored JSON texts of the completed steps' results: a compensation gets its
     # step's result read from them, whatever later steps did to the objects they read.

@@ -95,7 +95,7 @@ async def call_user(
         if step.rate_limit is not None and not compensation:
             delay = await take(env.store, step.rate_limit, run, env.worker, lease, env.outage)
             env.telemetry.rate_delay.record(delay, {RATE_LIMIT: step.rate_limit.name})
-            if lease.cancel_requested:
+            if lease.cancel_requested and not run.finishing:
                 return None, None  # cancelled while it waited for its token: not started
         before = cancelling()
         try:
@@ -172,7 +172,8 @@ async def _take(
             lambda: store.rate_limited(limit.name, delay, taken, attempt, worker, held),
         )  # fmt: skip
     end = anyio.current_time() + delay
-    while not lease.cancel_requested and (left := end - anyio.current_time()) > 0:  # noqa: ASYNC110 - the heartbeat sets a flag, not an event
+    stops = not run.finishing  # (an attempt cut short, run again, finishes: README)
+    while not (stops and lease.cancel_requested) and (left := end - anyio.current_time()) > 0:  # noqa: ASYNC110 - the heartbeat sets a flag, not an event
         await anyio.sleep(min(left, _CANCEL_CHECK))
     return delay
 

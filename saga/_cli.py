@@ -83,14 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit code."""
     with standard_streams():
         try:
-            code = _main(argv)
+            code = _main(argv, process=argv is None)
             sys.stdout.flush()  # a closed pipe must show up here, not in the exit's flush
         except BrokenPipeError:
             return stdout_closed()
         return code
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, process: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dashboard = _dashboard_args(argv)
     if dashboard is not None:
@@ -110,7 +110,7 @@ def _main(argv: Sequence[str] | None) -> int:
         )
     # Messages and log lines alike are dropped once stderr's reader went away.
     err = cast("TextIO", LogStream(sys.stderr))
-    ctx = _Ctx(args, sys.stdout, err, getattr(args, "json", False))
+    ctx = _Ctx(args, sys.stdout, err, getattr(args, "json", False), process)
     try:
         return _run(ctx)
     except _Exit as exc:
@@ -164,8 +164,7 @@ def _run(ctx: _Ctx) -> int:
     schema = given if given is not None else os.environ.get("SAGA_SCHEMA") or "saga"
     if args.command == "signal":
         read_payload(ctx)  # usage errors before the target's import and any connection
-    with_target = ("worker", "signal", "skip-compensation")
-    sagas = _load_target(ctx, args.target) if args.command in with_target else []
+    sagas = _target_sagas(ctx)
     # The command is the application, so it may configure logging: library logs go to
     # stderr, never into tables or JSON on stdout. A worker keeps a configuration its
     # module made; the previous configuration is restored for in-process callers.
@@ -193,6 +192,19 @@ def _run(ctx: _Ctx) -> int:
             structlog.reset_defaults()
         else:
             structlog.configure(**previous)
+
+
+def _target_sagas(ctx: _Ctx) -> list[Saga[Any]]:
+    """The sagas of the command's MODULE:OBJECT target (none for commands without)."""
+    args = ctx.args
+    if args.command == "worker" and ctx.process:
+        # A deploy may stop a worker still importing its application: noted, and the
+        # worker leaves once it could start (exit 0), rather than dying by the signal.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda n, _frame: ctx.signalled.append(n))
+    if args.command in ("worker", "signal", "skip-compensation"):
+        return _load_target(ctx, args.target)
+    return []
 
 
 def _load_target(ctx: _Ctx, target: str) -> list[Saga[Any]]:
@@ -321,6 +333,10 @@ async def _worker(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> i
         migrate=not args.no_migrate,
     )
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        if ctx.signalled:  # (while the target imported)
+            name = signal.Signals(ctx.signalled[0]).name
+            ctx.note(f"saga worker: {name} received while starting")
+            return EXIT_OK
         async with contextlib.AsyncExitStack() as stack:
             signum = await _open_unless_signalled(ctx, stack, orch, signals)
             if signum is not None:
@@ -350,4 +366,11 @@ async def _worker(ctx: _Ctx, dsn: str, schema: str, sagas: list[Saga[Any]]) -> i
         ctx.note(f"saga worker: stopped by an internal error: {type(failure[0]).__name__}")
         return EXIT_ERROR
     ctx.note("saga worker: stopped")
+    if orch.abandoned and ctx.process:
+        # A step ignoring its cancellation still runs: the event loop's end would wait
+        # for it (for ever, if it never ends). Its lease was given back: leave now.
+        ctx.note("saga worker: left a step that ignored its cancellation running")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK

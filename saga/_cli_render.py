@@ -6,7 +6,7 @@ import argparse
 import getpass
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 from uuid import UUID
@@ -39,6 +39,11 @@ class _Ctx:
     out: TextIO
     err: TextIO
     as_json: bool
+    #: The command is its process (``saga``, ``python -m saga``), not a call of main()
+    #: in a process that goes on: it may handle signals, and leave at once.
+    process: bool = False
+    #: A worker's SIGTERM or SIGINT received before its own handlers were in place.
+    signalled: list[int] = field(default_factory=list)
 
     def emit(self, data: Any) -> None:
         json.dump(data, self.out, indent=2, default=_json_default)

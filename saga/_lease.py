@@ -332,19 +332,21 @@ class Leases(Heartbeats):
                 self._drained = anyio.Event()
                 await self._drained.wait()
 
-    async def release_all(self) -> None:
+    async def release_all(self, hurry: bool = False) -> None:
         """Give back every lease this worker holds (its loops have ended; shielded by the
         caller), so another worker takes the items at once; the interrupted attempts do
         not count (once). By owner, not by the leases known here: a write cancelled in
         flight may have committed a lease its runner never learnt of (the next step, or
         a run claimed along). So the claim and the writes in flight (see saga._group),
-        which may still lease work here, end first (a little patience)."""
+        which may still lease work here, end first (a little patience). ``hurry``: the
+        close already waited out its patience (a step ignoring its cancellation): one
+        try at the give-back, a second at most, and what is left expires."""
         flying = [f for f in (self._claiming, *self._store.flights) if f and not f.done()]
-        if flying:
+        if flying and not hurry:
             with anyio.move_on_after(_FLIGHT_PATIENCE):  # (what they lease goes back below)
                 await asyncio.wait(flying)
-            for flight in flying:
-                flight.cancel()  # held up (a lock): what it may still lease expires
+        for flight in flying:
+            flight.cancel()  # held up (a lock): what it may still lease expires
         held = len(self.inflight)
         # Attempts still waiting for a rate limit's token never started: not counted.
         unstarted = [k for k, lease in self.inflight.items() if lease.unstarted]
@@ -353,7 +355,7 @@ class Leases(Heartbeats):
         items = [(k, token) for k, token in self._dead.items() if isinstance(k, tuple)]
         idle_runs = [k for k in unstarted if not isinstance(k, tuple)]
         idle_items = [k for k in unstarted if isinstance(k, tuple)]
-        with anyio.move_on_after(5):
+        with anyio.move_on_after(1 if hurry else 5):
             try:
                 released = await self._store.release(self._worker, runs, idle_runs)
                 released += await self._store.release_items(self._worker, items, idle_items)

@@ -42,6 +42,8 @@ class Lifecycle:
         self._tg: TaskGroup | None = None
         self._opened = anyio.Event()  # opening ended, open or not
         self._closed = anyio.Event()  # closing ended
+        #: The close gave up waiting for its loops (a step ignoring its cancellation).
+        self.abandoned = False
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -54,8 +56,9 @@ class Lifecycle:
     async def _drain(self) -> None:
         """After stop was asked, before the loops are cancelled."""
 
-    async def _after_loops(self) -> None:
-        """After the loops ended (shielded): release what they held."""
+    async def _after_loops(self, hurry: bool = False) -> None:
+        """After the loops ended (shielded): release what they held (``hurry``: the close
+        gave up waiting for them, its patience is spent)."""
 
     async def _close(self) -> None:
         """Release resources (the pool)."""
@@ -150,8 +153,9 @@ class Lifecycle:
                 if not done:
                     # A task swallows its cancellation (a step catching CancelledError):
                     # it would hold the close for ever. Give its leases back and go on.
+                    self.abandoned = True
                     logger.error(f"{self._kind.lower()}_close_abandoned", worker=self._name)
-                    await self._after_loops()
+                    await self._after_loops(hurry=True)
                 error = None if not done or self._host.cancelled() else self._host.exception()
                 if error is not None and self._failure is None:
                     logger.error(

@@ -240,9 +240,9 @@ class Orchestrator(Client):
         # The steps' shutdown_timeout, then time for the loops to unwind and release.
         return self.shutdown_timeout + _UNWIND_SECONDS
 
-    async def _after_loops(self) -> None:
+    async def _after_loops(self, hurry: bool = False) -> None:
         if self._leases is not None:
-            await self._leases.release_all()
+            await self._leases.release_all(hurry)
 
     # -- the worker's view of notifications and starts ---------------------------------------
 

@@ -120,6 +120,7 @@ class Writer:
         except DatabaseError as exc:
             began = await self._after_error(attempt, None, exc)
         self._outage.back()
+        run.finishing = began
         return began
 
     async def write_graph(

@@ -5,6 +5,7 @@ claimed along): none stays leased to a closed worker, and no run fails for it.""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import anyio
@@ -336,3 +337,46 @@ async def test_a_leasing_write_in_flight_at_shutdown_is_given_back_too(
     go.set()
     async with saga.Orchestrator(dsn, sagas=[s], lease_seconds=3) as again:
         assert await again.get_run(run.id).result(timeout=10) == 2
+
+
+@pytest.mark.timeout(90)
+async def test_abandoned_close_with_a_flight_held_up_returns_15s_past_shutdown_timeout(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    """README, Orchestrator: "A step that swallows its cancellation cannot hold the
+    close: 15 s past `shutdown_timeout` its lease is given back anyway,
+    `orchestrator_close_abandoned` is logged, and the close returns".
+
+    A step swallows its cancellation, and the database holds statements up (a migration
+    or an operator's `LOCK TABLE saga.runs`): a heartbeat is in flight when the close
+    begins. Before, past the 15 s the abandoned close first waited 5 s more for the
+    flights, then up to 5 s for the give-back: aclose() returned 25 s after it was
+    called. Now it makes one try at the give-back (a second at most) and returns."""
+    from tests._sagas import ignore_cancellation_for
+
+    s = saga.Saga("h38_hostile", input=Job)
+    running = anyio.Event()
+
+    @s.step()
+    async def hostile(ctx: saga.Context[Job]) -> str:
+        running.set()
+        return await ignore_cancellation_for(60)
+
+    orch = saga.Orchestrator(dsn, sagas=[s], poll_interval=0.2, shutdown_timeout=0, lease_seconds=3)
+    await orch.__aenter__()
+    tx = db.transaction()
+    try:
+        await orch.start(s, Job())
+        with anyio.fail_after(10):
+            await running.wait()
+        await tx.start()
+        await db.execute("LOCK TABLE saga.runs IN ACCESS EXCLUSIVE MODE")
+        await anyio.sleep(2.5)  # a heartbeat (every lease_seconds / 3) is in flight
+        started = time.monotonic()
+        with anyio.fail_after(60):
+            await orch.aclose()
+        took = time.monotonic() - started
+    finally:
+        await tx.rollback()
+        await orch.aclose()
+    assert took < 16.5, f"aclose() returned {took:.1f}s after it was called (shutdown_timeout=0)"
