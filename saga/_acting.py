@@ -22,7 +22,8 @@ from saga._skip import plan_skip
 
 if TYPE_CHECKING:
     from saga._definition import Saga
-    from saga._store import RunRow, Store
+    from saga._store import Store
+    from saga._store_reads import RunRow
     from saga._telemetry import Telemetry
 
 #: Longest operator name and note an action records.

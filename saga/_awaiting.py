@@ -19,7 +19,8 @@ from saga._model import RunStatus
 if TYPE_CHECKING:
     from saga._definition import Saga
     from saga._listener import Listener
-    from saga._store import RunRow, Store
+    from saga._store import Store
+    from saga._store_reads import RunRow
 
 
 class Awaiting:

@@ -47,9 +47,10 @@ from saga._notify import WorkNotifier
 from saga._partitions import uuid7
 from saga._run import OutputT, RunHandle
 from saga._signals import Signalling
-from saga._store import RunRow, StartResult, Store
+from saga._store import StartResult, Store
 from saga._store_children import ParentClaim
 from saga._store_ops import DefinitionKey
+from saga._store_reads import RunRow
 from saga._telemetry import Telemetry
 
 InT = TypeVar("InT", bound=pydantic.BaseModel)

@@ -36,6 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from saga._model import EventKind, Phase, RunStatus
 from saga._plan_park import park, stopped_at_wait, wait_timed_out_error
+from saga._plan_rollback import (
+    compensate,
+    compensation_plan,
+    finish_rollback,
+    next_item,
+    rollback,
+    stop_for_operator,
+)
 from saga._transition import Event, Failed, LeaseFor, RunState, Succeeded, Transition
 
 if TYPE_CHECKING:
@@ -50,7 +58,6 @@ _RUN_COMPLETED = EventKind.RUN_COMPLETED
 _STEP_STARTED = EventKind.STEP_STARTED
 _RUNNING = RunStatus.RUNNING
 _COMPLETED = RunStatus.COMPLETED
-_COMPENSATING = RunStatus.COMPENSATING
 _WAITING = RunStatus.WAITING
 
 
@@ -75,7 +82,7 @@ def cancelled_before_start(
 ) -> Transition | None:
     """A forward item of a run being cancelled does not start: roll back instead."""
     if state.phase is _STEP and state.cancel_requested:
-        return _rollback(saga, state, None, [], None, lease_for)
+        return rollback(saga, state, None, [], None, lease_for)
     return None
 
 
@@ -129,18 +136,18 @@ def cancel_instead(
         # A step gave up, stopping for an operator: rolled back with its error, as when
         # the cancel was seen before it gave up (and as cancelling the stopped run does).
         failed = completion.events[0]
-        return _rollback(saga, state, completion.error, [failed], None, lease_for)
+        return rollback(saga, state, completion.error, [failed], None, lease_for)
     if completion.retry:  # a failed attempt's retry: the failure is recorded, no retry
         failed = completion.events[0]
         data = {"error": failed.data["error"]} if failed.data else None
         event = Event(failed.kind, failed.step, failed.attempt, data)
-        return _rollback(saga, state, None, [event], None, lease_for)
+        return rollback(saga, state, None, [event], None, lease_for)
     if completion.completed_step is None:  # a wait's timeout stopping the run
-        return _rollback(saga, state, None, [], None, lease_for)
+        return rollback(saga, state, None, [], None, lease_for)
     done = completion.events[0]  # step_completed
-    rollback = _rollback(saga, state, None, [done], completion.completed_step, lease_for)
+    undo = rollback(saga, state, None, [done], completion.completed_step, lease_for)
     return replace(
-        rollback, completed_step=completion.completed_step, result_json=completion.result_json
+        undo, completed_step=completion.completed_step, result_json=completion.result_json
     )
 
 
@@ -152,8 +159,8 @@ def _step_done(
     if state.cancel_requested:
         # Cancelled while this step ran: record it, then roll back at once, this step
         # included, rather than lease a next step that will never run.
-        rollback = _rollback(saga, state, None, [done], state.step, lease_for)
-        return replace(rollback, completed_step=state.step, result_json=result)
+        undo = rollback(saga, state, None, [done], state.step, lease_for)
+        return replace(undo, completed_step=state.step, result_json=result)
     step = saga.get_step(state.step)
     index = step.index
     if outcome.park_error is not None:  # the sleep's until() failed: undo the step too
@@ -171,8 +178,8 @@ def _step_done(
                 events=(failed, stopped),
                 error=outcome.park_error,
             )
-        rollback = _rollback(saga, state, outcome.park_error, [done, failed], state.step, lease_for)
-        return replace(rollback, completed_step=state.step, result_json=result)
+        undo = rollback(saga, state, outcome.park_error, [done, failed], state.step, lease_for)
+        return replace(undo, completed_step=state.step, result_json=result)
     if step.after is not None:
         nxt = saga.steps[index + 1].name  # a saga never ends with a sleep or wait
         return park(step.after, nxt, state, done, result, outcome.park_in)
@@ -227,18 +234,18 @@ def _wait_timed_out(
             # Past the pivot: stopped at the wait, as by on_timeout="stop" (a signal
             # resumes it, retry() waits again).
             return stopped_at_wait(wait.name, state, failed, outcome.error, saga.pivot)
-        return _rollback(saga, state, outcome.error, [failed], None, lease_for)
+        return rollback(saga, state, outcome.error, [failed], None, lease_for)
     choice = "value" if wait.timeout_value is not None else str(wait.on_timeout)
     timed_out = Event(EventKind.WAIT_TIMED_OUT, wait.name, data={"outcome": choice})
     if choice == "compensate":
-        return _rollback(saga, state, error, [timed_out], None, lease_for)
+        return rollback(saga, state, error, [timed_out], None, lease_for)
     if choice == "stop":
         return stopped_at_wait(wait.name, state, timed_out, error, None)
     events = [timed_out]
     if lease_for is not None:
         events.append(Event(_STEP_STARTED, state.step, 1, unless_cancelled=True))
     return replace(
-        _next_item(_RUNNING, state.step, events, lease_for),
+        next_item(_RUNNING, state.step, events, lease_for),
         completed_step=wait.name,
         result_json=outcome.result_json,
     )
@@ -255,15 +262,15 @@ def _step_failed(
     if state.cancel_requested and outcome.retryable:
         # No retry for a run being cancelled: it rolls back now, not after the backoff,
         # and ends cancelled (the cancel, not this failure, is why it stopped).
-        return _rollback(saga, state, None, [failed], None, lease_for)
+        return rollback(saga, state, None, [failed], None, lease_for)
     retry = _retry(saga, state, outcome, rand)
     if retry is not None:
         return retry
     if saga.get_step(state.step).retry.on_give_up == "stop" and not state.cancel_requested:
         data = {"on_give_up": "stop"}  # the step's policy: an operator looks first
-        stop = _stop_for_operator(saga, state, outcome.error, [failed], None, data)
+        stop = stop_for_operator(saga, state, outcome.error, [failed], None, data)
         return replace(stop, unless_cancelled=True)  # a cancel accepted meanwhile rolls back
-    return _rollback(saga, state, outcome.error, [failed], None, lease_for)
+    return rollback(saga, state, outcome.error, [failed], None, lease_for)
 
 
 def _compensation_failed(
@@ -294,8 +301,8 @@ def _compensation_done(saga: Saga[Any], state: RunState, lease_for: LeaseFor) ->
     plan = compensation_plan(saga, state.completed)
     rest = plan[plan.index(state.step) + 1 :] if state.step in plan else []
     if not rest:
-        return _finish_rollback(state, None, [done])
-    return _compensate(rest[0], [done], None, lease_for)
+        return finish_rollback(state, None, [done])
+    return compensate(rest[0], [done], None, lease_for)
 
 
 def _retry(
@@ -317,85 +324,3 @@ def _retry(
         # instead; a compensation's retry goes on whatever a cancel says.
         unless_cancelled=state.phase is _STEP,
     )
-
-
-def compensation_plan(saga: Saga[Any], completed: tuple[str, ...]) -> list[str]:
-    """The compensations to run, in order: completed steps newest first, those without a
-    compensation left out (they have nothing to undo)."""
-    steps = saga.get_step
-    return [
-        name
-        for name in reversed(completed)
-        if saga.get_wait(name) is None and steps(name).compensation is not None
-    ]
-
-
-def _rollback(
-    saga: Saga[Any],
-    state: RunState,
-    error: Mapping[str, Any] | None,
-    events: list[Event],
-    just_completed: str | None,
-    lease_for: LeaseFor = None,
-) -> Transition:
-    """Start compensating the completed steps, or (past the pivot) stop for an operator."""
-    completed = (*state.completed, just_completed) if just_completed else state.completed
-    if error is not None and saga.pivot is not None and saga.pivot in completed:
-        return _stop_for_operator(saga, state, error, events, just_completed, {"pivot": saga.pivot})
-    plan = compensation_plan(saga, completed)
-    reason = "failure" if error else "cancel"
-    events.append(Event(EventKind.RUN_COMPENSATING, data={"plan": plan, "reason": reason}))
-    if not plan:
-        return _finish_rollback(state, error, events)
-    return _compensate(plan[0], events, error, lease_for)
-
-
-def _stop_for_operator(
-    saga: Saga[Any],
-    state: RunState,
-    error: Mapping[str, Any],
-    events: list[Event],
-    just_completed: str | None,
-    data: Mapping[str, Any],
-) -> Transition:
-    """Stopped for an operator at the step to run again: the one that failed (the next
-    one if it completed and what followed it failed)."""
-    step = state.step
-    if just_completed is not None:
-        step = saga.steps[saga.get_step(just_completed).index + 1].name
-    events.append(Event(EventKind.RUN_STOPPED, step, data=data))
-    return Transition(
-        status=RunStatus.STOPPED, step=step, attempt=0, events=tuple(events), error=error
-    )
-
-
-def _compensate(
-    step: str, events: list[Event], error: Mapping[str, Any] | None, lease_for: LeaseFor
-) -> Transition:
-    if lease_for is not None:
-        events.append(Event(EventKind.COMPENSATION_STARTED, step, 1))
-    return replace(_next_item(_COMPENSATING, step, events, lease_for), error=error)
-
-
-def _next_item(
-    status: RunStatus, step: str, events: list[Event], lease_for: LeaseFor
-) -> Transition:
-    """The run's next item: leased to this worker at once if it goes on, else due now."""
-    leased = lease_for is not None
-    return Transition(
-        status=status,
-        step=step,
-        attempt=1 if leased else 0,
-        events=tuple(events),
-        due_in=lease_for(step) if lease_for is not None else 0.0,
-        leased=leased,
-    )
-
-
-def _finish_rollback(
-    state: RunState, error: Mapping[str, Any] | None, events: list[Event]
-) -> Transition:
-    failed_forward = error is not None or state.failed_forward
-    status = RunStatus.COMPENSATED if failed_forward else RunStatus.CANCELLED
-    events.append(Event(EventKind.ended(status)))
-    return Transition(status=status, step=None, attempt=0, events=tuple(events), error=error)

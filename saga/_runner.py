@@ -15,20 +15,20 @@ from functools import partial
 from typing import Any
 
 from saga import _plan
-from saga._active import ActiveRun, Reads, claimed_run
+from saga._active import ActiveRun, claimed_run
 from saga._aio import is_cancellation_by_saga
+from saga._attempt import AttemptParts
 from saga._call import CallUser, call_user
-from saga._codec import encode_checked
 from saga._context import Context
 from saga._definition import Saga, Step
-from saga._errors import DatabaseError, SagaError, error_record, exception_type
+from saga._errors import DatabaseError, exception_type
 from saga._held import Lease
 from saga._hooks import FaultTarget, Hooks, SimulatedCrash
 from saga._instruments import SAGA
 from saga._lease import Leases
 from saga._log import Outage, frames, log_events, logger
 from saga._model import Outcome, Phase, RunStatus
-from saga._parked import sleep_length, timeout_result
+from saga._parked import timeout_result
 from saga._store import Store
 from saga._telemetry import Telemetry, in_run_trace
 from saga._transition import (
@@ -38,9 +38,7 @@ from saga._transition import (
     RunState,
     Succeeded,
     Transition,
-    idempotency_key,
 )
-from saga._waits import Sleep, Wait
 from saga._write import COMMITTED, Writer, Written
 
 #: What runs a claimed item: the linear runner's, or the graph runner's.
@@ -48,15 +46,12 @@ Process = Callable[[ClaimedItem, Saga[Any], Lease], Awaitable[None]]
 
 # Enum members used per step, read once (an enum attribute costs a call in 3.11).
 _STEP = Phase.STEP
-_COMPENSATION = Phase.COMPENSATION
-_SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _RETRY = Outcome.RETRY
-_COMPENSATING = RunStatus.COMPENSATING
 _WAITING = RunStatus.WAITING
 
 
-class Runner:
+class Runner(AttemptParts):
     def __init__(
         self,
         store: Store,
@@ -326,81 +321,3 @@ class Runner:
         if change.retry:
             run.outcome = _RETRY
         return change, res
-
-    async def checkpoint(
-        self,
-        run: ActiveRun,
-        step: Step[Any, Any],
-        ctx: Context[Any],
-        done: Succeeded,
-        result: Any,
-        lease: Lease,
-    ) -> tuple[Succeeded | Failed, Any]:
-        """A step or compensation returned: the hooks' checkpoint, then (a step) its
-        result encoded, and the length of a computed sleep after it."""
-        await self._hooks.before_checkpoint(ctx)
-        if run.phase is not _STEP:
-            return done, result
-        outcome, result = self._encode(run, step, result)
-        after = step.after
-        if isinstance(after, Sleep) and after.until is not None and isinstance(outcome, Succeeded):
-            with in_run_trace(run.span, run.trace_parent):
-                outcome = await sleep_length(
-                    after, ctx, run.results, step.name, result, outcome, lease, self.store
-                )
-        return outcome, result
-
-    def _encode(
-        self, run: ActiveRun, step: Step[Any, Any] | Wait[Any], result: Any
-    ) -> tuple[Succeeded | Failed, Any]:
-        what = "timeout result of wait" if isinstance(step, Wait) else "result of step"
-        try:
-            text, decoded = encode_checked(
-                result, step.result_type, what=f"{what} {step.name!r}", max_bytes=self._max_payload
-            )
-        except SagaError as exc:
-            return Failed(error_record(exc, step.name), retryable=False), None
-        return Succeeded(text), decoded
-
-    def context(self, run: ActiveRun, name: str, phase: Phase) -> Context[Any]:
-        return Context(
-            run_id=run.id,
-            saga=run.saga.name,
-            step=name,
-            attempt=run.attempt,
-            idempotency_key=idempotency_key(run.id, name, phase),
-            is_compensation=phase is _COMPENSATION,
-            _results=Reads(run),
-            _definition=run.saga,
-        )
-
-    def open_attempt(self, run: ActiveRun) -> None:
-        run.outcome, run.error_type = _SUCCESS, None
-        run.started = time.perf_counter()
-        run.span = self.telemetry.attempt_span(
-            run.trace_parent,
-            saga=run.saga.name,
-            version=run.saga.version,
-            run_id=str(run.id),
-            step=run.step,
-            attempt=run.attempt,
-            kind=str(run.phase),
-            worker=self.worker,
-        )
-
-    def end_attempt(
-        self, run: ActiveRun, outcome: Outcome, run_status: RunStatus | None = None
-    ) -> None:
-        span, run.span = run.span, None
-        if span is None:
-            return
-        self.telemetry.end_attempt(
-            span,
-            kind=str(run.phase),
-            saga=run.saga.name,
-            step=run.step,
-            outcome=str(outcome),
-            error_type=run.error_type,
-            duration=time.perf_counter() - run.started,
-            run_status=None if run_status is None else str(run_status),
-        )

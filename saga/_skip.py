@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from saga._model import EventKind, RunStatus
-from saga._plan import compensation_plan
+from saga._plan_rollback import compensation_plan
 from saga._store_ops import Skip
 
 if TYPE_CHECKING:

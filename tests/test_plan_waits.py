@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 import saga
-from saga import _plan
+from saga import _plan, _plan_rollback
 from saga._model import EventKind as K
 from saga._model import RunStatus as S
 from saga._transition import Failed, RunState, Succeeded, Transition
@@ -176,4 +176,6 @@ def test_a_cancel_beats_a_stop() -> None:
 
 def test_waits_have_nothing_to_compensate() -> None:
     """A wait the run passed is in its completed items but not in the rollback plan."""
-    assert _plan.compensation_plan(_definition(), ("reserve", "charge", "ok")) == ["reserve"]
+    assert _plan_rollback.compensation_plan(_definition(), ("reserve", "charge", "ok")) == [
+        "reserve"
+    ]
