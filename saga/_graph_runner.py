@@ -10,7 +10,6 @@ so branches run concurrently here too, and on any other worker that claims them.
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 from typing import Any
 
@@ -33,11 +32,13 @@ from saga._write import COMMITTED
 
 _STEP = Phase.STEP
 _LOST = object()  # the lease was lost while the item ran: nothing is written
-# The states a run's end is counted in (saga.runs.<status>), as the runner's writes do.
-_ENDS = frozenset(
-    (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED, RunStatus.FAILED,
-     RunStatus.STOPPED)
-)  # fmt: skip
+# The events of a run's end, by the state it is counted in (saga.runs.<status>), as the
+# runner's writes do.
+_ENDED_BY = {
+    str(EventKind.ended(status)): status
+    for status in (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED,
+                   RunStatus.FAILED, RunStatus.STOPPED)
+}  # fmt: skip
 
 
 class GraphRunner:
@@ -107,11 +108,9 @@ class GraphRunner:
         if written is None:
             runner.refused(run, lease, log)
             return
-        if written is COMMITTED:  # its reply was lost: what it decided is not known here
-            ended = await self._ended_by_us(run)
-            runner.end_attempt(run, run.outcome, ended)
-            if ended is not None:
-                runner.telemetry.run_ended(run.saga.name, ended, time.perf_counter() - run.born)
+        if written is COMMITTED:  # its reply was lost: what it recorded is read back
+            assert first is not None  # (a write with no event of its own is not resolved)
+            await self._recorded_unseen(run, first, log)
             self._leases.wake()  # (it may have parked a step whose children ended meanwhile)
             await self._carry_on(run)
             return
@@ -120,20 +119,34 @@ class GraphRunner:
         for step, new_phase, token in result.leased:
             self._adopt(item, run, change, result, step, new_phase, token)
 
-    async def _ended_by_us(self, run: ActiveRun) -> RunStatus | None:
-        """The run's end, if a write of this worker recorded it (an uncertain write that
-        committed may have: its run is then counted as ended here, as the others are)."""
-        store, worker = self._runner.store, self._runner.worker
+    async def _recorded_unseen(self, run: ActiveRun, first: Event, log: Any) -> None:
+        """An uncertain write committed: what it recorded, read back from the history,
+        closes the item's span, counts and logs as its reply would have (the run's end
+        timed by the database clock, as a reply's). Unreadable: only the span closes."""
+        runner = self._runner
+        store = runner.store
         try:
-            row = await store.get_run(run.id)
-            if row is None or row.info.status not in _ENDS:
-                return None
-            kind = str(EventKind.ended(row.info.status))
-            return (
-                row.info.status if await store.has_event(run.id, kind, None, None, worker) else None
+            events = await store.write_events(
+                run.id, str(first.kind), first.step, first.attempt, runner.worker
             )
-        except DatabaseError:  # counted by no one: the run itself ended all the same
-            return None
+            ended = next((_ENDED_BY[e.kind] for e in events if e.kind in _ENDED_BY), None)
+            row = None if ended is None else await store.get_run(run.id)
+            cause: Cause = (None, None, None)
+            if needs_cause(events, None):  # (the run failed in an earlier write)
+                cause = await self._last_failure(run)
+        except DatabaseError:  # counted by no one: the run itself goes on all the same
+            runner.end_attempt(run, run.outcome)
+            return
+        retry_in = events[0].data.get("retry_in") if events else None
+        if isinstance(retry_in, int | float) and retry_in < math.inf:
+            run.outcome = Outcome.RETRY
+            self._leases.wake_later(retry_in)
+        runner.end_attempt(run, run.outcome, ended)
+        if ended is not None and row is not None:
+            end = next(e.at for e in events if e.kind in _ENDED_BY)
+            age = (end - row.info.created_at).total_seconds()
+            runner.telemetry.run_ended(run.saga.name, ended, age)
+        log_events(log, events, cause)
 
     async def _attempt(self, run: ActiveRun, lease: Lease, dropping: bool) -> object:
         """Run the item: its outcome (None: a children step dropped, its children
@@ -283,7 +296,7 @@ class GraphRunner:
             cancel_requested=False,
             has_error=item.has_error or change.error is not None,
             trace_context=item.trace_context,
-            age=item.age,
+            age=written.age,  # (the run's, by the database clock, at this write)
             expired_owner=None,
             phase=phase,
         )

@@ -66,18 +66,18 @@ class RunReads:
     async def get_events(self, run_id: UUID) -> list[HistoryEvent]:
         async with translate_errors("reading a run's history"):
             rows = await self.hot.fetch(self._q["get_events"], run_id)
-        return [
-            HistoryEvent(
-                seq=r["id"],
-                at=r["at"],
-                kind=r["kind"],
-                step=r["step"],
-                attempt=r["attempt"],
-                worker=r["worker"],
-                data=loads(r["data"]) or {},
+        return [_history_event(r) for r in rows]
+
+    async def write_events(
+        self, run_id: UUID, kind: str, step: str | None, attempt: int | None, worker: str
+    ) -> list[HistoryEvent]:
+        """The events of ``worker``'s write that began with this event (its latest such
+        one), in order: what a write whose reply was lost recorded (see the query)."""
+        async with translate_errors("reading a run's history"):
+            rows = await self.pool.fetch(
+                self._q["write_events"], run_id, kind, step, attempt, worker
             )
-            for r in rows
-        ]
+        return [_history_event(r) for r in rows]
 
     async def watch_run(self, run_id: UUID) -> bool:
         """Ask for a NOTIFY when the run ends; False when it has ended already (or does
@@ -91,3 +91,15 @@ class RunReads:
         async with translate_errors("polling runs"):
             rows = await self.pool.fetch(self._q["ended_runs"], list(run_ids))
         return {r["id"] for r in rows}
+
+
+def _history_event(r: asyncpg.Record) -> HistoryEvent:
+    return HistoryEvent(
+        seq=r["id"],
+        at=r["at"],
+        kind=r["kind"],
+        step=r["step"],
+        attempt=r["attempt"],
+        worker=r["worker"],
+        data=loads(r["data"]) or {},
+    )

@@ -1006,3 +1006,68 @@ async def test_internal_error_is_logged_with_its_step_and_attempt(
     assert (line["run_id"], line["saga"]) == (str(run.id), "h8_sneaky")
     missing = {"step", "attempt"} - set(line)
     assert not missing, f"internal_error lacks {sorted(missing)}: {line}"
+
+
+def _of(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [line for line in logs if line.get("event") == event]
+
+
+@pytest.mark.timeout(60)
+async def test_compensation_giving_up_is_traced_logged_and_counted(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README: "Failed attempts carry an `exception` event with the error *type* and an
+    error status; the attempt that ends the run carries `saga.run.status`"; metrics
+    `saga.compensation.attempts` (with `saga.step`, `saga.outcome`, `error.type`) and
+    `saga.runs.failed`; Logging: "A run that waits for an operator logs an error,
+    `run_failed` ..., naming the step (or wait), attempt and error type that stopped it"."""
+    tracing = Tracing()
+    reader, meters = _meters()
+    s = small_saga(
+        "undo_gives_up",
+        ["a", "b"],
+        compensate={"a"},
+        fail={"b": permanent(f"declined {SECRET}")},
+        fail_undo={"a": Fail(RuntimeError, f"refund down {SECRET}")},
+        undo_retry=saga.Retry(max_attempts=2, initial_delay=0.01, max_delay=0.02),
+    )
+    with capture_logs() as logs:
+        await orchestrator(s, tracer_provider=tracing.provider, meter_provider=meters)
+        run = await s.start(Job())
+        with pytest.raises(saga.RunFailedError):
+            await run.result(timeout=20)
+        await _until(lambda: len(_by_name(tracing.spans(), "saga.compensate a")) >= 2, 5)
+    undo = _by_name(tracing.spans(), "saga.compensate a")
+    assert len(undo) == 2
+    first, last = undo
+    assert _attrs(first)["saga.outcome"] == "retry"
+    assert _attrs(first)["error.type"] == "RuntimeError"
+    assert first.status.status_code is StatusCode.ERROR
+    assert _attrs(last)["saga.outcome"] == "failure"
+    assert _attrs(last)["saga.kind"] == "compensation"
+    assert _attrs(last)["saga.attempt"] == 2
+    assert _attrs(last)["saga.run.status"] == "failed"
+    assert last.status.status_code is StatusCode.ERROR
+    assert [e.name for e in last.events] == ["exception"]
+    for span in tracing.spans():
+        assert SECRET not in str(span.attributes) + str(span.status.description)
+        for ev in span.events:
+            assert SECRET not in str(ev.attributes)
+    failed = _of(logs, "run_failed")
+    assert len(failed) == 1, [line["event"] for line in logs]
+    line = failed[0]
+    assert line["log_level"] == "error"
+    assert line["run_id"] == str(run.id) and line["saga"] == "undo_gives_up"
+    assert line["step"] == "a" and line["attempt"] == 2
+    assert line["error_type"] == "RuntimeError"
+    assert SECRET not in str(logs)
+    found = points(reader)
+    assert total(found, "saga.runs.failed", **{"saga.name": "undo_gives_up"}) == 1
+    assert (
+        total(
+            found,
+            "saga.compensation.attempts",
+            **{"saga.step": "a", "saga.outcome": "failure", "error.type": "RuntimeError"},
+        )
+        == 1
+    )

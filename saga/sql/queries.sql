@@ -1226,6 +1226,21 @@ SELECT EXISTS (
       AND attempt IS NOT DISTINCT FROM $4 AND worker = $5
 );
 
+-- name: write_events
+-- The events one write appended, in order: those of the transaction (xmin) that
+-- appended this worker's latest event (kind, step, attempt) of the run. For a write
+-- whose reply was lost but which committed (see has_event): what it recorded.
+-- $1 run id, $2 kind, $3 step or NULL, $4 attempt or NULL, $5 worker id
+SELECT id, at, kind, step, attempt, worker, data::text AS data
+FROM __schema__.events
+WHERE run_id = $1 AND xmin = (
+    SELECT xmin FROM __schema__.events
+    WHERE run_id = $1 AND kind = $2 AND step IS NOT DISTINCT FROM $3
+      AND attempt IS NOT DISTINCT FROM $4 AND worker = $5
+    ORDER BY id DESC LIMIT 1
+)
+ORDER BY id;
+
 -- name: census
 -- What operators watch, at a cost bounded by the active runs (partial index) and the
 -- failed and stopped ones: runs per state, the oldest active run's age, the scheduler
