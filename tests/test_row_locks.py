@@ -10,6 +10,8 @@ renewed, so none of their steps runs twice.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -545,6 +547,91 @@ async def test_a_write_that_waited_for_a_callers_transaction_leases_the_next_ste
             await anyio.sleep(HOLD)
     finally:
         await conn.close()
+    assert await run.result(timeout=10) == 2
+    kinds = [e.kind for e in await run.history()]
+    assert "lease_expired" not in kinds
+    assert calls == [("quick", 1), ("slow", 1)]
+
+
+@asynccontextmanager
+async def _frozen_waiters(conn: asyncpg.Connection) -> AsyncIterator[list[int]]:
+    """Stop (SIGSTOP) every backend of ``conn``'s database waiting for a lock, as a
+    scheduler that does not wake them for a while would; resumed on exit."""
+    pids: list[int] = [
+        r["pid"]
+        for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+    ]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("returned_first", [True, False], ids=["write", "renewal"])
+async def test_no_claim_takes_a_lease_whose_worker_waits_to_write_it(
+    orchestrator: OrchestratorFactory, dsn: str, returned_first: bool
+) -> None:
+    """README ("In your transaction"): the held run's write waits for the lock, and the
+    heartbeats renew "that run's lease as soon as the lock is released". Here the lease
+    (1.2 s) expires while a caller's transaction holds the run's row (2 s), and the
+    worker's waiting statements are slow to wake up when it commits (their backends are
+    stopped for 1 s): the write of `quick`, which returned (and its lease's renewal), or
+    the renewal alone, `quick` still running. A peer polling every 20 ms does not take
+    the run over meanwhile: `quick` runs once and is recorded, `slow` runs once.
+    Before, the caller's commit left a new row version free at once, and the peer's
+    claim took the expired lease before the woken statements reached it (`slow` ran on
+    the peer, `quick`'s write was refused as stale)."""
+    calls: list[tuple[str, int]] = []
+    returned, started = anyio.Event(), anyio.Event()
+    s = saga.Saga("held_frozen", input=Job)
+
+    @s.step()
+    async def quick(ctx: saga.Context[Job]) -> int:
+        calls.append(("quick", ctx.attempt))
+        started.set()
+        await returned.wait()
+        return 1
+
+    @s.step()
+    async def slow(ctx: saga.Context[Job]) -> int:
+        calls.append(("slow", ctx.attempt))
+        return 1
+
+    go = s.wait_for("go", _Proceed)
+
+    @s.step()
+    async def done(ctx: saga.Context[Job]) -> int:
+        return 2
+
+    first = await orchestrator(s, lease_seconds=SHORT_LEASE)
+    await orchestrator(s, lease_seconds=SHORT_LEASE, poll_interval=0.02)
+    run = await first.start(s, Job(n=1))
+    with anyio.fail_after(5):
+        await started.wait()
+    conn, watcher = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            transaction = conn.transaction()
+            await transaction.start()
+            assert await first.signal(run.id, go, _Proceed(ok=True), conn=conn)
+            if returned_first:
+                returned.set()  # quick returns; its write waits for the row
+            await anyio.sleep(2.0)  # (the lease expires; the heartbeat's renewal waits)
+            frozen = await stack.enter_async_context(_frozen_waiters(watcher))
+            assert frozen  # (a statement of the worker waited for the row)
+            await transaction.commit()
+            await anyio.sleep(1.0)  # the peer looks for due work 50 times meanwhile
+        returned.set()
+    finally:
+        await conn.close()
+        await watcher.close()
     assert await run.result(timeout=10) == 2
     kinds = [e.kind for e in await run.history()]
     assert "lease_expired" not in kinds

@@ -171,10 +171,17 @@ FROM __schema__.runs WHERE saga_name = $1 AND idempotency_key = $2;
 -- fingerprints (the three pairwise); the claim table, rowwise: $7 status before, $8
 -- cancel requested, $9 signalled, $10 status after, $11 wake-up event kind or NULL, $12
 -- start event kind or NULL
+-- An expired lease whose worker is waiting to write it (its write or its renewal waits
+-- for the row a caller's transaction holds: see transition, heartbeat_waiting) is not
+-- taken: that waiting statement holds the run's advisory lock (shared) until it ends,
+-- and a claim takes an expired lease only when it gets that lock. When the caller's
+-- transaction ends, its new row version is free at once, before the woken waiter
+-- reaches it: without this, a claim polling then could take it first.
 WITH candidates AS (
     SELECT r.id, r.lease_owner AS prev_owner, r.status AS before, r.wait_name, r.released
     FROM __schema__.runs r
     WHERE r.due_at <= now()
+      AND (r.lease_owner IS NULL OR pg_try_advisory_xact_lock(hashtextextended(r.id::text, 0)))
       -- Registered definitions only, written so the planner sees that most due runs
       -- match: an IN over unnest() was estimated at 1 %, and the claim then sorted
       -- every due run instead of reading the due index in order.
@@ -298,6 +305,9 @@ SELECT held FROM lease;
 -- nothing is written; see transition_batch)
 WITH briefly AS MATERIALIZED (
     SELECT set_config('lock_timeout', '50ms', true) WHERE $18::boolean
+    UNION ALL  -- (waiting for the row: no claim takes the expired lease meanwhile, see claim)
+    SELECT pg_advisory_xact_lock_shared(hashtextextended($1::uuid::text, 0))::text
+    WHERE NOT $18::boolean
 ), waited AS MATERIALIZED (
     -- Going alone, the write waits for the run's row before it computes the new one (an
     -- UPDATE computes it first, then waits): a lease or delay counts from the write.
@@ -374,6 +384,9 @@ FROM upd;
 -- signal is there already, the run is due at once (signalled).
 WITH briefly AS MATERIALIZED (
     SELECT set_config('lock_timeout', '50ms', true) WHERE $20::boolean
+    UNION ALL  -- (waiting for the rows: no claim takes their expired leases, see claim)
+    SELECT count(pg_advisory_xact_lock_shared(hashtextextended(id::text, 0)))::text
+    FROM unnest($1::uuid[]) AS id WHERE NOT $20::boolean HAVING NOT $20::boolean
 ), t AS (
     SELECT t.* FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::integer[],
                            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
@@ -543,9 +556,12 @@ WHERE r.lease_token >= h.token AND r.lease_owner = $1
 -- $1 worker id, $2 run ids, $3 lease tokens, $4 lease seconds (the three pairwise)
 WITH h AS (
     SELECT * FROM unnest($2::uuid[], $3::bigint[], $4::float8[]) AS h(id, token, seconds)
+), waiting AS MATERIALIZED (  -- (no claim takes these expired leases meanwhile, see claim)
+    SELECT count(pg_advisory_xact_lock_shared(hashtextextended(id::text, 0))) FROM h
 ), locked AS MATERIALIZED (
     SELECT r.id, h.seconds FROM __schema__.runs r JOIN h ON r.id = h.id
     WHERE r.lease_token >= h.token AND r.lease_owner = $1
+      AND (SELECT count FROM waiting) >= 0  -- (announced before a row is locked)
     ORDER BY r.id
     FOR UPDATE OF r
 )
@@ -929,6 +945,7 @@ WITH urgent AS (
     FROM __schema__.runs r
     WHERE r.due_at <= now() AND r.priority > 0
       AND r.status NOT IN ('sleeping', 'waiting')
+      AND (r.lease_owner IS NULL OR pg_try_advisory_xact_lock(hashtextextended(r.id::text, 0)))
       -- Registered definitions only, written so the planner sees that most due runs
       -- match: an IN over unnest() was estimated at 1 %, and the claim then sorted
       -- every due run instead of reading the due index in order.
@@ -945,6 +962,7 @@ WITH urgent AS (
     FROM __schema__.runs r
     WHERE r.due_at <= now()
       AND (r.priority = 0 OR r.status IN ('sleeping', 'waiting'))
+      AND (r.lease_owner IS NULL OR pg_try_advisory_xact_lock(hashtextextended(r.id::text, 0)))
       -- Registered definitions only, written so the planner sees that most due runs
       -- match: an IN over unnest() was estimated at 1 %, and the claim then sorted
       -- every due run instead of reading the due index in order.
