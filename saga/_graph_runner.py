@@ -109,26 +109,30 @@ class GraphRunner:
             runner.refused(run, lease, log)
             return
         if written is COMMITTED:  # its reply was lost: what it recorded is read back
-            assert first is not None  # (a write with no event of its own is not resolved)
             await self._recorded_unseen(run, first, log)
             self._leases.wake()  # (it may have parked a step whose children ended meanwhile)
-            await self._carry_on(run)
+            await self._carry_on(run, first)
             return
         change, result = written
         await self._recorded(run, change, result, log)
         for step, new_phase, token in result.leased:
             self._adopt(item, run, change, result, step, new_phase, token)
 
-    async def _recorded_unseen(self, run: ActiveRun, first: Event, log: Any) -> None:
+    async def _recorded_unseen(self, run: ActiveRun, first: Event | None, log: Any) -> None:
         """An uncertain write committed: what it recorded, read back from the history,
         closes the item's span, counts and logs as its reply would have (the run's end
-        timed by the database clock, as a reply's). Unreadable: only the span closes."""
+        timed by the database clock, as a reply's). A dropped item's write has no event
+        of its own: only its run's end, if it ended the run. Unreadable: only the span
+        closes."""
         runner = self._runner
-        store = runner.store
+        store, worker = runner.store, runner.worker
         try:
-            events = await store.write_events(
-                run.id, str(first.kind), first.step, first.attempt, runner.worker
-            )
+            if first is None:
+                events = await store.dropped_write_events(run.id, worker)
+            else:
+                events = await store.write_events(
+                    run.id, str(first.kind), first.step, first.attempt, worker
+                )
             ended = next((_ENDED_BY[e.kind] for e in events if e.kind in _ENDED_BY), None)
             row = None if ended is None else await store.get_run(run.id)
             cause: Cause = (None, None, None)
@@ -303,10 +307,14 @@ class GraphRunner:
         seconds = run.saga.get_step(step).lease_seconds or self._runner.lease_seconds
         self._leases.adopt(new, Lease(item.run_id, token, seconds, item=(step, phase)))
 
-    async def _carry_on(self, run: ActiveRun) -> None:
-        """An uncertain write committed: the items it leased here go on, as claimed."""
+    async def _carry_on(self, run: ActiveRun, first: Event | None) -> None:
+        """An uncertain write committed: the items it leased here go on, as claimed
+        (those of the write beginning with ``first``; a dropped item's write has no
+        event of its own: every item leased here not held yet)."""
         held = {lease.key for lease in self._leases.inflight.values()}
-        for item in await self._runner.store.items_leased_to(run.id, self._runner.worker):
+        by = None if first is None else (str(first.kind), first.step, first.attempt)
+        store, worker = self._runner.store, self._runner.worker
+        for item in await store.items_leased_to(run.id, worker, by):
             assert item.phase is not None
             if (item.run_id, item.step_name, item.phase) in held:
                 continue

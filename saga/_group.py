@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -85,6 +86,45 @@ class _Waiter(Generic[A]):
     def __init__(self, args: A, future: asyncio.Future[Any]) -> None:
         self.args = args
         self.future = future
+
+
+async def or_busy(write: Awaitable[R]) -> R | _Busy:
+    """``write``, or ``BUSY`` when it gave up on a row another transaction held (its
+    statements' ``lock_timeout``: nothing was written)."""
+    try:
+        return await write
+    except asyncpg.LockNotAvailableError:
+        return BUSY
+
+
+async def patiently(
+    waiting: anyio.Semaphore | None,
+    wait: Callable[[], Awaitable[R]],
+    attempt: Callable[[], Awaitable[R | _Busy]],
+) -> R:
+    """A write whose row another transaction may hold (a caller's transaction that sent
+    its run a signal, until it ends), with bounded use of the pool: ``wait()`` writes it
+    waiting for the lock, on a connection, while one of the ``waiting`` permits is free
+    (the permits keep most of the pool for the other runs' writes); without a permit,
+    ``attempt()`` writes it if the lock is free within a moment (else ``BUSY``, having
+    written nothing), tried again from time to time, holding nothing meanwhile."""
+    delay = 0.02
+    while True:
+        if waiting is not None:
+            try:
+                waiting.acquire_nowait()
+            except anyio.WouldBlock:
+                pass
+            else:
+                try:
+                    return await wait()
+                finally:
+                    waiting.release()
+        outcome = await attempt()
+        if not isinstance(outcome, _Busy):
+            return outcome
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 class GroupCommit(Generic[A, R]):
@@ -158,28 +198,13 @@ class GroupCommit(Generic[A, R]):
         return outcome
 
     async def _busy(self, args: A) -> R | None:
-        """Write ``args`` (whose row another transaction held) once that lock is free:
-        waiting for it on a connection while a permit is free, else trying again from
-        time to time, holding no connection meanwhile."""
-        delay = 0.02
-        while True:
-            if self._waiting is not None:
-                try:
-                    self._waiting.acquire_nowait()
-                except anyio.WouldBlock:
-                    pass
-                else:
-                    try:
-                        # (not a flight: it waits for someone else's transaction,
-                        # which a shutdown does not; the release leaves its row too)
-                        return await self._wait(args)
-                    finally:
-                        self._waiting.release()
-            outcome = await self._flown(self._single(args))
-            if outcome is not BUSY:
-                return outcome
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+        """Write ``args`` (whose row another transaction held) once that lock is free
+        (see :func:`patiently`): its try without waiting is a flight, its wait is not
+        (it waits for someone else's transaction, which a shutdown does not; the release
+        leaves its row too)."""
+        return await patiently(
+            self._waiting, partial(self._wait, args), lambda: self._flown(self._single(args))
+        )
 
     def _abandon(self, waiter: _Waiter[A]) -> None:
         """A queued writer was cancelled: out of the queue, or (its turn to lead had

@@ -157,22 +157,28 @@ class Leases(Heartbeats):
         the claim loop spawns what no such task took (see ``finished``)."""
         for item in items:
             lease = Lease(item.run_id, item.lease_token, self._lease_seconds)
-            self._hold(lease)
-            self._handoff.append((item, lease))
+            if self._hold(lease):
+                self._handoff.append((item, lease))
         self._more_work = len(items) == asked
 
-    def _hold(self, lease: Lease) -> None:
-        """A new lease of this worker. When it holds what an older lease of ours held
-        (that lease expired while its heartbeats did not get through, and we claimed the
-        run again), the older one is lost: its step is cancelled, as a refused heartbeat
-        would. Not under saga.testing's expire_lease (``stalled``), which plays a worker
-        too stalled to notice: that attempt goes on, and its writes are refused."""
+    def _hold(self, lease: Lease) -> bool:
+        """A new lease of this worker; False when this worker holds it already (the same
+        token: a write whose reply was lost adopted it from the database while the claim
+        that leased it was on its way back): it runs once. When it holds what an older
+        lease of ours held (that lease expired while its heartbeats did not get through,
+        and we claimed the run again), the older one is lost: its step is cancelled, as a
+        refused heartbeat would. Not under saga.testing's expire_lease (``stalled``), which
+        plays a worker too stalled to notice: that attempt goes on, and its writes are
+        refused."""
         old = self.inflight.get(lease.key)
+        if old is not None and old.token == lease.token and not old.lost:
+            return False
         self.inflight[lease.key] = lease
         if old is not None and old is not lease and not old.lost and not old.stalled:
             old.lost = True
             old.scope.cancel()
             logger.warning("lease_lost", worker=self._worker, **old.log_fields())
+        return True
 
     def take_over(self) -> tuple[ClaimedItem, Lease] | None:
         """A run claimed along, for the task of a run that just ended, or None."""
@@ -188,8 +194,8 @@ class Leases(Heartbeats):
         """Run an item a transition of this worker leased to it (a graph run's new
         branch), in a task of its own."""
         assert self._spawn is not None
-        self._hold(lease)
-        self._spawn(item, lease)
+        if self._hold(lease):
+            self._spawn(item, lease)
 
     async def claim_loop(
         self, tg: TaskGroup, run: Handler, *, task_status: TaskStatus[None]
@@ -237,8 +243,8 @@ class Leases(Heartbeats):
             for item in items:
                 held = None if item.phase is None else (item.step_name, item.phase)
                 lease = Lease(item.run_id, item.lease_token, self._lease_seconds, item=held)
-                self._hold(lease)
-                tg.start_soon(run, item, lease)
+                if self._hold(lease):
+                    tg.start_soon(run, item, lease)
             self._more_work = len(items) == free
             if not self._more_work:
                 await self._idle()

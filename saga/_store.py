@@ -22,7 +22,7 @@ import asyncpg
 from saga._claims import claim_table_args
 from saga._db import Executor, channel, queries, translate_errors, validate_schema
 from saga._errors import DatabaseError
-from saga._group import GroupCommit, fly
+from saga._group import GroupCommit, fly, or_busy, patiently
 from saga._model import Phase, RunStatus
 from saga._rows import claimed_item, events_json
 from saga._store_batch import (
@@ -198,11 +198,11 @@ class Store(
                     async with self.hot.acquire() as own, own.transaction():
                         row = await self._start_more(own, args, roots, extra, fence)
                 if row is not None:
-                    return StartResult(row["id"], True, None)
+                    return StartResult(_uuid(row["id"]), True, None)
                 existing = await db.fetchrow(self._q["find_run_by_key"], saga_name, key)
                 if existing is not None:
                     return StartResult(
-                        existing["id"],
+                        _uuid(existing["id"]),
                         False,
                         existing["input"],
                         (existing["saga_version"], existing["fingerprint"]),
@@ -256,18 +256,12 @@ class Store(
         due_in = change.due_in
         with translate_errors("recording a transition"):
             if (child or keyed) and change.terminal:
-                async with self.hot.acquire() as conn, conn.transaction():
-                    row = await conn.fetchrow(
-                        self._q["transition"],
-                        *transition_args(
-                            worker, run_id, lease_token, change, events, due_in, self.done_channel
-                        ),
-                        False,  # (waiting for the row: a child's or keyed run's end)
-                    )
-                    if row is not None and child:
-                        await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
-                    if row is not None and keyed and change.status in _RELEASING:
-                        await self.release_key(conn, run_id)
+                args = transition_args(
+                    worker, run_id, lease_token, change, events, due_in, self.done_channel
+                )
+                releases = keyed and change.status in _RELEASING
+                end = partial(self._end, args, run_id, child, releases)
+                row = await patiently(self.waiting, partial(end, False), lambda: or_busy(end(True)))
             else:  # (parking at a wait too: see transition_batch)
                 args = transition_args(
                     worker, run_id, lease_token, change, events, due_in, self.done_channel
@@ -278,6 +272,21 @@ class Store(
         return TransitionResult(
             row["lease_token"], row["cancel_requested"], row["age"], row["signalled"]
         )
+
+    async def _end(
+        self, args: tuple[Any, ...], run_id: UUID, child: bool, releases: bool, briefly: bool
+    ) -> Any:
+        """A child's or keyed run's end, and in the same transaction its parent's step
+        woken or its key's next run admitted (whose row it waits for too); ``briefly``:
+        a lock another transaction holds is waited for 50 ms at most, then
+        ``LockNotAvailableError``, nothing written."""
+        async with self.hot.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(self._q["transition"], *args, briefly)
+            if row is not None and child:
+                await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
+            if row is not None and releases:
+                await self.release_key(conn, run_id)
+        return row
 
     async def started(
         self, worker: str, run_id: UUID, token: int, event: Event, phase: Phase | None
@@ -343,3 +352,9 @@ class Store(
             (r["saga_name"], r["saga_version"], fingerprint_or_none(r["fingerprint"])): r["runs"]
             for r in rows
         }
+
+
+def _uuid(value: Any) -> UUID:
+    """A run id read on a caller's connection, whatever its ``uuid`` codec makes of it
+    (README: your connection's type codecs do not matter)."""
+    return value if isinstance(value, UUID) else UUID(str(value))

@@ -219,10 +219,23 @@ class GraphQueries:
             change.lost,
         )
 
-    async def items_leased_to(self, run_id: UUID, worker: str) -> list[ClaimedItem]:
-        """The first attempts of this run's items this worker holds, as claimed."""
+    async def item_lease(self, key: ItemKey) -> tuple[int, str | None] | None:
+        """An item's lease (token, owner); None: the item is gone."""
+        run_id, step, phase = key
         async with translate_errors("reading a run's items"):
-            rows = await self.pool.fetch(self._q["items_leased_to"], run_id, worker)
+            row = await self.pool.fetchrow(self._q["item_lease"], run_id, step, str(phase))
+        return None if row is None else (row["lease_token"], row["lease_owner"])
+
+    async def items_leased_to(
+        self, run_id: UUID, worker: str, by: tuple[str, str | None, int | None] | None = None
+    ) -> list[ClaimedItem]:
+        """The first attempts of this run's items this worker holds, as claimed; ``by``:
+        only those the write beginning with this event (kind, step, attempt) leased."""
+        kind, step, attempt = by or (None, None, None)
+        async with translate_errors("reading a run's items"):
+            rows = await self.pool.fetch(
+                self._q["items_leased_to"], run_id, worker, kind, step, attempt
+            )
         return [claimed_item(r) for r in rows]
 
     async def heartbeat_items(

@@ -79,6 +79,13 @@ class RunReads:
             )
         return [_history_event(r) for r in rows]
 
+    async def dropped_write_events(self, run_id: UUID, worker: str) -> list[HistoryEvent]:
+        """``write_events`` of a dropped item's write, which has no event of its own:
+        those of the run's end, if such a write of ``worker`` ended it (see the query)."""
+        async with translate_errors("reading a run's history"):
+            rows = await self.pool.fetch(self._q["dropped_write_events"], run_id, worker)
+        return [_history_event(r) for r in rows]
+
     async def watch_run(self, run_id: UUID) -> bool:
         """Ask for a NOTIFY when the run ends; False when it has ended already (or does
         not exist), so that the waiter reads its state instead of waiting."""

@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from uuid import UUID
 
+import anyio
 import asyncpg
 
 from saga._db import Executor, translate_errors
+from saga._group import or_busy, patiently
 from saga._traffic import RunTraffic
 
 #: How long a schedule's transaction may sit idle (a stalled process) before Postgres
@@ -57,10 +60,12 @@ class DueSchedule:
 
 
 class ScheduleQueries:
-    """Needs ``pool``, ``_q`` (the named queries) and ``work_channel`` from the store it
-    is part of."""
+    """Needs ``pool``, ``hot``, ``waiting``, ``_q`` (the named queries) and
+    ``work_channel`` from the store it is part of."""
 
     pool: asyncpg.Pool
+    hot: asyncpg.Pool
+    waiting: anyio.Semaphore | None
     _q: dict[str, str]
     work_channel: str
 
@@ -149,11 +154,15 @@ class ScheduleQueries:
     ) -> None:
         """Record in the run's history that ``attempt`` (run, step, number) waits
         ``delay`` seconds for a token of ``name`` taken at ``taken``, if ``worker``
-        still holds the lease ``held`` (its token, and a graph item's phase)."""
+        still holds the lease ``held`` (its token, and a graph item's phase). A caller's
+        transaction may hold the run's row: waited for on at most the store's ``waiting``
+        permits (see saga._group.patiently), so that the pool stays free for the other
+        runs' tokens and writes."""
+        record = partial(
+            self.hot.execute, self._q["rate_limited"], name, delay, taken, *attempt, worker, *held
+        )
         async with translate_errors("recording a rate limit's delay"):
-            await self.pool.execute(
-                self._q["rate_limited"], name, delay, taken, *attempt, worker, *held
-            )
+            await patiently(self.waiting, partial(record, False), lambda: or_busy(record(True)))
 
     @asynccontextmanager
     async def schedule_transaction(self) -> AsyncIterator[Executor]:

@@ -134,19 +134,24 @@ class Writer:
     ) -> tuple[GraphChange, GraphWritten] | _Committed | None:
         """Apply a graph item's outcome (``decide`` runs under the run's lock):
         ``COMMITTED`` when an uncertain write turned out committed (``first`` is the
-        event it begins with; None: it has none of its own, taken as not committed)."""
+        event it begins with; None: it has none of its own (a dropped item), and its
+        item's row being gone tells)."""
         attempt = partial(self._store.graph_write, self._worker, key, lease.token, decide)
         lease.writing = True  # (until the lease moves on, or goes)
         try:
             written = await (attempt() if ctx is None else self.hooks.write(ctx, attempt))
         except DatabaseError as exc:
             written = await self._after_error(attempt, ctx, exc)
-            if written is not None or first is None:
+            if written is not None:
                 return written
-            committed = await self._store.has_event(
-                key[0], str(first.kind), first.step, first.attempt, self._worker
-            )
-            where = {"step": first.step, "attempt": first.attempt}
+            if first is None:  # (an item dropped: no event of its own) its row tells
+                committed = await self._store.item_lease(key) is None
+                where: dict[str, Any] = {"step": key[1]}
+            else:
+                committed = await self._store.has_event(
+                    key[0], str(first.kind), first.step, first.attempt, self._worker
+                )
+                where = {"step": first.step, "attempt": first.attempt}
             log.info("ambiguous_commit_resolved", committed=committed, **where)
             return COMMITTED if committed else None
         self._outage.back()

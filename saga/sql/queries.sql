@@ -1057,10 +1057,14 @@ RETURNING greatest(0, -b.tokens / $2::float8)::float8 AS delay, b.updated_at AS 
 -- still holds the lease it took the token under (the run's, or with $9 the graph item's
 -- of that phase); a worker that lost it writes nothing.
 -- $1 limit name, $2 delay, $3 when the token was taken, $4 run id, $5 step, $6 attempt,
--- $7 worker, $8 lease token, $9 the graph item's phase (NULL: a linear run)
-WITH run AS (
+-- $7 worker, $8 lease token, $9 the graph item's phase (NULL: a linear run), $10 true to
+-- wait at most 50 ms for the run's row when another transaction holds it (then
+-- LockNotAvailable: nothing is written; see saga._group.patiently)
+WITH briefly AS MATERIALIZED (
+    SELECT set_config('lock_timeout', '50ms', true) WHERE $10::boolean
+), run AS (
     SELECT r.id FROM __schema__.runs r
-    WHERE r.id = $4
+    WHERE r.id = $4 AND (SELECT count(*) FROM briefly) >= 0  -- (set before the lock)
       AND CASE WHEN $9::text IS NULL THEN r.lease_token = $8 AND r.lease_owner = $7
           ELSE EXISTS (SELECT FROM __schema__.items i
                        WHERE i.run_id = r.id AND i.step = $5 AND i.phase = $9
@@ -1245,18 +1249,42 @@ SELECT EXISTS (
 );
 
 -- name: write_events
--- The events one write appended, in order: those of the transaction (xmin) that
--- appended this worker's latest event (kind, step, attempt) of the run. For a write
--- whose reply was lost but which committed (see has_event): what it recorded.
+-- The events one write appended, in order: those of the statement (its transaction,
+-- xmin, and its command in it, cmin) that appended this worker's latest event (kind,
+-- step, attempt) of the run. For a write whose reply was lost but which committed (see
+-- has_event): what it recorded. The items of one run written together share their
+-- transaction, each its own statement (see graph_write); events are never updated.
 -- $1 run id, $2 kind, $3 step or NULL, $4 attempt or NULL, $5 worker id
-SELECT id, at, kind, step, attempt, worker, data::text AS data
-FROM __schema__.events
-WHERE run_id = $1 AND xmin = (
-    SELECT xmin FROM __schema__.events
+WITH first AS (
+    SELECT xmin, cmin FROM __schema__.events
     WHERE run_id = $1 AND kind = $2 AND step IS NOT DISTINCT FROM $3
       AND attempt IS NOT DISTINCT FROM $4 AND worker = $5
     ORDER BY id DESC LIMIT 1
 )
+SELECT e.id, e.at, e.kind, e.step, e.attempt, e.worker, e.data::text AS data
+FROM __schema__.events e, first
+WHERE e.run_id = $1 AND e.xmin = first.xmin AND e.cmin = first.cmin
+ORDER BY e.id;
+
+-- name: dropped_write_events
+-- write_events for a dropped item's write (it appends no event of its own): the events
+-- of the statement that appended this worker's latest end of the run, when none of them
+-- is an attempt's (an item's write begins with its attempt's outcome). No row: it did
+-- not end the run (or its end is not known here).
+-- $1 run id, $2 worker id
+WITH last_end AS (
+    SELECT xmin, cmin FROM __schema__.events
+    WHERE run_id = $1 AND worker = $2
+      AND kind IN ('run_completed', 'run_compensated', 'run_cancelled', 'run_failed',
+                   'run_stopped')
+    ORDER BY id DESC LIMIT 1
+), written AS (
+    SELECT e.id, e.at, e.kind, e.step, e.attempt, e.worker, e.data::text AS data
+    FROM __schema__.events e, last_end
+    WHERE e.run_id = $1 AND e.xmin = last_end.xmin AND e.cmin = last_end.cmin
+)
+SELECT * FROM written
+WHERE NOT EXISTS (SELECT FROM written WHERE attempt IS NOT NULL)
 ORDER BY id;
 
 -- name: census
@@ -2063,10 +2091,26 @@ WITH idle AS (
 SELECT u.run_id, pg_notify($2, r.saga_name)::text AS notified
 FROM upd u JOIN __schema__.runs r ON r.id = u.run_id;
 
+-- name: item_lease
+-- A graph run's item's lease (token, owner), or no row: the item is gone (its write
+-- committed: written, or dropped).
+-- $1 run id, $2 step, $3 phase
+SELECT lease_token, lease_owner FROM __schema__.items
+WHERE run_id = $1 AND step = $2 AND phase = $3;
+
 -- name: items_leased_to
 -- The first attempts of a graph run's items this worker holds, as claim_items returns
--- them (after an uncertain write that committed: the items it leased here go on).
--- $1 run id, $2 worker id
+-- them (after an uncertain write that committed: the items it leased here go on). With
+-- $3: only those the write that appended this worker's latest event ($3 kind, $4 step,
+-- $5 attempt) created (the same statement: xmin and cmin, as write_events), not those a
+-- claim of this worker leased meanwhile, whose reply may still be on its way.
+-- $1 run id, $2 worker id, $3 kind or NULL (every item), $4 step, $5 attempt
+WITH first AS (
+    SELECT xmin, cmin FROM __schema__.events
+    WHERE run_id = $1 AND kind = $3 AND step IS NOT DISTINCT FROM $4
+      AND attempt IS NOT DISTINCT FROM $5 AND worker = $2
+    ORDER BY id DESC LIMIT 1
+)
 SELECT i.run_id AS id, i.step AS step_name, i.phase, i.attempt, i.lease_token,
        NULL AS prev_owner, false AS released,
        r.saga_name, r.saga_version, r.status, r.input, r.results::text AS results,
@@ -2075,7 +2119,9 @@ SELECT i.run_id AS id, i.step AS step_name, i.phase, i.attempt, i.lease_token,
        extract(epoch FROM now() - r.created_at)::float8 AS age, false AS dropping,
        r.parent_id IS NOT NULL AS child
 FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
-WHERE i.run_id = $1 AND i.lease_owner = $2 AND i.attempt = 1;
+WHERE i.run_id = $1 AND i.lease_owner = $2 AND i.attempt = 1
+  AND ($3::text IS NULL
+       OR EXISTS (SELECT FROM first WHERE i.xmin = first.xmin AND i.cmin = first.cmin));
 
 -- name: expire_item_lease
 -- saga.testing only: make a held graph item's lease look expired.
