@@ -1,6 +1,6 @@
 """Rows to and from the store's statements: a change's history events as the JSON the
 writing statements take, a JSON column's value, a claimed row as a ``ClaimedItem``, and
-a run's row as a ``RunInfo``."""
+a run's row as a ``RunInfo``, a history row as a ``HistoryEvent``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from saga._errors import ErrorInfo
-from saga._model import Phase, RunInfo, RunStatus
+from saga._model import HistoryEvent, Phase, RunInfo, RunStatus
 from saga._transition import ClaimedItem, Event
 
 
@@ -105,3 +105,16 @@ def due_time(value: datetime | None) -> datetime | None:
     """A due time; 'infinity' (a wait without timeout) reads as None. asyncpg decodes
     it as a naive ``datetime.max``, even for a timestamptz."""
     return None if value is None or value.replace(tzinfo=None) == datetime.max else value
+
+
+def history_event(r: asyncpg.Record) -> HistoryEvent:
+    """A history event from a row of get_events (or write_events)."""
+    return HistoryEvent(
+        seq=r["id"],
+        at=r["at"],
+        kind=r["kind"],
+        step=r["step"],
+        attempt=r["attempt"],
+        worker=r["worker"],
+        data=loads(r["data"]) or {},
+    )

@@ -13,7 +13,7 @@ import asyncpg
 
 from saga._db import translate_errors
 from saga._model import HistoryEvent, RunInfo
-from saga._rows import loads, run_info
+from saga._rows import history_event, run_info
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class RunReads:
     async def get_events(self, run_id: UUID) -> list[HistoryEvent]:
         async with translate_errors("reading a run's history"):
             rows = await self.hot.fetch(self._q["get_events"], run_id)
-        return [_history_event(r) for r in rows]
+        return [history_event(r) for r in rows]
 
     async def write_events(
         self, run_id: UUID, kind: str, step: str | None, attempt: int | None, worker: str
@@ -77,14 +77,14 @@ class RunReads:
             rows = await self.pool.fetch(
                 self._q["write_events"], run_id, kind, step, attempt, worker
             )
-        return [_history_event(r) for r in rows]
+        return [history_event(r) for r in rows]
 
     async def dropped_write_events(self, run_id: UUID, worker: str) -> list[HistoryEvent]:
         """``write_events`` of a dropped item's write, which has no event of its own:
         those of the run's end, if such a write of ``worker`` ended it (see the query)."""
         async with translate_errors("reading a run's history"):
             rows = await self.pool.fetch(self._q["dropped_write_events"], run_id, worker)
-        return [_history_event(r) for r in rows]
+        return [history_event(r) for r in rows]
 
     async def watch_run(self, run_id: UUID) -> bool:
         """Ask for a NOTIFY when the run ends; False when it has ended already (or does
@@ -98,15 +98,3 @@ class RunReads:
         async with translate_errors("polling runs"):
             rows = await self.pool.fetch(self._q["ended_runs"], list(run_ids))
         return {r["id"] for r in rows}
-
-
-def _history_event(r: asyncpg.Record) -> HistoryEvent:
-    return HistoryEvent(
-        seq=r["id"],
-        at=r["at"],
-        kind=r["kind"],
-        step=r["step"],
-        attempt=r["attempt"],
-        worker=r["worker"],
-        data=loads(r["data"]) or {},
-    )
