@@ -68,6 +68,12 @@ class ActiveRun:
         )
 
     @property
+    def key_limit(self) -> int | None:
+        """A keyed run: its saga's concurrency limit (as this worker's definition declares
+        it: its end applies it to the key); None: not keyed."""
+        return self.saga.traffic.limit if self.keyed else None
+
+    @property
     def phase(self) -> Phase:
         return PHASES[self.status]  # a dict read: no enum attribute on the hot path
 

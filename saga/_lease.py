@@ -263,15 +263,20 @@ class Leases(Heartbeats):
     async def _idle(self) -> None:
         """The last claim found no more due work: wait for some. Due work it passed
         (rows another transaction held locked: nobody announces their release) is
-        claimed again soon: after 20 ms, doubling up to a second while it stays held."""
+        claimed again soon: after 20 ms, doubling up to a second while it stays held.
+        Work coming due before the poll is claimed when the database's clock says so
+        (a timer of ours that fired a moment early does not sleep until the poll)."""
         try:
-            passed = await self._store.due_unclaimed(self._definitions, self._graphs)
+            due = await self._store.due_unclaimed(self._definitions, self._graphs, self._poll)
         except DatabaseError as exc:
             # Not known: look again soon (the next claim reports an outage, if it is one).
             logger.debug("due_unclaimed_failed", error_type=type(exc.__cause__).__name__)
-            passed = True
+            due = 0.0
+        passed = due is not None and due <= 0
         if passed:
             self.wake_later(self._recheck)
+        elif due is not None:
+            self.wake_later(due)
         self._recheck = min(self._recheck * 2, _RECHECK_MAX, self._poll) if passed else _RECHECK
         await self._sleep_until_woken()
 

@@ -198,7 +198,7 @@ class Runner(AttemptParts):
             # A transition that frees this slot claims the next due run with it.
             claim = None if change.leased else self.leases.along()
             written = await self.writer.write(
-                run.id, lease, change, run.ctx, log, run.child, run.keyed, claim
+                run.id, lease, change, run.ctx, log, run.child, run.key_limit, claim
             )
             if written is None and change.unless_cancelled:
                 change, written = await self._cancel_instead(run, lease, change, log)
@@ -244,7 +244,9 @@ class Runner(AttemptParts):
         run.cancel_requested = True
         lease_for = self.lease_for(run)
         change = _plan.cancel_instead(run.saga, run.state(), change, lease_for)
-        written = await self.writer.write(run.id, lease, change, run.ctx, log, run.child, run.keyed)
+        written = await self.writer.write(
+            run.id, lease, change, run.ctx, log, run.child, run.key_limit
+        )
         return change, written
 
     def _recorded(self, run: ActiveRun, change: Transition, written: Written, log: Any) -> None:

@@ -242,24 +242,25 @@ class Store(
         lease_token: int,
         change: Transition,
         child: bool = False,
-        keyed: bool = False,
+        key_limit: int | None = None,
         claim: ClaimAlong | None = None,
     ) -> TransitionResult | None:
         """Apply a fenced transition; ``None`` means nothing changed: the lease was lost,
         or (``change.unless_cancelled``) a cancel was requested meanwhile. Parking the
         run at a wait first marks the wait awaited, in the same transaction (one commit):
         a signal already there makes the run due at once (``signalled``). The end of a
-        child run wakes its parent's step, and a keyed run's end frees its key's slot for
-        the next queued run, in the same transaction. ``claim``: claim due runs for the
+        child run wakes its parent's step, and a keyed run's end (``key_limit``: its saga's
+        limit; None: not keyed) frees its key's slot for the next queued run, in the
+        same transaction. ``claim``: claim due runs for the
         slot a plain transition frees, in its statement (delivered to ``claim.deliver``)."""
         events = events_json(worker, change.events)
         due_in = change.due_in
         with translate_errors("recording a transition"):
-            if (child or keyed) and change.terminal:
+            if (child or key_limit is not None) and change.terminal:
                 args = transition_args(
                     worker, run_id, lease_token, change, events, due_in, self.done_channel
                 )
-                releases = keyed and change.status in _RELEASING
+                releases = key_limit if change.status in _RELEASING else None
                 end = partial(self._end, args, run_id, child, releases)
                 row = await patiently(self.waiting, partial(end, False), lambda: or_busy(end(True)))
             else:  # (parking at a wait too: see transition_batch)
@@ -274,18 +275,24 @@ class Store(
         )
 
     async def _end(
-        self, args: tuple[Any, ...], run_id: UUID, child: bool, releases: bool, briefly: bool
+        self,
+        args: tuple[Any, ...],
+        run_id: UUID,
+        child: bool,
+        releases: int | None,
+        briefly: bool,
     ) -> Any:
         """A child's or keyed run's end, and in the same transaction its parent's step
-        woken or its key's next run admitted (whose row it waits for too); ``briefly``:
+        woken or (``releases``: the key's limit) its key's next run admitted (whose row it
+        waits for too); ``briefly``:
         a lock another transaction holds is waited for 50 ms at most, then
         ``LockNotAvailableError``, nothing written."""
         async with self.hot.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(self._q["transition"], *args, briefly)
             if row is not None and child:
                 await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
-            if row is not None and releases:
-                await self.release_key(conn, run_id)
+            if row is not None and releases is not None:
+                await self.release_key(conn, run_id, releases)
         return row
 
     async def started(

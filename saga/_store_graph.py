@@ -90,17 +90,22 @@ class GraphQueries:
         return [claimed_item(r) for r in rows]
 
     async def due_unclaimed(
-        self, definitions: Sequence[DefinitionKey], graphs: Sequence[DefinitionKey]
-    ) -> bool:
-        """Whether due runs of ``definitions`` or due items of ``graphs`` are left
-        unleased: the last claim passed them, locked by another transaction."""
+        self,
+        definitions: Sequence[DefinitionKey],
+        graphs: Sequence[DefinitionKey],
+        within: float,
+    ) -> float | None:
+        """Seconds until the next due run of ``definitions`` or item of ``graphs`` that
+        no lease holds, looking ``within`` seconds ahead (None: none; 0 or less: due now,
+        which the last claim passed, locked by another transaction)."""
         async with translate_errors("claiming work"):
-            due = await self.hot.fetchval(
+            due: float | None = await self.hot.fetchval(
                 self._q["due_unclaimed"],
                 *definition_args(definitions),
                 *definition_args(graphs),
+                min(within, 86400.0),
             )
-        return bool(due)
+        return due
 
     async def last_failure(self, run_id: UUID) -> tuple[str | None, int | None, Any]:
         """The step, attempt and error record of the run's latest failure in its

@@ -114,7 +114,9 @@ class OperatorQueries:
 
     if TYPE_CHECKING:  # the traffic queries'
 
-        async def release_key(self, conn: Executor, run_id: UUID) -> None: ...
+        async def release_key(
+            self, conn: Executor, run_id: UUID, limit: int | None = None
+        ) -> None: ...
 
         async def queue_rows(self) -> list[tuple[str, int, int, float, bool, int]]: ...
 

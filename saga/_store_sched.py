@@ -95,10 +95,11 @@ class ScheduleQueries:
         await conn.execute(self._q["key_lock"], saga_name, traffic.key, traffic.limit)
         await conn.fetchrow(self._q["key_fill"], saga_name, traffic.key, self.work_channel)
 
-    async def release_key(self, conn: Executor, run_id: UUID) -> None:
+    async def release_key(self, conn: Executor, run_id: UUID, limit: int | None = None) -> None:
         """In ``conn``'s transaction: the run no longer holds (or waits for) its key; the
-        oldest queued runs take the free slots."""
-        key = await conn.fetchrow(self._q["key_release"], run_id)
+        oldest queued runs take the free slots, by ``limit`` (its saga's, as the worker
+        ending it declares it) or (None: an operator's release) the key's."""
+        key = await conn.fetchrow(self._q["key_release"], run_id, limit)
         if key is not None:
             await conn.fetchrow(self._q["key_fill"], key[0], key[1], self.work_channel)
 

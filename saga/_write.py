@@ -64,17 +64,24 @@ class Writer:
         ctx: Context[Any] | None,
         log: Any,
         child: bool = False,
-        keyed: bool = False,
+        key_limit: int | None = None,
         claim: ClaimAlong | None = None,
     ) -> Written:
         """Apply ``change``: its result, ``COMMITTED`` (an uncertain write that committed,
         the run moved on since), or None (refused: lease lost, or cancelled meanwhile).
-        ``child``: the run is a child run (its end wakes its parent's step); ``keyed``: it
-        holds a concurrency key (its end frees the slot); ``claim``: claim the next due
-        run with it (see ``Store.transition``)."""
+        ``child``: the run is a child run (its end wakes its parent's step); ``key_limit``:
+        it holds a concurrency key, of this limit (its end frees the slot); ``claim``:
+        claim the next due run with it (see ``Store.transition``)."""
         # A partial, not a closure: one coroutine frame less on every step's write.
         attempt = partial(
-            self._store.transition, self._worker, run_id, lease.token, change, child, keyed, claim
+            self._store.transition,
+            self._worker,
+            run_id,
+            lease.token,
+            change,
+            child,
+            key_limit,
+            claim,
         )
         lease.writing = True  # (until the lease moves on, or goes)
         try:

@@ -233,6 +233,14 @@ class Faults(Hooks):
             raise error(f"injected failure of the compensation of {ctx.step!r}")
 
     async def before_checkpoint(self, ctx: Context[Any]) -> None:
+        await self._stalled(ctx)
+        if self._match("crash_after", ctx) is not None:
+            raise SimulatedCrash(f"injected crash after {ctx.step!r}")
+
+    async def _stalled(self, ctx: Context[Any]) -> None:
+        """An attempt whose lease ``expire_lease`` expired, about to write its outcome
+        (it returned, or it raised: a failure's write is fenced too): it waits for the
+        takeover, so that its write comes after and is refused."""
         stalled = None if ctx.is_compensation else (ctx.run_id, ctx.step, ctx.attempt)
         if stalled is not None and stalled in self._expired:
             target, expired = self._expired.pop(stalled)
@@ -241,10 +249,9 @@ class Faults(Hooks):
                 # (as a write the takeover refuses), and a claim takes the run over once
                 # one is free.
                 raise SimulatedCrash(f"stalled attempt of {ctx.step!r} not taken over yet")
-        if self._match("crash_after", ctx) is not None:
-            raise SimulatedCrash(f"injected crash after {ctx.step!r}")
 
     async def write(self, ctx: Context[Any], write: Callable[[], Awaitable[T]]) -> T:
+        await self._stalled(ctx)  # (an attempt that raised: before_checkpoint was not called)
         rule = self._match("drop_connection_at_commit", ctx)
         if rule is None:
             return await write()

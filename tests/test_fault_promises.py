@@ -3,6 +3,7 @@ your sagas") and saga/testing.py's docstrings promise of each fault."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
@@ -10,7 +11,7 @@ import pytest
 
 import saga
 from saga.testing import Faults
-from tests._sagas import Gate, Job, Ledger, permanent, small_saga
+from tests._sagas import Gate, Job, Ledger, permanent, small_saga, transient
 from tests.conftest import OrchestratorFactory
 
 
@@ -209,3 +210,60 @@ async def test_expire_lease_takes_over_when_other_work_was_pending_on_one_slot(
     assert [c.attempt for c in ledger.of("step") if c.step == "a"] == [1, 2], completed
     assert completed == [2], completed
     await run_b.result(timeout=30)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("err", ["transient", "permanent"])
+async def test_a_stalled_attempt_that_raises_writes_nothing_and_is_taken_over(
+    orchestrator: OrchestratorFactory, graph: bool, err: str
+) -> None:
+    """README ("Testing your sagas"): "`expire_lease(step)`: while the step runs, its
+    lease expires as if its worker had stalled (...), and another attempt takes over (on
+    another worker, or on the same one: the stalled attempt's slot goes to other work
+    ...); the first attempt's writes are refused by the fencing token (...; when every
+    slot stays busy with other work that long, it writes nothing, and the run is taken
+    over once a slot frees)."
+
+    One orchestrator of concurrency 1; run B (a gated step) waits for the slot while run
+    A's step b runs. b's lease is expired (the fault fires); the freed slot goes to B
+    (due first), as in the README's case. b raises (retryable or not) instead of
+    returning: its stalled attempt writes nothing (no step_failed of attempt 1), and
+    the run is taken over once the slot frees (lease_expired). Before, the failure's
+    write was accepted: only a returning attempt waited for the takeover."""
+    ledger = Ledger()
+    gate_x = Gate("x", times=1)
+    a_saga = small_saga(
+        f"stall_raise_{int(graph)}_{err}",
+        ["x", "b"],
+        ledger=ledger,
+        gate=gate_x,
+        compensate={"x"},
+        after={"x": [], "b": ["x"]} if graph else None,
+        fail={"b": transient(1) if err == "transient" else permanent("declined")},
+    )
+    gate_s = Gate("s", times=1)
+    b_saga = small_saga(f"blocker_{int(graph)}_{err}", ["s"], gate=gate_s)
+    faults = Faults()
+    faults.expire_lease("b")
+    orch = await orchestrator(a_saga, b_saga, concurrency=1, lease_seconds=2)
+    faults.attach(orch)
+    run_a = await orch.start(a_saga, Job(n=1))
+    with anyio.fail_after(10):
+        await gate_x.entered.wait()
+    run_b = await orch.start(b_saga, Job(n=2))  # pending: the only slot is A's
+    await anyio.sleep(0.3)
+    gate_x.release.set()
+    with anyio.fail_after(10):
+        await gate_s.entered.wait()  # the slot b's stalled attempt freed went to B
+    assert faults.fired["expire_lease"] == 1
+    await anyio.sleep(3.0)  # the stalled attempt of b has long raised
+    history = [(e.kind, e.step, e.attempt) for e in await run_a.history()]
+    gate_s.release.set()
+    await run_b.result(timeout=20)
+    with anyio.fail_after(30), contextlib.suppress(saga.RunError):
+        await run_a.result(timeout=30)
+    ended = saga.RunStatus.COMPLETED if err == "transient" else saga.RunStatus.COMPENSATED
+    assert (await run_a.info()).status is ended
+    final = [(e.kind, e.step, e.attempt) for e in await run_a.history()]
+    assert ("step_failed", "b", 1) not in history, history  # the stalled attempt wrote nothing
+    assert ("lease_expired", "b", 1) in final, final  # taken over

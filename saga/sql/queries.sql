@@ -72,14 +72,15 @@ WITH ins AS (
     INSERT INTO __schema__.runs
         (id, saga_name, saga_version, idempotency_key, input, step_name, due_at,
          trace_context, fingerprint, graph, status, pivot, parent_id, parent_step,
-         priority, concurrency_key, key_state, created_at)
+         priority, concurrency_key, key_state, created_at, updated_at)
     SELECT $1::uuid, $2::text, $3::integer, $4::text, $5::text, $6::text,
            CASE WHEN $11::boolean OR $16::text IS NOT NULL THEN 'infinity'::timestamptz
                 ELSE now() END,
            $8::text::jsonb, $10::text, $11::boolean,
            CASE WHEN $11::boolean THEN 'running' ELSE 'pending' END, $12::text, $13::uuid,
            $14::text, $15::integer, $16::text,
-           CASE WHEN $16::text IS NOT NULL THEN 'queued' END, clock_timestamp()
+           CASE WHEN $16::text IS NOT NULL THEN 'queued' END, clock_timestamp(),
+           clock_timestamp()
     WHERE $4::text IS NULL OR NOT EXISTS (
         SELECT 1 FROM __schema__.runs r WHERE r.saga_name = $2 AND r.idempotency_key = $4)
     ON CONFLICT DO NOTHING
@@ -990,16 +991,19 @@ ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = excluded.key_limit;
 -- name: key_release
 -- A keyed run no longer holds or waits for its key: it completed, was compensated or
 -- cancelled, or an operator resolved it. Locks the key (as key_lock) and returns it;
--- no row: not keyed, or released already.
--- $1 run id
+-- no row: not keyed, or released already. The key's limit becomes the one the releasing
+-- worker's definition declares (a deploy that changed it applies it to the runs queued
+-- before: key_fill admits by it), as a start's admission does; an operator's release
+-- keeps it.
+-- $1 run id, $2 the saga's concurrency limit (NULL: keep the key's)
 WITH run AS (
     UPDATE __schema__.runs SET key_state = 'released'
     WHERE id = $1 AND key_state IN ('queued', 'held')
     RETURNING saga_name, concurrency_key
 )
 INSERT INTO __schema__.key_slots AS k (saga_name, key, key_limit)
-SELECT saga_name, concurrency_key, 1 FROM run
-ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = k.key_limit
+SELECT saga_name, concurrency_key, coalesce($2::integer, 1) FROM run
+ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = coalesce($2::integer, k.key_limit)
 RETURNING k.saga_name, k.key;
 
 -- name: key_fill
@@ -1022,7 +1026,8 @@ WITH free AS (
     LIMIT greatest(0, (SELECT slots FROM free))
     FOR UPDATE
 ), admitted AS (
-    UPDATE __schema__.runs r SET key_state = 'held', due_at = now(), updated_at = now()
+    -- (clock_timestamp: in the start's transaction, now() is before the run's created_at)
+    UPDATE __schema__.runs r SET key_state = 'held', due_at = now(), updated_at = clock_timestamp()
     FROM next WHERE r.id = next.id AND r.id = ANY (ARRAY(SELECT id FROM next))
     RETURNING r.id
 ), ev AS (
@@ -1865,30 +1870,38 @@ WHERE run_id = $1 AND data ? 'error'
 ORDER BY id DESC LIMIT 1;
 
 -- name: due_unclaimed
--- Whether due work of the registered definitions is left once the claim loop's claim
--- leased what it could: a row that another transaction held locked, which the claim's
--- SKIP LOCKED passed (a graph write locks its run's items; a signal's sender, its run),
--- and whose release nobody announces. The claim loop then claims again soon, not at the
--- poll. Read-only, through the due indexes, as the claims read them.
+-- Once the claim loop's claim leased what it could: seconds until the next due work of
+-- the registered definitions that no lease holds, within the poll interval (NULL: none;
+-- 0 or less: due now, a row another transaction held locked, which the claim's SKIP
+-- LOCKED passed: a graph write locks its run's items, a signal's sender its run, and
+-- nobody announces their release). The claim loop then claims again by then, not at the
+-- poll, by the database's clock (the one that made it due): a timer of the worker's
+-- that came a moment early does not leave it sleeping until the poll. Rows leased and
+-- due (an expired lease) count as due now, as the claim takes them. Read-only, through
+-- the due indexes, as the claims read them.
 -- $1 saga names, $2 saga versions, $3 fingerprints (runs); $4, $5, $6 the same for the
--- graph sagas (their items)
-SELECT EXISTS (
-    SELECT 1 FROM __schema__.runs r
-    WHERE r.due_at <= now()
-      AND array_position(
-            ARRAY(SELECT format('%s/%s/%s', d.n, d.v, d.f)
-                  FROM unnest($1::text[], $2::integer[], $3::text[]) AS d(n, v, f)),
-            format('%s/%s/%s', r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
-          ) IS NOT NULL
-) OR CASE WHEN cardinality($4::text[]) = 0 THEN false ELSE EXISTS (
-    SELECT 1 FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
-    WHERE i.due_at <= now()
-      AND array_position(
-            ARRAY(SELECT format('%s/%s/%s', d.n, d.v, d.f)
-                  FROM unnest($4::text[], $5::integer[], $6::text[]) AS d(n, v, f)),
-            format('%s/%s/%s', r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
-          ) IS NOT NULL
-) END AS due;
+-- graph sagas (their items); $7 seconds ahead to look (the poll interval)
+SELECT extract(epoch FROM least(
+    (SELECT r.due_at FROM __schema__.runs r
+     WHERE r.due_at <= now() + make_interval(secs => $7::float8)
+       AND (r.lease_owner IS NULL OR r.due_at <= now())
+       AND array_position(
+             ARRAY(SELECT format('%s/%s/%s', d.n, d.v, d.f)
+                   FROM unnest($1::text[], $2::integer[], $3::text[]) AS d(n, v, f)),
+             format('%s/%s/%s', r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+           ) IS NOT NULL
+     ORDER BY r.due_at LIMIT 1),
+    (SELECT i.due_at FROM __schema__.items i JOIN __schema__.runs r ON r.id = i.run_id
+     WHERE cardinality($4::text[]) > 0
+       AND i.due_at <= now() + make_interval(secs => $7::float8)
+       AND (i.lease_owner IS NULL OR i.due_at <= now())
+       AND array_position(
+             ARRAY(SELECT format('%s/%s/%s', d.n, d.v, d.f)
+                   FROM unnest($4::text[], $5::integer[], $6::text[]) AS d(n, v, f)),
+             format('%s/%s/%s', r.saga_name, r.saga_version, coalesce(r.fingerprint, '-'))
+           ) IS NOT NULL
+     ORDER BY i.due_at LIMIT 1)
+) - now())::float8 AS due;
 
 -- name: graph_lock
 -- The first statement of a batch of items' writes (a round of one item per run: see
