@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from saga._store import Store
     from saga._store_reads import RunRow
 
+#: How long a result's read of its run may wait, at least, for a connection and the
+#: answer, whatever is left of its timeout (a timeout of 0 reads the run once).
+_READ_AT_LEAST = 0.1
+
 
 class Awaiting:
     """Needs ``_store_or_raise``, ``_row``, ``definition``, ``_listener`` and
@@ -52,12 +56,23 @@ class Awaiting:
             waiter = waiters.subscribe(run_id)
             try:
                 try:
-                    # Only watched runs NOTIFY when they end (no lock). A run just found
-                    # active by its watch has nothing to read until it does.
-                    fresh = not watched and await store.watch_run(run_id)
-                    watched = watched or fresh
-                    remaining = deadline - anyio.current_time()
-                    row = None if fresh and remaining > 0 else await self._row(run_id)
+                    # The reads wait for a connection too: bounded by the deadline (at
+                    # least a moment, so that a timeout of 0 reads the run once).
+                    with anyio.move_on_after(
+                        max(deadline - anyio.current_time(), _READ_AT_LEAST)
+                    ) as reading:
+                        # Only watched runs NOTIFY when they end (no lock). A run just
+                        # found active by its watch has nothing to read until it does.
+                        fresh = not watched and await store.watch_run(run_id)
+                        watched = watched or fresh
+                        remaining = deadline - anyio.current_time()
+                        row = None if fresh and remaining > 0 else await self._row(run_id)
+                    if reading.cancelled_caught:
+                        raise RunTimeoutError(
+                            f"run {run_id}: the database did not answer within {timeout} "
+                            "seconds (no connection of the pool was free, or the server "
+                            "was slow)"
+                        )
                 except DatabaseError:
                     # The database is away (restart, failover): keep waiting until the
                     # deadline, as the run itself will resume when it is back.

@@ -9,13 +9,15 @@ loops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, Self, TypeVar
 
+import anyio
 import asyncpg
 import pydantic
 from anyio.abc import TaskGroup
@@ -56,6 +58,7 @@ from saga._telemetry import Telemetry
 InT = TypeVar("InT", bound=pydantic.BaseModel)
 
 _MAX_KEY_LENGTH = 512
+_STARTS_PATIENCE = 10.0  # how long a close waits for the starts in flight (seconds)
 _MAX_ID_LENGTH = 200
 _MAX_PAYLOAD_LIMIT = 256 * 1024 * 1024  # what Postgres text comfortably holds
 
@@ -116,6 +119,8 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
         self._listener: Listener | None = None
         self.outage = Outage(self.worker_id)
         self._notifier = WorkNotifier(self._notify_work, self._soon)
+        self._starting = 0  # starts in flight: a close lets them finish first
+        self._started_all: anyio.Event | None = None
 
     def _pool_sizes(self) -> tuple[int, int]:
         """Connections of its pool (one holds the LISTEN), and of its pool of generic
@@ -178,6 +183,10 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
             self._listener.waiters.close(reason)
 
     async def _close(self) -> None:
+        if self._starting:  # (no start begins now: the client is closing)
+            self._started_all = anyio.Event()
+            with anyio.move_on_after(_STARTS_PATIENCE):
+                await self._started_all.wait()
         if self._hot is not None:
             await close_pool(self._hot)
         if isinstance(self._dsn_or_pool, str) and self._pool is not None:
@@ -234,14 +243,27 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
         transaction: it exists, and workers are woken, only if the caller commits.
         ``priority`` (0-100) overrides the saga's for this run.
         """
-        return await self._start(saga, input, key, require_same_input, conn, priority=priority)
+        with self._in_flight():
+            return await self._start(saga, input, key, require_same_input, conn, priority=priority)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """A start under way: a close waits for it (a while) before closing the pools."""
+        self._starting += 1
+        try:
+            yield
+        finally:
+            self._starting -= 1
+            if not self._starting and self._started_all is not None:
+                self._started_all.set()
 
     async def start_child(
         self, saga: Saga[Any], input: Any, key: str, parent: ParentClaim
     ) -> RunHandle:
         """A child run of the step ``parent`` (run id, step, and the claim it runs under:
         a lost one raises ``ClaimLost``): by key, its end wakes it."""
-        return await self._start(saga, input, key, False, None, parent)
+        with self._in_flight():
+            return await self._start(saga, input, key, False, None, parent)
 
     async def _start(
         self,

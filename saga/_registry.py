@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from saga._checks import show
 from saga._db import Executor
-from saga._errors import ConfigurationError, DefinitionError
+from saga._errors import ConfigurationError, DefinitionError, LifecycleError
 from saga._run import RunHandle
 
 
@@ -38,6 +38,9 @@ class Starter(Protocol):
 
 
 _clients: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+#: The kind of client that registered each saga last ("Client", "Orchestrator"): once
+#: that client is gone (closed, then collected), a start still says it closed.
+_registered_by: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def definitions(sagas: Iterable[Any]) -> dict[tuple[str, int], Any]:
@@ -53,6 +56,7 @@ def definitions(sagas: Iterable[Any]) -> dict[tuple[str, int], Any]:
 
 def register(saga: Any, client: Starter) -> None:
     _clients.setdefault(saga, weakref.WeakSet()).add(client)
+    _registered_by[saga] = getattr(client, "_kind", type(client).__name__)
 
 
 def open_clients(saga: Any) -> list[Starter]:
@@ -68,6 +72,10 @@ def the_client(saga: Any) -> Starter:
     live = [c for c in registered if c.is_open]
     if not live and registered:
         return registered[0]
+    if not registered and saga in _registered_by:  # (that client closed, then went)
+        raise LifecycleError(
+            f"the {_registered_by[saga]} that registered saga {saga.name!r} is closed"
+        )
     if len(live) != 1:
         raise DefinitionError(
             f"saga {saga.name!r} is registered with {len(live)} open clients; "
