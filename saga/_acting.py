@@ -46,10 +46,11 @@ def operator_data(by: str | None, note: str | None, *, note_required: bool = Fal
 
 
 class Acting:
-    """Needs ``_store_or_raise``, ``_row``, ``info`` and ``definition`` from the client it
-    is part of."""
+    """Needs ``_store_or_raise``, ``_row``, ``info``, ``definition`` and ``_sagas`` from
+    the client it is part of."""
 
     if TYPE_CHECKING:  # provided by the client
+        _sagas: dict[tuple[str, int], Saga[Any]]
 
         def _store_or_raise(self) -> Store: ...
 
@@ -125,7 +126,12 @@ class Acting:
         run_id = _checks.run_id(run_id, ConfigurationError)
         data = operator_data(by, note, note_required=True)
         assert data is not None
-        if await uncancellable(self._store_or_raise().resolve_run(run_id, data)):
+        limits = {  # the registered keyed sagas' limits (the latest version's, of a name)
+            s.name: s.traffic.limit
+            for s in sorted(self._sagas.values(), key=lambda s: s.version)
+            if s.traffic.key is not None
+        }
+        if await uncancellable(self._store_or_raise().resolve_run(run_id, data, limits)):
             return
         info = await self.info(run_id)
         if info.resolved:
@@ -166,7 +172,8 @@ class Acting:
                 "it): pass it to this client's sagas= (saga CLI: --target)"
             )
         skip = plan_skip(saga, dict(state), json.loads(data))
-        if not await uncancellable(store.skip_compensation(run_id, skip)):
+        limit = saga.traffic.limit if saga.traffic.key is not None else None
+        if not await uncancellable(store.skip_compensation(run_id, skip, limit)):
             raise InvalidRunStateError(
                 f"run {run_id} changed meanwhile (another operator acted on it); look again"
             )

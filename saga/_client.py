@@ -187,6 +187,8 @@ class Client(Lifecycle, Signalling, Acting, Awaiting):
             self._started_all = anyio.Event()
             with anyio.move_on_after(_STARTS_PATIENCE):
                 await self._started_all.wait()
+        if self._store is not None:  # (their trailing NOTIFYs: the loops are gone)
+            await self._notifier.flush()
         if self._hot is not None:
             await close_pool(self._hot)
         if isinstance(self._dsn_or_pool, str) and self._pool is not None:

@@ -110,6 +110,12 @@ class Leases(Heartbeats):
         if sleep is not None:
             sleep.deadline = min(sleep.deadline, due)
 
+    @property
+    def timer_owed(self) -> bool:
+        """Whether this worker knew of work coming due (its one timer is set): when it
+        shuts down, the other workers are woken to look for it themselves."""
+        return self._next_due < math.inf
+
     def free_slots(self) -> int:
         return self._concurrency - self._busy() - self._reserved
 
@@ -169,12 +175,14 @@ class Leases(Heartbeats):
         and we claimed the run again), the older one is lost: its step is cancelled, as a
         refused heartbeat would. Not under saga.testing's expire_lease (``stalled``), which
         plays a worker too stalled to notice: that attempt goes on, and its writes are
-        refused."""
+        refused. Nor when the older one's outcome is being written (``writing``): that
+        write gave the item back (a retry due at once, claimed while its task still
+        resolves a lost reply), or its fence refuses it; either way it tells."""
         old = self.inflight.get(lease.key)
         if old is not None and old.token == lease.token and not old.lost:
             return False
         self.inflight[lease.key] = lease
-        if old is not None and old is not lease and not old.lost and not old.stalled:
+        if old is not None and old is not lease and not (old.lost or old.stalled or old.writing):
             old.lost = True
             old.scope.cancel()
             logger.warning("lease_lost", worker=self._worker, **old.log_fields())

@@ -43,6 +43,13 @@ class WorkNotifier:
             self._trailing.add(saga_name)
             self._spawn(self._later, saga_name)
 
+    async def flush(self) -> None:
+        """The trailing NOTIFYs still owed (a close came before their wait ended, or
+        before they could be scheduled): sent now."""
+        owed, self._trailing = self._trailing, set()
+        for saga_name in sorted(owed):
+            await self._send(saga_name)
+
     async def _later(self, saga_name: str) -> None:
         await anyio.sleep(WINDOW)
         self._trailing.discard(saga_name)

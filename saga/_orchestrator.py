@@ -243,6 +243,10 @@ class Orchestrator(Client):
     async def _after_loops(self, hurry: bool = False) -> None:
         if self._leases is not None:
             await self._leases.release_all(hurry)
+            if self._leases.timer_owed:  # (a retry or a sleep it would have claimed)
+                with anyio.move_on_after(1):
+                    for name in sorted({s.name for s in self._sagas.values() if self._in_lanes(s)}):
+                        await self._notify_work(name)
 
     # -- the worker's view of notifications and starts ---------------------------------------
 

@@ -6,7 +6,7 @@ finished history at operator pace while the rest of the store serves the per-ste
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import partial
@@ -314,17 +314,21 @@ class OperatorQueries:
             )
         return row is not None
 
-    async def resolve_run(self, run_id: UUID, data: str) -> bool:
+    async def resolve_run(
+        self, run_id: UUID, data: str, limits: Mapping[str, int] | None = None
+    ) -> bool:
         """Mark a failed or stopped run resolved (a keyed run's slot goes to the next in
-        line); False when it is neither (or was)."""
+        line, by its saga's limit in ``limits`` if there, else its key's); False when it
+        is neither (or was)."""
         async with (
             translate_errors("resolving a run"),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
-            if await conn.fetchrow(self._q["resolve_run"], run_id, data) is None:
+            row = await conn.fetchrow(self._q["resolve_run"], run_id, data)
+            if row is None:
                 return False
-            await self.release_key(conn, run_id)
+            await self.release_key(conn, run_id, (limits or {}).get(row["saga_name"]))
             # A child run resolved is over for its parent's step, which waits for it.
             await conn.execute(self._q["wake_parent"], run_id, self.work_channel)
         return True
@@ -334,9 +338,10 @@ class OperatorQueries:
         async with translate_errors("reading a run"):
             return await self.pool.fetchrow(self._q["rollback_state"], run_id)
 
-    async def skip_compensation(self, run_id: UUID, skip: Skip) -> bool:
+    async def skip_compensation(self, run_id: UUID, skip: Skip, limit: int | None = None) -> bool:
         """Apply an operator's skip of the compensation that gave up; False when the run
-        is no longer failed at it (or another step was undone since the plan read it)."""
+        is no longer failed at it (or another step was undone since the plan read it).
+        ``limit``: its saga's concurrency limit, for the key its end frees."""
         async with (
             translate_errors("skipping a compensation"),
             self.pool.acquire() as conn,
@@ -354,7 +359,7 @@ class OperatorQueries:
                 skip.undone,
             )
             if row is not None and skip.ends is not None:
-                await self.release_key(conn, run_id)
+                await self.release_key(conn, run_id, limit)
         return row is not None
 
     async def needs_attention(self, limit: int, after: UUID | None) -> list[RunInfo]:

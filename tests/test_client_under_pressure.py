@@ -8,12 +8,14 @@ import asyncio
 import gc
 import time
 from collections import Counter
+from typing import Any
 
 import asyncpg
 import pytest
 
 import saga
-from tests._sagas import Job, parked_saga
+from tests._sagas import Job, parked_saga, small_saga
+from tests.conftest import OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,3 +100,52 @@ async def test_a_saga_whose_client_closed_and_went_says_lifecycle_error(dsn: str
     gc.collect()
     with pytest.raises(saga.LifecycleError, match="the Client that registered saga"):
         await s.start(Job())
+
+
+async def test_a_start_that_finishes_during_close_wakes_the_workers(
+    orchestrator: OrchestratorFactory, dsn: str, db: Any
+) -> None:
+    """README (Client): "A close lets the starts in flight finish first (10 s at most)";
+    README (path of one step): "a NOTIFY wakes the workers (under load one per 5 ms per
+    saga and process, and a trailing one after the others committed)".
+
+    Two starts in one 5 ms window: A notifies in its statement, B (keyed, held up by
+    the key's lock, which a caller's open transaction holds) relies on the trailing
+    NOTIFY. The client closes while B is in flight; B then commits and returns its
+    handle, and its trailing NOTIFY is sent by the close: a worker (poll 30 s, idle)
+    runs B's run within moments. Before, the NOTIFY was never sent (the close had
+    stopped the task group that sends it) and the run waited for the poll."""
+    s = small_saga("close_notify", ["a"])
+    await orchestrator(s, poll_interval=30)
+    client = saga.Client(dsn, sagas=[s], poll_interval=0.2)
+    await client.__aenter__()
+    try:
+        warm = await client.start(s, Job(n=0))
+        await warm.result(timeout=10)
+        tr = db.transaction()
+        await tr.start()
+        await client.start(s, Job(n=9), key="k", conn=db)  # holds the key's lock
+        a = asyncio.ensure_future(client.start(s, Job(n=1)))
+        b = asyncio.ensure_future(client.start(s, Job(n=2), key="k"))
+        run_a = await a
+        await run_a.result(timeout=10)  # the worker ran A and is idle again
+        closing = asyncio.ensure_future(client.aclose())
+        await asyncio.sleep(0.3)
+        assert not b.done()  # in flight: the close waits for it
+        await tr.rollback()  # B goes on and commits
+        run_b = await b
+        assert run_b.created
+        await closing
+    finally:
+        await client.aclose()
+    committed = time.monotonic()
+    while True:
+        status = await db.fetchval("SELECT status FROM saga.runs WHERE id = $1", run_b.id)
+        if status == "completed" or time.monotonic() - committed > 8:
+            break
+        await asyncio.sleep(0.05)
+    took = time.monotonic() - committed
+    assert status == "completed", (
+        f"run B started during the close is still {status} {took:.1f} s after it committed "
+        "(no NOTIFY: the worker claims it only at its 30 s poll)"
+    )

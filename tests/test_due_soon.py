@@ -10,12 +10,14 @@ poll is claimed when due, by the database's clock (the one that made it due).
 from __future__ import annotations
 
 import time
+from datetime import timedelta
+from typing import Any
 
 import anyio
 import pytest
 
 import saga
-from tests._sagas import Job, small_saga, transient
+from tests._sagas import Gate, Job, small_saga, transient, until_status
 from tests.conftest import OrchestratorFactory
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,3 +60,58 @@ async def test_a_retry_left_by_a_stopped_worker_is_claimed_when_due_by_the_next_
     assert BACKOFF - 0.5 < took < BACKOFF + 6, f"completed {took:.1f} s after the failure"
     kinds = [(e.kind, e.step, e.attempt) for e in await run.history()]
     assert ("step_completed", "a", 2) in kinds
+
+
+async def test_a_sleep_left_by_a_worker_that_shut_down_is_claimed_when_due_by_a_running_worker(
+    orchestrator: OrchestratorFactory,
+) -> None:
+    """README (claim loop): "A worker whose claim finds no more work also asks the database
+    when the next work it can run, leased by no one, comes due before its next poll (a
+    retry's backoff or a sleep that a worker since shut down wrote), and claims it then,
+    by the database's clock." CHANGELOG: a sleep "written by a worker that then shut down
+    (a deploy) was claimed by the next worker only at its poll (30 s late with a 30 s
+    poll)".
+
+    A rolling deploy: new worker B (poll 30 s) is already up and idle while old worker A
+    runs a run's first step; A parks the run in a 2 s sleep, then shuts down. A knew of
+    work coming due (its timer), so its shutdown wakes the other workers: B asks the
+    database, and claims the run when its sleep ends. Before, nothing woke B (A's park
+    and its shutdown, holding no lease, sent no NOTIFY) and the run woke at B's poll."""
+    gate = Gate("a", times=1)
+    s_old = sleeper_gated("deploy_sleep", 2.0, gate)
+    a = await orchestrator(s_old, poll_interval=30)
+    run = await a.start(s_old, Job())
+    with anyio.fail_after(10):
+        await gate.entered.wait()  # A holds the run
+    b = await orchestrator(sleeper_gated("deploy_sleep", 2.0, None), poll_interval=30)
+    await anyio.sleep(0.5)  # B is idle: its claim found nothing, nothing unleased is due
+    gate.release.set()
+    await until_status(run, saga.RunStatus.SLEEPING)
+    parked = time.monotonic()
+    await a.aclose()  # the old worker goes (it holds no lease)
+    run = b.get_run(run.id)
+    with anyio.move_on_after(10):
+        await run.result(timeout=10)
+    took = time.monotonic() - parked
+    status = (await run.info()).status
+    assert status is saga.RunStatus.COMPLETED, (
+        f"run still {status} {took:.1f} s after it parked in a 2 s sleep (worker B polls at 30 s)"
+    )
+
+
+def sleeper_gated(name: str, seconds: float, gate: Gate | None) -> saga.Saga[Any]:
+    s = saga.Saga(name, input=Job)
+
+    @s.step()
+    async def a(ctx: saga.Context[Job]) -> str:
+        if gate is not None:
+            await gate.pass_through(ctx)
+        return "a"
+
+    s.sleep(timedelta(seconds=seconds))
+
+    @s.step()
+    async def b(ctx: saga.Context[Job]) -> str:
+        return "b"
+
+    return s

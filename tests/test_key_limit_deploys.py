@@ -105,3 +105,54 @@ async def test_a_queued_runs_times_are_in_order(open_client: ClientFactory) -> N
         info = await run.info()
         assert info.updated_at >= info.created_at, (info.created_at, info.updated_at)
     assert (await queued.info()).waiting_for_key
+
+
+def keyed_deploy(limit: int, ran: list[int]) -> saga.Saga[Any]:
+    s = saga.Saga(
+        "key_resolve", input=Job, concurrency_key=lambda j: "acct", concurrency_limit=limit
+    )
+
+    @s.step(retry=saga.Retry(max_attempts=1, on_give_up="stop"))
+    async def work(ctx: saga.Context[Job]) -> int:
+        ran.append(ctx.input.n)
+        if ctx.input.n <= 3:
+            raise saga.PermanentError("stop for an operator")
+        await anyio.sleep(30)
+        return ctx.input.n
+
+    return s
+
+
+async def test_an_operator_resolve_after_a_deploy_admits_by_the_deployed_limit(
+    orchestrator: OrchestratorFactory, db: Any
+) -> None:
+    """README (keys): "A key's limit is the one the process admitting its runs declares:
+    a start's, and a run's end's (the worker's definition), so a deploy that changes
+    `concurrency_limit` applies it to the runs queued before it"; "`resolve()` frees the
+    key".
+
+    Old deploy (limit 3): runs 1-3 stop for an operator, holding the key; runs 4-8 queue.
+    The old workers go; the new deploy declares a limit of 1. An operator resolves run 1
+    through the new orchestrator: 2 runs (2, 3) still hold the key, so under the limit of 1
+    that every running process declares nothing is admitted. Before, the resolve
+    admitted by the key's stored limit (3, written by the old deploy's starts), and run 4
+    ran while 2 others held the key (3 holders, limit 1)."""
+    ran: list[int] = []
+    old = await orchestrator(keyed_deploy(3, ran), concurrency=5)
+    runs = [await old.start(old.definition("key_resolve", 1), Job(n=n)) for n in range(1, 9)]
+    with anyio.fail_after(15):
+        while await db.fetchval("SELECT count(*) FROM saga.runs WHERE status = 'stopped'") < 3:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    await old.aclose()
+    new = await orchestrator(keyed_deploy(1, ran), concurrency=5)
+    await anyio.sleep(0.5)
+    assert sorted(ran) == [1, 2, 3]
+    await new.resolve(runs[0].id, note="looked at it")
+    await anyio.sleep(1.5)
+    held = await db.fetch(
+        "SELECT (input::jsonb->>'n')::int AS n, status FROM saga.runs "
+        "WHERE key_state = 'held' ORDER BY 1"
+    )
+    assert sorted(ran) == [1, 2, 3], f"runs executed {sorted(ran)}"
+    holders = [tuple(r) for r in held]
+    assert holders == [(2, "stopped"), (3, "stopped")], f"holding the key: {holders}"

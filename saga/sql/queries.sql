@@ -846,12 +846,12 @@ SELECT id FROM upd;
 WITH upd AS (
     UPDATE __schema__.runs SET resolved = true, updated_at = now()
     WHERE id = $1 AND status IN ('failed', 'stopped') AND NOT resolved
-    RETURNING id
+    RETURNING id, saga_name
 ), ev AS (
     INSERT INTO __schema__.events (run_id, kind, data)
     SELECT id, 'run_resolved', $2::text::jsonb FROM upd
 )
-SELECT id FROM upd;
+SELECT id, saga_name FROM upd;
 
 -- name: rollback_state
 -- Where a failed run's rollback stopped (to skip the compensation that gave up).
@@ -994,7 +994,7 @@ ON CONFLICT (saga_name, key) DO UPDATE SET key_limit = excluded.key_limit;
 -- no row: not keyed, or released already. The key's limit becomes the one the releasing
 -- worker's definition declares (a deploy that changed it applies it to the runs queued
 -- before: key_fill admits by it), as a start's admission does; an operator's release
--- keeps it.
+-- by the definition its client registered (none: the key's stays).
 -- $1 run id, $2 the saga's concurrency limit (NULL: keep the key's)
 WITH run AS (
     UPDATE __schema__.runs SET key_state = 'released'
