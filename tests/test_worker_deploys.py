@@ -171,6 +171,7 @@ STUBBORN = saga.Saga("deploy_stubborn", input=J)
 @STUBBORN.step(retry=saga.Retry(max_attempts=2))
 async def stubborn(ctx: saga.Context[J]) -> int:
     if os.environ.get(SLOW):
+        print("stubborn step running", flush=True)  # (the test's SIGTERM comes after)
         deadline = time.monotonic() + 60  # swallows every cancellation, for 60 s
         while time.monotonic() < deadline:
             with contextlib.suppress(asyncio.CancelledError):
@@ -199,7 +200,11 @@ async def test_sigterm_with_a_step_that_swallows_cancellation(
     [run] = await _start(dsn, STUBBORN)
     w = _worker(children, dsn, "--shutdown-timeout", "1")
     await w.wait_ready()
-    await _wait_for(db, "SELECT count(*) = 1 FROM saga.events WHERE kind = 'step_started'")
+    # In the step's code, not only leased (the claim records step_started before the
+    # step begins: a SIGTERM then cancels it before it swallows anything).
+    with anyio.fail_after(20):
+        while "stubborn step running" not in w.output:  # noqa: ASYNC110 - polling a process
+            await anyio.sleep(0.05)
     began = time.monotonic()
     w.send(signal.SIGTERM)
     limit = 1 + 15 + 5 + 3

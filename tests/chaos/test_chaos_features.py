@@ -702,12 +702,22 @@ async def _verify(w: World) -> list[str]:
         kids_of = by_parent.get(rid, [])
         # The step's own attempts (not its undo, once the run compensates) start every
         # item's child before they wait or complete; a run cancelled while its first
-        # attempt was starting them undoes those started, and starts no more.
+        # attempt was starting them undoes those started, and starts no more (an attempt
+        # after the cancel waits for those: children_waiting "of" fewer), nor does a step
+        # whose last attempt's worker died (it waits for those started, then fails with
+        # saga.AttemptLost).
         forward = []
         for e in events[rid]:
-            if e["kind"] == "run_compensating":
+            if e["kind"] in ("run_compensating", "cancel_requested"):
                 break
             forward.append(e)
+        if any(
+            e["kind"] == "step_failed"
+            and e["step"] == "kids"
+            and "saga.AttemptLost" in str(e["data"])
+            for e in events[rid]
+        ):
+            forward = [e for e in forward if e["kind"] != "children_waiting"]
         reached = any(
             e["kind"] in ("step_completed", "children_waiting") and e["step"] == "kids"
             for e in forward
